@@ -1,0 +1,59 @@
+# memberhub — the two quick-start commands are `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+
+.PHONY: run test lint typecheck pytest schemathesis bench clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@ $(STAMP)
+
+## Install, migrate the embedded SQLite database in ./data, make sure an admin key exists
+## (printed the first time), and serve on http://$(HOST):$(PORT).
+run: $(STAMP)
+	$(BIN)/memberhub db upgrade
+	$(BIN)/memberhub apikey ensure-admin
+	$(BIN)/memberhub serve --host $(HOST) --port $(PORT)
+
+## Install the dev tools; run ruff, mypy and the whole suite (SQLite, then PostgreSQL when
+## MEMBERHUB_TEST_DATABASE_URL is set).
+test: $(DEV_STAMP) lint typecheck pytest
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(DEV_STAMP)
+	$(BIN)/mypy
+
+pytest: $(DEV_STAMP)
+	env -u MEMBERHUB_TEST_DATABASE_URL $(BIN)/pytest
+	@if [ -n "$$MEMBERHUB_TEST_DATABASE_URL" ]; then \
+		echo "== again on PostgreSQL"; \
+		$(BIN)/pytest; \
+	fi
+
+## A full schemathesis run against the app's own OpenAPI schema (the suite runs a short one).
+schemathesis: $(DEV_STAMP)
+	MEMBERHUB_SCHEMATHESIS_EXAMPLES=200 env -u MEMBERHUB_TEST_DATABASE_URL $(BIN)/pytest tests/test_schemathesis.py -q
+
+## Benchmarks: ratios against a raw baseline measured in the same run.
+bench: $(DEV_STAMP)
+	$(BIN)/python bench/members.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache

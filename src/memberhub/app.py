@@ -1,0 +1,72 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from memberhub.audit.routes import router as audit_router
+from memberhub.auth.ratelimit import RateLimiter
+from memberhub.events.routes import router as events_router
+from memberhub.kit.db import Database
+from memberhub.kit.http import RequestContextMiddleware, install_error_handlers
+from memberhub.kit.logging import configure_logging
+from memberhub.members.routes import router as members_router
+from memberhub.memberships.routes import router as memberships_router
+from memberhub.ops.metrics import Metrics
+from memberhub.ops.routes import router as ops_router
+from memberhub.organisations.routes import router as organisations_router
+from memberhub.settings import Settings
+from memberhub.worker.runner import Worker
+
+
+def create_app(settings: Settings | None = None, *, embedded_worker: bool = False) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    if settings.is_sqlite:
+        settings.ensure_data_dir()
+    db = Database(settings.resolved_database_url, pool_size=settings.database_pool_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        task = None
+        if embedded_worker:
+            worker = Worker(db, interval_seconds=settings.worker_interval_seconds)
+            task = asyncio.create_task(worker.run_forever(stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await db.dispose()
+
+    app = FastAPI(
+        title="memberhub",
+        version="0.1.0",
+        summary="Members, memberships and loyalty, with an integration hub.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db = db
+    app.state.metrics = Metrics()
+    app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.redis_url)
+    app.state.embedded_worker = embedded_worker
+    app.add_middleware(RequestContextMiddleware)
+    install_error_handlers(app)
+    for router in (
+        organisations_router,
+        members_router,
+        memberships_router,
+        events_router,
+        audit_router,
+        ops_router,
+    ):
+        app.include_router(router)
+    return app

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.audit.models import AuditEntry
+from memberhub.auth.dependencies import AuditReader
+from memberhub.kit.http import ERROR_RESPONSES, UnitOfWorkRoute, get_session
+from memberhub.kit.pagination import Page, PageParams, build_page, page_params
+from memberhub.kit.types import UTCDatetime
+
+router = APIRouter(
+    prefix="/api/v1/audit", tags=["audit"], route_class=UnitOfWorkRoute, responses=ERROR_RESPONSES
+)
+Session = Annotated[AsyncSession, Depends(get_session)]
+SafeQuery = Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00]*$")]
+
+
+class AuditEntryOut(BaseModel):
+    id: int
+    occurred_at: datetime
+    actor: str
+    action: str
+    object_type: str
+    object_id: str
+    changes: dict[str, Any]
+    request_id: str | None
+    client_ip: str | None
+    prev_hash: str
+    hash: str
+
+
+@router.get("")
+async def list_audit_entries(
+    session: Session,
+    _principal: AuditReader,
+    page: Annotated[PageParams, Depends(page_params)],
+    actor: SafeQuery = None,
+    action: SafeQuery = None,
+    object_id: SafeQuery = None,
+    occurred_from: UTCDatetime | None = None,
+    occurred_to: UTCDatetime | None = None,
+) -> Page[AuditEntryOut]:
+    query = select(AuditEntry).order_by(AuditEntry.id).limit(page.limit + 1)
+    if page.after_id is not None:
+        query = query.where(AuditEntry.id > page.after_id)
+    if actor is not None:
+        query = query.where(AuditEntry.actor == actor)
+    if action is not None:
+        query = query.where(AuditEntry.action == action)
+    if object_id is not None:
+        query = query.where(AuditEntry.object_id == object_id)
+    if occurred_from is not None:
+        query = query.where(AuditEntry.occurred_at >= occurred_from)
+    if occurred_to is not None:
+        query = query.where(AuditEntry.occurred_at < occurred_to)
+    rows: Sequence[AuditEntry] = (await session.scalars(query)).all()
+    items, pagination = build_page(rows, page.limit)
+    return Page(
+        data=[AuditEntryOut.model_validate(e, from_attributes=True) for e in items],
+        pagination=pagination,
+    )

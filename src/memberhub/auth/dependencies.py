@@ -1,0 +1,86 @@
+"""FastAPI dependencies: authenticate the caller, enforce scopes, apply limits."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.auth import service
+from memberhub.auth.principal import Principal
+from memberhub.auth.roles import Scope
+from memberhub.idempotency import service as idempotency
+from memberhub.kit.errors import IdempotencyKeyReused, Unauthorized, ValidationFailed
+from memberhub.kit.http import get_session
+
+bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer mh_…`")
+
+
+async def authenticate(
+    request: Request,
+    response: Response,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    session: Annotated[AsyncSession, Depends(get_session)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized(
+            "Send an API key as `Authorization: Bearer mh_…`.", code="MISSING_API_KEY"
+        )
+    client_ip = request.client.host if request.client else None
+    principal = await service.authenticate(
+        session,
+        credentials.credentials,
+        request_id=getattr(request.state, "request_id", None),
+        client_ip=client_ip,
+    )
+    limiter = request.app.state.rate_limiter
+    quota = await limiter.hit(principal.key_public_id, principal.rate_limit)
+    if quota is not None:
+        response.headers.update(quota.headers())
+    if request.method == "POST":
+        await _check_idempotency(request, session, principal)
+    return principal
+
+
+async def _check_idempotency(request: Request, session: AsyncSession, principal: Principal) -> None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return
+    if not key or len(key) > idempotency.MAX_KEY_LENGTH or not key.isprintable():
+        raise ValidationFailed(
+            "Idempotency-Key must be 1 to 255 printable characters.",
+            details={"header": "Idempotency-Key"},
+        )
+    body = await request.body()
+    fingerprint = idempotency.fingerprint(request.method, request.url.path, request.url.query, body)
+    record = await idempotency.find(session, principal.key_id, key)
+    if record is not None:
+        if record.request_fingerprint != fingerprint:
+            raise IdempotencyKeyReused()
+        raise idempotency.IdempotentReplay(idempotency.replay(record))
+    request.state.idempotency = idempotency.PendingKey(principal.key_id, key, fingerprint)
+
+
+class RequireScope:
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+
+    async def __call__(self, principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        principal.require_scope(self.scope)
+        return principal
+
+
+# One alias per scope: `principal: MembersReader` in a route signature.
+OrganisationsReader = Annotated[Principal, Depends(RequireScope(Scope.ORGANISATIONS_READ))]
+OrganisationsWriter = Annotated[Principal, Depends(RequireScope(Scope.ORGANISATIONS_WRITE))]
+MembersReader = Annotated[Principal, Depends(RequireScope(Scope.MEMBERS_READ))]
+MembersWriter = Annotated[Principal, Depends(RequireScope(Scope.MEMBERS_WRITE))]
+MembersEraser = Annotated[Principal, Depends(RequireScope(Scope.MEMBERS_DELETE))]
+MembershipsReader = Annotated[Principal, Depends(RequireScope(Scope.MEMBERSHIPS_READ))]
+MembershipsWriter = Annotated[Principal, Depends(RequireScope(Scope.MEMBERSHIPS_WRITE))]
+PlansReader = Annotated[Principal, Depends(RequireScope(Scope.PLANS_READ))]
+PlansWriter = Annotated[Principal, Depends(RequireScope(Scope.PLANS_WRITE))]
+EventsReader = Annotated[Principal, Depends(RequireScope(Scope.EVENTS_READ))]
+AuditReader = Annotated[Principal, Depends(RequireScope(Scope.AUDIT_READ))]

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memberhub.auth.roles import Role, Scope
+from memberhub.kit.actor import Actor
+from memberhub.kit.errors import Forbidden
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated API key, with what it may do and which organisations it sees."""
+
+    key_id: int
+    key_public_id: str
+    role: Role
+    scopes: frozenset[Scope]
+    organisation_id: int | None
+    # None means every organisation (and members without one); otherwise the key's
+    # organisation and all of its chapters.
+    visible_organisation_ids: frozenset[int] | None
+    rate_limit: str | None = None
+    request_id: str | None = None
+    client_ip: str | None = None
+
+    @classmethod
+    def system(cls, actor: Actor) -> Principal:
+        """Unrestricted, for the CLI and jobs acting on the operator's behalf."""
+        return cls(
+            key_id=0,
+            key_public_id=actor.id,
+            role=Role.ADMIN,
+            scopes=frozenset(Scope),
+            organisation_id=None,
+            visible_organisation_ids=None,
+        )
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(id=self.key_public_id, request_id=self.request_id, client_ip=self.client_ip)
+
+    def require_scope(self, scope: Scope) -> None:
+        if scope not in self.scopes:
+            raise Forbidden(
+                f"This API key lacks the '{scope}' scope.",
+                details={"required_scope": str(scope), "role": str(self.role)},
+            )
+
+    def can_see_organisation(self, organisation_id: int | None) -> bool:
+        if self.visible_organisation_ids is None:
+            return True
+        return organisation_id is not None and organisation_id in self.visible_organisation_ids
+
+    def require_organisation(self, organisation_id: int | None) -> None:
+        if not self.can_see_organisation(organisation_id):
+            raise Forbidden("This API key is limited to another organisation.")

@@ -1,0 +1,81 @@
+"""Per-key rate limits with the `limits` library: in memory, or Redis across API nodes."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import structlog
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.strategies import FixedWindowRateLimiter
+from limits.storage import storage_from_string
+
+from memberhub.kit.errors import RateLimited
+
+log = structlog.get_logger("memberhub.ratelimit")
+
+
+@dataclass(frozen=True)
+class Quota:
+    limit: int
+    remaining: int
+    reset_seconds: int
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_seconds),
+        }
+
+
+class RateLimiter:
+    def __init__(self, default_limit: str, redis_url: str | None = None) -> None:
+        self.default_limit = parse(default_limit)
+        storage: Storage = MemoryStorage()
+        if redis_url:
+            shared = storage_from_string("async+" + redis_url)
+            assert isinstance(shared, Storage)
+            storage = shared
+        self.storage = storage
+        self.strategy = FixedWindowRateLimiter(storage)
+        self._parsed: dict[str, RateLimitItem] = {}
+
+    def _item(self, limit: str | None) -> RateLimitItem:
+        if limit is None:
+            return self.default_limit
+        if limit not in self._parsed:
+            self._parsed[limit] = parse(limit)
+        return self._parsed[limit]
+
+    async def hit(self, key_id: str, limit: str | None = None) -> Quota | None:
+        """Count one request; raise RateLimited past the limit.
+
+        A failing shared store lets requests through (logged) rather than taking the
+        API down with it.
+        """
+        item = self._item(limit)
+        try:
+            allowed = await self.strategy.hit(item, "apikey", key_id)
+            stats = await self.strategy.get_window_stats(item, "apikey", key_id)
+        except Exception as exc:  # the store is optional infrastructure
+            log.warning("rate_limit_store_unavailable", error=type(exc).__name__)
+            return None
+        quota = Quota(
+            limit=item.amount,
+            remaining=max(0, stats.remaining),
+            reset_seconds=max(1, math.ceil(stats.reset_time - time.time())),
+        )
+        if not allowed:
+            raise RateLimited(
+                f"Rate limit of {item.amount} requests per "
+                f"{item.multiples} {item.GRANULARITY.name} exceeded.",
+                retry_after=quota.reset_seconds,
+                headers=quota.headers(),
+            )
+        return quota
+
+    async def reset(self) -> None:
+        await self.storage.reset()

@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.audit.service import record_write
+from memberhub.auth import keys
+from memberhub.auth.models import ApiKey
+from memberhub.auth.principal import Principal
+from memberhub.auth.repository import ApiKeyRepository
+from memberhub.auth.roles import ROLE_SCOPES, Role, Scope
+from memberhub.kit.actor import Actor
+from memberhub.kit.clock import utcnow
+from memberhub.kit.errors import Conflict, NotFound, Unauthorized, ValidationFailed
+from memberhub.kit.ids import new_public_id
+from memberhub.organisations.repository import OrganisationRepository
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    api_key: ApiKey
+    secret: str
+
+
+async def create_api_key(
+    session: AsyncSession,
+    actor: Actor,
+    *,
+    name: str,
+    role: Role,
+    scopes: Sequence[str] | None = None,
+    organisation_public_id: str | None = None,
+    rate_limit: str | None = None,
+) -> IssuedKey:
+    """Issue a key; the secret is returned here once and only its digest is kept."""
+    allowed = ROLE_SCOPES[role]
+    if scopes is not None:
+        unknown = sorted(set(scopes) - {s.value for s in Scope})
+        if unknown:
+            raise ValidationFailed("Unknown scopes.", details={"unknown_scopes": unknown})
+        outside = sorted(set(scopes) - {s.value for s in allowed})
+        if outside:
+            raise ValidationFailed(
+                f"The {role} role cannot hold these scopes.", details={"scopes": outside}
+            )
+    organisation_id = None
+    if organisation_public_id is not None:
+        organisation = await OrganisationRepository(session).get_by_public_id(
+            organisation_public_id
+        )
+        if organisation is None:
+            raise NotFound(f"Organisation {organisation_public_id} does not exist.")
+        organisation_id = organisation.id
+    secret = keys.generate_key()
+    prefix = keys.lookup_prefix(secret)
+    assert prefix is not None
+    api_key = ApiKey(
+        public_id=new_public_id("key"),
+        name=name,
+        prefix=prefix,
+        key_hash=keys.digest(secret),
+        role=role.value,
+        scopes={"scopes": sorted(scopes) if scopes is not None else None},
+        organisation_id=organisation_id,
+        rate_limit=rate_limit,
+    )
+    session.add(api_key)
+    await session.flush()
+    record_write(
+        session,
+        actor,
+        action="api_key.create",
+        object_type="api_key",
+        object_id=api_key.public_id,
+        changes={
+            "name": {"before": None, "after": name},
+            "role": {"before": None, "after": role.value},
+            "organisation_id": {"before": None, "after": organisation_public_id},
+        },
+    )
+    return IssuedKey(api_key=api_key, secret=secret)
+
+
+async def revoke_api_key(session: AsyncSession, actor: Actor, public_id: str) -> ApiKey:
+    api_key = await ApiKeyRepository(session).get_by_public_id(public_id)
+    if api_key is None:
+        raise NotFound(f"API key {public_id} does not exist.")
+    if api_key.revoked_at is not None:
+        raise Conflict(f"API key {public_id} is already revoked.", code="ALREADY_REVOKED")
+    api_key.revoked_at = utcnow()
+    record_write(
+        session,
+        actor,
+        action="api_key.revoke",
+        object_type="api_key",
+        object_id=api_key.public_id,
+        changes={"revoked_at": {"before": None, "after": api_key.revoked_at.isoformat()}},
+    )
+    return api_key
+
+
+async def ensure_admin_key(session: AsyncSession, actor: Actor) -> IssuedKey | None:
+    """Create an installation-wide admin key unless an active one exists."""
+    if await ApiKeyRepository(session).any_active_admin():
+        return None
+    return await create_api_key(session, actor, name="admin", role=Role.ADMIN)
+
+
+def effective_scopes(api_key: ApiKey) -> frozenset[Scope]:
+    granted = ROLE_SCOPES[Role(api_key.role)]
+    requested = api_key.scopes.get("scopes")
+    if requested is None:
+        return granted
+    return frozenset(s for s in granted if s.value in requested)
+
+
+async def authenticate(
+    session: AsyncSession,
+    raw_key: str,
+    *,
+    request_id: str | None = None,
+    client_ip: str | None = None,
+) -> Principal:
+    prefix = keys.lookup_prefix(raw_key)
+    api_key = await ApiKeyRepository(session).get_by_prefix(prefix) if prefix else None
+    # Compare a digest even when no key was found, so timing does not reveal prefixes.
+    stored = api_key.key_hash if api_key else keys.digest("not-a-key")
+    if not keys.matches(raw_key, stored) or api_key is None:
+        raise Unauthorized("The API key is not valid.", code="INVALID_API_KEY")
+    if api_key.revoked_at is not None:
+        raise Unauthorized("The API key has been revoked.", code="API_KEY_REVOKED")
+    visible = None
+    if api_key.organisation_id is not None:
+        visible = await OrganisationRepository(session).subtree_ids(api_key.organisation_id)
+    return Principal(
+        key_id=api_key.id,
+        key_public_id=api_key.public_id,
+        role=Role(api_key.role),
+        scopes=effective_scopes(api_key),
+        organisation_id=api_key.organisation_id,
+        visible_organisation_ids=visible,
+        rate_limit=api_key.rate_limit,
+        request_id=request_id,
+        client_ip=client_ip,
+    )

@@ -1,0 +1,212 @@
+"""The `memberhub` command."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
+
+import typer
+
+from memberhub.auth.roles import Role
+from memberhub.kit.actor import Actor
+from memberhub.kit.db import Database
+from memberhub.kit.errors import MemberhubError
+from memberhub.settings import Settings
+
+app = typer.Typer(help="memberhub: members, memberships and loyalty.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+apikey_app = typer.Typer(help="API keys.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(apikey_app, name="apikey")
+app.add_typer(audit_app, name="audit")
+
+CLI_ACTOR = Actor.system("cli")
+T = TypeVar("T")
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    if settings.is_sqlite:
+        settings.ensure_data_dir()
+    return settings
+
+
+def _run(work: Callable[[Database], Awaitable[T]]) -> T:
+    """Run one unit of work against the configured database; errors exit non-zero."""
+    settings = _settings()
+
+    async def main() -> T:
+        db = Database(settings.resolved_database_url, pool_size=2)
+        try:
+            return await work(db)
+        finally:
+            await db.dispose()
+
+    try:
+        return asyncio.run(main())
+    except MemberhubError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(code=1) from exc
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    no_worker: Annotated[
+        bool, typer.Option("--no-worker", help="Do not run the embedded worker.")
+    ] = False,
+) -> None:
+    """Serve the API (and, unless --no-worker, the worker in the same process)."""
+    import uvicorn
+
+    from memberhub.app import create_app
+
+    settings = _settings()
+    settings.resolved_secret_key  # noqa: B018 - create the secret before serving
+    application = create_app(settings, embedded_worker=not no_worker)
+    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
+
+
+@app.command()
+def worker() -> None:
+    """Run the worker: scheduled jobs and (later) deliveries."""
+    from memberhub.kit.logging import configure_logging
+    from memberhub.worker.runner import Worker
+
+    settings = _settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+
+    async def work(db: Database) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Worker(db, interval_seconds=settings.worker_interval_seconds).run_forever(stop)
+
+    _run(work)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    from memberhub.kit.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.resolved_database_url, revision)
+    typer.echo("database is up to date")
+
+
+@apikey_app.command("create")
+def apikey_create(
+    name: Annotated[str, typer.Option(help="What the key is for.")],
+    role: Annotated[Role, typer.Option(help="The key's role.")],
+    organisation: Annotated[
+        str | None, typer.Option(help="Limit the key to this organisation (org_…).")
+    ] = None,
+    scope: Annotated[
+        list[str] | None, typer.Option(help="Narrow the role's scopes (repeatable).")
+    ] = None,
+) -> None:
+    """Create a key. The key is printed once, alone on the last line, and never again."""
+    from memberhub.auth.service import create_api_key
+
+    async def work(db: Database) -> tuple[str, str]:
+        async with db.transaction() as session:
+            issued = await create_api_key(
+                session,
+                CLI_ACTOR,
+                name=name,
+                role=role,
+                scopes=scope or None,
+                organisation_public_id=organisation,
+            )
+            return issued.api_key.public_id, issued.secret
+
+    public_id, secret = _run(work)
+    typer.echo(f"created {public_id} ({role.value}); store the key now, it is not shown again:")
+    typer.echo(secret)
+
+
+@apikey_app.command("list")
+def apikey_list() -> None:
+    """List keys (never their secrets)."""
+    from memberhub.auth.repository import ApiKeyRepository
+
+    async def work(db: Database) -> list[str]:
+        async with db.transaction(read_only=True) as session:
+            keys = await ApiKeyRepository(session).list_all()
+            return [
+                f"{k.public_id}\t{k.prefix}…\t{k.role}\t{k.name}\t"
+                f"{'revoked' if k.revoked_at else 'active'}\t{k.created_at:%Y-%m-%d}"
+                for k in keys
+            ]
+
+    for line in _run(work):
+        typer.echo(line)
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (key_…).")]) -> None:
+    """Revoke a key; requests with it get 401 from now on."""
+    from memberhub.auth.service import revoke_api_key
+
+    async def work(db: Database) -> None:
+        async with db.transaction() as session:
+            await revoke_api_key(session, CLI_ACTOR, key_id)
+
+    _run(work)
+    typer.echo(f"revoked {key_id}")
+
+
+@apikey_app.command("ensure-admin")
+def apikey_ensure_admin() -> None:
+    """Create an admin key if none is active, printing it; otherwise say so."""
+    from memberhub.auth.service import ensure_admin_key
+
+    async def work(db: Database) -> str | None:
+        async with db.transaction() as session:
+            issued = await ensure_admin_key(session, CLI_ACTOR)
+            return issued.secret if issued else None
+
+    secret = _run(work)
+    if secret is None:
+        typer.echo("an admin API key already exists (memberhub apikey list)")
+        return
+    typer.echo("created an admin API key; store it now, it is not shown again:")
+    typer.echo(secret)
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check the audit log's hash chain; exit 1 at the first altered entry."""
+    from memberhub.audit.service import verify_chain
+
+    async def work(db: Database) -> tuple[int, int | None, str | None]:
+        async with db.transaction(read_only=True) as session:
+            verdict = await verify_chain(session)
+            return verdict.checked, verdict.first_bad_id, verdict.reason
+
+    checked, bad_id, reason = _run(work)
+    if bad_id is not None:
+        typer.echo(f"audit log TAMPERED at entry {bad_id}: {reason} ({checked} entries before it)")
+        raise typer.Exit(code=1)
+    typer.echo(f"audit log intact: {checked} entries verified")
+
+
+@app.command()
+def demo(
+    members: Annotated[int, typer.Option(help="How many members to create.")] = 200,
+) -> None:
+    """Load a demo data set: an HQ with two chapters, three plans and members in all statuses."""
+    from memberhub.demo import load_demo
+
+    async def work(db: Database) -> str:
+        async with db.transaction() as session:
+            return await load_demo(session, CLI_ACTOR, members=members)
+
+    typer.echo(_run(work))

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Index, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Base, BigIntId, IdMixin
+
+
+class Event(IdMixin, Base):
+    """The transactional outbox: written in the same transaction as the change."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_type_id", "type", "id"),)
+
+    public_id: Mapped[str] = mapped_column(String(32), unique=True)
+    type: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    occurred_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    organisation_id: Mapped[int | None] = mapped_column(BigIntId, index=True)
+    member_public_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    data: Mapped[dict[str, Any]] = mapped_column()
+    # Set by the dispatcher once the event has been fanned out to its consumers.
+    dispatched_at: Mapped[datetime | None] = mapped_column(index=True)

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.events.models import Event
+
+
+@dataclass(frozen=True)
+class EventFilters:
+    types: tuple[str, ...] = ()
+    member_public_id: str | None = None
+    organisation_ids: frozenset[int] | None = None
+    occurred_from: datetime | None = None
+    occurred_to: datetime | None = None
+
+
+class EventRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get_by_public_id(self, public_id: str) -> Event | None:
+        return await self.session.scalar(select(Event).where(Event.public_id == public_id))
+
+    async def list(
+        self, filters: EventFilters, *, after_id: int | None, limit: int
+    ) -> Sequence[Event]:
+        query = select(Event).order_by(Event.id).limit(limit + 1)
+        if after_id is not None:
+            query = query.where(Event.id > after_id)
+        if filters.types:
+            query = query.where(Event.type.in_(filters.types))
+        if filters.member_public_id is not None:
+            query = query.where(Event.member_public_id == filters.member_public_id)
+        if filters.organisation_ids is not None:
+            query = query.where(Event.organisation_id.in_(filters.organisation_ids))
+        if filters.occurred_from is not None:
+            query = query.where(Event.occurred_at >= filters.occurred_from)
+        if filters.occurred_to is not None:
+            query = query.where(Event.occurred_at < filters.occurred_to)
+        return (await self.session.scalars(query)).all()

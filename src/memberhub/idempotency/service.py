@@ -1,0 +1,94 @@
+"""Idempotency-Key handling for POST requests.
+
+The first successful response is stored in the same transaction as the change it made, so a
+replay can never observe the change without the response or the response without the change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.responses import Response
+
+from memberhub.idempotency.models import IdempotencyRecord
+from memberhub.kit.clock import utcnow
+
+REPLAYED_HEADERS = ("content-type", "etag", "location")
+MAX_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class PendingKey:
+    api_key_id: int
+    key: str
+    fingerprint: str
+
+
+class IdempotentReplay(Exception):
+    def __init__(self, response: Response) -> None:
+        super().__init__("replay")
+        self.response = response
+
+
+def fingerprint(method: str, path: str, query: str, body: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in (method.encode(), path.encode(), query.encode(), body):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+async def find(session: AsyncSession, api_key_id: int, key: str) -> IdempotencyRecord | None:
+    return await session.scalar(
+        select(IdempotencyRecord).where(
+            IdempotencyRecord.api_key_id == api_key_id,
+            IdempotencyRecord.key == key,
+            IdempotencyRecord.expires_at > utcnow(),
+        )
+    )
+
+
+def replay(record: IdempotencyRecord) -> Response:
+    headers = json.loads(record.response_headers)
+    headers["idempotent-replayed"] = "true"
+    return Response(content=record.response_body, status_code=record.status_code, headers=headers)
+
+
+async def store(
+    session: AsyncSession, pending: PendingKey, response: Response, *, ttl_hours: int
+) -> None:
+    now = utcnow()
+    # An expired record for the same key would block the insert; it has served its time.
+    await session.execute(
+        delete(IdempotencyRecord).where(
+            IdempotencyRecord.api_key_id == pending.api_key_id,
+            IdempotencyRecord.key == pending.key,
+            IdempotencyRecord.expires_at <= now,
+        )
+    )
+    headers = {k: v for k, v in response.headers.items() if k.lower() in REPLAYED_HEADERS}
+    session.add(
+        IdempotencyRecord(
+            api_key_id=pending.api_key_id,
+            key=pending.key,
+            request_fingerprint=pending.fingerprint,
+            status_code=response.status_code,
+            response_body=bytes(response.body),
+            response_headers=json.dumps(headers),
+            created_at=now,
+            expires_at=now + timedelta(hours=ttl_hours),
+        )
+    )
+    await session.flush()
+
+
+async def purge_expired(session: AsyncSession) -> int:
+    result = await session.execute(
+        delete(IdempotencyRecord).where(IdempotencyRecord.expires_at <= utcnow())
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Select, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from memberhub.members.models import Member
+
+
+@dataclass(frozen=True)
+class MemberFilters:
+    status: str | None = None
+    tier: str | None = None
+    organisation_ids: frozenset[int] | None = None  # None = no restriction
+    email: str | None = None
+    q: str | None = None
+    updated_since: datetime | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+
+
+def _escape_like(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def normalize_email(email: str) -> str:
+    return email.strip().lower()
+
+
+class MemberRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    def _base(self) -> Select[Member]:
+        return (
+            select(Member)
+            .where(Member.deleted_at.is_(None))
+            .options(selectinload(Member.organisation), selectinload(Member.plan))
+        )
+
+    async def get_by_public_id(self, public_id: str, *, for_update: bool = False) -> Member | None:
+        query = self._base().where(Member.public_id == public_id)
+        if for_update:
+            query = query.with_for_update()
+        return await self.session.scalar(query)
+
+    async def email_taken(
+        self, organisation_id: int | None, email_normalized: str, *, exclude_id: int | None = None
+    ) -> bool:
+        query = select(Member.id).where(
+            func.coalesce(Member.organisation_id, 0) == (organisation_id or 0),
+            Member.email_normalized == email_normalized,
+        )
+        if exclude_id is not None:
+            query = query.where(Member.id != exclude_id)
+        return await self.session.scalar(query.limit(1)) is not None
+
+    async def list(
+        self, filters: MemberFilters, *, after_id: int | None, limit: int
+    ) -> Sequence[Member]:
+        query = self._base().order_by(Member.id).limit(limit + 1)
+        if after_id is not None:
+            query = query.where(Member.id > after_id)
+        if filters.organisation_ids is not None:
+            query = query.where(Member.organisation_id.in_(filters.organisation_ids))
+        if filters.status is not None:
+            query = query.where(Member.status == filters.status)
+        if filters.tier is not None:
+            query = query.where(Member.tier == filters.tier)
+        if filters.email is not None:
+            query = query.where(Member.email_normalized == normalize_email(filters.email))
+        if filters.q:
+            pattern = f"%{_escape_like(filters.q.lower())}%"
+            full_name = func.lower(
+                func.coalesce(Member.first_name, "") + " " + func.coalesce(Member.last_name, "")
+            )
+            query = query.where(
+                or_(
+                    Member.email_normalized.like(pattern, escape="\\"),
+                    full_name.like(pattern, escape="\\"),
+                )
+            )
+        if filters.updated_since is not None:
+            query = query.where(Member.updated_at >= filters.updated_since)
+        if filters.created_from is not None:
+            query = query.where(Member.created_at >= filters.created_from)
+        if filters.created_to is not None:
+            query = query.where(Member.created_at < filters.created_to)
+        return (await self.session.scalars(query)).all()

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Response, status
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.auth.dependencies import MembersEraser, MembersReader, MembersWriter
+from memberhub.kit.http import ERROR_RESPONSES, ErrorBody, UnitOfWorkRoute, get_session
+from memberhub.kit.pagination import Page, PageParams, build_page, page_params
+from memberhub.kit.types import IdPath, UTCDatetime
+from memberhub.members import service
+from memberhub.members.models import MemberStatus
+from memberhub.members.repository import MemberFilters, MemberRepository
+from memberhub.members.schemas import MemberCreate, MemberOut, MemberPatch
+from memberhub.organisations.service import get_visible as get_visible_organisation
+
+router = APIRouter(
+    prefix="/api/v1/members",
+    tags=["members"],
+    route_class=UnitOfWorkRoute,
+    responses=ERROR_RESPONSES,
+)
+Session = Annotated[AsyncSession, Depends(get_session)]
+StatusFilter = Annotated[str | None, Query(pattern="^(" + "|".join(MemberStatus.ALL) + ")$")]
+SafeQuery = Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def create_member(
+    payload: MemberCreate,
+    response: Response,
+    session: Session,
+    principal: MembersWriter,
+) -> MemberOut:
+    member = await service.create_member(session, principal, payload)
+    response.headers["ETag"] = service.etag(member)
+    response.headers["Location"] = f"/api/v1/members/{member.public_id}"
+    return service.to_out(member)
+
+
+@router.get("")
+async def list_members(
+    session: Session,
+    principal: MembersReader,
+    page: Annotated[PageParams, Depends(page_params)],
+    status: StatusFilter = None,
+    tier: SafeQuery = None,
+    organisation_id: SafeQuery = None,
+    email: SafeQuery = None,
+    q: SafeQuery = None,
+    updated_since: UTCDatetime | None = None,
+    created_from: UTCDatetime | None = None,
+    created_to: UTCDatetime | None = None,
+) -> Page[MemberOut]:
+    organisation_ids = principal.visible_organisation_ids
+    if organisation_id is not None:
+        org = await get_visible_organisation(session, principal, organisation_id)
+        organisation_ids = frozenset({org.id})
+    filters = MemberFilters(
+        status=status,
+        tier=tier,
+        organisation_ids=organisation_ids,
+        email=email,
+        q=q,
+        updated_since=updated_since,
+        created_from=created_from,
+        created_to=created_to,
+    )
+    rows = await MemberRepository(session).list(filters, after_id=page.after_id, limit=page.limit)
+    items, pagination = build_page(rows, page.limit)
+    return Page(data=[service.to_out(m) for m in items], pagination=pagination)
+
+
+@router.get("/{member_id}")
+async def get_member(
+    member_id: IdPath,
+    response: Response,
+    session: Session,
+    principal: MembersReader,
+) -> MemberOut:
+    member = await service.get_member(session, principal, member_id)
+    response.headers["ETag"] = service.etag(member)
+    return service.to_out(member)
+
+
+@router.patch(
+    "/{member_id}",
+    responses={412: {"model": ErrorBody, "description": "If-Match names a stale version"}},
+)
+async def update_member(
+    member_id: IdPath,
+    payload: MemberPatch,
+    response: Response,
+    session: Session,
+    principal: MembersWriter,
+    if_match: Annotated[str | None, Header(max_length=100)] = None,
+) -> MemberOut:
+    member = await service.update_member(
+        session, principal, member_id, payload, if_match=service.parse_if_match(if_match)
+    )
+    response.headers["ETag"] = service.etag(member)
+    return service.to_out(member)
+
+
+@router.delete("/{member_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_member(member_id: IdPath, session: Session, principal: MembersEraser) -> None:
+    await service.delete_member(session, principal, member_id)

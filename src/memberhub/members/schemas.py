@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
+
+from memberhub.kit.types import LongText, Name, ShortText
+
+ExternalSystem = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
+ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
+CustomKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+CustomValue = LongText | bool | int | None
+Phone = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^\+?[0-9 ()./-]{3,40}$")]
+
+MAX_CUSTOM_FIELDS = 50
+# Keep integers inside what every JSON consumer (and JavaScript) reads exactly.
+_SAFE_INT = 2**53 - 1
+
+
+def _check_custom_fields(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if len(value) > MAX_CUSTOM_FIELDS:
+        raise ValueError(f"at most {MAX_CUSTOM_FIELDS} custom fields are allowed")
+    for key, item in value.items():
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > _SAFE_INT:
+            raise ValueError(f"custom field {key!r} is outside the safe integer range")
+    return value
+
+
+class Consent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: bool = False
+    sms: bool = False
+    analytics: bool = False
+    profiling: bool = False
+
+
+class ConsentPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: bool | None = None
+    sms: bool | None = None
+    analytics: bool | None = None
+    profiling: bool | None = None
+
+
+class MemberCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: EmailStr = Field(max_length=320)
+    first_name: Name | None = None
+    last_name: Name | None = None
+    phone: Phone | None = None
+    date_of_birth: date | None = None
+    organisation_id: ShortText | None = Field(
+        default=None, description="Defaults to the API key's organisation, if it has one."
+    )
+    consent: Consent = Field(default_factory=Consent)
+    custom_fields: dict[CustomKey, CustomValue] = Field(default_factory=dict)
+    external_ids: dict[ExternalSystem, ExternalId] = Field(default_factory=dict, max_length=20)
+
+    _custom = field_validator("custom_fields")(_check_custom_fields)
+
+
+class MemberPatch(BaseModel):
+    """Fields to change; for `custom_fields` and `external_ids` a null value removes a key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: EmailStr | None = Field(default=None, max_length=320)
+    first_name: Name | None = None
+    last_name: Name | None = None
+    phone: Phone | None = None
+    date_of_birth: date | None = None
+    organisation_id: ShortText | None = None
+    consent: ConsentPatch | None = None
+    custom_fields: dict[CustomKey, CustomValue] | None = None
+    external_ids: dict[ExternalSystem, ExternalId | None] | None = Field(
+        default=None, max_length=20
+    )
+
+    _custom = field_validator("custom_fields")(_check_custom_fields)
+
+
+class MembershipState(BaseModel):
+    plan_id: str | None
+    member_since: datetime | None
+    term_ends_at: datetime | None
+    grace_ends_at: datetime | None
+    cancel_at_period_end: bool
+
+
+class MemberOut(BaseModel):
+    id: str
+    organisation_id: str | None
+    email: str | None
+    first_name: str | None
+    last_name: str | None
+    phone: str | None
+    date_of_birth: date | None
+    status: str
+    tier: str | None
+    consent: Consent
+    custom_fields: dict[str, Any]
+    external_ids: dict[str, str]
+    membership: MembershipState
+    version: int
+    created_at: datetime
+    updated_at: datetime

@@ -1,0 +1,293 @@
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.audit.service import diff, record_write
+from memberhub.auth.principal import Principal
+from memberhub.events.catalog import MemberCreated, MemberDeleted, MemberUpdated
+from memberhub.events.service import emit
+from memberhub.kit.clock import utcnow
+from memberhub.kit.errors import Conflict, NotFound, PreconditionFailed
+from memberhub.kit.ids import new_public_id
+from memberhub.members.models import Member
+from memberhub.members.repository import MemberRepository, normalize_email
+from memberhub.members.schemas import (
+    Consent,
+    MemberCreate,
+    MemberOut,
+    MemberPatch,
+    MembershipState,
+)
+from memberhub.organisations.models import Organisation
+from memberhub.organisations.service import get_visible as get_visible_organisation
+
+# Fields whose values are personal data: erased on delete, never repeated in its audit row.
+PERSONAL_FIELDS = (
+    "email",
+    "first_name",
+    "last_name",
+    "phone",
+    "date_of_birth",
+    "custom_fields",
+    "external_ids",
+)
+
+
+def to_out(member: Member) -> MemberOut:
+    return MemberOut(
+        id=member.public_id,
+        organisation_id=member.organisation.public_id if member.organisation else None,
+        email=member.email,
+        first_name=member.first_name,
+        last_name=member.last_name,
+        phone=member.phone,
+        date_of_birth=member.date_of_birth,
+        status=member.status,
+        tier=member.tier,
+        consent=Consent(
+            email=member.consent_email,
+            sms=member.consent_sms,
+            analytics=member.consent_analytics,
+            profiling=member.consent_profiling,
+        ),
+        custom_fields=dict(member.custom_fields),
+        external_ids=dict(member.external_ids),
+        membership=MembershipState(
+            plan_id=member.plan.public_id if member.plan else None,
+            member_since=member.member_since,
+            term_ends_at=member.term_ends_at,
+            grace_ends_at=member.grace_ends_at,
+            cancel_at_period_end=member.cancel_at_period_end,
+        ),
+        version=member.version,
+        created_at=member.created_at,
+        updated_at=member.updated_at,
+    )
+
+
+def etag(member: Member) -> str:
+    return f'"{member.version}"'
+
+
+def snapshot(member: Member) -> dict[str, Any]:
+    """The member's writable fields, for audit diffs and change detection."""
+    return {
+        "email": member.email,
+        "first_name": member.first_name,
+        "last_name": member.last_name,
+        "phone": member.phone,
+        "date_of_birth": member.date_of_birth,
+        "organisation_id": member.organisation.public_id if member.organisation else None,
+        "consent_email": member.consent_email,
+        "consent_sms": member.consent_sms,
+        "consent_analytics": member.consent_analytics,
+        "consent_profiling": member.consent_profiling,
+        "custom_fields": dict(member.custom_fields),
+        "external_ids": dict(member.external_ids),
+    }
+
+
+async def get_member(
+    session: AsyncSession, principal: Principal, public_id: str, *, for_update: bool = False
+) -> Member:
+    member = await MemberRepository(session).get_by_public_id(public_id, for_update=for_update)
+    if member is None or not principal.can_see_organisation(member.organisation_id):
+        raise NotFound(f"Member {public_id} does not exist.", code="MEMBER_NOT_FOUND")
+    return member
+
+
+async def _resolve_organisation(
+    session: AsyncSession, principal: Principal, public_id: str | None
+) -> Organisation | None:
+    if public_id is not None:
+        return await get_visible_organisation(session, principal, public_id)
+    if principal.organisation_id is not None:
+        org = await session.get(Organisation, principal.organisation_id)
+        assert org is not None
+        return org
+    return None
+
+
+async def _ensure_email_free(
+    session: AsyncSession, organisation: Organisation | None, email: str, exclude_id: int | None
+) -> None:
+    taken = await MemberRepository(session).email_taken(
+        organisation.id if organisation else None, normalize_email(email), exclude_id=exclude_id
+    )
+    if taken:
+        raise Conflict(
+            "A member with this email already exists in the organisation.",
+            code="DUPLICATE_EMAIL",
+            details={"field": "email"},
+        )
+
+
+async def create_member(
+    session: AsyncSession, principal: Principal, payload: MemberCreate
+) -> Member:
+    organisation = await _resolve_organisation(session, principal, payload.organisation_id)
+    await _ensure_email_free(session, organisation, payload.email, None)
+    now = utcnow()
+    member = Member(
+        public_id=new_public_id("mem"),
+        organisation=organisation,
+        organisation_id=organisation.id if organisation else None,
+        email=payload.email,
+        email_normalized=normalize_email(payload.email),
+        first_name=payload.first_name,
+        last_name=payload.last_name,
+        phone=payload.phone,
+        date_of_birth=payload.date_of_birth,
+        consent_email=payload.consent.email,
+        consent_sms=payload.consent.sms,
+        consent_analytics=payload.consent.analytics,
+        consent_profiling=payload.consent.profiling,
+        custom_fields=dict(payload.custom_fields),
+        external_ids=dict(payload.external_ids),
+        plan=None,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(member)
+    await session.flush()
+    emit(
+        session,
+        MemberCreated(member=to_out(member)),
+        organisation_id=member.organisation_id,
+        member_public_id=member.public_id,
+        occurred_at=now,
+    )
+    record_write(
+        session,
+        principal.actor,
+        action="member.create",
+        object_type="member",
+        object_id=member.public_id,
+        changes=diff({}, snapshot(member)),
+    )
+    return member
+
+
+def parse_if_match(header: str | None) -> int | None:
+    """The version an If-Match header names; None for absent or `*`."""
+    if header is None or header.strip() == "*":
+        return None
+    value = header.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    value = value.strip('"')
+    if not value.isdigit() or len(value) > 12:
+        raise PreconditionFailed("If-Match does not name a version of this object.")
+    return int(value)
+
+
+async def update_member(
+    session: AsyncSession,
+    principal: Principal,
+    public_id: str,
+    payload: MemberPatch,
+    *,
+    if_match: int | None,
+) -> Member:
+    member = await get_member(session, principal, public_id, for_update=True)
+    if if_match is not None and if_match != member.version:
+        raise PreconditionFailed(
+            "The member was changed since the version given in If-Match.",
+            details={"current_version": member.version, "if_match": if_match},
+        )
+    before = snapshot(member)
+    fields = payload.model_dump(exclude_unset=True)
+
+    if "organisation_id" in fields:
+        target = fields.pop("organisation_id")
+        organisation = (
+            await get_visible_organisation(session, principal, target) if target else None
+        )
+        if organisation is None and principal.organisation_id is not None:
+            raise Conflict("A key bound to an organisation cannot detach a member from it.")
+        member.organisation = organisation
+        member.organisation_id = organisation.id if organisation else None
+    if "email" in fields:
+        email = fields.pop("email")
+        if email is None:
+            raise Conflict("A member's email cannot be removed; delete the member instead.")
+        member.email = email
+        member.email_normalized = normalize_email(email)
+    if (
+        before["email"] != member.email
+        or before["organisation_id"] != snapshot(member)["organisation_id"]
+    ):
+        assert member.email is not None
+        await _ensure_email_free(session, member.organisation, member.email, member.id)
+    consent = fields.pop("consent", None) or {}
+    for key, value in consent.items():
+        if value is not None:
+            setattr(member, f"consent_{key}", value)
+    for mapping_field in ("custom_fields", "external_ids"):
+        patch = fields.pop(mapping_field, None)
+        if patch is not None:
+            merged = dict(getattr(member, mapping_field))
+            for key, value in patch.items():
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+            setattr(member, mapping_field, merged)
+    for field, value in fields.items():
+        setattr(member, field, value)
+
+    changes = diff(before, snapshot(member))
+    if not changes:
+        return member
+    member.updated_at = utcnow()
+    await session.flush()
+    emit(
+        session,
+        MemberUpdated(member=to_out(member), changed_fields=sorted(changes)),
+        organisation_id=member.organisation_id,
+        member_public_id=member.public_id,
+    )
+    record_write(
+        session,
+        principal.actor,
+        action="member.update",
+        object_type="member",
+        object_id=member.public_id,
+        changes=changes,
+    )
+    return member
+
+
+async def delete_member(session: AsyncSession, principal: Principal, public_id: str) -> None:
+    """Erase personal data; the row stays so that ledger and audit references hold."""
+    member = await get_member(session, principal, public_id, for_update=True)
+    now = utcnow()
+    for field in PERSONAL_FIELDS:
+        setattr(member, field, {} if field in ("custom_fields", "external_ids") else None)
+    member.email_normalized = None
+    member.consent_email = member.consent_sms = False
+    member.consent_analytics = member.consent_profiling = False
+    member.deleted_at = now
+    member.updated_at = now
+    await session.flush()
+    emit(
+        session,
+        MemberDeleted(
+            member_id=member.public_id,
+            organisation_id=member.organisation.public_id if member.organisation else None,
+            deleted_at=now,
+        ),
+        organisation_id=member.organisation_id,
+        member_public_id=member.public_id,
+        occurred_at=now,
+    )
+    record_write(
+        session,
+        principal.actor,
+        action="member.delete",
+        object_type="member",
+        object_id=member.public_id,
+        changes={"erased_fields": list(PERSONAL_FIELDS), "deleted_at": now.isoformat()},
+    )

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from memberhub.kit.types import Code, LongText, ShortText
+from memberhub.members.schemas import MemberOut
+
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+PlanName = Annotated[ShortText, StringConstraints(min_length=1)]
+Note = Annotated[LongText, Field(description="Free text kept in the status history.")]
+
+
+class PlanCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: Code
+    name: PlanName
+    term_months: int = Field(ge=1, le=120)
+    price_amount: int = Field(ge=0, le=10**12, description="Price in minor currency units.")
+    currency: Currency
+    grace_days: int = Field(default=30, ge=0, le=365)
+    renewal_window_days: int = Field(default=30, ge=0, le=365)
+    auto_renew: bool = False
+    organisation_id: ShortText | None = None
+
+
+class PlanPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: PlanName | None = None
+    price_amount: int | None = Field(default=None, ge=0, le=10**12)
+    currency: Currency | None = None
+    grace_days: int | None = Field(default=None, ge=0, le=365)
+    renewal_window_days: int | None = Field(default=None, ge=0, le=365)
+    auto_renew: bool | None = None
+    active: bool | None = None
+
+
+class PlanOut(BaseModel):
+    id: str
+    code: str
+    name: str
+    organisation_id: str | None
+    term_months: int
+    price_amount: int
+    currency: str
+    grace_days: int
+    renewal_window_days: int
+    auto_renew: bool
+    active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class JoinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plan_id: ShortText
+    note: Note | None = None
+
+
+class RenewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plan_id: ShortText | None = Field(
+        default=None, description="Renew onto another plan; defaults to the current plan."
+    )
+    note: Note | None = None
+
+
+class UpgradeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plan_id: ShortText
+    note: Note | None = None
+
+
+class CancelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    at_period_end: bool = Field(
+        default=False, description="Keep the membership until the current term ends."
+    )
+    note: Note | None = None
+
+
+class StatusNote(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: Note | None = None
+
+
+class TermOut(BaseModel):
+    id: str
+    plan_id: str
+    kind: str
+    starts_at: datetime
+    ends_at: datetime
+    ended_early_at: datetime | None
+
+
+class MembershipResult(BaseModel):
+    member: MemberOut
+    term: TermOut | None
+
+
+class StatusChangeOut(BaseModel):
+    id: int
+    from_status: str
+    to_status: str
+    reason: str
+    note: str | None
+    actor: str
+    occurred_at: datetime

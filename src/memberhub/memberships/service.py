@@ -1,0 +1,446 @@
+"""Membership plans and the member lifecycle.
+
+pending → active → grace → lapsed, plus suspended and cancelled. Renewal extends from the
+previous term's end while the member is inside the renewal window or the grace period.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.audit.service import diff, record_write
+from memberhub.auth.principal import Principal
+from memberhub.events.catalog import MemberStatusChanged
+from memberhub.events.service import emit
+from memberhub.kit.actor import Actor
+from memberhub.kit.clock import add_months, utcnow
+from memberhub.kit.errors import Conflict, InvalidTransition, NotFound
+from memberhub.kit.ids import new_public_id
+from memberhub.members.models import Member, MemberStatus
+from memberhub.members.service import get_member
+from memberhub.memberships.models import MembershipPlan, MembershipTerm, MemberStatusChange
+from memberhub.memberships.repository import PlanRepository, TermRepository
+from memberhub.memberships.schemas import PlanCreate, PlanOut, PlanPatch, TermOut
+from memberhub.organisations.repository import OrganisationRepository
+from memberhub.organisations.service import get_visible as get_visible_organisation
+
+S = MemberStatus
+
+
+# ---------------------------------------------------------------- plans
+
+
+def _plan_snapshot(plan: MembershipPlan) -> dict[str, Any]:
+    return {
+        "code": plan.code,
+        "name": plan.name,
+        "term_months": plan.term_months,
+        "price_amount": plan.price_amount,
+        "currency": plan.currency,
+        "grace_days": plan.grace_days,
+        "renewal_window_days": plan.renewal_window_days,
+        "auto_renew": plan.auto_renew,
+        "active": plan.active,
+    }
+
+
+async def plans_to_out(session: AsyncSession, plans: list[MembershipPlan]) -> list[PlanOut]:
+    org_ids = {p.organisation_id for p in plans if p.organisation_id is not None}
+    orgs = await OrganisationRepository(session).public_ids(org_ids)
+    return [
+        PlanOut(
+            id=p.public_id,
+            organisation_id=orgs.get(p.organisation_id) if p.organisation_id else None,
+            created_at=p.created_at,
+            updated_at=p.updated_at,
+            **_plan_snapshot(p),
+        )
+        for p in plans
+    ]
+
+
+async def get_plan(session: AsyncSession, principal: Principal, public_id: str) -> MembershipPlan:
+    plan = await PlanRepository(session).get_by_public_id(public_id)
+    if plan is None or (
+        plan.organisation_id is not None
+        and not principal.can_see_organisation(plan.organisation_id)
+    ):
+        raise NotFound(f"Plan {public_id} does not exist.", code="PLAN_NOT_FOUND")
+    return plan
+
+
+async def create_plan(
+    session: AsyncSession, principal: Principal, payload: PlanCreate
+) -> MembershipPlan:
+    organisation_id = principal.organisation_id
+    if payload.organisation_id is not None:
+        organisation_id = (
+            await get_visible_organisation(session, principal, payload.organisation_id)
+        ).id
+    if await PlanRepository(session).get_by_code(payload.code) is not None:
+        raise Conflict(f"A plan with code '{payload.code}' exists.", code="DUPLICATE_PLAN_CODE")
+    plan = MembershipPlan(
+        public_id=new_public_id("pln"),
+        organisation_id=organisation_id,
+        **payload.model_dump(exclude={"organisation_id"}),
+    )
+    session.add(plan)
+    await session.flush()
+    record_write(
+        session,
+        principal.actor,
+        action="plan.create",
+        object_type="plan",
+        object_id=plan.public_id,
+        changes=diff({}, _plan_snapshot(plan)),
+    )
+    return plan
+
+
+async def update_plan(
+    session: AsyncSession, principal: Principal, public_id: str, payload: PlanPatch
+) -> MembershipPlan:
+    plan = await get_plan(session, principal, public_id)
+    before = _plan_snapshot(plan)
+    for field, value in payload.model_dump(exclude_unset=True, exclude_none=True).items():
+        setattr(plan, field, value)
+    changes = diff(before, _plan_snapshot(plan))
+    if changes:
+        await session.flush()
+        record_write(
+            session,
+            principal.actor,
+            action="plan.update",
+            object_type="plan",
+            object_id=plan.public_id,
+            changes=changes,
+        )
+    return plan
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def term_to_out(term: MembershipTerm, plan_public_id: str) -> TermOut:
+    return TermOut(
+        id=term.public_id,
+        plan_id=plan_public_id,
+        kind=term.kind,
+        starts_at=term.starts_at,
+        ends_at=term.ends_at,
+        ended_early_at=term.ended_early_at,
+    )
+
+
+def _require_status(member: Member, operation: str, allowed: tuple[str, ...]) -> None:
+    if member.status not in allowed:
+        raise InvalidTransition(
+            f"Cannot {operation} a member whose status is '{member.status}'.",
+            details={"status": member.status, "allowed_from": list(allowed)},
+        )
+
+
+async def _usable_plan(
+    session: AsyncSession, principal: Principal, public_id: str
+) -> MembershipPlan:
+    plan = await get_plan(session, principal, public_id)
+    if not plan.active:
+        raise Conflict(f"Plan {public_id} is no longer offered.", code="PLAN_INACTIVE")
+    return plan
+
+
+def _start_term(
+    session: AsyncSession, member: Member, plan: MembershipPlan, kind: str, starts_at: datetime
+) -> MembershipTerm:
+    ends_at = add_months(starts_at, plan.term_months)
+    term = MembershipTerm(
+        public_id=new_public_id("trm"),
+        member_id=member.id,
+        plan_id=plan.id,
+        kind=kind,
+        starts_at=starts_at,
+        ends_at=ends_at,
+    )
+    session.add(term)
+    member.plan = plan
+    member.plan_id = plan.id
+    member.term_ends_at = ends_at
+    member.grace_ends_at = ends_at + timedelta(days=plan.grace_days)
+    member.cancel_at_period_end = False
+    if member.member_since is None:
+        member.member_since = starts_at
+    return term
+
+
+def _membership_snapshot(member: Member) -> dict[str, Any]:
+    return {
+        "status": member.status,
+        "plan_id": member.plan.public_id if member.plan else None,
+        "term_ends_at": member.term_ends_at,
+        "grace_ends_at": member.grace_ends_at,
+        "cancel_at_period_end": member.cancel_at_period_end,
+    }
+
+
+async def _record_change(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    *,
+    before: dict[str, Any],
+    to_status: str,
+    reason: str,
+    note: str | None,
+    now: datetime,
+) -> None:
+    """Apply the status and write history, event and audit in the caller's transaction."""
+    from_status = before["status"]
+    member.status = to_status
+    member.updated_at = now
+    session.add(
+        MemberStatusChange(
+            member_id=member.id,
+            from_status=from_status,
+            to_status=to_status,
+            reason=reason,
+            note=note,
+            actor=actor.id,
+            occurred_at=now,
+        )
+    )
+    await session.flush()
+    emit(
+        session,
+        MemberStatusChanged(
+            member_id=member.public_id,
+            organisation_id=member.organisation.public_id if member.organisation else None,
+            from_status=from_status,
+            to_status=to_status,
+            reason=reason,
+            plan_id=member.plan.public_id if member.plan else None,
+            term_ends_at=member.term_ends_at,
+            grace_ends_at=member.grace_ends_at,
+            occurred_at=now,
+        ),
+        organisation_id=member.organisation_id,
+        member_public_id=member.public_id,
+        occurred_at=now,
+    )
+    record_write(
+        session,
+        actor,
+        action=f"membership.{reason}",
+        object_type="member",
+        object_id=member.public_id,
+        changes=diff(before, _membership_snapshot(member)),
+    )
+
+
+async def join(
+    session: AsyncSession, principal: Principal, member_id: str, plan_id: str, note: str | None
+) -> tuple[Member, MembershipTerm]:
+    member = await get_member(session, principal, member_id, for_update=True)
+    _require_status(member, "join", (S.PENDING, S.LAPSED, S.CANCELLED))
+    plan = await _usable_plan(session, principal, plan_id)
+    now = utcnow()
+    before = _membership_snapshot(member)
+    term = _start_term(session, member, plan, "join", now)
+    await _record_change(
+        session, principal.actor, member,
+        before=before, to_status=S.ACTIVE, reason="join", note=note, now=now,
+    )  # fmt: skip
+    return member, term
+
+
+async def renew(
+    session: AsyncSession,
+    principal: Principal,
+    member_id: str,
+    plan_id: str | None,
+    note: str | None,
+    *,
+    now: datetime | None = None,
+) -> tuple[Member, MembershipTerm]:
+    member = await get_member(session, principal, member_id, for_update=True)
+    _require_status(member, "renew", (S.ACTIVE, S.GRACE, S.LAPSED))
+    now = now or utcnow()
+    if plan_id is not None:
+        plan = await _usable_plan(session, principal, plan_id)
+    elif member.plan is not None:
+        plan = member.plan
+        if not plan.active:
+            raise Conflict(
+                "The member's plan is no longer offered; renew onto another plan_id.",
+                code="PLAN_INACTIVE",
+            )
+    else:
+        raise Conflict("The member has no plan to renew; give a plan_id.", code="NO_PLAN")
+    assert member.term_ends_at is not None or member.status == S.LAPSED
+    if member.status == S.ACTIVE:
+        assert member.term_ends_at is not None
+        window_opens = member.term_ends_at - timedelta(days=plan.renewal_window_days)
+        if now < window_opens:
+            raise Conflict(
+                "The renewal window has not opened yet.",
+                code="RENEWAL_WINDOW_NOT_OPEN",
+                details={"opens_at": window_opens.isoformat()},
+            )
+        starts_at = member.term_ends_at
+    elif member.status == S.GRACE:
+        assert member.term_ends_at is not None
+        starts_at = member.term_ends_at
+    else:
+        starts_at = now
+    before = _membership_snapshot(member)
+    term = _start_term(session, member, plan, "renew", starts_at)
+    await _record_change(
+        session, principal.actor, member,
+        before=before, to_status=S.ACTIVE, reason="renew", note=note, now=now,
+    )  # fmt: skip
+    return member, term
+
+
+async def upgrade(
+    session: AsyncSession, principal: Principal, member_id: str, plan_id: str, note: str | None
+) -> tuple[Member, MembershipTerm]:
+    member = await get_member(session, principal, member_id, for_update=True)
+    _require_status(member, "change the plan of", (S.ACTIVE, S.GRACE))
+    plan = await _usable_plan(session, principal, plan_id)
+    if member.plan_id == plan.id:
+        raise Conflict("The member is already on this plan.", code="SAME_PLAN")
+    now = utcnow()
+    current = await TermRepository(session).current(member.id)
+    if current is not None and current.ends_at > now:
+        current.ended_early_at = now
+    before = _membership_snapshot(member)
+    term = _start_term(session, member, plan, "upgrade", now)
+    await _record_change(
+        session, principal.actor, member,
+        before=before, to_status=S.ACTIVE, reason="upgrade", note=note, now=now,
+    )  # fmt: skip
+    return member, term
+
+
+async def lapse(
+    session: AsyncSession, principal: Principal, member_id: str, note: str | None
+) -> Member:
+    member = await get_member(session, principal, member_id, for_update=True)
+    _require_status(member, "lapse", (S.ACTIVE, S.GRACE))
+    now = utcnow()
+    before = _membership_snapshot(member)
+    current = await TermRepository(session).current(member.id)
+    if current is not None and current.ends_at > now:
+        current.ended_early_at = now
+    member.grace_ends_at = None
+    await _record_change(
+        session, principal.actor, member,
+        before=before, to_status=S.LAPSED, reason="lapse", note=note, now=now,
+    )  # fmt: skip
+    return member
+
+
+async def cancel(
+    session: AsyncSession,
+    principal: Principal,
+    member_id: str,
+    *,
+    at_period_end: bool,
+    note: str | None,
+) -> Member:
+    member = await get_member(session, principal, member_id, for_update=True)
+    now = utcnow()
+    before = _membership_snapshot(member)
+    if at_period_end:
+        _require_status(member, "schedule the cancellation of", (S.ACTIVE, S.GRACE))
+        if member.status == S.ACTIVE:
+            if member.cancel_at_period_end:
+                raise Conflict("Cancellation is already scheduled.", code="ALREADY_SCHEDULED")
+            member.cancel_at_period_end = True
+            member.updated_at = now
+            await session.flush()
+            record_write(
+                session,
+                principal.actor,
+                action="membership.cancel_scheduled",
+                object_type="member",
+                object_id=member.public_id,
+                changes=diff(before, _membership_snapshot(member)),
+            )
+            return member
+        # In grace the paid period is already over: cancel now.
+    _require_status(member, "cancel", (S.PENDING, S.ACTIVE, S.GRACE, S.LAPSED, S.SUSPENDED))
+    current = await TermRepository(session).current(member.id)
+    if current is not None and current.ends_at > now:
+        current.ended_early_at = now
+    member.cancel_at_period_end = False
+    member.grace_ends_at = None
+    await _record_change(
+        session, principal.actor, member,
+        before=before, to_status=S.CANCELLED, reason="cancel", note=note, now=now,
+    )  # fmt: skip
+    return member
+
+
+async def suspend(
+    session: AsyncSession, principal: Principal, member_id: str, note: str | None
+) -> Member:
+    member = await get_member(session, principal, member_id, for_update=True)
+    _require_status(member, "suspend", (S.ACTIVE, S.GRACE))
+    now = utcnow()
+    before = _membership_snapshot(member)
+    member.status_before_suspension = member.status
+    await _record_change(
+        session, principal.actor, member,
+        before=before, to_status=S.SUSPENDED, reason="suspend", note=note, now=now,
+    )  # fmt: skip
+    return member
+
+
+def status_for_dates(member: Member, now: datetime) -> str:
+    """Where a member's dates put them, ignoring suspension and cancellation."""
+    if member.term_ends_at is None:
+        return S.PENDING
+    if now < member.term_ends_at:
+        return S.ACTIVE
+    if member.grace_ends_at is not None and now < member.grace_ends_at:
+        return S.GRACE
+    return S.LAPSED
+
+
+async def reinstate(
+    session: AsyncSession, principal: Principal, member_id: str, note: str | None
+) -> Member:
+    member = await get_member(session, principal, member_id, for_update=True)
+    _require_status(member, "reinstate", (S.SUSPENDED,))
+    now = utcnow()
+    before = _membership_snapshot(member)
+    member.status_before_suspension = None
+    await _record_change(
+        session, principal.actor, member,
+        before=before, to_status=status_for_dates(member, now), reason="reinstate",
+        note=note, now=now,
+    )  # fmt: skip
+    return member
+
+
+async def advance_due_member(
+    session: AsyncSession, actor: Actor, member: Member, now: datetime
+) -> bool:
+    """Move one member along active → grace → lapsed (or → cancelled at period end)."""
+    before = _membership_snapshot(member)
+    if member.status == S.ACTIVE and member.cancel_at_period_end:
+        target, reason = S.CANCELLED, "cancel"
+        member.cancel_at_period_end = False
+        member.grace_ends_at = None
+    else:
+        target = status_for_dates(member, now)
+        reason = "grace" if target == S.GRACE else "lapse"
+    if target == member.status:
+        return False
+    await _record_change(
+        session, actor, member, before=before, to_status=target, reason=reason, note=None, now=now
+    )
+    return True

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+
+from memberhub.events.models import Event
+from memberhub.kit.clock import utcnow
+from memberhub.worker import heartbeat
+
+router = APIRouter(tags=["operations"])
+
+
+async def _worker_age_seconds(request: Request) -> float | None:
+    async with request.app.state.db.transaction(read_only=True) as session:
+        last = await heartbeat.latest(session)
+    if last is None:
+        return None
+    return max(0.0, (utcnow() - last).total_seconds())
+
+
+@router.get("/health", responses={503: {"description": "The database is unreachable"}})
+async def health(request: Request) -> JSONResponse:
+    body: dict[str, Any] = {"status": "ok", "database": "ok"}
+    try:
+        async with request.app.state.db.transaction(read_only=True) as session:
+            await session.execute(text("SELECT 1"))
+        age = await _worker_age_seconds(request)
+    except Exception as exc:
+        body.update(status="unavailable", database=f"unreachable ({type(exc).__name__})")
+        return JSONResponse(body, status_code=503)
+    body["worker"] = {
+        "heartbeat_age_seconds": None if age is None else round(age, 1),
+        "embedded": request.app.state.embedded_worker,
+    }
+    return JSONResponse(body)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    app_metrics = request.app.state.metrics
+    async with request.app.state.db.transaction(read_only=True) as session:
+        pending = await session.scalar(
+            select(func.count()).select_from(Event).where(Event.dispatched_at.is_(None))
+        )
+    app_metrics.events_pending.set(pending or 0)
+    age = await _worker_age_seconds(request)
+    app_metrics.worker_heartbeat_age.set(-1 if age is None else age)
+    return Response(generate_latest(app_metrics.registry), media_type=CONTENT_TYPE_LATEST)

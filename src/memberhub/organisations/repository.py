@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.organisations.models import Organisation
+
+
+class OrganisationRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get_by_public_id(self, public_id: str) -> Organisation | None:
+        return await self.session.scalar(
+            select(Organisation).where(Organisation.public_id == public_id)
+        )
+
+    async def get_by_slug(self, slug: str) -> Organisation | None:
+        return await self.session.scalar(select(Organisation).where(Organisation.slug == slug))
+
+    async def public_ids(self, ids: set[int]) -> dict[int, str]:
+        if not ids:
+            return {}
+        rows = await self.session.execute(
+            select(Organisation.id, Organisation.public_id).where(Organisation.id.in_(ids))
+        )
+        return {row.id: row.public_id for row in rows}
+
+    async def subtree_ids(self, root_id: int) -> frozenset[int]:
+        """The organisation and every chapter below it, at any depth."""
+        edges = (await self.session.execute(select(Organisation.id, Organisation.parent_id))).all()
+        children: dict[int, list[int]] = {}
+        for org_id, parent_id in edges:
+            if parent_id is not None:
+                children.setdefault(parent_id, []).append(org_id)
+        seen = {root_id}
+        frontier = [root_id]
+        while frontier:
+            current = frontier.pop()
+            for child in children.get(current, []):
+                if child not in seen:
+                    seen.add(child)
+                    frontier.append(child)
+        return frozenset(seen)
+
+    async def has_children(self, org_id: int) -> bool:
+        child = await self.session.scalar(
+            select(Organisation.id).where(Organisation.parent_id == org_id).limit(1)
+        )
+        return child is not None
+
+    async def list(
+        self,
+        *,
+        visible_ids: frozenset[int] | None,
+        parent_id: int | None,
+        after_id: int | None,
+        limit: int,
+    ) -> Sequence[Organisation]:
+        query = select(Organisation).order_by(Organisation.id).limit(limit + 1)
+        if visible_ids is not None:
+            query = query.where(Organisation.id.in_(visible_ids))
+        if parent_id is not None:
+            query = query.where(Organisation.parent_id == parent_id)
+        if after_id is not None:
+            query = query.where(Organisation.id > after_id)
+        return (await self.session.scalars(query)).all()

@@ -1,0 +1,83 @@
+"""The worker: a heartbeat plus the scheduled jobs, each in its own transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.idempotency.service import purge_expired
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Database
+from memberhub.memberships.jobs import advance_membership_statuses
+from memberhub.worker import heartbeat
+
+log = structlog.get_logger("memberhub.worker")
+
+JobFunction = Callable[[AsyncSession, datetime], Awaitable[int]]
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    every_seconds: float
+    run: JobFunction
+
+
+async def _purge_idempotency(session: AsyncSession, _now: datetime) -> int:
+    return await purge_expired(session)
+
+
+# Every scheduled job, declared in one place.
+JOBS: tuple[Job, ...] = (
+    Job("memberships.advance_statuses", 60.0, advance_membership_statuses),
+    Job("idempotency.purge_expired", 3600.0, _purge_idempotency),
+)
+
+
+class Worker:
+    def __init__(self, db: Database, *, interval_seconds: float = 5.0) -> None:
+        self.db = db
+        self.interval_seconds = interval_seconds
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.started_at = utcnow()
+        self._last_run: dict[str, float] = {}
+
+    async def tick(self, *, force: bool = False) -> dict[str, int]:
+        """Beat, then run each job that is due (or all of them with force)."""
+        async with self.db.transaction() as session:
+            await heartbeat.beat(session, self.worker_id, self.started_at)
+        loop = asyncio.get_running_loop()
+        results: dict[str, int] = {}
+        for job in JOBS:
+            last = self._last_run.get(job.name)
+            if not force and last is not None and loop.time() - last < job.every_seconds:
+                continue
+            self._last_run[job.name] = loop.time()
+            try:
+                async with self.db.transaction() as session:
+                    results[job.name] = await job.run(session, utcnow())
+            except Exception:
+                log.exception("job_failed", job=job.name)
+                continue
+            if results[job.name]:
+                log.info("job_done", job=job.name, affected=results[job.name])
+        return results
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        log.info("worker_started", worker_id=self.worker_id)
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("worker_tick_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.interval_seconds)
+        log.info("worker_stopped", worker_id=self.worker_id)

@@ -1,0 +1,146 @@
+"""Test harness: one migrated database per run (SQLite, or PostgreSQL when
+MEMBERHUB_TEST_DATABASE_URL is set), emptied before every test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from memberhub.app import create_app
+from memberhub.auth.roles import Role
+from memberhub.auth.service import create_api_key
+from memberhub.kit.actor import Actor
+from memberhub.kit.db import Database
+from memberhub.kit.migrate import upgrade
+from memberhub.models import Base
+from memberhub.settings import Settings
+from tests.support import ApiClient
+
+TEST_DATABASE_URL = os.environ.get("MEMBERHUB_TEST_DATABASE_URL")
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _create_pg_database(server_url: str, name: str) -> None:
+    try:
+        conn = await asyncpg.connect(_asyncpg_dsn(server_url), timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        # CI must fail, never skip, when PostgreSQL is requested but unreachable.
+        raise RuntimeError(f"PostgreSQL test database unreachable: {exc}") from exc
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_pg_database(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(_asyncpg_dsn(server_url), timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if TEST_DATABASE_URL:
+        name = f"memberhub_test_{uuid.uuid4().hex[:12]}"
+        asyncio.run(_create_pg_database(TEST_DATABASE_URL, name))
+        url = make_url(TEST_DATABASE_URL).set(database=name).render_as_string(hide_password=False)
+        try:
+            upgrade(url)
+            yield url
+        finally:
+            asyncio.run(_drop_pg_database(TEST_DATABASE_URL, name))
+    else:
+        path = tmp_path_factory.mktemp("db") / "memberhub.db"
+        url = f"sqlite+aiosqlite:///{path}"
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def is_postgres(database_url: str) -> bool:
+    return database_url.startswith("postgresql")
+
+
+async def _empty_all_tables(db: Database) -> None:
+    tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+    async with db.transaction() as session:
+        if db.is_sqlite:
+            for table in tables:
+                await session.execute(text(f'DELETE FROM "{table}"'))
+        else:
+            joined = ", ".join(f'"{t}"' for t in tables)
+            await session.execute(text(f"TRUNCATE {joined} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        data_dir=tmp_path / "data",
+        secret_key="test-secret-key-not-for-production",
+        env="test",
+        log_level="WARNING",
+        rate_limit="10000/minute",
+    )
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[Database]:
+    database = Database(settings.resolved_database_url, pool_size=5)
+    await _empty_all_tables(database)
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture
+async def app(settings: Settings, db: Database) -> AsyncIterator[object]:
+    application = create_app(settings)
+    yield application
+    await application.state.db.dispose()
+
+
+@pytest.fixture
+async def http(app: object) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+async def issue_key(
+    db: Database, role: Role = Role.ADMIN, *, organisation: str | None = None, **kwargs: object
+) -> str:
+    async with db.transaction() as session:
+        issued = await create_api_key(
+            session,
+            Actor.system("test"),
+            name=f"test-{role.value}",
+            role=role,
+            organisation_public_id=organisation,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        return issued.secret
+
+
+@pytest.fixture
+async def admin_key(db: Database) -> str:
+    return await issue_key(db, Role.ADMIN)
+
+
+@pytest.fixture
+def api(http: httpx.AsyncClient, admin_key: str) -> ApiClient:
+    """An HTTP client authenticated as an installation-wide admin."""
+    return ApiClient(http, admin_key)

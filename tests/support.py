@@ -1,0 +1,76 @@
+"""Helpers shared by tests: an authenticated client and small data builders."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import httpx
+
+_counter = itertools.count(1)
+
+
+def unique(prefix: str = "x") -> str:
+    return f"{prefix}{next(_counter)}"
+
+
+class ApiClient:
+    """Wraps an httpx client with a bearer key; returns raw responses for assertions."""
+
+    def __init__(self, http: httpx.AsyncClient, key: str) -> None:
+        self.http = http
+        self.key = key
+
+    def with_key(self, key: str) -> ApiClient:
+        return ApiClient(self.http, key)
+
+    def _headers(self, extra: dict[str, str] | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}", **(extra or {})}
+
+    async def get(
+        self, path: str, params: Any = None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        return await self.http.get(path, params=params, headers=self._headers(headers))
+
+    async def post(
+        self, path: str, json: Any = None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        return await self.http.post(path, json=json, headers=self._headers(headers))
+
+    async def patch(
+        self, path: str, json: Any = None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        return await self.http.patch(path, json=json, headers=self._headers(headers))
+
+    async def delete(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        return await self.http.delete(path, headers=self._headers(headers))
+
+    # Builders: each asserts success, so a failing precondition fails loudly.
+
+    async def create_organisation(
+        self, parent_id: str | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        slug = fields.pop("slug", unique("org-"))
+        body = {"name": fields.pop("name", slug.title()), "slug": slug, "parent_id": parent_id}
+        response = await self.post("/api/v1/organisations", {**body, **fields})
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    async def create_member(self, **fields: Any) -> dict[str, Any]:
+        body = {"email": fields.pop("email", f"{unique('m')}@example.com"), **fields}
+        response = await self.post("/api/v1/members", body)
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    async def create_plan(self, **fields: Any) -> dict[str, Any]:
+        body = {
+            "code": fields.pop("code", unique("PLAN")),
+            "name": fields.pop("name", "Standard"),
+            "term_months": fields.pop("term_months", 12),
+            "price_amount": fields.pop("price_amount", 12000),
+            "currency": fields.pop("currency", "MYR"),
+            **fields,
+        }
+        response = await self.post("/api/v1/plans", body)
+        assert response.status_code == 201, response.text
+        return dict(response.json())
