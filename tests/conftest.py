@@ -79,6 +79,8 @@ async def _empty_all_tables(db: Database) -> None:
     tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
     async with db.transaction() as session:
         if db.is_sqlite:
+            # organisations refers to itself; detach chapters so any delete order works.
+            await session.execute(text("UPDATE organisations SET parent_id = NULL"))
             for table in tables:
                 await session.execute(text(f'DELETE FROM "{table}"'))
         else:

@@ -1,15 +1,13 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from memberhub.audit.models import AuditEntry
+from memberhub.audit.repository import AuditFilters, AuditRepository
 from memberhub.auth.dependencies import AuditReader
 from memberhub.kit.http import ERROR_RESPONSES, UnitOfWorkRoute, get_session
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
@@ -47,20 +45,14 @@ async def list_audit_entries(
     occurred_from: UTCDatetime | None = None,
     occurred_to: UTCDatetime | None = None,
 ) -> Page[AuditEntryOut]:
-    query = select(AuditEntry).order_by(AuditEntry.id).limit(page.limit + 1)
-    if page.after_id is not None:
-        query = query.where(AuditEntry.id > page.after_id)
-    if actor is not None:
-        query = query.where(AuditEntry.actor == actor)
-    if action is not None:
-        query = query.where(AuditEntry.action == action)
-    if object_id is not None:
-        query = query.where(AuditEntry.object_id == object_id)
-    if occurred_from is not None:
-        query = query.where(AuditEntry.occurred_at >= occurred_from)
-    if occurred_to is not None:
-        query = query.where(AuditEntry.occurred_at < occurred_to)
-    rows: Sequence[AuditEntry] = (await session.scalars(query)).all()
+    filters = AuditFilters(
+        actor=actor,
+        action=action,
+        object_id=object_id,
+        occurred_from=occurred_from,
+        occurred_to=occurred_to,
+    )
+    rows = await AuditRepository(session).list(filters, after_id=page.after_id, limit=page.limit)
     items, pagination = build_page(rows, page.limit)
     return Page(
         data=[AuditEntryOut.model_validate(e, from_attributes=True) for e in items],

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from memberhub.audit.models import AuditEntry
+from memberhub.audit.repository import AuditRepository
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 
@@ -140,14 +141,7 @@ async def verify_chain(session: AsyncSession, *, chunk_size: int = 2000) -> Chai
     after_id = 0
     checked = 0
     while True:
-        rows = (
-            await session.scalars(
-                select(AuditEntry)
-                .where(AuditEntry.id > after_id)
-                .order_by(AuditEntry.id)
-                .limit(chunk_size)
-            )
-        ).all()
+        rows = await AuditRepository(session).chunk_after(after_id, chunk_size)
         if not rows:
             return ChainVerdict(checked, None, None)
         verdict = verify_entries(rows, prev_hash)

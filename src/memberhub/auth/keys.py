@@ -16,7 +16,12 @@ def generate_key() -> str:
 
 
 def lookup_prefix(key: str) -> str | None:
+    """The indexed start of a key; None when `key` cannot be one (so it is never looked up)."""
+    body = key[len(KEY_PREFIX) :]
     if not key.startswith(KEY_PREFIX) or len(key) < _LOOKUP_LENGTH + 8 or len(key) > 200:
+        return None
+    # Keys are ASCII letters and digits; anything else (a NUL, say) must not reach the database.
+    if not (body.isascii() and body.isalnum()):
         return None
     return key[:_LOOKUP_LENGTH]
 

@@ -43,3 +43,12 @@ class EventRepository:
         if filters.occurred_to is not None:
             query = query.where(Event.occurred_at < filters.occurred_to)
         return (await self.session.scalars(query)).all()
+
+    async def for_member(self, member_public_id: str, types: tuple[str, ...]) -> Sequence[Event]:
+        return (
+            await self.session.scalars(
+                select(Event)
+                .where(Event.member_public_id == member_public_id, Event.type.in_(types))
+                .order_by(Event.id)
+            )
+        ).all()

@@ -17,6 +17,9 @@ T = TypeVar("T")
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
+# The largest id either database can store (a signed 64-bit integer); a cursor past it would
+# make the query fail in the driver instead of being rejected as invalid.
+MAX_ID = 2**63 - 1
 
 
 class Pagination(BaseModel):
@@ -54,7 +57,7 @@ def cursor_after_id(cursor: str | None) -> int | None:
     if cursor is None:
         return None
     after = decode_cursor(cursor).get("after")
-    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+    if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_ID:
         raise ValidationFailed(
             "The cursor is not valid.", details={"field": "cursor"}, code="INVALID_CURSOR"
         )

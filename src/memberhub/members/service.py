@@ -7,6 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from memberhub.audit.service import diff, record_write
 from memberhub.auth.principal import Principal
 from memberhub.events.catalog import MemberCreated, MemberDeleted, MemberUpdated
+from memberhub.events.repository import EventRepository
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
 from memberhub.kit.errors import Conflict, NotFound, PreconditionFailed
@@ -21,6 +22,7 @@ from memberhub.members.schemas import (
     MembershipState,
 )
 from memberhub.organisations.models import Organisation
+from memberhub.organisations.repository import OrganisationRepository
 from memberhub.organisations.service import get_visible as get_visible_organisation
 
 # Fields whose values are personal data: erased on delete, never repeated in its audit row.
@@ -102,7 +104,12 @@ async def _resolve_organisation(
     session: AsyncSession, principal: Principal, public_id: str | None
 ) -> Organisation | None:
     if public_id is not None:
-        return await get_visible_organisation(session, principal, public_id)
+        organisation = await OrganisationRepository(session).get_by_public_id(public_id)
+        if organisation is None:
+            raise NotFound(f"Organisation {public_id} does not exist.")
+        # Placing a member outside the key's organisation is refused, not hidden.
+        principal.require_organisation(organisation.id)
+        return organisation
     if principal.organisation_id is not None:
         org = await session.get(Organisation, principal.organisation_id)
         assert org is not None
@@ -113,9 +120,14 @@ async def _resolve_organisation(
 async def _ensure_email_free(
     session: AsyncSession, organisation: Organisation | None, email: str, exclude_id: int | None
 ) -> None:
-    taken = await MemberRepository(session).email_taken(
-        organisation.id if organisation else None, normalize_email(email), exclude_id=exclude_id
-    )
+    # No autoflush: a pending change to this member's email would otherwise be flushed by
+    # the query and hit the unique index before the friendly DUPLICATE_EMAIL could be raised.
+    with session.no_autoflush:
+        taken = await MemberRepository(session).email_taken(
+            organisation.id if organisation else None,
+            normalize_email(email),
+            exclude_id=exclude_id,
+        )
     if taken:
         raise Conflict(
             "A member with this email already exists in the organisation.",
@@ -272,6 +284,12 @@ async def delete_member(session: AsyncSession, principal: Principal, public_id: 
     member.deleted_at = now
     member.updated_at = now
     await session.flush()
+    # Earlier events carried the profile; erase it there too, keeping what happened.
+    erased = to_out(member).model_dump(mode="json")
+    for past in await EventRepository(session).for_member(
+        member.public_id, (MemberCreated.event_type, MemberUpdated.event_type)
+    ):
+        past.data = {**past.data, "member": erased}
     emit(
         session,
         MemberDeleted(

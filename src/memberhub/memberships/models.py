@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Boolean, ForeignKey, Integer, String
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from memberhub.kit.clock import utcnow
@@ -19,7 +19,7 @@ class MembershipPlan(IdMixin, Base):
     code: Mapped[str] = mapped_column(String(50), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     term_months: Mapped[int] = mapped_column(Integer)
-    price_amount: Mapped[int] = mapped_column(Integer)  # minor units
+    price_amount: Mapped[int] = mapped_column(BigInteger)  # minor units
     currency: Mapped[str] = mapped_column(String(3))
     grace_days: Mapped[int] = mapped_column(Integer, default=0)
     renewal_window_days: Mapped[int] = mapped_column(Integer, default=30)

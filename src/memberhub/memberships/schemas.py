@@ -11,6 +11,9 @@ from memberhub.members.schemas import MemberOut
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 PlanName = Annotated[ShortText, StringConstraints(min_length=1)]
 Note = Annotated[LongText, Field(description="Free text kept in the status history.")]
+# Minor units of any currency (IDR and JPY amounts run large), within what JSON readers and
+# JavaScript hold exactly.
+MAX_PRICE = 2**53 - 1
 
 
 class PlanCreate(BaseModel):
@@ -19,7 +22,7 @@ class PlanCreate(BaseModel):
     code: Code
     name: PlanName
     term_months: int = Field(ge=1, le=120)
-    price_amount: int = Field(ge=0, le=10**12, description="Price in minor currency units.")
+    price_amount: int = Field(ge=0, le=MAX_PRICE, description="Price in minor currency units.")
     currency: Currency
     grace_days: int = Field(default=30, ge=0, le=365)
     renewal_window_days: int = Field(default=30, ge=0, le=365)
@@ -31,7 +34,7 @@ class PlanPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: PlanName | None = None
-    price_amount: int | None = Field(default=None, ge=0, le=10**12)
+    price_amount: int | None = Field(default=None, ge=0, le=MAX_PRICE)
     currency: Currency | None = None
     grace_days: int | None = Field(default=None, ge=0, le=365)
     renewal_window_days: int | None = Field(default=None, ge=0, le=365)

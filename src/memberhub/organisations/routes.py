@@ -37,7 +37,7 @@ async def list_organisations(
     session: Session,
     principal: OrganisationsReader,
     page: Annotated[PageParams, Depends(page_params)],
-    parent_id: Annotated[str | None, Query(max_length=40)] = None,
+    parent_id: Annotated[str | None, Query(max_length=40, pattern=r"^[^\x00]*$")] = None,
 ) -> Page[OrganisationOut]:
     parent_pk = None
     if parent_id is not None:

@@ -202,7 +202,7 @@ def upgrade() -> None:
         sa.Column("code", sa.String(length=50), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("term_months", sa.Integer(), nullable=False),
-        sa.Column("price_amount", sa.Integer(), nullable=False),
+        sa.Column("price_amount", sa.BigInteger(), nullable=False),
         sa.Column("currency", sa.String(length=3), nullable=False),
         sa.Column("grace_days", sa.Integer(), nullable=False),
         sa.Column("renewal_window_days", sa.Integer(), nullable=False),

@@ -1,0 +1,920 @@
+"""Plans and the membership lifecycle through the HTTP API, plus the scheduled status job.
+
+pending → active → grace → lapsed, with suspended and cancelled; every change writes the
+status history and a member.status.changed event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import insert, select
+
+from memberhub.auth.roles import Role
+from memberhub.kit.clock import add_months, utcnow
+from memberhub.kit.db import Database
+from memberhub.kit.ids import new_public_id
+from memberhub.members.models import Member
+from memberhub.memberships.jobs import advance_membership_statuses
+from memberhub.memberships.models import MembershipPlan
+from memberhub.worker.runner import Worker
+from tests.conftest import issue_key
+from tests.memberships.conftest import RunJob, SetTermDates
+from tests.support import ApiClient
+
+PLANS = "/api/v1/plans"
+MEMBERS = "/api/v1/members"
+SECOND = timedelta(seconds=1)
+
+
+def ts(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def membership(member_id: str, operation: str) -> str:
+    return f"{MEMBERS}/{member_id}/membership/{operation}"
+
+
+async def do(
+    api: ApiClient, member_id: str, operation: str, body: dict[str, Any] | None = None
+) -> httpx.Response:
+    return await api.post(membership(member_id, operation), body or {})
+
+
+async def ok(
+    api: ApiClient, member_id: str, operation: str, body: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    response = await do(api, member_id, operation, body)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def get_member(api: ApiClient, member_id: str) -> dict[str, Any]:
+    response = await api.get(f"{MEMBERS}/{member_id}")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def history(api: ApiClient, member_id: str) -> list[tuple[str, str, str]]:
+    response = await api.get(f"{MEMBERS}/{member_id}/status-history", params={"limit": 500})
+    assert response.status_code == 200, response.text
+    return [(c["from_status"], c["to_status"], c["reason"]) for c in response.json()["data"]]
+
+
+async def status_events(api: ApiClient, member_id: str) -> list[tuple[str, str, str]]:
+    response = await api.get(
+        "/api/v1/events",
+        params={"type": "member.status.changed", "member_id": member_id, "limit": 500},
+    )
+    assert response.status_code == 200, response.text
+    return [
+        (e["data"]["from_status"], e["data"]["to_status"], e["data"]["reason"])
+        for e in response.json()["data"]
+    ]
+
+
+async def terms(api: ApiClient, member_id: str) -> list[dict[str, Any]]:
+    response = await api.get(f"{membership(member_id, 'terms')}", params={"limit": 500})
+    assert response.status_code == 200, response.text
+    return list(response.json()["data"])
+
+
+async def assert_changes(
+    api: ApiClient, member_id: str, expected: list[tuple[str, str, str]]
+) -> None:
+    """The status history and the member.status.changed events both record `expected`."""
+    assert await history(api, member_id) == expected
+    assert await status_events(api, member_id) == expected
+
+
+async def joined_member(api: ApiClient, plan: dict[str, Any]) -> dict[str, Any]:
+    member = await api.create_member()
+    return dict((await ok(api, member["id"], "join", {"plan_id": plan["id"]}))["member"])
+
+
+# ---------------------------------------------------------------- plans
+
+
+async def test_a_plan_is_created_with_defaults_and_can_be_read_and_listed(
+    api: ApiClient,
+) -> None:
+    response = await api.post(
+        PLANS,
+        {
+            "code": "STD",
+            "name": "Standard",
+            "term_months": 12,
+            "price_amount": 24000,
+            "currency": "MYR",
+        },
+    )
+    assert response.status_code == 201, response.text
+    plan = response.json()
+    assert plan["id"].startswith("pln_")
+    assert {k: v for k, v in plan.items() if k not in ("id", "created_at", "updated_at")} == {
+        "code": "STD",
+        "name": "Standard",
+        "organisation_id": None,
+        "term_months": 12,
+        "price_amount": 24000,
+        "currency": "MYR",
+        "grace_days": 30,
+        "renewal_window_days": 30,
+        "auto_renew": False,
+        "active": True,
+    }
+    assert (await api.get(f"{PLANS}/{plan['id']}")).json() == plan
+    listed = await api.get(PLANS)
+    assert [p["id"] for p in listed.json()["data"]] == [plan["id"]]
+
+
+async def test_a_plan_can_be_updated_and_retired(api: ApiClient) -> None:
+    plan = await api.create_plan(name="Standard", price_amount=100)
+    response = await api.patch(
+        f"{PLANS}/{plan['id']}",
+        {"name": "Standard 2026", "price_amount": 200, "grace_days": 7, "active": False},
+    )
+    assert response.status_code == 200, response.text
+    patched = response.json()
+    assert patched["name"] == "Standard 2026"
+    assert patched["price_amount"] == 200
+    assert patched["grace_days"] == 7
+    assert patched["active"] is False
+    assert patched["code"] == plan["code"]
+    assert patched["term_months"] == plan["term_months"]
+    assert (await api.get(f"{PLANS}/{plan['id']}")).json() == patched
+
+
+async def test_a_duplicate_plan_code_is_409(api: ApiClient) -> None:
+    await api.create_plan(code="GOLD")
+    response = await api.post(
+        PLANS,
+        {"code": "GOLD", "name": "Gold", "term_months": 12, "price_amount": 1, "currency": "MYR"},
+    )
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "DUPLICATE_PLAN_CODE"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"term_months": 0}, "term_months"),
+        ({"term_months": 121}, "term_months"),
+        ({"price_amount": -1}, "price_amount"),
+        ({"price_amount": 2**53}, "price_amount"),
+        ({"currency": "myr"}, "currency"),
+        ({"currency": "MYRR"}, "currency"),
+        ({"grace_days": -1}, "grace_days"),
+        ({"grace_days": 366}, "grace_days"),
+        ({"renewal_window_days": 366}, "renewal_window_days"),
+        ({"code": "has space"}, "code"),
+        ({"code": ""}, "code"),
+        ({"name": ""}, "name"),
+        ({"colour": "gold"}, "colour"),
+    ],
+    ids=[
+        "zero-term",
+        "long-term",
+        "negative-price",
+        "price-beyond-safe-integer",
+        "lower-currency",
+        "long-currency",
+        "negative-grace",
+        "long-grace",
+        "long-window",
+        "code-space",
+        "empty-code",
+        "empty-name",
+        "unknown-field",
+    ],
+)
+async def test_an_invalid_plan_is_422_naming_the_field(
+    api: ApiClient, change: dict[str, Any], field: str
+) -> None:
+    body = {"code": "OK", "name": "Ok", "term_months": 12, "price_amount": 1, "currency": "MYR"}
+    response = await api.post(PLANS, {**body, **change})
+    assert response.status_code == 422, response.text
+    fields = response.json()["error"]["details"]["fields"]
+    assert any(f["loc"][:2] == ["body", field] for f in fields), fields
+    assert (await api.get(PLANS)).json()["data"] == []
+
+
+@pytest.mark.parametrize("change", [{"term_months": 6}, {"code": "NEW"}, {"grace_days": 400}])
+async def test_an_invalid_plan_patch_is_422_and_changes_nothing(
+    api: ApiClient, change: dict[str, Any]
+) -> None:
+    plan = await api.create_plan()
+    response = await api.patch(f"{PLANS}/{plan['id']}", change)
+    assert response.status_code == 422
+    assert (await api.get(f"{PLANS}/{plan['id']}")).json() == plan
+
+
+async def test_an_unknown_plan_is_404(api: ApiClient) -> None:
+    response = await api.get(f"{PLANS}/pln_doesnotexist")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "PLAN_NOT_FOUND"
+
+
+async def test_a_plan_of_one_organisation_is_invisible_to_keys_of_another(
+    api: ApiClient, http: httpx.AsyncClient, db: Database
+) -> None:
+    north = await api.create_organisation()
+    south = await api.create_organisation()
+    north_plan = await api.create_plan(organisation_id=north["id"])
+    shared_plan = await api.create_plan()
+    assert north_plan["organisation_id"] == north["id"]
+
+    south_key = ApiClient(http, await issue_key(db, Role.MANAGER, organisation=south["id"]))
+    assert (await south_key.get(f"{PLANS}/{north_plan['id']}")).status_code == 404
+    listed = (await south_key.get(PLANS)).json()["data"]
+    assert [p["id"] for p in listed] == [shared_plan["id"]]
+
+
+async def test_only_admins_write_plans(
+    api: ApiClient, http: httpx.AsyncClient, db: Database
+) -> None:
+    plan = await api.create_plan()
+    manager = ApiClient(http, await issue_key(db, Role.MANAGER))
+    assert (await manager.get(f"{PLANS}/{plan['id']}")).status_code == 200
+    body = {"code": "X", "name": "X", "term_months": 1, "price_amount": 1, "currency": "MYR"}
+    assert (await manager.post(PLANS, body)).status_code == 403
+    assert (await manager.patch(f"{PLANS}/{plan['id']}", {"name": "Y"})).status_code == 403
+
+
+# ---------------------------------------------------------------- join
+
+
+async def test_join_makes_a_pending_member_active_for_the_plans_term(api: ApiClient) -> None:
+    plan = await api.create_plan(term_months=12, grace_days=30)
+    member = await api.create_member()
+    before = utcnow()
+    result = await ok(api, member["id"], "join", {"plan_id": plan["id"], "note": "paid cash"})
+    after = utcnow()
+
+    term = result["term"]
+    starts, ends = ts(term["starts_at"]), ts(term["ends_at"])
+    assert before <= starts <= after
+    assert ends == add_months(starts, 12)
+    assert term["kind"] == "join"
+    assert term["plan_id"] == plan["id"]
+    assert term["ended_early_at"] is None
+
+    state = result["member"]
+    assert state["status"] == "active"
+    assert state["membership"]["plan_id"] == plan["id"]
+    assert ts(state["membership"]["member_since"]) == starts
+    assert ts(state["membership"]["term_ends_at"]) == ends
+    assert ts(state["membership"]["grace_ends_at"]) == ends + timedelta(days=30)
+    assert await get_member(api, member["id"]) == state
+    assert await terms(api, member["id"]) == [term]
+
+    await assert_changes(api, member["id"], [("pending", "active", "join")])
+    change = (await api.get(f"{MEMBERS}/{member['id']}/status-history")).json()["data"][0]
+    assert change["note"] == "paid cash"
+    assert change["actor"].startswith("key_")
+
+
+async def test_the_status_event_carries_the_new_membership_dates(api: ApiClient) -> None:
+    plan = await api.create_plan()
+    member = await joined_member(api, plan)
+    response = await api.get(
+        "/api/v1/events", params={"type": "member.status.changed", "member_id": member["id"]}
+    )
+    data = response.json()["data"][0]["data"]
+    assert data["member_id"] == member["id"]
+    assert data["plan_id"] == plan["id"]
+    assert ts(data["term_ends_at"]) == ts(member["membership"]["term_ends_at"])
+    assert ts(data["grace_ends_at"]) == ts(member["membership"]["grace_ends_at"])
+
+
+async def test_joining_a_retired_plan_is_409(api: ApiClient) -> None:
+    plan = await api.create_plan()
+    await api.patch(f"{PLANS}/{plan['id']}", {"active": False})
+    member = await api.create_member()
+    response = await do(api, member["id"], "join", {"plan_id": plan["id"]})
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "PLAN_INACTIVE"
+    assert (await get_member(api, member["id"]))["status"] == "pending"
+    assert await history(api, member["id"]) == []
+
+
+async def test_joining_an_unknown_plan_is_404(api: ApiClient) -> None:
+    member = await api.create_member()
+    response = await do(api, member["id"], "join", {"plan_id": "pln_doesnotexist"})
+    assert response.status_code == 404
+    assert (await get_member(api, member["id"]))["status"] == "pending"
+
+
+async def test_membership_operations_on_an_unknown_member_are_404(api: ApiClient) -> None:
+    plan = await api.create_plan()
+    response = await do(api, "mem_doesnotexist", "join", {"plan_id": plan["id"]})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "MEMBER_NOT_FOUND"
+
+
+# ---------------------------------------------------------------- renew
+
+
+async def test_renewal_inside_the_window_extends_from_the_previous_terms_end(
+    api: ApiClient,
+) -> None:
+    plan = await api.create_plan(term_months=1, renewal_window_days=60, grace_days=10)
+    member = await joined_member(api, plan)
+    previous_end = ts(member["membership"]["term_ends_at"])
+
+    result = await ok(api, member["id"], "renew", {"note": "early bird"})
+    term = result["term"]
+    assert term["kind"] == "renew"
+    assert ts(term["starts_at"]) == previous_end  # not today
+    assert ts(term["ends_at"]) == add_months(previous_end, 1)
+    state = result["member"]["membership"]
+    assert result["member"]["status"] == "active"
+    assert ts(state["term_ends_at"]) == add_months(previous_end, 1)
+    assert ts(state["grace_ends_at"]) == add_months(previous_end, 1) + timedelta(days=10)
+    assert ts(state["member_since"]) == ts(member["membership"]["member_since"])
+    assert len(await terms(api, member["id"])) == 2
+    await assert_changes(
+        api, member["id"], [("pending", "active", "join"), ("active", "active", "renew")]
+    )
+
+
+async def test_renewal_before_the_window_opens_is_409_and_changes_nothing(
+    api: ApiClient,
+) -> None:
+    plan = await api.create_plan(term_months=12, renewal_window_days=30)
+    member = await joined_member(api, plan)
+    term_end = ts(member["membership"]["term_ends_at"])
+
+    response = await do(api, member["id"], "renew")
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "RENEWAL_WINDOW_NOT_OPEN"
+    assert ts(error["details"]["opens_at"]) == term_end - timedelta(days=30)
+    assert await get_member(api, member["id"]) == member
+    assert len(await terms(api, member["id"])) == 1
+    await assert_changes(api, member["id"], [("pending", "active", "join")])
+
+
+async def test_renewal_in_grace_extends_from_the_previous_terms_end(
+    api: ApiClient, set_term_dates: SetTermDates, run_job: RunJob
+) -> None:
+    plan = await api.create_plan(term_months=12, grace_days=30)
+    member = await joined_member(api, plan)
+    ended = utcnow() - timedelta(days=5)
+    await set_term_dates(member["id"], ended, ended + timedelta(days=30))
+    assert await run_job(utcnow()) == 1
+    assert (await get_member(api, member["id"]))["status"] == "grace"
+
+    result = await ok(api, member["id"], "renew")
+    assert ts(result["term"]["starts_at"]) == ended  # five days ago, not today
+    assert ts(result["term"]["ends_at"]) == add_months(ended, 12)
+    assert result["member"]["status"] == "active"
+    await assert_changes(
+        api,
+        member["id"],
+        [
+            ("pending", "active", "join"),
+            ("active", "grace", "grace"),
+            ("grace", "active", "renew"),
+        ],
+    )
+
+
+async def test_renewal_after_lapsing_starts_now(
+    api: ApiClient, set_term_dates: SetTermDates, run_job: RunJob
+) -> None:
+    plan = await api.create_plan(term_months=12, grace_days=30)
+    member = await joined_member(api, plan)
+    ended = utcnow() - timedelta(days=60)
+    await set_term_dates(member["id"], ended, ended + timedelta(days=30))
+    assert await run_job(utcnow()) == 1
+    assert (await get_member(api, member["id"]))["status"] == "lapsed"
+
+    before = utcnow()
+    result = await ok(api, member["id"], "renew")
+    after = utcnow()
+    starts = ts(result["term"]["starts_at"])
+    assert before <= starts <= after
+    assert ts(result["term"]["ends_at"]) == add_months(starts, 12)
+    assert result["member"]["status"] == "active"
+    await assert_changes(
+        api,
+        member["id"],
+        [
+            ("pending", "active", "join"),
+            ("active", "lapsed", "lapse"),
+            ("lapsed", "active", "renew"),
+        ],
+    )
+
+
+async def test_renewal_onto_another_plan_uses_that_plans_term(api: ApiClient) -> None:
+    monthly = await api.create_plan(term_months=1, renewal_window_days=60)
+    yearly = await api.create_plan(term_months=12)
+    member = await joined_member(api, monthly)
+    previous_end = ts(member["membership"]["term_ends_at"])
+    result = await ok(api, member["id"], "renew", {"plan_id": yearly["id"]})
+    assert result["term"]["plan_id"] == yearly["id"]
+    assert ts(result["term"]["ends_at"]) == add_months(previous_end, 12)
+    assert result["member"]["membership"]["plan_id"] == yearly["id"]
+
+
+async def test_renewal_onto_a_retired_current_plan_is_409(api: ApiClient) -> None:
+    plan = await api.create_plan(term_months=1, renewal_window_days=60)
+    member = await joined_member(api, plan)
+    await api.patch(f"{PLANS}/{plan['id']}", {"active": False})
+    response = await do(api, member["id"], "renew")
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "PLAN_INACTIVE"
+
+
+# ---------------------------------------------------------------- lapse, cancel
+
+
+async def test_lapse_ends_the_term_early_and_leaves_no_grace(api: ApiClient) -> None:
+    plan = await api.create_plan()
+    member = await joined_member(api, plan)
+    before = utcnow()
+    result = await ok(api, member["id"], "lapse", {"note": "bounced"})
+    assert result["member"]["status"] == "lapsed"
+    assert result["member"]["membership"]["grace_ends_at"] is None
+    ended_early = ts(result["term"]["ended_early_at"])
+    assert before <= ended_early <= utcnow()
+    await assert_changes(
+        api, member["id"], [("pending", "active", "join"), ("active", "lapsed", "lapse")]
+    )
+
+
+async def test_cancel_now_cancels_and_ends_the_term_early(api: ApiClient) -> None:
+    plan = await api.create_plan()
+    member = await joined_member(api, plan)
+    result = await ok(api, member["id"], "cancel", {"note": "moved abroad"})
+    assert result["member"]["status"] == "cancelled"
+    assert result["member"]["membership"]["cancel_at_period_end"] is False
+    assert result["member"]["membership"]["grace_ends_at"] is None
+    assert result["term"]["ended_early_at"] is not None
+    await assert_changes(
+        api, member["id"], [("pending", "active", "join"), ("active", "cancelled", "cancel")]
+    )
+
+
+async def test_cancel_at_period_end_keeps_the_member_active_until_the_job_cancels(
+    api: ApiClient, run_job: RunJob
+) -> None:
+    plan = await api.create_plan(term_months=12, grace_days=30)
+    member = await joined_member(api, plan)
+    term_end = ts(member["membership"]["term_ends_at"])
+
+    result = await ok(api, member["id"], "cancel", {"at_period_end": True})
+    assert result["member"]["status"] == "active"
+    assert result["member"]["membership"]["cancel_at_period_end"] is True
+    assert result["term"]["ended_early_at"] is None
+    await assert_changes(api, member["id"], [("pending", "active", "join")])
+
+    again = await do(api, member["id"], "cancel", {"at_period_end": True})
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "ALREADY_SCHEDULED"
+
+    assert await run_job(term_end - SECOND) == 0
+    assert (await get_member(api, member["id"]))["status"] == "active"
+    assert await run_job(term_end) == 1
+    cancelled = await get_member(api, member["id"])
+    assert cancelled["status"] == "cancelled"  # no grace period when cancelled
+    assert cancelled["membership"]["cancel_at_period_end"] is False
+    assert await run_job(term_end + timedelta(days=365)) == 0
+    await assert_changes(
+        api, member["id"], [("pending", "active", "join"), ("active", "cancelled", "cancel")]
+    )
+
+
+async def test_cancel_at_period_end_in_grace_cancels_now(api: ApiClient, run_job: RunJob) -> None:
+    plan = await api.create_plan(term_months=12, grace_days=30)
+    member = await joined_member(api, plan)
+    await run_job(ts(member["membership"]["term_ends_at"]))
+    result = await ok(api, member["id"], "cancel", {"at_period_end": True})
+    assert result["member"]["status"] == "cancelled"
+    assert (await history(api, member["id"]))[-1] == ("grace", "cancelled", "cancel")
+
+
+async def test_a_renewal_withdraws_a_scheduled_cancellation(
+    api: ApiClient, run_job: RunJob
+) -> None:
+    plan = await api.create_plan(term_months=1, renewal_window_days=60, grace_days=10)
+    member = await joined_member(api, plan)
+    first_end = ts(member["membership"]["term_ends_at"])
+    await ok(api, member["id"], "cancel", {"at_period_end": True})
+    renewed = await ok(api, member["id"], "renew")
+    assert renewed["member"]["membership"]["cancel_at_period_end"] is False
+    assert await run_job(first_end) == 0
+    assert (await get_member(api, member["id"]))["status"] == "active"
+
+
+async def test_a_cancelled_member_can_join_again_from_now(api: ApiClient) -> None:
+    plan = await api.create_plan(term_months=12)
+    member = await joined_member(api, plan)
+    await ok(api, member["id"], "cancel")
+    before = utcnow()
+    result = await ok(api, member["id"], "join", {"plan_id": plan["id"]})
+    assert result["member"]["status"] == "active"
+    assert before <= ts(result["term"]["starts_at"]) <= utcnow()
+    # member_since keeps the date of the first join.
+    assert result["member"]["membership"]["member_since"] == member["membership"]["member_since"]
+    assert len(await terms(api, member["id"])) == 2
+
+
+# ---------------------------------------------------------------- suspend, reinstate
+
+
+async def test_suspend_and_reinstate_return_an_active_member_to_active(api: ApiClient) -> None:
+    plan = await api.create_plan()
+    member = await joined_member(api, plan)
+    suspended = await ok(api, member["id"], "suspend", {"note": "dues query"})
+    assert suspended["member"]["status"] == "suspended"
+    assert suspended["member"]["membership"] == member["membership"]
+    reinstated = await ok(api, member["id"], "reinstate")
+    assert reinstated["member"]["status"] == "active"
+    assert reinstated["member"]["membership"] == member["membership"]
+    await assert_changes(
+        api,
+        member["id"],
+        [
+            ("pending", "active", "join"),
+            ("active", "suspended", "suspend"),
+            ("suspended", "active", "reinstate"),
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    ("ended_days_ago", "expected"),
+    [(-10, "active"), (5, "grace"), (45, "lapsed")],
+    ids=["term-running", "inside-grace", "grace-over"],
+)
+async def test_reinstate_returns_to_the_status_the_dates_give(
+    api: ApiClient, set_term_dates: SetTermDates, ended_days_ago: int, expected: str
+) -> None:
+    plan = await api.create_plan(term_months=12, grace_days=30)
+    member = await joined_member(api, plan)
+    await ok(api, member["id"], "suspend")
+    ended = utcnow() - timedelta(days=ended_days_ago)
+    await set_term_dates(member["id"], ended, ended + timedelta(days=30))
+
+    result = await ok(api, member["id"], "reinstate")
+    assert result["member"]["status"] == expected
+    assert (await history(api, member["id"]))[-1] == ("suspended", expected, "reinstate")
+
+
+async def test_the_job_leaves_suspended_members_alone(api: ApiClient, run_job: RunJob) -> None:
+    plan = await api.create_plan(term_months=12, grace_days=30)
+    member = await joined_member(api, plan)
+    await ok(api, member["id"], "suspend")
+    assert await run_job(utcnow() + timedelta(days=800)) == 0
+    assert (await get_member(api, member["id"]))["status"] == "suspended"
+
+
+# ---------------------------------------------------------------- upgrade
+
+
+async def test_upgrade_changes_the_plan_now_and_ends_the_old_term_early(api: ApiClient) -> None:
+    standard = await api.create_plan(term_months=12, grace_days=30)
+    premium = await api.create_plan(term_months=24, grace_days=60)
+    member = await joined_member(api, standard)
+
+    before = utcnow()
+    result = await ok(api, member["id"], "upgrade", {"plan_id": premium["id"]})
+    after = utcnow()
+    new_term = result["term"]
+    starts = ts(new_term["starts_at"])
+    assert new_term["kind"] == "upgrade"
+    assert new_term["plan_id"] == premium["id"]
+    assert before <= starts <= after
+    assert ts(new_term["ends_at"]) == add_months(starts, 24)
+    state = result["member"]
+    assert state["status"] == "active"
+    assert state["membership"]["plan_id"] == premium["id"]
+    assert ts(state["membership"]["grace_ends_at"]) == add_months(starts, 24) + timedelta(days=60)
+
+    old_term, upgraded = await terms(api, member["id"])
+    assert old_term["plan_id"] == standard["id"]
+    assert before <= ts(old_term["ended_early_at"]) <= after
+    assert upgraded == new_term
+    await assert_changes(
+        api, member["id"], [("pending", "active", "join"), ("active", "active", "upgrade")]
+    )
+
+
+async def test_upgrade_to_the_current_plan_is_409(api: ApiClient) -> None:
+    plan = await api.create_plan()
+    member = await joined_member(api, plan)
+    response = await do(api, member["id"], "upgrade", {"plan_id": plan["id"]})
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "SAME_PLAN"
+    assert len(await terms(api, member["id"])) == 1
+
+
+async def test_upgrade_from_grace_makes_the_member_active(api: ApiClient, run_job: RunJob) -> None:
+    standard = await api.create_plan(term_months=1, grace_days=30)
+    premium = await api.create_plan(term_months=12)
+    member = await joined_member(api, standard)
+    await run_job(ts(member["membership"]["term_ends_at"]))
+    result = await ok(api, member["id"], "upgrade", {"plan_id": premium["id"]})
+    assert result["member"]["status"] == "active"
+    assert (await history(api, member["id"]))[-1] == ("grace", "active", "upgrade")
+
+
+# ---------------------------------------------------------------- the transition matrix
+
+# Which statuses each operation may start from; every other start is INVALID_TRANSITION.
+ALLOWED_FROM: dict[str, tuple[str, ...]] = {
+    "join": ("pending", "lapsed", "cancelled"),
+    "renew": ("active", "grace", "lapsed"),
+    "upgrade": ("active", "grace"),
+    "lapse": ("active", "grace"),
+    "cancel": ("pending", "active", "grace", "lapsed", "suspended"),
+    "cancel_at_period_end": ("active", "grace"),
+    "suspend": ("active", "grace"),
+    "reinstate": ("suspended",),
+}
+STATUSES = ("pending", "active", "grace", "lapsed", "suspended", "cancelled")
+RESULT_STATUS = {
+    "join": "active",
+    "renew": "active",
+    "upgrade": "active",
+    "lapse": "lapsed",
+    "cancel": "cancelled",
+    "suspend": "suspended",
+    "reinstate": "active",
+}
+
+
+async def member_in_status(
+    api: ApiClient, status: str, plan: dict[str, Any], run_job: RunJob
+) -> dict[str, Any]:
+    member = await api.create_member()
+    if status == "pending":
+        return member
+    joined = await ok(api, member["id"], "join", {"plan_id": plan["id"]})
+    if status == "grace":
+        await run_job(ts(joined["member"]["membership"]["term_ends_at"]))
+    elif status in ("lapsed", "suspended", "cancelled"):
+        await ok(
+            api, member["id"], {"lapsed": "lapse", "suspended": "suspend"}.get(status, "cancel")
+        )
+    current = await get_member(api, member["id"])
+    assert current["status"] == status
+    return current
+
+
+def _request(operation: str, other_plan: dict[str, Any], plan: dict[str, Any]) -> tuple[str, Any]:
+    if operation == "cancel_at_period_end":
+        return "cancel", {"at_period_end": True}
+    if operation == "join":
+        return "join", {"plan_id": plan["id"]}
+    if operation == "upgrade":
+        return "upgrade", {"plan_id": other_plan["id"]}
+    return operation, {}
+
+
+INVALID = [
+    (status, operation)
+    for operation, allowed in ALLOWED_FROM.items()
+    for status in STATUSES
+    if status not in allowed
+]
+VALID = [(status, operation) for operation, allowed in ALLOWED_FROM.items() for status in allowed]
+
+
+@pytest.mark.parametrize(("status", "operation"), INVALID, ids=[f"{s}-{o}" for s, o in INVALID])
+async def test_an_operation_not_allowed_from_a_status_is_409_invalid_transition(
+    api: ApiClient, run_job: RunJob, status: str, operation: str
+) -> None:
+    plan = await api.create_plan(term_months=1, renewal_window_days=60, grace_days=30)
+    other_plan = await api.create_plan(term_months=12)
+    member = await member_in_status(api, status, plan, run_job)
+    changes_before = await history(api, member["id"])
+
+    path, body = _request(operation, other_plan, plan)
+    response = await do(api, member["id"], path, body)
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_TRANSITION"
+    assert error["details"]["status"] == status
+    assert await get_member(api, member["id"]) == member
+    assert await history(api, member["id"]) == changes_before
+
+
+@pytest.mark.parametrize(("status", "operation"), VALID, ids=[f"{s}-{o}" for s, o in VALID])
+async def test_an_operation_allowed_from_a_status_succeeds_and_is_recorded(
+    api: ApiClient, run_job: RunJob, status: str, operation: str
+) -> None:
+    plan = await api.create_plan(term_months=1, renewal_window_days=60, grace_days=30)
+    other_plan = await api.create_plan(term_months=12)
+    member = await member_in_status(api, status, plan, run_job)
+    changes_before = await history(api, member["id"])
+
+    path, body = _request(operation, other_plan, plan)
+    result = await ok(api, member["id"], path, body)
+    if operation == "cancel_at_period_end":
+        expected = "active" if status == "active" else "cancelled"
+    else:
+        expected = RESULT_STATUS[operation]
+    assert result["member"]["status"] == expected
+    changes = await history(api, member["id"])
+    if operation == "cancel_at_period_end" and status == "active":
+        assert changes == changes_before  # only scheduled
+    else:
+        reason = "cancel" if operation == "cancel_at_period_end" else operation
+        assert changes == [*changes_before, (status, expected, reason)]
+        assert (await status_events(api, member["id"]))[-1] == (status, expected, reason)
+
+
+# ---------------------------------------------------------------- the scheduled job
+
+
+async def test_the_job_moves_active_to_grace_at_term_end_and_grace_to_lapsed_at_grace_end(
+    api: ApiClient, run_job: RunJob
+) -> None:
+    plan = await api.create_plan(term_months=12, grace_days=30)
+    member = await joined_member(api, plan)
+    term_end = ts(member["membership"]["term_ends_at"])
+    grace_end = ts(member["membership"]["grace_ends_at"])
+
+    assert await run_job(term_end - SECOND) == 0
+    assert (await get_member(api, member["id"]))["status"] == "active"
+    assert await run_job(term_end) == 1
+    assert (await get_member(api, member["id"]))["status"] == "grace"
+    assert await run_job(grace_end - SECOND) == 0
+    assert (await get_member(api, member["id"]))["status"] == "grace"
+    assert await run_job(grace_end) == 1
+    lapsed = await get_member(api, member["id"])
+    assert lapsed["status"] == "lapsed"
+    assert lapsed["membership"]["plan_id"] == plan["id"]
+
+    await assert_changes(
+        api,
+        member["id"],
+        [
+            ("pending", "active", "join"),
+            ("active", "grace", "grace"),
+            ("grace", "lapsed", "lapse"),
+        ],
+    )
+    scheduled = (await api.get(f"{MEMBERS}/{member['id']}/status-history")).json()["data"][1:]
+    assert {c["actor"] for c in scheduled} == {"system:scheduler"}
+    assert [ts(c["occurred_at"]) for c in scheduled] == [term_end, grace_end]
+
+
+async def test_the_job_lapses_at_term_end_when_the_plan_has_no_grace_days(
+    api: ApiClient, run_job: RunJob
+) -> None:
+    plan = await api.create_plan(term_months=1, grace_days=0)
+    member = await joined_member(api, plan)
+    assert await run_job(ts(member["membership"]["term_ends_at"])) == 1
+    assert (await get_member(api, member["id"]))["status"] == "lapsed"
+    assert (await history(api, member["id"]))[-1] == ("active", "lapsed", "lapse")
+
+
+async def test_a_member_long_overdue_moves_straight_to_lapsed_in_one_step(
+    api: ApiClient, run_job: RunJob
+) -> None:
+    plan = await api.create_plan(term_months=1, grace_days=30)
+    member = await joined_member(api, plan)
+    assert await run_job(utcnow() + timedelta(days=400)) == 1
+    assert await history(api, member["id"]) == [
+        ("pending", "active", "join"),
+        ("active", "lapsed", "lapse"),
+    ]
+
+
+async def test_running_the_job_twice_moves_nothing_the_second_time(
+    api: ApiClient, run_job: RunJob
+) -> None:
+    plan = await api.create_plan(term_months=1, grace_days=30)
+    members = [await joined_member(api, plan) for _ in range(3)]
+    now = max(ts(m["membership"]["term_ends_at"]) for m in members) + SECOND
+
+    assert await run_job(now) == 3
+    assert await run_job(now) == 0
+    for member in members:
+        assert (await get_member(api, member["id"]))["status"] == "grace"
+        await assert_changes(
+            api, member["id"], [("pending", "active", "join"), ("active", "grace", "grace")]
+        )
+
+
+async def test_the_job_ignores_deleted_members(api: ApiClient, run_job: RunJob) -> None:
+    plan = await api.create_plan(term_months=1)
+    member = await joined_member(api, plan)
+    assert (await api.delete(f"{MEMBERS}/{member['id']}")).status_code == 204
+    assert await run_job(utcnow() + timedelta(days=400)) == 0
+
+
+async def _insert_due_members(db: Database, count: int) -> tuple[list[str], datetime]:
+    """`count` active members whose term ended yesterday, straight into the table."""
+    now = utcnow()
+    async with db.transaction() as session:
+        plan = MembershipPlan(
+            public_id=new_public_id("pln"),
+            code=new_public_id("P"),
+            name="Bulk",
+            term_months=12,
+            price_amount=1,
+            currency="MYR",
+            grace_days=30,
+        )
+        session.add(plan)
+        await session.flush()
+        rows: list[dict[str, Any]] = [
+            {
+                "public_id": new_public_id("mem"),
+                "email": f"due{i}@example.com",
+                "email_normalized": f"due{i}@example.com",
+                "status": "active",
+                "plan_id": plan.id,
+                "member_since": now - timedelta(days=366),
+                "term_ends_at": now - timedelta(days=1),
+                "grace_ends_at": now + timedelta(days=29),
+                "custom_fields": {},
+                "external_ids": {},
+                "created_at": now,
+                "updated_at": now,
+            }
+            for i in range(count)
+        ]
+        await session.execute(insert(Member), rows)
+    return [r["public_id"] for r in rows], now
+
+
+async def _grace_events_per_member(api: ApiClient, member_ids: list[str]) -> dict[str, int]:
+    response = await api.get(
+        "/api/v1/events", params={"type": "member.status.changed", "limit": 500}
+    )
+    counts = dict.fromkeys(member_ids, 0)
+    for event in response.json()["data"]:
+        assert event["data"]["to_status"] == "grace"
+        counts[event["member_id"]] += 1
+    return counts
+
+
+async def test_concurrent_jobs_move_each_member_exactly_once(
+    api: ApiClient, db: Database, is_postgres: bool
+) -> None:
+    if not is_postgres:
+        pytest.skip("SQLite serialises writers; concurrent workers need PostgreSQL")
+    member_ids, now = await _insert_due_members(db, 60)
+
+    async def one_worker() -> int:
+        async with db.transaction() as session:
+            return await advance_membership_statuses(session, now)
+
+    moved = await asyncio.gather(*(one_worker() for _ in range(4)))
+    assert sum(moved) == 60
+    assert await _grace_events_per_member(api, member_ids) == dict.fromkeys(member_ids, 1)
+    async with db.transaction(read_only=True) as session:
+        statuses = set(await session.scalars(select(Member.status)))
+    assert statuses == {"grace"}
+
+
+async def test_a_job_overlapping_an_open_one_skips_the_rows_it_holds(
+    api: ApiClient, db: Database, is_postgres: bool
+) -> None:
+    if not is_postgres:
+        pytest.skip("needs row locks (PostgreSQL)")
+    member_ids, now = await _insert_due_members(db, 10)
+    async with db.transaction() as first:
+        assert await advance_membership_statuses(first, now) == 10
+        # A second worker runs while the first has not committed yet.
+        async with db.transaction() as second:
+            assert await advance_membership_statuses(second, now) == 0
+    async with db.transaction() as third:
+        assert await advance_membership_statuses(third, now) == 0
+    assert await _grace_events_per_member(api, member_ids) == dict.fromkeys(member_ids, 1)
+
+
+# ---------------------------------------------------------------- the worker
+
+
+async def test_a_worker_tick_runs_the_job_and_its_heartbeat_shows_in_health(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, set_term_dates: SetTermDates
+) -> None:
+    before = (await http.get("/health")).json()
+    assert before["worker"]["heartbeat_age_seconds"] is None
+
+    plan = await api.create_plan(term_months=12, grace_days=30)
+    member = await joined_member(api, plan)
+    ended = utcnow() - timedelta(days=1)
+    await set_term_dates(member["id"], ended, ended + timedelta(days=30))
+
+    results = await Worker(db).tick(force=True)
+    assert results["memberships.advance_statuses"] == 1
+    assert (await get_member(api, member["id"]))["status"] == "grace"
+
+    health = await http.get("/health")
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "ok"
+    assert 0 <= body["worker"]["heartbeat_age_seconds"] < 60

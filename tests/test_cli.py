@@ -1,0 +1,323 @@
+"""The `memberhub` command: API keys, the demo data set and migrations.
+
+The CLI runs its own event loop (asyncio.run), so each invocation runs in a worker thread
+while the test's loop waits; the test checks the effects through the HTTP API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import text
+from typer.testing import CliRunner, Result
+
+from memberhub.cli import app as cli_app
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Database
+from memberhub.memberships.jobs import advance_membership_statuses
+from tests.support import ApiClient
+
+KEY_LINE = re.compile(r"^mh_[0-9A-Za-z]{44}$")
+KEY_ANYWHERE = re.compile(r"mh_[0-9A-Za-z]{20,}")
+
+
+@pytest.fixture
+def cli_env(database_url: str, db: Database, tmp_path: Path) -> dict[str, str | None]:
+    """Environment for the CLI, pointing at the test database (emptied by `db`)."""
+    return {
+        "MEMBERHUB_DATABASE_URL": database_url,
+        "MEMBERHUB_DATA_DIR": str(tmp_path / "cli-data"),
+        "MEMBERHUB_LOG_LEVEL": "WARNING",
+    }
+
+
+async def run_cli(env: dict[str, str | None], *args: str) -> Result:
+    def invoke() -> Result:
+        return CliRunner().invoke(cli_app, list(args), env=env)
+
+    return await asyncio.to_thread(invoke)
+
+
+def last_line(result: Result) -> str:
+    lines = result.stdout.strip().splitlines()
+    assert lines, result.output
+    return lines[-1]
+
+
+async def create_key(env: dict[str, str | None], *args: str) -> tuple[str, str]:
+    """Create a key with the CLI; returns (key_id, secret)."""
+    result = await run_cli(env, "apikey", "create", *args)
+    assert result.exit_code == 0, result.output
+    secret = last_line(result)
+    assert KEY_LINE.match(secret), result.stdout
+    key_id = re.search(r"\bkey_[0-9a-z]+\b", result.stdout)
+    assert key_id is not None, result.stdout
+    return key_id.group(0), secret
+
+
+# ---------------------------------------------------------------- apikey create / list / revoke
+
+
+async def test_apikey_create_prints_the_key_alone_on_the_last_line_and_it_works(
+    cli_env: dict[str, str | None], http: httpx.AsyncClient
+) -> None:
+    key_id, secret = await create_key(cli_env, "--name", "x", "--role", "manager")
+    assert key_id.startswith("key_")
+    client = ApiClient(http, secret)
+
+    listed = await client.get("/api/v1/members")
+    assert listed.status_code == 200, listed.text
+    created = await client.post("/api/v1/members", {"email": "ana@example.com"})
+    assert created.status_code == 201
+    # The key has the manager role, not more: plans are an admin's business.
+    plan = {"code": "P", "name": "P", "term_months": 1, "price_amount": 1, "currency": "MYR"}
+    assert (await client.post("/api/v1/plans", plan)).status_code == 403
+
+
+async def test_apikey_create_honours_organisation_and_scopes(
+    cli_env: dict[str, str | None], api: ApiClient, http: httpx.AsyncClient
+) -> None:
+    org = await api.create_organisation()
+    other = await api.create_organisation()
+    _, bound = await create_key(
+        cli_env, "--name", "chapter", "--role", "manager", "--organisation", org["id"]
+    )
+    orgs = (await api.with_key(bound).get("/api/v1/organisations")).json()["data"]
+    assert [o["id"] for o in orgs] == [org["id"]]
+    assert (
+        await api.with_key(bound).get(f"/api/v1/organisations/{other['id']}")
+    ).status_code == 404
+
+    _, read_only = await create_key(
+        cli_env, "--name", "reader", "--role", "manager", "--scope", "members:read"
+    )
+    reader = ApiClient(http, read_only)
+    assert (await reader.get("/api/v1/members")).status_code == 200
+    assert (await reader.post("/api/v1/members", {"email": "a@example.com"})).status_code == 403
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--role", "manager", "--organisation", "org_doesnotexist"),
+        ("--role", "support_agent", "--scope", "plans:write"),
+        ("--role", "manager", "--scope", "no:such"),
+    ],
+    ids=["unknown-organisation", "scope-outside-role", "unknown-scope"],
+)
+async def test_apikey_create_fails_cleanly_on_bad_input(
+    cli_env: dict[str, str | None], args: tuple[str, ...]
+) -> None:
+    result = await run_cli(cli_env, "apikey", "create", "--name", "bad", *args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ")
+    assert "Traceback" not in result.output
+    assert not KEY_ANYWHERE.search(result.output)
+    listing = await run_cli(cli_env, "apikey", "list")
+    assert "bad" not in listing.stdout
+
+
+async def test_apikey_create_rejects_an_unknown_role(cli_env: dict[str, str | None]) -> None:
+    result = await run_cli(cli_env, "apikey", "create", "--name", "x", "--role", "owner")
+    assert result.exit_code == 2
+    assert not KEY_ANYWHERE.search(result.output)
+
+
+async def test_apikey_list_shows_keys_but_never_their_secrets(
+    cli_env: dict[str, str | None],
+) -> None:
+    first_id, first = await create_key(cli_env, "--name", "billing-sync", "--role", "integration")
+    second_id, second = await create_key(cli_env, "--name", "front-desk", "--role", "support_agent")
+    await run_cli(cli_env, "apikey", "revoke", second_id)
+
+    result = await run_cli(cli_env, "apikey", "list")
+    assert result.exit_code == 0, result.output
+    rows = result.stdout.strip().splitlines()
+    assert len(rows) == 2
+    assert first_id in rows[0]
+    assert "billing-sync" in rows[0]
+    assert "integration" in rows[0]
+    assert "active" in rows[0]
+    assert second_id in rows[1]
+    assert "revoked" in rows[1]
+    for secret in (first, second):
+        assert secret not in result.output
+        # Only the public lookup prefix (mh_ + 12 characters) may appear.
+        assert secret[:16] not in result.output
+    assert not KEY_ANYWHERE.search(result.output)
+
+
+async def test_apikey_revoke_makes_the_key_fail_with_401(
+    cli_env: dict[str, str | None], http: httpx.AsyncClient
+) -> None:
+    key_id, secret = await create_key(cli_env, "--name", "temp", "--role", "manager")
+    client = ApiClient(http, secret)
+    assert (await client.get("/api/v1/members")).status_code == 200
+
+    result = await run_cli(cli_env, "apikey", "revoke", key_id)
+    assert result.exit_code == 0, result.output
+    assert f"revoked {key_id}" in result.stdout
+
+    response = await client.get("/api/v1/members")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "API_KEY_REVOKED"
+
+
+async def test_apikey_revoke_of_an_unknown_or_revoked_key_fails_cleanly(
+    cli_env: dict[str, str | None],
+) -> None:
+    unknown = await run_cli(cli_env, "apikey", "revoke", "key_doesnotexist")
+    assert unknown.exit_code == 1
+    assert unknown.stderr.startswith("error: ")
+
+    key_id, _ = await create_key(cli_env, "--name", "temp", "--role", "manager")
+    assert (await run_cli(cli_env, "apikey", "revoke", key_id)).exit_code == 0
+    again = await run_cli(cli_env, "apikey", "revoke", key_id)
+    assert again.exit_code == 1
+    assert "already revoked" in again.stderr
+    assert "Traceback" not in again.output
+
+
+# ---------------------------------------------------------------- ensure-admin
+
+
+async def test_apikey_ensure_admin_prints_a_key_the_first_time_only(
+    cli_env: dict[str, str | None], http: httpx.AsyncClient
+) -> None:
+    first = await run_cli(cli_env, "apikey", "ensure-admin")
+    assert first.exit_code == 0, first.output
+    secret = last_line(first)
+    assert KEY_LINE.match(secret)
+    audit = await ApiClient(http, secret).get("/api/v1/audit")
+    assert audit.status_code == 200, audit.text  # an admin-only endpoint
+
+    second = await run_cli(cli_env, "apikey", "ensure-admin")
+    assert second.exit_code == 0, second.output
+    assert "already exists" in second.stdout
+    assert not KEY_ANYWHERE.search(second.output)
+    listing = await run_cli(cli_env, "apikey", "list")
+    assert len(listing.stdout.strip().splitlines()) == 1
+
+
+async def test_apikey_ensure_admin_replaces_a_revoked_admin_key(
+    cli_env: dict[str, str | None],
+) -> None:
+    first = await run_cli(cli_env, "apikey", "ensure-admin")
+    key_id = re.search(r"\bkey_[0-9a-z]+\b", (await run_cli(cli_env, "apikey", "list")).stdout)
+    assert key_id is not None
+    await run_cli(cli_env, "apikey", "revoke", key_id.group(0))
+
+    again = await run_cli(cli_env, "apikey", "ensure-admin")
+    assert KEY_LINE.match(last_line(again))
+    assert last_line(again) != last_line(first)
+
+
+async def test_an_organisation_bound_admin_does_not_count_as_the_admin_key(
+    cli_env: dict[str, str | None], api: ApiClient, db: Database
+) -> None:
+    org = await api.create_organisation()
+    async with db.transaction() as session:  # drop the fixture's installation-wide admin key
+        await session.execute(text("UPDATE api_keys SET revoked_at = CURRENT_TIMESTAMP"))
+    await create_key(cli_env, "--name", "org-admin", "--role", "admin", "--organisation", org["id"])
+    result = await run_cli(cli_env, "apikey", "ensure-admin")
+    assert KEY_LINE.match(last_line(result))
+
+
+# ---------------------------------------------------------------- demo
+
+
+async def _count(client: ApiClient, path: str, **params: str) -> int:
+    response = await client.get(path, params={"limit": 500, **params})
+    assert response.status_code == 200, response.text
+    assert response.json()["pagination"]["has_more"] is False
+    return len(response.json()["data"])
+
+
+async def test_demo_loads_an_hq_two_chapters_three_plans_and_members_in_every_status(
+    cli_env: dict[str, str | None], api: ApiClient, db: Database
+) -> None:
+    result = await run_cli(cli_env, "demo")
+    assert result.exit_code == 0, result.output
+    assert "200 members" in result.stdout
+
+    orgs = (await api.get("/api/v1/organisations")).json()["data"]
+    hqs = [o for o in orgs if o["kind"] == "hq"]
+    assert len(hqs) == 1
+    assert hqs[0]["slug"] == "demo-hq"
+    chapters = [o for o in orgs if o["kind"] == "chapter"]
+    assert len(chapters) == 2
+    assert {c["parent_id"] for c in chapters} == {hqs[0]["id"]}
+    assert hqs[0]["id"] in result.stdout
+
+    plans = (await api.get("/api/v1/plans")).json()["data"]
+    assert sorted(p["code"] for p in plans) == ["DEMO-CORPORATE", "DEMO-STANDARD", "DEMO-STUDENT"]
+
+    assert await _count(api, "/api/v1/members") == 200
+    by_status = {
+        status: await _count(api, "/api/v1/members", status=status)
+        for status in ("pending", "active", "grace", "lapsed", "suspended", "cancelled")
+    }
+    assert sum(by_status.values()) == 200
+    assert all(count > 0 for count in by_status.values()), by_status
+    for org in orgs:
+        assert await _count(api, "/api/v1/members", organisation_id=org["id"]) > 0
+
+    # The statuses agree with the dates: a scheduler run now has nothing to move.
+    async with db.transaction() as session:
+        assert await advance_membership_statuses(session, utcnow()) == 0
+    grace = (await api.get("/api/v1/members", params={"status": "grace"})).json()["data"][0]
+    history = await api.get(f"/api/v1/members/{grace['id']}/status-history")
+    assert [(c["from_status"], c["to_status"]) for c in history.json()["data"]] == [
+        ("pending", "active"),
+        ("active", "grace"),
+    ]
+
+
+async def test_demo_run_twice_fails_cleanly_and_adds_nothing(
+    cli_env: dict[str, str | None], api: ApiClient
+) -> None:
+    assert (await run_cli(cli_env, "demo", "--members", "20")).exit_code == 0
+    again = await run_cli(cli_env, "demo", "--members", "20")
+    assert again.exit_code != 0
+    assert "already loaded" in again.stderr
+    assert "Traceback" not in again.output
+    assert await _count(api, "/api/v1/members") == 20
+    assert await _count(api, "/api/v1/organisations") == 3
+
+
+# ---------------------------------------------------------------- db upgrade
+
+
+async def test_db_upgrade_migrates_a_fresh_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "fresh.db"
+    env: dict[str, str | None] = {
+        "MEMBERHUB_DATABASE_URL": f"sqlite+aiosqlite:///{path}",
+        "MEMBERHUB_DATA_DIR": str(tmp_path / "data"),
+    }
+    result = await run_cli(env, "db", "upgrade")
+    assert result.exit_code == 0, result.output
+    assert "up to date" in result.stdout
+    with sqlite3.connect(path) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"members", "organisations", "api_keys", "alembic_version"} <= tables
+
+    assert (await run_cli(env, "db", "upgrade")).exit_code == 0  # idempotent
+    admin = await run_cli(env, "apikey", "ensure-admin")
+    assert admin.exit_code == 0, admin.output
+    assert KEY_LINE.match(last_line(admin))
+
+
+async def test_db_upgrade_defaults_to_a_database_in_the_data_dir(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env: dict[str, str | None] = {
+        "MEMBERHUB_DATABASE_URL": None,
+        "MEMBERHUB_DATA_DIR": str(data_dir),
+    }
+    result = await run_cli(env, "db", "upgrade")
+    assert result.exit_code == 0, result.output
+    assert (data_dir / "memberhub.db").is_file()
