@@ -14,7 +14,7 @@ The suite runs a short pass; `make schemathesis` sets MEMBERHUB_SCHEMATHESIS_EXA
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -30,7 +30,6 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from sqlalchemy import text
 
 from memberhub.app import create_app
 from memberhub.auth.roles import Role
@@ -60,7 +59,7 @@ class Seeded:
 
 
 @pytest.fixture
-async def seeded(db: Database, api: ApiClient) -> AsyncIterator[Seeded]:
+async def seeded(db: Database, api: ApiClient) -> Seeded:
     async with db.transaction() as session:
         issued = await create_api_key(
             session,
@@ -78,7 +77,7 @@ async def seeded(db: Database, api: ApiClient) -> AsyncIterator[Seeded]:
     assert joined.status_code == 200, joined.text
     events = await api.get("/api/v1/events", {"member_id": member["id"]})
     assert events.status_code == 200, events.text
-    yield Seeded(
+    return Seeded(
         ids={
             "organisation_id": org["id"],
             "parent_id": org["id"],
@@ -88,10 +87,6 @@ async def seeded(db: Database, api: ApiClient) -> AsyncIterator[Seeded]:
         },
         authorization=f"Bearer {issued.secret}",
     )
-    # Generated requests create chapters. SQLite enforces the parent's ON DELETE RESTRICT row
-    # by row, so the next test's `DELETE FROM organisations` would fail on them: detach them.
-    async with db.transaction() as session:
-        await session.execute(text("UPDATE organisations SET parent_id = NULL"))
 
 
 @pytest.fixture

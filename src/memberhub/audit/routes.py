@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.repository import AuditFilters, AuditRepository
 from memberhub.auth.dependencies import AuditReader
+from memberhub.kit.errors import Forbidden
 from memberhub.kit.http import ERROR_RESPONSES, UnitOfWorkRoute, get_session
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import UTCDatetime
@@ -37,7 +38,7 @@ class AuditEntryOut(BaseModel):
 @router.get("")
 async def list_audit_entries(
     session: Session,
-    _principal: AuditReader,
+    principal: AuditReader,
     page: Annotated[PageParams, Depends(page_params)],
     actor: SafeQuery = None,
     action: SafeQuery = None,
@@ -45,6 +46,12 @@ async def list_audit_entries(
     occurred_from: UTCDatetime | None = None,
     occurred_to: UTCDatetime | None = None,
 ) -> Page[AuditEntryOut]:
+    if principal.organisation_id is not None:
+        # Entries span every organisation; a key limited to one must not read the others'.
+        raise Forbidden(
+            "The audit log covers the whole installation; use a key not bound to an organisation.",
+            code="AUDIT_REQUIRES_INSTALLATION_KEY",
+        )
     filters = AuditFilters(
         actor=actor,
         action=action,

@@ -55,6 +55,7 @@ async def _check_idempotency(request: Request, session: AsyncSession, principal:
         )
     body = await request.body()
     fingerprint = idempotency.fingerprint(request.method, request.url.path, request.url.query, body)
+    await idempotency.lock(session, principal.key_id, key)
     record = await idempotency.find(session, principal.key_id, key)
     if record is not None:
         if record.request_fingerprint != fingerprint:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
@@ -41,6 +41,20 @@ def fingerprint(method: str, path: str, query: str, body: bytes) -> str:
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.hexdigest()
+
+
+async def lock(session: AsyncSession, api_key_id: int, key: str) -> None:
+    """Serialise requests carrying the same key until the first one's transaction ends.
+
+    Without it, concurrent retries on PostgreSQL all miss the not yet committed record, run
+    the operation, and fail on its side effects (409) instead of replaying the first response.
+    (SQLite needs nothing: a writing transaction holds the database's write lock.)
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    digest = hashlib.sha256(f"{api_key_id}:{key}".encode()).digest()
+    lock_id = int.from_bytes(digest[:8], "big", signed=True)
+    await session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": lock_id})
 
 
 async def find(session: AsyncSession, api_key_id: int, key: str) -> IdempotencyRecord | None:

@@ -1,0 +1,361 @@
+"""The event outbox: an event exists if and only if its change committed; the event list
+filters and pages; every event's data matches the schema published for its type."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import httpx
+import jsonschema_rs
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import func, select
+
+from memberhub.audit.models import AuditEntry
+from memberhub.auth.roles import Role
+from memberhub.events.catalog import CATALOG
+from memberhub.events.models import Event
+from memberhub.kit.db import Database
+from memberhub.members.models import Member
+from tests.conftest import issue_key
+from tests.support import ApiClient
+
+MEMBERS = "/api/v1/members"
+EVENTS = "/api/v1/events"
+
+
+class Boom(RuntimeError):
+    """A failure injected half-way through a request."""
+
+
+def boom(*_args: Any, **_kwargs: Any) -> NoReturn:
+    raise Boom("injected failure")
+
+
+async def count(db: Database, model: Any, *conditions: Any) -> int:
+    async with db.transaction(read_only=True) as session:
+        total = await session.scalar(select(func.count()).select_from(model).where(*conditions))
+    return int(total or 0)
+
+
+@pytest.fixture
+async def tolerant_api(app: FastAPI, admin_key: str) -> AsyncIterator[ApiClient]:
+    """Like `api`, but an unhandled error comes back as the 500 a client would see."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield ApiClient(client, admin_key)
+
+
+async def list_events(api: ApiClient, **params: Any) -> list[dict[str, Any]]:
+    response = await api.get(EVENTS, params={"limit": 500, **params})
+    assert response.status_code == 200, response.text
+    return list(response.json()["data"])
+
+
+# --- an event exists if and only if its change committed ------------------------------
+
+
+async def test_committed_create_has_exactly_one_event_and_one_audit_row(
+    db: Database, api: ApiClient
+) -> None:
+    member = await api.create_member()
+
+    [event] = await list_events(api)
+    assert event["type"] == "member.created"
+    assert event["member_id"] == member["id"]
+    assert event["id"].startswith("evt_")
+    assert event["data"]["member"] == member
+    assert await count(db, AuditEntry, AuditEntry.object_id == member["id"]) == 1
+
+
+async def test_create_failing_after_the_insert_leaves_no_member_event_or_audit_row(
+    db: Database, tolerant_api: ApiClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audit_before = await count(db, AuditEntry)
+    # record_write runs after the member was flushed and its event added.
+    monkeypatch.setattr("memberhub.members.service.record_write", boom)
+
+    response = await tolerant_api.post(MEMBERS, {"email": "half@example.com"})
+
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "INTERNAL_ERROR"
+    assert await count(db, Member) == 0
+    assert await count(db, Event) == 0
+    assert await count(db, AuditEntry) == audit_before
+    monkeypatch.undo()
+    assert await list_events(tolerant_api) == []
+    assert (await tolerant_api.get(MEMBERS)).json()["data"] == []
+
+
+async def test_create_failing_at_commit_leaves_no_member_event_or_audit_row(
+    db: Database, tolerant_api: ApiClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audit_before = await count(db, AuditEntry)
+    # Hashing the audit entry happens inside session.commit(), after every insert.
+    monkeypatch.setattr("memberhub.audit.service.entry_hash", boom)
+
+    response = await tolerant_api.post(MEMBERS, {"email": "late@example.com"})
+
+    assert response.status_code == 500
+    assert await count(db, Member) == 0
+    assert await count(db, Event) == 0
+    assert await count(db, AuditEntry) == audit_before
+
+
+async def test_update_failing_half_way_leaves_the_member_and_events_unchanged(
+    db: Database, api: ApiClient, tolerant_api: ApiClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    member = await api.create_member(first_name="Before")
+    monkeypatch.setattr("memberhub.members.service.record_write", boom)
+
+    response = await tolerant_api.patch(f"{MEMBERS}/{member['id']}", {"first_name": "After"})
+
+    assert response.status_code == 500
+    monkeypatch.undo()
+    current = (await api.get(f"{MEMBERS}/{member['id']}")).json()
+    assert current["first_name"] == "Before"
+    assert current["version"] == member["version"]
+    assert [e["type"] for e in await list_events(api)] == ["member.created"]
+    assert await count(db, AuditEntry, AuditEntry.action == "member.update") == 0
+
+
+async def test_refused_change_emits_no_event(api: ApiClient) -> None:
+    await api.create_member(email="one@example.com")
+    duplicate = await api.post(MEMBERS, {"email": "one@example.com"})
+    assert duplicate.status_code == 409
+
+    assert len(await list_events(api)) == 1
+
+
+async def test_each_committed_change_emits_its_event(api: ApiClient) -> None:
+    member = await api.create_member(first_name="A")
+    plan = await api.create_plan()
+    await api.patch(f"{MEMBERS}/{member['id']}", {"first_name": "B"})
+    await api.post(f"{MEMBERS}/{member['id']}/membership/join", {"plan_id": plan["id"]})
+    await api.delete(f"{MEMBERS}/{member['id']}")
+
+    events = await list_events(api, member_id=member["id"])
+
+    assert [e["type"] for e in events] == [
+        "member.created",
+        "member.updated",
+        "member.status.changed",
+        "member.deleted",
+    ]
+    assert events[1]["data"]["changed_fields"] == ["first_name"]
+    assert events[2]["data"]["from_status"] == "pending"
+    assert events[2]["data"]["to_status"] == "active"
+
+
+# --- GET /api/v1/events ---------------------------------------------------------------
+
+
+async def test_events_filter_by_type(api: ApiClient) -> None:
+    first = await api.create_member()
+    second = await api.create_member()
+    await api.patch(f"{MEMBERS}/{first['id']}", {"first_name": "Changed"})
+
+    created = await list_events(api, type="member.created")
+    updated = await list_events(api, type="member.updated")
+    both = await list_events(api, type=["member.created", "member.updated"])
+
+    assert [e["member_id"] for e in created] == [first["id"], second["id"]]
+    assert [e["member_id"] for e in updated] == [first["id"]]
+    assert len(both) == 3
+    assert {e["type"] for e in both} == {"member.created", "member.updated"}
+
+
+async def test_events_filter_by_unknown_type_is_422(api: ApiClient) -> None:
+    response = await api.get(EVENTS, params={"type": "member.exploded"})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["details"]["unknown_types"] == ["member.exploded"]
+    assert set(error["details"]["known_types"]) == set(CATALOG)
+
+
+async def test_events_filter_by_member_id(api: ApiClient) -> None:
+    first = await api.create_member()
+    second = await api.create_member()
+    await api.patch(f"{MEMBERS}/{second['id']}", {"first_name": "Changed"})
+
+    of_second = await list_events(api, member_id=second["id"])
+
+    assert [e["type"] for e in of_second] == ["member.created", "member.updated"]
+    assert {e["member_id"] for e in of_second} == {second["id"]}
+    assert [e["member_id"] for e in await list_events(api, member_id=first["id"])] == [first["id"]]
+
+
+async def test_events_filter_by_occurred_from_inclusive_and_occurred_to_exclusive(
+    api: ApiClient,
+) -> None:
+    members = []
+    for _ in range(3):
+        members.append(await api.create_member())
+        await asyncio.sleep(0.01)  # distinct timestamps, whatever the clock resolution
+    events = await list_events(api)
+    middle = events[1]["occurred_at"]
+
+    from_middle = await list_events(api, occurred_from=middle)
+    before_middle = await list_events(api, occurred_to=middle)
+    only_middle = await list_events(api, occurred_from=middle, occurred_to=events[2]["occurred_at"])
+
+    assert [e["member_id"] for e in from_middle] == [members[1]["id"], members[2]["id"]]
+    assert [e["member_id"] for e in before_middle] == [members[0]["id"]]
+    assert [e["member_id"] for e in only_middle] == [members[1]["id"]]
+
+
+async def test_events_filters_combine(api: ApiClient) -> None:
+    member = await api.create_member()
+    other = await api.create_member()
+    await api.patch(f"{MEMBERS}/{member['id']}", {"first_name": "X"})
+    await api.patch(f"{MEMBERS}/{other['id']}", {"first_name": "Y"})
+
+    events = await list_events(api, type="member.updated", member_id=member["id"])
+
+    assert [(e["type"], e["member_id"]) for e in events] == [("member.updated", member["id"])]
+
+
+async def test_events_page_with_a_cursor_without_gaps_or_repeats(api: ApiClient) -> None:
+    for _ in range(5):
+        await api.create_member()
+    everything = [e["id"] for e in await list_events(api)]
+    assert len(everything) == 5
+
+    seen: list[str] = []
+    pages: list[int] = []
+    late: dict[str, Any] | None = None
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        response = await api.get(EVENTS, params=params)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        seen += [e["id"] for e in body["data"]]
+        pages.append(len(body["data"]))
+        if not body["pagination"]["has_more"]:
+            assert body["pagination"]["next_cursor"] is None
+            break
+        cursor = body["pagination"]["next_cursor"]
+        assert cursor
+
+        if len(seen) == 2:
+            # A change committed while paging shows up once, at the end.
+            late = await api.create_member()
+
+    assert pages == [2, 2, 2]
+    assert seen == [*everything, seen[-1]]
+    assert len(set(seen)) == 6
+    assert late is not None
+    assert (await list_events(api, member_id=late["id"]))[0]["id"] == seen[-1]
+
+
+async def test_events_cursor_keeps_the_filters_order(api: ApiClient) -> None:
+    members = [await api.create_member() for _ in range(3)]
+    for member in members:
+        await api.patch(f"{MEMBERS}/{member['id']}", {"first_name": "P"})
+
+    first = (await api.get(EVENTS, params={"type": "member.updated", "limit": 2})).json()
+    rest = (
+        await api.get(
+            EVENTS,
+            params={
+                "type": "member.updated",
+                "limit": 2,
+                "cursor": first["pagination"]["next_cursor"],
+            },
+        )
+    ).json()
+
+    ids = [e["member_id"] for e in first["data"] + rest["data"]]
+    assert ids == [m["id"] for m in members]
+    assert rest["pagination"] == {"next_cursor": None, "has_more": False}
+
+
+async def test_invalid_cursor_is_422(api: ApiClient) -> None:
+    response = await api.get(EVENTS, params={"cursor": "not-a-cursor!"})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "INVALID_CURSOR"
+
+
+async def test_single_event_can_be_fetched(api: ApiClient) -> None:
+    await api.create_member()
+    [listed] = await list_events(api)
+
+    fetched = await api.get(f"{EVENTS}/{listed['id']}")
+
+    assert fetched.status_code == 200
+    assert fetched.json() == listed
+    assert (await api.get(f"{EVENTS}/evt_doesnotexist")).status_code == 404
+
+
+async def test_events_need_the_events_read_scope(db: Database, api: ApiClient) -> None:
+    agent = api.with_key(await issue_key(db, Role.SUPPORT_AGENT))
+    assert (await agent.get(EVENTS)).status_code == 403
+    assert (await agent.get("/api/v1/event-types")).status_code == 403
+
+
+# --- GET /api/v1/event-types ----------------------------------------------------------
+
+
+async def event_schemas(api: ApiClient) -> dict[str, dict[str, Any]]:
+    response = await api.get("/api/v1/event-types")
+    assert response.status_code == 200, response.text
+    return {t["type"]: t for t in response.json()["data"]}
+
+
+async def test_event_types_publish_a_json_schema_for_every_type(api: ApiClient) -> None:
+    types = await event_schemas(api)
+
+    assert set(types) == set(CATALOG)
+    for name, entry in types.items():
+        assert entry["version"] == CATALOG[name].version
+        assert entry["description"]
+        schema = entry["schema"]
+        assert schema["type"] == "object"
+        assert schema["properties"]
+        jsonschema_rs.meta.validate(schema)  # a well-formed JSON Schema
+
+
+async def test_member_created_event_data_validates_against_its_schema(api: ApiClient) -> None:
+    await api.create_member(
+        first_name="Ana",
+        phone="+60 12 345 6789",
+        date_of_birth="1990-02-03",
+        custom_fields={"size": "M", "vip": True, "visits": 3},
+        external_ids={"shopify": "123"},
+    )
+    schema = (await event_schemas(api))["member.created"]["schema"]
+    [event] = await list_events(api, type="member.created")
+
+    validator = jsonschema_rs.validator_for(schema, validate_formats=True)
+    validator.validate(event["data"])
+
+    # The schema is not vacuous: data missing the member, or with an extra field, fails.
+    assert not validator.is_valid({})
+    assert not validator.is_valid({**event["data"], "surprise": 1})
+    broken = {"member": {**event["data"]["member"], "status": 7}}
+    assert not validator.is_valid(broken)
+
+
+async def test_every_emitted_event_validates_against_its_types_schema(api: ApiClient) -> None:
+    member = await api.create_member(first_name="A")
+    plan = await api.create_plan()
+    await api.patch(f"{MEMBERS}/{member['id']}", {"first_name": "B"})
+    await api.post(f"{MEMBERS}/{member['id']}/membership/join", {"plan_id": plan["id"]})
+    await api.delete(f"{MEMBERS}/{member['id']}")
+    schemas = await event_schemas(api)
+
+    events = await list_events(api)
+
+    assert {e["type"] for e in events} == set(CATALOG)
+    for event in events:
+        validator = jsonschema_rs.validator_for(
+            schemas[event["type"]]["schema"], validate_formats=True
+        )
+        errors = [str(error) for error in validator.iter_errors(event["data"])]
+        assert errors == [], (event["type"], errors)
+        # The catalog model accepts it too.
+        CATALOG[event["type"]].model_validate(event["data"])
+        assert event["version"] == CATALOG[event["type"]].version
