@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -113,12 +114,25 @@ class Database:
             self.read_sessionmaker = async_sessionmaker(read_engine, expire_on_commit=False)
         else:
             self.read_sessionmaker = self.sessionmaker
+        # SQLite has one writer at a time. Queueing this process's writers here, rather than
+        # letting each connection poll the file lock (SQLite's busy handler sleeps between
+        # tries), keeps the lock busy; other processes still wait through busy_timeout.
+        self._sqlite_writer = asyncio.Lock()
+
+    @asynccontextmanager
+    async def writer_slot(self, *, read_only: bool) -> AsyncIterator[None]:
+        """Hold while a writing transaction is open (a no-op except on SQLite)."""
+        if read_only or not self.is_sqlite:
+            yield
+            return
+        async with self._sqlite_writer:
+            yield
 
     @asynccontextmanager
     async def transaction(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
         """One unit of work: commits when the block succeeds, rolls back when it raises."""
         maker = self.read_sessionmaker if read_only else self.sessionmaker
-        async with maker() as session, session.begin():
+        async with self.writer_slot(read_only=read_only), maker() as session, session.begin():
             yield session
 
     async def dispose(self) -> None:

@@ -91,7 +91,7 @@ class UnitOfWorkRoute(APIRoute):
             db = request.app.state.db
             read_only = request.method in SAFE_METHODS
             maker = db.read_sessionmaker if read_only else db.sessionmaker
-            async with maker() as session:
+            async with db.writer_slot(read_only=read_only), maker() as session:
                 request.state.session = session
                 try:
                     response = await original(request)
