@@ -74,8 +74,11 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
         _configure_sqlite(engine.sync_engine)
         return engine
+    # No pre-ping: it costs a round trip on every checkout. A connection found dead (say, after
+    # a database restart) invalidates the pool, so one request fails with a 503 and the next
+    # ones reconnect; recycling bounds how long an idle connection is trusted.
     return create_async_engine(
-        url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800
     )
 
 
