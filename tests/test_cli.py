@@ -321,3 +321,26 @@ async def test_db_upgrade_defaults_to_a_database_in_the_data_dir(tmp_path: Path)
     result = await run_cli(env, "db", "upgrade")
     assert result.exit_code == 0, result.output
     assert (data_dir / "memberhub.db").is_file()
+
+
+async def test_apikey_create_sets_the_keys_own_rate_limit(
+    cli_env: dict[str, str | None], app: object
+) -> None:
+    _, key = await create_key(
+        cli_env, "--name", "slow", "--role", "manager", "--rate-limit", "2/minute"
+    )
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        headers = {"Authorization": f"Bearer {key}"}
+        statuses = [
+            (await client.get("/api/v1/members", headers=headers)).status_code for _ in range(3)
+        ]
+    assert statuses == [200, 200, 429]
+
+
+async def test_apikey_create_refuses_a_malformed_rate_limit(cli_env: dict[str, str | None]) -> None:
+    result = await run_cli(
+        cli_env, "apikey", "create", "--name", "x", "--role", "manager", "--rate-limit", "fast"
+    )
+    assert result.exit_code == 1
+    assert "not a rate limit" in result.output

@@ -111,6 +111,10 @@ def apikey_create(
     scope: Annotated[
         list[str] | None, typer.Option(help="Narrow the role's scopes (repeatable).")
     ] = None,
+    rate_limit: Annotated[
+        str | None,
+        typer.Option(help="This key's own limit, e.g. '100/minute' (default: RATE_LIMIT)."),
+    ] = None,
 ) -> None:
     """Create a key. The key is printed once, alone on the last line, and never again."""
     from memberhub.auth.service import create_api_key
@@ -124,6 +128,7 @@ def apikey_create(
                 role=role,
                 scopes=scope or None,
                 organisation_public_id=organisation,
+                rate_limit=rate_limit,
             )
             return issued.api_key.public_id, issued.secret
 

@@ -50,6 +50,9 @@ async def test_same_key_and_body_replays_the_first_response_and_creates_once(
     assert second.json() == first.json()
     assert second.headers["location"] == first.headers["location"]
     assert second.headers["etag"] == first.headers["etag"]
+    # A replay still counts against the key's limit and says so.
+    remaining = int(first.headers["ratelimit-remaining"])
+    assert int(second.headers["ratelimit-remaining"]) == remaining - 1
 
     member_id = first.json()["id"]
     listed = (await api.get(MEMBERS)).json()["data"]

@@ -423,12 +423,33 @@ async def test_a_matching_if_match_succeeds_and_bumps_the_version(api: ApiClient
     assert response.headers["ETag"] == '"2"'
 
 
-async def test_a_weak_if_match_is_accepted(api: ApiClient) -> None:
+async def test_a_weak_if_match_never_matches(api: ApiClient) -> None:
     member = await api.create_member()
     response = await api.patch(
         f"{MEMBERS}/{member['id']}", {"first_name": "Ana"}, headers={"If-Match": 'W/"1"'}
     )
+    assert response.status_code == 412, response.text
+
+
+async def test_an_if_match_list_matches_any_of_its_versions(api: ApiClient) -> None:
+    member = await api.create_member()
+    response = await api.patch(
+        f"{MEMBERS}/{member['id']}", {"first_name": "Ana"}, headers={"If-Match": '"7", "1"'}
+    )
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "header", ['"²"'.encode("latin-1"), b'"1', b"1", b'"99999999999999999999"', b""]
+)
+async def test_a_malformed_if_match_is_412_not_an_error(api: ApiClient, header: bytes) -> None:
+    member = await api.create_member(first_name="Ana")
+    response = await api.http.patch(
+        f"{MEMBERS}/{member['id']}",
+        json={"first_name": "X"},
+        headers={b"Authorization": f"Bearer {api.key}".encode(), b"If-Match": header},
+    )
+    assert response.status_code == 412, response.text
 
 
 async def test_a_stale_if_match_is_412_and_changes_nothing(api: ApiClient) -> None:
@@ -445,7 +466,7 @@ async def test_a_stale_if_match_is_412_and_changes_nothing(api: ApiClient) -> No
     assert second.status_code == 412
     error = second.json()["error"]
     assert error["code"] == "PRECONDITION_FAILED"
-    assert error["details"] == {"current_version": 2, "if_match": 1}
+    assert error["details"] == {"current_version": 2, "if_match": [1]}
 
     current = (await api.get(f"{MEMBERS}/{member['id']}")).json()
     assert current["first_name"] == "Anna"

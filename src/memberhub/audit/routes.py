@@ -3,22 +3,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.repository import AuditFilters, AuditRepository
 from memberhub.auth.dependencies import AuditReader
 from memberhub.kit.errors import Forbidden
-from memberhub.kit.http import ERROR_RESPONSES, UnitOfWorkRoute, get_session
+from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
-from memberhub.kit.types import UTCDatetime
+from memberhub.kit.types import SafeQuery, UTCDatetime
 
 router = APIRouter(
     prefix="/api/v1/audit", tags=["audit"], route_class=UnitOfWorkRoute, responses=ERROR_RESPONSES
 )
-Session = Annotated[AsyncSession, Depends(get_session)]
-SafeQuery = Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00]*$")]
 
 
 class AuditEntryOut(BaseModel):
@@ -37,7 +34,7 @@ class AuditEntryOut(BaseModel):
 
 @router.get("")
 async def list_audit_entries(
-    session: Session,
+    session: DbSession,
     principal: AuditReader,
     page: Annotated[PageParams, Depends(page_params)],
     actor: SafeQuery = None,

@@ -37,14 +37,16 @@ async def authenticate(
     )
     limiter = request.app.state.rate_limiter
     quota = await limiter.hit(principal.key_public_id, principal.rate_limit)
-    if quota is not None:
-        response.headers.update(quota.headers())
+    quota_headers = quota.headers() if quota is not None else {}
+    response.headers.update(quota_headers)
     if request.method == "POST":
-        await _check_idempotency(request, session, principal)
+        await _check_idempotency(request, session, principal, quota_headers)
     return principal
 
 
-async def _check_idempotency(request: Request, session: AsyncSession, principal: Principal) -> None:
+async def _check_idempotency(
+    request: Request, session: AsyncSession, principal: Principal, quota_headers: dict[str, str]
+) -> None:
     key = request.headers.get("idempotency-key")
     if key is None:
         return
@@ -60,7 +62,9 @@ async def _check_idempotency(request: Request, session: AsyncSession, principal:
     if record is not None:
         if record.request_fingerprint != fingerprint:
             raise IdempotencyKeyReused()
-        raise idempotency.IdempotentReplay(idempotency.replay(record))
+        replayed = idempotency.replay(record)
+        replayed.headers.update(quota_headers)
+        raise idempotency.IdempotentReplay(replayed)
     request.state.idempotency = idempotency.PendingKey(principal.key_id, key, fingerprint)
 
 

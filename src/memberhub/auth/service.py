@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from limits import parse as parse_limit
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.service import record_write
@@ -45,6 +46,14 @@ async def create_api_key(
             raise ValidationFailed(
                 f"The {role} role cannot hold these scopes.", details={"scopes": outside}
             )
+    if rate_limit is not None:
+        try:
+            parse_limit(rate_limit)
+        except ValueError as exc:
+            raise ValidationFailed(
+                f"'{rate_limit}' is not a rate limit; write it like '100/minute'.",
+                details={"field": "rate_limit"},
+            ) from exc
     organisation_id = None
     if organisation_public_id is not None:
         organisation = await OrganisationRepository(session).get_by_public_id(

@@ -3,7 +3,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.auth.dependencies import EventsReader
 from memberhub.events.catalog import CATALOG, schema_for
@@ -11,14 +10,13 @@ from memberhub.events.models import Event
 from memberhub.events.repository import EventFilters, EventRepository
 from memberhub.events.schemas import EventOut, EventTypeList, EventTypeOut
 from memberhub.kit.errors import NotFound, ValidationFailed
-from memberhub.kit.http import ERROR_RESPONSES, UnitOfWorkRoute, get_session
+from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath, UTCDatetime
 
 router = APIRouter(
     prefix="/api/v1", tags=["events"], route_class=UnitOfWorkRoute, responses=ERROR_RESPONSES
 )
-Session = Annotated[AsyncSession, Depends(get_session)]
 
 
 def to_out(event: Event) -> EventOut:
@@ -34,7 +32,7 @@ def to_out(event: Event) -> EventOut:
 
 @router.get("/events")
 async def list_events(
-    session: Session,
+    session: DbSession,
     principal: EventsReader,
     page: Annotated[PageParams, Depends(page_params)],
     type: Annotated[
@@ -65,7 +63,7 @@ async def list_events(
 
 
 @router.get("/events/{event_id}")
-async def get_event(event_id: IdPath, session: Session, principal: EventsReader) -> EventOut:
+async def get_event(event_id: IdPath, session: DbSession, principal: EventsReader) -> EventOut:
     event = await EventRepository(session).get_by_public_id(event_id)
     if event is None or not principal.can_see_organisation(event.organisation_id):
         raise NotFound(f"Event {event_id} does not exist.")

@@ -71,14 +71,19 @@ class IdMixin:
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
     """Create the async engine, with SQLite set up for WAL and explicit transactions."""
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
+        # Parameters are member data: keep them out of error messages and logs.
+        engine = create_async_engine(
+            url, echo=echo, connect_args={"timeout": 30}, hide_parameters=True
+        )
         _configure_sqlite(engine.sync_engine)
         return engine
-    # No pre-ping: it costs a round trip on every checkout. A connection found dead (say, after
-    # a database restart) invalidates the pool, so one request fails with a 503 and the next
-    # ones reconnect; recycling bounds how long an idle connection is trusted.
     return create_async_engine(
-        url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        hide_parameters=True,
     )
 
 

@@ -6,15 +6,15 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
-from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -77,6 +77,10 @@ def get_session(request: Request) -> AsyncSession:
     return session
 
 
+# The request's session, in a route signature: `session: DbSession`.
+DbSession = Annotated[AsyncSession, Depends(get_session)]
+
+
 class UnitOfWorkRoute(APIRoute):
     """Runs each request in one transaction: commit on success, roll back otherwise.
 
@@ -90,6 +94,9 @@ class UnitOfWorkRoute(APIRoute):
         async def handler(request: Request) -> Response:
             db = request.app.state.db
             read_only = request.method in SAFE_METHODS
+            if not read_only:
+                # Receive the whole body first: a slow upload must not hold a write slot.
+                await request.body()
             maker = db.read_sessionmaker if read_only else db.sessionmaker
             async with db.writer_slot(read_only=read_only), maker() as session:
                 request.state.session = session
@@ -104,6 +111,8 @@ class UnitOfWorkRoute(APIRoute):
                 if read_only or response.status_code >= 400:
                     await session.rollback()
                     return response
+                # Requests sharing an Idempotency-Key were serialised when it was checked, so
+                # storing the response here cannot race another request with the same key.
                 pending: idempotency.PendingKey | None = getattr(request.state, "idempotency", None)
                 if pending is not None:
                     await idempotency.store(
@@ -112,30 +121,20 @@ class UnitOfWorkRoute(APIRoute):
                         response,
                         ttl_hours=request.app.state.settings.idempotency_ttl_hours,
                     )
-                try:
-                    await session.commit()
-                except IntegrityError:
-                    await session.rollback()
-                    if pending is None:
-                        raise
-                    # A concurrent request with the same key committed first.
-                    return await _replay_winner(request, pending)
+                await session.commit()
             return response
 
         return handler
 
 
-async def _replay_winner(request: Request, pending: idempotency.PendingKey) -> Response:
-    from memberhub.kit.errors import Conflict, IdempotencyKeyReused
-
-    async with request.app.state.db.transaction(read_only=True) as session:
-        record = await idempotency.find(session, pending.api_key_id, pending.key)
-    if record is None:
-        raise Conflict("The request conflicted with a concurrent change; retry it.")
-    if record.request_fingerprint != pending.fingerprint:
-        raise IdempotencyKeyReused()
-    return idempotency.replay(record)
-
+_UNIQUE_CONSTRAINTS = {
+    "uq_members_organisation_email": (
+        "DUPLICATE_EMAIL",
+        "A member with this email already exists in the organisation.",
+    ),
+    "uq_organisations_slug": ("DUPLICATE_SLUG", "The slug is taken."),
+    "uq_membership_plans_code": ("DUPLICATE_PLAN_CODE", "A plan with this code exists."),
+}
 
 _STATUS_CODES = {
     400: "BAD_REQUEST",
@@ -195,15 +194,34 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(IntegrityError)
     async def _integrity_error(_request: Request, exc: IntegrityError) -> Response:
-        log.info("integrity_conflict", error=str(exc.orig)[:200])
-        return error_response(
-            409, "CONFLICT", "The change conflicts with existing data (a duplicate?)."
-        )
+        # A race that slipped past a service's own check (two requests at once) lands here.
+        message = str(exc.orig)
+        for constraint, (code, text) in _UNIQUE_CONSTRAINTS.items():
+            if constraint in message:
+                return error_response(409, code, text)
+        log.info("integrity_conflict", error_type=type(exc.orig).__name__)
+        return error_response(409, "CONFLICT", "The change conflicts with existing data.")
 
-    @app.exception_handler(DataError)
-    async def _data_error(_request: Request, exc: DataError) -> Response:
-        log.info("data_error", error=str(exc.orig)[:200])
-        return error_response(422, "VALIDATION_ERROR", "A value is outside what can be stored.", {})
+    @app.exception_handler(DBAPIError)
+    async def _database_error(_request: Request, exc: DBAPIError) -> Response:
+        if exc.connection_invalidated or isinstance(exc, OperationalError):
+            log.warning("database_unavailable", error_type=type(exc.orig).__name__)
+            return error_response(
+                503,
+                "SERVICE_UNAVAILABLE",
+                "The database is busy or unreachable.",
+                retry_after=1,
+            )
+        sqlstate = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", ""))
+        if isinstance(exc, DataError) or sqlstate.startswith("22"):
+            # SQLSTATE class 22: a value the column cannot hold. Schemas should catch these
+            # first; this keeps a missed case a client error rather than a crash.
+            log.warning("data_exception", sqlstate=sqlstate)
+            return error_response(
+                422, "VALIDATION_ERROR", "A value is outside what can be stored.", {}
+            )
+        log.error("database_error", error_type=type(exc.orig).__name__, sqlstate=sqlstate)
+        return error_response(500, "INTERNAL_ERROR", "An unexpected error occurred.")
 
     @app.exception_handler(StaleDataError)
     async def _stale(_request: Request, _exc: StaleDataError) -> Response:
@@ -213,17 +231,16 @@ def install_error_handlers(app: FastAPI) -> None:
             "The object was changed by another request at the same time; retry.",
         )
 
-    @app.exception_handler(OperationalError)
-    async def _operational(_request: Request, exc: OperationalError) -> Response:
-        log.warning("database_unavailable", error=str(exc.orig)[:200])
-        return error_response(
-            503, "SERVICE_UNAVAILABLE", "The database is busy or unreachable.", retry_after=1
-        )
-
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> Response:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled_error", error_type=type(exc).__name__)
-        return error_response(500, "INTERNAL_ERROR", "An unexpected error occurred.")
+        request_id = getattr(request.state, "request_id", None)
+        return error_response(
+            500,
+            "INTERNAL_ERROR",
+            "An unexpected error occurred.",
+            headers={"X-Request-ID": request_id} if request_id else None,
+        )
 
 
 class RequestContextMiddleware:
@@ -239,6 +256,9 @@ class RequestContextMiddleware:
         incoming = _header(scope, b"x-request-id")
         request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        # Each request runs in its own task and context; the binding ends with it, and stays
+        # in place for the error handlers that run outside this middleware.
+        structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status_holder = {"status": 500}
@@ -270,7 +290,6 @@ class RequestContextMiddleware:
                 status=status_holder["status"],
                 duration_ms=round(elapsed * 1000, 2),
             )
-            structlog.contextvars.clear_contextvars()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import Path
+from fastapi import Path, Query
 from pydantic import AfterValidator, StringConstraints
 
 
@@ -45,3 +45,6 @@ PublicId = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,4}_[0-9a-z]{1,40}
 
 # A path segment holding a public id; malformed ids are rejected before any lookup.
 IdPath = Annotated[str, Path(pattern=r"^[a-z]{2,4}_[0-9a-z]{1,40}$", max_length=45)]
+
+# A free-text query parameter (filters, search).
+SafeQuery = Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")]

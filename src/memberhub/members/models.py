@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Boolean, Date, ForeignKey, Index, Integer, String, func
+from sqlalchemy import Boolean, Date, ForeignKey, Index, Integer, String, func, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from memberhub.kit.clock import utcnow
@@ -32,7 +32,7 @@ class Member(IdMixin, Base):
         # organisation share one scope (0).
         Index(
             "uq_members_organisation_email",
-            func.coalesce("organisation_id", 0),
+            func.coalesce(text("organisation_id"), 0),
             "email_normalized",
             unique=True,
         ),

@@ -3,12 +3,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Response, status
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.auth.dependencies import MembersEraser, MembersReader, MembersWriter
-from memberhub.kit.http import ERROR_RESPONSES, ErrorBody, UnitOfWorkRoute, get_session
+from memberhub.kit.http import ERROR_RESPONSES, DbSession, ErrorBody, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
-from memberhub.kit.types import IdPath, UTCDatetime
+from memberhub.kit.types import IdPath, SafeQuery, UTCDatetime
 from memberhub.members import service
 from memberhub.members.models import MemberStatus
 from memberhub.members.repository import MemberFilters, MemberRepository
@@ -21,16 +20,14 @@ router = APIRouter(
     route_class=UnitOfWorkRoute,
     responses=ERROR_RESPONSES,
 )
-Session = Annotated[AsyncSession, Depends(get_session)]
 StatusFilter = Annotated[str | None, Query(pattern="^(" + "|".join(MemberStatus.ALL) + ")$")]
-SafeQuery = Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def create_member(
     payload: MemberCreate,
     response: Response,
-    session: Session,
+    session: DbSession,
     principal: MembersWriter,
 ) -> MemberOut:
     member = await service.create_member(session, principal, payload)
@@ -41,7 +38,7 @@ async def create_member(
 
 @router.get("")
 async def list_members(
-    session: Session,
+    session: DbSession,
     principal: MembersReader,
     page: Annotated[PageParams, Depends(page_params)],
     status: StatusFilter = None,
@@ -76,7 +73,7 @@ async def list_members(
 async def get_member(
     member_id: IdPath,
     response: Response,
-    session: Session,
+    session: DbSession,
     principal: MembersReader,
 ) -> MemberOut:
     member = await service.get_member(session, principal, member_id)
@@ -92,7 +89,7 @@ async def update_member(
     member_id: IdPath,
     payload: MemberPatch,
     response: Response,
-    session: Session,
+    session: DbSession,
     principal: MembersWriter,
     if_match: Annotated[str | None, Header(max_length=100)] = None,
 ) -> MemberOut:
@@ -104,5 +101,5 @@ async def update_member(
 
 
 @router.delete("/{member_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_member(member_id: IdPath, session: Session, principal: MembersEraser) -> None:
+async def delete_member(member_id: IdPath, session: DbSession, principal: MembersEraser) -> None:
     await service.delete_member(session, principal, member_id)

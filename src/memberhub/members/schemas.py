@@ -5,15 +5,18 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
 
-from memberhub.kit.types import LongText, Name, ShortText
+from memberhub.kit.types import LongText, Name
 
 ExternalSystem = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
 ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
 CustomKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 CustomValue = LongText | bool | int | None
-Phone = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^\+?[0-9 ()./-]{3,40}$")]
+Phone = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^\+?[0-9 ()./-]{3,39}$")]
+
+OrganisationRef = Annotated[str, StringConstraints(min_length=1, max_length=45)]
 
 MAX_CUSTOM_FIELDS = 50
+MAX_EXTERNAL_IDS = 20
 # Keep integers inside what every JSON consumer (and JavaScript) reads exactly.
 _SAFE_INT = 2**53 - 1
 
@@ -55,12 +58,14 @@ class MemberCreate(BaseModel):
     last_name: Name | None = None
     phone: Phone | None = None
     date_of_birth: date | None = None
-    organisation_id: ShortText | None = Field(
+    organisation_id: OrganisationRef | None = Field(
         default=None, description="Defaults to the API key's organisation, if it has one."
     )
     consent: Consent = Field(default_factory=Consent)
     custom_fields: dict[CustomKey, CustomValue] = Field(default_factory=dict)
-    external_ids: dict[ExternalSystem, ExternalId] = Field(default_factory=dict, max_length=20)
+    external_ids: dict[ExternalSystem, ExternalId] = Field(
+        default_factory=dict, max_length=MAX_EXTERNAL_IDS
+    )
 
     _custom = field_validator("custom_fields")(_check_custom_fields)
 
@@ -75,11 +80,13 @@ class MemberPatch(BaseModel):
     last_name: Name | None = None
     phone: Phone | None = None
     date_of_birth: date | None = None
-    organisation_id: ShortText | None = None
+    organisation_id: OrganisationRef | None = Field(
+        default=None, description="Move the member; null detaches it (unbound keys only)."
+    )
     consent: ConsentPatch | None = None
     custom_fields: dict[CustomKey, CustomValue] | None = None
     external_ids: dict[ExternalSystem, ExternalId | None] | None = Field(
-        default=None, max_length=20
+        default=None, max_length=MAX_EXTERNAL_IDS
     )
 
     _custom = field_validator("custom_fields")(_check_custom_fields)

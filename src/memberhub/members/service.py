@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -10,11 +11,13 @@ from memberhub.events.catalog import MemberCreated, MemberDeleted, MemberUpdated
 from memberhub.events.repository import EventRepository
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
-from memberhub.kit.errors import Conflict, NotFound, PreconditionFailed
+from memberhub.kit.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
 from memberhub.members.repository import MemberRepository, normalize_email
 from memberhub.members.schemas import (
+    MAX_CUSTOM_FIELDS,
+    MAX_EXTERNAL_IDS,
     Consent,
     MemberCreate,
     MemberOut,
@@ -182,17 +185,22 @@ async def create_member(
     return member
 
 
-def parse_if_match(header: str | None) -> int | None:
-    """The version an If-Match header names; None for absent or `*`."""
+_ENTITY_TAG = re.compile(r'^"([0-9]{1,12})"$')
+
+
+def parse_if_match(header: str | None) -> frozenset[int] | None:
+    """The versions an If-Match header accepts; None when absent or `*` (any version).
+
+    If-Match compares strongly, so weak tags (W/"3") never match (RFC 9110, 13.1.1).
+    """
     if header is None or header.strip() == "*":
         return None
-    value = header.strip()
-    if value.startswith("W/"):
-        value = value[2:]
-    value = value.strip('"')
-    if not value.isdigit() or len(value) > 12:
-        raise PreconditionFailed("If-Match does not name a version of this object.")
-    return int(value)
+    versions = set()
+    for tag in header.split(","):
+        match = _ENTITY_TAG.match(tag.strip())
+        if match is not None:
+            versions.add(int(match.group(1)))
+    return frozenset(versions)
 
 
 async def update_member(
@@ -201,13 +209,13 @@ async def update_member(
     public_id: str,
     payload: MemberPatch,
     *,
-    if_match: int | None,
+    if_match: frozenset[int] | None,
 ) -> Member:
     member = await get_member(session, principal, public_id, for_update=True)
-    if if_match is not None and if_match != member.version:
+    if if_match is not None and member.version not in if_match:
         raise PreconditionFailed(
             "The member was changed since the version given in If-Match.",
-            details={"current_version": member.version, "if_match": if_match},
+            details={"current_version": member.version, "if_match": sorted(if_match)[:10]},
         )
     before = snapshot(member)
     fields = payload.model_dump(exclude_unset=True)
@@ -246,6 +254,12 @@ async def update_member(
                     merged.pop(key, None)
                 else:
                     merged[key] = value
+            limit = MAX_CUSTOM_FIELDS if mapping_field == "custom_fields" else MAX_EXTERNAL_IDS
+            if len(merged) > limit:
+                raise ValidationFailed(
+                    f"A member holds at most {limit} {mapping_field.replace('_', ' ')}.",
+                    details={"field": mapping_field, "limit": limit, "would_have": len(merged)},
+                )
             setattr(member, mapping_field, merged)
     for field, value in fields.items():
         setattr(member, field, value)

@@ -57,6 +57,6 @@ class MemberStatusChange(IdMixin, Base):
     from_status: Mapped[str] = mapped_column(String(20))
     to_status: Mapped[str] = mapped_column(String(20))
     reason: Mapped[str] = mapped_column(String(30))
-    note: Mapped[str | None] = mapped_column(String(500))
+    note: Mapped[str | None] = mapped_column(String(1000))
     actor: Mapped[str] = mapped_column(String(64))
     occurred_at: Mapped[datetime] = mapped_column(default=utcnow)

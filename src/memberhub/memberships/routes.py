@@ -11,7 +11,7 @@ from memberhub.auth.dependencies import (
     PlansReader,
     PlansWriter,
 )
-from memberhub.kit.http import ERROR_RESPONSES, UnitOfWorkRoute, get_session
+from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath
 from memberhub.members.models import Member
@@ -41,18 +41,17 @@ from memberhub.memberships.schemas import (
 router = APIRouter(
     prefix="/api/v1", tags=["memberships"], route_class=UnitOfWorkRoute, responses=ERROR_RESPONSES
 )
-Session = Annotated[AsyncSession, Depends(get_session)]
 
 
 @router.post("/plans", status_code=status.HTTP_201_CREATED, tags=["plans"])
-async def create_plan(payload: PlanCreate, session: Session, principal: PlansWriter) -> PlanOut:
+async def create_plan(payload: PlanCreate, session: DbSession, principal: PlansWriter) -> PlanOut:
     plan = await service.create_plan(session, principal, payload)
     return (await service.plans_to_out(session, [plan]))[0]
 
 
 @router.get("/plans", tags=["plans"])
 async def list_plans(
-    session: Session,
+    session: DbSession,
     principal: PlansReader,
     page: Annotated[PageParams, Depends(page_params)],
 ) -> Page[PlanOut]:
@@ -64,14 +63,14 @@ async def list_plans(
 
 
 @router.get("/plans/{plan_id}", tags=["plans"])
-async def get_plan(plan_id: IdPath, session: Session, principal: PlansReader) -> PlanOut:
+async def get_plan(plan_id: IdPath, session: DbSession, principal: PlansReader) -> PlanOut:
     plan = await service.get_plan(session, principal, plan_id)
     return (await service.plans_to_out(session, [plan]))[0]
 
 
 @router.patch("/plans/{plan_id}", tags=["plans"])
 async def update_plan(
-    plan_id: IdPath, payload: PlanPatch, session: Session, principal: PlansWriter
+    plan_id: IdPath, payload: PlanPatch, session: DbSession, principal: PlansWriter
 ) -> PlanOut:
     plan = await service.update_plan(session, principal, plan_id, payload)
     return (await service.plans_to_out(session, [plan]))[0]
@@ -91,7 +90,7 @@ async def _result(
 
 @router.post("/members/{member_id}/membership/join")
 async def join(
-    member_id: IdPath, payload: JoinRequest, session: Session, principal: MembershipsWriter
+    member_id: IdPath, payload: JoinRequest, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
     """Start a first (or new, after lapse or cancellation) membership term from now."""
     member, term = await service.join(session, principal, member_id, payload.plan_id, payload.note)
@@ -100,7 +99,7 @@ async def join(
 
 @router.post("/members/{member_id}/membership/renew")
 async def renew(
-    member_id: IdPath, payload: RenewRequest, session: Session, principal: MembershipsWriter
+    member_id: IdPath, payload: RenewRequest, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
     """Add a term. Inside the renewal window or grace period it starts where the previous
     term ends; a lapsed member's new term starts now."""
@@ -110,7 +109,7 @@ async def renew(
 
 @router.post("/members/{member_id}/membership/upgrade")
 async def upgrade(
-    member_id: IdPath, payload: UpgradeRequest, session: Session, principal: MembershipsWriter
+    member_id: IdPath, payload: UpgradeRequest, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
     """Move to another plan now: the current term ends early and a new one starts."""
     member, term = await service.upgrade(
@@ -121,7 +120,7 @@ async def upgrade(
 
 @router.post("/members/{member_id}/membership/lapse")
 async def lapse(
-    member_id: IdPath, payload: StatusNote, session: Session, principal: MembershipsWriter
+    member_id: IdPath, payload: StatusNote, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
     member = await service.lapse(session, principal, member_id, payload.note)
     return await _result(session, member)
@@ -129,7 +128,7 @@ async def lapse(
 
 @router.post("/members/{member_id}/membership/cancel")
 async def cancel(
-    member_id: IdPath, payload: CancelRequest, session: Session, principal: MembershipsWriter
+    member_id: IdPath, payload: CancelRequest, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
     member = await service.cancel(
         session, principal, member_id, at_period_end=payload.at_period_end, note=payload.note
@@ -139,7 +138,7 @@ async def cancel(
 
 @router.post("/members/{member_id}/membership/suspend")
 async def suspend(
-    member_id: IdPath, payload: StatusNote, session: Session, principal: MembershipsWriter
+    member_id: IdPath, payload: StatusNote, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
     member = await service.suspend(session, principal, member_id, payload.note)
     return await _result(session, member)
@@ -147,7 +146,7 @@ async def suspend(
 
 @router.post("/members/{member_id}/membership/reinstate")
 async def reinstate(
-    member_id: IdPath, payload: StatusNote, session: Session, principal: MembershipsWriter
+    member_id: IdPath, payload: StatusNote, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
     member = await service.reinstate(session, principal, member_id, payload.note)
     return await _result(session, member)
@@ -156,7 +155,7 @@ async def reinstate(
 @router.get("/members/{member_id}/membership/terms")
 async def list_terms(
     member_id: IdPath,
-    session: Session,
+    session: DbSession,
     principal: MembershipsReader,
     page: Annotated[PageParams, Depends(page_params)],
 ) -> Page[TermOut]:
@@ -173,7 +172,7 @@ async def list_terms(
 @router.get("/members/{member_id}/status-history")
 async def status_history(
     member_id: IdPath,
-    session: Session,
+    session: DbSession,
     principal: MembershipsReader,
     page: Annotated[PageParams, Depends(page_params)],
 ) -> Page[StatusChangeOut]:

@@ -2,9 +2,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from memberhub.auth.models import ApiKey
+from memberhub.members.models import Member
+from memberhub.memberships.models import MembershipPlan
 from memberhub.organisations.models import Organisation
 
 
@@ -67,3 +70,25 @@ class OrganisationRepository:
         if after_id is not None:
             query = query.where(Organisation.id > after_id)
         return (await self.session.scalars(query)).all()
+
+    async def usage(self, org_id: int) -> dict[str, int]:
+        """What still refers to the organisation and stops it from being deleted."""
+        members = select(func.count(Member.id)).where(
+            Member.organisation_id == org_id, Member.deleted_at.is_(None)
+        )
+        plans = select(func.count(MembershipPlan.id)).where(
+            MembershipPlan.organisation_id == org_id
+        )
+        api_keys = select(func.count(ApiKey.id)).where(ApiKey.organisation_id == org_id)
+        return {
+            "members": await self.session.scalar(members) or 0,
+            "plans": await self.session.scalar(plans) or 0,
+            "api_keys": await self.session.scalar(api_keys) or 0,
+        }
+
+    async def detach_erased_members(self, org_id: int) -> None:
+        await self.session.execute(
+            update(Member)
+            .where(Member.organisation_id == org_id, Member.deleted_at.is_not(None))
+            .values(organisation_id=None)
+        )

@@ -2,13 +2,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, status
-from sqlalchemy.ext.asyncio import AsyncSession
+from fastapi import APIRouter, Depends, status
 
 from memberhub.auth.dependencies import OrganisationsReader, OrganisationsWriter
-from memberhub.kit.http import ERROR_RESPONSES, UnitOfWorkRoute, get_session
+from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
-from memberhub.kit.types import IdPath
+from memberhub.kit.types import IdPath, SafeQuery
 from memberhub.organisations import service
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.organisations.schemas import OrganisationCreate, OrganisationOut, OrganisationPatch
@@ -19,13 +18,12 @@ router = APIRouter(
     route_class=UnitOfWorkRoute,
     responses=ERROR_RESPONSES,
 )
-Session = Annotated[AsyncSession, Depends(get_session)]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def create_organisation(
     payload: OrganisationCreate,
-    session: Session,
+    session: DbSession,
     principal: OrganisationsWriter,
 ) -> OrganisationOut:
     org = await service.create_organisation(session, principal, payload)
@@ -34,10 +32,10 @@ async def create_organisation(
 
 @router.get("")
 async def list_organisations(
-    session: Session,
+    session: DbSession,
     principal: OrganisationsReader,
     page: Annotated[PageParams, Depends(page_params)],
-    parent_id: Annotated[str | None, Query(max_length=40, pattern=r"^[^\x00]*$")] = None,
+    parent_id: SafeQuery = None,
 ) -> Page[OrganisationOut]:
     parent_pk = None
     if parent_id is not None:
@@ -54,7 +52,7 @@ async def list_organisations(
 
 @router.get("/{organisation_id}")
 async def get_organisation(
-    organisation_id: IdPath, session: Session, principal: OrganisationsReader
+    organisation_id: IdPath, session: DbSession, principal: OrganisationsReader
 ) -> OrganisationOut:
     org = await service.get_visible(session, principal, organisation_id)
     return (await service.to_out(session, [org]))[0]
@@ -64,7 +62,7 @@ async def get_organisation(
 async def update_organisation(
     organisation_id: IdPath,
     payload: OrganisationPatch,
-    session: Session,
+    session: DbSession,
     principal: OrganisationsWriter,
 ) -> OrganisationOut:
     org = await service.update_organisation(session, principal, organisation_id, payload)
@@ -73,6 +71,6 @@ async def update_organisation(
 
 @router.delete("/{organisation_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_organisation(
-    organisation_id: IdPath, session: Session, principal: OrganisationsWriter
+    organisation_id: IdPath, session: DbSession, principal: OrganisationsWriter
 ) -> None:
     await service.delete_organisation(session, principal, organisation_id)

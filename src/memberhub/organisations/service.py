@@ -2,15 +2,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.service import diff, record_write
-from memberhub.auth.models import ApiKey
 from memberhub.auth.principal import Principal
 from memberhub.kit.errors import Conflict, Forbidden, NotFound
 from memberhub.kit.ids import new_public_id
-from memberhub.members.models import Member
 from memberhub.organisations.models import Organisation
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.organisations.schemas import OrganisationCreate, OrganisationOut, OrganisationPatch
@@ -109,16 +106,15 @@ async def delete_organisation(session: AsyncSession, principal: Principal, publi
     repo = OrganisationRepository(session)
     if await repo.has_children(org.id):
         raise Conflict("Delete or move its chapters first.", code="ORGANISATION_HAS_CHAPTERS")
-    in_use = await session.scalar(
-        select(
-            exists().where(Member.organisation_id == org.id)
-            | exists().where(ApiKey.organisation_id == org.id)
-        )
-    )
-    if in_use:
+    usage = await repo.usage(org.id)
+    if any(usage.values()):
         raise Conflict(
-            "The organisation still has members or API keys.", code="ORGANISATION_IN_USE"
+            "The organisation still has members, plans or API keys.",
+            code="ORGANISATION_IN_USE",
+            details=usage,
         )
+    # Erased members keep their rows (for ledgers and audit); they no longer belong anywhere.
+    await repo.detach_erased_members(org.id)
     record_write(
         session,
         principal.actor,

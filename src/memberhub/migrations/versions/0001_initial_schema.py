@@ -324,7 +324,7 @@ def upgrade() -> None:
         sa.Column("from_status", sa.String(length=20), nullable=False),
         sa.Column("to_status", sa.String(length=20), nullable=False),
         sa.Column("reason", sa.String(length=30), nullable=False),
-        sa.Column("note", sa.String(length=500), nullable=True),
+        sa.Column("note", sa.String(length=1000), nullable=True),
         sa.Column("actor", sa.String(length=64), nullable=False),
         sa.Column("occurred_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=False),
         sa.Column(

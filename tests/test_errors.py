@@ -1,0 +1,102 @@
+"""Failures still answer in the one error shape, with the request id, and never leak data."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from memberhub.members import service as member_service
+from tests.support import ApiClient
+
+
+@pytest.fixture
+async def tolerant_http(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A client that receives the 500 response instead of the re-raised exception."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+async def test_an_unexpected_failure_is_a_500_in_the_error_shape_with_the_request_id(
+    tolerant_http: httpx.AsyncClient, admin_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("secret-detail-not-for-clients")
+
+    monkeypatch.setattr(member_service, "emit", broken)
+    response = await tolerant_http.post(
+        "/api/v1/members",
+        json={"email": "boom@example.com"},
+        headers={"Authorization": f"Bearer {admin_key}", "X-Request-ID": "req-123"},
+    )
+    assert response.status_code == 500
+    assert response.headers["X-Request-ID"] == "req-123"
+    assert response.json() == {
+        "error": {
+            "code": "INTERNAL_ERROR",
+            "message": "An unexpected error occurred.",
+            "details": {},
+        }
+    }
+    assert "secret-detail" not in response.text
+
+
+async def test_an_empty_organisation_reference_is_a_validation_error(api: ApiClient) -> None:
+    org = await api.create_organisation()
+    member = await api.create_member(organisation_id=org["id"])
+    response = await api.patch(f"/api/v1/members/{member['id']}", {"organisation_id": ""})
+    assert response.status_code == 422
+    fetched = await api.get(f"/api/v1/members/{member['id']}")
+    assert fetched.json()["organisation_id"] == org["id"]
+
+
+async def test_patches_cannot_grow_custom_fields_past_the_limit(api: ApiClient) -> None:
+    member = await api.create_member(custom_fields={f"f{i}": i for i in range(40)})
+    response = await api.patch(
+        f"/api/v1/members/{member['id']}", {"custom_fields": {f"g{i}": i for i in range(20)}}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"]["limit"] == 50
+    fetched = await api.get(f"/api/v1/members/{member['id']}")
+    assert len(fetched.json()["custom_fields"]) == 40
+
+
+async def test_a_phone_longer_than_its_column_is_refused(api: ApiClient) -> None:
+    response = await api.post(
+        "/api/v1/members", {"email": "p@example.com", "phone": "+" + "1" * 40}
+    )
+    assert response.status_code == 422
+    ok = await api.post("/api/v1/members", {"email": "p@example.com", "phone": "+" + "1" * 39})
+    assert ok.status_code == 201, ok.text
+
+
+async def test_a_long_status_note_is_stored_whole(api: ApiClient) -> None:
+    plan = await api.create_plan()
+    member = await api.create_member()
+    note = "n" * 1000
+    joined = await api.post(
+        f"/api/v1/members/{member['id']}/membership/join", {"plan_id": plan["id"], "note": note}
+    )
+    assert joined.status_code == 200, joined.text
+    history = await api.get(f"/api/v1/members/{member['id']}/status-history")
+    assert history.json()["data"][-1]["note"] == note
+
+
+async def test_an_organisation_with_plans_cannot_be_deleted(api: ApiClient) -> None:
+    org = await api.create_organisation()
+    await api.create_plan(organisation_id=org["id"])
+    response = await api.delete(f"/api/v1/organisations/{org['id']}")
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "ORGANISATION_IN_USE"
+    assert error["details"] == {"members": 0, "plans": 1, "api_keys": 0}
+
+
+async def test_erased_members_do_not_keep_an_organisation_alive(api: ApiClient) -> None:
+    org = await api.create_organisation()
+    member = await api.create_member(organisation_id=org["id"])
+    assert (await api.delete(f"/api/v1/members/{member['id']}")).status_code == 204
+    assert (await api.delete(f"/api/v1/organisations/{org['id']}")).status_code == 204
