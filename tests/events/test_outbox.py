@@ -235,7 +235,8 @@ async def test_events_page_with_a_cursor_without_gaps_or_repeats(api: ApiClient)
         seen += [e["id"] for e in body["data"]]
         pages.append(len(body["data"]))
         if not body["pagination"]["has_more"]:
-            assert body["pagination"]["next_cursor"] is None
+            # The feed's last page still hands out a cursor to poll from.
+            assert body["pagination"]["next_cursor"]
             break
         cursor = body["pagination"]["next_cursor"]
         assert cursor
@@ -270,7 +271,11 @@ async def test_events_cursor_keeps_the_filters_order(api: ApiClient) -> None:
 
     ids = [e["member_id"] for e in first["data"] + rest["data"]]
     assert ids == [m["id"] for m in members]
-    assert rest["pagination"] == {"next_cursor": None, "has_more": False}
+    assert rest["pagination"]["has_more"] is False
+    after_last = await api.get(
+        EVENTS, params={"type": "member.updated", "cursor": rest["pagination"]["next_cursor"]}
+    )
+    assert after_last.json() == {"data": [], "pagination": {"next_cursor": None, "has_more": False}}
 
 
 async def test_invalid_cursor_is_422(api: ApiClient) -> None:
@@ -359,3 +364,31 @@ async def test_every_emitted_event_validates_against_its_types_schema(api: ApiCl
         # The catalog model accepts it too.
         CATALOG[event["type"]].model_validate(event["data"])
         assert event["version"] == CATALOG[event["type"]].version
+
+
+async def test_events_are_listed_in_commit_order_so_a_cursor_never_passes_a_late_commit(
+    db: Database, api: ApiClient, is_postgres: bool
+) -> None:
+    """Transaction A inserts its event first but commits after B: a reader who paged past
+    B's event must still get A's on the next poll."""
+    if not is_postgres:
+        pytest.skip("SQLite admits one writing transaction at a time, so commits cannot cross")
+    from memberhub.events.catalog import MemberDeleted
+    from memberhub.events.service import emit
+    from memberhub.kit.clock import utcnow
+
+    def deleted(member_id: str) -> MemberDeleted:
+        return MemberDeleted(member_id=member_id, organisation_id=None, deleted_at=utcnow())
+
+    async with db.sessionmaker() as slow, slow.begin():
+        early = emit(slow, deleted("mem_early"), member_public_id="mem_early")
+        await slow.flush()  # inserted, with the lower id, but not committed
+        async with db.transaction() as fast:
+            late = emit(fast, deleted("mem_late"), member_public_id="mem_late")
+        assert early.id < late.id
+
+        first_poll = await api.get("/api/v1/events")
+        assert [e["member_id"] for e in first_poll.json()["data"]] == ["mem_late"]
+        cursor = first_poll.json()["pagination"]["next_cursor"]
+    second_poll = await api.get("/api/v1/events", {"cursor": cursor})
+    assert [e["member_id"] for e in second_poll.json()["data"]] == ["mem_early"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import event, select, text
+from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -22,11 +22,10 @@ from memberhub.audit.models import AuditEntry
 from memberhub.audit.repository import AuditRepository
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
+from memberhub.kit.db import lock_commit_order
 
 GENESIS_HASH = "0" * 64
 _PENDING_KEY = "memberhub.pending_audit"
-# An arbitrary constant naming the advisory lock that serialises appends to the chain.
-_CHAIN_LOCK_ID = 7_320_114_001
 
 
 def _jsonable(value: Any) -> Any:
@@ -94,9 +93,7 @@ def _append_pending_entries(session: Session) -> None:
     pending: list[AuditEntry] = session.info.pop(_PENDING_KEY, [])
     if not pending:
         return
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _CHAIN_LOCK_ID})
-    # On SQLite the transaction already holds the database's write lock (BEGIN IMMEDIATE).
+    lock_commit_order(session)
     prev_hash = session.execute(
         select(AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1)
     ).scalar_one_or_none()

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Index, Integer, String
+from sqlalchemy import BigInteger, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from memberhub.kit.clock import utcnow
@@ -17,6 +17,9 @@ class Event(IdMixin, Base):
     __table_args__ = (Index("ix_events_type_id", "type", "id"),)
 
     public_id: Mapped[str] = mapped_column(String(32), unique=True)
+    # Commit order: assigned as the transaction commits, so a reader paging by position never
+    # passes an event that commits later (ids are assigned earlier, at insert).
+    position: Mapped[int | None] = mapped_column(BigInteger, unique=True)
     type: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer, default=1)
     occurred_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -27,11 +27,17 @@ class EventRepository:
         return await self.session.scalar(select(Event).where(Event.public_id == public_id))
 
     async def list(
-        self, filters: EventFilters, *, after_id: int | None, limit: int
+        self, filters: EventFilters, *, after_position: int | None, limit: int
     ) -> Sequence[Event]:
-        query = select(Event).order_by(Event.id).limit(limit + 1)
-        if after_id is not None:
-            query = query.where(Event.id > after_id)
+        """Events in commit order."""
+        query = (
+            select(Event)
+            .where(Event.position.is_not(None))
+            .order_by(Event.position)
+            .limit(limit + 1)
+        )
+        if after_position is not None:
+            query = query.where(Event.position > after_position)
         if filters.types:
             query = query.where(Event.type.in_(filters.types))
         if filters.member_public_id is not None:

@@ -43,6 +43,8 @@ async def list_events(
     occurred_from: UTCDatetime | None = None,
     occurred_to: UTCDatetime | None = None,
 ) -> Page[EventOut]:
+    """Events in the order their changes committed. `next_cursor` is set whenever the page has
+    events, also on the last page: poll with it to receive only newer events."""
     types = tuple(type or ())
     unknown = sorted(set(types) - set(CATALOG))
     if unknown:
@@ -57,8 +59,10 @@ async def list_events(
         occurred_from=occurred_from,
         occurred_to=occurred_to,
     )
-    rows = await EventRepository(session).list(filters, after_id=page.after_id, limit=page.limit)
-    items, pagination = build_page(rows, page.limit)
+    rows = await EventRepository(session).list(
+        filters, after_position=page.after_id, limit=page.limit
+    )
+    items, pagination = build_page(rows, page.limit, key="position", feed=True)
     return Page(data=[to_out(e) for e in items], pagination=pagination)
 
 

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Integer, MetaData, event
+from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Integer, MetaData, event, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import (
@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
@@ -107,6 +107,23 @@ def _configure_sqlite(engine: Engine) -> None:
             connection.exec_driver_sql("BEGIN")
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# An arbitrary constant naming the advisory lock taken by committing writers that append to
+# an ordered log (audit chain, event positions).
+_COMMIT_ORDER_LOCK = 7_320_114_001
+
+
+def lock_commit_order(session: Session) -> None:
+    """Serialise, until commit, the transactions that append to an ordered log.
+
+    Whatever a holder writes is committed before the next holder reads the log's tail, so
+    order of writing is order of commit. On SQLite the transaction already holds the
+    database's write lock (BEGIN IMMEDIATE); on PostgreSQL this takes a transaction-level
+    advisory lock, which the same transaction may take again.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _COMMIT_ORDER_LOCK})
 
 
 class Database:

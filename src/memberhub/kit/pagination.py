@@ -80,9 +80,18 @@ def page_params(
     return PageParams(limit=limit, cursor=cursor)
 
 
-def build_page(rows: Sequence[Any], limit: int, *, key: str = "id") -> tuple[list[Any], Pagination]:
-    """Rows were fetched with `limit + 1`; trim and produce the pagination block."""
+def build_page(
+    rows: Sequence[Any], limit: int, *, key: str = "id", feed: bool = False
+) -> tuple[list[Any], Pagination]:
+    """Rows were fetched with `limit + 1`; trim and produce the pagination block.
+
+    A feed returns a cursor after its last row even on the last page, so a poller can
+    resume there and receive only what came later.
+    """
     has_more = len(rows) > limit
     items = list(rows[:limit])
-    next_cursor = encode_cursor({"after": getattr(items[-1], key)}) if has_more and items else None
+    wants_cursor = has_more or feed
+    next_cursor = (
+        encode_cursor({"after": getattr(items[-1], key)}) if wants_cursor and items else None
+    )
     return items, Pagination(next_cursor=next_cursor, has_more=has_more)

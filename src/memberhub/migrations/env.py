@@ -9,6 +9,7 @@ from sqlalchemy.engine import Connection
 
 from memberhub.kit.db import create_engine
 from memberhub.models import Base
+from memberhub.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata
@@ -25,10 +26,13 @@ def _run(connection: Connection) -> None:
         context.run_migrations()
 
 
+def _database_url() -> str:
+    # Set by `memberhub db upgrade`; for `alembic` on the command line, the settings decide.
+    return config.get_main_option("sqlalchemy.url") or Settings().resolved_database_url
+
+
 async def _run_online() -> None:
-    url = config.get_main_option("sqlalchemy.url")
-    assert url, "sqlalchemy.url is not set"
-    engine = create_engine(url)
+    engine = create_engine(_database_url())
     async with engine.connect() as connection:
         await connection.run_sync(_run)
         await connection.commit()
@@ -37,7 +41,7 @@ async def _run_online() -> None:
 
 def run_migrations_offline() -> None:
     context.configure(
-        url=config.get_main_option("sqlalchemy.url"),
+        url=_database_url(),
         target_metadata=target_metadata,
         literal_binds=True,
     )

@@ -57,6 +57,7 @@ def upgrade() -> None:
     op.create_table(
         "events",
         sa.Column("public_id", sa.String(length=32), nullable=False),
+        sa.Column("position", sa.BigInteger(), nullable=True),
         sa.Column("type", sa.String(length=64), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("occurred_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=False),
@@ -77,6 +78,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_events")),
+        sa.UniqueConstraint("position", name=op.f("uq_events_position")),
         sa.UniqueConstraint("public_id", name=op.f("uq_events_public_id")),
     )
     with op.batch_alter_table("events", schema=None) as batch_op:
