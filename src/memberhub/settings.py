@@ -73,7 +73,3 @@ class Settings(BaseSettings):
         key_file.touch(mode=0o600)
         key_file.write_text(generated)
         return generated
-
-
-def get_settings() -> Settings:
-    return Settings()

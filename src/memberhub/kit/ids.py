@@ -10,7 +10,3 @@ _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
 def new_public_id(prefix: str, length: int = 20) -> str:
     body = "".join(secrets.choice(_ALPHABET) for _ in range(length))
     return f"{prefix}_{body}"
-
-
-def has_prefix(value: str, prefix: str) -> bool:
-    return value.startswith(f"{prefix}_")

@@ -41,7 +41,6 @@ LongText = Annotated[
 ]
 Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")]
 UTCDatetime = Annotated[datetime, AfterValidator(_as_utc)]
-PublicId = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,4}_[0-9a-z]{1,40}$")]
 
 # A path segment holding a public id; malformed ids are rejected before any lookup.
 IdPath = Annotated[str, Path(pattern=r"^[a-z]{2,4}_[0-9a-z]{1,40}$", max_length=45)]

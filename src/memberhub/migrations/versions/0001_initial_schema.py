@@ -172,7 +172,6 @@ def upgrade() -> None:
         ),
         sa.Column("rate_limit", sa.String(length=50), nullable=True),
         sa.Column("created_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("last_used_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column("revoked_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column(
             "id",
