@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from memberhub.auth.roles import Role
 from memberhub.kit.clock import add_months, utcnow
@@ -245,6 +245,52 @@ async def test_only_admins_write_plans(
     assert (await manager.patch(f"{PLANS}/{plan['id']}", {"name": "Y"})).status_code == 403
 
 
+async def test_a_key_bound_to_an_organisation_writes_only_plans_of_its_own_organisations(
+    api: ApiClient, http: httpx.AsyncClient, db: Database
+) -> None:
+    north = await api.create_organisation()
+    chapter = await api.create_organisation(parent_id=north["id"])
+    south = await api.create_organisation()
+    north_plan = await api.create_plan(organisation_id=north["id"])
+    chapter_plan = await api.create_plan(organisation_id=chapter["id"])
+    south_plan = await api.create_plan(organisation_id=south["id"])
+    shared_plan = await api.create_plan()
+
+    north_admin = ApiClient(http, await issue_key(db, Role.ADMIN, organisation=north["id"]))
+    for plan in (north_plan, chapter_plan):
+        response = await north_admin.patch(f"{PLANS}/{plan['id']}", {"active": False})
+        assert response.status_code == 200, response.text
+        assert response.json()["active"] is False
+
+    # An installation-wide plan is readable by the bound key but not writable.
+    response = await north_admin.patch(f"{PLANS}/{shared_plan['id']}", {"active": False})
+    assert response.status_code == 403, response.text
+    assert response.json()["error"]["code"] == "FORBIDDEN"
+    assert (await north_admin.get(f"{PLANS}/{shared_plan['id']}")).json() == shared_plan
+
+    # Another organisation's plan stays invisible.
+    response = await north_admin.patch(f"{PLANS}/{south_plan['id']}", {"active": False})
+    assert response.status_code == 404
+    assert (await api.get(f"{PLANS}/{south_plan['id']}")).json() == south_plan
+
+    # A chapter's key sees only its chapter (and installation-wide plans), so the plans of the
+    # organisation above it do not exist for it.
+    chapter_admin = ApiClient(http, await issue_key(db, Role.ADMIN, organisation=chapter["id"]))
+    response = await chapter_admin.patch(f"{PLANS}/{north_plan['id']}", {"name": "Mine"})
+    assert response.status_code == 404
+    assert (await api.get(f"{PLANS}/{north_plan['id']}")).json()["name"] == north_plan["name"]
+
+
+async def test_an_unbound_key_writes_installation_wide_and_organisation_plans(
+    api: ApiClient,
+) -> None:
+    org = await api.create_organisation()
+    for plan in (await api.create_plan(), await api.create_plan(organisation_id=org["id"])):
+        response = await api.patch(f"{PLANS}/{plan['id']}", {"name": "Renamed"})
+        assert response.status_code == 200, response.text
+        assert response.json()["name"] == "Renamed"
+
+
 # ---------------------------------------------------------------- join
 
 
@@ -432,6 +478,27 @@ async def test_renewal_onto_a_retired_current_plan_is_409(api: ApiClient) -> Non
     assert response.json()["error"]["code"] == "PLAN_INACTIVE"
 
 
+async def test_renewal_onto_another_plan_opens_in_the_current_plans_renewal_window(
+    api: ApiClient,
+) -> None:
+    wide = await api.create_plan(term_months=12, renewal_window_days=365)
+    narrow = await api.create_plan(term_months=12, renewal_window_days=0)
+
+    member = await joined_member(api, wide)
+    result = await ok(api, member["id"], "renew", {"plan_id": narrow["id"]})
+    assert result["term"]["plan_id"] == narrow["id"]
+    assert ts(result["term"]["starts_at"]) == ts(member["membership"]["term_ends_at"])
+
+    other = await joined_member(api, narrow)
+    term_end = ts(other["membership"]["term_ends_at"])
+    response = await do(api, other["id"], "renew", {"plan_id": wide["id"]})
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "RENEWAL_WINDOW_NOT_OPEN"
+    assert ts(error["details"]["opens_at"]) == term_end
+    assert len(await terms(api, other["id"])) == 1
+
+
 # ---------------------------------------------------------------- lapse, cancel
 
 
@@ -526,6 +593,60 @@ async def test_a_cancelled_member_can_join_again_from_now(api: ApiClient) -> Non
     assert len(await terms(api, member["id"])) == 2
 
 
+# ---------------------------------------------------------------- after an early renewal
+
+
+async def renewed_early(api: ApiClient) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A member whose running join term is followed by a prepaid renewal term."""
+    plan = await api.create_plan(term_months=1, renewal_window_days=60, grace_days=10)
+    member = await joined_member(api, plan)
+    await ok(api, member["id"], "renew")
+    running, prepaid = await terms(api, member["id"])
+    assert ts(prepaid["starts_at"]) == ts(running["ends_at"]) > utcnow()
+    return member, running, prepaid
+
+
+async def test_the_term_shown_is_the_running_one_not_a_prepaid_renewal(api: ApiClient) -> None:
+    member, running, _ = await renewed_early(api)
+    result = await ok(api, member["id"], "suspend")
+    assert result["term"] == running
+
+
+@pytest.mark.parametrize("operation", ["lapse", "cancel"])
+async def test_lapse_and_cancel_end_the_running_term_and_void_prepaid_renewals(
+    api: ApiClient, operation: str
+) -> None:
+    member, running, prepaid = await renewed_early(api)
+    before = utcnow()
+    result = await ok(api, member["id"], operation)
+    after = utcnow()
+
+    assert result["term"]["id"] == running["id"]
+    ended_running, voided = await terms(api, member["id"])
+    assert result["term"] == ended_running
+    assert before <= ts(ended_running["ended_early_at"]) <= after
+    assert voided["id"] == prepaid["id"]
+    assert voided["ended_early_at"] == ended_running["ended_early_at"]
+    assert ts(voided["ended_early_at"]) < ts(voided["starts_at"])  # it never started
+
+
+async def test_upgrade_ends_the_running_term_and_voids_prepaid_renewals(api: ApiClient) -> None:
+    member, running, prepaid = await renewed_early(api)
+    premium = await api.create_plan(term_months=12)
+    before = utcnow()
+    result = await ok(api, member["id"], "upgrade", {"plan_id": premium["id"]})
+    after = utcnow()
+
+    ended_running, voided, upgraded = await terms(api, member["id"])
+    assert (ended_running["id"], voided["id"]) == (running["id"], prepaid["id"])
+    assert before <= ts(ended_running["ended_early_at"]) <= after
+    assert voided["ended_early_at"] == ended_running["ended_early_at"]
+    assert upgraded == result["term"]
+    assert upgraded["ended_early_at"] is None
+    assert ts(upgraded["starts_at"]) == ts(ended_running["ended_early_at"])
+    assert ts(result["member"]["membership"]["term_ends_at"]) == ts(upgraded["ends_at"])
+
+
 # ---------------------------------------------------------------- suspend, reinstate
 
 
@@ -566,6 +687,79 @@ async def test_reinstate_returns_to_the_status_the_dates_give(
     result = await ok(api, member["id"], "reinstate")
     assert result["member"]["status"] == expected
     assert (await history(api, member["id"]))[-1] == ("suspended", expected, "reinstate")
+
+
+@pytest.mark.parametrize("ended_days_ago", [5, 45], ids=["inside-grace", "grace-over"])
+async def test_reinstate_after_the_term_ended_honours_a_scheduled_cancellation(
+    api: ApiClient, set_term_dates: SetTermDates, ended_days_ago: int
+) -> None:
+    plan = await api.create_plan(term_months=12, grace_days=30)
+    member = await joined_member(api, plan)
+    await ok(api, member["id"], "cancel", {"at_period_end": True})
+    await ok(api, member["id"], "suspend")
+    ended = utcnow() - timedelta(days=ended_days_ago)
+    await set_term_dates(member["id"], ended, ended + timedelta(days=30))
+
+    result = await ok(api, member["id"], "reinstate")
+    assert result["member"]["status"] == "cancelled"
+    assert result["member"]["membership"]["cancel_at_period_end"] is False
+    assert result["member"]["membership"]["grace_ends_at"] is None
+    assert (await history(api, member["id"]))[-1] == ("suspended", "cancelled", "reinstate")
+
+
+async def test_reinstate_before_the_term_ends_keeps_the_scheduled_cancellation(
+    api: ApiClient, run_job: RunJob
+) -> None:
+    plan = await api.create_plan(term_months=12, grace_days=30)
+    member = await joined_member(api, plan)
+    term_end = ts(member["membership"]["term_ends_at"])
+    await ok(api, member["id"], "cancel", {"at_period_end": True})
+    await ok(api, member["id"], "suspend")
+    result = await ok(api, member["id"], "reinstate")
+    assert result["member"]["status"] == "active"
+    assert result["member"]["membership"]["cancel_at_period_end"] is True
+
+    assert await run_job(term_end) == 1
+    assert (await get_member(api, member["id"]))["status"] == "cancelled"
+    assert (await history(api, member["id"]))[-1] == ("active", "cancelled", "cancel")
+
+
+async def test_the_job_cancels_a_grace_member_with_a_scheduled_cancellation(
+    api: ApiClient, db: Database, run_job: RunJob
+) -> None:
+    plan = await api.create_plan(term_months=1, grace_days=30)
+    member = await joined_member(api, plan)
+    term_end = ts(member["membership"]["term_ends_at"])
+    assert await run_job(term_end) == 1
+    async with db.transaction() as session:  # as left by an earlier release
+        await session.execute(
+            update(Member).where(Member.public_id == member["id"]).values(cancel_at_period_end=True)
+        )
+
+    assert await run_job(term_end + SECOND) == 1  # grace is not over yet
+    cancelled = await get_member(api, member["id"])
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["membership"]["cancel_at_period_end"] is False
+    assert cancelled["membership"]["grace_ends_at"] is None
+    assert (await history(api, member["id"]))[-1] == ("grace", "cancelled", "cancel")
+
+
+async def test_suspend_and_reinstate_leave_status_before_suspension_unwritten(
+    api: ApiClient, db: Database
+) -> None:
+    plan = await api.create_plan()
+    member = await joined_member(api, plan)
+
+    async def stored() -> str | None:
+        async with db.transaction(read_only=True) as session:
+            return await session.scalar(
+                select(Member.status_before_suspension).where(Member.public_id == member["id"])
+            )
+
+    await ok(api, member["id"], "suspend")
+    assert await stored() is None
+    await ok(api, member["id"], "reinstate")
+    assert await stored() is None
 
 
 async def test_the_job_leaves_suspended_members_alone(api: ApiClient, run_job: RunJob) -> None:

@@ -43,13 +43,41 @@ class TermRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def current(self, member_id: int) -> MembershipTerm | None:
-        return await self.session.scalar(
+    async def current(self, member_id: int, now: datetime) -> MembershipTerm | None:
+        """The term running at `now`, else the latest one that started (never a term voided
+        before it began, such as a prepaid renewal ended early)."""
+        started = (
             select(MembershipTerm)
-            .where(MembershipTerm.member_id == member_id)
-            .order_by(MembershipTerm.id.desc())
+            .where(MembershipTerm.member_id == member_id, MembershipTerm.starts_at <= now)
+            .where(
+                or_(
+                    MembershipTerm.ended_early_at.is_(None),
+                    MembershipTerm.ended_early_at > MembershipTerm.starts_at,
+                )
+            )
+            .order_by(MembershipTerm.starts_at.desc(), MembershipTerm.id.desc())
             .limit(1)
         )
+        running = await self.session.scalar(
+            started.where(MembershipTerm.ends_at > now).where(
+                or_(MembershipTerm.ended_early_at.is_(None), MembershipTerm.ended_early_at > now)
+            )
+        )
+        return running if running is not None else await self.session.scalar(started)
+
+    async def open_terms(self, member_id: int, now: datetime) -> Sequence[MembershipTerm]:
+        """Terms not over at `now`: the running one and any future (prepaid) ones."""
+        return (
+            await self.session.scalars(
+                select(MembershipTerm)
+                .where(
+                    MembershipTerm.member_id == member_id,
+                    MembershipTerm.ends_at > now,
+                    MembershipTerm.ended_early_at.is_(None),
+                )
+                .order_by(MembershipTerm.starts_at, MembershipTerm.id)
+            )
+        ).all()
 
     async def for_member(
         self, member_id: int, *, after_id: int | None, limit: int
@@ -96,7 +124,8 @@ class StatusHistoryRepository:
 async def members_due_for_transition(
     session: AsyncSession, now: datetime, *, limit: int
 ) -> Sequence[Member]:
-    """Active members past their term end and grace members past their grace end.
+    """Active members past their term end, and grace members past their grace end or with a
+    cancellation scheduled for the period end (which is already over).
 
     Rows are locked with SKIP LOCKED (on PostgreSQL), so several workers share the work.
     """
@@ -106,7 +135,10 @@ async def members_due_for_transition(
         .where(
             or_(
                 and_(Member.status == MemberStatus.ACTIVE, Member.term_ends_at <= now),
-                and_(Member.status == MemberStatus.GRACE, Member.grace_ends_at <= now),
+                and_(
+                    Member.status == MemberStatus.GRACE,
+                    or_(Member.grace_ends_at <= now, Member.cancel_at_period_end.is_(True)),
+                ),
             )
         )
         .order_by(Member.id)

@@ -11,6 +11,7 @@ from memberhub.auth.dependencies import (
     PlansReader,
     PlansWriter,
 )
+from memberhub.kit.clock import utcnow
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath
@@ -80,7 +81,7 @@ async def _result(
     session: AsyncSession, member: Member, term: MembershipTerm | None = None
 ) -> MembershipResult:
     if term is None:
-        term = await TermRepository(session).current(member.id)
+        term = await TermRepository(session).current(member.id, utcnow())
     term_out = None
     if term is not None:
         plans = await TermRepository(session).plan_public_ids({term.plan_id})
@@ -122,18 +123,18 @@ async def upgrade(
 async def lapse(
     member_id: IdPath, payload: StatusNote, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
-    member = await service.lapse(session, principal, member_id, payload.note)
-    return await _result(session, member)
+    member, term = await service.lapse(session, principal, member_id, payload.note)
+    return await _result(session, member, term)
 
 
 @router.post("/members/{member_id}/membership/cancel")
 async def cancel(
     member_id: IdPath, payload: CancelRequest, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
-    member = await service.cancel(
+    member, term = await service.cancel(
         session, principal, member_id, at_period_end=payload.at_period_end, note=payload.note
     )
-    return await _result(session, member)
+    return await _result(session, member, term)
 
 
 @router.post("/members/{member_id}/membership/suspend")

@@ -17,7 +17,7 @@ from memberhub.events.catalog import MemberStatusChanged
 from memberhub.events.service import emit
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import add_months, utcnow
-from memberhub.kit.errors import Conflict, InvalidTransition, NotFound
+from memberhub.kit.errors import Conflict, Forbidden, InvalidTransition, NotFound
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member, MemberStatus
 from memberhub.members.service import get_member
@@ -100,10 +100,23 @@ async def create_plan(
     return plan
 
 
+def _require_plan_writable(principal: Principal, plan: MembershipPlan) -> None:
+    """Installation-wide plans are written by unbound keys only; an organisation's plan by
+    keys whose organisations include it."""
+    if plan.organisation_id is None:
+        if principal.organisation_id is not None:
+            raise Forbidden("Only a key not bound to an organisation may change this plan.")
+    elif principal.visible_organisation_ids is not None and (
+        plan.organisation_id not in principal.visible_organisation_ids
+    ):
+        raise Forbidden("This API key may not change plans of this organisation.")
+
+
 async def update_plan(
     session: AsyncSession, principal: Principal, public_id: str, payload: PlanPatch
 ) -> MembershipPlan:
     plan = await get_plan(session, principal, public_id)
+    _require_plan_writable(principal, plan)
     before = _plan_snapshot(plan)
     for field, value in payload.model_dump(exclude_unset=True, exclude_none=True).items():
         setattr(plan, field, value)
@@ -173,6 +186,20 @@ def _start_term(
     if member.member_since is None:
         member.member_since = starts_at
     return term
+
+
+async def _end_open_terms(
+    session: AsyncSession, member: Member, now: datetime
+) -> MembershipTerm | None:
+    """End the running term now and void future (prepaid) ones; return the term in force."""
+    running = None
+    for term in await TermRepository(session).open_terms(member.id, now):
+        term.ended_early_at = now
+        if term.starts_at <= now:
+            running = term
+    if running is None:
+        running = await TermRepository(session).current(member.id, now)
+    return running
 
 
 def _membership_snapshot(member: Member) -> dict[str, Any]:
@@ -281,7 +308,8 @@ async def renew(
     assert member.term_ends_at is not None or member.status == S.LAPSED
     if member.status == S.ACTIVE:
         assert member.term_ends_at is not None
-        window_opens = member.term_ends_at - timedelta(days=plan.renewal_window_days)
+        window_days = (member.plan or plan).renewal_window_days
+        window_opens = member.term_ends_at - timedelta(days=window_days)
         if now < window_opens:
             raise Conflict(
                 "The renewal window has not opened yet.",
@@ -312,9 +340,7 @@ async def upgrade(
     if member.plan_id == plan.id:
         raise Conflict("The member is already on this plan.", code="SAME_PLAN")
     now = utcnow()
-    current = await TermRepository(session).current(member.id)
-    if current is not None and current.ends_at > now:
-        current.ended_early_at = now
+    await _end_open_terms(session, member, now)
     before = _membership_snapshot(member)
     term = _start_term(session, member, plan, "upgrade", now)
     await _record_change(
@@ -326,20 +352,18 @@ async def upgrade(
 
 async def lapse(
     session: AsyncSession, principal: Principal, member_id: str, note: str | None
-) -> Member:
+) -> tuple[Member, MembershipTerm | None]:
     member = await get_member(session, principal, member_id, for_update=True)
     _require_status(member, "lapse", (S.ACTIVE, S.GRACE))
     now = utcnow()
     before = _membership_snapshot(member)
-    current = await TermRepository(session).current(member.id)
-    if current is not None and current.ends_at > now:
-        current.ended_early_at = now
+    term = await _end_open_terms(session, member, now)
     member.grace_ends_at = None
     await _record_change(
         session, principal.actor, member,
         before=before, to_status=S.LAPSED, reason="lapse", note=note, now=now,
     )  # fmt: skip
-    return member
+    return member, term
 
 
 async def cancel(
@@ -349,7 +373,7 @@ async def cancel(
     *,
     at_period_end: bool,
     note: str | None,
-) -> Member:
+) -> tuple[Member, MembershipTerm | None]:
     member = await get_member(session, principal, member_id, for_update=True)
     now = utcnow()
     before = _membership_snapshot(member)
@@ -369,19 +393,16 @@ async def cancel(
                 object_id=member.public_id,
                 changes=diff(before, _membership_snapshot(member)),
             )
-            return member
+            return member, await TermRepository(session).current(member.id, now)
         # In grace the paid period is already over: cancel now.
     _require_status(member, "cancel", (S.PENDING, S.ACTIVE, S.GRACE, S.LAPSED, S.SUSPENDED))
-    current = await TermRepository(session).current(member.id)
-    if current is not None and current.ends_at > now:
-        current.ended_early_at = now
-    member.cancel_at_period_end = False
-    member.grace_ends_at = None
+    term = await _end_open_terms(session, member, now)
+    _clear_schedule(member)
     await _record_change(
         session, principal.actor, member,
         before=before, to_status=S.CANCELLED, reason="cancel", note=note, now=now,
     )  # fmt: skip
-    return member
+    return member, term
 
 
 async def suspend(
@@ -391,7 +412,6 @@ async def suspend(
     _require_status(member, "suspend", (S.ACTIVE, S.GRACE))
     now = utcnow()
     before = _membership_snapshot(member)
-    member.status_before_suspension = member.status
     await _record_change(
         session, principal.actor, member,
         before=before, to_status=S.SUSPENDED, reason="suspend", note=note, now=now,
@@ -410,6 +430,23 @@ def status_for_dates(member: Member, now: datetime) -> str:
     return S.LAPSED
 
 
+def _status_due(member: Member, now: datetime) -> str:
+    """Where the dates put a member, honouring a cancellation scheduled for the period end."""
+    if (
+        member.cancel_at_period_end
+        and member.term_ends_at is not None
+        and now >= member.term_ends_at
+    ):
+        return S.CANCELLED
+    return status_for_dates(member, now)
+
+
+def _clear_schedule(member: Member) -> None:
+    """A member cancelled at the period end has no grace and nothing left scheduled."""
+    member.cancel_at_period_end = False
+    member.grace_ends_at = None
+
+
 async def reinstate(
     session: AsyncSession, principal: Principal, member_id: str, note: str | None
 ) -> Member:
@@ -417,11 +454,12 @@ async def reinstate(
     _require_status(member, "reinstate", (S.SUSPENDED,))
     now = utcnow()
     before = _membership_snapshot(member)
-    member.status_before_suspension = None
+    target = _status_due(member, now)
+    if target == S.CANCELLED:
+        _clear_schedule(member)
     await _record_change(
         session, principal.actor, member,
-        before=before, to_status=status_for_dates(member, now), reason="reinstate",
-        note=note, now=now,
+        before=before, to_status=target, reason="reinstate", note=note, now=now,
     )  # fmt: skip
     return member
 
@@ -431,15 +469,12 @@ async def advance_due_member(
 ) -> bool:
     """Move one member along active → grace → lapsed (or → cancelled at period end)."""
     before = _membership_snapshot(member)
-    if member.status == S.ACTIVE and member.cancel_at_period_end:
-        target, reason = S.CANCELLED, "cancel"
-        member.cancel_at_period_end = False
-        member.grace_ends_at = None
-    else:
-        target = status_for_dates(member, now)
-        reason = "grace" if target == S.GRACE else "lapse"
+    target = _status_due(member, now)
     if target == member.status:
         return False
+    if target == S.CANCELLED:
+        _clear_schedule(member)
+    reason = {S.CANCELLED: "cancel", S.GRACE: "grace"}.get(target, "lapse")
     await _record_change(
         session, actor, member, before=before, to_status=target, reason=reason, note=None, now=now
     )
