@@ -13,6 +13,8 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import lock_commit_order
 from memberhub.kit.ids import new_public_id
 
+_PENDING_KEY = "memberhub.pending_events"
+
 
 def emit(
     session: AsyncSession,
@@ -35,9 +37,6 @@ def emit(
     session.add(event)
     session.info.setdefault(_PENDING_KEY, []).append(event)
     return event
-
-
-_PENDING_KEY = "memberhub.pending_events"
 
 
 @sa_event.listens_for(Session, "before_commit")

@@ -11,12 +11,13 @@ import json
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from memberhub.idempotency.models import IdempotencyRecord
 from memberhub.kit.clock import utcnow
+from memberhub.kit.db import advisory_xact_lock
 
 REPLAYED_HEADERS = ("content-type", "etag", "location")
 MAX_KEY_LENGTH = 255
@@ -48,13 +49,9 @@ async def lock(session: AsyncSession, api_key_id: int, key: str) -> None:
 
     Without it, concurrent retries on PostgreSQL all miss the not yet committed record, run
     the operation, and fail on its side effects (409) instead of replaying the first response.
-    (SQLite needs nothing: a writing transaction holds the database's write lock.)
     """
-    if session.get_bind().dialect.name != "postgresql":
-        return
     digest = hashlib.sha256(f"{api_key_id}:{key}".encode()).digest()
-    lock_id = int.from_bytes(digest[:8], "big", signed=True)
-    await session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": lock_id})
+    await session.run_sync(advisory_xact_lock, int.from_bytes(digest[:8], "big", signed=True))
 
 
 async def find(session: AsyncSession, api_key_id: int, key: str) -> IdempotencyRecord | None:

@@ -114,16 +114,24 @@ def _configure_sqlite(engine: Engine) -> None:
 _COMMIT_ORDER_LOCK = 7_320_114_001
 
 
+def advisory_xact_lock(session: Session, lock_id: int) -> None:
+    """Hold a PostgreSQL advisory lock until the transaction ends (re-entrant within it).
+
+    A no-op on SQLite, where a writing transaction already holds the database's write lock
+    (BEGIN IMMEDIATE). Takes the sync session: call it from a session hook, or through
+    `AsyncSession.run_sync`.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": lock_id})
+
+
 def lock_commit_order(session: Session) -> None:
     """Serialise, until commit, the transactions that append to an ordered log.
 
     Whatever a holder writes is committed before the next holder reads the log's tail, so
-    order of writing is order of commit. On SQLite the transaction already holds the
-    database's write lock (BEGIN IMMEDIATE); on PostgreSQL this takes a transaction-level
-    advisory lock, which the same transaction may take again.
+    order of writing is order of commit.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _COMMIT_ORDER_LOCK})
+    advisory_xact_lock(session, _COMMIT_ORDER_LOCK)
 
 
 class Database:

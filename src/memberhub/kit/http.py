@@ -165,6 +165,17 @@ def _validation_fields(exc: RequestValidationError) -> list[dict[str, Any]]:
     return fields
 
 
+def _internal_error(request: Request) -> Response:
+    """A 500: nothing about the cause, but the request id to find it in the logs."""
+    request_id = getattr(request.state, "request_id", None)
+    return error_response(
+        500,
+        "INTERNAL_ERROR",
+        "An unexpected error occurred.",
+        headers={"X-Request-ID": request_id} if request_id else None,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MemberhubError)
     async def _memberhub_error(_request: Request, exc: MemberhubError) -> Response:
@@ -203,7 +214,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(409, "CONFLICT", "The change conflicts with existing data.")
 
     @app.exception_handler(DBAPIError)
-    async def _database_error(_request: Request, exc: DBAPIError) -> Response:
+    async def _database_error(request: Request, exc: DBAPIError) -> Response:
         if exc.connection_invalidated or isinstance(exc, OperationalError):
             log.warning("database_unavailable", error_type=type(exc.orig).__name__)
             return error_response(
@@ -221,7 +232,7 @@ def install_error_handlers(app: FastAPI) -> None:
                 422, "VALIDATION_ERROR", "A value is outside what can be stored.", {}
             )
         log.error("database_error", error_type=type(exc.orig).__name__, sqlstate=sqlstate)
-        return error_response(500, "INTERNAL_ERROR", "An unexpected error occurred.")
+        return _internal_error(request)
 
     @app.exception_handler(StaleDataError)
     async def _stale(_request: Request, _exc: StaleDataError) -> Response:
@@ -234,13 +245,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled_error", error_type=type(exc).__name__)
-        request_id = getattr(request.state, "request_id", None)
-        return error_response(
-            500,
-            "INTERNAL_ERROR",
-            "An unexpected error occurred.",
-            headers={"X-Request-ID": request_id} if request_id else None,
-        )
+        return _internal_error(request)
 
 
 class RequestContextMiddleware:

@@ -103,13 +103,8 @@ async def create_plan(
 def _require_plan_writable(principal: Principal, plan: MembershipPlan) -> None:
     """Installation-wide plans are written by unbound keys only; an organisation's plan by
     keys whose organisations include it."""
-    if plan.organisation_id is None:
-        if principal.organisation_id is not None:
-            raise Forbidden("Only a key not bound to an organisation may change this plan.")
-    elif principal.visible_organisation_ids is not None and (
-        plan.organisation_id not in principal.visible_organisation_ids
-    ):
-        raise Forbidden("This API key may not change plans of this organisation.")
+    if not principal.can_see_organisation(plan.organisation_id):
+        raise Forbidden("This API key may not change this plan.")
 
 
 async def update_plan(
