@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from memberhub.approvals.routes import router as approvals_router
 from memberhub.audit.routes import router as audit_router
 from memberhub.auth.ratelimit import RateLimiter
 from memberhub.events.routes import router as events_router
@@ -20,6 +21,8 @@ from memberhub.memberships.routes import router as memberships_router
 from memberhub.ops.metrics import Metrics
 from memberhub.ops.routes import router as ops_router
 from memberhub.organisations.routes import router as organisations_router
+from memberhub.points.routes import router as points_router
+from memberhub.program.routes import router as program_router
 from memberhub.settings import Settings
 from memberhub.worker.runner import Worker
 
@@ -64,6 +67,9 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
         organisations_router,
         members_router,
         memberships_router,
+        program_router,
+        points_router,
+        approvals_router,
         events_router,
         audit_router,
         ops_router,

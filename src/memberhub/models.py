@@ -1,25 +1,45 @@
 """Imports every model so that the metadata (and Alembic) sees all tables."""
 
+from memberhub.alerts.models import Alert
+from memberhub.approvals.models import ApprovalRequest
 from memberhub.audit.models import AuditEntry
 from memberhub.auth.models import ApiKey
+from memberhub.bulk.models import BulkJob, BulkJobChunk, BulkJobRow
 from memberhub.events.models import Event
 from memberhub.idempotency.models import IdempotencyRecord
 from memberhub.kit.db import Base
 from memberhub.members.models import Member
 from memberhub.memberships.models import MembershipPlan, MembershipTerm, MemberStatusChange
 from memberhub.organisations.models import Organisation
+from memberhub.points.models import PointAccount, PointAllocation, PointBatch, PointTransaction
+from memberhub.program.models import LoyaltyProgram
+from memberhub.rewards.models import Reward, RewardClaim
+from memberhub.tiers.models import Tier
 from memberhub.worker.models import WorkerHeartbeat
 
 __all__ = [
+    "Alert",
     "ApiKey",
+    "ApprovalRequest",
     "AuditEntry",
     "Base",
+    "BulkJob",
+    "BulkJobChunk",
+    "BulkJobRow",
     "Event",
     "IdempotencyRecord",
+    "LoyaltyProgram",
     "Member",
     "MemberStatusChange",
     "MembershipPlan",
     "MembershipTerm",
     "Organisation",
+    "PointAccount",
+    "PointAllocation",
+    "PointBatch",
+    "PointTransaction",
+    "Reward",
+    "RewardClaim",
+    "Tier",
     "WorkerHeartbeat",
 ]

@@ -24,6 +24,28 @@ class Scope(StrEnum):
     PLANS_WRITE = "plans:write"
     EVENTS_READ = "events:read"
     AUDIT_READ = "audit:read"
+    PROGRAM_READ = "program:read"
+    PROGRAM_WRITE = "program:write"
+    POINTS_READ = "points:read"
+    # Purchase-driven operations a connected system makes: earn, redeem, reverse.
+    POINTS_EARN = "points:earn"
+    POINTS_AWARD = "points:award"
+    POINTS_DEDUCT = "points:deduct"
+    POINTS_EXTEND = "points:extend"
+    POINTS_TRANSFER = "points:transfer"
+    POINTS_RECOVER = "points:recover"
+    POINTS_BULK = "points:bulk"
+    TIERS_READ = "tiers:read"
+    TIERS_WRITE = "tiers:write"
+    TIERS_ASSIGN = "tiers:assign"
+    REWARDS_READ = "rewards:read"
+    REWARDS_WRITE = "rewards:write"
+    REWARDS_CLAIM = "rewards:claim"
+    APPROVALS_READ = "approvals:read"
+    APPROVALS_DECIDE = "approvals:decide"
+    ALERTS_READ = "alerts:read"
+    ALERTS_WRITE = "alerts:write"
+    ANALYTICS_READ = "analytics:read"
 
 
 ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
@@ -38,6 +60,22 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.MEMBERSHIPS_WRITE,
             Scope.PLANS_READ,
             Scope.EVENTS_READ,
+            Scope.PROGRAM_READ,
+            Scope.POINTS_READ,
+            Scope.POINTS_EARN,
+            Scope.POINTS_AWARD,
+            Scope.POINTS_DEDUCT,
+            Scope.POINTS_EXTEND,
+            Scope.POINTS_TRANSFER,
+            Scope.TIERS_READ,
+            Scope.TIERS_ASSIGN,
+            Scope.REWARDS_READ,
+            Scope.REWARDS_CLAIM,
+            Scope.APPROVALS_READ,
+            Scope.APPROVALS_DECIDE,
+            Scope.ALERTS_READ,
+            Scope.ALERTS_WRITE,
+            Scope.ANALYTICS_READ,
         }
     ),
     Role.SUPPORT_AGENT: frozenset(
@@ -47,6 +85,14 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.MEMBERS_WRITE,
             Scope.MEMBERSHIPS_READ,
             Scope.PLANS_READ,
+            Scope.PROGRAM_READ,
+            Scope.POINTS_READ,
+            Scope.POINTS_AWARD,
+            Scope.POINTS_DEDUCT,
+            Scope.TIERS_READ,
+            Scope.REWARDS_READ,
+            Scope.REWARDS_CLAIM,
+            Scope.ALERTS_READ,
         }
     ),
     Role.INTEGRATION: frozenset(
@@ -58,6 +104,12 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.MEMBERSHIPS_WRITE,
             Scope.PLANS_READ,
             Scope.EVENTS_READ,
+            Scope.PROGRAM_READ,
+            Scope.POINTS_READ,
+            Scope.POINTS_EARN,
+            Scope.TIERS_READ,
+            Scope.REWARDS_READ,
+            Scope.REWARDS_CLAIM,
         }
     ),
 }

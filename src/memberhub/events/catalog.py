@@ -60,9 +60,158 @@ class MemberStatusChanged(EventData):
     occurred_at: datetime
 
 
+class PointsChange(EventData):
+    """The shape shared by points events: one ledger transaction of one member."""
+
+    member_id: str
+    transaction_id: str
+    transaction_type: str
+    points: int
+    pending_points: int
+    balance_after: int
+    pending_after: int
+    reason: str | None
+    reference_id: str | None
+    occurred_at: datetime
+
+
+class PointsEarned(PointsChange):
+    event_type = "points.earned"
+    description = (
+        "Points were credited: earned from a purchase, awarded, transferred in, or became "
+        "active after their pending period. `notify` asks notifiers to tell the member."
+    )
+
+    amount: int | None = None
+    currency: str | None = None
+    expires_at: datetime | None = None
+    activates_at: datetime | None = None
+    notify: bool = False
+
+
+class PointsRedeemed(PointsChange):
+    event_type = "points.redeemed"
+    description = "Points were redeemed (directly or by a reward claim)."
+
+
+class PointsDeducted(PointsChange):
+    event_type = "points.deducted"
+    description = "Points were deducted by staff or transferred out to another member."
+
+
+class PointsAdjusted(PointsChange):
+    event_type = "points.adjusted"
+    description = (
+        "A correction: an earn reversed (refund), expiry extended, expired points recovered, "
+        "or a redemption refunded."
+    )
+
+
+class PointsExpired(EventData):
+    event_type = "points.expired"
+    description = "Points expired; one event per member and expiry run."
+
+    member_id: str
+    transaction_id: str
+    points: int
+    balance_after: int
+    batches: int
+    occurred_at: datetime
+
+
+class PointsExpiring(EventData):
+    event_type = "points.expiring"
+    description = "A batch of points will expire soon; sent once per batch."
+
+    member_id: str
+    batch_id: str
+    points: int
+    expires_at: datetime
+    days_left: int
+
+
+class MemberTierChanged(EventData):
+    event_type = "member.tier.changed"
+    description = "A member's tier changed (earned, reviewed, or assigned by staff)."
+
+    member_id: str
+    previous_tier: str | None
+    new_tier: str | None
+    reason: str
+    occurred_at: datetime
+
+
+class RewardClaimed(EventData):
+    event_type = "reward.claimed"
+    description = "A member claimed a reward; stock and points were taken together."
+
+    member_id: str
+    reward_id: str
+    reward_code: str
+    claim_id: str
+    points: int
+    transaction_id: str
+    occurred_at: datetime
+
+
+class RewardClaimCancelled(EventData):
+    event_type = "reward.claim.cancelled"
+    description = "A reward claim was cancelled; its points and stock were given back."
+
+    member_id: str
+    reward_id: str
+    claim_id: str
+    points: int
+    transaction_id: str
+    occurred_at: datetime
+
+
+class ApprovalRequested(EventData):
+    event_type = "approval.requested"
+    description = "A points operation awaits a manager's approval."
+
+    approval_id: str
+    operation: str
+    member_id: str
+    points: int
+    reason: str
+    requested_by: str
+    occurred_at: datetime
+
+
+class AlertRaised(EventData):
+    event_type = "alert.raised"
+    description = "An alert was raised (points expiring, large redemption, negative balance, "
+    "high expiration rate, low redemption rate)."
+
+    alert_id: str
+    alert_type: str
+    priority: str
+    member_id: str | None
+    message: str
+    data: dict[str, Any]
+    occurred_at: datetime
+
+
 CATALOG: dict[str, type[EventData]] = {
     model.event_type: model
-    for model in (MemberCreated, MemberUpdated, MemberDeleted, MemberStatusChanged)
+    for model in (
+        MemberCreated,
+        MemberUpdated,
+        MemberDeleted,
+        MemberStatusChanged,
+        MemberTierChanged,
+        PointsEarned,
+        PointsRedeemed,
+        PointsDeducted,
+        PointsAdjusted,
+        PointsExpired,
+        PointsExpiring,
+        RewardClaimed,
+        RewardClaimCancelled,
+        ApprovalRequested,
+        AlertRaised,
+    )
 }
 
 

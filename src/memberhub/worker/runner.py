@@ -17,18 +17,24 @@ from memberhub.idempotency.service import purge_expired
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.memberships.jobs import advance_membership_statuses
+from memberhub.points.jobs import activate_pending_points, expire_points, notify_expiring_points
 from memberhub.worker import heartbeat
 
 log = structlog.get_logger("memberhub.worker")
 
 JobFunction = Callable[[AsyncSession, datetime], Awaitable[int]]
+ChunkedJobFunction = Callable[[Database, datetime], Awaitable[int]]
 
 
 @dataclass(frozen=True)
 class Job:
+    """A scheduled job: `run` gets one transaction, or, for `chunked` jobs that work through
+    large sets, the database to open one transaction per chunk."""
+
     name: str
     every_seconds: float
-    run: JobFunction
+    run: JobFunction | None = None
+    chunked: ChunkedJobFunction | None = None
 
 
 async def _purge_idempotency(session: AsyncSession, _now: datetime) -> int:
@@ -38,8 +44,19 @@ async def _purge_idempotency(session: AsyncSession, _now: datetime) -> int:
 # Every scheduled job, declared in one place.
 JOBS: tuple[Job, ...] = (
     Job("memberships.advance_statuses", 60.0, advance_membership_statuses),
+    Job("points.activate_pending", 60.0, activate_pending_points),
+    Job("points.expire", 300.0, chunked=expire_points),
+    Job("points.notify_expiring", 3600.0, notify_expiring_points),
     Job("idempotency.purge_expired", 3600.0, _purge_idempotency),
 )
+
+
+async def run_job(db: Database, job: Job, now: datetime) -> int:
+    if job.chunked is not None:
+        return await job.chunked(db, now)
+    assert job.run is not None
+    async with db.transaction() as session:
+        return await job.run(session, now)
 
 
 class Worker:
@@ -62,8 +79,7 @@ class Worker:
                 continue
             self._last_run[job.name] = loop.time()
             try:
-                async with self.db.transaction() as session:
-                    results[job.name] = await job.run(session, utcnow())
+                results[job.name] = await run_job(self.db, job, utcnow())
             except Exception:
                 log.exception("job_failed", job=job.name)
                 continue

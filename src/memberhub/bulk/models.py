@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Base, BigIntId, IdMixin
+
+
+class BulkJobStatus:
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class RowOutcome:
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    FAILED = "failed"
+
+
+class BulkJob(IdMixin, Base):
+    """A bulk points award: rows uploaded as chunks, applied by the worker chunk by chunk."""
+
+    __tablename__ = "bulk_jobs"
+
+    public_id: Mapped[str] = mapped_column(String(32), unique=True)
+    operation: Mapped[str] = mapped_column(String(20), default="award")
+    status: Mapped[str] = mapped_column(String(20), default=BulkJobStatus.QUEUED, index=True)
+    total_rows: Mapped[int] = mapped_column(Integer, default=0)
+    processed_rows: Mapped[int] = mapped_column(Integer, default=0)
+    applied_rows: Mapped[int] = mapped_column(Integer, default=0)
+    duplicate_rows: Mapped[int] = mapped_column(Integer, default=0)
+    failed_rows: Mapped[int] = mapped_column(Integer, default=0)
+    default_reason: Mapped[str | None] = mapped_column(String(1000))
+    created_by: Mapped[str] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    # Workers claim a running job for a lease; a dead worker's job is picked up again.
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+
+
+class BulkJobChunk(IdMixin, Base):
+    """A slice of the upload, as JSON lines (one row object per line)."""
+
+    __tablename__ = "bulk_job_chunks"
+    __table_args__ = (Index("ix_bulk_job_chunks_job_seq", "job_id", "sequence", unique=True),)
+
+    job_id: Mapped[int] = mapped_column(BigIntId, ForeignKey("bulk_jobs.id", ondelete="CASCADE"))
+    sequence: Mapped[int] = mapped_column(Integer)
+    first_row: Mapped[int] = mapped_column(Integer)
+    row_count: Mapped[int] = mapped_column(Integer)
+    rows: Mapped[str] = mapped_column(Text)
+    processed_at: Mapped[datetime | None] = mapped_column()
+
+
+class BulkJobRow(IdMixin, Base):
+    """The outcome of one row."""
+
+    __tablename__ = "bulk_job_rows"
+    __table_args__ = (Index("ix_bulk_job_rows_job_row", "job_id", "row_number", unique=True),)
+
+    job_id: Mapped[int] = mapped_column(BigIntId, ForeignKey("bulk_jobs.id", ondelete="CASCADE"))
+    row_number: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(20))
+    member_id: Mapped[str | None] = mapped_column(String(64))
+    points: Mapped[int | None] = mapped_column(Integer)
+    reference_id: Mapped[str | None] = mapped_column(String(200))
+    transaction_id: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(String(1000))

@@ -1,0 +1,296 @@
+"""Scheduled ledger jobs: activation of pending points, expiry, expiring-points notices.
+
+Each is safe to run twice and from several workers at once: a worker locks the accounts it
+works on with SKIP LOCKED (another worker takes the others), and re-reads which batches are
+due under that lock, so no batch is activated or expired twice. Expiry is set-based: one
+statement per step for a whole chunk of members, not a round trip per batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.alerts import service as alerts
+from memberhub.alerts.models import AlertType
+from memberhub.audit.service import record_write
+from memberhub.events.catalog import PointsEarned, PointsExpired, PointsExpiring
+from memberhub.events.service import emit
+from memberhub.kit.actor import Actor
+from memberhub.kit.db import Database
+from memberhub.kit.ids import new_public_id
+from memberhub.members.models import Member
+from memberhub.points import service
+from memberhub.points.models import (
+    BatchStatus,
+    PointAccount,
+    PointAllocation,
+    PointBatch,
+    PointTransaction,
+    TxnType,
+)
+from memberhub.points.repository import PointsRepository
+from memberhub.program import service as program_service
+from memberhub.tiers import service as tiers
+
+SCHEDULER = Actor.system("system:scheduler")
+CHUNK_MEMBERS = 1000
+
+
+async def _members(session: AsyncSession, member_ids: Sequence[int]) -> dict[int, Member]:
+    rows = await session.scalars(select(Member).where(Member.id.in_(member_ids)))
+    return {m.id: m for m in rows}
+
+
+async def _insert_transactions(
+    session: AsyncSession, rows: list[dict[str, Any]]
+) -> dict[int, tuple[int, str]]:
+    """Insert one transaction per member in one statement; member id -> (id, public id)."""
+    table = cast(Table, PointTransaction.__table__)
+    result = await session.execute(
+        table.insert().returning(table.c.id, table.c.member_id, table.c.public_id), rows
+    )
+    return {row.member_id: (row.id, row.public_id) for row in result}
+
+
+async def _update_accounts(session: AsyncSession, values: list[dict[str, Any]]) -> None:
+    table = cast(Table, PointAccount.__table__)
+    await session.execute(
+        update(table)
+        .where(table.c.member_id == _bind("b_member_id"))
+        .values(
+            current=_bind("b_current"),
+            pending=_bind("b_pending"),
+            lifetime_expired=_bind("b_lifetime_expired"),
+            last_activity_at=_bind("b_at"),
+            updated_at=_bind("b_at"),
+        ),
+        values,
+    )
+
+
+def _bind(name: str) -> Any:
+    return bindparam(name)
+
+
+async def expire_chunk(
+    session: AsyncSession, now: datetime, after_member_id: int
+) -> tuple[int, int, int]:
+    """Expire the due batches of the next chunk of members after `after_member_id`.
+
+    Returns (last member id looked at, or -1 when none are left; batches expired; members).
+    """
+    repo = PointsRepository(session)
+    member_ids = await repo.members_with_due_batches_after(
+        BatchStatus.ACTIVE, "expires_at", now, after_member_id, CHUNK_MEMBERS
+    )
+    if not member_ids:
+        return -1, 0, 0
+    accounts = {a.member_id: a for a in await repo.lock_accounts_skip_locked(member_ids)}
+    if not accounts:
+        return member_ids[-1], 0, 0
+    due = await repo.due_batches(list(accounts), BatchStatus.ACTIVE, "expires_at", now)
+    if not due:
+        return member_ids[-1], 0, 0
+    per_member: dict[int, int] = defaultdict(int)
+    batch_count: dict[int, int] = defaultdict(int)
+    for _batch_id, member_id, remaining in due:
+        per_member[member_id] += remaining
+        batch_count[member_id] += 1
+    await repo.set_batch_status([row[0] for row in due], BatchStatus.EXPIRED, expire=True)
+    txn_rows: list[dict[str, Any]] = []
+    account_rows: list[dict[str, Any]] = []
+    for member_id, points in per_member.items():
+        account = accounts[member_id]
+        current = account.current - points
+        txn_rows.append(
+            {
+                "public_id": new_public_id("txn"),
+                "member_id": member_id,
+                "type": TxnType.EXPIRE,
+                "points": -points,
+                "pending_points": 0,
+                "balance_after": current,
+                "pending_after": account.pending,
+                "reason": "Points expired",
+                "details": {"batches": batch_count[member_id]},
+                "actor": SCHEDULER.id,
+                "occurred_at": now,
+            }
+        )
+        account_rows.append(
+            {
+                "b_member_id": member_id,
+                "b_current": current,
+                "b_pending": account.pending,
+                "b_lifetime_expired": account.lifetime_expired + points,
+                "b_at": now,
+            }
+        )
+    inserted = await _insert_transactions(session, txn_rows)
+    await _update_accounts(session, account_rows)
+    await session.execute(
+        cast(Table, PointAllocation.__table__).insert(),
+        [
+            {"transaction_id": inserted[member_id][0], "batch_id": batch_id, "points": remaining}
+            for batch_id, member_id, remaining in due
+        ],
+    )
+    members = await _members(session, list(per_member))
+    for member_id, points in per_member.items():
+        member = members[member_id]
+        emit(
+            session,
+            PointsExpired(
+                member_id=member.public_id,
+                transaction_id=inserted[member_id][1],
+                points=points,
+                balance_after=accounts[member_id].current - points,
+                batches=batch_count[member_id],
+                occurred_at=now,
+            ),
+            organisation_id=member.organisation_id,
+            member_public_id=member.public_id,
+            occurred_at=now,
+        )
+    record_write(
+        session,
+        SCHEDULER,
+        action="points.expire",
+        object_type="job",
+        object_id="points.expire",
+        changes={
+            "members": len(per_member),
+            "batches": len(due),
+            "points": sum(per_member.values()),
+        },
+    )
+    return member_ids[-1], len(due), len(per_member)
+
+
+async def expire_points(db: Database, now: datetime) -> int:
+    """Expire every batch whose expiry has passed, a chunk of members per transaction."""
+    after = 0
+    expired = 0
+    while after >= 0:
+        async with db.transaction() as session:
+            after, batches, _members_count = await expire_chunk(session, now, after)
+        expired += batches
+    return expired
+
+
+async def activate_pending_points(session: AsyncSession, now: datetime) -> int:
+    """Make pending batches whose pending period is over spendable."""
+    repo = PointsRepository(session)
+    activated = 0
+    after = 0
+    while True:
+        member_ids = await repo.members_with_due_batches_after(
+            BatchStatus.PENDING, "activates_at", now, after, CHUNK_MEMBERS
+        )
+        if not member_ids:
+            return activated
+        after = member_ids[-1]
+        accounts = await repo.lock_accounts_skip_locked(member_ids)
+        members = await _members(session, [a.member_id for a in accounts])
+        for account in accounts:
+            activated += await _activate_member(session, account, members[account.member_id], now)
+
+
+async def _activate_member(
+    session: AsyncSession, account: PointAccount, member: Member, now: datetime
+) -> int:
+    batches = (
+        await session.scalars(
+            select(PointBatch)
+            .where(
+                PointBatch.member_id == account.member_id,
+                PointBatch.status == BatchStatus.PENDING,
+                PointBatch.activates_at <= now,
+            )
+            .order_by(PointBatch.id)
+            .with_for_update()
+        )
+    ).all()
+    if not batches:
+        return 0
+    points = sum(b.remaining for b in batches)
+    for batch in batches:
+        batch.status = BatchStatus.ACTIVE if batch.remaining > 0 else BatchStatus.SPENT
+    txn = service.record_transaction(
+        session,
+        account,
+        SCHEDULER,
+        now,
+        TxnType.ACTIVATE,
+        points=points,
+        pending_points=-points,
+        reason="Pending points became active",
+        details={"batches": [b.public_id for b in batches]},
+    )
+    await session.flush()
+    for batch in batches:
+        await service.settle_into(session, txn, batch)
+    emit(
+        session,
+        PointsEarned(**service.event_fields(txn, member)),
+        organisation_id=member.organisation_id,
+        member_public_id=member.public_id,
+        occurred_at=now,
+    )
+    await tiers.after_ledger_change(session, SCHEDULER, member, account, now)
+    return len(batches)
+
+
+async def notify_expiring_points(session: AsyncSession, now: datetime) -> int:
+    """`points.expiring` once per batch, the program's notice period before it expires."""
+    program = await program_service.get_program(session)
+    thresholds = program_service.alert_thresholds(program)
+    horizon = now + timedelta(days=program.expiring_notice_days)
+    batches = await PointsRepository(session).batches_due_notice(now, horizon, 5000)
+    if not batches:
+        return 0
+    members = await _members(session, list({b.member_id for b in batches}))
+    for batch in batches:
+        assert batch.expires_at is not None
+        batch.expiring_notified_at = now
+        member = members[batch.member_id]
+        days_left = max(0, (batch.expires_at - now).days)
+        emit(
+            session,
+            PointsExpiring(
+                member_id=member.public_id,
+                batch_id=batch.public_id,
+                points=batch.remaining,
+                expires_at=batch.expires_at,
+                days_left=days_left,
+            ),
+            organisation_id=member.organisation_id,
+            member_public_id=member.public_id,
+            occurred_at=now,
+        )
+        if (
+            batch.remaining >= thresholds.points_expiring_min_points
+            and batch.expires_at <= now + timedelta(days=thresholds.points_expiring_days)
+        ):
+            await alerts.raise_alert(
+                session,
+                AlertType.POINTS_EXPIRING,
+                member=member,
+                dedupe_key=(
+                    f"{AlertType.POINTS_EXPIRING}:{batch.public_id}:{batch.expires_at.isoformat()}"
+                ),
+                message=(
+                    f"{batch.remaining} points of {member.public_id} expire in {days_left} days."
+                ),
+                points=batch.remaining,
+                data={"batch_id": batch.public_id, "expires_at": batch.expires_at.isoformat()},
+                now=now,
+            )
+    await session.flush()
+    return len(batches)

@@ -1,0 +1,384 @@
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Row, and_, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.kit.clock import utcnow
+from memberhub.members.models import Member
+from memberhub.points.models import (
+    BatchSource,
+    BatchStatus,
+    PointAccount,
+    PointAllocation,
+    PointBatch,
+    PointTransaction,
+)
+
+
+@dataclass(frozen=True)
+class TransactionFilters:
+    member_id: int | None = None
+    organisation_ids: frozenset[int] | None = None  # None = no restriction
+    types: tuple[str, ...] = ()
+    date_from: datetime | None = None
+    date_to: datetime | None = None
+    reference_id: str | None = None
+
+
+class PointsRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    # ------------------------------------------------------------ accounts
+
+    async def lock_account(self, member_id: int) -> PointAccount:
+        """The member's account, created on first use, locked until the transaction ends."""
+        dialect = self.session.get_bind().dialect.name
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        await self.session.execute(
+            insert(PointAccount)
+            .values(member_id=member_id, updated_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["member_id"])
+        )
+        account = await self.session.scalar(
+            select(PointAccount)
+            .where(PointAccount.member_id == member_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        assert account is not None
+        return account
+
+    async def get_account(self, member_id: int) -> PointAccount | None:
+        return await self.session.get(PointAccount, member_id)
+
+    # ------------------------------------------------------------ transactions
+
+    async def by_reference(self, txn_type: str, reference_id: str) -> PointTransaction | None:
+        return await self.session.scalar(
+            select(PointTransaction).where(
+                PointTransaction.type == txn_type, PointTransaction.reference_id == reference_id
+            )
+        )
+
+    async def transaction_by_public_id(self, public_id: str) -> PointTransaction | None:
+        return await self.session.scalar(
+            select(PointTransaction).where(PointTransaction.public_id == public_id)
+        )
+
+    async def list_transactions(
+        self, filters: TransactionFilters, *, after_id: int | None, limit: int
+    ) -> Sequence[Row[PointTransaction, str]]:
+        """Newest first, paged by id, with each row's member public id."""
+        query = (
+            select(PointTransaction, Member.public_id)
+            .join(Member, Member.id == PointTransaction.member_id)
+            .order_by(PointTransaction.id.desc())
+            .limit(limit + 1)
+        )
+        if after_id is not None:
+            query = query.where(PointTransaction.id < after_id)
+        if filters.member_id is not None:
+            query = query.where(PointTransaction.member_id == filters.member_id)
+        if filters.organisation_ids is not None:
+            query = query.where(Member.organisation_id.in_(filters.organisation_ids))
+        if filters.types:
+            query = query.where(PointTransaction.type.in_(filters.types))
+        if filters.date_from is not None:
+            query = query.where(PointTransaction.occurred_at >= filters.date_from)
+        if filters.date_to is not None:
+            query = query.where(PointTransaction.occurred_at < filters.date_to)
+        if filters.reference_id is not None:
+            query = query.where(PointTransaction.reference_id == filters.reference_id)
+        return (await self.session.execute(query)).all()
+
+    async def recent_transactions(self, member_id: int, limit: int) -> Sequence[PointTransaction]:
+        return (
+            await self.session.scalars(
+                select(PointTransaction)
+                .where(PointTransaction.member_id == member_id)
+                .order_by(PointTransaction.id.desc())
+                .limit(limit)
+            )
+        ).all()
+
+    async def balance_at(self, member_id: int, moment: datetime) -> tuple[int, int]:
+        """(current, pending) after the last transaction at or before `moment`."""
+        row = (
+            await self.session.execute(
+                select(PointTransaction.balance_after, PointTransaction.pending_after)
+                .where(
+                    PointTransaction.member_id == member_id,
+                    PointTransaction.occurred_at <= moment,
+                )
+                .order_by(PointTransaction.occurred_at.desc(), PointTransaction.id.desc())
+                .limit(1)
+            )
+        ).first()
+        return (int(row[0]), int(row[1])) if row is not None else (0, 0)
+
+    async def public_ids(self, ids: Iterable[int]) -> dict[int, str]:
+        wanted = set(ids)
+        if not wanted:
+            return {}
+        rows = await self.session.execute(
+            select(PointTransaction.id, PointTransaction.public_id).where(
+                PointTransaction.id.in_(wanted)
+            )
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def batch_public_ids(self, ids: Iterable[int]) -> dict[int, str]:
+        wanted = set(ids)
+        if not wanted:
+            return {}
+        rows = await self.session.execute(
+            select(PointBatch.id, PointBatch.public_id).where(PointBatch.id.in_(wanted))
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def allocations_for(
+        self, transaction_ids: Iterable[int]
+    ) -> dict[int, list[tuple[str, int]]]:
+        wanted = set(transaction_ids)
+        if not wanted:
+            return {}
+        rows = await self.session.execute(
+            select(PointAllocation.transaction_id, PointBatch.public_id, PointAllocation.points)
+            .join(PointBatch, PointBatch.id == PointAllocation.batch_id)
+            .where(PointAllocation.transaction_id.in_(wanted))
+            .order_by(PointAllocation.id)
+        )
+        result: dict[int, list[tuple[str, int]]] = {}
+        for txn_id, batch_public_id, points in rows:
+            result.setdefault(txn_id, []).append((batch_public_id, points))
+        return result
+
+    async def credited_since(self, member_id: int, since: datetime, types: Sequence[str]) -> int:
+        """Points credited (current and pending) by transactions of `types` since `since`."""
+        total = await self.session.scalar(
+            select(
+                func.coalesce(
+                    func.sum(PointTransaction.points + PointTransaction.pending_points), 0
+                )
+            ).where(
+                PointTransaction.member_id == member_id,
+                PointTransaction.type.in_(types),
+                PointTransaction.occurred_at >= since,
+            )
+        )
+        return int(total or 0)
+
+    # ------------------------------------------------------------ batches
+
+    async def batch_by_public_id(
+        self, public_id: str, *, for_update: bool = False
+    ) -> PointBatch | None:
+        query = select(PointBatch).where(PointBatch.public_id == public_id)
+        if for_update:
+            query = query.with_for_update().execution_options(populate_existing=True)
+        return await self.session.scalar(query)
+
+    async def batch_for_transaction(self, transaction_id: int) -> PointBatch | None:
+        return await self.session.scalar(
+            select(PointBatch)
+            .where(PointBatch.transaction_id == transaction_id)
+            .order_by(PointBatch.id)
+            .limit(1)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+
+    async def spendable_batches(self, member_id: int) -> Sequence[PointBatch]:
+        """Active batches with points left, soonest expiry first (never-expiring last), then
+        oldest first; locked for the spend."""
+        return (
+            await self.session.scalars(
+                select(PointBatch)
+                .where(
+                    PointBatch.member_id == member_id,
+                    PointBatch.status == BatchStatus.ACTIVE,
+                    PointBatch.remaining > 0,
+                )
+                .order_by(
+                    PointBatch.expires_at.is_(None),
+                    PointBatch.expires_at,
+                    PointBatch.id,
+                )
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        ).all()
+
+    async def batches_for_member(
+        self, member_id: int, *, status: str | None, after_id: int | None, limit: int
+    ) -> Sequence[PointBatch]:
+        query = (
+            select(PointBatch)
+            .where(PointBatch.member_id == member_id)
+            .order_by(PointBatch.id)
+            .limit(limit + 1)
+        )
+        if status is not None:
+            query = query.where(PointBatch.status == status)
+        if after_id is not None:
+            query = query.where(PointBatch.id > after_id)
+        return (await self.session.scalars(query)).all()
+
+    async def deficit_batch(self, member_id: int) -> PointBatch | None:
+        return await self.session.scalar(
+            select(PointBatch)
+            .where(
+                PointBatch.member_id == member_id,
+                PointBatch.status == BatchStatus.ACTIVE,
+                PointBatch.source == BatchSource.DEFICIT,
+            )
+            .limit(1)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+
+    async def expiration_schedule(
+        self, member_id: int, *, limit: int = 24
+    ) -> list[tuple[datetime, int]]:
+        rows = await self.session.execute(
+            select(PointBatch.expires_at, func.sum(PointBatch.remaining))
+            .where(
+                PointBatch.member_id == member_id,
+                PointBatch.status.in_((BatchStatus.ACTIVE, BatchStatus.PENDING)),
+                PointBatch.remaining > 0,
+                PointBatch.expires_at.is_not(None),
+            )
+            .group_by(PointBatch.expires_at)
+            .order_by(PointBatch.expires_at)
+            .limit(limit)
+        )
+        return [(row[0], int(row[1])) for row in rows if row[0] is not None]
+
+    async def pending_schedule(
+        self, member_id: int, *, limit: int = 24
+    ) -> list[tuple[datetime, int]]:
+        rows = await self.session.execute(
+            select(PointBatch.activates_at, func.sum(PointBatch.remaining))
+            .where(
+                PointBatch.member_id == member_id,
+                PointBatch.status == BatchStatus.PENDING,
+                PointBatch.remaining > 0,
+            )
+            .group_by(PointBatch.activates_at)
+            .order_by(PointBatch.activates_at)
+            .limit(limit)
+        )
+        return [(row[0], int(row[1])) for row in rows if row[0] is not None]
+
+    async def expiring_between(self, member_id: int, start: datetime, end: datetime) -> int:
+        total = await self.session.scalar(
+            select(func.coalesce(func.sum(PointBatch.remaining), 0)).where(
+                PointBatch.member_id == member_id,
+                PointBatch.status == BatchStatus.ACTIVE,
+                PointBatch.remaining > 0,
+                PointBatch.expires_at > start,
+                PointBatch.expires_at <= end,
+            )
+        )
+        return int(total or 0)
+
+    async def allocated_from(self, transaction_id: int) -> Sequence[tuple[int, int]]:
+        """(batch id, points) a transaction took, in the order it took them."""
+        rows = await self.session.execute(
+            select(PointAllocation.batch_id, PointAllocation.points)
+            .where(PointAllocation.transaction_id == transaction_id)
+            .order_by(PointAllocation.id)
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    # ------------------------------------------------------------ jobs
+
+    async def members_with_due_batches_after(
+        self, status: str, column_name: str, now: datetime, after_member_id: int, limit: int
+    ) -> list[int]:
+        """Members with batches in `status` whose `column` time has come, by member id."""
+        column = getattr(PointBatch, column_name)
+        rows = await self.session.execute(
+            select(PointBatch.member_id)
+            .where(
+                PointBatch.status == status,
+                column.is_not(None),
+                column <= now,
+                PointBatch.member_id > after_member_id,
+            )
+            .group_by(PointBatch.member_id)
+            .order_by(PointBatch.member_id)
+            .limit(limit)
+        )
+        return [row[0] for row in rows]
+
+    async def lock_accounts_skip_locked(self, member_ids: Sequence[int]) -> list[PointAccount]:
+        """Lock the accounts nobody else holds; another worker has the rest."""
+        query = (
+            select(PointAccount)
+            .where(PointAccount.member_id.in_(member_ids))
+            .order_by(PointAccount.member_id)
+            .with_for_update(skip_locked=True)
+            .execution_options(populate_existing=True)
+        )
+        return list((await self.session.scalars(query)).all())
+
+    async def due_batches(
+        self, member_ids: Sequence[int], status: str, column_name: str, now: datetime
+    ) -> Sequence[Row[int, int, int]]:
+        column = getattr(PointBatch, column_name)
+        return (
+            await self.session.execute(
+                select(PointBatch.id, PointBatch.member_id, PointBatch.remaining)
+                .where(
+                    PointBatch.member_id.in_(member_ids),
+                    PointBatch.status == status,
+                    column.is_not(None),
+                    column <= now,
+                )
+                .order_by(PointBatch.member_id, PointBatch.id)
+            )
+        ).all()
+
+    async def set_batch_status(
+        self, batch_ids: Sequence[int], status: str, *, expire: bool = False
+    ) -> None:
+        values: dict[str, object] = {"status": status}
+        if expire:
+            values = {
+                "status": status,
+                "expired_points": PointBatch.expired_points + PointBatch.remaining,
+                "remaining": 0,
+            }
+        await self.session.execute(
+            update(PointBatch)
+            .where(PointBatch.id.in_(batch_ids))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+
+    async def batches_due_notice(
+        self, now: datetime, horizon: datetime, limit: int
+    ) -> Sequence[PointBatch]:
+        return (
+            await self.session.scalars(
+                select(PointBatch)
+                .where(
+                    PointBatch.status == BatchStatus.ACTIVE,
+                    PointBatch.remaining > 0,
+                    PointBatch.expiring_notified_at.is_(None),
+                    PointBatch.expires_at.is_not(None),
+                    and_(PointBatch.expires_at > now, PointBatch.expires_at <= horizon),
+                )
+                .order_by(PointBatch.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        ).all()

@@ -1,0 +1,919 @@
+"""The points ledger: earn, award, redeem, deduct, reverse, extend, recover, transfer.
+
+Every operation locks the member's account row first, so writes to one member are
+serialised and a balance can never be overspent. Batches hold the points; the transaction
+log records every change with the balance after it; the account keeps the aggregates. All
+three are written in the caller's transaction, with the operation's event and audit entry.
+Operations carrying a `reference_id` apply once: a repeat returns the first transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.alerts import service as alerts
+from memberhub.alerts.models import AlertType
+from memberhub.audit.service import record_write
+from memberhub.events.catalog import (
+    PointsAdjusted,
+    PointsChange,
+    PointsDeducted,
+    PointsEarned,
+    PointsRedeemed,
+)
+from memberhub.events.service import emit
+from memberhub.kit.actor import Actor
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import advisory_xact_lock
+from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
+from memberhub.kit.ids import new_public_id
+from memberhub.members.models import Member
+from memberhub.points.models import (
+    BatchSource,
+    BatchStatus,
+    PointAccount,
+    PointAllocation,
+    PointBatch,
+    PointTransaction,
+    TxnType,
+)
+from memberhub.points.repository import PointsRepository
+from memberhub.points.schemas import AllocationOut, BalanceOut, TransactionOut
+from memberhub.program import service as program_service
+from memberhub.program.models import LoyaltyProgram, NegativeBalancePolicy
+from memberhub.tiers import service as tiers
+
+# Transaction types whose points count as earned (reversals subtract from it).
+EARNED_TYPES = (TxnType.EARN, TxnType.AWARD, TxnType.TRANSFER_IN, TxnType.REVERSE)
+REDEEMED_TYPES = (TxnType.REDEEM, TxnType.REDEEM_REFUND)
+EXPIRED_TYPES = (TxnType.EXPIRE, TxnType.RECOVER)
+
+
+class InsufficientPoints(Conflict):
+    code = "INSUFFICIENT_POINTS"
+    default_message = "The member does not have enough points."
+
+
+class ReferenceReused(Conflict):
+    code = "REFERENCE_ID_REUSED"
+    default_message = "This reference_id was already used for a different operation."
+
+
+@dataclass
+class LedgerResult:
+    transaction: PointTransaction
+    account: PointAccount
+    replayed: bool = False
+    allocations: list[tuple[int, int]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- shared steps
+
+
+async def lock_reference(session: AsyncSession, txn_type: str, reference_id: str) -> None:
+    """Serialise operations carrying the same reference until the first one commits, so a
+    concurrent repeat finds the first transaction instead of applying again."""
+    digest = hashlib.sha256(f"points:{txn_type}:{reference_id}".encode()).digest()
+    await session.run_sync(advisory_xact_lock, int.from_bytes(digest[:8], "big", signed=True))
+
+
+async def find_replay(
+    session: AsyncSession,
+    txn_type: str,
+    reference_id: str | None,
+    *,
+    member_id: int,
+    points: int | None = None,
+) -> PointTransaction | None:
+    """The earlier transaction with this reference, after checking it was the same request."""
+    if reference_id is None:
+        return None
+    await lock_reference(session, txn_type, reference_id)
+    existing = await PointsRepository(session).by_reference(txn_type, reference_id)
+    if existing is None:
+        return None
+    requested = existing.details.get("requested_points")
+    if existing.member_id != member_id or (points is not None and requested != points):
+        raise ReferenceReused(
+            f"reference_id '{reference_id}' was used for another {txn_type}.",
+            details={"reference_id": reference_id, "transaction_id": existing.public_id},
+        )
+    return existing
+
+
+def record_transaction(
+    session: AsyncSession,
+    account: PointAccount,
+    actor: Actor,
+    now: datetime,
+    txn_type: str,
+    *,
+    points: int = 0,
+    pending_points: int = 0,
+    reason: str | None = None,
+    reference_id: str | None = None,
+    related: PointTransaction | None = None,
+    batch: PointBatch | None = None,
+    amount: int | None = None,
+    currency: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> PointTransaction:
+    """Append a transaction and apply it to the account's balances and aggregates."""
+    account.current += points
+    account.pending += pending_points
+    credited = points + pending_points
+    if txn_type in EARNED_TYPES:
+        account.lifetime_earned += credited
+    elif txn_type in REDEEMED_TYPES:
+        account.lifetime_redeemed -= points
+    elif txn_type in EXPIRED_TYPES:
+        account.lifetime_expired -= points
+    account.last_activity_at = now
+    account.updated_at = now
+    txn = PointTransaction(
+        public_id=new_public_id("txn"),
+        member_id=account.member_id,
+        type=txn_type,
+        points=points,
+        pending_points=pending_points,
+        balance_after=account.current,
+        pending_after=account.pending,
+        reason=reason,
+        reference_id=reference_id,
+        related_transaction_id=related.id if related is not None else None,
+        batch_id=batch.id if batch is not None else None,
+        amount=amount,
+        currency=currency,
+        details=details or {},
+        actor=actor.id,
+        occurred_at=now,
+    )
+    session.add(txn)
+    return txn
+
+
+async def _spend(
+    session: AsyncSession, account: PointAccount, points: int, *, available: int | None = None
+) -> list[tuple[PointBatch, int]]:
+    """Take `points` from the member's active batches, soonest-expiring first.
+
+    `available` is the spendable balance when the account row does not show it yet (a
+    reversal that already cancelled part of a batch).
+    """
+    balance = account.current if available is None else available
+    if points > balance:
+        raise InsufficientPoints(
+            f"The member has {balance} points; {points} are needed.",
+            details={"balance": balance, "requested": points},
+        )
+    taken: list[tuple[PointBatch, int]] = []
+    left = points
+    for batch in await PointsRepository(session).spendable_batches(account.member_id):
+        if left == 0:
+            break
+        take = min(batch.remaining, left)
+        batch.remaining -= take
+        if batch.remaining == 0:
+            batch.status = BatchStatus.SPENT
+        taken.append((batch, take))
+        left -= take
+    # The balance is the sum of the active batches: a shortfall means they disagree.
+    assert left == 0, "point batches do not add up to the account balance"
+    return taken
+
+
+def _allocate(
+    session: AsyncSession, txn: PointTransaction, taken: Sequence[tuple[PointBatch, int]]
+) -> list[tuple[int, int]]:
+    for batch, points in taken:
+        session.add(PointAllocation(transaction_id=txn.id, batch_id=batch.id, points=points))
+    return [(batch.id, points) for batch, points in taken]
+
+
+async def settle_into(session: AsyncSession, txn: PointTransaction, batch: PointBatch) -> None:
+    """Let a batch that just became active pay any deficit, recorded under `txn`."""
+    _allocate(session, txn, await _settle_deficit(session, batch))
+
+
+async def _settle_deficit(session: AsyncSession, batch: PointBatch) -> list[tuple[PointBatch, int]]:
+    """Pay points owed (a deficit batch) from a batch that just became active."""
+    deficit = await PointsRepository(session).deficit_batch(batch.member_id)
+    if deficit is None or batch.remaining <= 0:
+        return []
+    paid = min(batch.remaining, -deficit.remaining)
+    batch.remaining -= paid
+    deficit.remaining += paid
+    if batch.remaining == 0:
+        batch.status = BatchStatus.SPENT
+    if deficit.remaining == 0:
+        deficit.status = BatchStatus.SPENT
+    return [(batch, paid)]
+
+
+async def _new_batch(
+    session: AsyncSession,
+    txn: PointTransaction,
+    *,
+    points: int,
+    source: str,
+    now: datetime,
+    expires_at: datetime | None,
+    activates_at: datetime | None = None,
+) -> PointBatch:
+    """A batch holding `points`; an active one first pays any deficit."""
+    pending = activates_at is not None and activates_at > now
+    batch = PointBatch(
+        public_id=new_public_id("pbt"),
+        member_id=txn.member_id,
+        status=BatchStatus.PENDING if pending else BatchStatus.ACTIVE,
+        source=source,
+        initial=points,
+        remaining=points,
+        transaction_id=txn.id,
+        activates_at=activates_at if pending else None,
+        expires_at=expires_at,
+        created_at=now,
+    )
+    session.add(batch)
+    await session.flush()
+    if not pending:
+        await settle_into(session, txn, batch)
+    return batch
+
+
+def balance_out(account: PointAccount) -> BalanceOut:
+    return BalanceOut(
+        current_balance=account.current,
+        pending_balance=account.pending,
+        lifetime_earned=account.lifetime_earned,
+        lifetime_redeemed=account.lifetime_redeemed,
+        lifetime_expired=account.lifetime_expired,
+    )
+
+
+def event_fields(txn: PointTransaction, member: Member) -> dict[str, Any]:
+    return {
+        "member_id": member.public_id,
+        "transaction_id": txn.public_id,
+        "transaction_type": txn.type,
+        "points": txn.points,
+        "pending_points": txn.pending_points,
+        "balance_after": txn.balance_after,
+        "pending_after": txn.pending_after,
+        "reason": txn.reason,
+        "reference_id": txn.reference_id,
+        "occurred_at": txn.occurred_at,
+    }
+
+
+async def _finish(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    account: PointAccount,
+    txn: PointTransaction,
+    event: PointsChange,
+    *,
+    action: str,
+    changes: dict[str, Any] | None = None,
+) -> None:
+    """Write the operation's event and audit entry, then let tiers and alerts react."""
+    await session.flush()
+    emit(
+        session,
+        event,
+        organisation_id=member.organisation_id,
+        member_public_id=member.public_id,
+        occurred_at=txn.occurred_at,
+    )
+    record_write(
+        session,
+        actor,
+        action=action,
+        object_type="member",
+        object_id=member.public_id,
+        changes={
+            "transaction_id": txn.public_id,
+            "points": txn.points,
+            "pending_points": txn.pending_points,
+            "balance_after": txn.balance_after,
+            **(changes or {}),
+        },
+    )
+    if txn.balance_after < 0 <= txn.balance_after - txn.points:
+        await alerts.raise_alert(
+            session,
+            AlertType.NEGATIVE_BALANCE,
+            member=member,
+            dedupe_key=f"{AlertType.NEGATIVE_BALANCE}:{txn.public_id}",
+            message=f"The balance of {member.public_id} went negative ({account.current}).",
+            points=account.current,
+            data={"transaction_id": txn.public_id, "balance": account.current},
+            now=txn.occurred_at,
+        )
+    await tiers.after_ledger_change(session, actor, member, account, txn.occurred_at)
+
+
+# ---------------------------------------------------------------- operations
+
+
+async def earn_points(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    *,
+    amount: int,
+    currency: str,
+    reference_id: str,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> LedgerResult:
+    now = now or utcnow()
+    program = await program_service.get_program(session)
+    if currency != program.currency:
+        raise ValidationFailed(
+            f"The program earns on {program.currency}; this amount is in {currency}.",
+            code="CURRENCY_MISMATCH",
+            details={"program_currency": program.currency, "currency": currency},
+        )
+    replay = await find_replay(session, TxnType.EARN, reference_id, member_id=member.id)
+    account = await PointsRepository(session).lock_account(member.id)
+    if replay is not None:
+        if replay.amount != amount or replay.currency != currency:
+            raise ReferenceReused(
+                f"reference_id '{reference_id}' was used for another earn.",
+                details={"reference_id": reference_id, "transaction_id": replay.public_id},
+            )
+        return LedgerResult(replay, account, replayed=True)
+    multiplier = await tiers.earn_multiplier_percent(session, account.tier_code)
+    points = program_service.points_for_amount(program, amount, multiplier)
+    activates_at = program_service.activation_for(program, now)
+    expires_at = program_service.expiry_for(program, now)
+    pending = activates_at is not None and points > 0
+    txn = record_transaction(
+        session,
+        account,
+        actor,
+        now,
+        TxnType.EARN,
+        points=0 if pending else points,
+        pending_points=points if pending else 0,
+        reason=reason,
+        reference_id=reference_id,
+        amount=amount,
+        currency=currency,
+        details={"multiplier_percent": multiplier, "requested_points": None},
+    )
+    await session.flush()
+    batch = None
+    if points > 0:
+        batch = await _new_batch(
+            session,
+            txn,
+            points=points,
+            source=BatchSource.EARN,
+            now=now,
+            expires_at=expires_at,
+            activates_at=activates_at,
+        )
+        txn.batch_id = batch.id
+    event = PointsEarned(
+        **event_fields(txn, member),
+        amount=amount,
+        currency=currency,
+        expires_at=expires_at if batch else None,
+        activates_at=batch.activates_at if batch else None,
+    )
+    await _finish(session, actor, member, account, txn, event, action="points.earn")
+    return LedgerResult(txn, account)
+
+
+async def award_points(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    *,
+    points: int,
+    reason: str,
+    reference_id: str | None = None,
+    expires_at: datetime | None = None,
+    notify: bool = False,
+    now: datetime | None = None,
+) -> LedgerResult:
+    now = now or utcnow()
+    if expires_at is not None and expires_at <= now:
+        raise ValidationFailed("expires_at must be in the future.", details={"field": "expires_at"})
+    replay = await find_replay(
+        session, TxnType.AWARD, reference_id, member_id=member.id, points=points
+    )
+    account = await PointsRepository(session).lock_account(member.id)
+    if replay is not None:
+        return LedgerResult(replay, account, replayed=True)
+    program = await program_service.get_program(session)
+    expiry = expires_at if expires_at is not None else program_service.expiry_for(program, now)
+    txn = record_transaction(
+        session,
+        account,
+        actor,
+        now,
+        TxnType.AWARD,
+        points=points,
+        reason=reason,
+        reference_id=reference_id,
+        details={"requested_points": points, "notify": notify},
+    )
+    await session.flush()
+    batch = await _new_batch(
+        session, txn, points=points, source=BatchSource.AWARD, now=now, expires_at=expiry
+    )
+    txn.batch_id = batch.id
+    event = PointsEarned(**event_fields(txn, member), expires_at=expiry, notify=notify)
+    await _finish(session, actor, member, account, txn, event, action="points.award")
+    return LedgerResult(txn, account)
+
+
+async def spend_points(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    txn_type: str,
+    *,
+    points: int,
+    reason: str | None,
+    reference_id: str | None,
+    now: datetime | None = None,
+    details: dict[str, Any] | None = None,
+) -> LedgerResult:
+    """Redeem or deduct: take points from the soonest-expiring batches first."""
+    assert txn_type in (TxnType.REDEEM, TxnType.DEDUCT)
+    now = now or utcnow()
+    replay = await find_replay(session, txn_type, reference_id, member_id=member.id, points=points)
+    account = await PointsRepository(session).lock_account(member.id)
+    if replay is not None:
+        return LedgerResult(replay, account, replayed=True)
+    taken = await _spend(session, account, points)
+    txn = record_transaction(
+        session,
+        account,
+        actor,
+        now,
+        txn_type,
+        points=-points,
+        reason=reason,
+        reference_id=reference_id,
+        details={"requested_points": points, **(details or {})},
+    )
+    await session.flush()
+    allocations = _allocate(session, txn, taken)
+    if txn_type == TxnType.REDEEM:
+        event: PointsChange = PointsRedeemed(**event_fields(txn, member))
+        await _flag_large_redemption(session, member, txn, points)
+    else:
+        event = PointsDeducted(**event_fields(txn, member))
+    await _finish(session, actor, member, account, txn, event, action=f"points.{txn_type}")
+    return LedgerResult(txn, account, allocations=allocations)
+
+
+async def _flag_large_redemption(
+    session: AsyncSession, member: Member, txn: PointTransaction, points: int
+) -> None:
+    program = await program_service.get_program(session)
+    threshold = program_service.alert_thresholds(program).large_redemption_points
+    if points > threshold:
+        await alerts.raise_alert(
+            session,
+            AlertType.LARGE_REDEMPTION,
+            member=member,
+            dedupe_key=f"{AlertType.LARGE_REDEMPTION}:{txn.public_id}",
+            message=f"{member.public_id} redeemed {points} points (over {threshold}).",
+            points=points,
+            data={"transaction_id": txn.public_id, "threshold": threshold},
+            now=txn.occurred_at,
+        )
+
+
+async def refund_redemption(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    redemption: PointTransaction,
+    *,
+    reason: str | None,
+    now: datetime | None = None,
+) -> LedgerResult:
+    """Give back the points of a redemption (a cancelled reward claim), into batches with
+    the expiries the points had."""
+    now = now or utcnow()
+    account = await PointsRepository(session).lock_account(member.id)
+    repo = PointsRepository(session)
+    txn = record_transaction(
+        session,
+        account,
+        actor,
+        now,
+        TxnType.REDEEM_REFUND,
+        points=-redemption.points,
+        reason=reason,
+        related=redemption,
+        details={"redemption_id": redemption.public_id},
+    )
+    await session.flush()
+    for batch_id, points in await repo.allocated_from(redemption.id):
+        source = await session.get(PointBatch, batch_id)
+        assert source is not None
+        expires_at = source.expires_at if source.expires_at and source.expires_at > now else None
+        if source.expires_at is not None and expires_at is None:
+            # The points would have expired meanwhile: they come back valid until the end of
+            # the program's expiry from now rather than already expired.
+            program = await program_service.get_program(session)
+            expires_at = program_service.expiry_for(program, now)
+        await _new_batch(
+            session, txn, points=points, source=BatchSource.REFUND, now=now, expires_at=expires_at
+        )
+    event = PointsAdjusted(**event_fields(txn, member))
+    await _finish(session, actor, member, account, txn, event, action="points.redeem_refund")
+    return LedgerResult(txn, account)
+
+
+async def reverse_earn(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    *,
+    earn: PointTransaction,
+    points: int | None,
+    reason: str | None,
+    reference_id: str,
+    now: datetime | None = None,
+) -> LedgerResult:
+    """Refund an earn. The unspent part is cancelled; the spent part is taken back from the
+    balance, or, where the program allows it, left owing as a negative balance. Points of
+    the earn that already expired are not taken again. Nothing is ever clamped silently:
+    a shortfall the policy forbids is an INSUFFICIENT_POINTS conflict."""
+    now = now or utcnow()
+    if earn.member_id != member.id or earn.type != TxnType.EARN:
+        raise NotFound(
+            f"Transaction {earn.public_id} is not an earn of this member.",
+            code="TRANSACTION_NOT_FOUND",
+        )
+    replay = await find_replay(
+        session, TxnType.REVERSE, reference_id, member_id=member.id, points=points
+    )
+    repo = PointsRepository(session)
+    account = await repo.lock_account(member.id)
+    if replay is not None:
+        return LedgerResult(replay, account, replayed=True)
+    batch = await repo.batch_for_transaction(earn.id)
+    reversible = (
+        0
+        if batch is None
+        else batch.initial - batch.reversed_points - (batch.expired_points - batch.recovered_points)
+    )
+    requested = points if points is not None else reversible
+    if batch is None or reversible <= 0:
+        raise Conflict(
+            f"Earn {earn.public_id} has no points left to reverse.",
+            code="NOTHING_TO_REVERSE",
+            details={"transaction_id": earn.public_id},
+        )
+    if requested > reversible:
+        raise Conflict(
+            f"Only {reversible} points of earn {earn.public_id} can be reversed.",
+            code="EXCEEDS_REVERSIBLE",
+            details={"reversible": reversible, "requested": requested},
+        )
+    was_pending = batch.status == BatchStatus.PENDING
+    unspent = batch.remaining if batch.status in (BatchStatus.ACTIVE, BatchStatus.PENDING) else 0
+    cancel = min(requested, unspent)
+    clawback = requested - cancel
+    program: LoyaltyProgram = await program_service.get_program(session)
+    # What the balance holds once the unspent part is cancelled.
+    available = account.current - (0 if was_pending else cancel)
+    owed = max(0, clawback - max(available, 0))
+    if owed > 0 and program.negative_balance_policy == NegativeBalancePolicy.FORBID:
+        raise InsufficientPoints(
+            f"{clawback} spent points must be taken back but the balance is {available}.",
+            details={
+                "balance": available,
+                "to_take_back": clawback,
+                "negative_balance_policy": program.negative_balance_policy,
+            },
+        )
+    batch.remaining -= cancel
+    batch.cancelled_points += cancel
+    batch.reversed_points += requested
+    if batch.remaining == 0 and batch.status in (BatchStatus.ACTIVE, BatchStatus.PENDING):
+        batch.status = (
+            BatchStatus.CANCELLED if batch.cancelled_points == batch.initial else BatchStatus.SPENT
+        )
+    taken = (
+        await _spend(session, account, clawback - owed, available=available)
+        if clawback - owed > 0
+        else []
+    )
+    txn = record_transaction(
+        session,
+        account,
+        actor,
+        now,
+        TxnType.REVERSE,
+        points=-(clawback + (0 if was_pending else cancel)),
+        pending_points=-cancel if was_pending else 0,
+        reason=reason,
+        reference_id=reference_id,
+        related=earn,
+        batch=batch,
+        details={
+            "requested_points": points,
+            "cancelled_unspent": cancel,
+            "taken_from_balance": clawback - owed,
+            "left_owing": owed,
+            "earn_transaction_id": earn.public_id,
+        },
+    )
+    await session.flush()
+    allocations = _allocate(session, txn, taken)
+    if owed > 0:
+        deficit = await repo.deficit_batch(member.id)
+        if deficit is None:
+            deficit = PointBatch(
+                public_id=new_public_id("pbt"),
+                member_id=member.id,
+                status=BatchStatus.ACTIVE,
+                source=BatchSource.DEFICIT,
+                initial=0,
+                remaining=0,
+                transaction_id=txn.id,
+                created_at=now,
+            )
+            session.add(deficit)
+        deficit.remaining -= owed
+    event = PointsAdjusted(**event_fields(txn, member))
+    await _finish(session, actor, member, account, txn, event, action="points.reverse")
+    return LedgerResult(txn, account, allocations=allocations)
+
+
+async def extend_expiry(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    batch: PointBatch,
+    *,
+    expires_at: datetime,
+    reason: str,
+    now: datetime | None = None,
+) -> LedgerResult:
+    now = now or utcnow()
+    account = await PointsRepository(session).lock_account(member.id)
+    locked = await session.get(PointBatch, batch.id, with_for_update=True, populate_existing=True)
+    assert locked is not None
+    batch = locked
+    if batch.status not in (BatchStatus.ACTIVE, BatchStatus.PENDING) or batch.remaining <= 0:
+        raise Conflict(
+            f"Batch {batch.public_id} has no points left to extend (status {batch.status}).",
+            code="BATCH_NOT_EXTENDABLE",
+        )
+    if batch.expires_at is None:
+        raise Conflict(f"Batch {batch.public_id} never expires.", code="BATCH_NOT_EXTENDABLE")
+    if expires_at <= batch.expires_at:
+        raise ValidationFailed(
+            "expires_at must be later than the batch's current expiry.",
+            details={"current_expires_at": batch.expires_at.isoformat()},
+        )
+    previous = batch.expires_at
+    batch.expires_at = expires_at
+    batch.expiring_notified_at = None
+    txn = record_transaction(
+        session,
+        account,
+        actor,
+        now,
+        TxnType.EXTEND,
+        reason=reason,
+        batch=batch,
+        details={
+            "batch_id": batch.public_id,
+            "points": batch.remaining,
+            "previous_expires_at": previous.isoformat(),
+            "expires_at": expires_at.isoformat(),
+        },
+    )
+    event = PointsAdjusted(**event_fields(txn, member))
+    await _finish(
+        session,
+        actor,
+        member,
+        account,
+        txn,
+        event,
+        action="points.extend",
+        changes={"batch_id": batch.public_id, "expires_at": expires_at.isoformat()},
+    )
+    return LedgerResult(txn, account)
+
+
+async def recover_expired(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    sources: Sequence[PointBatch],
+    *,
+    points: int | None,
+    expires_at: datetime | None,
+    reason: str,
+    reference_id: str | None,
+    now: datetime | None = None,
+) -> LedgerResult:
+    """Give back expired points as a new batch with a new expiry."""
+    now = now or utcnow()
+    if expires_at is not None and expires_at <= now:
+        raise ValidationFailed("expires_at must be in the future.", details={"field": "expires_at"})
+    replay = await find_replay(
+        session, TxnType.RECOVER, reference_id, member_id=member.id, points=points
+    )
+    account = await PointsRepository(session).lock_account(member.id)
+    if replay is not None:
+        return LedgerResult(replay, account, replayed=True)
+    locked = []
+    for source in sources:
+        row = await session.get(PointBatch, source.id, with_for_update=True, populate_existing=True)
+        assert row is not None
+        locked.append(row)
+    recoverable = sum(b.expired_points - b.recovered_points for b in locked)
+    wanted = points if points is not None else recoverable
+    if recoverable <= 0 or wanted > recoverable:
+        raise Conflict(
+            f"{recoverable} expired points can be recovered; {wanted} were asked for.",
+            code="NOTHING_TO_RECOVER" if recoverable <= 0 else "EXCEEDS_RECOVERABLE",
+            details={"recoverable": recoverable, "requested": wanted},
+        )
+    if expires_at is None:
+        expires_at = program_service.expiry_for(await program_service.get_program(session), now)
+    txn = record_transaction(
+        session,
+        account,
+        actor,
+        now,
+        TxnType.RECOVER,
+        points=wanted,
+        reason=reason,
+        reference_id=reference_id,
+        details={"requested_points": points, "batches": [b.public_id for b in locked]},
+    )
+    await session.flush()
+    left = wanted
+    for source in locked:
+        give = min(left, source.expired_points - source.recovered_points)
+        source.recovered_points += give
+        left -= give
+    batch = await _new_batch(
+        session, txn, points=wanted, source=BatchSource.RECOVER, now=now, expires_at=expires_at
+    )
+    txn.batch_id = batch.id
+    event = PointsAdjusted(**event_fields(txn, member))
+    await _finish(session, actor, member, account, txn, event, action="points.recover")
+    return LedgerResult(txn, account)
+
+
+async def transfer_points(
+    session: AsyncSession,
+    actor: Actor,
+    source: Member,
+    target: Member,
+    *,
+    points: int,
+    reason: str | None,
+    reference_id: str | None,
+    now: datetime | None = None,
+) -> tuple[LedgerResult, LedgerResult]:
+    """Move points between members; they keep the expiry they had."""
+    now = now or utcnow()
+    if source.id == target.id:
+        raise ValidationFailed("A member cannot transfer points to themselves.")
+    replay = await find_replay(
+        session, TxnType.TRANSFER_OUT, reference_id, member_id=source.id, points=points
+    )
+    repo = PointsRepository(session)
+    # Lock both accounts in id order, so two opposite transfers cannot deadlock.
+    first, second = sorted((source.id, target.id))
+    accounts = {first: await repo.lock_account(first), second: await repo.lock_account(second)}
+    out_account, in_account = accounts[source.id], accounts[target.id]
+    if replay is not None:
+        incoming = await repo.by_reference(TxnType.TRANSFER_IN, replay.public_id)
+        assert incoming is not None
+        return (
+            LedgerResult(replay, out_account, replayed=True),
+            LedgerResult(incoming, in_account, replayed=True),
+        )
+    taken = await _spend(session, out_account, points)
+    out_txn = record_transaction(
+        session,
+        out_account,
+        actor,
+        now,
+        TxnType.TRANSFER_OUT,
+        points=-points,
+        reason=reason,
+        reference_id=reference_id,
+        details={"requested_points": points, "to_member_id": target.public_id},
+    )
+    await session.flush()
+    allocations = _allocate(session, out_txn, taken)
+    in_txn = record_transaction(
+        session,
+        in_account,
+        actor,
+        now,
+        TxnType.TRANSFER_IN,
+        points=points,
+        reason=reason,
+        # Links the pair: the incoming side is found by the outgoing transaction's id.
+        reference_id=out_txn.public_id,
+        related=out_txn,
+        details={"from_member_id": source.public_id},
+    )
+    await session.flush()
+    by_expiry: dict[datetime | None, int] = {}
+    for batch, amount in taken:
+        by_expiry[batch.expires_at] = by_expiry.get(batch.expires_at, 0) + amount
+    for expires_at, amount in by_expiry.items():
+        await _new_batch(
+            session,
+            in_txn,
+            points=amount,
+            source=BatchSource.TRANSFER,
+            now=now,
+            expires_at=expires_at,
+        )
+    await _finish(
+        session,
+        actor,
+        source,
+        out_account,
+        out_txn,
+        PointsDeducted(**event_fields(out_txn, source)),
+        action="points.transfer_out",
+    )
+    await _finish(
+        session,
+        actor,
+        target,
+        in_account,
+        in_txn,
+        PointsEarned(**event_fields(in_txn, target)),
+        action="points.transfer_in",
+    )
+    return (
+        LedgerResult(out_txn, out_account, allocations=allocations),
+        LedgerResult(in_txn, in_account),
+    )
+
+
+# ---------------------------------------------------------------- output
+
+
+async def transactions_out(
+    session: AsyncSession,
+    rows: Sequence[tuple[PointTransaction, str]],
+    *,
+    with_allocations: bool = True,
+) -> list[TransactionOut]:
+    repo = PointsRepository(session)
+    txns = [txn for txn, _ in rows]
+    related = await repo.public_ids(
+        t.related_transaction_id for t in txns if t.related_transaction_id
+    )
+    batches = await repo.batch_public_ids(t.batch_id for t in txns if t.batch_id)
+    allocations = await repo.allocations_for(t.id for t in txns) if with_allocations else {}
+    return [
+        TransactionOut(
+            id=txn.public_id,
+            member_id=member_public_id,
+            type=txn.type,
+            points=txn.points,
+            pending_points=txn.pending_points,
+            balance_after=txn.balance_after,
+            pending_after=txn.pending_after,
+            reason=txn.reason,
+            reference_id=txn.reference_id,
+            related_transaction_id=related.get(txn.related_transaction_id)
+            if txn.related_transaction_id
+            else None,
+            batch_id=batches.get(txn.batch_id) if txn.batch_id else None,
+            amount=txn.amount,
+            currency=txn.currency,
+            details={k: v for k, v in txn.details.items() if k != "requested_points"},
+            actor=txn.actor,
+            occurred_at=txn.occurred_at,
+            allocations=[
+                AllocationOut(batch_id=b, points=p) for b, p in allocations.get(txn.id, [])
+            ],
+        )
+        for txn, member_public_id in rows
+    ]

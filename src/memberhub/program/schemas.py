@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from memberhub.memberships.schemas import Currency
+
+MAX_POINTS = 10**12
+
+
+def _known_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"'{value}' is not an IANA time zone such as 'Asia/Kuala_Lumpur'") from exc
+    return value
+
+
+TimeZoneName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_known_zone)]
+Limit = Annotated[int | None, Field(ge=0, le=MAX_POINTS)]
+
+
+class RoleLimit(BaseModel):
+    """Per-operation point limits for one role. `None` means no limit.
+
+    An award above `award` is refused; a deduction above `deduct` becomes an approval request.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    award: Limit = None
+    deduct: Limit = None
+
+
+class RoleLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Seed defaults: support agents award under 1,000 and deduct nothing without approval;
+    # managers award any amount and deduct under 5,000; admins have no limit.
+    support_agent: RoleLimit = RoleLimit(award=999, deduct=0)
+    manager: RoleLimit = RoleLimit(award=None, deduct=4999)
+    admin: RoleLimit = RoleLimit(award=None, deduct=None)
+    integration: RoleLimit = RoleLimit(award=0, deduct=0)
+
+
+class AlertThresholds(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    points_expiring_days: int = Field(default=30, ge=1, le=365)
+    points_expiring_min_points: int = Field(default=1, ge=1, le=MAX_POINTS)
+    large_redemption_points: int = Field(default=10_000, ge=1, le=MAX_POINTS)
+    high_expiration_rate_percent: float = Field(default=20.0, ge=0, le=100)
+    low_redemption_rate_percent: float = Field(default=5.0, ge=0, le=100)
+
+
+ExpiryPolicyName = Literal["never", "days_after_earn", "end_of_month_after_days", "fixed_date"]
+NegativePolicyName = Literal["forbid", "allow_for_reversals"]
+
+
+class ProgramFields(BaseModel):
+    currency: Currency
+    earn_points: int = Field(ge=0, le=1_000_000, description="Points per `earn_per_amount`.")
+    earn_per_amount: int = Field(
+        ge=1, le=10**12, description="Minor currency units that earn `earn_points` points."
+    )
+    expiry_policy: ExpiryPolicyName
+    expiry_days: int | None = Field(default=None, ge=0, le=36_500)
+    expiry_fixed_month: int | None = Field(default=None, ge=1, le=12)
+    expiry_fixed_day: int | None = Field(default=None, ge=1, le=31)
+    pending_days: int = Field(ge=0, le=365)
+    negative_balance_policy: NegativePolicyName
+    timezone: TimeZoneName
+    expiring_notice_days: int = Field(ge=1, le=365)
+    point_value_amount: int = Field(ge=0, le=10**12)
+    point_value_points: int = Field(ge=1, le=10**9)
+    role_limits: RoleLimits
+    alert_thresholds: AlertThresholds
+
+
+def check_expiry_fields(fields: ProgramFields) -> ProgramFields:
+    needs_days = fields.expiry_policy in ("days_after_earn", "end_of_month_after_days")
+    if needs_days and fields.expiry_days is None:
+        raise ValueError(f"expiry_policy '{fields.expiry_policy}' needs expiry_days")
+    if fields.expiry_policy == "fixed_date":
+        if fields.expiry_fixed_month is None or fields.expiry_fixed_day is None:
+            raise ValueError("expiry_policy 'fixed_date' needs expiry_fixed_month and _day")
+        days_in_month = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+        if fields.expiry_fixed_day > days_in_month[fields.expiry_fixed_month - 1]:
+            raise ValueError("expiry_fixed_day does not exist in expiry_fixed_month")
+    return fields
+
+
+class ProgramOut(ProgramFields):
+    updated_at: datetime
+
+
+class ProgramPatch(BaseModel):
+    """Change any subset of the settings; the result is validated as a whole."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    currency: Currency | None = None
+    earn_points: int | None = Field(default=None, ge=0, le=1_000_000)
+    earn_per_amount: int | None = Field(default=None, ge=1, le=10**12)
+    expiry_policy: ExpiryPolicyName | None = None
+    expiry_days: int | None = Field(default=None, ge=0, le=36_500)
+    expiry_fixed_month: int | None = Field(default=None, ge=1, le=12)
+    expiry_fixed_day: int | None = Field(default=None, ge=1, le=31)
+    pending_days: int | None = Field(default=None, ge=0, le=365)
+    negative_balance_policy: NegativePolicyName | None = None
+    timezone: TimeZoneName | None = None
+    expiring_notice_days: int | None = Field(default=None, ge=1, le=365)
+    point_value_amount: int | None = Field(default=None, ge=0, le=10**12)
+    point_value_points: int | None = Field(default=None, ge=1, le=10**9)
+    role_limits: RoleLimits | None = None
+    alert_thresholds: AlertThresholds | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> ProgramPatch:
+        if not self.model_fields_set:
+            raise ValueError("send at least one setting to change")
+        return self
