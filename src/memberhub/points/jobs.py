@@ -79,24 +79,26 @@ def _bind(name: str) -> Any:
 
 
 async def expire_chunk(
-    session: AsyncSession, now: datetime, after_member_id: int
-) -> tuple[int, int, int]:
-    """Expire the due batches of the next chunk of members after `after_member_id`.
+    session: AsyncSession, now: datetime, busy: set[int]
+) -> tuple[int, int] | None:
+    """Expire the due batches of the next chunk of members; None when none are left.
 
-    Returns (last member id looked at, or -1 when none are left; batches expired; members).
+    Members whose account another transaction holds are added to `busy` and left for the
+    next run. Returns (batches expired, members affected).
     """
     repo = PointsRepository(session)
-    member_ids = await repo.members_with_due_batches_after(
-        BatchStatus.ACTIVE, "expires_at", now, after_member_id, CHUNK_MEMBERS
+    member_ids = await repo.members_with_due_batches(
+        BatchStatus.ACTIVE, "expires_at", now, busy, CHUNK_MEMBERS
     )
     if not member_ids:
-        return -1, 0, 0
+        return None
     accounts = {a.member_id: a for a in await repo.lock_accounts_skip_locked(member_ids)}
+    busy.update(set(member_ids) - set(accounts))
     if not accounts:
-        return member_ids[-1], 0, 0
+        return 0, 0
     due = await repo.due_batches(list(accounts), BatchStatus.ACTIVE, "expires_at", now)
     if not due:
-        return member_ids[-1], 0, 0
+        return 0, 0
     per_member: dict[int, int] = defaultdict(int)
     batch_count: dict[int, int] = defaultdict(int)
     for _batch_id, member_id, remaining in due:
@@ -170,36 +172,41 @@ async def expire_chunk(
             "points": sum(per_member.values()),
         },
     )
-    return member_ids[-1], len(due), len(per_member)
+    return len(due), len(per_member)
 
 
 async def expire_points(db: Database, now: datetime) -> int:
     """Expire every batch whose expiry has passed, a chunk of members per transaction."""
-    after = 0
+    busy: set[int] = set()
     expired = 0
-    while after >= 0:
+    while True:
         async with db.transaction() as session:
-            after, batches, _members_count = await expire_chunk(session, now, after)
-        expired += batches
-    return expired
+            done = await expire_chunk(session, now, busy)
+        if done is None:
+            return expired
+        expired += done[0]
 
 
 async def activate_pending_points(session: AsyncSession, now: datetime) -> int:
     """Make pending batches whose pending period is over spendable."""
     repo = PointsRepository(session)
     activated = 0
-    after = 0
+    busy: set[int] = set()
     while True:
-        member_ids = await repo.members_with_due_batches_after(
-            BatchStatus.PENDING, "activates_at", now, after, CHUNK_MEMBERS
+        member_ids = await repo.members_with_due_batches(
+            BatchStatus.PENDING, "activates_at", now, busy, CHUNK_MEMBERS
         )
         if not member_ids:
             return activated
-        after = member_ids[-1]
         accounts = await repo.lock_accounts_skip_locked(member_ids)
+        busy.update(set(member_ids) - {a.member_id for a in accounts})
         members = await _members(session, [a.member_id for a in accounts])
         for account in accounts:
-            activated += await _activate_member(session, account, members[account.member_id], now)
+            count = await _activate_member(session, account, members[account.member_id], now)
+            if count == 0:
+                # Nothing was due after all: never look at this member again in this run.
+                busy.add(account.member_id)
+            activated += count
 
 
 async def _activate_member(

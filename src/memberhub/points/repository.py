@@ -300,24 +300,23 @@ class PointsRepository:
 
     # ------------------------------------------------------------ jobs
 
-    async def members_with_due_batches_after(
-        self, status: str, column_name: str, now: datetime, after_member_id: int, limit: int
+    async def members_with_due_batches(
+        self, status: str, column_name: str, now: datetime, exclude: set[int], limit: int
     ) -> list[int]:
-        """Members with batches in `status` whose `column` time has come, by member id."""
+        """Up to `limit` members with batches in `status` whose `column` time has come.
+
+        Reads the (status, time) index range only, so each chunk costs what it returns.
+        """
         column = getattr(PointBatch, column_name)
-        rows = await self.session.execute(
+        query = (
             select(PointBatch.member_id)
-            .where(
-                PointBatch.status == status,
-                column.is_not(None),
-                column <= now,
-                PointBatch.member_id > after_member_id,
-            )
-            .group_by(PointBatch.member_id)
-            .order_by(PointBatch.member_id)
+            .where(PointBatch.status == status, column.is_not(None), column <= now)
+            .distinct()
             .limit(limit)
         )
-        return [row[0] for row in rows]
+        if exclude:
+            query = query.where(PointBatch.member_id.not_in(exclude))
+        return list((await self.session.scalars(query)).all())
 
     async def lock_accounts_skip_locked(self, member_ids: Sequence[int]) -> list[PointAccount]:
         """Lock the accounts nobody else holds; another worker has the rest."""
