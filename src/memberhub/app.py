@@ -23,6 +23,7 @@ from memberhub.ops.routes import router as ops_router
 from memberhub.organisations.routes import router as organisations_router
 from memberhub.points.routes import router as points_router
 from memberhub.program.routes import router as program_router
+from memberhub.rewards.routes import router as rewards_router
 from memberhub.settings import Settings
 from memberhub.worker.runner import Worker
 
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
         memberships_router,
         program_router,
         points_router,
+        rewards_router,
         approvals_router,
         events_router,
         audit_router,

@@ -1,0 +1,82 @@
+"""Concurrent requests over real HTTP: a balance is never overspent and a reference_id is
+never applied twice, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import httpx
+
+from memberhub.kit.db import Database
+from memberhub.settings import Settings
+from tests.points.conftest import award, check_ledger, summary
+from tests.support import ApiClient
+from tests.support_server import running_server
+
+
+async def _post_all(
+    base_url: str, key: str, path: str, bodies: list[dict[str, Any]]
+) -> list[httpx.Response]:
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
+        return list(
+            await asyncio.gather(*(client.post(path, json=b, headers=headers) for b in bodies))
+        )
+
+
+async def test_fifty_concurrent_redemptions_never_overspend(
+    api: ApiClient, admin_key: str, settings: Settings, db: Database
+) -> None:
+    member = await api.create_member()
+    for _ in range(4):
+        await award(api, member["id"], 250)
+    bodies = [{"member_id": member["id"], "points": 100} for _ in range(50)]
+    async with running_server(settings) as base_url:
+        responses = await _post_all(base_url, admin_key, "/api/v1/points/redeem", bodies)
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses == {201: 10, 409: 40}, [r.text for r in responses if r.status_code >= 500]
+    codes = {r.json()["error"]["code"] for r in responses if r.status_code == 409}
+    assert codes == {"INSUFFICIENT_POINTS"}
+    points = await summary(api, member["id"])
+    assert points["current_balance"] == 0
+    assert points["lifetime_redeemed"] == 1000
+    await check_ledger(db, [member["id"]])
+
+
+async def test_twenty_concurrent_awards_with_one_reference_apply_once(
+    api: ApiClient, admin_key: str, settings: Settings, db: Database
+) -> None:
+    member = await api.create_member()
+    body = {"member_id": member["id"], "points": 70, "reason": "welcome", "reference_id": "w-1"}
+    async with running_server(settings) as base_url:
+        responses = await _post_all(base_url, admin_key, "/api/v1/points/award", [body] * 20)
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses == {201: 1, 200: 19}, [r.text for r in responses]
+    assert len({r.json()["transaction"]["id"] for r in responses}) == 1
+    assert sum(r.json()["replayed"] for r in responses) == 19
+    assert (await summary(api, member["id"]))["current_balance"] == 70
+    listed = await api.get("/api/v1/events", params={"type": "points.earned"})
+    assert len(listed.json()["data"]) == 1
+    await check_ledger(db, [member["id"]])
+
+
+async def test_opposite_concurrent_transfers_neither_deadlock_nor_lose_points(
+    api: ApiClient, admin_key: str, settings: Settings, db: Database
+) -> None:
+    first = await api.create_member()
+    second = await api.create_member()
+    await award(api, first["id"], 1000)
+    await award(api, second["id"], 1000)
+    forth = {"from_member_id": first["id"], "to_member_id": second["id"], "points": 30}
+    back = {"from_member_id": second["id"], "to_member_id": first["id"], "points": 20}
+    async with running_server(settings) as base_url:
+        responses = await _post_all(
+            base_url, admin_key, "/api/v1/points/transfer", [forth, back] * 15
+        )
+    assert Counter(r.status_code for r in responses) == {201: 30}, [r.text for r in responses]
+    balances = [(await summary(api, m["id"]))["current_balance"] for m in (first, second)]
+    assert balances == [1000 - 15 * 30 + 15 * 20, 1000 + 15 * 30 - 15 * 20]
+    await check_ledger(db, [first["id"], second["id"]])

@@ -1,0 +1,192 @@
+"""The scheduled ledger jobs with a controllable clock: activation, expiry and notices,
+each safe to run twice and from two workers at once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Database
+from memberhub.points.jobs import activate_pending_points, expire_points, notify_expiring_points
+from memberhub.points.models import PointTransaction, TxnType
+from memberhub.settings import Settings
+from memberhub.worker.runner import Worker
+from tests.points.conftest import award, check_ledger, op, set_program, summary
+from tests.support import ApiClient
+
+
+def days(n: float) -> str:
+    return (utcnow() + timedelta(days=n)).isoformat()
+
+
+async def event_types(api: ApiClient, event_type: str) -> list[dict[str, Any]]:
+    response = await api.get("/api/v1/events", params={"type": event_type, "limit": 500})
+    return list(response.json()["data"])
+
+
+async def count_transactions(db: Database, txn_type: str) -> int:
+    async with db.transaction(read_only=True) as session:
+        total = await session.scalar(select(func.count()).where(PointTransaction.type == txn_type))
+        return int(total or 0)
+
+
+async def test_expiry_takes_only_batches_past_their_date_and_runs_once(
+    api: ApiClient, db: Database
+) -> None:
+    member = await api.create_member()
+    await award(api, member["id"], 100, expires_at=days(5))
+    await award(api, member["id"], 30, expires_at=days(5))
+    await award(api, member["id"], 50, expires_at=days(20))
+    await award(api, member["id"], 7)
+    assert await expire_points(db, utcnow() + timedelta(days=4)) == 0
+    assert await expire_points(db, utcnow() + timedelta(days=6)) == 2
+    assert await expire_points(db, utcnow() + timedelta(days=6)) == 0
+    points = await summary(api, member["id"])
+    assert (points["current_balance"], points["lifetime_expired"]) == (57, 130)
+    (event,) = await event_types(api, "points.expired")
+    assert (event["data"]["points"], event["data"]["batches"]) == (130, 2)
+    assert event["data"]["balance_after"] == 57
+    await check_ledger(db)
+
+
+async def test_expiry_follows_the_program_policy_in_its_time_zone(
+    api: ApiClient, db: Database
+) -> None:
+    await set_program(
+        api, expiry_policy="days_after_earn", expiry_days=10, timezone="Asia/Kuala_Lumpur"
+    )
+    member = await api.create_member()
+    result = await award(api, member["id"], 100)
+    batches = await api.get(f"/api/v1/members/{member['id']}/points/batches")
+    (batch,) = batches.json()["data"]
+    expires = batch["expires_at"]
+    # Valid through the 10th local day after earning: expires at local midnight (16:00 UTC).
+    assert expires.endswith("16:00:00Z")
+    earned = result["transaction"]["occurred_at"]
+    assert expires > earned
+    await check_ledger(db)
+
+
+async def test_two_workers_expiring_at_once_expire_each_batch_once(
+    api: ApiClient, db: Database, settings: Settings
+) -> None:
+    members = [await api.create_member() for _ in range(12)]
+    for member in members:
+        for n in range(3):
+            await award(api, member["id"], 10 + n, expires_at=days(1))
+    now = utcnow() + timedelta(days=2)
+    other = Database(settings.resolved_database_url, pool_size=2)
+    try:
+        results = await asyncio.gather(expire_points(db, now), expire_points(other, now))
+    finally:
+        await other.dispose()
+    assert sum(results) == 36
+    assert await count_transactions(db, TxnType.EXPIRE) == 12
+    per_member = Counter(e["data"]["member_id"] for e in await event_types(api, "points.expired"))
+    assert per_member == {m["id"]: 1 for m in members}
+    for member in members:
+        assert (await summary(api, member["id"]))["lifetime_expired"] == 33
+    await check_ledger(db)
+
+
+async def test_two_workers_activating_at_once_activate_each_batch_once(
+    api: ApiClient, db: Database, settings: Settings
+) -> None:
+    await set_program(api, pending_days=3)
+    members = [await api.create_member() for _ in range(10)]
+    for i, member in enumerate(members):
+        body = {
+            "member_id": member["id"],
+            "amount": 2000,
+            "currency": "MYR",
+            "reference_id": f"order-{i}",
+        }
+        await op(api, "earn", body)
+    now = utcnow() + timedelta(days=4)
+    other = Database(settings.resolved_database_url, pool_size=2)
+
+    async def activate(database: Database) -> int:
+        async with database.transaction() as session:
+            return await activate_pending_points(session, now)
+
+    try:
+        results = await asyncio.gather(activate(db), activate(other))
+    finally:
+        await other.dispose()
+    assert sum(results) == 10
+    assert await count_transactions(db, TxnType.ACTIVATE) == 10
+    for member in members:
+        points = await summary(api, member["id"])
+        assert (points["current_balance"], points["pending_balance"]) == (10, 0)
+    await check_ledger(db)
+
+
+async def test_activation_pays_a_deficit_first(api: ApiClient, db: Database) -> None:
+    await set_program(api, negative_balance_policy="allow_for_reversals")
+    member = await api.create_member()
+    await op(
+        api,
+        "earn",
+        {"member_id": member["id"], "amount": 20_000, "currency": "MYR", "reference_id": "o-1"},
+    )
+    await op(api, "redeem", {"member_id": member["id"], "points": 100})
+    await op(
+        api,
+        "reverse",
+        {"member_id": member["id"], "earn_reference_id": "o-1", "reference_id": "refund-1"},
+    )
+    assert (await summary(api, member["id"]))["current_balance"] == -100
+    await set_program(api, pending_days=2)
+    await op(
+        api,
+        "earn",
+        {"member_id": member["id"], "amount": 30_000, "currency": "MYR", "reference_id": "o-2"},
+    )
+    async with db.transaction() as session:
+        assert await activate_pending_points(session, utcnow() + timedelta(days=3)) == 1
+    assert (await summary(api, member["id"]))["current_balance"] == 50
+    await op(api, "redeem", {"member_id": member["id"], "points": 50})
+    await check_ledger(db)
+
+
+async def test_expiring_notice_is_sent_once_per_batch_and_again_after_an_extension(
+    api: ApiClient, db: Database
+) -> None:
+    member = await api.create_member()
+    soon = await award(api, member["id"], 100, expires_at=days(20))
+    await award(api, member["id"], 100, expires_at=days(90))
+    now = utcnow()
+    async with db.transaction() as session:
+        assert await notify_expiring_points(session, now) == 1
+    async with db.transaction() as session:
+        assert await notify_expiring_points(session, now) == 0
+    (notice,) = await event_types(api, "points.expiring")
+    assert notice["data"]["batch_id"] == soon["transaction"]["batch_id"]
+    assert notice["data"]["points"] == 100
+    assert notice["data"]["days_left"] in (19, 20)
+    alerts = await event_types(api, "alert.raised")
+    assert [a["data"]["alert_type"] for a in alerts] == ["POINTS_EXPIRING"]
+
+    await op(
+        api,
+        "extend",
+        {"batch_id": soon["transaction"]["batch_id"], "expires_at": days(45), "reason": "goodwill"},
+    )
+    async with db.transaction() as session:
+        # 25 days before its new expiry; the other batch is still 70 days away.
+        assert await notify_expiring_points(session, now + timedelta(days=20)) == 1
+    async with db.transaction() as session:
+        assert await notify_expiring_points(session, now + timedelta(days=61)) == 1
+    assert len(await event_types(api, "points.expiring")) == 3
+
+
+async def test_the_worker_runs_the_ledger_jobs(api: ApiClient, db: Database) -> None:
+    member = await api.create_member()
+    await award(api, member["id"], 10)
+    results = await Worker(db).tick(force=True)
+    assert {"points.activate_pending", "points.expire", "points.notify_expiring"} <= set(results)
