@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from memberhub.analytics import service
+from memberhub.analytics.schemas import Kpis, MemberClv
+from memberhub.auth.dependencies import AnalyticsReader
+from memberhub.kit.clock import utcnow
+from memberhub.kit.errors import ValidationFailed
+from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
+from memberhub.kit.types import IdPath, UTCDatetime
+from memberhub.members.service import get_member
+
+router = APIRouter(
+    prefix="/api/v1", tags=["analytics"], route_class=UnitOfWorkRoute, responses=ERROR_RESPONSES
+)
+# The ledger cannot hold anything earlier; it also keeps `as_of - 30 days` representable.
+EARLIEST_AS_OF = datetime(1970, 1, 31, tzinfo=UTC)
+
+
+@router.get("/analytics/kpis")
+async def kpis(
+    session: DbSession, principal: AnalyticsReader, as_of: UTCDatetime | None = None
+) -> Kpis:
+    """Points liability, its 30-day growth, redemption cost, redemption and expiration rates,
+    active points users and average balance, at `as_of` (default now). A key bound to an
+    organisation gets the figures of its members only."""
+    now = utcnow()
+    if as_of is not None and not EARLIEST_AS_OF <= as_of <= now:
+        raise ValidationFailed(
+            "as_of must be a past moment, not in the future.",
+            details={"field": "as_of", "now": now.isoformat()},
+        )
+    return await service.kpis(session, principal.visible_organisation_ids, as_of=as_of, now=now)
+
+
+@router.get("/members/{member_id}/clv")
+async def member_clv(
+    member_id: IdPath,
+    session: DbSession,
+    principal: AnalyticsReader,
+    months: Annotated[int, Query(ge=1, le=600, description="Projection horizon.")] = 36,
+) -> MemberClv:
+    """Customer lifetime value from the member's purchases (earn transactions)."""
+    member = await get_member(session, principal, member_id)
+    return await service.member_clv(session, member, months=months, now=utcnow())
