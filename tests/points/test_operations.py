@@ -484,6 +484,9 @@ async def test_transfer_moves_points_with_their_expiry(
     again = await op(api, "transfer", body, expect=200)
     assert again["replayed"] is True
     assert again["transfer_in"]["id"] == result["transfer_in"]["id"]
+    third = await api.create_member()
+    error = await op(api, "transfer", {**body, "to_member_id": third["id"]}, expect=409)
+    assert error["error"]["code"] == "REFERENCE_ID_REUSED"
     schedule = (await summary(api, other["id"]))["expiration_schedule"]
     assert [item["amount"] for item in schedule] == [100]
     await check_ledger(db)

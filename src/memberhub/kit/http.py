@@ -134,6 +134,9 @@ _UNIQUE_CONSTRAINTS = {
     ),
     "uq_organisations_slug": ("DUPLICATE_SLUG", "The slug is taken."),
     "uq_membership_plans_code": ("DUPLICATE_PLAN_CODE", "A plan with this code exists."),
+    "uq_tiers_code": ("DUPLICATE_TIER_CODE", "A tier with this code exists."),
+    "uq_tiers_rank": ("DUPLICATE_TIER_RANK", "A tier with this rank exists."),
+    "uq_rewards_code": ("DUPLICATE_REWARD_CODE", "A reward with this code exists."),
 }
 
 _STATUS_CODES = {

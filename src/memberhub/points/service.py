@@ -805,6 +805,11 @@ async def transfer_points(
     accounts = {first: await repo.lock_account(first), second: await repo.lock_account(second)}
     out_account, in_account = accounts[source.id], accounts[target.id]
     if replay is not None:
+        if replay.details.get("to_member_id") != target.public_id:
+            raise ReferenceReused(
+                f"reference_id '{reference_id}' was used for a transfer to another member.",
+                details={"reference_id": reference_id, "transaction_id": replay.public_id},
+            )
         incoming = await repo.by_reference(TxnType.TRANSFER_IN, replay.public_id)
         assert incoming is not None
         return (
