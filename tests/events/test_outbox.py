@@ -344,7 +344,43 @@ async def test_member_created_event_data_validates_against_its_schema(api: ApiCl
     assert not validator.is_valid(broken)
 
 
-async def test_every_emitted_event_validates_against_its_types_schema(api: ApiClient) -> None:
+async def _emit_loyalty_events(api: ApiClient, db: Database) -> None:
+    """One of each loyalty event: tier change, points, reward claim, approval, alerts."""
+    from datetime import timedelta
+
+    from memberhub.kit.clock import utcnow
+    from memberhub.points.jobs import expire_points, notify_expiring_points
+
+    async def ok(path: str, body: dict[str, Any], status: int = 201) -> dict[str, Any]:
+        response = await api.post(path, body)
+        assert response.status_code == status, response.text
+        return dict(response.json())
+
+    await api.patch("/api/v1/program", {"alert_thresholds": {"large_redemption_points": 10}})
+    await ok("/api/v1/tiers", {"code": "GOLD", "name": "Gold", "rank": 1, "threshold": 50})
+    member = await api.create_member()
+    soon = (utcnow() + timedelta(days=3)).isoformat()
+    award = {"member_id": member["id"], "points": 100, "reason": "welcome", "expires_at": soon}
+    awarded = await ok("/api/v1/points/award", award)
+    await ok("/api/v1/points/redeem", {"member_id": member["id"], "points": 20})
+    await ok("/api/v1/points/deduct", {"member_id": member["id"], "points": 5, "reason": "fix"})
+    body = {"member_id": member["id"], "points": 5, "reason": "fix", "require_approval": True}
+    await ok("/api/v1/points/deduct", body, 202)
+    later = (utcnow() + timedelta(days=4)).isoformat()
+    batch = awarded["transaction"]["batch_id"]
+    await ok("/api/v1/points/extend", {"batch_id": batch, "expires_at": later, "reason": "x"})
+    reward = await ok("/api/v1/rewards", {"code": "MUG", "name": "Mug", "points_cost": 10})
+    claimed = await ok(f"/api/v1/rewards/{reward['id']}/claim", {"member_id": member["id"]})
+    await ok(f"/api/v1/rewards/claims/{claimed['claim']['id']}/cancel", {"reason": "x"}, 200)
+    async with db.transaction() as session:
+        assert await notify_expiring_points(session, utcnow()) == 2
+    assert await expire_points(db, utcnow() + timedelta(days=5)) == 2
+
+
+async def test_every_emitted_event_validates_against_its_types_schema(
+    api: ApiClient, db: Database
+) -> None:
+    await _emit_loyalty_events(api, db)
     member = await api.create_member(first_name="A")
     plan = await api.create_plan()
     await api.patch(f"{MEMBERS}/{member['id']}", {"first_name": "B"})
@@ -392,3 +428,41 @@ async def test_events_are_listed_in_commit_order_so_a_cursor_never_passes_a_late
         cursor = first_poll.json()["pagination"]["next_cursor"]
     second_poll = await api.get("/api/v1/events", {"cursor": cursor})
     assert [e["member_id"] for e in second_poll.json()["data"]] == ["mem_early"]
+
+
+async def test_a_rolled_back_savepoint_drops_only_its_own_events_and_audit_entries(
+    db: Database, api: ApiClient
+) -> None:
+    from memberhub.audit.service import record_write
+    from memberhub.events.catalog import MemberDeleted
+    from memberhub.events.service import emit
+    from memberhub.kit.actor import Actor
+    from memberhub.kit.clock import utcnow
+
+    def deleted(member_id: str) -> MemberDeleted:
+        return MemberDeleted(member_id=member_id, organisation_id=None, deleted_at=utcnow())
+
+    actor = Actor.system("test")
+    async with db.transaction() as session:
+        emit(session, deleted("mem_kept1"), member_public_id="mem_kept1")
+        record_write(session, actor, action="a.kept", object_type="t", object_id="1", changes={})
+        async with session.begin_nested():
+            emit(session, deleted("mem_kept2"), member_public_id="mem_kept2")
+            record_write(
+                session, actor, action="a.kept", object_type="t", object_id="2", changes={}
+            )
+        with pytest.raises(RuntimeError):
+            async with session.begin_nested():
+                emit(session, deleted("mem_dropped"), member_public_id="mem_dropped")
+                record_write(
+                    session, actor, action="a.dropped", object_type="t", object_id="3", changes={}
+                )
+                await session.flush()
+                raise RuntimeError("row failed")
+    listed = await api.get("/api/v1/events")
+    assert [e["member_id"] for e in listed.json()["data"]] == ["mem_kept1", "mem_kept2"]
+    assert all(e["id"] for e in listed.json()["data"])
+    audit = await api.get("/api/v1/audit", params={"limit": 500})
+    actions = [entry["action"] for entry in audit.json()["data"]]
+    assert actions.count("a.kept") == 2
+    assert "a.dropped" not in actions

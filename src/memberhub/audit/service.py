@@ -23,6 +23,7 @@ from memberhub.audit.repository import AuditRepository
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import lock_commit_order
+from memberhub.kit.pending import is_savepoint_release, pending, track_savepoints
 
 GENESIS_HASH = "0" * 64
 _PENDING_KEY = "memberhub.pending_audit"
@@ -57,8 +58,7 @@ def record_write(
     object_id: str,
     changes: dict[str, Any],
 ) -> None:
-    pending: list[AuditEntry] = session.info.setdefault(_PENDING_KEY, [])
-    pending.append(
+    pending(session.sync_session, _PENDING_KEY).append(
         AuditEntry(
             occurred_at=utcnow(),
             actor=actor.id,
@@ -88,27 +88,27 @@ def entry_hash(entry: AuditEntry, prev_hash: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+track_savepoints(_PENDING_KEY)
+
+
 @event.listens_for(Session, "before_commit")
 def _append_pending_entries(session: Session) -> None:
-    pending: list[AuditEntry] = session.info.pop(_PENDING_KEY, [])
-    if not pending:
+    if is_savepoint_release(session):
+        return
+    held: list[AuditEntry] = session.info.pop(_PENDING_KEY, [])
+    if not held:
         return
     lock_commit_order(session)
     prev_hash = session.execute(
         select(AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1)
     ).scalar_one_or_none()
     prev_hash = prev_hash or GENESIS_HASH
-    for entry in pending:
+    for entry in held:
         entry.prev_hash = prev_hash
         entry.hash = entry_hash(entry, prev_hash)
         prev_hash = entry.hash
         session.add(entry)
     session.flush()
-
-
-@event.listens_for(Session, "after_rollback")
-def _drop_pending_entries(session: Session) -> None:
-    session.info.pop(_PENDING_KEY, None)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from memberhub.events.models import Event
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import lock_commit_order
 from memberhub.kit.ids import new_public_id
+from memberhub.kit.pending import is_savepoint_release, pending, track_savepoints
 
 _PENDING_KEY = "memberhub.pending_events"
 
@@ -35,22 +36,22 @@ def emit(
         data=data.model_dump(mode="json"),
     )
     session.add(event)
-    session.info.setdefault(_PENDING_KEY, []).append(event)
+    pending(session.sync_session, _PENDING_KEY).append(event)
     return event
+
+
+track_savepoints(_PENDING_KEY)
 
 
 @sa_event.listens_for(Session, "before_commit")
 def _assign_positions(session: Session) -> None:
-    pending: list[Event] = session.info.pop(_PENDING_KEY, [])
-    if not pending:
+    if is_savepoint_release(session):
+        return
+    held: list[Event] = session.info.pop(_PENDING_KEY, [])
+    if not held:
         return
     lock_commit_order(session)
     last = session.execute(select(func.max(Event.position))).scalar_one_or_none() or 0
-    for offset, event in enumerate(pending, start=1):
+    for offset, event in enumerate(held, start=1):
         event.position = last + offset
     session.flush()
-
-
-@sa_event.listens_for(Session, "after_rollback")
-def _drop_pending(session: Session) -> None:
-    session.info.pop(_PENDING_KEY, None)
