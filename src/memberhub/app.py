@@ -9,9 +9,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from memberhub.alerts.routes import router as alerts_router
+from memberhub.analytics.routes import router as analytics_router
 from memberhub.approvals.routes import router as approvals_router
 from memberhub.audit.routes import router as audit_router
 from memberhub.auth.ratelimit import RateLimiter
+from memberhub.bulk.routes import router as bulk_router
 from memberhub.events.routes import router as events_router
 from memberhub.kit.db import Database
 from memberhub.kit.http import RequestContextMiddleware, install_error_handlers
@@ -25,6 +28,7 @@ from memberhub.points.routes import router as points_router
 from memberhub.program.routes import router as program_router
 from memberhub.rewards.routes import router as rewards_router
 from memberhub.settings import Settings
+from memberhub.tiers.routes import router as tiers_router
 from memberhub.worker.runner import Worker
 
 
@@ -70,8 +74,12 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
         memberships_router,
         program_router,
         points_router,
+        bulk_router,
+        tiers_router,
         rewards_router,
         approvals_router,
+        alerts_router,
+        analytics_router,
         events_router,
         audit_router,
         ops_router,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from memberhub.kit.clock import utcnow
@@ -37,6 +37,10 @@ class BulkJob(IdMixin, Base):
     failed_rows: Mapped[int] = mapped_column(Integer, default=0)
     default_reason: Mapped[str | None] = mapped_column(String(1000))
     created_by: Mapped[str] = mapped_column(String(64))
+    # The creating key's organisation: the job awards only to members that key can see.
+    organisation_id: Mapped[int | None] = mapped_column(
+        BigIntId, ForeignKey("organisations.id", ondelete="RESTRICT"), index=True
+    )
     error: Mapped[str | None] = mapped_column(String(1000))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
@@ -68,8 +72,8 @@ class BulkJobRow(IdMixin, Base):
     job_id: Mapped[int] = mapped_column(BigIntId, ForeignKey("bulk_jobs.id", ondelete="CASCADE"))
     row_number: Mapped[int] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(20))
-    member_id: Mapped[str | None] = mapped_column(String(64))
-    points: Mapped[int | None] = mapped_column(Integer)
+    member_id: Mapped[str | None] = mapped_column(String(320))
+    points: Mapped[int | None] = mapped_column(BigInteger)
     reference_id: Mapped[str | None] = mapped_column(String(200))
     transaction_id: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(String(1000))

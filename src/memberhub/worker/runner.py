@@ -13,11 +13,14 @@ from datetime import datetime
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from memberhub.alerts.jobs import check_rates
+from memberhub.bulk.jobs import process_bulk_awards
 from memberhub.idempotency.service import purge_expired
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.memberships.jobs import advance_membership_statuses
 from memberhub.points.jobs import activate_pending_points, expire_points, notify_expiring_points
+from memberhub.tiers.jobs import run_review as review_tiers
 from memberhub.worker import heartbeat
 
 log = structlog.get_logger("memberhub.worker")
@@ -47,6 +50,9 @@ JOBS: tuple[Job, ...] = (
     Job("points.activate_pending", 60.0, activate_pending_points),
     Job("points.expire", 300.0, chunked=expire_points),
     Job("points.notify_expiring", 3600.0, notify_expiring_points),
+    Job("bulk.process_awards", 5.0, chunked=process_bulk_awards),
+    Job("tiers.review", 86400.0, chunked=review_tiers),
+    Job("alerts.check_rates", 86400.0, check_rates),
     Job("idempotency.purge_expired", 3600.0, _purge_idempotency),
 )
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-24 12:25:01.054969
+Create Date: 2026-11-24 12:30:13.360527
 """
 
 from __future__ import annotations
@@ -23,35 +23,6 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-
-    op.create_table(
-        "bulk_jobs",
-        sa.Column("public_id", sa.String(length=32), nullable=False),
-        sa.Column("operation", sa.String(length=20), nullable=False),
-        sa.Column("status", sa.String(length=20), nullable=False),
-        sa.Column("total_rows", sa.Integer(), nullable=False),
-        sa.Column("processed_rows", sa.Integer(), nullable=False),
-        sa.Column("applied_rows", sa.Integer(), nullable=False),
-        sa.Column("duplicate_rows", sa.Integer(), nullable=False),
-        sa.Column("failed_rows", sa.Integer(), nullable=False),
-        sa.Column("default_reason", sa.String(length=1000), nullable=True),
-        sa.Column("created_by", sa.String(length=64), nullable=False),
-        sa.Column("error", sa.String(length=1000), nullable=True),
-        sa.Column("created_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("started_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("finished_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("lease_expires_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=True),
-        sa.Column(
-            "id",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            autoincrement=True,
-            nullable=False,
-        ),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_bulk_jobs")),
-        sa.UniqueConstraint("public_id", name=op.f("uq_bulk_jobs_public_id")),
-    )
-    with op.batch_alter_table("bulk_jobs", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_bulk_jobs_status"), ["status"], unique=False)
 
     op.create_table(
         "loyalty_program",
@@ -142,6 +113,47 @@ def upgrade() -> None:
         sa.UniqueConstraint("rank", name=op.f("uq_tiers_rank")),
     )
     op.create_table(
+        "bulk_jobs",
+        sa.Column("public_id", sa.String(length=32), nullable=False),
+        sa.Column("operation", sa.String(length=20), nullable=False),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.Column("total_rows", sa.Integer(), nullable=False),
+        sa.Column("processed_rows", sa.Integer(), nullable=False),
+        sa.Column("applied_rows", sa.Integer(), nullable=False),
+        sa.Column("duplicate_rows", sa.Integer(), nullable=False),
+        sa.Column("failed_rows", sa.Integer(), nullable=False),
+        sa.Column("default_reason", sa.String(length=1000), nullable=True),
+        sa.Column("created_by", sa.String(length=64), nullable=False),
+        sa.Column(
+            "organisation_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
+        ),
+        sa.Column("error", sa.String(length=1000), nullable=True),
+        sa.Column("created_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("started_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("lease_expires_at", memberhub.kit.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
+        sa.ForeignKeyConstraint(
+            ["organisation_id"],
+            ["organisations.id"],
+            name=op.f("fk_bulk_jobs_organisation_id_organisations"),
+            ondelete="RESTRICT",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_bulk_jobs")),
+        sa.UniqueConstraint("public_id", name=op.f("uq_bulk_jobs_public_id")),
+    )
+    with op.batch_alter_table("bulk_jobs", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_bulk_jobs_organisation_id"), ["organisation_id"], unique=False
+        )
+        batch_op.create_index(batch_op.f("ix_bulk_jobs_status"), ["status"], unique=False)
+
+    op.create_table(
         "bulk_job_chunks",
         sa.Column("job_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("sequence", sa.Integer(), nullable=False),
@@ -171,8 +183,8 @@ def upgrade() -> None:
         sa.Column("job_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("row_number", sa.Integer(), nullable=False),
         sa.Column("outcome", sa.String(length=20), nullable=False),
-        sa.Column("member_id", sa.String(length=64), nullable=True),
-        sa.Column("points", sa.Integer(), nullable=True),
+        sa.Column("member_id", sa.String(length=320), nullable=True),
+        sa.Column("points", sa.BigInteger(), nullable=True),
         sa.Column("reference_id", sa.String(length=200), nullable=True),
         sa.Column("transaction_id", sa.String(length=32), nullable=True),
         sa.Column("error", sa.String(length=1000), nullable=True),
@@ -566,10 +578,11 @@ def downgrade() -> None:
         batch_op.drop_index("ix_bulk_job_chunks_job_seq")
 
     op.drop_table("bulk_job_chunks")
+    with op.batch_alter_table("bulk_jobs", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_bulk_jobs_status"))
+        batch_op.drop_index(batch_op.f("ix_bulk_jobs_organisation_id"))
+
+    op.drop_table("bulk_jobs")
     op.drop_table("tiers")
     op.drop_table("rewards")
     op.drop_table("loyalty_program")
-    with op.batch_alter_table("bulk_jobs", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_bulk_jobs_status"))
-
-    op.drop_table("bulk_jobs")
