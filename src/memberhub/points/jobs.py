@@ -8,7 +8,6 @@ statement per step for a whole chunk of members, not a round trip per batch.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -29,7 +28,6 @@ from memberhub.points import service
 from memberhub.points.models import (
     BatchStatus,
     PointAccount,
-    PointAllocation,
     PointBatch,
     PointTransaction,
     TxnType,
@@ -79,37 +77,30 @@ def _bind(name: str) -> Any:
 
 
 async def expire_chunk(
-    session: AsyncSession, now: datetime, busy: set[int]
-) -> tuple[int, int] | None:
-    """Expire the due batches of the next chunk of members; None when none are left.
+    session: AsyncSession, now: datetime, after_member_id: int
+) -> tuple[int, int, int] | None:
+    """Expire the due batches of the next chunk of members after `after_member_id`.
 
-    Members whose account another transaction holds are added to `busy` and left for the
-    next run. Returns (batches expired, members affected).
+    One statement per step for the whole chunk: lock the accounts (SKIP LOCKED: members
+    another worker holds are left for the next run), total the due points per member,
+    insert one expire transaction per member, record the batch allocations, expire the
+    batches and update the accounts. Returns (last member id seen, batches expired,
+    members affected), or None when no member has due batches left.
     """
     repo = PointsRepository(session)
     member_ids = await repo.members_with_due_batches(
-        BatchStatus.ACTIVE, "expires_at", now, busy, CHUNK_MEMBERS
+        BatchStatus.ACTIVE, "expires_at", now, after_member_id, CHUNK_MEMBERS
     )
     if not member_ids:
         return None
     accounts = {a.member_id: a for a in await repo.lock_accounts_skip_locked(member_ids)}
-    busy.update(set(member_ids) - set(accounts))
-    if not accounts:
-        return 0, 0
-    due = await repo.due_batches(list(accounts), BatchStatus.ACTIVE, "expires_at", now)
+    due = await repo.due_totals(list(accounts), now) if accounts else []
     if not due:
-        return 0, 0
-    per_member: dict[int, int] = defaultdict(int)
-    batch_count: dict[int, int] = defaultdict(int)
-    for _batch_id, member_id, remaining in due:
-        per_member[member_id] += remaining
-        batch_count[member_id] += 1
-    await repo.set_batch_status([row[0] for row in due], BatchStatus.EXPIRED, expire=True)
+        return member_ids[-1], 0, 0
     txn_rows: list[dict[str, Any]] = []
     account_rows: list[dict[str, Any]] = []
-    for member_id, points in per_member.items():
+    for member_id, points, batches in due:
         account = accounts[member_id]
-        current = account.current - points
         txn_rows.append(
             {
                 "public_id": new_public_id("txn"),
@@ -117,10 +108,10 @@ async def expire_chunk(
                 "type": TxnType.EXPIRE,
                 "points": -points,
                 "pending_points": 0,
-                "balance_after": current,
+                "balance_after": account.current - points,
                 "pending_after": account.pending,
                 "reason": "Points expired",
-                "details": {"batches": batch_count[member_id]},
+                "details": {"batches": batches},
                 "actor": SCHEDULER.id,
                 "occurred_at": now,
             }
@@ -128,38 +119,35 @@ async def expire_chunk(
         account_rows.append(
             {
                 "b_member_id": member_id,
-                "b_current": current,
+                "b_current": account.current - points,
                 "b_pending": account.pending,
                 "b_lifetime_expired": account.lifetime_expired + points,
                 "b_at": now,
             }
         )
     inserted = await _insert_transactions(session, txn_rows)
+    due_members = [row[0] for row in due]
+    await repo.allocate_expiring(due_members, now, min(id_ for id_, _ in inserted.values()))
+    await repo.expire_due(due_members, now)
     await _update_accounts(session, account_rows)
-    await session.execute(
-        cast(Table, PointAllocation.__table__).insert(),
-        [
-            {"transaction_id": inserted[member_id][0], "batch_id": batch_id, "points": remaining}
-            for batch_id, member_id, remaining in due
-        ],
-    )
-    members = await _members(session, list(per_member))
-    for member_id, points in per_member.items():
-        member = members[member_id]
+    members = await _members(session, due_members)
+    for row in txn_rows:
+        member = members[row["member_id"]]
         emit(
             session,
             PointsExpired(
                 member_id=member.public_id,
-                transaction_id=inserted[member_id][1],
-                points=points,
-                balance_after=accounts[member_id].current - points,
-                batches=batch_count[member_id],
+                transaction_id=inserted[member.id][1],
+                points=-row["points"],
+                balance_after=row["balance_after"],
+                batches=row["details"]["batches"],
                 occurred_at=now,
             ),
             organisation_id=member.organisation_id,
             member_public_id=member.public_id,
             occurred_at=now,
         )
+    expired_batches = sum(row[2] for row in due)
     record_write(
         session,
         SCHEDULER,
@@ -167,46 +155,44 @@ async def expire_chunk(
         object_type="job",
         object_id="points.expire",
         changes={
-            "members": len(per_member),
-            "batches": len(due),
-            "points": sum(per_member.values()),
+            "members": len(due),
+            "batches": expired_batches,
+            "points": sum(row[1] for row in due),
         },
     )
-    return len(due), len(per_member)
+    return member_ids[-1], expired_batches, len(due)
 
 
 async def expire_points(db: Database, now: datetime) -> int:
     """Expire every batch whose expiry has passed, a chunk of members per transaction."""
-    busy: set[int] = set()
+    after = 0
     expired = 0
     while True:
         async with db.transaction() as session:
-            done = await expire_chunk(session, now, busy)
+            done = await expire_chunk(session, now, after)
         if done is None:
             return expired
-        expired += done[0]
+        after, batches, _members_count = done
+        expired += batches
 
 
 async def activate_pending_points(session: AsyncSession, now: datetime) -> int:
     """Make pending batches whose pending period is over spendable."""
     repo = PointsRepository(session)
     activated = 0
-    busy: set[int] = set()
+    after = 0
     while True:
         member_ids = await repo.members_with_due_batches(
-            BatchStatus.PENDING, "activates_at", now, busy, CHUNK_MEMBERS
+            BatchStatus.PENDING, "activates_at", now, after, CHUNK_MEMBERS
         )
         if not member_ids:
             return activated
+        after = member_ids[-1]
+        # Members another worker holds are skipped; the next run takes them.
         accounts = await repo.lock_accounts_skip_locked(member_ids)
-        busy.update(set(member_ids) - {a.member_id for a in accounts})
         members = await _members(session, [a.member_id for a in accounts])
         for account in accounts:
-            count = await _activate_member(session, account, members[account.member_id], now)
-            if count == 0:
-                # Nothing was due after all: never look at this member again in this run.
-                busy.add(account.member_id)
-            activated += count
+            activated += await _activate_member(session, account, members[account.member_id], now)
 
 
 async def _activate_member(

@@ -130,6 +130,8 @@ class PointBatch(IdMixin, Base):
     __table_args__ = (
         Index("ix_point_batches_member_status", "member_id", "status"),
         Index("ix_point_batches_status_expires_at", "status", "expires_at"),
+        # The expiry and activation jobs walk members in id order within a status.
+        Index("ix_point_batches_status_member", "status", "member_id", "expires_at"),
         Index("ix_point_batches_status_activates_at", "status", "activates_at"),
     )
 

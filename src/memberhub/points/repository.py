@@ -3,8 +3,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import Row, and_, func, select, update
+from sqlalchemy import ColumnElement, Row, Table, and_, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -18,6 +19,7 @@ from memberhub.points.models import (
     PointAllocation,
     PointBatch,
     PointTransaction,
+    TxnType,
 )
 
 
@@ -301,21 +303,27 @@ class PointsRepository:
     # ------------------------------------------------------------ jobs
 
     async def members_with_due_batches(
-        self, status: str, column_name: str, now: datetime, exclude: set[int], limit: int
+        self, status: str, column_name: str, now: datetime, after_member_id: int, limit: int
     ) -> list[int]:
-        """Up to `limit` members with batches in `status` whose `column` time has come.
+        """The next `limit` members, by id after `after_member_id`, with batches in `status`
+        whose `column` time has come.
 
-        Reads the (status, time) index range only, so each chunk costs what it returns.
+        Walks the (status, member_id, time) index forward from where the last chunk ended,
+        so a whole run reads each batch's index entry about once.
         """
         column = getattr(PointBatch, column_name)
         query = (
             select(PointBatch.member_id)
-            .where(PointBatch.status == status, column.is_not(None), column <= now)
-            .distinct()
+            .where(
+                PointBatch.status == status,
+                PointBatch.member_id > after_member_id,
+                column.is_not(None),
+                column <= now,
+            )
+            .group_by(PointBatch.member_id)
+            .order_by(PointBatch.member_id)
             .limit(limit)
         )
-        if exclude:
-            query = query.where(PointBatch.member_id.not_in(exclude))
         return list((await self.session.scalars(query)).all())
 
     async def lock_accounts_skip_locked(self, member_ids: Sequence[int]) -> list[PointAccount]:
@@ -329,37 +337,49 @@ class PointsRepository:
         )
         return list((await self.session.scalars(query)).all())
 
-    async def due_batches(
-        self, member_ids: Sequence[int], status: str, column_name: str, now: datetime
-    ) -> Sequence[Row[int, int, int]]:
-        column = getattr(PointBatch, column_name)
-        return (
-            await self.session.execute(
-                select(PointBatch.id, PointBatch.member_id, PointBatch.remaining)
-                .where(
-                    PointBatch.member_id.in_(member_ids),
-                    PointBatch.status == status,
-                    column.is_not(None),
-                    column <= now,
-                )
-                .order_by(PointBatch.member_id, PointBatch.id)
-            )
-        ).all()
+    async def due_totals(
+        self, member_ids: Sequence[int], now: datetime
+    ) -> list[tuple[int, int, int]]:
+        """(member id, points, batches) of the active batches due to expire, per member."""
+        rows = await self.session.execute(
+            select(PointBatch.member_id, func.sum(PointBatch.remaining), func.count())
+            .where(_due_to_expire(member_ids, now))
+            .group_by(PointBatch.member_id)
+            .order_by(PointBatch.member_id)
+        )
+        return [(row[0], int(row[1]), int(row[2])) for row in rows]
 
-    async def set_batch_status(
-        self, batch_ids: Sequence[int], status: str, *, expire: bool = False
+    async def allocate_expiring(
+        self, member_ids: Sequence[int], now: datetime, first_transaction_id: int
     ) -> None:
-        values: dict[str, object] = {"status": status}
-        if expire:
-            values = {
-                "status": status,
-                "expired_points": PointBatch.expired_points + PointBatch.remaining,
-                "remaining": 0,
-            }
+        """Record, in one statement, what each due batch gives to its member's expire
+        transaction (those inserted from `first_transaction_id` on, at `now`)."""
+        table = cast(Table, PointAllocation.__table__)
+        txn = PointTransaction
+        source = (
+            select(txn.id, PointBatch.id, PointBatch.remaining)
+            .join(txn, txn.member_id == PointBatch.member_id)
+            .where(
+                _due_to_expire(member_ids, now),
+                txn.type == TxnType.EXPIRE,
+                txn.occurred_at == now,
+                txn.id >= first_transaction_id,
+            )
+        )
+        await self.session.execute(
+            table.insert().from_select(["transaction_id", "batch_id", "points"], source)
+        )
+
+    async def expire_due(self, member_ids: Sequence[int], now: datetime) -> None:
+        """Mark the members' due batches expired, moving what remained to expired_points."""
         await self.session.execute(
             update(PointBatch)
-            .where(PointBatch.id.in_(batch_ids))
-            .values(**values)
+            .where(_due_to_expire(member_ids, now))
+            .values(
+                status=BatchStatus.EXPIRED,
+                expired_points=PointBatch.expired_points + PointBatch.remaining,
+                remaining=0,
+            )
             .execution_options(synchronize_session=False)
         )
 
@@ -381,3 +401,12 @@ class PointsRepository:
                 .with_for_update(skip_locked=True)
             )
         ).all()
+
+
+def _due_to_expire(member_ids: Sequence[int], now: datetime) -> ColumnElement[bool]:
+    return and_(
+        PointBatch.member_id.in_(member_ids),
+        PointBatch.status == BatchStatus.ACTIVE,
+        PointBatch.expires_at.is_not(None),
+        PointBatch.expires_at <= now,
+    )

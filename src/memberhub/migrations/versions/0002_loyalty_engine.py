@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-24 12:30:13.360527
+Create Date: 2026-11-24 13:02:05.244295
 """
 
 from __future__ import annotations
@@ -370,6 +370,9 @@ def upgrade() -> None:
             "ix_point_batches_status_expires_at", ["status", "expires_at"], unique=False
         )
         batch_op.create_index(
+            "ix_point_batches_status_member", ["status", "member_id", "expires_at"], unique=False
+        )
+        batch_op.create_index(
             batch_op.f("ix_point_batches_transaction_id"), ["transaction_id"], unique=False
         )
 
@@ -550,6 +553,7 @@ def downgrade() -> None:
     op.drop_table("point_transactions")
     with op.batch_alter_table("point_batches", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_point_batches_transaction_id"))
+        batch_op.drop_index("ix_point_batches_status_member")
         batch_op.drop_index("ix_point_batches_status_expires_at")
         batch_op.drop_index("ix_point_batches_status_activates_at")
         batch_op.drop_index("ix_point_batches_member_status")
