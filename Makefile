@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Test processes (pytest-xdist); each has its own database.
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
@@ -41,10 +43,10 @@ typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
 pytest: $(DEV_STAMP)
-	env -u MEMBERHUB_TEST_DATABASE_URL $(BIN)/pytest
+	env -u MEMBERHUB_TEST_DATABASE_URL $(BIN)/pytest -n $(TEST_WORKERS)
 	@if [ -n "$$MEMBERHUB_TEST_DATABASE_URL" ]; then \
 		echo "== again on PostgreSQL"; \
-		$(BIN)/pytest; \
+		$(BIN)/pytest -n $(TEST_WORKERS); \
 	fi
 
 ## A full schemathesis run against the app's own OpenAPI schema (the suite runs a short one).
@@ -53,7 +55,8 @@ schemathesis: $(DEV_STAMP)
 
 ## Benchmarks: ratios against a raw baseline measured in the same run.
 bench: $(DEV_STAMP)
-	$(BIN)/python bench/members.py
+	$(BIN)/python -m bench.members
+	$(BIN)/python -m bench.ledger
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -14,9 +14,9 @@ Both sides are warmed up, then each runs 3 rounds of N (500) and counts the medi
 backend it prints http creates/s, raw inserts/s and their ratio (http / raw: higher is
 better; 1.0 would mean the API cost nothing over bare inserts).
 
-    python bench/members.py                 # both backends
-    python bench/members.py --quick         # a breakage check: one round of 40
-    python bench/members.py --backend sqlite --requests 2000
+    python -m bench.members                 # both backends
+    python -m bench.members --quick         # a breakage check: one round of 40
+    python -m bench.members --backend sqlite --requests 2000
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,16 +35,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 from sqlalchemy import insert
 from sqlalchemy.engine import make_url
 
-from memberhub.auth.roles import Role
-from memberhub.auth.service import create_api_key
-from memberhub.kit.actor import Actor
+from bench.common import (
+    DEFAULT_POSTGRES_URL,
+    issue_admin_key,
+    pg_execute,
+    postgres_reachable,
+    running_server,
+)
 from memberhub.kit.clock import utcnow
-from memberhub.kit.db import Database, create_engine
+from memberhub.kit.db import create_engine
 from memberhub.kit.ids import new_public_id
 from memberhub.kit.migrate import upgrade
 from memberhub.members.models import Member, MemberStatus
@@ -55,12 +56,6 @@ CONCURRENCY = 8
 FULL_ROWS = 500
 QUICK_ROWS = 40
 ROUNDS = 3
-DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
-# The benchmark measures the API, not the rate limiter refusing it.
-UNLIMITED = "100000000/minute"
-SERVER_START_TIMEOUT = 60.0
-SERVE_URL_ENV = "MEMBERHUB_BENCH_SERVE_DATABASE_URL"
-SERVE_DATA_DIR_ENV = "MEMBERHUB_BENCH_SERVE_DATA_DIR"
 
 
 @dataclass(frozen=True)
@@ -84,18 +79,6 @@ class Result:
 # -- databases ----------------------------------------------------------------------------
 
 
-def _asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-async def _pg_execute(server_url: str, statement: str) -> None:
-    conn = await asyncpg.connect(_asyncpg_dsn(server_url), timeout=10)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @contextlib.contextmanager
 def sqlite_database() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="memberhub-bench-") as directory:
@@ -105,32 +88,11 @@ def sqlite_database() -> Iterator[str]:
 @contextlib.contextmanager
 def postgres_database(server_url: str) -> Iterator[str]:
     name = f"memberhub_bench_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg_execute(server_url, f'CREATE DATABASE "{name}"'))
+    asyncio.run(pg_execute(server_url, f'CREATE DATABASE "{name}"'))
     try:
         yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        asyncio.run(_pg_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-def postgres_reachable(server_url: str) -> str | None:
-    """None when the server answers, else why not."""
-    try:
-        asyncio.run(_pg_execute(server_url, "SELECT 1"))
-    except (OSError, asyncpg.PostgresError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-async def issue_admin_key(url: str) -> str:
-    db = Database(url, pool_size=1)
-    try:
-        async with db.transaction() as session:
-            issued = await create_api_key(
-                session, Actor.system("bench"), name="bench", role=Role.ADMIN, rate_limit=UNLIMITED
-            )
-            return issued.secret
-    finally:
-        await db.dispose()
+        asyncio.run(pg_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 # -- load -----------------------------------------------------------------------------------
@@ -214,68 +176,6 @@ async def measure_http(base_url: str, key: str, rows: int, concurrency: int, rou
         return await median_rate(one, "http", rows, concurrency, rounds)
 
 
-# -- the server -----------------------------------------------------------------------------
-
-
-def serve(database_url: str, port: int, data_dir: str) -> None:
-    """The child process: the application under uvicorn, as `memberhub serve` runs it."""
-    import uvicorn
-
-    from memberhub.app import create_app
-    from memberhub.settings import Settings
-
-    settings = Settings(
-        database_url=database_url,
-        data_dir=Path(data_dir),
-        secret_key="bench-secret-key-not-for-production",
-        redis_url=None,
-        log_level="WARNING",
-        rate_limit=UNLIMITED,
-    )
-    application = create_app(settings)
-    uvicorn.run(application, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def running_server(database_url: str) -> Iterator[str]:
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="memberhub-bench-data-") as data_dir:
-        command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--port", str(port)]
-        # The URL goes by environment, so a password in it stays out of the process list.
-        env = {**os.environ, SERVE_URL_ENV: database_url, SERVE_DATA_DIR_ENV: data_dir}
-        process = subprocess.Popen(command, env=env)
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_ready(process, base_url)
-            yield base_url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def wait_until_ready(process: subprocess.Popen[bytes], base_url: str) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"the server did not answer within {SERVER_START_TIMEOUT:.0f}s")
-
-
 # -- main -----------------------------------------------------------------------------------
 
 
@@ -299,16 +199,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--backend", choices=("all", "sqlite", "postgresql"), default="all", help="default: all"
     )
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.serve:
-        serve(os.environ[SERVE_URL_ENV], args.port, os.environ[SERVE_DATA_DIR_ENV])
-        return 0
     rows = args.requests or (QUICK_ROWS if args.quick else FULL_ROWS)
     rounds = args.rounds or (1 if args.quick else ROUNDS)
     explicit_pg = os.environ.get("MEMBERHUB_BENCH_POSTGRES_URL")

@@ -1,0 +1,147 @@
+"""What the benchmarks share: scratch PostgreSQL databases, an admin key, and the
+application served by uvicorn in a child process (`python -m bench.common` is that child).
+
+Run the benchmarks from the repository root as modules, e.g. `python -m bench.ledger`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+from sqlalchemy.engine import make_url
+
+from memberhub.auth.roles import Role
+from memberhub.auth.service import create_api_key
+from memberhub.kit.actor import Actor
+from memberhub.kit.db import Database
+
+DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+# The benchmarks measure the API, not the rate limiter refusing it.
+UNLIMITED = "100000000/minute"
+SERVER_START_TIMEOUT = 60.0
+SERVE_URL_ENV = "MEMBERHUB_BENCH_SERVE_DATABASE_URL"
+SERVE_DATA_DIR_ENV = "MEMBERHUB_BENCH_SERVE_DATA_DIR"
+SERVE_PORT_ENV = "MEMBERHUB_BENCH_SERVE_PORT"
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- databases ------------------------------------------------------------------------------
+
+
+def asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def pg_execute(server_url: str, statement: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(server_url), timeout=10)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def postgres_reachable(server_url: str) -> str | None:
+    """None when the server answers, else why not."""
+    try:
+        asyncio.run(pg_execute(server_url, "SELECT 1"))
+    except (OSError, asyncpg.PostgresError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+async def issue_admin_key(url: str) -> str:
+    db = Database(url, pool_size=1)
+    try:
+        async with db.transaction() as session:
+            issued = await create_api_key(
+                session, Actor.system("bench"), name="bench", role=Role.ADMIN, rate_limit=UNLIMITED
+            )
+            return issued.secret
+    finally:
+        await db.dispose()
+
+
+# -- the server -----------------------------------------------------------------------------
+
+
+def serve(database_url: str, port: int, data_dir: str) -> None:
+    """The child process: the application under uvicorn, as `memberhub serve` runs it."""
+    import uvicorn
+
+    from memberhub.app import create_app
+    from memberhub.settings import Settings
+
+    settings = Settings(
+        database_url=database_url,
+        data_dir=Path(data_dir),
+        secret_key="bench-secret-key-not-for-production",
+        redis_url=None,
+        log_level="WARNING",
+        rate_limit=UNLIMITED,
+    )
+    application = create_app(settings)
+    uvicorn.run(application, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def running_server(database_url: str) -> Iterator[str]:
+    """The application on `database_url`, in a child process; yields its base URL."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="memberhub-bench-data-") as data_dir:
+        # The URL goes by environment, so a password in it stays out of the process list.
+        env = {
+            **os.environ,
+            SERVE_URL_ENV: database_url,
+            SERVE_DATA_DIR_ENV: data_dir,
+            SERVE_PORT_ENV: str(port),
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.common"], env=env, cwd=REPOSITORY_ROOT
+        )
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_ready(process, base_url)
+            yield base_url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_until_ready(process: subprocess.Popen[bytes], base_url: str) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"the server did not answer within {SERVER_START_TIMEOUT:.0f}s")
+
+
+if __name__ == "__main__":
+    serve(
+        os.environ[SERVE_URL_ENV], int(os.environ[SERVE_PORT_ENV]), os.environ[SERVE_DATA_DIR_ENV]
+    )
