@@ -41,6 +41,17 @@ class PointsRepository:
 
     async def lock_account(self, member_id: int) -> PointAccount:
         """The member's account, created on first use, locked until the transaction ends."""
+        locking = (
+            select(PointAccount)
+            .where(PointAccount.member_id == member_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        account = await self.session.scalar(locking)
+        if account is not None:
+            return account
+        # First points of this member: create the row; a concurrent first write creating it
+        # too is harmless (DO NOTHING), and both then lock the one row.
         dialect = self.session.get_bind().dialect.name
         insert = pg_insert if dialect == "postgresql" else sqlite_insert
         await self.session.execute(
@@ -48,12 +59,7 @@ class PointsRepository:
             .values(member_id=member_id, updated_at=utcnow())
             .on_conflict_do_nothing(index_elements=["member_id"])
         )
-        account = await self.session.scalar(
-            select(PointAccount)
-            .where(PointAccount.member_id == member_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
+        account = await self.session.scalar(locking)
         assert account is not None
         return account
 

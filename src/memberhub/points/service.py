@@ -203,6 +203,11 @@ async def settle_into(session: AsyncSession, txn: PointTransaction, batch: Point
 
 async def _settle_deficit(session: AsyncSession, batch: PointBatch) -> list[tuple[PointBatch, int]]:
     """Pay points owed (a deficit batch) from a batch that just became active."""
+    account = await session.get(PointAccount, batch.member_id)
+    # Points are owed only while the balance is negative (a deficit is settled by the first
+    # points to become active), and the balance already counts this batch.
+    if account is not None and account.current - batch.remaining >= 0:
+        return []
     deficit = await PointsRepository(session).deficit_batch(batch.member_id)
     if deficit is None or batch.remaining <= 0:
         return []

@@ -8,8 +8,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
 
 from memberhub.audit.service import diff, record_write
 from memberhub.auth.principal import Principal
@@ -47,10 +48,27 @@ def _defaults() -> LoyaltyProgram:
     )
 
 
+_CACHE_KEY = "memberhub.program"
+
+
 async def get_program(session: AsyncSession) -> LoyaltyProgram:
-    """The settings row; before anyone saved settings, the defaults (not stored)."""
+    """The settings row; before anyone saved settings, the defaults (not stored).
+
+    Read once per transaction: a ledger operation asks several times.
+    """
+    cached: LoyaltyProgram | None = session.info.get(_CACHE_KEY)
+    if cached is not None:
+        return cached
     program = await session.scalar(select(LoyaltyProgram).where(LoyaltyProgram.id == PROGRAM_ID))
-    return program if program is not None else _defaults()
+    program = program if program is not None else _defaults()
+    session.info[_CACHE_KEY] = program
+    return program
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_program(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None or transaction.nested:
+        session.info.pop(_CACHE_KEY, None)
 
 
 def to_fields(program: LoyaltyProgram) -> ProgramFields:
@@ -111,6 +129,7 @@ async def update_program(
     if stored is None:
         session.add(program)
     await session.flush()
+    session.info[_CACHE_KEY] = program
     record_write(
         session,
         principal.actor,
