@@ -98,6 +98,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.earns: list[tuple[str, str]] = []  # (member, earn reference)
         self.negative_allowed = False
         self.clock_days = 0
+        self.reward_id = ""
+        self.claims: list[str] = []
 
     def post(self, operation: str, body: dict[str, Any], allowed: set[int]) -> dict[str, Any]:
         response = self.h.call("POST", f"/api/v1/points/{operation}", body)
@@ -134,6 +136,10 @@ class LedgerMachine(RuleBasedStateMachine):
             )
             assert response.status_code == 201, response.text
             self.members.append(response.json()["id"])
+        reward = {"code": f"R{next(_references)}", "name": "Mug", "points_cost": 150, "stock": 4}
+        response = self.h.call("POST", "/api/v1/rewards", reward)
+        assert response.status_code == 201, response.text
+        self.reward_id = response.json()["id"]
 
     @rule(who=st.integers(0, 2), amount=Amount, repeat=st.booleans())
     def earn(self, who: int, amount: int, repeat: bool) -> None:
@@ -219,6 +225,26 @@ class LedgerMachine(RuleBasedStateMachine):
             "points": points,
         }
         self.post("transfer", body, {201, 409} if source != to else {422})
+
+    @rule(who=st.integers(0, 2))
+    def claim_reward(self, who: int) -> None:
+        response = self.h.call(
+            "POST", f"/api/v1/rewards/{self.reward_id}/claim", {"member_id": self.members[who]}
+        )
+        assert response.status_code in (201, 409), response.text
+        if response.status_code == 201:
+            self.claims.append(response.json()["claim"]["id"])
+        else:
+            assert response.json()["error"]["code"] in {"INSUFFICIENT_POINTS", "OUT_OF_STOCK"}
+
+    @precondition(lambda self: bool(self.claims))
+    @rule(pick=st.integers(0, 1000))
+    def cancel_claim(self, pick: int) -> None:
+        claim = self.claims[pick % len(self.claims)]
+        response = self.h.call(
+            "POST", f"/api/v1/rewards/claims/{claim}/cancel", {"reason": "changed mind"}
+        )
+        assert response.status_code in (200, 409), response.text
 
     @rule(days=st.integers(0, 40))
     def run_jobs(self, days: int) -> None:
