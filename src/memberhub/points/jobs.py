@@ -19,7 +19,7 @@ from memberhub.alerts import service as alerts
 from memberhub.alerts.models import AlertType
 from memberhub.audit.service import record_write
 from memberhub.events.catalog import PointsEarned, PointsExpired, PointsExpiring
-from memberhub.events.service import emit
+from memberhub.events.service import emit, emit_many
 from memberhub.kit.actor import Actor
 from memberhub.kit.db import Database
 from memberhub.kit.ids import new_public_id
@@ -131,22 +131,25 @@ async def expire_chunk(
     await repo.expire_due(due_members, now)
     await _update_accounts(session, account_rows)
     members = await _members(session, due_members)
-    for row in txn_rows:
-        member = members[row["member_id"]]
-        emit(
-            session,
-            PointsExpired(
-                member_id=member.public_id,
-                transaction_id=inserted[member.id][1],
-                points=-row["points"],
-                balance_after=row["balance_after"],
-                batches=row["details"]["batches"],
-                occurred_at=now,
-            ),
-            organisation_id=member.organisation_id,
-            member_public_id=member.public_id,
-            occurred_at=now,
-        )
+    await emit_many(
+        session,
+        [
+            (
+                PointsExpired(
+                    member_id=members[row["member_id"]].public_id,
+                    transaction_id=inserted[row["member_id"]][1],
+                    points=-row["points"],
+                    balance_after=row["balance_after"],
+                    batches=row["details"]["batches"],
+                    occurred_at=now,
+                ),
+                members[row["member_id"]].organisation_id,
+                members[row["member_id"]].public_id,
+            )
+            for row in txn_rows
+        ],
+        occurred_at=now,
+    )
     expired_batches = sum(row[2] for row in due)
     record_write(
         session,
