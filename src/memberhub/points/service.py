@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.alerts import service as alerts
@@ -188,17 +189,22 @@ async def _spend(
     return taken
 
 
-def _allocate(
+async def _allocate(
     session: AsyncSession, txn: PointTransaction, taken: Sequence[tuple[PointBatch, int]]
 ) -> list[tuple[int, int]]:
-    for batch, points in taken:
-        session.add(PointAllocation(transaction_id=txn.id, batch_id=batch.id, points=points))
+    """Record which batches `txn` drew from, in one statement (the transaction is flushed)."""
+    rows = [
+        {"transaction_id": txn.id, "batch_id": batch.id, "points": points}
+        for batch, points in taken
+    ]
+    if rows:
+        await session.execute(insert(PointAllocation), rows)
     return [(batch.id, points) for batch, points in taken]
 
 
 async def settle_into(session: AsyncSession, txn: PointTransaction, batch: PointBatch) -> None:
     """Let a batch that just became active pay any deficit, recorded under `txn`."""
-    _allocate(session, txn, await _settle_deficit(session, batch))
+    await _allocate(session, txn, await _settle_deficit(session, batch))
 
 
 async def _settle_deficit(session: AsyncSession, batch: PointBatch) -> list[tuple[PointBatch, int]]:
@@ -475,7 +481,7 @@ async def spend_points(
         details={"requested_points": points, **(details or {})},
     )
     await session.flush()
-    allocations = _allocate(session, txn, taken)
+    allocations = await _allocate(session, txn, taken)
     if txn_type == TxnType.REDEEM:
         event: PointsChange = PointsRedeemed(**event_fields(txn, member))
         await _flag_large_redemption(session, member, txn, points)
@@ -643,7 +649,7 @@ async def reverse_earn(
         },
     )
     await session.flush()
-    allocations = _allocate(session, txn, taken)
+    allocations = await _allocate(session, txn, taken)
     if owed > 0:
         deficit = await repo.deficit_batch(member.id)
         if deficit is None:
@@ -834,7 +840,7 @@ async def transfer_points(
         details={"requested_points": points, "to_member_id": target.public_id},
     )
     await session.flush()
-    allocations = _allocate(session, out_txn, taken)
+    allocations = await _allocate(session, out_txn, taken)
     in_txn = record_transaction(
         session,
         in_account,
