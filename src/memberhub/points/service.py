@@ -108,6 +108,25 @@ async def find_replay(
     return existing
 
 
+async def _open(
+    session: AsyncSession,
+    txn_type: str,
+    reference_id: str | None,
+    member: Member,
+    *,
+    points: int | None = None,
+) -> tuple[PointAccount, PointTransaction | None]:
+    """The start of every single-member operation: hold the reference (if any), lock the
+    member's account, and return the earlier transaction when this one repeats it."""
+    replay = await find_replay(session, txn_type, reference_id, member_id=member.id, points=points)
+    return await PointsRepository(session).lock_account(member.id), replay
+
+
+def _require_future(expires_at: datetime | None, now: datetime) -> None:
+    if expires_at is not None and expires_at <= now:
+        raise ValidationFailed("expires_at must be in the future.", details={"field": "expires_at"})
+
+
 def record_transaction(
     session: AsyncSession,
     account: PointAccount,
@@ -353,8 +372,7 @@ async def earn_points(
             code="CURRENCY_MISMATCH",
             details={"program_currency": program.currency, "currency": currency},
         )
-    replay = await find_replay(session, TxnType.EARN, reference_id, member_id=member.id)
-    account = await PointsRepository(session).lock_account(member.id)
+    account, replay = await _open(session, TxnType.EARN, reference_id, member)
     if replay is not None:
         if replay.amount != amount or replay.currency != currency:
             raise ReferenceReused(
@@ -418,12 +436,8 @@ async def award_points(
     now: datetime | None = None,
 ) -> LedgerResult:
     now = now or utcnow()
-    if expires_at is not None and expires_at <= now:
-        raise ValidationFailed("expires_at must be in the future.", details={"field": "expires_at"})
-    replay = await find_replay(
-        session, TxnType.AWARD, reference_id, member_id=member.id, points=points
-    )
-    account = await PointsRepository(session).lock_account(member.id)
+    _require_future(expires_at, now)
+    account, replay = await _open(session, TxnType.AWARD, reference_id, member, points=points)
     if replay is not None:
         return LedgerResult(replay, account, replayed=True)
     program = await program_service.get_program(session)
@@ -464,8 +478,7 @@ async def spend_points(
     """Redeem or deduct: take points from the soonest-expiring batches first."""
     assert txn_type in (TxnType.REDEEM, TxnType.DEDUCT)
     now = now or utcnow()
-    replay = await find_replay(session, txn_type, reference_id, member_id=member.id, points=points)
-    account = await PointsRepository(session).lock_account(member.id)
+    account, replay = await _open(session, txn_type, reference_id, member, points=points)
     if replay is not None:
         return LedgerResult(replay, account, replayed=True)
     taken = await _spend(session, account, points)
@@ -573,11 +586,8 @@ async def reverse_earn(
             f"Transaction {earn.public_id} is not an earn of this member.",
             code="TRANSACTION_NOT_FOUND",
         )
-    replay = await find_replay(
-        session, TxnType.REVERSE, reference_id, member_id=member.id, points=points
-    )
+    account, replay = await _open(session, TxnType.REVERSE, reference_id, member, points=points)
     repo = PointsRepository(session)
-    account = await repo.lock_account(member.id)
     if replay is not None:
         return LedgerResult(replay, account, replayed=True)
     batch = await repo.batch_for_transaction(earn.id)
@@ -743,12 +753,8 @@ async def recover_expired(
 ) -> LedgerResult:
     """Give back expired points as a new batch with a new expiry."""
     now = now or utcnow()
-    if expires_at is not None and expires_at <= now:
-        raise ValidationFailed("expires_at must be in the future.", details={"field": "expires_at"})
-    replay = await find_replay(
-        session, TxnType.RECOVER, reference_id, member_id=member.id, points=points
-    )
-    account = await PointsRepository(session).lock_account(member.id)
+    _require_future(expires_at, now)
+    account, replay = await _open(session, TxnType.RECOVER, reference_id, member, points=points)
     if replay is not None:
         return LedgerResult(replay, account, replayed=True)
     locked = []
