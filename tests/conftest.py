@@ -97,6 +97,9 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         env="test",
         log_level="WARNING",
         rate_limit="10000/minute",
+        # Webhook receivers in tests listen on 127.0.0.1, over plain http.
+        webhook_allowed_networks="127.0.0.0/8",
+        webhook_allow_http=True,
     )
 
 

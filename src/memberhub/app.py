@@ -16,6 +16,7 @@ from memberhub.audit.routes import router as audit_router
 from memberhub.auth.ratelimit import RateLimiter
 from memberhub.bulk.routes import router as bulk_router
 from memberhub.events.routes import router as events_router
+from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.kit.http import RequestContextMiddleware, install_error_handlers
 from memberhub.kit.logging import configure_logging
@@ -29,6 +30,7 @@ from memberhub.program.routes import router as program_router
 from memberhub.rewards.routes import router as rewards_router
 from memberhub.settings import Settings
 from memberhub.tiers.routes import router as tiers_router
+from memberhub.webhooks.routes import router as webhooks_router
 from memberhub.worker.runner import Worker
 
 
@@ -44,7 +46,12 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
         stop = asyncio.Event()
         task = None
         if embedded_worker:
-            worker = Worker(db, interval_seconds=settings.worker_interval_seconds)
+            worker = Worker(
+                db,
+                interval_seconds=settings.worker_interval_seconds,
+                settings=settings,
+                metrics=app.state.metrics,
+            )
             task = asyncio.create_task(worker.run_forever(stop))
         try:
             yield
@@ -64,6 +71,7 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
     app.state.settings = settings
     app.state.db = db
     app.state.metrics = Metrics()
+    app.state.secret_box = SecretBox(settings.resolved_secret_key)
     app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.redis_url)
     app.state.embedded_worker = embedded_worker
     app.add_middleware(RequestContextMiddleware)
@@ -81,6 +89,7 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
         alerts_router,
         analytics_router,
         events_router,
+        webhooks_router,
         audit_router,
         ops_router,
     ):

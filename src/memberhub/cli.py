@@ -71,9 +71,17 @@ def serve(
 
 
 @app.command()
-def worker() -> None:
-    """Run the worker: scheduled jobs and (later) deliveries."""
+def worker(
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve this worker's Prometheus metrics on this port (127.0.0.1)."),
+    ] = None,
+) -> None:
+    """Run the worker: scheduled jobs and webhook deliveries."""
+    from prometheus_client import start_http_server
+
     from memberhub.kit.logging import configure_logging
+    from memberhub.ops.metrics import Metrics
     from memberhub.worker.runner import Worker
 
     settings = _settings()
@@ -86,7 +94,15 @@ def worker() -> None:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await Worker(db, interval_seconds=settings.worker_interval_seconds).run_forever(stop)
+        metrics = Metrics()
+        if metrics_port is not None:
+            start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        await Worker(
+            db,
+            interval_seconds=settings.worker_interval_seconds,
+            settings=settings,
+            metrics=metrics,
+        ).run_forever(stop)
 
     _run(work)
 

@@ -15,6 +15,7 @@ from memberhub.points.models import PointAccount, PointAllocation, PointBatch, P
 from memberhub.program.models import LoyaltyProgram
 from memberhub.rewards.models import Reward, RewardClaim
 from memberhub.tiers.models import Tier
+from memberhub.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from memberhub.worker.models import WorkerHeartbeat
 
 __all__ = [
@@ -41,5 +42,8 @@ __all__ = [
     "Reward",
     "RewardClaim",
     "Tier",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
     "WorkerHeartbeat",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from enum import StrEnum
 from functools import cached_property
@@ -9,6 +10,22 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_durations(value: str) -> tuple[float, ...]:
+    """`5s,5m,30m,2h` → seconds. Bare numbers are seconds; units `ms`, `s`, `m`, `h`, `d`."""
+    delays = []
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        match = _DURATION.match(part)
+        if match is None:
+            raise ValueError(f"'{part.strip()}' is not a duration such as 5s, 5m or 2h")
+        delays.append(float(match.group(1)) * _UNITS[match.group(2) or "s"])
+    return tuple(delays)
 
 
 class Environment(StrEnum):
@@ -42,10 +59,65 @@ class Settings(BaseSettings):
     worker_interval_seconds: float = 5.0
     database_pool_size: int = 10
 
+    # Outbound webhooks.
+    webhook_allowed_networks: str = Field(
+        default="",
+        description="Comma-separated CIDRs that webhook URLs may resolve to although private "
+        "(loopback, private, link-local, CGNAT, ...); empty refuses them all.",
+    )
+    webhook_allow_http: bool = Field(
+        default=False, description="Accept plain http:// webhook URLs (https only otherwise)."
+    )
+    webhook_retry_schedule: str = Field(
+        default="5s,5m,30m,2h,5h,10h,10h",
+        description="Delays between attempts after the first, immediate one; each ±20% jitter.",
+    )
+    webhook_timeout_seconds: float = 15.0
+    webhook_max_payload_bytes: int = 256 * 1024
+    webhook_max_retry_after_seconds: float = Field(
+        default=3600.0,
+        description="Upper bound on a receiver's Retry-After (429, 502, 503, 504).",
+    )
+    webhook_disable_after_seconds: float = Field(
+        default=5 * 86400.0,
+        description="Disable an endpoint failing for this long without a single success.",
+    )
+    webhook_concurrency: int = Field(default=64, ge=1, description="Deliveries in flight.")
+    webhook_endpoint_concurrency: int = Field(
+        default=8, ge=1, description="Deliveries in flight to one endpoint at most."
+    )
+    webhook_lease_seconds: float = Field(
+        default=60.0,
+        description="How long a worker owns a claimed delivery; a dead worker's claims are "
+        "taken over after it. Must exceed the request timeout.",
+    )
+    webhook_poll_seconds: float = Field(
+        default=0.5, description="How often an idle delivery loop looks for new work."
+    )
+
     @field_validator("log_level")
     @classmethod
     def _upper_level(cls, value: str) -> str:
         return value.upper()
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _check_schedule(cls, value: str) -> str:
+        parse_durations(value)
+        return value
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: str) -> str:
+        # Imported here: the webhooks package itself imports the settings.
+        from memberhub.webhooks.ssrf import parse_networks
+
+        parse_networks(value)
+        return value
+
+    @property
+    def webhook_retry_delays(self) -> tuple[float, ...]:
+        return parse_durations(self.webhook_retry_schedule)
 
     @cached_property
     def resolved_database_url(self) -> str:

@@ -386,6 +386,11 @@ async def test_every_emitted_event_validates_against_its_types_schema(
     await api.patch(f"{MEMBERS}/{member['id']}", {"first_name": "B"})
     await api.post(f"{MEMBERS}/{member['id']}/membership/join", {"plan_id": plan["id"]})
     await api.delete(f"{MEMBERS}/{member['id']}")
+    hook = {"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}
+    endpoint = (await api.post("/api/v1/webhook-endpoints", hook)).json()
+    assert (await api.post(f"/api/v1/webhook-endpoints/{endpoint['id']}/test")).status_code == 202
+    disable = {"enabled": False, "disabled_reason": "maintenance"}
+    assert (await api.patch(f"/api/v1/webhook-endpoints/{endpoint['id']}", disable)).is_success
     schemas = await event_schemas(api)
 
     events = await list_events(api)

@@ -27,6 +27,7 @@ PRIORITIES = {
     AlertType.NEGATIVE_BALANCE: "high",
     AlertType.HIGH_EXPIRATION_RATE: "medium",
     AlertType.LOW_REDEMPTION_RATE: "low",
+    AlertType.WEBHOOK_ENDPOINT_DISABLED: "high",
 }
 
 

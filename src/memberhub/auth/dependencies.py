@@ -109,4 +109,6 @@ ApprovalsReader = Annotated[Principal, Depends(RequireScope(Scope.APPROVALS_READ
 ApprovalsDecider = Annotated[Principal, Depends(RequireScope(Scope.APPROVALS_DECIDE))]
 AlertsReader = Annotated[Principal, Depends(RequireScope(Scope.ALERTS_READ))]
 AlertsWriter = Annotated[Principal, Depends(RequireScope(Scope.ALERTS_WRITE))]
+WebhooksReader = Annotated[Principal, Depends(RequireScope(Scope.WEBHOOKS_READ))]
+WebhooksWriter = Annotated[Principal, Depends(RequireScope(Scope.WEBHOOKS_WRITE))]
 AnalyticsReader = Annotated[Principal, Depends(RequireScope(Scope.ANALYTICS_READ))]

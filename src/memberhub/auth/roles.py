@@ -46,6 +46,8 @@ class Scope(StrEnum):
     ALERTS_READ = "alerts:read"
     ALERTS_WRITE = "alerts:write"
     ANALYTICS_READ = "analytics:read"
+    WEBHOOKS_READ = "webhooks:read"
+    WEBHOOKS_WRITE = "webhooks:write"
 
 
 ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
@@ -76,6 +78,7 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.ALERTS_READ,
             Scope.ALERTS_WRITE,
             Scope.ANALYTICS_READ,
+            Scope.WEBHOOKS_READ,
         }
     ),
     Role.SUPPORT_AGENT: frozenset(
@@ -110,6 +113,8 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.TIERS_READ,
             Scope.REWARDS_READ,
             Scope.REWARDS_CLAIM,
+            Scope.WEBHOOKS_READ,
+            Scope.WEBHOOKS_WRITE,
         }
     ),
 }

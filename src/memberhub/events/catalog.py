@@ -193,6 +193,25 @@ class AlertRaised(EventData):
     occurred_at: datetime
 
 
+class WebhookEndpointDisabled(EventData):
+    event_type = "webhook.endpoint.disabled"
+    description = "A webhook endpoint was disabled: it answered 410 Gone, or failed without a "
+    "single success for longer than the configured period."
+
+    endpoint_id: str
+    url: str
+    reason: str
+    disabled_at: datetime
+
+
+class WebhookTest(EventData):
+    event_type = "webhook.test"
+    description = "A test event, sent to the one endpoint it was requested for."
+
+    endpoint_id: str
+    message: str
+
+
 CATALOG: dict[str, type[EventData]] = {
     model.event_type: model
     for model in (
@@ -211,6 +230,8 @@ CATALOG: dict[str, type[EventData]] = {
         RewardClaimCancelled,
         ApprovalRequested,
         AlertRaised,
+        WebhookEndpointDisabled,
+        WebhookTest,
     )
 }
 

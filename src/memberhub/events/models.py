@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Index, Integer, String
+from sqlalchemy import BigInteger, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from memberhub.kit.clock import utcnow
@@ -14,7 +14,16 @@ class Event(IdMixin, Base):
     """The transactional outbox: written in the same transaction as the change."""
 
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_type_id", "type", "id"),)
+    __table_args__ = (
+        Index("ix_events_type_id", "type", "id"),
+        # The dispatcher's queue: committed events not yet fanned out, in commit order.
+        Index(
+            "ix_events_undispatched",
+            "position",
+            postgresql_where=text("dispatched_at IS NULL"),
+            sqlite_where=text("dispatched_at IS NULL"),
+        ),
+    )
 
     public_id: Mapped[str] = mapped_column(String(32), unique=True)
     # Commit order: assigned as the transaction commits, so a reader paging by position never

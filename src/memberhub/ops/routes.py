@@ -9,6 +9,7 @@ from sqlalchemy import func, select, text
 
 from memberhub.events.models import Event
 from memberhub.kit.clock import utcnow
+from memberhub.webhooks.delivery import queue_stats
 from memberhub.worker import heartbeat
 
 router = APIRouter(tags=["operations"])
@@ -46,7 +47,15 @@ async def metrics(request: Request) -> Response:
         pending = await session.scalar(
             select(func.count()).select_from(Event).where(Event.dispatched_at.is_(None))
         )
+        queue = await queue_stats(session)
+    now = utcnow()
     app_metrics.events_pending.set(pending or 0)
+    app_metrics.set_webhook_queue(
+        [
+            (endpoint, depth, max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
+            for endpoint, depth, oldest in queue
+        ]
+    )
     age = await _worker_age_seconds(request)
     app_metrics.worker_heartbeat_age.set(-1 if age is None else age)
     return Response(generate_latest(app_metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -17,10 +17,14 @@ from memberhub.alerts.jobs import check_rates
 from memberhub.bulk.jobs import process_bulk_awards
 from memberhub.idempotency.service import purge_expired
 from memberhub.kit.clock import utcnow
+from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.memberships.jobs import advance_membership_statuses
+from memberhub.ops.metrics import Metrics
 from memberhub.points.jobs import activate_pending_points, expire_points, notify_expiring_points
+from memberhub.settings import Settings
 from memberhub.tiers.jobs import run_review as review_tiers
+from memberhub.webhooks.delivery import DeliveryConfig, DeliveryLoop
 from memberhub.worker import heartbeat
 
 log = structlog.get_logger("memberhub.worker")
@@ -66,12 +70,33 @@ async def run_job(db: Database, job: Job, now: datetime) -> int:
 
 
 class Worker:
-    def __init__(self, db: Database, *, interval_seconds: float = 5.0) -> None:
+    """Scheduled jobs every `interval_seconds`, and, when given its settings, the webhook
+    delivery loop beside them."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        interval_seconds: float = 5.0,
+        settings: Settings | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.db = db
         self.interval_seconds = interval_seconds
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.started_at = utcnow()
         self._last_run: dict[str, float] = {}
+        self.deliveries = (
+            DeliveryLoop(
+                db,
+                DeliveryConfig.from_settings(settings),
+                SecretBox(settings.resolved_secret_key),
+                worker_id=self.worker_id,
+                metrics=metrics,
+            )
+            if settings is not None
+            else None
+        )
 
     async def tick(self, *, force: bool = False) -> dict[str, int]:
         """Beat, then run each job that is due (or all of them with force)."""
@@ -95,6 +120,17 @@ class Worker:
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         log.info("worker_started", worker_id=self.worker_id)
+        deliveries = (
+            asyncio.create_task(self.deliveries.run(stop)) if self.deliveries is not None else None
+        )
+        try:
+            await self._run_jobs(stop)
+        finally:
+            if deliveries is not None:
+                await deliveries
+        log.info("worker_stopped", worker_id=self.worker_id)
+
+    async def _run_jobs(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 await self.tick()
@@ -102,4 +138,3 @@ class Worker:
                 log.exception("worker_tick_failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.interval_seconds)
-        log.info("worker_stopped", worker_id=self.worker_id)

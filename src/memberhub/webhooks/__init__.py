@@ -1,0 +1,1 @@
+"""Outbound webhooks: endpoints, deliveries, the delivery loop."""

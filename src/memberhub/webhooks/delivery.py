@@ -1,0 +1,817 @@
+"""The delivery loop: outbox events become deliveries, deliveries become signed POSTs.
+
+Three steps, each its own short transaction, so no HTTP request ever runs inside one:
+
+1. **Fan-out.** Committed events not yet dispatched, in commit order, become one delivery
+   per matching endpoint; the events are marked dispatched in the same transaction. One
+   worker at a time fans out (an advisory lock on PostgreSQL, the write lock on SQLite), so
+   deliveries are created in commit order.
+2. **Claim.** Due deliveries are leased to this worker (`FOR UPDATE SKIP LOCKED` on
+   PostgreSQL): `next_attempt_at` becomes the end of the lease, so a delivery whose worker
+   died is due again when the lease runs out. Each endpoint gets at most its share of the
+   worker's slots, so one slow endpoint never holds the others up; an ordered endpoint gets
+   one delivery at a time, always its oldest unfinished one.
+3. **Send and record.** Each claimed delivery is POSTed with the Standard Webhooks headers;
+   the results are written in batches: an attempt row each, the delivery's new state (only
+   while this worker still holds its lease) and the endpoint's health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any, cast
+
+import httpx
+import structlog
+from sqlalchemy import Table, and_, bindparam, func, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.events.catalog import WebhookTest
+from memberhub.events.models import Event
+from memberhub.kit.clock import utcnow
+from memberhub.kit.crypto import SecretBox
+from memberhub.kit.db import Database
+from memberhub.kit.ids import new_public_id
+from memberhub.ops.metrics import Metrics
+from memberhub.organisations.repository import OrganisationRepository
+from memberhub.settings import Settings
+from memberhub.webhooks import service
+from memberhub.webhooks.models import (
+    DeliveryStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
+from memberhub.webhooks.signing import TypeMatcher, signature_header
+from memberhub.webhooks.ssrf import DestinationRefused, UrlPolicy, guarded_transport
+
+log = structlog.get_logger("memberhub.webhooks")
+
+FAN_OUT_BATCH = 1000
+RESPONSE_BODY_LIMIT = 2048
+JITTER = 0.2
+# Statuses after which a receiver's Retry-After decides when to try again.
+RETRY_AFTER_STATUSES = frozenset({429, 502, 503, 504})
+# An arbitrary constant naming the advisory lock held by the one worker fanning out.
+_FAN_OUT_LOCK = 7_320_114_101
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    schedule: tuple[float, ...]
+    timeout: float
+    max_payload_bytes: int
+    max_retry_after: float
+    disable_after: float
+    concurrency: int
+    endpoint_concurrency: int
+    lease: float
+    poll: float
+    policy: UrlPolicy
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeliveryConfig:
+        return cls(
+            schedule=settings.webhook_retry_delays,
+            timeout=settings.webhook_timeout_seconds,
+            max_payload_bytes=settings.webhook_max_payload_bytes,
+            max_retry_after=settings.webhook_max_retry_after_seconds,
+            disable_after=settings.webhook_disable_after_seconds,
+            concurrency=settings.webhook_concurrency,
+            endpoint_concurrency=settings.webhook_endpoint_concurrency,
+            lease=max(settings.webhook_lease_seconds, settings.webhook_timeout_seconds + 5),
+            poll=settings.webhook_poll_seconds,
+            policy=UrlPolicy.from_settings(settings),
+        )
+
+
+# ---------------------------------------------------------------- fan-out
+
+
+async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_BATCH) -> int:
+    """Turn up to `limit` undispatched events into deliveries; returns the events handled."""
+    if session.get_bind().dialect.name == "postgresql":
+        got = await session.scalar(
+            text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _FAN_OUT_LOCK}
+        )
+        if not got:
+            return 0
+    events = (
+        await session.execute(
+            select(Event.id, Event.position, Event.type, Event.organisation_id)
+            .where(Event.dispatched_at.is_(None), Event.position.is_not(None))
+            .order_by(Event.position)
+            .limit(limit)
+        )
+    ).all()
+    if not events:
+        return 0
+    endpoints = (
+        await session.scalars(select(WebhookEndpoint).where(WebhookEndpoint.enabled.is_(True)))
+    ).all()
+    rows: list[dict[str, Any]] = []
+    if endpoints:
+        targets = await _targets(session, [e for e in events if e.type == WebhookTest.event_type])
+        scopes = await _organisation_scopes(session, endpoints)
+        matchers = {e.id: TypeMatcher(e.event_types["types"]) for e in endpoints}
+        for event in events:
+            target = targets.get(event.id)
+            for endpoint in endpoints:
+                if target is not None and endpoint.public_id != target:
+                    continue
+                scope = scopes.get(endpoint.id)
+                if (
+                    event.position > endpoint.after_position
+                    and matchers[endpoint.id](event.type)
+                    and (scope is None or event.organisation_id in scope)
+                ):
+                    rows.append(
+                        {
+                            "public_id": new_public_id("dlv"),
+                            "endpoint_id": endpoint.id,
+                            "event_id": event.id,
+                            "event_position": event.position,
+                            "status": DeliveryStatus.PENDING,
+                            "attempt_count": 0,
+                            "schedule_index": 0,
+                            "next_attempt_at": now,
+                            "created_at": now,
+                        }
+                    )
+    if rows:
+        await session.execute(insert(WebhookDelivery), rows)
+    await session.execute(
+        update(Event).where(Event.id.in_([e.id for e in events])).values(dispatched_at=now)
+    )
+    return len(events)
+
+
+async def _targets(session: AsyncSession, test_events: Sequence[Any]) -> dict[int, str]:
+    """A `webhook.test` event goes to the one endpoint it names."""
+    if not test_events:
+        return {}
+    rows = await session.execute(
+        select(Event.id, Event.data).where(Event.id.in_([e.id for e in test_events]))
+    )
+    return {row.id: str(row.data.get("endpoint_id")) for row in rows}
+
+
+async def _organisation_scopes(
+    session: AsyncSession, endpoints: Sequence[WebhookEndpoint]
+) -> dict[int, frozenset[int]]:
+    """An organisation's endpoint receives the events of the organisation and its chapters."""
+    repository = OrganisationRepository(session)
+    subtrees: dict[int, frozenset[int]] = {}
+    scopes = {}
+    for endpoint in endpoints:
+        if endpoint.organisation_id is None:
+            continue
+        if endpoint.organisation_id not in subtrees:
+            subtrees[endpoint.organisation_id] = await repository.subtree_ids(
+                endpoint.organisation_id
+            )
+        scopes[endpoint.id] = subtrees[endpoint.organisation_id]
+    return scopes
+
+
+# ---------------------------------------------------------------- claiming
+
+
+@dataclass
+class EndpointState:
+    """What this worker knows of one endpoint between claims."""
+
+    id: int
+    public_id: str
+    url: str
+    ordered: bool
+    rate_limit: int | None
+    secrets: tuple[str, ...] = ()
+    in_flight: int = 0
+    tokens: float = 0.0
+    refilled_at: float = field(default_factory=time.monotonic)
+
+    def take_tokens(self, wanted: int) -> int:
+        if self.rate_limit is None:
+            return wanted
+        now = time.monotonic()
+        self.tokens = min(
+            float(self.rate_limit), self.tokens + (now - self.refilled_at) * self.rate_limit
+        )
+        self.refilled_at = now
+        granted = min(wanted, int(self.tokens))
+        self.tokens -= granted
+        return granted
+
+
+@dataclass(frozen=True)
+class Claimed:
+    delivery_id: int
+    endpoint: EndpointState
+    token: str
+    attempt_number: int
+    schedule_index: int
+    event_public_id: str
+    event_type: str
+    event_version: int
+    occurred_at: datetime
+    data: dict[str, Any]
+
+
+_CLAIM_COLUMNS = (
+    WebhookDelivery.id,
+    WebhookDelivery.attempt_count,
+    WebhookDelivery.schedule_index,
+    WebhookDelivery.next_attempt_at,
+    Event.public_id,
+    Event.type,
+    Event.version,
+    Event.occurred_at,
+    Event.data,
+)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    claimed: Claimed
+    started_at: datetime
+    duration: float
+    status_code: int | None
+    response_body: str | None
+    error: str | None
+    retry_after: float | None = None
+    # No further attempt whatever the schedule says (the payload can never be sent).
+    final: bool = False
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    @property
+    def gone(self) -> bool:
+        return self.status_code == 410
+
+
+def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, (moment - now).total_seconds())
+
+
+class DeliveryLoop:
+    def __init__(
+        self,
+        db: Database,
+        config: DeliveryConfig,
+        box: SecretBox,
+        *,
+        worker_id: str,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.db = db
+        self.config = config
+        self.box = box
+        self.worker_id = worker_id
+        self.metrics = metrics
+        self._endpoints: dict[int, EndpointState] = {}
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._results: asyncio.Queue[AttemptResult] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._client: httpx.AsyncClient | None = None
+        self._rotation = 0
+
+    # -- the loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with self._http_client():
+            recorder = asyncio.create_task(self._record_forever())
+            try:
+                while not stop.is_set():
+                    try:
+                        busy = await self.step()
+                    except Exception:
+                        log.exception("delivery_step_failed")
+                        busy = False
+                    if busy and self._in_flight < self.config.concurrency:
+                        continue
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=self.config.poll)
+                    # Let a few more sends finish before the next claim.
+                    await asyncio.sleep(0.002)
+            finally:
+                if self._tasks:
+                    await asyncio.wait(self._tasks, timeout=self.config.timeout + 1)
+                await self._results.join()
+                recorder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await recorder
+
+    async def step(self) -> bool:
+        """Fan out, claim and start sending; True when there may be more to do at once."""
+        now = utcnow()
+        async with self.db.transaction() as session:
+            dispatched = await fan_out(session, now)
+        claimed = await self.claim()
+        for item in claimed:
+            self._start(item)
+        return dispatched >= FAN_OUT_BATCH or bool(claimed)
+
+    async def run_until_idle(self, *, within: float = 60.0) -> None:
+        """Work until nothing is due or in flight (tests and one-off runs)."""
+        deadline = time.monotonic() + within
+        async with self._http_client():
+            while time.monotonic() < deadline:
+                busy = await self.step()
+                if self._tasks:
+                    await asyncio.wait(self._tasks)
+                busy = await self._record_batch() or busy
+                if not busy and not self._tasks:
+                    return
+            raise TimeoutError("deliveries still due after the timeout")
+
+    @contextlib.asynccontextmanager
+    async def _http_client(self) -> Any:
+        if self._client is not None:
+            yield self._client
+            return
+        transport = guarded_transport(
+            self.config.policy,
+            limits=httpx.Limits(
+                max_connections=self.config.concurrency,
+                max_keepalive_connections=self.config.concurrency,
+            ),
+        )
+        async with httpx.AsyncClient(
+            transport=transport,
+            trust_env=False,
+            follow_redirects=False,
+            timeout=self.config.timeout,
+            headers={"user-agent": "memberhub-webhooks/1"},
+        ) as client:
+            self._client = client
+            try:
+                yield client
+            finally:
+                self._client = None
+
+    # -- claiming
+
+    async def claim(self) -> list[Claimed]:
+        free = self.config.concurrency - self._in_flight
+        if free <= 0:
+            return []
+        now = utcnow()
+        token = new_public_id("clm", 16)
+        claimed: list[Claimed] = []
+        async with self.db.transaction() as session:
+            endpoints = await self._refresh_endpoints(session)
+            if not endpoints:
+                return []
+            # Start with a different endpoint each round, so none is always served last.
+            self._rotation = (self._rotation + 1) % len(endpoints)
+            for endpoint in endpoints[self._rotation :] + endpoints[: self._rotation]:
+                if free <= 0:
+                    break
+                cap = 1 if endpoint.ordered else self.config.endpoint_concurrency
+                wanted = endpoint.take_tokens(min(cap - endpoint.in_flight, free))
+                if wanted <= 0:
+                    continue
+                rows = await self._claimable(session, endpoint, wanted, now)
+                if endpoint.rate_limit is not None and len(rows) < wanted:
+                    endpoint.tokens += wanted - len(rows)
+                for row in rows:
+                    claimed.append(
+                        Claimed(
+                            delivery_id=row.id,
+                            endpoint=endpoint,
+                            token=token,
+                            attempt_number=row.attempt_count + 1,
+                            schedule_index=row.schedule_index,
+                            event_public_id=row.public_id,
+                            event_type=row.type,
+                            event_version=row.version,
+                            occurred_at=row.occurred_at,
+                            data=row.data,
+                        )
+                    )
+                free -= len(rows)
+            if claimed:
+                await session.execute(
+                    update(WebhookDelivery)
+                    .where(WebhookDelivery.id.in_([c.delivery_id for c in claimed]))
+                    .values(
+                        next_attempt_at=now + timedelta(seconds=self.config.lease),
+                        claimed_by=self.worker_id,
+                        claim_token=token,
+                    )
+                )
+        return claimed
+
+    async def _claimable(
+        self, session: AsyncSession, endpoint: EndpointState, wanted: int, now: datetime
+    ) -> Sequence[Any]:
+        postgres = session.get_bind().dialect.name == "postgresql"
+        base = (
+            select(*_CLAIM_COLUMNS)
+            .join(Event, Event.id == WebhookDelivery.event_id)
+            .where(
+                WebhookDelivery.endpoint_id == endpoint.id,
+                WebhookDelivery.status == DeliveryStatus.PENDING,
+            )
+        )
+        if endpoint.ordered:
+            if postgres:
+                # One claimer per ordered endpoint: another worker holding it skips it.
+                mine = await session.scalar(
+                    select(WebhookEndpoint.id)
+                    .where(WebhookEndpoint.id == endpoint.id)
+                    .with_for_update(skip_locked=True, key_share=True)
+                )
+                if mine is None:
+                    return []
+            head = (
+                await session.execute(
+                    base.order_by(WebhookDelivery.event_position, WebhookDelivery.id).limit(1)
+                )
+            ).first()
+            if head is None or head.next_attempt_at is None or head.next_attempt_at > now:
+                return []
+            return [head]
+        query = (
+            base.where(WebhookDelivery.next_attempt_at <= now)
+            .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+            .limit(wanted)
+        )
+        if postgres:
+            query = query.with_for_update(skip_locked=True, of=WebhookDelivery)
+        return (await session.execute(query)).all()
+
+    async def _refresh_endpoints(self, session: AsyncSession) -> list[EndpointState]:
+        rows = (
+            await session.scalars(
+                select(WebhookEndpoint)
+                .where(WebhookEndpoint.enabled.is_(True))
+                .order_by(WebhookEndpoint.id)
+            )
+        ).all()
+        now = utcnow()
+        current: dict[int, EndpointState] = {}
+        for row in rows:
+            state = self._endpoints.get(row.id) or EndpointState(
+                id=row.id,
+                public_id=row.public_id,
+                url=row.url,
+                ordered=row.ordered,
+                rate_limit=row.rate_limit,
+                tokens=float(row.rate_limit or 0),
+            )
+            state.url, state.ordered, state.rate_limit = row.url, row.ordered, row.rate_limit
+            state.secrets = self._secrets(row, now)
+            current[row.id] = state
+        # Endpoints gone or disabled: keep their state while sends to them are in flight.
+        for endpoint_id, state in self._endpoints.items():
+            if endpoint_id not in current and state.in_flight:
+                current[endpoint_id] = state
+        self._endpoints = current
+        return [state for state in current.values() if state.id in {r.id for r in rows}]
+
+    def _secrets(self, endpoint: WebhookEndpoint, now: datetime) -> tuple[str, ...]:
+        secrets = [self.box.decrypt(endpoint.secret)]
+        if (
+            endpoint.previous_secret is not None
+            and endpoint.previous_secret_expires_at is not None
+            and endpoint.previous_secret_expires_at > now
+        ):
+            secrets.append(self.box.decrypt(endpoint.previous_secret))
+        return tuple(secrets)
+
+    # -- sending
+
+    def _start(self, claimed: Claimed) -> None:
+        claimed.endpoint.in_flight += 1
+        self._in_flight += 1
+        task = asyncio.create_task(self._send_and_queue(claimed))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_and_queue(self, claimed: Claimed) -> None:
+        try:
+            result = await self.send(claimed)
+        except Exception as exc:  # a bug here must not lose the attempt
+            log.exception("delivery_send_failed", endpoint=claimed.endpoint.public_id)
+            result = AttemptResult(
+                claimed, utcnow(), 0.0, None, None, f"internal error: {type(exc).__name__}"
+            )
+        finally:
+            claimed.endpoint.in_flight -= 1
+            self._in_flight -= 1
+        self._results.put_nowait(result)
+        self._wake.set()
+
+    def payload(self, claimed: Claimed) -> str:
+        return json.dumps(
+            {
+                "id": claimed.event_public_id,
+                "type": claimed.event_type,
+                "version": claimed.event_version,
+                "occurred_at": claimed.occurred_at.isoformat().replace("+00:00", "Z"),
+                "data": claimed.data,
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    async def send(self, claimed: Claimed) -> AttemptResult:
+        assert self._client is not None
+        started_at = utcnow()
+        clock = time.perf_counter()
+        body = self.payload(claimed)
+        encoded = body.encode()
+        if len(encoded) > self.config.max_payload_bytes:
+            return AttemptResult(
+                claimed,
+                started_at,
+                0.0,
+                None,
+                None,
+                f"payload of {len(encoded)} bytes exceeds the limit of "
+                f"{self.config.max_payload_bytes} bytes",
+                final=True,
+            )
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": claimed.event_public_id,
+            "webhook-timestamp": str(int(started_at.timestamp())),
+            "webhook-signature": signature_header(
+                claimed.endpoint.secrets, claimed.event_public_id, started_at, body
+            ),
+        }
+        status: int | None = None
+        response_body: str | None = None
+        error: str | None = None
+        retry_after: float | None = None
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                async with self._client.stream(
+                    "POST", claimed.endpoint.url, content=encoded, headers=headers
+                ) as response:
+                    status = response.status_code
+                    response_body = await _read_some(response)
+                    if status in RETRY_AFTER_STATUSES:
+                        retry_after = _retry_after_seconds(
+                            response.headers.get("retry-after"), utcnow()
+                        )
+        except TimeoutError:
+            status, error = None, f"timed out after {self.config.timeout:g} s"
+        except DestinationRefused as exc:
+            error = f"refused: {exc}"
+        except httpx.HTTPError as exc:
+            status, error = None, f"{type(exc).__name__}: {exc}"[:500] or type(exc).__name__
+        if status is not None and not 200 <= status < 300:
+            error = f"HTTP {status}" + (
+                " (redirects are not followed)" if 300 <= status < 400 else ""
+            )
+        return AttemptResult(
+            claimed,
+            started_at,
+            time.perf_counter() - clock,
+            status,
+            response_body,
+            error,
+            retry_after=retry_after,
+        )
+
+    # -- recording
+
+    async def _record_forever(self) -> None:
+        while True:
+            first = await self._results.get()
+            self._results.put_nowait(first)
+            self._results.task_done()
+            try:
+                await self._record_batch()
+            except Exception:
+                # The leases run out and the deliveries are sent again: at least once.
+                log.exception("delivery_record_failed")
+                await asyncio.sleep(1.0)
+
+    async def _record_batch(self) -> bool:
+        batch: list[AttemptResult] = []
+        while not self._results.empty() and len(batch) < 1000:
+            batch.append(self._results.get_nowait())
+        if not batch:
+            return False
+        try:
+            finals = await record(self.db, batch, self.config, worker_id=self.worker_id)
+        finally:
+            for _ in batch:
+                self._results.task_done()
+        self._observe(batch, finals)
+        self._wake.set()
+        return True
+
+    def _observe(self, batch: Sequence[AttemptResult], finals: Sequence[str | None]) -> None:
+        if self.metrics is None:
+            return
+        for result, final in zip(batch, finals, strict=True):
+            endpoint = result.claimed.endpoint.public_id
+            outcome = "success" if result.succeeded else "failure"
+            self.metrics.observe_webhook_attempt(endpoint, outcome, result.duration, final=final)
+
+
+async def _read_some(response: httpx.Response) -> str:
+    """The start of the body (2 KB at most), without reading the rest."""
+    chunks = bytearray()
+    async for chunk in response.aiter_raw():
+        chunks.extend(chunk)
+        if len(chunks) >= RESPONSE_BODY_LIMIT:
+            break
+    return bytes(chunks[:RESPONSE_BODY_LIMIT]).decode("utf-8", errors="replace")
+
+
+def next_delay(config: DeliveryConfig, schedule_index: int, retry_after: float | None) -> float:
+    """Seconds until the next attempt after a failure of scheduled attempt `schedule_index`
+    (the first is 0, sent at once)."""
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), config.max_retry_after)
+    base = config.schedule[schedule_index]
+    return base * random.uniform(1 - JITTER, 1 + JITTER)
+
+
+async def record(
+    db: Database, batch: Sequence[AttemptResult], config: DeliveryConfig, *, worker_id: str
+) -> list[str | None]:
+    """Write a batch of attempt results: attempts, delivery states and endpoint health.
+    Returns, per result, the delivery's final status when it has one now."""
+    now = utcnow()
+    deliveries = cast(Table, WebhookDelivery.__table__)
+    attempts = []
+    changes = []
+    for result in batch:
+        claimed = result.claimed
+        attempts.append(
+            {
+                "delivery_id": claimed.delivery_id,
+                "number": claimed.attempt_number,
+                "started_at": result.started_at,
+                "duration_ms": int(result.duration * 1000),
+                "succeeded": result.succeeded,
+                "status_code": result.status_code,
+                "response_body": result.response_body,
+                "error": result.error,
+                "worker": worker_id,
+            }
+        )
+        values: dict[str, Any] = {
+            "b_id": claimed.delivery_id,
+            "b_token": claimed.token,
+            "attempt_count": claimed.attempt_number,
+            "last_status_code": result.status_code,
+            "last_error": result.error,
+            "claimed_by": None,
+            "claim_token": None,
+        }
+        if result.succeeded:
+            values.update(
+                status=DeliveryStatus.SUCCEEDED,
+                schedule_index=claimed.schedule_index + 1,
+                next_attempt_at=None,
+                completed_at=now,
+            )
+        elif result.final or result.gone or claimed.schedule_index >= len(config.schedule):
+            values.update(
+                status=DeliveryStatus.FAILED,
+                schedule_index=claimed.schedule_index + 1,
+                next_attempt_at=None,
+                completed_at=now,
+            )
+        else:
+            delay = next_delay(config, claimed.schedule_index, result.retry_after)
+            values.update(
+                status=DeliveryStatus.PENDING,
+                schedule_index=claimed.schedule_index + 1,
+                next_attempt_at=now + timedelta(seconds=delay),
+                completed_at=None,
+            )
+        changes.append(values)  # the same keys in every row: one executemany
+    async with db.transaction() as session:
+        # Endpoints first, in id order: the same order as every other writer, so no deadlock.
+        endpoint_ids = sorted({r.claimed.endpoint.id for r in batch})
+        locked = select(WebhookEndpoint).where(WebhookEndpoint.id.in_(endpoint_ids))
+        if session.get_bind().dialect.name == "postgresql":
+            locked = locked.order_by(WebhookEndpoint.id).with_for_update(key_share=True)
+        endpoints = {e.id: e for e in (await session.scalars(locked)).all()}
+        await session.execute(insert(WebhookAttempt), attempts)
+        statement = (
+            update(deliveries)
+            .where(
+                and_(
+                    deliveries.c.id == bindparam("b_id"),
+                    deliveries.c.claim_token == bindparam("b_token"),
+                )
+            )
+            .values(
+                {
+                    name: bindparam(name)
+                    for name in (
+                        "attempt_count",
+                        "last_status_code",
+                        "last_error",
+                        "claimed_by",
+                        "claim_token",
+                        "status",
+                        "schedule_index",
+                        "next_attempt_at",
+                        "completed_at",
+                    )
+                }
+            )
+        )
+        await session.execute(statement, changes)
+        await _update_health(session, endpoints, batch, config, now)
+    return [
+        values["status"] if values["status"] != DeliveryStatus.PENDING else None
+        for values in changes
+    ]
+
+
+async def _update_health(
+    session: AsyncSession,
+    endpoints: dict[int, WebhookEndpoint],
+    batch: Sequence[AttemptResult],
+    config: DeliveryConfig,
+    now: datetime,
+) -> None:
+    for endpoint_id in sorted(endpoints):
+        endpoint = endpoints[endpoint_id]
+        results = sorted(
+            (r for r in batch if r.claimed.endpoint.id == endpoint_id),
+            key=lambda r: r.started_at + timedelta(seconds=r.duration),
+        )
+        gone = None
+        for result in results:
+            finished = result.started_at + timedelta(seconds=result.duration)
+            if result.succeeded:
+                endpoint.last_success_at = finished
+                endpoint.failing_since = None
+            else:
+                endpoint.last_failure_at = finished
+                if endpoint.failing_since is None:
+                    endpoint.failing_since = result.started_at
+                if result.gone:
+                    gone = result
+        if not endpoint.enabled:
+            continue
+        if gone is not None:
+            await service.disable_endpoint(
+                session, endpoint, "The receiver answered 410 Gone.", now=now
+            )
+        elif (
+            endpoint.failing_since is not None
+            and (now - endpoint.failing_since).total_seconds() >= config.disable_after
+        ):
+            await service.disable_endpoint(
+                session,
+                endpoint,
+                "No successful delivery since "
+                f"{endpoint.failing_since.isoformat(timespec='seconds')}.",
+                now=now,
+            )
+    await session.flush()
+
+
+async def queue_stats(session: AsyncSession) -> list[tuple[str, int, datetime | None]]:
+    """Pending deliveries per endpoint: (endpoint public id, count, oldest creation)."""
+    rows = await session.execute(
+        select(
+            WebhookEndpoint.public_id,
+            func.count(WebhookDelivery.id),
+            func.min(WebhookDelivery.created_at),
+        )
+        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+        .where(WebhookDelivery.status == DeliveryStatus.PENDING)
+        .group_by(WebhookEndpoint.public_id)
+    )
+    return [(row[0], int(row[1]), row[2]) for row in rows]

@@ -1,0 +1,1 @@
+"""Fakes that stand in for the systems at memberhub's network edge in end-to-end tests."""
