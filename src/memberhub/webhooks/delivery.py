@@ -267,8 +267,10 @@ def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    # Delay-seconds (fractions accepted), or an HTTP date.
+    with contextlib.suppress(ValueError):
+        seconds = float(value)
+        return seconds if seconds >= 0 and seconds == seconds else None
     try:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -303,11 +305,15 @@ class DeliveryLoop:
 
     # -- the loop
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, *, grace: float | None = None) -> None:
+        """Deliver until `stop` is set; then give the sends in flight `grace` seconds (the
+        request timeout by default) to finish and be recorded. Sends cut short are sent
+        again by whichever worker claims them when their lease ends."""
         async with self._http_client():
             recorder = asyncio.create_task(self._record_forever())
             try:
                 while not stop.is_set():
+                    self._wake.clear()
                     try:
                         busy = await self.step()
                     except Exception:
@@ -315,14 +321,18 @@ class DeliveryLoop:
                         busy = False
                     if busy and self._in_flight < self.config.concurrency:
                         continue
-                    self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=self.config.poll)
                     # Let a few more sends finish before the next claim.
                     await asyncio.sleep(0.002)
             finally:
                 if self._tasks:
-                    await asyncio.wait(self._tasks, timeout=self.config.timeout + 1)
+                    _, unfinished = await asyncio.wait(
+                        self._tasks, timeout=self.config.timeout + 1 if grace is None else grace
+                    )
+                    for task in unfinished:
+                        task.cancel()
+                    await asyncio.gather(*unfinished, return_exceptions=True)
                 await self._results.join()
                 recorder.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
