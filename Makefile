@@ -57,6 +57,7 @@ schemathesis: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.members
 	$(BIN)/python -m bench.ledger
+	$(BIN)/python -m bench.webhooks
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -30,6 +30,14 @@ LEDGER_LINES = {
         re.MULTILINE,
     ),
 }
+WEBHOOK_LINES = {
+    endpoints: re.compile(
+        rf"^sqlite\s+{endpoints}\s+loop\s+[\d.]+ deliveries/s\s+raw\s+[\d.]+ posts/s"
+        r"\s+ratio\s+[\d.]+$",
+        re.MULTILINE,
+    )
+    for endpoints in ("1 endpoint", "10 endpoints")
+}
 
 
 def test_member_bench_runs_in_quick_mode() -> None:
@@ -56,4 +64,18 @@ def test_ledger_bench_runs_in_quick_mode_and_its_ledger_checks_pass() -> None:
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     missing = [kind for kind, line in LEDGER_LINES.items() if not line.search(completed.stdout)]
+    assert missing == [], completed.stdout
+
+
+def test_webhook_bench_runs_in_quick_mode_and_every_delivery_is_recorded() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.webhooks", "--quick", "--backend", "sqlite"],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    missing = [kind for kind, line in WEBHOOK_LINES.items() if not line.search(completed.stdout)]
     assert missing == [], completed.stdout

@@ -22,8 +22,9 @@ import asyncio
 import contextlib
 import json
 import random
+import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -56,6 +57,9 @@ from memberhub.webhooks.ssrf import DestinationRefused, UrlPolicy, guarded_trans
 log = structlog.get_logger("memberhub.webhooks")
 
 FAN_OUT_BATCH = 1000
+RECORD_GATHER_SECONDS = 0.005
+# How long a worker trusts its copy of the endpoints (URL, secrets, ordering, rate limit).
+ENDPOINT_REFRESH_SECONDS = 1.0
 RESPONSE_BODY_LIMIT = 2048
 JITTER = 0.2
 # Statuses after which a receiver's Retry-After decides when to try again.
@@ -130,7 +134,7 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
                 scope = scopes.get(endpoint.id)
                 if (
                     event.position > endpoint.after_position
-                    and matchers[endpoint.id](event.type)
+                    and (target is not None or matchers[endpoint.id](event.type))
                     and (scope is None or event.organisation_id in scope)
                 ):
                     rows.append(
@@ -198,6 +202,12 @@ class EndpointState:
     in_flight: int = 0
     tokens: float = 0.0
     refilled_at: float = field(default_factory=time.monotonic)
+    # Nothing was due at the last look: not asked again before this (monotonic) time,
+    # unless new deliveries or results for it make it worth asking.
+    idle_until: float = 0.0
+    enabled: bool = True
+    # Its own connection pool, sized to its concurrency cap.
+    client: httpx.AsyncClient | None = None
 
     def take_tokens(self, wanted: int) -> int:
         if self.rate_limit is None:
@@ -300,8 +310,10 @@ class DeliveryLoop:
         self._tasks: set[asyncio.Task[None]] = set()
         self._results: asyncio.Queue[AttemptResult] = asyncio.Queue()
         self._wake = asyncio.Event()
-        self._client: httpx.AsyncClient | None = None
+        self._refreshed_at = -ENDPOINT_REFRESH_SECONDS
         self._rotation = 0
+        self._decrypted: dict[str, str] = {}
+        self._ssl_context: ssl.SSLContext | None = None
 
     # -- the loop
 
@@ -309,7 +321,7 @@ class DeliveryLoop:
         """Deliver until `stop` is set; then give the sends in flight `grace` seconds (the
         request timeout by default) to finish and be recorded. Sends cut short are sent
         again by whichever worker claims them when their lease ends."""
-        async with self._http_client():
+        async with self._closing_clients():
             recorder = asyncio.create_task(self._record_forever())
             try:
                 while not stop.is_set():
@@ -340,9 +352,15 @@ class DeliveryLoop:
 
     async def step(self) -> bool:
         """Fan out, claim and start sending; True when there may be more to do at once."""
-        now = utcnow()
-        async with self.db.transaction() as session:
-            dispatched = await fan_out(session, now)
+        dispatched = 0
+        if await self._undispatched():
+            async with self.db.transaction() as session:
+                dispatched = await fan_out(session, utcnow())
+        if dispatched:
+            # New deliveries, possibly for endpoints this worker has not seen yet.
+            self._refreshed_at = -ENDPOINT_REFRESH_SECONDS
+            for endpoint in self._endpoints.values():
+                endpoint.idle_until = 0.0
         claimed = await self.claim()
         for item in claimed:
             self._start(item)
@@ -351,7 +369,7 @@ class DeliveryLoop:
     async def run_until_idle(self, *, within: float = 60.0) -> None:
         """Work until nothing is due or in flight (tests and one-off runs)."""
         deadline = time.monotonic() + within
-        async with self._http_client():
+        async with self._closing_clients():
             while time.monotonic() < deadline:
                 busy = await self.step()
                 if self._tasks:
@@ -361,30 +379,52 @@ class DeliveryLoop:
                     return
             raise TimeoutError("deliveries still due after the timeout")
 
+    async def _undispatched(self) -> bool:
+        """A cheap read first: most steps find nothing to fan out, and on SQLite the fan-out
+        transaction would take the one write lock for nothing."""
+        async with self.db.transaction(read_only=True) as session:
+            found = await session.scalar(
+                select(Event.id)
+                .where(Event.dispatched_at.is_(None), Event.position.is_not(None))
+                .limit(1)
+            )
+        return found is not None
+
     @contextlib.asynccontextmanager
-    async def _http_client(self) -> Any:
-        if self._client is not None:
-            yield self._client
-            return
-        transport = guarded_transport(
-            self.config.policy,
-            limits=httpx.Limits(
-                max_connections=self.config.concurrency,
-                max_keepalive_connections=self.config.concurrency,
-            ),
-        )
-        async with httpx.AsyncClient(
-            transport=transport,
-            trust_env=False,
-            follow_redirects=False,
-            timeout=self.config.timeout,
-            headers={"user-agent": "memberhub-webhooks/1"},
-        ) as client:
-            self._client = client
-            try:
-                yield client
-            finally:
-                self._client = None
+    async def _closing_clients(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            for endpoint in self._endpoints.values():
+                await self._close_client(endpoint)
+
+    def _client_for(self, endpoint: EndpointState) -> httpx.AsyncClient:
+        """One small pool per endpoint: a shared pool slows every send down as it grows,
+        and a slow endpoint cannot hold connections the others need."""
+        if endpoint.client is None:
+            cap = 1 if endpoint.ordered else self.config.endpoint_concurrency
+            if self._ssl_context is None:
+                # Loading the CA bundle takes tens of milliseconds: once per loop.
+                self._ssl_context = httpx.create_ssl_context()
+            transport = guarded_transport(
+                self.config.policy,
+                verify=self._ssl_context,
+                limits=httpx.Limits(max_connections=cap, max_keepalive_connections=cap),
+            )
+            endpoint.client = httpx.AsyncClient(
+                transport=transport,
+                trust_env=False,
+                follow_redirects=False,
+                timeout=self.config.timeout,
+                headers={"user-agent": "memberhub-webhooks/1"},
+            )
+        return endpoint.client
+
+    @staticmethod
+    async def _close_client(endpoint: EndpointState) -> None:
+        if endpoint.client is not None:
+            client, endpoint.client = endpoint.client, None
+            await client.aclose()
 
     # -- claiming
 
@@ -396,7 +436,9 @@ class DeliveryLoop:
         token = new_public_id("clm", 16)
         claimed: list[Claimed] = []
         async with self.db.transaction() as session:
-            endpoints = await self._refresh_endpoints(session)
+            if time.monotonic() - self._refreshed_at >= ENDPOINT_REFRESH_SECONDS:
+                await self._refresh_endpoints(session)
+            endpoints = [e for e in self._endpoints.values() if e.enabled]
             if not endpoints:
                 return []
             # Start with a different endpoint each round, so none is always served last.
@@ -405,12 +447,16 @@ class DeliveryLoop:
                 if free <= 0:
                     break
                 cap = 1 if endpoint.ordered else self.config.endpoint_concurrency
+                if endpoint.in_flight >= cap or time.monotonic() < endpoint.idle_until:
+                    continue
                 wanted = endpoint.take_tokens(min(cap - endpoint.in_flight, free))
                 if wanted <= 0:
                     continue
                 rows = await self._claimable(session, endpoint, wanted, now)
-                if endpoint.rate_limit is not None and len(rows) < wanted:
-                    endpoint.tokens += wanted - len(rows)
+                if len(rows) < wanted:
+                    endpoint.idle_until = time.monotonic() + self.config.poll
+                    if endpoint.rate_limit is not None:
+                        endpoint.tokens += wanted - len(rows)
                 for row in rows:
                     claimed.append(
                         Claimed(
@@ -478,7 +524,7 @@ class DeliveryLoop:
             query = query.with_for_update(skip_locked=True, of=WebhookDelivery)
         return (await session.execute(query)).all()
 
-    async def _refresh_endpoints(self, session: AsyncSession) -> list[EndpointState]:
+    async def _refresh_endpoints(self, session: AsyncSession) -> None:
         rows = (
             await session.scalars(
                 select(WebhookEndpoint)
@@ -487,6 +533,7 @@ class DeliveryLoop:
             )
         ).all()
         now = utcnow()
+        self._refreshed_at = time.monotonic()
         current: dict[int, EndpointState] = {}
         for row in rows:
             state = self._endpoints.get(row.id) or EndpointState(
@@ -497,25 +544,38 @@ class DeliveryLoop:
                 rate_limit=row.rate_limit,
                 tokens=float(row.rate_limit or 0),
             )
+            if (state.url, state.ordered) != (row.url, row.ordered):
+                await self._close_client(state)  # a pool for the new host or size
             state.url, state.ordered, state.rate_limit = row.url, row.ordered, row.rate_limit
+            state.enabled = True
             state.secrets = self._secrets(row, now)
             current[row.id] = state
         # Endpoints gone or disabled: keep their state while sends to them are in flight.
         for endpoint_id, state in self._endpoints.items():
-            if endpoint_id not in current and state.in_flight:
+            if endpoint_id in current:
+                continue
+            state.enabled = False
+            if state.in_flight:
                 current[endpoint_id] = state
+            else:
+                await self._close_client(state)
         self._endpoints = current
-        return [state for state in current.values() if state.id in {r.id for r in rows}]
 
     def _secrets(self, endpoint: WebhookEndpoint, now: datetime) -> tuple[str, ...]:
-        secrets = [self.box.decrypt(endpoint.secret)]
+        secrets = [self._decrypt(endpoint.secret)]
         if (
             endpoint.previous_secret is not None
             and endpoint.previous_secret_expires_at is not None
             and endpoint.previous_secret_expires_at > now
         ):
-            secrets.append(self.box.decrypt(endpoint.previous_secret))
+            secrets.append(self._decrypt(endpoint.previous_secret))
         return tuple(secrets)
+
+    def _decrypt(self, stored: str) -> str:
+        plain = self._decrypted.get(stored)
+        if plain is None:
+            plain = self._decrypted[stored] = self.box.decrypt(stored)
+        return plain
 
     # -- sending
 
@@ -554,7 +614,7 @@ class DeliveryLoop:
         )
 
     async def send(self, claimed: Claimed) -> AttemptResult:
-        assert self._client is not None
+        client = self._client_for(claimed.endpoint)
         started_at = utcnow()
         clock = time.perf_counter()
         body = self.payload(claimed)
@@ -584,7 +644,7 @@ class DeliveryLoop:
         retry_after: float | None = None
         try:
             async with asyncio.timeout(self.config.timeout):
-                async with self._client.stream(
+                async with client.stream(
                     "POST", claimed.endpoint.url, content=encoded, headers=headers
                 ) as response:
                     status = response.status_code
@@ -620,6 +680,9 @@ class DeliveryLoop:
             first = await self._results.get()
             self._results.put_nowait(first)
             self._results.task_done()
+            if self._results.qsize() < self._in_flight:
+                # A moment for the sends about to finish: one transaction for all of them.
+                await asyncio.sleep(RECORD_GATHER_SECONDS)
             try:
                 await self._record_batch()
             except Exception:
@@ -639,6 +702,9 @@ class DeliveryLoop:
             for _ in batch:
                 self._results.task_done()
         self._observe(batch, finals)
+        for result in batch:
+            # Its next delivery may be due now (an ordered endpoint's next event).
+            result.claimed.endpoint.idle_until = 0.0
         self._wake.set()
         return True
 
