@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
+from memberhub.webhooks.delivery import AttemptResult, fan_out, record
 from tests.fakes.webhook_receiver import Received, Reply, WebhookReceiver, fail_times, retry_after
 from tests.support import ApiClient
-from tests.webhooks.conftest import attempts_of, create_endpoint, emit_alerts, running_loop
+from tests.webhooks.conftest import (
+    attempts_of,
+    create_endpoint,
+    delivery_loop,
+    emit_alerts,
+    running_loop,
+)
 
 
 async def test_a_receiver_failing_n_times_gets_the_event_on_schedule(
@@ -148,3 +156,30 @@ async def test_410_disables_the_endpoint(
     assert "410" in body["disabled_reason"]
     deliveries = (await api.get(f"{path}/deliveries")).json()["data"]
     assert [d["status"] for d in deliveries] == ["failed", "failed"]
+
+
+async def test_results_for_an_endpoint_deleted_mid_send_do_not_sink_the_others(
+    api: ApiClient, db: Database, settings: Settings
+) -> None:
+    doomed = await create_endpoint(api, "http://127.0.0.1:9/doomed")
+    kept = await create_endpoint(api, "http://127.0.0.1:9/kept")
+    [event_id] = await emit_alerts(db, 1)
+    async with db.transaction() as session:
+        assert await fan_out(session, utcnow()) == 1
+    loop = delivery_loop(db, settings)
+    claimed = await loop.claim()
+    assert sorted(c.endpoint.public_id for c in claimed) == sorted([doomed["id"], kept["id"]])
+    # The endpoint goes while its send is in flight.
+    assert (await api.delete(f"/api/v1/webhook-endpoints/{doomed['id']}")).status_code == 204
+
+    results = [AttemptResult(c, utcnow(), 0.01, 200, "ok", None) for c in claimed]
+    finals = await record(db, results, loop.config, worker_id="test")
+
+    by_endpoint = {c.endpoint.public_id: final for c, final in zip(claimed, finals, strict=True)}
+    assert by_endpoint == {doomed["id"]: None, kept["id"]: "succeeded"}
+    [delivery] = (await api.get(f"/api/v1/webhook-endpoints/{kept['id']}/deliveries")).json()[
+        "data"
+    ]
+    assert delivery["event_id"] == event_id
+    assert delivery["status"] == "succeeded"
+    assert [a["status_code"] for a in delivery["attempts"]] == [200]

@@ -799,6 +799,16 @@ async def record(
         if session.get_bind().dialect.name == "postgresql":
             locked = locked.order_by(WebhookEndpoint.id).with_for_update(key_share=True)
         endpoints = {e.id: e for e in (await session.scalars(locked)).all()}
+        # An endpoint deleted meanwhile took its deliveries with it: nothing to record.
+        kept = [i for i, r in enumerate(batch) if r.claimed.endpoint.id in endpoints]
+        finals = finals_of(changes)
+        if len(kept) < len(batch):
+            finals = [finals[i] if i in set(kept) else None for i in range(len(batch))]
+            batch = [batch[i] for i in kept]
+            attempts = [attempts[i] for i in kept]
+            changes = [changes[i] for i in kept]
+            if not batch:
+                return finals
         await session.execute(insert(WebhookAttempt), attempts)
         statement = (
             update(deliveries)
@@ -827,6 +837,10 @@ async def record(
         )
         await session.execute(statement, changes)
         await _update_health(session, endpoints, batch, config, now)
+    return finals
+
+
+def finals_of(changes: Sequence[dict[str, Any]]) -> list[str | None]:
     return [
         values["status"] if values["status"] != DeliveryStatus.PENDING else None
         for values in changes
