@@ -19,7 +19,10 @@ async def test_events_reach_a_verifying_receiver_once(
     await delivery_loop(db, settings).run_until_idle()
 
     received = receiver.received("crm")
-    assert [r.payload["data"]["member"]["id"] for r in received] == [m["id"] for m in members]
+    # Not an ordered endpoint: the three may arrive in any order.
+    assert sorted(r.payload["data"]["member"]["id"] for r in received) == sorted(
+        m["id"] for m in members
+    )
     assert all(r.verified for r in received)
     assert len({r.webhook_id for r in received}) == 3
     first = received[0]

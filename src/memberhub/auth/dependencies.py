@@ -62,7 +62,7 @@ async def _check_idempotency(
     if record is not None:
         if record.request_fingerprint != fingerprint:
             raise IdempotencyKeyReused()
-        replayed = idempotency.replay(record)
+        replayed = idempotency.replay(record, request.app.state.secret_box)
         replayed.headers.update(quota_headers)
         raise idempotency.IdempotentReplay(replayed)
     request.state.idempotency = idempotency.PendingKey(principal.key_id, key, fingerprint)

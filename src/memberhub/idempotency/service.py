@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from memberhub.idempotency.models import IdempotencyRecord
 from memberhub.kit.clock import utcnow
+from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import advisory_xact_lock
 
 REPLAYED_HEADERS = ("content-type", "etag", "location")
@@ -64,15 +65,23 @@ async def find(session: AsyncSession, api_key_id: int, key: str) -> IdempotencyR
     )
 
 
-def replay(record: IdempotencyRecord) -> Response:
+def replay(record: IdempotencyRecord, box: SecretBox) -> Response:
     headers = json.loads(record.response_headers)
     headers["idempotent-replayed"] = "true"
-    return Response(content=record.response_body, status_code=record.status_code, headers=headers)
+    body = box.open(record.response_body)
+    return Response(content=body, status_code=record.status_code, headers=headers)
 
 
 async def store(
-    session: AsyncSession, pending: PendingKey, response: Response, *, ttl_hours: int
+    session: AsyncSession,
+    pending: PendingKey,
+    response: Response,
+    *,
+    ttl_hours: int,
+    box: SecretBox,
 ) -> None:
+    """Keep the response for replays, sealed: some carry secrets shown only once (a new
+    API key, a webhook signing secret)."""
     now = utcnow()
     # An expired record for the same key would block the insert; it has served its time.
     await session.execute(
@@ -89,7 +98,7 @@ async def store(
             key=pending.key,
             request_fingerprint=pending.fingerprint,
             status_code=response.status_code,
-            response_body=bytes(response.body),
+            response_body=box.seal(bytes(response.body)),
             response_headers=json.dumps(headers),
             created_at=now,
             expires_at=now + timedelta(hours=ttl_hours),

@@ -35,6 +35,25 @@ class SecretBox:
         sealed = self._aead.encrypt(nonce, plaintext.encode(), self.key_id.encode())
         return f"{_PREFIX}:{self.key_id}:{base64.urlsafe_b64encode(nonce + sealed).decode()}"
 
+    def seal(self, data: bytes) -> bytes:
+        """Binary form, for larger values such as stored API responses."""
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, data, self.key_id.encode())
+        return f"{_PREFIX}:{self.key_id}:".encode() + nonce + sealed
+
+    def open(self, stored: bytes) -> bytes:
+        """The data `seal` sealed; anything not sealed (written before sealing) as it is."""
+        head = f"{_PREFIX}:".encode()
+        if not stored.startswith(head):
+            return stored
+        key_id, _, raw = stored[len(head) :].partition(b":")
+        if key_id.decode(errors="replace") != self.key_id:
+            raise SecretUnreadable("the data was sealed with another master secret")
+        try:
+            return self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], key_id)
+        except InvalidTag as exc:
+            raise SecretUnreadable("the sealed data is damaged") from exc
+
     def decrypt(self, stored: str) -> str:
         try:
             prefix, key_id, body = stored.split(":", 2)

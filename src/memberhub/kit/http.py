@@ -120,6 +120,7 @@ class UnitOfWorkRoute(APIRoute):
                         pending,
                         response,
                         ttl_hours=request.app.state.settings.idempotency_ttl_hours,
+                        box=request.app.state.secret_box,
                     )
                 await session.commit()
             return response

@@ -862,6 +862,8 @@ async def _update_health(
         )
         gone = None
         for result in results:
+            if result.final and result.status_code is None:
+                continue  # never sent (too large): says nothing about the receiver
             finished = result.started_at + timedelta(seconds=result.duration)
             if result.succeeded:
                 endpoint.last_success_at = finished

@@ -98,8 +98,9 @@ async def update_endpoint(
     session: DbSession,
     principal: WebhooksWriter,
 ) -> EndpointOut:
-    """Change an endpoint; `{"enabled": true}` re-enables one that was disabled (then
-    `POST …/recover` re-sends what failed meanwhile)."""
+    """Change an endpoint; `{"enabled": true}` re-enables one that was disabled. Events
+    that happened while it was disabled are not sent to it; the deliveries that failed when
+    it was disabled can be sent again with `POST …/recover`."""
     endpoint = await service.update_endpoint(
         session, principal, endpoint_id, payload, policy=_policy(request)
     )
