@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from memberhub.auth.roles import Role
 from memberhub.auth.service import create_api_key
 from memberhub.kit.actor import Actor
 from memberhub.kit.db import Database
+from memberhub.kit.migrate import upgrade
 
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 # The benchmarks measure the API, not the rate limiter refusing it.
@@ -139,6 +142,71 @@ def wait_until_ready(process: subprocess.Popen[bytes], base_url: str) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"the server did not answer within {SERVER_START_TIMEOUT:.0f}s")
+
+
+# -- scratch databases ---------------------------------------------------------------------
+
+
+class Scratch:
+    """The databases of one backend's run, all removed when it ends."""
+
+    def __init__(self, directory: Path | None, server_url: str | None) -> None:
+        self.directory = directory
+        self.server_url = server_url
+        self.prefix = f"memberhub_bench_{uuid.uuid4().hex[:12]}"
+        self.created: list[str] = []
+
+    def _url(self, name: str) -> str:
+        if self.directory is not None:
+            return f"sqlite+aiosqlite:///{self.directory / f'{name}.db'}"
+        assert self.server_url is not None
+        database = f"{self.prefix}_{name}"
+        return make_url(self.server_url).set(database=database).render_as_string(False)
+
+    def new(self, name: str) -> str:
+        """An empty, migrated database."""
+        if self.server_url is not None:
+            self.created.append(f"{self.prefix}_{name}")
+            asyncio.run(pg_execute(self.server_url, f'CREATE DATABASE "{self.prefix}_{name}"'))
+        url = self._url(name)
+        upgrade(url)
+        return url
+
+    def copy(self, source: str, name: str) -> str:
+        """A copy of `source`, which nothing may be connected to."""
+        if self.directory is not None:
+            shutil.copyfile(self.directory / f"{source}.db", self.directory / f"{name}.db")
+        else:
+            assert self.server_url is not None
+            self.created.append(f"{self.prefix}_{name}")
+            asyncio.run(
+                pg_execute(
+                    self.server_url,
+                    f'CREATE DATABASE "{self.prefix}_{name}" TEMPLATE "{self.prefix}_{source}"',
+                )
+            )
+        return self._url(name)
+
+    def drop_all(self) -> None:
+        if self.server_url is None:
+            return
+        for database in self.created:
+            asyncio.run(
+                pg_execute(self.server_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            )
+
+
+@contextlib.contextmanager
+def scratch_space(backend: str, pg_url: str) -> Iterator[Scratch]:
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="memberhub-bench-") as directory:
+            yield Scratch(Path(directory), None)
+        return
+    scratch = Scratch(None, pg_url)
+    try:
+        yield scratch
+    finally:
+        scratch.drop_all()
 
 
 if __name__ == "__main__":

@@ -35,17 +35,13 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -67,15 +63,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bench.common import (
     DEFAULT_POSTGRES_URL,
+    Scratch,
     issue_admin_key,
     pg_execute,
     postgres_reachable,
     running_server,
+    scratch_space,
 )
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Base, Database, JSONType, UTCDateTime
 from memberhub.kit.ids import new_public_id
-from memberhub.kit.migrate import upgrade
 from memberhub.members.models import MemberStatus
 from memberhub.points.jobs import expire_points
 from memberhub.points.models import BatchSource, BatchStatus, TxnType
@@ -197,68 +194,6 @@ class Sizes:
 
 
 # -- databases ------------------------------------------------------------------------------
-
-
-class Scratch:
-    """The databases of one backend's run, all removed when it ends."""
-
-    def __init__(self, directory: Path | None, server_url: str | None) -> None:
-        self.directory = directory
-        self.server_url = server_url
-        self.prefix = f"memberhub_bench_{uuid.uuid4().hex[:12]}"
-        self.created: list[str] = []
-
-    def _url(self, name: str) -> str:
-        if self.directory is not None:
-            return f"sqlite+aiosqlite:///{self.directory / f'{name}.db'}"
-        assert self.server_url is not None
-        database = f"{self.prefix}_{name}"
-        return make_url(self.server_url).set(database=database).render_as_string(False)
-
-    def new(self, name: str) -> str:
-        """An empty, migrated database."""
-        if self.server_url is not None:
-            self.created.append(f"{self.prefix}_{name}")
-            asyncio.run(pg_execute(self.server_url, f'CREATE DATABASE "{self.prefix}_{name}"'))
-        url = self._url(name)
-        upgrade(url)
-        return url
-
-    def copy(self, source: str, name: str) -> str:
-        """A copy of `source`, which nothing may be connected to."""
-        if self.directory is not None:
-            shutil.copyfile(self.directory / f"{source}.db", self.directory / f"{name}.db")
-        else:
-            assert self.server_url is not None
-            self.created.append(f"{self.prefix}_{name}")
-            asyncio.run(
-                pg_execute(
-                    self.server_url,
-                    f'CREATE DATABASE "{self.prefix}_{name}" TEMPLATE "{self.prefix}_{source}"',
-                )
-            )
-        return self._url(name)
-
-    def drop_all(self) -> None:
-        if self.server_url is None:
-            return
-        for database in self.created:
-            asyncio.run(
-                pg_execute(self.server_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-            )
-
-
-@contextlib.contextmanager
-def scratch_space(backend: str, pg_url: str) -> Iterator[Scratch]:
-    if backend == "sqlite":
-        with tempfile.TemporaryDirectory(prefix="memberhub-bench-") as directory:
-            yield Scratch(Path(directory), None)
-        return
-    scratch = Scratch(None, pg_url)
-    try:
-        yield scratch
-    finally:
-        scratch.drop_all()
 
 
 def settle(url: str) -> None:

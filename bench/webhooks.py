@@ -51,9 +51,9 @@ from bench.common import (
     REPOSITORY_ROOT,
     free_port,
     postgres_reachable,
+    scratch_space,
     wait_until_ready,
 )
-from bench.ledger import scratch_space
 from memberhub.events.catalog import PointsEarned
 from memberhub.events.models import Event
 from memberhub.events.service import emit_many

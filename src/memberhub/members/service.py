@@ -103,9 +103,10 @@ async def get_member(
     return member
 
 
-async def _resolve_organisation(
+async def resolve_organisation(
     session: AsyncSession, principal: Principal, public_id: str | None
 ) -> Organisation | None:
+    """The organisation named (which must be within the key's reach), else the key's own."""
     if public_id is not None:
         organisation = await OrganisationRepository(session).get_by_public_id(public_id)
         if organisation is None:
@@ -142,7 +143,7 @@ async def _ensure_email_free(
 async def create_member(
     session: AsyncSession, principal: Principal, payload: MemberCreate
 ) -> Member:
-    organisation = await _resolve_organisation(session, principal, payload.organisation_id)
+    organisation = await resolve_organisation(session, principal, payload.organisation_id)
     await _ensure_email_free(session, organisation, payload.email, None)
     now = utcnow()
     member = Member(

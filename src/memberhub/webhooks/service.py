@@ -20,6 +20,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.members.service import resolve_organisation
 from memberhub.organisations.models import Organisation
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.webhooks import ssrf
@@ -68,20 +69,6 @@ def _check_event_types(patterns: Sequence[str]) -> list[str]:
     return sorted(set(patterns))
 
 
-async def _organisation_for(
-    session: AsyncSession, principal: Principal, public_id: str | None
-) -> Organisation | None:
-    if public_id is not None:
-        organisation = await OrganisationRepository(session).get_by_public_id(public_id)
-        if organisation is None:
-            raise NotFound(f"Organisation {public_id} does not exist.")
-        principal.require_organisation(organisation.id)
-        return organisation
-    if principal.organisation_id is not None:
-        return await session.get(Organisation, principal.organisation_id)
-    return None
-
-
 async def get_endpoint(
     session: AsyncSession, principal: Principal, public_id: str, *, for_update: bool = False
 ) -> WebhookEndpoint:
@@ -103,7 +90,7 @@ async def create_endpoint(
     box: SecretBox,
 ) -> EndpointWithSecret:
     event_types = _check_event_types(payload.event_types)
-    organisation = await _organisation_for(session, principal, payload.organisation_id)
+    organisation = await resolve_organisation(session, principal, payload.organisation_id)
     await ssrf.check_url(payload.url, policy)
     secret = new_secret()
     now = utcnow()
