@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         default="5s,5m,30m,2h,5h,10h,10h",
         description="Delays between attempts after the first, immediate one; each ±20% jitter.",
     )
-    webhook_timeout_seconds: float = 15.0
+    webhook_timeout_seconds: float = Field(default=15.0, gt=0)
     webhook_max_payload_bytes: int = 256 * 1024
     webhook_max_retry_after_seconds: float = Field(
         default=3600.0,
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         "taken over after it. Must exceed the request timeout.",
     )
     webhook_poll_seconds: float = Field(
-        default=0.5, description="How often an idle delivery loop looks for new work."
+        default=0.5, ge=0.01, description="How often an idle delivery loop looks for new work."
     )
 
     @field_validator("log_level")

@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from memberhub.events.catalog import WebhookTest
 from memberhub.events.models import Event
 from memberhub.kit.clock import utcnow
-from memberhub.kit.crypto import SecretBox
+from memberhub.kit.crypto import SecretBox, SecretUnreadable
 from memberhub.kit.db import Database
 from memberhub.kit.ids import new_public_id
 from memberhub.ops.metrics import Metrics
@@ -58,6 +58,8 @@ log = structlog.get_logger("memberhub.webhooks")
 
 FAN_OUT_BATCH = 1000
 RECORD_GATHER_SECONDS = 0.005
+FAILING_ENDPOINT_CONCURRENCY = 2
+RECORD_RETRY_DELAYS = (0.2, 1.0, 3.0)
 # How long a worker trusts its copy of the endpoints (URL, secrets, ordering, rate limit).
 ENDPOINT_REFRESH_SECONDS = 1.0
 RESPONSE_BODY_LIMIT = 2048
@@ -118,8 +120,14 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
     ).all()
     if not events:
         return 0
+    # FOR SHARE: an endpoint being disabled is waited for, and then left out.
     endpoints = (
-        await session.scalars(select(WebhookEndpoint).where(WebhookEndpoint.enabled.is_(True)))
+        await session.scalars(
+            select(WebhookEndpoint)
+            .where(WebhookEndpoint.enabled.is_(True))
+            .order_by(WebhookEndpoint.id)
+            .with_for_update(read=True)
+        )
     ).all()
     rows: list[dict[str, Any]] = []
     if endpoints:
@@ -206,6 +214,7 @@ class EndpointState:
     # unless new deliveries or results for it make it worth asking.
     idle_until: float = 0.0
     enabled: bool = True
+    failing: bool = False
     # Its own connection pool, sized to its concurrency cap.
     client: httpx.AsyncClient | None = None
 
@@ -314,6 +323,7 @@ class DeliveryLoop:
         self._rotation = 0
         self._decrypted: dict[str, str] = {}
         self._ssl_context: ssl.SSLContext | None = None
+        self._retired: list[httpx.AsyncClient] = []
 
     # -- the loop
 
@@ -397,6 +407,9 @@ class DeliveryLoop:
         finally:
             for endpoint in self._endpoints.values():
                 await self._close_client(endpoint)
+            for client in self._retired:
+                await client.aclose()
+            self._retired.clear()
 
     def _client_for(self, endpoint: EndpointState) -> httpx.AsyncClient:
         """One small pool per endpoint: a shared pool slows every send down as it grows,
@@ -446,7 +459,7 @@ class DeliveryLoop:
             for endpoint in endpoints[self._rotation :] + endpoints[: self._rotation]:
                 if free <= 0:
                     break
-                cap = 1 if endpoint.ordered else self.config.endpoint_concurrency
+                cap = self._cap(endpoint)
                 if endpoint.in_flight >= cap or time.monotonic() < endpoint.idle_until:
                     continue
                 wanted = endpoint.take_tokens(min(cap - endpoint.in_flight, free))
@@ -485,6 +498,14 @@ class DeliveryLoop:
                 )
         return claimed
 
+    def _cap(self, endpoint: EndpointState) -> int:
+        if endpoint.ordered:
+            return 1
+        if endpoint.failing:
+            # Still tried in parallel, but dead endpoints cannot fill the worker's slots.
+            return min(FAILING_ENDPOINT_CONCURRENCY, self.config.endpoint_concurrency)
+        return self.config.endpoint_concurrency
+
     async def _claimable(
         self, session: AsyncSession, endpoint: EndpointState, wanted: int, now: datetime
     ) -> Sequence[Any]:
@@ -507,6 +528,20 @@ class DeliveryLoop:
                 )
                 if mine is None:
                     return []
+            # One at a time, also when a retry made an older delivery the head while a
+            # newer one is still being sent.
+            leased = await session.scalar(
+                select(WebhookDelivery.id)
+                .where(
+                    WebhookDelivery.endpoint_id == endpoint.id,
+                    WebhookDelivery.status == DeliveryStatus.PENDING,
+                    WebhookDelivery.claim_token.is_not(None),
+                    WebhookDelivery.next_attempt_at > now,
+                )
+                .limit(1)
+            )
+            if leased is not None:
+                return []
             head = (
                 await session.execute(
                     base.order_by(WebhookDelivery.event_position, WebhookDelivery.id).limit(1)
@@ -544,11 +579,19 @@ class DeliveryLoop:
                 rate_limit=row.rate_limit,
                 tokens=float(row.rate_limit or 0),
             )
-            if (state.url, state.ordered) != (row.url, row.ordered):
-                await self._close_client(state)  # a pool for the new host or size
+            try:
+                secrets = self._secrets(row, now)
+            except SecretUnreadable:
+                log.error("webhook_secret_unreadable", endpoint=row.public_id)
+                continue
+            if (state.url, state.ordered) != (row.url, row.ordered) and state.client is not None:
+                # A new pool for the new host or size; the old one serves what is in flight.
+                self._retired.append(state.client)
+                state.client = None
             state.url, state.ordered, state.rate_limit = row.url, row.ordered, row.rate_limit
             state.enabled = True
-            state.secrets = self._secrets(row, now)
+            state.failing = row.failing_since is not None
+            state.secrets = secrets
             current[row.id] = state
         # Endpoints gone or disabled: keep their state while sends to them are in flight.
         for endpoint_id, state in self._endpoints.items():
@@ -632,6 +675,8 @@ class DeliveryLoop:
             )
         headers = {
             "content-type": "application/json",
+            # Only the first 2 KB of the answer is kept: no need to have it compressed.
+            "accept-encoding": "identity",
             "webhook-id": claimed.event_public_id,
             "webhook-timestamp": str(int(started_at.timestamp())),
             "webhook-signature": signature_header(
@@ -697,7 +742,7 @@ class DeliveryLoop:
         if not batch:
             return False
         try:
-            finals = await record(self.db, batch, self.config, worker_id=self.worker_id)
+            finals = await self._record_with_retries(batch)
         finally:
             for _ in batch:
                 self._results.task_done()
@@ -707,6 +752,25 @@ class DeliveryLoop:
             result.claimed.endpoint.idle_until = 0.0
         self._wake.set()
         return True
+
+    async def _record_with_retries(self, batch: list[AttemptResult]) -> list[str | None]:
+        """Record the batch, trying again while the database is unavailable; if it still
+        fails, one result at a time, so one bad result cannot take the others with it. A
+        result that cannot be recorded at all is sent again when its lease runs out."""
+        for delay in RECORD_RETRY_DELAYS:
+            try:
+                return await record(self.db, batch, self.config, worker_id=self.worker_id)
+            except Exception:
+                log.exception("delivery_record_failed", results=len(batch))
+                await asyncio.sleep(delay)
+        finals: list[str | None] = []
+        for result in batch:
+            try:
+                finals += await record(self.db, [result], self.config, worker_id=self.worker_id)
+            except Exception:
+                log.exception("delivery_record_dropped", endpoint=result.claimed.endpoint.public_id)
+                finals.append(None)
+        return finals
 
     def _observe(self, batch: Sequence[AttemptResult], finals: Sequence[str | None]) -> None:
         if self.metrics is None:
@@ -718,22 +782,26 @@ class DeliveryLoop:
 
 
 async def _read_some(response: httpx.Response) -> str:
-    """The start of the body (2 KB at most), without reading the rest."""
+    """The start of the body (2 KB at most), without reading the rest, as text any database
+    stores (no NUL characters)."""
     chunks = bytearray()
-    async for chunk in response.aiter_raw():
+    async for chunk in response.aiter_bytes():
         chunks.extend(chunk)
         if len(chunks) >= RESPONSE_BODY_LIMIT:
             break
-    return bytes(chunks[:RESPONSE_BODY_LIMIT]).decode("utf-8", errors="replace")
+    text = bytes(chunks[:RESPONSE_BODY_LIMIT]).decode("utf-8", errors="replace")
+    return text.replace("\x00", "\ufffd")
 
 
 def next_delay(config: DeliveryConfig, schedule_index: int, retry_after: float | None) -> float:
     """Seconds until the next attempt after a failure of scheduled attempt `schedule_index`
     (the first is 0, sent at once)."""
+    scheduled = config.schedule[schedule_index] * random.uniform(1 - JITTER, 1 + JITTER)
     if retry_after is not None:
-        return min(max(retry_after, 0.0), config.max_retry_after)
-    base = config.schedule[schedule_index]
-    return base * random.uniform(1 - JITTER, 1 + JITTER)
+        # Never sooner than the schedule (a receiver answering "0" would otherwise use up
+        # every attempt in seconds), never later than the bound.
+        return min(max(retry_after, scheduled), max(config.max_retry_after, 0.0))
+    return scheduled
 
 
 async def record(
@@ -809,6 +877,18 @@ async def record(
             changes = [changes[i] for i in kept]
             if not batch:
                 return finals
+        for index, values, result in zip(kept, changes, batch, strict=True):
+            if (
+                values["status"] == DeliveryStatus.PENDING
+                and not endpoints[result.claimed.endpoint.id].enabled
+            ):
+                values.update(
+                    status=DeliveryStatus.FAILED,
+                    next_attempt_at=None,
+                    completed_at=now,
+                    last_error=f"{values['last_error']}; the endpoint is disabled"[:500],
+                )
+                finals[index] = DeliveryStatus.FAILED
         await session.execute(insert(WebhookAttempt), attempts)
         statement = (
             update(deliveries)

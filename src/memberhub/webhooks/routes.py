@@ -6,6 +6,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request, status
 from pydantic import BaseModel
 
 from memberhub.auth.dependencies import EventsReader, WebhooksReader, WebhooksWriter
+from memberhub.auth.roles import Scope
 from memberhub.events.repository import EventRepository
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.errors import NotFound
@@ -180,7 +181,9 @@ async def list_event_deliveries(
     principal: EventsReader,
     page: Annotated[PageParams, Depends(page_params)],
 ) -> Page[DeliveryOut]:
-    """Where the event was delivered, with every attempt."""
+    """Where the event was delivered, with every attempt (needs `webhooks:read` too: the
+    attempts hold the receivers' answers)."""
+    principal.require_scope(Scope.WEBHOOKS_READ)
     event = await EventRepository(session).get_by_public_id(event_id)
     if event is None or not principal.can_see_organisation(event.organisation_id):
         raise NotFound(f"Event {event_id} does not exist.")

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.alerts.models import AlertType
@@ -144,13 +144,15 @@ async def update_endpoint(
     *,
     policy: ssrf.UrlPolicy,
 ) -> WebhookEndpoint:
-    endpoint = await get_endpoint(session, principal, public_id, for_update=True)
-    organisation = await _endpoint_organisation(session, endpoint)
     changes = payload.model_dump(exclude_unset=True)
     if "event_types" in changes:
         changes["event_types"] = {"types": _check_event_types(changes["event_types"])}
-    if "url" in changes and changes["url"] != endpoint.url:
+    # Resolved before the endpoint is locked: a slow name server holds up nothing else.
+    await get_endpoint(session, principal, public_id)
+    if "url" in changes:
         await ssrf.check_url(changes["url"], policy)
+    endpoint = await get_endpoint(session, principal, public_id, for_update=True)
+    organisation = await _endpoint_organisation(session, endpoint)
     before = _snapshot(endpoint, organisation)
     now = utcnow()
     enabled = changes.pop("enabled", None)
@@ -251,6 +253,8 @@ async def disable_endpoint(
         .values(
             status=DeliveryStatus.FAILED,
             next_attempt_at=None,
+            claimed_by=None,
+            claim_token=None,
             completed_at=now,
             last_error=f"The endpoint was disabled: {reason}"[:500],
         )
@@ -268,7 +272,7 @@ async def disable_endpoint(
         AlertType.WEBHOOK_ENDPOINT_DISABLED,
         member=None,
         dedupe_key=f"webhook-disabled:{endpoint.public_id}:{now.isoformat()}",
-        message=f"Webhook endpoint {endpoint.public_id} ({endpoint.url}) was disabled: {reason}",
+        message=f"Webhook endpoint {endpoint.public_id} was disabled: {reason}"[:1000],
         now=now,
         data={"endpoint_id": endpoint.public_id, "url": endpoint.url, "reason": reason},
     )
@@ -469,14 +473,26 @@ async def retry_delivery(
     if not endpoint.enabled:
         raise EndpointDisabled()
     now = utcnow()
-    lease_end = delivery.next_attempt_at if delivery.claim_token is not None else None
-    if delivery.status == DeliveryStatus.PENDING and lease_end is not None and lease_end > now:
-        raise Conflict("The delivery is being attempted right now.", code="DELIVERY_IN_PROGRESS")
-    await session.execute(
+    values = _requeue_values(now, schedule_length)
+    if delivery.status == DeliveryStatus.PENDING:
+        # Brought forward: the retries it has left stay.
+        values["schedule_index"] = delivery.schedule_index
+    # Not while a worker holds it: checked in the statement itself, so a claim made
+    # meanwhile cannot be overridden.
+    result = await session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery.id)
-        .values(**_requeue_values(now, schedule_length))
+        .where(
+            WebhookDelivery.id == delivery.id,
+            or_(
+                WebhookDelivery.claim_token.is_(None),
+                WebhookDelivery.next_attempt_at.is_(None),
+                WebhookDelivery.next_attempt_at <= now,
+            ),
+        )
+        .values(**values)
     )
+    if not getattr(result, "rowcount", 0):
+        raise Conflict("The delivery is being attempted right now.", code="DELIVERY_IN_PROGRESS")
     record_write(
         session,
         principal.actor,

@@ -277,6 +277,9 @@ async def check_url(url: str, policy: UrlPolicy, *, resolver: Resolver = resolve
         raise _unresolvable(host, "the lookup timed out") from None
     except OSError as exc:
         raise _unresolvable(host, str(exc)) from None
+    except UnicodeError:
+        # An empty or over-long label (`a..com`, 64 characters) fails IDNA encoding.
+        raise _unresolvable(host, "it is not a valid host name") from None
     if not addresses:
         raise _unresolvable(host, "no addresses")
 
@@ -383,7 +386,7 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
             addresses = await self._resolver(host, port)
         except TimeoutError:
             raise  # an OSError too, but connect_tcp reports it as ConnectTimeout
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:
             raise httpcore.ConnectError(f"Could not resolve {host!r}: {exc}") from exc
         if not addresses:
             raise httpcore.ConnectError(f"Could not resolve {host!r}: no addresses.")

@@ -1,0 +1,125 @@
+"""Edge cases: awkward receiver answers, retries racing claims, disabling mid-send."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import select
+
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Database
+from memberhub.settings import Settings
+from memberhub.webhooks.delivery import AttemptResult, Claimed, fan_out, record
+from memberhub.webhooks.models import WebhookAttempt
+from tests.fakes.webhook_receiver import Reply, WebhookReceiver, always
+from tests.support import ApiClient
+from tests.webhooks.conftest import create_endpoint, delivery_loop, emit_alerts
+
+
+async def test_a_response_body_with_nul_bytes_is_stored_readably(
+    api: ApiClient, db: Database, settings: Settings, receiver: WebhookReceiver
+) -> None:
+    await create_endpoint(api, receiver.url("binary"))
+    receiver.set_handler("binary", always(Reply(status=500, body="bad\x00gateway")))
+    await emit_alerts(db, 1)
+
+    await delivery_loop(db, settings, webhook_retry_schedule="").run_until_idle()
+
+    async with db.transaction() as session:
+        [attempt] = (await session.scalars(select(WebhookAttempt))).all()
+    assert attempt.status_code == 500
+    assert attempt.response_body == "bad\ufffdgateway"
+
+
+async def test_an_endpoint_with_a_long_url_can_be_disabled(
+    api: ApiClient, db: Database, settings: Settings, receiver: WebhookReceiver
+) -> None:
+    url = receiver.url("gone") + "?" + "x" * 1900
+    endpoint = await create_endpoint(api, url)
+    receiver.set_handler("gone", always(Reply(status=410)))
+    await emit_alerts(db, 1)
+
+    await delivery_loop(db, settings).run_until_idle()
+
+    body = (await api.get(f"/api/v1/webhook-endpoints/{endpoint['id']}")).json()
+    assert body["enabled"] is False
+    alerts = (await api.get("/api/v1/alerts", {"type": "WEBHOOK_ENDPOINT_DISABLED"})).json()
+    [alert] = alerts["data"]
+    assert endpoint["id"] in alert["message"]
+
+
+async def test_a_host_name_with_an_empty_label_is_refused_clearly(api: ApiClient) -> None:
+    for url in ("https://a..com/", "https://" + "x" * 64 + ".com/"):
+        response = await api.post("/api/v1/webhook-endpoints", {"url": url, "event_types": ["*"]})
+        assert response.status_code == 422, (url, response.text)
+        assert response.json()["error"]["code"] == "WEBHOOK_URL_REFUSED"
+
+
+async def test_a_retry_never_sends_two_deliveries_of_an_ordered_endpoint_at_once(
+    api: ApiClient, db: Database, settings: Settings
+) -> None:
+    endpoint = await create_endpoint(api, "http://127.0.0.1:9/ordered", ordered=True)
+    first_id, second_id = await emit_alerts(db, 2)
+    async with db.transaction() as session:
+        assert await fan_out(session, utcnow()) == 2
+    worker_a = delivery_loop(db, settings, webhook_poll_seconds=0.01)
+    [first] = await worker_a.claim()
+    assert first.event_public_id == first_id
+    await record(db, [succeeded(first)], worker_a.config, worker_id="a")
+    await asyncio.sleep(0.02)  # past the poll interval an idle endpoint waits
+    [second] = await worker_a.claim()
+    assert second.event_public_id == second_id
+
+    # While the second is being sent, someone asks for the first once more.
+    [delivery] = (await api.get(f"/api/v1/events/{first_id}/deliveries")).json()["data"]
+    assert (await api.post(f"/api/v1/deliveries/{delivery['id']}/retry")).status_code == 202
+
+    worker_b = delivery_loop(db, settings, webhook_poll_seconds=0.01)
+    assert await worker_b.claim() == []
+    # Once the second is recorded, the first goes again.
+    await record(db, [succeeded(second)], worker_a.config, worker_id="a")
+    await asyncio.sleep(0.02)
+    [again] = await worker_b.claim()
+    assert again.event_public_id == first_id
+    assert endpoint["id"] == again.endpoint.public_id
+
+
+def succeeded(claimed: Claimed) -> AttemptResult:
+    return AttemptResult(claimed, utcnow(), 0.01, 200, "ok", None)
+
+
+async def test_a_delivery_being_sent_cannot_be_retried(
+    api: ApiClient, db: Database, settings: Settings
+) -> None:
+    await create_endpoint(api, "http://127.0.0.1:9/busy")
+    [event_id] = await emit_alerts(db, 1)
+    async with db.transaction() as session:
+        await fan_out(session, utcnow())
+    assert len(await delivery_loop(db, settings).claim()) == 1
+    [delivery] = (await api.get(f"/api/v1/events/{event_id}/deliveries")).json()["data"]
+
+    response = await api.post(f"/api/v1/deliveries/{delivery['id']}/retry")
+
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "DELIVERY_IN_PROGRESS"
+
+
+async def test_a_failure_in_flight_while_the_endpoint_was_disabled_ends_failed(
+    api: ApiClient, db: Database, settings: Settings
+) -> None:
+    endpoint = await create_endpoint(api, "http://127.0.0.1:9/paused")
+    [event_id] = await emit_alerts(db, 1)
+    async with db.transaction() as session:
+        await fan_out(session, utcnow())
+    loop = delivery_loop(db, settings)
+    [claimed] = await loop.claim()
+    path = f"/api/v1/webhook-endpoints/{endpoint['id']}"
+    assert (await api.patch(path, {"enabled": False})).status_code == 200
+
+    result = AttemptResult(claimed, utcnow(), 0.01, 503, "busy", "HTTP 503")
+    assert await record(db, [result], loop.config, worker_id="test") == ["failed"]
+
+    [delivery] = (await api.get(f"/api/v1/events/{event_id}/deliveries")).json()["data"]
+    assert delivery["status"] == "failed"
+    assert delivery["next_attempt_at"] is None
+    assert "disabled" in delivery["last_error"]
