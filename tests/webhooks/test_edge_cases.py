@@ -7,11 +7,20 @@ import asyncio
 from sqlalchemy import select
 
 from memberhub.kit.clock import utcnow
+from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
+from memberhub.ops.metrics import Metrics
 from memberhub.settings import Settings
-from memberhub.webhooks.delivery import AttemptResult, Claimed, fan_out, record
+from memberhub.webhooks.delivery import (
+    AttemptResult,
+    Claimed,
+    DeliveryConfig,
+    DeliveryLoop,
+    fan_out,
+    record,
+)
 from memberhub.webhooks.models import WebhookAttempt
-from tests.fakes.webhook_receiver import Reply, WebhookReceiver, always
+from tests.fakes.webhook_receiver import Reply, WebhookReceiver, always, fail_times
 from tests.support import ApiClient
 from tests.webhooks.conftest import create_endpoint, delivery_loop, emit_alerts
 
@@ -123,3 +132,33 @@ async def test_a_failure_in_flight_while_the_endpoint_was_disabled_ends_failed(
     assert delivery["status"] == "failed"
     assert delivery["next_attempt_at"] is None
     assert "disabled" in delivery["last_error"]
+
+
+async def test_the_worker_counts_attempts_deliveries_and_latency(
+    api: ApiClient, db: Database, settings: Settings, receiver: WebhookReceiver
+) -> None:
+    endpoint = await create_endpoint(api, receiver.url("counted"))
+    receiver.set_handler("counted", fail_times(1))
+    await emit_alerts(db, 3)
+    metrics = Metrics()
+    loop = DeliveryLoop(
+        db,
+        DeliveryConfig.from_settings(settings.model_copy(update={"webhook_retry_schedule": "0s"})),
+        SecretBox(settings.resolved_secret_key),
+        worker_id="test",
+        metrics=metrics,
+    )
+
+    await loop.run_until_idle()
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    ours = endpoint["id"]
+    assert value("memberhub_webhook_attempts_total", endpoint=ours, outcome="failure") == 3
+    assert value("memberhub_webhook_attempts_total", endpoint=ours, outcome="success") == 3
+    assert value("memberhub_webhook_attempts_overall_total", outcome="success") == 3
+    assert value("memberhub_webhook_deliveries_total", endpoint=ours, outcome="succeeded") == 3
+    assert value("memberhub_webhook_deliveries_overall_total", outcome="succeeded") == 3
+    assert value("memberhub_webhook_attempt_duration_seconds_count", endpoint=ours) == 6
+    assert value("memberhub_webhook_attempt_duration_overall_seconds_count") == 6
