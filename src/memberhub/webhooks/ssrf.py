@@ -18,6 +18,7 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,10 +200,42 @@ class UrlPolicy:
         return ("https", "http") if self.allow_http else ("https",)
 
 
+# Lookups run in threads of their own: a name server that never answers ties up these, not
+# the event loop's default executor that everything else shares.
+_DNS_THREADS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="memberhub-dns")
+# Answers are reused briefly, and concurrent lookups of one name share a single query.
+DNS_CACHE_SECONDS = 30.0
+_answers: dict[tuple[str, int], tuple[float, list[str]]] = {}
+_lookups: dict[tuple[str, int], asyncio.Future[list[str]]] = {}
+
+
 async def resolve(host: str, port: int) -> list[str]:
     """The default resolver: the system's getaddrinfo, unique addresses in the order given."""
+    key = (host, port)
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    cached = _answers.get(key)
+    if cached is not None and loop.time() - cached[0] < DNS_CACHE_SECONDS:
+        return list(cached[1])
+    pending = _lookups.get(key)
+    if pending is not None and pending.get_loop() is loop:
+        return list(await asyncio.shield(pending))
+    future: asyncio.Future[list[str]] = loop.create_future()
+    _lookups[key] = future
+    try:
+        addresses = await loop.run_in_executor(_DNS_THREADS, _lookup, host, port)
+    except BaseException as exc:
+        future.set_exception(exc if isinstance(exc, Exception) else OSError("lookup cancelled"))
+        future.exception()  # retrieved: nobody else may be waiting
+        raise
+    finally:
+        _lookups.pop(key, None)
+    future.set_result(addresses)
+    _answers[key] = (loop.time(), addresses)
+    return list(addresses)
+
+
+def _lookup(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     addresses: list[str] = []
     for family, _type, _proto, _canonname, sockaddr in infos:
         if family not in (socket.AF_INET, socket.AF_INET6):
