@@ -1,0 +1,543 @@
+"""The one client through which every outbound call to a third-party API goes.
+
+A `Gateway` serves one integration (one vendor account) and adds, around httpx:
+
+- a client-side rate limiter at the vendor's published rate: calls wait for a slot, never
+  dropped;
+- a circuit breaker: when too many recent attempts failed, calls fail fast with
+  `CircuitOpen` instead of piling onto a vendor that is down;
+- retries with exponential backoff and full jitter on network errors, 5xx and 429, waiting
+  what the vendor asks for (`Retry-After`, rate-limit reset headers) when it says;
+- Prometheus metrics per integration.
+
+    async with Gateway("hubspot", "https://api.hubapi.com",
+                       policy=VENDOR_POLICIES["hubspot"], auth=bearer(token)) as hubspot:
+        response = await hubspot.request("GET", "/crm/v3/objects/contacts")
+
+Which base URL to use (production or the vendor's sandbox) is the caller's choice: pass
+the sandbox URL as `base_url` for a sandbox connection.
+
+2xx, 3xx and 4xx other than 429 are returned as they are; a call that still gets a 5xx,
+a 429 or a network error when it may not (or may no longer) retry raises `GatewayError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import limits
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+AuthHook = Callable[[httpx.Request], Awaitable[None]]
+
+# Retrying these after a 5xx or a lost connection could apply them twice, unless the
+# vendor deduplicates them by an idempotency key.
+NON_IDEMPOTENT_METHODS = frozenset({"POST", "PATCH"})
+BODY_EXCERPT_CHARS = 500
+# Above this, a reset header is a Unix timestamp rather than a number of seconds.
+_EPOCH_THRESHOLD = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class GatewayPolicy:
+    """How one integration's calls are timed, retried, rate-limited and cut off."""
+
+    timeout: float = 30.0
+    max_attempts: int = 5
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    # The longest wait a vendor's Retry-After or reset header may impose on one retry.
+    max_retry_after: float = 60.0
+    breaker_window: float = 60.0
+    breaker_min_calls: int = 10
+    breaker_failure_ratio: float = 0.5
+    breaker_open_seconds: float = 30.0
+    # In `limits` notation, e.g. "100/10 seconds"; None: no client-side limit.
+    rate_limit: str | None = None
+
+
+DEFAULT_POLICY = GatewayPolicy(rate_limit="10 per second")
+
+# Published limits, taking the lowest tier where they depend on the vendor's plan.
+VENDOR_POLICIES: dict[str, GatewayPolicy] = {
+    # Private apps / OAuth apps on Free and Starter accounts: 100 requests per 10 seconds.
+    "hubspot": GatewayPolicy(rate_limit="100/10 seconds"),
+    # Live mode: 100 read and 100 write operations per second (test mode allows 25).
+    "stripe": GatewayPolicy(rate_limit="100 per second"),
+    # No per-second limit: a rolling 24-hour allowance per org (100,000 on Enterprise
+    # before per-licence additions); exhausting it answers 403 REQUEST_LIMIT_EXCEEDED.
+    "salesforce": GatewayPolicy(rate_limit="100000 per day"),
+    # api_token on the Essential plan: 20 requests per 2-second window.
+    "pipedrive": GatewayPolicy(rate_limit="20 per 2 seconds"),
+    "default": DEFAULT_POLICY,
+}
+
+
+class CircuitOpen(Exception):
+    """The integration's circuit breaker is open: the call was not sent."""
+
+    def __init__(self, integration: str, retry_after: float) -> None:
+        super().__init__(f"circuit open for {integration}; retry in {retry_after:.1f}s")
+        self.integration = integration
+        self.retry_after = retry_after
+
+
+class GatewayError(Exception):
+    """A call that failed for good: its last 5xx or 429 response, or its network error."""
+
+    def __init__(
+        self,
+        integration: str,
+        message: str,
+        *,
+        status: int | None = None,
+        body_excerpt: str = "",
+        error: BaseException | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(f"{integration}: {message}")
+        self.integration = integration
+        self.status = status
+        self.body_excerpt = body_excerpt
+        self.error = error
+        self.attempts = attempts
+
+
+class BreakerState(Enum):
+    # The values are those of the breaker-state gauge.
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class CircuitBreaker:
+    """Opens when the failure ratio over a sliding time window crosses a threshold.
+
+    Closed: everything passes and outcomes are recorded. Once the window holds at least
+    `min_calls` outcomes of which at least `failure_ratio` failed, the breaker opens and
+    `allow()` is False for `open_seconds`. Then it is half-open: `allow()` lets exactly one
+    probe through at a time; the probe's success closes the breaker (with an empty window),
+    its failure opens it again for another `open_seconds`.
+    """
+
+    def __init__(
+        self,
+        *,
+        window: float,
+        min_calls: int,
+        failure_ratio: float,
+        open_seconds: float,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.window = window
+        self.min_calls = min_calls
+        self.failure_ratio = failure_ratio
+        self.open_seconds = open_seconds
+        self._clock = clock
+        self._state = BreakerState.CLOSED
+        self._outcomes: deque[tuple[float, bool]] = deque()  # (when, failed)
+        self._opened_at = 0.0
+        self._probe_in_flight = False
+
+    @property
+    def state(self) -> BreakerState:
+        return self._state
+
+    def retry_after(self) -> float:
+        """Seconds until an open breaker lets a probe through; 0 when not open."""
+        if self._state is not BreakerState.OPEN:
+            return 0.0
+        return max(0.0, self._opened_at + self.open_seconds - self._clock())
+
+    def allow(self) -> bool:
+        """Whether a call may be sent now; in half-open state, True reserves the probe."""
+        if self._state is BreakerState.OPEN:
+            if self._clock() - self._opened_at < self.open_seconds:
+                return False
+            self._state = BreakerState.HALF_OPEN
+            self._probe_in_flight = False
+        if self._state is BreakerState.HALF_OPEN:
+            if self._probe_in_flight:
+                return False
+            self._probe_in_flight = True
+        return True
+
+    def record_success(self) -> None:
+        if self._state is BreakerState.HALF_OPEN:
+            self._close()
+        elif self._state is BreakerState.CLOSED:
+            self._record(failed=False)
+
+    def record_failure(self) -> None:
+        if self._state is BreakerState.HALF_OPEN:
+            self._open()
+        elif self._state is BreakerState.CLOSED:
+            self._record(failed=True)
+            failures = sum(failed for _, failed in self._outcomes)
+            calls = len(self._outcomes)
+            if calls >= self.min_calls and failures / calls >= self.failure_ratio:
+                self._open()
+
+    def record_inconclusive(self) -> None:
+        """An outcome that says nothing of the vendor's health (a 429, a cancellation).
+
+        It is not counted; a half-open breaker frees its probe slot for the next call.
+        """
+        if self._state is BreakerState.HALF_OPEN:
+            self._probe_in_flight = False
+
+    def _record(self, *, failed: bool) -> None:
+        now = self._clock()
+        self._outcomes.append((now, failed))
+        while self._outcomes and self._outcomes[0][0] <= now - self.window:
+            self._outcomes.popleft()
+
+    def _open(self) -> None:
+        self._state = BreakerState.OPEN
+        self._opened_at = self._clock()
+        self._probe_in_flight = False
+        self._outcomes.clear()
+
+    def _close(self) -> None:
+        self._state = BreakerState.CLOSED
+        self._probe_in_flight = False
+        self._outcomes.clear()
+
+
+class RateLimiter:
+    """At most `amount` acquisitions in any moving window of `seconds`; callers queue FIFO.
+
+    Built from `limits` notation ("100/10 seconds"). In-process: each worker process has
+    its own budget.
+    """
+
+    def __init__(
+        self, notation: str, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep
+    ) -> None:
+        item = limits.parse(notation)
+        self.amount = item.amount
+        self.seconds = float(item.get_expiry())
+        self._clock = clock
+        self._sleep = sleep
+        self._granted: deque[float] = deque()
+        # asyncio.Lock wakes waiters in arrival order, so the queue is fair.
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = self._clock()
+                while self._granted and self._granted[0] <= now - self.seconds:
+                    self._granted.popleft()
+                if len(self._granted) < self.amount:
+                    self._granted.append(now)
+                    return
+                await self._sleep(self._granted[0] + self.seconds - now)
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter(
+            "memberhub_gateway_calls",
+            "Outbound calls by final outcome: ok, client_error, failed, circuit_open.",
+            ["integration", "outcome"],
+            registry=registry,
+        )
+        self.attempts = Counter(
+            "memberhub_gateway_attempts",
+            "HTTP attempts by result: the status class (2xx..5xx) or network_error.",
+            ["integration", "result"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "memberhub_gateway_attempt_duration_seconds",
+            "Duration of one HTTP attempt, rate-limit and backoff waits excluded.",
+            ["integration"],
+            registry=registry,
+        )
+        self.breaker_state = Gauge(
+            "memberhub_gateway_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            ["integration"],
+            registry=registry,
+        )
+
+
+# One set of metrics per registry: several gateways share a registry without registering
+# the same names twice.
+_metrics_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _Metrics] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _metrics_for(registry: CollectorRegistry) -> _Metrics:
+    metrics = _metrics_by_registry.get(registry)
+    if metrics is None:
+        metrics = _metrics_by_registry[registry] = _Metrics(registry)
+    return metrics
+
+
+class Gateway:
+    """The HTTP client of one integration; see the module docstring."""
+
+    def __init__(
+        self,
+        integration: str,
+        base_url: str,
+        *,
+        policy: GatewayPolicy,
+        auth: AuthHook | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        registry: CollectorRegistry | None = None,
+        sleep: Sleep = asyncio.sleep,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        """`sleep` waits out retry backoffs; `clock` times the breaker."""
+        self.integration = integration
+        self.policy = policy
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.breaker = CircuitBreaker(
+            window=policy.breaker_window,
+            min_calls=policy.breaker_min_calls,
+            failure_ratio=policy.breaker_failure_ratio,
+            open_seconds=policy.breaker_open_seconds,
+            clock=clock,
+        )
+        # Real time, whatever `sleep` is: the limiter protects the vendor, not the test.
+        self.rate_limiter = RateLimiter(policy.rate_limit) if policy.rate_limit else None
+        self._auth = auth
+        self._sleep = sleep
+        self._client = httpx.AsyncClient(
+            base_url=base_url, timeout=httpx.Timeout(policy.timeout), transport=transport
+        )
+        self._metrics = _metrics_for(self.registry)
+        self._show_breaker_state()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        data: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> httpx.Response:
+        """Send the call, retrying as the policy allows.
+
+        Raises `CircuitOpen` when the breaker stops an attempt, `GatewayError` when the
+        last attempt got a 5xx, a 429 or a network error.
+        """
+        method = method.upper()
+        request_headers = dict(headers or {})
+        if idempotency_key is not None:
+            request_headers["Idempotency-Key"] = idempotency_key
+        may_retry_failures = method not in NON_IDEMPOTENT_METHODS or idempotency_key is not None
+        attempt = 0
+        while True:
+            attempt += 1
+            allowed = self.breaker.allow()
+            self._show_breaker_state()
+            if not allowed:
+                self._count_call("circuit_open")
+                raise CircuitOpen(self.integration, self.breaker.retry_after())
+            request = self._client.build_request(
+                method, path, params=params, json=json, data=data, headers=request_headers
+            )
+            try:
+                response = await self._attempt(request)
+            except httpx.TransportError as exc:
+                # A connection never made carried no request: safe to retry for any method.
+                retryable = may_retry_failures or isinstance(
+                    exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
+                )
+                if not retryable or attempt >= self.policy.max_attempts:
+                    self._count_call("failed")
+                    raise GatewayError(
+                        self.integration,
+                        f"{method} {path} failed: {exc!r}",
+                        error=exc,
+                        attempts=attempt,
+                    ) from exc
+                await self._sleep(self._backoff(attempt))
+                continue
+
+            status = response.status_code
+            if status < 500 and status != 429:
+                self._count_call("ok" if status < 400 else "client_error")
+                return response
+            retryable = status == 429 or may_retry_failures
+            if not retryable or attempt >= self.policy.max_attempts:
+                self._count_call("failed")
+                raise GatewayError(
+                    self.integration,
+                    f"{method} {path} answered {status}",
+                    status=status,
+                    body_excerpt=response.text[:BODY_EXCERPT_CHARS],
+                    attempts=attempt,
+                )
+            await self._sleep(self._wait_before_retry(response, attempt))
+
+    async def _attempt(self, request: httpx.Request) -> httpx.Response:
+        """One HTTP exchange, with its rate-limit slot, auth, breaker outcome and metrics."""
+        if self.rate_limiter is not None:
+            await self.rate_limiter.acquire()
+        if self._auth is not None:
+            await self._auth(request)
+        started = time.perf_counter()
+        outcome_recorded = False
+        try:
+            try:
+                response = await self._client.send(request)
+                await response.aread()
+            except httpx.TransportError:
+                self._count_attempt("network_error", started)
+                self.breaker.record_failure()
+                outcome_recorded = True
+                raise
+            self._count_attempt(f"{response.status_code // 100}xx", started)
+            if response.status_code >= 500:
+                self.breaker.record_failure()
+            elif response.status_code == 429:
+                # The vendor asks us to slow down; it is not unhealthy.
+                self.breaker.record_inconclusive()
+            else:
+                self.breaker.record_success()
+            outcome_recorded = True
+            return response
+        finally:
+            if not outcome_recorded:
+                # Cancelled or broken mid-attempt: free a half-open probe slot.
+                self.breaker.record_inconclusive()
+            self._show_breaker_state()
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: uniform between 0 and the exponential ceiling of this attempt."""
+        ceiling = min(self.policy.backoff_max, self.policy.backoff_base * 2 ** (attempt - 1))
+        return random.uniform(0, ceiling)
+
+    def _wait_before_retry(self, response: httpx.Response, attempt: int) -> float:
+        asked = requested_wait(response.headers)
+        if asked is None:
+            return self._backoff(attempt)
+        return min(asked, self.policy.max_retry_after)
+
+    def _count_call(self, outcome: str) -> None:
+        self._metrics.calls.labels(self.integration, outcome).inc()
+
+    def _count_attempt(self, result: str, started: float) -> None:
+        self._metrics.attempts.labels(self.integration, result).inc()
+        self._metrics.latency.labels(self.integration).observe(time.perf_counter() - started)
+
+    def _show_breaker_state(self) -> None:
+        self._metrics.breaker_state.labels(self.integration).set(self.breaker.state.value)
+
+
+def requested_wait(headers: httpx.Headers) -> float | None:
+    """Seconds the vendor asks us to wait before retrying, if its headers say.
+
+    Looks at `Retry-After` (seconds or an HTTP date), then `X-RateLimit-Reset` /
+    `RateLimit-Reset` (seconds, or a Unix timestamp as some vendors send), then HubSpot's
+    `X-HubSpot-RateLimit-Interval-Milliseconds` (the length of its rate-limit window).
+    """
+    retry_after = headers.get("retry-after")
+    if retry_after is not None:
+        seconds = _parse_seconds_or_date(retry_after)
+        if seconds is not None:
+            return seconds
+    for name in ("x-ratelimit-reset", "ratelimit-reset"):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if number > _EPOCH_THRESHOLD:
+            return max(0.0, number - time.time())
+        return max(0.0, number)
+    interval_ms = headers.get("x-hubspot-ratelimit-interval-milliseconds")
+    if interval_ms is not None:
+        try:
+            return max(0.0, float(interval_ms) / 1000)
+        except ValueError:
+            pass
+    return None
+
+
+def _parse_seconds_or_date(value: str) -> float | None:
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+
+
+SECRET_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api-key",
+        "x-auth-token",
+        "x-access-token",
+        "stripe-signature",
+        "x-hubspot-signature",
+        "x-hubspot-signature-v3",
+        "x-pipedrive-signature",
+        "webhook-signature",
+    }
+)
+_VISIBLE_TAIL = 4
+
+
+def redact(headers: Mapping[str, str]) -> dict[str, str]:
+    """A copy of `headers` for logs, secret values masked but for their last 4 characters.
+
+    Values of 8 characters or fewer are masked entirely: their last 4 would be half the
+    secret.
+    """
+    redacted: dict[str, str] = {}
+    for name, value in headers.items():
+        if name.lower() in SECRET_HEADERS:
+            tail = value[-_VISIBLE_TAIL:] if len(value) > 2 * _VISIBLE_TAIL else ""
+            value = f"***{tail}"
+        redacted[name] = value
+    return redacted
