@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any, Literal
 
 import uvicorn
 
@@ -41,31 +42,42 @@ STARTUP_TIMEOUT_SECONDS = 30.0
 SHUTDOWN_TIMEOUT_SECONDS = 30.0
 
 
-@asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[str]:
-    """Serve the application for `settings` on 127.0.0.1; yields its base URL."""
-    # Bind here and hand the socket to uvicorn: the port is ours from the start, so no
-    # other process can take it between choosing it and listening on it.
+def bind_local_socket() -> tuple[socket.socket, str]:
+    """A listening address on 127.0.0.1 and its base URL. Bound here and handed to uvicorn,
+    the port is ours from the start: no other process can take it meanwhile."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
+    return sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@asynccontextmanager
+async def serving_in_thread(
+    app: Any,
+    sock: socket.socket,
+    *,
+    name: str,
+    lifespan: Literal["on", "off"] = "on",
+    graceful_shutdown: int | None = None,
+) -> AsyncIterator[None]:
+    """Serve the ASGI `app` on `sock` under uvicorn, in a thread with its own event loop,
+    until the block ends; then stop it (requests still running after `graceful_shutdown`
+    seconds are cancelled) and close the socket."""
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         log_level="warning",
         access_log=False,
         # Keep uvicorn from reconfiguring the test process's logging.
         log_config=None,
-        lifespan="on",
+        lifespan=lifespan,
+        timeout_graceful_shutdown=graceful_shutdown,
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="memberhub-test-server", daemon=True
-    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
     thread.start()
     try:
-        await _wait_until_started(server, thread)
-        yield f"http://127.0.0.1:{port}"
+        await _wait_until_started(server, thread, name)
+        yield
     finally:
         server.should_exit = True
         await asyncio.to_thread(thread.join, SHUTDOWN_TIMEOUT_SECONDS)
@@ -76,11 +88,19 @@ async def running_server(settings: Settings) -> AsyncIterator[str]:
         sock.close()
 
 
-async def _wait_until_started(server: uvicorn.Server, thread: threading.Thread) -> None:
+@asynccontextmanager
+async def running_server(settings: Settings) -> AsyncIterator[str]:
+    """Serve the application for `settings` on 127.0.0.1; yields its base URL."""
+    sock, base_url = bind_local_socket()
+    async with serving_in_thread(create_app(settings), sock, name="memberhub-test-server"):
+        yield base_url
+
+
+async def _wait_until_started(server: uvicorn.Server, thread: threading.Thread, name: str) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while not server.started:
         if not thread.is_alive():
-            raise RuntimeError("the test server exited during startup")
+            raise RuntimeError(f"{name} exited during startup")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the test server did not start in {STARTUP_TIMEOUT_SECONDS:.0f}s")
+            raise RuntimeError(f"{name} did not start in {STARTUP_TIMEOUT_SECONDS:.0f}s")
         await asyncio.sleep(0.01)

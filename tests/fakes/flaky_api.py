@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 import threading
 import time
 from collections import deque
@@ -29,10 +28,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import uvicorn
-
-STARTUP_TIMEOUT_SECONDS = 30.0
-SHUTDOWN_TIMEOUT_SECONDS = 5.0
+from tests.support_server import bind_local_socket, serving_in_thread
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -170,39 +166,7 @@ async def _read_body(receive: Receive) -> bytes:
 @asynccontextmanager
 async def running_flaky_api() -> AsyncIterator[FlakyApi]:
     """Serve a fresh `FlakyApi` on 127.0.0.1 until the block ends."""
-    # Bound here and handed to uvicorn, so no other process can take the port meanwhile.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    api = FlakyApi(f"http://127.0.0.1:{port}")
-    config = uvicorn.Config(
-        api,
-        interface="asgi3",
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="flaky-api", daemon=True
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("the flaky API exited during startup")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the flaky API did not start in {STARTUP_TIMEOUT_SECONDS:.0f}s")
-            await asyncio.sleep(0.01)
+    sock, base_url = bind_local_socket()
+    api = FlakyApi(base_url)
+    async with serving_in_thread(api, sock, name="flaky-api", lifespan="off", graceful_shutdown=1):
         yield api
-    finally:
-        server.should_exit = True
-        await asyncio.to_thread(thread.join, SHUTDOWN_TIMEOUT_SECONDS)
-        if thread.is_alive():
-            server.force_exit = True
-            await asyncio.to_thread(thread.join, SHUTDOWN_TIMEOUT_SECONDS)
-        sock.close()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -35,13 +34,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import uvicorn
 from standardwebhooks import Webhook
 
-STARTUP_TIMEOUT_SECONDS = 30.0
+from tests.support_server import bind_local_socket, serving_in_thread
+
 # Hung replies are cancelled this long after the receiver is asked to stop.
 GRACEFUL_SHUTDOWN_SECONDS = 1
-SHUTDOWN_TIMEOUT_SECONDS = 5.0
 POLL_INTERVAL_SECONDS = 0.02
 
 HOOKS_PREFIX = "/hooks/"
@@ -377,47 +375,13 @@ async def running_receiver() -> AsyncIterator[WebhookReceiver]:
     Leaving the block stops the server: replies still hanging after
     GRACEFUL_SHUTDOWN_SECONDS are cut short with a 503 and never count as successful.
     """
-    # Bind here and hand the socket to uvicorn: the port is ours from the start, so no
-    # other process can take it between choosing it and listening on it.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    receiver = WebhookReceiver(f"http://127.0.0.1:{port}")
-    config = uvicorn.Config(
+    sock, base_url = bind_local_socket()
+    receiver = WebhookReceiver(base_url)
+    async with serving_in_thread(
         receiver,
-        interface="asgi3",
+        sock,
+        name="webhook-receiver",
         lifespan="off",
-        log_level="warning",
-        access_log=False,
-        # Keep uvicorn from reconfiguring the test process's logging.
-        log_config=None,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="webhook-receiver", daemon=True
-    )
-    thread.start()
-    try:
-        await _wait_until_started(server, thread)
+        graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    ):
         yield receiver
-    finally:
-        server.should_exit = True
-        await asyncio.to_thread(thread.join, SHUTDOWN_TIMEOUT_SECONDS)
-        if thread.is_alive():
-            server.force_exit = True
-            await asyncio.to_thread(thread.join, SHUTDOWN_TIMEOUT_SECONDS)
-        sock.close()
-
-
-async def _wait_until_started(server: uvicorn.Server, thread: threading.Thread) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the webhook receiver exited during startup")
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"the webhook receiver did not start in {STARTUP_TIMEOUT_SECONDS:.0f}s"
-            )
-        await asyncio.sleep(0.01)
