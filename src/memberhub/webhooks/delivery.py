@@ -723,20 +723,19 @@ class DeliveryLoop:
     async def _record_forever(self) -> None:
         while True:
             first = await self._results.get()
-            self._results.put_nowait(first)
-            self._results.task_done()
             if self._results.qsize() < self._in_flight:
                 # A moment for the sends about to finish: one transaction for all of them.
                 await asyncio.sleep(RECORD_GATHER_SECONDS)
             try:
-                await self._record_batch()
+                await self._record_batch([first])
             except Exception:
                 # The leases run out and the deliveries are sent again: at least once.
                 log.exception("delivery_record_failed")
                 await asyncio.sleep(1.0)
 
-    async def _record_batch(self) -> bool:
-        batch: list[AttemptResult] = []
+    async def _record_batch(self, batch: list[AttemptResult] | None = None) -> bool:
+        """Record `batch` (taken from the queue) and whatever else is waiting there."""
+        batch = batch or []
         while not self._results.empty() and len(batch) < 1000:
             batch.append(self._results.get_nowait())
         if not batch:
@@ -867,28 +866,26 @@ async def record(
         if session.get_bind().dialect.name == "postgresql":
             locked = locked.order_by(WebhookEndpoint.id).with_for_update(key_share=True)
         endpoints = {e.id: e for e in (await session.scalars(locked)).all()}
-        # An endpoint deleted meanwhile took its deliveries with it: nothing to record.
-        kept = [i for i, r in enumerate(batch) if r.claimed.endpoint.id in endpoints]
-        finals = finals_of(changes)
-        if len(kept) < len(batch):
-            finals = [finals[i] if i in set(kept) else None for i in range(len(batch))]
-            batch = [batch[i] for i in kept]
-            attempts = [attempts[i] for i in kept]
-            changes = [changes[i] for i in kept]
-            if not batch:
-                return finals
-        for index, values, result in zip(kept, changes, batch, strict=True):
-            if (
-                values["status"] == DeliveryStatus.PENDING
-                and not endpoints[result.claimed.endpoint.id].enabled
-            ):
+        finals: list[str | None] = [None] * len(batch)
+        kept = []
+        for index, (result, values) in enumerate(zip(batch, changes, strict=True)):
+            endpoint = endpoints.get(result.claimed.endpoint.id)
+            if endpoint is None:
+                continue  # deleted meanwhile, with its deliveries: nothing to record
+            if values["status"] == DeliveryStatus.PENDING and not endpoint.enabled:
                 values.update(
                     status=DeliveryStatus.FAILED,
                     next_attempt_at=None,
                     completed_at=now,
                     last_error=f"{values['last_error']}; the endpoint is disabled"[:500],
                 )
-                finals[index] = DeliveryStatus.FAILED
+            if values["status"] != DeliveryStatus.PENDING:
+                finals[index] = values["status"]
+            kept.append(index)
+        if not kept:
+            return finals
+        attempts = [attempts[i] for i in kept]
+        changes = [changes[i] for i in kept]
         await session.execute(insert(WebhookAttempt), attempts)
         statement = (
             update(deliveries)
@@ -918,13 +915,6 @@ async def record(
         await session.execute(statement, changes)
         await _update_health(session, endpoints, batch, config, now)
     return finals
-
-
-def finals_of(changes: Sequence[dict[str, Any]]) -> list[str | None]:
-    return [
-        values["status"] if values["status"] != DeliveryStatus.PENDING else None
-        for values in changes
-    ]
 
 
 async def _update_health(
