@@ -148,10 +148,9 @@ async def list_endpoint_deliveries(
 ) -> Page[DeliveryOut]:
     """The endpoint's deliveries, newest first, each with its attempts."""
     endpoint = await service.get_endpoint(session, principal, endpoint_id)
-    rows = await service.list_deliveries(
+    return await service.list_deliveries(
         session, endpoint_id=endpoint.id, status=status, after_id=page.after_id, limit=page.limit
     )
-    return _page(rows, page.limit)
 
 
 @router.post("/webhook-endpoints/{endpoint_id}/recover")
@@ -187,14 +186,13 @@ async def list_event_deliveries(
     event = await EventRepository(session).get_by_public_id(event_id)
     if event is None or not principal.can_see_organisation(event.organisation_id):
         raise NotFound(f"Event {event_id} does not exist.")
-    rows = await service.list_deliveries(
+    return await service.list_deliveries(
         session,
         event_id=event.id,
         organisation_ids=principal.visible_organisation_ids,
         after_id=page.after_id,
         limit=page.limit,
     )
-    return _page(rows, page.limit)
 
 
 @router.get("/deliveries/{delivery_id}")
@@ -215,13 +213,3 @@ async def retry_delivery(
         session, principal, delivery_id, schedule_length=_schedule_length(request)
     )
     return await service.delivery_out(session, delivery)
-
-
-class _Keyed:
-    def __init__(self, item: DeliveryOut, key: int) -> None:
-        self.item, self.id = item, key
-
-
-def _page(rows: list[tuple[DeliveryOut, int]], limit: int) -> Page[DeliveryOut]:
-    items, pagination = build_page([_Keyed(item, key) for item, key in rows], limit)
-    return Page(data=[k.item for k in items], pagination=pagination)

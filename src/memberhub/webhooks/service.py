@@ -20,6 +20,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.kit.pagination import Page, build_page
 from memberhub.members.service import resolve_organisation
 from memberhub.organisations.models import Organisation
 from memberhub.organisations.repository import OrganisationRepository
@@ -344,9 +345,8 @@ async def list_deliveries(
     organisation_ids: frozenset[int] | None = None,
     after_id: int | None,
     limit: int,
-) -> list[tuple[DeliveryOut, int]]:
-    """Newest first, with their attempts and row ids (for the cursor). `after_id` pages
-    towards older deliveries."""
+) -> Page[DeliveryOut]:
+    """Newest first, with their attempts. `after_id` pages towards older deliveries."""
     query = (
         select(WebhookDelivery, WebhookEndpoint.public_id, Event.public_id, Event.type)
         .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
@@ -365,14 +365,15 @@ async def list_deliveries(
     if after_id is not None:
         query = query.where(WebhookDelivery.id < after_id)
     rows = (await session.execute(query)).all()
-    attempts = await _attempts_of(session, [row[0].id for row in rows])
-    return [
-        (
-            _delivery_out(delivery, endpoint_public_id, event_public_id, event_type, attempts),
-            delivery.id,
-        )
-        for delivery, endpoint_public_id, event_public_id, event_type in rows
-    ]
+    deliveries, pagination = build_page([row[0] for row in rows], limit)
+    attempts = await _attempts_of(session, [delivery.id for delivery in deliveries])
+    return Page(
+        data=[
+            _delivery_out(delivery, endpoint_public_id, event_public_id, event_type, attempts)
+            for delivery, endpoint_public_id, event_public_id, event_type in rows[: len(deliveries)]
+        ],
+        pagination=pagination,
+    )
 
 
 async def _attempts_of(
