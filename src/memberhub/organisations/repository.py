@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,20 +33,27 @@ class OrganisationRepository:
 
     async def subtree_ids(self, root_id: int) -> frozenset[int]:
         """The organisation and every chapter below it, at any depth."""
+        return (await self.subtrees([root_id]))[root_id]
+
+    async def subtrees(self, root_ids: Iterable[int]) -> dict[int, frozenset[int]]:
+        """`subtree_ids` of several organisations, reading the hierarchy once."""
         edges = (await self.session.execute(select(Organisation.id, Organisation.parent_id))).all()
         children: dict[int, list[int]] = {}
         for org_id, parent_id in edges:
             if parent_id is not None:
                 children.setdefault(parent_id, []).append(org_id)
-        seen = {root_id}
-        frontier = [root_id]
-        while frontier:
-            current = frontier.pop()
-            for child in children.get(current, []):
-                if child not in seen:
-                    seen.add(child)
-                    frontier.append(child)
-        return frozenset(seen)
+        result = {}
+        for root_id in root_ids:
+            seen = {root_id}
+            frontier = [root_id]
+            while frontier:
+                current = frontier.pop()
+                for child in children.get(current, []):
+                    if child not in seen:
+                        seen.add(child)
+                        frontier.append(child)
+            result[root_id] = frozenset(seen)
+        return result
 
     async def has_children(self, org_id: int) -> bool:
         child = await self.session.scalar(

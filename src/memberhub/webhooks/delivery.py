@@ -180,18 +180,11 @@ async def _organisation_scopes(
     session: AsyncSession, endpoints: Sequence[WebhookEndpoint]
 ) -> dict[int, frozenset[int]]:
     """An organisation's endpoint receives the events of the organisation and its chapters."""
-    repository = OrganisationRepository(session)
-    subtrees: dict[int, frozenset[int]] = {}
-    scopes = {}
-    for endpoint in endpoints:
-        if endpoint.organisation_id is None:
-            continue
-        if endpoint.organisation_id not in subtrees:
-            subtrees[endpoint.organisation_id] = await repository.subtree_ids(
-                endpoint.organisation_id
-            )
-        scopes[endpoint.id] = subtrees[endpoint.organisation_id]
-    return scopes
+    roots = {e.organisation_id for e in endpoints if e.organisation_id is not None}
+    if not roots:
+        return {}
+    subtrees = await OrganisationRepository(session).subtrees(roots)
+    return {e.id: subtrees[e.organisation_id] for e in endpoints if e.organisation_id is not None}
 
 
 # ---------------------------------------------------------------- claiming
