@@ -31,15 +31,21 @@ class SecretBox:
         self.key_id = hashlib.sha256(key).hexdigest()[:8]
 
     def encrypt(self, plaintext: str) -> str:
-        nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, plaintext.encode(), self.key_id.encode())
-        return f"{_PREFIX}:{self.key_id}:{base64.urlsafe_b64encode(nonce + sealed).decode()}"
+        raw = base64.urlsafe_b64encode(self._seal(plaintext.encode())).decode()
+        return f"{_PREFIX}:{self.key_id}:{raw}"
+
+    def decrypt(self, stored: str) -> str:
+        try:
+            prefix, key_id, body = stored.split(":", 2)
+            if prefix != _PREFIX or key_id != self.key_id:
+                raise SecretUnreadable("the secret was encrypted with another master secret")
+            return self._open(base64.urlsafe_b64decode(body.encode())).decode()
+        except ValueError as exc:
+            raise SecretUnreadable("the stored secret is damaged or from another key") from exc
 
     def seal(self, data: bytes) -> bytes:
         """Binary form, for larger values such as stored API responses."""
-        nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, data, self.key_id.encode())
-        return f"{_PREFIX}:{self.key_id}:".encode() + nonce + sealed
+        return f"{_PREFIX}:{self.key_id}:".encode() + self._seal(data)
 
     def open(self, stored: bytes) -> bytes:
         """The data `seal` sealed; anything not sealed (written before sealing) as it is."""
@@ -49,18 +55,14 @@ class SecretBox:
         key_id, _, raw = stored[len(head) :].partition(b":")
         if key_id.decode(errors="replace") != self.key_id:
             raise SecretUnreadable("the data was sealed with another master secret")
-        try:
-            return self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], key_id)
-        except InvalidTag as exc:
-            raise SecretUnreadable("the sealed data is damaged") from exc
+        return self._open(raw)
 
-    def decrypt(self, stored: str) -> str:
+    def _seal(self, data: bytes) -> bytes:
+        nonce = os.urandom(_NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, data, self.key_id.encode())
+
+    def _open(self, raw: bytes) -> bytes:
         try:
-            prefix, key_id, body = stored.split(":", 2)
-            if prefix != _PREFIX or key_id != self.key_id:
-                raise SecretUnreadable("the secret was encrypted with another master secret")
-            raw = base64.urlsafe_b64decode(body.encode())
-            plain = self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], key_id.encode())
-        except (ValueError, InvalidTag) as exc:
-            raise SecretUnreadable("the stored secret is damaged or from another key") from exc
-        return plain.decode()
+            return self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], self.key_id.encode())
+        except InvalidTag as exc:
+            raise SecretUnreadable("the sealed data is damaged or from another key") from exc
