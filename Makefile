@@ -58,6 +58,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.members
 	$(BIN)/python -m bench.ledger
 	$(BIN)/python -m bench.webhooks
+	$(BIN)/python -m bench.gateway
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -33,6 +34,7 @@ DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 # The benchmarks measure the API, not the rate limiter refusing it.
 UNLIMITED = "100000000/minute"
 SERVER_START_TIMEOUT = 60.0
+SERVER_STOP_TIMEOUT = 15.0
 SERVE_URL_ENV = "MEMBERHUB_BENCH_SERVE_DATABASE_URL"
 SERVE_DATA_DIR_ENV = "MEMBERHUB_BENCH_SERVE_DATA_DIR"
 SERVE_PORT_ENV = "MEMBERHUB_BENCH_SERVE_PORT"
@@ -116,20 +118,37 @@ def running_server(database_url: str) -> Iterator[str]:
             SERVE_DATA_DIR_ENV: data_dir,
             SERVE_PORT_ENV: str(port),
         }
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bench.common"], env=env, cwd=REPOSITORY_ROOT
-        )
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_ready(process, base_url)
+        with running_child(["bench.common"], port, env=env) as base_url:
             yield base_url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+
+
+@contextlib.contextmanager
+def running_child(
+    module_args: list[str], port: int, *, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`python -m <module_args>` in a child process, serving on `port` (it answers
+    `/health` once ready); yields its base URL and stops it when the block ends."""
+    process = subprocess.Popen([sys.executable, "-m", *module_args], env=env, cwd=REPOSITORY_ROOT)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(process, base_url)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=SERVER_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def serve_asgi(app: Any, port: int) -> None:
+    """Serve a bare ASGI app (a benchmark's fake peer) on 127.0.0.1:`port`, quietly."""
+    import uvicorn
+
+    uvicorn.run(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
+    )
 
 
 def wait_until_ready(process: subprocess.Popen[bytes], base_url: str) -> None:

@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
@@ -48,11 +47,11 @@ from sqlalchemy import func, select
 
 from bench.common import (
     DEFAULT_POSTGRES_URL,
-    REPOSITORY_ROOT,
     free_port,
     postgres_reachable,
+    running_child,
     scratch_space,
-    wait_until_ready,
+    serve_asgi,
 )
 from memberhub.events.catalog import PointsEarned
 from memberhub.events.models import Event
@@ -83,7 +82,6 @@ WORKER_POOL_SIZE = 2
 # How often the bench looks for the last attempt row; the clock stops within this much.
 PROBE_INTERVAL = 0.05
 DELIVERY_TIMEOUT = 600.0
-RECEIVER_STOP_TIMEOUT = 15.0
 
 
 # -- the receiver (the child process) --------------------------------------------------------
@@ -127,38 +125,12 @@ async def _reply(send: Send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def serve_receiver(port: int) -> None:
-    import uvicorn
-
-    uvicorn.run(
-        CountingReceiver(),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-    )
-
-
 @contextlib.contextmanager
 def running_receiver() -> Iterator[str]:
     """The receiver in a child process; yields its base URL."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.webhooks", "--serve-receiver", str(port)],
-        cwd=REPOSITORY_ROOT,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(process, base_url)
+    with running_child(["bench.webhooks", "--serve-receiver", str(port)], port) as base_url:
         yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=RECEIVER_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass(frozen=True)
@@ -493,7 +465,7 @@ def bench_backend(backend: str, pg_url: str, receiver_url: str, cases: Sequence[
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_receiver is not None:
-        serve_receiver(args.serve_receiver)
+        serve_asgi(CountingReceiver(), args.serve_receiver)
         return 0
     cases = cases_from(args)
     explicit_pg = os.environ.get("MEMBERHUB_BENCH_POSTGRES_URL")

@@ -38,44 +38,61 @@ WEBHOOK_LINES = {
     )
     for endpoints in ("1 endpoint", "10 endpoints")
 }
+GATEWAY_LINES = {
+    **{
+        f"{case} sequential {side}": re.compile(
+            rf"^{case}\s+sequential\s+{re.escape(side)}\s+p50\s+\d+ µs p95\s+\d+ µs\s+"
+            r"raw p50\s+\d+ µs p95\s+\d+ µs\s+added\s+[+-]\d+ µs\s+ratio\s+[\d.]+$",
+            re.MULTILINE,
+        )
+        for case in ("no-op", "2ms")
+        for side in ("gateway", "gateway+limiter")
+    },
+    **{
+        f"{case} concurrent {side}": re.compile(
+            rf"^{case}\s+16 in flight\s+{re.escape(side)}\s+[\d.]+ calls/s\s+"
+            r"raw\s+[\d.]+ calls/s\s+ratio\s+[\d.]+$",
+            re.MULTILINE,
+        )
+        for case in ("no-op", "2ms")
+        for side in ("gateway", "gateway+limiter")
+    },
+}
+
+
+def run_bench(*args: str) -> str:
+    """`python -m bench.<args>` from the repository root; its output, after it succeeded."""
+    completed = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed.stdout
+
+
+def missing_lines(lines: dict[str, re.Pattern[str]], output: str) -> list[str]:
+    return [kind for kind, line in lines.items() if not line.search(output)]
 
 
 def test_member_bench_runs_in_quick_mode() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.members", "--quick", "--backend", "sqlite"],
-        cwd=REPOSITORY_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert RATIO_LINE.search(completed.stdout), completed.stdout
+    output = run_bench("bench.members", "--quick", "--backend", "sqlite")
+    assert RATIO_LINE.search(output), output
 
 
 def test_ledger_bench_runs_in_quick_mode_and_its_ledger_checks_pass() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.ledger", "--quick", "--backend", "sqlite"],
-        cwd=REPOSITORY_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    missing = [kind for kind, line in LEDGER_LINES.items() if not line.search(completed.stdout)]
-    assert missing == [], completed.stdout
+    output = run_bench("bench.ledger", "--quick", "--backend", "sqlite")
+    assert missing_lines(LEDGER_LINES, output) == [], output
 
 
 def test_webhook_bench_runs_in_quick_mode_and_every_delivery_is_recorded() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.webhooks", "--quick", "--backend", "sqlite"],
-        cwd=REPOSITORY_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    missing = [kind for kind, line in WEBHOOK_LINES.items() if not line.search(completed.stdout)]
-    assert missing == [], completed.stdout
+    output = run_bench("bench.webhooks", "--quick", "--backend", "sqlite")
+    assert missing_lines(WEBHOOK_LINES, output) == [], output
+
+
+def test_gateway_bench_runs_in_quick_mode_and_every_call_reaches_the_server_once() -> None:
+    output = run_bench("bench.gateway", "--quick")
+    assert missing_lines(GATEWAY_LINES, output) == [], output

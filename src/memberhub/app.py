@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import structlog
 from fastapi import FastAPI
 
 from memberhub.alerts.routes import router as alerts_router
@@ -16,10 +17,16 @@ from memberhub.audit.routes import router as audit_router
 from memberhub.auth.ratelimit import RateLimiter
 from memberhub.bulk.routes import router as bulk_router
 from memberhub.events.routes import router as events_router
+from memberhub.integrations.hub import IntegrationHub
+from memberhub.integrations.routes import outbound as integrations_outbound_router
+from memberhub.integrations.routes import public as integrations_public_router
+from memberhub.integrations.routes import router as integrations_router
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.kit.http import RequestContextMiddleware, install_error_handlers
 from memberhub.kit.logging import configure_logging
+from memberhub.leads.routes import external as leads_external_router
+from memberhub.leads.routes import router as leads_router
 from memberhub.members.routes import router as members_router
 from memberhub.memberships.routes import router as memberships_router
 from memberhub.ops.metrics import Metrics
@@ -31,7 +38,11 @@ from memberhub.rewards.routes import router as rewards_router
 from memberhub.settings import Settings
 from memberhub.tiers.routes import router as tiers_router
 from memberhub.webhooks.routes import router as webhooks_router
+from memberhub.webhooks.ssrf import UrlPolicy
 from memberhub.worker.runner import Worker
+
+CALL_LOG_DRAIN_SECONDS = 2.0
+log = structlog.get_logger("memberhub.app")
 
 
 def create_app(settings: Settings | None = None, *, embedded_worker: bool = False) -> FastAPI:
@@ -45,6 +56,7 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
         task = None
+        drainer = asyncio.create_task(_drain_call_log(app.state.integrations, stop))
         if embedded_worker:
             worker = Worker(
                 db,
@@ -60,6 +72,9 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            with contextlib.suppress(asyncio.CancelledError):
+                await drainer
+            await app.state.integrations.aclose()
             await db.dispose()
 
     app = FastAPI(
@@ -72,6 +87,12 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
     app.state.db = db
     app.state.metrics = Metrics()
     app.state.secret_box = SecretBox(settings.resolved_secret_key)
+    app.state.integrations = IntegrationHub(
+        db,
+        app.state.secret_box,
+        UrlPolicy.from_settings(settings),
+        registry=app.state.metrics.registry,
+    )
     app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.redis_url)
     app.state.embedded_worker = embedded_worker
     app.add_middleware(RequestContextMiddleware)
@@ -90,8 +111,24 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
         analytics_router,
         events_router,
         webhooks_router,
+        integrations_router,
+        integrations_outbound_router,
+        integrations_public_router,
+        leads_router,
+        leads_external_router,
         audit_router,
         ops_router,
     ):
         app.include_router(router)
     return app
+
+
+async def _drain_call_log(hub: IntegrationHub, stop: asyncio.Event) -> None:
+    """Write the payload log every few seconds, and once more on shutdown."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=CALL_LOG_DRAIN_SECONDS)
+        try:
+            await hub.drain()
+        except Exception:
+            log.exception("call_log_drain_failed")

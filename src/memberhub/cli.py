@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
@@ -18,11 +20,14 @@ app = typer.Typer(help="memberhub: members, memberships and loyalty.", no_args_i
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 apikey_app = typer.Typer(help="API keys.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
+secrets_app = typer.Typer(help="The master secret and what it encrypts.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(audit_app, name="audit")
+app.add_typer(secrets_app, name="secrets")
 
 CLI_ACTOR = Actor.system("cli")
+MIN_SECRET_LENGTH = 32
 T = TypeVar("T")
 
 
@@ -217,6 +222,73 @@ def audit_verify() -> None:
         typer.echo(f"audit log TAMPERED at entry {bad_id}: {reason} ({checked} entries before it)")
         raise typer.Exit(code=1)
     typer.echo(f"audit log intact: {checked} entries verified")
+
+
+@secrets_app.command("rotate")
+def secrets_rotate(
+    new_key: Annotated[
+        str | None,
+        typer.Option(
+            help="The new master secret (at least 32 characters). Prefer --new-key-file or "
+            "MEMBERHUB_NEW_SECRET_KEY: a command line is visible to other users.",
+            envvar="MEMBERHUB_NEW_SECRET_KEY",
+        ),
+    ] = None,
+    new_key_file: Annotated[
+        Path | None, typer.Option(help="Read the new master secret from this file.")
+    ] = None,
+) -> None:
+    """Re-encrypt every stored secret (integration credentials, webhook signing secrets,
+    stored responses) under a new master secret, all in one transaction.
+
+    Afterwards set MEMBERHUB_SECRET_KEY to the new secret (when the secret is kept in the
+    data directory's secret_key file, that file is replaced) and restart the service and
+    its workers: the old secret no longer decrypts anything.
+    """
+    from memberhub.kit.crypto import SecretBox
+    from memberhub.kit.rotation import rotate_secrets
+
+    if new_key_file is not None:
+        new_key = new_key_file.read_text().strip()
+    if not new_key:
+        typer.echo("error: give the new secret with --new-key or --new-key-file", err=True)
+        raise typer.Exit(code=2)
+    if len(new_key) < MIN_SECRET_LENGTH:
+        typer.echo(
+            f"error: the new secret must be at least {MIN_SECRET_LENGTH} characters", err=True
+        )
+        raise typer.Exit(code=2)
+    settings = _settings()
+    old_box = SecretBox(settings.resolved_secret_key)
+    new_box = SecretBox(new_key)
+
+    async def work(db: Database) -> dict[str, int]:
+        async with db.transaction() as session:
+            return (await rotate_secrets(session, old_box, new_box)).counts
+
+    key_file = settings.data_dir / "secret_key"
+    staged = None
+    if not settings.secret_key and key_file.exists():
+        # Written before the database moves to the new key, so that a full disk stops the
+        # rotation rather than leaving data no key file can read.
+        staged = key_file.with_suffix(".new")
+        staged.unlink(missing_ok=True)
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(new_key)
+    try:
+        counts = _run(work)
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
+    for column, count in counts.items():
+        typer.echo(f"{column}: {count} re-encrypted")
+    if staged is not None:
+        staged.replace(key_file)
+        typer.echo(f"the new secret replaced {key_file}; restart the service and workers")
+    else:
+        typer.echo("set MEMBERHUB_SECRET_KEY to the new secret and restart the service and workers")
 
 
 @app.command()

@@ -7,7 +7,16 @@ from memberhub.auth.models import ApiKey
 from memberhub.bulk.models import BulkJob, BulkJobChunk, BulkJobRow
 from memberhub.events.models import Event
 from memberhub.idempotency.models import IdempotencyRecord
+from memberhub.integrations.models import (
+    InboundEvent,
+    Integration,
+    IntegrationCall,
+    IntegrationIncident,
+    OAuthAuthorization,
+    PaymentRecord,
+)
 from memberhub.kit.db import Base
+from memberhub.leads.models import Lead
 from memberhub.members.models import Member
 from memberhub.memberships.models import MembershipPlan, MembershipTerm, MemberStatusChange
 from memberhub.organisations.models import Organisation
@@ -29,12 +38,19 @@ __all__ = [
     "BulkJobRow",
     "Event",
     "IdempotencyRecord",
+    "InboundEvent",
+    "Integration",
+    "IntegrationCall",
+    "IntegrationIncident",
+    "Lead",
     "LoyaltyProgram",
     "Member",
     "MemberStatusChange",
     "MembershipPlan",
     "MembershipTerm",
+    "OAuthAuthorization",
     "Organisation",
+    "PaymentRecord",
     "PointAccount",
     "PointAllocation",
     "PointBatch",

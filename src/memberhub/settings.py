@@ -95,6 +95,16 @@ class Settings(BaseSettings):
         default=0.5, ge=0.01, description="How often an idle delivery loop looks for new work."
     )
 
+    # Integrations.
+    public_url: str = Field(
+        default="http://127.0.0.1:8000",
+        description="Where providers and browsers reach this installation: inbound webhook "
+        "URLs and OAuth redirect URIs are built from it.",
+    )
+    integration_log_retention_days: float = Field(
+        default=14.0, gt=0, description="How long the payload log keeps outbound calls."
+    )
+
     @field_validator("log_level")
     @classmethod
     def _upper_level(cls, value: str) -> str:

@@ -377,6 +377,32 @@ async def _emit_loyalty_events(api: ApiClient, db: Database) -> None:
     assert await expire_points(db, utcnow() + timedelta(days=5)) == 2
 
 
+async def _pay_through_stripe(api: ApiClient, db: Database, plan: dict[str, Any]) -> None:
+    """member.payment.changed: a Stripe payment received and processed."""
+    from tests.integrations.conftest import (
+        create_stripe_integration,
+        run_worker,
+        send,
+        stripe_event,
+    )
+
+    payer = await api.create_member()
+    integration = await create_stripe_integration(api)
+    checkout = {
+        "id": "cs_test_outbox",
+        "object": "checkout.session",
+        "payment_status": "paid",
+        "metadata": {"member_id": payer["id"], "plan_id": plan["id"]},
+        "amount_total": 100,
+        "currency": "myr",
+    }
+    response = await send(api.http, integration["id"], stripe_event(
+        "checkout.session.completed", checkout
+    ))  # fmt: skip
+    assert response.status_code == 200, response.text
+    await run_worker(db)
+
+
 async def test_every_emitted_event_validates_against_its_types_schema(
     api: ApiClient, db: Database
 ) -> None:
@@ -391,6 +417,11 @@ async def test_every_emitted_event_validates_against_its_types_schema(
     assert (await api.post(f"/api/v1/webhook-endpoints/{endpoint['id']}/test")).status_code == 202
     disable = {"enabled": False, "disabled_reason": "maintenance"}
     assert (await api.patch(f"/api/v1/webhook-endpoints/{endpoint['id']}", disable)).is_success
+    await _pay_through_stripe(api, db, plan)
+    lead = (await api.post("/api/v1/leads", {"email": "lead@example.com"})).json()
+    assert (await api.patch(f"/api/v1/leads/{lead['id']}", {"status": "qualified"})).is_success
+    enrolled = await api.post(f"/api/v1/leads/{lead['id']}/enroll", {"plan_id": plan["id"]})
+    assert enrolled.status_code == 201, enrolled.text
     schemas = await event_schemas(api)
 
     events = await list_events(api)

@@ -247,6 +247,8 @@ class WebhookReceiver:
             return
         headers = _header_dict(scope["headers"])
         body = await _read_body(receive)
+        if body is None:
+            return  # the sender went away mid-request: nothing arrived
         record, reply = self._record_arrival(name, headers, body, arrived_at)
         if reply.delay > 0:
             try:
@@ -324,16 +326,17 @@ def _header_dict(raw_headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return headers
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole body; None when the client disconnected before sending all of it (a
+    sender killed mid-request), as a real receiver would drop such a request."""
     chunks: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
+            return None
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+            return b"".join(chunks)
 
 
 async def _client_left_within(receive: Receive, seconds: float) -> bool:

@@ -82,6 +82,8 @@ async def test_a_created_member_is_pending_and_returned_by_get_and_list(api: Api
         "term_ends_at": None,
         "grace_ends_at": None,
         "cancel_at_period_end": False,
+        "payment_status": None,
+        "payment_updated_at": None,
     }
     assert created["version"] == 1
 

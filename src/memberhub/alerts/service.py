@@ -28,6 +28,7 @@ PRIORITIES = {
     AlertType.HIGH_EXPIRATION_RATE: "medium",
     AlertType.LOW_REDEMPTION_RATE: "low",
     AlertType.WEBHOOK_ENDPOINT_DISABLED: "high",
+    AlertType.PAYMENT_FAILED: "high",
 }
 
 

@@ -48,6 +48,10 @@ class Scope(StrEnum):
     ANALYTICS_READ = "analytics:read"
     WEBHOOKS_READ = "webhooks:read"
     WEBHOOKS_WRITE = "webhooks:write"
+    INTEGRATIONS_READ = "integrations:read"
+    INTEGRATIONS_WRITE = "integrations:write"
+    LEADS_READ = "leads:read"
+    LEADS_WRITE = "leads:write"
 
 
 ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
@@ -79,6 +83,9 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.ALERTS_WRITE,
             Scope.ANALYTICS_READ,
             Scope.WEBHOOKS_READ,
+            Scope.INTEGRATIONS_READ,
+            Scope.LEADS_READ,
+            Scope.LEADS_WRITE,
         }
     ),
     Role.SUPPORT_AGENT: frozenset(
@@ -96,6 +103,8 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.REWARDS_READ,
             Scope.REWARDS_CLAIM,
             Scope.ALERTS_READ,
+            Scope.LEADS_READ,
+            Scope.LEADS_WRITE,
         }
     ),
     Role.INTEGRATION: frozenset(
@@ -115,6 +124,8 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.REWARDS_CLAIM,
             Scope.WEBHOOKS_READ,
             Scope.WEBHOOKS_WRITE,
+            Scope.LEADS_READ,
+            Scope.LEADS_WRITE,
         }
     ),
 }

@@ -559,7 +559,7 @@ REPORT_COLUMNS = (
 REPORT_PAGE = 1000
 
 
-def _cell(value: str | None) -> str:
+def csv_cell(value: str | None) -> str:
     """Text as a spreadsheet shows it, never as a formula to run."""
     if value is None:
         return ""
@@ -582,11 +582,11 @@ async def report_lines(db: Database, job_id: int, outcome: str | None) -> AsyncI
                 (
                     row.row_number,
                     row.outcome,
-                    _cell(row.member_id),
+                    csv_cell(row.member_id),
                     "" if row.points is None else row.points,
-                    _cell(row.reference_id),
+                    csv_cell(row.reference_id),
                     row.transaction_id or "",
-                    _cell(row.error),
+                    csv_cell(row.error),
                 )
             )
         yield buffer.getvalue()

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from memberhub.leads.schemas import LeadOut
 from memberhub.members.schemas import MemberOut
 
 
@@ -193,6 +194,47 @@ class AlertRaised(EventData):
     occurred_at: datetime
 
 
+class MemberPaymentChanged(EventData):
+    event_type = "member.payment.changed"
+    description = "A payments integration reported a payment of the member: paid, failed "
+    "(past_due), refunded or its subscription cancelled."
+
+    member_id: str
+    organisation_id: str | None
+    integration_id: str
+    payment_status: str
+    references: list[str]
+    amount: int | None
+    currency: str | None
+    occurred_at: datetime
+
+
+class LeadCreated(EventData):
+    event_type = "lead.created"
+    description = "A lead was created (through the API or an import)."
+
+    lead: LeadOut
+
+
+class LeadUpdated(EventData):
+    event_type = "lead.updated"
+    description = "A lead's details or pipeline status changed."
+
+    lead: LeadOut
+    changed_fields: list[str]
+
+
+class EnrollmentCompleted(EventData):
+    event_type = "enrollment.completed"
+    description = "A lead was enrolled: it became a member (joining a plan when one was given)."
+
+    lead_id: str
+    member_id: str
+    organisation_id: str | None
+    plan_id: str | None
+    occurred_at: datetime
+
+
 class WebhookEndpointDisabled(EventData):
     event_type = "webhook.endpoint.disabled"
     description = "A webhook endpoint was disabled: it answered 410 Gone, or failed without a "
@@ -220,6 +262,10 @@ CATALOG: dict[str, type[EventData]] = {
         MemberDeleted,
         MemberStatusChanged,
         MemberTierChanged,
+        MemberPaymentChanged,
+        LeadCreated,
+        LeadUpdated,
+        EnrollmentCompleted,
         PointsEarned,
         PointsRedeemed,
         PointsDeducted,

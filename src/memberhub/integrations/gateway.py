@@ -8,7 +8,10 @@ A `Gateway` serves one integration (one vendor account) and adds, around httpx:
   `CircuitOpen` instead of piling onto a vendor that is down;
 - retries with exponential backoff and full jitter on network errors, 5xx and 429, waiting
   what the vendor asks for (`Retry-After`, rate-limit reset headers) when it says;
-- Prometheus metrics per integration.
+- Prometheus metrics per integration;
+- a refresh of expired credentials: a 401 calls `refresh` once and resends the call;
+- a record of every call (`CallRecord`, secrets redacted) handed to `observer`, which the
+  integration hub writes to the payload log.
 
     async with Gateway("hubspot", "https://api.hubapi.com",
                        policy=VENDOR_POLICIES["hubspot"], auth=bearer(token)) as hubspot:
@@ -26,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import random
+import re
 import time
+import urllib.parse
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,11 +48,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 AuthHook = Callable[[httpx.Request], Awaitable[None]]
+# Renews the credentials `auth` applies (an OAuth refresh); False: nothing to renew.
+RefreshHook = Callable[[], Awaitable[bool]]
+Observer = Callable[["CallRecord"], None]
 
 # Retrying these after a 5xx or a lost connection could apply them twice, unless the
 # vendor deduplicates them by an idempotency key.
 NON_IDEMPOTENT_METHODS = frozenset({"POST", "PATCH"})
 BODY_EXCERPT_CHARS = 500
+# What the payload log keeps of each request and response body.
+LOGGED_BODY_CHARS = 4000
 # Above this, a reset header is a Unix timestamp rather than a number of seconds.
 _EPOCH_THRESHOLD = 1_000_000_000
 
@@ -115,6 +125,25 @@ class GatewayError(Exception):
         self.body_excerpt = body_excerpt
         self.error = error
         self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One call as the payload log keeps it: every attempt's wait included, secrets masked."""
+
+    integration: str
+    method: str
+    url: str
+    # ok, client_error, failed or circuit_open (the `calls` metric's outcomes).
+    outcome: str
+    status: int | None
+    attempts: int
+    started_at: datetime
+    duration_ms: int
+    request_headers: dict[str, str]
+    request_body: str
+    response_body: str
+    error: str | None
 
 
 class BreakerState(Enum):
@@ -291,6 +320,18 @@ def _metrics_for(registry: CollectorRegistry) -> _Metrics:
     return metrics
 
 
+@dataclass
+class _Call:
+    """What `request` learns of a call while it runs, for its `CallRecord`."""
+
+    started_at: datetime
+    started: float
+    attempts: int = 0
+    status: int | None = None
+    outcome: str = "failed"
+    response_excerpt: str = ""
+
+
 class Gateway:
     """The HTTP client of one integration; see the module docstring."""
 
@@ -301,6 +342,8 @@ class Gateway:
         *,
         policy: GatewayPolicy,
         auth: AuthHook | None = None,
+        refresh: RefreshHook | None = None,
+        observer: Observer | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         registry: CollectorRegistry | None = None,
         sleep: Sleep = asyncio.sleep,
@@ -320,6 +363,8 @@ class Gateway:
         # Real time, whatever `sleep` is: the limiter protects the vendor, not the test.
         self.rate_limiter = RateLimiter(policy.rate_limit) if policy.rate_limit else None
         self._auth = auth
+        self._refresh = refresh
+        self._observer = observer
         self._sleep = sleep
         self._client = httpx.AsyncClient(
             base_url=base_url, timeout=httpx.Timeout(policy.timeout), transport=transport
@@ -361,17 +406,41 @@ class Gateway:
         request_headers = dict(headers or {})
         if idempotency_key is not None:
             request_headers["Idempotency-Key"] = idempotency_key
+        request = self._client.build_request(
+            method, path, params=params, json=json, data=data, headers=request_headers
+        )
+        call = _Call(started_at=datetime.now(UTC), started=time.perf_counter())
+        try:
+            response = await self._send_with_retries(request, call, idempotency_key)
+        except (CircuitOpen, GatewayError) as exc:
+            self._observe(request, call, outcome=call.outcome, error=str(exc))
+            raise
+        except BaseException as exc:
+            self._observe(request, call, outcome="failed", error=repr(exc))
+            raise
+        self._observe(request, call, outcome=call.outcome, response=response)
+        return response
+
+    async def _send_with_retries(
+        self, template: httpx.Request, call: _Call, idempotency_key: str | None
+    ) -> httpx.Response:
+        method = template.method
+        path = template.url.path
         may_retry_failures = method not in NON_IDEMPOTENT_METHODS or idempotency_key is not None
+        refreshed = False
         attempt = 0
         while True:
             attempt += 1
+            call.attempts = attempt
             allowed = self.breaker.allow()
             self._show_breaker_state()
             if not allowed:
+                call.outcome = "circuit_open"
                 self._count_call("circuit_open")
                 raise CircuitOpen(self.integration, self.breaker.retry_after())
+            # A fresh request each attempt: auth may change its headers.
             request = self._client.build_request(
-                method, path, params=params, json=json, data=data, headers=request_headers
+                method, template.url, headers=template.headers, content=template.content
             )
             try:
                 response = await self._attempt(request)
@@ -381,6 +450,7 @@ class Gateway:
                     exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
                 )
                 if not retryable or attempt >= self.policy.max_attempts:
+                    call.outcome = "failed"
                     self._count_call("failed")
                     raise GatewayError(
                         self.integration,
@@ -392,11 +462,22 @@ class Gateway:
                 continue
 
             status = response.status_code
+            call.status = status
+            if status == 401 and self._refresh is not None and not refreshed:
+                # Expired or revoked credentials: renew them once and send again; the
+                # attempt spent on the 401 does not count against the retries.
+                refreshed = True
+                if await self._refresh():
+                    attempt -= 1
+                    continue
             if status < 500 and status != 429:
-                self._count_call("ok" if status < 400 else "client_error")
+                call.outcome = "ok" if status < 400 else "client_error"
+                self._count_call(call.outcome)
                 return response
             retryable = status == 429 or may_retry_failures
             if not retryable or attempt >= self.policy.max_attempts:
+                call.outcome = "failed"
+                call.response_excerpt = response.text[:BODY_EXCERPT_CHARS]
                 self._count_call("failed")
                 raise GatewayError(
                     self.integration,
@@ -406,6 +487,39 @@ class Gateway:
                     attempts=attempt,
                 )
             await self._sleep(self._wait_before_retry(response, attempt))
+
+    def _observe(
+        self,
+        request: httpx.Request,
+        call: _Call,
+        *,
+        outcome: str,
+        response: httpx.Response | None = None,
+        error: str | None = None,
+    ) -> None:
+        if self._observer is None:
+            return
+        response_body = call.response_excerpt
+        if response is not None:
+            response_body = redact_body(response.text[:LOGGED_BODY_CHARS])
+        self._observer(
+            CallRecord(
+                integration=self.integration,
+                method=request.method,
+                url=redact_url(str(request.url)),
+                outcome=outcome,
+                status=call.status,
+                attempts=call.attempts,
+                started_at=call.started_at,
+                duration_ms=round((time.perf_counter() - call.started) * 1000),
+                request_headers=redact(dict(request.headers)),
+                request_body=redact_body(
+                    request.content[:LOGGED_BODY_CHARS].decode(errors="replace")
+                ),
+                response_body=redact_body(response_body),
+                error=error,
+            )
+        )
 
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
         """One HTTP exchange, with its rate-limit slot, auth, breaker outcome and metrics."""
@@ -541,3 +655,57 @@ def redact(headers: Mapping[str, str]) -> dict[str, str]:
             value = f"***{tail}"
         redacted[name] = value
     return redacted
+
+
+# Body fields and query parameters whose values are masked in the payload log.
+_SECRET_FIELD = re.compile(
+    r"(secret|token|password|passwd|api[_-]?key|apikey|hapikey|authorization|"
+    r"client_secret|code_verifier|signature|card|cvc|iban)",
+    re.IGNORECASE,
+)
+# `"name": "value"` in JSON and `name=value` in forms and query strings (Stripe's
+# `card[number]=` included).
+_JSON_FIELD = re.compile(r'"([^"\\]{1,100})"(\s*:\s*)"((?:[^"\\]|\\.)*)"')
+_FORM_FIELD = re.compile(r"(^|[&?])([^=&?]{1,100})=([^&]*)")
+
+
+# An OAuth authorization code, by its exact name: "postal_code" is no secret.
+_SECRET_NAMES = frozenset({"code"})
+
+
+def _is_secret_field(name: str) -> bool:
+    return name.lower() in _SECRET_NAMES or _SECRET_FIELD.search(name) is not None
+
+
+def _mask(value: str) -> str:
+    return f"***{value[-_VISIBLE_TAIL:]}" if len(value) > 2 * _VISIBLE_TAIL else "***"
+
+
+def redact_body(body: str) -> str:
+    """`body` with the values of secret-looking JSON or form fields masked."""
+
+    def json_field(match: re.Match[str]) -> str:
+        name, colon, value = match.groups()
+        if _is_secret_field(name):
+            value = _mask(value)
+        return f'"{name}"{colon}"{value}"'
+
+    def form_field(match: re.Match[str]) -> str:
+        lead, name, value = match.groups()
+        if _is_secret_field(urllib.parse.unquote_plus(name)):
+            value = _mask(value)
+        return f"{lead}{name}={value}"
+
+    if body.lstrip().startswith(("{", "[")):
+        return _JSON_FIELD.sub(json_field, body)
+    return _FORM_FIELD.sub(form_field, body)
+
+
+def redact_url(url: str) -> str:
+    """`url` without user info and with secret-looking query parameters masked."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    query = redact_body(parts.query) if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))

@@ -69,6 +69,9 @@ class Member(IdMixin, Base):
     grace_ends_at: Mapped[datetime | None] = mapped_column()
     cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, default=False)
     status_before_suspension: Mapped[str | None] = mapped_column(String(20))
+    # Reported by the payments integration (see memberhub.integrations.payments).
+    payment_status: Mapped[str | None] = mapped_column(String(20))
+    payment_updated_at: Mapped[datetime | None] = mapped_column()
 
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

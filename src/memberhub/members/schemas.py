@@ -21,7 +21,7 @@ MAX_EXTERNAL_IDS = 20
 _SAFE_INT = 2**53 - 1
 
 
-def _check_custom_fields(value: dict[str, Any] | None) -> dict[str, Any] | None:
+def check_custom_fields(value: dict[str, Any] | None) -> dict[str, Any] | None:
     if value is None:
         return None
     if len(value) > MAX_CUSTOM_FIELDS:
@@ -67,7 +67,7 @@ class MemberCreate(BaseModel):
         default_factory=dict, max_length=MAX_EXTERNAL_IDS
     )
 
-    _custom = field_validator("custom_fields")(_check_custom_fields)
+    _custom = field_validator("custom_fields")(check_custom_fields)
 
 
 class MemberPatch(BaseModel):
@@ -89,7 +89,7 @@ class MemberPatch(BaseModel):
         default=None, max_length=MAX_EXTERNAL_IDS
     )
 
-    _custom = field_validator("custom_fields")(_check_custom_fields)
+    _custom = field_validator("custom_fields")(check_custom_fields)
 
 
 class MembershipState(BaseModel):
@@ -98,6 +98,12 @@ class MembershipState(BaseModel):
     term_ends_at: datetime | None
     grace_ends_at: datetime | None
     cancel_at_period_end: bool
+    payment_status: str | None = Field(
+        default=None,
+        description="The last payment's state as the payments integration reports it: paid, "
+        "past_due, refunded, partially_refunded or cancelled; null when none reported.",
+    )
+    payment_updated_at: datetime | None = None
 
 
 class MemberOut(BaseModel):

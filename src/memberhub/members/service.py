@@ -65,6 +65,8 @@ def to_out(member: Member) -> MemberOut:
             term_ends_at=member.term_ends_at,
             grace_ends_at=member.grace_ends_at,
             cancel_at_period_end=member.cancel_at_period_end,
+            payment_status=member.payment_status,
+            payment_updated_at=member.payment_updated_at,
         ),
         version=member.version,
         created_at=member.created_at,
@@ -186,6 +188,26 @@ async def create_member(
     return member
 
 
+def merge_mapping(
+    current: dict[str, Any], patch: dict[str, Any], field: str, owner: str
+) -> dict[str, Any]:
+    """`custom_fields` or `external_ids` with a patch applied (a null value removes a key),
+    within the number of keys one record may hold."""
+    merged = dict(current)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    limit = MAX_CUSTOM_FIELDS if field == "custom_fields" else MAX_EXTERNAL_IDS
+    if len(merged) > limit:
+        raise ValidationFailed(
+            f"A {owner} holds at most {limit} {field.replace('_', ' ')}.",
+            details={"field": field, "limit": limit, "would_have": len(merged)},
+        )
+    return merged
+
+
 _ENTITY_TAG = re.compile(r'^"([0-9]{1,12})"$')
 
 
@@ -249,19 +271,8 @@ async def update_member(
     for mapping_field in ("custom_fields", "external_ids"):
         patch = fields.pop(mapping_field, None)
         if patch is not None:
-            merged = dict(getattr(member, mapping_field))
-            for key, value in patch.items():
-                if value is None:
-                    merged.pop(key, None)
-                else:
-                    merged[key] = value
-            limit = MAX_CUSTOM_FIELDS if mapping_field == "custom_fields" else MAX_EXTERNAL_IDS
-            if len(merged) > limit:
-                raise ValidationFailed(
-                    f"A member holds at most {limit} {mapping_field.replace('_', ' ')}.",
-                    details={"field": mapping_field, "limit": limit, "would_have": len(merged)},
-                )
-            setattr(member, mapping_field, merged)
+            current = getattr(member, mapping_field)
+            setattr(member, mapping_field, merge_mapping(current, patch, mapping_field, "member"))
     for field, value in fields.items():
         setattr(member, field, value)
 

@@ -285,7 +285,10 @@ async def renew(
     note: str | None,
     *,
     now: datetime | None = None,
+    enforce_window: bool = True,
 ) -> tuple[Member, MembershipTerm]:
+    """Add a term. A payment already taken renews whatever the window (`enforce_window`
+    False): refusing it would lose the member's money."""
     member = await get_member(session, principal, member_id, for_update=True)
     _require_status(member, "renew", (S.ACTIVE, S.GRACE, S.LAPSED))
     now = now or utcnow()
@@ -305,7 +308,7 @@ async def renew(
         assert member.term_ends_at is not None
         window_days = (member.plan or plan).renewal_window_days
         window_opens = member.term_ends_at - timedelta(days=window_days)
-        if now < window_opens:
+        if enforce_window and now < window_opens:
             raise Conflict(
                 "The renewal window has not opened yet.",
                 code="RENEWAL_WINDOW_NOT_OPEN",
@@ -398,6 +401,30 @@ async def cancel(
         before=before, to_status=S.CANCELLED, reason="cancel", note=note, now=now,
     )  # fmt: skip
     return member, term
+
+
+async def enter_grace(
+    session: AsyncSession,
+    principal: Principal,
+    member_id: str,
+    *,
+    grace_days: int,
+    note: str | None,
+    now: datetime | None = None,
+) -> Member:
+    """A renewal payment failed: the paid period ends now and the grace period starts."""
+    member = await get_member(session, principal, member_id, for_update=True)
+    _require_status(member, "move to grace", (S.ACTIVE,))
+    now = now or utcnow()
+    before = _membership_snapshot(member)
+    await _end_open_terms(session, member, now)
+    member.term_ends_at = now
+    member.grace_ends_at = now + timedelta(days=grace_days)
+    await _record_change(
+        session, principal.actor, member,
+        before=before, to_status=S.GRACE, reason="payment_failed", note=note, now=now,
+    )  # fmt: skip
+    return member
 
 
 async def suspend(

@@ -8,7 +8,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,6 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from memberhub.alerts.jobs import check_rates
 from memberhub.bulk.jobs import process_bulk_awards
 from memberhub.idempotency.service import purge_expired
+from memberhub.integrations.inbound import process_inbound
+from memberhub.integrations.service import purge_call_log
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
@@ -48,8 +50,18 @@ async def _purge_idempotency(session: AsyncSession, _now: datetime) -> int:
     return await purge_expired(session)
 
 
-# Every scheduled job, declared in one place.
+async def _process_inbound(db: Database, now: datetime) -> int:
+    return await process_inbound(db, now)
+
+
+DEFAULT_CALL_LOG_RETENTION_DAYS = 14.0
+
+
+# Every scheduled job, declared in one place (and the payload log's purge, which needs the
+# retention setting, added by the Worker).
 JOBS: tuple[Job, ...] = (
+    # Every tick: providers' webhooks wait at most one worker interval.
+    Job("integrations.process_inbound", 0.0, chunked=_process_inbound),
     Job("memberships.advance_statuses", 60.0, advance_membership_statuses),
     Job("points.activate_pending", 60.0, activate_pending_points),
     Job("points.expire", 300.0, chunked=expire_points),
@@ -86,6 +98,16 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.started_at = utcnow()
         self._last_run: dict[str, float] = {}
+        retention = timedelta(
+            days=settings.integration_log_retention_days
+            if settings is not None
+            else DEFAULT_CALL_LOG_RETENTION_DAYS
+        )
+
+        async def purge_calls(session: AsyncSession, now: datetime) -> int:
+            return await purge_call_log(session, older_than=now - retention)
+
+        self.jobs = (*JOBS, Job("integrations.purge_call_log", 3600.0, purge_calls))
         self.deliveries = (
             DeliveryLoop(
                 db,
@@ -104,7 +126,7 @@ class Worker:
             await heartbeat.beat(session, self.worker_id, self.started_at)
         loop = asyncio.get_running_loop()
         results: dict[str, int] = {}
-        for job in JOBS:
+        for job in self.jobs:
             last = self._last_run.get(job.name)
             if not force and last is not None and loop.time() - last < job.every_seconds:
                 continue

@@ -1,0 +1,289 @@
+"""Inbound webhooks: received and stored by the API, processed by the worker.
+
+Receiving verifies the signature (and the source address, when the integration limits it),
+stores the exact body under the provider's event id, and answers. A provider that sends an
+event again gets 200 and nothing is processed twice: the event id is unique per
+integration. Processing runs in the worker, each event in one transaction with everything
+it changes; an error that retrying cannot fix fails the event at once, anything else is
+retried with backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.integrations.gateway import redact
+from memberhub.integrations.hub import parse_config
+from memberhub.integrations.models import InboundEvent, InboundStatus, Integration
+from memberhub.integrations.payments import PaymentNotYetApplied, PaymentSettings, apply_notice
+from memberhub.integrations.providers import as_events_source, as_payments, get_provider
+from memberhub.integrations.providers.base import (
+    InboundIdentity,
+    InboundRequest,
+)
+from memberhub.integrations.signatures import SignatureInvalid
+from memberhub.integrations.vault import unseal
+from memberhub.kit.clock import utcnow
+from memberhub.kit.crypto import SecretBox
+from memberhub.kit.db import Database
+from memberhub.kit.errors import Conflict, Forbidden, MemberhubError, NotFound, ValidationFailed
+from memberhub.kit.ids import new_public_id
+
+log = structlog.get_logger("memberhub.integrations.inbound")
+
+MAX_ATTEMPTS = 8
+RETRY_BASE_SECONDS = 30.0
+RETRY_MAX_SECONDS = 6 * 3600.0
+BATCH = 100
+
+
+class IntegrationNotFound(NotFound):
+    code = "INTEGRATION_NOT_FOUND"
+
+
+class IntegrationDisabled(Conflict):
+    code = "INTEGRATION_DISABLED"
+    default_message = "The integration is disabled."
+
+
+class SourceRefused(Forbidden):
+    code = "INBOUND_SOURCE_REFUSED"
+
+
+class SignatureRejected(MemberhubError):
+    code = "SIGNATURE_INVALID"
+    status_code = 400
+
+
+@dataclass(frozen=True)
+class Received:
+    event: InboundEvent
+    duplicate: bool
+
+
+def _source_allowed(source_ip: str | None, allowed: list[str]) -> bool:
+    if not allowed:
+        return True
+    if source_ip is None:
+        return False
+    try:
+        parsed = ipaddress.ip_address(source_ip)
+    except ValueError:
+        return False
+    # A dual-stack listener reports IPv4 senders as ::ffff:a.b.c.d.
+    address = (parsed.ipv4_mapped if isinstance(parsed, ipaddress.IPv6Address) else None) or parsed
+    networks = []
+    for cidr in allowed:
+        with contextlib.suppress(ValueError):  # validated when saved; never fatal here
+            networks.append(ipaddress.ip_network(cidr, strict=False))
+    return any(address in network for network in networks)
+
+
+async def receive(
+    db: Database,
+    box: SecretBox,
+    integration_public_id: str,
+    request: InboundRequest,
+    *,
+    source_ip: str | None,
+) -> Received:
+    """Verify and store one webhook; raise a MemberhubError for the provider to see."""
+    async with db.transaction(read_only=True) as session:
+        integration = await session.scalar(
+            select(Integration).where(Integration.public_id == integration_public_id)
+        )
+    provider = get_provider(integration.provider) if integration is not None else None
+    source = as_events_source(provider) if provider is not None else None
+    if integration is None or provider is None or source is None:
+        raise IntegrationNotFound(
+            f"No integration {integration_public_id} receives webhooks.",
+        )
+    if not integration.enabled:
+        raise IntegrationDisabled()
+    config = parse_config(provider, integration.config)
+    if not _source_allowed(source_ip, config.inbound_allowed_ips):
+        raise SourceRefused(
+            f"Webhooks for this integration are not accepted from {source_ip}.",
+            details={"source_ip": source_ip},
+        )
+    try:
+        source.verify(request, unseal(box, integration.credentials), config)
+    except SignatureInvalid as exc:
+        raise SignatureRejected(
+            f"The webhook signature was rejected: {exc.message}.", details={"reason": exc.reason}
+        ) from None
+    try:
+        identity = source.identify(request)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationFailed(f"The webhook body was not understood: {exc}.") from None
+    return await _store(db, integration, identity, request, source_ip=source_ip)
+
+
+async def _store(
+    db: Database,
+    integration: Integration,
+    identity: InboundIdentity,
+    request: InboundRequest,
+    *,
+    source_ip: str | None,
+) -> Received:
+    try:
+        body = request.body.decode("utf-8").replace("\x00", "")
+    except UnicodeDecodeError:
+        raise ValidationFailed("The webhook body is not UTF-8 text.") from None
+    for _ in range(2):
+        try:
+            async with db.transaction() as session:
+                existing = await session.scalar(
+                    select(InboundEvent).where(
+                        InboundEvent.integration_id == integration.id,
+                        InboundEvent.provider_event_id == identity.event_id,
+                    )
+                )
+                if existing is not None:
+                    existing.duplicates += 1
+                    return Received(existing, duplicate=True)
+                now = utcnow()
+                event = InboundEvent(
+                    public_id=new_public_id("ine"),
+                    integration_id=integration.id,
+                    provider_event_id=identity.event_id,
+                    event_type=identity.event_type,
+                    body=body,
+                    headers=redact(dict(request.headers)),
+                    source_ip=source_ip,
+                    status=InboundStatus.PENDING,
+                    next_attempt_at=now,
+                    received_at=now,
+                )
+                session.add(event)
+                await session.flush()
+                return Received(event, duplicate=False)
+        except IntegrityError:
+            continue  # the same event arrived twice at once: the other copy was stored
+    raise Conflict("The webhook could not be stored; send it again.")
+
+
+# ---------------------------------------------------------------- processing
+
+
+def _retry_delay(attempts: int) -> float:
+    ceiling = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempts - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+async def process_inbound(db: Database, now: datetime) -> int:
+    """Process the inbound events that are due; return how many were finished."""
+    async with db.transaction(read_only=True) as session:
+        due = list(
+            await session.scalars(
+                select(InboundEvent.id)
+                .where(
+                    InboundEvent.status == InboundStatus.PENDING,
+                    InboundEvent.next_attempt_at <= now,
+                )
+                .order_by(InboundEvent.id)
+                .limit(BATCH)
+            )
+        )
+    finished = 0
+    for event_id in due:
+        finished += await process_one(db, event_id)
+    return finished
+
+
+async def process_one(db: Database, event_id: int) -> int:
+    """1 when the event was finished (processed, ignored or failed), else 0."""
+    try:
+        async with db.transaction() as session:
+            query = select(InboundEvent).where(
+                InboundEvent.id == event_id, InboundEvent.status == InboundStatus.PENDING
+            )
+            if not db.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            event = await session.scalar(query)
+            if event is None:
+                return 0  # taken by another worker, or done
+            integration = await session.get(Integration, event.integration_id)
+            assert integration is not None
+            now = utcnow()
+            status, result = await _handle(session, integration, event, now)
+            event.status = status
+            event.result = result
+            event.attempts += 1
+            event.error = None
+            event.processed_at = now
+            return 1
+    except MemberhubError as exc:
+        # The data does not allow it (no such member, a transition not allowed): retrying
+        # would give the same answer. Staff can retry once they fixed the data.
+        await _record_failure(db, event_id, exc.message, final=True, details=exc.details)
+        return 1
+    except PaymentNotYetApplied as exc:
+        log.info("inbound_event_waiting", inbound_event=event_id, reason=str(exc))
+        return await _record_failure(db, event_id, str(exc), final=False)
+    except Exception as exc:
+        log.exception("inbound_event_failed", inbound_event=event_id)
+        return await _record_failure(db, event_id, f"{type(exc).__name__}: {exc}", final=False)
+
+
+async def _handle(
+    session: AsyncSession, integration: Integration, event: InboundEvent, now: datetime
+) -> tuple[str, dict[str, Any]]:
+    provider = get_provider(integration.provider)
+    payments = as_payments(provider) if provider is not None else None
+    if provider is None or payments is None:
+        return InboundStatus.IGNORED, {"reason": "nothing acts on this provider's events yet"}
+    notice = payments.interpret(event.event_type, json.loads(event.body))
+    if notice is None:
+        return InboundStatus.IGNORED, {"reason": f"{event.event_type} needs no action"}
+    settings = PaymentSettings(parse_config(provider, integration.config))
+    result = await apply_notice(session, integration, settings, notice, now=now)
+    if result.get("action") == "ignored":
+        return InboundStatus.IGNORED, result
+    return InboundStatus.PROCESSED, result
+
+
+async def _record_failure(
+    db: Database,
+    event_id: int,
+    message: str,
+    *,
+    final: bool,
+    details: dict[str, Any] | None = None,
+) -> int:
+    async with db.transaction() as session:
+        event = await session.get(InboundEvent, event_id, with_for_update=True)
+        if event is None or event.status != InboundStatus.PENDING:
+            return 0
+        now = utcnow()
+        event.attempts += 1
+        event.error = message[:1000]
+        if details:
+            event.result = {"error_details": details}
+        if final or event.attempts >= MAX_ATTEMPTS:
+            event.status = InboundStatus.FAILED
+            event.processed_at = now
+            return 1
+        event.next_attempt_at = now + timedelta(seconds=_retry_delay(event.attempts))
+        return 0
+
+
+async def retry(session: AsyncSession, event: InboundEvent) -> None:
+    """Process a failed (or ignored) event again, at the worker's next pass."""
+    await session.execute(
+        update(InboundEvent)
+        .where(InboundEvent.id == event.id)
+        .values(status=InboundStatus.PENDING, next_attempt_at=utcnow(), error=None)
+    )

@@ -1,0 +1,502 @@
+"""What payment events do to members, whichever provider reported them.
+
+A provider with the Payments capability turns its events into `PaymentNotice`s; this module
+applies them: a payment joins or renews the member's term and earns points, a failed one
+moves the member to grace and raises an alert, an ended subscription cancels at the period
+end, a refund reverses the points the payment earned. Every notice is applied in the
+transaction that marks its inbound event processed, and a payment is recorded under every
+id it is known by, so a second notice of it (Checkout's and the invoice's) applies nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.alerts.models import AlertType
+from memberhub.alerts.service import raise_alert
+from memberhub.auth.principal import Principal
+from memberhub.events.catalog import MemberPaymentChanged
+from memberhub.events.service import emit
+from memberhub.integrations.models import Integration, PaymentRecord
+from memberhub.integrations.providers.base import PaymentNotice
+from memberhub.kit.actor import Actor
+from memberhub.kit.errors import Conflict
+from memberhub.members.models import Member, MemberStatus
+from memberhub.members.repository import MemberRepository
+from memberhub.memberships import service as memberships
+from memberhub.memberships.models import MembershipPlan
+from memberhub.organisations.repository import OrganisationRepository
+from memberhub.points import service as points
+from memberhub.points.models import PointTransaction
+from memberhub.points.repository import PointsRepository
+
+S = MemberStatus
+DEFAULT_GRACE_DAYS = 14
+
+
+class PaymentUnmatched(Conflict):
+    code = "PAYMENT_UNMATCHED"
+
+
+class PaymentNotYetApplied(Exception):
+    """A refund arrived before the payment it refunds: worth trying again (not final)."""
+
+
+# How long a refund waits for its payment to be applied before it is ignored.
+REFUND_WAIT = timedelta(hours=1)
+
+
+class PaymentSettings:
+    """The parts of a payments integration's config this module reads."""
+
+    def __init__(self, config: Any) -> None:
+        self.price_plans: dict[str, str] = dict(getattr(config, "price_plans", {}) or {})
+        self.grace_days: int = int(getattr(config, "grace_days", DEFAULT_GRACE_DAYS))
+        self.earn_points: bool = bool(getattr(config, "earn_points", True))
+
+
+async def apply_notice(
+    session: AsyncSession,
+    integration: Integration,
+    settings: PaymentSettings,
+    notice: PaymentNotice,
+    *,
+    now: datetime,
+) -> dict[str, Any]:
+    """Apply one notice; return what was done, for the inbound event's result."""
+    actor = Actor.system(f"integration:{integration.public_id}")
+    principal = Principal.system(actor)
+    if notice.kind == "paid":
+        return await _paid(session, integration, settings, notice, principal, now)
+    if notice.kind == "refunded":
+        return await _refunded(session, integration, notice, principal, now)
+    member = await _find_member(session, integration, notice)
+    if notice.kind == "failed":
+        return await _failed(session, integration, settings, notice, member, principal, now)
+    return await _subscription_ended(session, integration, notice, member, principal, now)
+
+
+# ---------------------------------------------------------------- matching
+
+
+async def _find_member(
+    session: AsyncSession, integration: Integration, notice: PaymentNotice
+) -> Member:
+    """By the member id in the payment's metadata, then the provider's customer id stored on
+    the member, then the email (case-insensitive) — within the integration's organisation."""
+    visible = await _visible_organisations(session, integration)
+    repo = MemberRepository(session)
+    if notice.member_id:
+        member = await repo.get_by_public_id(notice.member_id, for_update=True)
+        if member is not None and _within(member, visible):
+            return member
+    candidates: Sequence[Member] = []
+    if notice.customer_id:
+        candidates = await _members_where(
+            session, Member.external_ids[integration.provider].as_string() == notice.customer_id
+        )
+    if not candidates and notice.email:
+        candidates = await _members_where(
+            session, Member.email_normalized == notice.email.strip().lower()
+        )
+    candidates = [m for m in candidates if _within(m, visible)]
+    if len(candidates) == 1:
+        member = await repo.get_by_public_id(candidates[0].public_id, for_update=True)
+        assert member is not None
+        return member
+    if len(candidates) > 1:
+        raise PaymentUnmatched(
+            "The payment's email matches several members; put the member id in the payment's "
+            "metadata (member_id).",
+            details={"members": sorted(m.public_id for m in candidates)[:10]},
+        )
+    raise PaymentUnmatched(
+        "No member matches the payment (by metadata member_id, customer id or email).",
+        details={"member_id": notice.member_id, "customer_id": notice.customer_id},
+    )
+
+
+async def _members_where(session: AsyncSession, condition: Any) -> Sequence[Member]:
+    rows = await session.scalars(
+        select(Member).where(Member.deleted_at.is_(None), condition).limit(10)
+    )
+    return list(rows)
+
+
+async def _visible_organisations(
+    session: AsyncSession, integration: Integration
+) -> frozenset[int] | None:
+    if integration.organisation_id is None:
+        return None
+    return frozenset(await OrganisationRepository(session).subtree_ids(integration.organisation_id))
+
+
+def _within(member: Member, visible: frozenset[int] | None) -> bool:
+    return visible is None or member.organisation_id in visible
+
+
+async def _plan_for(
+    session: AsyncSession, settings: PaymentSettings, notice: PaymentNotice, member: Member
+) -> MembershipPlan:
+    wanted = notice.plan
+    if wanted is None:
+        wanted = next(
+            (settings.price_plans[p] for p in notice.price_ids if p in settings.price_plans), None
+        )
+    if wanted is not None:
+        plan = await session.scalar(
+            select(MembershipPlan).where(
+                (MembershipPlan.public_id == wanted) | (MembershipPlan.code == wanted)
+            )
+        )
+        if plan is None:
+            raise PaymentUnmatched(
+                f"The payment names plan {wanted!r}, which does not exist.",
+                details={"plan": wanted},
+            )
+        return plan
+    if member.plan is not None:
+        return member.plan
+    raise PaymentUnmatched(
+        "The payment names no plan (metadata plan_id or a price in config.price_plans) and "
+        "the member has none.",
+        details={"price_ids": list(notice.price_ids)},
+    )
+
+
+# ---------------------------------------------------------------- notices
+
+
+async def _records(
+    session: AsyncSession, integration: Integration, references: Sequence[str]
+) -> list[PaymentRecord]:
+    if not references:
+        return []
+    rows = await session.scalars(
+        select(PaymentRecord).where(
+            PaymentRecord.integration_id == integration.id,
+            PaymentRecord.reference.in_(references),
+        )
+    )
+    return list(rows)
+
+
+def _remember(
+    session: AsyncSession,
+    integration: Integration,
+    references: Sequence[str],
+    *,
+    known: Sequence[str],
+    payment_key: str,
+    member: Member,
+    amount: int,
+    currency: str,
+    earn_id: int | None,
+) -> None:
+    for reference in references:
+        if reference not in known:
+            session.add(
+                PaymentRecord(
+                    integration_id=integration.id,
+                    reference=reference,
+                    payment_key=payment_key,
+                    member_id=member.id,
+                    amount=amount,
+                    currency=currency,
+                    earn_transaction_id=earn_id,
+                )
+            )
+
+
+async def _paid(
+    session: AsyncSession,
+    integration: Integration,
+    settings: PaymentSettings,
+    notice: PaymentNotice,
+    principal: Principal,
+    now: datetime,
+) -> dict[str, Any]:
+    if not notice.references:
+        raise PaymentUnmatched("The payment carries no id to record it by; it is not applied.")
+    existing = await _records(session, integration, notice.references)
+    if existing:
+        first = existing[0]
+        _remember(
+            session,
+            integration,
+            notice.references,
+            known=[r.reference for r in existing],
+            payment_key=first.payment_key,
+            member=await _member_by_id(session, first.member_id),
+            amount=first.amount,
+            currency=first.currency,
+            earn_id=first.earn_transaction_id,
+        )
+        return {"action": "already_applied", "payment": first.payment_key}
+    member = await _find_member(session, integration, notice)
+    plan = await _plan_for(session, settings, notice, member)
+    result: dict[str, Any] = {"member_id": member.public_id, "plan_id": plan.public_id}
+    if member.status in (S.PENDING, S.LAPSED, S.CANCELLED):
+        await memberships.join(session, principal, member.public_id, plan.public_id, _note(notice))
+        result["action"] = "join"
+    elif member.status in (S.ACTIVE, S.GRACE):
+        await memberships.renew(
+            session,
+            principal,
+            member.public_id,
+            plan.public_id if plan.id != member.plan_id else None,
+            _note(notice),
+            now=now,
+            enforce_window=False,
+        )
+        result["action"] = "renew"
+    else:
+        # Suspended: the payment is recorded, the suspension stays for staff to lift.
+        result["action"] = "recorded"
+    earn_id = None
+    currency = (notice.currency or plan.currency).upper()
+    payment_key = notice.references[0]
+    if settings.earn_points and notice.amount > 0:
+        earn_id, result["points"] = await _earn(
+            session,
+            principal,
+            member,
+            notice,
+            currency,
+            f"{integration.public_id}:{payment_key}",
+            now,
+        )
+    _remember(
+        session,
+        integration,
+        notice.references,
+        known=[],
+        payment_key=payment_key,
+        member=member,
+        amount=notice.amount,
+        currency=currency,
+        earn_id=earn_id,
+    )
+    _set_payment_status(session, integration, member, "paid", notice, now)
+    return result
+
+
+async def _earn(
+    session: AsyncSession,
+    principal: Principal,
+    member: Member,
+    notice: PaymentNotice,
+    currency: str,
+    reference_id: str,
+    now: datetime,
+) -> tuple[int | None, Any]:
+    try:
+        earned = await points.earn_points(
+            session,
+            principal.actor,
+            member,
+            amount=notice.amount,
+            currency=currency,
+            reference_id=reference_id,
+            reason="payment",
+            now=now,
+        )
+    except Conflict as exc:
+        # A payment in another currency than the program's earns nothing; say why.
+        if exc.code != "CURRENCY_MISMATCH":
+            raise
+        return None, {"earned": 0, "reason": exc.message}
+    txn = earned.transaction
+    return txn.id, txn.points + txn.pending_points
+
+
+async def _failed(
+    session: AsyncSession,
+    integration: Integration,
+    settings: PaymentSettings,
+    notice: PaymentNotice,
+    member: Member,
+    principal: Principal,
+    now: datetime,
+) -> dict[str, Any]:
+    if await _records(session, integration, notice.references):
+        # Stripe retried the invoice and it was paid; this older failure came late.
+        return {"member_id": member.public_id, "action": "ignored", "reason": "already paid"}
+    result: dict[str, Any] = {"member_id": member.public_id, "action": "recorded"}
+    if member.status == S.ACTIVE:
+        grace_days = member.plan.grace_days if member.plan and member.plan.grace_days else 0
+        await memberships.enter_grace(
+            session,
+            principal,
+            member.public_id,
+            grace_days=grace_days or settings.grace_days,
+            note=_note(notice),
+            now=now,
+        )
+        result["action"] = "grace"
+    reference = notice.references[0] if notice.references else "unknown"
+    await raise_alert(
+        session,
+        AlertType.PAYMENT_FAILED,
+        member=member,
+        dedupe_key=f"{AlertType.PAYMENT_FAILED}:{integration.public_id}:{reference}",
+        message=f"A payment of {member.public_id} failed ({integration.provider} {reference}).",
+        data={
+            "integration_id": integration.public_id,
+            "reference": reference,
+            "amount": notice.amount,
+            "currency": notice.currency,
+        },
+        now=now,
+    )
+    _set_payment_status(session, integration, member, "past_due", notice, now)
+    return result
+
+
+async def _subscription_ended(
+    session: AsyncSession,
+    integration: Integration,
+    notice: PaymentNotice,
+    member: Member,
+    principal: Principal,
+    now: datetime,
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"member_id": member.public_id, "action": "recorded"}
+    if member.status == S.ACTIVE and not member.cancel_at_period_end:
+        await memberships.cancel(
+            session, principal, member.public_id, at_period_end=True, note=_note(notice)
+        )
+        result["action"] = "cancel_at_period_end"
+    elif member.status == S.GRACE:
+        # In grace the paid period is over: the cancellation takes effect now.
+        await memberships.cancel(
+            session, principal, member.public_id, at_period_end=True, note=_note(notice)
+        )
+        result["action"] = "cancel"
+    _set_payment_status(session, integration, member, "cancelled", notice, now)
+    return result
+
+
+async def _refunded(
+    session: AsyncSession,
+    integration: Integration,
+    notice: PaymentNotice,
+    principal: Principal,
+    now: datetime,
+) -> dict[str, Any]:
+    records = await _records(session, integration, notice.references)
+    if not records:
+        occurred = notice.occurred_at or now
+        if now - occurred < REFUND_WAIT:
+            # Events arrive in any order: the payment may be on its way, or waiting for a
+            # retry. The worker tries again with backoff.
+            raise PaymentNotYetApplied(
+                "No payment on record with these ids yet; trying again shortly."
+            )
+        return {"action": "ignored", "reason": "no payment on record with these ids"}
+    record = records[0]
+    member = await _member_by_id(session, record.member_id)
+    full = notice.amount_refunded >= record.amount or notice.amount_refunded >= notice.amount
+    result: dict[str, Any] = {"member_id": member.public_id, "action": "refund", "points": 0}
+    if record.earn_transaction_id is not None:
+        result["points"] = await _reverse(
+            session, integration, notice, record, member, principal, now, full=full
+        )
+    status = "refunded" if full else "partially_refunded"
+    _set_payment_status(session, integration, member, status, notice, now)
+    return result
+
+
+async def _reverse(
+    session: AsyncSession,
+    integration: Integration,
+    notice: PaymentNotice,
+    record: PaymentRecord,
+    member: Member,
+    principal: Principal,
+    now: datetime,
+    *,
+    full: bool,
+) -> int:
+    """Take back the share of the payment's points that was refunded, so far: a second
+    partial refund reverses only what the first did not."""
+    earn = await session.get(PointTransaction, record.earn_transaction_id)
+    if earn is None:
+        return 0
+    earned = earn.points + earn.pending_points
+    total = max(record.amount, 1)
+    target = earned if full else earned * notice.amount_refunded // total
+    batch = await PointsRepository(session).batch_for_transaction(earn.id)
+    already = batch.reversed_points if batch is not None else 0
+    wanted = target - already
+    if wanted <= 0:
+        return 0
+    try:
+        await points.reverse_earn(
+            session,
+            principal.actor,
+            member,
+            earn=earn,
+            points=wanted,
+            reason="refund",
+            reference_id=f"{integration.public_id}:refund:{record.payment_key}:{target}",
+            now=now,
+        )
+    except Conflict as exc:
+        if exc.code not in ("NOTHING_TO_REVERSE", "EXCEEDS_REVERSIBLE"):
+            raise
+        return 0
+    return wanted
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def _member_by_id(session: AsyncSession, member_id: int) -> Member:
+    public_id = await session.scalar(select(Member.public_id).where(Member.id == member_id))
+    member = await MemberRepository(session).get_by_public_id(public_id or "", for_update=True)
+    if member is None:
+        raise PaymentUnmatched("The member the payment was applied to no longer exists.")
+    return member
+
+
+def _note(notice: PaymentNotice) -> str:
+    return f"payment {', '.join(notice.references[:3])}"[:1000]
+
+
+def _set_payment_status(
+    session: AsyncSession,
+    integration: Integration,
+    member: Member,
+    status: str,
+    notice: PaymentNotice,
+    now: datetime,
+) -> None:
+    member.payment_status = status
+    member.payment_updated_at = now
+    if notice.customer_id and member.external_ids.get(integration.provider) != notice.customer_id:
+        member.external_ids = {**member.external_ids, integration.provider: notice.customer_id}
+    emit(
+        session,
+        MemberPaymentChanged(
+            member_id=member.public_id,
+            organisation_id=member.organisation.public_id if member.organisation else None,
+            integration_id=integration.public_id,
+            payment_status=status,
+            references=list(notice.references),
+            amount=notice.amount or None,
+            currency=notice.currency.upper() if notice.currency else None,
+            occurred_at=now,
+        ),
+        organisation_id=member.organisation_id,
+        member_public_id=member.public_id,
+        occurred_at=now,
+    )
+
+
+__all__ = ["PaymentSettings", "PaymentUnmatched", "apply_notice"]

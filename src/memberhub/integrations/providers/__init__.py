@@ -1,0 +1,74 @@
+"""The provider registry: plugins registered by name.
+
+register(MyProvider())            # at import time of the plugin's module
+provider = get_provider("stripe")
+payments = capability(provider, Payments)   # None unless it takes payments
+"""
+
+from __future__ import annotations
+
+from memberhub.integrations.providers.base import (
+    CAPABILITY_INTERFACES,
+    Capability,
+    EventsSource,
+    Payments,
+    Provider,
+)
+
+_PROVIDERS: dict[str, Provider] = {}
+
+
+def register(provider: Provider) -> Provider:
+    """Add a provider; its declared capabilities must match the interfaces it implements."""
+    for declared in provider.capabilities:
+        interface = CAPABILITY_INTERFACES[declared]
+        if not isinstance(provider, interface):
+            raise TypeError(f"{provider.name} declares {declared} but does not implement it")
+    if provider.name in _PROVIDERS:
+        raise ValueError(f"a provider named {provider.name!r} is already registered")
+    _PROVIDERS[provider.name] = provider
+    return provider
+
+
+def get_provider(name: str) -> Provider | None:
+    return _PROVIDERS.get(name)
+
+
+def provider_names() -> list[str]:
+    return sorted(_PROVIDERS)
+
+
+def as_events_source(provider: Provider) -> EventsSource | None:
+    """The provider as a webhook source, if it declares it is one."""
+    if Capability.EVENTS_SOURCE in provider.capabilities and isinstance(provider, EventsSource):
+        return provider
+    return None
+
+
+def as_payments(provider: Provider) -> Payments | None:
+    """The provider as a payments provider, if it declares it is one."""
+    if Capability.PAYMENTS in provider.capabilities and isinstance(provider, Payments):
+        return provider
+    return None
+
+
+def _register_builtin() -> None:
+    from memberhub.integrations.providers.generic import GenericHttp, GenericWebhook
+    from memberhub.integrations.providers.hubspot import HubSpot
+    from memberhub.integrations.providers.stripe import Stripe
+
+    for provider in (Stripe(), HubSpot(), GenericHttp(), GenericWebhook()):
+        register(provider)
+
+
+_register_builtin()
+
+__all__ = [
+    "Capability",
+    "Provider",
+    "as_events_source",
+    "as_payments",
+    "get_provider",
+    "provider_names",
+    "register",
+]

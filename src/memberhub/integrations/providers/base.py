@@ -1,0 +1,306 @@
+"""What a provider is, and the capabilities the rest of memberhub asks of providers.
+
+A provider is the plugin for one vendor (or one generic protocol). It declares the
+capabilities it implements; code outside this package asks for a capability
+(`provider_with(name, Payments)`) and never imports a vendor module.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from memberhub.integrations.gateway import DEFAULT_POLICY, GatewayPolicy
+
+if TYPE_CHECKING:
+    from memberhub.integrations.gateway import Gateway
+
+
+class Capability(StrEnum):
+    CRM = "crm"
+    MARKETING_LIST = "marketing_list"
+    ANALYTICS_SINK = "analytics_sink"
+    PAYMENTS = "payments"
+    ACCOUNTING = "accounting"
+    EVENTS_SOURCE = "events_source"
+    NOTIFIER = "notifier"
+
+
+class OAuthSettings(BaseModel):
+    """Where a provider's OAuth 2.0 authorization server is; defaults come from the provider."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    authorize_url: str | None = Field(default=None, max_length=2048)
+    token_url: str | None = Field(default=None, max_length=2048)
+    scopes: list[str] = Field(default_factory=list, max_length=50)
+
+
+class BaseConfig(BaseModel):
+    """Settings every integration has; providers extend it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="Where the vendor's API is: a sandbox or another host. Default: the "
+        "provider's production URL (its sandbox URL when `sandbox` is true).",
+    )
+    sandbox: bool = Field(default=False, description="Use the vendor's sandbox URL.")
+    inbound_allowed_ips: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Addresses or CIDRs inbound webhooks must come from; empty accepts any source.",
+    )
+    oauth: OAuthSettings | None = None
+
+    @field_validator("inbound_allowed_ips")
+    @classmethod
+    def _networks(cls, entries: list[str]) -> list[str]:
+        networks = []
+        for entry in entries:
+            try:
+                networks.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
+        return networks
+
+
+class BaseCredentials(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class InboundRequest:
+    """A webhook as it reached `POST /api/v1/inbound/{id}`: the exact bytes and headers."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+    now: float  # Unix seconds
+
+
+@dataclass(frozen=True)
+class InboundIdentity:
+    event_id: str
+    event_type: str
+
+
+@dataclass(frozen=True)
+class Connection:
+    """An integration as a provider sees it: its settings, credentials and HTTP client."""
+
+    integration_id: str
+    config: BaseConfig
+    credentials: Mapping[str, Any]
+    gateway: Gateway
+
+
+class ConnectionFailed(Exception):
+    """The vendor refused or could not answer a connection check."""
+
+
+class Provider:
+    """Base class of providers. Subclasses set the class attributes and implement the
+    methods of the capabilities they declare."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    config_model: ClassVar[type[BaseConfig]] = BaseConfig
+    credentials_model: ClassVar[type[BaseCredentials]] = BaseCredentials
+    base_url: ClassVar[str | None] = None
+    sandbox_url: ClassVar[str | None] = None
+    policy: ClassVar[GatewayPolicy] = DEFAULT_POLICY
+    oauth_defaults: ClassVar[OAuthSettings | None] = None
+
+    def resolve_base_url(self, config: BaseConfig) -> str | None:
+        if config.base_url:
+            return config.base_url
+        if config.sandbox and self.sandbox_url:
+            return self.sandbox_url
+        return self.base_url
+
+    def oauth_settings(self, config: BaseConfig) -> OAuthSettings | None:
+        """The provider's OAuth endpoints, overridden field by field by `config.oauth`."""
+        defaults = self.oauth_defaults
+        if config.oauth is None:
+            return defaults
+        if defaults is None:
+            return config.oauth
+        return OAuthSettings(
+            authorize_url=config.oauth.authorize_url or defaults.authorize_url,
+            token_url=config.oauth.token_url or defaults.token_url,
+            scopes=config.oauth.scopes or defaults.scopes,
+        )
+
+    def auth_headers(self, credentials: Mapping[str, Any]) -> dict[str, str]:
+        """Headers that authenticate a call; an OAuth access token when there is one."""
+        token = credentials.get("access_token") or credentials.get("api_key")
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def check_connection(self, connection: Connection) -> str:
+        """Make one cheap authenticated call; return what it showed, raise ConnectionFailed."""
+        raise NotImplementedError
+
+    def validate(self, config: BaseConfig, credentials: BaseCredentials) -> None:
+        """Check the settings together; raise ValueError with a message for the caller."""
+
+
+# ---------------------------------------------------------------- capabilities
+
+
+@runtime_checkable
+class EventsSource(Protocol):
+    """Sends us webhooks: how to verify them and what identifies each one."""
+
+    def verify(
+        self, request: InboundRequest, connection_secrets: Mapping[str, Any], config: BaseConfig
+    ) -> None:
+        """Raise SignatureInvalid unless the request is authentic and fresh."""
+
+    def identify(self, request: InboundRequest) -> InboundIdentity:
+        """The provider's id and type of the event; ValueError if it has none."""
+
+
+@dataclass(frozen=True)
+class PaymentNotice:
+    """A payment provider's event, in memberhub's terms."""
+
+    kind: Literal["paid", "failed", "subscription_ended", "refunded"]
+    # Every id the provider knows this payment by (invoice, payment intent, charge, …).
+    references: tuple[str, ...]
+    member_id: str | None = None
+    email: str | None = None
+    customer_id: str | None = None
+    plan: str | None = None  # a plan id or code, from the payment's metadata
+    price_ids: tuple[str, ...] = ()
+    amount: int = 0  # minor units
+    currency: str | None = None
+    amount_refunded: int = 0
+    occurred_at: datetime | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckoutRequest:
+    customer_id: str
+    member_id: str
+    plan_id: str
+    plan_name: str
+    amount: int
+    currency: str
+    term_months: int
+    success_url: str
+    cancel_url: str | None
+    price_id: str | None
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class CheckoutResult:
+    id: str
+    url: str
+    mode: str
+
+
+@runtime_checkable
+class Payments(Protocol):
+    """Takes payments: customers and hosted checkouts out, payment events in."""
+
+    def interpret(self, event_type: str, payload: Mapping[str, Any]) -> PaymentNotice | None:
+        """The payment meaning of an inbound event; None for events without one."""
+
+    async def create_customer(
+        self, connection: Connection, *, member_id: str, email: str | None, name: str | None
+    ) -> str:
+        """Create the vendor's customer for a member; return its id."""
+
+    async def create_checkout(
+        self, connection: Connection, request: CheckoutRequest
+    ) -> CheckoutResult:
+        """Start a hosted checkout for a plan."""
+
+
+@dataclass(frozen=True)
+class ContactRecord:
+    """A member or lead as a CRM, marketing list or analytics sink receives it."""
+
+    key: str  # our id
+    email: str | None
+    properties: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    key: str
+    external_id: str | None
+    error: str | None = None
+
+
+@runtime_checkable
+class CRM(Protocol):
+    """Keeps contacts in a CRM in step with members and leads."""
+
+    async def upsert_contacts(
+        self, connection: Connection, records: Sequence[ContactRecord]
+    ) -> list[WriteResult]: ...
+
+    async def changed_contacts(
+        self, connection: Connection, cursor: str | None
+    ) -> tuple[list[ContactRecord], str | None]: ...
+
+
+@runtime_checkable
+class MarketingList(Protocol):
+    """An audience that members subscribe to, honouring their email consent."""
+
+    async def subscribe(
+        self, connection: Connection, records: Sequence[ContactRecord]
+    ) -> list[WriteResult]: ...
+
+    async def unsubscribe(self, connection: Connection, emails: Sequence[str]) -> None: ...
+
+
+@runtime_checkable
+class AnalyticsSink(Protocol):
+    """Receives memberhub's events for reporting."""
+
+    async def send_events(
+        self, connection: Connection, events: Sequence[Mapping[str, Any]]
+    ) -> None: ...
+
+
+@runtime_checkable
+class Accounting(Protocol):
+    """Books payments and refunds as invoices and credit notes."""
+
+    async def record_payment(self, connection: Connection, notice: PaymentNotice) -> str: ...
+
+
+@runtime_checkable
+class Notifier(Protocol):
+    """Sends a message to people (email, SMS, chat)."""
+
+    async def notify(
+        self, connection: Connection, recipient: str, subject: str, body: str
+    ) -> None: ...
+
+
+CAPABILITY_INTERFACES: dict[Capability, type] = {
+    Capability.CRM: CRM,
+    Capability.MARKETING_LIST: MarketingList,
+    Capability.ANALYTICS_SINK: AnalyticsSink,
+    Capability.PAYMENTS: Payments,
+    Capability.ACCOUNTING: Accounting,
+    Capability.EVENTS_SOURCE: EventsSource,
+    Capability.NOTIFIER: Notifier,
+}

@@ -1,0 +1,312 @@
+"""Stripe: payments (customers, Checkout) and the webhooks that drive memberships."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field, StringConstraints
+
+from memberhub.integrations import signatures
+from memberhub.integrations.gateway import VENDOR_POLICIES, GatewayPolicy
+from memberhub.integrations.providers.base import (
+    BaseConfig,
+    BaseCredentials,
+    Capability,
+    CheckoutRequest,
+    CheckoutResult,
+    Connection,
+    ConnectionFailed,
+    InboundIdentity,
+    InboundRequest,
+    PaymentNotice,
+    Provider,
+)
+
+Secret = Annotated[str, StringConstraints(strip_whitespace=True, min_length=8, max_length=500)]
+# Stripe bills recurring prices at most yearly; longer plans are paid once per term.
+MAX_RECURRING_MONTHS = 12
+# What an inbound event's id and type columns hold.
+MAX_EVENT_ID_CHARS = 255
+
+
+class StripeConfig(BaseConfig):
+    price_plans: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=500,
+        description="Stripe price id → plan id or code, for payments whose metadata names "
+        "no plan (subscriptions created outside memberhub).",
+    )
+    grace_days: int = Field(
+        default=14,
+        ge=0,
+        le=365,
+        description="Grace after a failed payment when the member's plan has none.",
+    )
+    tolerance_seconds: int = Field(default=300, ge=30, le=3600)
+    earn_points: bool = Field(default=True, description="Payments earn points.")
+
+
+class StripeCredentials(BaseCredentials):
+    api_key: Secret | None = Field(default=None, description="A secret or restricted key.")
+    webhook_secret: Secret | None = Field(
+        default=None, description="The endpoint's signing secret (whsec_…)."
+    )
+    previous_webhook_secret: Secret | None = Field(
+        default=None, description="Also accepted while Stripe rolls the signing secret."
+    )
+
+
+def _form(prefix: str, value: Any, into: dict[str, str]) -> dict[str, str]:
+    """Stripe's form encoding of nested values: `metadata[member_id]=…`, `items[0][x]=…`."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _form(f"{prefix}[{key}]" if prefix else str(key), item, into)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _form(f"{prefix}[{index}]", item, into)
+    elif isinstance(value, bool):
+        into[prefix] = "true" if value else "false"
+    elif value is not None:
+        into[prefix] = str(value)
+    return into
+
+
+def _dig(obj: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _metadata(*candidates: Any) -> dict[str, Any]:
+    """The first non-empty metadata among the places an API version may put it."""
+    for candidate in candidates:
+        if isinstance(candidate, Mapping) and candidate:
+            return dict(candidate)
+    return {}
+
+
+def _when(value: Any) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if isinstance(value, int) else None
+
+
+class Stripe(Provider):
+    name = "stripe"
+    title = "Stripe"
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {Capability.PAYMENTS, Capability.EVENTS_SOURCE}
+    )
+    config_model = StripeConfig
+    credentials_model = StripeCredentials
+    # Stripe's test mode runs on the same host, with test keys.
+    base_url = "https://api.stripe.com"
+    policy: ClassVar[GatewayPolicy] = VENDOR_POLICIES["stripe"]
+
+    async def check_connection(self, connection: Connection) -> str:
+        if not connection.credentials.get("api_key"):
+            raise ConnectionFailed("credentials.api_key is not set")
+        response = await connection.gateway.request("GET", "/v1/account")
+        if response.status_code != 200:
+            raise ConnectionFailed(_error_message(response.status_code, response.text))
+        account = response.json()
+        return f"connected to Stripe account {account.get('id', '?')}"
+
+    # ------------------------------------------------------------ events source
+
+    def verify(
+        self, request: InboundRequest, connection_secrets: Mapping[str, Any], config: BaseConfig
+    ) -> None:
+        assert isinstance(config, StripeConfig)
+        secrets = [
+            connection_secrets.get("webhook_secret"),
+            connection_secrets.get("previous_webhook_secret"),
+        ]
+        header = {k.lower(): v for k, v in request.headers.items()}.get("stripe-signature")
+        usable = [s for s in secrets if s]
+        if not usable:
+            raise signatures.SignatureInvalid(
+                signatures.NO_MATCHING_SIGNATURE,
+                "the integration has no credentials.webhook_secret to verify with",
+            )
+        failure: signatures.SignatureInvalid | None = None
+        for secret in usable:
+            try:
+                signatures.verify_stripe(
+                    request.body,
+                    header,
+                    secret,
+                    now=request.now,
+                    tolerance=config.tolerance_seconds,
+                )
+                return
+            except signatures.SignatureInvalid as exc:
+                failure = failure or exc
+        assert failure is not None
+        raise failure
+
+    def identify(self, request: InboundRequest) -> InboundIdentity:
+        event = json.loads(request.body)
+        event_id, event_type = _text(_dig(event, "id")), _text(_dig(event, "type"))
+        if not event_id or not event_type or _dig(event, "object") != "event":
+            raise ValueError("the body is not a Stripe event (id, type, object=event)")
+        if len(event_id) > MAX_EVENT_ID_CHARS:
+            raise ValueError("the event id is longer than Stripe's ids are")
+        return InboundIdentity(event_id=event_id, event_type=event_type[:MAX_EVENT_ID_CHARS])
+
+    # ------------------------------------------------------------ payments
+
+    def interpret(self, event_type: str, payload: Mapping[str, Any]) -> PaymentNotice | None:
+        obj = _dig(payload, "data", "object")
+        if not isinstance(obj, Mapping):
+            return None
+        occurred_at = _when(payload.get("created"))
+        if event_type in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+            if obj.get("payment_status") != "paid":
+                return None  # an asynchronous payment not yet made
+            return PaymentNotice(
+                kind="paid",
+                references=_ids(obj.get("id"), obj.get("invoice"), obj.get("payment_intent")),
+                member_id=_text(_metadata(obj.get("metadata")).get("member_id"))
+                or _text(obj.get("client_reference_id")),
+                email=_text(_dig(obj, "customer_details", "email"))
+                or _text(obj.get("customer_email")),
+                customer_id=_text(obj.get("customer")),
+                plan=_text(_metadata(obj.get("metadata")).get("plan_id")),
+                amount=_int(obj.get("amount_total")),
+                currency=_text(obj.get("currency")),
+                occurred_at=occurred_at,
+                details={"checkout_session": obj.get("id")},
+            )
+        if event_type in ("invoice.paid", "invoice.payment_failed"):
+            metadata = _metadata(
+                _dig(obj, "parent", "subscription_details", "metadata"),
+                _dig(obj, "subscription_details", "metadata"),
+                obj.get("metadata"),
+            )
+            prices = []
+            for line in _dig(obj, "lines", "data") or []:
+                price = _text(_dig(line, "price", "id")) or _text(
+                    _dig(line, "pricing", "price_details", "price")
+                )
+                if price:
+                    prices.append(price)
+            return PaymentNotice(
+                kind="paid" if event_type == "invoice.paid" else "failed",
+                references=_ids(obj.get("id"), obj.get("payment_intent"), obj.get("charge")),
+                member_id=_text(metadata.get("member_id")),
+                email=_text(obj.get("customer_email")),
+                customer_id=_text(obj.get("customer")),
+                plan=_text(metadata.get("plan_id")),
+                price_ids=tuple(prices),
+                amount=_int(
+                    obj.get("amount_paid" if event_type == "invoice.paid" else "amount_due")
+                ),
+                currency=_text(obj.get("currency")),
+                occurred_at=occurred_at,
+                details={"invoice": obj.get("id"), "billing_reason": obj.get("billing_reason")},
+            )
+        if event_type == "customer.subscription.deleted":
+            metadata = _metadata(obj.get("metadata"))
+            return PaymentNotice(
+                kind="subscription_ended",
+                references=_ids(obj.get("id")),
+                member_id=_text(metadata.get("member_id")),
+                customer_id=_text(obj.get("customer")),
+                occurred_at=occurred_at,
+                details={"subscription": obj.get("id")},
+            )
+        if event_type == "charge.refunded":
+            return PaymentNotice(
+                kind="refunded",
+                references=_ids(obj.get("id"), obj.get("payment_intent"), obj.get("invoice")),
+                member_id=_text(_metadata(obj.get("metadata")).get("member_id")),
+                email=_text(_dig(obj, "billing_details", "email")),
+                customer_id=_text(obj.get("customer")),
+                amount=_int(obj.get("amount")),
+                amount_refunded=_int(obj.get("amount_refunded")),
+                currency=_text(obj.get("currency")),
+                occurred_at=occurred_at,
+                details={"charge": obj.get("id")},
+            )
+        return None
+
+    async def create_customer(
+        self, connection: Connection, *, member_id: str, email: str | None, name: str | None
+    ) -> str:
+        data = _form("", {"email": email, "name": name, "metadata": {"member_id": member_id}}, {})
+        response = await connection.gateway.request(
+            "POST", "/v1/customers", data=data, idempotency_key=f"memberhub-customer-{member_id}"
+        )
+        if response.status_code != 200:
+            raise ConnectionFailed(_error_message(response.status_code, response.text))
+        customer_id: str = response.json()["id"]
+        return customer_id
+
+    async def create_checkout(
+        self, connection: Connection, request: CheckoutRequest
+    ) -> CheckoutResult:
+        metadata = {"member_id": request.member_id, "plan_id": request.plan_id}
+        recurring = request.term_months <= MAX_RECURRING_MONTHS
+        if request.price_id is not None:
+            item: dict[str, Any] = {"price": request.price_id, "quantity": 1}
+        else:
+            price_data: dict[str, Any] = {
+                "currency": request.currency.lower(),
+                "unit_amount": request.amount,
+                "product_data": {"name": request.plan_name},
+            }
+            if recurring:
+                price_data["recurring"] = {
+                    "interval": "month",
+                    "interval_count": request.term_months,
+                }
+            item = {"price_data": price_data, "quantity": 1}
+        mode = "subscription" if recurring else "payment"
+        body: dict[str, Any] = {
+            "mode": mode,
+            "customer": request.customer_id,
+            "client_reference_id": request.member_id,
+            "success_url": request.success_url,
+            "cancel_url": request.cancel_url,
+            "line_items": [item],
+            "metadata": metadata,
+        }
+        if mode == "subscription":
+            body["subscription_data"] = {"metadata": metadata}
+        else:
+            body["payment_intent_data"] = {"metadata": metadata}
+        response = await connection.gateway.request(
+            "POST",
+            "/v1/checkout/sessions",
+            data=_form("", body, {}),
+            idempotency_key=request.idempotency_key,
+        )
+        if response.status_code != 200:
+            raise ConnectionFailed(_error_message(response.status_code, response.text))
+        session = response.json()
+        return CheckoutResult(id=session["id"], url=session.get("url") or "", mode=mode)
+
+
+def _ids(*values: Any) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(v for v in values if isinstance(v, str) and v))
+
+
+def _error_message(status: int, text: str) -> str:
+    """Stripe's `error.message`, or the start of the body."""
+    try:
+        message = json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = text[:200]
+    return f"Stripe answered {status}: {message}"

@@ -1,0 +1,443 @@
+"""Stripe webhooks drive memberships, end to end: signed events through the inbound
+endpoint, processed by the worker."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from memberhub.integrations.inbound import process_inbound
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Database
+from tests.integrations.conftest import (
+    create_stripe_integration,
+    run_worker,
+    send,
+    stripe_event,
+    stripe_id,
+)
+from tests.support import ApiClient
+
+
+def checkout_completed(
+    member: dict[str, Any], plan: dict[str, Any], **fields: Any
+) -> dict[str, Any]:
+    return stripe_event(
+        "checkout.session.completed",
+        {
+            "id": stripe_id("cs"),
+            "object": "checkout.session",
+            "mode": "subscription",
+            "payment_status": "paid",
+            "status": "complete",
+            "customer": fields.pop("customer", stripe_id("cus")),
+            "customer_details": {"email": member["email"]},
+            "client_reference_id": member["id"],
+            "metadata": {"member_id": member["id"], "plan_id": plan["id"]},
+            "invoice": fields.pop("invoice", stripe_id("in")),
+            "payment_intent": fields.pop("payment_intent", None),
+            "subscription": stripe_id("sub"),
+            "amount_total": fields.pop("amount_total", plan["price_amount"]),
+            "currency": "myr",
+            **fields,
+        },
+    )
+
+
+def invoice_event(
+    event_type: str, *, metadata: dict[str, str] | None = None, **fields: Any
+) -> dict[str, Any]:
+    return stripe_event(
+        event_type,
+        {
+            "id": fields.pop("id", stripe_id("in")),
+            "object": "invoice",
+            "customer": fields.pop("customer", stripe_id("cus")),
+            "customer_email": fields.pop("customer_email", None),
+            "billing_reason": fields.pop("billing_reason", "subscription_cycle"),
+            "status": "paid" if event_type == "invoice.paid" else "open",
+            "amount_paid": fields.pop("amount_paid", 12000),
+            "amount_due": fields.pop("amount_due", 12000),
+            "currency": "myr",
+            "subscription": stripe_id("sub"),
+            "subscription_details": {"metadata": metadata or {}},
+            "lines": {"object": "list", "data": fields.pop("lines", [])},
+            "payment_intent": fields.pop("payment_intent", None),
+            "charge": fields.pop("charge", None),
+            **fields,
+        },
+    )
+
+
+async def member_of(api: ApiClient, member_id: str) -> dict[str, Any]:
+    response = await api.get(f"/api/v1/members/{member_id}")
+    assert response.status_code == 200
+    return dict(response.json())
+
+
+async def balance_of(api: ApiClient, member_id: str) -> int:
+    response = await api.get(f"/api/v1/members/{member_id}/points/balance")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return int(body["current_balance"]) + int(body["pending_balance"])
+
+
+async def inbound_events(api: ApiClient, integration_id: str) -> list[dict[str, Any]]:
+    response = await api.get(f"/api/v1/integrations/{integration_id}/inbound-events")
+    assert response.status_code == 200, response.text
+    return list(response.json()["data"])
+
+
+@pytest.fixture
+async def stripe_integration(api: ApiClient) -> dict[str, Any]:
+    return await create_stripe_integration(api)
+
+
+async def test_checkout_joins_the_member_once_even_with_the_invoice_and_a_redelivery(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan(term_months=12)
+    member = await api.create_member()
+    invoice_id = stripe_id("in")
+    event = checkout_completed(member, plan, invoice=invoice_id)
+
+    first = await send(http, stripe_integration["id"], event)
+    assert first.status_code == 200, first.text
+    assert first.json()["status"] == "accepted"
+    # Stored, not yet processed: the endpoint answers before the worker runs.
+    assert (await member_of(api, member["id"]))["status"] == "pending"
+
+    again = await send(http, stripe_integration["id"], event)
+    assert again.status_code == 200
+    assert again.json() == {"id": first.json()["id"], "status": "duplicate"}
+
+    await run_worker(db)
+    joined = await member_of(api, member["id"])
+    assert joined["status"] == "active"
+    assert joined["membership"]["plan_id"] == plan["id"]
+    assert joined["membership"]["payment_status"] == "paid"
+    assert joined["external_ids"]["stripe"] == event["data"]["object"]["customer"]
+    points_after_join = await balance_of(api, member["id"])
+    assert points_after_join > 0
+
+    # Stripe also sends invoice.paid for the subscription's first invoice: same payment.
+    first_invoice = invoice_event(
+        "invoice.paid",
+        id=invoice_id,
+        billing_reason="subscription_create",
+        metadata={"member_id": member["id"], "plan_id": plan["id"]},
+    )
+    assert (await send(http, stripe_integration["id"], first_invoice)).status_code == 200
+    await run_worker(db)
+    after = await member_of(api, member["id"])
+    assert after["membership"]["term_ends_at"] == joined["membership"]["term_ends_at"]
+    assert await balance_of(api, member["id"]) == points_after_join
+
+    events = await inbound_events(api, stripe_integration["id"])
+    assert [(e["event_type"], e["status"], e["result"].get("action")) for e in events] == [
+        ("invoice.paid", "processed", "already_applied"),
+        ("checkout.session.completed", "processed", "join"),
+    ]
+    assert events[1]["duplicates"] == 1
+    assert events[1]["attempts"] == 1
+    terms = await api.get(f"/api/v1/members/{member['id']}/membership/terms")
+    assert terms.status_code == 200
+    assert len(terms.json()["data"]) == 1
+
+
+async def test_invoice_paid_renews_from_the_end_of_the_term(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan(term_months=12)
+    member = await api.create_member()
+    await send(http, stripe_integration["id"], checkout_completed(member, plan))
+    await run_worker(db)
+    joined = await member_of(api, member["id"])
+
+    renewal = invoice_event("invoice.paid", metadata={"member_id": member["id"]})
+    await send(http, stripe_integration["id"], renewal)
+    await run_worker(db)
+    renewed = await member_of(api, member["id"])
+    assert renewed["status"] == "active"
+    first_end = datetime.fromisoformat(joined["membership"]["term_ends_at"])
+    second_end = datetime.fromisoformat(renewed["membership"]["term_ends_at"])
+    assert (second_end - first_end).days in range(365, 367)
+    [latest, _] = await inbound_events(api, stripe_integration["id"])
+    assert latest["result"]["action"] == "renew"
+
+
+async def test_a_payment_is_matched_by_email_and_its_price_when_metadata_is_missing(
+    api: ApiClient, http: httpx.AsyncClient, db: Database
+) -> None:
+    plan = await api.create_plan(term_months=1, price_amount=1000)
+    integration = await create_stripe_integration(api, price_plans={"price_monthly": plan["code"]})
+    member = await api.create_member(email="Jane.Doe@Example.com")
+    event = invoice_event(
+        "invoice.paid",
+        customer_email="jane.doe@example.com",
+        billing_reason="subscription_create",
+        lines=[{"object": "line_item", "price": {"id": "price_monthly"}}],
+        amount_paid=1000,
+    )
+    await send(http, integration["id"], event)
+    await run_worker(db)
+    joined = await member_of(api, member["id"])
+    assert joined["status"] == "active"
+    assert joined["membership"]["plan_id"] == plan["id"]
+
+
+async def test_failed_payment_moves_to_grace_with_an_alert_and_a_payment_recovers(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan(term_months=12, grace_days=10)
+    member = await api.create_member()
+    customer = stripe_id("cus")
+    await send(http, stripe_integration["id"], checkout_completed(member, plan, customer=customer))
+    await run_worker(db)
+
+    # No metadata on the renewal invoice: the member is found by the Stripe customer.
+    failed_invoice = stripe_id("in")
+    await send(
+        http,
+        stripe_integration["id"],
+        invoice_event("invoice.payment_failed", id=failed_invoice, customer=customer),
+    )
+    await run_worker(db)
+    in_grace = await member_of(api, member["id"])
+    assert in_grace["status"] == "grace"
+    assert in_grace["membership"]["payment_status"] == "past_due"
+    grace_ends = datetime.fromisoformat(in_grace["membership"]["grace_ends_at"])
+    term_ends = datetime.fromisoformat(in_grace["membership"]["term_ends_at"])
+    assert (grace_ends - term_ends).days == 10
+    alerts = await api.get("/api/v1/alerts", params={"type": "PAYMENT_FAILED"})
+    assert alerts.status_code == 200
+    [alert] = alerts.json()["data"]
+    assert alert["member_id"] == member["id"]
+    assert failed_invoice in alert["message"]
+
+    # Stripe's retry succeeds: the member is active again, renewed from the term's end.
+    await send(
+        http,
+        stripe_integration["id"],
+        invoice_event("invoice.paid", id=failed_invoice, customer=customer),
+    )
+    await run_worker(db)
+    recovered = await member_of(api, member["id"])
+    assert recovered["status"] == "active"
+    assert recovered["membership"]["payment_status"] == "paid"
+
+    # A failure of that invoice delivered late (events come in any order) changes nothing.
+    late = invoice_event("invoice.payment_failed", id=failed_invoice, customer=customer)
+    await send(http, stripe_integration["id"], late)
+    await run_worker(db)
+    assert await member_of(api, member["id"]) == recovered
+    [event] = [e for e in await inbound_events(api, stripe_integration["id"])
+               if e["provider_event_id"] == late["id"]]  # fmt: skip
+    assert (event["status"], event["result"]["reason"]) == ("ignored", "already paid")
+
+
+async def test_subscription_deleted_cancels_at_the_period_end(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan()
+    member = await api.create_member()
+    await send(http, stripe_integration["id"], checkout_completed(member, plan))
+    await run_worker(db)
+    deleted = stripe_event(
+        "customer.subscription.deleted",
+        {
+            "id": stripe_id("sub"),
+            "object": "subscription",
+            "customer": stripe_id("cus"),
+            "status": "canceled",
+            "metadata": {"member_id": member["id"]},
+        },
+    )
+    await send(http, stripe_integration["id"], deleted)
+    await run_worker(db)
+    cancelled = await member_of(api, member["id"])
+    assert cancelled["status"] == "active"  # paid until the term ends
+    assert cancelled["membership"]["cancel_at_period_end"] is True
+    assert cancelled["membership"]["payment_status"] == "cancelled"
+
+
+async def test_a_refund_reverses_the_points_the_payment_earned(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan(price_amount=20000)
+    member = await api.create_member()
+    payment_intent = stripe_id("pi")
+    await send(
+        http,
+        stripe_integration["id"],
+        checkout_completed(member, plan, payment_intent=payment_intent, invoice=None),
+    )
+    await run_worker(db)
+    earned = await balance_of(api, member["id"])
+    assert earned > 0
+
+    def refund(amount_refunded: int) -> dict[str, Any]:
+        return stripe_event(
+            "charge.refunded",
+            {
+                "id": charge_id,
+                "object": "charge",
+                "amount": 20000,
+                "amount_refunded": amount_refunded,
+                "refunded": amount_refunded == 20000,
+                "currency": "myr",
+                "payment_intent": payment_intent,
+            },
+        )
+
+    charge_id = stripe_id("ch")
+    await send(http, stripe_integration["id"], refund(10000))
+    await run_worker(db)
+    assert await balance_of(api, member["id"]) == earned - earned // 2
+    partly = await member_of(api, member["id"])
+    assert partly["membership"]["payment_status"] == "partially_refunded"
+
+    await send(http, stripe_integration["id"], refund(20000))
+    await run_worker(db)
+    assert await balance_of(api, member["id"]) == 0
+    assert (await member_of(api, member["id"]))["membership"]["payment_status"] == "refunded"
+
+
+async def test_a_refund_arriving_before_its_payment_waits_for_it(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan(price_amount=20000)
+    member = await api.create_member()
+    payment_intent = stripe_id("pi")
+    refund = stripe_event(
+        "charge.refunded",
+        {
+            "id": stripe_id("ch"),
+            "object": "charge",
+            "amount": 20000,
+            "amount_refunded": 20000,
+            "refunded": True,
+            "currency": "myr",
+            "payment_intent": payment_intent,
+        },
+    )
+    await send(http, stripe_integration["id"], refund)
+    await run_worker(db)
+    [waiting] = await inbound_events(api, stripe_integration["id"])
+    assert (waiting["status"], waiting["attempts"]) == ("pending", 1)
+    assert "No payment on record" in waiting["error"]
+
+    await send(
+        http,
+        stripe_integration["id"],
+        checkout_completed(member, plan, payment_intent=payment_intent, invoice=None),
+    )
+    await run_worker(db)
+    assert await balance_of(api, member["id"]) > 0
+    # The refund's retry is due a little later.
+    await process_inbound(db, utcnow() + timedelta(hours=1))
+    assert await balance_of(api, member["id"]) == 0
+    refunded = await member_of(api, member["id"])
+    assert refunded["membership"]["payment_status"] == "refunded"
+
+
+async def test_an_unmatched_payment_fails_with_its_reason_and_can_be_retried(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan()
+    event = invoice_event(
+        "invoice.paid",
+        customer_email="later@example.com",
+        metadata={"plan_id": plan["id"]},
+        billing_reason="subscription_create",
+    )
+    await send(http, stripe_integration["id"], event)
+    await run_worker(db)
+    [failed] = await inbound_events(api, stripe_integration["id"])
+    assert failed["status"] == "failed"
+    assert "No member matches" in failed["error"]
+
+    member = await api.create_member(email="later@example.com")
+    retried = await api.post(f"/api/v1/inbound-events/{failed['id']}/retry")
+    assert retried.status_code == 202, retried.text
+    assert retried.json()["status"] == "pending"
+    await run_worker(db)
+    assert (await member_of(api, member["id"]))["status"] == "active"
+    [done] = await inbound_events(api, stripe_integration["id"])
+    assert done["status"] == "processed"
+    again = await api.post(f"/api/v1/inbound-events/{failed['id']}/retry")
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "ALREADY_PROCESSED"
+
+
+async def test_unrelated_event_types_are_ignored(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    event = stripe_event("customer.created", {"id": stripe_id("cus"), "object": "customer"})
+    await send(http, stripe_integration["id"], event)
+    await run_worker(db)
+    [ignored] = await inbound_events(api, stripe_integration["id"])
+    assert ignored["status"] == "ignored"
+
+
+@pytest.mark.parametrize(
+    ("secret", "timestamp_offset", "reason"),
+    [
+        ("whsec_wrong_secret_0123456789abcdef", 0, "no_matching_signature"),
+        (None, -360, "timestamp_out_of_range"),
+        (None, +360, "timestamp_out_of_range"),
+    ],
+)
+async def test_bad_signatures_are_refused_and_nothing_is_stored(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    stripe_integration: dict[str, Any],
+    secret: str | None,
+    timestamp_offset: int,
+    reason: str,
+) -> None:
+    event = stripe_event("invoice.paid", {"id": stripe_id("in"), "object": "invoice"})
+    kwargs: dict[str, Any] = {"timestamp": int(time.time()) + timestamp_offset}
+    if secret is not None:
+        kwargs["secret"] = secret
+    response = await send(http, stripe_integration["id"], event, **kwargs)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "SIGNATURE_INVALID"
+    assert response.json()["error"]["details"]["reason"] == reason
+    assert await inbound_events(api, stripe_integration["id"]) == []
+
+
+async def test_a_tampered_body_is_refused(
+    http: httpx.AsyncClient, stripe_integration: dict[str, Any]
+) -> None:
+    from tests.integrations.conftest import signed
+
+    body, headers = signed(stripe_event("invoice.paid", {"id": "in_1", "object": "invoice"}))
+    tampered = body.replace(b"in_1", b"in_2")
+    response = await http.post(
+        f"/api/v1/inbound/{stripe_integration['id']}", content=tampered, headers=headers
+    )
+    assert response.status_code == 400
+
+
+async def test_unknown_disabled_and_non_allowlisted_integrations_refuse_webhooks(
+    api: ApiClient, http: httpx.AsyncClient
+) -> None:
+    event = stripe_event("invoice.paid", {"id": stripe_id("in"), "object": "invoice"})
+    unknown = await send(http, "int_doesnotexist", event)
+    assert unknown.status_code == 404
+
+    limited = await create_stripe_integration(api, inbound_allowed_ips=["203.0.113.0/24"])
+    refused = await send(http, limited["id"], event)
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "INBOUND_SOURCE_REFUSED"
+
+    disabled = await create_stripe_integration(api)
+    assert (await api.post(f"/api/v1/integrations/{disabled['id']}/disable")).status_code == 200
+    response = await send(http, disabled["id"], event)
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "INTEGRATION_DISABLED"

@@ -1,0 +1,154 @@
+"""Leads in bulk: imports with a result per record, streamed exports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+import pytest
+
+from memberhub.leads import transfer
+from tests.support import ApiClient
+
+IMPORT = "/api/v1/external/leads/import"
+EXPORT = "/api/v1/external/leads/export"
+
+
+def record(n: int, **fields: Any) -> dict[str, Any]:
+    return {
+        "external_id": f"SF-{n}",
+        "first_name": "Lead",
+        "last_name": f"No{n}",
+        "email": f"lead{n}@example.com",
+        **fields,
+    }
+
+
+async def test_an_import_stores_the_valid_records_and_reports_each_invalid_one(
+    api: ApiClient,
+) -> None:
+    records: list[Any] = [record(n) for n in range(10_000)]
+    invalid = {n: records[n] for n in range(0, 10_000, 100)}  # 1%
+    for n in invalid:
+        records[n] = (
+            {**record(n), "email": "not-an-email"} if n % 200 else {"first_name": "No way to match"}
+        )
+    records[9_999] = "not an object"
+
+    response = await api.post(IMPORT, {"source": "salesforce", "leads": records})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["created"], body["updated"], body["failed"]) == (9899, 0, 101)
+    failed = {r["index"]: r["errors"] for r in body["results"] if r["outcome"] == "failed"}
+    assert sorted(failed) == [*sorted(invalid), 9_999]
+    assert failed[100] == [{"field": "email", "message": failed[100][0]["message"]}]
+    assert failed[200] == [{"field": "record", "message": "needs an external_id or an email"}]
+    assert len(body["results"]) == len(records)
+
+    listed = await api.get("/api/v1/leads", params={"email": "lead1@example.com"})
+    [lead] = listed.json()["data"]
+    assert lead["external_ids"] == {"salesforce": "SF-1"}
+    assert (lead["source"], lead["status"]) == ("salesforce", "new")
+
+
+async def test_a_second_import_matches_by_external_id_then_email_and_never_duplicates(
+    api: ApiClient,
+) -> None:
+    first = await api.post(IMPORT, {"source": "salesforce", "leads": [record(1), record(2)]})
+    assert first.json()["created"] == 2
+    by_email = await api.post("/api/v1/leads", {"email": "known@example.com"})
+    known_id = by_email.json()["id"]
+
+    again = await api.post(
+        IMPORT,
+        {
+            "source": "salesforce",
+            "leads": [
+                record(1),  # unchanged
+                record(2, email="renamed@example.com", status="contacted"),  # new email
+                {"external_id": "SF-9", "email": "KNOWN@example.com", "phone": "555-0100"},
+                record(3),
+                record(3, first_name="Twice"),  # the same lead twice in one import
+            ],
+        },
+    )
+    body = again.json()
+    assert [r["outcome"] for r in body["results"]] == [
+        "unchanged",
+        "updated",
+        "updated",
+        "created",
+        "updated",
+    ]
+    assert body["results"][2]["lead_id"] == known_id
+    assert body["results"][3]["lead_id"] == body["results"][4]["lead_id"]
+    leads = (await api.get("/api/v1/leads", params={"limit": 500})).json()["data"]
+    assert len(leads) == 4
+    renamed = next(lead for lead in leads if lead["external_ids"].get("salesforce") == "SF-2")
+    assert (renamed["email"], renamed["status"]) == ("renamed@example.com", "contacted")
+    known = next(lead for lead in leads if lead["id"] == known_id)
+    assert known["external_ids"] == {"salesforce": "SF-9"}
+
+
+async def test_two_records_of_one_system_sharing_an_email_stay_two_leads(
+    api: ApiClient,
+) -> None:
+    shared = "shared@example.com"
+    response = await api.post(
+        IMPORT,
+        {"source": "pipedrive", "leads": [record(1, email=shared), record(2, email=shared)]},
+    )
+    assert [r["outcome"] for r in response.json()["results"]] == ["created", "created"]
+    again = await api.post(
+        IMPORT, {"source": "pipedrive", "leads": [record(1, email=shared, phone="555-0101")]}
+    )
+    assert again.json()["results"][0]["outcome"] == "updated"
+    leads = (await api.get("/api/v1/leads", params={"email": shared})).json()["data"]
+    assert sorted(lead["external_ids"]["pipedrive"] for lead in leads) == ["SF-1", "SF-2"]
+
+
+async def test_a_refused_status_move_fails_only_that_record(api: ApiClient) -> None:
+    await api.post(IMPORT, {"source": "hubspot", "leads": [record(1, status="lost")]})
+    response = await api.post(
+        IMPORT,
+        {"source": "hubspot", "leads": [record(1, status="qualified"), record(2)]},
+    )
+    body = response.json()
+    assert [r["outcome"] for r in body["results"]] == ["failed", "created"]
+    assert "cannot become qualified" in body["results"][0]["errors"][0]["message"]
+
+
+async def test_an_empty_or_oversized_import_is_refused(api: ApiClient) -> None:
+    empty = await api.post(IMPORT, {"source": "salesforce", "leads": []})
+    assert empty.status_code == 422
+    bad_source = await api.post(IMPORT, {"source": "Sales Force!", "leads": [record(1)]})
+    assert bad_source.status_code == 422
+
+
+async def test_exports_stream_every_matching_lead_as_json_or_csv(
+    api: ApiClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transfer, "EXPORT_PAGE", 7)  # several pages, and a boundary
+    records = [record(n) for n in range(30)]
+    records[3] = record(3, status="qualified", first_name="=HYPERLINK()")
+    assert (await api.post(IMPORT, {"source": "salesforce", "leads": records})).is_success
+
+    as_json = await api.get(EXPORT)
+    assert as_json.status_code == 200
+    leads = json.loads(as_json.text)["leads"]
+    assert [lead["external_ids"]["salesforce"] for lead in leads] == [f"SF-{n}" for n in range(30)]
+    qualified = await api.get(EXPORT, params={"status": "qualified", "format": "csv"})
+    assert qualified.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(qualified.text)))
+    assert [row["email"] for row in rows] == ["lead3@example.com"]
+    assert rows[0]["first_name"] == "'=HYPERLINK()"  # never a formula in a spreadsheet
+    assert json.loads(rows[0]["external_ids"]) == {"salesforce": "SF-3"}
+
+    everything = list(csv.DictReader(io.StringIO((await api.get(EXPORT, params={
+        "format": "csv", "date_from": "2000-01-01"})).text)))  # fmt: skip
+    assert len(everything) == 30
+    none_yet = await api.get(EXPORT, params={"date_from": "2999-01-01"})
+    assert json.loads(none_yet.text) == {"leads": []}
+    assert (await api.get(EXPORT, params={"format": "xml"})).status_code == 422
