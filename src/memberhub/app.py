@@ -16,6 +16,7 @@ from memberhub.approvals.routes import router as approvals_router
 from memberhub.audit.routes import router as audit_router
 from memberhub.auth.ratelimit import RateLimiter
 from memberhub.bulk.routes import router as bulk_router
+from memberhub.crm.routes import router as crm_router
 from memberhub.events.routes import router as events_router
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.routes import outbound as integrations_outbound_router
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
                 interval_seconds=settings.worker_interval_seconds,
                 settings=settings,
                 metrics=app.state.metrics,
+                hub=app.state.integrations,
             )
             task = asyncio.create_task(worker.run_forever(stop))
         try:
@@ -115,6 +117,7 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
         integrations_outbound_router,
         integrations_public_router,
         leads_router,
+        crm_router,
         leads_external_router,
         audit_router,
         ops_router,

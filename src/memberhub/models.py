@@ -5,6 +5,7 @@ from memberhub.approvals.models import ApprovalRequest
 from memberhub.audit.models import AuditEntry
 from memberhub.auth.models import ApiKey
 from memberhub.bulk.models import BulkJob, BulkJobChunk, BulkJobRow
+from memberhub.crm.models import CrmConflict, CrmLink, CrmSyncState, SyncRun, SyncRunRecord
 from memberhub.events.models import Event
 from memberhub.idempotency.models import IdempotencyRecord
 from memberhub.integrations.models import (
@@ -36,6 +37,9 @@ __all__ = [
     "BulkJob",
     "BulkJobChunk",
     "BulkJobRow",
+    "CrmConflict",
+    "CrmLink",
+    "CrmSyncState",
     "Event",
     "IdempotencyRecord",
     "InboundEvent",
@@ -57,6 +61,8 @@ __all__ = [
     "PointTransaction",
     "Reward",
     "RewardClaim",
+    "SyncRun",
+    "SyncRunRecord",
     "Tier",
     "WebhookAttempt",
     "WebhookDelivery",

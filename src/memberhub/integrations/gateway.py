@@ -396,8 +396,13 @@ class Gateway:
         data: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        retry_safe: bool = False,
     ) -> httpx.Response:
         """Send the call, retrying as the policy allows.
+
+        A POST or PATCH is retried after a 5xx only when sending it twice does no harm: it
+        carries an `Idempotency-Key`, or the caller says it is `retry_safe` (an upsert by a
+        unique key, an update to given values).
 
         Raises `CircuitOpen` when the breaker stops an attempt, `GatewayError` when the
         last attempt got a 5xx, a 429 or a network error.
@@ -411,7 +416,9 @@ class Gateway:
         )
         call = _Call(started_at=datetime.now(UTC), started=time.perf_counter())
         try:
-            response = await self._send_with_retries(request, call, idempotency_key)
+            response = await self._send_with_retries(
+                request, call, retry_safe or idempotency_key is not None
+            )
         except (CircuitOpen, GatewayError) as exc:
             self._observe(request, call, outcome=call.outcome, error=str(exc))
             raise
@@ -422,11 +429,11 @@ class Gateway:
         return response
 
     async def _send_with_retries(
-        self, template: httpx.Request, call: _Call, idempotency_key: str | None
+        self, template: httpx.Request, call: _Call, retry_safe: bool
     ) -> httpx.Response:
         method = template.method
         path = template.url.path
-        may_retry_failures = method not in NON_IDEMPOTENT_METHODS or idempotency_key is not None
+        may_retry_failures = method not in NON_IDEMPOTENT_METHODS or retry_safe
         refreshed = False
         attempt = 0
         while True:

@@ -9,6 +9,7 @@ seconds and on shutdown.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -119,10 +120,13 @@ class IntegrationHub:
             self._calls.append((integration_id, record))
 
         # The hooks find the entry when called: it is stored before any call is made.
+        policy = provider.policy
+        if config.rate_limit is not None:
+            policy = dataclasses.replace(policy, rate_limit=config.rate_limit)
         gateway = Gateway(
             label,
             base_url,
-            policy=provider.policy,
+            policy=policy,
             auth=lambda request: self._authenticate(integration_id, request),
             refresh=lambda: self.refresh(integration_id),
             observer=observe,

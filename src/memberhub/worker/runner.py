@@ -15,7 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.alerts.jobs import check_rates
 from memberhub.bulk.jobs import process_bulk_awards
+from memberhub.crm.jobs import run_crm_sync
 from memberhub.idempotency.service import purge_expired
+from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.inbound import process_inbound
 from memberhub.integrations.service import purge_call_log
 from memberhub.kit.clock import utcnow
@@ -27,6 +29,7 @@ from memberhub.points.jobs import activate_pending_points, expire_points, notify
 from memberhub.settings import Settings
 from memberhub.tiers.jobs import run_review as review_tiers
 from memberhub.webhooks.delivery import DeliveryConfig, DeliveryLoop
+from memberhub.webhooks.ssrf import UrlPolicy
 from memberhub.worker import heartbeat
 
 log = structlog.get_logger("memberhub.worker")
@@ -92,6 +95,7 @@ class Worker:
         interval_seconds: float = 5.0,
         settings: Settings | None = None,
         metrics: Metrics | None = None,
+        hub: IntegrationHub | None = None,
     ) -> None:
         self.db = db
         self.interval_seconds = interval_seconds
@@ -107,7 +111,29 @@ class Worker:
         async def purge_calls(session: AsyncSession, now: datetime) -> int:
             return await purge_call_log(session, older_than=now - retention)
 
-        self.jobs = (*JOBS, Job("integrations.purge_call_log", 3600.0, purge_calls))
+        jobs = [*JOBS, Job("integrations.purge_call_log", 3600.0, purge_calls)]
+        # Outbound calls need a hub: the app's for the embedded worker, else one of its own.
+        self._own_hub = hub is None and settings is not None
+        if hub is None and settings is not None:
+            hub = IntegrationHub(
+                db,
+                SecretBox(settings.resolved_secret_key),
+                UrlPolicy.from_settings(settings),
+                registry=metrics.registry if metrics is not None else None,
+            )
+        self.hub = hub
+        if hub is not None:
+
+            async def sync_crms(db: Database, now: datetime) -> int:
+                try:
+                    return await run_crm_sync(db, hub, now)
+                finally:
+                    if self._own_hub:
+                        await hub.drain()
+
+            # Every tick: changes reach the CRM one coalescing period after they settle.
+            jobs.insert(1, Job("crm.sync", 0.0, chunked=sync_crms))
+        self.jobs = tuple(jobs)
         self.deliveries = (
             DeliveryLoop(
                 db,
@@ -150,6 +176,9 @@ class Worker:
         finally:
             if deliveries is not None:
                 await deliveries
+            if self._own_hub and self.hub is not None:
+                await self.hub.drain()
+                await self.hub.aclose()
         log.info("worker_stopped", worker_id=self.worker_id)
 
     async def _run_jobs(self, stop: asyncio.Event) -> None:

@@ -53,11 +53,22 @@ def as_payments(provider: Provider) -> Payments | None:
 
 
 def _register_builtin() -> None:
+    from memberhub.integrations.providers.custom_crm import CustomCrm
     from memberhub.integrations.providers.generic import GenericHttp, GenericWebhook
     from memberhub.integrations.providers.hubspot import HubSpot
+    from memberhub.integrations.providers.pipedrive import Pipedrive
+    from memberhub.integrations.providers.salesforce import Salesforce
     from memberhub.integrations.providers.stripe import Stripe
 
-    for provider in (Stripe(), HubSpot(), GenericHttp(), GenericWebhook()):
+    for provider in (
+        Stripe(),
+        HubSpot(),
+        Salesforce(),
+        Pipedrive(),
+        CustomCrm(),
+        GenericHttp(),
+        GenericWebhook(),
+    ):
         register(provider)
 
 

@@ -14,6 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
+import limits
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from memberhub.integrations.gateway import DEFAULT_POLICY, GatewayPolicy
@@ -60,6 +61,24 @@ class BaseConfig(BaseModel):
         description="Addresses or CIDRs inbound webhooks must come from; empty accepts any source.",
     )
     oauth: OAuthSettings | None = None
+    rate_limit: str | None = Field(
+        default=None,
+        max_length=100,
+        description='The client-side request limit in `limits` notation ("190/10 seconds", '
+        '"100 per second"), for accounts whose plan allows more than the vendor\'s published '
+        "default. Default: the provider's.",
+    )
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            limits.parse(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a rate limit such as '100/10 seconds'") from None
+        return value
 
     @field_validator("inbound_allowed_ips")
     @classmethod
@@ -236,7 +255,8 @@ class ContactRecord:
 
     key: str  # our id
     email: str | None
-    properties: Mapping[str, Any]
+    properties: Mapping[str, Any]  # the vendor's property names and the values to write
+    external_id: str | None = None  # the vendor's id, once known
 
 
 @dataclass(frozen=True)
@@ -244,19 +264,63 @@ class WriteResult:
     key: str
     external_id: str | None
     error: str | None = None
+    created: bool = False
+
+
+@dataclass(frozen=True)
+class RemoteRecord:
+    """A record as read from a CRM: its id, email, mapped properties and when it changed."""
+
+    external_id: str
+    email: str | None
+    properties: Mapping[str, Any]
+    modified_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ChangesPage:
+    records: list[RemoteRecord]
+    # Where the next page starts (a vendor page token); None when this was the last page.
+    next_page: str | None
 
 
 @runtime_checkable
 class CRM(Protocol):
-    """Keeps contacts in a CRM in step with members and leads."""
+    """Keeps contacts in a CRM in step with members and leads.
+
+    `object_name` is the CRM object records go to (HubSpot `contacts`, Salesforce `Contact`
+    or `Lead`, Pipedrive `persons`). Writes are idempotent: a record with an
+    `external_id` updates that record; one without is matched by the vendor's key (email,
+    or our id as an external id field) before anything is created, so a retried write never
+    creates a second record.
+    """
+
+    batch_size: int
+    concurrency: int
 
     async def upsert_contacts(
-        self, connection: Connection, records: Sequence[ContactRecord]
-    ) -> list[WriteResult]: ...
+        self, connection: Connection, object_name: str, records: Sequence[ContactRecord]
+    ) -> list[WriteResult]:
+        """Write one batch (at most `batch_size`); one result per record, in order. Raise
+        (GatewayError, CircuitOpen, CrmError) only when the batch as a whole failed."""
 
     async def changed_contacts(
-        self, connection: Connection, cursor: str | None
-    ) -> tuple[list[ContactRecord], str | None]: ...
+        self,
+        connection: Connection,
+        object_name: str,
+        *,
+        since: datetime | None,
+        page: str | None,
+        properties: Sequence[str],
+    ) -> ChangesPage:
+        """Records changed at or after `since` (all when None), oldest change first."""
+
+    def default_objects(self) -> Mapping[str, str]:
+        """The CRM object members and leads go to by default: {"members": …, "leads": …}."""
+
+
+class CrmError(Exception):
+    """A CRM refused a request as a whole (bad settings, unknown field): the message says why."""
 
 
 @runtime_checkable

@@ -55,7 +55,7 @@ class GenericHttp(Provider):
     name = "http"
     title = "HTTP API"
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.NOTIFIER})
-    config_model = HttpConfig
+    config_model: ClassVar[type[BaseConfig]] = HttpConfig
     credentials_model = HttpCredentials
 
     def validate(self, config: BaseConfig, credentials: BaseCredentials) -> None:

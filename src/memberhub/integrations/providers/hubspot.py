@@ -1,29 +1,86 @@
-"""HubSpot: connection (private-app token or OAuth) and signed webhooks (v3)."""
+"""HubSpot: connection (private-app token or OAuth), signed webhooks (v3) and the CRM.
+
+Contacts are written with the batch endpoints (100 per request): records not yet linked by
+`batch/upsert` with email as the id property, so a retry or a contact that already exists
+never makes a duplicate; linked ones by `batch/update` on their HubSpot id, so a changed
+email moves the contact rather than creating another. Changes are read with the search
+endpoint on `lastmodifieddate`, which caps one query at 10,000 results: a longer read starts
+a new query from the last change seen.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, field_validator
 
+from memberhub.crm.mapping import FieldMap, ObjectSync, SyncSettings, with_defaults
 from memberhub.integrations import signatures
 from memberhub.integrations.gateway import VENDOR_POLICIES, GatewayPolicy
 from memberhub.integrations.providers.base import (
     BaseConfig,
     BaseCredentials,
     Capability,
+    ChangesPage,
     Connection,
     ConnectionFailed,
+    ContactRecord,
+    CrmError,
     InboundIdentity,
     InboundRequest,
     OAuthSettings,
     Provider,
+    RemoteRecord,
+    WriteResult,
 )
 
 Secret = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+
+
+def default_sync() -> SyncSettings:
+    """Seed 003's HubSpot table, plus the loyalty values as custom contact properties
+    (create `memberhub_*` properties in HubSpot, or remove them from the mapping)."""
+    contact = [
+        FieldMap(source="email", target="email"),
+        FieldMap(source="first_name", target="firstname"),
+        FieldMap(source="last_name", target="lastname"),
+        FieldMap(source="phone", target="phone"),
+    ]
+    return SyncSettings(
+        members=ObjectSync(
+            object="contacts",
+            fields=[
+                *contact,
+                FieldMap(source="tier", target="memberhub_tier"),
+                FieldMap(source="points_balance", target="memberhub_points_balance"),
+                FieldMap(source="lifetime_points", target="memberhub_lifetime_points"),
+                FieldMap(source="member_since", target="memberhub_member_since"),
+                FieldMap(source="last_activity", target="memberhub_last_activity"),
+            ],
+        ),
+        leads=ObjectSync(
+            object="contacts",
+            fields=[
+                *contact,
+                FieldMap(
+                    source="status",
+                    target="hs_lead_status",
+                    direction="push",
+                    transform={
+                        "new": "NEW",
+                        "contacted": "ATTEMPTED_TO_CONTACT",
+                        "qualified": "CONNECTED",
+                        "enrolled": "OPEN_DEAL",
+                        "lost": "UNQUALIFIED",
+                    },
+                ),
+            ],
+        ),
+    )
 
 
 class HubSpotConfig(BaseConfig):
@@ -34,6 +91,12 @@ class HubSpotConfig(BaseConfig):
         "of memberhub changes it; it is part of the signed content.",
     )
     tolerance_seconds: int = Field(default=300, ge=30, le=3600)
+    sync: SyncSettings = Field(default_factory=default_sync)
+
+    @field_validator("sync", mode="before")
+    @classmethod
+    def _default_mappings(cls, value: Any) -> Any:
+        return with_defaults(value, default_sync)
 
 
 class HubSpotCredentials(BaseCredentials):
@@ -48,7 +111,11 @@ class HubSpotCredentials(BaseCredentials):
 class HubSpot(Provider):
     name = "hubspot"
     title = "HubSpot"
-    capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.EVENTS_SOURCE})
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {Capability.EVENTS_SOURCE, Capability.CRM}
+    )
+    batch_size = 100
+    concurrency = 4
     config_model = HubSpotConfig
     credentials_model = HubSpotCredentials
     base_url = "https://api.hubapi.com"
@@ -112,3 +179,171 @@ class HubSpot(Provider):
         )
         event_type = types.pop() if len(types) == 1 else "batch"
         return InboundIdentity(event_id=event_id, event_type=event_type[:255])
+
+    # ------------------------------------------------------------ CRM
+
+    def default_objects(self) -> Mapping[str, str]:
+        return {"members": "contacts", "leads": "contacts"}
+
+    async def upsert_contacts(
+        self, connection: Connection, object_name: str, records: Sequence[ContactRecord]
+    ) -> list[WriteResult]:
+        results: dict[str, WriteResult] = {}
+        linked = [r for r in records if r.external_id]
+        by_email = [r for r in records if not r.external_id and r.email]
+        for record in records:
+            if not record.external_id and not record.email:
+                results[record.key] = WriteResult(record.key, None, error="no email to match by")
+        base = f"/crm/v3/objects/{object_name}/batch"
+        if linked:
+            body = {"inputs": [{"id": r.external_id, "properties": _strings(r)} for r in linked]}
+            answer = await _batch(connection, f"{base}/update", body)
+            ok = {str(item.get("id")) for item in answer.get("results", [])}
+            failed = _errors_by_id(answer)
+            for record in linked:
+                assert record.external_id is not None
+                if record.external_id in ok:
+                    results[record.key] = WriteResult(record.key, record.external_id)
+                else:
+                    error = failed.get(record.external_id, "HubSpot did not update the contact")
+                    results[record.key] = WriteResult(record.key, None, error=error)
+        if by_email:
+            body = {
+                "inputs": [
+                    {"idProperty": "email", "id": r.email, "properties": _strings(r)}
+                    for r in by_email
+                ]
+            }
+            answer = await _batch(connection, f"{base}/upsert", body)
+            found: dict[str, tuple[str, bool]] = {}
+            for item in answer.get("results", []):
+                email = str((item.get("properties") or {}).get("email") or "").lower()
+                found[email] = (str(item.get("id")), bool(item.get("new")))
+            failed = {k.lower(): v for k, v in _errors_by_id(answer).items()}
+            for record in by_email:
+                email = (record.email or "").lower()
+                if email in found:
+                    contact_id, new = found[email]
+                    results[record.key] = WriteResult(record.key, contact_id, created=new)
+                else:
+                    error = failed.get(email, "HubSpot did not upsert the contact")
+                    results[record.key] = WriteResult(record.key, None, error=error)
+        return [results[r.key] for r in records]
+
+    async def changed_contacts(
+        self,
+        connection: Connection,
+        object_name: str,
+        *,
+        since: datetime | None,
+        page: str | None,
+        properties: Sequence[str],
+    ) -> ChangesPage:
+        token = json.loads(page) if page else {}
+        start_ms = token.get("since")
+        if start_ms is None and since is not None:
+            start_ms = int(since.timestamp() * 1000)
+        after = token.get("after")
+        body: dict[str, Any] = {
+            "sorts": [{"propertyName": "lastmodifieddate", "direction": "ASCENDING"}],
+            "properties": sorted({*properties, "email", "lastmodifieddate"}),
+            "limit": SEARCH_PAGE,
+        }
+        if start_ms is not None:
+            body["filterGroups"] = [
+                {
+                    "filters": [
+                        {
+                            "propertyName": "lastmodifieddate",
+                            "operator": "GTE",
+                            "value": str(start_ms),
+                        }
+                    ]
+                }
+            ]
+        if after is not None:
+            body["after"] = str(after)
+        response = await connection.gateway.request(
+            "POST", f"/crm/v3/objects/{object_name}/search", json=body, retry_safe=True
+        )
+        answer = _json(response)
+        records = [_remote(item, properties) for item in answer.get("results", [])]
+        next_after = ((answer.get("paging") or {}).get("next") or {}).get("after")
+        next_page: str | None = None
+        if next_after is not None:
+            if int(next_after) + SEARCH_PAGE <= SEARCH_CAP:
+                next_page = json.dumps({"since": start_ms, "after": next_after})
+            else:
+                # The search stops at 10,000 results: go on from the last change seen (the
+                # records sharing its timestamp come again and change nothing).
+                last = max((r.modified_at for r in records if r.modified_at), default=None)
+                last_ms = int(last.timestamp() * 1000) if last is not None else None
+                if last_ms is None or last_ms == start_ms:
+                    raise CrmError("more than 10,000 HubSpot contacts share one modification time")
+                next_page = json.dumps({"since": last_ms, "after": None})
+        return ChangesPage(records=records, next_page=next_page)
+
+
+SEARCH_PAGE = 200
+SEARCH_CAP = 10_000
+
+
+def _strings(record: ContactRecord) -> dict[str, str]:
+    """HubSpot takes every property value as a string; an empty string clears one."""
+    values: dict[str, str] = {}
+    for name, value in record.properties.items():
+        if value is None:
+            values[name] = ""
+        elif isinstance(value, bool):
+            values[name] = "true" if value else "false"
+        else:
+            values[name] = str(value)
+    return values
+
+
+def _json(response: Any) -> dict[str, Any]:
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if response.status_code >= 400 or not isinstance(answer, dict):
+        message = answer.get("message") if isinstance(answer, dict) else None
+        raise CrmError(f"HubSpot answered {response.status_code}: {message or response.text[:300]}")
+    return answer
+
+
+async def _batch(connection: Connection, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    # An upsert by email or an update to given values can be sent twice without harm.
+    response = await connection.gateway.request("POST", path, json=body, retry_safe=True)
+    return _json(response)
+
+
+def _errors_by_id(answer: Mapping[str, Any]) -> dict[str, str]:
+    """A 207's errors by the input id each names."""
+    errors: dict[str, str] = {}
+    for error in answer.get("errors") or []:
+        if not isinstance(error, dict):
+            continue
+        message = f"{error.get('category', 'ERROR')}: {error.get('message', '')}"[:500]
+        for input_id in (error.get("context") or {}).get("ids") or []:
+            errors[str(input_id)] = message
+    return errors
+
+
+def _remote(item: Mapping[str, Any], wanted: Sequence[str]) -> RemoteRecord:
+    properties = item.get("properties") or {}
+    modified = properties.get("lastmodifieddate") or item.get("updatedAt")
+    modified_at = None
+    if isinstance(modified, str):
+        try:
+            modified_at = datetime.fromisoformat(modified.replace("Z", "+00:00"))
+        except ValueError:
+            modified_at = None
+    if modified_at is not None and modified_at.tzinfo is None:
+        modified_at = modified_at.replace(tzinfo=UTC)
+    return RemoteRecord(
+        external_id=str(item.get("id")),
+        email=properties.get("email") or None,
+        properties={name: properties.get(name) for name in wanted if name in properties},
+        modified_at=modified_at,
+    )

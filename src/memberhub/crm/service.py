@@ -1,0 +1,277 @@
+"""CRM sync as the API offers it: start runs, read them, settle conflicts, status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.auth.principal import Principal
+from memberhub.crm import sync
+from memberhub.crm.mapping import EntityType, SyncSettings, inbound_value
+from memberhub.crm.models import (
+    ConflictStatus,
+    CrmConflict,
+    CrmLink,
+    RunStatus,
+    SyncRun,
+    SyncRunRecord,
+)
+from memberhub.crm.schemas import ConflictOut, ExternalSyncStatus, SyncRunOut, SyncRunRecordOut
+from memberhub.crm.values import load_values, scope_ids
+from memberhub.integrations.models import Integration
+from memberhub.integrations.service import get_integration
+from memberhub.kit.clock import utcnow
+from memberhub.kit.errors import Conflict, NotFound
+
+
+class SyncRunNotFound(NotFound):
+    code = "SYNC_RUN_NOT_FOUND"
+
+
+class ConflictNotFound(NotFound):
+    code = "CONFLICT_NOT_FOUND"
+
+
+class ConflictResolved(Conflict):
+    code = "CONFLICT_ALREADY_RESOLVED"
+
+
+def run_out(run: SyncRun, integration_public_id: str) -> SyncRunOut:
+    return SyncRunOut(
+        id=run.public_id,
+        integration_id=integration_public_id,
+        mode=run.mode,
+        trigger=run.trigger,
+        dry_run=run.dry_run,
+        status=run.status,
+        created=run.created,
+        updated=run.updated,
+        skipped=run.skipped,
+        failed=run.failed,
+        conflicts=run.conflicts,
+        requests=run.requests,
+        cursor_before=run.cursor_before,
+        cursor_after=run.cursor_after,
+        error=run.error,
+        requested_by=run.requested_by,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+    )
+
+
+def record_out(record: SyncRunRecord) -> SyncRunRecordOut:
+    return SyncRunRecordOut(
+        entity_type=record.entity_type,
+        entity_id=record.entity_public_id,
+        external_id=record.external_id,
+        outcome=record.outcome,
+        changes=record.changes,
+        error=record.error,
+    )
+
+
+def conflict_out(conflict: CrmConflict, integration_public_id: str) -> ConflictOut:
+    return ConflictOut(
+        id=conflict.public_id,
+        integration_id=integration_public_id,
+        entity_type=conflict.entity_type,
+        entity_id=conflict.entity_public_id,
+        external_id=conflict.external_id,
+        field=conflict.field,
+        property=conflict.property,
+        memberhub_value=conflict.values.get("memberhub"),
+        crm_value=conflict.values.get("crm"),
+        crm_modified_at=conflict.crm_modified_at,
+        status=conflict.status,
+        resolution=conflict.resolution,
+        resolved_by=conflict.resolved_by,
+        created_at=conflict.created_at,
+        resolved_at=conflict.resolved_at,
+    )
+
+
+async def crm_integration(
+    session: AsyncSession, principal: Principal, public_id: str
+) -> tuple[Integration, SyncSettings]:
+    integration = await get_integration(session, principal, public_id)
+    found = sync.crm_of(integration)
+    if found is None:
+        raise sync.NotACrm(
+            f"Integration {public_id} ({integration.provider}) does not sync with a CRM."
+        )
+    return integration, found[1]
+
+
+async def start_run(
+    session: AsyncSession, principal: Principal, public_id: str, *, mode: str, dry_run: bool
+) -> SyncRun:
+    integration, _settings = await crm_integration(session, principal, public_id)
+    if not integration.enabled:
+        raise Conflict("The integration is disabled.", details={"integration_id": public_id})
+    run = sync.new_run(
+        integration, mode=mode, trigger="manual", dry_run=dry_run, requested_by=principal.actor.id
+    )
+    session.add(run)
+    await sync.ensure_state(session, integration.id)
+    await session.flush()
+    return run
+
+
+async def list_runs(
+    session: AsyncSession, integration: Integration, *, after_id: int | None, limit: int
+) -> list[SyncRun]:
+    query = (
+        select(SyncRun)
+        .where(SyncRun.integration_id == integration.id)
+        .order_by(SyncRun.id.desc())
+        .limit(limit + 1)
+    )
+    if after_id is not None:
+        query = query.where(SyncRun.id < after_id)
+    return list(await session.scalars(query))
+
+
+async def get_run(
+    session: AsyncSession, principal: Principal, public_id: str
+) -> tuple[SyncRun, Integration]:
+    row = (
+        await session.execute(
+            select(SyncRun, Integration)
+            .join(Integration, Integration.id == SyncRun.integration_id)
+            .where(SyncRun.public_id == public_id)
+        )
+    ).first()
+    if row is None or not principal.can_see_organisation(row[1].organisation_id):
+        raise SyncRunNotFound(f"Sync run {public_id} does not exist.")
+    return row[0], row[1]
+
+
+async def list_records(
+    session: AsyncSession, run: SyncRun, *, outcome: str | None, after_id: int | None, limit: int
+) -> list[SyncRunRecord]:
+    query = (
+        select(SyncRunRecord)
+        .where(SyncRunRecord.run_id == run.id)
+        .order_by(SyncRunRecord.id)
+        .limit(limit + 1)
+    )
+    if outcome is not None:
+        query = query.where(SyncRunRecord.outcome == outcome)
+    if after_id is not None:
+        query = query.where(SyncRunRecord.id > after_id)
+    return list(await session.scalars(query))
+
+
+async def list_conflicts(
+    session: AsyncSession,
+    integration: Integration,
+    *,
+    status: str | None,
+    after_id: int | None,
+    limit: int,
+) -> list[CrmConflict]:
+    query = (
+        select(CrmConflict)
+        .where(CrmConflict.integration_id == integration.id)
+        .order_by(CrmConflict.id)
+        .limit(limit + 1)
+    )
+    if status is not None:
+        query = query.where(CrmConflict.status == status)
+    if after_id is not None:
+        query = query.where(CrmConflict.id > after_id)
+    return list(await session.scalars(query))
+
+
+async def resolve_conflict(
+    session: AsyncSession, principal: Principal, public_id: str, *, keep: str
+) -> tuple[CrmConflict, Integration]:
+    row = (
+        await session.execute(
+            select(CrmConflict, Integration)
+            .join(Integration, Integration.id == CrmConflict.integration_id)
+            .where(CrmConflict.public_id == public_id)
+            .with_for_update(of=CrmConflict)
+        )
+    ).first()
+    if row is None or not principal.can_see_organisation(row[1].organisation_id):
+        raise ConflictNotFound(f"Conflict {public_id} does not exist.")
+    conflict, integration = row[0], row[1]
+    if conflict.status != ConflictStatus.OPEN:
+        raise ConflictResolved(f"Conflict {public_id} was already resolved.")
+    found = sync.crm_of(integration)
+    link = await session.get(CrmLink, conflict.link_id, with_for_update=True)
+    if found is None or link is None:
+        raise Conflict("The integration no longer syncs this record; nothing to resolve.")
+    settings = found[1]
+    entity: EntityType = "members" if conflict.entity_type == "members" else "leads"
+    spec = getattr(settings, entity)
+    crm_value = conflict.values.get("crm")
+    now = utcnow()
+    if keep == "crm":
+        field_map = next((f for f in spec.fields if f.target == conflict.property), None)
+        if field_map is None:
+            raise Conflict("The field is no longer mapped; nothing to resolve.")
+        value = inbound_value(field_map, crm_value)
+        patch: dict[str, Any]
+        if field_map.source.startswith("custom."):
+            patch = {"custom_fields": {field_map.source.removeprefix("custom."): value}}
+        else:
+            patch = {field_map.source: value}
+        scope = await scope_ids(session, integration.organisation_id)
+        values = (await load_values(session, entity, [link.entity_id], scope)).get(link.entity_id)
+        if values is None:
+            raise Conflict("The record no longer exists; nothing to resolve.")
+        await sync.update_entity(session, integration, entity, values, patch)
+    else:
+        # Our value differs from what was last agreed, so the next push sends it.
+        link.pending_at = now
+        link.pending_since = link.pending_since or now
+    link.synced = {**link.synced, conflict.property: crm_value}
+    link.held = {k: v for k, v in link.held.items() if k != conflict.property}
+    conflict.status = ConflictStatus.RESOLVED
+    conflict.resolution = keep
+    conflict.resolved_by = principal.actor.id
+    conflict.resolved_at = now
+    await session.flush()
+    return conflict, integration
+
+
+async def external_status(session: AsyncSession, principal: Principal) -> ExternalSyncStatus:
+    query = select(Integration).where(Integration.enabled.is_(True)).order_by(Integration.id)
+    if principal.visible_organisation_ids is not None:
+        query = query.where(Integration.organisation_id.in_(principal.visible_organisation_ids))
+    crms = [i for i in await session.scalars(query) if sync.crm_of(i) is not None]
+    ids = [i.id for i in crms]
+    last_sync = await session.scalar(
+        select(func.max(SyncRun.finished_at)).where(
+            SyncRun.integration_id.in_(ids),
+            SyncRun.status == RunStatus.COMPLETED,
+            SyncRun.dry_run.is_(False),
+        )
+    )
+    pending = await session.scalar(
+        select(func.count())
+        .select_from(CrmLink)
+        .where(CrmLink.integration_id.in_(ids), CrmLink.pending_at.is_not(None))
+    )
+    errors = await session.scalar(
+        select(func.count())
+        .select_from(CrmLink)
+        .where(CrmLink.integration_id.in_(ids), CrmLink.last_error.is_not(None))
+    )
+    conflicts = await session.scalar(
+        select(func.count())
+        .select_from(CrmConflict)
+        .where(CrmConflict.integration_id.in_(ids), CrmConflict.status == ConflictStatus.OPEN)
+    )
+    return ExternalSyncStatus(
+        last_sync=last_sync,
+        pending_updates=pending or 0,
+        sync_errors=errors or 0,
+        open_conflicts=conflicts or 0,
+        connected_crms=sorted({i.provider for i in crms}),
+    )

@@ -1,0 +1,956 @@
+"""Running syncs: push members and leads to a CRM, pull the CRM's changes back.
+
+Push reads a page of records and their links in one short transaction, sends what changed
+(outside any transaction, batched to the vendor's limits), then records the outcome in a
+second transaction. Pull reads the CRM's changes page by page, each page applied in one
+transaction with a savepoint per record, so one bad record never fails a run.
+
+What each side last agreed on is kept per field (`CrmLink.synced`): a change on one side
+only is simply taken; a change on both sides consults the conflict policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import structlog
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.auth.principal import Principal
+from memberhub.crm.mapping import (
+    EntityType,
+    ObjectSync,
+    SyncSettings,
+    comparable,
+    desired_properties,
+    email_target,
+    inbound_value,
+    outbound_value,
+    pulled_properties,
+    pulls,
+    same,
+)
+from memberhub.crm.models import (
+    CrmConflict,
+    CrmLink,
+    CrmSyncState,
+    RunStatus,
+    SyncRun,
+    SyncRunRecord,
+)
+from memberhub.crm.values import EntityValues, entity_ids_query, find_by_email, load_values
+from memberhub.crm.values import scope_ids as load_scope
+from memberhub.integrations.gateway import CircuitOpen, GatewayError
+from memberhub.integrations.hub import IntegrationHub, parse_config
+from memberhub.integrations.models import Integration
+from memberhub.integrations.providers import get_provider
+from memberhub.integrations.providers.base import (
+    CRM,
+    Capability,
+    Connection,
+    ContactRecord,
+    CrmError,
+    RemoteRecord,
+    WriteResult,
+)
+from memberhub.kit.actor import Actor
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Database
+from memberhub.kit.errors import MemberhubError
+from memberhub.kit.ids import new_public_id
+
+log = structlog.get_logger("memberhub.crm")
+
+PAGE = 1000
+LEASE = timedelta(minutes=15)
+RETRY_BASE_SECONDS = 30.0
+RETRY_MAX_SECONDS = 6 * 3600.0
+WRITTEN_KEPT_PER_FIELD = 8
+ERROR_CHARS = 1000
+
+
+class NotACrm(MemberhubError):
+    code = "INTEGRATION_NOT_A_CRM"
+    status_code = 409
+
+
+def crm_of(integration: Integration) -> tuple[CRM, SyncSettings] | None:
+    """The integration's CRM capability and sync settings; None if it is not a CRM."""
+    provider = get_provider(integration.provider)
+    if provider is None or Capability.CRM not in provider.capabilities:
+        return None
+    if not isinstance(provider, CRM):
+        return None
+    config = parse_config(provider, integration.config)
+    sync = getattr(config, "sync", None)
+    if not isinstance(sync, SyncSettings):
+        return None
+    return provider, sync
+
+
+def value_hash(value: Any) -> str:
+    return hashlib.sha256(comparable(value).encode("utf-8")).hexdigest()[:16]
+
+
+def _retry_at(now: datetime, failures: int) -> datetime:
+    delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** max(0, failures - 1))
+    return now + timedelta(seconds=delay)
+
+
+def _principal(integration: Integration) -> Principal:
+    return Principal.system(Actor.system(f"integration:{integration.public_id}"))
+
+
+@dataclass
+class Counts:
+    created: int = 0
+    updated: int = 0
+    skipped: int = 0
+    failed: int = 0
+    conflicts: int = 0
+    requests: int = 0
+    records: list[SyncRunRecord] = field(default_factory=list)
+
+    def add(
+        self,
+        outcome: str,
+        entity: EntityType | None,
+        public_id: str | None,
+        external_id: str | None,
+        *,
+        changes: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> None:
+        if outcome == "skipped":
+            self.skipped += 1
+            return
+        counter = "conflicts" if outcome == "conflict" else outcome
+        setattr(self, counter, getattr(self, counter) + 1)
+        self.records.append(
+            SyncRunRecord(
+                entity_type=entity,
+                entity_public_id=public_id,
+                external_id=external_id,
+                outcome=outcome,
+                changes=changes or {},
+                error=error[:ERROR_CHARS] if error else None,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Context:
+    integration: Integration
+    crm: CRM
+    settings: SyncSettings
+    connection: Connection
+    scope: frozenset[int] | None
+
+
+# ---------------------------------------------------------------- push
+
+
+@dataclass
+class _Planned:
+    entity_id: int
+    values: EntityValues
+    record: ContactRecord
+    link_id: int | None
+
+
+async def _push_page(
+    db: Database,
+    ctx: Context,
+    run: SyncRun,
+    counts: Counts,
+    entity: EntityType,
+    spec: ObjectSync,
+    entity_ids: Sequence[int],
+) -> None:
+    async with db.transaction(read_only=True) as session:
+        found = await load_values(session, entity, entity_ids, ctx.scope)
+        links = {
+            link.entity_id: link
+            for link in await session.scalars(
+                select(CrmLink).where(
+                    CrmLink.integration_id == ctx.integration.id,
+                    CrmLink.entity_type == entity,
+                    CrmLink.entity_id.in_(entity_ids),
+                )
+            )
+        }
+    read_at = utcnow()
+    planned: list[_Planned] = []
+    unchanged: list[int] = []
+    for entity_id in entity_ids:
+        values = found.get(entity_id)
+        link = links.get(entity_id)
+        if values is None:
+            if link is not None and link.pending_at is not None:
+                unchanged.append(entity_id)  # deleted or out of scope: nothing to send
+            continue
+        desired = desired_properties(entity, spec, values.values)
+        held = link.held if link is not None else {}
+        linked = link is not None and link.external_id is not None
+        if linked:
+            assert link is not None
+            changes = {
+                name: value
+                for name, value in desired.items()
+                if name not in held and not same(value, link.synced.get(name))
+            }
+            if not changes:
+                counts.add("skipped", entity, values.public_id, link.external_id)
+                unchanged.append(entity_id)
+                continue
+        else:
+            changes = {
+                name: value
+                for name, value in desired.items()
+                if name not in held and value not in (None, "")
+            }
+        record = ContactRecord(
+            key=values.public_id,
+            email=values.email,
+            properties=changes,
+            external_id=link.external_id if link is not None else None,
+        )
+        planned.append(_Planned(entity_id, values, record, link.id if link else None))
+    if run.dry_run:
+        for item in planned:
+            outcome = "updated" if item.record.external_id else "created"
+            counts.add(
+                outcome,
+                entity,
+                item.values.public_id,
+                item.record.external_id,
+                changes=dict(item.record.properties),
+            )
+        return
+    results = await _send(ctx, counts, spec.object, [item.record for item in planned])
+    await _record_push(db, ctx, counts, entity, planned, results, unchanged, read_at)
+
+
+async def _send(
+    ctx: Context, counts: Counts, object_name: str, records: list[ContactRecord]
+) -> dict[str, WriteResult]:
+    """Write the records in the CRM's batches, several batches at once up to its
+    concurrency; a batch refused as a whole is split to find the records at fault."""
+    results: dict[str, WriteResult] = {}
+    semaphore = asyncio.Semaphore(max(1, ctx.crm.concurrency))
+
+    async def write(batch: list[ContactRecord]) -> None:
+        async with semaphore:
+            try:
+                counts.requests += 1
+                answers = await ctx.crm.upsert_contacts(ctx.connection, object_name, batch)
+            except CrmError as exc:
+                if len(batch) == 1:
+                    answers = [WriteResult(batch[0].key, None, error=str(exc))]
+                else:
+                    middle = len(batch) // 2
+                    semaphore.release()
+                    try:
+                        await asyncio.gather(write(batch[:middle]), write(batch[middle:]))
+                    finally:
+                        await semaphore.acquire()
+                    return
+            except (GatewayError, CircuitOpen, httpx.HTTPError) as exc:
+                answers = [
+                    WriteResult(r.key, None, error=f"{type(exc).__name__}: {exc}") for r in batch
+                ]
+        for answer in answers:
+            results[answer.key] = answer
+
+    size = max(1, ctx.crm.batch_size)
+    batches = _batches(records, size)
+    await asyncio.gather(*(write(batch) for batch in batches))
+    return results
+
+
+def _batches(records: list[ContactRecord], size: int) -> list[list[ContactRecord]]:
+    """Batches of at most `size`, never two records with one email in a batch (a CRM
+    matching by email refuses duplicates within one request)."""
+    batches: list[list[ContactRecord]] = []
+    current: list[ContactRecord] = []
+    emails: set[str] = set()
+    deferred: list[ContactRecord] = []
+    for record in records:
+        email = (record.email or "").lower()
+        if email and email in emails:
+            deferred.append(record)
+            continue
+        current.append(record)
+        if email:
+            emails.add(email)
+        if len(current) == size:
+            batches.append(current)
+            current, emails = [], set()
+    if current:
+        batches.append(current)
+    if deferred:
+        batches.extend(_batches(deferred, size))
+    return batches
+
+
+async def _record_push(
+    db: Database,
+    ctx: Context,
+    counts: Counts,
+    entity: EntityType,
+    planned: list[_Planned],
+    results: dict[str, WriteResult],
+    unchanged: list[int],
+    read_at: datetime,
+) -> None:
+    async with db.transaction() as session:
+        ids = [item.entity_id for item in planned] + unchanged
+        links = {
+            link.entity_id: link
+            for link in await session.scalars(
+                select(CrmLink)
+                .where(
+                    CrmLink.integration_id == ctx.integration.id,
+                    CrmLink.entity_type == entity,
+                    CrmLink.entity_id.in_(ids),
+                )
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        }
+        now = utcnow()
+        ttl = timedelta(seconds=ctx.settings.echo_ttl_seconds)
+        for entity_id in unchanged:
+            link = links.get(entity_id)
+            if link is not None and link.pending_at is not None and link.pending_at <= read_at:
+                _settle(link)
+        for item in planned:
+            result = results.get(item.record.key) or WriteResult(
+                item.record.key, None, error="the CRM gave no answer for this record"
+            )
+            link = links.get(item.entity_id)
+            if link is None:
+                link = CrmLink(
+                    integration_id=ctx.integration.id,
+                    entity_type=entity,
+                    entity_id=item.entity_id,
+                    synced={},
+                    written={},
+                    held={},
+                    failures=0,
+                )
+                session.add(link)
+                links[item.entity_id] = link
+            if result.error is not None:
+                link.failures = (link.failures or 0) + 1
+                link.last_error = result.error[:ERROR_CHARS]
+                link.next_attempt_at = _retry_at(now, link.failures)
+                if link.pending_at is None:
+                    link.pending_at = link.pending_since = now
+                counts.add(
+                    "failed",
+                    entity,
+                    item.values.public_id,
+                    link.external_id,
+                    changes=dict(item.record.properties),
+                    error=result.error,
+                )
+                continue
+            created = link.external_id is None
+            if result.external_id:
+                link.external_id = result.external_id
+            link.synced = {**link.synced, **item.record.properties}
+            written = dict(link.written) if link.written_until and link.written_until > now else {}
+            for name, value in item.record.properties.items():
+                kept = [*written.get(name, []), value_hash(value)]
+                written[name] = kept[-WRITTEN_KEPT_PER_FIELD:]
+            link.written = written
+            link.written_until = now + ttl
+            link.synced_at = now
+            if link.pending_at is None or link.pending_at <= read_at:
+                _settle(link)
+            counts.add(
+                "created" if created else "updated",
+                entity,
+                item.values.public_id,
+                link.external_id,
+                changes=dict(item.record.properties),
+            )
+
+
+def _settle(link: CrmLink) -> None:
+    link.pending_at = None
+    link.pending_since = None
+    link.failures = 0
+    link.last_error = None
+    link.next_attempt_at = None
+
+
+async def push(db: Database, ctx: Context, run: SyncRun, counts: Counts, *, full: bool) -> None:
+    """Send changes: every record (full), or the records with changes due."""
+    for entity, spec in ctx.settings.objects():
+        after = 0
+        while True:
+            now = utcnow()
+            async with db.transaction(read_only=True) as session:
+                if full:
+                    ids = list(
+                        await session.scalars(
+                            entity_ids_query(entity, ctx.scope, after_id=after, limit=PAGE)
+                        )
+                    )
+                    after = ids[-1] if ids else after
+                else:
+                    rows = (
+                        await session.execute(
+                            select(CrmLink.id, CrmLink.entity_id)
+                            .where(*_due(ctx, entity, now), CrmLink.id > after)
+                            .order_by(CrmLink.id)
+                            .limit(PAGE)
+                        )
+                    ).all()
+                    ids = [row.entity_id for row in rows]
+                    after = rows[-1].id if rows else after
+            if not ids:
+                break
+            await _push_page(db, ctx, run, counts, entity, spec, ids)
+            await _progress(db, run, counts)
+
+
+def _due(ctx: Context, entity: EntityType, now: datetime) -> list[Any]:
+    quiet = now - timedelta(seconds=ctx.settings.coalesce_seconds)
+    overdue = now - timedelta(seconds=ctx.settings.max_delay_seconds)
+    return [
+        CrmLink.integration_id == ctx.integration.id,
+        CrmLink.entity_type == entity,
+        CrmLink.pending_at.is_not(None),
+        (CrmLink.pending_at <= quiet) | (CrmLink.pending_since <= overdue),
+        CrmLink.next_attempt_at.is_(None) | (CrmLink.next_attempt_at <= now),
+    ]
+
+
+async def has_due_changes(session: AsyncSession, ctx: Context, now: datetime) -> bool:
+    for entity, _spec in ctx.settings.objects():
+        found = await session.scalar(select(CrmLink.id).where(*_due(ctx, entity, now)).limit(1))
+        if found is not None:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- pull
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The mappings that read one CRM object (members and leads may share one)."""
+
+    object_name: str
+    specs: list[tuple[EntityType, ObjectSync]]
+
+    def properties(self) -> list[str]:
+        names: list[str] = []
+        for entity, spec in self.specs:
+            for name in [email_target(spec), *pulled_properties(entity, spec)]:
+                if name not in names:
+                    names.append(name)
+        return names
+
+
+def _groups(settings: SyncSettings) -> list[_Group]:
+    groups: dict[str, _Group] = {}
+    for entity, spec in settings.objects():
+        groups.setdefault(spec.object, _Group(spec.object, [])).specs.append((entity, spec))
+    return list(groups.values())
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+async def pull(db: Database, ctx: Context, run: SyncRun, counts: Counts) -> dict[str, Any]:
+    """Take the CRM's changes since each object's watermark; return the new watermarks."""
+    async with db.transaction(read_only=True) as session:
+        state = await session.get(CrmSyncState, ctx.integration.id)
+        watermarks = dict(state.watermarks) if state is not None else {}
+    run.cursor_before = dict(watermarks)
+    lookback = timedelta(seconds=ctx.settings.pull_lookback_seconds)
+    for group in _groups(ctx.settings):
+        mark = _parse_time(watermarks.get(group.object_name))
+        since = mark - lookback if mark is not None else None
+        page: str | None = None
+        newest = mark
+        while True:
+            counts.requests += 1
+            changes = await ctx.crm.changed_contacts(
+                ctx.connection,
+                group.object_name,
+                since=since,
+                page=page,
+                properties=group.properties(),
+            )
+            await apply_remote_records(db, ctx, group, changes.records, counts, dry_run=run.dry_run)
+            for record in changes.records:
+                if record.modified_at is not None and (
+                    newest is None or record.modified_at > newest
+                ):
+                    newest = record.modified_at
+            await _progress(db, run, counts)
+            if changes.next_page is None:
+                break
+            page = changes.next_page
+        if newest is not None:
+            watermarks[group.object_name] = newest.isoformat()
+    return watermarks
+
+
+async def apply_remote_records(
+    db: Database,
+    ctx: Context,
+    group: _Group,
+    records: Sequence[RemoteRecord],
+    counts: Counts,
+    *,
+    dry_run: bool,
+) -> None:
+    if not records:
+        return
+    async with db.transaction() as session:
+        await apply_in_session(session, ctx, group, records, counts, dry_run=dry_run)
+
+
+async def apply_in_session(
+    session: AsyncSession,
+    ctx: Context,
+    group: _Group,
+    records: Sequence[RemoteRecord],
+    counts: Counts,
+    *,
+    dry_run: bool,
+) -> None:
+    entity_types = [entity for entity, _ in group.specs]
+    links: dict[str, list[CrmLink]] = {}
+    for link in await session.scalars(
+        select(CrmLink)
+        .where(
+            CrmLink.integration_id == ctx.integration.id,
+            CrmLink.entity_type.in_(entity_types),
+            CrmLink.external_id.in_({r.external_id for r in records}),
+        )
+        .order_by(CrmLink.id)
+    ):
+        assert link.external_id is not None
+        links.setdefault(link.external_id, []).append(link)
+    seen: set[str] = set()
+    for record in records:
+        if record.external_id in seen:
+            counts.add("skipped", None, None, record.external_id)
+            continue
+        seen.add(record.external_id)
+        try:
+            async with session.begin_nested():
+                await _apply_one(
+                    session, ctx, group, record, links.get(record.external_id, []), counts, dry_run
+                )
+        except (MemberhubError, ValueError) as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            counts.add("failed", None, None, record.external_id, error=message)
+
+
+async def _apply_one(
+    session: AsyncSession,
+    ctx: Context,
+    group: _Group,
+    record: RemoteRecord,
+    links: list[CrmLink],
+    counts: Counts,
+    dry_run: bool,
+) -> None:
+    now = utcnow()
+    specs = dict(group.specs)
+    link = next((c for entity in specs for c in links if c.entity_type == entity), None)
+    created = False
+    if link is None and record.email:
+        for candidate in specs:
+            match = await find_by_email(session, candidate, record.email, ctx.scope)
+            if match is None:
+                continue
+            existing = await session.scalar(
+                select(CrmLink).where(
+                    CrmLink.integration_id == ctx.integration.id,
+                    CrmLink.entity_type == candidate,
+                    CrmLink.entity_id == match[0],
+                )
+            )
+            if existing is not None and existing.external_id not in (None, record.external_id):
+                continue  # that record is another CRM record's; this one stays unmatched
+            if dry_run:
+                counts.add("updated", candidate, match[1], record.external_id, changes={})
+                return
+            link = existing or CrmLink(
+                integration_id=ctx.integration.id,
+                entity_type=candidate,
+                entity_id=match[0],
+                synced={},
+                written={},
+                held={},
+                failures=0,
+            )
+            link.external_id = record.external_id
+            session.add(link)
+            break
+    if link is None:
+        if "leads" not in specs or not ctx.settings.pull_creates_leads or not record.email:
+            counts.add("skipped", None, None, record.external_id)
+            return
+        if dry_run:
+            counts.add(
+                "created", "leads", None, record.external_id, changes=dict(record.properties)
+            )
+            return
+        link = await _create_lead(session, ctx, specs["leads"], record)
+        created = True
+    kind: EntityType = "members" if link.entity_type == "members" else "leads"
+    entity = kind
+    spec = specs[entity]
+    found = await load_values(session, entity, [link.entity_id], ctx.scope)
+    values = found.get(link.entity_id)
+    if values is None:
+        counts.add("skipped", entity, None, record.external_id)
+        return
+    taken, kept, conflicts = _decide(ctx, entity, spec, link, values, record, now)
+    if dry_run:
+        if taken or conflicts:
+            counts.add(
+                "conflict" if conflicts and not taken else "updated",
+                entity,
+                values.public_id,
+                record.external_id,
+                changes={t: record.properties.get(t) for t in taken},
+            )
+        else:
+            counts.add("skipped", entity, values.public_id, record.external_id)
+        return
+    patch: dict[str, Any] = {}
+    custom: dict[str, Any] = {}
+    for name in taken:
+        field_map = next(f for f in spec.fields if f.target == name)
+        value = inbound_value(field_map, record.properties.get(name))
+        if field_map.source.startswith("custom."):
+            custom[field_map.source.removeprefix("custom.")] = value
+        else:
+            patch[field_map.source] = value
+    if custom:
+        patch["custom_fields"] = custom
+    changed_locally = False
+    if patch and not created:
+        changed_locally = await update_entity(session, ctx.integration, entity, values, patch)
+    synced = dict(link.synced)
+    for name in taken:
+        synced[name] = record.properties.get(name)
+    link.synced = synced
+    link.remote_modified_at = record.modified_at
+    if kept and link.pending_at is None:
+        link.pending_at = link.pending_since = now  # our value goes back to the CRM
+    for conflict in conflicts:
+        conflict.link_id = link.id
+        session.add(conflict)
+        await session.flush()
+        link.held = {**link.held, conflict.property: conflict.public_id}
+    if created:
+        counts.add("created", entity, values.public_id, record.external_id, changes=patch)
+    elif conflicts:
+        counts.add(
+            "conflict",
+            entity,
+            values.public_id,
+            record.external_id,
+            changes={c.property: c.values for c in conflicts},
+        )
+    elif changed_locally:
+        counts.add("updated", entity, values.public_id, record.external_id, changes=patch)
+    else:
+        counts.add("skipped", entity, values.public_id, record.external_id)
+
+
+def _decide(
+    ctx: Context,
+    entity: EntityType,
+    spec: ObjectSync,
+    link: CrmLink,
+    values: EntityValues,
+    record: RemoteRecord,
+    now: datetime,
+) -> tuple[list[str], list[str], list[CrmConflict]]:
+    """Per pulled field: take the CRM's value, keep ours, or hold it for review."""
+    taken: list[str] = []
+    kept: list[str] = []
+    conflicts: list[CrmConflict] = []
+    echoes = link.written if link.written_until is not None and link.written_until > now else {}
+    for field_map in spec.fields:
+        name = field_map.target
+        if not pulls(entity, field_map) or name not in record.properties or name in link.held:
+            continue
+        remote = record.properties[name]
+        previous = link.synced.get(name)
+        if same(remote, previous):
+            continue
+        if value_hash(remote) in echoes.get(name, ()):
+            continue  # our own write coming back
+        ours = outbound_value(field_map, values.values.get(field_map.source))
+        if same(ours, remote):
+            taken.append(name)  # both sides agree already: only the record of it changes
+            continue
+        if same(ours, previous) or (name not in link.synced and link.external_id is None):
+            taken.append(name)
+            continue
+        policy = ctx.settings.policy_for(field_map)
+        if policy == "crm_wins":
+            taken.append(name)
+        elif policy == "memberhub_wins":
+            kept.append(name)
+        elif policy == "newest":
+            remote_at = record.modified_at
+            if remote_at is not None and remote_at > values.updated_at:
+                taken.append(name)
+            else:
+                kept.append(name)
+        else:
+            conflicts.append(
+                CrmConflict(
+                    public_id=new_public_id("cfl"),
+                    integration_id=ctx.integration.id,
+                    entity_type=entity,
+                    entity_public_id=values.public_id,
+                    external_id=record.external_id,
+                    field=field_map.source,
+                    property=name,
+                    values={"memberhub": ours, "crm": remote},
+                    crm_modified_at=record.modified_at,
+                    created_at=now,
+                )
+            )
+    return taken, kept, conflicts
+
+
+async def update_entity(
+    session: AsyncSession,
+    integration: Integration,
+    entity: EntityType,
+    values: EntityValues,
+    patch: dict[str, Any],
+) -> bool:
+    """Apply values taken from the CRM through the member or lead service (events, audit);
+    True when something changed."""
+    principal = _principal(integration)
+    if entity == "members":
+        from memberhub.members.schemas import MemberPatch
+        from memberhub.members.service import update_member
+
+        member = await update_member(
+            session, principal, values.public_id, MemberPatch(**patch), if_match=None
+        )
+        return member.updated_at != values.updated_at
+    from memberhub.leads.schemas import LeadPatch
+    from memberhub.leads.service import update_lead
+
+    lead = await update_lead(session, principal, values.public_id, LeadPatch(**patch))
+    return lead.updated_at != values.updated_at
+
+
+async def _create_lead(
+    session: AsyncSession, ctx: Context, spec: ObjectSync, record: RemoteRecord
+) -> CrmLink:
+    from memberhub.leads.schemas import LeadCreate
+    from memberhub.leads.service import create_lead
+
+    fields: dict[str, Any] = {}
+    custom: dict[str, Any] = {}
+    synced: dict[str, Any] = {}
+    for field_map in spec.fields:
+        if not pulls("leads", field_map) or field_map.target not in record.properties:
+            continue
+        value = inbound_value(field_map, record.properties[field_map.target])
+        synced[field_map.target] = record.properties[field_map.target]
+        if value is None:
+            continue
+        if field_map.source.startswith("custom."):
+            custom[field_map.source.removeprefix("custom.")] = value
+        elif field_map.source != "status":
+            fields[field_map.source] = value
+    fields.setdefault("email", record.email)
+    fields.setdefault("source", ctx.integration.provider)
+    organisation = None
+    if ctx.integration.organisation_id is not None:
+        from memberhub.organisations.models import Organisation
+
+        organisation = await session.get(Organisation, ctx.integration.organisation_id)
+    payload = LeadCreate(
+        **fields,
+        custom_fields=custom or None,
+        external_ids={ctx.integration.provider: record.external_id},
+        organisation_id=organisation.public_id if organisation is not None else None,
+    )
+    lead = await create_lead(session, _principal(ctx.integration), payload)
+    await session.flush()
+    link = CrmLink(
+        integration_id=ctx.integration.id,
+        entity_type="leads",
+        entity_id=lead.id,
+        external_id=record.external_id,
+        synced=synced,
+        written={},
+        held={},
+        failures=0,
+    )
+    session.add(link)
+    await session.flush()
+    return link
+
+
+# ---------------------------------------------------------------- runs
+
+
+async def _progress(db: Database, run: SyncRun, counts: Counts) -> None:
+    """Write the run's counts and new per-record outcomes so far, and extend its lease."""
+    records, counts.records = counts.records, []
+    async with db.transaction() as session:
+        for record in records:
+            record.run_id = run.id
+            session.add(record)
+        await session.execute(
+            update(SyncRun)
+            .where(SyncRun.id == run.id)
+            .values(
+                created=counts.created,
+                updated=counts.updated,
+                skipped=counts.skipped,
+                failed=counts.failed,
+                conflicts=counts.conflicts,
+                requests=counts.requests,
+            )
+        )
+        await session.execute(
+            update(CrmSyncState)
+            .where(CrmSyncState.integration_id == run.integration_id)
+            .values(lease_until=utcnow() + LEASE)
+        )
+
+
+async def context_for(
+    db: Database, hub: IntegrationHub, integration: Integration
+) -> Context | None:
+    found = crm_of(integration)
+    if found is None:
+        return None
+    crm, settings = found
+    async with db.transaction(read_only=True) as session:
+        scope = await load_scope(session, integration.organisation_id)
+    return Context(integration, crm, settings, hub.connection(integration), scope)
+
+
+async def execute(db: Database, hub: IntegrationHub, run_id: int) -> SyncRun | None:
+    """Run a queued run to its end, holding the integration's lease; None when another
+    run holds it (the run stays queued)."""
+    now = utcnow()
+    async with db.transaction() as session:
+        run = await session.get(SyncRun, run_id, with_for_update=True)
+        if run is None or run.status != RunStatus.QUEUED:
+            return None
+        integration = await session.get(Integration, run.integration_id)
+        assert integration is not None
+        state = await ensure_state(session, integration.id)
+        if state.active_run_id is not None and state.lease_until and state.lease_until > now:
+            return None
+        state.active_run_id = run.id
+        state.lease_until = now + LEASE
+        run.status = RunStatus.RUNNING
+        run.started_at = now
+    counts = Counts()
+    error: str | None = None
+    watermarks: dict[str, Any] | None = None
+    try:
+        ctx = await context_for(db, hub, integration)
+        if ctx is None:
+            raise NotACrm(f"Integration {integration.public_id} is not a CRM.")
+        if run.mode == "push":
+            await push(db, ctx, run, counts, full=run.trigger != "changes")
+        else:
+            watermarks = await pull(db, ctx, run, counts)
+    except Exception as exc:  # the run fails; what it did so far stays recorded
+        log.exception("sync_run_failed", run=run.public_id)
+        error = f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]
+    await _progress(db, run, counts)
+    async with db.transaction() as session:
+        stored = await session.get(SyncRun, run.id, with_for_update=True)
+        assert stored is not None
+        finished = utcnow()
+        stored.status = RunStatus.FAILED if error else RunStatus.COMPLETED
+        stored.error = error
+        stored.finished_at = finished
+        state = await ensure_state(session, integration.id)
+        if watermarks is not None and not run.dry_run:
+            stored.cursor_before = run.cursor_before
+            stored.cursor_after = watermarks
+            state.watermarks = watermarks
+        elif run.mode == "pull":
+            stored.cursor_before = run.cursor_before
+            stored.cursor_after = run.cursor_before
+        if run.mode == "pull" and run.trigger == "schedule":
+            state.last_pull_at = finished
+        if run.mode == "push" and run.trigger == "schedule":
+            state.last_full_push_at = finished
+        if state.active_run_id == run.id:
+            state.active_run_id = None
+            state.lease_until = None
+        return stored
+
+
+async def ensure_state(session: AsyncSession, integration_id: int) -> CrmSyncState:
+    state = await session.get(CrmSyncState, integration_id, with_for_update=True)
+    if state is None:
+        from sqlalchemy import func
+
+        from memberhub.events.models import Event
+
+        position = await session.scalar(select(func.max(Event.position)))
+        state = CrmSyncState(
+            integration_id=integration_id, event_position=position or 0, watermarks={}
+        )
+        session.add(state)
+        await session.flush()
+    return state
+
+
+def new_run(
+    integration: Integration, *, mode: str, trigger: str, dry_run: bool, requested_by: str
+) -> SyncRun:
+    return SyncRun(
+        public_id=new_public_id("syr"),
+        integration_id=integration.id,
+        mode=mode,
+        trigger=trigger,
+        dry_run=dry_run,
+        status=RunStatus.QUEUED,
+        created=0,
+        updated=0,
+        skipped=0,
+        failed=0,
+        conflicts=0,
+        requests=0,
+        cursor_before={},
+        cursor_after={},
+        requested_by=requested_by,
+        created_at=utcnow(),
+    )
