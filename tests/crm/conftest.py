@@ -122,7 +122,7 @@ async def pipedrive() -> AsyncIterator[FakePipedrive]:
 @pytest.fixture(params=["hubspot", "salesforce", "pipedrive"])
 async def crm(request: pytest.FixtureRequest) -> AsyncIterator[Crm]:
     name = request.param
-    factory = {
+    factory: Any = {
         "hubspot": running_fake_hubspot(access_token=HUBSPOT_TOKEN),
         "salesforce": running_fake_salesforce(access_token=SALESFORCE_TOKEN),
         "pipedrive": running_fake_pipedrive(api_token=PIPEDRIVE_TOKEN),

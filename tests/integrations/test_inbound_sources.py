@@ -89,8 +89,11 @@ async def test_hubspot_v3_batches_are_verified_stored_once_and_processed(
 
     await run_worker(db)
     [event] = await arrived(api, integration)
-    assert event["status"] == "ignored"
+    # Processed by CRM sync: two contacts no member or lead is linked to, so nothing changes.
+    assert event["status"] == "processed"
     assert event["attempts"] == 1
+    detail = (await api.get(f"/api/v1/inbound-events/{event['id']}")).json()
+    assert detail["result"] == {"updated": 0, "skipped": 2, "failed": 0, "conflicts": 0}
 
 
 async def test_hubspot_refuses_tampered_stale_future_and_wrongly_keyed_requests(

@@ -150,8 +150,14 @@ class Context:
     integration: Integration
     crm: CRM
     settings: SyncSettings
-    connection: Connection
+    # None when applying a webhook's changes, which makes no call.
+    connection: Connection | None
     scope: frozenset[int] | None
+
+    @property
+    def vendor(self) -> Connection:
+        assert self.connection is not None
+        return self.connection
 
 
 # ---------------------------------------------------------------- push
@@ -250,7 +256,7 @@ async def _send(
         async with semaphore:
             try:
                 counts.requests += 1
-                answers = await ctx.crm.upsert_contacts(ctx.connection, object_name, batch)
+                answers = await ctx.crm.upsert_contacts(ctx.vendor, object_name, batch)
             except CrmError as exc:
                 if len(batch) == 1:
                     answers = [WriteResult(batch[0].key, None, error=str(exc))]
@@ -494,7 +500,7 @@ async def pull(db: Database, ctx: Context, run: SyncRun, counts: Counts) -> dict
         while True:
             counts.requests += 1
             changes = await ctx.crm.changed_contacts(
-                ctx.connection,
+                ctx.vendor,
                 group.object_name,
                 since=since,
                 page=page,
@@ -538,6 +544,7 @@ async def apply_in_session(
     counts: Counts,
     *,
     dry_run: bool,
+    create_leads: bool = True,
 ) -> None:
     entity_types = [entity for entity, _ in group.specs]
     links: dict[str, list[CrmLink]] = {}
@@ -561,7 +568,14 @@ async def apply_in_session(
         try:
             async with session.begin_nested():
                 await _apply_one(
-                    session, ctx, group, record, links.get(record.external_id, []), counts, dry_run
+                    session,
+                    ctx,
+                    group,
+                    record,
+                    links.get(record.external_id, []),
+                    counts,
+                    dry_run=dry_run,
+                    create_leads=create_leads,
                 )
         except (MemberhubError, ValueError) as exc:
             message = getattr(exc, "message", None) or str(exc)
@@ -575,11 +589,16 @@ async def _apply_one(
     record: RemoteRecord,
     links: list[CrmLink],
     counts: Counts,
+    *,
     dry_run: bool,
+    create_leads: bool,
 ) -> None:
     now = utcnow()
     specs = dict(group.specs)
     link = next((c for entity in specs for c in links if c.entity_type == entity), None)
+    if link is not None and _nothing_new(link, record, now):
+        counts.add("skipped", None, None, record.external_id)
+        return
     created = False
     if link is None and record.email:
         for candidate in specs:
@@ -611,7 +630,12 @@ async def _apply_one(
             session.add(link)
             break
     if link is None:
-        if "leads" not in specs or not ctx.settings.pull_creates_leads or not record.email:
+        if (
+            "leads" not in specs
+            or not create_leads
+            or not ctx.settings.pull_creates_leads
+            or not record.email
+        ):
             counts.add("skipped", None, None, record.external_id)
             return
         if dry_run:
@@ -682,6 +706,16 @@ async def _apply_one(
         counts.add("updated", entity, values.public_id, record.external_id, changes=patch)
     else:
         counts.add("skipped", entity, values.public_id, record.external_id)
+
+
+def _nothing_new(link: CrmLink, record: RemoteRecord, now: datetime) -> bool:
+    """Every value read is what both sides last agreed on, or our own write coming back:
+    the common case after a push, decided without reading the record here."""
+    echoes = link.written if link.written_until is not None and link.written_until > now else {}
+    return all(
+        same(value, link.synced.get(name)) or value_hash(value) in echoes.get(name, ())
+        for name, value in record.properties.items()
+    )
 
 
 def _decide(
@@ -798,7 +832,7 @@ async def _create_lead(
         organisation = await session.get(Organisation, ctx.integration.organisation_id)
     payload = LeadCreate(
         **fields,
-        custom_fields=custom or None,
+        custom_fields=custom,
         external_ids={ctx.integration.provider: record.external_id},
         organisation_id=organisation.public_id if organisation is not None else None,
     )
@@ -817,6 +851,32 @@ async def _create_lead(
     session.add(link)
     await session.flush()
     return link
+
+
+async def apply_webhook(
+    session: AsyncSession, integration: Integration, changes: Sequence[tuple[str, RemoteRecord]]
+) -> dict[str, int]:
+    """Apply the changes a CRM's webhook carried, in the inbound event's transaction."""
+    found = crm_of(integration)
+    counts = Counts()
+    if found is None or not found[1].pull:
+        return {"skipped": len(changes)}
+    crm, settings = found
+    ctx = Context(
+        integration, crm, settings, None, await load_scope(session, integration.organisation_id)
+    )
+    for group in _groups(settings):
+        records = [record for name, record in changes if name == group.object_name]
+        # A webhook names a record the CRM already had: it never creates a lead.
+        await apply_in_session(
+            session, ctx, group, records, counts, dry_run=False, create_leads=False
+        )
+    return {
+        "updated": counts.updated,
+        "skipped": counts.skipped,
+        "failed": counts.failed,
+        "conflicts": counts.conflicts,
+    }
 
 
 # ---------------------------------------------------------------- runs

@@ -23,12 +23,15 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from memberhub.crm.sync import apply_webhook
 from memberhub.integrations.gateway import redact
 from memberhub.integrations.hub import parse_config
 from memberhub.integrations.models import InboundEvent, InboundStatus, Integration
 from memberhub.integrations.payments import PaymentNotYetApplied, PaymentSettings, apply_notice
 from memberhub.integrations.providers import as_events_source, as_payments, get_provider
 from memberhub.integrations.providers.base import (
+    Capability,
+    CrmWebhooks,
     InboundIdentity,
     InboundRequest,
 )
@@ -242,6 +245,11 @@ async def _handle(
     session: AsyncSession, integration: Integration, event: InboundEvent, now: datetime
 ) -> tuple[str, dict[str, Any]]:
     provider = get_provider(integration.provider)
+    if isinstance(provider, CrmWebhooks) and Capability.CRM in provider.capabilities:
+        changes = provider.webhook_changes(event.event_type, json.loads(event.body))
+        if not changes:
+            return InboundStatus.IGNORED, {"reason": f"{event.event_type} carries no changes"}
+        return InboundStatus.PROCESSED, await apply_webhook(session, integration, changes)
     payments = as_payments(provider) if provider is not None else None
     if provider is None or payments is None:
         return InboundStatus.IGNORED, {"reason": "nothing acts on this provider's events yet"}

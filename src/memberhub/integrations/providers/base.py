@@ -319,6 +319,15 @@ class CRM(Protocol):
         """The CRM object members and leads go to by default: {"members": …, "leads": …}."""
 
 
+@runtime_checkable
+class CrmWebhooks(Protocol):
+    """A CRM that tells us of changes by webhook (through the inbound endpoint)."""
+
+    def webhook_changes(self, event_type: str, payload: Any) -> list[tuple[str, RemoteRecord]]:
+        """The changes an inbound event carries, as (CRM object, partial record) pairs:
+        only the properties the event names."""
+
+
 class CrmError(Exception):
     """A CRM refused a request as a whole (bad settings, unknown field): the message says why."""
 

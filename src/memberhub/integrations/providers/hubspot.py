@@ -283,6 +283,42 @@ class HubSpot(Provider):
                 next_page = json.dumps({"since": last_ms, "after": None})
         return ChangesPage(records=records, next_page=next_page)
 
+    def webhook_changes(self, event_type: str, payload: Any) -> list[tuple[str, RemoteRecord]]:
+        """`contact.propertyChange` events, one partial record per contact: the batch's
+        values, the latest of each property winning."""
+        if not isinstance(payload, list):
+            return []
+        changes: dict[str, dict[str, Any]] = {}
+        times: dict[str, int] = {}
+        for event in sorted(
+            (e for e in payload if isinstance(e, dict)), key=lambda e: e.get("occurredAt") or 0
+        ):
+            if event.get("subscriptionType") != "contact.propertyChange":
+                continue
+            object_id, name = event.get("objectId"), event.get("propertyName")
+            if object_id is None or not isinstance(name, str):
+                continue
+            changes.setdefault(str(object_id), {})[name] = event.get("propertyValue")
+            occurred = event.get("occurredAt")
+            if isinstance(occurred, int):
+                times[str(object_id)] = max(times.get(str(object_id), 0), occurred)
+        return [
+            (
+                "contacts",
+                RemoteRecord(
+                    external_id=object_id,
+                    email=properties.get("email") or None,
+                    properties=properties,
+                    modified_at=(
+                        datetime.fromtimestamp(times[object_id] / 1000, UTC)
+                        if object_id in times
+                        else None
+                    ),
+                ),
+            )
+            for object_id, properties in changes.items()
+        ]
+
 
 SEARCH_PAGE = 200
 SEARCH_CAP = 10_000

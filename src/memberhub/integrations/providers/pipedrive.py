@@ -58,6 +58,7 @@ def default_sync() -> SyncSettings:
 
 
 class PipedriveConfig(BaseConfig):
+    page_size: int = Field(default=LIST_PAGE, ge=1, le=500, description="Persons per page read.")
     sync: SyncSettings = Field(default_factory=default_sync)
 
     @field_validator("sync", mode="before")
@@ -181,7 +182,9 @@ class Pipedrive(Provider):
         params: dict[str, Any] = {
             "sort_by": "update_time",
             "sort_direction": "asc",
-            "limit": LIST_PAGE,
+            "limit": connection.config.page_size
+            if isinstance(connection.config, PipedriveConfig)
+            else LIST_PAGE,
         }
         if since is not None:
             params["updated_since"] = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

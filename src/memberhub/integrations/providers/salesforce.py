@@ -86,6 +86,9 @@ class SalesforceConfig(BaseConfig):
         default="Memberhub_Id__c",
         description="The external id field holding memberhub's id on every synced object.",
     )
+    query_batch_size: int = Field(
+        default=2000, ge=200, le=2000, description="Records per page of a changes query."
+    )
     sync: SyncSettings = Field(default_factory=default_sync)
 
     @field_validator("sync", mode="before")
@@ -192,7 +195,7 @@ class Salesforce(Provider):
     ) -> ChangesPage:
         config = connection.config
         if page is not None:
-            response = await connection.gateway.request("GET", page)
+            response = await connection.gateway.request("GET", page)  # the query locator
         else:
             fields = ["Id", "SystemModstamp", "Email"]
             fields += [p for p in properties if p not in fields]
@@ -203,8 +206,12 @@ class Salesforce(Provider):
                 )
                 soql += f" WHERE SystemModstamp >= {stamp}"
             soql += " ORDER BY SystemModstamp, Id"
+            assert isinstance(config, SalesforceConfig)
             response = await connection.gateway.request(
-                "GET", self._path(config, "/query"), params={"q": soql}
+                "GET",
+                self._path(config, "/query"),
+                params={"q": soql},
+                headers={"Sforce-Query-Options": f"batchSize={config.query_batch_size}"},
             )
         answer = _answer(response)
         if not isinstance(answer, dict):
