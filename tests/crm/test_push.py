@@ -37,3 +37,62 @@ async def test_ten_thousand_members_then_nothing_then_one_change(
     assert crm.writes() == writes + 1
     assert [r for r in crm.records().values() if r["first"] == "Renamed"]
     assert len(crm.records()) == MEMBERS
+
+
+async def test_a_dry_run_push_reports_and_writes_nothing(
+    api: ApiClient, db: Database, hub: IntegrationHub, crm: Crm
+) -> None:
+    await seed_members(db, 30, prefix="dry")
+    integration = await create_integration(api, crm.integration_body(pull=False))
+    dry = await sync(api, db, hub, integration["id"], mode="push", dry_run=True)
+    assert (dry["dry_run"], dry["created"], dry["updated"], dry["failed"]) == (True, 30, 0, 0)
+    assert dry["requests"] == 0
+    assert crm.writes() == 0
+    assert crm.records() == {}
+    records = (await api.get(f"/api/v1/sync-runs/{dry['id']}/records", {"limit": 100})).json()
+    assert len(records["data"]) == 30
+    assert {r["outcome"] for r in records["data"]} == {"created"}
+    assert all(r["changes"] for r in records["data"])
+
+    real = await sync(api, db, hub, integration["id"], mode="push")
+    assert real["created"] == 30
+    assert len(crm.records()) == 30
+
+
+def storm(crm: Crm) -> None:
+    """A burst of rate limiting, and one request in five failing with a 5xx (far more
+    would rightly open the integration's circuit breaker for half a minute)."""
+    if crm.name == "hubspot":
+        crm.fake.set_rate_limit(None, interval_seconds=0.2)  # the window its 429s announce
+    crm.fake.rate_limit_next(10)
+    crm.fake.random_failures(0.2, seed=3)
+
+
+async def test_a_429_storm_and_random_5xx_leave_no_duplicate_and_no_gap(
+    api: ApiClient, db: Database, hub: IntegrationHub, crm: Crm
+) -> None:
+    await seed_members(db, 300, prefix="storm")
+    integration = await create_integration(api, crm.integration_body(pull=False))
+    storm(crm)
+    runs = []
+    for _ in range(15):
+        run = await sync(api, db, hub, integration["id"], mode="push")
+        runs.append(run)
+        if run["failed"] == 0:
+            break
+    errors = await api.get(
+        f"/api/v1/sync-runs/{runs[-1]['id']}/records", {"outcome": "failed", "limit": 3}
+    )
+    assert runs[-1]["failed"] == 0, [r["error"] for r in errors.json()["data"]]
+    crm.fake.random_failures(0)
+    final = await sync(api, db, hub, integration["id"], mode="push")
+    assert (final["skipped"], final["failed"], final["created"], final["updated"]) == (300, 0, 0, 0)
+    emails = [record["email"] for record in crm.records().values()]
+    assert len(emails) == len(set(emails)) == 300
+    assert set(emails) == {f"storm.{index}@example.com" for index in range(300)}
+    # Failed records were reported with their reason while it lasted.
+    if len(runs) > 1:
+        failed = await api.get(
+            f"/api/v1/sync-runs/{runs[0]['id']}/records", {"outcome": "failed", "limit": 1}
+        )
+        assert failed.json()["data"][0]["error"]
