@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -25,7 +24,7 @@ APP_SECRET = "hubspot-app-secret"
 @pytest.fixture
 async def linked(
     api: ApiClient, db: Database, hub: IntegrationHub, hubspot: FakeHubSpot, request: Any
-) -> AsyncIterator[dict[str, Any]]:
+) -> dict[str, Any]:
     """A member pushed to HubSpot under the conflict policy the test is parametrised with."""
     policy = getattr(request, "param", "memberhub_wins")
     member = await api.create_member(first_name="Ana", last_name="Lim")
@@ -36,7 +35,7 @@ async def linked(
     [contact_id] = [
         cid for cid, p in hubspot.contacts.items() if p["email"] == member["email"].lower()
     ]
-    yield {"member": member, "integration": integration, "contact_id": contact_id}
+    return {"member": member, "integration": integration, "contact_id": contact_id}
 
 
 async def first_name(api: ApiClient, member_id: str) -> str:
