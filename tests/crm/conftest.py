@@ -18,6 +18,7 @@ from memberhub.members.models import Member, MemberStatus
 from memberhub.settings import Settings
 from memberhub.webhooks.ssrf import UrlPolicy
 from memberhub.worker.runner import Worker
+from tests.fakes.custom_crm import contacts_fields, custom_crm_config, running_fake_custom_crm
 from tests.fakes.hubspot import FakeHubSpot, running_fake_hubspot
 from tests.fakes.pipedrive import FakePipedrive, running_fake_pipedrive
 from tests.fakes.salesforce import FakeSalesforce, running_fake_salesforce
@@ -26,6 +27,7 @@ from tests.support import ApiClient
 HUBSPOT_TOKEN = "pat-na1-00000000-0000-0000-0000-000000000001"
 PIPEDRIVE_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 SALESFORCE_TOKEN = "00D000000000001!AQ4AQFakeSessionToken0001"
+CUSTOM_KEY = "custom-crm-key-0123456789"
 # The fakes enforce no limit unless told to; a generous client-side limit keeps runs fast.
 FAST = "2000 per second"
 HUBSPOT_PROPERTIES = (
@@ -54,7 +56,13 @@ class Crm:
     def integration_body(self, **sync: Any) -> dict[str, Any]:
         sync = {"coalesce_seconds": 0, "pull_lookback_seconds": 0, **sync}
         config: dict[str, Any] = {"base_url": self.fake.url, "rate_limit": FAST, "sync": sync}
-        if self.name == "hubspot":
+        if self.name == "custom_crm":
+            # No defaults for a CRM of one's own: its mapping is part of its description.
+            fields = {"object": "contacts", "fields": contacts_fields()}
+            sync = {"members": fields, "leads": fields, **sync}
+            config = {**custom_crm_config(self.fake.url, **sync), "rate_limit": FAST}
+            credentials = {"api_key": CUSTOM_KEY}
+        elif self.name == "hubspot":
             credentials = {"access_token": HUBSPOT_TOKEN, "client_secret": "hubspot-app-secret"}
         elif self.name == "salesforce":
             credentials = {"access_token": SALESFORCE_TOKEN}
@@ -78,6 +86,11 @@ class Crm:
             return {
                 rid: {"email": r.get("Email"), "first": r.get("FirstName")}
                 for rid, r in self.fake.records("Contact").items()
+            }
+        if self.name == "custom_crm":
+            return {
+                cid: {"email": c.get("email"), "first": c.get("first_name")}
+                for cid, c in self.fake.contacts.items()
             }
         return {
             str(pid): {
@@ -119,13 +132,14 @@ async def pipedrive() -> AsyncIterator[FakePipedrive]:
         yield fake
 
 
-@pytest.fixture(params=["hubspot", "salesforce", "pipedrive"])
+@pytest.fixture(params=["hubspot", "salesforce", "pipedrive", "custom_crm"])
 async def crm(request: pytest.FixtureRequest) -> AsyncIterator[Crm]:
     name = request.param
     factory: Any = {
         "hubspot": running_fake_hubspot(access_token=HUBSPOT_TOKEN),
         "salesforce": running_fake_salesforce(access_token=SALESFORCE_TOKEN),
         "pipedrive": running_fake_pipedrive(api_token=PIPEDRIVE_TOKEN),
+        "custom_crm": running_fake_custom_crm(api_key=CUSTOM_KEY),
     }[name]
     async with factory as fake:
         if name == "hubspot":

@@ -12,12 +12,13 @@ from tests.support import ApiClient
 
 STAMP = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
 # More than one page of each vendor's change feed, all changed at the same instant.
-SHARED = {"hubspot": 450, "salesforce": 450, "pipedrive": 450}
+SHARED = {"hubspot": 450, "salesforce": 450, "pipedrive": 450, "custom_crm": 450}
 # Pages as small as each vendor allows, so that a few hundred records span several.
-PAGE_SETTINGS = {
+PAGE_SETTINGS: dict[str, dict[str, Any]] = {
     "hubspot": {},
     "salesforce": {"query_batch_size": 200},
     "pipedrive": {"page_size": 200},
+    "custom_crm": {},  # its pages hold 100
 }
 PERSON_FIELDS = [
     {"source": "email", "target": "email"},
@@ -36,6 +37,12 @@ def add_remote(crm: Crm, index: int, at: datetime, first: str | None = None) -> 
                 {"email": email, "firstname": first, "lastname": "Remote"}, modified_at=at
             )
         )
+    if crm.name == "custom_crm":
+        return str(
+            crm.fake.add_contact(
+                {"email": email, "first_name": first, "last_name": "Remote"}, updated_at=at
+            )
+        )
     if crm.name == "salesforce":
         fields = {"Email": email, "FirstName": first, "LastName": "Remote", "Company": "Acme"}
         return str(crm.fake.add_record("Lead", fields, modstamp=at))
@@ -47,6 +54,8 @@ def edit_remote(crm: Crm, record_id: str, first: str, at: datetime) -> None:
         crm.fake.update_contact(record_id, {"firstname": first}, modified_at=at)
     elif crm.name == "salesforce":
         crm.fake.update_record("Lead", record_id, {"FirstName": first}, modstamp=at)
+    elif crm.name == "custom_crm":
+        crm.fake.update_contact(record_id, {"first_name": first}, updated_at=at)
     else:
         crm.fake.update_person(int(record_id), {"first_name": first}, update_time=at)
 
@@ -116,6 +125,8 @@ async def test_a_pull_matches_members_by_email_whatever_its_case(
     email = "Match.0@Example.com"
     if crm.name == "hubspot":
         crm.fake.update_contact(remote_id, {"email": email}, modified_at=STAMP)
+    elif crm.name == "custom_crm":
+        crm.fake.update_contact(remote_id, {"email": email}, updated_at=STAMP)
     elif crm.name == "salesforce":
         crm.fake.add_record(
             "Contact", {"Email": email, "FirstName": "Taken", "LastName": "Remote"}, modstamp=STAMP
