@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from memberhub.integrations.hub import IntegrationHub
+from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from tests.crm.conftest import Crm, create_integration, seed_members, sync
+from tests.fakes.hubspot import FakeHubSpot
 from tests.support import ApiClient
 
 STAMP = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
@@ -155,3 +158,28 @@ async def test_a_dry_run_pull_reports_and_writes_nothing(
     real = await sync(api, db, hub, integration["id"], mode="pull")
     assert real["created"] == 5
     assert len(await all_leads(api)) == 5
+
+
+async def test_the_lookback_finds_what_hubspots_search_indexed_late(
+    api: ApiClient, db: Database, hub: IntegrationHub, hubspot: FakeHubSpot
+) -> None:
+    crm = Crm("hubspot", hubspot)
+    body = crm.integration_body(push=False, pull_lookback_seconds=60)
+    integration = await create_integration(api, body)
+    now = utcnow()
+    add_remote(crm, 0, now - timedelta(seconds=10))
+    first = await sync(api, db, hub, integration["id"], mode="pull")
+    assert first["created"] == 1
+
+    hubspot.set_search_delay(1.0)
+    add_remote(crm, 1, now)  # changed first, but searchable only a second later
+    hubspot.set_search_delay(0)
+    add_remote(crm, 2, now + timedelta(seconds=1))
+    second = await sync(api, db, hub, integration["id"], mode="pull")
+    assert second["created"] == 1  # lead.2 only: lead.1 is not searchable yet
+    # The watermark is now past lead.1's change; the lookback reads before it.
+    await asyncio.sleep(1.1)
+    third = await sync(api, db, hub, integration["id"], mode="pull")
+    assert (third["created"], third["failed"]) == (1, 0), third
+    emails = sorted(lead["email"] for lead in await all_leads(api))
+    assert emails == ["lead.0@example.com", "lead.1@example.com", "lead.2@example.com"]

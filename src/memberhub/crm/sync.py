@@ -168,10 +168,19 @@ class _Planned:
     entity_id: int
     values: EntityValues
     record: ContactRecord
-    link_id: int | None
+    read_at: datetime
 
 
-async def _push_page(
+@dataclass
+class _Plan:
+    """A page's records to send, and those with pending changes that need nothing sent."""
+
+    planned: list[_Planned]
+    settled: list[int]
+    read_at: datetime
+
+
+async def _plan_page(
     db: Database,
     ctx: Context,
     run: SyncRun,
@@ -179,7 +188,7 @@ async def _push_page(
     entity: EntityType,
     spec: ObjectSync,
     entity_ids: Sequence[int],
-) -> None:
+) -> _Plan:
     async with db.transaction(read_only=True) as session:
         found = await load_values(session, entity, entity_ids, ctx.scope)
         links = {
@@ -193,20 +202,17 @@ async def _push_page(
             )
         }
     read_at = utcnow()
-    planned: list[_Planned] = []
-    unchanged: list[int] = []
+    plan = _Plan([], [], read_at)
     for entity_id in entity_ids:
         values = found.get(entity_id)
         link = links.get(entity_id)
         if values is None:
             if link is not None and link.pending_at is not None:
-                unchanged.append(entity_id)  # deleted or out of scope: nothing to send
+                plan.settled.append(entity_id)  # deleted or out of scope: nothing to send
             continue
         desired = desired_properties(entity, spec, values.values)
         held = link.held if link is not None else {}
-        linked = link is not None and link.external_id is not None
-        if linked:
-            assert link is not None
+        if link is not None and link.external_id is not None:
             changes = {
                 name: value
                 for name, value in desired.items()
@@ -214,7 +220,8 @@ async def _push_page(
             }
             if not changes:
                 counts.add("skipped", entity, values.public_id, link.external_id)
-                unchanged.append(entity_id)
+                if link.pending_at is not None:
+                    plan.settled.append(entity_id)
                 continue
         else:
             changes = {
@@ -228,20 +235,17 @@ async def _push_page(
             properties=changes,
             external_id=link.external_id if link is not None else None,
         )
-        planned.append(_Planned(entity_id, values, record, link.id if link else None))
-    if run.dry_run:
-        for item in planned:
-            outcome = "updated" if item.record.external_id else "created"
+        if run.dry_run:
             counts.add(
-                outcome,
+                "updated" if record.external_id else "created",
                 entity,
-                item.values.public_id,
-                item.record.external_id,
-                changes=dict(item.record.properties),
+                values.public_id,
+                record.external_id,
+                changes=dict(changes),
             )
-        return
-    results = await _send(ctx, counts, spec.object, [item.record for item in planned])
-    await _record_push(db, ctx, counts, entity, planned, results, unchanged, read_at)
+            continue
+        plan.planned.append(_Planned(entity_id, values, record, read_at))
+    return plan
 
 
 async def _send(
@@ -313,11 +317,11 @@ async def _record_push(
     entity: EntityType,
     planned: list[_Planned],
     results: dict[str, WriteResult],
-    unchanged: list[int],
-    read_at: datetime,
+    settled: Sequence[int] = (),
+    read_at: datetime | None = None,
 ) -> None:
     async with db.transaction() as session:
-        ids = [item.entity_id for item in planned] + unchanged
+        ids = [item.entity_id for item in planned] + list(settled)
         links = {
             link.entity_id: link
             for link in await session.scalars(
@@ -333,9 +337,14 @@ async def _record_push(
         }
         now = utcnow()
         ttl = timedelta(seconds=ctx.settings.echo_ttl_seconds)
-        for entity_id in unchanged:
+        for entity_id in settled:
             link = links.get(entity_id)
-            if link is not None and link.pending_at is not None and link.pending_at <= read_at:
+            if (
+                link is not None
+                and link.pending_at is not None
+                and read_at is not None
+                and link.pending_at <= read_at
+            ):
                 _settle(link)
         for item in planned:
             result = results.get(item.record.key) or WriteResult(
@@ -380,7 +389,7 @@ async def _record_push(
             link.written = written
             link.written_until = now + ttl
             link.synced_at = now
-            if link.pending_at is None or link.pending_at <= read_at:
+            if link.pending_at is None or link.pending_at <= item.read_at:
                 _settle(link)
             counts.add(
                 "created" if created else "updated",
@@ -401,7 +410,9 @@ def _settle(link: CrmLink) -> None:
 
 async def push(db: Database, ctx: Context, run: SyncRun, counts: Counts, *, full: bool) -> None:
     """Send changes: every record (full), or the records with changes due."""
+    flush_at = max(1, ctx.crm.batch_size) * max(1, ctx.crm.concurrency)
     for entity, spec in ctx.settings.objects():
+        buffer: list[_Planned] = []
         after = 0
         while True:
             now = utcnow()
@@ -426,8 +437,30 @@ async def push(db: Database, ctx: Context, run: SyncRun, counts: Counts, *, full
                     after = rows[-1].id if rows else after
             if not ids:
                 break
-            await _push_page(db, ctx, run, counts, entity, spec, ids)
+            plan = await _plan_page(db, ctx, run, counts, entity, spec, ids)
+            if plan.settled:
+                await _record_push(db, ctx, counts, entity, [], {}, plan.settled, plan.read_at)
+            buffer.extend(plan.planned)
+            # Records are sent in full batches, gathered across pages when few change.
+            if len(buffer) >= flush_at:
+                await _flush(db, ctx, counts, entity, spec, buffer)
+                buffer = []
             await _progress(db, run, counts)
+        if buffer:
+            await _flush(db, ctx, counts, entity, spec, buffer)
+            await _progress(db, run, counts)
+
+
+async def _flush(
+    db: Database,
+    ctx: Context,
+    counts: Counts,
+    entity: EntityType,
+    spec: ObjectSync,
+    planned: list[_Planned],
+) -> None:
+    results = await _send(ctx, counts, spec.object, [item.record for item in planned])
+    await _record_push(db, ctx, counts, entity, planned, results)
 
 
 def _due(ctx: Context, entity: EntityType, now: datetime) -> list[Any]:
