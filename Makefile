@@ -59,6 +59,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.ledger
 	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m bench.crm_sync
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

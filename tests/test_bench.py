@@ -59,6 +59,20 @@ GATEWAY_LINES = {
     },
 }
 
+CRM_LINES = {
+    provider: re.compile(
+        rf"^{provider} +full push: +\d+ requests / +\d+ minimum = {full}   "
+        r"1% changed: +\d+ / +\d+ = 1\.00   unchanged: 0 requests   [\d,]+ records/s$",
+        re.MULTILINE,
+    )
+    for provider, full in (
+        ("hubspot", r"1\.00"),
+        ("salesforce", r"1\.00"),
+        ("pipedrive", r"2\.00"),
+        ("custom_crm", r"2\.00"),
+    )
+}
+
 
 def run_bench(*args: str) -> str:
     """`python -m bench.<args>` from the repository root; its output, after it succeeded."""
@@ -96,3 +110,8 @@ def test_webhook_bench_runs_in_quick_mode_and_every_delivery_is_recorded() -> No
 def test_gateway_bench_runs_in_quick_mode_and_every_call_reaches_the_server_once() -> None:
     output = run_bench("bench.gateway", "--quick")
     assert missing_lines(GATEWAY_LINES, output) == [], output
+
+
+def test_crm_sync_bench_runs_in_quick_mode_with_no_wasted_request() -> None:
+    output = run_bench("bench.crm_sync", "--quick")
+    assert missing_lines(CRM_LINES, output) == [], output

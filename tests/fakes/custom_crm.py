@@ -105,6 +105,11 @@ class FakeCustomCrm:
         with self._lock:
             return {cid: dict(c) for cid, c in self._contacts_by_id.items()}
 
+    def count_all(self) -> int:
+        """Every request received, refused ones included."""
+        with self._lock:
+            return len(self.requests)
+
     def writes(self) -> int:
         with self._lock:
             return self._writes
