@@ -20,7 +20,7 @@ records; otherwise the bench exits 1.
 
     python -m bench.crm_sync                   # 10,000 members, SQLite
     python -m bench.crm_sync --quick           # a breakage check: small numbers
-    python -m bench.crm_sync --members 20000 --backend postgres
+    python -m bench.crm_sync --members 20000 --backend postgresql
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ async def running_crm(name: str) -> AsyncIterator[Crm]:
 
 @contextlib.contextmanager
 def database_url(backend: str, pg_url: str) -> Iterator[str]:
-    if backend == "postgres":
+    if backend == "postgresql":
         with postgres_database(pg_url) as url:
             yield url
         return
@@ -208,7 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help=f"{QUICK_MEMBERS} members, to check it runs"
     )
     parser.add_argument("--members", type=int, help=f"members (default {FULL_MEMBERS})")
-    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
     parser.add_argument("--provider", choices=PROVIDERS, action="append")
     return parser.parse_args(argv)
@@ -217,7 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     members = args.members or (QUICK_MEMBERS if args.quick else FULL_MEMBERS)
-    if args.backend == "postgres" and (problem := postgres_reachable(args.postgres_url)):
+    if args.backend == "postgresql" and (problem := postgres_reachable(args.postgres_url)):
         print(f"PostgreSQL is not reachable: {problem}", file=sys.stderr)
         return 1
     print(f"CRM sync of {members:,} members ({args.backend}); requests ÷ the least possible")
