@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import select, update
+
+from memberhub.crm.models import CrmSyncState, RunStatus, SyncRun
 from memberhub.integrations.hub import IntegrationHub
+from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
-from tests.crm.conftest import Crm, create_integration, seed_members, sync
+from tests.crm.conftest import Crm, create_integration, seed_members, sync, tick
 from tests.fakes.hubspot import FakeHubSpot
 from tests.support import ApiClient
 
@@ -142,3 +147,35 @@ async def test_runs_are_listed_and_failed_records_carry_their_reason(
     assert (again["created"], again["failed"]) == (1, 0), again
     status = (await api.get("/api/v1/external/sync/status")).json()
     assert (status["sync_errors"], status["pending_updates"]) == (0, 0)
+
+
+async def test_a_run_whose_worker_stopped_is_marked_abandoned_when_its_lease_runs_out(
+    api: ApiClient, db: Database, hub: IntegrationHub, hubspot: FakeHubSpot
+) -> None:
+    await seed_members(db, 2, prefix="lease")
+    integration = await create_integration(api, hubspot_body(hubspot, pull=False))
+    stuck = await api.post(f"/api/v1/integrations/{integration['id']}/sync", {"mode": "push"})
+    async with db.transaction() as session:
+        run = await session.scalar(select(SyncRun).where(SyncRun.public_id == stuck.json()["id"]))
+        assert run is not None
+        run.status = RunStatus.RUNNING  # as a worker that then died left it
+        state = await session.get(CrmSyncState, run.integration_id)
+        assert state is not None
+        state.active_run_id = run.id
+        state.lease_until = utcnow() + timedelta(minutes=5)
+        integration_pk = run.integration_id
+    # While the lease holds, a new run waits.
+    waiting = await sync(api, db, hub, integration["id"], mode="push")
+    assert waiting["status"] == "queued"
+    async with db.transaction() as session:
+        await session.execute(
+            update(CrmSyncState)
+            .where(CrmSyncState.integration_id == integration_pk)
+            .values(lease_until=utcnow() - timedelta(seconds=1))
+        )
+    await tick(db, hub)
+    abandoned = (await api.get(f"/api/v1/sync-runs/{stuck.json()['id']}")).json()
+    assert abandoned["status"] == "failed"
+    assert "abandoned" in abandoned["error"]
+    done = (await api.get(f"/api/v1/sync-runs/{waiting['id']}")).json()
+    assert (done["status"], done["created"]) == ("completed", 2)

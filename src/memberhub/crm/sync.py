@@ -966,6 +966,17 @@ async def execute(db: Database, hub: IntegrationHub, run_id: int) -> SyncRun | N
         state = await ensure_state(session, integration.id)
         if state.active_run_id is not None and state.lease_until and state.lease_until > now:
             return None
+        if state.active_run_id is not None:
+            # Its worker stopped mid-run and its lease ran out: what it did is recorded.
+            await session.execute(
+                update(SyncRun)
+                .where(SyncRun.id == state.active_run_id, SyncRun.status == RunStatus.RUNNING)
+                .values(
+                    status=RunStatus.FAILED,
+                    error="abandoned: its worker stopped before it finished",
+                    finished_at=now,
+                )
+            )
         state.active_run_id = run.id
         state.lease_until = now + LEASE
         run.status = RunStatus.RUNNING
