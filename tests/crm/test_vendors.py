@@ -1,0 +1,99 @@
+"""Vendor specifics end to end: OAuth renewal, webhooks sent back, emails changed at the CRM."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from memberhub.integrations.hub import IntegrationHub
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Database
+from memberhub.settings import Settings
+from tests.crm.conftest import Crm, create_integration, seed_members, sync, tick
+from tests.fakes.hubspot import FakeHubSpot
+from tests.fakes.salesforce import (
+    DEFAULT_CLIENT_ID,
+    DEFAULT_CLIENT_SECRET,
+    DEFAULT_REFRESH_TOKEN,
+    FakeSalesforce,
+)
+from tests.support import ApiClient
+from tests.support_server import running_server
+
+
+async def test_salesforce_tokens_are_renewed_when_they_expire_mid_sync(
+    api: ApiClient, db: Database, hub: IntegrationHub, salesforce: FakeSalesforce
+) -> None:
+    await seed_members(db, 450, prefix="oauth")
+    body = Crm("salesforce", salesforce).integration_body(pull=False)
+    body["config"]["oauth"] = {"token_url": f"{salesforce.url}/services/oauth2/token"}
+    body["credentials"].update(
+        client_id=DEFAULT_CLIENT_ID,
+        client_secret=DEFAULT_CLIENT_SECRET,
+        refresh_token=DEFAULT_REFRESH_TOKEN,
+    )
+    integration = await create_integration(api, body)
+    salesforce.expire_token()  # the stored access token no longer works
+    run = await sync(api, db, hub, integration["id"], mode="push")
+    assert (run["created"], run["failed"]) == (450, 0), run
+    assert salesforce.count("POST", "/services/oauth2/token") == 1
+    shown = (await api.get(f"/api/v1/integrations/{integration['id']}")).json()
+    assert shown["credentials"]["access_token"].endswith(salesforce.access_token[-4:])
+
+
+async def test_hubspots_webhooks_of_our_own_writes_change_nothing_here(
+    api: ApiClient,
+    db: Database,
+    hub: IntegrationHub,
+    hubspot: FakeHubSpot,
+    settings: Settings,
+) -> None:
+    """The loop a sync must not make: we write, HubSpot tells us, we must not write again."""
+    await seed_members(db, 20, prefix="loop")
+    integration = await create_integration(
+        api, Crm("hubspot", hubspot).integration_body(pull=False)
+    )
+    async with running_server(settings) as base_url:
+        hubspot.subscribe(f"{base_url}/api/v1/inbound/{integration['id']}", "hubspot-app-secret")
+        await sync(api, db, hub, integration["id"], mode="push")
+        writes = hubspot.writes()
+        await hubspot.webhooks_idle()
+        member = (await api.get("/api/v1/members", {"limit": 1})).json()["data"][0]
+        await api.patch(f"/api/v1/members/{member['id']}", {"last_name": "Changed"})
+        await tick(db, hub)
+        assert hubspot.writes() == writes + 1
+        await hubspot.webhooks_idle()
+        events = await inbound_events(api, integration["id"])
+        assert events, "HubSpot's webhooks arrived"
+        for _ in range(3):
+            await tick(db, hub)
+        hubspot.unsubscribe()
+    events = await inbound_events(api, integration["id"])
+    assert {e["status"] for e in events} == {"processed"}
+    # Every change HubSpot reported was ours: nothing was applied, nothing written again.
+    assert hubspot.writes() == writes + 1
+    unchanged = (await api.get(f"/api/v1/members/{member['id']}")).json()
+    assert (unchanged["last_name"], unchanged["version"]) == ("Changed", member["version"] + 1)
+
+
+async def inbound_events(api: ApiClient, integration_id: str) -> list[dict[str, Any]]:
+    response = await api.get(f"/api/v1/integrations/{integration_id}/inbound-events")
+    return list(response.json()["data"])
+
+
+async def test_an_email_changed_in_the_crm_moves_the_member_and_duplicates_nothing(
+    api: ApiClient, db: Database, hub: IntegrationHub, hubspot: FakeHubSpot
+) -> None:
+    member = await api.create_member(first_name="Ana", email="ana@example.com")
+    integration = await create_integration(api, Crm("hubspot", hubspot).integration_body())
+    await sync(api, db, hub, integration["id"], mode="push")
+    [contact_id] = list(hubspot.contacts)
+    await asyncio.sleep(0.01)
+    hubspot.update_contact(contact_id, {"email": "ana.new@example.com"}, modified_at=utcnow())
+    run = await sync(api, db, hub, integration["id"], mode="pull")
+    assert (run["updated"], run["created"]) == (1, 0), run
+    moved = (await api.get(f"/api/v1/members/{member['id']}")).json()
+    assert moved["email"] == "ana.new@example.com"
+    assert (await api.get("/api/v1/leads")).json()["data"] == []
+    await tick(db, hub)
+    assert list(hubspot.contacts) == [contact_id]
