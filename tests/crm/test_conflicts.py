@@ -227,3 +227,22 @@ async def test_an_echo_of_our_own_write_applies_nothing(
     assert await first_name(api, member_id) == "Cara"
     await tick(db, hub)
     assert hubspot.writes() == writes  # and it is not written back
+
+
+async def test_a_late_retry_of_an_older_webhook_does_not_undo_a_newer_change(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    hub: IntegrationHub,
+    linked: dict[str, Any],
+) -> None:
+    member_id, integration_id = linked["member"]["id"], linked["integration"]["id"]
+    newer = webhook(linked["contact_id"], "firstname", "Newer", 10)
+    older = webhook(linked["contact_id"], "firstname", "Older", 11)
+    older[0]["occurredAt"] = newer[0]["occurredAt"] - 60_000  # sent a minute earlier
+    await deliver(http, integration_id, newer)
+    await tick(db, hub)
+    assert await first_name(api, member_id) == "Newer"
+    await deliver(http, integration_id, older)
+    await tick(db, hub)
+    assert await first_name(api, member_id) == "Newer"

@@ -97,3 +97,43 @@ async def test_an_email_changed_in_the_crm_moves_the_member_and_duplicates_nothi
     assert (await api.get("/api/v1/leads")).json()["data"] == []
     await tick(db, hub)
     assert list(hubspot.contacts) == [contact_id]
+
+
+async def test_a_record_that_began_in_salesforce_is_updated_not_copied(
+    api: ApiClient, db: Database, hub: IntegrationHub, salesforce: FakeSalesforce
+) -> None:
+    fields = {
+        "Email": "sf.lead@example.com",
+        "FirstName": "Sam",
+        "LastName": "Ng",
+        "Company": "Acme",
+    }
+    lead_id = salesforce.add_record("Lead", fields)
+    integration = await create_integration(api, Crm("salesforce", salesforce).integration_body())
+    pulled = await sync(api, db, hub, integration["id"], mode="pull")
+    assert pulled["created"] == 1, pulled
+    [lead] = (await api.get("/api/v1/leads")).json()["data"]
+    await api.patch(f"/api/v1/leads/{lead['id']}", {"first_name": "Samuel", "status": "contacted"})
+    await tick(db, hub)
+    records = salesforce.records("Lead")
+    assert list(records) == [lead_id]
+    assert records[lead_id]["FirstName"] == "Samuel"
+    assert records[lead_id]["Status"] == "Working - Contacted"
+    assert records[lead_id]["Memberhub_Id__c"] == lead["id"]
+
+
+async def test_an_enrolment_sends_the_leads_new_status(
+    api: ApiClient, db: Database, hub: IntegrationHub, hubspot: FakeHubSpot
+) -> None:
+    lead = (await api.post("/api/v1/leads", {"email": "enrol@example.com"})).json()
+    integration = await create_integration(
+        api, Crm("hubspot", hubspot).integration_body(pull=False)
+    )
+    await sync(api, db, hub, integration["id"], mode="push")
+    [contact_id] = list(hubspot.contacts)
+    assert hubspot.contacts[contact_id]["hs_lead_status"] == "NEW"
+    enrolled = await api.post(f"/api/v1/leads/{lead['id']}/enroll", {})
+    assert enrolled.status_code == 201, enrolled.text
+    await tick(db, hub)
+    assert list(hubspot.contacts) == [contact_id]  # the member is the same contact
+    assert hubspot.contacts[contact_id]["hs_lead_status"] == "OPEN_DEAL"

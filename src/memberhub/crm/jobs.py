@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from memberhub.crm import sync
 from memberhub.crm.mapping import EntityType
-from memberhub.crm.models import CrmLink, CrmSyncState, RunStatus, SyncRun
+from memberhub.crm.models import CrmSyncState, RunStatus, SyncRun
 from memberhub.events.models import Event
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.models import Integration
@@ -46,6 +46,7 @@ MEMBER_EVENTS = frozenset(
     }
 )
 LEAD_EVENTS = frozenset({"lead.created", "lead.updated"})
+ENROLLED = "enrollment.completed"  # the lead became enrolled; its member was created
 
 
 async def run_crm_sync(db: Database, hub: IntegrationHub, now: datetime) -> int:
@@ -114,7 +115,14 @@ async def _tick_integration(
             async with db.transaction() as session:
                 due = await sync.has_due_changes(session, ctx, utcnow())
                 run = None
-                if due:
+                waiting = await session.scalar(
+                    select(SyncRun.id).where(
+                        SyncRun.integration_id == integration.id,
+                        SyncRun.trigger == "changes",
+                        SyncRun.status.in_((RunStatus.QUEUED, RunStatus.RUNNING)),
+                    )
+                )
+                if due and waiting is None:
                     run = sync.new_run(
                         integration,
                         mode="push",
@@ -186,6 +194,13 @@ async def _mark_changes(
             lead = row.data.get("lead") if isinstance(row.data, dict) else None
             if isinstance(lead, dict) and isinstance(lead.get("id"), str):
                 touched.add(("leads", lead["id"]))
+        elif (
+            "leads" in wanted
+            and row.type == ENROLLED
+            and isinstance(row.data, dict)
+            and isinstance(row.data.get("lead_id"), str)
+        ):
+            touched.add(("leads", row.data["lead_id"]))
     if not touched:
         return
     now = utcnow()
@@ -198,29 +213,8 @@ async def _mark_changes(
             select(model.public_id, model.id).where(model.public_id.in_(public_ids))
         )
         ids = {public_id: entity_id for public_id, entity_id in rows}
-        links = {
-            link.entity_id: link
-            for link in await session.scalars(
-                select(CrmLink).where(
-                    CrmLink.integration_id == integration.id,
-                    CrmLink.entity_type == entity,
-                    CrmLink.entity_id.in_(list(ids.values())),
-                )
-            )
-        }
-        for entity_id in ids.values():
-            link = links.get(entity_id)
-            if link is None:
-                link = CrmLink(
-                    integration_id=integration.id,
-                    entity_type=entity,
-                    entity_id=entity_id,
-                    synced={},
-                    written={},
-                    held={},
-                    failures=0,
-                )
-                session.add(link)
+        links = await sync.ensure_links(session, integration.id, entity, list(ids.values()))
+        for link in links.values():
             link.pending_at = now
             if link.pending_since is None:
                 link.pending_since = now

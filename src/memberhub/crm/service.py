@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,7 +24,7 @@ from memberhub.crm.values import load_values, scope_ids
 from memberhub.integrations.models import Integration
 from memberhub.integrations.service import get_integration
 from memberhub.kit.clock import utcnow
-from memberhub.kit.errors import Conflict, NotFound
+from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 
 
 class SyncRunNotFound(NotFound):
@@ -212,10 +213,17 @@ async def resolve_conflict(
     crm_value = conflict.values.get("crm")
     now = utcnow()
     if keep == "crm":
-        field_map = next((f for f in spec.fields if f.target == conflict.property), None)
+        field_map = (
+            next((f for f in spec.fields if f.target == conflict.property), None)
+            if spec is not None
+            else None
+        )
         if field_map is None:
             raise Conflict("The field is no longer mapped; nothing to resolve.")
-        value = inbound_value(field_map, crm_value)
+        try:
+            value = inbound_value(field_map, crm_value)
+        except ValueError as exc:
+            raise ValidationFailed(f"The CRM's value cannot be taken: {exc}.") from None
         patch: dict[str, Any]
         if field_map.source.startswith("custom."):
             patch = {"custom_fields": {field_map.source.removeprefix("custom."): value}}
@@ -225,7 +233,13 @@ async def resolve_conflict(
         values = (await load_values(session, entity, [link.entity_id], scope)).get(link.entity_id)
         if values is None:
             raise Conflict("The record no longer exists; nothing to resolve.")
-        await sync.update_entity(session, integration, entity, values, patch)
+        try:
+            await sync.update_entity(session, integration, entity, values, patch)
+        except ValidationError as exc:
+            raise ValidationFailed(
+                f"The CRM's value is not valid here: {exc.errors()[0]['msg']}.",
+                details={"field": field_map.source, "value": crm_value},
+            ) from None
     else:
         # Our value differs from what was last agreed, so the next push sends it.
         link.pending_at = now

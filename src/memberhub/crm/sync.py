@@ -21,6 +21,9 @@ from typing import Any
 import httpx
 import structlog
 from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.auth.principal import Principal
@@ -74,6 +77,8 @@ RETRY_BASE_SECONDS = 30.0
 RETRY_MAX_SECONDS = 6 * 3600.0
 WRITTEN_KEPT_PER_FIELD = 8
 ERROR_CHARS = 1000
+# Rows per multi-row insert: well under SQLite's limit of bound parameters.
+LINK_INSERT_CHUNK = 1000
 
 
 class NotACrm(MemberhubError):
@@ -189,6 +194,8 @@ async def _plan_page(
     spec: ObjectSync,
     entity_ids: Sequence[int],
 ) -> _Plan:
+    # Before the read: a change marked after this moment is not in what is sent.
+    read_at = utcnow()
     async with db.transaction(read_only=True) as session:
         found = await load_values(session, entity, entity_ids, ctx.scope)
         links = {
@@ -201,7 +208,6 @@ async def _plan_page(
                 )
             )
         }
-    read_at = utcnow()
     plan = _Plan([], [], read_at)
     for entity_id in entity_ids:
         values = found.get(entity_id)
@@ -276,7 +282,15 @@ async def _send(
                 answers = [
                     WriteResult(r.key, None, error=f"{type(exc).__name__}: {exc}") for r in batch
                 ]
+            except Exception as exc:  # an answer not understood: the batch's records fail
+                log.exception("crm_write_not_understood", integration=ctx.integration.public_id)
+                answers = [
+                    WriteResult(r.key, None, error=f"the CRM's answer was not understood: {exc}")
+                    for r in batch
+                ]
         for answer in answers:
+            if answer.error is None and not answer.external_id:
+                answer = WriteResult(answer.key, None, error="the CRM's answer gave no record id")
             results[answer.key] = answer
 
     size = max(1, ctx.crm.batch_size)
@@ -321,20 +335,25 @@ async def _record_push(
     read_at: datetime | None = None,
 ) -> None:
     async with db.transaction() as session:
-        ids = [item.entity_id for item in planned] + list(settled)
-        links = {
-            link.entity_id: link
-            for link in await session.scalars(
-                select(CrmLink)
-                .where(
-                    CrmLink.integration_id == ctx.integration.id,
-                    CrmLink.entity_type == entity,
-                    CrmLink.entity_id.in_(ids),
-                )
-                .with_for_update()
-                .execution_options(populate_existing=True)
+        links = await ensure_links(
+            session, ctx.integration.id, entity, [item.entity_id for item in planned]
+        )
+        if settled:
+            links.update(
+                {
+                    link.entity_id: link
+                    for link in await session.scalars(
+                        select(CrmLink)
+                        .where(
+                            CrmLink.integration_id == ctx.integration.id,
+                            CrmLink.entity_type == entity,
+                            CrmLink.entity_id.in_(settled),
+                        )
+                        .with_for_update()
+                        .execution_options(populate_existing=True)
+                    )
+                }
             )
-        }
         now = utcnow()
         ttl = timedelta(seconds=ctx.settings.echo_ttl_seconds)
         for entity_id in settled:
@@ -350,19 +369,7 @@ async def _record_push(
             result = results.get(item.record.key) or WriteResult(
                 item.record.key, None, error="the CRM gave no answer for this record"
             )
-            link = links.get(item.entity_id)
-            if link is None:
-                link = CrmLink(
-                    integration_id=ctx.integration.id,
-                    entity_type=entity,
-                    entity_id=item.entity_id,
-                    synced={},
-                    written={},
-                    held={},
-                    failures=0,
-                )
-                session.add(link)
-                links[item.entity_id] = link
+            link = links[item.entity_id]
             if result.error is not None:
                 link.failures = (link.failures or 0) + 1
                 link.last_error = result.error[:ERROR_CHARS]
@@ -398,6 +405,48 @@ async def _record_push(
                 link.external_id,
                 changes=dict(item.record.properties),
             )
+
+
+async def ensure_links(
+    session: AsyncSession, integration_id: int, entity: EntityType, entity_ids: Sequence[int]
+) -> dict[int, CrmLink]:
+    """The links of these records, created where missing, locked. Another worker creating
+    the same link meanwhile is no error (DO NOTHING): both then lock the one row."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    for start in range(0, len(entity_ids), LINK_INSERT_CHUNK):
+        chunk = entity_ids[start : start + LINK_INSERT_CHUNK]
+        await session.execute(
+            insert(CrmLink)
+            .values(
+                [
+                    {
+                        "integration_id": integration_id,
+                        "entity_type": entity,
+                        "entity_id": entity_id,
+                        "synced": {},
+                        "written": {},
+                        "held": {},
+                        "failures": 0,
+                    }
+                    for entity_id in chunk
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["integration_id", "entity_type", "entity_id"])
+        )
+    return {
+        link.entity_id: link
+        for link in await session.scalars(
+            select(CrmLink)
+            .where(
+                CrmLink.integration_id == integration_id,
+                CrmLink.entity_type == entity,
+                CrmLink.entity_id.in_(entity_ids),
+            )
+            .order_by(CrmLink.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    }
 
 
 def _settle(link: CrmLink) -> None:
@@ -589,6 +638,8 @@ async def apply_in_session(
             CrmLink.external_id.in_({r.external_id for r in records}),
         )
         .order_by(CrmLink.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ):
         assert link.external_id is not None
         links.setdefault(link.external_id, []).append(link)
@@ -610,9 +661,10 @@ async def apply_in_session(
                     dry_run=dry_run,
                     create_leads=create_leads,
                 )
-        except (MemberhubError, ValueError) as exc:
-            message = getattr(exc, "message", None) or str(exc)
-            counts.add("failed", None, None, record.external_id, error=message)
+        except (MemberhubError, ValueError, TypeError, SQLAlchemyError) as exc:
+            # The record's savepoint is rolled back; the others go on.
+            message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            counts.add("failed", None, None, record.external_id[:100], error=message)
 
 
 async def _apply_one(
@@ -629,7 +681,10 @@ async def _apply_one(
     now = utcnow()
     specs = dict(group.specs)
     link = next((c for entity in specs for c in links if c.entity_type == entity), None)
-    if link is not None and _nothing_new(link, record, now):
+    if link is not None and (
+        _nothing_new(link, record, now) or _older(record, link.remote_modified_at)
+    ):
+        # Nothing new, or news older than what was taken already (a retried webhook).
         counts.add("skipped", None, None, record.external_id)
         return
     created = False
@@ -717,7 +772,8 @@ async def _apply_one(
     for name in taken:
         synced[name] = record.properties.get(name)
     link.synced = synced
-    link.remote_modified_at = record.modified_at
+    if record.modified_at is not None and not _older(record, link.remote_modified_at):
+        link.remote_modified_at = record.modified_at
     if kept and link.pending_at is None:
         link.pending_at = link.pending_since = now  # our value goes back to the CRM
     for conflict in conflicts:
@@ -739,6 +795,10 @@ async def _apply_one(
         counts.add("updated", entity, values.public_id, record.external_id, changes=patch)
     else:
         counts.add("skipped", entity, values.public_id, record.external_id)
+
+
+def _older(record: RemoteRecord, taken_at: datetime | None) -> bool:
+    return record.modified_at is not None and taken_at is not None and record.modified_at < taken_at
 
 
 def _nothing_new(link: CrmLink, record: RemoteRecord, now: datetime) -> bool:
@@ -845,16 +905,20 @@ async def _create_lead(
     fields: dict[str, Any] = {}
     custom: dict[str, Any] = {}
     synced: dict[str, Any] = {}
+    status: tuple[str, Any] | None = None
     for field_map in spec.fields:
         if not pulls("leads", field_map) or field_map.target not in record.properties:
             continue
         value = inbound_value(field_map, record.properties[field_map.target])
+        if field_map.source == "status":
+            status = (field_map.target, value)  # a lead starts new; moved below
+            continue
         synced[field_map.target] = record.properties[field_map.target]
         if value is None:
             continue
         if field_map.source.startswith("custom."):
             custom[field_map.source.removeprefix("custom.")] = value
-        elif field_map.source != "status":
+        else:
             fields[field_map.source] = value
     fields.setdefault("email", record.email)
     fields.setdefault("source", ctx.integration.provider)
@@ -871,6 +935,23 @@ async def _create_lead(
     )
     lead = await create_lead(session, _principal(ctx.integration), payload)
     await session.flush()
+    if status is not None and status[1] not in (None, "new"):
+        from memberhub.leads.schemas import LeadPatch
+        from memberhub.leads.service import update_lead
+
+        try:
+            async with session.begin_nested():
+                await update_lead(
+                    session,
+                    _principal(ctx.integration),
+                    lead.public_id,
+                    LeadPatch(status=status[1]),
+                )
+            synced[status[0]] = record.properties[status[0]]
+        except (MemberhubError, ValueError):
+            pass  # not a move a new lead can make: the CRM gets this lead's status back
+    elif status is not None:
+        synced[status[0]] = record.properties[status[0]]
     link = CrmLink(
         integration_id=ctx.integration.id,
         entity_type="leads",
@@ -1000,6 +1081,8 @@ async def execute(db: Database, hub: IntegrationHub, run_id: int) -> SyncRun | N
         stored = await session.get(SyncRun, run.id, with_for_update=True)
         assert stored is not None
         finished = utcnow()
+        if stored.status != RunStatus.RUNNING:
+            return stored  # another worker took over after its lease ran out
         stored.status = RunStatus.FAILED if error else RunStatus.COMPLETED
         stored.error = error
         stored.finished_at = finished

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -326,6 +326,17 @@ class CrmWebhooks(Protocol):
     def webhook_changes(self, event_type: str, payload: Any) -> list[tuple[str, RemoteRecord]]:
         """The changes an inbound event carries, as (CRM object, partial record) pairs:
         only the properties the event names."""
+
+
+def aware_time(value: Any) -> datetime | None:
+    """An ISO 8601 time; one without a zone is taken as UTC."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 class CrmError(Exception):

@@ -34,6 +34,7 @@ from memberhub.integrations.providers.base import (
     CrmError,
     RemoteRecord,
     WriteResult,
+    aware_time,
 )
 from memberhub.integrations.providers.generic import GenericHttp, HttpConfig
 
@@ -102,7 +103,7 @@ class CustomCrm(GenericHttp):
                 for item in found
                 if str(item.get(config.email_field, "")).lower() == record.email.lower()
             ]
-            if matches:
+            if matches and matches[0].get(config.id_field) is not None:
                 record_id = str(matches[0][config.id_field])
         body = dict(record.properties)
         if record_id is not None:
@@ -122,6 +123,8 @@ class CustomCrm(GenericHttp):
         if isinstance(answer, dict) and isinstance(answer.get(config.records_key), dict):
             answer = answer[config.records_key]
         new_id = answer.get(config.id_field) if isinstance(answer, dict) else None
+        if new_id is None and record_id is None:
+            return WriteResult(record.key, None, error=f"the answer has no {config.id_field!r}")
         return WriteResult(
             record.key, str(new_id) if new_id is not None else record_id, created=created
         )
@@ -150,13 +153,7 @@ class CustomCrm(GenericHttp):
         answer = response.json()
         records = []
         for item in _items(answer, config.records_key):
-            modified = item.get(config.updated_field)
-            modified_at = None
-            if isinstance(modified, str):
-                try:
-                    modified_at = datetime.fromisoformat(modified.replace("Z", "+00:00"))
-                except ValueError:
-                    modified_at = None
+            modified_at = aware_time(item.get(config.updated_field))
             records.append(
                 RemoteRecord(
                     external_id=str(item.get(config.id_field)),

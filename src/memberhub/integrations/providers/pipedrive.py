@@ -33,6 +33,7 @@ from memberhub.integrations.providers.base import (
     Provider,
     RemoteRecord,
     WriteResult,
+    aware_time,
 )
 
 Secret = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
@@ -153,7 +154,9 @@ class Pipedrive(Provider):
         if response.status_code >= 400:
             return WriteResult(record.key, None, error=_error(response))
         data = response.json().get("data") or {}
-        return WriteResult(record.key, str(data.get("id")), created=True)
+        if data.get("id") is None:
+            return WriteResult(record.key, None, error="Pipedrive answered without a person id")
+        return WriteResult(record.key, str(data["id"]), created=True)
 
     async def _find(self, connection: Connection, email: str) -> str | None:
         response = await connection.gateway.request(
@@ -234,13 +237,7 @@ def _remote(person: Mapping[str, Any], wanted: Sequence[str]) -> RemoteRecord:
         "phone": _primary(person.get("phones")),
         **(person.get("custom_fields") or {}),
     }
-    modified = person.get("update_time")
-    modified_at = None
-    if isinstance(modified, str):
-        try:
-            modified_at = datetime.fromisoformat(modified.replace("Z", "+00:00"))
-        except ValueError:
-            modified_at = None
+    modified_at = aware_time(person.get("update_time"))
     return RemoteRecord(
         external_id=str(person.get("id")),
         email=flat["email"],

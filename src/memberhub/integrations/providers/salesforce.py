@@ -156,33 +156,47 @@ class Salesforce(Provider):
     async def upsert_contacts(
         self, connection: Connection, object_name: str, records: Sequence[ContactRecord]
     ) -> list[WriteResult]:
+        """Linked records are updated by their Id (a record that began in Salesforce has no
+        memberhub id yet: it gets one now); the others are upserted on memberhub's id."""
         config = connection.config
         assert isinstance(config, SalesforceConfig)
         key = config.external_id_field
-        body = {
-            "allOrNone": False,
-            "records": [
-                {"attributes": {"type": object_name}, **r.properties, key: r.key} for r in records
-            ],
-        }
-        response = await connection.gateway.request(
-            "PATCH",
-            self._path(config, f"/composite/sobjects/{object_name}/{key}"),
-            json=body,
-            retry_safe=True,  # an upsert on our own id
-        )
-        answer = _answer(response)
-        if not isinstance(answer, list) or len(answer) != len(records):
-            raise CrmError("Salesforce answered the upsert with an unexpected body")
-        results = []
-        for record, item in zip(records, answer, strict=True):
-            if item.get("success"):
-                results.append(
-                    WriteResult(record.key, str(item.get("id")), created=bool(item.get("created")))
-                )
-            else:
-                results.append(WriteResult(record.key, None, error=_errors(item.get("errors"))))
-        return results
+        results: dict[str, WriteResult] = {}
+        linked = [r for r in records if r.external_id]
+        unlinked = [r for r in records if not r.external_id]
+        if linked:
+            body = {
+                "allOrNone": False,
+                "records": [
+                    {
+                        "attributes": {"type": object_name},
+                        **r.properties,
+                        key: r.key,
+                        "id": r.external_id,
+                    }
+                    for r in linked
+                ],
+            }
+            response = await connection.gateway.request(
+                "PATCH", self._path(config, "/composite/sobjects"), json=body, retry_safe=True
+            )
+            results.update(_results(linked, _answer(response)))
+        if unlinked:
+            body = {
+                "allOrNone": False,
+                "records": [
+                    {"attributes": {"type": object_name}, **r.properties, key: r.key}
+                    for r in unlinked
+                ],
+            }
+            response = await connection.gateway.request(
+                "PATCH",
+                self._path(config, f"/composite/sobjects/{object_name}/{key}"),
+                json=body,
+                retry_safe=True,  # an upsert on our own id
+            )
+            results.update(_results(unlinked, _answer(response)))
+        return [results[r.key] for r in records]
 
     async def changed_contacts(
         self,
@@ -228,6 +242,22 @@ class Salesforce(Provider):
         ]
         next_page = None if answer.get("done", True) else answer.get("nextRecordsUrl")
         return ChangesPage(records=records, next_page=next_page)
+
+
+def _results(records: Sequence[ContactRecord], answer: Any) -> dict[str, WriteResult]:
+    """sObject Collections answer one result per record, in order."""
+    if not isinstance(answer, list) or len(answer) != len(records):
+        raise CrmError("Salesforce answered the write with an unexpected body")
+    results = {}
+    for record, item in zip(records, answer, strict=True):
+        if isinstance(item, dict) and item.get("success") and item.get("id"):
+            results[record.key] = WriteResult(
+                record.key, str(item["id"]), created=bool(item.get("created"))
+            )
+        else:
+            errors = item.get("errors") if isinstance(item, dict) else None
+            results[record.key] = WriteResult(record.key, None, error=_errors(errors))
+    return results
 
 
 def _answer(response: Any) -> Any:
