@@ -32,26 +32,12 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import update
-from tests.crm.conftest import (
-    CUSTOM_KEY,
-    HUBSPOT_PROPERTIES,
-    HUBSPOT_TOKEN,
-    PIPEDRIVE_TOKEN,
-    SALESFORCE_TOKEN,
-    Crm,
-    add_salesforce_fields,
-    seed_members,
-)
-from tests.fakes.custom_crm import running_fake_custom_crm
-from tests.fakes.hubspot import running_fake_hubspot
-from tests.fakes.pipedrive import running_fake_pipedrive
-from tests.fakes.salesforce import running_fake_salesforce
+from tests.crm.conftest import running_crm, seed_members
 
 from bench.common import DEFAULT_POSTGRES_URL, postgres_reachable
 from bench.members import postgres_database
@@ -100,23 +86,6 @@ class Result:
             f"unchanged: {self.unchanged_requests} requests   "
             f"{self.members / self.full_seconds:,.0f} records/s"
         )
-
-
-@contextlib.asynccontextmanager
-async def running_crm(name: str) -> AsyncIterator[Crm]:
-    factory: Any = {
-        "hubspot": running_fake_hubspot(access_token=HUBSPOT_TOKEN),
-        "salesforce": running_fake_salesforce(access_token=SALESFORCE_TOKEN),
-        "pipedrive": running_fake_pipedrive(api_token=PIPEDRIVE_TOKEN),
-        "custom_crm": running_fake_custom_crm(api_key=CUSTOM_KEY),
-    }[name]
-    async with factory as fake:
-        if name == "hubspot":
-            for prop in HUBSPOT_PROPERTIES:
-                fake.add_property(prop)
-        elif name == "salesforce":
-            add_salesforce_fields(fake)
-        yield Crm(name, fake)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,9 +133,10 @@ async def pipedrive() -> AsyncIterator[FakePipedrive]:
         yield fake
 
 
-@pytest.fixture(params=["hubspot", "salesforce", "pipedrive", "custom_crm"])
-async def crm(request: pytest.FixtureRequest) -> AsyncIterator[Crm]:
-    name = request.param
+@asynccontextmanager
+async def running_crm(name: str) -> AsyncIterator[Crm]:
+    """The named vendor's fake, running, with the custom properties and fields the default
+    mappings write."""
     factory: Any = {
         "hubspot": running_fake_hubspot(access_token=HUBSPOT_TOKEN),
         "salesforce": running_fake_salesforce(access_token=SALESFORCE_TOKEN),
@@ -148,6 +150,12 @@ async def crm(request: pytest.FixtureRequest) -> AsyncIterator[Crm]:
         elif name == "salesforce":
             add_salesforce_fields(fake)
         yield Crm(name, fake)
+
+
+@pytest.fixture(params=["hubspot", "salesforce", "pipedrive", "custom_crm"])
+async def crm(request: pytest.FixtureRequest) -> AsyncIterator[Crm]:
+    async with running_crm(request.param) as running:
+        yield running
 
 
 @pytest.fixture

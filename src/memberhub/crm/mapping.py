@@ -300,6 +300,22 @@ def email_target(spec: ObjectSync) -> str:
 DefaultsFactory = Callable[[], SyncSettings]
 
 
+def person_fields(
+    email: str,
+    first_name: str,
+    last_name: str,
+    phone: str,
+    *,
+    defaults: Mapping[str, str] | None = None,
+) -> list[FieldMap]:
+    """The fields every CRM keeps of a person, under the CRM's names; `defaults` by source."""
+    targets = {"email": email, "first_name": first_name, "last_name": last_name, "phone": phone}
+    return [
+        FieldMap(source=source, target=target, default=(defaults or {}).get(source))
+        for source, target in targets.items()
+    ]
+
+
 def with_defaults(value: Any, defaults: DefaultsFactory) -> Any:
     """A provider's `sync` as given, with its default mapping for members or leads where
     the given settings do not mention them (null: not synced)."""

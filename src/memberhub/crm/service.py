@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.auth.principal import Principal
@@ -153,17 +153,10 @@ async def get_run(
 async def list_records(
     session: AsyncSession, run: SyncRun, *, outcome: str | None, after_id: int | None, limit: int
 ) -> list[SyncRunRecord]:
-    query = (
-        select(SyncRunRecord)
-        .where(SyncRunRecord.run_id == run.id)
-        .order_by(SyncRunRecord.id)
-        .limit(limit + 1)
-    )
+    filters = [SyncRunRecord.run_id == run.id]
     if outcome is not None:
-        query = query.where(SyncRunRecord.outcome == outcome)
-    if after_id is not None:
-        query = query.where(SyncRunRecord.id > after_id)
-    return list(await session.scalars(query))
+        filters.append(SyncRunRecord.outcome == outcome)
+    return await _oldest_first(session, SyncRunRecord, filters, after_id, limit)
 
 
 async def list_conflicts(
@@ -174,16 +167,26 @@ async def list_conflicts(
     after_id: int | None,
     limit: int,
 ) -> list[CrmConflict]:
-    query = (
-        select(CrmConflict)
-        .where(CrmConflict.integration_id == integration.id)
-        .order_by(CrmConflict.id)
-        .limit(limit + 1)
-    )
+    filters = [CrmConflict.integration_id == integration.id]
     if status is not None:
-        query = query.where(CrmConflict.status == status)
+        filters.append(CrmConflict.status == status)
+    return await _oldest_first(session, CrmConflict, filters, after_id, limit)
+
+
+Row = TypeVar("Row", SyncRunRecord, CrmConflict)
+
+
+async def _oldest_first(
+    session: AsyncSession,
+    model: type[Row],
+    filters: list[ColumnElement[bool]],
+    after_id: int | None,
+    limit: int,
+) -> list[Row]:
+    """A page of rows by id (one more than `limit`, for `build_page`)."""
     if after_id is not None:
-        query = query.where(CrmConflict.id > after_id)
+        filters = [*filters, model.id > after_id]
+    query = select(model).where(*filters).order_by(model.id).limit(limit + 1)
     return list(await session.scalars(query))
 
 

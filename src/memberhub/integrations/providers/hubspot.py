@@ -18,7 +18,13 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, StringConstraints, field_validator
 
-from memberhub.crm.mapping import FieldMap, ObjectSync, SyncSettings, with_defaults
+from memberhub.crm.mapping import (
+    FieldMap,
+    ObjectSync,
+    SyncSettings,
+    person_fields,
+    with_defaults,
+)
 from memberhub.integrations import signatures
 from memberhub.integrations.gateway import VENDOR_POLICIES, GatewayPolicy
 from memberhub.integrations.providers.base import (
@@ -44,12 +50,7 @@ Secret = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, m
 def default_sync() -> SyncSettings:
     """Seed 003's HubSpot table, plus the loyalty values as custom contact properties
     (create `memberhub_*` properties in HubSpot, or remove them from the mapping)."""
-    contact = [
-        FieldMap(source="email", target="email"),
-        FieldMap(source="first_name", target="firstname"),
-        FieldMap(source="last_name", target="lastname"),
-        FieldMap(source="phone", target="phone"),
-    ]
+    contact = person_fields("email", "firstname", "lastname", "phone")
     return SyncSettings(
         members=ObjectSync(
             object="contacts",

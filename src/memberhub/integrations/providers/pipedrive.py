@@ -18,7 +18,13 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, StringConstraints, field_validator
 
-from memberhub.crm.mapping import FieldMap, ObjectSync, SyncSettings, with_defaults
+from memberhub.crm.mapping import (
+    FieldMap,
+    ObjectSync,
+    SyncSettings,
+    person_fields,
+    with_defaults,
+)
 from memberhub.integrations.gateway import VENDOR_POLICIES, GatewayPolicy
 from memberhub.integrations.providers.base import (
     BaseConfig,
@@ -46,11 +52,8 @@ def default_sync() -> SyncSettings:
     """Seed 003's Pipedrive table, for persons (custom fields have account-specific keys,
     so the loyalty values are added by mapping them to a key)."""
     person = [
-        FieldMap(source="email", target="email"),
-        FieldMap(source="first_name", target="first_name"),
-        FieldMap(source="last_name", target="last_name"),
+        *person_fields("email", "first_name", "last_name", "phone"),
         FieldMap(source="full_name", target="name"),
-        FieldMap(source="phone", target="phone"),
     ]
     return SyncSettings(
         members=ObjectSync(object="persons", fields=person),

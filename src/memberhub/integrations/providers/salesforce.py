@@ -17,7 +17,13 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, StringConstraints, field_validator
 
-from memberhub.crm.mapping import FieldMap, ObjectSync, SyncSettings, with_defaults
+from memberhub.crm.mapping import (
+    FieldMap,
+    ObjectSync,
+    SyncSettings,
+    person_fields,
+    with_defaults,
+)
 from memberhub.integrations.gateway import VENDOR_POLICIES, GatewayPolicy
 from memberhub.integrations.providers.base import (
     BaseConfig,
@@ -49,13 +55,10 @@ LEAD_STATUS = {
 
 def default_sync() -> SyncSettings:
     """Seed 003's Salesforce table: members as Contacts, leads as Leads."""
-    person = [
-        FieldMap(source="email", target="Email"),
-        FieldMap(source="first_name", target="FirstName"),
-        # Salesforce requires a last name; "[not provided]" is its own placeholder.
-        FieldMap(source="last_name", target="LastName", default="[not provided]"),
-        FieldMap(source="phone", target="Phone"),
-    ]
+    # Salesforce requires a last name; "[not provided]" is its own placeholder.
+    person = person_fields(
+        "Email", "FirstName", "LastName", "Phone", defaults={"last_name": "[not provided]"}
+    )
     return SyncSettings(
         members=ObjectSync(
             object="Contact",
