@@ -27,7 +27,7 @@ class SyncRunOut(BaseModel):
     skipped: int
     failed: int
     conflicts: int
-    requests: int = Field(description="Requests made to the CRM (batches, pages).")
+    requests: int = Field(description="Batches written to the CRM and pages read from it.")
     cursor_before: dict[str, Any]
     cursor_after: dict[str, Any]
     error: str | None
