@@ -77,15 +77,14 @@ async def alert_events(api: ApiClient) -> list[dict[str, Any]]:
 
 
 def mid_month_after(moment: datetime) -> datetime:
-    """A moment a day or more after `moment`, on the 2nd to the 25th of its month, so that
+    """A moment a day or more after `moment`, on the 5th to the 25th of its month, so that
     it and the two days after it share one calendar month, and the first day of the next
-    month is less than 30 days later."""
+    month is less than 30 days later (from the 2nd of a 31-day month it is 30 days)."""
     candidate = moment + timedelta(days=1)
-    if candidate.day == 1:
-        return candidate + timedelta(days=1)
     if candidate.day > 25:
-        next_month = (candidate.replace(day=1) + timedelta(days=32)).replace(day=2)
-        return next_month
+        return (candidate.replace(day=1) + timedelta(days=32)).replace(day=5)
+    if candidate.day < 5:
+        return candidate.replace(day=5)
     return candidate
 
 
