@@ -62,6 +62,7 @@ from memberhub.integrations.providers.base import (
     CrmError,
     RemoteRecord,
     WriteResult,
+    aware_time,
 )
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
@@ -558,15 +559,6 @@ def _groups(settings: SyncSettings) -> list[_Group]:
     return list(groups.values())
 
 
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 async def pull(db: Database, ctx: Context, run: SyncRun, counts: Counts) -> dict[str, Any]:
     """Take the CRM's changes since each object's watermark; return the new watermarks."""
     async with db.transaction(read_only=True) as session:
@@ -575,7 +567,7 @@ async def pull(db: Database, ctx: Context, run: SyncRun, counts: Counts) -> dict
     run.cursor_before = dict(watermarks)
     lookback = timedelta(seconds=ctx.settings.pull_lookback_seconds)
     for group in _groups(ctx.settings):
-        mark = _parse_time(watermarks.get(group.object_name))
+        mark = aware_time(watermarks.get(group.object_name))
         since = mark - lookback if mark is not None else None
         page: str | None = None
         newest = mark

@@ -42,6 +42,7 @@ from memberhub.integrations.providers.base import (
     Provider,
     RemoteRecord,
     WriteResult,
+    aware_time,
 )
 
 Secret = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
@@ -369,15 +370,7 @@ def _errors_by_id(answer: Mapping[str, Any]) -> dict[str, str]:
 
 def _remote(item: Mapping[str, Any], wanted: Sequence[str]) -> RemoteRecord:
     properties = item.get("properties") or {}
-    modified = properties.get("lastmodifieddate") or item.get("updatedAt")
-    modified_at = None
-    if isinstance(modified, str):
-        try:
-            modified_at = datetime.fromisoformat(modified.replace("Z", "+00:00"))
-        except ValueError:
-            modified_at = None
-    if modified_at is not None and modified_at.tzinfo is None:
-        modified_at = modified_at.replace(tzinfo=UTC)
+    modified_at = aware_time(properties.get("lastmodifieddate") or item.get("updatedAt"))
     return RemoteRecord(
         external_id=str(item.get("id")),
         email=properties.get("email") or None,

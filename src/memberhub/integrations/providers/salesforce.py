@@ -38,6 +38,7 @@ from memberhub.integrations.providers.base import (
     Provider,
     RemoteRecord,
     WriteResult,
+    aware_time,
 )
 
 Secret = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)]
@@ -292,7 +293,4 @@ def _timestamp(value: Any) -> datetime | None:
         # 2024-05-01T12:00:00.000+0000
         return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%f%z")
     except ValueError:
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
+        return aware_time(value)
