@@ -211,8 +211,11 @@ def apikey_ensure_admin() -> None:
 def audit_verify() -> None:
     """Check the audit log's hash chain; exit 1 at the first altered entry."""
     from memberhub.audit.service import verify_chain
+    from memberhub.events.sequencer import run_passes
 
     async def work(db: Database) -> tuple[int, int | None, str | None]:
+        # Link what has committed but not been chained yet, then check the whole chain.
+        await run_passes(db)
         async with db.transaction(read_only=True) as session:
             verdict = await verify_chain(session)
             return verdict.checked, verdict.first_bad_id, verdict.reason

@@ -95,6 +95,23 @@ class Settings(BaseSettings):
         default=0.5, ge=0.01, description="How often an idle delivery loop looks for new work."
     )
 
+    cache_ttl_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="How long each process keeps API keys, program settings and tiers; a "
+        "change made through another process is seen within this (0: no caching).",
+    )
+
+    # The sequencer (event feed positions and the audit chain, assigned after commit).
+    sequencer_interval_seconds: float = Field(
+        default=0.05,
+        gt=0,
+        le=60,
+        description="How often the worker's sequencer looks for changes committed by other "
+        "processes (its own process's commits wake it at once).",
+    )
+
     # Integrations.
     public_url: str = Field(
         default="http://127.0.0.1:8000",

@@ -17,6 +17,7 @@ from memberhub.auth import keys
 from memberhub.auth.models import ApiKey
 from memberhub.auth.roles import Role
 from memberhub.cli import app as cli_app
+from memberhub.events.sequencer import run_passes
 from memberhub.kit.db import Database
 from tests.conftest import issue_key
 from tests.support import ApiClient
@@ -234,9 +235,10 @@ async def run_verify(database_url: str, tmp_path: Path) -> Result:
 
 @pytest.fixture
 async def five_entries(api: ApiClient, db: Database) -> list[int]:
-    """The admin key's creation plus four member creations."""
+    """The admin key's creation plus four member creations, linked into the chain."""
     for n in range(4):
         await api.create_member(email=f"chain{n}@example.com")
+    await run_passes(db)
     ids = await audit_ids(db)
     assert len(ids) == 5
     return ids
@@ -302,6 +304,7 @@ async def test_audit_verify_fails_when_an_entry_is_edited_and_rehashed(
         entry = await session.get(AuditEntry, target)
         assert entry is not None
         entry.changes = {"email": {"before": None, "after": "forged@example.com"}}
+        assert entry.prev_hash is not None
         entry.hash = entry_hash(entry, entry.prev_hash)
 
     verdict = await run_verify(database_url, tmp_path)

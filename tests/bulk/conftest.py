@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 
 from memberhub.bulk.jobs import process_bulk_awards
 from memberhub.bulk.models import BulkJob, BulkJobChunk, BulkJobRow
+from memberhub.events.sequencer import run_passes
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from tests.support import ApiClient
@@ -45,10 +46,12 @@ async def upload_json(api: ApiClient, document: Any, expect: int = 202) -> dict[
 
 
 async def run_worker(db: Database, now: datetime | None = None) -> int:
-    """Run the scheduled job until it finds nothing to do; the rows it processed."""
+    """Run the scheduled job until it finds nothing to do, then sequence its events and
+    audit entries as the worker's tick does; the rows it processed."""
     total = 0
     while processed := await process_bulk_awards(db, now or utcnow()):
         total += processed
+    await run_passes(db)
     return total
 
 

@@ -17,6 +17,7 @@ from memberhub.audit.models import AuditEntry
 from memberhub.auth.roles import Role
 from memberhub.events.catalog import CATALOG
 from memberhub.events.models import Event
+from memberhub.events.sequencer import run_passes
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
 from tests.conftest import issue_key
@@ -93,15 +94,34 @@ async def test_create_failing_at_commit_leaves_no_member_event_or_audit_row(
     db: Database, tolerant_api: ApiClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     audit_before = await count(db, AuditEntry)
-    # Hashing the audit entry happens inside session.commit(), after every insert.
-    monkeypatch.setattr("memberhub.audit.service.entry_hash", boom)
+    # Everything is flushed; the COMMIT itself fails.
+    monkeypatch.setattr("sqlalchemy.ext.asyncio.AsyncSession.commit", boom)
 
     response = await tolerant_api.post(MEMBERS, {"email": "late@example.com"})
 
     assert response.status_code == 500
+    monkeypatch.undo()
     assert await count(db, Member) == 0
     assert await count(db, Event) == 0
     assert await count(db, AuditEntry) == audit_before
+
+
+async def test_a_failed_sequencing_pass_loses_nothing(
+    db: Database, api: ApiClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The change commits without the sequencer; a pass that fails changes nothing, and the
+    # next one numbers the event and links the audit entry.
+    monkeypatch.setattr("memberhub.events.sequencer.entry_hash", boom)
+    member = await api.create_member()
+    with pytest.raises(Boom):
+        await run_passes(db)
+    assert await count(db, Event, Event.position.is_not(None)) == 0
+    assert await count(db, AuditEntry, AuditEntry.chain_position.is_not(None)) == 0
+    monkeypatch.undo()
+
+    [event] = await list_events(api)
+    assert event["member_id"] == member["id"]
+    assert await count(db, AuditEntry, AuditEntry.chain_position.is_(None)) == 0
 
 
 async def test_update_failing_half_way_leaves_the_member_and_events_unchanged(

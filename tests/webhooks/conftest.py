@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from memberhub.events.catalog import AlertRaised
 from memberhub.events.models import Event
+from memberhub.events.sequencer import run_passes
 from memberhub.events.service import emit_many
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
@@ -81,6 +82,7 @@ async def emit_alerts(db: Database, count: int) -> list[str]:
     ]
     async with db.transaction() as session:
         await emit_many(session, data, occurred_at=now)
+    await run_passes(db)
     async with db.transaction() as session:
         ids = await session.scalars(
             select(Event.public_id).where(Event.type == "alert.raised").order_by(Event.position)

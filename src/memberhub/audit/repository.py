@@ -24,11 +24,17 @@ class AuditRepository:
         self.session = session
 
     async def list(
-        self, filters: AuditFilters, *, after_id: int | None, limit: int
+        self, filters: AuditFilters, *, after_position: int | None, limit: int
     ) -> Sequence[AuditEntry]:
-        query = select(AuditEntry).order_by(AuditEntry.id).limit(limit + 1)
-        if after_id is not None:
-            query = query.where(AuditEntry.id > after_id)
+        """Entries in chain order (those the sequencer has linked)."""
+        query = (
+            select(AuditEntry)
+            .where(AuditEntry.chain_position.is_not(None))
+            .order_by(AuditEntry.chain_position)
+            .limit(limit + 1)
+        )
+        if after_position is not None:
+            query = query.where(AuditEntry.chain_position > after_position)
         if filters.actor is not None:
             query = query.where(AuditEntry.actor == filters.actor)
         if filters.action is not None:
@@ -41,12 +47,12 @@ class AuditRepository:
             query = query.where(AuditEntry.occurred_at < filters.occurred_to)
         return (await self.session.scalars(query)).all()
 
-    async def chunk_after(self, after_id: int, limit: int) -> Sequence[AuditEntry]:
+    async def chain_after(self, after_position: int, limit: int) -> Sequence[AuditEntry]:
         return (
             await self.session.scalars(
                 select(AuditEntry)
-                .where(AuditEntry.id > after_id)
-                .order_by(AuditEntry.id)
+                .where(AuditEntry.chain_position > after_position)
+                .order_by(AuditEntry.chain_position)
                 .limit(limit)
             )
         ).all()

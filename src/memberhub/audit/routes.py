@@ -3,11 +3,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from memberhub.audit.repository import AuditFilters, AuditRepository
 from memberhub.auth.dependencies import AuditReader
+from memberhub.events.sequencer import catch_up
 from memberhub.kit.errors import Forbidden
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
@@ -20,6 +21,7 @@ router = APIRouter(
 
 class AuditEntryOut(BaseModel):
     id: int
+    chain_position: int
     occurred_at: datetime
     actor: str
     action: str
@@ -34,6 +36,7 @@ class AuditEntryOut(BaseModel):
 
 @router.get("")
 async def list_audit_entries(
+    request: Request,
     session: DbSession,
     principal: AuditReader,
     page: Annotated[PageParams, Depends(page_params)],
@@ -49,6 +52,8 @@ async def list_audit_entries(
             "The audit log covers the whole installation; use a key not bound to an organisation.",
             code="AUDIT_REQUIRES_INSTALLATION_KEY",
         )
+    # Entries are listed in chain order once linked: link what has committed so far first.
+    await catch_up(request.app.state.db, session)
     filters = AuditFilters(
         actor=actor,
         action=action,
@@ -56,8 +61,10 @@ async def list_audit_entries(
         occurred_from=occurred_from,
         occurred_to=occurred_to,
     )
-    rows = await AuditRepository(session).list(filters, after_id=page.after_id, limit=page.limit)
-    items, pagination = build_page(rows, page.limit)
+    rows = await AuditRepository(session).list(
+        filters, after_position=page.after_id, limit=page.limit
+    )
+    items, pagination = build_page(rows, page.limit, key="chain_position")
     return Page(
         data=[AuditEntryOut.model_validate(e, from_attributes=True) for e in items],
         pagination=pagination,

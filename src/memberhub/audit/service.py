@@ -1,32 +1,28 @@
 """A hash-chained audit log.
 
-Services call `record_write`; the entries are held on the session and written, chained to
-the newest entry, just before the transaction commits. Holding the chain lock only for that
-last moment keeps concurrent writers from serialising on it for longer than the commit.
+Services call `record_write`; the entry is written in the caller's transaction with no link.
+After it commits, the sequencer (`events/sequencer.py`) gives it its place in the chain and
+its hash, chained to the entry before it, so writers never wait on one another for the
+chain. `verify_chain` walks the chain in that order.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
 
+from memberhub.audit.chain import GENESIS_HASH, entry_hash
 from memberhub.audit.models import AuditEntry
 from memberhub.audit.repository import AuditRepository
+from memberhub.events.sequencer import mark_for_sequencing
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
-from memberhub.kit.db import lock_commit_order
-from memberhub.kit.pending import is_savepoint_release, pending, track_savepoints
 
-GENESIS_HASH = "0" * 64
-_PENDING_KEY = "memberhub.pending_audit"
+__all__ = ["GENESIS_HASH", "ChainVerdict", "diff", "entry_hash", "record_write", "verify_chain"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -58,7 +54,8 @@ def record_write(
     object_id: str,
     changes: dict[str, Any],
 ) -> None:
-    pending(session.sync_session, _PENDING_KEY).append(
+    """Add the audit entry of a write to the caller's transaction (at its next flush)."""
+    session.add(
         AuditEntry(
             occurred_at=utcnow(),
             actor=actor.id,
@@ -70,45 +67,7 @@ def record_write(
             client_ip=actor.client_ip,
         )
     )
-
-
-def entry_hash(entry: AuditEntry, prev_hash: str) -> str:
-    content = {
-        "prev_hash": prev_hash,
-        "occurred_at": entry.occurred_at.isoformat(),
-        "actor": entry.actor,
-        "action": entry.action,
-        "object_type": entry.object_type,
-        "object_id": entry.object_id,
-        "changes": entry.changes,
-        "request_id": entry.request_id,
-        "client_ip": entry.client_ip,
-    }
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-track_savepoints(_PENDING_KEY)
-
-
-@event.listens_for(Session, "before_commit")
-def _append_pending_entries(session: Session) -> None:
-    if is_savepoint_release(session):
-        return
-    held: list[AuditEntry] = session.info.pop(_PENDING_KEY, [])
-    if not held:
-        return
-    lock_commit_order(session)
-    prev_hash = session.execute(
-        select(AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1)
-    ).scalar_one_or_none()
-    prev_hash = prev_hash or GENESIS_HASH
-    for entry in held:
-        entry.prev_hash = prev_hash
-        entry.hash = entry_hash(entry, prev_hash)
-        prev_hash = entry.hash
-        session.add(entry)
-    session.flush()
+    mark_for_sequencing(session)
 
 
 @dataclass(frozen=True)
@@ -128,22 +87,23 @@ def verify_entries(entries: Sequence[AuditEntry], prev_hash: str = GENESIS_HASH)
             return ChainVerdict(count, entry.id, "prev_hash does not match the previous entry")
         if entry_hash(entry, prev_hash) != entry.hash:
             return ChainVerdict(count, entry.id, "content does not match its hash")
-        prev_hash = entry.hash
+        prev_hash = entry.hash or ""
     return ChainVerdict(len(entries), None, None)
 
 
 async def verify_chain(session: AsyncSession, *, chunk_size: int = 2000) -> ChainVerdict:
-    """Walk the whole log in id order; report the first entry that was altered."""
+    """Walk the whole chain in order; report the first entry that was altered. Entries not
+    yet linked by the sequencer are not part of it yet."""
     prev_hash = GENESIS_HASH
-    after_id = 0
+    after = 0
     checked = 0
     while True:
-        rows = await AuditRepository(session).chunk_after(after_id, chunk_size)
+        rows = await AuditRepository(session).chain_after(after, chunk_size)
         if not rows:
             return ChainVerdict(checked, None, None)
         verdict = verify_entries(rows, prev_hash)
         if not verdict.intact:
             return ChainVerdict(checked + verdict.checked, verdict.first_bad_id, verdict.reason)
         checked += len(rows)
-        prev_hash = rows[-1].hash
-        after_id = rows[-1].id
+        prev_hash = rows[-1].hash or ""
+        after = rows[-1].chain_position or 0

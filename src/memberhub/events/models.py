@@ -23,11 +23,19 @@ class Event(IdMixin, Base):
             postgresql_where=text("dispatched_at IS NULL"),
             sqlite_where=text("dispatched_at IS NULL"),
         ),
+        # The sequencer's queue: committed events not yet given a feed position.
+        Index(
+            "ix_events_unsequenced",
+            "id",
+            postgresql_where=text("position IS NULL"),
+            sqlite_where=text("position IS NULL"),
+        ),
     )
 
     public_id: Mapped[str] = mapped_column(String(32), unique=True)
-    # Commit order: assigned as the transaction commits, so a reader paging by position never
-    # passes an event that commits later (ids are assigned earlier, at insert).
+    # Feed order: assigned after commit by the sequencer (`events/sequencer.py`), in the order
+    # events became visible, so a reader paging by position never passes an event that
+    # commits later (ids are assigned earlier, at insert). NULL until then.
     position: Mapped[int | None] = mapped_column(BigInteger, unique=True)
     type: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer, default=1)

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 
 from memberhub.auth.dependencies import EventsReader
 from memberhub.events.catalog import CATALOG, schema_for
 from memberhub.events.models import Event
 from memberhub.events.repository import EventFilters, EventRepository
 from memberhub.events.schemas import EventOut, EventTypeList, EventTypeOut
+from memberhub.events.sequencer import catch_up
 from memberhub.kit.errors import NotFound, ValidationFailed
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
@@ -32,6 +33,7 @@ def to_out(event: Event) -> EventOut:
 
 @router.get("/events")
 async def list_events(
+    request: Request,
     session: DbSession,
     principal: EventsReader,
     page: Annotated[PageParams, Depends(page_params)],
@@ -43,8 +45,9 @@ async def list_events(
     occurred_from: UTCDatetime | None = None,
     occurred_to: UTCDatetime | None = None,
 ) -> Page[EventOut]:
-    """Events in the order their changes committed. `next_cursor` is set whenever the page has
-    events, also on the last page: poll with it to receive only newer events."""
+    """Events in the order their changes committed (numbered just after commit).
+    `next_cursor` is set whenever the page has events, also on the last page: poll with it
+    to receive only newer events."""
     types = tuple(type or ())
     unknown = sorted(set(types) - set(CATALOG))
     if unknown:
@@ -52,6 +55,8 @@ async def list_events(
             "Unknown event types.",
             details={"unknown_types": unknown[:20], "known_types": sorted(CATALOG)},
         )
+    # The feed lists sequenced events; sequence what has committed so far before reading.
+    await catch_up(request.app.state.db, session)
     filters = EventFilters(
         types=types,
         member_public_id=member_id,

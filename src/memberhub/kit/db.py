@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Integer, MetaData, event, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -77,14 +79,37 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         )
         _configure_sqlite(engine.sync_engine)
         return engine
-    return create_async_engine(
-        url,
-        echo=echo,
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-        hide_parameters=True,
+    engine = create_async_engine(
+        url, echo=echo, pool_size=pool_size, max_overflow=pool_size, hide_parameters=True
     )
+    _ping_idle_connections(engine.sync_engine)
+    return engine
+
+
+# A pooled connection unused this long is checked before it is handed out; busy ones are not.
+IDLE_PING_SECONDS = 10.0
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Pre-ping only connections that sat idle: a busy pool pays no round trip per checkout,
+    and one the server dropped while idle (a restart, an idle timeout) is replaced before a
+    request sees it. A connection failing on its first use anyway is discarded by the pool
+    and its request answered 503 (`kit/http.py`), to be retried."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < IDLE_PING_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool discards this connection and checks out another.
+            raise DisconnectionError("an idle connection was dropped") from exc
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -109,11 +134,6 @@ def _configure_sqlite(engine: Engine) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-# An arbitrary constant naming the advisory lock taken by committing writers that append to
-# an ordered log (audit chain, event positions).
-_COMMIT_ORDER_LOCK = 7_320_114_001
-
-
 def advisory_xact_lock(session: Session, lock_id: int) -> None:
     """Hold a PostgreSQL advisory lock until the transaction ends (re-entrant within it).
 
@@ -125,13 +145,12 @@ def advisory_xact_lock(session: Session, lock_id: int) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": lock_id})
 
 
-def lock_commit_order(session: Session) -> None:
-    """Serialise, until commit, the transactions that append to an ordered log.
-
-    Whatever a holder writes is committed before the next holder reads the log's tail, so
-    order of writing is order of commit.
-    """
-    advisory_xact_lock(session, _COMMIT_ORDER_LOCK)
+def try_advisory_xact_lock(session: Session, lock_id: int) -> bool:
+    """`advisory_xact_lock` without waiting: False when another transaction holds it."""
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    taken = session.execute(text("SELECT pg_try_advisory_xact_lock(:lock)"), {"lock": lock_id})
+    return bool(taken.scalar_one())
 
 
 class Database:

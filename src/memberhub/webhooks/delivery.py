@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.events.catalog import WebhookTest
 from memberhub.events.models import Event
+from memberhub.events.sequencer import sequence_pending
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox, SecretUnreadable
 from memberhub.kit.db import Database
@@ -110,6 +111,9 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
         )
         if not got:
             return 0
+    # Fan-out takes events in feed order: number what has committed without waiting for the
+    # sequencer loop (a pass running elsewhere is left to it).
+    await sequence_pending(session, wait=False)
     events = (
         await session.execute(
             select(Event.id, Event.position, Event.type, Event.organisation_id)
@@ -384,12 +388,11 @@ class DeliveryLoop:
 
     async def _undispatched(self) -> bool:
         """A cheap read first: most steps find nothing to fan out, and on SQLite the fan-out
-        transaction would take the one write lock for nothing."""
+        transaction would take the one write lock for nothing. Events not yet numbered count:
+        fan-out numbers them."""
         async with self.db.transaction(read_only=True) as session:
             found = await session.scalar(
-                select(Event.id)
-                .where(Event.dispatched_at.is_(None), Event.position.is_not(None))
-                .limit(1)
+                select(Event.id).where(Event.dispatched_at.is_(None)).limit(1)
             )
         return found is not None
 

@@ -15,6 +15,7 @@ from memberhub.audit.service import diff, record_write
 from memberhub.auth.principal import Principal
 from memberhub.events.catalog import WebhookEndpointDisabled, WebhookTest
 from memberhub.events.models import Event
+from memberhub.events.sequencer import sequence_pending
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
@@ -95,6 +96,9 @@ async def create_endpoint(
     await ssrf.check_url(payload.url, policy)
     secret = new_secret()
     now = utcnow()
+    # Events committed before now are numbered first, so "after the endpoint was created"
+    # means what it says (this holds the sequencer until the endpoint commits: a rare write).
+    await sequence_pending(session)
     last_position = await session.scalar(select(func.max(Event.position)))
     endpoint = WebhookEndpoint(
         public_id=new_public_id("whk"),

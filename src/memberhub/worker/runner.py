@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from memberhub.alerts.jobs import check_rates
 from memberhub.bulk.jobs import process_bulk_awards
 from memberhub.crm.jobs import run_crm_sync
+from memberhub.events.sequencer import SequencerLoop, run_passes
 from memberhub.idempotency.service import purge_expired
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.inbound import process_inbound
@@ -134,6 +135,10 @@ class Worker:
             # Every tick: changes reach the CRM one coalescing period after they settle.
             jobs.insert(1, Job("crm.sync", 0.0, chunked=sync_crms))
         self.jobs = tuple(jobs)
+        self.sequencer = SequencerLoop(
+            db,
+            interval_seconds=settings.sequencer_interval_seconds if settings is not None else 0.05,
+        )
         self.deliveries = (
             DeliveryLoop(
                 db,
@@ -150,6 +155,8 @@ class Worker:
         """Beat, then run each job that is due (or all of them with force)."""
         async with self.db.transaction() as session:
             await heartbeat.beat(session, self.worker_id, self.started_at)
+        # Jobs reading the event feed see everything committed before the tick.
+        await run_passes(self.db, wait=False)
         loop = asyncio.get_running_loop()
         results: dict[str, int] = {}
         for job in self.jobs:
@@ -164,10 +171,13 @@ class Worker:
                 continue
             if results[job.name]:
                 log.info("job_done", job=job.name, affected=results[job.name])
+        # And the jobs' own events and audit entries, without waiting for the sequencer loop.
+        await run_passes(self.db, wait=False)
         return results
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         log.info("worker_started", worker_id=self.worker_id)
+        sequencer = asyncio.create_task(self.sequencer.run(stop))
         deliveries = (
             asyncio.create_task(self.deliveries.run(stop)) if self.deliveries is not None else None
         )
@@ -176,6 +186,7 @@ class Worker:
         finally:
             if deliveries is not None:
                 await deliveries
+            await sequencer
             if self._own_hub and self.hub is not None:
                 await self.hub.drain()
                 await self.hub.aclose()

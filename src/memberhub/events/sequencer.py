@@ -1,0 +1,243 @@
+"""The sequencer: feed positions and the audit chain, assigned after commit.
+
+A change inserts its events and audit entries with no position and no hash, and commits
+without waiting on any other change. A sequencing pass then, in a short transaction of its
+own, numbers the committed events that have no position yet, continuing from the highest
+position, and links the committed audit entries not yet in the chain to the chain's head.
+Passes run one at a time: a PostgreSQL advisory lock held by the pass (never by a change),
+or SQLite's single writer.
+
+Why a reader never skips an event: positions are written only by passes, passes commit one
+after another, and each numbers from the highest position committed before it. A reader
+therefore sees positions 1..N without a gap, whatever it reads and whenever. A transaction
+that began early and commits late is not yet visible to the pass that numbers the changes
+committed around it; its events are numbered by a later pass, above every position handed
+out before, so a reader that already passed those positions still receives them next.
+
+Order: events are numbered in the order they became visible; those that became visible
+between two passes in the order they were written. Changes to one member are serialised by
+its row lock, so one member's events always keep the order of its changes.
+
+Who runs passes: the worker's sequencer loop (woken at once by commits in its own process,
+and polling every `sequencer_interval_seconds` for other processes' commits), and anything
+about to read what passes produce (the event feed, the audit log and its check, webhook
+fan-out, worker ticks), so a reader never waits for the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import cast
+
+import structlog
+from sqlalchemy import Table, bindparam, select, text, update
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from memberhub.audit.chain import GENESIS_HASH, entry_hash
+from memberhub.audit.models import AuditEntry
+from memberhub.kit.db import Database, advisory_xact_lock, try_advisory_xact_lock
+
+log = structlog.get_logger("memberhub.sequencer")
+
+# An arbitrary constant naming the advisory lock that serialises sequencing passes.
+SEQUENCER_LOCK = 7_320_114_002
+# Rows numbered or linked per pass; a larger backlog takes several passes.
+PASS_LIMIT = 5000
+_MARK = "memberhub.sequence"
+
+_NUMBER_EVENTS = text(
+    """
+    UPDATE events SET position = numbered.base + numbered.n
+    FROM (
+        SELECT pending.id AS id,
+               row_number() OVER (ORDER BY pending.id) AS n,
+               (SELECT coalesce(max(position), 0) FROM events) AS base
+        FROM events AS pending
+        WHERE pending.position IS NULL
+        ORDER BY pending.id
+        LIMIT :limit
+    ) AS numbered
+    WHERE events.id = numbered.id
+    """
+)
+_ANYTHING_PENDING = text(
+    "SELECT EXISTS (SELECT 1 FROM events WHERE position IS NULL)"
+    " OR EXISTS (SELECT 1 FROM audit_log WHERE chain_position IS NULL)"
+)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    events: int
+    audit_entries: int
+
+    @property
+    def full(self) -> bool:
+        """The pass hit its limit: more may be waiting."""
+        return self.events >= PASS_LIMIT or self.audit_entries >= PASS_LIMIT
+
+
+class _Doorbell:
+    """Wakes this process's sequencer loop when a transaction that wrote events or audit
+    entries commits, so a single-process installation sequences them at once."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
+
+    def ring(self) -> None:
+        for loop, waiter in list(self._waiters.items()):
+            if loop.is_closed():
+                self._waiters.pop(loop, None)
+                continue
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(waiter.set)
+
+    async def wait(self, seconds: float) -> None:
+        """Until the next ring, or `seconds` at most."""
+        waiter = self._waiters.setdefault(asyncio.get_running_loop(), asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await waiter.wait()
+        waiter.clear()
+
+
+doorbell = _Doorbell()
+
+
+def mark_for_sequencing(session: AsyncSession) -> None:
+    """Note that the session's transaction wrote rows for the sequencer."""
+    session.sync_session.info[_MARK] = True
+
+
+@sa_event.listens_for(Session, "after_commit")
+def _ring_after_commit(session: Session) -> None:
+    if not session.in_nested_transaction() and session.info.pop(_MARK, False):
+        doorbell.ring()
+
+
+@sa_event.listens_for(Session, "after_soft_rollback")
+def _forget_after_rollback(session: Session, previous: object) -> None:
+    if not session.in_transaction():
+        session.info.pop(_MARK, None)
+
+
+async def _number_events(session: AsyncSession) -> int:
+    result = await session.execute(_NUMBER_EVENTS, {"limit": PASS_LIMIT})
+    return max(int(getattr(result, "rowcount", 0) or 0), 0)
+
+
+async def _link_audit_entries(session: AsyncSession) -> int:
+    table = cast(Table, AuditEntry.__table__)
+    entries = (
+        await session.execute(
+            select(table)
+            .where(table.c.chain_position.is_(None))
+            .order_by(table.c.id)
+            .limit(PASS_LIMIT)
+        )
+    ).all()
+    if not entries:
+        return 0
+    head = (
+        await session.execute(
+            select(table.c.chain_position, table.c.hash)
+            .where(table.c.chain_position.is_not(None))
+            .order_by(table.c.chain_position.desc())
+            .limit(1)
+        )
+    ).first()
+    position, prev_hash = (head[0], head[1]) if head is not None else (0, GENESIS_HASH)
+    links = []
+    for entry in entries:
+        position += 1
+        digest = entry_hash(entry, prev_hash)
+        links.append(
+            {"b_id": entry.id, "chain_position": position, "prev_hash": prev_hash, "hash": digest}
+        )
+        prev_hash = digest
+    await session.execute(
+        update(table)
+        .where(table.c.id == bindparam("b_id"))
+        .values(
+            chain_position=bindparam("chain_position"),
+            prev_hash=bindparam("prev_hash"),
+            hash=bindparam("hash"),
+        ),
+        links,
+        execution_options={"synchronize_session": False},
+    )
+    return len(links)
+
+
+async def sequence_pending(session: AsyncSession, *, wait: bool = True) -> PassResult | None:
+    """One pass in the caller's transaction, which then holds the sequencer until it ends.
+
+    With `wait=False`, None when another pass is running (PostgreSQL).
+    """
+    if wait:
+        await session.run_sync(advisory_xact_lock, SEQUENCER_LOCK)
+    elif not await session.run_sync(try_advisory_xact_lock, SEQUENCER_LOCK):
+        return None
+    return PassResult(await _number_events(session), await _link_audit_entries(session))
+
+
+async def anything_pending(db: Database) -> bool:
+    async with db.transaction(read_only=True) as session:
+        return bool(await session.scalar(_ANYTHING_PENDING))
+
+
+async def run_passes(db: Database, *, wait: bool = True) -> PassResult:
+    """Sequence everything committed so far, a pass per transaction; (0, 0) when there was
+    nothing to do or, with `wait=False`, another process is doing it."""
+    events = entries = 0
+    while await anything_pending(db):
+        async with db.transaction() as session:
+            result = await sequence_pending(session, wait=wait)
+        if result is None:
+            break
+        events += result.events
+        entries += result.audit_entries
+        if not result.full:
+            break
+    return PassResult(events, entries)
+
+
+async def catch_up(db: Database, session: AsyncSession) -> None:
+    """Before reading what passes produce: sequence everything committed so far, then end
+    `session`'s transaction, so its next statement reads from a snapshot that includes the
+    pass (a SQLite transaction keeps the snapshot of its first read)."""
+    await run_passes(db)
+    if not session.in_transaction():
+        return
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError("catch_up needs a session with nothing to write")
+    await session.commit()
+
+
+class SequencerLoop:
+    """The worker's sequencer: a pass whenever this process commits rows to sequence, and at
+    least every `interval_seconds` for other processes' commits. `min_gap_seconds` lets a
+    burst of commits share one pass."""
+
+    def __init__(
+        self, db: Database, *, interval_seconds: float = 0.05, min_gap_seconds: float = 0.005
+    ) -> None:
+        self.db = db
+        self.interval_seconds = interval_seconds
+        self.min_gap_seconds = min_gap_seconds
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            result = PassResult(0, 0)
+            try:
+                result = await run_passes(self.db, wait=False)
+            except Exception:
+                log.exception("sequencer_pass_failed")
+            if result.events or result.audit_entries:
+                await asyncio.sleep(self.min_gap_seconds)
+                continue
+            await doorbell.wait(self.interval_seconds)
