@@ -19,6 +19,7 @@ from memberhub.app import create_app
 from memberhub.auth.roles import Role
 from memberhub.auth.service import create_api_key
 from memberhub.kit.actor import Actor
+from memberhub.kit.cache import ProcessCache
 from memberhub.kit.db import Database
 from memberhub.kit.migrate import upgrade
 from memberhub.models import Base
@@ -107,6 +108,8 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 async def db(settings: Settings) -> AsyncIterator[Database]:
     database = Database(settings.resolved_database_url, pool_size=5)
     await _empty_all_tables(database)
+    # The tables were emptied behind the application's back: drop what it kept of them.
+    ProcessCache.clear_all()
     yield database
     await database.dispose()
 

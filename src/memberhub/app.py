@@ -22,6 +22,7 @@ from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.routes import outbound as integrations_outbound_router
 from memberhub.integrations.routes import public as integrations_public_router
 from memberhub.integrations.routes import router as integrations_router
+from memberhub.kit.cache import ProcessCache
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.kit.http import RequestContextMiddleware, install_error_handlers
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
     if settings.is_sqlite:
         settings.ensure_data_dir()
     db = Database(settings.resolved_database_url, pool_size=settings.database_pool_size)
+    ProcessCache.configure(settings.cache_ttl_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -13,10 +13,54 @@ from memberhub.auth.principal import Principal
 from memberhub.auth.repository import ApiKeyRepository
 from memberhub.auth.roles import ROLE_SCOPES, Role, Scope
 from memberhub.kit.actor import Actor
+from memberhub.kit.cache import ProcessCache
 from memberhub.kit.clock import utcnow
 from memberhub.kit.errors import Conflict, NotFound, Unauthorized, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.organisations.models import Organisation
 from memberhub.organisations.repository import OrganisationRepository
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """What authenticating a key needs from its row and its organisation's subtree."""
+
+    key_id: int
+    key_public_id: str
+    key_hash: str
+    role: Role
+    scopes: frozenset[Scope]
+    organisation_id: int | None
+    visible_organisation_ids: frozenset[int] | None
+    rate_limit: str | None
+    revoked: bool
+
+
+# Keys by lookup prefix, kept per process (`kit/cache.py`): a key revoked or changed here is
+# refused at once; one revoked through another process within the cache TTL.
+_KEY_CACHE: ProcessCache[str, KeyRecord | None] = ProcessCache(
+    "api_keys", watches=(ApiKey, Organisation)
+)
+
+
+async def _key_record(session: AsyncSession, prefix: str) -> KeyRecord | None:
+    api_key = await ApiKeyRepository(session).get_by_prefix(prefix)
+    if api_key is None:
+        return None
+    visible = None
+    if api_key.organisation_id is not None:
+        visible = await OrganisationRepository(session).subtree_ids(api_key.organisation_id)
+    return KeyRecord(
+        key_id=api_key.id,
+        key_public_id=api_key.public_id,
+        key_hash=api_key.key_hash,
+        role=Role(api_key.role),
+        scopes=effective_scopes(api_key),
+        organisation_id=api_key.organisation_id,
+        visible_organisation_ids=visible,
+        rate_limit=api_key.rate_limit,
+        revoked=api_key.revoked_at is not None,
+    )
 
 
 @dataclass(frozen=True)
@@ -133,24 +177,23 @@ async def authenticate(
     client_ip: str | None = None,
 ) -> Principal:
     prefix = keys.lookup_prefix(raw_key)
-    api_key = await ApiKeyRepository(session).get_by_prefix(prefix) if prefix else None
+    record = None
+    if prefix:
+        record = await _KEY_CACHE.get_or_load(session, prefix, lambda: _key_record(session, prefix))
     # Compare a digest even when no key was found, so timing does not reveal prefixes.
-    stored = api_key.key_hash if api_key else keys.digest("not-a-key")
-    if not keys.matches(raw_key, stored) or api_key is None:
+    stored = record.key_hash if record else keys.digest("not-a-key")
+    if not keys.matches(raw_key, stored) or record is None:
         raise Unauthorized("The API key is not valid.", code="INVALID_API_KEY")
-    if api_key.revoked_at is not None:
+    if record.revoked:
         raise Unauthorized("The API key has been revoked.", code="API_KEY_REVOKED")
-    visible = None
-    if api_key.organisation_id is not None:
-        visible = await OrganisationRepository(session).subtree_ids(api_key.organisation_id)
     return Principal(
-        key_id=api_key.id,
-        key_public_id=api_key.public_id,
-        role=Role(api_key.role),
-        scopes=effective_scopes(api_key),
-        organisation_id=api_key.organisation_id,
-        visible_organisation_ids=visible,
-        rate_limit=api_key.rate_limit,
+        key_id=record.key_id,
+        key_public_id=record.key_public_id,
+        role=record.role,
+        scopes=record.scopes,
+        organisation_id=record.organisation_id,
+        visible_organisation_ids=record.visible_organisation_ids,
+        rate_limit=record.rate_limit,
         request_id=request_id,
         client_ip=client_ip,
     )

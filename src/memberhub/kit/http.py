@@ -72,7 +72,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_session(request: Request) -> AsyncSession:
+async def get_session(request: Request) -> AsyncSession:
+    # Async: FastAPI runs a plain function dependency in a thread, a hop per request.
     session: AsyncSession = request.state.session
     return session
 

@@ -63,7 +63,9 @@ async def _result(
     session: AsyncSession, member: Member, result: service.LedgerResult, response: Response
 ) -> OperationResult:
     response.status_code = status.HTTP_200_OK if result.replayed else status.HTTP_201_CREATED
-    (txn,) = await service.transactions_out(session, [(result.transaction, member.public_id)])
+    txn = result.out
+    if txn is None:
+        (txn,) = await service.transactions_out(session, [(result.transaction, member.public_id)])
     return OperationResult(
         transaction=txn, balance=service.balance_out(result.account), replayed=result.replayed
     )

@@ -72,6 +72,8 @@ class LedgerResult:
     account: PointAccount
     replayed: bool = False
     allocations: list[tuple[int, int]] = field(default_factory=list)
+    # The transaction as answered, when the operation had all of it in hand.
+    out: TransactionOut | None = None
 
 
 # ---------------------------------------------------------------- shared steps
@@ -221,9 +223,14 @@ async def _allocate(
     return [(batch.id, points) for batch, points in taken]
 
 
-async def settle_into(session: AsyncSession, txn: PointTransaction, batch: PointBatch) -> None:
-    """Let a batch that just became active pay any deficit, recorded under `txn`."""
-    await _allocate(session, txn, await _settle_deficit(session, batch))
+async def settle_into(
+    session: AsyncSession, txn: PointTransaction, batch: PointBatch
+) -> list[tuple[PointBatch, int]]:
+    """Let a batch that just became active pay any deficit, recorded under `txn`; returns
+    what it paid (the batch and the points)."""
+    paid = await _settle_deficit(session, batch)
+    await _allocate(session, txn, paid)
+    return paid
 
 
 async def _settle_deficit(session: AsyncSession, batch: PointBatch) -> list[tuple[PointBatch, int]]:
@@ -255,8 +262,10 @@ async def _new_batch(
     now: datetime,
     expires_at: datetime | None,
     activates_at: datetime | None = None,
+    settled: list[tuple[PointBatch, int]] | None = None,
 ) -> PointBatch:
-    """A batch holding `points`; an active one first pays any deficit."""
+    """A batch holding `points`; an active one first pays any deficit (appended to
+    `settled` when given)."""
     pending = activates_at is not None and activates_at > now
     batch = PointBatch(
         public_id=new_public_id("pbt"),
@@ -273,7 +282,9 @@ async def _new_batch(
     session.add(batch)
     await session.flush()
     if not pending:
-        await settle_into(session, txn, batch)
+        paid = await settle_into(session, txn, batch)
+        if settled is not None:
+            settled.extend(paid)
     return batch
 
 
@@ -454,13 +465,27 @@ async def award_points(
         details={"requested_points": points, "notify": notify},
     )
     await session.flush()
+    settled: list[tuple[PointBatch, int]] = []
     batch = await _new_batch(
-        session, txn, points=points, source=BatchSource.AWARD, now=now, expires_at=expiry
+        session,
+        txn,
+        points=points,
+        source=BatchSource.AWARD,
+        now=now,
+        expires_at=expiry,
+        settled=settled,
     )
     txn.batch_id = batch.id
     event = PointsEarned(**event_fields(txn, member), expires_at=expiry, notify=notify)
     await _finish(session, actor, member, account, txn, event, action="points.award")
-    return LedgerResult(txn, account)
+    # Everything the answer shows is in hand: no need to read it back.
+    out = transaction_out(
+        txn,
+        member.public_id,
+        batch_public_id=batch.public_id,
+        allocations=[(b.public_id, p) for b, p in settled],
+    )
+    return LedgerResult(txn, account, out=out)
 
 
 async def spend_points(
@@ -914,28 +939,44 @@ async def transactions_out(
     batches = await repo.batch_public_ids(t.batch_id for t in txns if t.batch_id)
     allocations = await repo.allocations_for(t.id for t in txns) if with_allocations else {}
     return [
-        TransactionOut(
-            id=txn.public_id,
-            member_id=member_public_id,
-            type=txn.type,
-            points=txn.points,
-            pending_points=txn.pending_points,
-            balance_after=txn.balance_after,
-            pending_after=txn.pending_after,
-            reason=txn.reason,
-            reference_id=txn.reference_id,
-            related_transaction_id=related.get(txn.related_transaction_id)
+        transaction_out(
+            txn,
+            member_public_id,
+            related_public_id=related.get(txn.related_transaction_id)
             if txn.related_transaction_id
             else None,
-            batch_id=batches.get(txn.batch_id) if txn.batch_id else None,
-            amount=txn.amount,
-            currency=txn.currency,
-            details={k: v for k, v in txn.details.items() if k != "requested_points"},
-            actor=txn.actor,
-            occurred_at=txn.occurred_at,
-            allocations=[
-                AllocationOut(batch_id=b, points=p) for b, p in allocations.get(txn.id, [])
-            ],
+            batch_public_id=batches.get(txn.batch_id) if txn.batch_id else None,
+            allocations=allocations.get(txn.id, []),
         )
         for txn, member_public_id in rows
     ]
+
+
+def transaction_out(
+    txn: PointTransaction,
+    member_public_id: str,
+    *,
+    related_public_id: str | None = None,
+    batch_public_id: str | None = None,
+    allocations: Sequence[tuple[str, int]] = (),
+) -> TransactionOut:
+    """A transaction as the API shows it, from its row and the public ids it refers to."""
+    return TransactionOut(
+        id=txn.public_id,
+        member_id=member_public_id,
+        type=txn.type,
+        points=txn.points,
+        pending_points=txn.pending_points,
+        balance_after=txn.balance_after,
+        pending_after=txn.pending_after,
+        reason=txn.reason,
+        reference_id=txn.reference_id,
+        related_transaction_id=related_public_id,
+        batch_id=batch_public_id,
+        amount=txn.amount,
+        currency=txn.currency,
+        details={k: v for k, v in txn.details.items() if k != "requested_points"},
+        actor=txn.actor,
+        occurred_at=txn.occurred_at,
+        allocations=[AllocationOut(batch_id=b, points=p) for b, p in allocations],
+    )

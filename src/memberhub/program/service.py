@@ -8,12 +8,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
-from sqlalchemy import event, select
+from sqlalchemy import Table, event, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from memberhub.audit.service import diff, record_write
 from memberhub.auth.principal import Principal
+from memberhub.kit.cache import ProcessCache, detached
 from memberhub.kit.clock import utcnow
 from memberhub.kit.errors import Forbidden, ValidationFailed
 from memberhub.program.models import ExpiryPolicy, LoyaltyProgram
@@ -51,16 +52,28 @@ def _defaults() -> LoyaltyProgram:
 _CACHE_KEY = "memberhub.program"
 
 
-async def get_program(session: AsyncSession) -> LoyaltyProgram:
-    """The settings row; before anyone saved settings, the defaults (not stored).
+_PROGRAM_CACHE: ProcessCache[int, LoyaltyProgram] = ProcessCache(
+    "program", watches=(LoyaltyProgram,)
+)
 
-    Read once per transaction: a ledger operation asks several times.
+
+async def get_program(session: AsyncSession) -> LoyaltyProgram:
+    """The settings row; before anyone saved settings, the defaults (not stored). Read-only.
+
+    Kept per process (`kit/cache.py`), and once per transaction: a ledger operation asks
+    several times.
     """
     cached: LoyaltyProgram | None = session.info.get(_CACHE_KEY)
     if cached is not None:
         return cached
-    program = await session.scalar(select(LoyaltyProgram).where(LoyaltyProgram.id == PROGRAM_ID))
-    program = program if program is not None else _defaults()
+
+    async def load() -> LoyaltyProgram:
+        table = LoyaltyProgram.__table__
+        assert isinstance(table, Table)
+        row = (await session.execute(select(table).where(table.c.id == PROGRAM_ID))).first()
+        return detached(LoyaltyProgram, row) if row is not None else _defaults()
+
+    program = await _PROGRAM_CACHE.get_or_load(session, PROGRAM_ID, load)
     session.info[_CACHE_KEY] = program
     return program
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Table, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from memberhub.kit.cache import detached
 from memberhub.members.models import Member
 from memberhub.points.models import PointAccount, PointTransaction, TxnType
 from memberhub.tiers.models import Tier
@@ -30,6 +31,13 @@ class TierRepository:
 
     async def all_by_rank(self) -> Sequence[Tier]:
         return (await self.session.scalars(select(Tier).order_by(Tier.rank))).all()
+
+    async def all_by_rank_detached(self) -> list[Tier]:
+        """Every tier by rank, as instances belonging to no session (for caching)."""
+        table = Tier.__table__
+        assert isinstance(table, Table)
+        rows = await self.session.execute(select(table).order_by(table.c.rank))
+        return [detached(Tier, row) for row in rows]
 
     async def get_by_public_id(self, public_id: str) -> Tier | None:
         return await self.session.scalar(select(Tier).where(Tier.public_id == public_id))

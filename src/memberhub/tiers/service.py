@@ -26,6 +26,7 @@ from memberhub.auth.principal import Principal
 from memberhub.events.catalog import MemberTierChanged
 from memberhub.events.service import emit
 from memberhub.kit.actor import Actor
+from memberhub.kit.cache import ProcessCache
 from memberhub.kit.clock import utcnow
 from memberhub.kit.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
@@ -87,11 +88,19 @@ def _rank(tier: Tier | None) -> int:
     return -1 if tier is None else tier.rank
 
 
+_LADDER_CACHE: ProcessCache[str, tuple[Tier, ...]] = ProcessCache("tiers", watches=(Tier,))
+
+
 async def ladder(session: AsyncSession) -> Ladder:
-    """The tiers, read once per transaction: ledger operations ask on every change."""
+    """The tiers (read-only), kept per process (`kit/cache.py`) and once per transaction:
+    ledger operations ask on every change."""
     cached: tuple[Tier, ...] | None = session.info.get(_CACHE_KEY)
     if cached is None:
-        cached = tuple(await TierRepository(session).all_by_rank())
+
+        async def load() -> tuple[Tier, ...]:
+            return tuple(await TierRepository(session).all_by_rank_detached())
+
+        cached = await _LADDER_CACHE.get_or_load(session, "ladder", load)
         session.info[_CACHE_KEY] = cached
     return Ladder(cached)
 

@@ -1,0 +1,113 @@
+"""Per-process caches of the rows nearly every request reads and almost none changes: API
+keys, the program's settings, the tier ladder.
+
+Bounded staleness: a value is kept `ttl_seconds` (the `CACHE_TTL_SECONDS` setting, 5 s by
+default). A change committed through this process empties the caches that watch the changed
+model as the transaction commits, so this process never serves the old value after it;
+a change committed by another process (another API node, the CLI) is seen within the TTL.
+A transaction that changed a watched model reads through the cache until it ends, so it
+always sees its own change.
+
+Loaded values are built outside any session (see `detached`), so no session's rollback or
+expiry can reach them; treat them as read-only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Generic, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+K = TypeVar("K")
+V = TypeVar("V")
+M = TypeVar("M")
+
+_TOUCHED = "memberhub.caches_touched"
+DEFAULT_TTL_SECONDS = 5.0
+
+
+class ProcessCache(Generic[K, V]):
+    """Values by key for `ttl_seconds`, emptied when a watched model changes here."""
+
+    caches: ClassVar[list[ProcessCache[Any, Any]]] = []
+    ttl_seconds: ClassVar[float] = DEFAULT_TTL_SECONDS
+
+    def __init__(self, name: str, *, watches: tuple[type, ...], max_entries: int = 4096) -> None:
+        self.name = name
+        self.watches = watches
+        self.max_entries = max_entries
+        self._values: dict[K, tuple[float, V]] = {}
+        # Bumped on every invalidation: a load that began before it is not stored.
+        self._generation = 0
+        ProcessCache.caches.append(self)
+
+    async def get_or_load(
+        self, session: AsyncSession, key: K, load: Callable[[], Awaitable[V]]
+    ) -> V:
+        if self.name in session.sync_session.info.get(_TOUCHED, ()):
+            return await load()
+        now = time.monotonic()
+        held = self._values.get(key)
+        if held is not None and held[0] > now:
+            return held[1]
+        generation = self._generation
+        value = await load()
+        # Absence is not kept: a row another process adds is found at once.
+        if value is not None and generation == self._generation and self.ttl_seconds > 0:
+            if len(self._values) >= self.max_entries:
+                self._values.clear()
+            self._values[key] = (now + self.ttl_seconds, value)
+        return value
+
+    def clear(self) -> None:
+        self._generation += 1
+        self._values.clear()
+
+    @classmethod
+    def configure(cls, ttl_seconds: float) -> None:
+        cls.ttl_seconds = ttl_seconds
+        cls.clear_all()
+
+    @classmethod
+    def clear_all(cls) -> None:
+        for cache in cls.caches:
+            cache.clear()
+
+
+def detached(model: type[M], row: Any) -> M:
+    """A model instance built from a Core row, belonging to no session."""
+    return model(**dict(row._mapping))
+
+
+@event.listens_for(Session, "after_flush")
+def _note_changes(session: Session, _context: object) -> None:
+    changed = [*session.new, *session.dirty, *session.deleted]
+    if not changed:
+        return
+    for cache in ProcessCache.caches:
+        if any(isinstance(obj, cache.watches) for obj in changed):
+            touched: set[str] = session.info.setdefault(_TOUCHED, set())
+            touched.add(cache.name)
+            # Another session of this process must not store what it read before the commit.
+            cache.clear()
+
+
+@event.listens_for(Session, "after_commit")
+def _invalidate_after_commit(session: Session) -> None:
+    if session.in_nested_transaction():
+        return
+    names = session.info.pop(_TOUCHED, None)
+    if names:
+        for cache in ProcessCache.caches:
+            if cache.name in names:
+                cache.clear()
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_after_rollback(session: Session, _previous: object) -> None:
+    if not session.in_transaction():
+        session.info.pop(_TOUCHED, None)
