@@ -3,9 +3,13 @@ sat idle is replaced before a request uses it."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+
 import asyncpg
 import pytest
 from fastapi import FastAPI
+from sqlalchemy.engine import make_url
 
 from memberhub.kit import db as kit_db
 from tests.conftest import _asyncpg_dsn
@@ -59,3 +63,36 @@ async def test_a_busy_pool_sends_no_ping_and_a_dead_connection_is_a_503_to_retry
     assert response.status_code == 503, response.text
     assert response.headers["Retry-After"] == "1"
     assert (await api.get("/api/v1/members")).status_code == 200
+
+
+async def test_a_request_waiting_for_the_sqlite_write_lock_leaves_the_event_loop_free(
+    app: FastAPI, api: ApiClient, database_url: str, is_postgres: bool
+) -> None:
+    """Requests' statements run on the loop's thread, but BEGIN IMMEDIATE waits for another
+    process's writer in the connection's thread: the loop keeps serving meanwhile."""
+    if is_postgres:
+        pytest.skip("SQLite only")
+    path = make_url(database_url).database
+    assert path is not None
+    other_process = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other_process.execute("BEGIN IMMEDIATE")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    beat = asyncio.create_task(ticker())
+    creating = asyncio.create_task(api.post("/api/v1/members", {"email": "wait@example.com"}))
+    try:
+        await asyncio.sleep(0.3)
+        assert not creating.done()
+        assert ticks >= 10
+    finally:
+        other_process.execute("COMMIT")
+        other_process.close()
+    response = await creating
+    beat.cancel()
+    assert response.status_code == 201, response.text

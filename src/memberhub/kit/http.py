@@ -98,7 +98,7 @@ class UnitOfWorkRoute(APIRoute):
             if not read_only:
                 # Receive the whole body first: a slow upload must not hold a write slot.
                 await request.body()
-            maker = db.read_sessionmaker if read_only else db.sessionmaker
+            maker = db.request_read_sessionmaker if read_only else db.request_sessionmaker
             async with db.writer_slot(read_only=read_only), maker() as session:
                 request.state.session = session
                 try:
