@@ -766,15 +766,18 @@ async def expiry_problems(url: str, now: datetime, sizes: Sizes, expired: int) -
             expire_txns = await _count(
                 conn, select(func.count()).where(TRANSACTIONS.c.type == TxnType.EXPIRE)
             )
-            allocations = await _count(
+            named = await _count(
                 conn,
                 select(func.count())
                 .select_from(
-                    ALLOCATIONS.join(
-                        TRANSACTIONS, TRANSACTIONS.c.id == ALLOCATIONS.c.transaction_id
+                    BATCHES.join(
+                        TRANSACTIONS, TRANSACTIONS.c.id == BATCHES.c.expired_transaction_id
                     )
                 )
-                .where(TRANSACTIONS.c.type == TxnType.EXPIRE),
+                .where(
+                    TRANSACTIONS.c.type == TxnType.EXPIRE,
+                    TRANSACTIONS.c.member_id == BATCHES.c.member_id,
+                ),
             )
     finally:
         await db.dispose()
@@ -786,8 +789,8 @@ async def expiry_problems(url: str, now: datetime, sizes: Sizes, expired: int) -
         problems.append(f"{sizes.members - kept} batches that were not due lost their points")
     if expire_txns != sizes.members:
         problems.append(f"{expire_txns} expire transactions for {sizes.members} members")
-    if allocations != expected:
-        problems.append(f"{allocations} expiry allocations for {expected} batches")
+    if named != expected:
+        problems.append(f"{named} expired batches name their expire transaction, of {expected}")
     return problems
 
 

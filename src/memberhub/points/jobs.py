@@ -83,8 +83,10 @@ async def expire_chunk(
 
     One statement per step for the whole chunk: lock the accounts (SKIP LOCKED: members
     another worker holds are left for the next run), total the due points per member,
-    insert one expire transaction per member, record the batch allocations, expire the
-    batches and update the accounts. Returns (last member id seen, batches expired,
+    insert one expire transaction per member, expire the batches and update the accounts.
+    The transaction summarises its batches (`details.batches`, and the points); each batch
+    keeps what it lost in `expired_points`, so no row per batch is written besides the
+    batch's own update. Returns (last member id seen, batches expired,
     members affected), or None when no member has due batches left.
     """
     repo = PointsRepository(session)
@@ -127,8 +129,7 @@ async def expire_chunk(
         )
     inserted = await _insert_transactions(session, txn_rows)
     due_members = [row[0] for row in due]
-    await repo.allocate_expiring(due_members, now, min(id_ for id_, _ in inserted.values()))
-    await repo.expire_due(due_members, now)
+    await repo.expire_due(due_members, now, min(id_ for id_, _ in inserted.values()))
     await _update_accounts(session, account_rows)
     members = await _members(session, due_members)
     await emit_many(

@@ -143,6 +143,8 @@ class PointBatch(IdMixin, Base):
     remaining: Mapped[int] = mapped_column(BigInteger)
     expired_points: Mapped[int] = mapped_column(BigInteger, default=0)
     recovered_points: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The expire transaction that took what remained (it summarises all its batches).
+    expired_transaction_id: Mapped[int | None] = mapped_column(BigIntId)
     # Reversals: `cancelled_points` came out of `remaining`; the rest of `reversed_points`
     # was taken back from the balance because it had been spent.
     reversed_points: Mapped[int] = mapped_column(BigInteger, default=0)

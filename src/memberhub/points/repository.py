@@ -3,9 +3,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
 
-from sqlalchemy import ColumnElement, Row, Table, and_, func, select, update
+from sqlalchemy import ColumnElement, Row, and_, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -355,39 +354,48 @@ class PointsRepository:
         )
         return [(row[0], int(row[1]), int(row[2])) for row in rows]
 
-    async def allocate_expiring(
+    async def expire_due(
         self, member_ids: Sequence[int], now: datetime, first_transaction_id: int
     ) -> None:
-        """Record, in one statement, what each due batch gives to its member's expire
-        transaction (those inserted from `first_transaction_id` on, at `now`)."""
-        table = cast(Table, PointAllocation.__table__)
+        """Mark the members' due batches expired, moving what remained to expired_points,
+        each naming its member's expire transaction (inserted from `first_transaction_id`
+        on, at `now`)."""
         txn = PointTransaction
-        source = (
-            select(txn.id, PointBatch.id, PointBatch.remaining)
-            .join(txn, txn.member_id == PointBatch.member_id)
+        expire_txns = (
+            select(txn.id, txn.member_id)
             .where(
-                _due_to_expire(member_ids, now),
                 txn.type == TxnType.EXPIRE,
                 txn.occurred_at == now,
                 txn.id >= first_transaction_id,
+                txn.member_id.in_(member_ids),
             )
+            .subquery()
         )
-        await self.session.execute(
-            table.insert().from_select(["transaction_id", "batch_id", "points"], source)
-        )
-
-    async def expire_due(self, member_ids: Sequence[int], now: datetime) -> None:
-        """Mark the members' due batches expired, moving what remained to expired_points."""
         await self.session.execute(
             update(PointBatch)
-            .where(_due_to_expire(member_ids, now))
+            .where(_due_to_expire(member_ids, now), PointBatch.member_id == expire_txns.c.member_id)
             .values(
                 status=BatchStatus.EXPIRED,
                 expired_points=PointBatch.expired_points + PointBatch.remaining,
                 remaining=0,
+                expired_transaction_id=expire_txns.c.id,
             )
             .execution_options(synchronize_session=False)
         )
+
+    async def expired_by(self, transaction_id: int, member_id: int) -> Sequence[PointBatch]:
+        """The batches an expire transaction took, oldest first."""
+        return (
+            await self.session.scalars(
+                select(PointBatch)
+                .where(
+                    PointBatch.member_id == member_id,
+                    PointBatch.status == BatchStatus.EXPIRED,
+                    PointBatch.expired_transaction_id == transaction_id,
+                )
+                .order_by(PointBatch.id)
+            )
+        ).all()
 
     async def batches_due_notice(
         self, now: datetime, horizon: datetime, limit: int

@@ -242,11 +242,7 @@ async def recover(
         if txn is None or owner is None or txn.type != TxnType.EXPIRE:
             raise NotFound("No expire transaction with that id.", code="TRANSACTION_NOT_FOUND")
         member = await get_member(session, principal, owner.public_id)
-        sources = []
-        for batch_id, _points in await repo.allocated_from(txn.id):
-            found = await session.get(PointBatch, batch_id)
-            assert found is not None
-            sources.append(found)
+        sources = list(await repo.expired_by(txn.id, txn.member_id))
     result = await service.recover_expired(
         session,
         principal.actor,

@@ -324,8 +324,8 @@ async def _finish(
     action: str,
     changes: dict[str, Any] | None = None,
 ) -> None:
-    """Write the operation's event and audit entry, then let tiers and alerts react."""
-    await session.flush()
+    """Write the operation's event and audit entry, then let tiers and alerts react (all
+    flushed together, at the next query or the commit)."""
     emit(
         session,
         event,
