@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+import pytest
+
 from memberhub.integrations.hub import IntegrationHub
+from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from tests.crm.conftest import Crm, create_integration, last_changes_run, seed_members, sync, tick
 from tests.support import ApiClient
@@ -101,3 +106,45 @@ async def test_a_429_storm_and_random_5xx_leave_no_duplicate_and_no_gap(
             f"/api/v1/sync-runs/{runs[0]['id']}/records", {"outcome": "failed", "limit": 1}
         )
         assert failed.json()["data"][0]["error"]
+
+
+def add_remote_person(crm: Crm, email: str, at: datetime) -> None:
+    if crm.name == "custom_crm":
+        crm.fake.add_contact({"email": email, "first_name": "Remote"}, updated_at=at)
+    else:
+        crm.fake.add_person("Remote Person", email, update_time=at)
+
+
+def requests_received(crm: Crm) -> int:
+    """Every request the fake answered, searches and listings included."""
+    return int(crm.fake.count_all())
+
+
+async def test_a_first_push_links_what_the_crm_has_and_creates_the_rest_one_request_each(
+    api: ApiClient, db: Database, hub: IntegrationHub, crm: Crm
+) -> None:
+    """A CRM without a batch write is not searched once per new record: the push lists what
+    it holds, updates the members it already has (no duplicate) and creates the others."""
+    if crm.name not in PER_RECORD:
+        pytest.skip("HubSpot and Salesforce upsert by key in batches: nothing to look up")
+    now = utcnow()
+    held = {f"bulk.{index}@example.com" for index in range(5)}
+    for email in held:  # five members the CRM already holds, added behind our back
+        add_remote_person(crm, email, now)
+    await seed_members(db, 300)
+    integration = await create_integration(api, crm.integration_body(pull=False))
+    before = requests_received(crm)
+
+    run = await sync(api, db, hub, integration["id"], mode="push")
+
+    assert (run["created"], run["failed"]) == (300, 0), run  # 300 members newly linked
+    records = crm.records().values()
+    assert sorted(r["email"] for r in records) == sorted(
+        f"bulk.{index}@example.com" for index in range(300)
+    )
+    # The five it had are the same persons, now carrying the members' names.
+    assert {r["first"] for r in records if r["email"] in held} == {
+        f"First{index}" for index in range(5)
+    }
+    # One write per record, plus the listing's single page.
+    assert requests_received(crm) - before == 300 + 1

@@ -12,6 +12,7 @@ only is simply taken; a change on both sides consults the conflict policy.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -159,6 +160,8 @@ class Context:
     # None when applying a webhook's changes, which makes no call.
     connection: Connection | None
     scope: frozenset[int] | None
+    # Per CRM object, what a push has read of the CRM's records (see `_match_unlinked`).
+    indexes: dict[str, _CrmIndex] = field(default_factory=dict)
 
     @property
     def vendor(self) -> Connection:
@@ -167,6 +170,77 @@ class Context:
 
 
 # ---------------------------------------------------------------- push
+
+
+@dataclass
+class _CrmIndex:
+    """The emails of the records a CRM holds, read in pages during one push.
+
+    A CRM without a batch write by key (Pipedrive, the custom CRM) is asked whether it has a
+    record's email before the record is created, so nothing is created twice. One search per
+    new record would double the requests of a first push; instead the push lists the CRM's
+    records, reading at most one page per new record it has to place so far, and once the
+    listing is complete creates the rest without asking. Until then, or if listing fails,
+    the provider searches as before, so a push never costs more than it did.
+    """
+
+    by_email: dict[str, str] = field(default_factory=dict)
+    next_page: str | None = None
+    pages_read: int = 0
+    budget: int = 0
+    complete: bool = False
+    failed: bool = False
+
+
+async def _match_unlinked(
+    ctx: Context, counts: Counts, object_name: str, records: list[ContactRecord]
+) -> list[ContactRecord]:
+    """The records, those not yet linked given the CRM's id from the index when it has
+    their email, or marked absent when the complete index does not."""
+    unlinked = [r for r in records if r.external_id is None and r.email]
+    lists_all = getattr(ctx.crm, "lists_all_records", None)
+    if not unlinked or lists_all is None or not lists_all(ctx.vendor):
+        return records
+    index = ctx.indexes.setdefault(object_name, _CrmIndex())
+    index.budget += len(unlinked)
+    while not index.complete and not index.failed and index.pages_read < index.budget:
+        try:
+            page = await ctx.crm.changed_contacts(
+                ctx.vendor, object_name, since=None, page=index.next_page, properties=()
+            )
+        except (CrmError, GatewayError, CircuitOpen, httpx.HTTPError) as exc:
+            log.info("crm_index_unavailable", integration=ctx.integration.public_id, error=str(exc))
+            index.failed = True
+            break
+        counts.requests += 1
+        index.pages_read += 1
+        for remote in page.records:
+            if remote.email:
+                index.by_email.setdefault(remote.email.lower(), remote.external_id)
+        index.next_page = page.next_page
+        index.complete = page.next_page is None
+    matched = []
+    for record in records:
+        if record.external_id is None and record.email:
+            found = index.by_email.get(record.email.lower())
+            if found is not None:
+                record = dataclasses.replace(record, external_id=found)
+            elif index.complete:
+                record = dataclasses.replace(record, absent=True)
+        matched.append(record)
+    return matched
+
+
+def _remember_created(
+    ctx: Context, object_name: str, records: list[ContactRecord], results: dict[str, WriteResult]
+) -> None:
+    index = ctx.indexes.get(object_name)
+    if index is None:
+        return
+    for record in records:
+        result = results.get(record.key)
+        if record.email and result is not None and result.external_id and result.created:
+            index.by_email.setdefault(record.email.lower(), result.external_id)
 
 
 @dataclass
@@ -260,6 +334,7 @@ async def _send(
 ) -> dict[str, WriteResult]:
     """Write the records in the CRM's batches, several batches at once up to its
     concurrency; a batch refused as a whole is split to find the records at fault."""
+    records = await _match_unlinked(ctx, counts, object_name, records)
     results: dict[str, WriteResult] = {}
     semaphore = asyncio.Semaphore(max(1, ctx.crm.concurrency))
 
@@ -297,6 +372,7 @@ async def _send(
     size = max(1, ctx.crm.batch_size)
     batches = _batches(records, size)
     await asyncio.gather(*(write(batch) for batch in batches))
+    _remember_created(ctx, object_name, records, results)
     return results
 
 

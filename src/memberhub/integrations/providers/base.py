@@ -257,6 +257,9 @@ class ContactRecord:
     email: str | None
     properties: Mapping[str, Any]  # the vendor's property names and the values to write
     external_id: str | None = None  # the vendor's id, once known
+    # Known not to be in the CRM (its complete listing has no such email): create it
+    # without searching first.
+    absent: bool = False
 
 
 @dataclass(frozen=True)

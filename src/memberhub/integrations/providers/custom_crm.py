@@ -83,6 +83,12 @@ class CustomCrm(GenericHttp):
     def default_objects(self) -> Mapping[str, str]:
         return {"members": "contacts", "leads": "leads"}
 
+    def lists_all_records(self, connection: Connection) -> bool:
+        """A new record is searched for by email, unless a push's listing of the CRM (its
+        `changes` endpoint, when it has one) already says it is absent (crm/sync.py)."""
+        config = connection.config
+        return isinstance(config, CustomCrmConfig) and config.endpoints.changes is not None
+
     async def upsert_contacts(
         self, connection: Connection, object_name: str, records: Sequence[ContactRecord]
     ) -> list[WriteResult]:
@@ -92,8 +98,9 @@ class CustomCrm(GenericHttp):
         config = connection.config
         assert isinstance(config, CustomCrmConfig)
         record_id = record.external_id
-        if record_id is None and config.endpoints.search is not None and record.email:
-            path = config.endpoints.search.replace("{email}", urllib.parse.quote(record.email))
+        search = config.endpoints.search
+        if record_id is None and search is not None and record.email and not record.absent:
+            path = search.replace("{email}", urllib.parse.quote(record.email))
             response = await connection.gateway.request("GET", path)
             if response.status_code >= 400:
                 raise CrmError(f"the search answered {response.status_code}")

@@ -1,9 +1,10 @@
 """Pipedrive: persons as the CRM, over API v2 with an API token or OAuth.
 
 Pipedrive has no batch write for persons: a record not yet linked is looked up by email
-(an exact search) and updated if found, created if not, and its person id kept; a linked
-one is updated by id. Changes are read from the persons list filtered by `updated_since`
-and ordered by update time, paged by Pipedrive's cursor.
+(an exact search, or the push's listing of every person) and updated if found, created if
+not, and its person id kept; a linked one is updated by id. Changes are read from the
+persons list filtered by `updated_since` and ordered by update time, paged by Pipedrive's
+cursor.
 
 Mapped properties are a person's standard fields (`name`, `first_name`, `last_name`,
 `email`, `phone`, `owner_id`) or a custom field's 40-character key.
@@ -128,6 +129,11 @@ class Pipedrive(Provider):
             raise ConnectionFailed(f"Pipedrive answered {response.status_code}")
         return "connected to Pipedrive"
 
+    def lists_all_records(self, connection: Connection) -> bool:
+        """No batch write by key: a new record is searched for by email, unless a push's
+        listing of every person (crm/sync.py) already says it is absent."""
+        return True
+
     async def upsert_contacts(
         self, connection: Connection, object_name: str, records: Sequence[ContactRecord]
     ) -> list[WriteResult]:
@@ -139,7 +145,8 @@ class Pipedrive(Provider):
         if person_id is None:
             if not record.email:
                 return WriteResult(record.key, None, error="no email to match by")
-            person_id = await self._find(connection, record.email)
+            if not record.absent:
+                person_id = await self._find(connection, record.email)
         if person_id is not None:
             if not body:
                 return WriteResult(record.key, person_id)
