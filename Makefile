@@ -55,7 +55,7 @@ schemathesis: $(DEV_STAMP)
 
 ## Benchmarks: ratios against a raw baseline measured in the same run.
 bench: $(DEV_STAMP)
-	$(BIN)/python -m bench.members
+	$(BIN)/python -m bench.write_path
 	$(BIN)/python -m bench.ledger
 	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.gateway

@@ -166,6 +166,17 @@ def wait_until_ready(process: subprocess.Popen[bytes], base_url: str) -> None:
 # -- scratch databases ---------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def postgres_database(server_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on `server_url`, dropped when the block ends."""
+    name = f"memberhub_bench_{uuid.uuid4().hex[:12]}"
+    asyncio.run(pg_execute(server_url, f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(pg_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 class Scratch:
     """The databases of one backend's run, all removed when it ends."""
 

@@ -39,8 +39,7 @@ from pathlib import Path
 from sqlalchemy import update
 from tests.crm.conftest import running_crm, seed_members
 
-from bench.common import DEFAULT_POSTGRES_URL, postgres_reachable
-from bench.members import postgres_database
+from bench.common import DEFAULT_POSTGRES_URL, postgres_database, postgres_reachable
 from memberhub.auth.principal import Principal
 from memberhub.crm import sync
 from memberhub.crm.models import SyncRun
