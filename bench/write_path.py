@@ -137,7 +137,7 @@ async def count_statements(url: str, key: str, seeded: Seeded) -> dict[str, int]
     )
     app = create_app(settings)
     sent: list[str] = []
-    engine = app.state.db.engine.sync_engine
+    engine = app.state.db.request_engine.sync_engine  # what requests use
     event.listen(engine, "before_cursor_execute", lambda *args: sent.append("statement"))
     for name in ("begin", "commit", "rollback"):
         event.listen(engine, name, lambda *args, name=name: sent.append(name))
