@@ -131,3 +131,61 @@ def test_secret_key_is_generated_once_into_the_data_dir(tmp_path: Path) -> None:
     assert key_file.stat().st_mode & 0o077 == 0
     assert Settings(data_dir=tmp_path, secret_key=None).resolved_secret_key == first
     assert Settings(data_dir=tmp_path, secret_key="configured").resolved_secret_key == "configured"
+
+
+def _wait_for_health(base: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            _, stderr = process.communicate(timeout=5)
+            pytest.fail(f"memberhub serve did not come up: {stderr.decode()[-2000:]}")
+        time.sleep(0.1)
+
+
+def test_serve_with_two_processes_runs_one_worker_and_shares_changes_at_once(
+    process_env: dict[str, str], database_url: str, admin_key: str
+) -> None:
+    port = _free_port()
+    process = _start(
+        ["serve", "--host", "127.0.0.1", "--port", str(port), "--processes", "2"], process_env
+    )
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    try:
+        _wait_for_health(base, process)
+        # One process wins the worker lock; the other stands by.
+        deadline = time.monotonic() + 15
+        while not _heartbeat_ids(database_url):
+            assert time.monotonic() < deadline, "no process ran the embedded worker"
+            time.sleep(0.2)
+        # A change answered by one process is what the next request sees, whichever process
+        # takes it (a new connection each time, so both processes answer some).
+        for earn_points in range(2, 12):
+            with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+                changed = client.patch("/api/v1/program", json={"earn_points": earn_points})
+                assert changed.status_code == 200, changed.text
+            with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+                assert client.get("/api/v1/program").json()["earn_points"] == earn_points
+        # Events written through either process are sequenced by the one worker.
+        with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+            for n in range(6):
+                created = client.post("/api/v1/members", json={"email": f"p{n}@example.com"})
+                assert created.status_code == 201, created.text
+            deadline = time.monotonic() + 10
+            while True:
+                feed = client.get("/api/v1/events", params={"type": "member.created"}).json()
+                if len(feed["data"]) == 6:
+                    break
+                assert time.monotonic() < deadline, feed
+                time.sleep(0.1)
+    finally:
+        exit_code, log = _stop(process)
+    assert exit_code in (0, -signal.SIGTERM)
+    assert len(_heartbeat_ids(database_url)) == 1
+    assert log.count('"worker_started"') == 1
+    assert '"worker_standby"' in log

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -41,19 +42,39 @@ from memberhub.settings import Settings
 from memberhub.tiers.routes import router as tiers_router
 from memberhub.webhooks.routes import router as webhooks_router
 from memberhub.webhooks.ssrf import UrlPolicy
+from memberhub.worker.election import run_when_elected
 from memberhub.worker.runner import Worker
 
 CALL_LOG_DRAIN_SECONDS = 2.0
+CACHE_STAMP_FILE = "cache.stamp"
 log = structlog.get_logger("memberhub.app")
 
 
-def create_app(settings: Settings | None = None, *, embedded_worker: bool = False) -> FastAPI:
+# Set by `memberhub serve` for the processes it starts when it runs more than one.
+SERVE_WORKER_ENV = "MEMBERHUB_SERVE_EMBEDDED_WORKER"
+
+
+def serve_app() -> FastAPI:
+    """The application of each process of `memberhub serve --processes N` (N > 1): settings
+    from the environment, and the embedded worker in whichever process wins the election."""
+    embedded = os.environ.get(SERVE_WORKER_ENV) == "1"
+    return create_app(embedded_worker=embedded, elect_worker=embedded)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    embedded_worker: bool = False,
+    elect_worker: bool = False,
+) -> FastAPI:
+    """The API; with `embedded_worker`, the worker runs in this process too (with
+    `elect_worker`, only while this process holds the worker lock in DATA_DIR)."""
     settings = settings or Settings()
     configure_logging(settings.log_level, json=settings.log_json)
-    if settings.is_sqlite:
-        settings.ensure_data_dir()
+    # The SQLite database, the generated secret key, the worker lock, the cache stamp.
+    settings.ensure_data_dir()
     db = Database(settings.resolved_database_url, pool_size=settings.database_pool_size)
-    ProcessCache.configure(settings.cache_ttl_seconds)
+    ProcessCache.configure(settings.cache_ttl_seconds, settings.data_dir / CACHE_STAMP_FILE)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,7 +89,12 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool = Fals
                 metrics=app.state.metrics,
                 hub=app.state.integrations,
             )
-            task = asyncio.create_task(worker.run_forever(stop))
+            if elect_worker:
+                task = asyncio.create_task(
+                    run_when_elected(settings.data_dir, worker.run_forever, stop)
+                )
+            else:
+                task = asyncio.create_task(worker.run_forever(stop))
         try:
             yield
         finally:

@@ -63,16 +63,34 @@ def serve(
     no_worker: Annotated[
         bool, typer.Option("--no-worker", help="Do not run the embedded worker.")
     ] = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=64,
+            help="API processes (default SERVE_PROCESSES; 0: one per CPU core, one on SQLite).",
+        ),
+    ] = None,
 ) -> None:
-    """Serve the API (and, unless --no-worker, the worker in the same process)."""
+    """Serve the API (and, unless --no-worker, the worker in one of its processes)."""
     import uvicorn
 
-    from memberhub.app import create_app
+    from memberhub.app import SERVE_WORKER_ENV, create_app
 
     settings = _settings()
     settings.resolved_secret_key  # noqa: B018 - create the secret before serving
-    application = create_app(settings, embedded_worker=not no_worker)
-    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
+    count = settings.serve_processes if processes is None else processes
+    if count == 0:
+        # SQLite takes one writer at a time: processes would only wait on each other's locks.
+        count = 1 if settings.is_sqlite else os.cpu_count() or 1
+    options = {"host": host, "port": port, "log_level": "warning", "access_log": False}
+    if count == 1:
+        uvicorn.run(create_app(settings, embedded_worker=not no_worker), **options)  # type: ignore[arg-type]
+        return
+    # Each process builds its app from the environment, as this one read it.
+    settings.ensure_data_dir()
+    os.environ[SERVE_WORKER_ENV] = "0" if no_worker else "1"
+    uvicorn.run("memberhub.app:serve_app", factory=True, workers=count, **options)  # type: ignore[arg-type]
 
 
 @app.command()

@@ -95,12 +95,21 @@ class Settings(BaseSettings):
         default=0.5, ge=0.01, description="How often an idle delivery loop looks for new work."
     )
 
+    serve_processes: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="API processes `memberhub serve` runs (0: one per CPU core on PostgreSQL, "
+        "one on SQLite). The embedded worker runs in one of them at a time.",
+    )
+
     cache_ttl_seconds: float = Field(
         default=5.0,
         ge=0,
         le=300,
         description="How long each process keeps API keys, program settings and tiers; a "
-        "change made through another process is seen within this (0: no caching).",
+        "change made through another process is seen within this (at once for processes "
+        "sharing DATA_DIR; 0: no caching).",
     )
 
     # The sequencer (event feed positions and the audit chain, assigned after commit).

@@ -3,10 +3,12 @@ keys, the program's settings, the tier ladder.
 
 Bounded staleness: a value is kept `ttl_seconds` (the `CACHE_TTL_SECONDS` setting, 5 s by
 default). A change committed through this process empties the caches that watch the changed
-model as the transaction commits, so this process never serves the old value after it;
-a change committed by another process (another API node, the CLI) is seen within the TTL.
-A transaction that changed a watched model reads through the cache until it ends, so it
-always sees its own change.
+model as the transaction commits, so this process never serves the old value after it.
+It then touches a stamp file in DATA_DIR; every process sharing that directory (the
+processes of `memberhub serve --processes N`, the CLI) checks the stamp on each lookup and
+empties its caches when it moved, so they too see the change at once. A change committed by
+a process on another machine is seen within the TTL. A transaction that changed a watched
+model reads through the cache until it ends, so it always sees its own change.
 
 Loaded values are built outside any session (see `detached`), so no session's rollback or
 expiry can reach them; treat them as read-only.
@@ -14,8 +16,10 @@ expiry can reach them; treat them as read-only.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from sqlalchemy import event
@@ -35,6 +39,9 @@ class ProcessCache(Generic[K, V]):
 
     caches: ClassVar[list[ProcessCache[Any, Any]]] = []
     ttl_seconds: ClassVar[float] = DEFAULT_TTL_SECONDS
+    # Touched after a commit that changed a watched model (see the module's docstring).
+    stamp_path: ClassVar[Path | None] = None
+    _stamp_seen: ClassVar[int] = 0
 
     def __init__(self, name: str, *, watches: tuple[type, ...], max_entries: int = 4096) -> None:
         self.name = name
@@ -50,6 +57,7 @@ class ProcessCache(Generic[K, V]):
     ) -> V:
         if self.name in session.sync_session.info.get(_TOUCHED, ()):
             return await load()
+        ProcessCache._follow_stamp()
         now = time.monotonic()
         held = self._values.get(key)
         if held is not None and held[0] > now:
@@ -68,14 +76,46 @@ class ProcessCache(Generic[K, V]):
         self._values.clear()
 
     @classmethod
-    def configure(cls, ttl_seconds: float) -> None:
+    def configure(cls, ttl_seconds: float, stamp_path: Path | None = None) -> None:
         cls.ttl_seconds = ttl_seconds
+        cls.stamp_path = stamp_path
+        cls._stamp_seen = _stamp_of(stamp_path)
         cls.clear_all()
+
+    @classmethod
+    def _follow_stamp(cls) -> None:
+        """Empty every cache when another process sharing the stamp changed a watched model."""
+        if cls.stamp_path is None:
+            return
+        stamp = _stamp_of(cls.stamp_path)
+        if stamp != cls._stamp_seen:
+            cls._stamp_seen = stamp
+            cls.clear_all()
+
+    @classmethod
+    def touch_stamp(cls) -> None:
+        if cls.stamp_path is None:
+            return
+        stamp = time.time_ns()
+        try:
+            with open(cls.stamp_path, "a"):
+                pass
+            os.utime(cls.stamp_path, ns=(stamp, stamp))
+        except OSError:
+            return  # no DATA_DIR here: other processes fall back on the TTL
+        cls._stamp_seen = _stamp_of(cls.stamp_path)
 
     @classmethod
     def clear_all(cls) -> None:
         for cache in cls.caches:
             cache.clear()
+
+
+def _stamp_of(path: Path | None) -> int:
+    try:
+        return os.stat(path).st_mtime_ns if path is not None else 0
+    except OSError:
+        return 0
 
 
 def detached(model: type[M], row: Any) -> M:
@@ -105,6 +145,7 @@ def _invalidate_after_commit(session: Session) -> None:
         for cache in ProcessCache.caches:
             if cache.name in names:
                 cache.clear()
+        ProcessCache.touch_stamp()
 
 
 @event.listens_for(Session, "after_soft_rollback")
