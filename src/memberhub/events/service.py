@@ -19,6 +19,27 @@ from memberhub.events.sequencer import mark_for_sequencing
 from memberhub.kit.clock import utcnow
 from memberhub.kit.ids import new_public_id
 
+_EVENTS = cast(Table, Event.__table__)
+
+
+def event_row(
+    data: EventData,
+    organisation_id: int | None,
+    member_public_id: str | None,
+    occurred_at: datetime | None,
+) -> dict[str, object]:
+    """The columns of a new event (for `emit`, or a write that inserts it itself and then
+    calls `mark_for_sequencing`)."""
+    return {
+        "public_id": new_public_id("evt"),
+        "type": data.event_type,
+        "version": data.version,
+        "occurred_at": occurred_at or utcnow(),
+        "organisation_id": organisation_id,
+        "member_public_id": member_public_id,
+        "data": data.model_dump(mode="json"),
+    }
+
 
 def emit(
     session: AsyncSession,
@@ -29,15 +50,7 @@ def emit(
     occurred_at: datetime | None = None,
 ) -> Event:
     """Write an event into the outbox, inside the caller's transaction (at its next flush)."""
-    event = Event(
-        public_id=new_public_id("evt"),
-        type=data.event_type,
-        version=data.version,
-        occurred_at=occurred_at or utcnow(),
-        organisation_id=organisation_id,
-        member_public_id=member_public_id,
-        data=data.model_dump(mode="json"),
-    )
+    event = Event(**event_row(data, organisation_id, member_public_id, occurred_at))
     session.add(event)
     mark_for_sequencing(session)
     return event
@@ -53,7 +66,6 @@ async def emit_many(
     jobs that change thousands of members at once. Same outbox, same order: as written."""
     if not events:
         return
-    table = cast(Table, Event.__table__)
     rows = [
         {
             "public_id": new_public_id("evt"),
@@ -66,5 +78,5 @@ async def emit_many(
         }
         for data, organisation_id, member_public_id in events
     ]
-    await session.execute(table.insert(), rows)
+    await session.execute(_EVENTS.insert(), rows)
     mark_for_sequencing(session)

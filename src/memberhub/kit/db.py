@@ -12,7 +12,19 @@ from functools import partial
 from typing import Any
 
 import aiosqlite
-from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Integer, MetaData, event, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    BindParameter,
+    DateTime,
+    Dialect,
+    Integer,
+    MetaData,
+    Table,
+    bindparam,
+    event,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DisconnectionError
@@ -71,6 +83,40 @@ class Base(DeclarativeBase):
 
 class IdMixin:
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+
+
+# Core statements built once for the hot paths bind every column they write; these two give
+# each such statement its parameters and their values.
+
+
+def column_binds(
+    table: Table, prefix: str, leave_out: tuple[str, ...]
+) -> dict[str, BindParameter[Any]]:
+    """A typed bind parameter `<prefix>_<column>` for each column of `table` but `leave_out`."""
+    return {
+        c.name: bindparam(f"{prefix}_{c.name}", type_=c.type)
+        for c in table.c
+        if c.name not in leave_out
+    }
+
+
+def column_values(
+    table: Table, values: dict[str, Any], prefix: str, leave_out: tuple[str, ...]
+) -> dict[str, Any]:
+    """The parameters for `column_binds(table, prefix, leave_out)`: each column's value as
+    given, else its constant default, else NULL (callable defaults, such as times, must be
+    given)."""
+    row = {}
+    for column in table.c:
+        if column.name in leave_out:
+            continue
+        if column.name in values:
+            value = values[column.name]
+        else:
+            default = column.default
+            value = default.arg if default is not None and default.is_scalar else None  # type: ignore[attr-defined]
+        row[f"{prefix}_{column.name}"] = value
+    return row
 
 
 def create_engine(

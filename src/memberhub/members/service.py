@@ -5,7 +5,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from memberhub.audit.service import diff, record_write
+from memberhub.audit.service import diff, record_change_now, record_write
 from memberhub.auth.principal import Principal
 from memberhub.events.catalog import MemberCreated, MemberDeleted, MemberUpdated
 from memberhub.events.repository import EventRepository
@@ -170,16 +170,13 @@ async def create_member(
     )
     session.add(member)
     await session.flush()
-    emit(
+    await record_change_now(
         session,
+        principal.actor,
         MemberCreated(member=to_out(member)),
         organisation_id=member.organisation_id,
         member_public_id=member.public_id,
         occurred_at=now,
-    )
-    record_write(
-        session,
-        principal.actor,
         action="member.create",
         object_type="member",
         object_id=member.public_id,

@@ -10,7 +10,7 @@ Operations carrying a `reference_id` apply once: a repeat returns the first tran
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.alerts import service as alerts
 from memberhub.alerts.models import AlertType
-from memberhub.audit.service import record_write
+from memberhub.audit.service import audit_row, record_change_now
 from memberhub.events.catalog import (
     PointsAdjusted,
     PointsChange,
@@ -28,7 +28,7 @@ from memberhub.events.catalog import (
     PointsEarned,
     PointsRedeemed,
 )
-from memberhub.events.service import emit
+from memberhub.events.service import event_row
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import advisory_xact_lock
@@ -46,6 +46,7 @@ from memberhub.points.models import (
 )
 from memberhub.points.repository import PointsRepository
 from memberhub.points.schemas import AllocationOut, BalanceOut, TransactionOut
+from memberhub.points.writes import write_credit
 from memberhub.program import service as program_service
 from memberhub.program.models import LoyaltyProgram, NegativeBalancePolicy
 from memberhub.tiers import service as tiers
@@ -288,6 +289,82 @@ async def _new_batch(
     return batch
 
 
+async def _credit(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    account: PointAccount,
+    now: datetime,
+    txn_type: str,
+    *,
+    points: int,
+    source: str,
+    expires_at: datetime | None,
+    activates_at: datetime | None = None,
+    reason: str | None = None,
+    reference_id: str | None = None,
+    amount: int | None = None,
+    currency: str | None = None,
+    details: dict[str, Any],
+    event: Callable[[PointTransaction, PointBatch], PointsChange],
+    action: str,
+) -> tuple[PointTransaction, PointBatch]:
+    """Credit `points` (> 0, an earned type) in a new batch, pending until `activates_at`
+    when that is later, and finish as `_finish` does: the transaction, its batch, the
+    account's balances, the event and the audit entry are written together (`writes.py`).
+    An active batch must have no deficit to pay (the account's balance is not negative);
+    `_new_batch` handles that case."""
+    pending = activates_at is not None and activates_at > now
+    assert points > 0
+    assert txn_type in EARNED_TYPES
+    assert pending or account.current >= 0, "a deficit is settled by _new_batch"
+    balances = {
+        "current": account.current + (0 if pending else points),
+        "pending": account.pending + (points if pending else 0),
+        "lifetime_earned": account.lifetime_earned + points,
+        "last_activity_at": now,
+        "updated_at": now,
+    }
+    txn = PointTransaction(
+        public_id=new_public_id("txn"),
+        member_id=account.member_id,
+        type=txn_type,
+        points=0 if pending else points,
+        pending_points=points if pending else 0,
+        balance_after=balances["current"],
+        pending_after=balances["pending"],
+        reason=reason,
+        reference_id=reference_id,
+        amount=amount,
+        currency=currency,
+        details=details,
+        actor=actor.id,
+        occurred_at=now,
+    )
+    batch = PointBatch(
+        public_id=new_public_id("pbt"),
+        member_id=account.member_id,
+        status=BatchStatus.PENDING if pending else BatchStatus.ACTIVE,
+        source=source,
+        initial=points,
+        remaining=points,
+        activates_at=activates_at if pending else None,
+        expires_at=expires_at,
+        created_at=now,
+    )
+    await write_credit(
+        session,
+        account,
+        txn,
+        batch,
+        balances,
+        event_row(event(txn, batch), member.organisation_id, member.public_id, now),
+        audit_row(actor, action, "member", member.public_id, _audit_changes(txn)),
+    )
+    await tiers.after_ledger_change(session, actor, member, account, now)
+    return txn, batch
+
+
 def balance_out(account: PointAccount) -> BalanceOut:
     return BalanceOut(
         current_balance=account.current,
@@ -313,6 +390,16 @@ def event_fields(txn: PointTransaction, member: Member) -> dict[str, Any]:
     }
 
 
+def _audit_changes(txn: PointTransaction, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "transaction_id": txn.public_id,
+        "points": txn.points,
+        "pending_points": txn.pending_points,
+        "balance_after": txn.balance_after,
+        **(extra or {}),
+    }
+
+
 async def _finish(
     session: AsyncSession,
     actor: Actor,
@@ -324,28 +411,18 @@ async def _finish(
     action: str,
     changes: dict[str, Any] | None = None,
 ) -> None:
-    """Write the operation's event and audit entry, then let tiers and alerts react (all
-    flushed together, at the next query or the commit)."""
-    emit(
+    """Write the operation's event and audit entry, then let tiers and alerts react."""
+    await record_change_now(
         session,
+        actor,
         event,
         organisation_id=member.organisation_id,
         member_public_id=member.public_id,
         occurred_at=txn.occurred_at,
-    )
-    record_write(
-        session,
-        actor,
         action=action,
         object_type="member",
         object_id=member.public_id,
-        changes={
-            "transaction_id": txn.public_id,
-            "points": txn.points,
-            "pending_points": txn.pending_points,
-            "balance_after": txn.balance_after,
-            **(changes or {}),
-        },
+        changes=_audit_changes(txn, changes),
     )
     if txn.balance_after < 0 <= txn.balance_after - txn.points:
         await alerts.raise_alert(
@@ -396,6 +473,39 @@ async def earn_points(
     activates_at = program_service.activation_for(program, now)
     expires_at = program_service.expiry_for(program, now)
     pending = activates_at is not None and points > 0
+    details: dict[str, Any] = {"multiplier_percent": multiplier, "requested_points": None}
+
+    def earned(txn: PointTransaction, batch: PointBatch | None) -> PointsEarned:
+        return PointsEarned(
+            **event_fields(txn, member),
+            amount=amount,
+            currency=currency,
+            expires_at=expires_at if batch else None,
+            activates_at=batch.activates_at if batch else None,
+        )
+
+    if points > 0 and (pending or account.current >= 0):
+        txn, _ = await _credit(
+            session,
+            actor,
+            member,
+            account,
+            now,
+            TxnType.EARN,
+            points=points,
+            source=BatchSource.EARN,
+            expires_at=expires_at,
+            activates_at=activates_at,
+            reason=reason,
+            reference_id=reference_id,
+            amount=amount,
+            currency=currency,
+            details=details,
+            event=earned,
+            action="points.earn",
+        )
+        return LedgerResult(txn, account)
+    # Nothing earned, or a new active batch that first pays the deficit.
     txn = record_transaction(
         session,
         account,
@@ -408,7 +518,7 @@ async def earn_points(
         reference_id=reference_id,
         amount=amount,
         currency=currency,
-        details={"multiplier_percent": multiplier, "requested_points": None},
+        details=details,
     )
     await session.flush()
     batch = None
@@ -423,14 +533,7 @@ async def earn_points(
             activates_at=activates_at,
         )
         txn.batch_id = batch.id
-    event = PointsEarned(
-        **event_fields(txn, member),
-        amount=amount,
-        currency=currency,
-        expires_at=expires_at if batch else None,
-        activates_at=batch.activates_at if batch else None,
-    )
-    await _finish(session, actor, member, account, txn, event, action="points.earn")
+    await _finish(session, actor, member, account, txn, earned(txn, batch), action="points.earn")
     return LedgerResult(txn, account)
 
 
@@ -453,31 +556,54 @@ async def award_points(
         return LedgerResult(replay, account, replayed=True)
     program = await program_service.get_program(session)
     expiry = expires_at if expires_at is not None else program_service.expiry_for(program, now)
-    txn = record_transaction(
-        session,
-        account,
-        actor,
-        now,
-        TxnType.AWARD,
-        points=points,
-        reason=reason,
-        reference_id=reference_id,
-        details={"requested_points": points, "notify": notify},
-    )
-    await session.flush()
+    details: dict[str, Any] = {"requested_points": points, "notify": notify}
+
+    def awarded(txn: PointTransaction, _batch: PointBatch | None) -> PointsEarned:
+        return PointsEarned(**event_fields(txn, member), expires_at=expiry, notify=notify)
+
     settled: list[tuple[PointBatch, int]] = []
-    batch = await _new_batch(
-        session,
-        txn,
-        points=points,
-        source=BatchSource.AWARD,
-        now=now,
-        expires_at=expiry,
-        settled=settled,
-    )
-    txn.batch_id = batch.id
-    event = PointsEarned(**event_fields(txn, member), expires_at=expiry, notify=notify)
-    await _finish(session, actor, member, account, txn, event, action="points.award")
+    if account.current >= 0:
+        txn, batch = await _credit(
+            session,
+            actor,
+            member,
+            account,
+            now,
+            TxnType.AWARD,
+            points=points,
+            source=BatchSource.AWARD,
+            expires_at=expiry,
+            reason=reason,
+            reference_id=reference_id,
+            details=details,
+            event=awarded,
+            action="points.award",
+        )
+    else:  # the new batch first pays the deficit
+        txn = record_transaction(
+            session,
+            account,
+            actor,
+            now,
+            TxnType.AWARD,
+            points=points,
+            reason=reason,
+            reference_id=reference_id,
+            details=details,
+        )
+        await session.flush()
+        batch = await _new_batch(
+            session,
+            txn,
+            points=points,
+            source=BatchSource.AWARD,
+            now=now,
+            expires_at=expiry,
+            settled=settled,
+        )
+        txn.batch_id = batch.id
+        event = awarded(txn, batch)
+        await _finish(session, actor, member, account, txn, event, action="points.award")
     # Everything the answer shows is in hand: no need to read it back.
     out = transaction_out(
         txn,
