@@ -224,7 +224,7 @@ class SequencerLoop:
     burst of commits share one pass."""
 
     def __init__(
-        self, db: Database, *, interval_seconds: float = 0.05, min_gap_seconds: float = 0.02
+        self, db: Database, *, interval_seconds: float = 0.05, min_gap_seconds: float = 0.05
     ) -> None:
         self.db = db
         self.interval_seconds = interval_seconds
