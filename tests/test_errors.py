@@ -23,10 +23,10 @@ async def tolerant_http(app: Any) -> AsyncIterator[httpx.AsyncClient]:
 async def test_an_unexpected_failure_is_a_500_in_the_error_shape_with_the_request_id(
     tolerant_http: httpx.AsyncClient, admin_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(*_args: object, **_kwargs: object) -> None:
+    async def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("secret-detail-not-for-clients")
 
-    monkeypatch.setattr(member_service, "emit", broken)
+    monkeypatch.setattr(member_service, "record_change_now", broken)
     response = await tolerant_http.post(
         "/api/v1/members",
         json={"email": "boom@example.com"},

@@ -31,6 +31,10 @@ class Boom(RuntimeError):
     """A failure injected half-way through a request."""
 
 
+async def async_boom(*_args: object, **_kwargs: object) -> None:
+    raise Boom("injected failure")
+
+
 def boom(*_args: Any, **_kwargs: Any) -> NoReturn:
     raise Boom("injected failure")
 
@@ -75,8 +79,8 @@ async def test_create_failing_after_the_insert_leaves_no_member_event_or_audit_r
     db: Database, tolerant_api: ApiClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     audit_before = await count(db, AuditEntry)
-    # record_write runs after the member was flushed and its event added.
-    monkeypatch.setattr("memberhub.members.service.record_write", boom)
+    # The event and audit entry are written after the member's row was flushed.
+    monkeypatch.setattr("memberhub.members.service.record_change_now", async_boom)
 
     response = await tolerant_api.post(MEMBERS, {"email": "half@example.com"})
 
