@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.alerts import service as alerts
@@ -45,6 +45,16 @@ async def _members(session: AsyncSession, member_ids: Sequence[int]) -> dict[int
     return {m.id: m for m in rows}
 
 
+async def _member_refs(
+    session: AsyncSession, member_ids: Sequence[int]
+) -> dict[int, tuple[str, int | None]]:
+    """Member id -> (public id, organisation id), without loading the members."""
+    rows = await session.execute(
+        select(Member.id, Member.public_id, Member.organisation_id).where(Member.id.in_(member_ids))
+    )
+    return {row.id: (row.public_id, row.organisation_id) for row in rows}
+
+
 async def _insert_transactions(
     session: AsyncSession, rows: list[dict[str, Any]]
 ) -> dict[int, tuple[int, str]]:
@@ -54,22 +64,6 @@ async def _insert_transactions(
         table.insert().returning(table.c.id, table.c.member_id, table.c.public_id), rows
     )
     return {row.member_id: (row.id, row.public_id) for row in result}
-
-
-async def _update_accounts(session: AsyncSession, values: list[dict[str, Any]]) -> None:
-    table = cast(Table, PointAccount.__table__)
-    await session.execute(
-        update(table)
-        .where(table.c.member_id == _bind("b_member_id"))
-        .values(
-            current=_bind("b_current"),
-            pending=_bind("b_pending"),
-            lifetime_expired=_bind("b_lifetime_expired"),
-            last_activity_at=_bind("b_at"),
-            updated_at=_bind("b_at"),
-        ),
-        values,
-    )
 
 
 def _bind(name: str) -> Any:
@@ -95,12 +89,11 @@ async def expire_chunk(
     )
     if not member_ids:
         return None
-    accounts = {a.member_id: a for a in await repo.lock_accounts_skip_locked(member_ids)}
+    accounts = await repo.lock_balances_skip_locked(member_ids)
     due = await repo.due_totals(list(accounts), now) if accounts else []
     if not due:
         return member_ids[-1], 0, 0
     txn_rows: list[dict[str, Any]] = []
-    account_rows: list[dict[str, Any]] = []
     for member_id, points, batches in due:
         account = accounts[member_id]
         txn_rows.append(
@@ -118,34 +111,24 @@ async def expire_chunk(
                 "occurred_at": now,
             }
         )
-        account_rows.append(
-            {
-                "b_member_id": member_id,
-                "b_current": account.current - points,
-                "b_pending": account.pending,
-                "b_lifetime_expired": account.lifetime_expired + points,
-                "b_at": now,
-            }
-        )
     inserted = await _insert_transactions(session, txn_rows)
     due_members = [row[0] for row in due]
     await repo.expire_due(due_members, now, min(id_ for id_, _ in inserted.values()))
-    await _update_accounts(session, account_rows)
-    members = await _members(session, due_members)
+    members = await _member_refs(session, due_members)
     await emit_many(
         session,
         [
             (
                 PointsExpired(
-                    member_id=members[row["member_id"]].public_id,
+                    member_id=members[row["member_id"]][0],
                     transaction_id=inserted[row["member_id"]][1],
                     points=-row["points"],
                     balance_after=row["balance_after"],
                     batches=row["details"]["batches"],
                     occurred_at=now,
                 ),
-                members[row["member_id"]].organisation_id,
-                members[row["member_id"]].public_id,
+                members[row["member_id"]][1],
+                members[row["member_id"]][0],
             )
             for row in txn_rows
         ],
