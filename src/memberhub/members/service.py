@@ -100,6 +100,12 @@ async def get_member(
     session: AsyncSession, principal: Principal, public_id: str, *, for_update: bool = False
 ) -> Member:
     member = await MemberRepository(session).get_by_public_id(public_id, for_update=for_update)
+    return visible_member(principal, public_id, member)
+
+
+def visible_member(principal: Principal, public_id: str, member: Member | None) -> Member:
+    """The member found by `public_id`, if the key may see it; else MEMBER_NOT_FOUND (a member
+    out of the key's reach is not told apart from one that does not exist)."""
     if member is None or not principal.can_see_organisation(member.organisation_id):
         raise NotFound(f"Member {public_id} does not exist.", code="MEMBER_NOT_FOUND")
     return member

@@ -9,6 +9,7 @@ from sqlalchemy import ColumnElement, Row, Subquery, and_, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
 
 from memberhub.kit.clock import utcnow
 from memberhub.members.models import Member
@@ -62,6 +63,22 @@ class PointsRepository:
         account = await self.session.scalar(locking)
         assert account is not None
         return account
+
+    async def member_with_locked_account(
+        self, public_id: str
+    ) -> tuple[Member, PointAccount] | None:
+        """The member (not deleted) and its account, locked until the transaction ends, in
+        one statement; None when there is no such member or it has no account yet."""
+        query = (
+            select(Member, PointAccount)
+            .join(PointAccount, PointAccount.member_id == Member.id)
+            .where(Member.public_id == public_id, Member.deleted_at.is_(None))
+            .options(selectinload(Member.organisation), selectinload(Member.plan))
+            .with_for_update(of=PointAccount)
+            .execution_options(populate_existing=True)
+        )
+        row = (await self.session.execute(query)).first()
+        return None if row is None else (row[0], row[1])
 
     async def get_account(self, member_id: int) -> PointAccount | None:
         return await self.session.get(PointAccount, member_id)

@@ -98,7 +98,11 @@ async def award(
     approvals.check_award_limit(
         principal, payload.points, await program_service.get_program(session)
     )
-    member = await get_member(session, principal, payload.member_id)
+    account = None
+    if payload.reference_id is None:
+        member, account = await service.member_and_account(session, principal, payload.member_id)
+    else:
+        member = await get_member(session, principal, payload.member_id)
     result = await service.award_points(
         session,
         principal.actor,
@@ -108,6 +112,7 @@ async def award(
         reference_id=payload.reference_id,
         expires_at=payload.expires_at,
         notify=payload.notify,
+        account=account,
     )
     return await _result(session, member, result, response)
 

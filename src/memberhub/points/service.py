@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from memberhub.alerts import service as alerts
 from memberhub.alerts.models import AlertType
 from memberhub.audit.service import audit_row, record_change_now
+from memberhub.auth.principal import Principal
 from memberhub.events.catalog import (
     PointsAdjusted,
     PointsChange,
@@ -35,6 +36,7 @@ from memberhub.kit.db import advisory_xact_lock
 from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
+from memberhub.members.service import get_member, visible_member
 from memberhub.points.models import (
     BatchSource,
     BatchStatus,
@@ -118,11 +120,33 @@ async def _open(
     member: Member,
     *,
     points: int | None = None,
+    account: PointAccount | None = None,
 ) -> tuple[PointAccount, PointTransaction | None]:
     """The start of every single-member operation: hold the reference (if any), lock the
-    member's account, and return the earlier transaction when this one repeats it."""
+    member's account (unless given, already locked: see `member_and_account`), and return
+    the earlier transaction when this one repeats it."""
+    if account is not None:
+        # The reference's lock is always taken before the account's.
+        assert reference_id is None, "an operation with a reference locks the account itself"
+        return account, None
     replay = await find_replay(session, txn_type, reference_id, member_id=member.id, points=points)
     return await PointsRepository(session).lock_account(member.id), replay
+
+
+async def member_and_account(
+    session: AsyncSession, principal: Principal, public_id: str
+) -> tuple[Member, PointAccount]:
+    """`get_member` and the member's account, locked, in one statement once the account
+    exists. Only for an operation with no reference id: one with a reference takes the
+    reference's lock before the account's (`_open`), and every operation must take them in
+    that order."""
+    repo = PointsRepository(session)
+    found = await repo.member_with_locked_account(public_id)
+    if found is None:  # no such member, or its first points: the account is created
+        member = await get_member(session, principal, public_id)
+        return member, await repo.lock_account(member.id)
+    member, account = found
+    return visible_member(principal, public_id, member), account
 
 
 def _require_future(expires_at: datetime | None, now: datetime) -> None:
@@ -548,10 +572,14 @@ async def award_points(
     expires_at: datetime | None = None,
     notify: bool = False,
     now: datetime | None = None,
+    account: PointAccount | None = None,
 ) -> LedgerResult:
+    """Manual points. `account`: the member's account, already locked (no reference id)."""
     now = now or utcnow()
     _require_future(expires_at, now)
-    account, replay = await _open(session, TxnType.AWARD, reference_id, member, points=points)
+    account, replay = await _open(
+        session, TxnType.AWARD, reference_id, member, points=points, account=account
+    )
     if replay is not None:
         return LedgerResult(replay, account, replayed=True)
     program = await program_service.get_program(session)
