@@ -581,6 +581,19 @@ async def test_organisation_key_sees_only_its_members_points(api: ApiClient, db:
     assert (await bound.get(f"/api/v1/members/{outside['id']}/points")).status_code == 404
     body = {"member_id": outside["id"], "points": 1}
     assert (await bound.post("/api/v1/points/redeem", body)).status_code == 404
+    # An award finds the member and its (existing) account in one read: out of reach is
+    # still not found, and nothing is written.
+    refused = await bound.post("/api/v1/points/award", {**body, "reason": "outside"})
+    assert refused.status_code == 404
+    assert refused.json()["error"]["code"] == "MEMBER_NOT_FOUND"
+    assert (await api.get(f"/api/v1/members/{outside['id']}/points")).json()[
+        "current_balance"
+    ] == 10
+    allowed = await bound.post(
+        "/api/v1/points/award", {"member_id": inside["id"], "points": 1, "reason": "inside"}
+    )
+    assert allowed.status_code == 201
+    assert allowed.json()["balance"]["current_balance"] == 11
 
 
 @pytest.mark.parametrize(
