@@ -5,11 +5,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Subquery, and_, func, select, update
+from sqlalchemy import ColumnElement, Row, Subquery, and_, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import selectinload
 
 from memberhub.kit.clock import utcnow
 from memberhub.members.models import Member
@@ -21,6 +20,16 @@ from memberhub.points.models import (
     PointBatch,
     PointTransaction,
     TxnType,
+)
+
+# Built once: an award sends it on every request. Its member's organisation and plan are
+# not loaded (a credit needs only the member's own columns).
+_MEMBER_WITH_ACCOUNT = (
+    select(Member, PointAccount)
+    .join(PointAccount, PointAccount.member_id == Member.id)
+    .where(Member.public_id == bindparam("public_id"), Member.deleted_at.is_(None))
+    .with_for_update(of=PointAccount)
+    .execution_options(populate_existing=True)
 )
 
 
@@ -69,15 +78,7 @@ class PointsRepository:
     ) -> tuple[Member, PointAccount] | None:
         """The member (not deleted) and its account, locked until the transaction ends, in
         one statement; None when there is no such member or it has no account yet."""
-        query = (
-            select(Member, PointAccount)
-            .join(PointAccount, PointAccount.member_id == Member.id)
-            .where(Member.public_id == public_id, Member.deleted_at.is_(None))
-            .options(selectinload(Member.organisation), selectinload(Member.plan))
-            .with_for_update(of=PointAccount)
-            .execution_options(populate_existing=True)
-        )
-        row = (await self.session.execute(query)).first()
+        row = (await self.session.execute(_MEMBER_WITH_ACCOUNT, {"public_id": public_id})).first()
         return None if row is None else (row[0], row[1])
 
     async def get_account(self, member_id: int) -> PointAccount | None:
