@@ -284,9 +284,19 @@ class Database:
             yield
 
     @asynccontextmanager
-    async def transaction(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
-        """One unit of work: commits when the block succeeds, rolls back when it raises."""
-        maker = self.read_sessionmaker if read_only else self.sessionmaker
+    async def transaction(
+        self, *, read_only: bool = False, short: bool = False
+    ) -> AsyncIterator[AsyncSession]:
+        """One unit of work: commits when the block succeeds, rolls back when it raises.
+
+        `short`: a few statements over bounded rows, as a request's; on SQLite they run on
+        the event loop's thread (see `_InlineSQLiteConnection`) instead of each being
+        handed to the connection's thread and back.
+        """
+        if short:
+            maker = self.request_read_sessionmaker if read_only else self.request_sessionmaker
+        else:
+            maker = self.read_sessionmaker if read_only else self.sessionmaker
         async with self.writer_slot(read_only=read_only), maker() as session, session.begin():
             yield session
 

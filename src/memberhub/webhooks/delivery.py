@@ -24,6 +24,7 @@ import json
 import random
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -63,6 +64,11 @@ FAILING_ENDPOINT_CONCURRENCY = 2
 RECORD_RETRY_DELAYS = (0.2, 1.0, 3.0)
 # How long a worker trusts its copy of the endpoints (URL, secrets, ordering, rate limit).
 ENDPOINT_REFRESH_SECONDS = 1.0
+# How often a busy loop looks for events to fan out.
+FAN_OUT_CHECK_SECONDS = 0.05
+# A delivery claimed ahead is sent only if its lease outlasts a whole attempt by this much
+# (the lease is at least the timeout plus 5 s, so a fresh claim has room to wait).
+LEASE_MARGIN_SECONDS = 2.0
 RESPONSE_BODY_LIMIT = 2048
 JITTER = 0.2
 # Statuses after which a receiver's Retry-After decides when to try again.
@@ -214,6 +220,8 @@ class EndpointState:
     failing: bool = False
     # Its own connection pool, sized to its concurrency cap.
     client: httpx.AsyncClient | None = None
+    # Claimed ahead, to be sent as sends in flight finish (see `DeliveryLoop.claim`).
+    ready: deque[Claimed] = field(default_factory=deque)
 
     def take_tokens(self, wanted: int) -> int:
         if self.rate_limit is None:
@@ -240,6 +248,8 @@ class Claimed:
     event_version: int
     occurred_at: datetime
     data: dict[str, Any]
+    # When (monotonic) the claim's lease runs out and another worker may take it.
+    leased_until: float = float("inf")
 
 
 _CLAIM_COLUMNS = (
@@ -321,6 +331,10 @@ class DeliveryLoop:
         self._decrypted: dict[str, str] = {}
         self._ssl_context: ssl.SSLContext | None = None
         self._retired: list[httpx.AsyncClient] = []
+        self._stopping = False
+        self._fan_out_due = 0.0
+        # Claimed ahead for an endpoint whose last send failed: handed back unsent.
+        self._unsent: list[Claimed] = []
 
     # -- the loop
 
@@ -328,6 +342,7 @@ class DeliveryLoop:
         """Deliver until `stop` is set; then give the sends in flight `grace` seconds (the
         request timeout by default) to finish and be recorded. Sends cut short are sent
         again by whichever worker claims them when their lease ends."""
+        self._stopping = False
         async with self._closing_clients():
             recorder = asyncio.create_task(self._record_forever())
             try:
@@ -345,6 +360,11 @@ class DeliveryLoop:
                     # Let a few more sends finish before the next claim.
                     await asyncio.sleep(0.002)
             finally:
+                self._stopping = True
+                try:
+                    await self._release_ready()
+                except Exception:  # their leases run out and they are sent again
+                    log.exception("delivery_release_failed")
                 if self._tasks:
                     _, unfinished = await asyncio.wait(
                         self._tasks, timeout=self.config.timeout + 1 if grace is None else grace
@@ -360,17 +380,22 @@ class DeliveryLoop:
     async def step(self) -> bool:
         """Fan out, claim and start sending; True when there may be more to do at once."""
         dispatched = 0
-        if await self._undispatched():
+        if time.monotonic() >= self._fan_out_due and await self._undispatched():
             async with self.db.transaction() as session:
                 dispatched = await fan_out(session, utcnow())
+        # Looked again at once while there is more to fan out; else not for a moment: a
+        # step follows every finished send.
+        self._fan_out_due = 0.0 if dispatched else time.monotonic() + FAN_OUT_CHECK_SECONDS
         if dispatched:
             # New deliveries, possibly for endpoints this worker has not seen yet.
             self._refreshed_at = -ENDPOINT_REFRESH_SECONDS
             for endpoint in self._endpoints.values():
                 endpoint.idle_until = 0.0
+        self._start_all_ready()
         claimed = await self.claim()
         for item in claimed:
-            self._start(item)
+            item.endpoint.ready.append(item)
+        self._start_all_ready()
         return dispatched >= FAN_OUT_BATCH or bool(claimed)
 
     async def run_until_idle(self, *, within: float = 60.0) -> None:
@@ -390,7 +415,7 @@ class DeliveryLoop:
         """A cheap read first: most steps find nothing to fan out, and on SQLite the fan-out
         transaction would take the one write lock for nothing. Events not yet numbered count:
         fan-out numbers them."""
-        async with self.db.transaction(read_only=True) as session:
+        async with self.db.transaction(read_only=True, short=True) as session:
             found = await session.scalar(
                 select(Event.id).where(Event.dispatched_at.is_(None)).limit(1)
             )
@@ -438,14 +463,22 @@ class DeliveryLoop:
     # -- claiming
 
     async def claim(self) -> list[Claimed]:
-        free = self.config.concurrency - self._in_flight
+        # Sends in flight, and as many again claimed ahead.
+        free = 2 * self.config.concurrency - self._in_flight - self._ready
         if free <= 0:
             return []
         now = utcnow()
+        leased_until = time.monotonic() + self.config.lease
         token = new_public_id("clm", 16)
         claimed: list[Claimed] = []
-        async with self.db.transaction() as session:
-            if time.monotonic() - self._refreshed_at >= ENDPOINT_REFRESH_SECONDS:
+        refresh = time.monotonic() - self._refreshed_at >= ENDPOINT_REFRESH_SECONDS
+        if not refresh and not any(
+            e.enabled and self._room(e) > 0 and time.monotonic() >= e.idle_until
+            for e in self._endpoints.values()
+        ):
+            return []  # every endpoint is busy or idle: no transaction for nothing
+        async with self.db.transaction(short=True) as session:
+            if refresh:
                 await self._refresh_endpoints(session)
             endpoints = [e for e in self._endpoints.values() if e.enabled]
             if not endpoints:
@@ -455,10 +488,10 @@ class DeliveryLoop:
             for endpoint in endpoints[self._rotation :] + endpoints[: self._rotation]:
                 if free <= 0:
                     break
-                cap = self._cap(endpoint)
-                if endpoint.in_flight >= cap or time.monotonic() < endpoint.idle_until:
+                room = self._room(endpoint)
+                if room <= 0 or time.monotonic() < endpoint.idle_until:
                     continue
-                wanted = endpoint.take_tokens(min(cap - endpoint.in_flight, free))
+                wanted = endpoint.take_tokens(min(room, free))
                 if wanted <= 0:
                     continue
                 rows = await self._claimable(session, endpoint, wanted, now)
@@ -479,6 +512,7 @@ class DeliveryLoop:
                             event_version=row.version,
                             occurred_at=row.occurred_at,
                             data=row.data,
+                            leased_until=leased_until,
                         )
                     )
                 free -= len(rows)
@@ -493,6 +527,23 @@ class DeliveryLoop:
                     )
                 )
         return claimed
+
+    def _room(self, endpoint: EndpointState) -> int:
+        """How many deliveries to claim for `endpoint` now: up to its cap in flight plus as
+        many again waiting, so a finished send is followed at once by the next, without a
+        database round trip. Claims are made in batches (at least half the cap), unless the
+        endpoint would otherwise idle; ordered and failing endpoints get no claims ahead."""
+        cap = self._cap(endpoint)
+        ahead = 0 if endpoint.ordered or endpoint.failing else cap
+        held = endpoint.in_flight + len(endpoint.ready)
+        room = cap + ahead - held
+        if held >= cap and room < max(1, cap // 2):
+            return 0
+        return room
+
+    @property
+    def _ready(self) -> int:
+        return sum(len(e.ready) for e in self._endpoints.values())
 
     def _cap(self, endpoint: EndpointState) -> int:
         if endpoint.ordered:
@@ -636,8 +687,57 @@ class DeliveryLoop:
         finally:
             claimed.endpoint.in_flight -= 1
             self._in_flight -= 1
+        endpoint = claimed.endpoint
+        if not result.succeeded and endpoint.ready:
+            # What the failure means (a retry later, a 410 disabling the endpoint) is known
+            # once it is recorded: nothing more goes to the endpoint before that.
+            self._unsent.extend(endpoint.ready)
+            endpoint.ready.clear()
+            endpoint.failing = True
         self._results.put_nowait(result)
+        self._start_ready(endpoint)
+        if self._in_flight < self.config.concurrency:
+            self._start_all_ready()
         self._wake.set()
+
+    def _start_all_ready(self) -> None:
+        for endpoint in self._endpoints.values():
+            if endpoint.ready:
+                self._start_ready(endpoint)
+
+    def _start_ready(self, endpoint: EndpointState) -> None:
+        """Send the endpoint's next delivery claimed ahead, if its lease leaves time for a
+        whole attempt (one that does not is left to be claimed again when it runs out)."""
+        if self._stopping:
+            return
+        while endpoint.ready and endpoint.in_flight < self._cap(endpoint):
+            if self._in_flight >= self.config.concurrency:
+                return
+            item = endpoint.ready.popleft()
+            if time.monotonic() + self.config.timeout + LEASE_MARGIN_SECONDS < item.leased_until:
+                self._start(item)
+
+    async def _release_ready(self, *, everything: bool = True) -> None:
+        """Hand back what was claimed ahead and not sent (with `everything`, also what is
+        still waiting to be sent): due again at once, for any worker."""
+        items, self._unsent = self._unsent, []
+        if everything:
+            items += [item for e in self._endpoints.values() for item in e.ready]
+            for endpoint in self._endpoints.values():
+                endpoint.ready.clear()
+        if not items:
+            return
+        async with self.db.transaction(short=True) as session:
+            for token in {item.token for item in items}:
+                await session.execute(
+                    update(WebhookDelivery)
+                    .where(
+                        WebhookDelivery.id.in_([i.delivery_id for i in items if i.token == token]),
+                        WebhookDelivery.claim_token == token,
+                        WebhookDelivery.status == DeliveryStatus.PENDING,
+                    )
+                    .values(next_attempt_at=utcnow(), claimed_by=None, claim_token=None)
+                )
 
     def payload(self, claimed: Claimed) -> str:
         return json.dumps(
@@ -737,6 +837,11 @@ class DeliveryLoop:
         if not batch:
             return False
         try:
+            if self._unsent:
+                try:
+                    await self._release_ready(everything=False)
+                except Exception:  # their leases run out and they are sent again
+                    log.exception("delivery_release_failed")
             finals = await self._record_with_retries(batch)
         finally:
             for _ in batch:
@@ -855,7 +960,7 @@ async def record(
                 completed_at=None,
             )
         changes.append(values)  # the same keys in every row: one executemany
-    async with db.transaction() as session:
+    async with db.transaction(short=True) as session:
         # Endpoints first, in id order: the same order as every other writer, so no deadlock.
         endpoint_ids = sorted({r.claimed.endpoint.id for r in batch})
         locked = select(WebhookEndpoint).where(WebhookEndpoint.id.in_(endpoint_ids))
