@@ -59,7 +59,8 @@ from memberhub.webhooks.ssrf import DestinationRefused, UrlPolicy, guarded_trans
 log = structlog.get_logger("memberhub.webhooks")
 
 FAN_OUT_BATCH = 1000
-RECORD_GATHER_SECONDS = 0.005
+# Sends go on from what was claimed ahead while results wait to be recorded together.
+RECORD_GATHER_SECONDS = 0.025
 FAILING_ENDPOINT_CONCURRENCY = 2
 RECORD_RETRY_DELAYS = (0.2, 1.0, 3.0)
 # How long a worker trusts its copy of the endpoints (URL, secrets, ordering, rate limit).
