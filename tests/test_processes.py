@@ -58,22 +58,26 @@ def _stop(process: subprocess.Popen[bytes]) -> tuple[int, str]:
     return process.returncode, stderr.decode()
 
 
-@pytest.fixture
-def server(process_env: dict[str, str]) -> Iterator[str]:
-    port = _free_port()
-    process = _start(["serve", "--host", "127.0.0.1", "--port", str(port)], process_env)
-    base = f"http://127.0.0.1:{port}"
+def _wait_for_health(base: str, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 30
     while True:
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
+                return
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             _, stderr = process.communicate(timeout=5)
             pytest.fail(f"memberhub serve did not come up: {stderr.decode()[-2000:]}")
         time.sleep(0.1)
+
+
+@pytest.fixture
+def server(process_env: dict[str, str]) -> Iterator[str]:
+    port = _free_port()
+    process = _start(["serve", "--host", "127.0.0.1", "--port", str(port)], process_env)
+    base = f"http://127.0.0.1:{port}"
+    _wait_for_health(base, process)
     yield base
     exit_code, log = _stop(process)
     # uvicorn re-raises the signal after a graceful shutdown; the lifespan must have run.
@@ -131,20 +135,6 @@ def test_secret_key_is_generated_once_into_the_data_dir(tmp_path: Path) -> None:
     assert key_file.stat().st_mode & 0o077 == 0
     assert Settings(data_dir=tmp_path, secret_key=None).resolved_secret_key == first
     assert Settings(data_dir=tmp_path, secret_key="configured").resolved_secret_key == "configured"
-
-
-def _wait_for_health(base: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            _, stderr = process.communicate(timeout=5)
-            pytest.fail(f"memberhub serve did not come up: {stderr.decode()[-2000:]}")
-        time.sleep(0.1)
 
 
 def test_serve_with_two_processes_runs_one_worker_and_shares_changes_at_once(
