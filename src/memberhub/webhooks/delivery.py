@@ -953,11 +953,13 @@ async def record(
                 completed_at=now,
             )
         else:
+            # Counted from the end of the failed attempt, not from when it is recorded.
+            finished = result.started_at + timedelta(seconds=result.duration)
             delay = next_delay(config, claimed.schedule_index, result.retry_after)
             values.update(
                 status=DeliveryStatus.PENDING,
                 schedule_index=claimed.schedule_index + 1,
-                next_attempt_at=now + timedelta(seconds=delay),
+                next_attempt_at=finished + timedelta(seconds=delay),
                 completed_at=None,
             )
         changes.append(values)  # the same keys in every row: one executemany
