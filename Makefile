@@ -42,11 +42,13 @@ lint: $(DEV_STAMP)
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
+# The PostgreSQL pass runs again only the tests that reach the database (marked `database`
+# at collection); the others would repeat the SQLite pass exactly.
 pytest: $(DEV_STAMP)
 	env -u MEMBERHUB_TEST_DATABASE_URL $(BIN)/pytest -n $(TEST_WORKERS)
 	@if [ -n "$$MEMBERHUB_TEST_DATABASE_URL" ]; then \
-		echo "== again on PostgreSQL"; \
-		$(BIN)/pytest -n $(TEST_WORKERS); \
+		echo "== again on PostgreSQL, the tests that reach the database"; \
+		$(BIN)/pytest -n $(TEST_WORKERS) -m database; \
 	fi
 
 ## A full schemathesis run against the app's own OpenAPI schema (the suite runs a short one).

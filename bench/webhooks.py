@@ -9,14 +9,16 @@ postgresql+asyncpg://postgres@127.0.0.1:5432/postgres), and for 1 endpoint and f
   them out to every endpoint, claiming, signing (Standard Webhooks), POSTing and recording
   each attempt. The clock stops when every attempt row is committed, so the figure is
   deliveries sent, signed and recorded per second.
-- raw: a bare `httpx.AsyncClient` POSTing the same bodies (built by `DeliveryLoop.payload`)
-  to the same URLs, as many in flight as the loop may have (64 overall, at most 8 per
-  endpoint: 8 for one endpoint, 64 for ten), without signing and without a database.
+- raw: bare `httpx.AsyncClient`s, one per endpoint with as many connections as the loop
+  gives one (8), POSTing the same bodies (built by `DeliveryLoop.payload`) to the same URLs,
+  as many in flight as the loop may have (at most 8 per endpoint and 64 overall), without
+  signing and without a database.
 
 The receiver is a bare ASGI app under uvicorn in a child process (`python -m bench.webhooks
 --serve-receiver PORT`), so it does not share the measured event loop; it answers 200 and
 counts. Each of 3 rounds (median counted) sends N fresh events to every endpoint on both
-sides, after a warm-up round. Afterwards every delivery must have succeeded with one
+sides, after a warm-up round; the sides alternate which goes first (ABBA…), and the load
+average is printed with each result. Afterwards every delivery must have succeeded with one
 attempt, and the receiver must have seen each signed POST once; otherwise the bench exits 1.
 
 Ratio: loop / raw deliveries per second (higher is better; 1.0 would mean the outbox,
@@ -166,6 +168,7 @@ class Result:
         return (
             f"{self.backend:<11} {endpoints:<12} loop {self.loop_per_second:8.1f} deliveries/s"
             f"   raw {self.raw_per_second:8.1f} posts/s   ratio {self.ratio:.3f}"
+            f"   load {os.getloadavg()[0]:.2f}"
         )
 
 
@@ -305,22 +308,29 @@ async def time_loop(db: Database, probe: Database, settings: Settings, target: i
 
 
 async def time_raw(
-    client: httpx.AsyncClient, posts: Sequence[tuple[str, str]], concurrency: int
+    clients: dict[str, httpx.AsyncClient],
+    bodies: Sequence[str],
+    config: DeliveryConfig,
 ) -> float:
-    """Seconds to POST every (url, body), `concurrency` at a time."""
-    pending = iter(posts)
+    """Seconds to POST every body to every endpoint URL (the keys of `clients`), each
+    endpoint's through its own client, at most `endpoint_concurrency` at a time to one
+    endpoint and `concurrency` overall, as the loop sends."""
     headers = {"content-type": "application/json"}
+    overall = asyncio.Semaphore(config.concurrency)
 
-    async def worker() -> None:
-        for url, body in pending:  # shared: each post is taken by exactly one worker
-            response = await client.post(url, content=body.encode(), headers=headers)
+    async def worker(url: str, client: httpx.AsyncClient, pending: Iterator[str]) -> None:
+        for body in pending:  # shared by the endpoint's workers: each body is taken once
+            async with overall:
+                response = await client.post(url, content=body.encode(), headers=headers)
             if response.status_code != 200:
                 raise RuntimeError(f"POST {url}: {response.status_code}")
 
     started = time.perf_counter()
     async with asyncio.TaskGroup() as group:
-        for _ in range(concurrency):
-            group.create_task(worker())
+        for url, client in clients.items():
+            pending = iter(bodies)
+            for _ in range(config.endpoint_concurrency):
+                group.create_task(worker(url, client, pending))
     return time.perf_counter() - started
 
 
@@ -340,49 +350,69 @@ async def bench_case(
     """The medians of both sides, and the problems found."""
     settings = bench_settings(url)
     config = DeliveryConfig.from_settings(settings)
-    # As many in flight as the loop may have: it sends at most `endpoint_concurrency` at a
-    # time to one endpoint.
-    raw_concurrency = min(config.concurrency, case.endpoints * config.endpoint_concurrency)
     urls = [f"{receiver_url}/hooks/{number}" for number in range(case.endpoints)]
     db = Database(url, pool_size=WORKER_POOL_SIZE)
     probe = Database(url, pool_size=1)
-    limits = httpx.Limits(
-        max_connections=raw_concurrency, max_keepalive_connections=raw_concurrency
+    # One client per endpoint, with the connections the loop gives one.
+    per_endpoint = httpx.Limits(
+        max_connections=config.endpoint_concurrency,
+        max_keepalive_connections=config.endpoint_concurrency,
     )
     problems: list[str] = []
     loop_rates: list[float] = []
     raw_rates: list[float] = []
-    try:
-        async with httpx.AsyncClient(limits=limits, timeout=60, trust_env=False) as client:
-            await create_endpoints(db, settings, urls)
-            delivered = 0
-            # The warm-up round (index 0) is not counted.
-            for round_number in range(case.rounds + 1):
-                events = case.events if round_number else min(case.events, 2 * raw_concurrency)
-                deliveries = events * case.endpoints
-                await emit_events(db, events)
-                bodies = await undispatched_bodies(db, delivery_loop(db, settings))
-                posts = [(endpoint_url, body) for body in bodies for endpoint_url in urls]
-                before = await receiver_counts(client, receiver_url)
-                raw_seconds = await time_raw(client, posts, raw_concurrency)
-                middle = await receiver_counts(client, receiver_url)
-                loop_seconds = await time_loop(db, probe, settings, delivered + deliveries)
-                after = await receiver_counts(client, receiver_url)
-                delivered += deliveries
-                if middle.received - before.received != deliveries:
-                    problems.append(f"raw: {middle.received - before.received} POSTs received")
-                if after.signed - middle.signed != deliveries:
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(db.dispose)
+        stack.push_async_callback(probe.dispose)
+        counter = await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
+        clients = {
+            endpoint_url: await stack.enter_async_context(
+                httpx.AsyncClient(limits=per_endpoint, timeout=60, trust_env=False)
+            )
+            for endpoint_url in urls
+        }
+        await create_endpoints(db, settings, urls)
+        delivered = 0
+        # The warm-up round (index 0) is not counted.
+        for round_number in range(case.rounds + 1):
+            events = case.events if round_number else min(case.events, 2 * config.concurrency)
+            deliveries = events * case.endpoints
+            await emit_events(db, events)
+            bodies = await undispatched_bodies(db, delivery_loop(db, settings))
+
+            async def raw_side(bodies: list[str] = bodies, deliveries: int = deliveries) -> float:
+                before = await receiver_counts(counter, receiver_url)
+                seconds = await time_raw(clients, bodies, config)
+                after = await receiver_counts(counter, receiver_url)
+                if after.received - before.received != deliveries:
+                    problems.append(f"raw: {after.received - before.received} POSTs received")
+                return seconds
+
+            async def loop_side(
+                deliveries: int = deliveries, target: int = delivered + deliveries
+            ) -> float:
+                before = await receiver_counts(counter, receiver_url)
+                seconds = await time_loop(db, probe, settings, target)
+                after = await receiver_counts(counter, receiver_url)
+                if after.signed - before.signed != deliveries:
                     problems.append(
-                        f"loop: {after.signed - middle.signed} signed POSTs received, "
+                        f"loop: {after.signed - before.signed} signed POSTs received, "
                         f"{deliveries} expected"
                     )
-                if round_number:
-                    raw_rates.append(deliveries / raw_seconds)
-                    loop_rates.append(deliveries / loop_seconds)
+                return seconds
+
+            # ABBA: each side goes first in every other round.
+            if round_number % 2 == 0:
+                raw_seconds = await raw_side()
+                loop_seconds = await loop_side()
+            else:
+                loop_seconds = await loop_side()
+                raw_seconds = await raw_side()
+            delivered += deliveries
+            if round_number:
+                raw_rates.append(deliveries / raw_seconds)
+                loop_rates.append(deliveries / loop_seconds)
         problems += await delivery_problems(probe, delivered)
-    finally:
-        await probe.dispose()
-        await db.dispose()
     result = Result(
         backend=backend,
         endpoints=case.endpoints,

@@ -53,6 +53,14 @@ async def _drop_pg_database(server_url: str, name: str) -> None:
         await conn.close()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that reach a database (through the `database_url` fixture): the
+    PostgreSQL pass of `make test` runs only those again (`-m database`)."""
+    for item in items:
+        if "database_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.database)
+
+
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if TEST_DATABASE_URL:
@@ -132,21 +140,33 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
     )
 
 
-@pytest.fixture
-async def db(settings: Settings) -> AsyncIterator[Database]:
-    database = Database(settings.resolved_database_url, pool_size=5)
-    await _empty_all_tables(database)
-    # The tables were emptied behind the application's back: drop what it kept of them.
-    ProcessCache.clear_all()
+@pytest.fixture(scope="session")
+async def shared_db(database_url: str) -> AsyncIterator[Database]:
+    """One pool per test process, shared by the tests and their applications: opening
+    connections for every test cost more than most tests."""
+    database = Database(database_url, pool_size=10)
     yield database
     await database.dispose()
 
 
 @pytest.fixture
-async def app(settings: Settings, db: Database) -> AsyncIterator[object]:
-    application = create_app(settings)
-    yield application
-    await application.state.db.dispose()
+async def db(shared_db: Database) -> AsyncIterator[Database]:
+    await _empty_all_tables(shared_db)
+    # The tables were emptied behind the application's back: drop what it kept of them.
+    ProcessCache.clear_all()
+    yield shared_db
+    if shared_db.is_sqlite:
+        return
+    # A test may have ended with transactions open (a cancelled task's, say) or with
+    # connections the server dropped: start the next one from a fresh pool.
+    pool = shared_db.engine.pool
+    if pool.checkedout():  # type: ignore[attr-defined]
+        await shared_db.engine.dispose()
+
+
+@pytest.fixture
+async def app(settings: Settings, db: Database) -> object:
+    return create_app(settings, db=db)
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ LEDGER_LINES = {
 WEBHOOK_LINES = {
     endpoints: re.compile(
         rf"^sqlite\s+{endpoints}\s+loop\s+[\d.]+ deliveries/s\s+raw\s+[\d.]+ posts/s"
-        r"\s+ratio\s+[\d.]+$",
+        r"\s+ratio\s+[\d.]+\s+load [\d.]+$",
         re.MULTILINE,
     )
     for endpoints in ("1 endpoint", "10 endpoints")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -31,9 +32,12 @@ async def drop_other_connections(database_url: str) -> int:
 
 
 @pytest.fixture
-def postgres_only(is_postgres: bool) -> None:
+async def postgres_only(is_postgres: bool, db: kit_db.Database) -> AsyncIterator[None]:
     if not is_postgres:
         pytest.skip("SQLite has no server to drop a connection")
+    yield
+    # The pool is shared with the tests that follow: none of them gets a dropped connection.
+    await db.engine.dispose()
 
 
 @pytest.mark.usefixtures("postgres_only")
