@@ -134,7 +134,7 @@ def create_engine(
             path = make_url(url).database or ":memory:"
             options = {"async_creator": partial(_connect_inline, path)}
         engine = create_async_engine(url, echo=echo, hide_parameters=True, **options)
-        _configure_sqlite(engine.sync_engine)
+        _configure_sqlite(engine.sync_engine, inline=inline)
         return engine
     engine = create_async_engine(
         url, echo=echo, pool_size=pool_size, max_overflow=pool_size, hide_parameters=True
@@ -172,39 +172,59 @@ def _ping_idle_connections(engine: Engine) -> None:
 class _InlineSQLiteConnection(aiosqlite.Connection):
     """aiosqlite, but a statement runs on the calling (event loop's) thread instead of being
     handed to the connection's thread and back: a request's dozen statements cost no thread
-    hand-offs, which otherwise take most of the CPU a SQLite request uses.
+    hand-offs, which otherwise take most of the CPU a SQLite request uses, and a write
+    transaction holds the write lock only while its own statements run.
 
-    Only what may wait is still handed over: `BEGIN IMMEDIATE` (another process may hold the
-    write lock; the busy timeout then waits in the connection's thread, not in the loop) and
-    COMMIT (it may run a WAL checkpoint). A write transaction is two hand-offs; a read, none.
-    For requests, whose statements are short; jobs working through large sets use threads.
+    Nothing here waits on the loop's thread: the connection's busy timeout is zero, so a
+    statement that would wait for another process's lock (`BEGIN IMMEDIATE` while another
+    process writes) fails at once and is run again in the connection's thread, where it waits
+    up to BUSY_TIMEOUT_MS. Commits do not checkpoint the WAL here (`wal_autocheckpoint=0`):
+    the worker's connections, which commit from their threads, do. With WAL and
+    `synchronous=NORMAL` a commit writes to the WAL without syncing, so it does not wait
+    either. For requests, whose statements are short; jobs working through large sets use
+    threads.
     """
 
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if _may_wait(fn, args):
-            return await super()._execute(fn, *args, **kwargs)
         if not self._running or not self._connection:
             raise ValueError("Connection closed")
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise
+        # Nothing was done: run it again where it may wait.
+        return await super()._execute(_waiting, self._connection, fn, args, kwargs)
+
+
+def _waiting(
+    connection: sqlite3.Connection,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    try:
         return fn(*args, **kwargs)
-
-
-def _may_wait(fn: Callable[..., Any], args: tuple[Any, ...]) -> bool:
-    if getattr(fn, "__name__", "") == "commit":
-        return True
-    statement = args[0] if args and isinstance(args[0], str) else ""
-    return statement[:15].upper() in ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE")
+    finally:
+        connection.execute("PRAGMA busy_timeout=0")
 
 
 async def _connect_inline(path: str) -> aiosqlite.Connection:
     def connector() -> sqlite3.Connection:
-        return sqlite3.connect(path, timeout=30, check_same_thread=False)
+        # No busy wait here either: see _InlineSQLiteConnection.
+        return sqlite3.connect(path, timeout=0, check_same_thread=False)
 
     connection = _InlineSQLiteConnection(connector, 64)
     connection._thread.daemon = True
     return await connection
 
 
-def _configure_sqlite(engine: Engine) -> None:
+# How long a SQLite connection waits for another's lock before failing.
+BUSY_TIMEOUT_MS = 30_000
+
+
+def _configure_sqlite(engine: Engine, *, inline: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         # Let SQLAlchemy, not the driver, decide when transactions begin.
@@ -213,7 +233,11 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        if inline:  # see _InlineSQLiteConnection: nothing may wait on the loop's thread
+            cursor.execute("PRAGMA busy_timeout=0")
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
+        else:
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
