@@ -15,8 +15,8 @@ from tests.support import ApiClient
 
 STAMP = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
 # More than one page of each vendor's change feed, all changed at the same instant.
-SHARED = {"hubspot": 450, "salesforce": 450, "pipedrive": 450, "custom_crm": 450}
-# Pages as small as each vendor allows, so that a few hundred records span several.
+SHARED = {"hubspot": 250, "salesforce": 250, "pipedrive": 250, "custom_crm": 250}
+# Pages as small as each vendor allows, so that a few hundred records span two or more.
 PAGE_SETTINGS: dict[str, dict[str, Any]] = {
     "hubspot": {},
     "salesforce": {"query_batch_size": 200},

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import select
 
 from memberhub.integrations import vault
-from memberhub.integrations.gateway import CallRecord, Gateway, GatewayPolicy
+from memberhub.integrations.gateway import CallRecord, Gateway, GatewayPolicy, Sleep
 from memberhub.integrations.models import Integration, IntegrationCall, IntegrationIncident
 from memberhub.integrations.providers import get_provider
 from memberhub.integrations.providers.base import BaseConfig, Connection, Provider
@@ -80,12 +80,16 @@ class IntegrationHub:
         *,
         registry: CollectorRegistry | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        retry_sleep: Sleep = asyncio.sleep,
     ) -> None:
+        """`retry_sleep` waits out the gateways' retry backoffs and Retry-After answers
+        (tests shorten it; rate limits keep real time)."""
         self.db = db
         self.box = box
         self.url_policy = url_policy
         self.registry = registry if registry is not None else CollectorRegistry()
         self._transport = transport
+        self._retry_sleep = retry_sleep
         self._entries: dict[int, _Entry] = {}
         self._calls: deque[tuple[int, CallRecord]] = deque(maxlen=MAX_PENDING_CALLS)
         self._drain_lock = asyncio.Lock()
@@ -132,6 +136,7 @@ class IntegrationHub:
             observer=observe,
             transport=self._new_transport(),
             registry=self.registry,
+            sleep=self._retry_sleep,
         )
         token_gateway = None
         oauth = provider.oauth_settings(config)

@@ -76,6 +76,9 @@ JITTER = 0.2
 RETRY_AFTER_STATUSES = frozenset({429, 502, 503, 504})
 # An arbitrary constant naming the advisory lock held by the one worker fanning out.
 _FAN_OUT_LOCK = 7_320_114_101
+# Core tables: the loop's statements need none of the ORM's bookkeeping.
+_DELIVERIES = cast(Table, WebhookDelivery.__table__)
+_ATTEMPTS = cast(Table, WebhookAttempt.__table__)
 
 
 @dataclass(frozen=True)
@@ -519,8 +522,8 @@ class DeliveryLoop:
                 free -= len(rows)
             if claimed:
                 await session.execute(
-                    update(WebhookDelivery)
-                    .where(WebhookDelivery.id.in_([c.delivery_id for c in claimed]))
+                    update(_DELIVERIES)
+                    .where(_DELIVERIES.c.id.in_([c.delivery_id for c in claimed]))
                     .values(
                         next_attempt_at=now + timedelta(seconds=self.config.lease),
                         claimed_by=self.worker_id,
@@ -731,11 +734,11 @@ class DeliveryLoop:
         async with self.db.transaction(short=True) as session:
             for token in {item.token for item in items}:
                 await session.execute(
-                    update(WebhookDelivery)
+                    update(_DELIVERIES)
                     .where(
-                        WebhookDelivery.id.in_([i.delivery_id for i in items if i.token == token]),
-                        WebhookDelivery.claim_token == token,
-                        WebhookDelivery.status == DeliveryStatus.PENDING,
+                        _DELIVERIES.c.id.in_([i.delivery_id for i in items if i.token == token]),
+                        _DELIVERIES.c.claim_token == token,
+                        _DELIVERIES.c.status == DeliveryStatus.PENDING,
                     )
                     .values(next_attempt_at=utcnow(), claimed_by=None, claim_token=None)
                 )
@@ -911,7 +914,7 @@ async def record(
     """Write a batch of attempt results: attempts, delivery states and endpoint health.
     Returns, per result, the delivery's final status when it has one now."""
     now = utcnow()
-    deliveries = cast(Table, WebhookDelivery.__table__)
+    deliveries = _DELIVERIES
     attempts = []
     changes = []
     for result in batch:
@@ -990,7 +993,7 @@ async def record(
             return finals
         attempts = [attempts[i] for i in kept]
         changes = [changes[i] for i in kept]
-        await session.execute(insert(WebhookAttempt), attempts)
+        await session.execute(insert(_ATTEMPTS), attempts)
         statement = (
             update(deliveries)
             .where(
