@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
+from memberhub.webhooks.delivery import AHEAD_MAX_CAPS, DeliveryLoop, EndpointState
 from memberhub.webhooks.models import DeliveryStatus, WebhookDelivery
 from tests.fakes.webhook_receiver import WebhookReceiver, hang
 from tests.support import ApiClient
@@ -48,3 +49,31 @@ async def test_a_stopped_loop_hands_back_what_it_claimed_ahead(
         )
     assert latest is not None
     assert latest <= utcnow()
+
+
+def test_how_far_ahead_follows_the_pace_of_the_endpoint() -> None:
+    def endpoint(**state: object) -> EndpointState:
+        e = EndpointState(id=1, public_id="whk_1", url="http://x", ordered=False, rate_limit=None)
+        for name, value in state.items():
+            setattr(e, name, value)
+        return e
+
+    cap = 8
+    # Nothing known yet: as many again as the cap.
+    assert DeliveryLoop._ahead(endpoint(), cap) == cap
+    # A receiver answering in 20 ms takes 100 in 0.25 s: held to 7 times the cap.
+    fast = endpoint()
+    for _ in range(20):
+        fast.observe_send(0.02)
+    assert DeliveryLoop._ahead(fast, cap) == AHEAD_MAX_CAPS * cap
+    # One answering in 100 ms takes 20 in 0.25 s.
+    assert DeliveryLoop._ahead(endpoint(send_seconds=0.1), cap) == 20
+    # A slow one still gets its cap, so a finished send is followed at once.
+    assert DeliveryLoop._ahead(endpoint(send_seconds=2.0), cap) == cap
+    # Ordered and failing endpoints: nothing waits.
+    assert DeliveryLoop._ahead(endpoint(ordered=True, send_seconds=0.02), cap) == 0
+    assert DeliveryLoop._ahead(endpoint(failing=True, send_seconds=0.02), cap) == 0
+    # The mean follows the latest sends: a receiver slowing down is given less.
+    for _ in range(30):
+        fast.observe_send(1.0)
+    assert DeliveryLoop._ahead(fast, cap) == cap

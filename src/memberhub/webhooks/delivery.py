@@ -67,6 +67,12 @@ RECORD_RETRY_DELAYS = (0.2, 1.0, 3.0)
 ENDPOINT_REFRESH_SECONDS = 1.0
 # How often a busy loop looks for events to fan out.
 FAN_OUT_CHECK_SECONDS = 0.05
+# Claimed ahead for a healthy endpoint: what it takes in about this long at the pace of its
+# recent sends, at least its cap and at most AHEAD_MAX_CAPS times it.
+AHEAD_SECONDS = 0.25
+AHEAD_MAX_CAPS = 7
+# Weight of the latest send in an endpoint's running mean send time.
+SEND_TIME_WEIGHT = 0.2
 # A delivery claimed ahead is sent only if its lease outlasts a whole attempt by this much
 # (the lease is at least the timeout plus 5 s, so a fresh claim has room to wait).
 LEASE_MARGIN_SECONDS = 2.0
@@ -226,6 +232,14 @@ class EndpointState:
     client: httpx.AsyncClient | None = None
     # Claimed ahead, to be sent as sends in flight finish (see `DeliveryLoop.claim`).
     ready: deque[Claimed] = field(default_factory=deque)
+    # Running mean of its send times (seconds); None before the first.
+    send_seconds: float | None = None
+
+    def observe_send(self, seconds: float) -> None:
+        if self.send_seconds is None:
+            self.send_seconds = seconds
+        else:
+            self.send_seconds += SEND_TIME_WEIGHT * (seconds - self.send_seconds)
 
     def take_tokens(self, wanted: int) -> int:
         if self.rate_limit is None:
@@ -533,17 +547,30 @@ class DeliveryLoop:
         return claimed
 
     def _room(self, endpoint: EndpointState) -> int:
-        """How many deliveries to claim for `endpoint` now: up to its cap in flight plus as
-        many again waiting, so a finished send is followed at once by the next, without a
-        database round trip. Claims are made in batches (at least half the cap), unless the
-        endpoint would otherwise idle; ordered and failing endpoints get no claims ahead."""
+        """How many deliveries to claim for `endpoint` now: up to its cap in flight plus some
+        waiting (`_ahead`), so a finished send is followed at once by the next, without a
+        database round trip. Claims are made in batches (at least half of what may wait),
+        unless the endpoint would otherwise idle."""
         cap = self._cap(endpoint)
-        ahead = 0 if endpoint.ordered or endpoint.failing else cap
+        ahead = self._ahead(endpoint, cap)
         held = endpoint.in_flight + len(endpoint.ready)
         room = cap + ahead - held
-        if held >= cap and room < max(1, cap // 2):
+        if held >= cap and room < max(1, min(ahead // 2, 2 * cap)):
             return 0
         return room
+
+    @staticmethod
+    def _ahead(endpoint: EndpointState, cap: int) -> int:
+        """Deliveries to hold waiting for `endpoint`: none for ordered and failing endpoints;
+        otherwise what it takes in about AHEAD_SECONDS at its recent pace, between its cap
+        and AHEAD_MAX_CAPS times it. A fast receiver then needs few claims; a slow one's
+        deliveries do not wait long after they are claimed."""
+        if endpoint.ordered or endpoint.failing:
+            return 0
+        if endpoint.send_seconds is None:
+            return cap
+        pace = cap / max(endpoint.send_seconds, 0.001)  # sends a second, with cap in flight
+        return max(cap, min(AHEAD_MAX_CAPS * cap, int(pace * AHEAD_SECONDS)))
 
     @property
     def _ready(self) -> int:
@@ -692,6 +719,7 @@ class DeliveryLoop:
             claimed.endpoint.in_flight -= 1
             self._in_flight -= 1
         endpoint = claimed.endpoint
+        endpoint.observe_send(result.duration)
         if not result.succeeded and endpoint.ready:
             # What the failure means (a retry later, a 410 disabling the endpoint) is known
             # once it is recorded: nothing more goes to the endpoint before that.
