@@ -303,6 +303,10 @@ class AttemptResult:
         return self.status_code is not None and 200 <= self.status_code < 300
 
     @property
+    def finished_at(self) -> datetime:
+        return self.started_at + timedelta(seconds=self.duration)
+
+    @property
     def gone(self) -> bool:
         return self.status_code == 410
 
@@ -549,8 +553,8 @@ class DeliveryLoop:
     def _room(self, endpoint: EndpointState) -> int:
         """How many deliveries to claim for `endpoint` now: up to its cap in flight plus some
         waiting (`_ahead`), so a finished send is followed at once by the next, without a
-        database round trip. Claims are made in batches (at least half of what may wait),
-        unless the endpoint would otherwise idle."""
+        database round trip. Claims are made in batches (half of what may wait, at most
+        twice the cap), unless the endpoint would otherwise idle."""
         cap = self._cap(endpoint)
         ahead = self._ahead(endpoint, cap)
         held = endpoint.in_flight + len(endpoint.ready)
@@ -942,7 +946,6 @@ async def record(
     """Write a batch of attempt results: attempts, delivery states and endpoint health.
     Returns, per result, the delivery's final status when it has one now."""
     now = utcnow()
-    deliveries = _DELIVERIES
     attempts = []
     changes = []
     for result in batch:
@@ -985,12 +988,11 @@ async def record(
             )
         else:
             # Counted from the end of the failed attempt, not from when it is recorded.
-            finished = result.started_at + timedelta(seconds=result.duration)
             delay = next_delay(config, claimed.schedule_index, result.retry_after)
             values.update(
                 status=DeliveryStatus.PENDING,
                 schedule_index=claimed.schedule_index + 1,
-                next_attempt_at=finished + timedelta(seconds=delay),
+                next_attempt_at=result.finished_at + timedelta(seconds=delay),
                 completed_at=None,
             )
         changes.append(values)  # the same keys in every row: one executemany
@@ -1023,11 +1025,11 @@ async def record(
         changes = [changes[i] for i in kept]
         await session.execute(insert(_ATTEMPTS), attempts)
         statement = (
-            update(deliveries)
+            update(_DELIVERIES)
             .where(
                 and_(
-                    deliveries.c.id == bindparam("b_id"),
-                    deliveries.c.claim_token == bindparam("b_token"),
+                    _DELIVERIES.c.id == bindparam("b_id"),
+                    _DELIVERIES.c.claim_token == bindparam("b_token"),
                 )
             )
             .values(
@@ -1063,13 +1065,13 @@ async def _update_health(
         endpoint = endpoints[endpoint_id]
         results = sorted(
             (r for r in batch if r.claimed.endpoint.id == endpoint_id),
-            key=lambda r: r.started_at + timedelta(seconds=r.duration),
+            key=lambda r: r.finished_at,
         )
         gone = None
         for result in results:
             if result.final and result.status_code is None:
                 continue  # never sent (too large): says nothing about the receiver
-            finished = result.started_at + timedelta(seconds=result.duration)
+            finished = result.finished_at
             if result.succeeded:
                 endpoint.last_success_at = finished
                 endpoint.failing_since = None
