@@ -6,7 +6,9 @@ For each backend, on scratch databases the bench creates and removes (a temporar
 file; new PostgreSQL databases on MEMBERHUB_BENCH_POSTGRES_URL, default
 postgresql+asyncpg://postgres@127.0.0.1:5432/postgres):
 
-- http: `memberhub serve` in a child process, `--clients` concurrent httpx clients sending
+- http: `memberhub serve` in a child process, `--clients` concurrent keep-alive connections
+  from a lean HTTP/1.1 load client (`bench.loadgen`: a client library would take a
+  millisecond of the machine's CPU per request away from the server) sending
   `POST /api/v1/points/award` (to distinct members) or `POST /api/v1/members`;
 - raw: the same rows written with nothing in between, on a copy of the same database:
   bare asyncpg (no pool, no pre-ping; BEGIN, resolve and lock the account, insert the
@@ -58,6 +60,7 @@ from bench.common import (
     scratch_space,
     wait_until_ready,
 )
+from bench.loadgen import LeanPool
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.kit.ids import new_public_id
@@ -228,23 +231,23 @@ async def for_seconds(operation: Operation, clients: int, seconds: float) -> flo
     return sum(done) / (time.perf_counter() - started)
 
 
-def http_award(client: httpx.AsyncClient, members: list[str], clients: int) -> Operation:
+def http_award(pool: LeanPool, members: list[str], clients: int) -> Operation:
     async def one(worker: int, n: int) -> None:
         member = members[(n * clients + worker) % len(members)]
         body = {"member_id": member, "points": AWARD_POINTS, "reason": "bench"}
-        response = await client.post("/api/v1/points/award", json=body)
-        if response.status_code != 201:
-            raise RuntimeError(f"award: {response.status_code} {response.text}")
+        status, content = await pool.post_json(worker, "/api/v1/points/award", body)
+        if status != 201:
+            raise RuntimeError(f"award: {status} {content[:500]!r}")
 
     return one
 
 
-def http_member_create(client: httpx.AsyncClient, tag: str) -> Operation:
+def http_member_create(pool: LeanPool, tag: str) -> Operation:
     async def one(worker: int, n: int) -> None:
         body = {"email": f"{tag}-{worker}-{n}@bench.example", "first_name": "Bench"}
-        response = await client.post("/api/v1/members", json=body)
-        if response.status_code != 201:
-            raise RuntimeError(f"member create: {response.status_code} {response.text}")
+        status, content = await pool.post_json(worker, "/api/v1/members", body)
+        if status != 201:
+            raise RuntimeError(f"member create: {status} {content[:500]!r}")
 
     return one
 
@@ -508,13 +511,11 @@ async def run_rounds(
     if raw_pg is not None:
         await name_pgbench_members(raw_url, raw_seeded)
         await raw_pg.__aenter__()
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     headers = {"Authorization": f"Bearer {key}"}
     try:
         with memberhub_serve(http_url) as base_url:
-            async with httpx.AsyncClient(
-                base_url=base_url, headers=headers, limits=limits, timeout=120
-            ) as client:
+            client = LeanPool(base_url, headers, clients)
+            try:
                 award = http_award(client, http_seeded.public_ids, clients)
                 await for_seconds(award, clients, min(seconds, 1.0))  # warm
                 raw_members = [f"pgb{n + 1}" for n in range(args.members)]
@@ -555,6 +556,8 @@ async def run_rounds(
                     )
                     await first()
                     await second()
+            finally:
+                await client.close()
     finally:
         if raw_pg is not None:
             await raw_pg.__aexit__()

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
+from memberhub.settings import Settings
 from tests.members.conftest import SetMemberColumns
 from tests.support import ApiClient, unique
+from tests.support_server import running_server
 
 MEMBERS = "/api/v1/members"
 
@@ -722,3 +727,25 @@ async def test_delete_erases_the_profile_from_earlier_member_events(api: ApiClie
         assert "erase.me" not in str(event)
     updated = events.json()["data"][1]
     assert updated["data"]["changed_fields"] == ["last_name"]
+
+
+async def test_concurrent_creates_of_one_email_make_one_member(
+    api: ApiClient, admin_key: str, settings: Settings
+) -> None:
+    emails = [f"{case}@example.com" for case in ("ana", "ANA", "Ana", "aNa")] * 5
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    async with running_server(settings) as base_url:
+        limits = httpx.Limits(max_connections=len(emails))
+        async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
+            responses = await asyncio.gather(
+                *(client.post(MEMBERS, json={"email": e}, headers=headers) for e in emails)
+            )
+    assert Counter(r.status_code for r in responses) == {201: 1, 409: 19}, [
+        r.text for r in responses if r.status_code >= 500
+    ]
+    assert {r.json()["error"]["code"] for r in responses if r.status_code == 409} == {
+        "DUPLICATE_EMAIL"
+    }
+    assert len(await list_ids(api, email="ana@example.com")) == 1
+    created = (await api.get("/api/v1/events", params={"type": "member.created"})).json()
+    assert len(created["data"]) == 1

@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import Insert, Table
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import make_transient_to_detached
 
 from memberhub.audit.service import diff, record_change_now, record_write
 from memberhub.auth.principal import Principal
@@ -11,6 +16,7 @@ from memberhub.events.catalog import MemberCreated, MemberDeleted, MemberUpdated
 from memberhub.events.repository import EventRepository
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
+from memberhub.kit.db import column_binds, column_values
 from memberhub.kit.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
@@ -27,6 +33,8 @@ from memberhub.members.schemas import (
 from memberhub.organisations.models import Organisation
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.organisations.service import get_visible as get_visible_organisation
+
+MEMBERS = cast(Table, Member.__table__)
 
 # Fields whose values are personal data: erased on delete, never repeated in its audit row.
 PERSONAL_FIELDS = (
@@ -152,30 +160,44 @@ async def create_member(
     session: AsyncSession, principal: Principal, payload: MemberCreate
 ) -> Member:
     organisation = await resolve_organisation(session, principal, payload.organisation_id)
-    await _ensure_email_free(session, organisation, payload.email, None)
     now = utcnow()
-    member = Member(
-        public_id=new_public_id("mem"),
-        organisation=organisation,
-        organisation_id=organisation.id if organisation else None,
-        email=payload.email,
-        email_normalized=normalize_email(payload.email),
-        first_name=payload.first_name,
-        last_name=payload.last_name,
-        phone=payload.phone,
-        date_of_birth=payload.date_of_birth,
-        consent_email=payload.consent.email,
-        consent_sms=payload.consent.sms,
-        consent_analytics=payload.consent.analytics,
-        consent_profiling=payload.consent.profiling,
-        custom_fields=dict(payload.custom_fields),
-        external_ids=dict(payload.external_ids),
-        plan=None,
-        created_at=now,
-        updated_at=now,
+    row = column_values(
+        MEMBERS,
+        {
+            "public_id": new_public_id("mem"),
+            "organisation_id": organisation.id if organisation else None,
+            "email": payload.email,
+            "email_normalized": normalize_email(payload.email),
+            "first_name": payload.first_name,
+            "last_name": payload.last_name,
+            "phone": payload.phone,
+            "date_of_birth": payload.date_of_birth,
+            "consent_email": payload.consent.email,
+            "consent_sms": payload.consent.sms,
+            "consent_analytics": payload.consent.analytics,
+            "consent_profiling": payload.consent.profiling,
+            "custom_fields": dict(payload.custom_fields),
+            "external_ids": dict(payload.external_ids),
+            "created_at": now,
+            "updated_at": now,
+        },
+        "m",
+        ("id",),
     )
+    member_id = await session.scalar(_insert_member(session.get_bind().dialect.name), row)
+    if member_id is None:  # the email's unique index: taken, or just taken by a commit
+        raise Conflict(
+            "A member with this email already exists in the organisation.",
+            code="DUPLICATE_EMAIL",
+            details={"field": "email"},
+        )
+    member = Member(id=member_id, **{name[2:]: value for name, value in row.items()})
+    member.organisation = organisation
+    member.plan = None
+    # The row is written: the object joins the session as if loaded, so later changes in
+    # this request are updates (with their version check), never a second insert.
+    make_transient_to_detached(member)
     session.add(member)
-    await session.flush()
     await record_change_now(
         session,
         principal.actor,
@@ -189,6 +211,20 @@ async def create_member(
         changes=diff({}, snapshot(member)),
     )
     return member
+
+
+@functools.cache
+def _insert_member(dialect: str) -> Insert:
+    """One statement that inserts a member unless its email is taken in its organisation
+    (no row comes back then): no separate check, and no race between a check and the
+    insert."""
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return (
+        insert(MEMBERS)
+        .values(column_binds(MEMBERS, "m", ("id",)))
+        .on_conflict_do_nothing()
+        .returning(MEMBERS.c.id)
+    )
 
 
 def merge_mapping(
