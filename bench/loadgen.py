@@ -46,8 +46,22 @@ class LeanConnection:
             f"POST {path} HTTP/1.1\r\n{self._header_block}"
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
         )
+        request = head.encode() + payload
+        reused = self._reader is not None
+        try:
+            return await self._exchange(request)
+        except asyncio.IncompleteReadError as exc:
+            # A kept-alive connection the server closed while idle (its keep-alive timeout,
+            # noticed only now if this loop was busy): nothing was read from it, so the
+            # request is sent once more on a new connection, as HTTP clients do.
+            await self.close()
+            if not reused or exc.partial:
+                raise
+            return await self._exchange(request)
+
+    async def _exchange(self, request: bytes) -> tuple[int, bytes]:
         reader, writer = await self._open()
-        writer.write(head.encode() + payload)
+        writer.write(request)
         status_line, _, headers = (await reader.readuntil(b"\r\n\r\n")).partition(b"\r\n")
         status = int(status_line.split(b" ", 2)[1])
         length = None
@@ -60,7 +74,7 @@ class LeanConnection:
             elif lowered == b"connection" and value.strip().lower() == b"close":
                 close = True
         if length is None:
-            raise HttpError(f"{path}: response {status} without Content-Length")
+            raise HttpError(f"response {status} without Content-Length")
         content = await reader.readexactly(length)
         if close:
             await self.close()

@@ -93,7 +93,8 @@ async def enroll_lead(
     _members: MembersWriter,
 ) -> EnrollmentOut:
     """Create the member from the lead (and join the plan given); emits
-    `enrollment.completed`. Needs `members:write` as well as `leads:write`."""
+    `enrollment.completed`. Needs `members:write` as well as `leads:write`, and
+    `memberships:write` with a `plan_id`."""
     return await service.enroll(session, principal, lead_id, payload)
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.orm import selectinload
 
 from memberhub.audit.service import diff, record_write
 from memberhub.auth.principal import Principal
+from memberhub.auth.roles import Scope
 from memberhub.events.catalog import EnrollmentCompleted, LeadCreated, LeadUpdated
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
@@ -249,7 +250,10 @@ def changed(
 async def enroll(
     session: AsyncSession, principal: Principal, public_id: str, payload: LeadEnroll
 ) -> EnrollmentOut:
-    """Make the lead a member (joining a plan when one is given), all or nothing."""
+    """Make the lead a member (joining a plan when one is given), all or nothing. Joining
+    a plan needs `memberships:write`, as the join endpoint does."""
+    if payload.plan_id is not None:
+        principal.require_scope(Scope.MEMBERSHIPS_WRITE)
     lead = await get_lead(session, principal, public_id, for_update=True)
     if lead.status == LeadStatus.ENROLLED:
         raise LeadTransitionRefused(
