@@ -15,6 +15,7 @@ from memberhub.alerts.routes import router as alerts_router
 from memberhub.analytics.routes import router as analytics_router
 from memberhub.approvals.routes import router as approvals_router
 from memberhub.audit.routes import router as audit_router
+from memberhub.auth.dependencies import authenticate_first
 from memberhub.auth.ratelimit import RateLimiter
 from memberhub.bulk.routes import router as bulk_router
 from memberhub.crm.routes import router as crm_router
@@ -129,6 +130,7 @@ def create_app(
         registry=app.state.metrics.registry,
     )
     app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.redis_url)
+    app.state.authenticate_first = authenticate_first
     app.state.embedded_worker = embedded_worker
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)

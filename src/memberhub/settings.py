@@ -56,6 +56,17 @@ class Settings(BaseSettings):
         description="Default per-API-key rate limit, in the `limits` notation.",
     )
     idempotency_ttl_hours: int = 24
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request body (JSON) accepted; more is refused with 413 as it "
+        "streams in.",
+    )
+    bulk_upload_max_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="Largest bulk award upload; more is refused with 413 as it streams in.",
+    )
     worker_interval_seconds: float = 5.0
     database_pool_size: int = 10
 

@@ -18,23 +18,40 @@ from memberhub.kit.http import get_session
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer mh_…`")
 
 
+def _key_of(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized(
+            "Send an API key as `Authorization: Bearer mh_…`.", code="MISSING_API_KEY"
+        )
+    return credentials.credentials
+
+
+async def _principal(request: Request, session: AsyncSession, key: str) -> Principal:
+    return await service.authenticate(
+        session,
+        key,
+        request_id=getattr(request.state, "request_id", None),
+        client_ip=request.client.host if request.client else None,
+    )
+
+
+async def authenticate_first(request: Request) -> None:
+    """Check the API key before the request's body is read or its transaction begins
+    (`CheckedRoute`): `authenticate` then takes the principal found here."""
+    key = _key_of(await bearer(request))
+    async with request.app.state.db.request_read_sessionmaker() as session:
+        request.state.principal = await _principal(request, session, key)
+
+
 async def authenticate(
     request: Request,
     response: Response,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     session: Annotated[AsyncSession, Depends(get_session)],
 ) -> Principal:
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthorized(
-            "Send an API key as `Authorization: Bearer mh_…`.", code="MISSING_API_KEY"
-        )
-    client_ip = request.client.host if request.client else None
-    principal = await service.authenticate(
-        session,
-        credentials.credentials,
-        request_id=getattr(request.state, "request_id", None),
-        client_ip=client_ip,
-    )
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None:
+        principal = await _principal(request, session, _key_of(credentials))
     limiter = request.app.state.rate_limiter
     quota = await limiter.hit(principal.key_public_id, principal.rate_limit)
     quota_headers = quota.headers() if quota is not None else {}
@@ -42,6 +59,10 @@ async def authenticate(
     if request.method == "POST":
         await _check_idempotency(request, session, principal, quota_headers)
     return principal
+
+
+# Routes depending on `authenticate` check the key before reading the body.
+authenticate.authenticates_first = True  # type: ignore[attr-defined]
 
 
 async def _check_idempotency(

@@ -11,7 +11,13 @@ from memberhub.bulk.models import BulkJobStatus, RowOutcome
 from memberhub.bulk.repository import BulkRepository
 from memberhub.bulk.schemas import UPLOAD_OPENAPI, BulkJobOut, BulkRowOut
 from memberhub.bulk.upload import MAX_ROWS
-from memberhub.kit.http import ERROR_RESPONSES, DbSession, ErrorBody, UnitOfWorkRoute
+from memberhub.kit.http import (
+    ERROR_RESPONSES,
+    DbSession,
+    ErrorBody,
+    UnitOfWorkRoute,
+    body_limit,
+)
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath
 
@@ -68,6 +74,7 @@ REPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
     openapi_extra=UPLOAD_OPENAPI,
     responses=UPLOAD_RESPONSES,
 )
+@body_limit("bulk_upload_max_bytes")
 async def create_bulk_award(
     request: Request,
     response: Response,
@@ -87,7 +94,7 @@ async def create_bulk_award(
         session,
         principal,
         media_type=request.headers.get("content-type", ""),
-        body=await request.body(),
+        body=await request.body(),  # received before the transaction, within its limit
         default_reason=reason,
     )
     out = service.job_out(job)

@@ -17,9 +17,6 @@ from typing import Any
 from memberhub.kit.errors import MemberhubError, ValidationFailed
 
 MAX_ROWS = 1_000_000
-# Generous for a million rows of typical width; the body is already in memory by now, the
-# limit keeps a runaway file from becoming a runaway job.
-MAX_UPLOAD_BYTES = 256 * 1024 * 1024
 
 COLUMNS = frozenset({"member_id", "email", "points", "reason", "reference_id", "expires_at"})
 CSV_MEDIA_TYPE = "text/csv"
@@ -58,11 +55,6 @@ def _check_columns(names: list[str], line: int) -> None:
 
 
 def decode(body: bytes) -> str:
-    if len(body) > MAX_UPLOAD_BYTES:
-        raise UploadTooLarge(
-            f"The upload is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB.",
-            details={"max_bytes": MAX_UPLOAD_BYTES},
-        )
     try:
         return body.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -6,7 +6,6 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.routing import APIRoute
 from sqlalchemy import select
 
 from memberhub.auth.dependencies import (
@@ -44,7 +43,13 @@ from memberhub.integrations.schemas import (
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.kit.errors import Conflict, MemberhubError, ValidationFailed
-from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
+from memberhub.kit.http import (
+    ERROR_RESPONSES,
+    CheckedRoute,
+    DbSession,
+    UnitOfWorkRoute,
+    read_body,
+)
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath
 from memberhub.members.service import get_member
@@ -52,7 +57,7 @@ from memberhub.memberships.service import get_plan
 from memberhub.webhooks.ssrf import UrlPolicy
 
 
-class OutboundRoute(APIRoute):
+class OutboundRoute(CheckedRoute):
     """For requests that wait on a third party: the request's session only reads (to
     authenticate); the handler writes in short transactions of its own, so no write lock is
     held while a vendor answers. Idempotency-Key is passed on to the vendor rather than
@@ -63,7 +68,7 @@ class OutboundRoute(APIRoute):
 
         async def handler(request: Request) -> Response:
             db: Database = request.app.state.db
-            await request.body()
+            await self.check_before_body(request)
             async with db.read_sessionmaker() as session:
                 request.state.session = session
                 try:
@@ -72,11 +77,6 @@ class OutboundRoute(APIRoute):
                     await session.rollback()
 
         return handler
-
-
-class PayloadTooLarge(MemberhubError):
-    code = "PAYLOAD_TOO_LARGE"
-    status_code = 413
 
 
 class ProviderError(MemberhubError):
@@ -292,11 +292,7 @@ async def receive_webhook(integration_id: IdPath, request: Request) -> InboundAc
     """Where providers send webhooks. The signature is checked for the integration's
     provider; the event is stored and processed by the worker. A repeat of an event
     already received is answered 200 with `duplicate` and not processed again."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > MAX_INBOUND_BYTES:
-            raise PayloadTooLarge(f"The webhook body exceeds {MAX_INBOUND_BYTES} bytes.")
+    body = await read_body(request, MAX_INBOUND_BYTES)
     received = await inbound.receive(
         request.app.state.db,
         _box(request),

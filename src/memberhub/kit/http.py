@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -82,7 +83,70 @@ async def get_session(request: Request) -> AsyncSession:
 DbSession = Annotated[AsyncSession, Depends(get_session)]
 
 
-class UnitOfWorkRoute(APIRoute):
+class PayloadTooLarge(MemberhubError):
+    code = "PAYLOAD_TOO_LARGE"
+    status_code = 413
+    default_message = "The request body is too large."
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, read as it streams in and refused (413) as soon as it passes
+    `limit` bytes, or at once when its Content-Length says it will. It is kept on the
+    request, so later reads (FastAPI's) find it."""
+    declared = request.headers.get("content-length", "")
+    too_large = PayloadTooLarge(
+        f"The request body is larger than {limit:,} bytes.", details={"max_bytes": limit}
+    )
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise too_large
+    request._body = bytes(body)  # Starlette's cache of the body
+    return request._body
+
+
+def body_limit(setting: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give an endpoint (an upload) the body limit in the named setting instead of
+    `max_body_bytes`."""
+
+    def mark(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        endpoint.body_limit_setting = setting  # type: ignore[attr-defined]
+        return endpoint
+
+    return mark
+
+
+def _authenticates_first(dependant: Dependant) -> bool:
+    return any(
+        getattr(dependency.call, "authenticates_first", False) or _authenticates_first(dependency)
+        for dependency in dependant.dependencies
+    )
+
+
+class CheckedRoute(APIRoute):
+    """A route that refuses what it can before reading the body: the API key is checked
+    first (an unauthenticated upload is answered 401 without being read), then the body is
+    read as it streams in, up to the configured limit (`MAX_BODY_BYTES`, or the endpoint's
+    own `body_limit`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.authenticates_first = _authenticates_first(self.dependant)
+        self.body_limit_setting = getattr(self.endpoint, "body_limit_setting", "max_body_bytes")
+
+    async def check_before_body(self, request: Request) -> None:
+        if self.authenticates_first:
+            await request.app.state.authenticate_first(request)
+        if request.method not in SAFE_METHODS:
+            # Received whole before any transaction: a slow upload holds no write slot.
+            limit = getattr(request.app.state.settings, self.body_limit_setting)
+            await read_body(request, limit)
+
+
+class UnitOfWorkRoute(CheckedRoute):
     """Runs each request in one transaction: commit on success, roll back otherwise.
 
     The commit happens before the response is sent, so a client never sees success for a
@@ -95,9 +159,7 @@ class UnitOfWorkRoute(APIRoute):
         async def handler(request: Request) -> Response:
             db = request.app.state.db
             read_only = request.method in SAFE_METHODS
-            if not read_only:
-                # Receive the whole body first: a slow upload must not hold a write slot.
-                await request.body()
+            await self.check_before_body(request)
             maker = db.request_read_sessionmaker if read_only else db.request_sessionmaker
             async with db.writer_slot(read_only=read_only), maker() as session:
                 request.state.session = session
