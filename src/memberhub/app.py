@@ -29,6 +29,7 @@ from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.kit.http import RequestContextMiddleware, install_error_handlers
 from memberhub.kit.logging import configure_logging
+from memberhub.kit.methods import MethodsMiddleware
 from memberhub.leads.routes import external as leads_external_router
 from memberhub.leads.routes import router as leads_router
 from memberhub.members.routes import router as members_router
@@ -132,6 +133,7 @@ def create_app(
     app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.redis_url)
     app.state.authenticate_first = authenticate_first
     app.state.embedded_worker = embedded_worker
+    app.add_middleware(MethodsMiddleware)
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
     for router in (

@@ -265,10 +265,18 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = _STATUS_CODES.get(exc.status_code, "ERROR")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ").lower()
-        return error_response(exc.status_code, code, message, headers=dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route it met; every route counts.
+            from memberhub.kit.methods import allow_header, method_table
+
+            allowed = method_table(request.app).allowed(request.url.path)
+            if allowed is not None:
+                headers["Allow"] = allow_header(allowed)
+        return error_response(exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(IntegrityError)
     async def _integrity_error(_request: Request, exc: IntegrityError) -> Response:

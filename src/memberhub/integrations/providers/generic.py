@@ -9,6 +9,7 @@ import json
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
+import httpx
 from pydantic import Field, StringConstraints
 
 from memberhub.integrations import signatures
@@ -82,10 +83,7 @@ class GenericHttp(Provider):
     async def check_connection(self, connection: Connection) -> str:
         assert isinstance(connection.config, HttpConfig)
         response = await connection.gateway.request("GET", connection.config.test_path)
-        if response.status_code >= 400:
-            raise ConnectionFailed(
-                f"GET {connection.config.test_path} answered {response.status_code}"
-            )
+        _require_success(response, f"GET {connection.config.test_path}")
         return f"GET {connection.config.test_path} answered {response.status_code}"
 
     async def notify(self, connection: Connection, recipient: str, subject: str, body: str) -> None:
@@ -97,10 +95,18 @@ class GenericHttp(Provider):
             connection.config.notify_path,
             json={"recipient": recipient, "subject": subject, "body": body},
         )
-        if response.status_code >= 400:
-            raise ConnectionFailed(
-                f"POST {connection.config.notify_path} answered {response.status_code}"
-            )
+        _require_success(response, f"POST {connection.config.notify_path}")
+
+
+def _require_success(response: httpx.Response, call: str) -> None:
+    """Only a 2xx is an answer: a redirect (to a login page, say) is not followed, and says
+    where it pointed, so the configured address can be corrected."""
+    if 200 <= response.status_code < 300:
+        return
+    message = f"{call} answered {response.status_code}"
+    if 300 <= response.status_code < 400 and "location" in response.headers:
+        message += f", redirecting to {response.headers['location'][:200]}"
+    raise ConnectionFailed(message)
 
 
 class WebhookConfig(BaseConfig):
