@@ -3,9 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from memberhub.kit.types import LongText
+from memberhub.kit.types import Input, LongText
 
 
 class AlertOut(BaseModel):
@@ -23,7 +23,5 @@ class AlertOut(BaseModel):
     note: str | None
 
 
-class AcknowledgeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AcknowledgeRequest(Input):
     note: LongText | None = Field(default=None, description="Kept with the alert.")

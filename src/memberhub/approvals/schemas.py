@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
-from memberhub.kit.types import LongText
+from memberhub.kit.types import Input, LongText
 
 
 class ApprovalOut(BaseModel):
@@ -24,7 +24,5 @@ class ApprovalOut(BaseModel):
     decided_at: datetime | None
 
 
-class Decision(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Decision(Input):
     note: LongText | None = None

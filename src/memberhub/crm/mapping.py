@@ -29,7 +29,9 @@ from collections.abc import Callable, Mapping
 from datetime import date, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from memberhub.kit.types import Input
 
 Direction = Literal["push", "pull", "both"]
 Policy = Literal["memberhub_wins", "crm_wins", "newest", "manual"]
@@ -79,9 +81,7 @@ def editable(entity: EntityType, source: str) -> bool:
 Scalar = str | int | float | bool | None
 
 
-class FieldMap(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FieldMap(Input):
     source: str = Field(min_length=1, max_length=80, description="The memberhub field.")
     target: str = Field(min_length=1, max_length=100, description="The CRM property.")
     direction: Direction | None = Field(
@@ -106,18 +106,14 @@ class FieldMap(BaseModel):
     )
 
 
-class ObjectSync(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ObjectSync(Input):
     enabled: bool = True
     object: str = Field(min_length=1, max_length=100, description="The CRM object written.")
     fields: list[FieldMap] = Field(min_length=1, max_length=200)
 
 
-class SyncSettings(BaseModel):
+class SyncSettings(Input):
     """How a CRM integration keeps members and leads in step (see `memberhub.crm`)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     members: ObjectSync | None = None
     leads: ObjectSync | None = None

@@ -3,12 +3,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from memberhub.kit.types import Input
 
 
-class SyncRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SyncRequest(Input):
     mode: Literal["push", "pull"]
     dry_run: bool = Field(
         default=False, description="Report what would change; write nothing on either side."
@@ -64,9 +64,7 @@ class ConflictOut(BaseModel):
     resolved_at: datetime | None
 
 
-class ConflictResolution(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ConflictResolution(Input):
     keep: Literal["memberhub", "crm"] = Field(
         description="memberhub: our value is sent to the CRM; crm: the CRM's value is taken."
     )

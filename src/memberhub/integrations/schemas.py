@@ -3,9 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from memberhub.kit.types import Name
+from memberhub.kit.types import Input, Name
 from memberhub.members.schemas import OrganisationRef
 
 ProviderName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,50}$")]
@@ -17,9 +17,7 @@ Url = Annotated[
 PublicRef = Annotated[str, StringConstraints(min_length=1, max_length=45)]
 
 
-class IntegrationCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class IntegrationCreate(Input):
     provider: ProviderName = Field(description="See GET /api/v1/integration-providers.")
     name: Name
     organisation_id: OrganisationRef | None = None
@@ -30,11 +28,9 @@ class IntegrationCreate(BaseModel):
     )
 
 
-class IntegrationPatch(BaseModel):
+class IntegrationPatch(Input):
     """`config` replaces the whole config; `credentials` sets the keys given (null removes
     one) and keeps the others."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: Name | None = None
     config: dict[str, Any] | None = None
@@ -204,9 +200,7 @@ class CallbackOut(BaseModel):
     expires_at: datetime | None
 
 
-class CheckoutCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CheckoutCreate(Input):
     member_id: PublicRef
     plan_id: PublicRef
     success_url: Url

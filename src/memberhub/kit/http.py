@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from memberhub.idempotency import service as idempotency
-from memberhub.kit.errors import MemberhubError
+from memberhub.kit.errors import MemberhubError, ValidationFailed
 
 log = structlog.get_logger("memberhub.http")
 
@@ -119,6 +119,13 @@ def body_limit(setting: str) -> Callable[[Callable[..., Any]], Callable[..., Any
     return mark
 
 
+def _query_names(dependant: Dependant) -> frozenset[str]:
+    names = {param.alias for param in dependant.query_params}
+    for dependency in dependant.dependencies:
+        names |= _query_names(dependency)
+    return frozenset(names)
+
+
 def _authenticates_first(dependant: Dependant) -> bool:
     return any(
         getattr(dependency.call, "authenticates_first", False) or _authenticates_first(dependency)
@@ -135,11 +142,19 @@ class CheckedRoute(APIRoute):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.authenticates_first = _authenticates_first(self.dependant)
+        self.query_names = _query_names(self.dependant)
         self.body_limit_setting = getattr(self.endpoint, "body_limit_setting", "max_body_bytes")
 
     async def check_before_body(self, request: Request) -> None:
         if self.authenticates_first:
             await request.app.state.authenticate_first(request)
+        unknown = [name[:50] for name in sorted(set(request.query_params) - self.query_names)]
+        if unknown:
+            # A misspelt filter must not quietly return everything.
+            raise ValidationFailed(
+                f"Unknown query parameters: {', '.join(unknown[:10])}.",
+                details={"unknown": unknown[:10], "known": sorted(self.query_names)},
+            )
         if request.method not in SAFE_METHODS:
             # Received whole before any transaction: a slow upload holds no write slot.
             limit = getattr(request.app.state.settings, self.body_limit_setting)

@@ -1,12 +1,105 @@
-"""Input types shared by request schemas: text no database will choke on, UTC times."""
+"""Input types shared by request schemas: text no database will choke on, UTC times given
+as ISO 8601 only, and `Input`, the base of request bodies, which takes numbers and booleans
+only as JSON numbers and booleans."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Annotated
+import json
+import re
+import types
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
 from fastapi import Path, Query
-from pydantic import AfterValidator, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+_JSON_NAMES = {bool: "boolean", int: "integer", float: "number"}
+
+
+def _exact_type(annotation: Any) -> type | None:
+    """bool, int or float when that (or it or None) is all a field takes; else None."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = {_bare(arg) for arg in get_args(annotation) if arg is not type(None)}
+    else:
+        kinds = {_bare(annotation)}
+    if kinds == {bool}:
+        return bool
+    if kinds == {int}:
+        return int
+    if kinds and kinds <= {int, float}:
+        return float
+    return None
+
+
+def _bare(annotation: Any) -> Any:
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+class Input(BaseModel):
+    """A request body: unknown fields are refused, and a field declared as an integer, a
+    number or a boolean takes only that JSON type (`true` is not 1, `"100"` and `1.0` are
+    not integers, `0` is not false)."""
+
+    model_config = ConfigDict(extra="forbid")
+    _exact_types: ClassVar[dict[type, dict[str, type]]] = {}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_type_as_declared(cls, value: Any, info: ValidationInfo) -> Any:
+        exact = Input._exact_types.get(cls)
+        if exact is None:
+            exact = Input._exact_types[cls] = {
+                name: kind
+                for name, field in cls.model_fields.items()
+                if (kind := _exact_type(field.annotation)) is not None
+            }
+        kind = exact.get(info.field_name or "")
+        if kind is None or value is None:
+            return value
+        if isinstance(value, bool):
+            ok = kind is bool
+        elif kind is int:
+            ok = isinstance(value, int)
+        elif kind is float:
+            ok = isinstance(value, int | float)
+        else:
+            ok = False
+        if not ok:
+            raise PydanticCustomError(
+                "exact_type",
+                "must be a JSON {expected}, not {given}",
+                {"expected": _JSON_NAMES[kind], "given": _json_name(value)},
+            )
+        return value
+
+
+def _json_name(value: Any) -> str:
+    if isinstance(value, bool | int | float):
+        return json.dumps(value)  # true, 1.0
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+_NUMBER = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
+
+
+def _iso_only(value: Any) -> Any:
+    """Refuse numbers (and numeric text), which pydantic would read as Unix timestamps."""
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.match(value)):
+        raise PydanticCustomError(
+            "iso_8601", "must be an ISO 8601 date or date-time, e.g. 2025-01-31T09:00:00Z"
+        )
+    return value
 
 
 def _no_control_chars(value: str) -> str:
@@ -40,7 +133,8 @@ LongText = Annotated[
     AfterValidator(_no_control_chars),
 ]
 Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")]
-UTCDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+UTCDatetime = Annotated[datetime, BeforeValidator(_iso_only), AfterValidator(_as_utc)]
+ISODate = Annotated[date, BeforeValidator(_iso_only)]
 
 # A path segment holding a public id; malformed ids are rejected before any lookup.
 IdPath = Annotated[str, Path(pattern=r"^[a-z]{2,4}_[0-9a-z]{1,40}$", max_length=45)]

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time
+from datetime import UTC, datetime, time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 from memberhub.auth.dependencies import LeadsReader, LeadsWriter, MembersWriter
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
-from memberhub.kit.types import IdPath, SafeQuery, UTCDatetime
+from memberhub.kit.types import IdPath, ISODate, SafeQuery, UTCDatetime
 from memberhub.leads import service, transfer
 from memberhub.leads.models import LeadStatus
 from memberhub.leads.schemas import (
@@ -127,7 +127,7 @@ async def export_leads(
     principal: LeadsReader,
     status: StatusFilter = None,
     date_from: Annotated[
-        date | None, Query(description="Leads created on or after this day (UTC).")
+        ISODate | None, Query(description="Leads created on or after this day (UTC).")
     ] = None,
     organisation_id: SafeQuery = None,
     format: Literal["json", "csv"] = "json",

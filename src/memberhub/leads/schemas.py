@@ -3,9 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
+from pydantic import BaseModel, EmailStr, Field, StringConstraints, field_validator
 
-from memberhub.kit.types import LongText, Name
+from memberhub.kit.types import Input, LongText, Name
 from memberhub.members.schemas import (
     MAX_EXTERNAL_IDS,
     CustomKey,
@@ -22,9 +22,7 @@ PlanRef = Annotated[str, StringConstraints(min_length=1, max_length=45)]
 UpdatableStatus = Literal["new", "contacted", "qualified", "lost"]
 
 
-class LeadCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LeadCreate(Input):
     email: EmailStr | None = Field(default=None, max_length=320)
     first_name: Name | None = None
     last_name: Name | None = None
@@ -42,12 +40,10 @@ class LeadCreate(BaseModel):
     _custom = field_validator("custom_fields")(check_custom_fields)
 
 
-class LeadPatch(BaseModel):
+class LeadPatch(Input):
     """Fields to change; for `custom_fields` and `external_ids` a null value removes a key.
     `status` moves the lead along new → contacted → qualified, or to lost (and a lost lead
     back to new); a lead becomes enrolled only through …/enroll."""
-
-    model_config = ConfigDict(extra="forbid")
 
     email: EmailStr | None = Field(default=None, max_length=320)
     first_name: Name | None = None
@@ -65,9 +61,7 @@ class LeadPatch(BaseModel):
     _custom = field_validator("custom_fields")(check_custom_fields)
 
 
-class LeadEnroll(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LeadEnroll(Input):
     plan_id: PlanRef | None = Field(
         default=None, description="Join this plan at once; without it the member is pending."
     )
@@ -77,10 +71,8 @@ class LeadEnroll(BaseModel):
 MAX_IMPORT_RECORDS = 10_000
 
 
-class LeadImportRecord(BaseModel):
+class LeadImportRecord(Input):
     """One lead as another system holds it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     external_id: ExternalId | None = Field(
         default=None, description="The lead's id in the system named by `source`."
@@ -97,9 +89,7 @@ class LeadImportRecord(BaseModel):
     _custom = field_validator("custom_fields")(check_custom_fields)
 
 
-class LeadImport(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LeadImport(Input):
     source: ExternalSystem = Field(
         description="The system the records come from, e.g. salesforce: their `external_id` "
         "is kept as the lead's external id there."

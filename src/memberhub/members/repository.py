@@ -21,6 +21,7 @@ class MemberFilters:
     updated_since: datetime | None = None
     created_from: datetime | None = None
     created_to: datetime | None = None
+    external_id: tuple[str, str] | None = None  # (system, id)
 
 
 def _escape_like(value: str) -> str:
@@ -73,6 +74,9 @@ class MemberRepository:
             query = query.where(Member.tier == filters.tier)
         if filters.email is not None:
             query = query.where(Member.email_normalized == normalize_email(filters.email))
+        if filters.external_id is not None:
+            system, value = filters.external_id
+            query = query.where(Member.external_ids[system].as_string() == value)
         if filters.q:
             pattern = f"%{_escape_like(filters.q.lower())}%"
             full_name = func.lower(

@@ -45,11 +45,20 @@ async def list_members(
     tier: SafeQuery = None,
     organisation_id: SafeQuery = None,
     email: SafeQuery = None,
+    external_id: Annotated[
+        str | None,
+        Query(
+            max_length=300,
+            pattern=r"^[^:\x00]{1,100}:[^\x00]{1,200}$",
+            description="`SYSTEM:ID`: the member whose `external_ids` map SYSTEM to ID.",
+        ),
+    ] = None,
     q: SafeQuery = None,
     updated_since: UTCDatetime | None = None,
     created_from: UTCDatetime | None = None,
     created_to: UTCDatetime | None = None,
 ) -> Page[MemberOut]:
+    """Members, oldest first, filtered by any of the parameters together."""
     organisation_ids = principal.visible_organisation_ids
     if organisation_id is not None:
         org = await get_visible_organisation(session, principal, organisation_id)
@@ -59,6 +68,7 @@ async def list_members(
         tier=tier,
         organisation_ids=organisation_ids,
         email=email,
+        external_id=_system_and_id(external_id),
         q=q,
         updated_since=updated_since,
         created_from=created_from,
@@ -67,6 +77,13 @@ async def list_members(
     rows = await MemberRepository(session).list(filters, after_id=page.after_id, limit=page.limit)
     items, pagination = build_page(rows, page.limit)
     return Page(data=[service.to_out(m) for m in items], pagination=pagination)
+
+
+def _system_and_id(external_id: str | None) -> tuple[str, str] | None:
+    if external_id is None:
+        return None
+    system, _, value = external_id.partition(":")
+    return system, value
 
 
 @router.get("/{member_id}")

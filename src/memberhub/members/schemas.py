@@ -3,9 +3,9 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
+from pydantic import BaseModel, EmailStr, Field, StringConstraints, field_validator
 
-from memberhub.kit.types import LongText, Name
+from memberhub.kit.types import Input, ISODate, LongText, Name
 
 ExternalSystem = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
 ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
@@ -32,32 +32,26 @@ def check_custom_fields(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
-class Consent(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Consent(Input):
     email: bool = False
     sms: bool = False
     analytics: bool = False
     profiling: bool = False
 
 
-class ConsentPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ConsentPatch(Input):
     email: bool | None = None
     sms: bool | None = None
     analytics: bool | None = None
     profiling: bool | None = None
 
 
-class MemberCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class MemberCreate(Input):
     email: EmailStr = Field(max_length=320)
     first_name: Name | None = None
     last_name: Name | None = None
     phone: Phone | None = None
-    date_of_birth: date | None = None
+    date_of_birth: ISODate | None = None
     organisation_id: OrganisationRef | None = Field(
         default=None, description="Defaults to the API key's organisation, if it has one."
     )
@@ -70,16 +64,14 @@ class MemberCreate(BaseModel):
     _custom = field_validator("custom_fields")(check_custom_fields)
 
 
-class MemberPatch(BaseModel):
+class MemberPatch(Input):
     """Fields to change; for `custom_fields` and `external_ids` a null value removes a key."""
-
-    model_config = ConfigDict(extra="forbid")
 
     email: EmailStr | None = Field(default=None, max_length=320)
     first_name: Name | None = None
     last_name: Name | None = None
     phone: Phone | None = None
-    date_of_birth: date | None = None
+    date_of_birth: ISODate | None = None
     organisation_id: OrganisationRef | None = Field(
         default=None, description="Move the member; null detaches it (unbound keys only)."
     )

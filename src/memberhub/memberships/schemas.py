@@ -3,9 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 
-from memberhub.kit.types import Code, LongText, ShortText
+from memberhub.kit.types import Code, Input, LongText, ShortText
 from memberhub.members.schemas import MemberOut
 
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
@@ -16,9 +16,7 @@ Note = Annotated[LongText, Field(description="Free text kept in the status histo
 MAX_PRICE = 2**53 - 1
 
 
-class PlanCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PlanCreate(Input):
     code: Code
     name: PlanName
     term_months: int = Field(ge=1, le=120)
@@ -30,9 +28,7 @@ class PlanCreate(BaseModel):
     organisation_id: ShortText | None = None
 
 
-class PlanPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PlanPatch(Input):
     name: PlanName | None = None
     price_amount: int | None = Field(default=None, ge=0, le=MAX_PRICE)
     currency: Currency | None = None
@@ -58,41 +54,31 @@ class PlanOut(BaseModel):
     updated_at: datetime
 
 
-class JoinRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class JoinRequest(Input):
     plan_id: ShortText
     note: Note | None = None
 
 
-class RenewRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RenewRequest(Input):
     plan_id: ShortText | None = Field(
         default=None, description="Renew onto another plan; defaults to the current plan."
     )
     note: Note | None = None
 
 
-class UpgradeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class UpgradeRequest(Input):
     plan_id: ShortText
     note: Note | None = None
 
 
-class CancelRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CancelRequest(Input):
     at_period_end: bool = Field(
         default=False, description="Keep the membership until the current term ends."
     )
     note: Note | None = None
 
 
-class StatusNote(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StatusNote(Input):
     note: Note | None = None
 
 

@@ -3,25 +3,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import BaseModel, StringConstraints
 
-from memberhub.kit.types import ShortText
+from memberhub.kit.types import Input, ShortText
 
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,98}[a-z0-9])?$")]
 OrgName = Annotated[ShortText, StringConstraints(min_length=1)]
 
 
-class OrganisationCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class OrganisationCreate(Input):
     name: OrgName
     slug: Slug
     parent_id: ShortText | None = None
 
 
-class OrganisationPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class OrganisationPatch(Input):
     name: OrgName | None = None
     slug: Slug | None = None
 

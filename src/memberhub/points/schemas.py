@@ -3,9 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 
-from memberhub.kit.types import LongText, UTCDatetime
+from memberhub.kit.types import Input, LongText, UTCDatetime
 from memberhub.memberships.schemas import Currency
 
 MAX_POINTS = 10**12
@@ -21,9 +21,7 @@ PublicIdRef = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,4}_[0-9a-z]{1,
 Reason = Annotated[LongText, StringConstraints(min_length=1)]
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _Request(Input):
     member_id: PublicIdRef
 
 
@@ -73,18 +71,14 @@ class ReverseRequest(_Request):
     reference_id: ReferenceId
 
 
-class ExtendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ExtendRequest(Input):
     batch_id: PublicIdRef
     expires_at: UTCDatetime
     reason: Reason
 
 
-class RecoverRequest(BaseModel):
+class RecoverRequest(Input):
     """Give back expired points, from one batch or from everything one expiry took."""
-
-    model_config = ConfigDict(extra="forbid")
 
     batch_id: PublicIdRef | None = None
     transaction_id: PublicIdRef | None = Field(default=None, description="An expire transaction.")
@@ -96,9 +90,7 @@ class RecoverRequest(BaseModel):
     reference_id: ReferenceId | None = None
 
 
-class TransferRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TransferRequest(Input):
     from_member_id: PublicIdRef
     to_member_id: PublicIdRef
     points: Points

@@ -4,8 +4,9 @@ from datetime import datetime
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
+from memberhub.kit.types import Input
 from memberhub.memberships.schemas import Currency
 
 MAX_POINTS = 10**12
@@ -23,21 +24,17 @@ TimeZoneName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator
 Limit = Annotated[int | None, Field(ge=0, le=MAX_POINTS)]
 
 
-class RoleLimit(BaseModel):
+class RoleLimit(Input):
     """Per-operation point limits for one role. `None` means no limit.
 
     An award above `award` is refused; a deduction above `deduct` becomes an approval request.
     """
 
-    model_config = ConfigDict(extra="forbid")
-
     award: Limit = None
     deduct: Limit = None
 
 
-class RoleLimits(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RoleLimits(Input):
     # Seed defaults: support agents award under 1,000 and deduct nothing without approval;
     # managers award any amount and deduct under 5,000; admins have no limit.
     support_agent: RoleLimit = RoleLimit(award=999, deduct=0)
@@ -46,9 +43,7 @@ class RoleLimits(BaseModel):
     integration: RoleLimit = RoleLimit(award=0, deduct=0)
 
 
-class AlertThresholds(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AlertThresholds(Input):
     points_expiring_days: int = Field(default=30, ge=1, le=365)
     points_expiring_min_points: int = Field(default=1, ge=1, le=MAX_POINTS)
     large_redemption_points: int = Field(default=10_000, ge=1, le=MAX_POINTS)
@@ -97,10 +92,8 @@ class ProgramOut(ProgramFields):
     updated_at: datetime
 
 
-class ProgramPatch(BaseModel):
+class ProgramPatch(Input):
     """Change any subset of the settings; the result is validated as a whole."""
-
-    model_config = ConfigDict(extra="forbid")
 
     currency: Currency | None = None
     earn_points: int | None = Field(default=None, ge=0, le=1_000_000)

@@ -3,9 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from memberhub.kit.types import Code, LongText, ShortText, UTCDatetime
+from memberhub.kit.types import Code, Input, LongText, ShortText, UTCDatetime
 from memberhub.points.schemas import (
     MAX_POINTS,
     BalanceOut,
@@ -45,9 +45,7 @@ def _check_window(valid_from: datetime | None, valid_until: datetime | None) -> 
         raise ValueError("valid_until must be later than valid_from")
 
 
-class RewardCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RewardCreate(Input):
     code: Code
     name: RewardName
     description: LongText | None = None
@@ -69,11 +67,9 @@ class RewardCreate(BaseModel):
 _REQUIRED_ON_PATCH = ("name", "points_cost", "tier_codes", "active")
 
 
-class RewardPatch(BaseModel):
+class RewardPatch(Input):
     """Only the fields sent change. `stock`, `per_member_limit`, `description`, `valid_from`
     and `valid_until` may be set to null (unlimited, no limit, none, open-ended)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: RewardName | None = None
     description: LongText | None = None
@@ -110,16 +106,12 @@ class RewardOut(BaseModel):
     updated_at: datetime
 
 
-class ClaimRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ClaimRequest(Input):
     member_id: PublicIdRef
     reference_id: ReferenceId | None = None
 
 
-class CancelClaimRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CancelClaimRequest(Input):
     reason: Reason
 
 

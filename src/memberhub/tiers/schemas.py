@@ -3,9 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from memberhub.kit.types import Code, LongText, ShortText, UTCDatetime
+from memberhub.kit.types import Code, Input, LongText, ShortText, UTCDatetime
 from memberhub.tiers.models import TierBasis
 
 MAX_BENEFITS = 50
@@ -48,9 +48,7 @@ def check_window(basis: str, window_days: int | None) -> None:
         raise ValueError("window_days is only allowed when basis is rolling_earned")
 
 
-class TierCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TierCreate(Input):
     code: Code
     name: TierName
     rank: Rank
@@ -68,10 +66,8 @@ class TierCreate(BaseModel):
         return self
 
 
-class TierPatch(BaseModel):
+class TierPatch(Input):
     """Fields to change; the code is the tier's identity on members and cannot change."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: TierName | None = None
     rank: Rank | None = None
@@ -102,9 +98,7 @@ class TierOut(BaseModel):
     updated_at: datetime
 
 
-class TierAssignment(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TierAssignment(Input):
     member_id: Annotated[str, StringConstraints(pattern=r"^[a-z]{2,4}_[0-9a-z]{1,40}$")]
     tier_code: Code | None = Field(description="The tier to set, or null to clear the tier.")
     until: UTCDatetime | None = Field(

@@ -3,9 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from memberhub.kit.types import UTCDatetime
+from memberhub.kit.types import Input, UTCDatetime
 from memberhub.members.schemas import OrganisationRef
 
 MAX_EVENT_TYPES = 100
@@ -35,9 +35,7 @@ RateLimit = Annotated[
 Reason = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00]*$")]
 
 
-class EndpointCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EndpointCreate(Input):
     url: Url = Field(description="Where events are POSTed; https unless plain http is allowed.")
     description: Description = ""
     event_types: EventTypes
@@ -58,11 +56,9 @@ class EndpointCreate(BaseModel):
 _REQUIRED_ON_PATCH = ("url", "event_types", "ordered", "description", "enabled")
 
 
-class EndpointPatch(BaseModel):
+class EndpointPatch(Input):
     """Only the fields sent change. `enabled: true` re-enables a disabled endpoint;
     `enabled: false` disables it, with `disabled_reason`."""
-
-    model_config = ConfigDict(extra="forbid")
 
     url: Url | None = None
     description: Description | None = None
@@ -109,9 +105,7 @@ class EndpointWithSecret(EndpointOut):
     secret: str = Field(description="The signing secret (`whsec_…`). Shown only this once.")
 
 
-class RecoverRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RecoverRequest(Input):
     since: UTCDatetime = Field(description="Failed deliveries created at or after this time…")
     until: UTCDatetime | None = Field(default=None, description="…and before this one (now).")
 
@@ -126,9 +120,7 @@ class RecoverOut(BaseModel):
     requeued: int = Field(description="Failed deliveries queued for one more attempt.")
 
 
-class TestRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TestRequest(Input):
     message: Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$")] = (
         "A test event from memberhub."
     )

@@ -15,9 +15,10 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import limits
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from memberhub.integrations.gateway import DEFAULT_POLICY, GatewayPolicy
+from memberhub.kit.types import Input
 
 if TYPE_CHECKING:
     from memberhub.integrations.gateway import Gateway
@@ -33,20 +34,16 @@ class Capability(StrEnum):
     NOTIFIER = "notifier"
 
 
-class OAuthSettings(BaseModel):
+class OAuthSettings(Input):
     """Where a provider's OAuth 2.0 authorization server is; defaults come from the provider."""
-
-    model_config = ConfigDict(extra="forbid")
 
     authorize_url: str | None = Field(default=None, max_length=2048)
     token_url: str | None = Field(default=None, max_length=2048)
     scopes: list[str] = Field(default_factory=list, max_length=50)
 
 
-class BaseConfig(BaseModel):
+class BaseConfig(Input):
     """Settings every integration has; providers extend it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     base_url: str | None = Field(
         default=None,
@@ -92,8 +89,8 @@ class BaseConfig(BaseModel):
         return networks
 
 
-class BaseCredentials(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BaseCredentials(Input):
+    """Secrets every integration has (none); providers extend it."""
 
 
 @dataclass(frozen=True)

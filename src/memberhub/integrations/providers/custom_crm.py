@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import Field, StringConstraints
 
 from memberhub.crm.mapping import SyncSettings
 from memberhub.integrations.providers.base import (
@@ -37,14 +37,13 @@ from memberhub.integrations.providers.base import (
     aware_time,
 )
 from memberhub.integrations.providers.generic import GenericHttp, HttpConfig
+from memberhub.kit.types import Input
 
 Template = Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=r"^/[^\s]*$")]
 Key = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
 
 
-class Endpoints(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Endpoints(Input):
     search: Template | None = Field(
         default=None, description="GET; `{email}` is replaced. Answers a list of records."
     )

@@ -1,0 +1,73 @@
+"""Input is taken as typed: no integer from `true`, `"100"` or `1.0`, no boolean from 0, no
+time from a number; unknown query parameters are refused; members are found by external id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.support import ApiClient
+
+
+@pytest.mark.parametrize("points", [True, "100", 1.0, [1], {"n": 1}])
+async def test_an_award_takes_only_a_json_integer(api: ApiClient, points: Any) -> None:
+    member = await api.create_member()
+    body = {"member_id": member["id"], "points": points, "reason": "typed"}
+    response = await api.post("/api/v1/points/award", body)
+    assert response.status_code == 422, response.text
+    fields = response.json()["error"]["details"]["fields"]
+    assert fields[0]["loc"] == ["body", "points"]
+    balance = await api.get(f"/api/v1/members/{member['id']}/points/balance")
+    assert balance.json()["current_balance"] == 0
+
+
+async def test_a_boolean_field_takes_only_true_or_false(api: ApiClient) -> None:
+    response = await api.post(
+        "/api/v1/members", {"email": "a@example.com", "consent": {"email": 0}}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"]["fields"][0]["loc"] == ["body", "consent", "email"]
+    plan = await api.create_plan()
+    patched = await api.patch(f"/api/v1/plans/{plan['id']}", {"active": 0})
+    assert patched.status_code == 422, patched.text
+    assert (await api.get(f"/api/v1/plans/{plan['id']}")).json()["active"] is True
+    fine = await api.post("/api/v1/members", {"email": "a@example.com", "consent": {"email": True}})
+    assert fine.status_code == 201, fine.text
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/api/v1/analytics/kpis", {"as_of": "0.5"}),
+        ("/api/v1/external/leads/export", {"date_from": "0"}),
+        ("/api/v1/members", {"updated_since": "1700000000"}),
+    ],
+)
+async def test_a_time_is_an_iso_8601_string_not_a_number(
+    api: ApiClient, path: str, params: dict[str, str]
+) -> None:
+    response = await api.get(path, params=params)
+    assert response.status_code == 422, response.text
+    assert "ISO 8601" in response.text
+
+
+async def test_unknown_query_parameters_are_refused(api: ApiClient) -> None:
+    await api.create_member()
+    response = await api.get("/api/v1/members", params={"externalid": "crm:1"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"]["unknown"] == ["externalid"]
+    assert (await api.get("/api/v1/members", params={"limit": 5})).status_code == 200
+
+
+async def test_members_are_found_by_external_id(api: ApiClient) -> None:
+    ana = await api.create_member(external_ids={"crm": "42", "erp": "A-1"})
+    await api.create_member(external_ids={"crm": "43"})
+    await api.create_member(external_ids={"erp": "42"})
+    found = await api.get("/api/v1/members", params={"external_id": "crm:42"})
+    assert found.status_code == 200, found.text
+    assert [m["id"] for m in found.json()["data"]] == [ana["id"]]
+    colon = await api.create_member(external_ids={"web": "a:b"})
+    by_colon = await api.get("/api/v1/members", params={"external_id": "web:a:b"})
+    assert [m["id"] for m in by_colon.json()["data"]] == [colon["id"]]
+    assert (await api.get("/api/v1/members", params={"external_id": "crm"})).status_code == 422
