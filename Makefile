@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck pytest schemathesis bench clean
+.PHONY: run test lint typecheck pytest schemathesis bench docker-check clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -62,6 +62,16 @@ bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.crm_sync
+
+## Validate compose.yaml and build the image, where `docker compose` and a Docker daemon exist.
+docker-check:
+	@if docker compose version >/dev/null 2>&1; then \
+		POSTGRES_PASSWORD=check MEMBERHUB_SECRET_KEY=check docker compose config --quiet \
+			&& echo "docker-check: compose.yaml is valid"; \
+	else echo "docker-check: skipped compose.yaml validation (no docker compose here)"; fi
+	@if docker info >/dev/null 2>&1; then \
+		docker build --quiet --tag memberhub:check . && echo "docker-check: image built"; \
+	else echo "docker-check: skipped the image build (no Docker daemon here)"; fi
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from typer.testing import CliRunner, Result
 from memberhub.cli import app as cli_app
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.kit.migrate import head
 from memberhub.memberships.jobs import advance_membership_statuses
 from tests.support import ApiClient
 
@@ -293,20 +295,51 @@ async def test_demo_run_twice_fails_cleanly_and_adds_nothing(
 # ---------------------------------------------------------------- db upgrade
 
 
+async def test_production_never_generates_a_secret_key(tmp_path: Path) -> None:
+    env: dict[str, str | None] = {
+        "MEMBERHUB_ENV": "production",
+        "MEMBERHUB_DATA_DIR": str(tmp_path / "data"),
+        "MEMBERHUB_SECRET_KEY": None,
+        "MEMBERHUB_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'x.db'}",
+    }
+    for command in (["serve", "--port", "1"], ["worker"]):
+        result = await run_cli(env, *command)
+        assert result.exit_code == 1, result.output
+        assert "ENV=production: set MEMBERHUB_SECRET_KEY" in result.stderr
+    assert not (tmp_path / "data" / "secret_key").exists()
+
+
+async def test_version_prints_the_installed_version(tmp_path: Path) -> None:
+    result = await run_cli({"MEMBERHUB_DATA_DIR": str(tmp_path)}, "--version")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"memberhub {version('memberhub')}"
+
+
 async def test_db_upgrade_migrates_a_fresh_sqlite_file(tmp_path: Path) -> None:
     path = tmp_path / "fresh.db"
     env: dict[str, str | None] = {
         "MEMBERHUB_DATABASE_URL": f"sqlite+aiosqlite:///{path}",
         "MEMBERHUB_DATA_DIR": str(tmp_path / "data"),
     }
+    before = await run_cli(env, "db", "current")
+    assert before.exit_code == 0, before.output
+    assert "database: no revision (never migrated)" in before.stdout
     result = await run_cli(env, "db", "upgrade")
     assert result.exit_code == 0, result.output
-    assert "up to date" in result.stdout
+    applied = [line for line in result.stdout.splitlines() if line.startswith("applied ")]
+    assert applied[0].startswith("applied 0001: ")
+    newest = head()
+    assert applied[-1].startswith(f"applied {newest}: ")
+    assert result.stdout.splitlines()[-1] == f"database is at {newest}"
     with sqlite3.connect(path) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert {"members", "organisations", "api_keys", "alembic_version"} <= tables
 
-    assert (await run_cli(env, "db", "upgrade")).exit_code == 0  # idempotent
+    again = await run_cli(env, "db", "upgrade")  # idempotent
+    assert again.exit_code == 0, again.output
+    assert again.stdout.splitlines() == ["nothing to apply", f"database is at {newest}"]
+    after = await run_cli(env, "db", "current")
+    assert after.stdout.splitlines() == [f"database: {newest}", f"newest:   {newest}"]
     admin = await run_cli(env, "apikey", "ensure-admin")
     assert admin.exit_code == 0, admin.output
     assert KEY_LINE.match(last_line(admin))

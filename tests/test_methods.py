@@ -20,7 +20,7 @@ def served(app: FastAPI) -> dict[str, set[str]]:
     paths: dict[str, set[str]] = defaultdict(set)
     for route in app.router.routes:
         if isinstance(route, APIRoute):
-            paths[route.path] |= route.methods
+            paths[route.path] |= route.methods or set()
     return paths
 
 

@@ -10,13 +10,35 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from memberhub import __version__
 from memberhub.auth.roles import Role
 from memberhub.kit.actor import Actor
 from memberhub.kit.db import Database
 from memberhub.kit.errors import MemberhubError
-from memberhub.settings import Settings
+from memberhub.kit.migrate import current, head, upgrade
+from memberhub.settings import SecretKeyMissing, Settings
 
 app = typer.Typer(help="memberhub: members, memberships and loyalty.", no_args_is_help=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"memberhub {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """memberhub: members, memberships and loyalty."""
+
+
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 apikey_app = typer.Typer(help="API keys.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
@@ -36,6 +58,15 @@ def _settings() -> Settings:
     if settings.is_sqlite:
         settings.ensure_data_dir()
     return settings
+
+
+def _require_secret_key(settings: Settings) -> None:
+    """Resolve the secret (creating it outside production) before anything runs."""
+    try:
+        settings.resolved_secret_key  # noqa: B018
+    except SecretKeyMissing as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
 
 
 def _run(work: Callable[[Database], Awaitable[T]]) -> T:
@@ -66,6 +97,8 @@ def serve(
     processes: Annotated[
         int | None,
         typer.Option(
+            "--processes",
+            "--workers",
             min=0,
             max=64,
             help="API processes (default SERVE_PROCESSES; 0: one per CPU core, one on SQLite).",
@@ -78,12 +111,18 @@ def serve(
     from memberhub.app import SERVE_WORKER_ENV, create_app
 
     settings = _settings()
-    settings.resolved_secret_key  # noqa: B018 - create the secret before serving
+    _require_secret_key(settings)
     count = settings.serve_processes if processes is None else processes
     if count == 0:
         # SQLite takes one writer at a time: processes would only wait on each other's locks.
         count = 1 if settings.is_sqlite else os.cpu_count() or 1
     options = {"host": host, "port": port, "log_level": "warning", "access_log": False}
+    worker_note = "no embedded worker" if no_worker else "embedded worker"
+    database = "SQLite" if settings.is_sqlite else "PostgreSQL"
+    typer.echo(
+        f"memberhub {__version__} listening on http://{host}:{port} "
+        f"({count} process{'es' if count > 1 else ''}, {worker_note}, {database})"
+    )
     if count == 1:
         uvicorn.run(create_app(settings, embedded_worker=not no_worker), **options)  # type: ignore[arg-type]
         return
@@ -108,6 +147,7 @@ def worker(
     from memberhub.worker.runner import Worker
 
     settings = _settings()
+    _require_secret_key(settings)
     configure_logging(settings.log_level, json=settings.log_json)
 
     async def work(db: Database) -> None:
@@ -132,12 +172,27 @@ def worker(
 
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
-    """Apply migrations up to REVISION (default: the newest)."""
-    from memberhub.kit.migrate import upgrade
+    """Apply migrations up to REVISION (default: the newest), saying which were applied."""
 
     settings = _settings()
-    upgrade(settings.resolved_database_url, revision)
-    typer.echo("database is up to date")
+    applied = upgrade(settings.resolved_database_url, revision)
+    for applied_revision, description in applied:
+        typer.echo(f"applied {applied_revision}: {description}")
+    if not applied:
+        typer.echo("nothing to apply")
+    typer.echo(
+        f"database is at {', '.join(current(settings.resolved_database_url)) or 'no revision'}"
+    )
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """The revision the database is at, and the newest this version ships."""
+    settings = _settings()
+    at = ", ".join(current(settings.resolved_database_url)) or "no revision (never migrated)"
+    newest = head()
+    typer.echo(f"database: {at}")
+    typer.echo(f"newest:   {newest}" + ("" if at == newest else "  (run `memberhub db upgrade`)"))
 
 
 @apikey_app.command("create")

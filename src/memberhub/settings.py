@@ -28,6 +28,10 @@ def parse_durations(value: str) -> tuple[float, ...]:
     return tuple(delays)
 
 
+class SecretKeyMissing(RuntimeError):
+    pass
+
+
 class Environment(StrEnum):
     development = "development"
     production = "production"
@@ -188,6 +192,12 @@ class Settings(BaseSettings):
         key_file = self.data_dir / "secret_key"
         if key_file.exists():
             return key_file.read_text().strip()
+        if self.env == Environment.production:
+            # A new key could not read a single stored credential: never make one silently.
+            raise SecretKeyMissing(
+                f"ENV=production: set MEMBERHUB_SECRET_KEY or provide {key_file}; "
+                "no key is generated in production."
+            )
         generated = secrets.token_urlsafe(48)
         key_file.touch(mode=0o600)
         key_file.write_text(generated)

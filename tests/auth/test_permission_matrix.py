@@ -72,7 +72,7 @@ def enforced_routes(app: FastAPI) -> dict[str, set[str]]:
         f"{method} {route.path}": _scopes(route.dependant)
         for route in app.router.routes
         if isinstance(route, APIRoute)
-        for method in route.methods
+        for method in route.methods or ()
     }
 
 

@@ -21,6 +21,7 @@ from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
 from memberhub.memberships.jobs import advance_membership_statuses
 from memberhub.memberships.models import MembershipPlan
+from memberhub.worker.models import WorkerHeartbeat
 from memberhub.worker.runner import Worker
 from tests.conftest import issue_key
 from tests.memberships.conftest import RunJob, SetTermDates
@@ -1097,6 +1098,7 @@ async def test_a_worker_tick_runs_the_job_and_its_heartbeat_shows_in_health(
 ) -> None:
     before = (await http.get("/health")).json()
     assert before["worker"]["heartbeat_age_seconds"] is None
+    assert (before["status"], before["worker"]["status"]) == ("degraded", "never seen")
 
     plan = await api.create_plan(term_months=12, grace_days=30)
     member = await joined_member(api, plan)
@@ -1110,5 +1112,21 @@ async def test_a_worker_tick_runs_the_job_and_its_heartbeat_shows_in_health(
     health = await http.get("/health")
     assert health.status_code == 200
     body = health.json()
-    assert body["status"] == "ok"
+    assert (body["status"], body["worker"]["status"]) == ("ok", "ok")
     assert 0 <= body["worker"]["heartbeat_age_seconds"] < 60
+
+
+async def test_health_is_degraded_once_no_worker_has_beaten_for_a_while(
+    http: httpx.AsyncClient, db: Database
+) -> None:
+    await Worker(db).tick(force=True)
+    assert (await http.get("/health")).json()["status"] == "ok"
+    async with db.transaction() as session:
+        await session.execute(
+            update(WorkerHeartbeat).values(last_seen_at=utcnow() - timedelta(minutes=5))
+        )
+    health = await http.get("/health")
+    assert health.status_code == 200
+    body = health.json()
+    assert (body["status"], body["worker"]["status"]) == ("degraded", "stale")
+    assert body["worker"]["heartbeat_age_seconds"] >= 300

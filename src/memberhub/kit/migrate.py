@@ -7,6 +7,10 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from memberhub.kit.db import create_engine
 
 
 def alembic_config(database_url: str) -> Config:
@@ -16,8 +20,34 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(database_url), revision)
+def upgrade(database_url: str, revision: str = "head") -> list[tuple[str, str]]:
+    """Apply migrations up to `revision`; the (revision, description) of each applied."""
+    config = alembic_config(database_url)
+    command.upgrade(config, revision)
+    return list(config.attributes.get("applied", []))
+
+
+def current(database_url: str) -> list[str]:
+    """The revisions the database is at; [] when it was never migrated."""
+
+    async def read() -> list[str]:
+        engine = create_engine(database_url, pool_size=1)
+        try:
+            async with engine.connect() as connection:
+                heads = await connection.run_sync(
+                    lambda sync: MigrationContext.configure(sync).get_current_heads()
+                )
+        finally:
+            await engine.dispose()
+        return list(heads)
+
+    return asyncio.run(read())
+
+
+def head() -> str:
+    """The newest revision the package ships."""
+    heads = ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads()
+    return ", ".join(heads)
 
 
 async def upgrade_async(database_url: str, revision: str = "head") -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from alembic import context
+from alembic.runtime.migration import MigrationContext, MigrationInfo
 from sqlalchemy.engine import Connection
 
 from memberhub.kit.db import create_engine
@@ -15,12 +18,23 @@ config = context.config
 target_metadata = Base.metadata
 
 
+def _note_applied(
+    ctx: MigrationContext, step: MigrationInfo, heads: Collection[Any], run_args: Mapping[str, Any]
+) -> None:
+    """Keep each revision applied, for `memberhub db upgrade` to report."""
+    if step.is_upgrade:
+        config.attributes.setdefault("applied", []).append(
+            (step.up_revision_id, getattr(step.up_revision, "doc", ""))
+        )
+
+
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        on_version_apply=_note_applied,
     )
     with context.begin_transaction():
         context.run_migrations()

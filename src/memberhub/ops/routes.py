@@ -23,8 +23,15 @@ async def _worker_age_seconds(request: Request) -> float | None:
     return max(0.0, (utcnow() - last).total_seconds())
 
 
+def stale_after_seconds(interval_seconds: float) -> float:
+    """A worker beats every tick; missing this many seconds of beats means none is working."""
+    return max(60.0, 6 * interval_seconds)
+
+
 @router.get("/health", responses={503: {"description": "The database is unreachable"}})
 async def health(request: Request) -> JSONResponse:
+    """`ok`; `degraded` (still 200) when no worker has beaten for a while, so scheduled jobs,
+    webhook deliveries and the event sequencer are not running; 503 without the database."""
     body: dict[str, Any] = {"status": "ok", "database": "ok"}
     try:
         async with request.app.state.db.transaction(read_only=True) as session:
@@ -33,10 +40,16 @@ async def health(request: Request) -> JSONResponse:
     except Exception as exc:
         body.update(status="unavailable", database=f"unreachable ({type(exc).__name__})")
         return JSONResponse(body, status_code=503)
+    stale_after = stale_after_seconds(request.app.state.settings.worker_interval_seconds)
+    working = age is not None and age <= stale_after
     body["worker"] = {
+        "status": "ok" if working else ("stale" if age is not None else "never seen"),
         "heartbeat_age_seconds": None if age is None else round(age, 1),
+        "stale_after_seconds": stale_after,
         "embedded": request.app.state.embedded_worker,
     }
+    if not working:
+        body["status"] = "degraded"
     return JSONResponse(body)
 
 

@@ -1,0 +1,20 @@
+# memberhub: `docker build -t memberhub .`; see compose.yaml and README "Production".
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md alembic.ini ./
+COPY src ./src
+RUN pip install --no-cache-dir --prefix=/install .
+
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    MEMBERHUB_DATA_DIR=/var/lib/memberhub
+COPY --from=build /install /usr/local
+RUN useradd --system --uid 10001 --home-dir /var/lib/memberhub --create-home memberhub
+USER memberhub
+WORKDIR /var/lib/memberhub
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \
+    CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
+ENTRYPOINT ["memberhub"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--no-worker"]
