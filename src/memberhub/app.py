@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 
+from memberhub import __version__
 from memberhub.alerts.routes import router as alerts_router
 from memberhub.analytics.routes import router as analytics_router
 from memberhub.approvals.routes import router as approvals_router
@@ -34,6 +35,7 @@ from memberhub.leads.routes import external as leads_external_router
 from memberhub.leads.routes import router as leads_router
 from memberhub.members.routes import router as members_router
 from memberhub.memberships.routes import router as memberships_router
+from memberhub.ops.docs import install_docs
 from memberhub.ops.metrics import Metrics
 from memberhub.ops.routes import router as ops_router
 from memberhub.organisations.routes import router as organisations_router
@@ -116,10 +118,14 @@ def create_app(
 
     app = FastAPI(
         title="memberhub",
-        version="0.1.0",
+        version=__version__,
         summary="Members, memberships and loyalty, with an integration hub.",
         lifespan=lifespan,
+        # Both default pages load their assets from a CDN: /docs is served from a package.
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.settings = settings
     app.state.db = db
     app.state.metrics = Metrics()
