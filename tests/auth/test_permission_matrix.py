@@ -71,7 +71,7 @@ def enforced_routes(app: FastAPI) -> dict[str, set[str]]:
     return {
         f"{method} {route.path}": _scopes(route.dependant)
         for route in app.router.routes
-        if isinstance(route, APIRoute)
+        if isinstance(route, APIRoute) and route.include_in_schema
         for method in route.methods or ()
     }
 
