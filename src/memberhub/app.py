@@ -28,9 +28,10 @@ from memberhub.integrations.routes import router as integrations_router
 from memberhub.kit.cache import ProcessCache
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
-from memberhub.kit.http import RequestContextMiddleware, install_error_handlers
+from memberhub.kit.http import RequestContextMiddleware, install_error_handlers, name_operations
 from memberhub.kit.logging import configure_logging
 from memberhub.kit.methods import MethodsMiddleware
+from memberhub.kit.openapi import install_openapi
 from memberhub.leads.routes import external as leads_external_router
 from memberhub.leads.routes import router as leads_router
 from memberhub.members.routes import router as members_router
@@ -168,6 +169,8 @@ def create_app(
         # The routers' own routes, built once at import: `include_router` would build an
         # application's copy of every route on its first requests (about half a second).
         app.router.routes.extend(router.routes)
+    name_operations(app.router.routes)
+    install_openapi(app)
     return app
 
 

@@ -65,6 +65,7 @@ async def list_alerts(
 
 @router.get("/{alert_id}")
 async def get_alert(alert_id: IdPath, session: DbSession, principal: AlertsReader) -> AlertOut:
+    """One alert."""
     alert, member = await service.get_alert(session, principal, alert_id)
     return service.to_out(alert, member.public_id if member is not None else None)
 

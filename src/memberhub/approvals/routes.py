@@ -28,6 +28,7 @@ async def list_approvals(
     page: Annotated[PageParams, Depends(page_params)],
     status: StatusFilter = None,
 ) -> Page[ApprovalOut]:
+    """Approval requests (held deductions and the like), newest first."""
     rows = await service.list_approvals(
         session, principal, status=status, after_id=page.after_id, limit=page.limit
     )
@@ -39,6 +40,7 @@ async def list_approvals(
 async def get_approval(
     approval_id: IdPath, session: DbSession, principal: ApprovalsReader
 ) -> ApprovalOut:
+    """One approval request and its decision, if any."""
     approval, _member = await service.get_approval(session, principal, approval_id)
     return await service.to_out(session, approval)
 
@@ -56,5 +58,6 @@ async def approve(
 async def reject(
     approval_id: IdPath, payload: Decision, session: DbSession, principal: ApprovalsDecider
 ) -> ApprovalOut:
+    """Reject a pending request: nothing is applied; emits the decision."""
     approval = await service.reject(session, principal, approval_id, payload.note)
     return await service.to_out(session, approval)

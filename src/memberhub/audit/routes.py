@@ -46,6 +46,7 @@ async def list_audit_entries(
     occurred_from: UTCDatetime | None = None,
     occurred_to: UTCDatetime | None = None,
 ) -> Page[AuditEntryOut]:
+    """Audit entries, newest first: who did what to which object, with the changes."""
     if principal.organisation_id is not None:
         # Entries span every organisation; a key limited to one must not read the others'.
         raise Forbidden(

@@ -41,6 +41,7 @@ async def start_sync(
 async def list_runs(
     integration_id: IdPath, session: DbSession, principal: IntegrationsReader, page: Pages
 ) -> Page[SyncRunOut]:
+    """The integration's sync runs, newest first."""
     integration, _ = await service.crm_integration(session, principal, integration_id)
     rows = await service.list_runs(session, integration, after_id=page.after_id, limit=page.limit)
     items, pagination = build_page(rows, page.limit)
@@ -51,6 +52,7 @@ async def list_runs(
 
 @router.get("/sync-runs/{run_id}")
 async def get_run(run_id: IdPath, session: DbSession, principal: IntegrationsReader) -> SyncRunOut:
+    """One sync run, with its counts."""
     run, integration = await service.get_run(session, principal, run_id)
     return service.run_out(run, integration.public_id)
 
@@ -110,6 +112,7 @@ async def resolve_conflict(
     session: DbSession,
     principal: IntegrationsWriter,
 ) -> ConflictOut:
+    """Settle a sync conflict by keeping memberhub's value or the CRM's."""
     conflict, integration = await service.resolve_conflict(
         session, principal, conflict_id, keep=payload.keep
     )

@@ -73,6 +73,7 @@ async def list_events(
 
 @router.get("/events/{event_id}")
 async def get_event(event_id: IdPath, session: DbSession, principal: EventsReader) -> EventOut:
+    """One event, as the webhooks carry it."""
     event = await EventRepository(session).get_by_public_id(event_id)
     if event is None or not principal.can_see_organisation(event.organisation_id):
         raise NotFound(f"Event {event_id} does not exist.")
@@ -81,6 +82,7 @@ async def get_event(event_id: IdPath, session: DbSession, principal: EventsReade
 
 @router.get("/event-types")
 async def list_event_types(_principal: EventsReader) -> EventTypeList:
+    """Every event type with its description and the schema of its data."""
     return EventTypeList(
         data=[
             EventTypeOut(

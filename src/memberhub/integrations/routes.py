@@ -170,6 +170,7 @@ async def list_integrations(
     principal: IntegrationsReader,
     page: Annotated[PageParams, Depends(page_params)],
 ) -> Page[IntegrationOut]:
+    """Integrations, with their state; credentials only by their last characters."""
     rows = await service.list_integrations(
         session, principal, after_id=page.after_id, limit=page.limit
     )
@@ -182,6 +183,7 @@ async def list_integrations(
 async def get_integration(
     integration_id: IdPath, request: Request, session: DbSession, principal: IntegrationsReader
 ) -> IntegrationOut:
+    """One integration; credentials only by their last characters."""
     return await _out(
         request, session, await service.get_integration(session, principal, integration_id)
     )
@@ -207,6 +209,7 @@ async def update_integration(
 async def disable_integration(
     integration_id: IdPath, request: Request, session: DbSession, principal: IntegrationsWriter
 ) -> IntegrationOut:
+    """Stop an integration: no calls, syncs or inbound processing until it is enabled again."""
     integration = await service.update_integration(
         session,
         principal,

@@ -83,6 +83,21 @@ async def get_session(request: Request) -> AsyncSession:
 DbSession = Annotated[AsyncSession, Depends(get_session)]
 
 
+def name_operations(routes: list[Any]) -> None:
+    """Short OpenAPI operation ids from the endpoints' names (`create_member` becomes
+    `createMember`); two operations with one name are a programming error."""
+    named: dict[str, APIRoute] = {}
+    for route in routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        first, *rest = route.name.split("_")
+        operation_id = first + "".join(part.capitalize() for part in rest)
+        other = named.setdefault(operation_id, route)
+        if other is not route:
+            raise RuntimeError(f"two operations named {operation_id}: {other.path}, {route.path}")
+        route.operation_id = operation_id
+
+
 class PayloadTooLarge(MemberhubError):
     code = "PAYLOAD_TOO_LARGE"
     status_code = 413

@@ -38,6 +38,7 @@ StatusFilter = Annotated[str | None, Query(pattern="^(" + "|".join(LeadStatus.AL
 async def create_lead(
     payload: LeadCreate, response: Response, session: DbSession, principal: LeadsWriter
 ) -> LeadOut:
+    """Create a lead (status `new`)."""
     lead = await service.create_lead(session, principal, payload)
     response.headers["Location"] = f"/api/v1/leads/{lead.public_id}"
     return service.to_out(lead)
@@ -56,6 +57,7 @@ async def list_leads(
     created_from: UTCDatetime | None = None,
     updated_since: UTCDatetime | None = None,
 ) -> Page[LeadOut]:
+    """Leads, oldest first, by status, email, source, agent, organisation or dates."""
     filters = service.LeadFilters(
         organisation_ids=await service.visible_organisation_ids(
             session, principal, organisation_id
@@ -74,6 +76,7 @@ async def list_leads(
 
 @router.get("/{lead_id}")
 async def get_lead(lead_id: IdPath, session: DbSession, principal: LeadsReader) -> LeadOut:
+    """One lead."""
     return service.to_out(await service.get_lead(session, principal, lead_id))
 
 
@@ -81,6 +84,7 @@ async def get_lead(lead_id: IdPath, session: DbSession, principal: LeadsReader) 
 async def update_lead(
     lead_id: IdPath, payload: LeadPatch, session: DbSession, principal: LeadsWriter
 ) -> LeadOut:
+    """Change a lead or move it along the pipeline (enrolling is `POST .../enroll`)."""
     return service.to_out(await service.update_lead(session, principal, lead_id, payload))
 
 

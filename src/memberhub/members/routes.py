@@ -30,6 +30,8 @@ async def create_member(
     session: DbSession,
     principal: MembersWriter,
 ) -> MemberOut:
+    """Create a member (status `pending` until they join a plan); emits `member.created`.
+    The email is unique per organisation, compared case-insensitively (409 DUPLICATE_EMAIL)."""
     member = await service.create_member(session, principal, payload)
     response.headers["ETag"] = service.etag(member)
     response.headers["Location"] = f"/api/v1/members/{member.public_id}"
@@ -93,6 +95,7 @@ async def get_member(
     session: DbSession,
     principal: MembersReader,
 ) -> MemberOut:
+    """One member, with an `ETag` to send back as `If-Match` when patching."""
     member = await service.get_member(session, principal, member_id)
     response.headers["ETag"] = service.etag(member)
     return service.to_out(member)
@@ -110,6 +113,8 @@ async def update_member(
     principal: MembersWriter,
     if_match: Annotated[str | None, Header(max_length=100)] = None,
 ) -> MemberOut:
+    """Change a member's profile, consent, custom fields or external ids; with `If-Match`,
+    only the version read (412 otherwise). Emits `member.updated` with what changed."""
     member = await service.update_member(
         session, principal, member_id, payload, if_match=service.parse_if_match(if_match)
     )
@@ -119,4 +124,6 @@ async def update_member(
 
 @router.delete("/{member_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_member(member_id: IdPath, session: DbSession, principal: MembersEraser) -> None:
+    """Erase the member's personal data (here and in past events); the record stays, so
+    ledger and audit references hold. Emits `member.deleted`."""
     await service.delete_member(session, principal, member_id)

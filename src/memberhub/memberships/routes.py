@@ -46,6 +46,7 @@ router = APIRouter(
 
 @router.post("/plans", status_code=status.HTTP_201_CREATED, tags=["plans"])
 async def create_plan(payload: PlanCreate, session: DbSession, principal: PlansWriter) -> PlanOut:
+    """Create a membership plan: price, currency, term, grace and renewal settings."""
     plan = await service.create_plan(session, principal, payload)
     return (await service.plans_to_out(session, [plan]))[0]
 
@@ -56,6 +57,7 @@ async def list_plans(
     principal: PlansReader,
     page: Annotated[PageParams, Depends(page_params)],
 ) -> Page[PlanOut]:
+    """Membership plans, oldest first."""
     rows = await PlanRepository(session).list(
         visible_ids=principal.visible_organisation_ids, after_id=page.after_id, limit=page.limit
     )
@@ -65,6 +67,7 @@ async def list_plans(
 
 @router.get("/plans/{plan_id}", tags=["plans"])
 async def get_plan(plan_id: IdPath, session: DbSession, principal: PlansReader) -> PlanOut:
+    """One membership plan."""
     plan = await service.get_plan(session, principal, plan_id)
     return (await service.plans_to_out(session, [plan]))[0]
 
@@ -73,6 +76,8 @@ async def get_plan(plan_id: IdPath, session: DbSession, principal: PlansReader) 
 async def update_plan(
     plan_id: IdPath, payload: PlanPatch, session: DbSession, principal: PlansWriter
 ) -> PlanOut:
+    """Change a plan's name, price, currency, grace, renewal window, auto-renewal or
+    whether new members may join it."""
     plan = await service.update_plan(session, principal, plan_id, payload)
     return (await service.plans_to_out(session, [plan]))[0]
 
@@ -123,6 +128,7 @@ async def upgrade(
 async def lapse(
     member_id: IdPath, payload: StatusNote, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
+    """End the membership now (status `lapsed`), with an optional note."""
     member, term = await service.lapse(session, principal, member_id, payload.note)
     return await _result(session, member, term)
 
@@ -131,6 +137,7 @@ async def lapse(
 async def cancel(
     member_id: IdPath, payload: CancelRequest, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
+    """Cancel the membership, now or (`at_period_end`) when the paid term ends."""
     member, term = await service.cancel(
         session, principal, member_id, at_period_end=payload.at_period_end, note=payload.note
     )
@@ -141,6 +148,7 @@ async def cancel(
 async def suspend(
     member_id: IdPath, payload: StatusNote, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
+    """Suspend the membership (status `suspended`) until it is reinstated."""
     member = await service.suspend(session, principal, member_id, payload.note)
     return await _result(session, member)
 
@@ -149,6 +157,7 @@ async def suspend(
 async def reinstate(
     member_id: IdPath, payload: StatusNote, session: DbSession, principal: MembershipsWriter
 ) -> MembershipResult:
+    """Lift a suspension: the member returns to the status the term gives."""
     member = await service.reinstate(session, principal, member_id, payload.note)
     return await _result(session, member)
 
@@ -160,6 +169,7 @@ async def list_terms(
     principal: MembershipsReader,
     page: Annotated[PageParams, Depends(page_params)],
 ) -> Page[TermOut]:
+    """The member's membership terms, newest first."""
     member = await get_member(session, principal, member_id)
     repo = TermRepository(session)
     rows = await repo.for_member(member.id, after_id=page.after_id, limit=page.limit)
@@ -177,6 +187,7 @@ async def status_history(
     principal: MembershipsReader,
     page: Annotated[PageParams, Depends(page_params)],
 ) -> Page[StatusChangeOut]:
+    """Every status change of the member, with who made it and why."""
     member = await get_member(session, principal, member_id)
     rows = await StatusHistoryRepository(session).for_member(
         member.id, after_id=page.after_id, limit=page.limit

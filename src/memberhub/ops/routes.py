@@ -55,6 +55,7 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this process, and queue figures read from the database."""
     app_metrics = request.app.state.metrics
     async with request.app.state.db.transaction(read_only=True) as session:
         pending = await session.scalar(

@@ -26,6 +26,7 @@ async def create_organisation(
     session: DbSession,
     principal: OrganisationsWriter,
 ) -> OrganisationOut:
+    """Create an organisation, optionally as a chapter of `parent_id`; the slug is unique."""
     org = await service.create_organisation(session, principal, payload)
     return (await service.to_out(session, [org]))[0]
 
@@ -37,6 +38,7 @@ async def list_organisations(
     page: Annotated[PageParams, Depends(page_params)],
     parent_id: SafeQuery = None,
 ) -> Page[OrganisationOut]:
+    """Organisations the key can see, oldest first."""
     parent_pk = None
     if parent_id is not None:
         parent_pk = (await service.get_visible(session, principal, parent_id)).id
@@ -54,6 +56,7 @@ async def list_organisations(
 async def get_organisation(
     organisation_id: IdPath, session: DbSession, principal: OrganisationsReader
 ) -> OrganisationOut:
+    """One organisation, with its parent."""
     org = await service.get_visible(session, principal, organisation_id)
     return (await service.to_out(session, [org]))[0]
 
@@ -65,6 +68,7 @@ async def update_organisation(
     session: DbSession,
     principal: OrganisationsWriter,
 ) -> OrganisationOut:
+    """Change an organisation's name or slug."""
     org = await service.update_organisation(session, principal, organisation_id, payload)
     return (await service.to_out(session, [org]))[0]
 
@@ -73,4 +77,5 @@ async def update_organisation(
 async def delete_organisation(
     organisation_id: IdPath, session: DbSession, principal: OrganisationsWriter
 ) -> None:
+    """Delete an organisation that has no chapters and nothing that refers to it (409 otherwise)."""
     await service.delete_organisation(session, principal, organisation_id)

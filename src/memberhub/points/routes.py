@@ -230,7 +230,7 @@ async def extend(
 
 
 @router.post("/points/recover", status_code=201, responses=CREATED_OR_REPLAYED)
-async def recover(
+async def recover_points(
     payload: RecoverRequest, response: Response, session: DbSession, principal: PointsRecoverer
 ) -> OperationResult:
     """Give back expired points (of one batch, or of one expire transaction) with a new
@@ -346,6 +346,7 @@ async def member_transactions(
     date_from: UTCDatetime | None = None,
     date_to: UTCDatetime | None = None,
 ) -> Page[TransactionOut]:
+    """The member's ledger transactions, newest first."""
     member = await get_member(session, principal, member_id)
     filters = TransactionFilters(
         member_id=member.id, types=_type_filter(type), date_from=date_from, date_to=date_to

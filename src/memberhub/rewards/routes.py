@@ -64,6 +64,7 @@ async def list_rewards(
         ),
     ] = None,
 ) -> Page[RewardOut]:
+    """The reward catalogue, with stock and claim counts."""
     rows: Sequence[Reward]
     if available_for is not None:
         member = await get_member(session, principal, available_for)
@@ -139,6 +140,7 @@ async def member_claims(
 
 @router.get("/rewards/{reward_id}")
 async def get_reward(reward_id: IdPath, session: DbSession, principal: RewardsReader) -> RewardOut:
+    """One reward."""
     reward = await service.get_reward(session, reward_id)
     return (await service.rewards_to_out(session, [reward]))[0]
 

@@ -57,6 +57,7 @@ async def assign_tier(
 
 @router.get("/{tier_id}")
 async def get_tier(tier_id: IdPath, session: DbSession, principal: TiersReader) -> TierOut:
+    """One tier, with its thresholds and benefits."""
     return service.to_out(await service.get_tier(session, tier_id))
 
 

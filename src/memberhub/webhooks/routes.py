@@ -73,6 +73,7 @@ async def list_endpoints(
     principal: WebhooksReader,
     page: Annotated[PageParams, Depends(page_params)],
 ) -> Page[EndpointOut]:
+    """Webhook endpoints, with their state and health."""
     rows = await service.list_endpoints(
         session, principal, after_id=page.after_id, limit=page.limit
     )
@@ -88,6 +89,7 @@ async def list_endpoints(
 async def get_endpoint(
     endpoint_id: IdPath, session: DbSession, principal: WebhooksReader
 ) -> EndpointOut:
+    """One webhook endpoint (its secret is never shown again)."""
     return await _out(session, await service.get_endpoint(session, principal, endpoint_id))
 
 
@@ -154,7 +156,7 @@ async def list_endpoint_deliveries(
 
 
 @router.post("/webhook-endpoints/{endpoint_id}/recover")
-async def recover(
+async def recover_endpoint(
     endpoint_id: IdPath,
     payload: RecoverRequest,
     request: Request,
@@ -199,6 +201,7 @@ async def list_event_deliveries(
 async def get_delivery(
     delivery_id: IdPath, session: DbSession, principal: WebhooksReader
 ) -> DeliveryOut:
+    """One delivery and its attempts."""
     delivery, _ = await service.get_delivery(session, principal, delivery_id)
     return await service.delivery_out(session, delivery)
 
