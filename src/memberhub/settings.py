@@ -59,6 +59,10 @@ class Settings(BaseSettings):
         default="1200/minute",
         description="Default per-API-key rate limit, in the `limits` notation.",
     )
+    unauthenticated_rate_limit: str = Field(
+        default="100/15 minutes",
+        description="Requests without a valid API key allowed per client address.",
+    )
     idempotency_ttl_hours: int = 24
     max_body_bytes: int = Field(
         default=1024 * 1024,

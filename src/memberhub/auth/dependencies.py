@@ -37,10 +37,20 @@ async def _principal(request: Request, session: AsyncSession, key: str) -> Princ
 
 async def authenticate_first(request: Request) -> None:
     """Check the API key before the request's body is read or its transaction begins
-    (`CheckedRoute`): `authenticate` then takes the principal found here."""
-    key = _key_of(await bearer(request))
-    async with request.app.state.db.request_read_sessionmaker() as session:
-        request.state.principal = await _principal(request, session, key)
+    (`CheckedRoute`): `authenticate` then takes the principal found here. Requests without
+    a valid key are counted per client address (`UNAUTHENTICATED_RATE_LIMIT`); past that
+    limit the address gets 429 until the window ends, whatever key it sends."""
+    limiter = request.app.state.rate_limiter
+    limit = request.app.state.settings.unauthenticated_rate_limit
+    address = request.client.host if request.client else "unknown"
+    await limiter.refuse_if_spent(address, limit, namespace="ip")
+    try:
+        key = _key_of(await bearer(request))
+        async with request.app.state.db.request_read_sessionmaker() as session:
+            request.state.principal = await _principal(request, session, key)
+    except Unauthorized:
+        await limiter.hit(address, limit, namespace="ip")
+        raise
 
 
 async def authenticate(

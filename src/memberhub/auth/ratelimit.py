@@ -50,7 +50,9 @@ class RateLimiter:
             self._parsed[limit] = parse(limit)
         return self._parsed[limit]
 
-    async def hit(self, key_id: str, limit: str | None = None) -> Quota | None:
+    async def hit(
+        self, key_id: str, limit: str | None = None, *, namespace: str = "apikey"
+    ) -> Quota | None:
         """Count one request; raise RateLimited past the limit.
 
         A failing shared store lets requests through (logged) rather than taking the
@@ -58,8 +60,8 @@ class RateLimiter:
         """
         item = self._item(limit)
         try:
-            allowed = await self.strategy.hit(item, "apikey", key_id)
-            stats = await self.strategy.get_window_stats(item, "apikey", key_id)
+            allowed = await self.strategy.hit(item, namespace, key_id)
+            stats = await self.strategy.get_window_stats(item, namespace, key_id)
         except Exception as exc:  # the store is optional infrastructure
             log.warning("rate_limit_store_unavailable", error=type(exc).__name__)
             return None
@@ -76,6 +78,23 @@ class RateLimiter:
                 headers=quota.headers(),
             )
         return quota
+
+    async def refuse_if_spent(self, key_id: str, limit: str, *, namespace: str) -> None:
+        """Raise RateLimited when `key_id` has no requests left in this window, without
+        counting one."""
+        item = self._item(limit)
+        try:
+            stats = await self.strategy.get_window_stats(item, namespace, key_id)
+        except Exception as exc:  # the store is optional infrastructure
+            log.warning("rate_limit_store_unavailable", error=type(exc).__name__)
+            return
+        if stats.remaining <= 0:
+            retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+            raise RateLimited(
+                f"Too many requests without a valid API key from this address; "
+                f"retry in {retry_after} s.",
+                retry_after=retry_after,
+            )
 
     async def reset(self) -> None:
         await self.storage.reset()
