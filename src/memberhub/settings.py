@@ -149,6 +149,12 @@ class Settings(BaseSettings):
     integration_log_retention_days: float = Field(
         default=14.0, gt=0, description="How long the payload log keeps outbound calls."
     )
+    retention_days: float = Field(
+        default=90.0,
+        ge=1,
+        description="How long events, webhook deliveries and attempts, inbound events and "
+        "CRM sync runs are kept once finished; the audit log is kept forever.",
+    )
 
     @field_validator("log_level")
     @classmethod

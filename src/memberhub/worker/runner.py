@@ -26,6 +26,7 @@ from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.memberships.jobs import advance_membership_statuses
 from memberhub.ops.metrics import Metrics
+from memberhub.ops.retention import purge_expired_history
 from memberhub.points.jobs import activate_pending_points, expire_points, notify_expiring_points
 from memberhub.settings import Settings
 from memberhub.tiers.jobs import run_review as review_tiers
@@ -59,6 +60,7 @@ async def _process_inbound(db: Database, now: datetime) -> int:
 
 
 DEFAULT_CALL_LOG_RETENTION_DAYS = 14.0
+DEFAULT_RETENTION_DAYS = 90.0
 
 
 # Every scheduled job, declared in one place (and the payload log's purge, which needs the
@@ -109,10 +111,24 @@ class Worker:
             else DEFAULT_CALL_LOG_RETENTION_DAYS
         )
 
+        history = timedelta(
+            days=settings.retention_days if settings is not None else DEFAULT_RETENTION_DAYS
+        )
+
         async def purge_calls(session: AsyncSession, now: datetime) -> int:
             return await purge_call_log(session, older_than=now - retention)
 
-        jobs = [*JOBS, Job("integrations.purge_call_log", 3600.0, purge_calls)]
+        async def purge_history(db: Database, now: datetime) -> int:
+            deleted = await purge_expired_history(db, older_than=now - history)
+            if any(deleted.values()):
+                log.info("history_purged", **deleted)
+            return sum(deleted.values())
+
+        jobs = [
+            *JOBS,
+            Job("integrations.purge_call_log", 3600.0, purge_calls),
+            Job("retention.purge_history", 3600.0, chunked=purge_history),
+        ]
         # Outbound calls need a hub: the app's for the embedded worker, else one of its own.
         self._own_hub = hub is None and settings is not None
         if hub is None and settings is not None:

@@ -1,0 +1,100 @@
+"""Retention: records that only tell the history of deliveries and syncs are deleted once
+they are older than `RETENTION_DAYS` (90 by default). The audit log is never purged, and
+nothing still in flight is (pending deliveries, unsequenced or undispatched events, inbound
+events waiting to be processed, sync runs not finished).
+
+Deletion goes in small batches, oldest first, each its own short transaction: a batch
+names its rows by id, so no statement scans or locks more than a batch of a hot table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, Table, and_, delete, exists, select
+
+from memberhub.crm.models import RunStatus, SyncRun, SyncRunRecord
+from memberhub.events.models import Event
+from memberhub.integrations.models import InboundEvent, InboundStatus
+from memberhub.kit.db import Database
+from memberhub.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery
+
+BATCH_ROWS = 500
+
+_DELIVERIES = cast(Table, WebhookDelivery.__table__)
+_ATTEMPTS = cast(Table, WebhookAttempt.__table__)
+_EVENTS = cast(Table, Event.__table__)
+_INBOUND = cast(Table, InboundEvent.__table__)
+_RUNS = cast(Table, SyncRun.__table__)
+_RUN_RECORDS = cast(Table, SyncRunRecord.__table__)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """Rows of `table` to purge, and the child rows (table, column naming the parent) that
+    go first in the same batch."""
+
+    name: str
+    table: Table
+    due: Any  # cutoff -> condition
+    children: tuple[tuple[Table, str], ...] = ()
+
+
+def _kinds() -> tuple[_Kind, ...]:
+    def deliveries(cutoff: datetime) -> ColumnElement[bool]:
+        return and_(
+            _DELIVERIES.c.status != DeliveryStatus.PENDING, _DELIVERIES.c.created_at < cutoff
+        )
+
+    def events(cutoff: datetime) -> ColumnElement[bool]:
+        return and_(
+            _EVENTS.c.occurred_at < cutoff,
+            _EVENTS.c.position.is_not(None),
+            _EVENTS.c.dispatched_at.is_not(None),
+            ~exists().where(_DELIVERIES.c.event_id == _EVENTS.c.id),
+        )
+
+    def inbound(cutoff: datetime) -> ColumnElement[bool]:
+        return and_(_INBOUND.c.status != InboundStatus.PENDING, _INBOUND.c.received_at < cutoff)
+
+    def runs(cutoff: datetime) -> ColumnElement[bool]:
+        return and_(
+            _RUNS.c.status.in_((RunStatus.COMPLETED, RunStatus.FAILED)),
+            _RUNS.c.created_at < cutoff,
+        )
+
+    return (
+        _Kind("webhook_deliveries", _DELIVERIES, deliveries, ((_ATTEMPTS, "delivery_id"),)),
+        _Kind("events", _EVENTS, events),
+        _Kind("inbound_events", _INBOUND, inbound),
+        _Kind("crm_sync_runs", _RUNS, runs, ((_RUN_RECORDS, "run_id"),)),
+    )
+
+
+async def purge_expired_history(
+    db: Database, *, older_than: datetime, batch_rows: int = BATCH_ROWS
+) -> dict[str, int]:
+    """Delete, batch by batch, what is older than `older_than`; rows deleted per table."""
+    deleted: dict[str, int] = {}
+    for kind in _kinds():
+        total = 0
+        while True:
+            async with db.transaction() as session:
+                ids = list(
+                    await session.scalars(
+                        select(kind.table.c.id)
+                        .where(kind.due(older_than))
+                        .order_by(kind.table.c.id)
+                        .limit(batch_rows)
+                    )
+                )
+                if not ids:
+                    break
+                for child, column in kind.children:
+                    await session.execute(delete(child).where(child.c[column].in_(ids)))
+                await session.execute(delete(kind.table).where(kind.table.c.id.in_(ids)))
+            total += len(ids)
+        deleted[kind.name] = total
+    return deleted
