@@ -39,6 +39,7 @@ from memberhub.memberships.routes import router as memberships_router
 from memberhub.ops.docs import install_docs
 from memberhub.ops.metrics import Metrics
 from memberhub.ops.routes import router as ops_router
+from memberhub.ops.tracking import configure_error_tracking
 from memberhub.organisations.routes import router as organisations_router
 from memberhub.points.routes import router as points_router
 from memberhub.program.routes import router as program_router
@@ -63,7 +64,9 @@ def serve_app() -> FastAPI:
     """The application of each process of `memberhub serve --processes N` (N > 1): settings
     from the environment, and the embedded worker in whichever process wins the election."""
     embedded = os.environ.get(SERVE_WORKER_ENV) == "1"
-    return create_app(embedded_worker=embedded, elect_worker=embedded)
+    settings = Settings()
+    configure_error_tracking(settings)
+    return create_app(settings, embedded_worker=embedded, elect_worker=embedded)
 
 
 def create_app(

@@ -16,6 +16,7 @@ from memberhub.kit.actor import Actor
 from memberhub.kit.db import Database
 from memberhub.kit.errors import MemberhubError
 from memberhub.kit.migrate import current, head, upgrade
+from memberhub.ops.tracking import configure_error_tracking
 from memberhub.settings import SecretKeyMissing, Settings
 
 app = typer.Typer(help="memberhub: members, memberships and loyalty.", no_args_is_help=True)
@@ -124,6 +125,7 @@ def serve(
         f"({count} process{'es' if count > 1 else ''}, {worker_note}, {database})"
     )
     if count == 1:
+        configure_error_tracking(settings)
         uvicorn.run(create_app(settings, embedded_worker=not no_worker), **options)  # type: ignore[arg-type]
         return
     # Each process builds its app from the environment, as this one read it.
@@ -149,6 +151,7 @@ def worker(
     settings = _settings()
     _require_secret_key(settings)
     configure_logging(settings.log_level, json=settings.log_json)
+    configure_error_tracking(settings)
 
     async def work(db: Database) -> None:
         stop = asyncio.Event()

@@ -149,6 +149,12 @@ class Settings(BaseSettings):
     integration_log_retention_days: float = Field(
         default=14.0, gt=0, description="How long the payload log keeps outbound calls."
     )
+    sentry_dsn: str | None = Field(
+        default=None, description="Send unhandled errors to this Sentry DSN (none when unset)."
+    )
+    sentry_traces_sample_rate: float = Field(
+        default=0.0, ge=0, le=1, description="Share of requests traced to Sentry."
+    )
     retention_days: float = Field(
         default=90.0,
         ge=1,

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
+import sentry_sdk
 import structlog
 from fastapi import Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
@@ -350,6 +351,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled_error", error_type=type(exc).__name__)
+        sentry_sdk.capture_exception(exc)  # a no-op unless SENTRY_DSN started Sentry
         return _internal_error(request)
 
 
