@@ -12,6 +12,10 @@ import jsonschema_rs
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from memberhub.audit.models import AuditEntry
 from memberhub.auth.roles import Role
@@ -22,6 +26,7 @@ from memberhub.kit.db import Database
 from memberhub.members.models import Member
 from tests.conftest import issue_key
 from tests.support import ApiClient
+from tests.support_server import bind_local_socket, serving_in_thread
 
 MEMBERS = "/api/v1/members"
 EVENTS = "/api/v1/events"
@@ -427,6 +432,28 @@ async def _pay_through_stripe(api: ApiClient, db: Database, plan: dict[str, Any]
     await run_worker(db)
 
 
+async def _integration_incident(api: ApiClient) -> None:
+    """An http integration whose partner refuses it once, then answers: an incident opens
+    and closes."""
+    refusing = [True]
+
+    async def ping(_request: Request) -> Response:
+        return Response(status_code=401 if refusing[0] else 200)
+
+    sock, base_url = bind_local_socket()
+    partner = Starlette(routes=[Route("/ping", ping)])
+    async with serving_in_thread(partner, sock, name="partner", lifespan="off"):
+        config = {"base_url": base_url, "auth": "none", "test_path": "/ping"}
+        created = await api.post(
+            "/api/v1/integrations", {"provider": "http", "name": "Partner", "config": config}
+        )
+        assert created.status_code == 201, created.text
+        test = f"/api/v1/integrations/{created.json()['id']}/test"
+        assert (await api.post(test)).json()["ok"] is False
+        refusing[0] = False
+        assert (await api.post(test)).json()["ok"] is True
+
+
 async def test_every_emitted_event_validates_against_its_types_schema(
     api: ApiClient, db: Database
 ) -> None:
@@ -446,6 +473,7 @@ async def test_every_emitted_event_validates_against_its_types_schema(
     assert (await api.patch(f"/api/v1/leads/{lead['id']}", {"status": "qualified"})).is_success
     enrolled = await api.post(f"/api/v1/leads/{lead['id']}/enroll", {"plan_id": plan["id"]})
     assert enrolled.status_code == 201, enrolled.text
+    await _integration_incident(api)
     schemas = await event_schemas(api)
 
     events = await list_events(api)

@@ -103,6 +103,10 @@ async def test_an_outage_opens_an_incident_that_a_success_closes(
     during = (await api.get(f"/api/v1/integrations/{integration['id']}/health")).json()
     assert during["open_incident"] is not None
     assert during["healthy"] is False
+    alerts = (await api.get("/api/v1/alerts", params={"type": "INTEGRATION_INCIDENT"})).json()
+    assert [a["data"]["integration_id"] for a in alerts["data"]] == [integration["id"]]
+    opened = await api.get("/api/v1/events", params={"type": "integration.incident.opened"})
+    assert [e["data"]["integration_id"] for e in opened.json()["data"]] == [integration["id"]]
     status = (await api.get("/api/v1/sync/status")).json()
     assert status["sync_errors"] == 1
     assert status["connected"] == ["stripe"]
@@ -113,3 +117,6 @@ async def test_an_outage_opens_an_incident_that_a_success_closes(
     assert after["incidents"] == 1
     assert after["mean_time_to_recovery_seconds"] is not None
     assert after["success_rate"] == 50.0
+    closed = await api.get("/api/v1/events", params={"type": "integration.incident.closed"})
+    [event] = closed.json()["data"]
+    assert event["data"]["opened_at"] <= event["data"]["closed_at"]

@@ -9,8 +9,10 @@ from typing import Any
 
 import httpx
 
+from memberhub.auth.roles import Role
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
+from tests.conftest import issue_key
 from tests.points.conftest import award, check_ledger, summary
 from tests.support import ApiClient
 from tests.support_server import running_server
@@ -61,6 +63,41 @@ async def test_twenty_concurrent_awards_with_one_reference_apply_once(
     listed = await api.get("/api/v1/events", params={"type": "points.earned"})
     assert len(listed.json()["data"]) == 1
     await check_ledger(db, [member["id"]])
+
+
+async def test_concurrent_awards_with_one_reference_apply_once_in_each_organisation(
+    api: ApiClient, settings: Settings, db: Database
+) -> None:
+    tenants = []
+    for _ in range(2):
+        organisation = (await api.create_organisation())["id"]
+        member = (await api.create_member(organisation_id=organisation))["id"]
+        tenants.append((member, await issue_key(db, Role.MANAGER, organisation=organisation)))
+    async with running_server(settings) as base_url:
+        answers = await asyncio.gather(
+            *(
+                _post_all(
+                    base_url,
+                    key,
+                    "/api/v1/points/award",
+                    [{"member_id": member, "points": 70, "reason": "x", "reference_id": "w-1"}]
+                    * 10,
+                )
+                for member, key in tenants
+            )
+        )
+    created = set()
+    for responses in answers:
+        assert Counter(r.status_code for r in responses) == {201: 1, 200: 9}, [
+            r.text for r in responses
+        ]
+        ids = {r.json()["transaction"]["id"] for r in responses}
+        assert len(ids) == 1
+        created |= ids
+    assert len(created) == 2
+    for member, _ in tenants:
+        assert (await summary(api, member))["current_balance"] == 70
+    await check_ledger(db, [member for member, _ in tenants])
 
 
 async def test_opposite_concurrent_transfers_neither_deadlock_nor_lose_points(

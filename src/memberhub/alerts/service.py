@@ -29,6 +29,7 @@ PRIORITIES = {
     AlertType.LOW_REDEMPTION_RATE: "low",
     AlertType.WEBHOOK_ENDPOINT_DISABLED: "high",
     AlertType.PAYMENT_FAILED: "high",
+    AlertType.INTEGRATION_INCIDENT: "high",
 }
 
 

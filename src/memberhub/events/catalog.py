@@ -246,6 +246,29 @@ class WebhookEndpointDisabled(EventData):
     disabled_at: datetime
 
 
+class IntegrationIncidentOpened(EventData):
+    event_type = "integration.incident.opened"
+    description = "An integration stopped working: a call failed for good, its circuit "
+    "breaker opened, or the vendor refused the credentials."
+
+    integration_id: str
+    provider: str
+    name: str
+    reason: str
+    opened_at: datetime
+
+
+class IntegrationIncidentClosed(EventData):
+    event_type = "integration.incident.closed"
+    description = "An integration works again: a call succeeded after an incident."
+
+    integration_id: str
+    provider: str
+    name: str
+    opened_at: datetime
+    closed_at: datetime
+
+
 class WebhookTest(EventData):
     event_type = "webhook.test"
     description = "A test event, sent to the one endpoint it was requested for."
@@ -277,6 +300,8 @@ CATALOG: dict[str, type[EventData]] = {
         ApprovalRequested,
         AlertRaised,
         WebhookEndpointDisabled,
+        IntegrationIncidentOpened,
+        IntegrationIncidentClosed,
         WebhookTest,
     )
 }

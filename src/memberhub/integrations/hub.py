@@ -22,6 +22,10 @@ import structlog
 from prometheus_client import CollectorRegistry
 from sqlalchemy import select
 
+from memberhub.alerts.models import AlertType
+from memberhub.alerts.service import raise_alert
+from memberhub.events.catalog import IntegrationIncidentClosed, IntegrationIncidentOpened
+from memberhub.events.service import emit
 from memberhub.integrations import vault
 from memberhub.integrations.gateway import CallRecord, Gateway, GatewayPolicy, Sleep
 from memberhub.integrations.models import Integration, IntegrationCall, IntegrationIncident
@@ -391,12 +395,60 @@ async def _write_calls(session: Any, records: list[tuple[int, CallRecord]]) -> N
                     )
                     session.add(open_incident)
                     integration.incident_opened_at = ended_at
+                    await _incident_opened(session, integration, open_incident)
             else:
                 integration.last_success_at = _later(integration.last_success_at, ended_at)
                 if open_incident is not None:
                     open_incident.closed_at = max(ended_at, open_incident.opened_at)
+                    _incident_closed(session, integration, open_incident)
                     open_incident = None
                     integration.incident_opened_at = None
+
+
+async def _incident_opened(
+    session: Any, integration: Integration, incident: IntegrationIncident
+) -> None:
+    """An incident opens: an `integration.incident.opened` event and a high alert."""
+    reason = incident.reason or "failing"
+    emit(
+        session,
+        IntegrationIncidentOpened(
+            integration_id=integration.public_id,
+            provider=integration.provider,
+            name=integration.name,
+            reason=reason,
+            opened_at=incident.opened_at,
+        ),
+        organisation_id=integration.organisation_id,
+        occurred_at=incident.opened_at,
+    )
+    await raise_alert(
+        session,
+        AlertType.INTEGRATION_INCIDENT,
+        member=None,
+        dedupe_key=f"integration-incident:{integration.public_id}:{incident.opened_at.isoformat()}",
+        message=f"Integration {integration.name} ({integration.provider}) is failing: {reason}"[
+            :1000
+        ],
+        now=incident.opened_at,
+        data={"integration_id": integration.public_id, "provider": integration.provider},
+    )
+
+
+def _incident_closed(session: Any, integration: Integration, incident: IntegrationIncident) -> None:
+    assert incident.closed_at is not None
+    emit(
+        session,
+        IntegrationIncidentClosed(
+            integration_id=integration.public_id,
+            provider=integration.provider,
+            name=integration.name,
+            opened_at=incident.opened_at,
+            closed_at=incident.closed_at,
+        ),
+        organisation_id=integration.organisation_id,
+        occurred_at=incident.closed_at,
+    )
 
 
 def _later(current: datetime | None, candidate: datetime) -> datetime:

@@ -92,8 +92,10 @@ class PointTransaction(IdMixin, Base):
 
     __tablename__ = "point_transactions"
     __table_args__ = (
+        # A reference applies once per organisation (see `reference_scope`).
         Index(
-            "uq_point_transactions_type_reference",
+            "uq_point_transactions_scope_type_reference",
+            "reference_scope",
             "type",
             "reference_id",
             unique=True,
@@ -113,6 +115,10 @@ class PointTransaction(IdMixin, Base):
     pending_after: Mapped[int] = mapped_column(BigInteger, default=0)
     reason: Mapped[str | None] = mapped_column(String(1000))
     reference_id: Mapped[str | None] = mapped_column(String(200))
+    # Whose reference it is: the member's organisation when it was written, 0 for members
+    # without one (as with their emails); set exactly when `reference_id` is. Another
+    # organisation may use the same reference for its own operation.
+    reference_scope: Mapped[int | None] = mapped_column(BigIntId)
     # The earn a reversal undoes, the expiry a recovery restores, and so on.
     related_transaction_id: Mapped[int | None] = mapped_column(BigIntId, index=True)
     batch_id: Mapped[int | None] = mapped_column(BigIntId)

@@ -86,10 +86,25 @@ class PointsRepository:
 
     # ------------------------------------------------------------ transactions
 
-    async def by_reference(self, txn_type: str, reference_id: str) -> PointTransaction | None:
+    async def by_reference(
+        self, txn_type: str, scope: int, reference_id: str
+    ) -> PointTransaction | None:
+        """The transaction of `txn_type` with this reference in `scope` (an organisation's
+        id, or 0 for members without one: see `service.reference_scope`)."""
         return await self.session.scalar(
             select(PointTransaction).where(
-                PointTransaction.type == txn_type, PointTransaction.reference_id == reference_id
+                PointTransaction.reference_scope == scope,
+                PointTransaction.type == txn_type,
+                PointTransaction.reference_id == reference_id,
+            )
+        )
+
+    async def transfer_in_of(self, transfer_out_id: int) -> PointTransaction | None:
+        """The incoming side of a transfer, by its outgoing transaction."""
+        return await self.session.scalar(
+            select(PointTransaction).where(
+                PointTransaction.related_transaction_id == transfer_out_id,
+                PointTransaction.type == TxnType.TRANSFER_IN,
             )
         )
 

@@ -182,7 +182,9 @@ async def reverse(
     earn_txn = (
         await repo.transaction_by_public_id(payload.transaction_id)
         if payload.transaction_id is not None
-        else await repo.by_reference(TxnType.EARN, payload.earn_reference_id or "")
+        else await repo.by_reference(
+            TxnType.EARN, service.reference_scope(member), payload.earn_reference_id or ""
+        )
     )
     if earn_txn is None or earn_txn.member_id != member.id:
         raise NotFound("The earn to reverse does not exist.", code="TRANSACTION_NOT_FOUND")

@@ -5,6 +5,9 @@ serialised and a balance can never be overspent. Batches hold the points; the tr
 log records every change with the balance after it; the account keeps the aggregates. All
 three are written in the caller's transaction, with the operation's event and audit entry.
 Operations carrying a `reference_id` apply once: a repeat returns the first transaction.
+A reference belongs to the organisation of the member it is used for (`reference_scope`):
+another organisation may use the same one for its own operation, and an error about a
+reference never names another member's transaction.
 """
 
 from __future__ import annotations
@@ -82,10 +85,32 @@ class LedgerResult:
 # ---------------------------------------------------------------- shared steps
 
 
-async def lock_reference(session: AsyncSession, txn_type: str, reference_id: str) -> None:
-    """Serialise operations carrying the same reference until the first one commits, so a
-    concurrent repeat finds the first transaction instead of applying again."""
-    digest = hashlib.sha256(f"points:{txn_type}:{reference_id}".encode()).digest()
+def reference_scope(member: Member) -> int:
+    """The scope a reference used for `member` is unique in: the member's organisation, or
+    0 for members without one (who share one scope, as their emails do)."""
+    return member.organisation_id or 0
+
+
+def reference_reused(
+    txn_type: str, reference_id: str, existing: PointTransaction, member: Member
+) -> ReferenceReused:
+    """The conflict of a reference already used in the member's scope. Only a transaction of
+    the member itself is named: another member's may belong to a member the caller does not
+    see (one that has moved organisation since)."""
+    details = {"reference_id": reference_id}
+    if existing.member_id == member.id:
+        details["transaction_id"] = existing.public_id
+    return ReferenceReused(
+        f"reference_id '{reference_id}' was used for another {txn_type}.", details=details
+    )
+
+
+async def lock_reference(
+    session: AsyncSession, txn_type: str, scope: int, reference_id: str
+) -> None:
+    """Serialise operations carrying the same reference in one scope until the first one
+    commits, so a concurrent repeat finds the first transaction instead of applying again."""
+    digest = hashlib.sha256(f"points:{txn_type}:{scope}:{reference_id}".encode()).digest()
     await session.run_sync(advisory_xact_lock, int.from_bytes(digest[:8], "big", signed=True))
 
 
@@ -94,22 +119,21 @@ async def find_replay(
     txn_type: str,
     reference_id: str | None,
     *,
-    member_id: int,
+    member: Member,
     points: int | None = None,
 ) -> PointTransaction | None:
-    """The earlier transaction with this reference, after checking it was the same request."""
+    """The earlier transaction with this reference in the member's scope, after checking it
+    was the same request."""
     if reference_id is None:
         return None
-    await lock_reference(session, txn_type, reference_id)
-    existing = await PointsRepository(session).by_reference(txn_type, reference_id)
+    scope = reference_scope(member)
+    await lock_reference(session, txn_type, scope, reference_id)
+    existing = await PointsRepository(session).by_reference(txn_type, scope, reference_id)
     if existing is None:
         return None
     requested = existing.details.get("requested_points")
-    if existing.member_id != member_id or (points is not None and requested != points):
-        raise ReferenceReused(
-            f"reference_id '{reference_id}' was used for another {txn_type}.",
-            details={"reference_id": reference_id, "transaction_id": existing.public_id},
-        )
+    if existing.member_id != member.id or (points is not None and requested != points):
+        raise reference_reused(txn_type, reference_id, existing, member)
     return existing
 
 
@@ -129,7 +153,7 @@ async def _open(
         # The reference's lock is always taken before the account's.
         assert reference_id is None, "an operation with a reference locks the account itself"
         return account, None
-    replay = await find_replay(session, txn_type, reference_id, member_id=member.id, points=points)
+    replay = await find_replay(session, txn_type, reference_id, member=member, points=points)
     return await PointsRepository(session).lock_account(member.id), replay
 
 
@@ -165,13 +189,17 @@ def record_transaction(
     pending_points: int = 0,
     reason: str | None = None,
     reference_id: str | None = None,
+    reference_scope: int | None = None,
     related: PointTransaction | None = None,
     batch: PointBatch | None = None,
     amount: int | None = None,
     currency: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> PointTransaction:
-    """Append a transaction and apply it to the account's balances and aggregates."""
+    """Append a transaction and apply it to the account's balances and aggregates.
+    `reference_scope`, the member's (`reference_scope(member)`), is required with a
+    `reference_id` and kept only with one."""
+    assert reference_id is None or reference_scope is not None, "a reference needs its scope"
     account.current += points
     account.pending += pending_points
     credited = points + pending_points
@@ -193,6 +221,7 @@ def record_transaction(
         pending_after=account.pending,
         reason=reason,
         reference_id=reference_id,
+        reference_scope=reference_scope if reference_id is not None else None,
         related_transaction_id=related.id if related is not None else None,
         batch_id=batch.id if batch is not None else None,
         amount=amount,
@@ -359,6 +388,7 @@ async def _credit(
         pending_after=balances["pending"],
         reason=reason,
         reference_id=reference_id,
+        reference_scope=reference_scope(member) if reference_id is not None else None,
         amount=amount,
         currency=currency,
         details=details,
@@ -487,10 +517,7 @@ async def earn_points(
     account, replay = await _open(session, TxnType.EARN, reference_id, member)
     if replay is not None:
         if replay.amount != amount or replay.currency != currency:
-            raise ReferenceReused(
-                f"reference_id '{reference_id}' was used for another earn.",
-                details={"reference_id": reference_id, "transaction_id": replay.public_id},
-            )
+            raise reference_reused(TxnType.EARN, reference_id, replay, member)
         return LedgerResult(replay, account, replayed=True)
     multiplier = await tiers.earn_multiplier_percent(session, account.tier_code)
     points = program_service.points_for_amount(program, amount, multiplier)
@@ -540,6 +567,7 @@ async def earn_points(
         pending_points=points if pending else 0,
         reason=reason,
         reference_id=reference_id,
+        reference_scope=reference_scope(member),
         amount=amount,
         currency=currency,
         details=details,
@@ -617,6 +645,7 @@ async def award_points(
             points=points,
             reason=reason,
             reference_id=reference_id,
+            reference_scope=reference_scope(member),
             details=details,
         )
         await session.flush()
@@ -670,6 +699,7 @@ async def spend_points(
         points=-points,
         reason=reason,
         reference_id=reference_id,
+        reference_scope=reference_scope(member),
         details={"requested_points": points, **(details or {})},
     )
     await session.flush()
@@ -827,6 +857,7 @@ async def reverse_earn(
         pending_points=-cancel if was_pending else 0,
         reason=reason,
         reference_id=reference_id,
+        reference_scope=reference_scope(member),
         related=earn,
         batch=batch,
         details={
@@ -960,6 +991,7 @@ async def recover_expired(
         points=wanted,
         reason=reason,
         reference_id=reference_id,
+        reference_scope=reference_scope(member),
         details={"requested_points": points, "batches": [b.public_id for b in locked]},
     )
     await session.flush()
@@ -993,7 +1025,7 @@ async def transfer_points(
     if source.id == target.id:
         raise ValidationFailed("A member cannot transfer points to themselves.")
     replay = await find_replay(
-        session, TxnType.TRANSFER_OUT, reference_id, member_id=source.id, points=points
+        session, TxnType.TRANSFER_OUT, reference_id, member=source, points=points
     )
     repo = PointsRepository(session)
     # Lock both accounts in id order, so two opposite transfers cannot deadlock.
@@ -1006,7 +1038,7 @@ async def transfer_points(
                 f"reference_id '{reference_id}' was used for a transfer to another member.",
                 details={"reference_id": reference_id, "transaction_id": replay.public_id},
             )
-        incoming = await repo.by_reference(TxnType.TRANSFER_IN, replay.public_id)
+        incoming = await repo.transfer_in_of(replay.id)
         assert incoming is not None
         return (
             LedgerResult(replay, out_account, replayed=True),
@@ -1022,6 +1054,7 @@ async def transfer_points(
         points=-points,
         reason=reason,
         reference_id=reference_id,
+        reference_scope=reference_scope(source),
         details={"requested_points": points, "to_member_id": target.public_id},
     )
     await session.flush()
@@ -1036,6 +1069,7 @@ async def transfer_points(
         reason=reason,
         # Links the pair: the incoming side is found by the outgoing transaction's id.
         reference_id=out_txn.public_id,
+        reference_scope=reference_scope(target),
         related=out_txn,
         details={"from_member_id": source.public_id},
     )
