@@ -16,6 +16,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from memberhub.app import create_app
+from memberhub.audit.chain import ChainKey
+from memberhub.audit.chain import session_info as chain_session_info
 from memberhub.auth.roles import Role
 from memberhub.auth.service import create_api_key
 from memberhub.kit.actor import Actor
@@ -125,12 +127,15 @@ END $$;
 """
 
 
+TEST_SECRET_KEY = "test-secret-key-not-for-production"
+
+
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
     return Settings(
         database_url=database_url,
         data_dir=tmp_path / "data",
-        secret_key="test-secret-key-not-for-production",
+        secret_key=TEST_SECRET_KEY,
         env="test",
         log_level="WARNING",
         rate_limit="10000/minute",
@@ -143,8 +148,11 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 @pytest.fixture(scope="session")
 async def shared_db(database_url: str) -> AsyncIterator[Database]:
     """One pool per test process, shared by the tests and their applications: opening
-    connections for every test cost more than most tests."""
-    database = Database(database_url, pool_size=10)
+    connections for every test cost more than most tests. Its sessions seal the audit chain
+    with the key of `settings`' secret, as the application's would."""
+    database = Database(
+        database_url, pool_size=10, session_info=chain_session_info(ChainKey(TEST_SECRET_KEY))
+    )
     yield database
     await database.dispose()
 

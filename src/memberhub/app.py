@@ -15,6 +15,8 @@ from memberhub import __version__
 from memberhub.alerts.routes import router as alerts_router
 from memberhub.analytics.routes import router as analytics_router
 from memberhub.approvals.routes import router as approvals_router
+from memberhub.audit.chain import ChainKey, database_key
+from memberhub.audit.chain import session_info as chain_session_info
 from memberhub.audit.routes import router as audit_router
 from memberhub.auth.dependencies import authenticate_first
 from memberhub.auth.ratelimit import RateLimiter
@@ -84,8 +86,16 @@ def create_app(
     # The SQLite database, the generated secret key, the worker lock, the cache stamp.
     settings.ensure_data_dir()
     owns_db = db is None
+    # The database's sessions carry the audit chain's key, for the sequencer to seal with.
+    chain_key = ChainKey(settings.resolved_secret_key)
     if db is None:
-        db = Database(settings.resolved_database_url, pool_size=settings.database_pool_size)
+        db = Database(
+            settings.resolved_database_url,
+            pool_size=settings.database_pool_size,
+            session_info=chain_session_info(chain_key),
+        )
+    elif (shared_key := database_key(db)) is None or shared_key.seal != chain_key.seal:
+        raise ValueError("`db` must be opened with the audit chain key of `settings`")
     ProcessCache.configure(settings.cache_ttl_seconds, settings.data_dir / CACHE_STAMP_FILE)
 
     @asynccontextmanager

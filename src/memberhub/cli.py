@@ -6,7 +6,7 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -18,6 +18,9 @@ from memberhub.kit.errors import MemberhubError
 from memberhub.kit.migrate import current, head, upgrade
 from memberhub.ops.tracking import configure_error_tracking
 from memberhub.settings import SecretKeyMissing, Settings
+
+if TYPE_CHECKING:
+    from memberhub.audit.chain import ChainHead
 
 app = typer.Typer(help="memberhub: members, memberships and loyalty.", no_args_is_help=True)
 
@@ -70,12 +73,24 @@ def _require_secret_key(settings: Settings) -> None:
         raise typer.Exit(code=1) from exc
 
 
-def _run(work: Callable[[Database], Awaitable[T]]) -> T:
-    """Run one unit of work against the configured database; errors exit non-zero."""
+def _run(work: Callable[[Database], Awaitable[T]], *, seal_audit: bool = False) -> T:
+    """Run one unit of work against the configured database; errors exit non-zero.
+
+    `seal_audit`: the database's sessions carry the audit chain's key, derived from the
+    secret (which must then be there), so that its sequencing passes link audit entries and
+    the chain can be checked. Without it, entries are left for the service to link.
+    """
     settings = _settings()
+    session_info = None
+    if seal_audit:
+        from memberhub.audit.chain import ChainKey
+        from memberhub.audit.chain import session_info as chain_session_info
+
+        _require_secret_key(settings)
+        session_info = chain_session_info(ChainKey(settings.resolved_secret_key))
 
     async def main() -> T:
-        db = Database(settings.resolved_database_url, pool_size=2)
+        db = Database(settings.resolved_database_url, pool_size=2, session_info=session_info)
         try:
             return await work(db)
         finally:
@@ -170,7 +185,7 @@ def worker(
             metrics=metrics,
         ).run_forever(stop)
 
-    _run(work)
+    _run(work, seal_audit=True)
 
 
 @db_app.command("upgrade")
@@ -186,6 +201,29 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     typer.echo(
         f"database is at {', '.join(current(settings.resolved_database_url)) or 'no revision'}"
     )
+    from memberhub.audit.chain import KEYED_CHAIN_REVISION
+
+    if any(applied_revision == KEYED_CHAIN_REVISION for applied_revision, _ in applied):
+        _seal_unkeyed_audit_entries()
+
+
+def _seal_unkeyed_audit_entries() -> None:
+    """After the revision that keys the audit chain: entries hashed the old way (without
+    the key) are checked that way and, if the whole chain checks, re-sealed with the key."""
+    from memberhub.audit.repository import AuditRepository
+
+    async def count(db: Database) -> int:
+        async with db.transaction(read_only=True) as session:
+            return await AuditRepository(session).count_unkeyed()
+
+    unkeyed = _run(count)
+    if not unkeyed:
+        return
+    typer.echo(
+        f"audit log: {unkeyed} entries were hashed without a key; checking the chain and "
+        "re-sealing it with the key derived from SECRET_KEY"
+    )
+    _reseal_audit_chain(expect_head=None, previous_secrets=())
 
 
 @db_app.command("current")
@@ -283,24 +321,113 @@ def apikey_ensure_admin() -> None:
     typer.echo(secret)
 
 
+def _parse_head(text: str | None) -> ChainHead | None:
+    from memberhub.audit.chain import ChainHead
+
+    if text is None:
+        return None
+    try:
+        return ChainHead.parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--expect-head") from exc
+
+
+ExpectHead = Annotated[
+    str | None,
+    typer.Option(
+        help="A head kept from `memberhub audit head` or an earlier verify (POSITION:HASH): "
+        "fail unless the chain still has that hash at that position."
+    ),
+]
+
+
 @audit_app.command("verify")
-def audit_verify() -> None:
-    """Check the audit log's hash chain; exit 1 at the first altered entry."""
-    from memberhub.audit.service import verify_chain
+def audit_verify(expect_head: ExpectHead = None) -> None:
+    """Check the audit log's chain and name every entry that was altered, re-hashed or
+    removed (exit 1 if any); print the head checked, to keep elsewhere."""
+    from memberhub.audit.service import ChainVerdict, verify_chain
     from memberhub.events.sequencer import run_passes
 
-    async def work(db: Database) -> tuple[int, int | None, str | None]:
+    expected = _parse_head(expect_head)
+
+    async def work(db: Database) -> ChainVerdict:
         # Link what has committed but not been chained yet, then check the whole chain.
         await run_passes(db)
         async with db.transaction(read_only=True) as session:
-            verdict = await verify_chain(session)
-            return verdict.checked, verdict.first_bad_id, verdict.reason
+            return await verify_chain(session, expect_head=expected)
 
-    checked, bad_id, reason = _run(work)
-    if bad_id is not None:
-        typer.echo(f"audit log TAMPERED at entry {bad_id}: {reason} ({checked} entries before it)")
+    verdict = _run(work, seal_audit=True)
+    if not verdict.intact:
+        for problem in verdict.problems:
+            typer.echo(f"TAMPERED {problem}")
+        typer.echo(
+            f"audit log TAMPERED: {len(verdict.problems)} problem(s) in {verdict.checked} "
+            "entries checked"
+        )
         raise typer.Exit(code=1)
-    typer.echo(f"audit log intact: {checked} entries verified")
+    also = f", and the expected head {expected} is in it" if expected is not None else ""
+    typer.echo(f"audit log intact: {verdict.checked} entries verified{also}")
+    typer.echo(f"head: {verdict.head}")
+
+
+@audit_app.command("head")
+def audit_head() -> None:
+    """Print the chain's newest entry as POSITION:HASH, to keep where the database's users
+    cannot write; `audit verify --expect-head` then shows the chain still leads to it."""
+    from memberhub.audit.service import chain_head
+    from memberhub.events.sequencer import run_passes
+
+    async def work(db: Database) -> ChainHead:
+        await run_passes(db)
+        async with db.transaction(read_only=True) as session:
+            return await chain_head(session)
+
+    typer.echo(str(_run(work, seal_audit=True)))
+
+
+@audit_app.command("reseal")
+def audit_reseal(
+    expect_head: ExpectHead = None,
+    previous_key_file: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A previous master secret (a file holding it): entries sealed under it, by a "
+            "process still running with it after `secrets rotate`, are checked with it and "
+            "re-sealed (repeatable)."
+        ),
+    ] = None,
+) -> None:
+    """Check the whole chain and, if every entry checks, seal it with the key derived from
+    SECRET_KEY: entries hashed before the chain was keyed (`db upgrade` does this when it
+    adds the seal) or sealed under a previous secret. Trusts their unkeyed hashes: pass the
+    head kept before the upgrade as --expect-head if you have it."""
+    secrets_given = tuple(path.read_text().strip() for path in previous_key_file or ())
+    _reseal_audit_chain(expect_head=_parse_head(expect_head), previous_secrets=secrets_given)
+
+
+def _reseal_audit_chain(
+    *, expect_head: ChainHead | None, previous_secrets: tuple[str, ...]
+) -> None:
+    from memberhub.audit.chain import ChainKey, session_key
+    from memberhub.audit.service import ResealReport, reseal_chain
+
+    previous = tuple(ChainKey(secret) for secret in previous_secrets)
+
+    async def work(db: Database) -> ResealReport:
+        async with db.transaction() as session:
+            key = session_key(session)
+            assert key is not None
+            return await reseal_chain(
+                session,
+                key,
+                previous_keys=previous,
+                accept_unkeyed=True,
+                expect_head=expect_head,
+            )
+
+    report = _run(work, seal_audit=True)
+    typer.echo(f"audit log re-sealed: {report.resealed} entries; head was {report.old_head}")
+    typer.echo(f"head: {report.new_head}")
 
 
 @secrets_app.command("rotate")
@@ -318,14 +445,16 @@ def secrets_rotate(
     ] = None,
 ) -> None:
     """Re-encrypt every stored secret (integration credentials, webhook signing secrets,
-    stored responses) under a new master secret, all in one transaction.
+    stored responses) under a new master secret and re-seal the audit chain with the key
+    derived from it, all in one transaction.
 
     Afterwards set MEMBERHUB_SECRET_KEY to the new secret (when the secret is kept in the
     data directory's secret_key file, that file is replaced) and restart the service and
     its workers: the old secret no longer decrypts anything.
     """
+    from memberhub.audit.chain import ChainKey
     from memberhub.kit.crypto import SecretBox
-    from memberhub.kit.rotation import rotate_secrets
+    from memberhub.kit.rotation import RotationReport, rotate_secrets
 
     if new_key_file is not None:
         new_key = new_key_file.read_text().strip()
@@ -340,10 +469,11 @@ def secrets_rotate(
     settings = _settings()
     old_box = SecretBox(settings.resolved_secret_key)
     new_box = SecretBox(new_key)
+    audit_chain = (ChainKey(settings.resolved_secret_key), ChainKey(new_key))
 
-    async def work(db: Database) -> dict[str, int]:
+    async def work(db: Database) -> RotationReport:
         async with db.transaction() as session:
-            return (await rotate_secrets(session, old_box, new_box)).counts
+            return await rotate_secrets(session, old_box, new_box, audit_chain=audit_chain)
 
     key_file = settings.data_dir / "secret_key"
     staged = None
@@ -356,13 +486,14 @@ def secrets_rotate(
         with os.fdopen(fd, "w") as out:
             out.write(new_key)
     try:
-        counts = _run(work)
+        report = _run(work)
     except BaseException:
         if staged is not None:
             staged.unlink(missing_ok=True)
         raise
-    for column, count in counts.items():
+    for column, count in report.counts.items():
         typer.echo(f"{column}: {count} re-encrypted")
+    typer.echo(f"audit_log: {report.audit_entries_resealed} entries re-sealed")
     if staged is not None:
         staged.replace(key_file)
         typer.echo(f"the new secret replaced {key_file}; restart the service and workers")

@@ -1,25 +1,54 @@
 """The audit log: every write leaves a row saying who did what to which object, from
-where; only admins read it; `memberhub audit verify` detects edited and removed rows."""
+where; only admins read it; `memberhub audit verify` names every edited, re-hashed and
+removed row, and with a head kept elsewhere, a rewritten or shortened chain."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from alembic.script import ScriptDirectory
 from sqlalchemy import delete, select, update
+from sqlalchemy.engine import make_url
 from typer.testing import CliRunner, Result
 
+from memberhub.app import create_app
+from memberhub.audit.chain import (
+    GENESIS_HASH,
+    KEYED_CHAIN_REVISION,
+    ChainKey,
+    canonical_entry,
+    canonical_json,
+    entry_hash,
+    legacy_entry_hash,
+)
+from memberhub.audit.chain import session_info as chain_session_info
 from memberhub.audit.models import AuditEntry
+from memberhub.audit.service import audit_row, record_write
 from memberhub.auth import keys
 from memberhub.auth.models import ApiKey
 from memberhub.auth.roles import Role
 from memberhub.cli import app as cli_app
 from memberhub.events.sequencer import run_passes
+from memberhub.kit.actor import Actor
 from memberhub.kit.db import Database
-from tests.conftest import issue_key
+from memberhub.kit.migrate import alembic_config, upgrade
+from memberhub.settings import Settings
+from tests.conftest import (
+    TEST_DATABASE_URL,
+    TEST_SECRET_KEY,
+    _create_pg_database,
+    _drop_pg_database,
+    issue_key,
+)
 from tests.support import ApiClient
 
 MEMBERS = "/api/v1/members"
@@ -223,14 +252,70 @@ async def test_audit_log_filters_and_pages(db: Database, api: ApiClient, admin_k
 # --- `memberhub audit verify` ---------------------------------------------------------
 
 
-async def run_verify(database_url: str, tmp_path: Path) -> Result:
-    """Run the CLI as an operator would, in a thread (it starts its own event loop)."""
-    env = {"MEMBERHUB_DATABASE_URL": database_url, "MEMBERHUB_DATA_DIR": str(tmp_path / "cli")}
+async def run_audit(
+    database_url: str, tmp_path: Path, *args: str, secret: str = TEST_SECRET_KEY
+) -> Result:
+    """Run `memberhub audit ...` as an operator would, with the service's secret, in a thread
+    (the CLI starts its own event loop)."""
+    env = {
+        "MEMBERHUB_DATABASE_URL": database_url,
+        "MEMBERHUB_DATA_DIR": str(tmp_path / "cli"),
+        "MEMBERHUB_SECRET_KEY": secret,
+    }
 
     def invoke() -> Result:
-        return CliRunner().invoke(cli_app, ["audit", "verify"], env=env)
+        return CliRunner().invoke(cli_app, ["audit", *args], env=env)
 
     return await asyncio.to_thread(invoke)
+
+
+async def run_verify(database_url: str, tmp_path: Path, *args: str) -> Result:
+    return await run_audit(database_url, tmp_path, "verify", *args)
+
+
+def tampered_lines(result: Result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("TAMPERED ")]
+
+
+def plain_sha256(entry: AuditEntry, prev_hash: str) -> str:
+    """What someone who can write to the database, but has no secret, can compute: SHA-256 of
+    the very text the seal covers."""
+    text = canonical_entry(entry, position=entry.chain_position or 0, prev_hash=prev_hash)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def entries_in_chain(db: Database) -> list[AuditEntry]:
+    async with db.transaction(read_only=True) as session:
+        return list(
+            (
+                await session.scalars(
+                    select(AuditEntry)
+                    .where(AuditEntry.chain_position.is_not(None))
+                    .order_by(AuditEntry.chain_position)
+                )
+            ).all()
+        )
+
+
+async def rewrite_from(
+    db: Database, position: int, digest: Callable[[AuditEntry, str], str], seal: str | None
+) -> None:
+    """Re-hash every entry from `position` on with `digest`, as a forger would."""
+    async with db.transaction() as session:
+        entries = (
+            await session.scalars(
+                select(AuditEntry)
+                .where(AuditEntry.chain_position.is_not(None))
+                .order_by(AuditEntry.chain_position)
+            )
+        ).all()
+        prev_hash = GENESIS_HASH
+        for entry in entries:
+            if (entry.chain_position or 0) >= position:
+                entry.prev_hash = prev_hash
+                entry.hash = digest(entry, prev_hash)
+                entry.seal = seal
+            prev_hash = entry.hash or ""
 
 
 @pytest.fixture
@@ -244,13 +329,15 @@ async def five_entries(api: ApiClient, db: Database) -> list[int]:
     return ids
 
 
-async def test_audit_verify_exits_0_on_an_intact_log(
-    five_entries: list[int], database_url: str, tmp_path: Path
+async def test_audit_verify_exits_0_on_an_intact_log_and_prints_its_head(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path
 ) -> None:
     result = await run_verify(database_url, tmp_path)
     assert result.exit_code == 0, result.output
     assert "intact" in result.output
     assert "5 entries" in result.output
+    last = (await entries_in_chain(db))[-1]
+    assert result.output.splitlines()[-1] == f"head: 5:{last.hash}"
 
 
 async def test_audit_verify_exits_0_on_an_empty_log(
@@ -260,6 +347,20 @@ async def test_audit_verify_exits_0_on_an_empty_log(
         await session.execute(delete(AuditEntry))
     result = await run_verify(database_url, tmp_path)
     assert result.exit_code == 0, result.output
+    assert f"head: 0:{GENESIS_HASH}" in result.output
+
+
+async def test_entries_are_sealed_with_an_hmac_under_the_secrets_audit_key(
+    db: Database, five_entries: list[int]
+) -> None:
+    key = ChainKey(TEST_SECRET_KEY)
+    for entry in await entries_in_chain(db):
+        assert entry.seal == key.seal
+        assert entry.prev_hash is not None
+        assert entry.hash == entry_hash(
+            entry, position=entry.chain_position or 0, prev_hash=entry.prev_hash, key=key
+        )
+        assert entry.hash != plain_sha256(entry, entry.prev_hash)
 
 
 @pytest.mark.parametrize(
@@ -269,8 +370,9 @@ async def test_audit_verify_exits_0_on_an_empty_log(
         {"actor": "key_someoneelse"},
         {"client_ip": "10.9.8.7"},
         {"action": "member.update"},
+        {"chain_position": 99},
     ],
-    ids=["changes", "actor", "client_ip", "action"],
+    ids=["changes", "actor", "client_ip", "action", "chain_position"],
 )
 async def test_audit_verify_fails_naming_an_edited_entry(
     db: Database,
@@ -288,29 +390,80 @@ async def test_audit_verify_fails_naming_an_edited_entry(
 
     verdict = await run_verify(database_url, tmp_path)
 
-    assert verdict.exit_code != 0
+    assert verdict.exit_code == 1
     assert f"entry {target}:" in verdict.output
     assert "TAMPERED" in verdict.output
 
 
-async def test_audit_verify_fails_when_an_entry_is_edited_and_rehashed(
+async def test_an_edit_that_keeps_the_hash_names_only_that_entry(
     db: Database, five_entries: list[int], database_url: str, tmp_path: Path
 ) -> None:
-    """Recomputing the edited entry's own hash does not help: the next entry names it."""
-    from memberhub.audit.service import entry_hash
+    target = five_entries[1]
+    async with db.transaction() as session:
+        await session.execute(
+            update(AuditEntry).where(AuditEntry.id == target).values(actor="key_forged")
+        )
 
+    verdict = await run_verify(database_url, tmp_path)
+
+    assert verdict.exit_code == 1
+    [line] = tampered_lines(verdict)
+    assert line.startswith(f"TAMPERED entry {target}: content does not match its hash")
+
+
+@pytest.mark.parametrize("scheme", ["sha256", "legacy"])
+async def test_audit_verify_fails_when_an_entry_is_edited_and_rehashed_without_the_key(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path, scheme: str
+) -> None:
+    """Someone with database access and no secret recomputes the edited entry's hash, with
+    SHA-256 over the sealed text, or the unkeyed way entries were hashed before: the entry no
+    longer checks, and the next entry does not chain to it."""
     target = five_entries[1]
     async with db.transaction() as session:
         entry = await session.get(AuditEntry, target)
         assert entry is not None
-        entry.changes = {"email": {"before": None, "after": "forged@example.com"}}
         assert entry.prev_hash is not None
-        entry.hash = entry_hash(entry, entry.prev_hash)
+        entry.changes = {"email": {"before": None, "after": "forged@example.com"}}
+        if scheme == "sha256":
+            entry.hash = plain_sha256(entry, entry.prev_hash)
+        else:
+            entry.hash = legacy_entry_hash(entry, entry.prev_hash)
+            entry.seal = None
 
     verdict = await run_verify(database_url, tmp_path)
 
-    assert verdict.exit_code != 0
-    assert f"entry {five_entries[2]}:" in verdict.output
+    assert verdict.exit_code == 1
+    named = tampered_lines(verdict)
+    assert len(named) == 2, verdict.output
+    assert named[0].startswith(f"TAMPERED entry {target}: ")
+    assert named[1].startswith(f"TAMPERED entry {five_entries[2]}: prev_hash")
+
+
+@pytest.mark.parametrize("scheme", ["sha256", "legacy"])
+async def test_rehashing_the_rest_of_the_chain_without_the_key_is_caught_at_every_entry(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path, scheme: str
+) -> None:
+    """The forger re-links every entry after the edit too, so each prev_hash matches: each
+    entry's own seal still gives it away."""
+    async with db.transaction() as session:
+        await session.execute(
+            update(AuditEntry)
+            .where(AuditEntry.id == five_entries[1])
+            .values(changes={"email": {"before": None, "after": "forged@example.com"}})
+        )
+    if scheme == "sha256":
+        await rewrite_from(db, 2, plain_sha256, ChainKey(TEST_SECRET_KEY).seal)
+    else:
+        await rewrite_from(db, 2, lambda e, prev: legacy_entry_hash(e, prev), None)
+
+    verdict = await run_verify(database_url, tmp_path)
+
+    assert verdict.exit_code == 1
+    named = tampered_lines(verdict)
+    assert [line.split(":")[0] for line in named] == [
+        f"TAMPERED entry {entry_id}" for entry_id in five_entries[1:]
+    ]
+    assert "prev_hash" not in verdict.output
 
 
 async def test_audit_verify_fails_when_a_middle_entry_is_deleted(
@@ -322,7 +475,8 @@ async def test_audit_verify_fails_when_a_middle_entry_is_deleted(
 
     verdict = await run_verify(database_url, tmp_path)
 
-    assert verdict.exit_code != 0
+    assert verdict.exit_code == 1
+    assert "TAMPERED position 3: missing, removed from the chain" in verdict.output
     # The entry after the gap no longer chains to its predecessor.
     assert f"entry {five_entries[3]}:" in verdict.output
     assert "prev_hash" in verdict.output
@@ -336,5 +490,520 @@ async def test_audit_verify_fails_when_the_first_entry_is_deleted(
 
     verdict = await run_verify(database_url, tmp_path)
 
-    assert verdict.exit_code != 0
+    assert verdict.exit_code == 1
+    assert "position 1: missing" in verdict.output
     assert f"entry {five_entries[1]}:" in verdict.output
+
+
+async def test_audit_verify_reports_every_bad_entry_not_only_the_first(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    first, *_, removed, last = five_entries
+    async with db.transaction() as session:
+        await session.execute(
+            update(AuditEntry).where(AuditEntry.id == first).values(object_id="forged")
+        )
+        await session.execute(delete(AuditEntry).where(AuditEntry.id == removed))
+        await session.execute(
+            update(AuditEntry).where(AuditEntry.id == last).values(client_ip="10.0.0.9")
+        )
+
+    verdict = await run_verify(database_url, tmp_path)
+
+    assert verdict.exit_code == 1
+    named = tampered_lines(verdict)
+    assert named[0].startswith(f"TAMPERED entry {first}: content does not match")
+    assert named[1] == "TAMPERED position 4: missing, removed from the chain"
+    assert named[2].startswith(f"TAMPERED entry {last}: prev_hash")
+    assert named[3].startswith(f"TAMPERED entry {last}: content does not match")
+    assert len(named) == 4
+    assert "audit log TAMPERED: 4 problem(s) in 4 entries checked" in verdict.output
+
+
+async def test_audit_verify_names_entries_sealed_under_another_secret(
+    five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    verdict = await run_audit(
+        database_url, tmp_path, "verify", secret="another-secret-that-is-32-characters-long"
+    )
+    assert verdict.exit_code == 1
+    assert len(tampered_lines(verdict)) == 5
+    assert "sealed under another secret" in verdict.output
+
+
+# --- keeping the head elsewhere ---------------------------------------------------------
+
+
+async def test_audit_head_prints_the_newest_position_and_hash(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    result = await run_audit(database_url, tmp_path, "head")
+    assert result.exit_code == 0, result.output
+    last = (await entries_in_chain(db))[-1]
+    assert result.output.strip() == f"5:{last.hash}"
+
+
+async def test_audit_head_links_what_has_committed_first(
+    db: Database, api: ApiClient, database_url: str, tmp_path: Path
+) -> None:
+    await api.create_member()
+    result = await run_audit(database_url, tmp_path, "head")
+    assert result.output.startswith("2:"), result.output
+
+
+async def test_expect_head_passes_while_the_chain_still_leads_to_it(
+    api: ApiClient, five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    kept = (await run_audit(database_url, tmp_path, "head")).output.strip()
+    await api.create_member()
+
+    verdict = await run_verify(database_url, tmp_path, "--expect-head", kept)
+
+    assert verdict.exit_code == 0, verdict.output
+    assert f"6 entries verified, and the expected head {kept} is in it" in verdict.output
+
+
+async def test_expect_head_catches_a_rewrite_by_someone_holding_the_key(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    """A consistent rewrite re-sealed with the key itself checks entry by entry; only a head
+    kept elsewhere shows the history changed."""
+    kept = (await run_audit(database_url, tmp_path, "head")).output.strip()
+    key = ChainKey(TEST_SECRET_KEY)
+    async with db.transaction() as session:
+        await session.execute(
+            update(AuditEntry).where(AuditEntry.id == five_entries[1]).values(actor="key_forged")
+        )
+    await rewrite_from(
+        db,
+        2,
+        lambda e, prev: entry_hash(e, position=e.chain_position or 0, prev_hash=prev, key=key),
+        key.seal,
+    )
+    assert (await run_verify(database_url, tmp_path)).exit_code == 0
+
+    verdict = await run_verify(database_url, tmp_path, "--expect-head", kept)
+
+    assert verdict.exit_code == 1
+    [line] = tampered_lines(verdict)
+    assert line.startswith(f"TAMPERED entry {five_entries[4]}: its hash is not the expected head")
+
+
+async def test_expect_head_catches_entries_removed_from_the_end(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    kept = (await run_audit(database_url, tmp_path, "head")).output.strip()
+    async with db.transaction() as session:
+        await session.execute(delete(AuditEntry).where(AuditEntry.id.in_(five_entries[3:])))
+    # Without the kept head a shorter chain checks: nothing after it says it was longer.
+    assert (await run_verify(database_url, tmp_path)).exit_code == 0
+
+    verdict = await run_verify(database_url, tmp_path, "--expect-head", kept)
+
+    assert verdict.exit_code == 1
+    assert "the chain ends at position 3, before the expected head at position 5" in (
+        verdict.output
+    )
+
+
+async def test_expect_head_catches_its_own_position_removed(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    [_, second, *_] = await entries_in_chain(db)
+    async with db.transaction() as session:
+        await session.execute(delete(AuditEntry).where(AuditEntry.id == second.id))
+
+    verdict = await run_verify(database_url, tmp_path, "--expect-head", f"2:{second.hash}")
+
+    assert verdict.exit_code == 1
+    assert "the expected head's position 2 is missing" in verdict.output
+
+
+async def test_a_malformed_expected_head_is_a_usage_error(
+    five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    verdict = await run_verify(database_url, tmp_path, "--expect-head", "5")
+    assert verdict.exit_code == 2
+    assert "not a chain head" in verdict.output
+
+
+# --- what the database gives back -------------------------------------------------------
+
+
+async def test_a_negative_zero_patch_verifies_on_every_backend(
+    db: Database, api: ApiClient, database_url: str, tmp_path: Path
+) -> None:
+    """jsonb keeps -0.0 as 0 (and 20.0 as 20.0, 1e20 written out): the seal is over the
+    value, so what was written and what is read back seal the same."""
+    response = await api.patch(
+        "/api/v1/program", {"alert_thresholds": {"high_expiration_rate_percent": -0.0}}
+    )
+    assert response.status_code == 200, response.text
+    await run_passes(db)
+    [*_, entry] = await entries_in_chain(db)
+    assert entry.action == "program.update"
+    written = replace_changes(
+        entry,
+        {
+            key: {
+                "before": value["before"],
+                "after": {**value["after"], "high_expiration_rate_percent": -0.0},
+            }
+            for key, value in entry.changes.items()
+        },
+    )
+    key = ChainKey(TEST_SECRET_KEY)
+    assert entry.hash == entry_hash(
+        written, position=entry.chain_position or 0, prev_hash=entry.prev_hash or "", key=key
+    )
+
+    verdict = await run_verify(database_url, tmp_path)
+
+    assert verdict.exit_code == 0, verdict.output
+    assert "2 entries verified" in verdict.output
+
+
+def replace_changes(entry: AuditEntry, changes: dict[str, Any]) -> AuditEntry:
+    """The entry as it was written, before the database normalised it."""
+    return AuditEntry(
+        occurred_at=entry.occurred_at,
+        actor=entry.actor,
+        action=entry.action,
+        object_type=entry.object_type,
+        object_id=entry.object_id,
+        changes=changes,
+        request_id=entry.request_id,
+        client_ip=entry.client_ip,
+    )
+
+
+ROUND_TRIP_VALUES: list[Any] = [
+    -0.0,
+    0.0,
+    20.0,
+    1.5,
+    0.1,
+    1e-7,
+    1e20,
+    1e300,
+    5e-324,
+    -1.7976931348623157e308,
+    2**53 + 1,
+    2**63 + 1,
+    -(10**30),
+    True,
+    False,
+    None,
+    "",
+    "é ü ß 中文 😀 \u2028 \t \\ \" '",
+    {"bb": 1, "a": 2, "ccc": {"z": [], "y": {}}},
+    [1, "1", 1.0, [None]],
+]
+
+
+def random_text(rng: random.Random) -> str:
+    # Any character PostgreSQL stores in text: no NUL, no lone surrogate.
+    return "".join(
+        chr(rng.choice([rng.randint(1, 0x7F), rng.randint(0x80, 0xD7FF), 0x1F600]))
+        for _ in range(rng.randint(0, 8))
+    )
+
+
+def random_json(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(6 if depth < 3 else 4)
+    if kind == 0:
+        return rng.choice([None, True, False])
+    if kind == 1:
+        return rng.randint(-(2**70), 2**70)
+    if kind == 2:
+        value = rng.uniform(-10, 10) * 10 ** rng.randint(-300, 300)
+        return rng.choice([value, float(round(value)), -0.0])
+    if kind == 3:
+        return random_text(rng)
+    if kind == 4:
+        return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {random_text(rng): random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+async def test_what_the_database_gives_back_seals_as_what_was_written(
+    db: Database, database_url: str, tmp_path: Path
+) -> None:
+    rng = random.Random(20261205)
+    written = [{"value": v} for v in ROUND_TRIP_VALUES] + [
+        {"value": random_json(rng)} for _ in range(200)
+    ]
+    async with db.transaction() as session:
+        await session.execute(delete(AuditEntry))
+    async with db.transaction() as session:
+        for n, changes in enumerate(written):
+            record_write(
+                session,
+                Actor.system("test"),
+                action="round.trip",
+                object_type="value",
+                object_id=str(n),
+                changes=changes,
+            )
+    await run_passes(db)
+
+    read_back = await entries_in_chain(db)
+    assert len(read_back) == len(written)
+    for entry in read_back:
+        assert canonical_json(entry.changes) == canonical_json(written[int(entry.object_id)])
+    verdict = await run_verify(database_url, tmp_path)
+    assert verdict.exit_code == 0, verdict.output
+
+
+# --- which processes seal ---------------------------------------------------------------
+
+
+async def test_a_database_opened_without_the_key_numbers_events_but_leaves_audit_entries(
+    db: Database, api: ApiClient, database_url: str
+) -> None:
+    await run_passes(db)
+    await api.create_member()
+    keyless = Database(database_url, pool_size=1)
+    try:
+        result = await run_passes(keyless)
+    finally:
+        await keyless.dispose()
+    assert (result.events, result.audit_entries) == (1, 0)
+    assert len(await entries_in_chain(db)) == 1
+
+    assert (await run_passes(db)).audit_entries == 1
+    assert len(await entries_in_chain(db)) == 2
+
+
+async def test_an_application_refuses_a_database_opened_with_another_key(
+    settings: Settings, database_url: str
+) -> None:
+    other = Database(
+        database_url,
+        pool_size=1,
+        session_info=chain_session_info(ChainKey("another-secret-that-is-32-characters-long")),
+    )
+    try:
+        with pytest.raises(ValueError, match="audit chain key"):
+            create_app(settings, db=other)
+    finally:
+        await other.dispose()
+
+
+# --- re-sealing: secret rotation, entries hashed before the chain was keyed -------------
+
+NEW_SECRET = "the-next-master-secret-of-32-characters"
+
+
+async def rotate(database_url: str, tmp_path: Path, new_secret: str) -> Result:
+    env = {
+        "MEMBERHUB_DATABASE_URL": database_url,
+        "MEMBERHUB_DATA_DIR": str(tmp_path / "cli"),
+        "MEMBERHUB_SECRET_KEY": TEST_SECRET_KEY,
+    }
+
+    def invoke() -> Result:
+        return CliRunner().invoke(cli_app, ["secrets", "rotate", "--new-key", new_secret], env=env)
+
+    return await asyncio.to_thread(invoke)
+
+
+async def test_secrets_rotate_reseals_the_chain_under_the_new_secret(
+    five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    rotated = await rotate(database_url, tmp_path, NEW_SECRET)
+    assert rotated.exit_code == 0, rotated.output
+    assert "audit_log: 5 entries re-sealed" in rotated.output
+
+    with_new = await run_audit(database_url, tmp_path, "verify", secret=NEW_SECRET)
+    assert with_new.exit_code == 0, with_new.output
+    with_old = await run_verify(database_url, tmp_path)
+    assert with_old.exit_code == 1
+    assert "sealed under another secret" in with_old.output
+
+
+async def test_secrets_rotate_refuses_to_reseal_a_tampered_chain_and_changes_nothing(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    async with db.transaction() as session:
+        await session.execute(
+            update(AuditEntry).where(AuditEntry.id == five_entries[3]).values(actor="key_x")
+        )
+    before = [(e.hash, e.seal) for e in await entries_in_chain(db)]
+
+    rotated = await rotate(database_url, tmp_path, NEW_SECRET)
+
+    assert rotated.exit_code == 1
+    assert f"entry {five_entries[3]}: content does not match its hash" in rotated.output
+    assert "The secrets were not rotated either" in rotated.output
+    assert [(e.hash, e.seal) for e in await entries_in_chain(db)] == before
+
+
+async def test_entries_sealed_under_a_previous_secret_are_resealed_with_it_given(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    """After a rotation, a process still running with the old secret linked entries: named
+    until `audit reseal --previous-key-file` checks them with it and re-seals them."""
+    assert (await rotate(database_url, tmp_path, NEW_SECRET)).exit_code == 0
+    async with db.transaction() as session:
+        record_write(
+            session, Actor.system("test"), action="late", object_type="t", object_id="1", changes={}
+        )
+    await run_passes(db)  # the test's database still holds the old secret
+    named = await run_audit(database_url, tmp_path, "verify", secret=NEW_SECRET)
+    assert len(tampered_lines(named)) == 1
+    old_secret_file = tmp_path / "old-secret"
+    old_secret_file.write_text(TEST_SECRET_KEY)
+
+    resealed = await run_audit(
+        database_url,
+        tmp_path,
+        "reseal",
+        "--previous-key-file",
+        str(old_secret_file),
+        secret=NEW_SECRET,
+    )
+
+    assert resealed.exit_code == 0, resealed.output
+    assert "re-sealed: 1 entries" in resealed.output
+    verdict = await run_audit(database_url, tmp_path, "verify", secret=NEW_SECRET)
+    assert verdict.exit_code == 0, verdict.output
+
+
+async def make_unkeyed(db: Database) -> None:
+    """Turn the chain into what the version before the keyed chain left: no seal, and each
+    entry's unkeyed SHA-256 of the entry as read back."""
+    await rewrite_from(db, 1, lambda e, prev: legacy_entry_hash(e, prev), None)
+
+
+async def test_entries_hashed_before_the_chain_was_keyed_are_named_until_resealed(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    await make_unkeyed(db)
+    old_head = (await entries_in_chain(db))[-1].hash
+
+    named = await run_verify(database_url, tmp_path)
+    assert named.exit_code == 1
+    assert len(tampered_lines(named)) == 5
+    assert "hashed without the key, before the chain was keyed" in named.output
+
+    resealed = await run_audit(database_url, tmp_path, "reseal", "--expect-head", f"5:{old_head}")
+    assert resealed.exit_code == 0, resealed.output
+    assert f"re-sealed: 5 entries; head was 5:{old_head}" in resealed.output
+    assert (await run_verify(database_url, tmp_path)).exit_code == 0
+    again = await run_audit(database_url, tmp_path, "reseal")
+    assert "re-sealed: 0 entries" in again.output
+
+
+async def test_reseal_refuses_a_chain_that_does_not_check_and_changes_nothing(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    await make_unkeyed(db)
+    async with db.transaction() as session:
+        await session.execute(
+            update(AuditEntry).where(AuditEntry.id == five_entries[2]).values(actor="key_x")
+        )
+    before = [(e.hash, e.seal) for e in await entries_in_chain(db)]
+
+    refused = await run_audit(database_url, tmp_path, "reseal")
+
+    assert refused.exit_code == 1
+    assert "not re-sealed (nothing was changed)" in refused.output
+    assert f"entry {five_entries[2]}: content does not match its hash" in refused.output
+    assert [(e.hash, e.seal) for e in await entries_in_chain(db)] == before
+
+
+async def test_reseal_refuses_unkeyed_entries_after_keyed_ones(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    """Re-hashing the newest entries the old, unkeyed way is a rewrite, not an old entry."""
+    async with db.transaction() as session:
+        await session.execute(
+            update(AuditEntry).where(AuditEntry.id == five_entries[4]).values(actor="key_x")
+        )
+    await rewrite_from(db, 5, lambda e, prev: legacy_entry_hash(e, prev), None)
+
+    refused = await run_audit(database_url, tmp_path, "reseal")
+
+    assert refused.exit_code == 1
+    assert "hashed without the key after keyed entries" in refused.output
+
+
+@pytest.fixture
+async def unmigrated_database_url(database_url: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A database of its own, on the backend under test, for migration tests."""
+    if not database_url.startswith("postgresql"):
+        yield f"sqlite+aiosqlite:///{tmp_path / 'unmigrated.db'}"
+        return
+    assert TEST_DATABASE_URL is not None
+    name = f"memberhub_mig_{uuid.uuid4().hex[:12]}"
+    await _create_pg_database(TEST_DATABASE_URL, name)
+    try:
+        yield make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        await _drop_pg_database(TEST_DATABASE_URL, name)
+
+
+async def test_db_upgrade_reseals_the_entries_hashed_before_the_chain_was_keyed(
+    unmigrated_database_url: str, tmp_path: Path
+) -> None:
+    url = unmigrated_database_url
+    script = ScriptDirectory.from_config(alembic_config(url))
+    before_keyed = script.get_revision(KEYED_CHAIN_REVISION).down_revision
+    assert isinstance(before_keyed, str)
+    await asyncio.to_thread(upgrade, url, before_keyed)
+    # Entries as the previous version wrote and linked them: no seal column yet.
+    old_log = sa.Table(
+        "audit_log",
+        sa.MetaData(),
+        *(
+            sa.Column(c.name, c.type, primary_key=c.primary_key)
+            for c in AuditEntry.__table__.c
+            if c.name != "seal"
+        ),
+    )
+    old_db = Database(url, pool_size=1)
+    try:
+        async with old_db.transaction() as session:
+            for n in range(3):
+                await session.execute(
+                    sa.insert(old_log).values(
+                        audit_row(
+                            Actor.system("test"),
+                            "old.write",
+                            "t",
+                            str(n),
+                            {"rate": -0.0, "n": n * 1.0},
+                        )
+                    )
+                )
+        async with old_db.transaction() as session:
+            rows = (await session.execute(sa.select(old_log).order_by(old_log.c.id))).all()
+            prev_hash = GENESIS_HASH
+            for position, row in enumerate(rows, start=1):
+                digest = legacy_entry_hash(row, prev_hash)
+                await session.execute(
+                    sa.update(old_log)
+                    .where(old_log.c.id == row.id)
+                    .values(chain_position=position, prev_hash=prev_hash, hash=digest)
+                )
+                prev_hash = digest
+    finally:
+        await old_db.dispose()
+    env = {
+        "MEMBERHUB_DATABASE_URL": url,
+        "MEMBERHUB_DATA_DIR": str(tmp_path / "cli"),
+        "MEMBERHUB_SECRET_KEY": TEST_SECRET_KEY,
+    }
+
+    def invoke(*args: str) -> Result:
+        return CliRunner().invoke(cli_app, list(args), env=env)
+
+    upgraded = await asyncio.to_thread(invoke, "db", "upgrade")
+
+    assert upgraded.exit_code == 0, upgraded.output
+    assert f"applied {KEYED_CHAIN_REVISION}: " in upgraded.output
+    assert "audit log: 3 entries were hashed without a key" in upgraded.output
+    assert f"re-sealed: 3 entries; head was 3:{prev_hash}" in upgraded.output
+    verdict = await asyncio.to_thread(invoke, "audit", "verify")
+    assert verdict.exit_code == 0, verdict.output
+    assert "3 entries verified" in verdict.output

@@ -11,7 +11,8 @@ from memberhub.kit.db import Base, IdMixin
 
 
 class AuditEntry(IdMixin, Base):
-    """One write, chained to the previous entry by hash so edits can be detected."""
+    """One write, chained to the previous entry by a keyed hash (`audit/chain.py`) so edits
+    can be detected."""
 
     __tablename__ = "audit_log"
     __table_args__ = (
@@ -36,3 +37,6 @@ class AuditEntry(IdMixin, Base):
     chain_position: Mapped[int | None] = mapped_column(BigInteger, index=True, unique=True)
     prev_hash: Mapped[str | None] = mapped_column(String(64))
     hash: Mapped[str | None] = mapped_column(String(64))
+    # How `hash` was made: "<scheme>:<key id>" (`ChainKey.seal`); None for entries linked
+    # before the chain was keyed, with an unkeyed SHA-256 (`legacy_entry_hash`).
+    seal: Mapped[str | None] = mapped_column(String(48))

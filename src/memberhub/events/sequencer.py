@@ -18,6 +18,10 @@ Order: events are numbered in the order they became visible; those that became v
 between two passes in the order they were written. Changes to one member are serialised by
 its row lock, so one member's events always keep the order of its changes.
 
+Sealing the audit chain takes the key derived from the master secret, which the session's
+database carries (`audit/chain.py`). A database opened without it (a script's, say) numbers
+events and leaves audit entries for the next pass that has it.
+
 Who runs passes: the worker's sequencer loop (woken at once by commits in its own process,
 and polling every `sequencer_interval_seconds` for other processes' commits), and anything
 about to read what passes produce (the event feed, the audit log and its check, webhook
@@ -37,7 +41,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from memberhub.audit.chain import GENESIS_HASH, entry_hash
+from memberhub.audit.chain import GENESIS_HASH, ChainKey, entry_hash, session_key
 from memberhub.audit.models import AuditEntry
 from memberhub.kit.db import Database, advisory_xact_lock, try_advisory_xact_lock
 
@@ -64,9 +68,10 @@ _NUMBER_EVENTS = text(
     WHERE events.id = numbered.id
     """
 )
+_EVENTS_PENDING = "SELECT EXISTS (SELECT 1 FROM events WHERE position IS NULL)"
+_EVENTS_PENDING_ONLY = text(_EVENTS_PENDING)
 _ANYTHING_PENDING = text(
-    "SELECT EXISTS (SELECT 1 FROM events WHERE position IS NULL)"
-    " OR EXISTS (SELECT 1 FROM audit_log WHERE chain_position IS NULL)"
+    _EVENTS_PENDING + " OR EXISTS (SELECT 1 FROM audit_log WHERE chain_position IS NULL)"
 )
 
 
@@ -130,7 +135,23 @@ async def _number_events(session: AsyncSession) -> int:
     return max(int(getattr(result, "rowcount", 0) or 0), 0)
 
 
+# Key ids this process was told about already, when it extended a chain sealed under another.
+_warned_key_ids: set[str] = set()
+
+
+def _warn_of_other_key(head_seal: str | None, key: ChainKey) -> None:
+    if head_seal is None or head_seal == key.seal or head_seal in _warned_key_ids:
+        return
+    _warned_key_ids.add(head_seal)
+    # Not a reason to stop: entries left unlinked would be missing from the log. `audit
+    # verify` names the entries whose seal this key cannot check.
+    log.warning("audit_chain_sealed_under_another_key", head_seal=head_seal, own_seal=key.seal)
+
+
 async def _link_audit_entries(session: AsyncSession) -> int:
+    key = session_key(session)
+    if key is None:
+        return 0
     table = cast(Table, AuditEntry.__table__)
     entries = (
         await session.execute(
@@ -144,19 +165,28 @@ async def _link_audit_entries(session: AsyncSession) -> int:
         return 0
     head = (
         await session.execute(
-            select(table.c.chain_position, table.c.hash)
+            select(table.c.chain_position, table.c.hash, table.c.seal)
             .where(table.c.chain_position.is_not(None))
             .order_by(table.c.chain_position.desc())
             .limit(1)
         )
     ).first()
     position, prev_hash = (head[0], head[1]) if head is not None else (0, GENESIS_HASH)
+    if head is not None:
+        _warn_of_other_key(head[2], key)
     links = []
     for entry in entries:
         position += 1
-        digest = entry_hash(entry, prev_hash)
+        # `entry` was read back from the database: sealed is what a later check reads.
+        digest = entry_hash(entry, position=position, prev_hash=prev_hash, key=key)
         links.append(
-            {"b_id": entry.id, "chain_position": position, "prev_hash": prev_hash, "hash": digest}
+            {
+                "b_id": entry.id,
+                "chain_position": position,
+                "prev_hash": prev_hash,
+                "hash": digest,
+                "seal": key.seal,
+            }
         )
         prev_hash = digest
     await session.execute(
@@ -166,6 +196,7 @@ async def _link_audit_entries(session: AsyncSession) -> int:
             chain_position=bindparam("chain_position"),
             prev_hash=bindparam("prev_hash"),
             hash=bindparam("hash"),
+            seal=bindparam("seal"),
         ),
         links,
         execution_options={"synchronize_session": False},
@@ -186,8 +217,10 @@ async def sequence_pending(session: AsyncSession, *, wait: bool = True) -> PassR
 
 
 async def anything_pending(db: Database) -> bool:
+    """Events to number, or audit entries to link when this database can seal them."""
     async with db.transaction(read_only=True) as session:
-        return bool(await session.scalar(_ANYTHING_PENDING))
+        query = _ANYTHING_PENDING if session_key(session) else _EVENTS_PENDING_ONLY
+        return bool(await session.scalar(query))
 
 
 async def run_passes(db: Database, *, wait: bool = True) -> PassResult:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -272,26 +272,28 @@ def try_advisory_xact_lock(session: Session, lock_id: int) -> bool:
 class Database:
     """Owns the engine and hands out sessions; one per application or command."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 10, session_info: Mapping[str, Any] | None = None
+    ) -> None:
+        """`session_info`: what every session starts with in its `info`; the application
+        puts the audit chain's key there (`audit/chain.py`), for the sequencer to seal with."""
         self.url = url
         self.engine = create_engine(url, pool_size=pool_size)
         self.is_sqlite = url.startswith("sqlite")
-        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.session_info: dict[str, Any] = dict(session_info or {})
+        maker = partial(async_sessionmaker, expire_on_commit=False, info=self.session_info)
+        self.sessionmaker = maker(self.engine)
         self.read_sessionmaker = self.sessionmaker
         # Requests' sessions: on SQLite their statements run inline (short ones, a request's).
         self.request_engine = self.engine
         self.request_sessionmaker = self.sessionmaker
         self.request_read_sessionmaker = self.sessionmaker
         if self.is_sqlite:
-            read_engine = self.engine.execution_options(sqlite_read_only=True)
-            self.read_sessionmaker = async_sessionmaker(read_engine, expire_on_commit=False)
+            self.read_sessionmaker = maker(self.engine.execution_options(sqlite_read_only=True))
             self.request_engine = create_engine(url, inline=True)
-            self.request_sessionmaker = async_sessionmaker(
-                self.request_engine, expire_on_commit=False
-            )
-            self.request_read_sessionmaker = async_sessionmaker(
-                self.request_engine.execution_options(sqlite_read_only=True),
-                expire_on_commit=False,
+            self.request_sessionmaker = maker(self.request_engine)
+            self.request_read_sessionmaker = maker(
+                self.request_engine.execution_options(sqlite_read_only=True)
             )
         # SQLite has one writer at a time. Queueing this process's writers here, rather than
         # letting each connection poll the file lock (SQLite's busy handler sleeps between

@@ -2,7 +2,10 @@
 
 Every encrypted column is rewritten in one transaction: either all of them move to the new
 key or none does. A value that the current key cannot read stops the rotation, naming where
-it is, rather than being skipped.
+it is, rather than being skipped. The audit chain, sealed with a key derived from the master
+secret, is re-sealed under the new one in the same transaction, after every entry checked
+under the current one; an entry that does not stops the rotation too (re-sealing it would
+hide the tampering).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from memberhub.audit.chain import ChainKey
+from memberhub.audit.service import ChainNotResealed, reseal_chain
 from memberhub.idempotency.models import IdempotencyRecord
 from memberhub.integrations.models import Integration, OAuthAuthorization
 from memberhub.kit.crypto import SecretBox, SecretUnreadable
@@ -28,6 +33,7 @@ class RotationFailed(Conflict):
 @dataclass
 class RotationReport:
     counts: dict[str, int] = field(default_factory=dict)
+    audit_entries_resealed: int = 0
 
     @property
     def total(self) -> int:
@@ -44,7 +50,14 @@ ENCRYPTED_COLUMNS: tuple[tuple[type[Any], str, bool], ...] = (
 )
 
 
-async def rotate_secrets(session: AsyncSession, old: SecretBox, new: SecretBox) -> RotationReport:
+async def rotate_secrets(
+    session: AsyncSession,
+    old: SecretBox,
+    new: SecretBox,
+    *,
+    audit_chain: tuple[ChainKey, ChainKey] | None = None,
+) -> RotationReport:
+    """`audit_chain`: the chain's (current, new) keys, to re-seal it under the new one."""
     if old.key_id == new.key_id:
         raise RotationFailed("The new master secret is the current one.")
     report = RotationReport()
@@ -71,4 +84,13 @@ async def rotate_secrets(session: AsyncSession, old: SecretBox, new: SecretBox) 
             moved += 1
         report.counts[f"{model.__tablename__}.{column}"] = moved
     await session.flush()
+    if audit_chain is not None:
+        current, upcoming = audit_chain
+        try:
+            resealed = await reseal_chain(session, upcoming, previous_keys=(current,))
+        except ChainNotResealed as exc:
+            raise RotationFailed(
+                f"{exc.message} The secrets were not rotated either.", details=exc.details
+            ) from exc
+        report.audit_entries_resealed = resealed.resealed
     return report
