@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from datetime import time
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -155,6 +156,12 @@ class Settings(BaseSettings):
     sentry_traces_sample_rate: float = Field(
         default=0.0, ge=0, le=1, description="Share of requests traced to Sentry."
     )
+    daily_jobs_at: str = Field(
+        default="03:00",
+        pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$",
+        description="When daily jobs (tier review, rate alerts) run, HH:MM in the program's "
+        "time zone.",
+    )
     retention_days: float = Field(
         default=90.0,
         ge=1,
@@ -198,6 +205,11 @@ class Settings(BaseSettings):
 
     def ensure_data_dir(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def daily_jobs_time(self) -> time:
+        hours, minutes = self.daily_jobs_at.split(":")
+        return time(int(hours), int(minutes))
 
     @cached_property
     def resolved_secret_key(self) -> str:

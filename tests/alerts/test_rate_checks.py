@@ -181,5 +181,5 @@ async def test_the_daily_check_raises_each_rate_alert_once_per_calendar_month(
 
 def test_the_rate_check_is_a_daily_scheduled_job() -> None:
     (job,) = [job for job in JOBS if job.name == "alerts.check_rates"]
-    assert job.every_seconds == 86400
+    assert job.daily
     assert job.run is check_rates

@@ -227,7 +227,7 @@ async def test_two_reviews_at_once_change_each_member_once(api: ApiClient, db: D
 
 def test_the_review_is_a_daily_job() -> None:
     (job,) = [j for j in JOBS if j.name == "tiers.review"]
-    assert job.every_seconds == 86400
+    assert job.daily
     assert job.chunked is run_review
 
 

@@ -8,7 +8,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,6 +33,7 @@ from memberhub.tiers.jobs import run_review as review_tiers
 from memberhub.webhooks.delivery import DeliveryConfig, DeliveryLoop
 from memberhub.webhooks.ssrf import UrlPolicy
 from memberhub.worker import heartbeat
+from memberhub.worker.daily import claim_daily_run
 
 log = structlog.get_logger("memberhub.worker")
 
@@ -49,6 +50,8 @@ class Job:
     every_seconds: float
     run: JobFunction | None = None
     chunked: ChunkedJobFunction | None = None
+    # Once a day at DAILY_JOBS_AT in the program's time zone (looked at every_seconds apart).
+    daily: bool = False
 
 
 async def _purge_idempotency(session: AsyncSession, _now: datetime) -> int:
@@ -61,6 +64,7 @@ async def _process_inbound(db: Database, now: datetime) -> int:
 
 DEFAULT_CALL_LOG_RETENTION_DAYS = 14.0
 DEFAULT_RETENTION_DAYS = 90.0
+DEFAULT_DAILY_AT = time(3, 0)
 
 
 # Every scheduled job, declared in one place (and the payload log's purge, which needs the
@@ -73,8 +77,8 @@ JOBS: tuple[Job, ...] = (
     Job("points.expire", 300.0, chunked=expire_points),
     Job("points.notify_expiring", 3600.0, notify_expiring_points),
     Job("bulk.process_awards", 5.0, chunked=process_bulk_awards),
-    Job("tiers.review", 86400.0, chunked=review_tiers),
-    Job("alerts.check_rates", 86400.0, check_rates),
+    Job("tiers.review", 60.0, chunked=review_tiers, daily=True),
+    Job("alerts.check_rates", 60.0, check_rates, daily=True),
     Job("idempotency.purge_expired", 3600.0, _purge_idempotency),
 )
 
@@ -102,6 +106,7 @@ class Worker:
     ) -> None:
         self.db = db
         self.interval_seconds = interval_seconds
+        self.daily_at = settings.daily_jobs_time if settings is not None else DEFAULT_DAILY_AT
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.started_at = utcnow()
         self._last_run: dict[str, float] = {}
@@ -167,8 +172,9 @@ class Worker:
             else None
         )
 
-    async def tick(self, *, force: bool = False) -> dict[str, int]:
-        """Beat, then run each job that is due (or all of them with force)."""
+    async def tick(self, *, force: bool = False, now: datetime | None = None) -> dict[str, int]:
+        """Beat, then run each job that is due (or all of them with force); `now` stands in
+        for the clock in tests of daily jobs."""
         async with self.db.transaction() as session:
             await heartbeat.beat(session, self.worker_id, self.started_at)
         # Jobs reading the event feed see everything committed before the tick.
@@ -180,8 +186,15 @@ class Worker:
             if not force and last is not None and loop.time() - last < job.every_seconds:
                 continue
             self._last_run[job.name] = loop.time()
+            started = now or utcnow()
             try:
-                results[job.name] = await run_job(self.db, job, utcnow())
+                if (
+                    job.daily
+                    and not force
+                    and not await claim_daily_run(self.db, job.name, started, self.daily_at)
+                ):
+                    continue
+                results[job.name] = await run_job(self.db, job, started)
             except Exception:
                 log.exception("job_failed", job=job.name)
                 continue
