@@ -8,6 +8,8 @@ from typing import Any
 
 import httpx
 
+from memberhub.kit.types import Input
+
 
 async def _spec(http: httpx.AsyncClient) -> dict[str, Any]:
     response = await http.get("/openapi.json")
@@ -58,3 +60,23 @@ async def test_operations_declare_only_the_errors_they_can_answer(
         spec["paths"]["/api/v1/members"]["post"]["responses"]
     )
     assert "401" not in spec["paths"]["/health"]["get"]["responses"]
+
+
+async def test_request_body_examples_are_valid_requests(http: httpx.AsyncClient) -> None:
+    spec = await _spec(http)
+    components = spec["components"]["schemas"]
+    with_examples = {
+        name: schema["examples"] for name, schema in components.items() if "examples" in schema
+    }
+    assert {"MemberCreate", "AwardRequest", "PlanCreate", "EndpointCreate"} <= set(with_examples)
+    models = {model.__name__: model for model in _input_models(Input)}
+    for name, examples in with_examples.items():
+        for example in examples:
+            models[name].model_validate(example)  # raises when an example is not valid
+
+
+def _input_models(base: type[Input]) -> list[type[Input]]:
+    found = []
+    for model in base.__subclasses__():
+        found += [model, *_input_models(model)]
+    return found

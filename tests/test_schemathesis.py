@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 import schemathesis
 from fastapi import FastAPI
-from hypothesis import HealthCheck
+from hypothesis import HealthCheck, Phase
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
@@ -123,7 +123,12 @@ def _point_at_real_objects(case: schemathesis.Case, ids: dict[str, str]) -> None
 
 @schema.parametrize()
 # The fixtures hold ids and a key that every generated request may share.
-@hypothesis_settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+# The schema's request examples are checked against the models in test_openapi.py; here
+# the explicit phase would clash with `given`.
+@hypothesis_settings(
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    phases=[Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+)
 @schema.given(
     use_real_ids=st.booleans(),
     # About one case in five keeps the Authorization schemathesis generated (none, or junk),

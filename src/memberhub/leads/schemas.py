@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, EmailStr, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
 
 from memberhub.kit.types import Input, LongText, Name
 from memberhub.members.schemas import (
@@ -23,6 +23,20 @@ UpdatableStatus = Literal["new", "contacted", "qualified", "lost"]
 
 
 class LeadCreate(Input):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "email": "lee.tan@example.com",
+                    "first_name": "Lee",
+                    "last_name": "Tan",
+                    "source": "Website",
+                    "agent_id": "agent-12",
+                }
+            ]
+        }
+    )
+
     email: EmailStr | None = Field(default=None, max_length=320)
     first_name: Name | None = None
     last_name: Name | None = None

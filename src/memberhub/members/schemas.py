@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, EmailStr, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
 
 from memberhub.kit.types import Input, ISODate, LongText, Name
 
@@ -47,6 +47,22 @@ class ConsentPatch(Input):
 
 
 class MemberCreate(Input):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "email": "ana.silva@example.com",
+                    "first_name": "Ana",
+                    "last_name": "Silva",
+                    "phone": "+351912345678",
+                    "consent": {"email": True, "sms": False, "analytics": True, "profiling": False},
+                    "custom_fields": {"employer": "Acme"},
+                    "external_ids": {"salesforce": "0035g00000XyZ1"},
+                }
+            ]
+        }
+    )
+
     email: EmailStr = Field(max_length=320)
     first_name: Name | None = None
     last_name: Name | None = None
@@ -66,6 +82,10 @@ class MemberCreate(Input):
 
 class MemberPatch(Input):
     """Fields to change; for `custom_fields` and `external_ids` a null value removes a key."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"first_name": "Ana Maria", "consent": {"sms": True}}]}
+    )
 
     email: EmailStr | None = Field(default=None, max_length=320)
     first_name: Name | None = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from memberhub.kit.types import Code, Input, LongText, ShortText
 from memberhub.members.schemas import MemberOut
@@ -17,6 +17,23 @@ MAX_PRICE = 2**53 - 1
 
 
 class PlanCreate(Input):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "code": "annual",
+                    "name": "Annual membership",
+                    "term_months": 12,
+                    "price_amount": 12000,
+                    "currency": "EUR",
+                    "grace_days": 30,
+                    "renewal_window_days": 30,
+                    "auto_renew": True,
+                }
+            ]
+        }
+    )
+
     code: Code
     name: PlanName
     term_months: int = Field(ge=1, le=120)
@@ -55,6 +72,12 @@ class PlanOut(BaseModel):
 
 
 class JoinRequest(Input):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"plan_id": "pln_0a1b2c3d4e", "note": "Joined at the spring conference"}]
+        }
+    )
+
     plan_id: ShortText
     note: Note | None = None
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, StringConstraints
+from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from memberhub.kit.types import Input, ShortText
 
@@ -12,6 +12,18 @@ OrgName = Annotated[ShortText, StringConstraints(min_length=1)]
 
 
 class OrganisationCreate(Input):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "Northern Chapter",
+                    "slug": "northern-chapter",
+                    "parent_id": "org_0a1b2c3d4e",
+                }
+            ]
+        }
+    )
+
     name: OrgName
     slug: Slug
     parent_id: ShortText | None = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from memberhub.kit.types import Input, LongText, UTCDatetime
 from memberhub.memberships.schemas import Currency
@@ -29,6 +29,20 @@ class EarnRequest(_Request):
     """Points for a purchase or booking, at the program's earn rate and the member's tier
     multiplier."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "member_id": "mem_0a1b2c3d4e",
+                    "amount": 4999,
+                    "currency": "EUR",
+                    "reference_id": "order-10042",
+                    "reason": "Online order",
+                }
+            ]
+        }
+    )
+
     amount: int = Field(ge=0, le=MAX_AMOUNT, description="Amount spent, in minor units.")
     currency: Currency
     reference_id: ReferenceId
@@ -36,6 +50,20 @@ class EarnRequest(_Request):
 
 
 class AwardRequest(_Request):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "member_id": "mem_0a1b2c3d4e",
+                    "points": 250,
+                    "reason": "Volunteered at the annual meeting",
+                    "reference_id": "agm-2026-ana",
+                    "notify": True,
+                }
+            ]
+        }
+    )
+
     points: Points
     reason: Reason
     reference_id: ReferenceId | None = None
@@ -46,12 +74,38 @@ class AwardRequest(_Request):
 
 
 class RedeemRequest(_Request):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "member_id": "mem_0a1b2c3d4e",
+                    "points": 100,
+                    "reason": "Coffee voucher",
+                    "reference_id": "pos-77812",
+                }
+            ]
+        }
+    )
+
     points: Points
     reason: Reason | None = None
     reference_id: ReferenceId | None = None
 
 
 class DeductRequest(_Request):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "member_id": "mem_0a1b2c3d4e",
+                    "points": 50,
+                    "reason": "Correction of a duplicate award",
+                    "require_approval": False,
+                }
+            ]
+        }
+    )
+
     points: Points
     reason: Reason
     reference_id: ReferenceId | None = None
@@ -91,6 +145,19 @@ class RecoverRequest(Input):
 
 
 class TransferRequest(Input):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "from_member_id": "mem_0a1b2c3d4e",
+                    "to_member_id": "mem_9z8y7x6w5v",
+                    "points": 30,
+                    "reason": "Gift to a family member",
+                }
+            ]
+        }
+    )
+
     from_member_id: PublicIdRef
     to_member_id: PublicIdRef
     points: Points

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from memberhub.kit.types import Code, Input, LongText, ShortText, UTCDatetime
 from memberhub.points.schemas import (
@@ -46,6 +46,20 @@ def _check_window(valid_from: datetime | None, valid_until: datetime | None) -> 
 
 
 class RewardCreate(Input):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "code": "coffee",
+                    "name": "Free coffee",
+                    "points_cost": 100,
+                    "stock": 500,
+                    "per_member_limit": 2,
+                }
+            ]
+        }
+    )
+
     code: Code
     name: RewardName
     description: LongText | None = None
@@ -107,6 +121,12 @@ class RewardOut(BaseModel):
 
 
 class ClaimRequest(Input):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"member_id": "mem_0a1b2c3d4e", "reference_id": "kiosk-3-0042"}]
+        }
+    )
+
     member_id: PublicIdRef
     reference_id: ReferenceId | None = None
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from memberhub.kit.types import Code, Input, LongText, ShortText, UTCDatetime
 from memberhub.tiers.models import TierBasis
@@ -49,6 +49,22 @@ def check_window(basis: str, window_days: int | None) -> None:
 
 
 class TierCreate(Input):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "code": "gold",
+                    "name": "Gold",
+                    "rank": 3,
+                    "threshold": 5000,
+                    "downgrade_policy": "one_step",
+                    "earn_multiplier_percent": 150,
+                    "benefits": ["Priority booking"],
+                }
+            ]
+        }
+    )
+
     code: Code
     name: TierName
     rank: Rank

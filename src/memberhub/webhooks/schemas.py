@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from memberhub.kit.types import Input, UTCDatetime
 from memberhub.members.schemas import OrganisationRef
@@ -36,6 +36,19 @@ Reason = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00]*$")
 
 
 class EndpointCreate(Input):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "url": "https://crm.example.com/hooks/memberhub",
+                    "description": "CRM updates",
+                    "event_types": ["member.created", "points.earned"],
+                    "ordered": False,
+                }
+            ]
+        }
+    )
+
     url: Url = Field(description="Where events are POSTed; https unless plain http is allowed.")
     description: Description = ""
     event_types: EventTypes
