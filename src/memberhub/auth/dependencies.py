@@ -45,9 +45,12 @@ async def authenticate_first(request: Request) -> None:
     address = request.client.host if request.client else "unknown"
     await limiter.refuse_if_spent(address, limit, namespace="ip")
     try:
-        key = _key_of(await bearer(request))
-        async with request.app.state.db.request_read_sessionmaker() as session:
-            request.state.principal = await _principal(request, session, key)
+        request.state.principal = await service.authenticate_outside_transaction(
+            request.app.state.db.request_read_sessionmaker,
+            _key_of(await bearer(request)),
+            request_id=getattr(request.state, "request_id", None),
+            client_ip=address if request.client else None,
+        )
     except Unauthorized:
         await limiter.hit(address, limit, namespace="ip")
         raise

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from limits import parse as parse_limit
@@ -180,6 +181,33 @@ async def authenticate(
     record = None
     if prefix:
         record = await _KEY_CACHE.get_or_load(session, prefix, lambda: _key_record(session, prefix))
+    return _principal_for(record, raw_key, request_id=request_id, client_ip=client_ip)
+
+
+async def authenticate_outside_transaction(
+    open_session: Callable[[], AbstractAsyncContextManager[AsyncSession]],
+    raw_key: str,
+    *,
+    request_id: str | None = None,
+    client_ip: str | None = None,
+) -> Principal:
+    """`authenticate` before any transaction: a session is opened only when the key is not
+    in the process's cache."""
+    prefix = keys.lookup_prefix(raw_key)
+    record = None
+    if prefix:
+
+        async def load() -> KeyRecord | None:
+            async with open_session() as session:
+                return await _key_record(session, prefix)
+
+        record = await _KEY_CACHE.get_or_load_outside(prefix, load)
+    return _principal_for(record, raw_key, request_id=request_id, client_ip=client_ip)
+
+
+def _principal_for(
+    record: KeyRecord | None, raw_key: str, *, request_id: str | None, client_ip: str | None
+) -> Principal:
     # Compare a digest even when no key was found, so timing does not reveal prefixes.
     stored = record.key_hash if record else keys.digest("not-a-key")
     if not keys.matches(raw_key, stored) or record is None:

@@ -57,6 +57,11 @@ class ProcessCache(Generic[K, V]):
     ) -> V:
         if self.name in session.sync_session.info.get(_TOUCHED, ()):
             return await load()
+        return await self.get_or_load_outside(key, load)
+
+    async def get_or_load_outside(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
+        """`get_or_load` for a caller with no transaction of its own (that might have
+        changed a watched model): `load` opens one only when the value is not held."""
         ProcessCache._follow_stamp()
         now = time.monotonic()
         held = self._values.get(key)
