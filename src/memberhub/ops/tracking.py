@@ -36,7 +36,6 @@ def configure_error_tracking(settings: Settings) -> bool:
         dsn=settings.sentry_dsn,
         environment=str(settings.env),
         release=f"memberhub@{__version__}",
-        send_default_pii=False,
         max_request_body_size="never",
         include_local_variables=False,  # frames hold keys and personal data
         traces_sample_rate=settings.sentry_traces_sample_rate,
