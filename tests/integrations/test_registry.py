@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -177,3 +180,72 @@ async def test_secrets_rotate_re_encrypts_everything_and_the_old_key_no_longer_d
         unchanged = await session.scalar(select(Integration))
     assert unchanged is not None
     assert unchanged.credentials == integration.credentials
+
+
+async def test_secrets_rotate_in_its_own_process_with_every_secret_table_populated(
+    settings: Settings, api: ApiClient, db: Database
+) -> None:
+    """The command run as an operator runs it: a fresh process that has loaded nothing else
+    (it once failed with NoReferencedTableError as soon as an integration existed)."""
+    await create_stripe_integration(api)
+    oauth = await api.post(
+        "/api/v1/integrations",
+        {
+            "provider": "http",
+            "name": "Partner",
+            "config": {
+                "base_url": "http://127.0.0.1:9",
+                "auth": "oauth2",
+                "oauth": {
+                    "authorize_url": "http://127.0.0.1:9/authorize",
+                    "token_url": "http://127.0.0.1:9/token",
+                },
+            },
+            "credentials": {"client_id": "partner-client", "client_secret": "partner-secret-1"},
+        },
+    )
+    assert oauth.status_code == 201, oauth.text
+    started = await api.get(f"/api/v1/integrations/{oauth.json()['id']}/oauth/authorize")
+    assert started.status_code == 200, started.text
+    hook = await api.post(
+        "/api/v1/webhook-endpoints",
+        {"url": "http://127.0.0.1:9/h", "event_types": ["*"]},
+        headers={"Idempotency-Key": "rotate-in-a-process"},
+    )
+    assert hook.status_code == 201
+    rotated = await api.post(f"/api/v1/webhook-endpoints/{hook.json()['id']}/rotate-secret")
+    assert rotated.status_code == 200, rotated.text
+    new_secret = rotated.json()["secret"]
+
+    env = {
+        **os.environ,
+        "MEMBERHUB_DATABASE_URL": settings.resolved_database_url,
+        "MEMBERHUB_SECRET_KEY": settings.resolved_secret_key,
+        "MEMBERHUB_DATA_DIR": str(settings.data_dir),
+    }
+    command = [sys.executable, "-c", "from memberhub.cli import app; app()"]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [*command, "secrets", "rotate", "--new-key", NEW_MASTER_SECRET],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for line in (
+        "integrations.credentials: 2 re-encrypted",
+        "oauth_authorizations.code_verifier: 1 re-encrypted",
+        "webhook_endpoints.secret: 1 re-encrypted",
+        "webhook_endpoints.previous_secret: 1 re-encrypted",
+        "idempotency_records.response_body: 1 re-encrypted",
+    ):
+        assert line in done.stdout, done.stdout
+    new = SecretBox(NEW_MASTER_SECRET)
+    async with db.transaction(read_only=True) as session:
+        endpoint = await session.scalar(select(WebhookEndpoint))
+        partner = await session.scalar(select(Integration).where(Integration.provider == "http"))
+    assert endpoint is not None
+    assert partner is not None
+    assert new.decrypt(endpoint.secret) == new_secret
+    assert vault.unseal(new, partner.credentials)["client_secret"] == "partner-secret-1"

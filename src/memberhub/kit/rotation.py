@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+import memberhub.models  # noqa: F401 - every table, so foreign keys resolve in a bare CLI process
 from memberhub.audit.chain import ChainKey
 from memberhub.audit.service import ChainNotResealed, reseal_chain
 from memberhub.idempotency.models import IdempotencyRecord
