@@ -179,3 +179,19 @@ async def test_a_run_whose_worker_stopped_is_marked_abandoned_when_its_lease_run
     assert "abandoned" in abandoned["error"]
     done = (await api.get(f"/api/v1/sync-runs/{waiting['id']}")).json()
     assert (done["status"], done["created"]) == ("completed", 2)
+
+
+async def test_null_turns_lead_sync_off_and_stays_off(api: ApiClient, hubspot: FakeHubSpot) -> None:
+    integration = await create_integration(api, hubspot_body(hubspot, leads=None))
+    shown = (await api.get(f"/api/v1/integrations/{integration['id']}/mappings")).json()
+    assert shown["leads"] is None
+    assert shown["members"]["fields"]  # the default member mapping is kept
+    stored = (await api.get(f"/api/v1/integrations/{integration['id']}")).json()
+    assert stored["config"]["sync"]["leads"] is None
+    # A later change elsewhere in the config does not bring the default lead mapping back.
+    config = stored["config"]
+    config["sync"] = {**config["sync"], "coalesce_seconds": 1}
+    patched = await api.patch(f"/api/v1/integrations/{integration['id']}", {"config": config})
+    assert patched.status_code == 200, patched.text
+    again = (await api.get(f"/api/v1/integrations/{integration['id']}/mappings")).json()
+    assert again["leads"] is None

@@ -177,7 +177,7 @@ async def create_integration(
         organisation_id=organisation.id if organisation else None,
         provider=provider.name,
         name=payload.name,
-        config=config.model_dump(exclude_defaults=True),
+        config=config.model_dump(exclude_unset=True),
         credentials=vault.seal(box, secrets),
         credential_hints=vault.hints(secrets),
         enabled=True,
@@ -227,7 +227,7 @@ async def update_integration(
             **{k: v for k, v in secrets.items() if k in _TOKEN_FIELDS},
             **credentials.model_dump(exclude_none=True),
         }
-        integration.config = config.model_dump(exclude_defaults=True)
+        integration.config = config.model_dump(exclude_unset=True)
         integration.credentials = vault.seal(box, stored)
         integration.credential_hints = vault.hints(stored)
     if "name" in changes:
