@@ -9,10 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from memberhub.integrations.inbound import process_inbound
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.members.models import Member
+from memberhub.memberships.models import MembershipTerm
 from tests.integrations.conftest import (
     create_stripe_integration,
     run_worker,
@@ -190,8 +193,28 @@ async def test_a_payment_is_matched_by_email_and_its_price_when_metadata_is_miss
     assert joined["membership"]["plan_id"] == plan["id"]
 
 
+async def _end_paid_term(db: Database, member_id: str, ends_at: datetime) -> None:
+    """Move the member's current term (and the member's term end) to end at `ends_at`."""
+    async with db.transaction() as session:
+        member = await session.scalar(select(Member).where(Member.public_id == member_id))
+        assert member is not None
+        term = await session.scalar(
+            select(MembershipTerm)
+            .where(MembershipTerm.member_id == member.id)
+            .order_by(MembershipTerm.id.desc())
+            .limit(1)
+        )
+        assert term is not None
+        shift = ends_at - term.ends_at
+        term.starts_at, term.ends_at = term.starts_at + shift, ends_at
+        member.term_ends_at = ends_at
+
+
 async def test_failed_payment_moves_to_grace_with_an_alert_and_a_payment_recovers(
-    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    stripe_integration: dict[str, Any],
 ) -> None:
     plan = await api.create_plan(term_months=12, grace_days=10)
     member = await api.create_member()
@@ -199,6 +222,8 @@ async def test_failed_payment_moves_to_grace_with_an_alert_and_a_payment_recover
     await send(http, stripe_integration["id"], checkout_completed(member, plan, customer=customer))
     await run_worker(db)
 
+    # The paid term is over when the renewal fails.
+    await _end_paid_term(db, member["id"], utcnow() - timedelta(minutes=1))
     # No metadata on the renewal invoice: the member is found by the Stripe customer.
     failed_invoice = stripe_id("in")
     await send(
@@ -238,6 +263,35 @@ async def test_failed_payment_moves_to_grace_with_an_alert_and_a_payment_recover
     [event] = [e for e in await inbound_events(api, stripe_integration["id"])
                if e["provider_event_id"] == late["id"]]  # fmt: skip
     assert (event["status"], event["result"]["reason"]) == ("ignored", "already paid")
+
+
+async def test_a_failed_payment_never_takes_away_a_paid_term(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan(term_months=12, grace_days=10)
+    member = await api.create_member()
+    customer = stripe_id("cus")
+    await send(http, stripe_integration["id"], checkout_completed(member, plan, customer=customer))
+    await run_worker(db)
+    paid = await member_of(api, member["id"])
+    assert paid["status"] == "active"
+
+    failure = invoice_event("invoice.payment_failed", customer=customer)
+    await send(http, stripe_integration["id"], failure)
+    await run_worker(db)
+    after = await member_of(api, member["id"])
+    assert after["status"] == "active"
+    assert after["membership"]["term_ends_at"] == paid["membership"]["term_ends_at"]
+    assert after["membership"]["grace_ends_at"] == paid["membership"]["grace_ends_at"]
+    assert after["membership"]["payment_status"] == "past_due"
+    [event] = [e for e in await inbound_events(api, stripe_integration["id"])
+               if e["provider_event_id"] == failure["id"]]  # fmt: skip
+    assert event["result"]["action"] == "recorded"
+    assert event["result"]["paid_until"] == paid["membership"]["term_ends_at"].replace(
+        "Z", "+00:00"
+    )
+    alerts = await api.get("/api/v1/alerts", params={"type": "PAYMENT_FAILED"})
+    assert len(alerts.json()["data"]) == 1
 
 
 async def test_subscription_deleted_cancels_at_the_period_end(

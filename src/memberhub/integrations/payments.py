@@ -328,7 +328,11 @@ async def _failed(
         # Stripe retried the invoice and it was paid; this older failure came late.
         return {"member_id": member.public_id, "action": "ignored", "reason": "already paid"}
     result: dict[str, Any] = {"member_id": member.public_id, "action": "recorded"}
-    if member.status == S.ACTIVE:
+    if member.status == S.ACTIVE and member.term_ends_at is not None and member.term_ends_at > now:
+        # A failed payment never takes away time already paid for (a renewal attempted
+        # early, or events out of order): grace starts when the paid term ends, as usual.
+        result["paid_until"] = member.term_ends_at.isoformat()
+    elif member.status == S.ACTIVE:
         grace_days = member.plan.grace_days if member.plan and member.plan.grace_days else 0
         await memberships.enter_grace(
             session,
