@@ -495,3 +495,52 @@ async def test_unknown_disabled_and_non_allowlisted_integrations_refuse_webhooks
     response = await send(http, disabled["id"], event)
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "INTEGRATION_DISABLED"
+
+
+async def _paid_in_myr(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, **config: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A program earning on EUR, and a checkout paid in MYR: (the member, the inbound event)."""
+    assert (await api.patch("/api/v1/program", {"currency": "EUR"})).status_code == 200
+    integration = await create_stripe_integration(api, **config)
+    plan = await api.create_plan(price_amount=12000, currency="MYR")
+    member = await api.create_member()
+    event = checkout_completed(member, plan)
+    await send(http, integration["id"], event)
+    await run_worker(db)
+    [inbound] = [e for e in await inbound_events(api, integration["id"])
+                 if e["provider_event_id"] == event["id"]]  # fmt: skip
+    return member, inbound
+
+
+async def test_a_payment_in_another_currency_joins_and_earns_nothing_without_a_rate(
+    api: ApiClient, http: httpx.AsyncClient, db: Database
+) -> None:
+    member, inbound = await _paid_in_myr(api, http, db)
+    assert inbound["status"] == "processed", inbound
+    assert (await member_of(api, member["id"]))["status"] == "active"
+    assert inbound["result"]["points"]["earned"] == 0
+    assert "no exchange rate for MYR" in inbound["result"]["points"]["reason"]
+    assert await balance_of(api, member["id"]) == 0
+
+
+async def test_a_payment_in_another_currency_earns_at_the_configured_rate(
+    api: ApiClient, http: httpx.AsyncClient, db: Database
+) -> None:
+    member, inbound = await _paid_in_myr(api, http, db, exchange_rates={"MYR": 0.2})
+    assert inbound["status"] == "processed", inbound
+    assert (await member_of(api, member["id"]))["status"] == "active"
+    converted = inbound["result"]["points"]["converted"]
+    assert converted == {"from": "MYR", "amount": 12000, "rate": 0.2, "to": 2400}
+    # 2,400 cents of EUR at the program's 1 point per 200: 12 points.
+    assert inbound["result"]["points"]["earned"] == 12
+    assert await balance_of(api, member["id"]) == 12
+
+
+async def test_exchange_rates_are_checked_when_saved(api: ApiClient) -> None:
+    for rates in ({"myr": 0.2}, {"MYR": 0}, {"MYR": -1}, {"MYR": "x"}):
+        response = await api.post(
+            "/api/v1/integrations",
+            {"provider": "stripe", "name": "S", "config": {"exchange_rates": rates}},
+        )
+        assert response.status_code == 422, (rates, response.text)

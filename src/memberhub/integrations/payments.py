@@ -34,6 +34,7 @@ from memberhub.organisations.repository import OrganisationRepository
 from memberhub.points import service as points
 from memberhub.points.models import PointTransaction
 from memberhub.points.repository import PointsRepository
+from memberhub.program import service as program_service
 
 S = MemberStatus
 DEFAULT_GRACE_DAYS = 14
@@ -58,6 +59,7 @@ class PaymentSettings:
         self.price_plans: dict[str, str] = dict(getattr(config, "price_plans", {}) or {})
         self.grace_days: int = int(getattr(config, "grace_days", DEFAULT_GRACE_DAYS))
         self.earn_points: bool = bool(getattr(config, "earn_points", True))
+        self.exchange_rates: dict[str, float] = dict(getattr(config, "exchange_rates", {}) or {})
 
 
 async def apply_notice(
@@ -270,6 +272,7 @@ async def _paid(
             currency,
             f"{integration.public_id}:{payment_key}",
             now,
+            settings.exchange_rates,
         )
     _remember(
         session,
@@ -294,25 +297,40 @@ async def _earn(
     currency: str,
     reference_id: str,
     now: datetime,
+    exchange_rates: dict[str, float],
 ) -> tuple[int | None, Any]:
-    try:
-        earned = await points.earn_points(
-            session,
-            principal.actor,
-            member,
-            amount=notice.amount,
-            currency=currency,
-            reference_id=reference_id,
-            reason="payment",
-            now=now,
-        )
-    except Conflict as exc:
-        # A payment in another currency than the program's earns nothing; say why.
-        if exc.code != "CURRENCY_MISMATCH":
-            raise
-        return None, {"earned": 0, "reason": exc.message}
+    """Points for a payment, under the documented rule: in the program's currency as paid;
+    in another currency converted at the integration's `exchange_rates`, or none without a
+    rate. Joining or renewing never depends on it."""
+    program = await program_service.get_program(session)
+    amount = notice.amount
+    converted: dict[str, Any] | None = None
+    if currency != program.currency:
+        rate = exchange_rates.get(currency)
+        if rate is None:
+            return None, {
+                "earned": 0,
+                "reason": f"paid in {currency}, the program earns on {program.currency}, and "
+                f"no exchange rate for {currency} is configured",
+            }
+        amount = round(notice.amount * rate)
+        converted = {"from": currency, "amount": notice.amount, "rate": rate, "to": amount}
+        currency = program.currency
+    earned = await points.earn_points(
+        session,
+        principal.actor,
+        member,
+        amount=amount,
+        currency=currency,
+        reference_id=reference_id,
+        reason="payment",
+        now=now,
+    )
     txn = earned.transaction
-    return txn.id, txn.points + txn.pending_points
+    earned_points = txn.points + txn.pending_points
+    if converted is None:
+        return txn.id, earned_points
+    return txn.id, {"earned": earned_points, "converted": converted}
 
 
 async def _failed(

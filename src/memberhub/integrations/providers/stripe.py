@@ -26,6 +26,8 @@ from memberhub.integrations.providers.base import (
 )
 
 Secret = Annotated[str, StringConstraints(strip_whitespace=True, min_length=8, max_length=500)]
+CurrencyCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+Rate = Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)]
 # Stripe bills recurring prices at most yearly; longer plans are paid once per term.
 MAX_RECURRING_MONTHS = 12
 # What an inbound event's id and type columns hold.
@@ -47,6 +49,13 @@ class StripeConfig(BaseConfig):
     )
     tolerance_seconds: int = Field(default=300, ge=30, le=3600)
     earn_points: bool = Field(default=True, description="Payments earn points.")
+    exchange_rates: dict[CurrencyCode, Rate] = Field(
+        default_factory=dict,
+        max_length=200,
+        description="For payments in another currency than the program's: how many units of "
+        "the program's currency one unit of that currency is worth (EUR: 1.08). A payment in "
+        "a currency not listed earns no points; it still joins or renews the member.",
+    )
 
 
 class StripeCredentials(BaseCredentials):
