@@ -195,3 +195,25 @@ async def test_null_turns_lead_sync_off_and_stays_off(api: ApiClient, hubspot: F
     assert patched.status_code == 200, patched.text
     again = (await api.get(f"/api/v1/integrations/{integration['id']}/mappings")).json()
     assert again["leads"] is None
+
+
+async def test_with_lead_sync_null_a_run_pushes_no_lead_and_pulls_none_in(
+    api: ApiClient, db: Database, hub: IntegrationHub, hubspot: FakeHubSpot
+) -> None:
+    hubspot.add_contact({"email": "stranger@example.com", "firstname": "Stranger"})
+    lead = await api.post("/api/v1/leads", {"email": "prospect@example.com", "first_name": "Pat"})
+    assert lead.status_code == 201, lead.text
+    await api.create_member(first_name="Mel", email="mel@example.com")
+    integration = await create_integration(api, hubspot_body(hubspot, leads=None))
+
+    pushed = await sync(api, db, hub, integration["id"], mode="push")
+    assert (pushed["status"], pushed["created"], pushed["failed"]) == ("completed", 1, 0)
+    # Only the member went to HubSpot; the lead did not.
+    emails = {contact.get("email") for contact in hubspot.contacts.values()}
+    assert emails == {"stranger@example.com", "mel@example.com"}
+
+    # A CRM record that matches nothing here would become a lead: with leads off it does not.
+    pulled = await sync(api, db, hub, integration["id"], mode="pull")
+    assert pulled["status"] == "completed", pulled
+    leads = (await api.get("/api/v1/leads")).json()["data"]
+    assert [found["email"] for found in leads] == ["prospect@example.com"]

@@ -17,6 +17,7 @@ from memberhub.integrations import vault
 from memberhub.integrations.models import Integration
 from memberhub.kit.crypto import SecretBox, SecretUnreadable
 from memberhub.kit.db import Database
+from memberhub.kit.rotation import ENCRYPTED_COLUMNS
 from memberhub.models import Base
 from memberhub.settings import Settings
 from memberhub.webhooks.models import WebhookEndpoint
@@ -182,6 +183,35 @@ async def test_secrets_rotate_re_encrypts_everything_and_the_old_key_no_longer_d
     assert unchanged.credentials == integration.credentials
 
 
+async def ciphertext_columns(db: Database) -> set[tuple[str, str]]:
+    """Every (table, column) of the schema holding at least one value the SecretBox wrote."""
+    found: set[tuple[str, str]] = set()
+    async with db.transaction(read_only=True) as session:
+        for table in Base.metadata.sorted_tables:
+            for row in (await session.execute(select(table))).mappings():
+                for column, value in row.items():
+                    if (isinstance(value, str) and value.startswith("enc1:")) or (
+                        isinstance(value, bytes) and value.startswith(b"enc1:")
+                    ):
+                        found.add((table.name, column))
+    return found
+
+
+async def opened_secrets(db: Database, box: SecretBox) -> dict[tuple[str, str, int], Any]:
+    """Every value of every encrypted column, opened with `box`, by (table, column, row id);
+    SecretUnreadable if `box` cannot read one of them."""
+    opened: dict[tuple[str, str, int], Any] = {}
+    async with db.transaction(read_only=True) as session:
+        for model, column, binary in ENCRYPTED_COLUMNS:
+            for row in await session.scalars(select(model)):
+                value = getattr(row, column)
+                if value is None:
+                    continue
+                plain = box.open(value) if binary else box.decrypt(value)
+                opened[(model.__tablename__, column, row.id)] = plain
+    return opened
+
+
 async def test_secrets_rotate_in_its_own_process_with_every_secret_table_populated(
     settings: Settings, api: ApiClient, db: Database
 ) -> None:
@@ -213,9 +243,17 @@ async def test_secrets_rotate_in_its_own_process_with_every_secret_table_populat
         headers={"Idempotency-Key": "rotate-in-a-process"},
     )
     assert hook.status_code == 201
+    first_secret = hook.json()["secret"]
     rotated = await api.post(f"/api/v1/webhook-endpoints/{hook.json()['id']}/rotate-secret")
     assert rotated.status_code == 200, rotated.text
     new_secret = rotated.json()["secret"]
+
+    # Every column holding ciphertext is one the rotation knows, and each has a value here.
+    assert await ciphertext_columns(db) == {
+        (model.__tablename__, column) for model, column, _ in ENCRYPTED_COLUMNS
+    }
+    old, new = SecretBox(settings.resolved_secret_key), SecretBox(NEW_MASTER_SECRET)
+    before = await opened_secrets(db, old)
 
     env = {
         **os.environ,
@@ -241,11 +279,22 @@ async def test_secrets_rotate_in_its_own_process_with_every_secret_table_populat
         "idempotency_records.response_body: 1 re-encrypted",
     ):
         assert line in done.stdout, done.stdout
-    new = SecretBox(NEW_MASTER_SECRET)
+
+    # Each secret reads the same under the new key, and the old key reads none of them.
+    assert await opened_secrets(db, new) == before
     async with db.transaction(read_only=True) as session:
+        for model, column, binary in ENCRYPTED_COLUMNS:
+            for row in await session.scalars(select(model)):
+                value = getattr(row, column)
+                if value is None:
+                    continue
+                with pytest.raises(SecretUnreadable):
+                    old.open(value) if binary else old.decrypt(value)
         endpoint = await session.scalar(select(WebhookEndpoint))
         partner = await session.scalar(select(Integration).where(Integration.provider == "http"))
     assert endpoint is not None
     assert partner is not None
     assert new.decrypt(endpoint.secret) == new_secret
+    assert endpoint.previous_secret is not None
+    assert new.decrypt(endpoint.previous_secret) == first_secret
     assert vault.unseal(new, partner.credentials)["client_secret"] == "partner-secret-1"
