@@ -15,6 +15,7 @@ from memberhub.integrations.inbound import process_inbound
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
+from memberhub.memberships.jobs import advance_membership_statuses
 from memberhub.memberships.models import MembershipTerm
 from tests.integrations.conftest import (
     create_stripe_integration,
@@ -145,6 +146,7 @@ async def test_checkout_joins_the_member_once_even_with_the_invoice_and_a_redeli
         ("invoice.paid", "processed", "already_applied"),
         ("checkout.session.completed", "processed", "join"),
     ]
+    assert events[1]["result"]["points"] == {"earned": points_after_join}
     assert events[1]["duplicates"] == 1
     assert events[1]["attempts"] == 1
     terms = await api.get(f"/api/v1/members/{member['id']}/membership/terms")
@@ -194,7 +196,8 @@ async def test_a_payment_is_matched_by_email_and_its_price_when_metadata_is_miss
 
 
 async def _end_paid_term(db: Database, member_id: str, ends_at: datetime) -> None:
-    """Move the member's current term (and the member's term end) to end at `ends_at`."""
+    """Move the member's current term (and the member's term and grace ends, keeping the
+    grace's length) to end at `ends_at`."""
     async with db.transaction() as session:
         member = await session.scalar(select(Member).where(Member.public_id == member_id))
         assert member is not None
@@ -208,6 +211,8 @@ async def _end_paid_term(db: Database, member_id: str, ends_at: datetime) -> Non
         shift = ends_at - term.ends_at
         term.starts_at, term.ends_at = term.starts_at + shift, ends_at
         member.term_ends_at = ends_at
+        if member.grace_ends_at is not None:
+            member.grace_ends_at += shift
 
 
 async def test_failed_payment_moves_to_grace_with_an_alert_and_a_payment_recovers(
@@ -292,6 +297,50 @@ async def test_a_failed_payment_never_takes_away_a_paid_term(
     )
     alerts = await api.get("/api/v1/alerts", params={"type": "PAYMENT_FAILED"})
     assert len(alerts.json()["data"]) == 1
+
+
+async def test_a_failed_payment_right_after_a_paid_renewal_keeps_the_renewed_term(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    # No grace on the plan: a failed payment gives config.grace_days (14 by default).
+    plan = await api.create_plan(term_months=12, grace_days=0)
+    member = await api.create_member()
+    customer = stripe_id("cus")
+    await send(http, stripe_integration["id"], checkout_completed(member, plan, customer=customer))
+    renewal = invoice_event("invoice.paid", customer=customer)
+    await send(http, stripe_integration["id"], renewal)
+    await run_worker(db)
+    renewed = await member_of(api, member["id"])
+    paid_until = datetime.fromisoformat(renewed["membership"]["term_ends_at"])
+    assert paid_until > utcnow() + timedelta(days=700)
+
+    # The next invoice fails: the renewed term stays, and grace follows it.
+    failure = invoice_event("invoice.payment_failed", customer=customer)
+    await send(http, stripe_integration["id"], failure)
+    await run_worker(db)
+    after = await member_of(api, member["id"])
+    assert after["status"] == "active"
+    assert after["membership"]["payment_status"] == "past_due"
+    assert datetime.fromisoformat(after["membership"]["term_ends_at"]) == paid_until
+    grace_ends = datetime.fromisoformat(after["membership"]["grace_ends_at"])
+    assert grace_ends == paid_until + timedelta(days=14)
+    [event] = [e for e in await inbound_events(api, stripe_integration["id"])
+               if e["provider_event_id"] == failure["id"]]  # fmt: skip
+    assert event["result"]["action"] == "recorded"
+    assert datetime.fromisoformat(event["result"]["paid_until"]) == paid_until
+    assert datetime.fromisoformat(event["result"]["grace_ends_at"]) == grace_ends
+    terms = await api.get(f"/api/v1/members/{member['id']}/membership/terms")
+    assert [t["ended_early_at"] for t in terms.json()["data"]] == [None, None]
+
+    # The scheduled job moves the member to grace when the paid term ends, not before.
+    async with db.transaction() as session:
+        assert await advance_membership_statuses(session, paid_until - timedelta(seconds=1)) == 0
+    async with db.transaction() as session:
+        assert await advance_membership_statuses(session, paid_until) == 1
+    assert (await member_of(api, member["id"]))["status"] == "grace"
+    async with db.transaction() as session:
+        assert await advance_membership_statuses(session, grace_ends) == 1
+    assert (await member_of(api, member["id"]))["status"] == "lapsed"
 
 
 async def test_subscription_deleted_cancels_at_the_period_end(
@@ -497,15 +546,24 @@ async def test_unknown_disabled_and_non_allowlisted_integrations_refuse_webhooks
     assert response.json()["error"]["code"] == "INTEGRATION_DISABLED"
 
 
-async def _paid_in_myr(
-    api: ApiClient, http: httpx.AsyncClient, db: Database, **config: Any
+async def _paid_in_another_currency(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    *,
+    program_currency: str = "EUR",
+    price_amount: int = 12000,
+    currency: str = "MYR",
+    **config: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A program earning on EUR, and a checkout paid in MYR: (the member, the inbound event)."""
-    assert (await api.patch("/api/v1/program", {"currency": "EUR"})).status_code == 200
+    """A program earning on `program_currency`, and a checkout paid in `currency`: (the
+    member, the inbound event)."""
+    program = await api.patch("/api/v1/program", {"currency": program_currency})
+    assert program.status_code == 200, program.text
     integration = await create_stripe_integration(api, **config)
-    plan = await api.create_plan(price_amount=12000, currency="MYR")
+    plan = await api.create_plan(price_amount=price_amount, currency=currency)
     member = await api.create_member()
-    event = checkout_completed(member, plan)
+    event = checkout_completed(member, plan, currency=currency.lower())
     await send(http, integration["id"], event)
     await run_worker(db)
     [inbound] = [e for e in await inbound_events(api, integration["id"])
@@ -516,31 +574,88 @@ async def _paid_in_myr(
 async def test_a_payment_in_another_currency_joins_and_earns_nothing_without_a_rate(
     api: ApiClient, http: httpx.AsyncClient, db: Database
 ) -> None:
-    member, inbound = await _paid_in_myr(api, http, db)
+    member, inbound = await _paid_in_another_currency(api, http, db)
     assert inbound["status"] == "processed", inbound
     assert (await member_of(api, member["id"]))["status"] == "active"
-    assert inbound["result"]["points"]["earned"] == 0
-    assert "no exchange rate for MYR" in inbound["result"]["points"]["reason"]
+    assert inbound["result"]["action"] == "join"
+    assert inbound["result"]["points"] == {
+        "earned": 0,
+        "reason": "currency MYR is not the program's EUR and config.exchange_rates has no "
+        "rate for MYR",
+    }
     assert await balance_of(api, member["id"]) == 0
 
 
 async def test_a_payment_in_another_currency_earns_at_the_configured_rate(
     api: ApiClient, http: httpx.AsyncClient, db: Database
 ) -> None:
-    member, inbound = await _paid_in_myr(api, http, db, exchange_rates={"MYR": 0.2})
+    member, inbound = await _paid_in_another_currency(api, http, db, exchange_rates={"MYR": 0.2})
     assert inbound["status"] == "processed", inbound
     assert (await member_of(api, member["id"]))["status"] == "active"
-    converted = inbound["result"]["points"]["converted"]
-    assert converted == {"from": "MYR", "amount": 12000, "rate": 0.2, "to": 2400}
     # 2,400 cents of EUR at the program's 1 point per 200: 12 points.
-    assert inbound["result"]["points"]["earned"] == 12
+    assert inbound["result"]["points"] == {
+        "earned": 12,
+        "converted": {
+            "from": {"currency": "MYR", "amount": 12000},
+            "to": {"currency": "EUR", "amount": 2400},
+            "rate": 0.2,
+        },
+    }
     assert await balance_of(api, member["id"]) == 12
 
 
+async def test_a_rate_converts_whole_units_of_currencies_with_other_decimals(
+    api: ApiClient, http: httpx.AsyncClient, db: Database
+) -> None:
+    # ¥15,000 (JPY has no decimals) at 1 JPY = 0.0067 USD is $100.50: 10,050 cents.
+    member, inbound = await _paid_in_another_currency(
+        api,
+        http,
+        db,
+        program_currency="USD",
+        price_amount=15000,
+        currency="JPY",
+        exchange_rates={"JPY": 0.0067},
+    )
+    assert inbound["status"] == "processed", inbound
+    points = inbound["result"]["points"]
+    assert points["converted"]["to"] == {"currency": "USD", "amount": 10050}
+    assert points["earned"] == 50 == await balance_of(api, member["id"])
+
+
+async def test_a_payment_joins_even_when_the_ledger_refuses_its_earn(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan(price_amount=12000)
+    member = await api.create_member()
+    event = checkout_completed(member, plan)
+    # The payment's earn reference was already used, for another amount: the ledger
+    # refuses the earn, and the member joins all the same.
+    reference = f"{stripe_integration['id']}:{event['data']['object']['id']}"
+    earlier = await api.post(
+        "/api/v1/points/earn",
+        {"member_id": member["id"], "amount": 400, "currency": "MYR", "reference_id": reference},
+    )
+    assert earlier.status_code == 201, earlier.text
+
+    await send(http, stripe_integration["id"], event)
+    await run_worker(db)
+    joined = await member_of(api, member["id"])
+    assert joined["status"] == "active"
+    assert joined["membership"]["payment_status"] == "paid"
+    [inbound] = await inbound_events(api, stripe_integration["id"])
+    assert (inbound["status"], inbound["result"]["action"]) == ("processed", "join")
+    assert inbound["result"]["points"]["earned"] == 0
+    assert inbound["result"]["points"]["reason"].startswith("the earn was refused: ")
+    assert await balance_of(api, member["id"]) == 2  # the earlier earn's only
+
+
 async def test_exchange_rates_are_checked_when_saved(api: ApiClient) -> None:
-    for rates in ({"myr": 0.2}, {"MYR": 0}, {"MYR": -1}, {"MYR": "x"}):
+    for rates in ({"myr": 0.2}, {"MYR": 0}, {"MYR": -1}, {"MYR": "x"}, {"EURO": 1.08}):
         response = await api.post(
             "/api/v1/integrations",
             {"provider": "stripe", "name": "S", "config": {"exchange_rates": rates}},
         )
         assert response.status_code == 422, (rates, response.text)
+    accepted = await create_stripe_integration(api, exchange_rates={"EUR": 1.08, "JPY": 0.0067})
+    assert accepted["config"]["exchange_rates"] == {"EUR": 1.08, "JPY": 0.0067}

@@ -1,11 +1,13 @@
 """What payment events do to members, whichever provider reported them.
 
 A provider with the Payments capability turns its events into `PaymentNotice`s; this module
-applies them: a payment joins or renews the member's term and earns points, a failed one
-moves the member to grace and raises an alert, an ended subscription cancels at the period
-end, a refund reverses the points the payment earned. Every notice is applied in the
-transaction that marks its inbound event processed, and a payment is recorded under every
-id it is known by, so a second notice of it (Checkout's and the invoice's) applies nothing.
+applies them: a payment joins or renews the member's term and earns points (whether the
+earn succeeds never decides the membership), a failed one gives the member grace after
+the paid term (never cutting it short) and raises an alert, an ended subscription cancels
+at the period end, a refund reverses the points the payment earned. Every notice is
+applied in the transaction that marks its inbound event processed, and a payment is
+recorded under every id it is known by, so a second notice of it (Checkout's and the
+invoice's) applies nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select
+from sqlalchemy.exc import DataError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.alerts.models import AlertType
@@ -24,8 +28,9 @@ from memberhub.events.catalog import MemberPaymentChanged
 from memberhub.events.service import emit
 from memberhub.integrations.models import Integration, PaymentRecord
 from memberhub.integrations.providers.base import PaymentNotice
+from memberhub.kit import money
 from memberhub.kit.actor import Actor
-from memberhub.kit.errors import Conflict
+from memberhub.kit.errors import Conflict, MemberhubError
 from memberhub.members.models import Member, MemberStatus
 from memberhub.members.repository import MemberRepository
 from memberhub.memberships import service as memberships
@@ -34,6 +39,7 @@ from memberhub.organisations.repository import OrganisationRepository
 from memberhub.points import service as points
 from memberhub.points.models import PointTransaction
 from memberhub.points.repository import PointsRepository
+from memberhub.points.schemas import MAX_AMOUNT
 from memberhub.program import service as program_service
 
 S = MemberStatus
@@ -298,39 +304,52 @@ async def _earn(
     reference_id: str,
     now: datetime,
     exchange_rates: dict[str, float],
-) -> tuple[int | None, Any]:
-    """Points for a payment, under the documented rule: in the program's currency as paid;
-    in another currency converted at the integration's `exchange_rates`, or none without a
-    rate. Joining or renewing never depends on it."""
+) -> tuple[int | None, dict[str, Any]]:
+    """Points for a payment, under the documented rule: a payment in the program's currency
+    earns as paid; one in another currency is converted at the integration's
+    `exchange_rates` (one whole unit of it is worth `rate` whole units of the program's
+    currency; `money.convert`), or earns nothing without a rate. Joining or renewing never
+    depends on the earn: it runs in a savepoint, and an earn the ledger refuses earns
+    nothing and says why."""
     program = await program_service.get_program(session)
+    outcome: dict[str, Any] = {}
     amount = notice.amount
-    converted: dict[str, Any] | None = None
     if currency != program.currency:
         rate = exchange_rates.get(currency)
         if rate is None:
             return None, {
                 "earned": 0,
-                "reason": f"paid in {currency}, the program earns on {program.currency}, and "
-                f"no exchange rate for {currency} is configured",
+                "reason": f"currency {currency} is not the program's {program.currency} and "
+                f"config.exchange_rates has no rate for {currency}",
             }
-        amount = round(notice.amount * rate)
-        converted = {"from": currency, "amount": notice.amount, "rate": rate, "to": amount}
-        currency = program.currency
-    earned = await points.earn_points(
-        session,
-        principal.actor,
-        member,
-        amount=amount,
-        currency=currency,
-        reference_id=reference_id,
-        reason="payment",
-        now=now,
-    )
+        amount = money.convert(notice.amount, source=currency, target=program.currency, rate=rate)
+        outcome["converted"] = {
+            "from": {"currency": currency, "amount": notice.amount},
+            "to": {"currency": program.currency, "amount": amount},
+            "rate": rate,
+        }
+        if amount > MAX_AMOUNT:
+            return None, {**outcome, "earned": 0, "reason": "the converted amount is too large"}
+    try:
+        async with session.begin_nested():
+            earned = await points.earn_points(
+                session,
+                principal.actor,
+                member,
+                amount=amount,
+                currency=program.currency,
+                reference_id=reference_id,
+                reason="payment",
+                now=now,
+            )
+    except (MemberhubError, DataError) as exc:
+        if sa_inspect(member).expired_attributes:
+            # The savepoint's rollback expired what the earn had changed; reload it.
+            await session.refresh(member)
+        message = exc.message if isinstance(exc, MemberhubError) else "it could not be stored"
+        return None, {**outcome, "earned": 0, "reason": f"the earn was refused: {message}"}
     txn = earned.transaction
-    earned_points = txn.points + txn.pending_points
-    if converted is None:
-        return txn.id, earned_points
-    return txn.id, {"earned": earned_points, "converted": converted}
+    return txn.id, {**outcome, "earned": txn.points + txn.pending_points}
 
 
 async def _failed(
@@ -346,13 +365,10 @@ async def _failed(
         # Stripe retried the invoice and it was paid; this older failure came late.
         return {"member_id": member.public_id, "action": "ignored", "reason": "already paid"}
     result: dict[str, Any] = {"member_id": member.public_id, "action": "recorded"}
-    if member.status == S.ACTIVE and member.term_ends_at is not None and member.term_ends_at > now:
-        # A failed payment never takes away time already paid for (a renewal attempted
-        # early, or events out of order): grace starts when the paid term ends, as usual.
-        result["paid_until"] = member.term_ends_at.isoformat()
-    elif member.status == S.ACTIVE:
+    if member.status == S.ACTIVE:
         grace_days = member.plan.grace_days if member.plan and member.plan.grace_days else 0
-        await memberships.enter_grace(
+        # Time already paid for is kept: grace follows the paid term.
+        member = await memberships.record_failed_payment(
             session,
             principal,
             member.public_id,
@@ -360,7 +376,12 @@ async def _failed(
             note=_note(notice),
             now=now,
         )
-        result["action"] = "grace"
+        if member.status == S.GRACE:
+            result["action"] = "grace"
+        elif member.term_ends_at is not None:
+            result["paid_until"] = member.term_ends_at.isoformat()
+        if member.grace_ends_at is not None:
+            result["grace_ends_at"] = member.grace_ends_at.isoformat()
     reference = notice.references[0] if notice.references else "unknown"
     await raise_alert(
         session,

@@ -403,7 +403,7 @@ async def cancel(
     return member, term
 
 
-async def enter_grace(
+async def record_failed_payment(
     session: AsyncSession,
     principal: Principal,
     member_id: str,
@@ -412,18 +412,40 @@ async def enter_grace(
     note: str | None,
     now: datetime | None = None,
 ) -> Member:
-    """A renewal payment failed: the paid period ends now and the grace period starts."""
+    """An active member's payment failed: grace of `grace_days` follows the paid term.
+
+    A failed payment never takes away time paid for, and ends no term. While the paid term
+    runs (a later invoice failing right after a paid renewal, a renewal attempted early,
+    events out of order) the member stays active to its end and the scheduled job moves
+    them to grace then; a member whose term is over moves to grace now. Grace already
+    longer (the plan's) is kept.
+    """
     member = await get_member(session, principal, member_id, for_update=True)
-    _require_status(member, "move to grace", (S.ACTIVE,))
+    _require_status(member, "record a failed payment of", (S.ACTIVE,))
     now = now or utcnow()
     before = _membership_snapshot(member)
-    await _end_open_terms(session, member, now)
-    member.term_ends_at = now
-    member.grace_ends_at = now + timedelta(days=grace_days)
-    await _record_change(
-        session, principal.actor, member,
-        before=before, to_status=S.GRACE, reason="payment_failed", note=note, now=now,
-    )  # fmt: skip
+    paid_until = member.term_ends_at if member.term_ends_at is not None else now
+    grace_ends_at = max(paid_until, now) + timedelta(days=grace_days)
+    if member.grace_ends_at is None or member.grace_ends_at < grace_ends_at:
+        member.grace_ends_at = grace_ends_at
+    if paid_until <= now:
+        await _record_change(
+            session, principal.actor, member,
+            before=before, to_status=S.GRACE, reason="payment_failed", note=note, now=now,
+        )  # fmt: skip
+        return member
+    changes = diff(before, _membership_snapshot(member))
+    if changes:
+        member.updated_at = now
+        await session.flush()
+        record_write(
+            session,
+            principal.actor,
+            action="membership.payment_failed",
+            object_type="member",
+            object_id=member.public_id,
+            changes=changes,
+        )
     return member
 
 

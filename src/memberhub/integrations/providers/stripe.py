@@ -52,9 +52,11 @@ class StripeConfig(BaseConfig):
     exchange_rates: dict[CurrencyCode, Rate] = Field(
         default_factory=dict,
         max_length=200,
-        description="For payments in another currency than the program's: how many units of "
-        "the program's currency one unit of that currency is worth (EUR: 1.08). A payment in "
-        "a currency not listed earns no points; it still joins or renews the member.",
+        description="For payments in another currency than the program's: ISO code → how "
+        "many whole units of the program's currency one whole unit of that currency is worth "
+        '(a USD program: {"EUR": 1.08, "JPY": 0.0067}), each currency counted with its own '
+        "decimals. A payment in a currency not listed earns no points; it still joins or "
+        "renews the member.",
     )
 
 
