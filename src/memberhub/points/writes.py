@@ -65,14 +65,23 @@ _UPDATE_ACCOUNT = (
     .values({name: bindparam(f"a_{name}", type_=ACCOUNTS.c[name].type) for name in BALANCE_COLUMNS})
 )
 _CREDIT_ON_POSTGRESQL = _credit_on_postgresql()
-# SQLite: the same rows, one statement each.
-_INSERT_TXN = insert(TXNS).values(column_binds(TXNS, "t", _TXN_OWN)).returning(TXNS.c.id)
-_INSERT_BATCH = (
-    insert(BATCHES)
-    .values(transaction_id=bindparam("b_transaction_id"), **column_binds(BATCHES, "b", _BATCH_OWN))
-    .returning(BATCHES.c.id)
+# SQLite: the same rows, one statement each. The transaction names the batch's id before the
+# batch exists: a writing transaction holds the database's write lock from its BEGIN
+# IMMEDIATE, so the next rowid (the largest plus one, as SQLite assigns them: these tables
+# have no AUTOINCREMENT) is still free when the batch is inserted with it just after.
+_INSERT_TXN = (
+    insert(TXNS)
+    .values(
+        batch_id=select(func.coalesce(func.max(BATCHES.c.id), 0) + 1).scalar_subquery(),
+        **column_binds(TXNS, "t", _TXN_OWN),
+    )
+    .returning(TXNS.c.id, TXNS.c.batch_id)
 )
-_LINK_BATCH = update(TXNS).where(TXNS.c.id == bindparam("t_id")).values(batch_id=bindparam("t_bid"))
+_INSERT_BATCH = insert(BATCHES).values(
+    id=bindparam("b_id"),
+    transaction_id=bindparam("b_transaction_id"),
+    **column_binds(BATCHES, "b", _BATCH_OWN),
+)
 _INSERT_EVENT = insert(EVENTS).values(column_binds(EVENTS, "e", _ID))
 _INSERT_AUDIT = insert(AUDIT_LOG).values(column_binds(AUDIT_LOG, "l", _ID))
 
@@ -98,10 +107,9 @@ async def write_credit(
         params = txn_row | batch_row | account_row | event_row | audit_row
         txn_id, batch_id = (await session.execute(_CREDIT_ON_POSTGRESQL, params)).one()
     else:
-        txn_id = (await session.execute(_INSERT_TXN, txn_row)).scalar_one()
-        batch_row["b_transaction_id"] = txn_id
-        batch_id = (await session.execute(_INSERT_BATCH, batch_row)).scalar_one()
-        await session.execute(_LINK_BATCH, {"t_id": txn_id, "t_bid": batch_id})
+        txn_id, batch_id = (await session.execute(_INSERT_TXN, txn_row)).one()
+        batch_row["b_id"], batch_row["b_transaction_id"] = batch_id, txn_id
+        await session.execute(_INSERT_BATCH, batch_row)
         await session.execute(_UPDATE_ACCOUNT, account_row)
         await session.execute(_INSERT_EVENT, event_row)
         await session.execute(_INSERT_AUDIT, audit_row)
