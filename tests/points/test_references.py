@@ -296,3 +296,67 @@ async def test_the_migration_scopes_the_references_already_written(
                 )
     finally:
         await database.dispose()
+
+
+# ------------------------------------------------- reward claims and held deductions
+
+
+async def test_reward_claim_references_are_kept_apart_per_organisation(
+    api: ApiClient, tenants: tuple[Tenant, Tenant], db: Database
+) -> None:
+    first, second = tenants
+    reward = await api.post("/api/v1/rewards", {"code": "CUP-1", "name": "Cup", "points_cost": 10})
+    assert reward.status_code == 201, reward.text
+    reward_id = reward.json()["id"]
+    other = await api.post("/api/v1/rewards", {"code": "CUP-2", "name": "Mug", "points_cost": 10})
+    assert other.status_code == 201, other.text
+    for tenant in tenants:
+        await _post(tenant, "award", _award(tenant, f"seed-{tenant.organisation_id}"), 201)
+
+    def claim_of(tenant: Tenant, reward: str = reward_id) -> tuple[str, dict[str, Any]]:
+        body = {"member_id": tenant.member_id, "reference_id": "kiosk-1"}
+        return f"/api/v1/rewards/{reward}/claim", body
+
+    theirs = await first.api.post(*claim_of(first))
+    assert theirs.status_code == 201, theirs.text
+    their_claim = theirs.json()["claim"]["id"]
+    ours = await second.api.post(*claim_of(second))
+    assert ours.status_code == 201, ours.text  # a claim of its own, not a replay of theirs
+    assert ours.json()["replayed"] is False
+    assert ours.json()["claim"]["id"] != their_claim
+    again = await second.api.post(*claim_of(second))
+    assert again.status_code == 200, again.text
+    assert again.json()["claim"]["id"] == ours.json()["claim"]["id"]
+    refused = await second.api.post(*claim_of(second, other.json()["id"]))
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "REFERENCE_ID_REUSED"
+    assert their_claim not in refused.text
+    # Another member of the organisation: refused, and the first member's claim not named.
+    neighbour = (await api.create_member(organisation_id=first.organisation_id))["id"]
+    await _post(first, "award", {**_award(first, "seed-n"), "member_id": neighbour}, 201)
+    body = {"member_id": neighbour, "reference_id": "kiosk-1"}
+    response = await first.api.post(f"/api/v1/rewards/{reward_id}/claim", body)
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["details"] == {"reference_id": "kiosk-1"}
+    await check_ledger(db)
+
+
+async def test_held_deduction_references_are_kept_apart_per_organisation(
+    tenants: tuple[Tenant, Tenant], db: Database
+) -> None:
+    first, second = tenants
+    for tenant in tenants:
+        await _post(tenant, "award", _award(tenant, f"seed-{tenant.organisation_id}"), 201)
+
+    def held(tenant: Tenant, points: int = 5) -> dict[str, Any]:
+        return {**_spend(tenant, "hold-1", points), "require_approval": True}
+
+    theirs = await _post(first, "deduct", held(first), 202)
+    ours = await _post(second, "deduct", held(second), 202)
+    assert ours["id"] != theirs["id"]
+    assert (await _post(second, "deduct", held(second), 202))["id"] == ours["id"]
+    response = await second.api.post(f"{POINTS}/deduct", held(second, points=6))
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["code"] == "REFERENCE_ID_REUSED"
+    assert theirs["id"] not in response.text
+    await check_ledger(db)

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, String
+from sqlalchemy import BigInteger, ForeignKey, Index, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from memberhub.kit.clock import utcnow
@@ -23,6 +23,17 @@ class ApprovalRequest(IdMixin, Base):
     or sent with `require_approval`)."""
 
     __tablename__ = "approval_requests"
+    __table_args__ = (
+        # A client's reference applies once per organisation (see `reference_scope`).
+        Index(
+            "uq_approval_requests_scope_reference",
+            "reference_scope",
+            "reference_id",
+            unique=True,
+            sqlite_where=text("reference_id IS NOT NULL"),
+            postgresql_where=text("reference_id IS NOT NULL"),
+        ),
+    )
 
     public_id: Mapped[str] = mapped_column(String(32), unique=True)
     operation: Mapped[str] = mapped_column(String(20))  # "deduct"
@@ -31,7 +42,9 @@ class ApprovalRequest(IdMixin, Base):
     )
     points: Mapped[int] = mapped_column(BigInteger)
     reason: Mapped[str] = mapped_column(String(1000))
-    reference_id: Mapped[str | None] = mapped_column(String(200), unique=True)
+    reference_id: Mapped[str | None] = mapped_column(String(200))
+    # The member's organisation (0 for none) when the request carries a reference.
+    reference_scope: Mapped[int | None] = mapped_column(BigIntId)
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     status: Mapped[str] = mapped_column(String(20), default=ApprovalStatus.PENDING, index=True)
     requested_by: Mapped[str] = mapped_column(String(64))

@@ -55,10 +55,15 @@ def deduct_needs_approval(principal: Principal, points_asked: int, program: Loya
 async def request_deduction(
     session: AsyncSession, principal: Principal, member: Member, payload: DeductRequest
 ) -> ApprovalRequest:
-    """Hold a deduction for approval; a repeat with the same reference_id returns it."""
+    """Hold a deduction for approval; a repeat with the same reference_id in the member's
+    organisation returns it."""
+    scope = points.reference_scope(member)
     if payload.reference_id is not None:
         existing = await session.scalar(
-            select(ApprovalRequest).where(ApprovalRequest.reference_id == payload.reference_id)
+            select(ApprovalRequest).where(
+                ApprovalRequest.reference_scope == scope,
+                ApprovalRequest.reference_id == payload.reference_id,
+            )
         )
         if existing is not None:
             if existing.member_id != member.id or existing.points != payload.points:
@@ -74,6 +79,7 @@ async def request_deduction(
         points=payload.points,
         reason=payload.reason,
         reference_id=payload.reference_id,
+        reference_scope=scope if payload.reference_id is not None else None,
         payload={"require_approval": payload.require_approval},
         status=ApprovalStatus.PENDING,
         requested_by=principal.actor.id,

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from memberhub.kit.clock import utcnow
@@ -36,7 +36,18 @@ class Reward(IdMixin, Base):
 
 class RewardClaim(IdMixin, Base):
     __tablename__ = "reward_claims"
-    __table_args__ = (Index("ix_reward_claims_reward_member", "reward_id", "member_id", "status"),)
+    __table_args__ = (
+        Index("ix_reward_claims_reward_member", "reward_id", "member_id", "status"),
+        # A client's reference applies once per organisation (see `reference_scope`).
+        Index(
+            "uq_reward_claims_scope_reference",
+            "reference_scope",
+            "reference_id",
+            unique=True,
+            sqlite_where=text("reference_id IS NOT NULL"),
+            postgresql_where=text("reference_id IS NOT NULL"),
+        ),
+    )
 
     public_id: Mapped[str] = mapped_column(String(32), unique=True)
     reward_id: Mapped[int] = mapped_column(BigIntId, ForeignKey("rewards.id", ondelete="RESTRICT"))
@@ -45,7 +56,9 @@ class RewardClaim(IdMixin, Base):
     )
     status: Mapped[str] = mapped_column(String(20), default=ClaimStatus.CLAIMED)
     points: Mapped[int] = mapped_column(BigInteger)
-    reference_id: Mapped[str | None] = mapped_column(String(200), unique=True)
+    reference_id: Mapped[str | None] = mapped_column(String(200))
+    # The member's organisation (0 for none) when the claim carries a reference.
+    reference_scope: Mapped[int | None] = mapped_column(BigIntId)
     transaction_id: Mapped[int] = mapped_column(BigIntId)
     refund_transaction_id: Mapped[int | None] = mapped_column(BigIntId)
     claimed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -112,9 +112,11 @@ class RewardRepository:
             select(RewardClaim).where(RewardClaim.public_id == public_id)
         )
 
-    async def claim_by_reference(self, reference_id: str) -> RewardClaim | None:
+    async def claim_by_reference(self, scope: int, reference_id: str) -> RewardClaim | None:
         return await self.session.scalar(
-            select(RewardClaim).where(RewardClaim.reference_id == reference_id)
+            select(RewardClaim).where(
+                RewardClaim.reference_scope == scope, RewardClaim.reference_id == reference_id
+            )
         )
 
     async def lock_claim(self, claim_id: int) -> RewardClaim:

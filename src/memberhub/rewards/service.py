@@ -258,10 +258,10 @@ async def claimable_rewards(
 # ---------------------------------------------------------------- claims
 
 
-async def _lock_claim_reference(session: AsyncSession, reference_id: str) -> None:
-    """Serialise claims carrying the same reference until the first commits, so a repeat
-    finds the first claim (on SQLite the write lock already does this)."""
-    digest = hashlib.sha256(f"rewards:claim:{reference_id}".encode()).digest()
+async def _lock_claim_reference(session: AsyncSession, scope: int, reference_id: str) -> None:
+    """Serialise claims carrying the same reference in one organisation until the first
+    commits, so a repeat finds the first claim (on SQLite the write lock already does this)."""
+    digest = hashlib.sha256(f"rewards:claim:{scope}:{reference_id}".encode()).digest()
     await session.run_sync(advisory_xact_lock, int.from_bytes(digest[:8], "big", signed=True))
 
 
@@ -292,21 +292,27 @@ async def claim_reward(
     now: datetime | None = None,
 ) -> ClaimOutcome:
     """Redeem the reward's points and take one unit of stock. With a `reference_id` the
-    claim applies once: a repeat returns the first claim."""
+    claim applies once in the member's organisation: a repeat returns the first claim."""
     now = now or utcnow()
     repo = RewardRepository(session)
     reward = await get_reward(session, reward_public_id)
     member = await get_member(session, principal, member_public_id)
+    scope = points.reference_scope(member)
     if reference_id is not None:
-        await _lock_claim_reference(session, reference_id)
+        await _lock_claim_reference(session, scope, reference_id)
     account = await PointsRepository(session).lock_account(member.id)
     if reference_id is not None:
-        earlier = await repo.claim_by_reference(reference_id)
+        earlier = await repo.claim_by_reference(scope, reference_id)
         if earlier is not None:
             if earlier.reward_id != reward.id or earlier.member_id != member.id:
+                # Only the member's own claim is named: another member's may be one the
+                # caller does not see.
+                details = {"reference_id": reference_id}
+                if earlier.member_id == member.id:
+                    details["claim_id"] = earlier.public_id
                 raise points.ReferenceReused(
                     f"reference_id '{reference_id}' was used for another claim.",
-                    details={"reference_id": reference_id, "claim_id": earlier.public_id},
+                    details=details,
                 )
             return ClaimOutcome(earlier, reward, member, account, replayed=True)
     reward = await repo.lock(reward.id)
@@ -350,6 +356,7 @@ async def claim_reward(
         status=ClaimStatus.CLAIMED,
         points=reward.points_cost,
         reference_id=reference_id,
+        reference_scope=scope if reference_id is not None else None,
         transaction_id=redeemed.transaction.id,
         claimed_at=now,
     )
