@@ -3,6 +3,7 @@ a size limit (`MAX_BODY_BYTES`, and the bulk upload's own) enforced chunk by chu
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from tests.support import ApiClient
 from tests.support_server import running_server
 
 MEMBERS = "/api/v1/members"
+BULK_AWARDS = "/api/v1/points/bulk-awards"
 MIB = 1024 * 1024
 
 
@@ -119,3 +121,71 @@ async def test_a_bulk_upload_has_its_own_limit(
         refused = await client.post("/api/v1/points/bulk-awards", content=rows * 3, headers=headers)
         assert refused.status_code == 413
         assert refused.json()["error"]["details"] == {"max_bytes": 4096}
+
+
+def _open_files_in(directory: Path) -> list[str]:
+    """The files this process holds open in `directory` (an unnamed temporary file shows as
+    `#<inode> (deleted)`)."""
+    opened = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile, as the one listing the directory is
+            continue
+        if target.startswith(f"{directory.resolve()}/"):
+            opened.append(target)
+    return opened
+
+
+async def test_a_bulk_upload_goes_to_a_temporary_file_that_no_outcome_leaves_behind(
+    api: ApiClient, settings: Settings, db: Database
+) -> None:
+    limit = 4 * MIB
+    app = create_app(settings.model_copy(update={"bulk_upload_max_bytes": limit}), db=db)
+    data_dir = settings.data_dir
+    files_before = sorted(data_dir.iterdir())
+    member = await api.create_member()
+    row = f"{member['id']},1\n".encode()
+    seen_while_streaming: list[list[str]] = []
+    pulled = 0
+
+    async def rows(total: int) -> AsyncIterator[bytes]:
+        """A CSV of about `total` bytes in 256 KiB pieces, noting the files held open in
+        the data directory once 2 MiB are sent."""
+        nonlocal pulled
+        pulled = 0
+        yield b"member_id,points\n"
+        piece = row * (256 * 1024 // len(row))
+        while pulled < total:
+            if pulled >= 2 * MIB and not seen_while_streaming:
+                seen_while_streaming.append(_open_files_in(data_dir))
+            pulled += len(piece)
+            yield piece
+
+    headers = {"Authorization": f"Bearer {api.key}", "Content-Type": "text/csv"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        refused = await client.post(BULK_AWARDS, content=rows(50 * MIB), headers=headers)
+        assert refused.status_code == 413, refused.text
+        error = refused.json()["error"]
+        assert (error["code"], error["details"]) == ("PAYLOAD_TOO_LARGE", {"max_bytes": limit})
+        assert pulled <= limit + MIB
+        # Past the in-memory part, the body was in an unnamed file in the data directory.
+        assert [len(files) for files in seen_while_streaming] == [1]
+        assert seen_while_streaming[0][0].endswith(" (deleted)")
+        assert _open_files_in(data_dir) == []
+
+        accepted = await client.post(
+            BULK_AWARDS, content=rows(3 * MIB), params={"reason": "x"}, headers=headers
+        )
+        assert accepted.status_code == 202, accepted.text
+        assert _open_files_in(data_dir) == []
+        bad = await client.post(
+            BULK_AWARDS,
+            content=b"member_id,points\n" + row * 100_000 + b"x,1,2\n",
+            params={"reason": "x"},
+            headers=headers,
+        )
+        assert bad.status_code == 422, bad.text
+        assert _open_files_in(data_dir) == []
+    assert sorted(data_dir.iterdir()) == files_before

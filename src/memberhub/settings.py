@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     bulk_upload_max_bytes: int = Field(
         default=256 * 1024 * 1024,
         ge=1024,
-        description="Largest bulk award upload; more is refused with 413 as it streams in.",
+        description="Largest bulk award upload; more is refused with 413 as it streams in. "
+        "Past its first MiB, an upload is received into an unnamed temporary file in DATA_DIR.",
     )
     worker_interval_seconds: float = 5.0
     database_pool_size: int = 10

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -107,6 +110,101 @@ async def test_rows_are_stored_in_chunks_in_file_order(api: ApiClient, db: Datab
         (2, 2 * size + 1, 100),
     ]
     assert json.loads(chunks[2].rows.split("\n")[0])["points"] == str(2 * size + 1)
+
+
+async def _pieces(data: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    """The bytes as a client streams them: pieces of about `size` bytes, cut anywhere (in a
+    line, in a quoted field, in a character's bytes)."""
+    for start in range(0, len(data), size - 7):
+        yield data[start : start + size - 7]
+
+
+async def test_a_large_upload_is_read_from_its_file_a_block_at_a_time(
+    api: ApiClient, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small chunk records, so that what is measured is how the upload itself is held.
+    monkeypatch.setattr(bulk_service, "CHUNK_ROWS", 50)
+    member = await api.create_member()
+    lines = ["\ufeffmember_id,points,reason,reference_id\r\n"]
+    expected: list[dict[str, Any]] = []
+    for n in range(1, 9001):
+        reason = f"Gift nº {n}, {'é€' * (n % 7)}" + "x" * 900
+        if n % 1000 == 0:
+            reason += "\nsecond line"
+        lines.append(f'{member["id"]},{n},"{reason}",ref-{n}' + ("\r\n" if n % 2 else "\n"))
+        expected.append(
+            {
+                "member_id": member["id"],
+                "points": str(n),
+                "reason": reason,
+                "reference_id": f"ref-{n}",
+            }
+        )
+    body = "".join(lines).encode()
+    size = len(body)
+    assert size > 8 * 1024 * 1024
+
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        response = await api.http.post(
+            BULK,
+            content=_pieces(body),
+            headers={"Authorization": f"Bearer {api.key}", "Content-Type": "text/csv"},
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert response.status_code == 202, response.text
+    assert response.json()["total_rows"] == 9000
+    assert peak - before < size / 4, f"grew by {(peak - before) / 2**20:.1f} MiB"
+    async with db.transaction(read_only=True) as session:
+        chunks = (await session.scalars(select(BulkJobChunk).order_by(BulkJobChunk.sequence))).all()
+    stored = [json.loads(line) for chunk in chunks for line in chunk.rows.split("\n")]
+    assert stored == expected
+
+
+async def test_an_upload_that_is_not_utf8_far_into_the_file_is_refused_with_its_line(
+    api: ApiClient, db: Database
+) -> None:
+    row = f"{(await api.create_member())['id']},1\n".encode()
+    body = b"member_id,points\n" + row * 150_000 + b"mem_\xff,1\n" + row * 10
+    error = (await upload(api, body, reason="x", expect=422))["error"]
+    assert (error["code"], error["details"]["line"]) == ("MALFORMED_UPLOAD", 150_002)
+    assert await stored_counts(db) == (0, 0, 0)
+
+
+async def test_an_upload_repeated_with_its_idempotency_key_is_replayed_not_queued_again(
+    api: ApiClient, db: Database
+) -> None:
+    member = await api.create_member()
+    reason = "Bonus " + "x" * 800
+    body = csv_body(
+        "member_id,points,reason", *[f"{member['id']},{n},{reason}" for n in range(3000)]
+    )
+    assert len(body) > 2 * 1024 * 1024  # received into a file, not memory
+
+    async def send(content: str) -> Any:
+        return await api.http.post(
+            BULK,
+            content=content.encode(),
+            headers={
+                "Authorization": f"Bearer {api.key}",
+                "Content-Type": "text/csv",
+                "Idempotency-Key": "upload-1",
+            },
+        )
+
+    first = await send(body)
+    assert first.status_code == 202, first.text
+    again = await send(body)
+    assert (again.status_code, again.json()["id"]) == (202, first.json()["id"])
+    other = await send(body.replace(",2999,", ",3000,"))
+    assert other.status_code == 422, other.text
+    assert other.json()["error"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert (await stored_counts(db))[0] == 1
 
 
 # (content type, body, line reported or None, words in the message)

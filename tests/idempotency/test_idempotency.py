@@ -4,6 +4,7 @@ twice; keys belong to one API key; failures are not remembered."""
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
 from sqlalchemy import func, select
@@ -11,6 +12,7 @@ from sqlalchemy import func, select
 from memberhub.audit.models import AuditEntry
 from memberhub.auth.roles import Role
 from memberhub.events.models import Event
+from memberhub.idempotency import service as idempotency
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
 from tests.conftest import issue_key
@@ -228,3 +230,11 @@ async def test_concurrent_identical_keyed_membership_joins_apply_once(api: ApiCl
         "/api/v1/events", params={"type": "member.status.changed", "member_id": member["id"]}
     )
     assert len(changes.json()["data"]) == 1
+
+
+def test_a_body_received_into_a_file_has_the_fingerprint_of_its_bytes() -> None:
+    body = bytes(range(256)) * 1000  # several read blocks
+    request = ("POST", "/api/v1/points/bulk-awards", "reason=x")
+    from_bytes = idempotency.fingerprint(*request, body)
+    assert idempotency.fingerprint(*request, io.BytesIO(body)) == from_bytes
+    assert idempotency.fingerprint(*request, io.BytesIO(body[:-1])) != from_bytes

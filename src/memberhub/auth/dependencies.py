@@ -13,7 +13,7 @@ from memberhub.auth.principal import Principal
 from memberhub.auth.roles import Scope
 from memberhub.idempotency import service as idempotency
 from memberhub.kit.errors import IdempotencyKeyReused, Unauthorized, ValidationFailed
-from memberhub.kit.http import get_session
+from memberhub.kit.http import get_session, received_body
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer mh_…`")
 
@@ -89,7 +89,7 @@ async def _check_idempotency(
             "Idempotency-Key must be 1 to 255 printable characters.",
             details={"header": "Idempotency-Key"},
         )
-    body = await request.body()
+    body = await received_body(request)
     fingerprint = idempotency.fingerprint(request.method, request.url.path, request.url.query, body)
     await idempotency.lock(session, principal.key_id, key)
     record = await idempotency.find(session, principal.key_id, key)

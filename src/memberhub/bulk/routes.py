@@ -17,6 +17,7 @@ from memberhub.kit.http import (
     ErrorBody,
     UnitOfWorkRoute,
     body_limit,
+    spooled_body,
 )
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath
@@ -74,7 +75,7 @@ REPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
     openapi_extra=UPLOAD_OPENAPI,
     responses=UPLOAD_RESPONSES,
 )
-@body_limit("bulk_upload_max_bytes")
+@body_limit("bulk_upload_max_bytes", spool=True)
 async def create_bulk_award(
     request: Request,
     response: Response,
@@ -94,7 +95,8 @@ async def create_bulk_award(
         session,
         principal,
         media_type=request.headers.get("content-type", ""),
-        body=await request.body(),  # received before the transaction, within its limit
+        # Received into a temporary file before the transaction, within its limit.
+        body=spooled_body(request),
         default_reason=reason,
     )
     out = service.job_out(job)

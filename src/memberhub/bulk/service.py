@@ -22,7 +22,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import IO, Any
 
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import DataError, IntegrityError
@@ -115,7 +115,7 @@ async def create_bulk_award(
     principal: Principal,
     *,
     media_type: str,
-    body: bytes,
+    body: IO[bytes],
     default_reason: str | None,
     now: datetime | None = None,
     chunk_rows: int | None = None,

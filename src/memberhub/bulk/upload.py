@@ -3,16 +3,20 @@
 Only the structure is checked here (a header, parseable CSV or JSON, known columns, one
 object per row); the values of each row are checked when the worker applies it, so one bad
 row fails that row rather than the upload. Rows are produced one at a time, as plain dicts
-of the fields present, so a file of a million rows never exists as a million objects.
+of the fields present, so a file of a million rows never exists as a million objects. The
+upload arrives as a temporary file; CSV is read from it a block at a time and never held in
+memory whole (JSON is: its reader works on the whole text).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import re
 from collections.abc import Generator, Iterator
-from typing import Any
+from typing import IO, Any
 
 from memberhub.kit.errors import MemberhubError, ValidationFailed
 
@@ -23,6 +27,7 @@ CSV_MEDIA_TYPE = "text/csv"
 JSON_MEDIA_TYPE = "application/json"
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+READ_BYTES = 64 * 1024
 
 
 class MalformedUpload(ValidationFailed):
@@ -54,19 +59,31 @@ def _check_columns(names: list[str], line: int) -> None:
         )
 
 
-def decode(body: bytes) -> str:
-    try:
-        return body.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = body.count(b"\n", 0, exc.start) + 1
-        raise _malformed("the upload is not UTF-8 text.", line) from exc
+def check_utf8(file: IO[bytes]) -> None:
+    """Refuse a file that is not UTF-8 text, naming the line of its first bad byte; read a
+    block at a time, and left at its start."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines_before = 0
+    file.seek(0)
+    while True:
+        block = file.read(READ_BYTES)
+        try:
+            decoder.decode(block, final=not block)
+        except UnicodeDecodeError as exc:
+            # `exc.object` is the block after what the decoder kept of the one before: the
+            # start of a character, never a line break.
+            line = lines_before + exc.object.count(b"\n", 0, exc.start) + 1
+            raise _malformed("the upload is not UTF-8 text.", line) from exc
+        if not block:
+            break
+        lines_before += block.count(b"\n")
+    file.seek(0)
 
 
 class Upload:
     """The rows of one upload, read lazily; `default_reason` is known once they are read."""
 
-    def __init__(self, text: str) -> None:
-        self.text = text
+    def __init__(self) -> None:
         self.default_reason: str | None = None
         self.row_count = 0
 
@@ -84,19 +101,23 @@ class Upload:
 
 
 class CsvUpload(Upload):
-    """A header row naming the columns, then one award per line (blank lines are skipped)."""
+    """A header row naming the columns, then one award per line (blank lines are skipped).
+    Lines end at "\n" only (a "\r" before it is the CSV reader's to take)."""
 
-    def _lines(self) -> Iterator[str]:
-        # Slices of the text, not a list of lines or a StringIO copy of it.
-        text, start = self.text, 0
-        while start < len(text):
-            end = text.find("\n", start)
-            end = len(text) if end < 0 else end + 1
-            yield text[start:end]
-            start = end
+    def __init__(self, file: IO[bytes]) -> None:
+        super().__init__()
+        self.file = file
 
     def _parse(self) -> Iterator[dict[str, Any]]:
-        reader = csv.reader(self._lines(), strict=True)
+        self.file.seek(0)
+        text = io.TextIOWrapper(self.file, encoding="utf-8-sig", newline="\n")
+        try:
+            yield from self._parse_lines(text)
+        finally:
+            text.detach()  # the file is the caller's to close
+
+    def _parse_lines(self, lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+        reader = csv.reader(lines, strict=True)
         try:
             header = next(reader, None)
             while header is not None and not any(header):
@@ -141,7 +162,8 @@ class JsonUpload(Upload):
     """`{"reason": "...", "rows": [{...}, ...]}`, read one row object at a time."""
 
     def __init__(self, text: str) -> None:
-        super().__init__(text)
+        super().__init__()
+        self.text = text
         self._decoder = json.JSONDecoder()
 
     def _line(self, position: int) -> int:
@@ -225,10 +247,13 @@ class JsonUpload(Upload):
         return self._skip(position + 1)
 
 
-def open_upload(media_type: str, body: bytes) -> Upload:
+def open_upload(media_type: str, file: IO[bytes]) -> Upload:
+    """The upload in `file`, which stays open (and is read) while its rows are."""
     kind = media_type.split(";", 1)[0].strip().lower()
+    if kind not in (CSV_MEDIA_TYPE, JSON_MEDIA_TYPE):
+        raise UnsupportedMediaType(details={"content_type": kind[:100] or None})
+    check_utf8(file)
     if kind == CSV_MEDIA_TYPE:
-        return CsvUpload(decode(body))
-    if kind == JSON_MEDIA_TYPE:
-        return JsonUpload(decode(body))
-    raise UnsupportedMediaType(details={"content_type": kind[:100] or None})
+        return CsvUpload(file)
+    # The JSON reader works on the whole text (within the upload's byte limit).
+    return JsonUpload(file.read().decode("utf-8-sig"))

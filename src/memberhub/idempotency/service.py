@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import IO
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,6 +24,7 @@ from memberhub.kit.db import advisory_xact_lock
 
 REPLAYED_HEADERS = ("content-type", "etag", "location")
 MAX_KEY_LENGTH = 255
+FINGERPRINT_BLOCK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,22 @@ class IdempotentReplay(Exception):
         self.response = response
 
 
-def fingerprint(method: str, path: str, query: str, body: bytes) -> str:
+def fingerprint(method: str, path: str, query: str, body: bytes | IO[bytes]) -> str:
+    """One digest of the request; a body in a file (an upload) is read a block at a time
+    and gives the digest its bytes would."""
     digest = hashlib.sha256()
-    for part in (method.encode(), path.encode(), query.encode(), body):
+    for part in (method.encode(), path.encode(), query.encode()):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
+    if isinstance(body, bytes):
+        digest.update(len(body).to_bytes(8, "big"))
+        digest.update(body)
+    else:
+        body.seek(0, os.SEEK_END)
+        digest.update(body.tell().to_bytes(8, "big"))
+        body.seek(0)
+        while block := body.read(FINGERPRINT_BLOCK_BYTES):
+            digest.update(block)
     return digest.hexdigest()
 
 

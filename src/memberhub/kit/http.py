@@ -6,7 +6,9 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from pathlib import Path
+from tempfile import SpooledTemporaryFile
+from typing import IO, Annotated, Any
 
 import sentry_sdk
 import structlog
@@ -105,34 +107,89 @@ class PayloadTooLarge(MemberhubError):
     default_message = "The request body is too large."
 
 
+# A spooled body's first bytes stay in memory; past this it is written to a file.
+SPOOL_MEMORY_BYTES = 1024 * 1024
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The request body is larger than {limit:,} bytes.", details={"max_bytes": limit}
+    )
+
+
+def _refuse_declared_length(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request's body, read as it streams in and refused (413) as soon as it passes
     `limit` bytes, or at once when its Content-Length says it will. It is kept on the
     request, so later reads (FastAPI's) find it."""
-    declared = request.headers.get("content-length", "")
-    too_large = PayloadTooLarge(
-        f"The request body is larger than {limit:,} bytes.", details={"max_bytes": limit}
-    )
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
+    _refuse_declared_length(request, limit)
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
         if len(body) > limit:
-            raise too_large
+            raise _too_large(limit)
     request._body = bytes(body)  # Starlette's cache of the body
     return request._body
 
 
-def body_limit(setting: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+async def spool_body(request: Request, limit: int, directory: Path) -> IO[bytes]:
+    """The request's body received into a temporary file, refused (413) as `read_body`
+    refuses it. Up to `SPOOL_MEMORY_BYTES` stay in memory; past that the body goes to an
+    unnamed file in `directory`, which leaves nothing on disk once closed, or if the
+    process dies. The caller closes it; a refused body's file is closed here."""
+    _refuse_declared_length(request, limit)
+    # Returned open, not closed by a `with`: the endpoint reads it.
+    file: SpooledTemporaryFile[bytes] = SpooledTemporaryFile(  # noqa: SIM115
+        max_size=SPOOL_MEMORY_BYTES, dir=str(directory)
+    )
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            if size > SPOOL_MEMORY_BYTES:
+                file.rollover()  # before the write: a large chunk is never copied to memory
+            file.write(chunk)
+    except BaseException:
+        file.close()
+        raise
+    file.seek(0)
+    return file
+
+
+def body_limit(
+    setting: str, *, spool: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give an endpoint (an upload) the body limit in the named setting instead of
-    `max_body_bytes`."""
+    `max_body_bytes`. With `spool`, the body is received into a temporary file
+    (`spool_body`) rather than memory, and the endpoint reads it with `spooled_body`."""
 
     def mark(endpoint: Callable[..., Any]) -> Callable[..., Any]:
         endpoint.body_limit_setting = setting  # type: ignore[attr-defined]
+        endpoint.body_spooled = spool  # type: ignore[attr-defined]
         return endpoint
 
     return mark
+
+
+def spooled_body(request: Request) -> IO[bytes]:
+    """The body of a `body_limit(..., spool=True)` endpoint, from its start."""
+    file: IO[bytes] = request.state.spooled_body
+    file.seek(0)
+    return file
+
+
+async def received_body(request: Request) -> bytes | IO[bytes]:
+    """The body as the route received it: bytes, or the file of a spooled upload."""
+    if getattr(request.state, "spooled_body", None) is not None:
+        return spooled_body(request)
+    return await request.body()
 
 
 def _query_names(dependant: Dependant) -> frozenset[str]:
@@ -153,13 +210,36 @@ class CheckedRoute(APIRoute):
     """A route that refuses what it can before reading the body: the API key is checked
     first (an unauthenticated upload is answered 401 without being read), then the body is
     read as it streams in, up to the configured limit (`MAX_BODY_BYTES`, or the endpoint's
-    own `body_limit`)."""
+    own `body_limit`), into memory or, for a spooled upload, a temporary file closed when
+    the endpoint is done."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.authenticates_first = _authenticates_first(self.dependant)
         self.query_names = _query_names(self.dependant)
         self.body_limit_setting = getattr(self.endpoint, "body_limit_setting", "max_body_bytes")
+
+    @property
+    def spools_body(self) -> bool:
+        # Asked while APIRoute's __init__ builds the handler, before ours has run.
+        return bool(getattr(self.endpoint, "body_spooled", False))
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+        if not self.spools_body:
+            return handle
+
+        async def closing_spooled_body(request: Request) -> Response:
+            try:
+                return await handle(request)
+            finally:
+                # A request that ends before its endpoint runs (cancelled while it waits for
+                # the write slot, say) leaves its file to be closed when it is freed.
+                spooled: IO[bytes] | None = getattr(request.state, "spooled_body", None)
+                if spooled is not None:
+                    spooled.close()
+
+        return closing_spooled_body
 
     async def check_before_body(self, request: Request) -> None:
         if self.authenticates_first:
@@ -173,8 +253,13 @@ class CheckedRoute(APIRoute):
             )
         if request.method not in SAFE_METHODS:
             # Received whole before any transaction: a slow upload holds no write slot.
-            limit = getattr(request.app.state.settings, self.body_limit_setting)
-            await read_body(request, limit)
+            settings = request.app.state.settings
+            limit = getattr(settings, self.body_limit_setting)
+            if self.spools_body:
+                # In the data directory: a temporary directory is often held in memory.
+                request.state.spooled_body = await spool_body(request, limit, settings.data_dir)
+            else:
+                await read_body(request, limit)
 
 
 class UnitOfWorkRoute(CheckedRoute):
