@@ -41,6 +41,7 @@ from memberhub.memberships.routes import router as memberships_router
 from memberhub.ops.docs import install_docs
 from memberhub.ops.metrics import Metrics
 from memberhub.ops.routes import router as ops_router
+from memberhub.ops.tracing import start_tracing
 from memberhub.ops.tracking import configure_error_tracking
 from memberhub.organisations.routes import router as organisations_router
 from memberhub.points.routes import router as points_router
@@ -97,6 +98,9 @@ def create_app(
     elif (shared_key := database_key(db)) is None or shared_key.seal != chain_key.seal:
         raise ValueError("`db` must be opened with the audit chain key of `settings`")
     ProcessCache.configure(settings.cache_ttl_seconds, settings.data_dir / CACHE_STAMP_FILE)
+    tracing = start_tracing(settings)
+    if tracing is not None:
+        tracing.trace_database(db)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,6 +114,7 @@ def create_app(
                 settings=settings,
                 metrics=app.state.metrics,
                 hub=app.state.integrations,
+                tracing=tracing,
             )
             if elect_worker:
                 task = asyncio.create_task(
@@ -129,6 +134,8 @@ def create_app(
             await app.state.integrations.aclose()
             if owns_db:
                 await db.dispose()
+            if tracing is not None:
+                await tracing.aclose()
 
     app = FastAPI(
         title="memberhub",
@@ -149,12 +156,16 @@ def create_app(
         app.state.secret_box,
         UrlPolicy.from_settings(settings),
         registry=app.state.metrics.registry,
+        tracing=tracing,
     )
     app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.redis_url)
     app.state.authenticate_first = authenticate_first
     app.state.embedded_worker = embedded_worker
     app.add_middleware(MethodsMiddleware)
     app.add_middleware(RequestContextMiddleware)
+    app.state.tracing = tracing
+    if tracing is not None:
+        tracing.instrument_app(app)  # the outermost: the span covers the others' work
     install_error_handlers(app)
     for router in (
         organisations_router,

@@ -161,12 +161,14 @@ def worker(
 
     from memberhub.kit.logging import configure_logging
     from memberhub.ops.metrics import Metrics
+    from memberhub.ops.tracing import start_tracing
     from memberhub.worker.runner import Worker
 
     settings = _settings()
     _require_secret_key(settings)
     configure_logging(settings.log_level, json=settings.log_json)
     configure_error_tracking(settings)
+    tracing = start_tracing(settings)
 
     async def work(db: Database) -> None:
         stop = asyncio.Event()
@@ -183,9 +185,20 @@ def worker(
             interval_seconds=settings.worker_interval_seconds,
             settings=settings,
             metrics=metrics,
+            tracing=tracing,
         ).run_forever(stop)
 
-    _run(work, seal_audit=True)
+    async def traced_work(db: Database) -> None:
+        """`work`, its statements and outbound calls traced; the spans still waiting are
+        exported on the way out."""
+        assert tracing is not None
+        tracing.trace_database(db)
+        try:
+            await work(db)
+        finally:
+            await tracing.aclose()
+
+    _run(work if tracing is None else traced_work, seal_audit=True)
 
 
 @db_app.command("upgrade")

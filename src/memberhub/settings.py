@@ -9,7 +9,7 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -157,6 +157,33 @@ class Settings(BaseSettings):
     sentry_traces_sample_rate: float = Field(
         default=0.0, ge=0, le=1, description="Share of requests traced to Sentry."
     )
+    # OpenTelemetry traces. The endpoint and the service name are also read from the standard
+    # OTEL_ variables: their second alias, the field's name, is that variable's name (names
+    # are case-insensitive). The MEMBERHUB_ one wins when both are set.
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "MEMBERHUB_OTEL_EXPORTER_OTLP_ENDPOINT", "otel_exporter_otlp_endpoint"
+        ),
+        pattern=r"^https?://[^\s]+$",
+        description="Export traces of requests, job runs and webhook sends, with their SQL "
+        "statements and outbound HTTP calls, over OTLP/HTTP (protobuf) to the collector at "
+        "this base URL (traces are POSTed to /v1/traces under it), e.g. "
+        "http://127.0.0.1:4318. Unset: nothing is traced and no tracing code is loaded.",
+    )
+    otel_service_name: str = Field(
+        default="memberhub",
+        min_length=1,
+        validation_alias=AliasChoices("MEMBERHUB_OTEL_SERVICE_NAME", "otel_service_name"),
+        description="The service.name of the exported traces.",
+    )
+    otel_traces_sample_ratio: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Share of traces started here that are recorded; a request carrying a "
+        "traceparent header follows its caller's decision instead.",
+    )
     daily_jobs_at: str = Field(
         default="03:00",
         pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$",
@@ -174,6 +201,15 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: str) -> str:
         return value.upper()
+
+    @field_validator("otel_exporter_otlp_endpoint", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `OTEL_EXPORTER_OTLP_ENDPOINT=` (set but empty) means no tracing, as it does for
+        # the OpenTelemetry SDK.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     @field_validator("webhook_retry_schedule")
     @classmethod

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
@@ -34,6 +34,9 @@ from memberhub.integrations.providers.base import BaseConfig, Connection, Provid
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.webhooks.ssrf import UrlPolicy, guarded_transport
+
+if TYPE_CHECKING:
+    from memberhub.ops.tracing import Tracing
 
 log = structlog.get_logger("memberhub.integrations")
 
@@ -85,15 +88,17 @@ class IntegrationHub:
         registry: CollectorRegistry | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         retry_sleep: Sleep = asyncio.sleep,
+        tracing: Tracing | None = None,
     ) -> None:
         """`retry_sleep` waits out the gateways' retry backoffs and Retry-After answers
-        (tests shorten it; rate limits keep real time)."""
+        (tests shorten it; rate limits keep real time). `tracing`: a span for each call."""
         self.db = db
         self.box = box
         self.url_policy = url_policy
         self.registry = registry if registry is not None else CollectorRegistry()
         self._transport = transport
         self._retry_sleep = retry_sleep
+        self._tracing = tracing
         self._entries: dict[int, _Entry] = {}
         self._calls: deque[tuple[int, CallRecord]] = deque(maxlen=MAX_PENDING_CALLS)
         self._drain_lock = asyncio.Lock()
@@ -184,9 +189,12 @@ class IntegrationHub:
         return await entry.token_gateway.request("POST", entry.token_url, data=form)
 
     def _new_transport(self) -> httpx.AsyncBaseTransport:
-        if self._transport is not None:
-            return self._transport
-        return guarded_transport(self.url_policy)
+        transport = self._transport
+        if transport is None:
+            transport = guarded_transport(self.url_policy)
+        if self._tracing is not None:
+            return self._tracing.traced_transport(transport, show_path=True)
+        return transport
 
     async def _authenticate(self, integration_id: int, request: httpx.Request) -> None:
         entry = self._entries[integration_id]

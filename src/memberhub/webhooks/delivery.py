@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import structlog
@@ -44,6 +44,7 @@ from memberhub.kit.crypto import SecretBox, SecretUnreadable
 from memberhub.kit.db import Database
 from memberhub.kit.ids import new_public_id
 from memberhub.ops.metrics import Metrics
+from memberhub.ops.tracing import work_span
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.settings import Settings
 from memberhub.webhooks import service
@@ -55,6 +56,9 @@ from memberhub.webhooks.models import (
 )
 from memberhub.webhooks.signing import TypeMatcher, signature_header
 from memberhub.webhooks.ssrf import DestinationRefused, UrlPolicy, guarded_transport
+
+if TYPE_CHECKING:
+    from memberhub.ops.tracing import Tracing
 
 log = structlog.get_logger("memberhub.webhooks")
 
@@ -337,12 +341,15 @@ class DeliveryLoop:
         *,
         worker_id: str,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        """`tracing`: each send is a trace, its POST a span in it."""
         self.db = db
         self.config = config
         self.box = box
         self.worker_id = worker_id
         self.metrics = metrics
+        self.tracing = tracing
         self._endpoints: dict[int, EndpointState] = {}
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -468,7 +475,9 @@ class DeliveryLoop:
                 limits=httpx.Limits(max_connections=cap, max_keepalive_connections=cap),
             )
             endpoint.client = httpx.AsyncClient(
-                transport=transport,
+                transport=transport
+                if self.tracing is None
+                else self.tracing.traced_transport(transport, show_path=False),
                 trust_env=False,
                 follow_redirects=False,
                 timeout=self.config.timeout,
@@ -712,8 +721,15 @@ class DeliveryLoop:
         task.add_done_callback(self._tasks.discard)
 
     async def _send_and_queue(self, claimed: Claimed) -> None:
+        traced: dict[str, str | int] = {
+            "memberhub.webhook_endpoint.id": claimed.endpoint.public_id,
+            "memberhub.event.id": claimed.event_public_id,
+            "memberhub.event.type": claimed.event_type,
+            "memberhub.delivery.attempt": claimed.attempt_number,
+        }
         try:
-            result = await self.send(claimed)
+            with work_span(self.tracing, "webhook send", traced):
+                result = await self.send(claimed)
         except Exception as exc:  # a bug here must not lose the attempt
             log.exception("delivery_send_failed", endpoint=claimed.endpoint.public_id)
             result = AttemptResult(

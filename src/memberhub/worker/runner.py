@@ -27,6 +27,7 @@ from memberhub.kit.db import Database
 from memberhub.memberships.jobs import advance_membership_statuses
 from memberhub.ops.metrics import Metrics
 from memberhub.ops.retention import purge_expired_history
+from memberhub.ops.tracing import Tracing, work_span
 from memberhub.points.jobs import activate_pending_points, expire_points, notify_expiring_points
 from memberhub.settings import Settings
 from memberhub.tiers.jobs import run_review as review_tiers
@@ -103,8 +104,11 @@ class Worker:
         settings: Settings | None = None,
         metrics: Metrics | None = None,
         hub: IntegrationHub | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        """`tracing`: each job run and each webhook send is a trace."""
         self.db = db
+        self.tracing = tracing
         self.interval_seconds = interval_seconds
         self.daily_at = settings.daily_jobs_time if settings is not None else DEFAULT_DAILY_AT
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -142,6 +146,7 @@ class Worker:
                 SecretBox(settings.resolved_secret_key),
                 UrlPolicy.from_settings(settings),
                 registry=metrics.registry if metrics is not None else None,
+                tracing=tracing,
             )
         self.hub = hub
         if hub is not None:
@@ -167,6 +172,7 @@ class Worker:
                 SecretBox(settings.resolved_secret_key),
                 worker_id=self.worker_id,
                 metrics=metrics,
+                tracing=tracing,
             )
             if settings is not None
             else None
@@ -194,7 +200,8 @@ class Worker:
                     and not await claim_daily_run(self.db, job.name, started, self.daily_at)
                 ):
                     continue
-                results[job.name] = await run_job(self.db, job, started)
+                with work_span(self.tracing, f"job {job.name}", {"memberhub.job": job.name}):
+                    results[job.name] = await run_job(self.db, job, started)
             except Exception:
                 log.exception("job_failed", job=job.name)
                 continue
