@@ -14,11 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import select
 
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
 from memberhub.worker.models import WorkerHeartbeat
+from tests.ops.exposition import pids, sample_value, sample_values
 
 MEMBERHUB = str(Path(sys.executable).with_name("memberhub"))
 
@@ -179,3 +181,87 @@ def test_serve_with_two_processes_runs_one_worker_and_shares_changes_at_once(
     assert len(_heartbeat_ids(database_url)) == 1
     assert log.count('"worker_started"') == 1
     assert '"worker_standby"' in log
+
+
+def _answered_by_process(metrics_dir: Path, route: str) -> dict[str, float]:
+    """Requests to `route` each process has answered, read from its own file."""
+    return {
+        path.stem.removeprefix("counter_"): sum(
+            sample.value
+            for family in MultiProcessCollector.merge([str(path)])
+            for sample in family.samples
+            if sample.name == "memberhub_http_requests_total" and sample.labels["route"] == route
+        )
+        for path in metrics_dir.glob("counter_*.db")
+    }
+
+
+def _both_answered(metrics_dir: Path, route: str, *, at_least: int) -> bool:
+    answered = _answered_by_process(metrics_dir, route).values()
+    return len([count for count in answered if count >= at_least]) == 2
+
+
+def test_metrics_of_serve_with_two_processes_count_the_requests_of_both(
+    process_env: dict[str, str], admin_key: str, tmp_path: Path
+) -> None:
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    # A file of an earlier run, which serve must clear.
+    (metrics_dir / "counter_1.db").write_bytes(b"stale")
+    port = _free_port()
+    process = _start(
+        ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        {**process_env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+    )
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    program = {"method": "GET", "route": "/api/v1/program", "status": "200"}
+    scrapes: list[str] = []
+
+    def scrape() -> str:
+        response = httpx.get(f"{base}/metrics", timeout=10)
+        assert response.status_code == 200, response.text
+        scrapes.append(response.text)
+        return response.text
+
+    try:
+        _wait_for_health(base, process)
+        # A new connection each time; the kernel hands each to either process: go on until
+        # both have answered some.
+        sent = 0
+        while sent < 20 or not _both_answered(metrics_dir, "/api/v1/program", at_least=1):
+            assert sent < 500, "one process answered every request"
+            response = httpx.get(f"{base}/api/v1/program", headers=headers, timeout=10)
+            assert response.status_code == 200, response.text
+            sent += 1
+        # The last request is counted once its response has gone: wait for that, once.
+        deadline = time.monotonic() + 5
+        while sample_values(scrape(), "memberhub_http_requests_total", **program) != [sent]:
+            assert time.monotonic() < deadline, scrapes[-1]
+            time.sleep(0.05)
+        counted_from = len(scrapes) - 1
+        # Scrapes answered by both processes.
+        while len(scrapes) < 8 or not _both_answered(metrics_dir, "/metrics", at_least=2):
+            assert len(scrapes) < 500, "one process answered every scrape"
+            scrape()
+        # The embedded worker's jobs, run by one process, are reported by either.
+        deadline = time.monotonic() + 15
+        while not sample_values(scrape(), "memberhub_job_runs_total", outcome="success"):
+            assert time.monotonic() < deadline, "no job run reported"
+            time.sleep(0.1)
+    finally:
+        exit_code, _ = _stop(process)
+    assert exit_code in (0, -signal.SIGTERM)
+
+    for scraped_before, text in enumerate(scrapes[counted_from:], start=counted_from):
+        assert sample_value(text, "memberhub_http_requests_total", **program) == sent
+        # A scrape is counted once answered: the one just before may not be yet.
+        metrics = {"method": "GET", "route": "/metrics", "status": "200"}
+        scrapes_counted = sum(sample_values(text, "memberhub_http_requests_total", **metrics))
+        assert scraped_before - 1 <= scrapes_counted <= scraped_before
+        assert sample_value(text, "memberhub_processes") == 2
+        assert len(pids(text, "memberhub_process_cpu_seconds_total")) == 2
+        assert len(pids(text, "memberhub_process_resident_memory_bytes")) == 2
+        assert len(pids(text, "memberhub_process_open_fds")) == 2
+        assert sample_value(text, "memberhub_db_pool_size", pool="main") > 0
+        assert sample_values(text, "memberhub_db_pool_checked_out", pool="main")

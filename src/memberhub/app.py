@@ -107,6 +107,7 @@ def create_app(
         stop = asyncio.Event()
         task = None
         drainer = asyncio.create_task(_drain_call_log(app.state.integrations, stop))
+        pool_sampler = asyncio.create_task(app.state.metrics.sample_pools_until(stop))
         if embedded_worker:
             worker = Worker(
                 db,
@@ -131,11 +132,14 @@ def create_app(
                     await task
             with contextlib.suppress(asyncio.CancelledError):
                 await drainer
+            with contextlib.suppress(asyncio.CancelledError):
+                await pool_sampler
             await app.state.integrations.aclose()
             if owns_db:
                 await db.dispose()
             if tracing is not None:
                 await tracing.aclose()
+            app.state.metrics.close()
 
     app = FastAPI(
         title="memberhub",
@@ -150,6 +154,7 @@ def create_app(
     app.state.settings = settings
     app.state.db = db
     app.state.metrics = Metrics()
+    app.state.metrics.watch_pools(db)
     app.state.secret_box = SecretBox(settings.resolved_secret_key)
     app.state.integrations = IntegrationHub(
         db,

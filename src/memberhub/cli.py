@@ -125,6 +125,7 @@ def serve(
     import uvicorn
 
     from memberhub.app import SERVE_WORKER_ENV, create_app
+    from memberhub.ops.metrics import multiprocess_directory
 
     settings = _settings()
     _require_secret_key(settings)
@@ -141,12 +142,15 @@ def serve(
     )
     if count == 1:
         configure_error_tracking(settings)
-        uvicorn.run(create_app(settings, embedded_worker=not no_worker), **options)  # type: ignore[arg-type]
+        with multiprocess_directory(processes=1):
+            uvicorn.run(create_app(settings, embedded_worker=not no_worker), **options)  # type: ignore[arg-type]
         return
     # Each process builds its app from the environment, as this one read it.
     settings.ensure_data_dir()
     os.environ[SERVE_WORKER_ENV] = "0" if no_worker else "1"
-    uvicorn.run("memberhub.app:serve_app", factory=True, workers=count, **options)  # type: ignore[arg-type]
+    # Every process's metrics in one directory, so that any of them reports them all.
+    with multiprocess_directory(processes=count):
+        uvicorn.run("memberhub.app:serve_app", factory=True, workers=count, **options)  # type: ignore[arg-type]
 
 
 @app.command()
@@ -178,15 +182,20 @@ def worker(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         metrics = Metrics()
+        metrics.watch_pools(db)
         if metrics_port is not None:
-            start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
-        await Worker(
+            start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.exposed)
+        jobs = Worker(
             db,
             interval_seconds=settings.worker_interval_seconds,
             settings=settings,
             metrics=metrics,
             tracing=tracing,
-        ).run_forever(stop)
+        )
+        try:
+            await asyncio.gather(jobs.run_forever(stop), metrics.sample_pools_until(stop))
+        finally:
+            metrics.close()
 
     async def traced_work(db: Database) -> None:
         """`work`, its statements and outbound calls traced; the spans still waiting are

@@ -303,6 +303,8 @@ class _Metrics:
             "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
             ["integration"],
             registry=registry,
+            # Each process has its own breaker: with several, the most open of those running.
+            multiprocess_mode="livemax",
         )
 
 

@@ -4,11 +4,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select, text
 
 from memberhub.events.models import Event
 from memberhub.kit.clock import utcnow
+from memberhub.ops.metrics import database_figures
 from memberhub.webhooks.delivery import queue_stats
 from memberhub.worker import heartbeat
 
@@ -55,7 +56,8 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics of this process, and queue figures read from the database."""
+    """Prometheus metrics of every process of this service (`ops/metrics.py`), and queue
+    figures read from the database."""
     app_metrics = request.app.state.metrics
     async with request.app.state.db.transaction(read_only=True) as session:
         pending = await session.scalar(
@@ -63,13 +65,12 @@ async def metrics(request: Request) -> Response:
         )
         queue = await queue_stats(session)
     now = utcnow()
-    app_metrics.events_pending.set(pending or 0)
-    app_metrics.set_webhook_queue(
-        [
+    figures = database_figures(
+        events_pending=pending or 0,
+        worker_heartbeat_age=await _worker_age_seconds(request),
+        webhook_queue=[
             (endpoint, depth, max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
             for endpoint, depth, oldest in queue
-        ]
+        ],
     )
-    age = await _worker_age_seconds(request)
-    app_metrics.worker_heartbeat_age.set(-1 if age is None else age)
-    return Response(generate_latest(app_metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(app_metrics.latest(figures), media_type=CONTENT_TYPE_LATEST)

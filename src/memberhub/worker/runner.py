@@ -109,6 +109,7 @@ class Worker:
         """`tracing`: each job run and each webhook send is a trace."""
         self.db = db
         self.tracing = tracing
+        self.metrics = metrics
         self.interval_seconds = interval_seconds
         self.daily_at = settings.daily_jobs_time if settings is not None else DEFAULT_DAILY_AT
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -193,6 +194,7 @@ class Worker:
                 continue
             self._last_run[job.name] = loop.time()
             started = now or utcnow()
+            began = loop.time()
             try:
                 if (
                     job.daily
@@ -204,12 +206,18 @@ class Worker:
                     results[job.name] = await run_job(self.db, job, started)
             except Exception:
                 log.exception("job_failed", job=job.name)
+                self._observe(job, loop.time() - began, succeeded=False)
                 continue
+            self._observe(job, loop.time() - began, succeeded=True)
             if results[job.name]:
                 log.info("job_done", job=job.name, affected=results[job.name])
         # And the jobs' own events and audit entries, without waiting for the sequencer loop.
         await run_passes(self.db, wait=False)
         return results
+
+    def _observe(self, job: Job, seconds: float, *, succeeded: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_job(job.name, seconds, succeeded=succeeded)
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         log.info("worker_started", worker_id=self.worker_id)
