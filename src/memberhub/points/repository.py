@@ -257,6 +257,25 @@ class PointsRepository:
             )
         ).all()
 
+    async def extendable_batches(
+        self, member_id: int, *, valid_at: datetime, lock: bool
+    ) -> Sequence[PointBatch]:
+        """Active and pending batches with points left and an expiry after `valid_at`,
+        soonest expiry first; locked for the change when `lock`."""
+        query = (
+            select(PointBatch)
+            .where(
+                PointBatch.member_id == member_id,
+                PointBatch.status.in_((BatchStatus.ACTIVE, BatchStatus.PENDING)),
+                PointBatch.remaining > 0,
+                PointBatch.expires_at > valid_at,
+            )
+            .order_by(PointBatch.expires_at, PointBatch.id)
+        )
+        if lock:
+            query = query.with_for_update().execution_options(populate_existing=True)
+        return (await self.session.scalars(query)).all()
+
     async def batches_for_member(
         self, member_id: int, *, status: str | None, after_id: int | None, limit: int
     ) -> Sequence[PointBatch]:

@@ -521,10 +521,83 @@ async def earn_points(
         return LedgerResult(replay, account, replayed=True)
     multiplier = await tiers.earn_multiplier_percent(session, account.tier_code)
     points = program_service.points_for_amount(program, amount, multiplier)
+    details: dict[str, Any] = {"multiplier_percent": multiplier, "requested_points": None}
+    return await _earn(
+        session,
+        actor,
+        member,
+        account,
+        now,
+        program,
+        points=points,
+        amount=amount,
+        currency=currency,
+        reference_id=reference_id,
+        reason=reason,
+        details=details,
+    )
+
+
+async def earn_by_rule(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    account: PointAccount,
+    *,
+    points: int,
+    reference_id: str,
+    reason: str,
+    amount: int | None,
+    currency: str | None,
+    details: dict[str, Any],
+    now: datetime,
+) -> LedgerResult:
+    """Points an earning rule credits for an activity (`activities/service.py`): an earn,
+    pending and expiring as the program says, like `earn_points`'.
+
+    The caller holds the member's `account`, locked, and a `reference_id` nobody used: the
+    activity it derives from was just recorded or matched, once (its unique source id, or
+    its locked row). The reference's unique index stays the backstop, so a mistake there
+    fails the request rather than credit twice.
+    """
+    assert points > 0
+    program = await program_service.get_program(session)
+    return await _earn(
+        session,
+        actor,
+        member,
+        account,
+        now,
+        program,
+        points=points,
+        amount=amount,
+        currency=currency,
+        reference_id=reference_id,
+        reason=reason,
+        details=details,
+    )
+
+
+async def _earn(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    account: PointAccount,
+    now: datetime,
+    program: LoyaltyProgram,
+    *,
+    points: int,
+    amount: int | None,
+    currency: str | None,
+    reference_id: str,
+    reason: str | None,
+    details: dict[str, Any],
+) -> LedgerResult:
+    """The write of an earn of `points` (0 writes the transaction alone) into the locked
+    `account`: pending for the program's pending period, expiring by its policy."""
     activates_at = program_service.activation_for(program, now)
     expires_at = program_service.expiry_for(program, now)
     pending = activates_at is not None and points > 0
-    details: dict[str, Any] = {"multiplier_percent": multiplier, "requested_points": None}
 
     def earned(txn: PointTransaction, batch: PointBatch | None) -> PointsEarned:
         return PointsEarned(
@@ -945,6 +1018,76 @@ async def extend_expiry(
         event,
         action="points.extend",
         changes={"batch_id": batch.public_id, "expires_at": expires_at.isoformat()},
+    )
+    return LedgerResult(txn, account)
+
+
+def extension_moves(
+    batches: Sequence[PointBatch], new_expiry: Callable[[PointBatch], datetime | None]
+) -> list[tuple[PointBatch, datetime]]:
+    """The batches `new_expiry` moves later, each with its new expiry; a batch it would not
+    move later keeps its expiry."""
+    moves = []
+    for batch in batches:
+        target = new_expiry(batch)
+        if target is not None and batch.expires_at is not None and target > batch.expires_at:
+            moves.append((batch, target))
+    return moves
+
+
+async def extend_batches(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    account: PointAccount,
+    moves: Sequence[tuple[PointBatch, datetime]],
+    *,
+    reason: str,
+    reference_id: str,
+    details: dict[str, Any],
+    now: datetime,
+) -> LedgerResult:
+    """Move the expiry of several batches of the member at once (an earning rule's "extend
+    the expiry of all active points"): one extend transaction lists every batch with its
+    points, previous and new expiry. The caller holds the account and the batches locked
+    (`PointsRepository.extendable_batches`) and a reference nobody used (as for
+    `earn_by_rule`)."""
+    assert moves
+    listed = []
+    for batch, expires_at in moves:
+        assert batch.expires_at is not None
+        assert batch.member_id == member.id
+        listed.append(
+            {
+                "batch_id": batch.public_id,
+                "points": batch.remaining,
+                "previous_expires_at": batch.expires_at.isoformat(),
+                "expires_at": expires_at.isoformat(),
+            }
+        )
+        batch.expires_at = expires_at
+        batch.expiring_notified_at = None
+    txn = record_transaction(
+        session,
+        account,
+        actor,
+        now,
+        TxnType.EXTEND,
+        reason=reason,
+        reference_id=reference_id,
+        reference_scope=reference_scope(member),
+        details={**details, "batches": listed},
+    )
+    event = PointsAdjusted(**event_fields(txn, member))
+    await _finish(
+        session,
+        actor,
+        member,
+        account,
+        txn,
+        event,
+        action="points.extend",
+        changes={"batches": len(listed)},
     )
     return LedgerResult(txn, account)
 
