@@ -1,11 +1,13 @@
 """Imports every model so that the metadata (and Alembic) sees all tables."""
 
+from memberhub.activities.models import Activity
 from memberhub.alerts.models import Alert
 from memberhub.approvals.models import ApprovalRequest
 from memberhub.audit.models import AuditEntry
 from memberhub.auth.models import ApiKey
 from memberhub.bulk.models import BulkJob, BulkJobChunk, BulkJobRow
 from memberhub.crm.models import CrmConflict, CrmLink, CrmSyncState, SyncRun, SyncRunRecord
+from memberhub.earning_rules.models import EarningRule, EarningRuleVersion, RuleAward
 from memberhub.events.models import Event
 from memberhub.idempotency.models import IdempotencyRecord
 from memberhub.integrations.models import (
@@ -29,6 +31,7 @@ from memberhub.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEn
 from memberhub.worker.models import WorkerHeartbeat
 
 __all__ = [
+    "Activity",
     "Alert",
     "ApiKey",
     "ApprovalRequest",
@@ -40,6 +43,8 @@ __all__ = [
     "CrmConflict",
     "CrmLink",
     "CrmSyncState",
+    "EarningRule",
+    "EarningRuleVersion",
     "Event",
     "IdempotencyRecord",
     "InboundEvent",
@@ -61,6 +66,7 @@ __all__ = [
     "PointTransaction",
     "Reward",
     "RewardClaim",
+    "RuleAward",
     "SyncRun",
     "SyncRunRecord",
     "Tier",
