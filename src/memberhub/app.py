@@ -12,6 +12,7 @@ import structlog
 from fastapi import FastAPI
 
 from memberhub import __version__
+from memberhub.activities.routes import router as activities_router
 from memberhub.alerts.routes import router as alerts_router
 from memberhub.analytics.routes import router as analytics_router
 from memberhub.approvals.routes import router as approvals_router
@@ -22,6 +23,7 @@ from memberhub.auth.dependencies import authenticate_first
 from memberhub.auth.ratelimit import RateLimiter
 from memberhub.bulk.routes import router as bulk_router
 from memberhub.crm.routes import router as crm_router
+from memberhub.earning_rules.routes import router as earning_rules_router
 from memberhub.events.routes import router as events_router
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.routes import outbound as integrations_outbound_router
@@ -181,6 +183,8 @@ def create_app(
         bulk_router,
         tiers_router,
         rewards_router,
+        activities_router,
+        earning_rules_router,
         approvals_router,
         alerts_router,
         analytics_router,

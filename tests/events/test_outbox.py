@@ -474,6 +474,16 @@ async def test_every_emitted_event_validates_against_its_types_schema(
     enrolled = await api.post(f"/api/v1/leads/{lead['id']}/enroll", {"plan_id": plan["id"]})
     assert enrolled.status_code == 201, enrolled.text
     await _integration_incident(api)
+    attended = {
+        "type": "event.attended",
+        "occurred_at": "2026-01-05T10:00:00Z",
+        "source": "outbox-test",
+        "source_id": "attendee-1",
+        "email": "attendee@example.com",
+        "attributes": {"event_id": "E-1", "cpd_hours": 2.5},
+    }
+    assert (await api.post("/api/v1/activities", attended)).status_code == 201
+    await api.create_member(email="attendee@example.com")  # matches it: activity.matched
     schemas = await event_schemas(api)
 
     events = await list_events(api)

@@ -150,3 +150,7 @@ IntegrationsWriter = Annotated[Principal, Depends(RequireScope(Scope.INTEGRATION
 LeadsReader = Annotated[Principal, Depends(RequireScope(Scope.LEADS_READ))]
 LeadsWriter = Annotated[Principal, Depends(RequireScope(Scope.LEADS_WRITE))]
 AnalyticsReader = Annotated[Principal, Depends(RequireScope(Scope.ANALYTICS_READ))]
+ActivitiesReader = Annotated[Principal, Depends(RequireScope(Scope.ACTIVITIES_READ))]
+ActivitiesWriter = Annotated[Principal, Depends(RequireScope(Scope.ACTIVITIES_WRITE))]
+EarningRulesReader = Annotated[Principal, Depends(RequireScope(Scope.EARNING_RULES_READ))]
+EarningRulesWriter = Annotated[Principal, Depends(RequireScope(Scope.EARNING_RULES_WRITE))]

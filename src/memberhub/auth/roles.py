@@ -52,6 +52,11 @@ class Scope(StrEnum):
     INTEGRATIONS_WRITE = "integrations:write"
     LEADS_READ = "leads:read"
     LEADS_WRITE = "leads:write"
+    ACTIVITIES_READ = "activities:read"
+    # Recording an activity earns by the earning rules, as `points:earn` earns by the rate.
+    ACTIVITIES_WRITE = "activities:write"
+    EARNING_RULES_READ = "earning_rules:read"
+    EARNING_RULES_WRITE = "earning_rules:write"
 
 
 ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
@@ -86,6 +91,9 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.INTEGRATIONS_READ,
             Scope.LEADS_READ,
             Scope.LEADS_WRITE,
+            Scope.ACTIVITIES_READ,
+            Scope.ACTIVITIES_WRITE,
+            Scope.EARNING_RULES_READ,
         }
     ),
     Role.SUPPORT_AGENT: frozenset(
@@ -105,6 +113,8 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.ALERTS_READ,
             Scope.LEADS_READ,
             Scope.LEADS_WRITE,
+            Scope.ACTIVITIES_READ,
+            Scope.EARNING_RULES_READ,
         }
     ),
     Role.INTEGRATION: frozenset(
@@ -126,6 +136,8 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.WEBHOOKS_WRITE,
             Scope.LEADS_READ,
             Scope.LEADS_WRITE,
+            Scope.ACTIVITIES_READ,
+            Scope.ACTIVITIES_WRITE,
         }
     ),
 }

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from memberhub.activities.schemas import ActivityOut
 from memberhub.leads.schemas import LeadOut
 from memberhub.members.schemas import MemberOut
 
@@ -140,6 +141,26 @@ class MemberTierChanged(EventData):
     new_tier: str | None
     reason: str
     occurred_at: datetime
+
+
+class ActivityRecorded(EventData):
+    event_type = "activity.recorded"
+    description = (
+        "An activity was recorded (over the API or from a connector): `member_id` is null "
+        "while it matches no member; `credits` are what the earning rules did for it."
+    )
+
+    activity: ActivityOut
+
+
+class ActivityMatched(EventData):
+    event_type = "activity.matched"
+    description = (
+        "An unmatched activity found its member (one created with its email or external "
+        "id, or named by staff) and the earning rules were evaluated for it."
+    )
+
+    activity: ActivityOut
 
 
 class RewardClaimed(EventData):
@@ -295,6 +316,8 @@ CATALOG: dict[str, type[EventData]] = {
         PointsAdjusted,
         PointsExpired,
         PointsExpiring,
+        ActivityRecorded,
+        ActivityMatched,
         RewardClaimed,
         RewardClaimCancelled,
         ApprovalRequested,

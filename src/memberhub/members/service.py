@@ -210,6 +210,11 @@ async def create_member(
         object_id=member.public_id,
         changes=diff({}, snapshot(member)),
     )
+    # Activities waiting for a member with this email or external id match it now. Imported
+    # here: activities (and their earning rules) sit above members.
+    from memberhub.activities.service import match_waiting_activities
+
+    await match_waiting_activities(session, principal, member)
     return member
 
 
