@@ -24,8 +24,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.crm.sync import apply_webhook
+from memberhub.integrations.activity_mapping import ActivityMapping
 from memberhub.integrations.gateway import redact
 from memberhub.integrations.hub import parse_config
+from memberhub.integrations.mapped_activities import record_mapped_activity
 from memberhub.integrations.models import InboundEvent, InboundStatus, Integration
 from memberhub.integrations.payments import PaymentNotYetApplied, PaymentSettings, apply_notice
 from memberhub.integrations.providers import as_events_source, as_payments, get_provider
@@ -250,6 +252,11 @@ async def _handle(
         if not changes:
             return InboundStatus.IGNORED, {"reason": f"{event.event_type} carries no changes"}
         return InboundStatus.PROCESSED, await apply_webhook(session, integration, changes)
+    config = parse_config(provider, integration.config) if provider is not None else None
+    mapping = getattr(config, "activity", None)
+    if isinstance(mapping, ActivityMapping):
+        result = await record_mapped_activity(session, integration, mapping, event, now=now)
+        return InboundStatus.PROCESSED, result
     payments = as_payments(provider) if provider is not None else None
     if provider is None or payments is None:
         return InboundStatus.IGNORED, {"reason": "nothing acts on this provider's events yet"}

@@ -14,7 +14,9 @@ from memberhub.auth.dependencies import (
     MembershipsWriter,
 )
 from memberhub.integrations import inbound, oauth, service
+from memberhub.integrations.activity_mapping import MappingTest, MappingTestOut
 from memberhub.integrations.hub import IntegrationHub
+from memberhub.integrations.mapped_activities import try_mapping
 from memberhub.integrations.models import InboundStatus, IntegrationCall
 from memberhub.integrations.payments import PaymentUnmatched
 from memberhub.integrations.providers import as_payments, get_provider, provider_names
@@ -40,6 +42,7 @@ from memberhub.integrations.schemas import (
     ProviderOut,
     SyncStatusOut,
 )
+from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.kit.errors import Conflict, MemberhubError, ValidationFailed
@@ -228,6 +231,17 @@ async def test_integration(
     """Make one authenticated call to the vendor and report how it went."""
     integration = await service.get_integration(session, principal, integration_id)
     return await service.check_connection(_hub(request), integration)
+
+
+@router.post("/integrations/{integration_id}/activity-mapping/test")
+async def test_activity_mapping(
+    integration_id: IdPath, payload: MappingTest, session: DbSession, principal: IntegrationsWriter
+) -> MappingTestOut:
+    """The activity a sample event body would record under the integration's activity
+    mapping (or the `mapping` sent), or the problems that keep it from one; nothing is
+    written."""
+    integration = await service.get_integration(session, principal, integration_id)
+    return try_mapping(integration, payload, now=utcnow())
 
 
 @router.get("/integrations/{integration_id}/health")

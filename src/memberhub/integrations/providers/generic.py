@@ -13,6 +13,7 @@ import httpx
 from pydantic import Field, StringConstraints
 
 from memberhub.integrations import signatures
+from memberhub.integrations.activity_mapping import ActivityMapping
 from memberhub.integrations.providers.base import (
     BaseConfig,
     BaseCredentials,
@@ -119,6 +120,10 @@ class WebhookConfig(BaseConfig):
     prefix: Annotated[str, StringConstraints(max_length=20)] = ""
     timestamp_header: HeaderName | None = None
     tolerance_seconds: int = Field(default=300, ge=30, le=3600)
+    activity: ActivityMapping | None = Field(
+        default=None,
+        description="Record each event as an activity, read from its JSON by these pointers.",
+    )
 
 
 class WebhookCredentials(BaseCredentials):
