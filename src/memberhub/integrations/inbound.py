@@ -16,7 +16,7 @@ import json
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import select, update
@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.crm.sync import apply_webhook
+from memberhub.integrations.activity_feed import Fetched, apply_fetched, prefetch
 from memberhub.integrations.activity_mapping import ActivityMapping
 from memberhub.integrations.gateway import redact
 from memberhub.integrations.hub import parse_config
@@ -44,6 +45,9 @@ from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.kit.errors import Conflict, Forbidden, MemberhubError, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+
+if TYPE_CHECKING:
+    from memberhub.integrations.hub import IntegrationHub
 
 log = structlog.get_logger("memberhub.integrations.inbound")
 
@@ -188,8 +192,9 @@ def _retry_delay(attempts: int) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-async def process_inbound(db: Database, now: datetime) -> int:
-    """Process the inbound events that are due; return how many were finished."""
+async def process_inbound(db: Database, now: datetime, hub: IntegrationHub | None = None) -> int:
+    """Process the inbound events that are due; return how many were finished. `hub`
+    reads what the events of activity feeds (Eventbrite) name."""
     async with db.transaction(read_only=True) as session:
         due = list(
             await session.scalars(
@@ -204,13 +209,15 @@ async def process_inbound(db: Database, now: datetime) -> int:
         )
     finished = 0
     for event_id in due:
-        finished += await process_one(db, event_id)
+        finished += await process_one(db, event_id, hub)
     return finished
 
 
-async def process_one(db: Database, event_id: int) -> int:
+async def process_one(db: Database, event_id: int, hub: IntegrationHub | None = None) -> int:
     """1 when the event was finished (processed, ignored or failed), else 0."""
     try:
+        # Read from the vendor before the transaction: no lock waits on its answer.
+        fetched = await prefetch(db, hub, event_id)
         async with db.transaction() as session:
             query = select(InboundEvent).where(
                 InboundEvent.id == event_id, InboundEvent.status == InboundStatus.PENDING
@@ -223,7 +230,7 @@ async def process_one(db: Database, event_id: int) -> int:
             integration = await session.get(Integration, event.integration_id)
             assert integration is not None
             now = utcnow()
-            status, result = await _handle(session, integration, event, now)
+            status, result = await _handle(session, integration, event, now, fetched)
             event.status = status
             event.result = result
             event.attempts += 1
@@ -244,8 +251,14 @@ async def process_one(db: Database, event_id: int) -> int:
 
 
 async def _handle(
-    session: AsyncSession, integration: Integration, event: InboundEvent, now: datetime
+    session: AsyncSession,
+    integration: Integration,
+    event: InboundEvent,
+    now: datetime,
+    fetched: Fetched | None = None,
 ) -> tuple[str, dict[str, Any]]:
+    if fetched is not None:
+        return await apply_fetched(session, integration, fetched, now)
     provider = get_provider(integration.provider)
     if isinstance(provider, CrmWebhooks) and Capability.CRM in provider.capabilities:
         changes = provider.webhook_changes(event.event_type, json.loads(event.body))

@@ -13,8 +13,9 @@ from memberhub.auth.dependencies import (
     IntegrationsWriter,
     MembershipsWriter,
 )
-from memberhub.integrations import inbound, oauth, service
+from memberhub.integrations import activity_feed, inbound, oauth, service
 from memberhub.integrations.activity_mapping import MappingTest, MappingTestOut
+from memberhub.integrations.gateway import CircuitOpen, GatewayError
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.mapped_activities import try_mapping
 from memberhub.integrations.models import InboundStatus, IntegrationCall
@@ -242,6 +243,28 @@ async def test_activity_mapping(
     written."""
     integration = await service.get_integration(session, principal, integration_id)
     return try_mapping(integration, payload, now=utcnow())
+
+
+@outbound.post("/integrations/{integration_id}/import")
+async def import_activities(
+    integration_id: IdPath, request: Request, session: DbSession, principal: IntegrationsWriter
+) -> activity_feed.ImportOut:
+    """Read the records the integration's settings choose (Eventbrite: the attendees of its
+    events) and record them as activities, each page in its own transaction. Earning rules
+    apply to an activity once: importing again replays what was recorded."""
+    integration = await service.get_integration(session, principal, integration_id)
+    if not integration.enabled:
+        raise inbound.IntegrationDisabled()
+    hub = _hub(request)
+    try:
+        counts = await activity_feed.run_import(request.app.state.db, hub, integration)
+    except ConnectionFailed as exc:
+        raise ProviderError(str(exc)) from None
+    except (GatewayError, CircuitOpen) as exc:
+        raise ProviderUnavailable(f"{integration.provider} could not be reached: {exc}") from None
+    finally:
+        await hub.drain()
+    return counts.out()
 
 
 @router.get("/integrations/{integration_id}/health")

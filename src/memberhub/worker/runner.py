@@ -161,6 +161,21 @@ class Worker:
 
             # Every tick: changes reach the CRM one coalescing period after they settle.
             jobs.insert(1, Job("crm.sync", 0.0, chunked=sync_crms))
+
+            async def process_inbound_reading(db: Database, now: datetime) -> int:
+                # Some providers' webhooks name what to read from the vendor (Eventbrite).
+                try:
+                    return await process_inbound(db, now, hub)
+                finally:
+                    if self._own_hub:
+                        await hub.drain()
+
+            jobs = [
+                Job(job.name, job.every_seconds, chunked=process_inbound_reading)
+                if job.name == "integrations.process_inbound"
+                else job
+                for job in jobs
+            ]
         self.jobs = tuple(jobs)
         self.sequencer = SequencerLoop(
             db,

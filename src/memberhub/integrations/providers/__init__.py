@@ -54,6 +54,7 @@ def as_payments(provider: Provider) -> Payments | None:
 
 def _register_builtin() -> None:
     from memberhub.integrations.providers.custom_crm import CustomCrm
+    from memberhub.integrations.providers.eventbrite import Eventbrite
     from memberhub.integrations.providers.generic import GenericHttp, GenericWebhook
     from memberhub.integrations.providers.hubspot import HubSpot
     from memberhub.integrations.providers.pipedrive import Pipedrive
@@ -68,6 +69,7 @@ def _register_builtin() -> None:
         CustomCrm(),
         GenericHttp(),
         GenericWebhook(),
+        Eventbrite(),
     ):
         register(provider)
 
