@@ -30,8 +30,14 @@ from memberhub.integrations.gateway import redact
 from memberhub.integrations.hub import parse_config
 from memberhub.integrations.mapped_activities import record_mapped_activity
 from memberhub.integrations.models import InboundEvent, InboundStatus, Integration
+from memberhub.integrations.orders import apply_order_notice
 from memberhub.integrations.payments import PaymentNotYetApplied, PaymentSettings, apply_notice
-from memberhub.integrations.providers import as_events_source, as_payments, get_provider
+from memberhub.integrations.providers import (
+    as_events_source,
+    as_orders,
+    as_payments,
+    get_provider,
+)
 from memberhub.integrations.providers.base import (
     Capability,
     CrmWebhooks,
@@ -270,6 +276,22 @@ async def _handle(
     if isinstance(mapping, ActivityMapping):
         result = await record_mapped_activity(session, integration, mapping, event, now=now)
         return InboundStatus.PROCESSED, result
+    orders = as_orders(provider) if provider is not None else None
+    if orders is not None:
+        try:
+            order = orders.interpret_order(event.event_type, json.loads(event.body))
+        except ValueError as exc:
+            raise ValidationFailed(
+                f"The {event.event_type} event was not understood: {exc}."
+            ) from None
+        if order is None:
+            return InboundStatus.IGNORED, {"reason": f"{event.event_type} needs no action"}
+        outcome = await apply_order_notice(
+            session, integration, order, event_type=event.event_type, now=now
+        )
+        if outcome.get("action") == "ignored":
+            return InboundStatus.IGNORED, outcome
+        return InboundStatus.PROCESSED, outcome
     payments = as_payments(provider) if provider is not None else None
     if provider is None or payments is None:
         return InboundStatus.IGNORED, {"reason": "nothing acts on this provider's events yet"}

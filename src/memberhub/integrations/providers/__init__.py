@@ -11,6 +11,7 @@ from memberhub.integrations.providers.base import (
     CAPABILITY_INTERFACES,
     Capability,
     EventsSource,
+    Orders,
     Payments,
     Provider,
 )
@@ -52,6 +53,13 @@ def as_payments(provider: Provider) -> Payments | None:
     return None
 
 
+def as_orders(provider: Provider) -> Orders | None:
+    """The provider as a shop whose orders earn points, if it declares it is one."""
+    if Capability.ORDERS in provider.capabilities and isinstance(provider, Orders):
+        return provider
+    return None
+
+
 def _register_builtin() -> None:
     from memberhub.integrations.providers.custom_crm import CustomCrm
     from memberhub.integrations.providers.eventbrite import Eventbrite
@@ -59,6 +67,7 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.hubspot import HubSpot
     from memberhub.integrations.providers.pipedrive import Pipedrive
     from memberhub.integrations.providers.salesforce import Salesforce
+    from memberhub.integrations.providers.shopify import Shopify
     from memberhub.integrations.providers.stripe import Stripe
 
     for provider in (
@@ -69,6 +78,7 @@ def _register_builtin() -> None:
         CustomCrm(),
         GenericHttp(),
         GenericWebhook(),
+        Shopify(),
         Eventbrite(),
     ):
         register(provider)
@@ -80,6 +90,7 @@ __all__ = [
     "Capability",
     "Provider",
     "as_events_source",
+    "as_orders",
     "as_payments",
     "get_provider",
     "provider_names",

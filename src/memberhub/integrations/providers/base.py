@@ -32,6 +32,7 @@ class Capability(StrEnum):
     ACCOUNTING = "accounting"
     EVENTS_SOURCE = "events_source"
     NOTIFIER = "notifier"
+    ORDERS = "orders"
 
 
 class OAuthSettings(Input):
@@ -247,6 +248,38 @@ class Payments(Protocol):
 
 
 @dataclass(frozen=True)
+class OrderItem:
+    sku: str | None
+    name: str | None
+    quantity: int
+    amount: int | None  # the line's total, minor units
+
+
+@dataclass(frozen=True)
+class OrderNotice:
+    """A shop's order event, in memberhub's terms: an order paid, or a refund of one."""
+
+    kind: Literal["paid", "refunded"]
+    order_id: str
+    currency: str
+    amount: int  # minor units: the order's total when paid, the money returned when refunded
+    refund_id: str | None = None
+    email: str | None = None
+    customer_id: str | None = None
+    items: tuple[OrderItem, ...] = ()
+    occurred_at: datetime | None = None
+
+
+@runtime_checkable
+class Orders(Protocol):
+    """A shop: its paid orders become activities, its refunds take back what they earned."""
+
+    def interpret_order(self, event_type: str, payload: Mapping[str, Any]) -> OrderNotice | None:
+        """The order meaning of an inbound event; None for events without one. ValueError
+        when the event should carry an order but its body is not one."""
+
+
+@dataclass(frozen=True)
 class ContactRecord:
     """A member or lead as a CRM, marketing list or analytics sink receives it."""
 
@@ -387,4 +420,5 @@ CAPABILITY_INTERFACES: dict[Capability, type] = {
     Capability.ACCOUNTING: Accounting,
     Capability.EVENTS_SOURCE: EventsSource,
     Capability.NOTIFIER: Notifier,
+    Capability.ORDERS: Orders,
 }
