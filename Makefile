@@ -62,6 +62,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.crm_sync
+	$(BIN)/python -m bench.activities
 
 ## Validate compose.yaml and build the image, where `docker compose` and a Docker daemon exist.
 docker-check:

@@ -64,6 +64,11 @@ GATEWAY_LINES = {
     },
 }
 
+ACTIVITY_LINE = re.compile(
+    r"^sqlite\s+activity http\s+[\d.]+/s\s+earn http\s+[\d.]+/s\s+ratio [\d.]+"
+    r"\s+rules 50 \(5 on bookings, [1-9]\d* credited\)\s+statements \d+ vs \d+$",
+    re.MULTILINE,
+)
 CRM_LINES = {
     provider: re.compile(
         rf"^{provider} +full push: +\d+ requests / +\d+ minimum = {full}   "
@@ -115,6 +120,11 @@ def test_webhook_bench_runs_in_quick_mode_and_every_delivery_is_recorded() -> No
 def test_gateway_bench_runs_in_quick_mode_and_every_call_reaches_the_server_once() -> None:
     output = run_bench("bench.gateway", "--quick")
     assert missing_lines(GATEWAY_LINES, output) == [], output
+
+
+def test_activities_bench_runs_in_quick_mode_and_its_activities_earn() -> None:
+    output = run_bench("bench.activities", "--quick", "--backend", "sqlite")
+    assert ACTIVITY_LINE.search(output), output
 
 
 def test_crm_sync_bench_runs_in_quick_mode_with_no_wasted_request() -> None:
