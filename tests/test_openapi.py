@@ -1,5 +1,7 @@
 """The OpenAPI description: short operation ids, a description on every operation, the
-headers the API uses, and only the error statuses an operation can answer."""
+headers the API uses, only the error statuses an operation can answer, and request schemas
+that admit no request the API refuses for its form (null for a field it cannot clear, a map
+key outside its pattern, text with a NUL)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,11 @@ import re
 from typing import Any
 
 import httpx
+import pytest
+from pydantic import TypeAdapter, ValidationError
 
-from memberhub.kit.types import Input
+from memberhub.kit.types import Input, LongText, Name, PatchInput, ShortText
+from tests.support import ApiClient
 
 
 async def _spec(http: httpx.AsyncClient) -> dict[str, Any]:
@@ -80,3 +85,96 @@ def _input_models(base: type[Input]) -> list[type[Input]]:
     for model in base.__subclasses__():
         found += [model, *_input_models(model)]
     return found
+
+
+def _admits_null(schema: dict[str, Any]) -> bool:
+    return schema.get("type") == "null" or any(
+        _admits_null(kind) for kind in schema.get("anyOf", [])
+    )
+
+
+async def test_a_patch_field_documented_as_nullable_takes_null_and_the_others_are_not(
+    http: httpx.AsyncClient,
+) -> None:
+    components = (await _spec(http))["components"]["schemas"]
+    patches = [
+        model
+        for model in _input_models(PatchInput)
+        if issubclass(model, PatchInput) and model.__name__ in components
+    ]
+    assert {"ProgramPatch", "RewardPatch", "EndpointPatch", "IntegrationPatch"} <= {
+        model.__name__ for model in patches
+    }
+    for model in patches:
+        properties = components[model.__name__]["properties"]
+        for name, schema in properties.items():
+            if _admits_null(schema):
+                model.model_validate({name: None})  # raises if the documented null is refused
+            else:
+                assert name in model.not_nullable, (model.__name__, name)
+                with pytest.raises(ValidationError, match=f"{name} cannot be null"):
+                    model.model_validate({name: None})
+        assert set(model.not_nullable) <= set(properties), model.__name__
+
+
+async def test_clearing_a_program_setting_it_always_has_is_refused_with_its_name(
+    api: ApiClient,
+) -> None:
+    schema = (await _spec(api.http))["components"]["schemas"]["ProgramPatch"]
+    assert schema["minProperties"] == 1  # an empty change is refused
+    response = await api.patch("/api/v1/program", {"alert_thresholds": None})
+    assert response.status_code == 422, response.text
+    assert "alert_thresholds cannot be null" in response.text
+    cleared = await api.patch("/api/v1/program", {"expiry_policy": "never", "expiry_days": None})
+    assert cleared.status_code == 200, cleared.text
+
+
+def _nodes(node: Any) -> list[dict[str, Any]]:
+    if isinstance(node, dict):
+        return [node, *(found for value in node.values() for found in _nodes(value))]
+    if isinstance(node, list):
+        return [found for value in node for found in _nodes(value)]
+    return []
+
+
+async def test_a_map_whose_keys_have_a_pattern_admits_no_other_key(
+    http: httpx.AsyncClient, api: ApiClient
+) -> None:
+    spec = await _spec(http)
+    maps = [node for node in _nodes(spec) if "patternProperties" in node]
+    assert maps
+    assert [node for node in maps if node.get("additionalProperties") is not False] == []
+    member = await api.create_member()
+    refused = await api.patch(f"/api/v1/members/{member['id']}", {"custom_fields": {"a b": 1}})
+    assert refused.status_code == 422, refused.text
+
+
+@pytest.mark.parametrize("text_type", [Name, ShortText, LongText])
+def test_text_refused_for_a_nul_is_documented_without_one(text_type: Any) -> None:
+    adapter = TypeAdapter(text_type)
+    documented = re.compile(adapter.json_schema()["pattern"])
+    assert documented.fullmatch("Ana")
+    assert adapter.validate_python("Ana") == "Ana"
+    assert not documented.fullmatch("A\x00na")
+    with pytest.raises(ValidationError, match="NUL"):
+        adapter.validate_python("A\x00na")
+
+
+async def test_the_documented_idempotency_key_is_one_the_api_takes(
+    http: httpx.AsyncClient, api: ApiClient
+) -> None:
+    spec = await _spec(http)
+    header = next(
+        p
+        for p in spec["paths"]["/api/v1/members"]["post"]["parameters"]
+        if p["name"] == "Idempotency-Key"
+    )
+    documented = re.compile(header["schema"]["pattern"])
+    # A header arrives as Latin-1; the API takes a key of printable characters.
+    admitted = [chr(c) for c in range(256) if documented.fullmatch(chr(c))]
+    assert len(admitted) == 95
+    assert all(c.isprintable() for c in admitted)
+    response = await api.post(
+        "/api/v1/members", {"email": "a@example.com"}, headers={"Idempotency-Key": " ~" * 127}
+    )
+    assert response.status_code == 201, response.text

@@ -3,9 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints
 
-from memberhub.kit.types import Input, Name
+from memberhub.kit.types import Input, Name, PatchInput
 from memberhub.members.schemas import OrganisationRef
 
 ProviderName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,50}$")]
@@ -28,22 +28,17 @@ class IntegrationCreate(Input):
     )
 
 
-class IntegrationPatch(Input):
+class IntegrationPatch(PatchInput):
     """`config` replaces the whole config; `credentials` sets the keys given (null removes
     one) and keeps the others."""
+
+    not_nullable = ("name", "config", "credentials", "enabled")
 
     name: Name | None = None
     config: dict[str, Any] | None = None
     credentials: dict[str, Any] | None = None
     enabled: bool | None = None
     disabled_reason: Reason | None = None
-
-    @model_validator(mode="after")
-    def _no_null_for_required(self) -> IntegrationPatch:
-        for name in ("name", "config", "credentials", "enabled"):
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
-        return self
 
 
 class OAuthState(BaseModel):

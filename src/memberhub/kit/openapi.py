@@ -1,6 +1,7 @@
 """The OpenAPI description, refined after FastAPI builds it: the headers the API uses
-(`Idempotency-Key`, `RateLimit-*`, `Retry-After`, `Location`, `ETag`), and for each
-operation only the error statuses it can answer."""
+(`Idempotency-Key`, `RateLimit-*`, `Retry-After`, `Location`, `ETag`), for each
+operation only the error statuses it can answer, and maps whose keys have a pattern
+refusing other keys, as the API does."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ IDEMPOTENCY_KEY = {
     "required": False,
     "description": "Send the same key with the same body within 24 hours to get the first "
     "response again (with `Idempotent-Replayed: true`) instead of doing it twice.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    # Printable ASCII: what every client sends in a header, and the app takes.
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
 }
 ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 # Routes that take no API key: providers' webhooks, OAuth callbacks.
@@ -56,7 +58,21 @@ def refine(schema: dict[str, Any], routes: list[Any]) -> dict[str, Any]:
             if route is None:
                 continue
             _refine_operation(path, method, operation, route)
+    _close_patterned_maps(schema)
     return schema
+
+
+def _close_patterned_maps(node: Any) -> None:
+    """A map typed `dict[Key, Value]` with a constrained key is described with
+    `patternProperties`, which leaves keys matching no pattern allowed; the API refuses them."""
+    if isinstance(node, dict):
+        if "patternProperties" in node:
+            node.setdefault("additionalProperties", False)
+        for value in node.values():
+            _close_patterned_maps(value)
+    elif isinstance(node, list):
+        for value in node:
+            _close_patterned_maps(value)
 
 
 def _refine_operation(path: str, method: str, operation: dict[str, Any], route: APIRoute) -> None:

@@ -16,11 +16,14 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    GetJsonSchemaHandler,
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 _JSON_NAMES = {bool: "boolean", int: "integer", float: "number"}
 
@@ -82,6 +85,38 @@ class Input(BaseModel):
         return value
 
 
+class PatchInput(Input):
+    """A PATCH body: only the fields sent change. The fields in `not_nullable` may be left
+    out but not set to null (the object always has them): null is refused, and their schema
+    does not offer it."""
+
+    not_nullable: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _no_null_for_not_nullable(self) -> Any:
+        for name in self.not_nullable:
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler.resolve_ref_schema(
+            super().__get_pydantic_json_schema__(core_schema, handler)
+        )
+        for name in cls.not_nullable:
+            field = schema["properties"][name]
+            field.pop("default", None)
+            kinds = [kind for kind in field.pop("anyOf", []) if kind != {"type": "null"}]
+            if len(kinds) == 1:
+                field.update({**kinds[0], **field})
+            elif kinds:
+                field["anyOf"] = kinds
+        return schema
+
+
 def _json_name(value: Any) -> str:
     if isinstance(value, bool | int | float):
         return json.dumps(value)  # true, 1.0
@@ -108,6 +143,18 @@ def _no_control_chars(value: str) -> str:
     return value
 
 
+class _NoNulDocumented:
+    """Says in the JSON schema what `_no_control_chars` checks (a pattern constraint would
+    check it too, with a less telling message)."""
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        schema.setdefault("pattern", r"^[^\x00]*$")
+        return schema
+
+
 def _as_utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
@@ -121,16 +168,19 @@ Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
     AfterValidator(_no_control_chars),
+    _NoNulDocumented(),
 ]
 ShortText = Annotated[
     str,
     StringConstraints(strip_whitespace=True, max_length=200),
     AfterValidator(_no_control_chars),
+    _NoNulDocumented(),
 ]
 LongText = Annotated[
     str,
     StringConstraints(max_length=1000),
     AfterValidator(_no_control_chars),
+    _NoNulDocumented(),
 ]
 Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")]
 UTCDatetime = Annotated[datetime, BeforeValidator(_iso_only), AfterValidator(_as_utc)]

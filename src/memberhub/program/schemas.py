@@ -4,9 +4,9 @@ from datetime import datetime
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from memberhub.kit.types import Input
+from memberhub.kit.types import Input, PatchInput
 from memberhub.memberships.schemas import Currency
 
 MAX_POINTS = 10**12
@@ -92,8 +92,25 @@ class ProgramOut(ProgramFields):
     updated_at: datetime
 
 
-class ProgramPatch(Input):
-    """Change any subset of the settings; the result is validated as a whole."""
+class ProgramPatch(PatchInput):
+    """Change any subset of the settings; the result is validated as a whole. Only the
+    expiry days and fixed date may be set to null."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+    not_nullable = (
+        "currency",
+        "earn_points",
+        "earn_per_amount",
+        "expiry_policy",
+        "pending_days",
+        "negative_balance_policy",
+        "timezone",
+        "expiring_notice_days",
+        "point_value_amount",
+        "point_value_points",
+        "role_limits",
+        "alert_thresholds",
+    )
 
     currency: Currency | None = None
     earn_points: int | None = Field(default=None, ge=0, le=1_000_000)
@@ -112,7 +129,7 @@ class ProgramPatch(Input):
     alert_thresholds: AlertThresholds | None = None
 
     @model_validator(mode="after")
-    def _something(self) -> ProgramPatch:
+    def _changes_something(self) -> ProgramPatch:
         if not self.model_fields_set:
             raise ValueError("send at least one setting to change")
         return self

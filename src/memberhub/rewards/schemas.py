@@ -5,7 +5,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from memberhub.kit.types import Code, Input, LongText, ShortText, UTCDatetime
+from memberhub.kit.types import Code, Input, LongText, PatchInput, ShortText, UTCDatetime
 from memberhub.points.schemas import (
     MAX_POINTS,
     BalanceOut,
@@ -81,9 +81,11 @@ class RewardCreate(Input):
 _REQUIRED_ON_PATCH = ("name", "points_cost", "tier_codes", "active")
 
 
-class RewardPatch(Input):
+class RewardPatch(PatchInput):
     """Only the fields sent change. `stock`, `per_member_limit`, `description`, `valid_from`
     and `valid_until` may be set to null (unlimited, no limit, none, open-ended)."""
+
+    not_nullable = _REQUIRED_ON_PATCH
 
     name: RewardName | None = None
     description: LongText | None = None
@@ -94,13 +96,6 @@ class RewardPatch(Input):
     valid_from: UTCDatetime | None = None
     valid_until: UTCDatetime | None = None
     active: bool | None = None
-
-    @model_validator(mode="after")
-    def _no_null_for_required(self) -> RewardPatch:
-        for name in _REQUIRED_ON_PATCH:
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
-        return self
 
 
 class RewardOut(BaseModel):

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from memberhub.kit.types import Input, UTCDatetime
+from memberhub.kit.types import Input, PatchInput, UTCDatetime
 from memberhub.members.schemas import OrganisationRef
 
 MAX_EVENT_TYPES = 100
@@ -69,9 +69,11 @@ class EndpointCreate(Input):
 _REQUIRED_ON_PATCH = ("url", "event_types", "ordered", "description", "enabled")
 
 
-class EndpointPatch(Input):
+class EndpointPatch(PatchInput):
     """Only the fields sent change. `enabled: true` re-enables a disabled endpoint;
     `enabled: false` disables it, with `disabled_reason`."""
+
+    not_nullable = _REQUIRED_ON_PATCH
 
     url: Url | None = None
     description: Description | None = None
@@ -82,10 +84,7 @@ class EndpointPatch(Input):
     disabled_reason: Reason | None = None
 
     @model_validator(mode="after")
-    def _no_null_for_required(self) -> EndpointPatch:
-        for name in _REQUIRED_ON_PATCH:
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
+    def _reason_only_when_disabling(self) -> EndpointPatch:
         if self.disabled_reason is not None and self.enabled is not False:
             raise ValueError("disabled_reason is only accepted with enabled: false")
         return self
