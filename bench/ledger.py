@@ -17,16 +17,21 @@ postgresql+asyncpg://postgres@127.0.0.1:5432/postgres):
   allocations, update the account). Each redemption is on a member prepared beforehand.
 - expire: 1,000,000 due batches over 100,000 members (plus one batch per member that is not
   due), timed through `memberhub.points.jobs.expire_points`, against one plain UPDATE of the
-  same batches on an identical copy of the data. Afterwards every account must equal the sum
-  of its active batches, no batch may be left due, and every member must have one expire
-  transaction with one allocation per expired batch; otherwise the bench exits 1.
+  same batches. Each of 3 rounds runs both on fresh copies of one prepared database, the
+  sides alternating which goes first, each once what the copying left dirty is written out;
+  the medians count. Afterwards every account must equal the sum of its active batches, no
+  batch may be left due, the batch that was not due must keep its points, and every member
+  must have one expire transaction and one `points.expired` event, with every expired batch
+  naming that transaction; otherwise the bench exits 1.
 
 Ratios: http / raw for throughput (higher is better), http / raw and job / update for time
-(lower is better; 1.0 would mean the application cost nothing over the bare SQL).
+(lower is better; 1.0 would mean the application cost nothing over the bare SQL). The load
+average is printed with the expiry line and at the end: the machine may be shared.
 
     python -m bench.ledger                      # both backends
     python -m bench.ledger --quick              # a breakage check: small numbers
     python -m bench.ledger --backend postgresql --batches 200000 --members 20000
+    python -m bench.ledger --backend postgresql --only expire --expire-rounds 5
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ ACCOUNTS = TABLES["point_accounts"]
 TRANSACTIONS = TABLES["point_transactions"]
 BATCHES = TABLES["point_batches"]
 ALLOCATIONS = TABLES["point_allocations"]
+EVENTS = TABLES["events"]
 
 
 # -- results --------------------------------------------------------------------------------
@@ -162,20 +168,23 @@ class RedeemResult:
 
 @dataclass(frozen=True)
 class ExpiryResult:
+    """The timings of every round; the medians count."""
+
     backend: str
     batches: int
-    job_seconds: float
-    update_seconds: float
+    job_seconds: list[float]
+    update_seconds: list[float]
 
     @property
     def ratio(self) -> float:
-        return self.job_seconds / self.update_seconds
+        return statistics.median(self.job_seconds) / statistics.median(self.update_seconds)
 
     def line(self) -> str:
         return (
             f"{_prefix(self.backend, 'expire')} job {self.batches} batches "
-            f"{self.job_seconds:.2f} s   plain update {self.update_seconds:.2f} s   "
-            f"ratio {self.ratio:.2f}"
+            f"{statistics.median(self.job_seconds):.2f} s   plain update "
+            f"{statistics.median(self.update_seconds):.2f} s   ratio {self.ratio:.2f}   "
+            f"load {os.getloadavg()[0]:.2f}"
         )
 
 
@@ -187,6 +196,7 @@ class Sizes:
     batches: int
     members: int
     concurrency: int
+    expire_rounds: int
 
     @property
     def batches_per_member(self) -> int:
@@ -766,6 +776,9 @@ async def expiry_problems(url: str, now: datetime, sizes: Sizes, expired: int) -
             expire_txns = await _count(
                 conn, select(func.count()).where(TRANSACTIONS.c.type == TxnType.EXPIRE)
             )
+            expired_events = await _count(
+                conn, select(func.count()).where(EVENTS.c.type == "points.expired")
+            )
             named = await _count(
                 conn,
                 select(func.count())
@@ -789,6 +802,8 @@ async def expiry_problems(url: str, now: datetime, sizes: Sizes, expired: int) -
         problems.append(f"{sizes.members - kept} batches that were not due lost their points")
     if expire_txns != sizes.members:
         problems.append(f"{expire_txns} expire transactions for {sizes.members} members")
+    if expired_events != sizes.members:
+        problems.append(f"{expired_events} points.expired events for {sizes.members} members")
     if named != expected:
         problems.append(f"{named} expired batches name their expire transaction, of {expected}")
     return problems
@@ -797,33 +812,88 @@ async def expiry_problems(url: str, now: datetime, sizes: Sizes, expired: int) -
 # -- main -----------------------------------------------------------------------------------
 
 
-def bench_backend(backend: str, scratch: Scratch, sizes: Sizes) -> list[str]:
-    """Print the backend's lines as they come; return what the checks found wrong."""
+def bench_ledger(backend: str, scratch: Scratch, sizes: Sizes, parts: set[str]) -> list[str]:
+    """Awards and redemptions: print their lines; return what the checks found wrong."""
     url = scratch.new("ledger")
     key = asyncio.run(issue_admin_key(url))
     fixtures = asyncio.run(prepare_ledger(url, sizes))
     settle(url)
-    raw_distinct, raw_one = asyncio.run(measure_raw_awards(url, fixtures, sizes))
-    raw_redeems = asyncio.run(measure_raw_redeems(url, fixtures))
+    if "award" in parts:
+        raw_distinct, raw_one = asyncio.run(measure_raw_awards(url, fixtures, sizes))
+    if "redeem" in parts:
+        raw_redeems = asyncio.run(measure_raw_redeems(url, fixtures))
     with running_server(url) as base_url:
-        http_distinct, http_one = asyncio.run(measure_http_awards(base_url, key, fixtures, sizes))
-        http_redeems = asyncio.run(measure_http_redeems(base_url, key, fixtures))
-    print(AwardResult(backend, "award", http_distinct, raw_distinct).line(), flush=True)
-    print(AwardResult(backend, "award-one", http_one, raw_one).line(), flush=True)
-    print(RedeemResult(backend, http_redeems, raw_redeems).line(), flush=True)
-    problems = asyncio.run(ledger_problems(url))
+        if "award" in parts:
+            http_distinct, http_one = asyncio.run(
+                measure_http_awards(base_url, key, fixtures, sizes)
+            )
+        if "redeem" in parts:
+            http_redeems = asyncio.run(measure_http_redeems(base_url, key, fixtures))
+    if "award" in parts:
+        print(AwardResult(backend, "award", http_distinct, raw_distinct).line(), flush=True)
+        print(AwardResult(backend, "award-one", http_one, raw_one).line(), flush=True)
+    if "redeem" in parts:
+        print(RedeemResult(backend, http_redeems, raw_redeems).line(), flush=True)
+    return asyncio.run(ledger_problems(url))
 
+
+def quiesce(scratch: Scratch) -> None:
+    """Write out what copying the databases left dirty, so the side timed next does not pay
+    for it: the file system's buffers, and on PostgreSQL a checkpoint."""
+    os.sync()
+    if scratch.server_url is not None:
+        asyncio.run(pg_execute(scratch.server_url, "CHECKPOINT"))
+
+
+def bench_expiry(backend: str, scratch: Scratch, sizes: Sizes) -> list[str]:
+    """The job against the plain UPDATE in rounds on fresh copies of one prepared database,
+    alternating which side goes first; print each round and the medians; return what the
+    checks found wrong."""
+    problems: list[str] = []
+    expected = sizes.members * sizes.batches_per_member
     now = utcnow()
-    job_url = scratch.new("expire")
-    asyncio.run(prepare_expiry(job_url, sizes, now))
-    settle(job_url)
-    update_url = scratch.copy("expire", "expire_plain")
-    update_seconds, updated = asyncio.run(time_plain_update(update_url, now))
-    job_seconds, expired = asyncio.run(time_job(job_url, now))
-    print(ExpiryResult(backend, expired, job_seconds, update_seconds).line(), flush=True)
-    if updated != sizes.members * sizes.batches_per_member:
-        problems.append(f"the plain update changed {updated} batches")
-    problems += asyncio.run(expiry_problems(job_url, now, sizes, expired))
+    template = scratch.new("expire")
+    asyncio.run(prepare_expiry(template, sizes, now))
+    settle(template)
+    job_times: list[float] = []
+    update_times: list[float] = []
+    for round_number in range(sizes.expire_rounds):
+        job_url = scratch.copy("expire", f"expire_job{round_number}")
+        update_url = scratch.copy("expire", f"expire_plain{round_number}")
+        job_first = round_number % 2 == 0
+        timed: dict[str, tuple[float, int]] = {}
+        for side in ("job", "update") if job_first else ("update", "job"):
+            quiesce(scratch)
+            timed[side] = asyncio.run(
+                time_job(job_url, now) if side == "job" else time_plain_update(update_url, now)
+            )
+        (job_seconds, expired), (update_seconds, updated) = timed["job"], timed["update"]
+        job_times.append(job_seconds)
+        update_times.append(update_seconds)
+        print(
+            f"{_prefix(backend, 'expire')}   round {round_number + 1} "
+            f"({'job' if job_first else 'update'} first): job {job_seconds:.2f} s   "
+            f"plain update {update_seconds:.2f} s   ratio {job_seconds / update_seconds:.2f}   "
+            f"load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+        if updated != expected:
+            problems.append(f"the plain update changed {updated} batches, not {expected}")
+        problems += asyncio.run(expiry_problems(job_url, now, sizes, expired))
+    print(ExpiryResult(backend, expected, job_times, update_times).line(), flush=True)
+    return problems
+
+
+PARTS = ("award", "redeem", "expire")
+
+
+def bench_backend(backend: str, scratch: Scratch, sizes: Sizes, parts: set[str]) -> list[str]:
+    """Print the backend's lines as they come; return what the checks found wrong."""
+    problems: list[str] = []
+    if parts & {"award", "redeem"}:
+        problems += bench_ledger(backend, scratch, sizes, parts)
+    if "expire" in parts:
+        problems += bench_expiry(backend, scratch, sizes)
     return [f"{backend}: {problem}" for problem in problems]
 
 
@@ -845,6 +915,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--members", type=int, help=f"members holding them (default {FULL_MEMBERS})"
     )
+    parser.add_argument(
+        "--expire-rounds",
+        type=int,
+        help=f"expiry rounds per side, the median counts (default {ROUNDS})",
+    )
+    parser.add_argument(
+        "--only", choices=PARTS, action="append", help="run only this part (repeatable)"
+    )
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
     parser.add_argument(
         "--backend",
@@ -864,6 +942,7 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
         batches=args.batches or (QUICK_BATCHES if quick else FULL_BATCHES),
         members=args.members or (QUICK_MEMBERS if quick else FULL_MEMBERS),
         concurrency=args.concurrency,
+        expire_rounds=args.expire_rounds or (1 if quick else ROUNDS),
     )
 
 
@@ -876,7 +955,8 @@ def main(argv: list[str] | None = None) -> int:
         f"points ledger, HTTP and job vs raw SQL: awards from {sizes.concurrency} concurrent "
         f"clients (median of {sizes.rounds} x {sizes.awards}), {sizes.redeems} redemptions "
         f"across {REDEEM_BATCHES} batches, expiry of "
-        f"{sizes.members * sizes.batches_per_member} batches over {sizes.members} members"
+        f"{sizes.members * sizes.batches_per_member} batches over {sizes.members} members "
+        f"(median of {sizes.expire_rounds} rounds); load average {os.getloadavg()[0]:.2f}"
     )
     backends = ["sqlite", "postgresql"] if args.backend in ("both", "all") else [args.backend]
     problems: list[str] = []
@@ -890,7 +970,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"postgresql  skipped: unreachable at {pg_url} ({problem})")
                 continue
         with scratch_space(backend, pg_url) as scratch:
-            problems += bench_backend(backend, scratch, sizes)
+            problems += bench_backend(backend, scratch, sizes, set(args.only or PARTS))
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     for problem in problems:
         print(f"LEDGER CHECK FAILED: {problem}", file=sys.stderr)
     return 1 if problems else 0

@@ -31,7 +31,8 @@ LEDGER_LINES = {
         re.MULTILINE,
     ),
     "expire": re.compile(
-        r"^sqlite\s+expire\s+job 20000 batches [\d.]+ s\s+plain update [\d.]+ s\s+ratio\s+[\d.]+$",
+        r"^sqlite\s+expire\s+job 20000 batches [\d.]+ s\s+plain update [\d.]+ s\s+ratio\s+[\d.]+"
+        r"\s+load [\d.]+$",
         re.MULTILINE,
     ),
 }
