@@ -158,8 +158,12 @@ async def check_ledger(db: Database, member_ids: list[str] | None = None) -> Non
                     assert took == -txn.points, txn.public_id
                 if txn.type == TxnType.EXPIRE:
                     # One summarised transaction per member and run; the batches say how
-                    # much each gave (no allocation rows).
+                    # much each gave (no allocation rows), each naming the transaction.
                     assert took == 0, txn.public_id
+                    named = [b for b in batches if b.expired_transaction_id == txn.id]
+                    assert sum(b.expired_points for b in named) == -txn.points, txn.public_id
+                    assert len(named) == txn.details["batches"], txn.public_id
+                    assert all(b.status == BatchStatus.EXPIRED for b in named), txn.public_id
                 if txn.type == TxnType.REVERSE:
                     assert took == txn.details["taken_from_balance"], txn.public_id
 

@@ -8,12 +8,16 @@ from collections import Counter
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
+from memberhub.events.catalog import PointsExpired
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.members.models import Member
+from memberhub.points import jobs
 from memberhub.points.jobs import activate_pending_points, expire_points, notify_expiring_points
-from memberhub.points.models import PointTransaction, TxnType
+from memberhub.points.models import BatchStatus, PointAccount, PointBatch, PointTransaction, TxnType
 from memberhub.settings import Settings
 from memberhub.worker.runner import Worker
 from tests.points.conftest import award, check_ledger, op, set_program, summary
@@ -91,6 +95,97 @@ async def test_two_workers_expiring_at_once_expire_each_batch_once(
     assert per_member == {m["id"]: 1 for m in members}
     for member in members:
         assert (await summary(api, member["id"]))["lifetime_expired"] == 33
+    await check_ledger(db)
+
+
+async def test_expiry_writes_one_summarised_transaction_and_event_per_member(
+    api: ApiClient, db: Database
+) -> None:
+    member = await api.create_member()
+    await award(api, member["id"], 100, expires_at=days(5))
+    await award(api, member["id"], 30, expires_at=days(5))
+    await award(api, member["id"], 7)
+    await op(api, "redeem", {"member_id": member["id"], "points": 40})
+    now = utcnow() + timedelta(days=6)
+    assert await expire_points(db, now) == 2
+    async with db.transaction(read_only=True) as session:
+        txn = (
+            await session.scalars(select(PointTransaction).where(PointTransaction.type == "expire"))
+        ).one()
+        batches = (await session.scalars(select(PointBatch).order_by(PointBatch.id))).all()
+    assert (txn.points, txn.balance_after, txn.pending_after) == (-90, 7, 0)
+    assert (txn.details, txn.reason, txn.actor) == (
+        {"batches": 2},
+        "Points expired",
+        jobs.SCHEDULER.id,
+    )
+    assert txn.occurred_at == now
+    expired = [(b.status, b.remaining, b.expired_points, b.expired_transaction_id) for b in batches]
+    assert expired == [
+        (BatchStatus.EXPIRED, 0, 60, txn.id),
+        (BatchStatus.EXPIRED, 0, 30, txn.id),
+        (BatchStatus.ACTIVE, 7, 0, None),
+    ]
+    (event,) = await event_types(api, "points.expired")
+    assert event["data"] == PointsExpired(
+        member_id=member["id"],
+        transaction_id=txn.public_id,
+        points=90,
+        balance_after=7,
+        batches=2,
+        occurred_at=now,
+    ).model_dump(mode="json")
+    await check_ledger(db)
+
+
+async def test_two_workers_expiring_chunk_after_chunk_expire_each_batch_once(
+    api: ApiClient, db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs, "CHUNK_MEMBERS", 3)
+    monkeypatch.setattr(jobs, "SQLITE_EXPIRY_CHUNK_MEMBERS", 3)
+    members = [await api.create_member() for _ in range(16)]
+    for member in members:
+        for n in range(2):
+            await award(api, member["id"], 10 + n, expires_at=days(1))
+        await award(api, member["id"], 5, expires_at=days(9))
+    now = utcnow() + timedelta(days=2)
+    other = Database(settings.resolved_database_url, pool_size=2)
+    try:
+        results = await asyncio.gather(*(expire_points(d, now) for d in (db, other, db, other)))
+    finally:
+        await other.dispose()
+    assert sum(results) == 32
+    assert await count_transactions(db, TxnType.EXPIRE) == 16
+    per_member = Counter(e["data"]["member_id"] for e in await event_types(api, "points.expired"))
+    assert per_member == {m["id"]: 1 for m in members}
+    for member in members:
+        points = await summary(api, member["id"])
+        assert (points["current_balance"], points["lifetime_expired"]) == (5, 21)
+    await check_ledger(db)
+
+
+async def test_expiry_leaves_a_member_another_transaction_holds_to_the_next_run(
+    api: ApiClient, db: Database, is_postgres: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not is_postgres:
+        pytest.skip("SQLite has one writer at a time: no account is held while the job runs")
+    monkeypatch.setattr(jobs, "CHUNK_MEMBERS", 2)
+    members = [await api.create_member() for _ in range(3)]
+    for member in members:
+        await award(api, member["id"], 10, expires_at=days(1))
+    now = utcnow() + timedelta(days=2)
+    async with db.transaction() as holder:
+        # The last member of the first chunk: the job must still go on to the next chunk.
+        held = await holder.scalar(select(Member.id).where(Member.public_id == members[1]["id"]))
+        await holder.execute(
+            select(PointAccount).where(PointAccount.member_id == held).with_for_update()
+        )
+        assert await expire_points(db, now) == 2
+    assert (await summary(api, members[1]["id"]))["current_balance"] == 10
+    assert await expire_points(db, now) == 1
+    assert await expire_points(db, now) == 0
+    for member in members:
+        assert (await summary(api, member["id"]))["lifetime_expired"] == 10
     await check_ledger(db)
 
 

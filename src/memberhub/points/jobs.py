@@ -2,42 +2,40 @@
 
 Each is safe to run twice and from several workers at once: a worker locks the accounts it
 works on with SKIP LOCKED (another worker takes the others), and re-reads which batches are
-due under that lock, so no batch is activated or expired twice. Expiry is set-based: one
-statement per step for a whole chunk of members, not a round trip per batch.
+due under that lock, so no batch is activated or expired twice. Expiry is set-based: a few
+statements for a whole chunk of members, not a round trip per batch (`points/expiry.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.alerts import service as alerts
 from memberhub.alerts.models import AlertType
 from memberhub.audit.service import record_write
-from memberhub.events.catalog import PointsEarned, PointsExpired, PointsExpiring
-from memberhub.events.service import emit, emit_many
+from memberhub.events.catalog import PointsEarned, PointsExpiring
+from memberhub.events.service import emit
 from memberhub.kit.actor import Actor
 from memberhub.kit.db import Database
-from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
-from memberhub.points import service
-from memberhub.points.models import (
-    BatchStatus,
-    PointAccount,
-    PointBatch,
-    PointTransaction,
-    TxnType,
-)
+from memberhub.points import expiry, service
+from memberhub.points.models import BatchStatus, PointAccount, PointBatch, TxnType
 from memberhub.points.repository import PointsRepository
 from memberhub.program import service as program_service
 from memberhub.tiers import service as tiers
 
 SCHEDULER = Actor.system("system:scheduler")
+# Members per chunk, one transaction each. On PostgreSQL a chunk locks only its members'
+# accounts, so their own writes wait for at most one small chunk.
 CHUNK_MEMBERS = 1000
+# On SQLite every other writer waits for whichever chunk holds the write lock, so what counts
+# is how long one takes (about half a second for this many members), and fewer, larger
+# transactions spend much less on commits and WAL checkpoints.
+SQLITE_EXPIRY_CHUNK_MEMBERS = 5000
 
 
 async def _members(session: AsyncSession, member_ids: Sequence[int]) -> dict[int, Member]:
@@ -45,109 +43,33 @@ async def _members(session: AsyncSession, member_ids: Sequence[int]) -> dict[int
     return {m.id: m for m in rows}
 
 
-async def _member_refs(
-    session: AsyncSession, member_ids: Sequence[int]
-) -> dict[int, tuple[str, int | None]]:
-    """Member id -> (public id, organisation id), without loading the members."""
-    rows = await session.execute(
-        select(Member.id, Member.public_id, Member.organisation_id).where(Member.id.in_(member_ids))
-    )
-    return {row.id: (row.public_id, row.organisation_id) for row in rows}
-
-
-async def _insert_transactions(
-    session: AsyncSession, rows: list[dict[str, Any]]
-) -> dict[int, tuple[int, str]]:
-    """Insert one transaction per member in one statement; member id -> (id, public id)."""
-    table = cast(Table, PointTransaction.__table__)
-    result = await session.execute(
-        table.insert().returning(table.c.id, table.c.member_id, table.c.public_id), rows
-    )
-    return {row.member_id: (row.id, row.public_id) for row in result}
-
-
-def _bind(name: str) -> Any:
-    return bindparam(name)
-
-
 async def expire_chunk(
     session: AsyncSession, now: datetime, after_member_id: int
 ) -> tuple[int, int, int] | None:
-    """Expire the due batches of the next chunk of members after `after_member_id`.
-
-    One statement per step for the whole chunk: lock the accounts (SKIP LOCKED: members
-    another worker holds are left for the next run), total the due points per member,
-    insert one expire transaction per member, expire the batches and update the accounts.
-    The transaction summarises its batches (`details.batches`, and the points); each batch
-    keeps what it lost in `expired_points`, so no row per batch is written besides the
-    batch's own update. Returns (last member id seen, batches expired,
-    members affected), or None when no member has due batches left.
-    """
-    repo = PointsRepository(session)
-    member_ids = await repo.members_with_due_batches(
-        BatchStatus.ACTIVE, "expires_at", now, after_member_id, CHUNK_MEMBERS
+    """Expire the due batches of the next chunk of members after `after_member_id`, and
+    record one audit entry for the chunk (`points/expiry.py` says how, in a few statements
+    for the whole chunk). Returns (last member id seen, batches expired, members affected),
+    or None when no member has due batches left."""
+    sqlite = session.get_bind().dialect.name == "sqlite"
+    done = await expiry.expire_chunk(
+        session,
+        after_member_id=after_member_id,
+        limit=SQLITE_EXPIRY_CHUNK_MEMBERS if sqlite else CHUNK_MEMBERS,
+        now=now,
+        actor_id=SCHEDULER.id,
     )
-    if not member_ids:
+    if done is None:
         return None
-    accounts = await repo.lock_balances_skip_locked(member_ids)
-    due = await repo.due_totals(list(accounts), now) if accounts else []
-    if not due:
-        return member_ids[-1], 0, 0
-    txn_rows: list[dict[str, Any]] = []
-    for member_id, points, batches in due:
-        account = accounts[member_id]
-        txn_rows.append(
-            {
-                "public_id": new_public_id("txn"),
-                "member_id": member_id,
-                "type": TxnType.EXPIRE,
-                "points": -points,
-                "pending_points": 0,
-                "balance_after": account.current - points,
-                "pending_after": account.pending,
-                "reason": "Points expired",
-                "details": {"batches": batches},
-                "actor": SCHEDULER.id,
-                "occurred_at": now,
-            }
+    if done.members:
+        record_write(
+            session,
+            SCHEDULER,
+            action="points.expire",
+            object_type="job",
+            object_id="points.expire",
+            changes={"members": done.members, "batches": done.batches, "points": done.points},
         )
-    inserted = await _insert_transactions(session, txn_rows)
-    due_members = [row[0] for row in due]
-    await repo.expire_due(due_members, now, min(id_ for id_, _ in inserted.values()))
-    members = await _member_refs(session, due_members)
-    await emit_many(
-        session,
-        [
-            (
-                PointsExpired(
-                    member_id=members[row["member_id"]][0],
-                    transaction_id=inserted[row["member_id"]][1],
-                    points=-row["points"],
-                    balance_after=row["balance_after"],
-                    batches=row["details"]["batches"],
-                    occurred_at=now,
-                ),
-                members[row["member_id"]][1],
-                members[row["member_id"]][0],
-            )
-            for row in txn_rows
-        ],
-        occurred_at=now,
-    )
-    expired_batches = sum(row[2] for row in due)
-    record_write(
-        session,
-        SCHEDULER,
-        action="points.expire",
-        object_type="job",
-        object_id="points.expire",
-        changes={
-            "members": len(due),
-            "batches": expired_batches,
-            "points": sum(row[1] for row in due),
-        },
-    )
-    return member_ids[-1], expired_batches, len(due)
+    return done.last_member_id, done.batches, done.members
 
 
 async def expire_points(db: Database, now: datetime) -> int:

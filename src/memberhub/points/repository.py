@@ -3,9 +3,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Subquery, and_, bindparam, func, select, update
+from sqlalchemy import Row, and_, bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -395,60 +394,6 @@ class PointsRepository:
         )
         return list((await self.session.scalars(query)).all())
 
-    async def lock_balances_skip_locked(self, member_ids: Sequence[int]) -> dict[int, Any]:
-        """`lock_accounts_skip_locked` for set-based jobs: the balances as rows (member_id,
-        current, pending, lifetime_expired), by member id, with no ORM objects."""
-        table = PointAccount.__table__.c
-        query = (
-            select(table.member_id, table.current, table.pending, table.lifetime_expired)
-            .where(table.member_id.in_(member_ids))
-            .order_by(table.member_id)
-            .with_for_update(skip_locked=True)
-        )
-        return {row.member_id: row for row in await self.session.execute(query)}
-
-    async def due_totals(
-        self, member_ids: Sequence[int], now: datetime
-    ) -> list[tuple[int, int, int]]:
-        """(member id, points, batches) of the active batches due to expire, per member."""
-        rows = await self.session.execute(
-            select(PointBatch.member_id, func.sum(PointBatch.remaining), func.count())
-            .where(_due_to_expire(member_ids, now))
-            .group_by(PointBatch.member_id)
-            .order_by(PointBatch.member_id)
-        )
-        return [(row[0], int(row[1]), int(row[2])) for row in rows]
-
-    async def expire_due(
-        self, member_ids: Sequence[int], now: datetime, first_transaction_id: int
-    ) -> None:
-        """Mark the members' due batches expired, moving what remained to expired_points,
-        each naming its member's expire transaction (inserted from `first_transaction_id`
-        on, at `now`), and take the expired points off the members' accounts."""
-        expire_txns = _expire_transactions(member_ids, now, first_transaction_id)
-        await self.session.execute(
-            update(PointBatch)
-            .where(_due_to_expire(member_ids, now), PointBatch.member_id == expire_txns.c.member_id)
-            .values(
-                status=BatchStatus.EXPIRED,
-                expired_points=PointBatch.expired_points + PointBatch.remaining,
-                remaining=0,
-                expired_transaction_id=expire_txns.c.id,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        await self.session.execute(
-            update(PointAccount)
-            .where(PointAccount.member_id == expire_txns.c.member_id)
-            .values(
-                current=expire_txns.c.balance_after,
-                lifetime_expired=PointAccount.lifetime_expired - expire_txns.c.points,
-                last_activity_at=now,
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
-
     async def expired_by(self, transaction_id: int, member_id: int) -> Sequence[PointBatch]:
         """The batches an expire transaction took, oldest first."""
         return (
@@ -481,27 +426,3 @@ class PointsRepository:
                 .with_for_update(skip_locked=True)
             )
         ).all()
-
-
-def _expire_transactions(member_ids: Sequence[int], now: datetime, first_id: int) -> Subquery:
-    """The expire transactions a chunk of the expiry job inserted (from `first_id` on)."""
-    txn = PointTransaction
-    return (
-        select(txn.id, txn.member_id, txn.points, txn.balance_after)
-        .where(
-            txn.type == TxnType.EXPIRE,
-            txn.occurred_at == now,
-            txn.id >= first_id,
-            txn.member_id.in_(member_ids),
-        )
-        .subquery()
-    )
-
-
-def _due_to_expire(member_ids: Sequence[int], now: datetime) -> ColumnElement[bool]:
-    return and_(
-        PointBatch.member_id.in_(member_ids),
-        PointBatch.status == BatchStatus.ACTIVE,
-        PointBatch.expires_at.is_not(None),
-        PointBatch.expires_at <= now,
-    )
