@@ -146,8 +146,16 @@ def serve_asgi(app: Any, port: int) -> None:
     """Serve a bare ASGI app (a benchmark's fake peer) on 127.0.0.1:`port`, quietly."""
     import uvicorn
 
+    # Idle connections are kept for the whole run: a peer closing one after uvicorn's 5 s
+    # while the client reuses it (between rounds, on a loaded machine) fails that request.
     uvicorn.run(
-        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=600,
     )
 
 
