@@ -77,5 +77,10 @@ class Activity(IdMixin, Base):
     # `SYSTEM:ID`, as a member's `external_ids` would map SYSTEM to ID.
     external_key: Mapped[str | None] = mapped_column(String(250))
     attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The lead it made (or found) while unmatched, where the program says so
+    # (`unmatched_activity_leads`); kept after it matches.
+    lead_id: Mapped[int | None] = mapped_column(
+        BigIntId, ForeignKey("leads.id", ondelete="SET NULL"), index=True
+    )
     actor: Mapped[str] = mapped_column(String(64))
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import aliased
 from memberhub.activities.models import Activity
 from memberhub.earning_rules.models import EarningRule, RuleAward
 from memberhub.kit.db import column_binds
+from memberhub.leads.models import Lead
 from memberhub.members.models import Member
 from memberhub.organisations.models import Organisation
 from memberhub.points.models import PointTransaction
@@ -28,6 +29,7 @@ class ActivityFilters:
     # None = no restriction: activities of these organisations or of their members.
     organisation_ids: frozenset[int] | None = None
     matched: bool | None = None
+    lead_id: int | None = None
     type: str | None = None
     source: str | None = None
     date_from: datetime | None = None
@@ -40,6 +42,7 @@ class ListedActivity:
     member_public_id: str | None
     member_organisation_id: int | None
     organisation_public_id: str | None
+    lead_public_id: str | None = None
 
     @property
     def id(self) -> int:
@@ -167,12 +170,15 @@ class ActivityRepository:
 
     # ------------------------------------------------------------ lists
 
-    def _listing(self) -> Select[Activity, str, int | None, str]:
+    def _listing(self) -> Select[Activity, str, int | None, str, str]:
         owner = aliased(Organisation)
         return (
-            select(Activity, Member.public_id, Member.organisation_id, owner.public_id)
+            select(
+                Activity, Member.public_id, Member.organisation_id, owner.public_id, Lead.public_id
+            )
             .outerjoin(Member, Member.id == Activity.member_id)
             .outerjoin(owner, owner.id == Activity.organisation_id)
+            .outerjoin(Lead, Lead.id == Activity.lead_id)
         )
 
     async def listed(self, public_id: str) -> ListedActivity | None:
@@ -180,7 +186,7 @@ class ActivityRepository:
         row = (
             await self.session.execute(self._listing().where(Activity.public_id == public_id))
         ).first()
-        return None if row is None else ListedActivity(row[0], row[1], row[2], row[3])
+        return None if row is None else ListedActivity(*row)
 
     async def list_activities(
         self, filters: ActivityFilters, *, after_id: int | None, limit: int
@@ -201,6 +207,8 @@ class ActivityRepository:
         if filters.matched is not None:
             matched = Activity.member_id.is_not(None)
             query = query.where(matched if filters.matched else Activity.member_id.is_(None))
+        if filters.lead_id is not None:
+            query = query.where(Activity.lead_id == filters.lead_id)
         if filters.type is not None:
             query = query.where(Activity.type == filters.type)
         if filters.source is not None:
@@ -210,7 +218,7 @@ class ActivityRepository:
         if filters.date_to is not None:
             query = query.where(Activity.occurred_at < filters.date_to)
         rows = await self.session.execute(query)
-        return [ListedActivity(row[0], row[1], row[2], row[3]) for row in rows]
+        return [ListedActivity(*row) for row in rows]
 
     async def credits_for(
         self, activity_ids: Iterable[int]

@@ -18,6 +18,7 @@ from memberhub.auth.dependencies import ActivitiesReader, ActivitiesWriter
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath, SafeQuery, UTCDatetime
+from memberhub.leads.service import get_lead
 from memberhub.members.service import get_member
 
 router = APIRouter(
@@ -69,6 +70,10 @@ async def list_activities(
     page: Annotated[PageParams, Depends(page_params)],
     member_id: Annotated[str | None, Query(pattern=r"^mem_[0-9a-z]{1,40}$")] = None,
     status: StatusFilter = None,
+    lead_id: Annotated[
+        str | None,
+        Query(pattern=r"^led_[0-9a-z]{1,40}$", description="Those that made or found this lead."),
+    ] = None,
     type: SafeQuery = None,
     source: SafeQuery = None,
     date_from: UTCDatetime | None = None,
@@ -77,10 +82,12 @@ async def list_activities(
     """Activities, newest first, of the organisations (and members) the key can see;
     `date_from`/`date_to` bound when they occurred."""
     member = await get_member(session, principal, member_id) if member_id else None
+    lead = await get_lead(session, principal, lead_id) if lead_id else None
     filters = ActivityFilters(
         member_id=member.id if member is not None else None,
         organisation_ids=principal.visible_organisation_ids,
         matched=None if status is None else status == ActivityStatus.MATCHED,
+        lead_id=lead.id if lead is not None else None,
         type=type,
         source=source,
         date_from=date_from,

@@ -146,6 +146,11 @@ class ActivityOut(BaseModel):
     external_id: str | None = Field(description="The key it waits with, while unmatched.")
     attributes: dict[str, Any]
     credits: list[CreditOut] = Field(description="What earning rules did for it.")
+    lead_id: str | None = Field(
+        default=None,
+        description="The lead it made (or found) while unmatched, where the program's "
+        "`unmatched_activity_leads` says so.",
+    )
     recorded_at: datetime
 
 

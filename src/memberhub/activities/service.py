@@ -44,6 +44,8 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import column_values
 from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.leads.models import Lead
+from memberhub.leads.service import lead_for_activity
 from memberhub.members.models import Member
 from memberhub.members.repository import normalize_email
 from memberhub.members.service import get_member, resolve_organisation
@@ -51,6 +53,7 @@ from memberhub.organisations.models import Organisation
 from memberhub.points import service as points
 from memberhub.points.models import PointAccount, PointTransaction
 from memberhub.points.repository import PointsRepository
+from memberhub.program import service as program_service
 
 ACTIVITIES = cast(Table, Activity.__table__)
 # A source's clock may run a little ahead of ours; an activity further in the future is
@@ -189,13 +192,27 @@ async def record_activity(
     make_transient_to_detached(activity)
     session.add(activity)
     credits = []
+    lead_public_id = None
     if member is not None:
         credits = await _apply_rules(session, principal.actor, activity, member, now)
+    elif payload.email is not None and await _makes_lead(
+        session, principal, payload, key, organisation_id
+    ):
+        activity.lead_id, lead_public_id = await lead_for_activity(
+            session,
+            principal,
+            organisation,
+            email=payload.email,
+            external_ids=dict([key.external_key.split(":", 1)]) if key.external_key else {},
+            source=payload.source,
+            now=now,
+        )
     out = to_out(
         activity,
         member_public_id=member.public_id if member is not None else None,
         organisation_public_id=organisation.public_id if organisation is not None else None,
         credits=credits,
+        lead_public_id=lead_public_id,
     )
     await record_change_now(
         session,
@@ -212,10 +229,34 @@ async def record_activity(
             "source": activity.source,
             "source_id": activity.source_id,
             "member_id": out.member_id,
+            "lead_id": lead_public_id,
             "points": sum(credit.points for credit in credits),
         },
     )
     return Recorded(out)
+
+
+async def _makes_lead(
+    session: AsyncSession,
+    principal: Principal,
+    payload: ActivityIn,
+    key: MemberKey,
+    organisation_id: int | None,
+) -> bool:
+    """Whether an unmatched activity makes a lead: the program says so for its source, and
+    no member of its scope has its email or external id (a key that fits two members is
+    ambiguous: those people are members already)."""
+    program = await program_service.get_program(session)
+    if not program_service.makes_lead(program, payload.source):
+        return False
+    organisations = await scope_organisations(session, organisation_id, principal)
+    repo = ActivityRepository(session)
+    if key.external_key is not None:
+        system, _, value = key.external_key.partition(":")
+        if await repo.members_by_external_id(system, value, organisations):
+            return False
+    assert key.email_normalized is not None
+    return not await repo.members_by_email(key.email_normalized, organisations)
 
 
 async def _apply_rules(
@@ -421,11 +462,13 @@ async def _attach(
         if activity.organisation_id is not None
         else None
     )
+    lead = await session.get(Lead, activity.lead_id) if activity.lead_id is not None else None
     out = to_out(
         activity,
         member_public_id=member.public_id,
         organisation_public_id=organisation.public_id if organisation is not None else None,
         credits=credits,
+        lead_public_id=lead.public_id if lead is not None else None,
     )
     await record_change_now(
         session,
@@ -510,6 +553,7 @@ def to_out(
     member_public_id: str | None,
     organisation_public_id: str | None,
     credits: Sequence[CreditOut],
+    lead_public_id: str | None = None,
 ) -> ActivityOut:
     return ActivityOut(
         id=activity.public_id,
@@ -526,6 +570,7 @@ def to_out(
         external_id=activity.external_key,
         attributes=dict(activity.attributes),
         credits=list(credits),
+        lead_id=lead_public_id,
         recorded_at=activity.recorded_at,
     )
 
@@ -539,6 +584,7 @@ async def activities_out(
             row.activity,
             member_public_id=row.member_public_id,
             organisation_public_id=row.organisation_public_id,
+            lead_public_id=row.lead_public_id,
             credits=[
                 CreditOut(
                     rule_id=rule_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,7 @@ from memberhub.auth.roles import Scope
 from memberhub.events.catalog import EnrollmentCompleted, LeadCreated, LeadUpdated
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
+from memberhub.kit.db import advisory_xact_lock
 from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.leads.models import TRANSITIONS, Lead, LeadStatus
@@ -181,6 +183,63 @@ async def create_lead(session: AsyncSession, principal: Principal, payload: Lead
     )
     await session.flush()
     return lead
+
+
+async def lead_for_activity(
+    session: AsyncSession,
+    principal: Principal,
+    organisation: Organisation | None,
+    *,
+    email: str,
+    external_ids: dict[str, str],
+    source: str,
+    now: datetime,
+) -> tuple[int, str]:
+    """The lead an unmatched activity with `email` makes, where the program says so
+    (`unmatched_activity_leads`): the organisation's oldest lead with that email not yet
+    enrolled, left as it is, or else a new one (status new, `source` the activity's, with
+    its `lead.created` event and audit entry). Returns the lead's id and public id.
+
+    Activities carrying one email in one organisation make one lead however many arrive at
+    once: the email's lock is held until the transaction ends (on SQLite, the write lock).
+    """
+    email_normalized = normalize_email(email)
+    organisation_id = organisation.id if organisation is not None else None
+    digest = hashlib.sha256(f"lead:{organisation_id or 0}:{email_normalized}".encode()).digest()
+    await session.run_sync(advisory_xact_lock, int.from_bytes(digest[:8], "big", signed=True))
+    in_organisation = (
+        Lead.organisation_id.is_(None)
+        if organisation_id is None
+        else Lead.organisation_id == organisation_id
+    )
+    found = (
+        await session.execute(
+            select(Lead.id, Lead.public_id)
+            .where(
+                in_organisation,
+                Lead.email_normalized == email_normalized,
+                Lead.status != LeadStatus.ENROLLED,
+            )
+            .order_by(Lead.id)
+            .limit(1)
+        )
+    ).first()
+    if found is not None:
+        return found[0], found[1]
+    lead = add_lead(
+        session,
+        principal,
+        organisation,
+        action="lead.create",
+        now=now,
+        email=email,
+        status=LeadStatus.NEW,
+        source=source,
+        custom_fields={},
+        external_ids=external_ids,
+    )
+    await session.flush()
+    return lead.id, lead.public_id
 
 
 def move(lead: Lead, to_status: str) -> None:

@@ -52,4 +52,6 @@ class LoyaltyProgram(Base):
     # Staff limits per role and alert thresholds; see program.schemas for their shape.
     role_limits: Mapped[dict[str, Any]] = mapped_column(default=dict)
     alert_thresholds: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Whether an unmatched activity with an email makes a lead; see program.schemas.
+    unmatched_activity_leads: Mapped[dict[str, Any]] = mapped_column(default=dict)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -4,7 +4,14 @@ from datetime import datetime
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from memberhub.kit.types import Input, PatchInput
 from memberhub.memberships.schemas import Currency
@@ -51,6 +58,23 @@ class AlertThresholds(Input):
     low_redemption_rate_percent: float = Field(default=5.0, ge=0, le=100)
 
 
+# An activity source, as `activities.schemas.Source` spells it.
+ActivitySource = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,99}$")]
+MAX_LEAD_SOURCES = 50
+
+
+class UnmatchedActivityLeads(Input):
+    """What an activity that matches no member does besides waiting for one. With
+    `enabled`, one that carries an email makes a lead in the activity's organisation (or
+    finds the one not yet enrolled with that email there), whose `source` is the
+    activity's; `sources` limits this to activities from those sources (null: any)."""
+
+    enabled: bool = False
+    sources: list[ActivitySource] | None = Field(
+        default=None, min_length=1, max_length=MAX_LEAD_SOURCES
+    )
+
+
 ExpiryPolicyName = Literal["never", "days_after_earn", "end_of_month_after_days", "fixed_date"]
 NegativePolicyName = Literal["forbid", "allow_for_reversals"]
 
@@ -73,6 +97,7 @@ class ProgramFields(BaseModel):
     point_value_points: int = Field(ge=1, le=10**9)
     role_limits: RoleLimits
     alert_thresholds: AlertThresholds
+    unmatched_activity_leads: UnmatchedActivityLeads
 
 
 def check_expiry_fields(fields: ProgramFields) -> ProgramFields:
@@ -110,6 +135,7 @@ class ProgramPatch(PatchInput):
         "point_value_points",
         "role_limits",
         "alert_thresholds",
+        "unmatched_activity_leads",
     )
 
     currency: Currency | None = None
@@ -127,6 +153,7 @@ class ProgramPatch(PatchInput):
     point_value_points: int | None = Field(default=None, ge=1, le=10**9)
     role_limits: RoleLimits | None = None
     alert_thresholds: AlertThresholds | None = None
+    unmatched_activity_leads: UnmatchedActivityLeads | None = None
 
     @model_validator(mode="after")
     def _changes_something(self) -> ProgramPatch:

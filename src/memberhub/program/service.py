@@ -24,6 +24,7 @@ from memberhub.program.schemas import (
     ProgramOut,
     ProgramPatch,
     RoleLimits,
+    UnmatchedActivityLeads,
     check_expiry_fields,
 )
 
@@ -45,6 +46,7 @@ def _defaults() -> LoyaltyProgram:
         point_value_points=1,
         role_limits=RoleLimits().model_dump(),
         alert_thresholds=AlertThresholds().model_dump(),
+        unmatched_activity_leads=UnmatchedActivityLeads().model_dump(),
         updated_at=utcnow(),
     )
 
@@ -101,6 +103,7 @@ def to_fields(program: LoyaltyProgram) -> ProgramFields:
         point_value_points=program.point_value_points,
         role_limits=RoleLimits.model_validate(program.role_limits or {}),
         alert_thresholds=AlertThresholds.model_validate(program.alert_thresholds or {}),
+        unmatched_activity_leads=unmatched_activity_leads(program),
     )
 
 
@@ -114,6 +117,19 @@ def role_limits(program: LoyaltyProgram) -> RoleLimits:
 
 def alert_thresholds(program: LoyaltyProgram) -> AlertThresholds:
     return AlertThresholds.model_validate(program.alert_thresholds or {})
+
+
+def unmatched_activity_leads(program: LoyaltyProgram) -> UnmatchedActivityLeads:
+    return UnmatchedActivityLeads.model_validate(program.unmatched_activity_leads or {})
+
+
+def makes_lead(program: LoyaltyProgram, source: str) -> bool:
+    """Whether an unmatched activity from `source` that carries an email makes a lead."""
+    setting = program.unmatched_activity_leads or {}
+    if not setting.get("enabled"):
+        return False
+    sources = setting.get("sources")
+    return sources is None or source in sources
 
 
 async def update_program(
