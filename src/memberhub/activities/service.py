@@ -9,13 +9,14 @@ per member are exact however many arrive at once; members never wait for each ot
 on a rule with an overall cap. Each ledger write takes a reference derived from the
 activity and the rule (`activity:<act_…>:<erl_…>`): the activity is evaluated once (it is
 recorded once; an unmatched one is matched once, its row locked), and the reference's
-unique index makes a second credit impossible anyway.
+unique index makes a second credit impossible anyway. The earns of one activity are written
+in one ledger pass with the activity's event and audit entry (`_apply_rules`, `_announce`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -32,13 +33,14 @@ from memberhub.activities.matching import (
 from memberhub.activities.models import Activity, ActivityStatus, MatchedBy
 from memberhub.activities.repository import ActivityRepository, ListedActivity
 from memberhub.activities.schemas import ActivityIn, ActivityOut, CreditOut
-from memberhub.audit.service import record_change_now
+from memberhub.audit.service import audit_row, record_change_now
 from memberhub.auth.principal import Principal
 from memberhub.earning_rules.conditions import Facts
 from memberhub.earning_rules.evaluation import ActivityRef, Outcome, active_rules, evaluate
 from memberhub.earning_rules.models import RuleAward
 from memberhub.earning_rules.schemas import SimulatedRule, SimulationOut
-from memberhub.events.catalog import ActivityMatched, ActivityRecorded
+from memberhub.events.catalog import ActivityMatched, ActivityRecorded, EventData
+from memberhub.events.service import event_row
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import column_values
@@ -56,6 +58,7 @@ from memberhub.points.repository import PointsRepository
 from memberhub.program import service as program_service
 
 ACTIVITIES = cast(Table, Activity.__table__)
+RULE_AWARDS = cast(Table, RuleAward.__table__)
 # A source's clock may run a little ahead of ours; an activity further in the future is
 # refused (it would open windows and extend expiries from a time not yet come).
 CLOCK_SKEW = timedelta(minutes=5)
@@ -191,10 +194,12 @@ async def record_activity(
     # Written already: the object joins the session as if loaded (later changes update it).
     make_transient_to_detached(activity)
     session.add(activity)
-    credits = []
+    credits: list[CreditOut] = []
+    evaluated = None
     lead_public_id = None
     if member is not None:
-        credits = await _apply_rules(session, principal.actor, activity, member, now)
+        evaluated = await _apply_rules(session, principal.actor, activity, member, now)
+        credits = evaluated.credits
     elif payload.email is not None and await _makes_lead(
         session, principal, payload, key, organisation_id
     ):
@@ -214,15 +219,15 @@ async def record_activity(
         credits=credits,
         lead_public_id=lead_public_id,
     )
-    await record_change_now(
+    await _announce(
         session,
         principal.actor,
+        evaluated,
         ActivityRecorded(activity=out),
         organisation_id=member.organisation_id if member is not None else organisation_id,
         member_public_id=out.member_id,
         occurred_at=now,
         action="activity.record",
-        object_type="activity",
         object_id=activity.public_id,
         changes={
             "type": activity.type,
@@ -259,13 +264,29 @@ async def _makes_lead(
     return not await repo.members_by_email(key.email_normalized, organisations)
 
 
+@dataclass
+class _Evaluated:
+    """What the rules did for a matched activity: its credits, and, when they are earns
+    written in one pass, that pass and its awards, still to write with the activity's own
+    event and audit entry (`_announce`)."""
+
+    credits: list[CreditOut]
+    earn_pass: points.EarnPass | None = None
+    awards: list[dict[str, Any]] = field(default_factory=list)
+
+
 async def _apply_rules(
     session: AsyncSession, actor: Actor, activity: Activity, member: Member, now: datetime
-) -> list[CreditOut]:
-    """Evaluate the rules for a matched activity and write what they do: each applying rule
-    one ledger transaction (an earn, or an extend) naming the rule and its version, and an
-    award row its caps count. The member's account is locked first; the activity's last
-    activity time is set even when no rule applies."""
+) -> _Evaluated:
+    """Evaluate the rules for a matched activity and plan or write what they do: each
+    applying rule one ledger transaction (an earn, or an extend) naming the rule and its
+    version, and an award row its caps count. The member's account is locked first; its
+    last activity time is set even when no rule applies.
+
+    Earns alone (the usual case) are planned as one pass (`points.plan_rule_earns`) that
+    `_announce` writes with the activity's event: one statement on PostgreSQL, a few on
+    SQLite, however many rules credit. An extension, or points that would pay a deficit,
+    are written here one rule at a time."""
     account = await PointsRepository(session).lock_account(member.id)
     outcomes = await evaluate(
         session,
@@ -275,42 +296,133 @@ async def _apply_rules(
         activity.attributes,
         lock=True,
     )
+    applying = [outcome for outcome in outcomes if outcome.applies]
+    earn_pass = None
+    if applying and all(outcome.points > 0 for outcome in applying):
+        earn_pass = points.plan_rule_earns(
+            await program_service.get_program(session),
+            actor,
+            member,
+            account,
+            [_rule_earn(activity, outcome) for outcome in applying],
+            now=now,
+        )
+    if earn_pass is not None:
+        transactions = earn_pass.transactions
+        return _Evaluated(
+            credits=[
+                _credit_out(outcome, txn.public_id)
+                for outcome, txn in zip(applying, transactions, strict=True)
+            ],
+            earn_pass=earn_pass,
+            awards=[_award(activity, member, outcome, None, now) for outcome in applying],
+        )
     credits = []
     awards = []
-    for outcome in outcomes:
-        if not outcome.applies:
-            continue
+    for outcome in applying:
         txn = await _write(session, actor, activity, member, account, outcome, now)
         if txn.id is None:
             await session.flush()
-        rule = outcome.rule
-        awards.append(
-            {
-                "rule_id": rule.id,
-                "rule_version": rule.version,
-                "member_id": member.id,
-                "activity_id": activity.id,
-                "transaction_id": txn.id,
-                "effect": rule.effect_type,
-                "points": outcome.points,
-                "occurred_at": activity.occurred_at,
-                "created_at": now,
-            }
-        )
-        credits.append(
-            CreditOut(
-                rule_id=rule.public_id,
-                rule_version=rule.version,
-                effect=rule.effect_type,
-                points=outcome.points,
-                transaction_id=txn.public_id,
-            )
-        )
+        awards.append(_award(activity, member, outcome, txn.id, now))
+        credits.append(_credit_out(outcome, txn.public_id))
     if awards:
         await session.execute(insert(RuleAward), awards)
     if account.last_activity_at is None or account.last_activity_at < now:
         account.last_activity_at = now
-    return credits
+    return _Evaluated(credits)
+
+
+def _award(
+    activity: Activity, member: Member, outcome: Outcome, transaction_id: int | None, now: datetime
+) -> dict[str, Any]:
+    rule = outcome.rule
+    return {
+        "rule_id": rule.id,
+        "rule_version": rule.version,
+        "member_id": member.id,
+        "activity_id": activity.id,
+        "transaction_id": transaction_id,
+        "effect": rule.effect_type,
+        "points": outcome.points,
+        "occurred_at": activity.occurred_at,
+        "created_at": now,
+    }
+
+
+def _credit_out(outcome: Outcome, transaction_id: str) -> CreditOut:
+    rule = outcome.rule
+    return CreditOut(
+        rule_id=rule.public_id,
+        rule_version=rule.version,
+        effect=rule.effect_type,
+        points=outcome.points,
+        transaction_id=transaction_id,
+    )
+
+
+def _reference(activity: Activity, outcome: Outcome) -> str:
+    return f"activity:{activity.public_id}:{outcome.rule.public_id}"
+
+
+def _details(activity: Activity, outcome: Outcome) -> dict[str, Any]:
+    rule = outcome.rule
+    details: dict[str, Any] = {
+        "activity_id": activity.public_id,
+        "rule_id": rule.public_id,
+        "rule_version": rule.version,
+        "effect": rule.effect_type,
+    }
+    if outcome.points > 0 and outcome.capped_by is not None:
+        details["capped_by"] = outcome.capped_by
+    return details
+
+
+def _rule_earn(activity: Activity, outcome: Outcome) -> points.RuleEarn:
+    return points.RuleEarn(
+        points=outcome.points,
+        reference_id=_reference(activity, outcome),
+        reason=outcome.rule.name,
+        amount=activity.attributes.get("amount"),
+        currency=activity.attributes.get("currency"),
+        details=_details(activity, outcome),
+    )
+
+
+async def _announce(
+    session: AsyncSession,
+    actor: Actor,
+    evaluated: _Evaluated | None,
+    event: EventData,
+    *,
+    organisation_id: int | None,
+    member_public_id: str | None,
+    occurred_at: datetime,
+    action: str,
+    object_id: str,
+    changes: dict[str, Any],
+) -> None:
+    """The activity's event and audit entry, written with its earns when they wait as one
+    pass, else on their own."""
+    if evaluated is None or evaluated.earn_pass is None:
+        await record_change_now(
+            session,
+            actor,
+            event,
+            organisation_id=organisation_id,
+            member_public_id=member_public_id,
+            occurred_at=occurred_at,
+            action=action,
+            object_type="activity",
+            object_id=object_id,
+            changes=changes,
+        )
+        return
+    await evaluated.earn_pass.write(
+        session,
+        events=[event_row(event, organisation_id, member_public_id, occurred_at)],
+        audits=[audit_row(actor, action, "activity", object_id, changes)],
+        linked=(RULE_AWARDS, evaluated.awards),
+    )
 
 
 async def _write(
@@ -322,29 +434,21 @@ async def _write(
     outcome: Outcome,
     now: datetime,
 ) -> PointTransaction:
-    """The ledger write of one applying rule: its points as an earn, or its extension."""
-    rule = outcome.rule
-    reference_id = f"activity:{activity.public_id}:{rule.public_id}"
-    details = {
-        "activity_id": activity.public_id,
-        "rule_id": rule.public_id,
-        "rule_version": rule.version,
-        "effect": rule.effect_type,
-    }
+    """The ledger write of one applying rule on its own: its points as an earn, or its
+    extension."""
     if outcome.points > 0:
-        if outcome.capped_by is not None:
-            details["capped_by"] = outcome.capped_by
+        earn = _rule_earn(activity, outcome)
         result = await points.earn_by_rule(
             session,
             actor,
             member,
             account,
-            points=outcome.points,
-            reference_id=reference_id,
-            reason=rule.name,
-            amount=activity.attributes.get("amount"),
-            currency=activity.attributes.get("currency"),
-            details=details,
+            points=earn.points,
+            reference_id=earn.reference_id,
+            reason=earn.reason,
+            amount=earn.amount,
+            currency=earn.currency,
+            details=earn.details,
             now=now,
         )
     else:
@@ -354,9 +458,9 @@ async def _write(
             member,
             account,
             outcome.extension,
-            reason=rule.name,
-            reference_id=reference_id,
-            details=details,
+            reason=outcome.rule.name,
+            reference_id=_reference(activity, outcome),
+            details=_details(activity, outcome),
             now=now,
         )
     return result.transaction
@@ -456,7 +560,8 @@ async def _attach(
     activity.email_normalized = None
     activity.external_key = None
     await session.flush()
-    credits = await _apply_rules(session, actor, activity, member, now)
+    evaluated = await _apply_rules(session, actor, activity, member, now)
+    credits = evaluated.credits
     organisation = (
         await session.get(Organisation, activity.organisation_id)
         if activity.organisation_id is not None
@@ -470,15 +575,15 @@ async def _attach(
         credits=credits,
         lead_public_id=lead.public_id if lead is not None else None,
     )
-    await record_change_now(
+    await _announce(
         session,
         actor,
+        evaluated,
         ActivityMatched(activity=out),
         organisation_id=member.organisation_id,
         member_public_id=member.public_id,
         occurred_at=now,
         action="activity.match",
-        object_type="activity",
         object_id=activity.public_id,
         changes={
             "member_id": member.public_id,

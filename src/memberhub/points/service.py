@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.alerts import service as alerts
@@ -51,7 +51,7 @@ from memberhub.points.models import (
 )
 from memberhub.points.repository import PointsRepository
 from memberhub.points.schemas import AllocationOut, BalanceOut, TransactionOut
-from memberhub.points.writes import write_credit
+from memberhub.points.writes import write_credit, write_credits
 from memberhub.program import service as program_service
 from memberhub.program.models import LoyaltyProgram, NegativeBalancePolicy
 from memberhub.tiers import service as tiers
@@ -576,6 +576,141 @@ async def earn_by_rule(
         reason=reason,
         details=details,
     )
+
+
+@dataclass(frozen=True)
+class RuleEarn:
+    """The points one earning rule credits for an activity: an earn of its own."""
+
+    points: int
+    reference_id: str
+    reason: str
+    amount: int | None
+    currency: str | None
+    details: dict[str, Any]
+
+
+@dataclass
+class EarnPass:
+    """Earns for one member, planned as transactions and batches (with their public ids,
+    balances, events and audit entries) and written together by `write`: one ledger pass,
+    one update of the account. See `plan_rule_earns`."""
+
+    actor: Actor
+    member: Member
+    account: PointAccount
+    now: datetime
+    credits: list[tuple[PointTransaction, PointBatch]]
+    balances: dict[str, Any]
+    events: list[dict[str, Any]]
+    audits: list[dict[str, Any]]
+
+    @property
+    def transactions(self) -> list[PointTransaction]:
+        return [txn for txn, _batch in self.credits]
+
+    async def write(
+        self,
+        session: AsyncSession,
+        *,
+        events: Sequence[dict[str, Any]] = (),
+        audits: Sequence[dict[str, Any]] = (),
+        linked: tuple[Table, Sequence[dict[str, Any]]] | None = None,
+    ) -> None:
+        """Write the earns with the caller's own `events` and `audits` rows after theirs,
+        and `linked` rows (one per earn) naming each earn's transaction; then let tiers
+        react, once."""
+        await write_credits(
+            session,
+            self.account,
+            self.credits,
+            self.balances,
+            [*self.events, *events],
+            [*self.audits, *audits],
+            linked,
+        )
+        await tiers.after_ledger_change(session, self.actor, self.member, self.account, self.now)
+
+
+def plan_rule_earns(
+    program: LoyaltyProgram,
+    actor: Actor,
+    member: Member,
+    account: PointAccount,
+    earns: Sequence[RuleEarn],
+    *,
+    now: datetime,
+) -> EarnPass | None:
+    """The earns an activity's rules credit (`activities/service.py`), each as
+    `earn_by_rule` would write it, planned to be written in one pass; None when they must
+    be written one by one instead (`earn_by_rule`): active points that would first pay the
+    member's deficit. Reads nothing.
+
+    The caller holds the member's `account`, locked, and references nobody used (as for
+    `earn_by_rule`)."""
+    activates_at = program_service.activation_for(program, now)
+    expires_at = program_service.expiry_for(program, now)
+    pending = activates_at is not None
+    if not earns or (not pending and account.current < 0):
+        return None
+    current, pending_total, earned = account.current, account.pending, account.lifetime_earned
+    planned = EarnPass(actor, member, account, now, [], {}, [], [])
+    scope = reference_scope(member)
+    for earn in earns:
+        assert earn.points > 0
+        earned += earn.points
+        if pending:
+            pending_total += earn.points
+        else:
+            current += earn.points
+        txn = PointTransaction(
+            public_id=new_public_id("txn"),
+            member_id=account.member_id,
+            type=TxnType.EARN,
+            points=0 if pending else earn.points,
+            pending_points=earn.points if pending else 0,
+            balance_after=current,
+            pending_after=pending_total,
+            reason=earn.reason,
+            reference_id=earn.reference_id,
+            reference_scope=scope,
+            amount=earn.amount,
+            currency=earn.currency,
+            details=earn.details,
+            actor=actor.id,
+            occurred_at=now,
+        )
+        batch = PointBatch(
+            public_id=new_public_id("pbt"),
+            member_id=account.member_id,
+            status=BatchStatus.PENDING if pending else BatchStatus.ACTIVE,
+            source=BatchSource.EARN,
+            initial=earn.points,
+            remaining=earn.points,
+            activates_at=activates_at if pending else None,
+            expires_at=expires_at,
+            created_at=now,
+        )
+        event = PointsEarned(
+            **event_fields(txn, member),
+            amount=earn.amount,
+            currency=earn.currency,
+            expires_at=expires_at,
+            activates_at=batch.activates_at,
+        )
+        planned.credits.append((txn, batch))
+        planned.events.append(event_row(event, member.organisation_id, member.public_id, now))
+        planned.audits.append(
+            audit_row(actor, "points.earn", "member", member.public_id, _audit_changes(txn))
+        )
+    planned.balances = {
+        "current": current,
+        "pending": pending_total,
+        "lifetime_earned": earned,
+        "last_activity_at": now,
+        "updated_at": now,
+    }
+    return planned
 
 
 async def _earn(

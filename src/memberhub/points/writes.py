@@ -10,9 +10,11 @@ ORM's flush: the objects handed back are transient, built from the values writte
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import Insert, Table, bindparam, func, insert, select, update
+from sqlalchemy import Insert, Table, bindparam, func, insert, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -123,3 +125,161 @@ async def write_credit(
 def _values(obj: PointTransaction | PointBatch) -> dict[str, Any]:
     """The column values set on a new (transient) object."""
     return {k: v for k, v in obj.__dict__.items() if not k.startswith("_")}
+
+
+# -- several credits of one member at once ------------------------------------------------------
+#
+# An activity that meets several earning rules credits each in its own transaction and batch.
+# They are written together: on PostgreSQL in one statement whatever their number (the ids of
+# every transaction and batch drawn in one row of `nextval`s, each table's rows inserted by
+# one data-modifying CTE); on SQLite in one statement per table (`executemany`), with the
+# ids worked out from the largest rowids as `_INSERT_TXN` does. The account is updated once,
+# to the balances after the last credit. `linked` rows (one per credit, e.g. what a rule
+# did) are inserted naming their credit's transaction.
+
+
+def _rows(table: Table, prefix: str, leave_out: tuple[str, ...], count: int) -> list[Any]:
+    return [column_binds(table, f"{prefix}{k}", leave_out) for k in range(count)]
+
+
+def _one_per_credit(
+    ids: Any, table: Table, prefix: str, leave_out: tuple[str, ...], count: int, **from_ids: str
+) -> Insert:
+    """An INSERT of one row per credit; `from_ids` maps columns to the credit's ids in `ids`
+    (`t`: its transaction's, `b`: its batch's)."""
+    binds = _rows(table, prefix, leave_out, count)
+    selects = [
+        select(*(ids.c[f"{name}{k}"] for name in from_ids.values()), *binds[k].values())
+        for k in range(count)
+    ]
+    rows = selects[0] if count == 1 else union_all(*selects)
+    return insert(table).from_select([*from_ids, *binds[0]], rows)
+
+
+def _insert_rows(table: Table, prefix: str, count: int) -> Insert:
+    """An INSERT of `count` rows of bound values: as a SELECT of each (a multi-VALUES
+    insert would be compiled again for every execution)."""
+    binds = _rows(table, prefix, _ID, count)
+    selects = [select(*row.values()) for row in binds]
+    return insert(table).from_select(
+        list(binds[0]), selects[0] if count == 1 else union_all(*selects)
+    )
+
+
+@functools.cache
+def _credits_on_postgresql(credits: int, events: int, audits: int, linked: Table | None) -> Insert:
+    ids = select(
+        *(
+            column
+            for k in range(credits)
+            for column in (
+                func.nextval("point_transactions_id_seq").label(f"t{k}"),
+                func.nextval("point_batches_id_seq").label(f"b{k}"),
+            )
+        )
+    ).cte("ids")
+    ctes: list[Any] = [
+        _one_per_credit(ids, TXNS, "t", _TXN_OWN, credits, id="t", batch_id="b").cte("txns"),
+        _UPDATE_ACCOUNT.cte("account"),
+        _insert_rows(EVENTS, "e", events).cte("events"),
+        _insert_rows(AUDIT_LOG, "l", audits).cte("audit"),
+    ]
+    if linked is not None:
+        linked_rows = _one_per_credit(ids, linked, "k", _LINKED_OWN, credits, transaction_id="t")
+        ctes.append(linked_rows.cte("linked"))
+    batches = _one_per_credit(ids, BATCHES, "b", _BATCH_OWN, credits, id="b", transaction_id="t")
+    return batches.add_cte(*ctes)
+
+
+_LINKED_OWN = ("transaction_id", "id")
+_LAST_TXN_ID = select(func.max(TXNS.c.id)).scalar_subquery()
+# SQLite, row by row in one `executemany`: the k-th of n transactions names the batch that
+# will be the k-th inserted after them; the k-th batch (and linked row) names the
+# transaction n - 1 - k rows before the last.
+_INSERT_TXNS = insert(TXNS).values(
+    batch_id=select(
+        func.coalesce(func.max(BATCHES.c.id), 0) + bindparam("t_batch_offset")
+    ).scalar_subquery(),
+    **column_binds(TXNS, "t", _TXN_OWN),
+)
+_INSERT_BATCHES = insert(BATCHES).values(
+    transaction_id=_LAST_TXN_ID - bindparam("b_back"),
+    **column_binds(BATCHES, "b", _BATCH_OWN),
+)
+
+
+@functools.cache
+def _insert_linked_on_sqlite(linked: Table) -> Insert:
+    return insert(linked).values(
+        transaction_id=_LAST_TXN_ID - bindparam("k_back"),
+        **column_binds(linked, "k", _LINKED_OWN),
+    )
+
+
+async def write_credits(
+    session: AsyncSession,
+    account: PointAccount,
+    credits: Sequence[tuple[PointTransaction, PointBatch]],
+    balances: dict[str, Any],
+    events: Sequence[dict[str, Any]],
+    audits: Sequence[dict[str, Any]],
+    linked: tuple[Table, Sequence[dict[str, Any]]] | None = None,
+) -> None:
+    """Write new transactions, each with its batch (transient objects; they are linked here,
+    but their ids are not read back), the account's `balances` after the last (set on
+    `account` as saved), the `events` and `audits` rows, and `linked` rows (one per credit,
+    given its transaction's id), in the caller's transaction."""
+    assert credits, "at least one credit"
+    assert events, "each credit has its event"
+    assert audits, "each credit has its audit entry"
+    linked_rows = linked[1] if linked is not None else ()
+    assert linked is None or len(linked_rows) == len(credits)
+    account_row = {f"a_{k}": v for k, v in balances.items()} | {"a_member_id": account.member_id}
+    if session.get_bind().dialect.name == "postgresql":
+        params = dict(account_row)
+        for k, (txn, batch) in enumerate(credits):
+            params |= column_values(TXNS, _values(txn), f"t{k}", _TXN_OWN)
+            params |= column_values(BATCHES, _values(batch), f"b{k}", _BATCH_OWN)
+        for j, row in enumerate(events):
+            params |= column_values(EVENTS, row, f"e{j}", _ID)
+        for j, row in enumerate(audits):
+            params |= column_values(AUDIT_LOG, row, f"l{j}", _ID)
+        for k, row in enumerate(linked_rows):
+            assert linked is not None
+            params |= column_values(linked[0], row, f"k{k}", _LINKED_OWN)
+        statement = _credits_on_postgresql(
+            len(credits), len(events), len(audits), linked[0] if linked is not None else None
+        )
+        await session.execute(statement, params)
+    else:
+        last = len(credits) - 1
+        await session.execute(
+            _INSERT_TXNS,
+            [
+                column_values(TXNS, _values(txn), "t", _TXN_OWN) | {"t_batch_offset": k + 1}
+                for k, (txn, _batch) in enumerate(credits)
+            ],
+        )
+        await session.execute(
+            _INSERT_BATCHES,
+            [
+                column_values(BATCHES, _values(batch), "b", _BATCH_OWN) | {"b_back": last - k}
+                for k, (_txn, batch) in enumerate(credits)
+            ],
+        )
+        await session.execute(_UPDATE_ACCOUNT, account_row)
+        await session.execute(_INSERT_EVENT, [column_values(EVENTS, r, "e", _ID) for r in events])
+        await session.execute(
+            _INSERT_AUDIT, [column_values(AUDIT_LOG, r, "l", _ID) for r in audits]
+        )
+        if linked is not None:
+            await session.execute(
+                _insert_linked_on_sqlite(linked[0]),
+                [
+                    column_values(linked[0], row, "k", _LINKED_OWN) | {"k_back": last - k}
+                    for k, row in enumerate(linked_rows)
+                ],
+            )
+    for key, value in balances.items():
+        set_committed_value(account, key, value)
+    mark_for_sequencing(session)
