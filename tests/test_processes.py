@@ -265,3 +265,117 @@ def test_metrics_of_serve_with_two_processes_count_the_requests_of_both(
         assert len(pids(text, "memberhub_process_open_fds")) == 2
         assert sample_value(text, "memberhub_db_pool_size", pool="main") > 0
         assert sample_values(text, "memberhub_db_pool_checked_out", pool="main")
+
+
+async def _requests_on_connections_opened_at_once(
+    base: str, headers: dict[str, str], *, connections: int, requests: int
+) -> None:
+    """`connections` keep-alive connections, opened together (as a pool or a proxy opens
+    them), each then sending `requests` requests one after another."""
+    clients = [
+        httpx.AsyncClient(
+            base_url=base,
+            headers=headers,
+            timeout=10,
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        )
+        for _ in range(connections)
+    ]
+
+    async def requests_on(client: httpx.AsyncClient) -> None:
+        for _ in range(requests):
+            response = await client.get("/api/v1/program")
+            assert response.status_code == 200, response.text
+
+    try:
+        await asyncio.gather(*(requests_on(client) for client in clients))
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def test_serve_hands_connections_opened_at_once_evenly_to_its_processes(
+    process_env: dict[str, str], admin_key: str, tmp_path: Path
+) -> None:
+    """With one shared listening socket, the first process to wake takes every connection
+    waiting; here each of the two serves half of eight connections opened together."""
+    metrics_dir = tmp_path / "metrics"
+    port = _free_port()
+    process = _start(
+        ["serve", "--host", "127.0.0.1", "--port", str(port), "--processes", "2"],
+        {
+            **process_env,
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "MEMBERHUB_LOG_LEVEL": "WARNING",
+        },
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_health(base, process)
+        # Until both processes are serving (the first may start well before the second).
+        deadline = time.monotonic() + 30
+        while not _both_answered(metrics_dir, "/health", at_least=1):
+            assert time.monotonic() < deadline, "the second process did not start"
+            assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+        headers = {"Authorization": f"Bearer {admin_key}"}
+        asyncio.run(
+            _requests_on_connections_opened_at_once(base, headers, connections=8, requests=10)
+        )
+        # Counted once each response has gone: wait for the last few.
+        deadline = time.monotonic() + 5
+        while True:
+            answered = _answered_by_process(metrics_dir, "/api/v1/program")
+            if sum(answered.values()) >= 80:
+                break
+            assert time.monotonic() < deadline, answered
+            time.sleep(0.05)
+    finally:
+        exit_code, log = _stop(process)
+    assert exit_code == 0, log[-2000:]
+    assert sorted(answered.values()) == [40, 40], answered
+
+
+def test_serve_starts_a_process_again_when_one_dies(
+    process_env: dict[str, str], admin_key: str
+) -> None:
+    port = _free_port()
+    process = _start(
+        ["serve", "--host", "127.0.0.1", "--port", str(port), "--processes", "2"],
+        {**process_env, "MEMBERHUB_LOG_LEVEL": "WARNING"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    try:
+        _wait_for_health(base, process)
+        children = _children(process.pid)
+        assert len(children) == 2, children
+        os.kill(children[0], signal.SIGKILL)
+        # The other process answers meanwhile, and a new one takes the dead one's place.
+        deadline = time.monotonic() + 30
+        while True:
+            response = httpx.get(f"{base}/api/v1/program", headers=headers, timeout=10)
+            assert response.status_code == 200, response.text
+            now = _children(process.pid)
+            if len(now) == 2 and children[0] not in now:
+                break
+            assert time.monotonic() < deadline, now
+            time.sleep(0.1)
+        # Connections go to the new process too.
+        asyncio.run(
+            _requests_on_connections_opened_at_once(base, headers, connections=4, requests=2)
+        )
+    finally:
+        exit_code, log = _stop(process)
+    assert exit_code == 0
+    assert '"api_process_died"' in log
+
+
+def _children(pid: int) -> list[int]:
+    """The API processes of a `serve` (its children but multiprocessing's resource tracker)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"resource_tracker" not in command:
+                found.append(int(child))
+    return sorted(found)

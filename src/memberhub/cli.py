@@ -125,7 +125,9 @@ def serve(
     import uvicorn
 
     from memberhub.app import SERVE_WORKER_ENV, create_app
+    from memberhub.kit.logging import configure_logging
     from memberhub.ops.metrics import multiprocess_directory
+    from memberhub.ops.serving import serve_balanced
 
     settings = _settings()
     _require_secret_key(settings)
@@ -147,10 +149,16 @@ def serve(
         return
     # Each process builds its app from the environment, as this one read it.
     settings.ensure_data_dir()
+    configure_logging(settings.log_level, json=settings.log_json)
     os.environ[SERVE_WORKER_ENV] = "0" if no_worker else "1"
     # Every process's metrics in one directory, so that any of them reports them all.
     with multiprocess_directory(processes=count):
-        uvicorn.run("memberhub.app:serve_app", factory=True, workers=count, **options)  # type: ignore[arg-type]
+        # Connections handed out evenly by this process (see memberhub.ops.serving).
+        exit_code = serve_balanced(
+            {"app": "memberhub.app:serve_app", "factory": True, **options}, count
+        )
+    if exit_code:
+        raise typer.Exit(exit_code)
 
 
 @app.command()
