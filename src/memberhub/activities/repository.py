@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Insert, Select, Table, and_, func, or_, select
+from sqlalchemy import Insert, Select, Table, and_, bindparam, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -150,23 +150,18 @@ class ActivityRepository:
         """The member's activities of `activity_type` in [start, end) up to and including
         the one at `occurred_at` with id `activity_id` (by time, then id); with no id, those
         up to `occurred_at` (an activity not recorded would come after them)."""
-        query = select(func.count()).where(
-            Activity.member_id == member_id, Activity.type == activity_type
-        )
+        assert (start is None) == (end is None), "a period has a start and an end"
+        params: dict[str, object] = {
+            "member_id": member_id,
+            "type": activity_type,
+            "occurred_at": occurred_at,
+        }
         if start is not None:
-            query = query.where(Activity.occurred_at >= start)
-        if end is not None:
-            query = query.where(Activity.occurred_at < end)
-        if activity_id is None:
-            query = query.where(Activity.occurred_at <= occurred_at)
-        else:
-            query = query.where(
-                or_(
-                    Activity.occurred_at < occurred_at,
-                    and_(Activity.occurred_at == occurred_at, Activity.id <= activity_id),
-                )
-            )
-        return int(await self.session.scalar(query) or 0)
+            params |= {"start": start, "end": end}
+        if activity_id is not None:
+            params["activity_id"] = activity_id
+        query = _count_up_to(start is not None, activity_id is not None)
+        return int(await self.session.scalar(query, params) or 0)
 
     # ------------------------------------------------------------ lists
 
@@ -246,3 +241,23 @@ class ActivityRepository:
         for activity_id, rule, version, effect, points, txn in rows:
             result.setdefault(activity_id, []).append((rule, version, effect, points, txn))
         return result
+
+
+@functools.cache
+def _count_up_to(in_period: bool, recorded: bool) -> Select[int]:
+    """Built once per shape: an Nth-activity rule counts for every activity it meets."""
+    occurred = Activity.occurred_at
+    at = bindparam("occurred_at", type_=occurred.type)
+    query = select(func.count()).where(
+        Activity.member_id == bindparam("member_id"), Activity.type == bindparam("type")
+    )
+    if in_period:
+        query = query.where(
+            occurred >= bindparam("start", type_=occurred.type),
+            occurred < bindparam("end", type_=occurred.type),
+        )
+    if not recorded:
+        return query.where(occurred <= at)
+    return query.where(
+        or_(occurred < at, and_(occurred == at, Activity.id <= bindparam("activity_id")))
+    )

@@ -1,10 +1,12 @@
 """Activities: recording what members did, matching them to members, and crediting what the
 earning rules say, in one transaction.
 
-Recording takes its locks in one order: the activity's unique source id (its insert: a
-concurrent repeat waits for it, then finds it and returns it as a replay), the member's
-point account, then, during evaluation, the rows of rules with an overall cap and the
-batches an extension moves. The account lock serialises one member's activities, so caps
+Recording takes its locks in one order: the member's point account (when the activity
+fits a member; read with the member in one statement when `member_id` names it), the
+activity's unique source id (its insert: a concurrent repeat waits for it, then finds it
+and returns it as a replay), then, during evaluation, the rows of rules with an overall cap
+and the batches an extension moves. Matching a waiting activity later locks its row, then
+the account. The account lock serialises one member's activities, so caps
 per member are exact however many arrive at once; members never wait for each other except
 on a rule with an overall cap. Each ledger write takes a reference derived from the
 activity and the rule (`activity:<act_…>:<erl_…>`): the activity is evaluated once (it is
@@ -104,13 +106,23 @@ async def _member_for(
     principal: Principal,
     payload: ActivityIn,
     organisation_id: int | None,
-) -> tuple[Member | None, str | None]:
+    *,
+    lock: bool,
+) -> tuple[Member | None, str | None, PointAccount | None]:
+    """The activity's member, how it was found, and, with `lock`, the member's point
+    account, locked (read with the member in one statement when `member_id` names it)."""
     if payload.member_id is not None:
-        member = await get_member(session, principal, payload.member_id)
+        if lock:
+            member, account = await points.member_and_account(session, principal, payload.member_id)
+        else:
+            member, account = await get_member(session, principal, payload.member_id), None
         await require_within(session, member, organisation_id)
-        return member, MatchedBy.MEMBER_ID
+        return member, MatchedBy.MEMBER_ID, account
     organisations = await scope_organisations(session, organisation_id, principal)
-    return await find_member(session, _key_of(payload), organisations)
+    found, matched_by = await find_member(session, _key_of(payload), organisations)
+    if found is None or not lock:
+        return found, matched_by, None
+    return found, matched_by, await PointsRepository(session).lock_account(found.id)
 
 
 def _key_of(payload: ActivityIn) -> MemberKey:
@@ -162,7 +174,9 @@ async def record_activity(
     _check_time(payload.occurred_at, now)
     organisation = await resolve_organisation(session, principal, payload.organisation_id)
     organisation_id = organisation.id if organisation is not None else None
-    member, matched_by = await _member_for(session, principal, payload, organisation_id)
+    member, matched_by, account = await _member_for(
+        session, principal, payload, organisation_id, lock=True
+    )
     key = _key_of(payload)
     values = {
         "public_id": new_public_id("act"),
@@ -198,7 +212,7 @@ async def record_activity(
     evaluated = None
     lead_public_id = None
     if member is not None:
-        evaluated = await _apply_rules(session, principal.actor, activity, member, now)
+        evaluated = await _apply_rules(session, principal.actor, activity, member, now, account)
         credits = evaluated.credits
     elif payload.email is not None and await _makes_lead(
         session, principal, payload, key, organisation_id
@@ -276,18 +290,25 @@ class _Evaluated:
 
 
 async def _apply_rules(
-    session: AsyncSession, actor: Actor, activity: Activity, member: Member, now: datetime
+    session: AsyncSession,
+    actor: Actor,
+    activity: Activity,
+    member: Member,
+    now: datetime,
+    account: PointAccount | None = None,
 ) -> _Evaluated:
     """Evaluate the rules for a matched activity and plan or write what they do: each
     applying rule one ledger transaction (an earn, or an extend) naming the rule and its
-    version, and an award row its caps count. The member's account is locked first; its
-    last activity time is set even when no rule applies.
+    version, and an award row its caps count. The member's account is locked first (unless
+    the caller holds it, `account`); its last activity time is set even when no rule
+    applies.
 
     Earns alone (the usual case) are planned as one pass (`points.plan_rule_earns`) that
     `_announce` writes with the activity's event: one statement on PostgreSQL, a few on
     SQLite, however many rules credit. An extension, or points that would pay a deficit,
     are written here one rule at a time."""
-    account = await PointsRepository(session).lock_account(member.id)
+    if account is None:
+        account = await PointsRepository(session).lock_account(member.id)
     outcomes = await evaluate(
         session,
         await active_rules(session),
@@ -610,7 +631,9 @@ async def simulate_activity(
     _check_time(payload.occurred_at, now)
     organisation = await resolve_organisation(session, principal, payload.organisation_id)
     organisation_id = organisation.id if organisation is not None else None
-    member, matched_by = await _member_for(session, principal, payload, organisation_id)
+    member, matched_by, _ = await _member_for(
+        session, principal, payload, organisation_id, lock=False
+    )
     existing = await ActivityRepository(session).by_source(
         organisation_id or 0, payload.source, payload.source_id
     )

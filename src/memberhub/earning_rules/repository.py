@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.earning_rules.models import EarningRule, EarningRuleVersion, RuleAward
@@ -80,17 +81,15 @@ class EarningRuleRepository:
         end: datetime | None = None,
     ) -> tuple[int, int]:
         """(awards, points) of the rule: for one member (None: every member), for
-        activities that occurred in [start, end) when given."""
-        query = select(func.count(), func.coalesce(func.sum(RuleAward.points), 0)).where(
-            RuleAward.rule_id == rule_id
-        )
+        activities that occurred in [start, end) when given (both or neither)."""
+        assert (start is None) == (end is None), "a period has a start and an end"
+        params: dict[str, object] = {"rule_id": rule_id}
         if member_id is not None:
-            query = query.where(RuleAward.member_id == member_id)
+            params["member_id"] = member_id
         if start is not None:
-            query = query.where(RuleAward.occurred_at >= start)
-        if end is not None:
-            query = query.where(RuleAward.occurred_at < end)
-        row = (await self.session.execute(query)).one()
+            params |= {"start": start, "end": end}
+        statement = _award_usage(member_id is not None, start is not None)
+        row = (await self.session.execute(statement, params)).one()
         return int(row[0]), int(row[1])
 
     async def organisation_ids(self, public_ids: Iterable[str]) -> dict[str, int]:
@@ -103,3 +102,19 @@ class EarningRuleRepository:
             )
         )
         return {row[0]: row[1] for row in rows}
+
+
+@functools.cache
+def _award_usage(per_member: bool, in_period: bool) -> Select[int, int]:
+    """Built once per shape: caps are counted for every activity a rule meets."""
+    query = select(func.count(), func.coalesce(func.sum(RuleAward.points), 0)).where(
+        RuleAward.rule_id == bindparam("rule_id")
+    )
+    if per_member:
+        query = query.where(RuleAward.member_id == bindparam("member_id"))
+    if in_period:
+        query = query.where(
+            RuleAward.occurred_at >= bindparam("start", type_=RuleAward.occurred_at.type),
+            RuleAward.occurred_at < bindparam("end", type_=RuleAward.occurred_at.type),
+        )
+    return query
