@@ -13,8 +13,10 @@ postgresql+asyncpg://postgres@127.0.0.1:5432/postgres):
 - raw: the same rows written with nothing in between, on a copy of the same database:
   bare asyncpg (no pool, no pre-ping; BEGIN, resolve and lock the account, insert the
   transaction and its batch, add to the account, insert the event and the audit entry,
-  COMMIT) from as many connections, and pgbench running those statements; on SQLite the
-  standard library's sqlite3 with the same WAL and synchronous=NORMAL settings, one writer.
+  COMMIT; for a member: insert it, look up the unmatched activities waiting for its email,
+  insert the event and the audit entry) from as many connections, and pgbench running the
+  award's statements; on SQLite the standard library's sqlite3 with the same WAL and
+  synchronous=NORMAL settings, one writer.
 
 Each round runs every side for `--seconds`, alternating which goes first (ABAB, then BABA);
 the medians count. It prints the load average before and after, the statements each HTTP
@@ -270,6 +272,13 @@ AWARD_SQL = (
     "INSERT INTO audit_log (occurred_at, actor, action, object_type, object_id, changes)"
     " VALUES ({p1}, 'system:bench', 'points.award', 'member', {p2}, {p3})",
 )
+# A new member takes the unmatched activities waiting for its email (issue 18): a read the
+# operation must make, so the raw side makes it too (the bench's members have no external
+# ids, so the email is the only key; none is found).
+MATCH_SQL = (
+    "SELECT id FROM activities WHERE member_id IS NULL AND email_normalized = {p1}"
+    " ORDER BY id LIMIT 100"
+)
 MEMBER_SQL = (
     "INSERT INTO members (public_id, email, email_normalized, first_name, status,"
     " consent_email, consent_sms, consent_analytics, consent_profiling, custom_fields,"
@@ -337,14 +346,15 @@ class RawPostgres:
 
     def member_create(self, tag: str) -> Operation:
         member, evt, audit = (_pg(s) for s in MEMBER_SQL)
+        match = _pg(MATCH_SQL) + " FOR UPDATE"
 
         async def one(worker: int, n: int) -> None:
             conn = self.connections[worker]
             public_id, now = new_public_id("mem"), utcnow()
+            email = f"{tag}-{worker}-{n}@bench.example"
             async with conn.transaction():
-                await conn.execute(
-                    member, public_id, f"{tag}-{worker}-{n}@bench.example", "{}", now
-                )
+                await conn.execute(member, public_id, email, "{}", now)
+                await conn.fetch(match, email)
                 await conn.execute(evt, new_public_id("evt"), now, public_id, "{}")
                 await conn.execute(audit, now, public_id, "{}")
 
@@ -465,6 +475,7 @@ class RawSqlite:
 
     def member_creates_for(self, seconds: float, tag: str) -> float:
         member, evt, audit = (_lite(s) for s in MEMBER_SQL)
+        match = _lite(MATCH_SQL)
         db = self.connection
         done = 0
         started = time.perf_counter()
@@ -475,6 +486,7 @@ class RawSqlite:
             params = {"p1": public_id, "p2": f"{tag}-{done}@bench.example", "p3": "{}"}
             db.execute("BEGIN IMMEDIATE")
             db.execute(member, params | {"p4": now})
+            db.execute(match, {"p1": params["p2"]}).fetchall()
             evt_params = {"p1": new_public_id("evt"), "p2": now, "p3": public_id, "p4": "{}"}
             db.execute(evt, evt_params)
             db.execute(audit, {"p1": now, "p2": public_id, "p3": "{}"})

@@ -117,20 +117,24 @@ class ActivityRepository:
     async def unmatched_with_keys(
         self, email_normalized: str | None, external_keys: Sequence[str], *, limit: int
     ) -> Sequence[Activity]:
-        """Unmatched activities waiting with one of these keys, oldest first, locked."""
-        keys = []
+        """Unmatched activities waiting with one of these keys, oldest first, locked. Every
+        member created asks, and almost always none waits: the ids are looked up with a
+        statement built once, and the activities loaded only when there are some."""
+        if email_normalized is None and not external_keys:
+            return []
+        params: dict[str, Any] = {"limit": limit}
         if email_normalized is not None:
-            keys.append(Activity.email_normalized == email_normalized)
+            params["email"] = email_normalized
         if external_keys:
-            keys.append(Activity.external_key.in_(external_keys))
-        if not keys:
+            params["keys"] = list(external_keys)
+        statement = _waiting_ids(email_normalized is not None, bool(external_keys))
+        ids = (await self.session.execute(statement, params)).scalars().all()
+        if not ids:
             return []
         query = (
             select(Activity)
-            .where(Activity.member_id.is_(None), or_(*keys))
+            .where(Activity.id.in_(ids))
             .order_by(Activity.id)
-            .limit(limit)
-            .with_for_update()
             .execution_options(populate_existing=True)
         )
         return (await self.session.scalars(query)).all()
@@ -260,4 +264,22 @@ def _count_up_to(in_period: bool, recorded: bool) -> Select[int]:
         return query.where(occurred <= at)
     return query.where(
         or_(occurred < at, and_(occurred == at, Activity.id <= bindparam("activity_id")))
+    )
+
+
+@functools.cache
+def _waiting_ids(by_email: bool, by_external_key: bool) -> Select[tuple[int]]:
+    """The ids of the unmatched activities waiting with an email (`email`) and/or one of
+    some external keys (`keys`), oldest first, at most `limit`, locked."""
+    keys = []
+    if by_email:
+        keys.append(ACTIVITIES.c.email_normalized == bindparam("email"))
+    if by_external_key:
+        keys.append(ACTIVITIES.c.external_key.in_(bindparam("keys", expanding=True)))
+    return (
+        select(ACTIVITIES.c.id)
+        .where(ACTIVITIES.c.member_id.is_(None), or_(*keys))
+        .order_by(ACTIVITIES.c.id)
+        .limit(bindparam("limit"))
+        .with_for_update()
     )
