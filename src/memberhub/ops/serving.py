@@ -52,6 +52,8 @@ STARTUP_FAILURE = 3
 # A process that died once serving is started again, but not more often than this.
 RESTART_PAUSE_SECONDS = 1.0
 SUPERVISE_SECONDS = 0.5
+# At start, connections wait for every process to be ready, but not longer than this.
+STARTUP_WAIT_SECONDS = 60.0
 
 
 @dataclass
@@ -90,6 +92,8 @@ class Balancer:
         self._listening = False
         self._restart_after: dict[int, float] = {}
         self._turn = 0
+        self._starting = True
+        self._starting_until = time.monotonic() + STARTUP_WAIT_SECONDS
 
     def run(self) -> int:
         self.listener = self.config.bind_socket()
@@ -108,6 +112,7 @@ class Balancer:
                     else:
                         self._hear(key.data)
                 self._supervise()
+                self._listen_while_someone_is_ready()
         finally:
             self._shutdown()
             for number, handler in previous.items():
@@ -187,8 +192,14 @@ class Balancer:
     # -- connections
 
     def _listen_while_someone_is_ready(self) -> None:
-        """Connections wait in the listening socket's queue while no process is ready."""
-        wanted = not self.stopping and any(child.ready for child in self.children)
+        """Connections wait in the listening socket's queue while no process is ready, and
+        at first until every process is (or STARTUP_WAIT_SECONDS have passed): keep-alive
+        connections opened as soon as the port answers would all go to the first ready
+        and stay there."""
+        ready = [child.ready for child in self.children]
+        if self._starting and (all(ready) or time.monotonic() > self._starting_until):
+            self._starting = False
+        wanted = not self.stopping and any(ready) and not self._starting
         if wanted and not self._listening:
             self.selector.register(self.listener, selectors.EVENT_READ)
         elif self._listening and not wanted:
