@@ -7,12 +7,12 @@ postgresql+asyncpg://postgres@127.0.0.1:5432/postgres), and for 1 endpoint and f
 - loop: `points.earned` events committed to the outbox, undispatched, then the worker's
   `DeliveryLoop.run` (default settings: 64 deliveries in flight, 8 per endpoint) fanning
   them out to every endpoint, claiming, signing (Standard Webhooks), POSTing and recording
-  each attempt. The clock stops when every attempt row is committed, so the figure is
-  deliveries sent, signed and recorded per second.
-- raw: bare `httpx.AsyncClient`s, one per endpoint with as many connections as the loop
-  gives one (8), POSTing the same bodies (built by `DeliveryLoop.payload`) to the same URLs,
-  as many in flight as the loop may have (at most 8 per endpoint and 64 overall), without
-  signing and without a database.
+  each attempt. The clock stops when every attempt row of the round is committed (a probe
+  counts them every 50 ms), so the figure is deliveries sent, signed and recorded per
+  second.
+- raw: the same bodies (built by `DeliveryLoop.payload`) POSTed to the same URLs as the loop
+  sends them, without signing and without a database: straight through httpx's transport
+  (no client), one connection per sender, 8 senders per endpoint, at most 64 in flight.
 
 The receiver is a bare ASGI app under uvicorn in a child process (`python -m bench.webhooks
 --serve-receiver PORT`), so it does not share the measured event loop; it answers 200 and
@@ -22,7 +22,9 @@ average is printed with each result. Afterwards every delivery must have succeed
 attempt, and the receiver must have seen each signed POST once; otherwise the bench exits 1.
 
 Ratio: loop / raw deliveries per second (higher is better; 1.0 would mean the outbox,
-signing and bookkeeping cost nothing over bare POSTs).
+signing and bookkeeping cost nothing over bare POSTs sent the same way). Both sides share a
+machine with the receiver (and PostgreSQL), so figures swing with its load: compare runs
+made together, and read the printed load average.
 
     python -m bench.webhooks                    # both backends
     python -m bench.webhooks --quick            # a breakage check: small numbers
@@ -34,8 +36,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import ssl
 import statistics
 import sys
 import time
@@ -282,19 +286,32 @@ def delivery_loop(db: Database, settings: Settings) -> DeliveryLoop:
     )
 
 
-async def attempts_recorded(probe: Database) -> int:
-    async with probe.transaction(read_only=True) as session:
-        return int(await session.scalar(select(func.count(WebhookAttempt.id))) or 0)
+async def last_attempt_id(probe: Database) -> int:
+    async with probe.transaction(read_only=True, short=True) as session:
+        return int(await session.scalar(select(func.max(WebhookAttempt.id))) or 0)
 
 
-async def time_loop(db: Database, probe: Database, settings: Settings, target: int) -> float:
-    """Seconds from starting the loop until `target` attempt rows are committed."""
+async def attempts_recorded(probe: Database, after_id: int) -> int:
+    """Attempt rows committed with an id above `after_id`: a range of the primary key, so
+    the probe costs the database as little at the last round as at the first."""
+    async with probe.transaction(read_only=True, short=True) as session:
+        return int(
+            await session.scalar(
+                select(func.count(WebhookAttempt.id)).where(WebhookAttempt.id > after_id)
+            )
+            or 0
+        )
+
+
+async def time_loop(db: Database, probe: Database, settings: Settings, deliveries: int) -> float:
+    """Seconds from starting the loop until `deliveries` more attempt rows are committed."""
     loop = delivery_loop(db, settings)
     stop = asyncio.Event()
+    before = await last_attempt_id(probe)
     started = time.perf_counter()
     running = asyncio.create_task(loop.run(stop))
     try:
-        while await attempts_recorded(probe) < target:
+        while await attempts_recorded(probe, before) < deliveries:
             if running.done():
                 running.result()
                 raise RuntimeError("the delivery loop stopped early")
@@ -307,31 +324,57 @@ async def time_loop(db: Database, probe: Database, settings: Settings, target: i
         await running
 
 
-async def time_raw(
-    clients: dict[str, httpx.AsyncClient],
-    bodies: Sequence[str],
-    config: DeliveryConfig,
-) -> float:
-    """Seconds to POST every body to every endpoint URL (the keys of `clients`), each
-    endpoint's through its own client, at most `endpoint_concurrency` at a time to one
-    endpoint and `concurrency` overall, as the loop sends."""
-    headers = {"content-type": "application/json"}
-    overall = asyncio.Semaphore(config.concurrency)
+@functools.cache
+def verifying_context() -> ssl.SSLContext:
+    return httpx.create_ssl_context()
 
-    async def worker(url: str, client: httpx.AsyncClient, pending: Iterator[str]) -> None:
-        for body in pending:  # shared by the endpoint's workers: each body is taken once
+
+async def time_raw(urls: Sequence[str], bodies: Sequence[str], config: DeliveryConfig) -> float:
+    """Seconds to POST every body to every endpoint URL, as the loop sends: through httpx's
+    transport (no client), one connection per sender, `endpoint_concurrency` senders per
+    endpoint and at most `concurrency` POSTs in flight overall; each response read and
+    closed. Its connections are opened within the time, as the loop's (a new one each
+    round) are."""
+    headers = {"content-type": "application/json", "accept-encoding": "identity"}
+    overall = asyncio.Semaphore(config.concurrency)
+    timeouts = httpx.Timeout(60).as_dict()
+
+    async def post(transport: httpx.AsyncBaseTransport, url: httpx.URL, body: str) -> None:
+        request = httpx.Request(
+            "POST", url, headers=headers, content=body.encode(), extensions={"timeout": timeouts}
+        )
+        response = await transport.handle_async_request(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        if response.status_code != 200:
+            raise RuntimeError(f"POST {url}: {response.status_code}")
+
+    async def sender(
+        transport: httpx.AsyncBaseTransport, url: httpx.URL, pending: Iterator[str]
+    ) -> None:
+        for body in pending:  # shared by the endpoint's senders: each body is taken once
             async with overall:
-                response = await client.post(url, content=body.encode(), headers=headers)
-            if response.status_code != 200:
-                raise RuntimeError(f"POST {url}: {response.status_code}")
+                await post(transport, url, body)
 
     started = time.perf_counter()
-    async with asyncio.TaskGroup() as group:
-        for url, client in clients.items():
-            pending = iter(bodies)
+    async with contextlib.AsyncExitStack() as stack:
+        senders = []
+        for endpoint_url in urls:
             for _ in range(config.endpoint_concurrency):
-                group.create_task(worker(url, client, pending))
-    return time.perf_counter() - started
+                transport = await stack.enter_async_context(
+                    httpx.AsyncHTTPTransport(
+                        verify=verifying_context(),  # as the loop: the CA bundle read once
+                        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                    )
+                )
+                senders.append((transport, httpx.URL(endpoint_url)))
+        async with asyncio.TaskGroup() as group:
+            pending_by_url = {endpoint_url: iter(bodies) for endpoint_url in urls}
+            for transport, parsed in senders:
+                group.create_task(sender(transport, parsed, pending_by_url[str(parsed)]))
+        return time.perf_counter() - started
 
 
 # -- one case --------------------------------------------------------------------------------
@@ -353,11 +396,6 @@ async def bench_case(
     urls = [f"{receiver_url}/hooks/{number}" for number in range(case.endpoints)]
     db = Database(url, pool_size=WORKER_POOL_SIZE)
     probe = Database(url, pool_size=1)
-    # One client per endpoint, with the connections the loop gives one.
-    per_endpoint = httpx.Limits(
-        max_connections=config.endpoint_concurrency,
-        max_keepalive_connections=config.endpoint_concurrency,
-    )
     problems: list[str] = []
     loop_rates: list[float] = []
     raw_rates: list[float] = []
@@ -365,12 +403,6 @@ async def bench_case(
         stack.push_async_callback(db.dispose)
         stack.push_async_callback(probe.dispose)
         counter = await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
-        clients = {
-            endpoint_url: await stack.enter_async_context(
-                httpx.AsyncClient(limits=per_endpoint, timeout=60, trust_env=False)
-            )
-            for endpoint_url in urls
-        }
         await create_endpoints(db, settings, urls)
         delivered = 0
         # The warm-up round (index 0) is not counted.
@@ -382,17 +414,15 @@ async def bench_case(
 
             async def raw_side(bodies: list[str] = bodies, deliveries: int = deliveries) -> float:
                 before = await receiver_counts(counter, receiver_url)
-                seconds = await time_raw(clients, bodies, config)
+                seconds = await time_raw(urls, bodies, config)
                 after = await receiver_counts(counter, receiver_url)
                 if after.received - before.received != deliveries:
                     problems.append(f"raw: {after.received - before.received} POSTs received")
                 return seconds
 
-            async def loop_side(
-                deliveries: int = deliveries, target: int = delivered + deliveries
-            ) -> float:
+            async def loop_side(deliveries: int = deliveries) -> float:
                 before = await receiver_counts(counter, receiver_url)
-                seconds = await time_loop(db, probe, settings, target)
+                seconds = await time_loop(db, probe, settings, deliveries)
                 after = await receiver_counts(counter, receiver_url)
                 if after.signed - before.signed != deliveries:
                     problems.append(

@@ -14,12 +14,19 @@ Three steps, each its own short transaction, so no HTTP request ever runs inside
 3. **Send and record.** Each claimed delivery is POSTed with the Standard Webhooks headers;
    the results are written in batches: an attempt row each, the delivery's new state (only
    while this worker still holds its lease) and the endpoint's health.
+
+An endpoint has up to its cap of slots sending at once. A slot is a task with a connection
+of its own: when its send finishes it goes straight on to the endpoint's next delivery
+claimed ahead, and asks for a claim when what is claimed ahead runs low, so the slots stay
+busy while claims and records run in their own transactions, a batch at a time. Fan-out
+runs in a task of its own too: a large backlog of events does not hold claims up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import random
 import ssl
@@ -81,6 +88,15 @@ SEND_TIME_WEIGHT = 0.2
 # (the lease is at least the timeout plus 5 s, so a fresh claim has room to wait).
 LEASE_MARGIN_SECONDS = 2.0
 RESPONSE_BODY_LIMIT = 2048
+# Sent with every delivery, besides its Standard Webhooks headers.
+_REQUEST_HEADERS = {
+    "user-agent": "memberhub-webhooks/1",
+    "accept": "*/*",
+    # Only the first 2 KB of the answer is kept: no need to have it compressed.
+    "accept-encoding": "identity",
+    "connection": "keep-alive",
+    "content-type": "application/json",
+}
 JITTER = 0.2
 # Statuses after which a receiver's Retry-After decides when to try again.
 RETRY_AFTER_STATUSES = frozenset({429, 502, 503, 504})
@@ -89,6 +105,7 @@ _FAN_OUT_LOCK = 7_320_114_101
 # Core tables: the loop's statements need none of the ORM's bookkeeping.
 _DELIVERIES = cast(Table, WebhookDelivery.__table__)
 _ATTEMPTS = cast(Table, WebhookAttempt.__table__)
+_ENDPOINTS = cast(Table, WebhookEndpoint.__table__)
 
 
 @dataclass(frozen=True)
@@ -232,12 +249,22 @@ class EndpointState:
     idle_until: float = 0.0
     enabled: bool = True
     failing: bool = False
-    # Its own connection pool, sized to its concurrency cap.
-    client: httpx.AsyncClient | None = None
+    # Connections of its own, one per slot sending (see `DeliveryLoop._take_lane`): those
+    # not in use.
+    idle_lanes: list[Lane] = field(default_factory=list)
     # Claimed ahead, to be sent as sends in flight finish (see `DeliveryLoop.claim`).
     ready: deque[Claimed] = field(default_factory=deque)
     # Running mean of its send times (seconds); None before the first.
     send_seconds: float | None = None
+    # `url` parsed, as of the URL it was parsed from.
+    _parsed_url: tuple[str, httpx.URL] | None = None
+
+    @property
+    def request_url(self) -> httpx.URL:
+        """`url` parsed once, not at every send."""
+        if self._parsed_url is None or self._parsed_url[0] != self.url:
+            self._parsed_url = (self.url, httpx.URL(self.url))
+        return self._parsed_url[1]
 
     def observe_send(self, seconds: float) -> None:
         if self.send_seconds is None:
@@ -256,6 +283,17 @@ class EndpointState:
         granted = min(wanted, int(self.tokens))
         self.tokens -= granted
         return granted
+
+
+@dataclass(frozen=True)
+class Lane:
+    """A transport with one connection to an endpoint, used by one slot at a time: slots of
+    one pool would race for its connections (a request assigned an idle connection can lose
+    it to the next request before it starts, and is assigned again), and the pool would
+    look over every connection at each request."""
+
+    transport: httpx.AsyncBaseTransport
+    url: str
 
 
 @dataclass(frozen=True)
@@ -315,6 +353,12 @@ class AttemptResult:
         return self.status_code == 410
 
 
+@functools.cache
+def _verifying_context() -> ssl.SSLContext:
+    """Loading the CA bundle takes tens of milliseconds: once per process."""
+    return httpx.create_ssl_context()
+
+
 def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
     if value is None:
         return None
@@ -358,8 +402,9 @@ class DeliveryLoop:
         self._refreshed_at = -ENDPOINT_REFRESH_SECONDS
         self._rotation = 0
         self._decrypted: dict[str, str] = {}
-        self._ssl_context: ssl.SSLContext | None = None
-        self._retired: list[httpx.AsyncClient] = []
+        # Connect, read, write and pool timeouts of each request.
+        self._timeouts = httpx.Timeout(config.timeout).as_dict()
+        self._retired: list[httpx.AsyncBaseTransport] = []
         self._stopping = False
         self._fan_out_due = 0.0
         # Claimed ahead for an endpoint whose last send failed: handed back unsent.
@@ -372,13 +417,17 @@ class DeliveryLoop:
         request timeout by default) to finish and be recorded. Sends cut short are sent
         again by whichever worker claims them when their lease ends."""
         self._stopping = False
-        async with self._closing_clients():
+        async with self._closing_transports():
             recorder = asyncio.create_task(self._record_forever())
+            # Fanning out a large backlog takes a while: in its own task, so claims (and
+            # the slots they feed) do not wait for it.
+            fanned_out = asyncio.Event()
+            fanning = asyncio.create_task(self._fan_out_until(fanned_out))
             try:
                 while not stop.is_set():
                     self._wake.clear()
                     try:
-                        busy = await self.step()
+                        busy = await self.step(fan_out=False)
                     except Exception:
                         log.exception("delivery_step_failed")
                         busy = False
@@ -390,6 +439,8 @@ class DeliveryLoop:
                     await asyncio.sleep(0.002)
             finally:
                 self._stopping = True
+                fanned_out.set()
+                await fanning
                 try:
                     await self._release_ready()
                 except Exception:  # their leases run out and they are sent again
@@ -406,20 +457,10 @@ class DeliveryLoop:
                 with contextlib.suppress(asyncio.CancelledError):
                     await recorder
 
-    async def step(self) -> bool:
-        """Fan out, claim and start sending; True when there may be more to do at once."""
-        dispatched = 0
-        if time.monotonic() >= self._fan_out_due and await self._undispatched():
-            async with self.db.transaction() as session:
-                dispatched = await fan_out(session, utcnow())
-        # Looked again at once while there is more to fan out; else not for a moment: a
-        # step follows every finished send.
-        self._fan_out_due = 0.0 if dispatched else time.monotonic() + FAN_OUT_CHECK_SECONDS
-        if dispatched:
-            # New deliveries, possibly for endpoints this worker has not seen yet.
-            self._refreshed_at = -ENDPOINT_REFRESH_SECONDS
-            for endpoint in self._endpoints.values():
-                endpoint.idle_until = 0.0
+    async def step(self, *, fan_out: bool = True) -> bool:
+        """Fan out (unless `run` does it in its own task), claim and start sending; True
+        when there may be more to do at once."""
+        dispatched = await self._fan_out() if fan_out else 0
         self._start_all_ready()
         claimed = await self.claim()
         for item in claimed:
@@ -427,10 +468,42 @@ class DeliveryLoop:
         self._start_all_ready()
         return dispatched >= FAN_OUT_BATCH or bool(claimed)
 
+    async def _fan_out(self) -> int:
+        """One batch of events into deliveries, when there may be some: the events handled."""
+        dispatched = 0
+        if time.monotonic() >= self._fan_out_due and await self._undispatched():
+            async with self.db.transaction() as session:
+                dispatched = await fan_out(session, utcnow())
+        # Looked again at once while there is more to fan out; else not for a moment.
+        self._fan_out_due = 0.0 if dispatched else time.monotonic() + FAN_OUT_CHECK_SECONDS
+        if dispatched:
+            # New deliveries, possibly for endpoints this worker has not seen yet.
+            self._refreshed_at = -ENDPOINT_REFRESH_SECONDS
+            for endpoint in self._endpoints.values():
+                endpoint.idle_until = 0.0
+            self._wake.set()
+        return dispatched
+
+    async def _fan_out_until(self, done: asyncio.Event) -> None:
+        """Fan out until `done` is set: at once while there is a backlog, then every
+        FAN_OUT_CHECK_SECONDS while there is work, every poll when idle (or failing)."""
+        while not done.is_set():
+            pause = self.config.poll
+            try:
+                dispatched = await self._fan_out()
+                if dispatched >= FAN_OUT_BATCH:
+                    continue
+                if dispatched or self._in_flight or self._ready:
+                    pause = FAN_OUT_CHECK_SECONDS
+            except Exception:
+                log.exception("delivery_fan_out_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout=pause)
+
     async def run_until_idle(self, *, within: float = 60.0) -> None:
         """Work until nothing is due or in flight (tests and one-off runs)."""
         deadline = time.monotonic() + within
-        async with self._closing_clients():
+        async with self._closing_transports():
             while time.monotonic() < deadline:
                 busy = await self.step()
                 if self._tasks:
@@ -451,51 +524,53 @@ class DeliveryLoop:
         return found is not None
 
     @contextlib.asynccontextmanager
-    async def _closing_clients(self) -> AsyncIterator[None]:
+    async def _closing_transports(self) -> AsyncIterator[None]:
         try:
             yield
         finally:
             for endpoint in self._endpoints.values():
-                await self._close_client(endpoint)
-            for client in self._retired:
-                await client.aclose()
-            self._retired.clear()
+                self._retire_lanes(endpoint)
+            retired, self._retired = self._retired, []
+            for transport in retired:
+                await transport.aclose()
 
-    def _client_for(self, endpoint: EndpointState) -> httpx.AsyncClient:
-        """One small pool per endpoint: a shared pool slows every send down as it grows,
-        and a slow endpoint cannot hold connections the others need."""
-        if endpoint.client is None:
-            cap = 1 if endpoint.ordered else self.config.endpoint_concurrency
-            if self._ssl_context is None:
-                # Loading the CA bundle takes tens of milliseconds: once per loop.
-                self._ssl_context = httpx.create_ssl_context()
-            transport = guarded_transport(
-                self.config.policy,
-                verify=self._ssl_context,
-                limits=httpx.Limits(max_connections=cap, max_keepalive_connections=cap),
-            )
-            endpoint.client = httpx.AsyncClient(
-                transport=transport
-                if self.tracing is None
-                else self.tracing.traced_transport(transport, show_path=False),
-                trust_env=False,
-                follow_redirects=False,
-                timeout=self.config.timeout,
-                headers={"user-agent": "memberhub-webhooks/1"},
-            )
-        return endpoint.client
+    def _take_lane(self, endpoint: EndpointState) -> Lane:
+        """A connection of the endpoint's own for one slot, so a slow endpoint cannot hold
+        connections the others need; at most its cap, as it has at most that many slots.
 
-    @staticmethod
-    async def _close_client(endpoint: EndpointState) -> None:
-        if endpoint.client is not None:
-            client, endpoint.client = endpoint.client, None
-            await client.aclose()
+        Sends go straight to the (SSRF-guarded) transport, without an `httpx.AsyncClient`:
+        a webhook needs none of a client's cookie jar, redirect and auth machinery, and
+        building a request through one costs about as much CPU as the rest of the send."""
+        if endpoint.idle_lanes:
+            return endpoint.idle_lanes.pop()
+        transport: httpx.AsyncBaseTransport = guarded_transport(
+            self.config.policy,
+            verify=_verifying_context(),
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        )
+        if self.tracing is not None:
+            transport = self.tracing.traced_transport(transport, show_path=False)
+        return Lane(transport, endpoint.url)
+
+    def _give_back_lane(self, endpoint: EndpointState, lane: Lane) -> None:
+        """Kept for the endpoint's next slot, unless its URL changed meanwhile (an endpoint
+        no longer enabled has its idle connections closed at the next refresh)."""
+        if lane.url == endpoint.url:
+            endpoint.idle_lanes.append(lane)
+        else:
+            self._retired.append(lane.transport)
+
+    def _retire_lanes(self, endpoint: EndpointState) -> None:
+        """Its idle connections are closed with the loop's (those in use, when given back)."""
+        self._retired += [lane.transport for lane in endpoint.idle_lanes]
+        endpoint.idle_lanes.clear()
 
     # -- claiming
 
     async def claim(self) -> list[Claimed]:
-        # Sends in flight, and as many again claimed ahead.
-        free = 2 * self.config.concurrency - self._in_flight - self._ready
+        # Sends in flight, and up to AHEAD_MAX_CAPS times as many claimed ahead: each
+        # endpoint's `_room` decides how many of those it needs.
+        free = (1 + AHEAD_MAX_CAPS) * self.config.concurrency - self._in_flight - self._ready
         if free <= 0:
             return []
         now = utcnow()
@@ -516,13 +591,20 @@ class DeliveryLoop:
                 return []
             # Start with a different endpoint each round, so none is always served last.
             self._rotation = (self._rotation + 1) % len(endpoints)
-            for endpoint in endpoints[self._rotation :] + endpoints[: self._rotation]:
+            rotated = endpoints[self._rotation :] + endpoints[: self._rotation]
+            wanting = [
+                (endpoint, room)
+                for endpoint in rotated
+                if (room := self._room(endpoint)) > 0 and time.monotonic() >= endpoint.idle_until
+            ]
+            for index, (endpoint, room) in enumerate(wanting):
                 if free <= 0:
                     break
-                room = self._room(endpoint)
-                if room <= 0 or time.monotonic() < endpoint.idle_until:
-                    continue
-                wanted = endpoint.take_tokens(min(room, free))
+                # An even share of what is left, or what fills its idle slots if that is
+                # more: the first endpoints of a round cannot take it all ahead.
+                idle_slots = self._cap(endpoint) - endpoint.in_flight - len(endpoint.ready)
+                share = max(free // (len(wanting) - index), idle_slots)
+                wanted = endpoint.take_tokens(min(room, share, free))
                 if wanted <= 0:
                     continue
                 rows = await self._claimable(session, endpoint, wanted, now)
@@ -641,9 +723,12 @@ class DeliveryLoop:
             if head is None or head.next_attempt_at is None or head.next_attempt_at > now:
                 return []
             return [head]
+        # Soonest due first, in the claim index's order and nothing more: a tie-break (by
+        # id) would sort every delivery due at the same moment (a fan-out's whole batch)
+        # to take the first few, where the index alone stops after `wanted`.
         query = (
             base.where(WebhookDelivery.next_attempt_at <= now)
-            .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+            .order_by(WebhookDelivery.next_attempt_at)
             .limit(wanted)
         )
         if postgres:
@@ -675,10 +760,9 @@ class DeliveryLoop:
             except SecretUnreadable:
                 log.error("webhook_secret_unreadable", endpoint=row.public_id)
                 continue
-            if (state.url, state.ordered) != (row.url, row.ordered) and state.client is not None:
-                # A new pool for the new host or size; the old one serves what is in flight.
-                self._retired.append(state.client)
-                state.client = None
+            if state.url != row.url:
+                # New connections for the new URL; the old ones serve what is in flight.
+                self._retire_lanes(state)
             state.url, state.ordered, state.rate_limit = row.url, row.ordered, row.rate_limit
             state.enabled = True
             state.failing = row.failing_since is not None
@@ -692,7 +776,9 @@ class DeliveryLoop:
             if state.in_flight:
                 current[endpoint_id] = state
             else:
-                await self._close_client(state)
+                lanes, state.idle_lanes = state.idle_lanes, []
+                for lane in lanes:
+                    await lane.transport.aclose()
         self._endpoints = current
 
     def _secrets(self, endpoint: WebhookEndpoint, now: datetime) -> tuple[str, ...]:
@@ -714,13 +800,58 @@ class DeliveryLoop:
     # -- sending
 
     def _start(self, claimed: Claimed) -> None:
+        """Take one of the endpoint's slots (and one of the worker's) to send `claimed`."""
         claimed.endpoint.in_flight += 1
         self._in_flight += 1
-        task = asyncio.create_task(self._send_and_queue(claimed))
+        task = asyncio.create_task(self._keep_sending(claimed))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send_and_queue(self, claimed: Claimed) -> None:
+    async def _keep_sending(self, claimed: Claimed) -> None:
+        """One slot: send `claimed`, then the endpoint's next delivery claimed ahead, and so
+        on while there is one, through a connection of the slot's own. A finished send is
+        followed at once by the next, in the same task: nothing waits for a claim, a step
+        or a new task."""
+        endpoint = claimed.endpoint
+        following: Claimed | None = claimed
+        lane = self._take_lane(endpoint)
+        try:
+            while following is not None:
+                if lane.url != endpoint.url:
+                    self._give_back_lane(endpoint, lane)
+                    lane = self._take_lane(endpoint)
+                await self._send_and_queue(following, lane.transport)
+                following = self._next_ready(endpoint)
+                if self._room(endpoint) > 0:
+                    self._wake.set()  # running low: claim more while this one is sent
+        finally:
+            self._give_back_lane(endpoint, lane)
+            endpoint.in_flight -= 1
+            self._in_flight -= 1
+        # A slot is free: for another endpoint's delivery waiting for one, or a claim.
+        self._start_all_ready()
+        self._wake.set()
+
+    def _next_ready(self, endpoint: EndpointState) -> Claimed | None:
+        """What the slot of `endpoint` that just finished a send sends next, if it may go on
+        (its cap can have shrunk meanwhile, the endpoint failing)."""
+        while (
+            endpoint.ready
+            and not self._stopping
+            and endpoint.in_flight <= self._cap(endpoint)
+            and self._in_flight <= self.config.concurrency
+        ):
+            item = endpoint.ready.popleft()
+            if self._sendable(item):
+                return item
+        return None
+
+    def _sendable(self, item: Claimed) -> bool:
+        """Its lease leaves time for a whole attempt (one that does not is left to be
+        claimed again when the lease runs out)."""
+        return time.monotonic() + self.config.timeout + LEASE_MARGIN_SECONDS < item.leased_until
+
+    async def _send_and_queue(self, claimed: Claimed, transport: httpx.AsyncBaseTransport) -> None:
         traced: dict[str, str | int] = {
             "memberhub.webhook_endpoint.id": claimed.endpoint.public_id,
             "memberhub.event.id": claimed.event_public_id,
@@ -729,15 +860,12 @@ class DeliveryLoop:
         }
         try:
             with work_span(self.tracing, "webhook send", traced):
-                result = await self.send(claimed)
+                result = await self.send(claimed, transport)
         except Exception as exc:  # a bug here must not lose the attempt
             log.exception("delivery_send_failed", endpoint=claimed.endpoint.public_id)
             result = AttemptResult(
                 claimed, utcnow(), 0.0, None, None, f"internal error: {type(exc).__name__}"
             )
-        finally:
-            claimed.endpoint.in_flight -= 1
-            self._in_flight -= 1
         endpoint = claimed.endpoint
         endpoint.observe_send(result.duration)
         if not result.succeeded and endpoint.ready:
@@ -747,10 +875,6 @@ class DeliveryLoop:
             endpoint.ready.clear()
             endpoint.failing = True
         self._results.put_nowait(result)
-        self._start_ready(endpoint)
-        if self._in_flight < self.config.concurrency:
-            self._start_all_ready()
-        self._wake.set()
 
     def _start_all_ready(self) -> None:
         for endpoint in self._endpoints.values():
@@ -766,7 +890,7 @@ class DeliveryLoop:
             if self._in_flight >= self.config.concurrency:
                 return
             item = endpoint.ready.popleft()
-            if time.monotonic() + self.config.timeout + LEASE_MARGIN_SECONDS < item.leased_until:
+            if self._sendable(item):
                 self._start(item)
 
     async def _release_ready(self, *, everything: bool = True) -> None:
@@ -804,8 +928,7 @@ class DeliveryLoop:
             ensure_ascii=False,
         )
 
-    async def send(self, claimed: Claimed) -> AttemptResult:
-        client = self._client_for(claimed.endpoint)
+    async def send(self, claimed: Claimed, transport: httpx.AsyncBaseTransport) -> AttemptResult:
         started_at = utcnow()
         clock = time.perf_counter()
         body = self.payload(claimed)
@@ -822,9 +945,7 @@ class DeliveryLoop:
                 final=True,
             )
         headers = {
-            "content-type": "application/json",
-            # Only the first 2 KB of the answer is kept: no need to have it compressed.
-            "accept-encoding": "identity",
+            **_REQUEST_HEADERS,
             "webhook-id": claimed.event_public_id,
             "webhook-timestamp": str(int(started_at.timestamp())),
             "webhook-signature": signature_header(
@@ -836,16 +957,27 @@ class DeliveryLoop:
         error: str | None = None
         retry_after: float | None = None
         try:
+            # The whole attempt is bounded, not only each read, write and connect.
             async with asyncio.timeout(self.config.timeout):
-                async with client.stream(
-                    "POST", claimed.endpoint.url, content=encoded, headers=headers
-                ) as response:
+                request = httpx.Request(
+                    "POST",
+                    claimed.endpoint.request_url,
+                    headers=headers,
+                    content=encoded,
+                    extensions={"timeout": self._timeouts},
+                )
+                response = await transport.handle_async_request(request)
+                try:
                     status = response.status_code
                     response_body = await _read_some(response)
                     if status in RETRY_AFTER_STATUSES:
                         retry_after = _retry_after_seconds(
                             response.headers.get("retry-after"), utcnow()
                         )
+                finally:
+                    # The connection goes back to the pool, or is closed if the body was
+                    # left unread.
+                    await response.aclose()
         except TimeoutError:
             status, error = None, f"timed out after {self.config.timeout:g} s"
         except DestinationRefused as exc:
@@ -1015,10 +1147,16 @@ async def record(
     async with db.transaction(short=True) as session:
         # Endpoints first, in id order: the same order as every other writer, so no deadlock.
         endpoint_ids = sorted({r.claimed.endpoint.id for r in batch})
-        locked = select(WebhookEndpoint).where(WebhookEndpoint.id.in_(endpoint_ids))
+        locked = select(
+            _ENDPOINTS.c.id,
+            _ENDPOINTS.c.enabled,
+            _ENDPOINTS.c.failing_since,
+            _ENDPOINTS.c.last_success_at,
+            _ENDPOINTS.c.last_failure_at,
+        ).where(_ENDPOINTS.c.id.in_(endpoint_ids))
         if session.get_bind().dialect.name == "postgresql":
-            locked = locked.order_by(WebhookEndpoint.id).with_for_update(key_share=True)
-        endpoints = {e.id: e for e in (await session.scalars(locked)).all()}
+            locked = locked.order_by(_ENDPOINTS.c.id).with_for_update(key_share=True)
+        endpoints = {row.id: _Health(**row._asdict()) for row in await session.execute(locked)}
         finals: list[str | None] = [None] * len(batch)
         kept = []
         for index, (result, values) in enumerate(zip(batch, changes, strict=True)):
@@ -1070,15 +1208,39 @@ async def record(
     return finals
 
 
+@dataclass
+class _Health:
+    """An endpoint's health columns, as locked by `record`."""
+
+    id: int
+    enabled: bool
+    failing_since: datetime | None
+    last_success_at: datetime | None
+    last_failure_at: datetime | None
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "b_id": self.id,
+            "failing_since": self.failing_since,
+            "last_success_at": self.last_success_at,
+            "last_failure_at": self.last_failure_at,
+        }
+
+
 async def _update_health(
     session: AsyncSession,
-    endpoints: dict[int, WebhookEndpoint],
+    endpoints: dict[int, _Health],
     batch: Sequence[AttemptResult],
     config: DeliveryConfig,
     now: datetime,
 ) -> None:
+    """The endpoints' health after the batch, in one statement; an endpoint answering 410
+    or failing for too long is disabled."""
+    changed = []
+    disable: list[tuple[int, str]] = []
     for endpoint_id in sorted(endpoints):
         endpoint = endpoints[endpoint_id]
+        before = endpoint.columns()
         results = sorted(
             (r for r in batch if r.claimed.endpoint.id == endpoint_id),
             key=lambda r: r.finished_at,
@@ -1097,23 +1259,34 @@ async def _update_health(
                     endpoint.failing_since = result.started_at
                 if result.gone:
                     gone = result
+        if endpoint.columns() != before:
+            changed.append(endpoint.columns())
         if not endpoint.enabled:
             continue
         if gone is not None:
-            await service.disable_endpoint(
-                session, endpoint, "The receiver answered 410 Gone.", now=now
-            )
+            disable.append((endpoint_id, "The receiver answered 410 Gone."))
         elif (
             endpoint.failing_since is not None
             and (now - endpoint.failing_since).total_seconds() >= config.disable_after
         ):
-            await service.disable_endpoint(
-                session,
-                endpoint,
-                "No successful delivery since "
-                f"{endpoint.failing_since.isoformat(timespec='seconds')}.",
-                now=now,
-            )
+            since = endpoint.failing_since.isoformat(timespec="seconds")
+            disable.append((endpoint_id, f"No successful delivery since {since}."))
+    if changed:
+        await session.execute(
+            update(_ENDPOINTS)
+            .where(_ENDPOINTS.c.id == bindparam("b_id"))
+            .values(
+                {
+                    name: bindparam(name)
+                    for name in ("failing_since", "last_success_at", "last_failure_at")
+                }
+            ),
+            changed,
+        )
+    for endpoint_id, reason in disable:  # rare: the whole row, for the service
+        row = await session.get(WebhookEndpoint, endpoint_id)
+        if row is not None:
+            await service.disable_endpoint(session, row, reason, now=now)
     await session.flush()
 
 
