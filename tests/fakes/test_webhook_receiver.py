@@ -184,18 +184,17 @@ async def test_always_answers_the_reply(
 async def test_a_hanging_reply_does_not_delay_other_names(
     receiver: WebhookReceiver, name: str, client: httpx.AsyncClient
 ) -> None:
-    receiver.set_handler(f"{name}-slow", hang(1.0))
+    # Long enough that a loaded machine answers the quick one well within it: what counts
+    # is that it is answered while the slow one still hangs, not how fast.
+    receiver.set_handler(f"{name}-slow", hang(3.0))
     hanging = asyncio.create_task(
         client.post(receiver.url(f"{name}-slow"), headers={"webhook-id": "h"})
     )
     await receiver.wait_for(lambda: receiver.ids(f"{name}-slow") == ["h"], timeout=2)
 
-    started = time.monotonic()
     quick = await client.post(receiver.url(f"{name}-fast"))
-    quick_seconds = time.monotonic() - started
 
     assert quick.status_code == 200
-    assert quick_seconds < 0.5
     assert not hanging.done()
     assert receiver.successful_ids(f"{name}-slow") == []
     assert (await hanging).status_code == 200
