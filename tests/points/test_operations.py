@@ -55,7 +55,8 @@ async def test_earn_with_a_known_reference_replays_without_a_second_effect(
     first = await op(api, "earn", body)
     again = await op(api, "earn", body, expect=200)
     assert again["replayed"] is True
-    assert again["transaction"]["id"] == first["transaction"]["id"]
+    # The first answer, built from what the earn wrote, is the transaction as stored.
+    assert again["transaction"] == first["transaction"]
     assert (await summary(api, member["id"]))["current_balance"] == 5
     assert len(await events(api, member["id"], "points.earned")) == 1
 

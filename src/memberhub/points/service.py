@@ -744,7 +744,7 @@ async def _earn(
         )
 
     if points > 0 and (pending or account.current >= 0):
-        txn, _ = await _credit(
+        txn, credited = await _credit(
             session,
             actor,
             member,
@@ -763,7 +763,9 @@ async def _earn(
             event=earned,
             action="points.earn",
         )
-        return LedgerResult(txn, account)
+        # Everything the answer shows is in hand (a new batch pays nothing): no read back.
+        out = transaction_out(txn, member.public_id, batch_public_id=credited.public_id)
+        return LedgerResult(txn, account, out=out)
     # Nothing earned, or a new active batch that first pays the deficit.
     txn = record_transaction(
         session,
