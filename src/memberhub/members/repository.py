@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, bindparam, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -44,10 +45,7 @@ class MemberRepository:
         )
 
     async def get_by_public_id(self, public_id: str, *, for_update: bool = False) -> Member | None:
-        query = self._base().where(Member.public_id == public_id)
-        if for_update:
-            query = query.with_for_update()
-        return await self.session.scalar(query)
+        return await self.session.scalar(_by_public_id(for_update), {"public_id": public_id})
 
     async def email_taken(
         self, organisation_id: int | None, email_normalized: str, *, exclude_id: int | None = None
@@ -95,3 +93,14 @@ class MemberRepository:
         if filters.created_to is not None:
             query = query.where(Member.created_at < filters.created_to)
         return (await self.session.scalars(query)).all()
+
+
+@functools.cache
+def _by_public_id(for_update: bool) -> Select[Member]:
+    """A member by `public_id`, built once: nearly every request looks one up."""
+    query = (
+        select(Member)
+        .where(Member.deleted_at.is_(None), Member.public_id == bindparam("public_id"))
+        .options(selectinload(Member.organisation), selectinload(Member.plan))
+    )
+    return query.with_for_update() if for_update else query

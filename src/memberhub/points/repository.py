@@ -50,13 +50,7 @@ class PointsRepository:
 
     async def lock_account(self, member_id: int) -> PointAccount:
         """The member's account, created on first use, locked until the transaction ends."""
-        locking = (
-            select(PointAccount)
-            .where(PointAccount.member_id == member_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-        account = await self.session.scalar(locking)
+        account = await self.session.scalar(_LOCK_ACCOUNT, {"member_id": member_id})
         if account is not None:
             return account
         # First points of this member: create the row; a concurrent first write creating it
@@ -68,7 +62,7 @@ class PointsRepository:
             .values(member_id=member_id, updated_at=utcnow())
             .on_conflict_do_nothing(index_elements=["member_id"])
         )
-        account = await self.session.scalar(locking)
+        account = await self.session.scalar(_LOCK_ACCOUNT, {"member_id": member_id})
         assert account is not None
         return account
 
@@ -91,11 +85,7 @@ class PointsRepository:
         """The transaction of `txn_type` with this reference in `scope` (an organisation's
         id, or 0 for members without one: see `service.reference_scope`)."""
         return await self.session.scalar(
-            select(PointTransaction).where(
-                PointTransaction.reference_scope == scope,
-                PointTransaction.type == txn_type,
-                PointTransaction.reference_id == reference_id,
-            )
+            _BY_REFERENCE, {"scope": scope, "type": txn_type, "reference_id": reference_id}
         )
 
     async def transfer_in_of(self, transfer_out_id: int) -> PointTransaction | None:
@@ -426,3 +416,17 @@ class PointsRepository:
                 .with_for_update(skip_locked=True)
             )
         ).all()
+
+
+# Built once: every operation on a member's points runs these.
+_LOCK_ACCOUNT = (
+    select(PointAccount)
+    .where(PointAccount.member_id == bindparam("member_id"))
+    .with_for_update()
+    .execution_options(populate_existing=True)
+)
+_BY_REFERENCE = select(PointTransaction).where(
+    PointTransaction.reference_scope == bindparam("scope"),
+    PointTransaction.type == bindparam("type"),
+    PointTransaction.reference_id == bindparam("reference_id"),
+)
