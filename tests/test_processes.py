@@ -350,8 +350,12 @@ def test_serve_starts_a_process_again_when_one_dies(
         children = _children(process.pid)
         assert len(children) == 2, children
         os.kill(children[0], signal.SIGKILL)
-        # The other process answers meanwhile, and a new one takes the dead one's place.
+        # Once the parent has seen it go (a connection handed to it as it died is lost with
+        # it), the other process answers, and a new one takes the dead one's place.
         deadline = time.monotonic() + 30
+        while children[0] in _children(process.pid):
+            assert time.monotonic() < deadline, "the dead process was not reaped"
+            time.sleep(0.05)
         while True:
             response = httpx.get(f"{base}/api/v1/program", headers=headers, timeout=10)
             assert response.status_code == 200, response.text

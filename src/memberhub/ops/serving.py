@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -52,6 +53,10 @@ STARTUP_FAILURE = 3
 # A process that died once serving is started again, but not more often than this.
 RESTART_PAUSE_SECONDS = 1.0
 SUPERVISE_SECONDS = 0.5
+# The most a process tells the parent in one message (a byte per thing told).
+OUTBOX_MESSAGE_BYTES = 4096
+# Connections accepted at a time before the processes' messages are heard again.
+ACCEPT_BATCH = 64
 # At start, connections wait for every process to be ready, but not longer than this.
 STARTUP_WAIT_SECONDS = 60.0
 
@@ -66,12 +71,13 @@ class Child:
     ready: bool = False
     serving: bool = False  # was ever ready
     connections: int = 0
+    full: bool = False  # its channel took no more: waiting until it is writable again
 
 
 def pick(children: list[Child], turn: int) -> Child | None:
     """The ready process serving the fewest connections; on a tie, the first from slot
     `turn` on, so that connections one after another go round the processes."""
-    ready = [child for child in children if child.ready]
+    ready = [child for child in children if child.ready and not child.full]
     if not ready:
         return None
     count = max(child.slot for child in children) + 1
@@ -91,6 +97,9 @@ class Balancer:
         self.failed = False
         self._listening = False
         self._restart_after: dict[int, float] = {}
+        self._started_at: dict[int, float] = {}
+        # Accepted, waiting for a process whose channel takes them (all were full).
+        self._waiting: deque[socket.socket] = deque()
         self._turn = 0
         self._starting = True
         self._starting_until = time.monotonic() + STARTUP_WAIT_SECONDS
@@ -106,11 +115,14 @@ class Balancer:
             for slot in range(self.processes):
                 self._start(slot)
             while not self.stopping:
-                for key, _ in self.selector.select(timeout=SUPERVISE_SECONDS):
+                for key, events in self.selector.select(timeout=SUPERVISE_SECONDS):
                     if key.fileobj is self.listener:
                         self._accept()
-                    else:
+                        continue
+                    if events & selectors.EVENT_READ:
                         self._hear(key.data)
+                    if events & selectors.EVENT_WRITE:
+                        self._writable(key.data)
                 self._supervise()
                 self._listen_while_someone_is_ready()
         finally:
@@ -133,6 +145,7 @@ class Balancer:
         theirs.close()
         ours.setblocking(False)
         child = Child(slot=slot, process=process, channel=ours)
+        self._started_at[slot] = time.monotonic()
         self.children.append(child)
         self.selector.register(ours, selectors.EVENT_READ, child)
 
@@ -148,7 +161,10 @@ class Balancer:
             if child.process.is_alive():
                 continue
             child.process.join()
+            self._hear(child)  # a READY it sent before dying counts
             self._forget(child)
+            if self.stopping:
+                continue
             killed = (child.process.exitcode or 0) < 0
             if not child.serving and not killed:
                 # Its startup failed (the database unreachable, the settings refused...):
@@ -161,8 +177,10 @@ class Balancer:
                 exit_code=child.process.exitcode,
                 connections_lost=child.connections,
             )
+            # Not more often than every RESTART_PAUSE_SECONDS: one that keeps dying at once
+            # must not be started in a tight loop.
             self._restart_after[child.slot] = max(
-                now, self._restart_after.get(child.slot, 0.0) + RESTART_PAUSE_SECONDS
+                now, self._started_at[child.slot] + RESTART_PAUSE_SECONDS
             )
         for slot, due in list(self._restart_after.items()):
             if due <= now and not self.stopping:
@@ -172,7 +190,7 @@ class Balancer:
     def _hear(self, child: Child) -> None:
         while True:
             try:
-                message = child.channel.recv(16)
+                message = child.channel.recv(4096)
             except BlockingIOError:
                 return
             except OSError:
@@ -181,13 +199,23 @@ class Balancer:
                 child.ready = False
                 self._listen_while_someone_is_ready()
                 return
-            if message == READY:
-                child.ready = child.serving = True
-            elif message == CLOSED:
-                child.connections = max(0, child.connections - 1)
-            elif message == STOPPING:
-                child.ready = False
+            # A process sends what it has to tell in one message: a byte per thing told.
+            for told in message:
+                if told == READY[0]:
+                    child.ready = child.serving = True
+                elif told == CLOSED[0]:
+                    child.connections = max(0, child.connections - 1)
+                elif told == STOPPING[0]:
+                    child.ready = False
+            self._hand_waiting()
             self._listen_while_someone_is_ready()
+
+    def _writable(self, child: Child) -> None:
+        """A full channel has room again."""
+        child.full = False
+        self.selector.modify(child.channel, selectors.EVENT_READ, child)
+        self._hand_waiting()
+        self._listen_while_someone_is_ready()
 
     # -- connections
 
@@ -199,7 +227,9 @@ class Balancer:
         ready = [child.ready for child in self.children]
         if self._starting and (all(ready) or time.monotonic() > self._starting_until):
             self._starting = False
-        wanted = not self.stopping and any(ready) and not self._starting
+        # While accepted connections wait for room in a channel, new ones wait in the
+        # listening socket's queue (as they would for a server that is busy).
+        wanted = not self.stopping and any(ready) and not self._starting and not self._waiting
         if wanted and not self._listening:
             self.selector.register(self.listener, selectors.EVENT_READ)
         elif self._listening and not wanted:
@@ -207,35 +237,49 @@ class Balancer:
         self._listening = wanted
 
     def _accept(self) -> None:
-        while True:
+        """Accept what is waiting, a batch at a time (the processes' messages are heard in
+        between), and hand it out."""
+        for _ in range(ACCEPT_BATCH):
             try:
                 connection, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as error:  # out of descriptors, say: the next accept may do
                 log.warning("accept_failed", error=str(error))
-                return
-            with connection:
-                self._hand(connection)
+                break
+            self._waiting.append(connection)
+        self._hand_waiting()
+        self._listen_while_someone_is_ready()
 
-    def _hand(self, connection: socket.socket) -> None:
-        tried: set[int] = set()
-        while child := pick([c for c in self.children if c.slot not in tried], self._turn):
+    def _hand_waiting(self) -> None:
+        """Hand the accepted connections out, each to the ready process serving the fewest
+        whose channel has room; what finds none waits for a channel to have room."""
+        while self._waiting:
+            child = pick(self.children, self._turn)
+            if child is None:
+                return
+            connection = self._waiting[0]
             try:
                 socket.send_fds(child.channel, [HANDED], [connection.fileno()])
-            except OSError:  # its channel is full or closing: the next process
-                tried.add(child.slot)
+            except BlockingIOError:  # its channel is full: told when it has room
+                child.full = True
+                events = selectors.EVENT_READ | selectors.EVENT_WRITE
+                self.selector.modify(child.channel, events, child)
                 continue
+            except OSError:  # the process is going: its channel's end says so soon
+                child.ready = False
+                continue
+            self._waiting.popleft().close()  # the process holds it now
             child.connections += 1
             self._turn = child.slot + 1
-            return
-        log.warning("connection_refused_no_process_ready")
 
     def _shutdown(self) -> None:
         if self._listening:
             self.selector.unregister(self.listener)
             self._listening = False
         self.listener.close()
+        while self._waiting:
+            self._waiting.popleft().close()
         for child in self.children:
             if child.process.is_alive() and child.process.pid is not None:
                 os.kill(child.process.pid, signal.SIGTERM)
@@ -257,28 +301,52 @@ class HandedServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, channel: socket.socket) -> None:
         super().__init__(config)
         self.channel = channel
+        channel.setblocking(False)
         self._pending: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # What the parent is still to be told (a byte per thing; see `Balancer._hear`).
+        self._outbox = bytearray()
+        self._writing = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=[])  # the app's startup; no listening socket
         if not self.started or self.should_exit:
             return
         self._loop = loop = asyncio.get_running_loop()
-        self.channel.setblocking(False)
         loop.add_reader(self.channel.fileno(), self._receive)
         self._tell(READY)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        if self._loop is not None:
-            self._loop.remove_reader(self.channel.fileno())
+        # Told first; a connection handed before the parent heard it is still served (and
+        # closed once idle, as uvicorn's shutdown waits for every connection).
         self._tell(STOPPING)
         await super().shutdown(sockets=None)
+        if self._loop is not None:
+            self._loop.remove_reader(self.channel.fileno())
 
     def _tell(self, message: bytes) -> None:
-        # The parent gone, nothing is told: the channel's end tells the reader so.
-        with contextlib.suppress(OSError):
-            self.channel.send(message)
+        """Tell the parent, in order; what its channel has no room for waits to be sent."""
+        self._outbox += message
+        self._send_outbox()
+
+    def _send_outbox(self) -> None:
+        while self._outbox:
+            try:
+                sent = self.channel.send(self._outbox[:OUTBOX_MESSAGE_BYTES])
+            except BlockingIOError:
+                if not self._writing and self._loop is not None:
+                    with contextlib.suppress(RuntimeError):  # the loop closed: nobody hears
+                        self._loop.add_writer(self.channel.fileno(), self._send_outbox)
+                        self._writing = True
+                return
+            except OSError:  # the parent has gone: nobody to tell
+                self._outbox.clear()
+                break
+            del self._outbox[:sent]
+        if self._writing and self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.remove_writer(self.channel.fileno())
+            self._writing = False
 
     def _receive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -330,7 +398,8 @@ def serve_handed(options: dict[str, Any], channel: socket.socket) -> None:
     """An API process (spawned by the parent): the app of `options`, served from `channel`."""
     config = uvicorn.Config(**options)
     server = HandedServer(config, channel)
-    server.run()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: the server has stopped gracefully
+        server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
 
