@@ -50,12 +50,14 @@ class LeanConnection:
         reused = self._reader is not None
         try:
             return await self._exchange(request)
-        except asyncio.IncompleteReadError as exc:
+        except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
             # A kept-alive connection the server closed while idle (its keep-alive timeout,
-            # noticed only now if this loop was busy): nothing was read from it, so the
-            # request is sent once more on a new connection, as HTTP clients do.
+            # noticed only now if this loop was busy; a reset when the request reached it as
+            # it closed): nothing was read from it, so the request is sent once more on a
+            # new connection, as HTTP clients do.
             await self.close()
-            if not reused or exc.partial:
+            partial = isinstance(exc, asyncio.IncompleteReadError) and exc.partial
+            if not reused or partial:
                 raise
             return await self._exchange(request)
 
