@@ -191,8 +191,7 @@ async def _refunded(
 
 
 async def _member(session: AsyncSession, member_id: int) -> Member:
-    public_id = await session.scalar(select(Member.public_id).where(Member.id == member_id))
-    member = await MemberRepository(session).get_by_public_id(public_id or "", for_update=True)
+    member = await MemberRepository(session).get_by_id(member_id, for_update=True)
     if member is None:
         raise NotFound("The member the order was recorded for no longer exists.")
     return member

@@ -501,8 +501,7 @@ async def _reverse(
 
 
 async def _member_by_id(session: AsyncSession, member_id: int) -> Member:
-    public_id = await session.scalar(select(Member.public_id).where(Member.id == member_id))
-    member = await MemberRepository(session).get_by_public_id(public_id or "", for_update=True)
+    member = await MemberRepository(session).get_by_id(member_id, for_update=True)
     if member is None:
         raise PaymentUnmatched("The member the payment was applied to no longer exists.")
     return member

@@ -45,7 +45,10 @@ class MemberRepository:
         )
 
     async def get_by_public_id(self, public_id: str, *, for_update: bool = False) -> Member | None:
-        return await self.session.scalar(_by_public_id(for_update), {"public_id": public_id})
+        return await self.session.scalar(_member_by("public_id", for_update), {"key": public_id})
+
+    async def get_by_id(self, member_id: int, *, for_update: bool = False) -> Member | None:
+        return await self.session.scalar(_member_by("id", for_update), {"key": member_id})
 
     async def email_taken(
         self, organisation_id: int | None, email_normalized: str, *, exclude_id: int | None = None
@@ -96,11 +99,12 @@ class MemberRepository:
 
 
 @functools.cache
-def _by_public_id(for_update: bool) -> Select[Member]:
-    """A member by `public_id`, built once: nearly every request looks one up."""
+def _member_by(column: str, for_update: bool) -> Select[Member]:
+    """A member (not deleted) by `column` (bound as `key`), built once: nearly every request
+    looks one up."""
     query = (
         select(Member)
-        .where(Member.deleted_at.is_(None), Member.public_id == bindparam("public_id"))
+        .where(Member.deleted_at.is_(None), Member.__table__.c[column] == bindparam("key"))
         .options(selectinload(Member.organisation), selectinload(Member.plan))
     )
     return query.with_for_update() if for_update else query
