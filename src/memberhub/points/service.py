@@ -371,24 +371,80 @@ async def _credit(
     assert points > 0
     assert txn_type in EARNED_TYPES
     assert pending or account.current >= 0, "a deficit is settled by _new_batch"
+    current = account.current + (0 if pending else points)
+    pending_total = account.pending + (points if pending else 0)
     balances = {
-        "current": account.current + (0 if pending else points),
-        "pending": account.pending + (points if pending else 0),
+        "current": current,
+        "pending": pending_total,
         "lifetime_earned": account.lifetime_earned + points,
         "last_activity_at": now,
         "updated_at": now,
     }
+    txn, batch = _credited(
+        account,
+        actor,
+        now,
+        txn_type,
+        points=points,
+        pending=pending,
+        balance_after=current,
+        pending_after=pending_total,
+        source=source,
+        expires_at=expires_at,
+        activates_at=activates_at,
+        reason=reason,
+        reference_id=reference_id,
+        scope=reference_scope(member) if reference_id is not None else None,
+        amount=amount,
+        currency=currency,
+        details=details,
+    )
+    await write_credit(
+        session,
+        account,
+        txn,
+        batch,
+        balances,
+        event_row(event(txn, batch), member.organisation_id, member.public_id, now),
+        audit_row(actor, action, "member", member.public_id, _audit_changes(txn)),
+    )
+    await tiers.after_ledger_change(session, actor, member, account, now)
+    return txn, batch
+
+
+def _credited(
+    account: PointAccount,
+    actor: Actor,
+    now: datetime,
+    txn_type: str,
+    *,
+    points: int,
+    pending: bool,
+    balance_after: int,
+    pending_after: int,
+    source: str,
+    expires_at: datetime | None,
+    activates_at: datetime | None,
+    reason: str | None,
+    reference_id: str | None,
+    scope: int | None,
+    amount: int | None,
+    currency: str | None,
+    details: dict[str, Any],
+) -> tuple[PointTransaction, PointBatch]:
+    """The rows of a credit of `points` in a new batch (pending or active), to be written
+    by `writes.py`: the transaction, with the balances after it, and its batch."""
     txn = PointTransaction(
         public_id=new_public_id("txn"),
         member_id=account.member_id,
         type=txn_type,
         points=0 if pending else points,
         pending_points=points if pending else 0,
-        balance_after=balances["current"],
-        pending_after=balances["pending"],
+        balance_after=balance_after,
+        pending_after=pending_after,
         reason=reason,
         reference_id=reference_id,
-        reference_scope=reference_scope(member) if reference_id is not None else None,
+        reference_scope=scope,
         amount=amount,
         currency=currency,
         details=details,
@@ -406,16 +462,6 @@ async def _credit(
         expires_at=expires_at,
         created_at=now,
     )
-    await write_credit(
-        session,
-        account,
-        txn,
-        batch,
-        balances,
-        event_row(event(txn, batch), member.organisation_id, member.public_id, now),
-        audit_row(actor, action, "member", member.public_id, _audit_changes(txn)),
-    )
-    await tiers.after_ledger_change(session, actor, member, account, now)
     return txn, batch
 
 
@@ -663,33 +709,24 @@ def plan_rule_earns(
             pending_total += earn.points
         else:
             current += earn.points
-        txn = PointTransaction(
-            public_id=new_public_id("txn"),
-            member_id=account.member_id,
-            type=TxnType.EARN,
-            points=0 if pending else earn.points,
-            pending_points=earn.points if pending else 0,
+        txn, batch = _credited(
+            account,
+            actor,
+            now,
+            TxnType.EARN,
+            points=earn.points,
+            pending=pending,
             balance_after=current,
             pending_after=pending_total,
+            source=BatchSource.EARN,
+            expires_at=expires_at,
+            activates_at=activates_at,
             reason=earn.reason,
             reference_id=earn.reference_id,
-            reference_scope=scope,
+            scope=scope,
             amount=earn.amount,
             currency=earn.currency,
             details=earn.details,
-            actor=actor.id,
-            occurred_at=now,
-        )
-        batch = PointBatch(
-            public_id=new_public_id("pbt"),
-            member_id=account.member_id,
-            status=BatchStatus.PENDING if pending else BatchStatus.ACTIVE,
-            source=BatchSource.EARN,
-            initial=earn.points,
-            remaining=earn.points,
-            activates_at=activates_at if pending else None,
-            expires_at=expires_at,
-            created_at=now,
         )
         event = PointsEarned(
             **event_fields(txn, member),
