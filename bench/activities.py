@@ -32,6 +32,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,9 @@ from sqlalchemy import event
 from bench.common import (
     DEFAULT_POSTGRES_URL,
     Scratch,
+    backends_named,
     issue_admin_key,
-    postgres_reachable,
+    postgres_usable,
     scratch_space,
 )
 from bench.loadgen import LeanPool
@@ -184,26 +186,31 @@ def earn_body(member: str, reference_id: str) -> dict[str, Any]:
     }
 
 
-def http_activity(pool: LeanPool, members: list[str], clients: int, tag: str) -> Operation:
+def http_posts(
+    pool: LeanPool,
+    path: str,
+    body: Callable[[str, str], dict[str, Any]],
+    members: list[str],
+    clients: int,
+    tag: str,
+) -> Operation:
+    """POSTs of `body(member, reference)` to `path`, to distinct members, each expecting 201."""
+
     async def one(worker: int, n: int) -> None:
         member = members[(n * clients + worker) % len(members)]
-        body = activity_body(member, f"{tag}-{worker}-{n}")
-        status, content = await pool.post_json(worker, "/api/v1/activities", body)
+        status, content = await pool.post_json(worker, path, body(member, f"{tag}-{worker}-{n}"))
         if status != 201:
-            raise RuntimeError(f"activity: {status} {content[:500]!r}")
+            raise RuntimeError(f"POST {path}: {status} {content[:500]!r}")
 
     return one
+
+
+def http_activity(pool: LeanPool, members: list[str], clients: int, tag: str) -> Operation:
+    return http_posts(pool, "/api/v1/activities", activity_body, members, clients, tag)
 
 
 def http_earn(pool: LeanPool, members: list[str], clients: int, tag: str) -> Operation:
-    async def one(worker: int, n: int) -> None:
-        member = members[(n * clients + worker) % len(members)]
-        body = earn_body(member, f"{tag}-{worker}-{n}")
-        status, content = await pool.post_json(worker, "/api/v1/points/earn", body)
-        if status != 201:
-            raise RuntimeError(f"earn: {status} {content[:500]!r}")
-
-    return one
+    return http_posts(pool, "/api/v1/points/earn", earn_body, members, clients, tag)
 
 
 async def count_statements(url: str, key: str, member: str) -> dict[str, int]:
@@ -341,15 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         f" load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
-    backends = ["sqlite", "postgresql"] if args.backend == "all" else [args.backend]
-    for backend in backends:
+    for backend in backends_named(args.backend):
         if backend == "postgresql":
-            problem = postgres_reachable(pg_url)
-            if problem is not None:
-                if explicit_pg or args.backend == "postgresql":
-                    print(f"postgresql unreachable at {pg_url}: {problem}", file=sys.stderr)
-                    return 1
-                print(f"postgresql skipped: unreachable at {pg_url} ({problem})")
+            required = bool(explicit_pg) or args.backend == "postgresql"
+            usable = postgres_usable(pg_url, required=required)
+            if usable is None:
+                return 1
+            if not usable:
                 continue
         with scratch_space(backend, pg_url) as scratch:
             print(bench_backend(backend, scratch, args), flush=True)

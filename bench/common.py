@@ -65,6 +65,26 @@ def postgres_reachable(server_url: str) -> str | None:
     return None
 
 
+def backends_named(choice: str) -> list[str]:
+    """The backends a bench's `--backend` choice names ("all" or "both": both)."""
+    return ["sqlite", "postgresql"] if choice in ("all", "both") else [choice]
+
+
+def postgres_usable(pg_url: str, *, required: bool, label: str = "postgresql") -> bool | None:
+    """Whether the PostgreSQL part of a bench can run: True when the server answers; when
+    it does not, False with a note that the part is skipped, or None, said on stderr, when
+    the part was `required` (asked for by name or by URL) and the bench must fail. `label`:
+    how the note names PostgreSQL, aligned with the bench's own lines."""
+    problem = postgres_reachable(pg_url)
+    if problem is None:
+        return True
+    if required:
+        print(f"postgresql unreachable at {pg_url}: {problem}", file=sys.stderr)
+        return None
+    print(f"{label} skipped: unreachable at {pg_url} ({problem})")
+    return False
+
+
 async def issue_admin_key(url: str) -> str:
     db = Database(url, pool_size=1)
     try:

@@ -69,9 +69,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bench.common import (
     DEFAULT_POSTGRES_URL,
     Scratch,
+    backends_named,
     issue_admin_key,
     pg_execute,
-    postgres_reachable,
+    postgres_usable,
     running_server,
     scratch_space,
 )
@@ -958,16 +959,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{sizes.members * sizes.batches_per_member} batches over {sizes.members} members "
         f"(median of {sizes.expire_rounds} rounds); load average {os.getloadavg()[0]:.2f}"
     )
-    backends = ["sqlite", "postgresql"] if args.backend in ("both", "all") else [args.backend]
     problems: list[str] = []
-    for backend in backends:
+    for backend in backends_named(args.backend):
         if backend == "postgresql":
-            problem = postgres_reachable(pg_url)
-            if problem is not None:
-                if explicit_pg or args.backend == "postgresql":
-                    print(f"postgresql unreachable at {pg_url}: {problem}", file=sys.stderr)
-                    return 1
-                print(f"postgresql  skipped: unreachable at {pg_url} ({problem})")
+            required = bool(explicit_pg) or args.backend == "postgresql"
+            usable = postgres_usable(pg_url, required=required, label="postgresql ")
+            if usable is None:
+                return 1
+            if not usable:
                 continue
         with scratch_space(backend, pg_url) as scratch:
             problems += bench_backend(backend, scratch, sizes, set(args.only or PARTS))

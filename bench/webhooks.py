@@ -53,8 +53,9 @@ from sqlalchemy import func, select
 
 from bench.common import (
     DEFAULT_POSTGRES_URL,
+    backends_named,
     free_port,
-    postgres_reachable,
+    postgres_usable,
     running_child,
     scratch_space,
     serve_asgi,
@@ -535,17 +536,15 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{c.events} events x {c.endpoints} endpoint(s)" for c in cases)
         + f", median of {cases[0].rounds} round(s)"
     )
-    backends = ["sqlite", "postgresql"] if args.backend in ("both", "all") else [args.backend]
     problems: list[str] = []
     with running_receiver() as receiver_url:
-        for backend in backends:
+        for backend in backends_named(args.backend):
             if backend == "postgresql":
-                problem = postgres_reachable(pg_url)
-                if problem is not None:
-                    if explicit_pg or args.backend == "postgresql":
-                        print(f"postgresql unreachable at {pg_url}: {problem}", file=sys.stderr)
-                        return 1
-                    print(f"postgresql  skipped: unreachable at {pg_url} ({problem})")
+                required = bool(explicit_pg) or args.backend == "postgresql"
+                usable = postgres_usable(pg_url, required=required, label="postgresql ")
+                if usable is None:
+                    return 1
+                if not usable:
                     continue
             problems += bench_backend(backend, pg_url, receiver_url, cases)
     for problem in problems:

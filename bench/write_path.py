@@ -56,9 +56,10 @@ from bench.common import (
     DEFAULT_POSTGRES_URL,
     Scratch,
     asyncpg_dsn,
+    backends_named,
     free_port,
     issue_admin_key,
-    postgres_reachable,
+    postgres_usable,
     scratch_space,
     wait_until_ready,
 )
@@ -652,15 +653,13 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
-    backends = ["sqlite", "postgresql"] if args.backend == "all" else [args.backend]
-    for backend in backends:
+    for backend in backends_named(args.backend):
         if backend == "postgresql":
-            problem = postgres_reachable(pg_url)
-            if problem is not None:
-                if explicit_pg or args.backend == "postgresql":
-                    print(f"postgresql unreachable at {pg_url}: {problem}", file=sys.stderr)
-                    return 1
-                print(f"postgresql skipped: unreachable at {pg_url} ({problem})")
+            required = bool(explicit_pg) or args.backend == "postgresql"
+            usable = postgres_usable(pg_url, required=required)
+            if usable is None:
+                return 1
+            if not usable:
                 continue
         with scratch_space(backend, pg_url) as scratch:
             for line in bench_backend(backend, scratch, args):
