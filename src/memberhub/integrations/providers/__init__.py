@@ -11,6 +11,7 @@ from memberhub.integrations.providers.base import (
     CAPABILITY_INTERFACES,
     Capability,
     EventsSource,
+    MessageChannel,
     Orders,
     Payments,
     Provider,
@@ -60,6 +61,13 @@ def as_orders(provider: Provider) -> Orders | None:
     return None
 
 
+def as_message_channel(provider: Provider) -> MessageChannel | None:
+    """The provider as a sender of notifications, if it declares it is one."""
+    if Capability.MESSAGES in provider.capabilities and isinstance(provider, MessageChannel):
+        return provider
+    return None
+
+
 def _register_builtin() -> None:
     from memberhub.integrations.providers.custom_crm import CustomCrm
     from memberhub.integrations.providers.eventbrite import Eventbrite
@@ -90,6 +98,7 @@ __all__ = [
     "Capability",
     "Provider",
     "as_events_source",
+    "as_message_channel",
     "as_orders",
     "as_payments",
     "get_provider",

@@ -33,6 +33,7 @@ class Capability(StrEnum):
     EVENTS_SOURCE = "events_source"
     NOTIFIER = "notifier"
     ORDERS = "orders"
+    MESSAGES = "messages"  # notifications to members and staff: email, SMS, push
 
 
 class OAuthSettings(Input):
@@ -412,6 +413,71 @@ class Notifier(Protocol):
     ) -> None: ...
 
 
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One rendered notification for one recipient on one channel.
+
+    `reference` is memberhub's notification id: providers that accept an idempotency key
+    or custom arguments send it, so a retried send is recognisable at the vendor and in
+    its delivery reports.
+    """
+
+    channel: Literal["email", "sms", "push"]
+    to: str  # an email address, an E.164 phone number or a device token
+    reference: str
+    text: str  # the plain-text body (email's text part, the SMS, the push body)
+    subject: str | None = None  # email subject, push title
+    html: str | None = None  # email only
+    sender: str | None = None  # overrides the integration's default from address/number
+    headers: Mapping[str, str] = field(default_factory=dict)  # email: List-Unsubscribe, …
+    data: Mapping[str, str] = field(default_factory=dict)  # push: the data payload
+
+
+@dataclass(frozen=True)
+class SendResult:
+    provider_message_id: str | None
+
+
+class SendRejected(Exception):
+    """The provider refused a message. `permanent` says whether resending can ever work
+    (4xx other than 408/429: bad address, unverified sender, invalid token); the message is
+    the provider's own words."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """What a provider's status callback says about one message it was given."""
+
+    status: Literal[
+        "sent", "delivered", "bounced", "dropped", "spam_report", "unsubscribed", "failed"
+    ]
+    provider_message_id: str | None
+    recipient: str | None  # the address or number, for suppression
+    reference: str | None = None  # our notification id, where the vendor echoes it back
+    reason: str | None = None
+    occurred_at: datetime | None = None
+
+
+@runtime_checkable
+class MessageChannel(Protocol):
+    """Sends notifications on one or more channels and, where the vendor calls back,
+    turns its verified callbacks (arriving through the inbound endpoint, after
+    `EventsSource.verify`) into delivery reports."""
+
+    message_channels: ClassVar[frozenset[str]]  # of "email", "sms", "push"
+
+    async def send_message(self, connection: Connection, message: OutgoingMessage) -> SendResult:
+        """Send one message. Raise SendRejected for a refusal; GatewayError/CircuitOpen
+        propagate for the caller's retry schedule."""
+
+    def delivery_reports(self, event_type: str, body: bytes) -> list[DeliveryReport]:
+        """The reports an inbound callback carries; [] for callbacks without any."""
+
+
 CAPABILITY_INTERFACES: dict[Capability, type] = {
     Capability.CRM: CRM,
     Capability.MARKETING_LIST: MarketingList,
@@ -421,4 +487,5 @@ CAPABILITY_INTERFACES: dict[Capability, type] = {
     Capability.EVENTS_SOURCE: EventsSource,
     Capability.NOTIFIER: Notifier,
     Capability.ORDERS: Orders,
+    Capability.MESSAGES: MessageChannel,
 }
