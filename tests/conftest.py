@@ -205,6 +205,20 @@ async def admin_key(db: Database) -> str:
 
 
 @pytest.fixture
+def process_env(database_url: str, tmp_path: Path, db: object) -> dict[str, str]:
+    """Environment for `memberhub` processes (serve, worker, CLI) run against the test
+    database, with their own data directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMBERHUB_")}
+    env.update(
+        MEMBERHUB_DATABASE_URL=database_url,
+        MEMBERHUB_DATA_DIR=str(tmp_path / "data"),
+        MEMBERHUB_WORKER_INTERVAL_SECONDS="0.2",
+        MEMBERHUB_LOG_LEVEL="INFO",
+    )
+    return env
+
+
+@pytest.fixture
 def api(http: httpx.AsyncClient, admin_key: str) -> ApiClient:
     """An HTTP client authenticated as an installation-wide admin."""
     return ApiClient(http, admin_key)

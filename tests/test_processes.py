@@ -31,18 +31,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def process_env(database_url: str, tmp_path: Path, db: object) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMBERHUB_")}
-    env.update(
-        MEMBERHUB_DATABASE_URL=database_url,
-        MEMBERHUB_DATA_DIR=str(tmp_path / "data"),
-        MEMBERHUB_WORKER_INTERVAL_SECONDS="0.2",
-        MEMBERHUB_LOG_LEVEL="INFO",
-    )
-    return env
-
-
 def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [MEMBERHUB, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE

@@ -47,10 +47,12 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 apikey_app = typer.Typer(help="API keys.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
 secrets_app = typer.Typer(help="The master secret and what it encrypts.", no_args_is_help=True)
+backup_app = typer.Typer(help="Backups of the database and its secret.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(audit_app, name="audit")
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(backup_app, name="backup")
 
 CLI_ACTOR = Actor.system("cli")
 MIN_SECRET_LENGTH = 32
@@ -529,6 +531,220 @@ def secrets_rotate(
         typer.echo(f"the new secret replaced {key_file}; restart the service and workers")
     else:
         typer.echo("set MEMBERHUB_SECRET_KEY to the new secret and restart the service and workers")
+
+
+PassphraseFile = Annotated[
+    Path | None,
+    typer.Option(
+        help="Read the passphrase from this file (first line). Otherwise it comes from "
+        "MEMBERHUB_BACKUP_PASSPHRASE, or is asked for when a terminal is attached."
+    ),
+]
+
+
+def _passphrase(passphrase_file: Path | None, *, confirm: bool) -> str | None:
+    """The passphrase from a file, the environment or the terminal; None when there is
+    none to be had."""
+    if passphrase_file is not None:
+        try:
+            return passphrase_file.read_text().splitlines()[0]
+        except (OSError, IndexError):
+            typer.echo(f"error: cannot read a passphrase from {passphrase_file}", err=True)
+            raise typer.Exit(code=2) from None
+    from_environment = _settings().backup_passphrase
+    if from_environment:
+        return from_environment.get_secret_value()
+    if os.isatty(0):
+        return str(typer.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm))
+    return None
+
+
+def _sealed_secret(settings: Settings, passphrase_file: Path | None) -> bytes:
+    from memberhub.kit.sealing import SealError, seal_secret
+
+    passphrase = _passphrase(passphrase_file, confirm=True)
+    if passphrase is None:
+        typer.echo(
+            "error: the secret key is sealed with a passphrase: give --passphrase-file or "
+            "MEMBERHUB_BACKUP_PASSPHRASE (or --without-secret-key, keeping the secret "
+            "some other way)",
+            err=True,
+        )
+        raise typer.Exit(code=2)
+    try:
+        return seal_secret(settings.resolved_secret_key, passphrase)
+    except SealError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+@secrets_app.command("export")
+def secrets_export(
+    file: Annotated[Path, typer.Argument(help="Where to write the sealed secret.")],
+    passphrase_file: PassphraseFile = None,
+    force: Annotated[bool, typer.Option(help="Overwrite FILE if it exists.")] = False,
+) -> None:
+    """Write the master secret sealed with a passphrase (scrypt and AES-256-GCM), to keep
+    apart from the database's backups. `memberhub secrets import` puts it back."""
+    settings = _settings()
+    _require_secret_key(settings)
+    if file.exists() and not force:
+        typer.echo(f"error: {file} exists; choose another file or pass --force", err=True)
+        raise typer.Exit(code=1)
+    sealed = _sealed_secret(settings, passphrase_file)
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(sealed)
+    typer.echo(f"sealed secret written to {file}")
+
+
+@secrets_app.command("import")
+def secrets_import(
+    file: Annotated[Path, typer.Argument(help="A file written by `memberhub secrets export`.")],
+    passphrase_file: PassphraseFile = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace a different secret already in the data directory.")
+    ] = False,
+) -> None:
+    """Open a sealed secret and keep it as the data directory's secret_key file."""
+    from memberhub.kit.sealing import SealError, open_secret
+
+    settings = _settings()
+    passphrase = _passphrase(passphrase_file, confirm=False)
+    if passphrase is None:
+        typer.echo("error: give the passphrase (--passphrase-file)", err=True)
+        raise typer.Exit(code=2)
+    try:
+        secret = open_secret(file.read_bytes(), passphrase)
+    except OSError as exc:
+        typer.echo(f"error: cannot read {file}: {exc.strerror}", err=True)
+        raise typer.Exit(code=1) from None
+    except SealError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    key_file = settings.data_dir / "secret_key"
+    if key_file.exists() and key_file.read_text().strip() != secret and not force:
+        typer.echo(f"error: {key_file} holds a different secret; pass --force to replace it")
+        raise typer.Exit(code=1)
+    settings.ensure_data_dir()
+    staged = key_file.with_suffix(".imported")
+    staged.unlink(missing_ok=True)
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret)
+    staged.replace(key_file)
+    typer.echo(f"secret written to {key_file}")
+    if settings.secret_key and settings.secret_key != secret:
+        typer.echo("note: MEMBERHUB_SECRET_KEY is set and takes precedence over that file")
+
+
+@backup_app.command("create")
+def backup_create(
+    file: Annotated[Path, typer.Argument(help="The backup file to write (.tar.gz).")],
+    passphrase_file: PassphraseFile = None,
+    without_secret_key: Annotated[
+        bool,
+        typer.Option(
+            help="Leave the master secret out (keep it with `memberhub secrets export`); "
+            "the backup alone then cannot decrypt stored credentials."
+        ),
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite FILE if it exists.")] = False,
+) -> None:
+    """A consistent copy of the running installation's database (SQLite's backup API, or
+    pg_dump) and, sealed with a passphrase, its master secret, in one file."""
+    from memberhub.ops.backup import BackupError, create_backup
+
+    settings = _settings()
+    _require_secret_key(settings)
+    sealed = None if without_secret_key else _sealed_secret(settings, passphrase_file)
+    url = settings.resolved_database_url
+    revision = None if settings.is_sqlite else ", ".join(current(url)) or None
+    try:
+        manifest = create_backup(
+            url,
+            settings.resolved_secret_key,
+            file,
+            sealed_secret=sealed,
+            schema_revision=revision,
+            overwrite=force,
+        )
+    except BackupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(
+        f"backup of the {manifest.database} database at revision {manifest.schema_revision} "
+        f"written to {file} ({file.stat().st_size} bytes)"
+        + ("" if manifest.has_secret_key else "; the secret key is NOT in it")
+    )
+
+
+@backup_app.command("restore")
+def backup_restore(
+    file: Annotated[Path, typer.Argument(help="A file written by `memberhub backup create`.")],
+    passphrase_file: PassphraseFile = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Replace a database that holds data, or a different secret key (stop the "
+            "service first)."
+        ),
+    ] = False,
+) -> None:
+    """Restore a backup into the configured database (it must be empty unless --force) and
+    put its secret key in the data directory, so stored credentials and the audit chain
+    read as before. Then run `memberhub db upgrade` if the backup is older than this
+    version, and `memberhub audit verify`."""
+    from memberhub.kit.sealing import SealError
+    from memberhub.ops.backup import (
+        BackupError,
+        postgres_holds_data_query,
+        read_manifest,
+        restore_backup,
+    )
+
+    settings = _settings()
+    url = settings.resolved_database_url
+    try:
+        manifest = read_manifest(file)
+    except BackupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    passphrase = None
+    if manifest.has_secret_key and settings.secret_key is None:
+        passphrase = _passphrase(passphrase_file, confirm=False)
+    holds_data = False
+    if not settings.is_sqlite:
+        from sqlalchemy import text
+
+        async def count_tables(db: Database) -> int:
+            async with db.transaction(read_only=True) as session:
+                return int((await session.execute(text(postgres_holds_data_query()))).scalar_one())
+
+        holds_data = _run(count_tables) > 0
+    try:
+        report = restore_backup(
+            file,
+            url,
+            data_dir=settings.data_dir,
+            configured_secret=settings.secret_key,
+            passphrase=passphrase,
+            postgres_holds_data=holds_data,
+            force=force,
+            head_revision=head(),
+        )
+    except (BackupError, SealError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(
+        f"restored the {report.manifest.database} backup of {report.manifest.created_at} "
+        f"(revision {report.manifest.schema_revision})"
+    )
+    if report.secret_key_written is not None:
+        typer.echo(f"secret key written to {report.secret_key_written}")
+    if report.needs_upgrade:
+        typer.echo("the backup is older than this version: run `memberhub db upgrade`")
+    typer.echo("check it with `memberhub audit verify`")
 
 
 @app.command()

@@ -9,7 +9,7 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     secret_key: str | None = Field(
         default=None,
         description="Master secret; generated into DATA_DIR/secret_key on first run when unset.",
+    )
+    backup_passphrase: SecretStr | None = Field(
+        default=None,
+        description="Passphrase that seals the secret key in backups and `secrets export` "
+        "(otherwise given by file or asked for at a terminal).",
     )
     redis_url: str | None = None
     log_level: str = "INFO"
