@@ -12,9 +12,11 @@ from memberhub.integrations.providers.base import (
     Capability,
     EventsSource,
     MessageChannel,
+    ObjectStorage,
     Orders,
     Payments,
     Provider,
+    SearchIndex,
 )
 
 _PROVIDERS: dict[str, Provider] = {}
@@ -68,6 +70,20 @@ def as_message_channel(provider: Provider) -> MessageChannel | None:
     return None
 
 
+def as_storage(provider: Provider) -> ObjectStorage | None:
+    """The provider as an object store, if it declares it is one."""
+    if Capability.STORAGE in provider.capabilities and isinstance(provider, ObjectStorage):
+        return provider
+    return None
+
+
+def as_search_index(provider: Provider) -> SearchIndex | None:
+    """The provider as a hosted search index, if it declares it is one."""
+    if Capability.SEARCH_INDEX in provider.capabilities and isinstance(provider, SearchIndex):
+        return provider
+    return None
+
+
 def _register_builtin() -> None:
     from memberhub.integrations.providers.custom_crm import CustomCrm
     from memberhub.integrations.providers.eventbrite import Eventbrite
@@ -101,6 +117,8 @@ __all__ = [
     "as_message_channel",
     "as_orders",
     "as_payments",
+    "as_search_index",
+    "as_storage",
     "get_provider",
     "provider_names",
     "register",

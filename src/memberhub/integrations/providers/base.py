@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import limits
@@ -34,6 +35,8 @@ class Capability(StrEnum):
     NOTIFIER = "notifier"
     ORDERS = "orders"
     MESSAGES = "messages"  # notifications to members and staff: email, SMS, push
+    STORAGE = "storage"  # object storage that exports and backups are written to
+    SEARCH_INDEX = "search_index"  # a hosted search index kept in step with our records
 
 
 class OAuthSettings(Input):
@@ -478,6 +481,58 @@ class MessageChannel(Protocol):
         """The reports an inbound callback carries; [] for callbacks without any."""
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    key: str  # the object's key under the integration's prefix, "/"-separated
+    size: int
+    etag: str | None = None
+
+
+@runtime_checkable
+class ObjectStorage(Protocol):
+    """A store of files by key (S3 and compatibles, OneDrive/SharePoint, a local
+    directory). Keys are relative to the integration's configured prefix or folder.
+
+    Uploads take a local file so memory stays bounded whatever its size: the provider
+    sends it in parts (S3 multipart, Graph upload sessions) past its own threshold, and an
+    interrupted upload is retried or resumed, never left visible half-written.
+    """
+
+    async def upload_file(
+        self, connection: Connection, key: str, path: Path, *, content_type: str
+    ) -> StoredObject: ...
+
+    async def download_file(self, connection: Connection, key: str, path: Path) -> None:
+        """Write the object to `path`; FileNotFoundError when there is no such key."""
+
+    async def list_objects(self, connection: Connection, prefix: str) -> list[StoredObject]:
+        """Every object whose key starts with `prefix`, in key order."""
+
+    async def delete_object(self, connection: Connection, key: str) -> None:
+        """Remove the object; no error when it is already gone."""
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    object_id: str  # our public id
+    attributes: Mapping[str, Any]
+
+
+@runtime_checkable
+class SearchIndex(Protocol):
+    """A hosted search index (Algolia): records written and deleted in batches."""
+
+    batch_size: int
+
+    async def save_records(
+        self, connection: Connection, index: str, records: Sequence[SearchRecord]
+    ) -> None: ...
+
+    async def delete_records(
+        self, connection: Connection, index: str, object_ids: Sequence[str]
+    ) -> None: ...
+
+
 CAPABILITY_INTERFACES: dict[Capability, type] = {
     Capability.CRM: CRM,
     Capability.MARKETING_LIST: MarketingList,
@@ -488,4 +543,6 @@ CAPABILITY_INTERFACES: dict[Capability, type] = {
     Capability.NOTIFIER: Notifier,
     Capability.ORDERS: Orders,
     Capability.MESSAGES: MessageChannel,
+    Capability.STORAGE: ObjectStorage,
+    Capability.SEARCH_INDEX: SearchIndex,
 }
