@@ -1,14 +1,15 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.responses import JSONResponse
 
 from memberhub.auth.dependencies import MembersEraser, MembersReader, MembersWriter
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, ErrorBody, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath, SafeQuery, UTCDatetime
-from memberhub.members import service
+from memberhub.members import data_export, service
 from memberhub.members.models import MemberStatus
 from memberhub.members.repository import MemberFilters, MemberRepository
 from memberhub.members.schemas import MemberCreate, MemberOut, MemberPatch
@@ -127,3 +128,24 @@ async def delete_member(member_id: IdPath, session: DbSession, principal: Member
     """Erase the member's personal data (here and in past events); the record stays, so
     ledger and audit references hold. Emits `member.deleted`."""
     await service.delete_member(session, principal, member_id)
+
+
+@router.get(
+    "/{member_id}/export",
+    responses={200: {"description": "The member's data, as one JSON document."}},
+)
+async def export_member_data(
+    member_id: IdPath, request: Request, session: DbSession, principal: MembersEraser
+) -> JSONResponse:
+    """Everything memberhub holds about the member (profile, consent, memberships and
+    their history, the points ledger and batches, reward claims, activities, approvals,
+    alerts, payment records, CRM links, the events about the member and the audit entries
+    of changes to it), for a data subject access request. Needs the same permission as
+    erasure; each export is recorded in the audit log."""
+    document: dict[str, Any] = await data_export.export_member_data(session, principal, member_id)
+    async with request.app.state.db.transaction() as audit_session:
+        data_export.record_export(audit_session, principal, document)
+    return JSONResponse(
+        document,
+        headers={"Content-Disposition": f'attachment; filename="{member_id}-export.json"'},
+    )

@@ -1,0 +1,166 @@
+"""A member's data export (the right of access, GDPR article 15): everything memberhub holds
+about one member, as one JSON document.
+
+"Everything" is found from the schema rather than listed by hand: every table with a
+foreign key to `members` contributes the member's rows, so a table added later is in the
+export without anyone remembering to add it. Besides those, the records that name the
+member by public id rather than by key: the events about the member, the audit entries of
+changes to the member, and the member's links to CRM records.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Column, Table, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+import memberhub.models  # noqa: F401 - every table in the metadata, for the foreign-key walk
+from memberhub.audit.models import AuditEntry
+from memberhub.audit.service import record_write
+from memberhub.auth.principal import Principal
+from memberhub.crm.models import CrmLink
+from memberhub.events.models import Event
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Base
+from memberhub.members.models import Member
+from memberhub.members.service import get_member, to_out
+
+FORMAT_VERSION = 1
+_MEMBERS = "members"
+
+
+def _member_keyed_columns() -> list[tuple[Table, Sequence[Column[Any]]]]:
+    """Each table with a foreign key to members.id, with the columns that hold it."""
+    found: list[tuple[Table, Sequence[Column[Any]]]] = []
+    for table in Base.metadata.sorted_tables:
+        if table.name == _MEMBERS:
+            continue
+        columns = [
+            fk.parent
+            for fk in table.foreign_keys
+            if fk.column.table.name == _MEMBERS and fk.column.name == "id"
+        ]
+        if columns:
+            found.append((table, columns))
+    return found
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    return value
+
+
+def _row(row: Any, skip: frozenset[str]) -> dict[str, Any]:
+    return {key: _plain(value) for key, value in row._mapping.items() if key not in skip}
+
+
+class MemberDataRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def rows_keyed_by(
+        self, table: Table, columns: Sequence[Column[Any]], member_id: int
+    ) -> list[dict[str, Any]]:
+        condition = columns[0] == member_id
+        for column in columns[1:]:
+            condition = condition | (column == member_id)
+        query = select(table).where(condition)
+        if "id" in table.c:
+            query = query.order_by(table.c.id)
+        skip = frozenset(column.name for column in columns)
+        return [_row(row, skip) for row in await self.session.execute(query)]
+
+    async def events(self, member_public_id: str) -> list[dict[str, Any]]:
+        events = await self.session.scalars(
+            select(Event).where(Event.member_public_id == member_public_id).order_by(Event.id)
+        )
+        return [
+            {
+                "id": event.public_id,
+                "type": event.type,
+                "occurred_at": _plain(event.occurred_at),
+                "data": event.data,
+            }
+            for event in events
+        ]
+
+    async def audit_entries(self, member_public_id: str) -> list[dict[str, Any]]:
+        entries = await self.session.scalars(
+            select(AuditEntry)
+            .where(AuditEntry.object_type == "member", AuditEntry.object_id == member_public_id)
+            .order_by(AuditEntry.id)
+        )
+        return [
+            {
+                "occurred_at": _plain(entry.occurred_at),
+                "actor": entry.actor,
+                "action": entry.action,
+                "changes": entry.changes,
+                "client_ip": entry.client_ip,
+            }
+            for entry in entries
+        ]
+
+    async def crm_links(self, member_id: int) -> list[dict[str, Any]]:
+        links = await self.session.execute(
+            select(CrmLink.__table__).where(
+                CrmLink.entity_type == "members", CrmLink.entity_id == member_id
+            )
+        )
+        return [_row(row, frozenset({"entity_type", "entity_id"})) for row in links]
+
+
+async def export_member_data(
+    session: AsyncSession, principal: Principal, public_id: str
+) -> dict[str, Any]:
+    """The member's data export (record it with `record_export`)."""
+    member: Member = await get_member(session, principal, public_id)
+    repository = MemberDataRepository(session)
+    held: dict[str, list[dict[str, Any]]] = {}
+    for table, columns in _member_keyed_columns():
+        rows = await repository.rows_keyed_by(table, columns, member.id)
+        if rows:
+            held[table.name] = rows
+    links = await repository.crm_links(member.id)
+    if links:
+        held["crm_links"] = links
+    exported_at = utcnow()
+    document = {
+        "format": "memberhub-member-export",
+        "version": FORMAT_VERSION,
+        "exported_at": exported_at.isoformat(),
+        "member": to_out(member).model_dump(mode="json"),
+        "consent": {
+            "email": member.consent_email,
+            "sms": member.consent_sms,
+            "analytics": member.consent_analytics,
+            "profiling": member.consent_profiling,
+        },
+        "records": held,
+        "events": await repository.events(member.public_id),
+        "audit_log": await repository.audit_entries(member.public_id),
+    }
+    return document
+
+
+def record_export(session: AsyncSession, principal: Principal, document: dict[str, Any]) -> None:
+    """The audit entry of an export: who took a copy of whose data, and when. Written in
+    its own transaction, as the export itself is a read."""
+    record_write(
+        session,
+        principal.actor,
+        action="member.export",
+        object_type="member",
+        object_id=document["member"]["id"],
+        changes={"exported_at": document["exported_at"], "tables": sorted(document["records"])},
+    )
