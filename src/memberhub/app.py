@@ -21,6 +21,7 @@ from memberhub.audit.chain import session_info as chain_session_info
 from memberhub.audit.routes import router as audit_router
 from memberhub.auth.dependencies import authenticate_first
 from memberhub.auth.ratelimit import RateLimiter
+from memberhub.bulk.routes import imports_router as member_imports_router
 from memberhub.bulk.routes import router as bulk_router
 from memberhub.crm.routes import router as crm_router
 from memberhub.earning_rules.routes import router as earning_rules_router
@@ -181,6 +182,7 @@ def create_app(
         program_router,
         points_router,
         bulk_router,
+        member_imports_router,
         tiers_router,
         rewards_router,
         activities_router,

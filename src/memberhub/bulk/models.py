@@ -1,12 +1,26 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Base, BigIntId, IdMixin
+
+
+class BulkOperation:
+    AWARD = "award"
+    MEMBER_IMPORT = "member_import"
+
+
+class RowAction:
+    """What a member import's row did (or, in a dry run, would do) to its member."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
 
 
 class BulkJobStatus:
@@ -23,12 +37,18 @@ class RowOutcome:
 
 
 class BulkJob(IdMixin, Base):
-    """A bulk points award: rows uploaded as chunks, applied by the worker chunk by chunk."""
+    """Rows uploaded as chunks, applied by the worker chunk by chunk: a bulk points award,
+    or a member import."""
 
     __tablename__ = "bulk_jobs"
+    __table_args__ = (Index("ix_bulk_jobs_operation", "operation", "id"),)
 
     public_id: Mapped[str] = mapped_column(String(32), unique=True)
-    operation: Mapped[str] = mapped_column(String(20), default="award")
+    operation: Mapped[str] = mapped_column(String(20), default=BulkOperation.AWARD)
+    # A member import's settings (match_by, organisation, plan, mapping).
+    options: Mapped[dict[str, Any] | None] = mapped_column()
+    # Every row is checked and its outcome recorded, then its changes are rolled back.
+    dry_run: Mapped[bool] = mapped_column(Boolean, default=False)
     status: Mapped[str] = mapped_column(String(20), default=BulkJobStatus.QUEUED, index=True)
     total_rows: Mapped[int] = mapped_column(Integer, default=0)
     processed_rows: Mapped[int] = mapped_column(Integer, default=0)
@@ -77,3 +97,5 @@ class BulkJobRow(IdMixin, Base):
     reference_id: Mapped[str | None] = mapped_column(String(200))
     transaction_id: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(String(1000))
+    # A member import's row: created, updated or unchanged (None when it failed).
+    action: Mapped[str | None] = mapped_column(String(20))

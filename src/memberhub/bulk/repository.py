@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import Select, and_, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from memberhub.bulk.models import BulkJob, BulkJobChunk, BulkJobRow, BulkJobStatus
+from memberhub.bulk.models import BulkJob, BulkJobChunk, BulkJobRow, BulkJobStatus, BulkOperation
 from memberhub.members.models import Member
 
 
@@ -27,9 +27,15 @@ class BulkRepository:
         status: str | None,
         before_id: int | None,
         limit: int,
+        operation: str = BulkOperation.AWARD,
     ) -> Sequence[BulkJob]:
         """Newest first, paged by id."""
-        query = select(BulkJob).order_by(BulkJob.id.desc()).limit(limit + 1)
+        query = (
+            select(BulkJob)
+            .where(BulkJob.operation == operation)
+            .order_by(BulkJob.id.desc())
+            .limit(limit + 1)
+        )
         if before_id is not None:
             query = query.where(BulkJob.id < before_id)
         if organisation_ids is not None:

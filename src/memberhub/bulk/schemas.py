@@ -43,6 +43,37 @@ class BulkRowOut(BaseModel):
     error: str | None
 
 
+class MemberImportOut(BaseModel):
+    id: str
+    status: str = Field(description="queued, running, completed or failed.")
+    dry_run: bool = Field(description="Rows were checked and reported, then rolled back.")
+    options: dict[str, Any]
+    total_rows: int
+    processed_rows: int
+    changed_rows: int = Field(description="Rows that created or updated a member.")
+    unchanged_rows: int = Field(description="Rows matching a member they would not change.")
+    failed_rows: int
+    progress_percent: float = Field(description="processed_rows / total_rows, in percent.")
+    created_by: str = Field(description="The API key that uploaded the rows.")
+    error: str | None = Field(description="Why a failed job stopped.")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    links: BulkJobLinks
+
+
+class ImportRowOut(BaseModel):
+    row_number: int = Field(description="1 for the first row after the header (or line).")
+    action: str | None = Field(
+        description="created, updated or unchanged (what it would do, in a dry run); null "
+        "when the row failed."
+    )
+    member_id: str | None = Field(description="The member's id, or the email the row gave.")
+    opening_points: int | None
+    transaction_id: str | None = Field(description="The opening balance's transaction.")
+    error: str | None = Field(description="Why the row was refused; nothing of it is written.")
+
+
 _TEXT = {"type": "string", "maxLength": 1000}
 _ROW_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -78,6 +109,24 @@ UPLOAD_OPENAPI: dict[str, Any] = {
                     },
                 }
             },
+        },
+    }
+}
+
+MEMBER_IMPORT_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            f"Up to {MAX_ROWS:,} members: CSV with a header row, or JSON Lines (one object "
+            "per line). Fields: email (required), first_name, last_name, phone, "
+            "date_of_birth, organisation_id, plan_id, external_id (SYSTEM:ID), "
+            "consent_email, consent_sms, consent_analytics, consent_profiling, "
+            "opening_points, and custom.<key>; other column names are mapped to them with "
+            "`mapping`."
+        ),
+        "content": {
+            CSV_MEDIA_TYPE: {"schema": {"type": "string"}},
+            "application/x-ndjson": {"schema": {"type": "string"}},
         },
     }
 }

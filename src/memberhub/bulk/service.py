@@ -30,10 +30,25 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.service import record_write
 from memberhub.auth.principal import Principal
-from memberhub.bulk.models import BulkJob, BulkJobChunk, BulkJobRow, BulkJobStatus, RowOutcome
+from memberhub.bulk import member_import
+from memberhub.bulk.member_import import MEMBER_IMPORTS_PATH, ImportOptions, open_member_upload
+from memberhub.bulk.models import (
+    BulkJob,
+    BulkJobChunk,
+    BulkJobRow,
+    BulkJobStatus,
+    BulkOperation,
+    RowOutcome,
+)
 from memberhub.bulk.repository import BulkRepository
-from memberhub.bulk.schemas import BulkJobLinks, BulkJobOut, BulkRowOut
-from memberhub.bulk.upload import open_upload
+from memberhub.bulk.schemas import (
+    BulkJobLinks,
+    BulkJobOut,
+    BulkRowOut,
+    ImportRowOut,
+    MemberImportOut,
+)
+from memberhub.bulk.upload import Upload, open_upload
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
@@ -41,6 +56,8 @@ from memberhub.kit.errors import MemberhubError, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
 from memberhub.members.repository import normalize_email
+from memberhub.members.service import resolve_organisation
+from memberhub.memberships.service import get_plan
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.points import service as points
 from memberhub.points.schemas import MAX_POINTS
@@ -133,6 +150,68 @@ async def create_bulk_award(
     )
     session.add(job)
     await session.flush()
+    job.total_rows = await _store_chunks(session, job, upload, chunk_rows)
+    job.default_reason = _default_reason(default_reason, upload.default_reason)
+    record_write(
+        session,
+        principal.actor,
+        action="points.bulk_award.create",
+        object_type="bulk_job",
+        object_id=job.public_id,
+        changes={"total_rows": job.total_rows, "default_reason": job.default_reason},
+    )
+    await session.flush()
+    return job
+
+
+async def create_member_import(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    media_type: str,
+    body: IO[bytes],
+    options: ImportOptions,
+    dry_run: bool,
+    now: datetime | None = None,
+    chunk_rows: int | None = None,
+) -> BulkJob:
+    """Check the upload's structure and the options, and store the rows as a queued member
+    import; changes nothing else."""
+    now = now or utcnow()
+    if options.organisation_id is not None:
+        await resolve_organisation(session, principal, options.organisation_id)
+    if options.plan_id is not None:
+        await get_plan(session, principal, options.plan_id)
+    upload = open_member_upload(media_type, body, options.mapping)
+    job = BulkJob(
+        public_id=new_public_id("imp"),
+        operation=BulkOperation.MEMBER_IMPORT,
+        status=BulkJobStatus.QUEUED,
+        options=options.model_dump(mode="json"),
+        dry_run=dry_run,
+        created_by=principal.key_public_id,
+        organisation_id=principal.organisation_id,
+        created_at=now,
+    )
+    session.add(job)
+    await session.flush()
+    job.total_rows = await _store_chunks(session, job, upload, chunk_rows or CHUNK_ROWS)
+    record_write(
+        session,
+        principal.actor,
+        action="members.import.create",
+        object_type="bulk_job",
+        object_id=job.public_id,
+        changes={"total_rows": job.total_rows, "dry_run": dry_run, **(job.options or {})},
+    )
+    await session.flush()
+    return job
+
+
+async def _store_chunks(
+    session: AsyncSession, job: BulkJob, upload: Upload, chunk_rows: int
+) -> int:
+    """Store the upload's rows as the job's chunks, a few chunks per statement; the count."""
     repo = BulkRepository(session)
     pending: list[dict[str, Any]] = []
     lines: list[str] = []
@@ -150,18 +229,7 @@ async def create_bulk_award(
         pending.append(_chunk(job.id, sequence, sequence * chunk_rows + 1, lines))
     if pending:
         await repo.insert_chunks(pending)
-    job.total_rows = upload.row_count
-    job.default_reason = _default_reason(default_reason, upload.default_reason)
-    record_write(
-        session,
-        principal.actor,
-        action="points.bulk_award.create",
-        object_type="bulk_job",
-        object_id=job.public_id,
-        changes={"total_rows": job.total_rows, "default_reason": job.default_reason},
-    )
-    await session.flush()
-    return job
+    return upload.row_count
 
 
 def _chunk(job_id: int, sequence: int, first_row: int, lines: list[str]) -> dict[str, Any]:
@@ -177,18 +245,33 @@ def _chunk(job_id: int, sequence: int, first_row: int, lines: list[str]) -> dict
 # ---------------------------------------------------------------- reading
 
 
-async def get_job(session: AsyncSession, principal: Principal, public_id: str) -> BulkJob:
+async def get_job(
+    session: AsyncSession,
+    principal: Principal,
+    public_id: str,
+    operation: str = BulkOperation.AWARD,
+) -> BulkJob:
     job = await BulkRepository(session).job_by_public_id(public_id)
-    if job is None or (
-        principal.visible_organisation_ids is not None
-        and job.organisation_id not in principal.visible_organisation_ids
+    if (
+        job is None
+        or job.operation != operation
+        or (
+            principal.visible_organisation_ids is not None
+            and job.organisation_id not in principal.visible_organisation_ids
+        )
     ):
-        raise BulkJobNotFound(f"Bulk job {public_id} does not exist.")
+        what = "Member import" if operation == BulkOperation.MEMBER_IMPORT else "Bulk job"
+        raise BulkJobNotFound(f"{what} {public_id} does not exist.")
     return job
 
 
+def job_path(job: BulkJob) -> str:
+    base = MEMBER_IMPORTS_PATH if job.operation == BulkOperation.MEMBER_IMPORT else BULK_AWARDS_PATH
+    return f"{base}/{job.public_id}"
+
+
 def job_out(job: BulkJob) -> BulkJobOut:
-    path = f"{BULK_AWARDS_PATH}/{job.public_id}"
+    path = job_path(job)
     progress = 100.0 * job.processed_rows / job.total_rows if job.total_rows else 100.0
     return BulkJobOut(
         id=job.public_id,
@@ -206,6 +289,28 @@ def job_out(job: BulkJob) -> BulkJobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
         links=BulkJobLinks(self=path, rows=f"{path}/rows", report_csv=f"{path}/rows.csv"),
+    )
+
+
+def import_out(job: BulkJob) -> MemberImportOut:
+    out = job_out(job)
+    return MemberImportOut(
+        **out.model_dump(exclude={"default_reason", "applied_rows", "duplicate_rows"}),
+        dry_run=job.dry_run,
+        options=job.options or {},
+        changed_rows=job.applied_rows,
+        unchanged_rows=job.duplicate_rows,
+    )
+
+
+def import_row_out(row: BulkJobRow) -> ImportRowOut:
+    return ImportRowOut(
+        row_number=row.row_number,
+        action=row.action,
+        member_id=row.member_id,
+        opening_points=row.points,
+        transaction_id=row.transaction_id,
+        error=row.error,
     )
 
 
@@ -507,6 +612,8 @@ async def _apply_chunk(
         for row_number, line in enumerate(chunk.rows.split("\n"), start=chunk.first_row)
         if row_number not in done
     ]
+    if job.operation == BulkOperation.MEMBER_IMPORT:
+        return await member_import.apply_chunk(session, job, rows, now)
     visible = (
         await OrganisationRepository(session).subtree_ids(job.organisation_id)
         if job.organisation_id is not None
@@ -585,6 +692,47 @@ async def report_lines(db: Database, job_id: int, outcome: str | None) -> AsyncI
                     csv_cell(row.member_id),
                     "" if row.points is None else row.points,
                     csv_cell(row.reference_id),
+                    row.transaction_id or "",
+                    csv_cell(row.error),
+                )
+            )
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        if len(rows) <= REPORT_PAGE:
+            return
+        after = rows[REPORT_PAGE - 1].row_number
+
+
+IMPORT_REPORT_COLUMNS = (
+    "row_number",
+    "action",
+    "member_id",
+    "opening_points",
+    "transaction_id",
+    "error",
+)
+
+
+async def import_report_lines(db: Database, job_id: int, failed_only: bool) -> AsyncIterator[str]:
+    """A member import's row outcomes as CSV, a page at a time, each page in a short read."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(IMPORT_REPORT_COLUMNS)
+    after: int | None = None
+    outcome = RowOutcome.FAILED if failed_only else None
+    while True:
+        async with db.transaction(read_only=True) as session:
+            rows = await BulkRepository(session).list_rows(
+                job_id, outcome=outcome, after_row=after, limit=REPORT_PAGE
+            )
+        for row in rows[:REPORT_PAGE]:
+            writer.writerow(
+                (
+                    row.row_number,
+                    row.action or "failed",
+                    csv_cell(row.member_id),
+                    "" if row.points is None else row.points,
                     row.transaction_id or "",
                     csv_cell(row.error),
                 )

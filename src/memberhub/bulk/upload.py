@@ -127,7 +127,7 @@ class CsvUpload(Upload):
                     "The file is empty; it needs a header row, e.g. member_id,points,reason.",
                     details={"line": 1},
                 )
-            columns = [name.strip().lower() for name in header]
+            columns = self._name_columns(header)
             self._check_header(columns, reader.line_num)
             width = len(columns)
             for fields in reader:
@@ -144,8 +144,11 @@ class CsvUpload(Upload):
         except csv.Error as exc:
             raise _malformed(f"not valid CSV ({exc}).", reader.line_num) from exc
 
-    @staticmethod
-    def _check_header(columns: list[str], line: int) -> None:
+    def _name_columns(self, header: list[str]) -> list[str]:
+        """The fields the header's columns fill."""
+        return [name.strip().lower() for name in header]
+
+    def _check_header(self, columns: list[str], line: int) -> None:
         _check_columns(columns, line)
         duplicated = sorted({name for name in columns if columns.count(name) > 1})
         if duplicated:
