@@ -646,6 +646,8 @@ SECRET_HEADERS = frozenset(
         "x-hubspot-signature-v3",
         "x-pipedrive-signature",
         "webhook-signature",
+        "x-twilio-signature",
+        "x-twilio-email-event-webhook-signature",
     }
 )
 _VISIBLE_TAIL = 4
@@ -669,7 +671,7 @@ def redact(headers: Mapping[str, str]) -> dict[str, str]:
 # Body fields and query parameters whose values are masked in the payload log.
 _SECRET_FIELD = re.compile(
     r"(secret|token|password|passwd|api[_-]?key|apikey|hapikey|authorization|"
-    r"client_secret|code_verifier|signature|card|cvc|iban)",
+    r"client_secret|code_verifier|signature|assertion|card|cvc|iban)",
     re.IGNORECASE,
 )
 # `"name": "value"` in JSON and `name=value` in forms and query strings (Stripe's

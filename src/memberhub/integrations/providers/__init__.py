@@ -91,6 +91,7 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.hubspot import HubSpot
     from memberhub.integrations.providers.pipedrive import Pipedrive
     from memberhub.integrations.providers.salesforce import Salesforce
+    from memberhub.integrations.providers.sendgrid import SendGrid
     from memberhub.integrations.providers.shopify import Shopify
     from memberhub.integrations.providers.stripe import Stripe
 
@@ -104,6 +105,7 @@ def _register_builtin() -> None:
         GenericWebhook(),
         Shopify(),
         Eventbrite(),
+        SendGrid(),
     ):
         register(provider)
 
