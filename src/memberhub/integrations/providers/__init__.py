@@ -94,6 +94,7 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.sendgrid import SendGrid
     from memberhub.integrations.providers.shopify import Shopify
     from memberhub.integrations.providers.stripe import Stripe
+    from memberhub.integrations.providers.twilio import Twilio
 
     for provider in (
         Stripe(),
@@ -106,6 +107,7 @@ def _register_builtin() -> None:
         Shopify(),
         Eventbrite(),
         SendGrid(),
+        Twilio(),
     ):
         register(provider)
 
