@@ -87,6 +87,7 @@ def as_search_index(provider: Provider) -> SearchIndex | None:
 def _register_builtin() -> None:
     from memberhub.integrations.providers.custom_crm import CustomCrm
     from memberhub.integrations.providers.eventbrite import Eventbrite
+    from memberhub.integrations.providers.fcm import Fcm
     from memberhub.integrations.providers.generic import GenericHttp, GenericWebhook
     from memberhub.integrations.providers.hubspot import HubSpot
     from memberhub.integrations.providers.pipedrive import Pipedrive
@@ -108,6 +109,7 @@ def _register_builtin() -> None:
         Eventbrite(),
         SendGrid(),
         Twilio(),
+        Fcm(),
     ):
         register(provider)
 
