@@ -21,6 +21,7 @@ from memberhub.integrations.gateway import (
     GatewayError,
     GatewayPolicy,
     redact,
+    redact_body,
     requested_wait,
 )
 from tests.fakes.flaky_api import FlakyApi, running_flaky_api
@@ -433,3 +434,24 @@ def test_redact_masks_secret_headers_but_their_last_four_characters() -> None:
         "Stripe-Signature": "***cafe",
         "Content-Type": "application/json",
     }
+
+
+def test_redact_masks_the_signatures_of_twilio_and_sendgrid_callbacks() -> None:
+    headers = {
+        "X-Twilio-Signature": "0123456789abcdefXYZ=",
+        "X-Twilio-Email-Event-Webhook-Signature": "MEUCIQDabcdefghij==",
+        "X-Twilio-Email-Event-Webhook-Timestamp": "1767000000",
+    }
+
+    assert redact(headers) == {
+        "X-Twilio-Signature": "***XYZ=",
+        "X-Twilio-Email-Event-Webhook-Signature": "***ij==",
+        "X-Twilio-Email-Event-Webhook-Timestamp": "1767000000",
+    }
+
+
+def test_redact_body_masks_a_jwt_bearer_assertion() -> None:
+    grant = "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer"
+    form = f"{grant}&assertion=eyJhbGc.eyJpc3M.c2lnbmF0dXJl"
+
+    assert redact_body(form) == f"{grant}&assertion=***dXJl"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -330,7 +331,8 @@ async def test_a_signed_status_callback_is_accepted_once_and_read_as_a_report(
     assert report.provider_message_id == sid
     assert report.recipient == MEMBER_PHONE
     assert report.reference is None
-    assert report.occurred_at is None or report.occurred_at.tzinfo is not None
+    assert report.occurred_at is not None
+    assert abs((report.occurred_at - datetime.now(UTC)).total_seconds()) < 120
 
 
 @pytest.mark.parametrize(

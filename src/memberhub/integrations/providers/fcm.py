@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import time
 from collections.abc import Mapping
@@ -283,15 +284,10 @@ def _account(connection: Connection) -> ServiceAccount:
     return _parsed(str(connection.credentials.get("service_account", "")))
 
 
-_parsed_accounts: dict[str, ServiceAccount] = {}
-
-
+@functools.lru_cache(maxsize=64)
 def _parsed(text: str) -> ServiceAccount:
     """A key file parsed once per process: loading an RSA key is not free."""
-    account = _parsed_accounts.get(text)
-    if account is None:
-        account = _parsed_accounts[text] = ServiceAccount.parse(text)
-    return account
+    return ServiceAccount.parse(text)
 
 
 def _project(connection: Connection, account: ServiceAccount) -> str:

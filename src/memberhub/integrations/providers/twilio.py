@@ -20,6 +20,7 @@ import base64
 import json
 import urllib.parse
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, StringConstraints, model_validator
@@ -39,7 +40,6 @@ from memberhub.integrations.providers.base import (
     Provider,
     SendRejected,
     SendResult,
-    aware_time,
 )
 
 E164 = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^\+[1-9][0-9]{6,14}$")]
@@ -214,7 +214,7 @@ class Twilio(Provider):
                 provider_message_id=fields.get("MessageSid") or fields.get("SmsSid") or None,
                 recipient=fields.get("To") or None,
                 reason=reason,
-                occurred_at=aware_time(fields.get("RawDlrDoneDate")),
+                occurred_at=_dlr_done(fields.get("RawDlrDoneDate")),
             )
         ]
 
@@ -256,6 +256,16 @@ class Twilio(Provider):
         if len(event_id) > MAX_EVENT_ID_CHARS:
             raise ValueError("the message SID is longer than Twilio's SIDs are")
         return InboundIdentity(event_id=event_id, event_type=status[:MAX_EVENT_ID_CHARS])
+
+
+def _dlr_done(value: str | None) -> datetime | None:
+    """The carrier's delivery receipt time, `RawDlrDoneDate` (YYMMDDhhmm, UTC)."""
+    if not value:
+        return None
+    try:
+        return datetime.strptime(value, "%y%m%d%H%M").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def _signed_url(configured: str | None, received: str) -> str:
