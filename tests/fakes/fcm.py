@@ -115,6 +115,7 @@ class FakeFcm:
         self.url = url
         self.project_id = project_id
         self.token_uri = f"{url}/token"
+        self.token_lifetime = TOKEN_LIFETIME_SECONDS  # what `expires_in` says
         self._lock = threading.Lock()
         self._accounts: dict[str, tuple[str, rsa.RSAPublicKey, str]] = {}
         self._access_tokens: dict[str, tuple[str, float]] = {}
@@ -279,11 +280,11 @@ class FakeFcm:
         with self._lock:
             self._access_tokens[access_token] = (
                 str(claims["iss"]),
-                time.time() + TOKEN_LIFETIME_SECONDS,
+                time.time() + self.token_lifetime,
             )
         return {
             "access_token": access_token,
-            "expires_in": TOKEN_LIFETIME_SECONDS,
+            "expires_in": self.token_lifetime,
             "token_type": "Bearer",
         }
 

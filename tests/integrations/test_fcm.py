@@ -4,6 +4,7 @@ errors as permanent or retryable refusals."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -145,6 +146,33 @@ async def test_the_token_is_reused_until_fcm_refuses_it_then_renewed_once(
 
     assert len(fake.token_requests) == 2
     assert len(fake.sent) == 4
+
+
+async def test_concurrent_sends_share_one_token_request(
+    api: ApiClient, db: Database, hub: IntegrationHub, fake: FakeFcm, key_file: dict[str, Any]
+) -> None:
+    integration = await make_integration(api, fake, key_file)
+    connection = await connection_for(db, hub, integration["id"])
+    device = fake.register_device()
+
+    await asyncio.gather(*(fcm().send_message(connection, push(device)) for _ in range(5)))
+
+    assert len(fake.token_requests) == 1
+    assert len(fake.sent) == 5
+
+
+async def test_a_token_close_to_expiry_is_not_used(
+    api: ApiClient, db: Database, hub: IntegrationHub, fake: FakeFcm, key_file: dict[str, Any]
+) -> None:
+    integration = await make_integration(api, fake, key_file)
+    connection = await connection_for(db, hub, integration["id"])
+    device = fake.register_device()
+    fake.token_lifetime = 240  # within the five minutes before expiry a token is renewed
+
+    await fcm().send_message(connection, push(device))
+    await fcm().send_message(connection, push(device))
+
+    assert len(fake.token_requests) == 2
 
 
 async def test_an_unregistered_device_is_a_permanent_refusal_named_unregistered(
