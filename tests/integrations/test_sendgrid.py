@@ -427,9 +427,9 @@ def test_delivery_reports_map_sendgrids_events() -> None:
 
     assert [(r.status, r.reason) for r in reports] == [
         ("delivered", "250 OK"),
-        ("bounced", "550 5.1.1 no such user 5.1.1"),
-        ("failed", "421 try later 4.0.0"),
-        ("dropped", "Bounced Address 5.0.0"),
+        ("bounced", "550 5.1.1 no such user"),
+        ("failed", "421 try later (4.0.0)"),
+        ("dropped", "Bounced Address (5.0.0)"),
         ("spam_report", None),
         ("unsubscribed", None),
         ("unsubscribed", None),

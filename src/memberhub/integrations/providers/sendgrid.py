@@ -293,11 +293,12 @@ def _message_id(value: Any) -> str | None:
 
 
 def _reason(event: Mapping[str, Any]) -> str | None:
-    parts = [
-        _text(event.get(name)) or (str(event[name]) if isinstance(event.get(name), int) else None)
-        for name in ("reason", "status", "response")
-    ]
-    text = " ".join(part for part in parts if part)
+    """The event's `reason` (bounce, dropped) or `response` (delivered), with the SMTP
+    `status` when it does not already say it."""
+    text = _text(event.get("reason")) or _text(event.get("response")) or ""
+    status = _text(event.get("status"))
+    if status and status not in text:
+        text = f"{text} ({status})" if text else status
     return text[:MAX_REASON_CHARS] or None
 
 
