@@ -55,7 +55,12 @@ async def test_the_export_holds_profile_consent_memberships_ledger_and_activitie
     assert "999" not in str(records["point_transactions"])
     assert "bob@example.com" not in str(document)
     types = {event["type"] for event in document["events"]}
-    assert {"member.created", "points.earned", "member.status.changed", "activity.recorded"} <= types
+    assert {
+        "member.created",
+        "points.earned",
+        "member.status.changed",
+        "activity.recorded",
+    } <= types
     assert any(entry["action"] == "member.create" for entry in document["audit_log"])
 
 
