@@ -89,6 +89,7 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.eventbrite import Eventbrite
     from memberhub.integrations.providers.generic import GenericHttp, GenericWebhook
     from memberhub.integrations.providers.hubspot import HubSpot
+    from memberhub.integrations.providers.onedrive import OneDrive
     from memberhub.integrations.providers.pipedrive import Pipedrive
     from memberhub.integrations.providers.salesforce import Salesforce
     from memberhub.integrations.providers.shopify import Shopify
@@ -104,6 +105,7 @@ def _register_builtin() -> None:
         GenericWebhook(),
         Shopify(),
         Eventbrite(),
+        OneDrive(),
     ):
         register(provider)
 
