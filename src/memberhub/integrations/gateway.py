@@ -662,6 +662,7 @@ SECRET_HEADERS = frozenset(
         "set-cookie",
         "x-api-key",
         "api-key",
+        "x-algolia-api-key",
         "x-auth-token",
         "x-access-token",
         "stripe-signature",

@@ -85,6 +85,7 @@ def as_search_index(provider: Provider) -> SearchIndex | None:
 
 
 def _register_builtin() -> None:
+    from memberhub.integrations.providers.algolia import Algolia
     from memberhub.integrations.providers.custom_crm import CustomCrm
     from memberhub.integrations.providers.eventbrite import Eventbrite
     from memberhub.integrations.providers.generic import GenericHttp, GenericWebhook
@@ -106,6 +107,7 @@ def _register_builtin() -> None:
         Shopify(),
         Eventbrite(),
         OneDrive(),
+        Algolia(),
     ):
         register(provider)
 
