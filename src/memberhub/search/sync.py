@@ -156,12 +156,14 @@ async def run_search_sync(db: Database, hub: IntegrationHub, now: datetime) -> i
         integrations = await SearchRepository(session).integrations(search_providers())
     written = 0
     for integration in integrations:
-        target = search_target(integration)
-        if target is None:
-            continue
         try:
+            target = search_target(integration)
+            if target is None:
+                continue
             written += await sync_integration(db, hub, target, now)
         except Exception:
+            # One integration's trouble (settings no longer valid, a lost database
+            # connection) leaves the others' sync running.
             log.exception("search_sync_failed", integration=integration.public_id)
     return written
 
