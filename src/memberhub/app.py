@@ -50,6 +50,7 @@ from memberhub.organisations.routes import router as organisations_router
 from memberhub.points.routes import router as points_router
 from memberhub.program.routes import router as program_router
 from memberhub.rewards.routes import router as rewards_router
+from memberhub.search.routes import router as search_router
 from memberhub.settings import Settings
 from memberhub.tiers.routes import router as tiers_router
 from memberhub.webhooks.routes import router as webhooks_router
@@ -197,6 +198,7 @@ def create_app(
         integrations_public_router,
         leads_router,
         crm_router,
+        search_router,
         leads_external_router,
         audit_router,
         ops_router,

@@ -399,6 +399,8 @@ async def _emit_loyalty_events(api: ApiClient, db: Database) -> None:
     batch = awarded["transaction"]["batch_id"]
     await ok("/api/v1/points/extend", {"batch_id": batch, "expires_at": later, "reason": "x"})
     reward = await ok("/api/v1/rewards", {"code": "MUG", "name": "Mug", "points_cost": 10})
+    renamed = await api.patch(f"/api/v1/rewards/{reward['id']}", {"name": "Big mug"})
+    assert renamed.status_code == 200, renamed.text
     claimed = await ok(f"/api/v1/rewards/{reward['id']}/claim", {"member_id": member["id"]})
     await ok(f"/api/v1/rewards/claims/{claimed['claim']['id']}/cancel", {"reason": "x"}, 200)
     async with db.transaction() as session:

@@ -163,6 +163,32 @@ class ActivityMatched(EventData):
     activity: ActivityOut
 
 
+class RewardCreated(EventData):
+    event_type = "reward.created"
+    description = "A reward was added to the catalog."
+
+    reward_id: str
+    code: str
+    name: str
+    points_cost: int
+    active: bool
+
+
+class RewardUpdated(EventData):
+    event_type = "reward.updated"
+    description = (
+        "A reward in the catalog changed; `changed` names the fields. A reward set inactive "
+        "is retired: it can no longer be claimed."
+    )
+
+    reward_id: str
+    code: str
+    name: str
+    points_cost: int
+    active: bool
+    changed: list[str]
+
+
 class RewardClaimed(EventData):
     event_type = "reward.claimed"
     description = "A member claimed a reward; stock and points were taken together."
@@ -318,6 +344,8 @@ CATALOG: dict[str, type[EventData]] = {
         PointsExpiring,
         ActivityRecorded,
         ActivityMatched,
+        RewardCreated,
+        RewardUpdated,
         RewardClaimed,
         RewardClaimCancelled,
         ApprovalRequested,

@@ -93,6 +93,13 @@ VENDOR_POLICIES: dict[str, GatewayPolicy] = {
     "salesforce": GatewayPolicy(rate_limit="100000 per day"),
     # api_token on the Essential plan: 20 requests per 2-second window.
     "pipedrive": GatewayPolicy(rate_limit="20 per 2 seconds"),
+    # Graph throttles by resource units per app and tenant, with no fixed rate: answers
+    # 429/503 with a Retry-After that can reach minutes. Parts of large uploads take time.
+    "microsoft_graph": GatewayPolicy(
+        timeout=120.0, rate_limit="50 per second", max_retry_after=300.0, max_attempts=6
+    ),
+    # Indexing: Algolia queues writes as tasks; its published ceiling is per application.
+    "algolia": GatewayPolicy(timeout=60.0, rate_limit="50 per second", max_retry_after=120.0),
     "default": DEFAULT_POLICY,
 }
 
@@ -396,6 +403,7 @@ class Gateway:
         params: Mapping[str, Any] | None = None,
         json: Any = None,
         data: Mapping[str, Any] | None = None,
+        content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         retry_safe: bool = False,
@@ -407,14 +415,21 @@ class Gateway:
         unique key, an update to given values).
 
         Raises `CircuitOpen` when the breaker stops an attempt, `GatewayError` when the
-        last attempt got a 5xx, a 429 or a network error.
+        last attempt got a 5xx, a 429 or a network error. `content` sends raw bytes (a
+        file's part); the payload log keeps only their length.
         """
         method = method.upper()
         request_headers = dict(headers or {})
         if idempotency_key is not None:
             request_headers["Idempotency-Key"] = idempotency_key
         request = self._client.build_request(
-            method, path, params=params, json=json, data=data, headers=request_headers
+            method,
+            path,
+            params=params,
+            json=json,
+            data=data,
+            content=content,
+            headers=request_headers,
         )
         call = _Call(started_at=datetime.now(UTC), started=time.perf_counter())
         try:
@@ -522,9 +537,7 @@ class Gateway:
                 started_at=call.started_at,
                 duration_ms=round((time.perf_counter() - call.started) * 1000),
                 request_headers=redact(dict(request.headers)),
-                request_body=redact_body(
-                    request.content[:LOGGED_BODY_CHARS].decode(errors="replace")
-                ),
+                request_body=_logged_request_body(request),
                 response_body=redact_body(response_body),
                 error=error,
             )
@@ -585,6 +598,16 @@ class Gateway:
         self._metrics.breaker_state.labels(self.integration).set(self.breaker.state.value)
 
 
+def _logged_request_body(request: httpx.Request) -> str:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/octet-stream") or (
+        request.content and not content_type
+    ):
+        # A file's bytes: their size says all the log needs.
+        return f"<{len(request.content)} bytes>"
+    return redact_body(request.content[:LOGGED_BODY_CHARS].decode(errors="replace"))
+
+
 def requested_wait(headers: httpx.Headers) -> float | None:
     """Seconds the vendor asks us to wait before retrying, if its headers say.
 
@@ -639,6 +662,7 @@ SECRET_HEADERS = frozenset(
         "set-cookie",
         "x-api-key",
         "api-key",
+        "x-algolia-api-key",
         "x-auth-token",
         "x-access-token",
         "stripe-signature",
@@ -680,8 +704,13 @@ _JSON_FIELD = re.compile(r'"([^"\\]{1,100})"(\s*:\s*)"((?:[^"\\]|\\.)*)"')
 _FORM_FIELD = re.compile(r"(^|[&?])([^=&?]{1,100})=([^&]*)")
 
 
-# An OAuth authorization code, by its exact name: "postal_code" is no secret.
-_SECRET_NAMES = frozenset({"code"})
+# An OAuth authorization code, by its exact name: "postal_code" is no secret. Microsoft
+# Graph's pre-authenticated upload and download URLs carry theirs as `tempauth`.
+_SECRET_NAMES = frozenset({"code", "tempauth"})
+
+
+# A pre-authenticated URL inside a body (Graph's `uploadUrl`, `@microsoft.graph.downloadUrl`).
+_EMBEDDED_URL_SECRET = re.compile(r"(tempauth=)[^&\"'\s\\]+", re.IGNORECASE)
 
 
 def _is_secret_field(name: str) -> bool:
@@ -708,7 +737,7 @@ def redact_body(body: str) -> str:
         return f"{lead}{name}={value}"
 
     if body.lstrip().startswith(("{", "[")):
-        return _JSON_FIELD.sub(json_field, body)
+        return _EMBEDDED_URL_SECRET.sub(r"\1***", _JSON_FIELD.sub(json_field, body))
     return _FORM_FIELD.sub(form_field, body)
 
 

@@ -20,7 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.service import diff, record_write
 from memberhub.auth.principal import Principal
-from memberhub.events.catalog import RewardClaimCancelled, RewardClaimed
+from memberhub.events.catalog import (
+    RewardClaimCancelled,
+    RewardClaimed,
+    RewardCreated,
+    RewardUpdated,
+)
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import advisory_xact_lock
@@ -186,6 +191,17 @@ async def create_reward(
         object_id=reward.public_id,
         changes=diff({}, _snapshot(reward)),
     )
+    emit(
+        session,
+        RewardCreated(
+            reward_id=reward.public_id,
+            code=reward.code,
+            name=reward.name,
+            points_cost=reward.points_cost,
+            active=reward.active,
+        ),
+        occurred_at=now,
+    )
     return reward
 
 
@@ -224,6 +240,18 @@ async def update_reward(
             object_type="reward",
             object_id=reward.public_id,
             changes=changed,
+        )
+        emit(
+            session,
+            RewardUpdated(
+                reward_id=reward.public_id,
+                code=reward.code,
+                name=reward.name,
+                points_cost=reward.points_cost,
+                active=reward.active,
+                changed=sorted(changed),
+            ),
+            occurred_at=reward.updated_at,
         )
     return reward
 

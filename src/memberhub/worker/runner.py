@@ -29,6 +29,7 @@ from memberhub.ops.metrics import Metrics
 from memberhub.ops.retention import purge_expired_history
 from memberhub.ops.tracing import Tracing, work_span
 from memberhub.points.jobs import activate_pending_points, expire_points, notify_expiring_points
+from memberhub.search.sync import run_search_sync
 from memberhub.settings import Settings
 from memberhub.tiers.jobs import run_review as review_tiers
 from memberhub.webhooks.delivery import DeliveryConfig, DeliveryLoop
@@ -161,6 +162,16 @@ class Worker:
 
             # Every tick: changes reach the CRM one coalescing period after they settle.
             jobs.insert(1, Job("crm.sync", 0.0, chunked=sync_crms))
+
+            async def sync_search_indices(db: Database, now: datetime) -> int:
+                try:
+                    return await run_search_sync(db, hub, now)
+                finally:
+                    if self._own_hub:
+                        await hub.drain()
+
+            # Every tick: a change is searchable one worker interval after its commit.
+            jobs.insert(2, Job("search.sync", 0.0, chunked=sync_search_indices))
 
             async def process_inbound_reading(db: Database, now: datetime) -> int:
                 # Some providers' webhooks name what to read from the vendor (Eventbrite).

@@ -85,11 +85,13 @@ def as_search_index(provider: Provider) -> SearchIndex | None:
 
 
 def _register_builtin() -> None:
+    from memberhub.integrations.providers.algolia import Algolia
     from memberhub.integrations.providers.custom_crm import CustomCrm
     from memberhub.integrations.providers.eventbrite import Eventbrite
     from memberhub.integrations.providers.fcm import Fcm
     from memberhub.integrations.providers.generic import GenericHttp, GenericWebhook
     from memberhub.integrations.providers.hubspot import HubSpot
+    from memberhub.integrations.providers.onedrive import OneDrive
     from memberhub.integrations.providers.pipedrive import Pipedrive
     from memberhub.integrations.providers.salesforce import Salesforce
     from memberhub.integrations.providers.sendgrid import SendGrid
@@ -110,6 +112,8 @@ def _register_builtin() -> None:
         SendGrid(),
         Twilio(),
         Fcm(),
+        OneDrive(),
+        Algolia(),
     ):
         register(provider)
 

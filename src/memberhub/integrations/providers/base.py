@@ -8,7 +8,7 @@ capabilities it implements; code outside this package asks for a capability
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -531,6 +531,21 @@ class SearchIndex(Protocol):
     async def delete_records(
         self, connection: Connection, index: str, object_ids: Sequence[str]
     ) -> None: ...
+
+
+@runtime_checkable
+class RebuildableSearchIndex(Protocol):
+    """A search index that can be rebuilt whole and swapped in at once, so a full reindex
+    leaves exactly the records given (including none) with no moment of a half-built index.
+    Optional beside `SearchIndex`; without it a reindex can only write every record."""
+
+    async def replace_records(
+        self,
+        connection: Connection,
+        index: str,
+        batches: AsyncIterator[Sequence[SearchRecord]],
+    ) -> int:
+        """Make `index` hold exactly the records of `batches`; return how many."""
 
 
 CAPABILITY_INTERFACES: dict[Capability, type] = {
