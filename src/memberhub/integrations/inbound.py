@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.crm.sync import apply_webhook
+from memberhub.finance.queue import record_payment_notice
 from memberhub.integrations.activity_feed import Fetched, apply_fetched, prefetch
 from memberhub.integrations.activity_mapping import ActivityMapping
 from memberhub.integrations.gateway import redact
@@ -79,12 +80,21 @@ class SourceRefused(Forbidden):
 class SignatureRejected(MemberhubError):
     code = "SIGNATURE_INVALID"
     status_code = 400
+    # The provider wants a bare 401 with an empty body (Xero's intent-to-receive check).
+    bare = False
+
+
+class BareSignatureRejected(SignatureRejected):
+    status_code = 401
+    bare = True
 
 
 @dataclass(frozen=True)
 class Received:
     event: InboundEvent
     duplicate: bool
+    # Answer with an empty body (the provider's handshake requires it).
+    bare: bool = False
 
 
 def _source_allowed(source_ip: str | None, allowed: list[str]) -> bool:
@@ -135,14 +145,22 @@ async def receive(
     try:
         source.verify(request, unseal(box, integration.credentials), config)
     except SignatureInvalid as exc:
-        raise SignatureRejected(
+        rejected = (
+            BareSignatureRejected
+            if getattr(provider, "bare_inbound_replies", False)
+            else SignatureRejected
+        )
+        raise rejected(
             f"The webhook signature was rejected: {exc.message}.", details={"reason": exc.reason}
         ) from None
     try:
         identity = source.identify(request)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValidationFailed(f"The webhook body was not understood: {exc}.") from None
-    return await _store(db, integration, identity, request, source_ip=source_ip)
+    received = await _store(db, integration, identity, request, source_ip=source_ip)
+    if getattr(provider, "bare_inbound_replies", False):
+        return Received(received.event, received.duplicate, bare=True)
+    return received
 
 
 async def _store(
@@ -300,6 +318,8 @@ async def _handle(
         return InboundStatus.IGNORED, {"reason": f"{event.event_type} needs no action"}
     settings = PaymentSettings(parse_config(provider, integration.config))
     result = await apply_notice(session, integration, settings, notice, now=now)
+    # Bookings for accounting, in this transaction: a payment applied is a payment booked.
+    await record_payment_notice(session, integration, notice, result, now=now)
     if result.get("action") == "ignored":
         return InboundStatus.IGNORED, result
     return InboundStatus.PROCESSED, result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from memberhub.integrations.providers.base import (
     CAPABILITY_INTERFACES,
+    Accounting,
     Capability,
     EventsSource,
     MessageChannel,
@@ -54,6 +55,13 @@ def as_payments(provider: Provider) -> Payments | None:
     return None
 
 
+def as_accounting(provider: Provider) -> Accounting | None:
+    """The provider as an accounting system, if it declares it is one."""
+    if Capability.ACCOUNTING in provider.capabilities and isinstance(provider, Accounting):
+        return provider
+    return None
+
+
 def as_orders(provider: Provider) -> Orders | None:
     """The provider as a shop whose orders earn points, if it declares it is one."""
     if Capability.ORDERS in provider.capabilities and isinstance(provider, Orders):
@@ -77,6 +85,7 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.salesforce import Salesforce
     from memberhub.integrations.providers.shopify import Shopify
     from memberhub.integrations.providers.stripe import Stripe
+    from memberhub.integrations.providers.xero import Xero
 
     for provider in (
         Stripe(),
@@ -88,6 +97,7 @@ def _register_builtin() -> None:
         GenericWebhook(),
         Shopify(),
         Eventbrite(),
+        Xero(),
     ):
         register(provider)
 
@@ -97,6 +107,7 @@ _register_builtin()
 __all__ = [
     "Capability",
     "Provider",
+    "as_accounting",
     "as_events_source",
     "as_message_channel",
     "as_orders",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
 
@@ -21,6 +21,7 @@ from memberhub.integrations.providers.base import (
     ConnectionFailed,
     InboundIdentity,
     InboundRequest,
+    MoneyRecord,
     PaymentNotice,
     Provider,
 )
@@ -308,6 +309,59 @@ class Stripe(Provider):
             raise ConnectionFailed(_error_message(response.status_code, response.text))
         session = response.json()
         return CheckoutResult(id=session["id"], url=session.get("url") or "", mode=mode)
+
+    # ------------------------------------------------------------ payments report
+
+    async def money_movements(
+        self, connection: Connection, *, since: datetime, until: datetime
+    ) -> list[MoneyRecord]:
+        """Charges, refunds and payouts created in [since, until), every page of each."""
+        found: list[MoneyRecord] = []
+        for path, kind in (
+            ("/v1/charges", "charge"),
+            ("/v1/refunds", "refund"),
+            ("/v1/payouts", "payout"),
+        ):
+            async for obj in self._listed(connection, path, since, until):
+                found.append(_money_record(obj, kind))
+        return found
+
+    async def _listed(
+        self, connection: Connection, path: str, since: datetime, until: datetime
+    ) -> AsyncIterator[Mapping[str, Any]]:
+        starting_after: str | None = None
+        while True:
+            params = {
+                "created[gte]": str(int(since.timestamp())),
+                "created[lt]": str(int(until.timestamp())),
+                "limit": "100",
+            }
+            if starting_after is not None:
+                params["starting_after"] = starting_after
+            response = await connection.gateway.request("GET", path, params=params)
+            if response.status_code != 200:
+                raise ConnectionFailed(_error_message(response.status_code, response.text))
+            page = response.json()
+            rows = [row for row in page.get("data") or [] if isinstance(row, Mapping)]
+            for row in rows:
+                yield row
+            if not page.get("has_more") or not rows:
+                return
+            starting_after = str(rows[-1]["id"])
+
+
+def _money_record(obj: Mapping[str, Any], kind: str) -> MoneyRecord:
+    metadata = _metadata(obj.get("metadata"))
+    return MoneyRecord(
+        id=str(obj.get("id")),
+        kind=kind,  # type: ignore[arg-type]
+        amount=_int(obj.get("amount")),
+        currency=str(obj.get("currency") or "").upper(),
+        created_at=_when(obj.get("created")) or datetime.now(UTC),
+        status=str(obj.get("status") or ""),
+        references=_ids(obj.get("payment_intent"), obj.get("invoice"), obj.get("charge")),
+        member_id=_text(metadata.get("member_id")),
+    )
 
 
 def _ids(*values: Any) -> tuple[str, ...]:
