@@ -159,6 +159,7 @@ class FakeXero:
             self.concurrent = 5
             self._in_flight = 0
             self.latency = 0.0
+            self._expire_after: int | None = None
         self.add_tenant("Memberhub Association")
 
     # ------------------------------------------------------------ programming
@@ -215,6 +216,12 @@ class FakeXero:
     def set_limits(self, *, per_minute: int = 60, per_day: int = 5000, concurrent: int = 5) -> None:
         with self._lock:
             self.per_minute, self.per_day, self.concurrent = per_minute, per_day, concurrent
+
+    def expire_access_tokens_after(self, calls: int) -> None:
+        """Expire every access token once `calls` more API calls were answered: the
+        30 minutes run out in the middle of a run."""
+        with self._lock:
+            self._expire_after = calls
 
     def expire_access_tokens(self) -> None:
         """Every access token issued so far expires now, as 30 minutes later."""
@@ -457,6 +464,11 @@ class FakeXero:
     ) -> tuple[int, Any, dict[str, str]]:
         self._bearer(headers)
         with self._lock:
+            if self._expire_after is not None:
+                self._expire_after -= 1
+                if self._expire_after <= 0:
+                    self._expire_after = None
+                    self._access = dict.fromkeys(self._access, 0.0)
             tenant = self.tenants.get(headers.get("xero-tenant-id", ""))
             if tenant is None:
                 raise XeroFault(
