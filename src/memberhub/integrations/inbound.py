@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.crm.sync import apply_webhook
 from memberhub.finance.queue import record_payment_notice
+from memberhub.finance.webhooks import apply_accounting_events
 from memberhub.integrations.activity_feed import Fetched, apply_fetched, prefetch
 from memberhub.integrations.activity_mapping import ActivityMapping
 from memberhub.integrations.gateway import redact
@@ -34,6 +35,7 @@ from memberhub.integrations.models import InboundEvent, InboundStatus, Integrati
 from memberhub.integrations.orders import apply_order_notice
 from memberhub.integrations.payments import PaymentNotYetApplied, PaymentSettings, apply_notice
 from memberhub.integrations.providers import (
+    as_accounting,
     as_events_source,
     as_orders,
     as_payments,
@@ -310,6 +312,11 @@ async def _handle(
         if outcome.get("action") == "ignored":
             return InboundStatus.IGNORED, outcome
         return InboundStatus.PROCESSED, outcome
+    if provider is not None and as_accounting(provider) is not None:
+        if event.event_type == "intent_to_receive":
+            return InboundStatus.IGNORED, {"reason": "Xero's intent-to-receive check"}
+        result = await apply_accounting_events(session, integration, json.loads(event.body), now)
+        return InboundStatus.PROCESSED, result
     payments = as_payments(provider) if provider is not None else None
     if provider is None or payments is None:
         return InboundStatus.IGNORED, {"reason": "nothing acts on this provider's events yet"}
