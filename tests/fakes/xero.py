@@ -311,6 +311,17 @@ class FakeXero:
                 )
             )
 
+    def delete_payment(self, payment_id: str) -> None:
+        """Delete a payment as a bookkeeper might: its invoice is owed again."""
+        with self._lock:
+            payment = self.tenant.payments.pop(payment_id)
+            invoice = self.tenant.invoices[payment["Invoice"]["InvoiceID"]]
+            amount = Decimal(str(payment["Amount"]))
+            invoice["AmountPaid"] = float(Decimal(str(invoice["AmountPaid"])) - amount)
+            invoice["AmountDue"] = float(Decimal(str(invoice["AmountDue"])) + amount)
+            invoice["Payments"] = [p for p in invoice["Payments"] if p["PaymentID"] != payment_id]
+            invoice["Status"] = "AUTHORISED"
+
     def set_invoice_total(self, invoice_id: str, total: Decimal) -> None:
         """Edit an invoice's amount as a bookkeeper might in Xero's screens."""
         with self._lock:

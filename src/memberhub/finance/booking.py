@@ -78,6 +78,9 @@ class _Work:
     member: LedgerContact | None
     plan_name: str
     revenue: dict[str, Any] | None
+    # Payments booked for the entry before (a reconciliation's fix may pay its invoice
+    # again after a bookkeeper removed the payment): each has a key of its own.
+    payments_made: int = 0
     # For a refund: the contact and invoice of the payment it refunds.
     sale_contact_id: str | None = None
     sale_invoice_id: str | None = None
@@ -172,6 +175,7 @@ async def _claim(db: Database, entry_id: int, now: datetime) -> _Work | None:
             member=_contact(member),
             plan_name=plan.name if plan else "Membership",
             revenue=_revenue_for(mapping, plan),
+            payments_made=sum(1 for step in entry.log if step.get("step") == "payment"),
         )
         if entry.refunds_entry_id is not None:
             sale = await session.get(FinanceEntry, entry.refunds_entry_id)
@@ -244,7 +248,8 @@ async def _run_steps(
                 currency=work.currency,
                 paid_on=work.occurred_at.date(),
                 reference=work.source_ref,
-                idempotency_key=f"memberhub-payment-{work.public_id}",
+                idempotency_key=f"memberhub-payment-{work.public_id}"
+                + (f"-{work.payments_made + 1}" if work.payments_made else ""),
             ),
         )
         await _record(db, work.entry_id, "payment", payment_id=work.payment_id)

@@ -246,7 +246,7 @@ def _match(
             }
         )
 
-    for charge in charges:
+    for charge in sorted(charges, key=lambda c: (c.created_at, c.id)):
         ids = (charge.id, *charge.references)
         record = next((records[i] for i in ids if i in records), None)
         payment_key = record[0] if record else charge.id
@@ -319,10 +319,13 @@ def _match(
                 },
                 **money_fields,
             )
-        changed = member_row is not None and any(
-            abs(starts - charge.created_at) <= TERM_SLACK for starts in terms_by_member[member_row]
-        )
-        if not changed:
+        # Each term answers for one charge: the nearest one not yet claimed.
+        member_terms = terms_by_member[member_row] if member_row is not None else []
+        candidates = [s for s in member_terms if abs(s - charge.created_at) <= TERM_SLACK]
+        if candidates:
+            nearest = min(candidates, key=lambda starts: abs(starts - charge.created_at))
+            member_terms.remove(nearest)
+        else:
             fine = False
             add(
                 "payment_without_membership_change",
