@@ -153,6 +153,7 @@ class FakeXero:
             self.token_grants: list[str] = []
             self.requests: list[XeroRequest] = []
             self.fault_fraction = 0.0
+            self.fault_retry_after = 1
             self._random = random.Random(19)
             self.per_minute = 60
             self.per_day = 5000
@@ -207,10 +208,12 @@ class FakeXero:
         with self._lock:
             (tenant or self.tenant).currencies = set(codes)
 
-    def set_faults(self, fraction: float, *, seed: int = 19) -> None:
-        """Answer `fraction` of API calls 500 or 429 (half each)."""
+    def set_faults(self, fraction: float, *, seed: int = 19, retry_after: int = 1) -> None:
+        """Answer `fraction` of API calls 500 or 429 (half each); the 429s ask for
+        `retry_after` seconds."""
         with self._lock:
             self.fault_fraction = fraction
+            self.fault_retry_after = retry_after
             self._random = random.Random(seed)
 
     def set_limits(self, *, per_minute: int = 60, per_day: int = 5000, concurrent: int = 5) -> None:
@@ -500,7 +503,11 @@ class FakeXero:
                 raise XeroFault(
                     429,
                     {"Title": "Too Many Requests", "Status": 429},
-                    {**limits, "retry-after": "1", "x-rate-limit-problem": "minute"},
+                    {
+                        **limits,
+                        "retry-after": str(self.fault_retry_after),
+                        "x-rate-limit-problem": "minute",
+                    },
                 )
             await asyncio.sleep(0)
             with self._lock:
