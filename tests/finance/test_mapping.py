@@ -105,3 +105,6 @@ async def test_the_tenant_is_chosen_from_the_connections(
     shown = await api.get(url)
     assert shown.json()["tenant_id"] == second.tenant_id
     assert shown.json()["mapping"]["payments_account_code"] == "090"
+    audited = await api.get("/api/v1/audit", {"action": "finance.mapping.save"})
+    [entry] = audited.json()["data"]
+    assert entry["object_id"] == integration["id"]

@@ -27,6 +27,8 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from memberhub.audit.service import diff, record_write
+from memberhub.auth.principal import Principal
 from memberhub.finance.models import (
     EntryKind,
     EntryStatus,
@@ -366,7 +368,11 @@ def _money(amount: int, currency: str) -> str:
 
 
 async def apply_fix(
-    session: AsyncSession, found: Reconciliation, mismatch_id: str, now: datetime
+    session: AsyncSession,
+    principal: Principal,
+    found: Reconciliation,
+    mismatch_id: str,
+    now: datetime,
 ) -> FixOut:
     """Queue the booking a mismatch's fix calls for; a fix is applied once."""
     if found.status != ReconciliationStatus.COMPLETED:
@@ -430,4 +436,12 @@ async def apply_fix(
     mismatch["fixed_at"] = now.isoformat()
     mismatch["entry_id"] = entry.public_id
     found.report = {**found.report, "mismatches": mismatches}
+    record_write(
+        session,
+        principal.actor,
+        action="finance.reconciliation.fix",
+        object_type="reconciliation",
+        object_id=found.public_id,
+        changes=diff({}, {"mismatch": mismatch_id, "fix": mismatch["fix"]}),
+    )
     return FixOut(mismatch=Mismatch.model_validate(mismatch), entry_id=entry.public_id)

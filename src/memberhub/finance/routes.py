@@ -108,7 +108,7 @@ async def replay_finance_entry(
 ) -> FinanceEntryOut:
     """Book a failed entry again; what it made before is reused, never made twice."""
     entry, _ = await service.get_entry(session, principal, entry_id, for_update=True)
-    await service.replay_entry(session, entry, utcnow())
+    await service.replay_entry(session, principal, entry, utcnow())
     [out] = await service.entries_out(session, [entry])
     return out
 
@@ -193,4 +193,4 @@ async def fix_mismatch(
     the Stripe payment (contact, invoice, payment); `link_payment` queues the payment of
     the unpaid invoice. The worker books it; the entry's log shows how it went."""
     found = await service.get_reconciliation(session, principal, reconciliation_id, for_update=True)
-    return await reconciliation.apply_fix(session, found, mismatch_id, utcnow())
+    return await reconciliation.apply_fix(session, principal, found, mismatch_id, utcnow())

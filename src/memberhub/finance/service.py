@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from memberhub.audit.service import diff, record_write
 from memberhub.auth.principal import Principal
 from memberhub.finance.models import (
     AccountingMapping,
@@ -129,6 +130,7 @@ async def save_mapping(
     now = utcnow()
     async with db.transaction() as session:
         row = await session.get(AccountingMapping, integration.id, with_for_update=True)
+        before = mapping_out(integration, row).mapping if row is not None else {}
         if row is None:
             row = AccountingMapping(integration_id=integration.id)
             session.add(row)
@@ -137,6 +139,14 @@ async def save_mapping(
         row.tenant_name = tenant_name
         row.validated_at = now
         row.updated_by = principal.actor.id
+        record_write(
+            session,
+            principal.actor,
+            action="finance.mapping.save",
+            object_type="integration",
+            object_id=integration.public_id,
+            changes=diff({"mapping": before}, {"mapping": mapping_out(integration, row).mapping}),
+        )
         await session.flush()
         return mapping_out(integration, row)
 
@@ -319,7 +329,9 @@ async def get_entry(
     return entry, integration
 
 
-async def replay_entry(session: AsyncSession, entry: FinanceEntry, now: datetime) -> None:
+async def replay_entry(
+    session: AsyncSession, principal: Principal, entry: FinanceEntry, now: datetime
+) -> None:
     """Book a failed entry again (after fixing the mapping, enabling a currency…). What it
     made already is kept, so nothing is booked twice."""
     if entry.status == EntryStatus.PENDING:
@@ -332,6 +344,14 @@ async def replay_entry(session: AsyncSession, entry: FinanceEntry, now: datetime
     entry.completed_at = None
     entry.updated_at = now
     entry.log = [*entry.log, {"at": now.isoformat(), "step": "replay", "outcome": "queued"}]
+    record_write(
+        session,
+        principal.actor,
+        action="finance.entry.replay",
+        object_type="finance_entry",
+        object_id=entry.public_id,
+        changes=diff({"status": EntryStatus.FAILED}, {"status": EntryStatus.PENDING}),
+    )
 
 
 async def entries_out(
@@ -431,6 +451,20 @@ async def request_reconciliation(
         created_at=now,
     )
     session.add(reconciliation)
+    record_write(
+        session,
+        principal.actor,
+        action="finance.reconciliation.request",
+        object_type="reconciliation",
+        object_id=reconciliation.public_id,
+        changes=diff(
+            {},
+            {
+                "period_start": body.period_start.isoformat(),
+                "period_end": body.period_end.isoformat(),
+            },
+        ),
+    )
     await session.flush()
     return reconciliation
 
