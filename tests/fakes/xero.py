@@ -17,7 +17,7 @@ the tenants the token may reach.
 
 Accounting API (`/api.xro/2.0/…`, Bearer token and `xero-tenant-id` required): Accounts,
 TrackingCategories, Currencies, Organisation (GET); Contacts, Invoices, CreditNotes,
-Payments (GET with `where` and `page`, POST to create). Creates are validated as Xero
+Payments, BankTransfers (GET with `where` and `page`, POST to create). Creates are validated as Xero
 does and refused with its validation format (HTTP 400, `ValidationException`, the
 messages under `Elements[].ValidationErrors[]`). An `Idempotency-Key` saves the answer of
 a create: the same key answers the same again.
@@ -118,6 +118,7 @@ class Tenant:
     invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
     credit_notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     payments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bank_transfers: dict[str, dict[str, Any]] = field(default_factory=dict)
     saved: dict[str, tuple[str, int, Any]] = field(default_factory=dict)  # key → (hash, …)
     minute_calls: deque[float] = field(default_factory=deque)
     day_calls: int = 0
@@ -252,6 +253,11 @@ class FakeXero:
     def credit_notes(self) -> list[dict[str, Any]]:
         with self._lock:
             return copy.deepcopy(list(self.tenant.credit_notes.values()))
+
+    @property
+    def bank_transfers(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(list(self.tenant.bank_transfers.values()))
 
     @property
     def payments(self) -> list[dict[str, Any]]:
@@ -568,6 +574,7 @@ class FakeXero:
             "Invoices",
             "CreditNotes",
             "Payments",
+            "BankTransfers",
         ):
             key = headers.get("idempotency-key")
             digest = hashlib.sha256(method.encode() + path.encode() + body).hexdigest()
@@ -633,6 +640,8 @@ class FakeXero:
             rows = list(tenant.credit_notes.values())
         elif resource == "Payments":
             rows = list(tenant.payments.values())
+        elif resource == "BankTransfers":
+            rows = list(tenant.bank_transfers.values())
         else:
             raise XeroFault(404, {"Title": "Not Found", "Status": 404})
         if query.get("where"):
@@ -659,7 +668,37 @@ class FakeXero:
             return self._store_document(tenant, "invoice", item)
         if resource == "CreditNotes":
             return self._store_document(tenant, "credit_note", item)
+        if resource == "BankTransfers":
+            return self._store_transfer(tenant, item)
         return self._store_payment(tenant, item)
+
+    def _store_transfer(self, tenant: Tenant, item: dict[str, Any]) -> dict[str, Any]:
+        problems: list[str] = []
+        ends: list[dict[str, Any]] = []
+        for side in ("FromBankAccount", "ToBankAccount"):
+            code = (item.get(side) or {}).get("Code")
+            account = tenant.accounts.get(code or "")
+            if account is None or account["Type"] != "BANK":
+                problems.append(f"{side} must be a bank account; '{code}' is not one.")
+            else:
+                ends.append(account)
+        amount = _decimal(item.get("Amount"))
+        if amount is None or amount <= 0:
+            problems.append("Amount must be greater than zero")
+        if problems:
+            raise validation_error(item, *problems)
+        transfer_id = str(uuid.uuid4())
+        transfer: dict[str, Any] = {
+            "BankTransferID": transfer_id,
+            "FromBankAccount": {"AccountID": ends[0]["AccountID"], "Code": ends[0]["Code"]},
+            "ToBankAccount": {"AccountID": ends[1]["AccountID"], "Code": ends[1]["Code"]},
+            "Amount": float(amount or 0),
+            "Date": f"{(item.get('Date') or datetime.now(UTC).date().isoformat())[:10]}T00:00:00",
+            "Reference": item.get("Reference"),
+            "CurrencyRate": 1.0,
+        }
+        tenant.bank_transfers[transfer_id] = transfer
+        return transfer
 
     def _store_contact(self, tenant: Tenant, item: dict[str, Any]) -> dict[str, Any]:
         name = (item.get("Name") or "").strip()

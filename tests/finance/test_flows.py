@@ -223,3 +223,37 @@ async def test_a_currency_the_organisation_cannot_take_is_reported_on_the_record
     again = await api.post(f"/api/v1/finance-entries/{entry['id']}/replay")
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "ALREADY_BOOKED"
+
+
+async def test_a_payout_becomes_a_transfer_from_the_clearing_account_to_the_bank(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, hub: IntegrationHub, xero: FakeXero
+) -> None:
+    plan = await api.create_plan(currency="GBP")
+    stripe = await create_stripe_integration(api)
+    integration = await connected_xero(api, http, xero, plan)
+    payout = stripe_event(
+        "payout.paid",
+        {
+            "id": stripe_id("po"),
+            "object": "payout",
+            "amount": 123456,
+            "currency": "gbp",
+            "arrival_date": 1764979200,
+            "status": "paid",
+        },
+    )
+    for _ in range(2):  # sent twice: booked once
+        assert (await send(http, stripe["id"], payout)).status_code == 200
+    again = stripe_event("payout.paid", payout["data"]["object"])
+    assert (await send(http, stripe["id"], again)).status_code == 200
+    await work(db, hub)
+
+    [transfer] = xero.bank_transfers
+    assert transfer["FromBankAccount"]["Code"] == "090"
+    assert transfer["ToBankAccount"]["Code"] == "091"
+    assert transfer["Amount"] == 1234.56
+    assert transfer["Reference"] == payout["data"]["object"]["id"]
+    [entry] = await entries(api, integration["id"], kind="payout")
+    assert entry["status"] == "done"
+    assert entry["transfer_id"] == transfer["BankTransferID"]
+    assert entry["occurred_at"].startswith("2025-12-06")

@@ -4,12 +4,12 @@ Each due entry is claimed in a short transaction that pushes its `next_attempt_a
 ahead (another worker skips it meanwhile; one that died lets the lease run out and the
 entry be taken again). Then each step runs against the vendor, and what it made is written
 at once, in a transaction of its own: contact, invoice, payment (a sale); contact, invoice
-(unpaid); credit note, refund (a refund). A step already done is skipped, and every create
-carries an idempotency key derived from the entry, so a step sent but not recorded (a crash
-in between, a lost answer) returns the object the first send made: nothing is booked
-twice. A refusal resending cannot change (Xero's validation messages: an unknown account,
-a currency the organisation does not take) fails the entry with the vendor's words; any
-other failure is retried with backoff.
+(unpaid); credit note, refund (a refund); a bank transfer (a payout). A step already done
+is skipped, and every create carries an idempotency key derived from the entry, so a step
+sent but not recorded (a crash in between, a lost answer) returns the object the first
+send made: nothing is booked twice. A refusal resending cannot change (Xero's validation
+messages: an unknown account, a currency the organisation does not take) fails the entry
+with the vendor's words; any other failure is retried with backoff.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class _Work:
     payment_id: str | None
     credit_note_id: str | None
     refund_id: str | None
+    transfer_id: str | None
     integration: Integration
     mapping: dict[str, Any]
     member: LedgerContact | None
@@ -170,6 +171,7 @@ async def _claim(db: Database, entry_id: int, now: datetime) -> _Work | None:
             payment_id=entry.payment_id,
             credit_note_id=entry.credit_note_id,
             refund_id=entry.refund_id,
+            transfer_id=entry.transfer_id,
             integration=integration,
             mapping=mapping,
             member=_contact(member),
@@ -215,6 +217,9 @@ async def _run_steps(
         raise AccountingRejected("The integration has no accounting mapping; save one first.")
     if work.kind == EntryKind.REFUND:
         await _refund_steps(db, accounting, connection, work)
+        return
+    if work.kind == EntryKind.PAYOUT:
+        await _payout_steps(db, accounting, connection, work)
         return
     if work.contact_id is None:
         if work.member is None:
@@ -307,6 +312,28 @@ async def _refund_steps(
             ),
         )
         await _record(db, work.entry_id, "refund", refund_id=work.refund_id)
+
+
+async def _payout_steps(
+    db: Database, accounting: Accounting, connection: Connection, work: _Work
+) -> None:
+    bank = work.mapping.get("payouts_bank_account_code")
+    if not bank:
+        raise AccountingRejected("The mapping names no payouts_bank_account_code.")
+    if work.transfer_id is None:
+        work.transfer_id = await accounting.transfer(
+            connection,
+            MoneyMovement(
+                document_id=str(work.mapping["payments_account_code"]),
+                account_code=str(bank),
+                amount=work.amount,
+                currency=work.currency,
+                paid_on=work.occurred_at.date(),
+                reference=work.source_ref,
+                idempotency_key=f"memberhub-transfer-{work.public_id}",
+            ),
+        )
+        await _record(db, work.entry_id, "transfer", transfer_id=work.transfer_id)
 
 
 async def _record(db: Database, entry_id: int, step: str, **ids: str) -> None:

@@ -30,8 +30,9 @@ class EntryKind:
     SALE = "sale"  # a paid membership: contact, invoice, payment
     UNPAID = "unpaid"  # a failed payment: contact and invoice, left unpaid
     REFUND = "refund"  # a refund: credit note and the refund of it
+    PAYOUT = "payout"  # a payout: a transfer from the clearing account to the bank
 
-    ALL = (SALE, UNPAID, REFUND)
+    ALL = (SALE, UNPAID, REFUND, PAYOUT)
 
 
 class EntryStatus:
@@ -89,6 +90,7 @@ class FinanceEntry(IdMixin, Base):
     payment_id: Mapped[str | None] = mapped_column(String(64))
     credit_note_id: Mapped[str | None] = mapped_column(String(64))
     refund_id: Mapped[str | None] = mapped_column(String(64))
+    transfer_id: Mapped[str | None] = mapped_column(String(64))
     # What happened, step by step: [{"at", "step", "outcome", "message"?, "id"?}].
     log: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

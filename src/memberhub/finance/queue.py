@@ -4,9 +4,10 @@ does the booking; nothing is lost when a process dies between the two).
 
 One entry per provider object and accounting integration with a mapping: a payment makes
 a `sale` (contact, invoice, payment), a failed payment an `unpaid` one (contact, invoice),
-a refund a `refund` (credit note, refund). A failed invoice paid later turns its unpaid
-entry into a sale, so its invoice is the one paid. A notice that applied nothing (a second
-notice of one payment) leaves nothing.
+a refund a `refund` (credit note, refund); a payout to the bank a `payout` (a bank
+transfer from the clearing account, when the mapping names the bank). A failed invoice paid
+later turns its unpaid entry into a sale, so its invoice is the one paid. A notice that
+applied nothing (a second notice of one payment) leaves nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.finance.models import AccountingMapping, EntryKind, EntryStatus, FinanceEntry
 from memberhub.integrations.models import Integration, PaymentRecord
-from memberhub.integrations.providers.base import PaymentNotice
+from memberhub.integrations.providers.base import PaymentNotice, PayoutNotice
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
 from memberhub.memberships.models import MembershipPlan
@@ -66,7 +67,34 @@ async def record_payment_notice(
     return written
 
 
-async def _booking_integrations(session: AsyncSession, payments_integration_id: int) -> list[int]:
+async def record_payout(
+    session: AsyncSession, integration: Integration, payout: PayoutNotice, *, now: datetime
+) -> list[FinanceEntry]:
+    """Queue the transfer of a payout to the bank, in every accounting integration that
+    books this payments integration's money and names the bank account payouts land in."""
+    written: list[FinanceEntry] = []
+    for book in await _booking_integrations(session, integration.id, needs_payouts=True):
+        if await _entries(session, book, [payout.payout_id], [EntryKind.PAYOUT]):
+            continue
+        entry = _new_entry(
+            book,
+            integration,
+            EntryKind.PAYOUT,
+            payout.payout_id,
+            now,
+            amount=payout.amount,
+            currency=payout.currency,
+            occurred_at=payout.occurred_at or now,
+        )
+        session.add(entry)
+        written.append(entry)
+    await session.flush()
+    return written
+
+
+async def _booking_integrations(
+    session: AsyncSession, payments_integration_id: int, *, needs_payouts: bool = False
+) -> list[int]:
     """Enabled accounting integrations with a mapping that takes this integration's money
     (the mapping names it, or names none)."""
     rows = await session.execute(
@@ -77,6 +105,8 @@ async def _booking_integrations(session: AsyncSession, payments_integration_id: 
     wanted = []
     for integration_id, mapping in rows:
         source = (mapping or {}).get("payments_integration_db_id")
+        if needs_payouts and not (mapping or {}).get("payouts_bank_account_code"):
+            continue
         if source is None or source == payments_integration_id:
             wanted.append(integration_id)
     return wanted

@@ -93,7 +93,7 @@ class EntryLog(BaseModel):
 class FinanceEntryOut(BaseModel):
     id: str
     integration_id: str
-    kind: Literal["sale", "unpaid", "refund"]
+    kind: Literal["sale", "unpaid", "refund", "payout"]
     source_ref: str
     member_id: str | None
     amount: int
@@ -108,6 +108,7 @@ class FinanceEntryOut(BaseModel):
     payment_id: str | None
     credit_note_id: str | None
     refund_id: str | None
+    transfer_id: str | None
     log: list[EntryLog]
     created_at: datetime
     completed_at: datetime | None

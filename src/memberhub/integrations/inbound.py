@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.crm.sync import apply_webhook
-from memberhub.finance.queue import record_payment_notice
+from memberhub.finance.queue import record_payment_notice, record_payout
 from memberhub.finance.webhooks import apply_accounting_events
 from memberhub.integrations.activity_feed import Fetched, apply_fetched, prefetch
 from memberhub.integrations.activity_mapping import ActivityMapping
@@ -46,6 +46,7 @@ from memberhub.integrations.providers.base import (
     CrmWebhooks,
     InboundIdentity,
     InboundRequest,
+    PayoutsSource,
 )
 from memberhub.integrations.signatures import SignatureInvalid
 from memberhub.integrations.vault import unseal
@@ -320,6 +321,14 @@ async def _handle(
     payments = as_payments(provider) if provider is not None else None
     if provider is None or payments is None:
         return InboundStatus.IGNORED, {"reason": "nothing acts on this provider's events yet"}
+    if isinstance(provider, PayoutsSource):
+        payout = provider.interpret_payout(event.event_type, json.loads(event.body))
+        if payout is not None:
+            booked = await record_payout(session, integration, payout, now=now)
+            return InboundStatus.PROCESSED, {
+                "action": "payout",
+                "finance_entries": [entry.public_id for entry in booked],
+            }
     notice = payments.interpret(event.event_type, json.loads(event.body))
     if notice is None:
         return InboundStatus.IGNORED, {"reason": f"{event.event_type} needs no action"}

@@ -517,6 +517,11 @@ class Accounting(Protocol):
 
     async def refund_credit_note(self, connection: Connection, refund: MoneyMovement) -> str: ...
 
+    async def transfer(self, connection: Connection, transfer: MoneyMovement) -> str:
+        """Move money between two bank accounts (`document_id` is the account it leaves,
+        `account_code` the one it reaches): a payout from the payment provider's clearing
+        account to the bank."""
+
     async def documents(
         self, connection: Connection, *, since: date, until: date
     ) -> list[LedgerDocument]:
@@ -536,6 +541,24 @@ class MoneyRecord:
     references: tuple[str, ...] = ()  # the other ids of the same payment
     member_id: str | None = None
     fee: int = 0
+
+
+@dataclass(frozen=True)
+class PayoutNotice:
+    """A payment provider paid money out to the account holder's bank."""
+
+    payout_id: str
+    amount: int  # minor units
+    currency: str
+    occurred_at: datetime | None = None
+
+
+@runtime_checkable
+class PayoutsSource(Protocol):
+    """A payment provider whose events tell of payouts to the bank."""
+
+    def interpret_payout(self, event_type: str, payload: Mapping[str, Any]) -> PayoutNotice | None:
+        """The payout an inbound event reports; None for events of anything else."""
 
 
 @runtime_checkable

@@ -23,6 +23,7 @@ from memberhub.integrations.providers.base import (
     InboundRequest,
     MoneyRecord,
     PaymentNotice,
+    PayoutNotice,
     Provider,
 )
 
@@ -253,6 +254,20 @@ class Stripe(Provider):
                 details={"charge": obj.get("id")},
             )
         return None
+
+    def interpret_payout(self, event_type: str, payload: Mapping[str, Any]) -> PayoutNotice | None:
+        obj = _dig(payload, "data", "object")
+        if event_type != "payout.paid" or not isinstance(obj, Mapping):
+            return None
+        payout_id, currency = _text(obj.get("id")), _text(obj.get("currency"))
+        if payout_id is None or currency is None or _int(obj.get("amount")) <= 0:
+            return None
+        return PayoutNotice(
+            payout_id=payout_id,
+            amount=_int(obj.get("amount")),
+            currency=currency.upper(),
+            occurred_at=_when(obj.get("arrival_date")) or _when(payload.get("created")),
+        )
 
     async def create_customer(
         self, connection: Connection, *, member_id: str, email: str | None, name: str | None

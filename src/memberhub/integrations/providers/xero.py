@@ -331,6 +331,21 @@ class Xero(Provider):
         created = await self._create(connection, "/Payments", body, movement.idempotency_key)
         return str(_first_valid(created, "Payments")["PaymentID"])
 
+    async def transfer(self, connection: Connection, transfer: MoneyMovement) -> str:
+        body = {
+            "BankTransfers": [
+                {
+                    "FromBankAccount": {"Code": transfer.document_id},
+                    "ToBankAccount": {"Code": transfer.account_code},
+                    "Amount": to_decimal(transfer.amount, transfer.currency),
+                    "Date": transfer.paid_on.isoformat(),
+                    "Reference": transfer.reference,
+                }
+            ]
+        }
+        created = await self._create(connection, "/BankTransfers", body, transfer.idempotency_key)
+        return str(_first_valid(created, "BankTransfers")["BankTransferID"])
+
     async def documents(
         self, connection: Connection, *, since: date, until: date
     ) -> list[LedgerDocument]:
