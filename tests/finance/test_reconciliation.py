@@ -203,5 +203,21 @@ async def test_bad_reconciliation_requests_are_refused(
         assert 400 <= response.status_code < 500, (body, response.text)
         assert "error" in response.json()
     assert (await api.get("/api/v1/reconciliations/rec_missing")).status_code == 404
+    queued = await api.post(
+        "/api/v1/reconciliations",
+        {"integration_id": integration["id"], "period_start": start, "period_end": end},
+    )
+    assert queued.status_code == 202
+    base = f"/api/v1/reconciliations/{queued.json()['id']}/mismatches"
+    not_yet = await api.post(f"{base}/mm_1/fix")
+    assert not_yet.status_code == 409
+    assert not_yet.json()["error"]["code"] == "NOT_COMPLETED"
+    assert (await api.post(f"{base}/mismatch-1/fix")).status_code == 422
+    listed = f"/api/v1/integrations/{integration['id']}/finance-entries"
+    assert (await api.get(listed, {"kind": "gift"})).status_code == 422
+    assert (await api.get(listed, {"status": "done; drop"})).status_code == 422
+    assert (await api.get(listed, {"cursor": "%%%"})).status_code == 422
+    assert (await api.get("/api/v1/finance-entries/fin_missing")).status_code == 404
+    assert (await api.post("/api/v1/finance-entries/fin_missing/replay")).status_code == 404
     bad = await put(api, f"/api/v1/integrations/{stripe['id']}/accounting-mapping", {})
     assert bad.status_code == 422

@@ -424,6 +424,8 @@ async def request_reconciliation(
         source_id = source.id
     else:
         source_id = mapping.mapping.get("payments_integration_db_id")
+        if source_id is not None and await session.get(Integration, source_id) is None:
+            source_id = None  # the mapping's payments integration was deleted since
         if source_id is None:
             candidates = [
                 i.id
