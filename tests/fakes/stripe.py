@@ -339,6 +339,8 @@ class FakeStripe:
                 "payouts": {},
                 "balance_transactions": {},
             }
+            # Balance transaction id → the payout that paid it out.
+            self._paid_out: dict[str, str] = {}
             self._saved: dict[str, _Saved] = {}
             self._requests: list[StripeRequest] = []
             self._failures: deque[int] = deque()
@@ -499,7 +501,8 @@ class FakeStripe:
     def add_payout(
         self, amount: int, currency: str, *, created: int | None = None
     ) -> dict[str, Any]:
-        """A paid payout of `amount` to the account's bank."""
+        """A paid payout of `amount` to the account's bank; it pays out every balance
+        transaction not paid out before (`GET /v1/balance_transactions?payout=…`)."""
         when = int(time.time()) if created is None else created
         payout_id = new_id("po_")
         payout: dict[str, Any] = {
@@ -519,6 +522,8 @@ class FakeStripe:
         )
         with self._lock:
             self._money["payouts"][payout_id] = payout
+            for transaction_id in self._money["balance_transactions"]:
+                self._paid_out.setdefault(transaction_id, payout_id)
         return copy.deepcopy(payout)
 
     def _balance_transaction(
@@ -819,6 +824,10 @@ class FakeStripe:
             "lt": lambda c, b: c < b,
         }
         rows = [r for r in rows if all(checks[op](r["created"], b) for op, b in bounds.items())]
+        payout = params.get("payout")
+        if kind == "balance_transactions" and payout is not None:
+            with self._lock:
+                rows = [r for r in rows if self._paid_out.get(r["id"]) == payout]
         starting_after = params.get("starting_after")
         if starting_after is not None:
             ids = [r["id"] for r in rows]

@@ -17,10 +17,10 @@ the tenants the token may reach.
 
 Accounting API (`/api.xro/2.0/…`, Bearer token and `xero-tenant-id` required): Accounts,
 TrackingCategories, Currencies, Organisation (GET); Contacts, Invoices, CreditNotes,
-Payments, BankTransfers (GET with `where` and `page`, POST to create). Creates are validated as Xero
-does and refused with its validation format (HTTP 400, `ValidationException`, the
-messages under `Elements[].ValidationErrors[]`). An `Idempotency-Key` saves the answer of
-a create: the same key answers the same again.
+Payments, BankTransfers, BankTransactions (GET with `where` and `page`, POST to create).
+Creates are validated as Xero does and refused with its validation format (HTTP 400,
+`ValidationException`, the messages under `Elements[].ValidationErrors[]`). An
+`Idempotency-Key` saves the answer of a create: the same key answers the same again.
 
 Limits: per tenant per minute (60) and per day (5000), 5 calls at once; beyond them a 429
 with `Retry-After` and `X-Rate-Limit-Problem`. Every answer carries
@@ -119,6 +119,7 @@ class Tenant:
     credit_notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     payments: dict[str, dict[str, Any]] = field(default_factory=dict)
     bank_transfers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bank_transactions: dict[str, dict[str, Any]] = field(default_factory=dict)
     saved: dict[str, tuple[str, int, Any]] = field(default_factory=dict)  # key → (hash, …)
     minute_calls: deque[float] = field(default_factory=deque)
     day_calls: int = 0
@@ -258,6 +259,11 @@ class FakeXero:
     def bank_transfers(self) -> list[dict[str, Any]]:
         with self._lock:
             return copy.deepcopy(list(self.tenant.bank_transfers.values()))
+
+    @property
+    def bank_transactions(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(list(self.tenant.bank_transactions.values()))
 
     @property
     def payments(self) -> list[dict[str, Any]]:
@@ -575,6 +581,7 @@ class FakeXero:
             "CreditNotes",
             "Payments",
             "BankTransfers",
+            "BankTransactions",
         ):
             key = headers.get("idempotency-key")
             digest = hashlib.sha256(method.encode() + path.encode() + body).hexdigest()
@@ -642,6 +649,8 @@ class FakeXero:
             rows = list(tenant.payments.values())
         elif resource == "BankTransfers":
             rows = list(tenant.bank_transfers.values())
+        elif resource == "BankTransactions":
+            rows = list(tenant.bank_transactions.values())
         else:
             raise XeroFault(404, {"Title": "Not Found", "Status": 404})
         if query.get("where"):
@@ -670,7 +679,48 @@ class FakeXero:
             return self._store_document(tenant, "credit_note", item)
         if resource == "BankTransfers":
             return self._store_transfer(tenant, item)
+        if resource == "BankTransactions":
+            return self._store_bank_transaction(tenant, item)
         return self._store_payment(tenant, item)
+
+    def _store_bank_transaction(self, tenant: Tenant, item: dict[str, Any]) -> dict[str, Any]:
+        problems: list[str] = []
+        if item.get("Type") not in ("SPEND", "RECEIVE"):
+            problems.append("Type must be SPEND or RECEIVE")
+        contact_id = (item.get("Contact") or {}).get("ContactID")
+        if contact_id not in tenant.contacts:
+            problems.append("A Contact must be specified for this type of transaction")
+        bank = tenant.accounts.get((item.get("BankAccount") or {}).get("Code") or "")
+        if bank is None or bank["Type"] != "BANK":
+            problems.append("The BankAccount must be a bank account")
+        currency = item.get("CurrencyCode") or tenant.base_currency
+        if currency not in tenant.currencies:
+            problems.append(f"Organisation is not subscribed to currency {currency}")
+        total = Decimal(0)
+        for line in item.get("LineItems") or []:
+            if line.get("AccountCode") not in tenant.accounts:
+                problems.append(
+                    f"Account code '{line.get('AccountCode')}' is not a valid code for this "
+                    "document."
+                )
+            total += _decimal(line.get("UnitAmount")) or Decimal(0)
+        if problems:
+            raise validation_error(item, *dict.fromkeys(problems))
+        transaction_id = str(uuid.uuid4())
+        transaction: dict[str, Any] = {
+            "BankTransactionID": transaction_id,
+            "Type": item["Type"],
+            "Contact": {"ContactID": contact_id},
+            "BankAccount": {"Code": item["BankAccount"]["Code"]},
+            "Date": f"{(item.get('Date') or datetime.now(UTC).date().isoformat())[:10]}T00:00:00",
+            "Reference": item.get("Reference"),
+            "CurrencyCode": currency,
+            "LineItems": item.get("LineItems") or [],
+            "Total": float(total),
+            "Status": "AUTHORISED",
+        }
+        tenant.bank_transactions[transaction_id] = transaction
+        return transaction
 
     def _store_transfer(self, tenant: Tenant, item: dict[str, Any]) -> dict[str, Any]:
         problems: list[str] = []

@@ -7,9 +7,11 @@ import httpx
 
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.db import Database
+from tests.fakes.stripe import running_fake_stripe
 from tests.fakes.xero import FakeXero
 from tests.finance.conftest import checkout_event, connected_xero, entries, work
 from tests.integrations.conftest import (
+    API_KEY,
     create_stripe_integration,
     send,
     stripe_event,
@@ -225,35 +227,43 @@ async def test_a_currency_the_organisation_cannot_take_is_reported_on_the_record
     assert again.json()["error"]["code"] == "ALREADY_BOOKED"
 
 
-async def test_a_payout_becomes_a_transfer_from_the_clearing_account_to_the_bank(
+async def test_a_payout_books_stripes_fees_and_a_transfer_to_the_bank(
     api: ApiClient, http: httpx.AsyncClient, db: Database, hub: IntegrationHub, xero: FakeXero
 ) -> None:
     plan = await api.create_plan(currency="GBP")
-    stripe = await create_stripe_integration(api)
-    integration = await connected_xero(api, http, xero, plan)
-    payout = stripe_event(
-        "payout.paid",
-        {
-            "id": stripe_id("po"),
-            "object": "payout",
-            "amount": 123456,
-            "currency": "gbp",
-            "arrival_date": 1764979200,
-            "status": "paid",
-        },
-    )
-    for _ in range(2):  # sent twice: booked once
-        assert (await send(http, stripe["id"], payout)).status_code == 200
-    again = stripe_event("payout.paid", payout["data"]["object"])
-    assert (await send(http, stripe["id"], again)).status_code == 200
-    await work(db, hub)
+    async with running_fake_stripe(secret_key=API_KEY) as stripe_api:
+        stripe = await create_stripe_integration(api, base_url=stripe_api.url)
+        integration = await connected_xero(api, http, xero, plan)
+        stripe_api.add_charge(100000, "gbp", fee=2930)
+        stripe_api.add_charge(25806, "gbp", fee=780)
+        paid_out = stripe_api.add_payout(122096, "gbp", created=1764979200)
+        payout = stripe_event("payout.paid", paid_out)
+        for _ in range(2):  # sent twice: booked once
+            assert (await send(http, stripe["id"], payout)).status_code == 200
+        again = stripe_event("payout.paid", paid_out)
+        assert (await send(http, stripe["id"], again)).status_code == 200
+        await work(db, hub)
 
+    [fees] = xero.bank_transactions
+    assert fees["Type"] == "SPEND"
+    assert fees["BankAccount"]["Code"] == "090"
+    assert fees["LineItems"][0]["AccountCode"] == "404"
+    assert fees["Total"] == 37.10
+    assert fees["Reference"] == paid_out["id"]
     [transfer] = xero.bank_transfers
     assert transfer["FromBankAccount"]["Code"] == "090"
     assert transfer["ToBankAccount"]["Code"] == "091"
-    assert transfer["Amount"] == 1234.56
-    assert transfer["Reference"] == payout["data"]["object"]["id"]
+    assert transfer["Amount"] == 1220.96
+    assert transfer["Reference"] == paid_out["id"]
     [entry] = await entries(api, integration["id"], kind="payout")
     assert entry["status"] == "done"
     assert entry["transfer_id"] == transfer["BankTransferID"]
-    assert entry["occurred_at"].startswith("2025-12-06")
+    assert entry["fees_id"] == fees["BankTransactionID"]
+    assert entry["occurred_at"].startswith("2025-12-08")  # the arrival date
+    assert [step["step"] for step in entry["log"]] == [
+        "queued",
+        "contact",
+        "fees",
+        "transfer",
+        "done",
+    ]

@@ -4,7 +4,7 @@ Each due entry is claimed in a short transaction that pushes its `next_attempt_a
 ahead (another worker skips it meanwhile; one that died lets the lease run out and the
 entry be taken again). Then each step runs against the vendor, and what it made is written
 at once, in a transaction of its own: contact, invoice, payment (a sale); contact, invoice
-(unpaid); credit note, refund (a refund); a bank transfer (a payout). A step already done
+(unpaid); credit note, refund (a refund); the fees, a bank transfer (a payout). A step already done
 is skipped, and every create carries an idempotency key derived from the entry, so a step
 sent but not recorded (a crash in between, a lost answer) returns the object the first
 send made: nothing is booked twice. A refusal resending cannot change (Xero's validation
@@ -35,6 +35,7 @@ from memberhub.integrations.providers.base import (
     InvoiceLine,
     LedgerContact,
     MoneyMovement,
+    PaymentsReport,
     SaleDocument,
 )
 from memberhub.kit.clock import utcnow
@@ -74,7 +75,9 @@ class _Work:
     credit_note_id: str | None
     refund_id: str | None
     transfer_id: str | None
+    fees_id: str | None
     integration: Integration
+    source: Integration | None
     mapping: dict[str, Any]
     member: LedgerContact | None
     plan_name: str
@@ -122,7 +125,7 @@ async def book_entry(db: Database, hub: IntegrationHub, entry_id: int, now: date
         if accounting is None:
             raise AccountingRejected(f"{work.integration.provider} is not an accounting system")
         connection = hub.connection(work.integration)
-        await _run_steps(db, accounting, connection, work)
+        await _run_steps(db, hub, accounting, connection, work)
     except AccountingRejected as exc:
         await _finish(db, work.entry_id, failed=str(exc))
         return 1
@@ -172,7 +175,11 @@ async def _claim(db: Database, entry_id: int, now: datetime) -> _Work | None:
             credit_note_id=entry.credit_note_id,
             refund_id=entry.refund_id,
             transfer_id=entry.transfer_id,
+            fees_id=entry.fees_id,
             integration=integration,
+            source=await session.get(Integration, entry.source_integration_id)
+            if entry.source_integration_id
+            else None,
             mapping=mapping,
             member=_contact(member),
             plan_name=plan.name if plan else "Membership",
@@ -211,7 +218,11 @@ def _revenue_for(mapping: dict[str, Any], plan: MembershipPlan | None) -> dict[s
 
 
 async def _run_steps(
-    db: Database, accounting: Accounting, connection: Connection, work: _Work
+    db: Database,
+    hub: IntegrationHub,
+    accounting: Accounting,
+    connection: Connection,
+    work: _Work,
 ) -> None:
     if not work.mapping:
         raise AccountingRejected("The integration has no accounting mapping; save one first.")
@@ -219,6 +230,7 @@ async def _run_steps(
         await _refund_steps(db, accounting, connection, work)
         return
     if work.kind == EntryKind.PAYOUT:
+        await _fees_step(db, hub, accounting, connection, work)
         await _payout_steps(db, accounting, connection, work)
         return
     if work.contact_id is None:
@@ -312,6 +324,50 @@ async def _refund_steps(
             ),
         )
         await _record(db, work.entry_id, "refund", refund_id=work.refund_id)
+
+
+STRIPE_FEES_CONTACT = LedgerContact(key="stripe-fees", name="Stripe", email=None)
+
+
+async def _fees_step(
+    db: Database,
+    hub: IntegrationHub,
+    accounting: Accounting,
+    connection: Connection,
+    work: _Work,
+) -> None:
+    """The payment provider's fees on what the payout paid out, spent from the clearing
+    account on the fees account: the clearing account then holds what the transfer takes."""
+    fees_account = work.mapping.get("fees_account_code")
+    provider = get_provider(work.source.provider) if work.source is not None else None
+    if work.fees_id is not None or not fees_account or not isinstance(provider, PaymentsReport):
+        return
+    assert work.source is not None
+    fees = await provider.payout_fees(hub.connection(work.source), work.source_ref)
+    if fees <= 0:
+        return
+    if work.contact_id is None:
+        work.contact_id = await accounting.find_or_create_contact(connection, STRIPE_FEES_CONTACT)
+        await _record(db, work.entry_id, "contact", contact_id=work.contact_id)
+    work.fees_id = await accounting.spend(
+        connection,
+        MoneyMovement(
+            document_id=str(work.mapping["payments_account_code"]),
+            account_code=str(fees_account),
+            amount=fees,
+            currency=work.currency,
+            paid_on=work.occurred_at.date(),
+            reference=work.source_ref,
+            idempotency_key=f"memberhub-fees-{work.public_id}",
+        ),
+        contact_id=work.contact_id,
+        line=InvoiceLine(
+            description=f"Stripe fees, payout {work.source_ref}",
+            amount=fees,
+            account_code=str(fees_account),
+        ),
+    )
+    await _record(db, work.entry_id, "fees", fees_id=work.fees_id)
 
 
 async def _payout_steps(

@@ -91,6 +91,7 @@ class FinanceEntry(IdMixin, Base):
     credit_note_id: Mapped[str | None] = mapped_column(String(64))
     refund_id: Mapped[str | None] = mapped_column(String(64))
     transfer_id: Mapped[str | None] = mapped_column(String(64))
+    fees_id: Mapped[str | None] = mapped_column(String(64))  # the fees' spend money
     # What happened, step by step: [{"at", "step", "outcome", "message"?, "id"?}].
     log: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -109,6 +109,7 @@ class FinanceEntryOut(BaseModel):
     credit_note_id: str | None
     refund_id: str | None
     transfer_id: str | None
+    fees_id: str | None
     log: list[EntryLog]
     created_at: datetime
     completed_at: datetime | None

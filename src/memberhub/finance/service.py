@@ -391,6 +391,7 @@ async def entries_out(
             credit_note_id=e.credit_note_id,
             refund_id=e.refund_id,
             transfer_id=e.transfer_id,
+            fees_id=e.fees_id,
             log=[EntryLog.model_validate(step) for step in e.log],
             created_at=e.created_at,
             completed_at=e.completed_at,

@@ -522,6 +522,12 @@ class Accounting(Protocol):
         `account_code` the one it reaches): a payout from the payment provider's clearing
         account to the bank."""
 
+    async def spend(
+        self, connection: Connection, spending: MoneyMovement, *, contact_id: str, line: InvoiceLine
+    ) -> str:
+        """Money spent from a bank account (`document_id` is its code) on `line`'s expense
+        account: a payment provider's fees, taken from the clearing account."""
+
     async def documents(
         self, connection: Connection, *, since: date, until: date
     ) -> list[LedgerDocument]:
@@ -568,6 +574,9 @@ class PaymentsReport(Protocol):
     async def money_movements(
         self, connection: Connection, *, since: datetime, until: datetime
     ) -> list[MoneyRecord]: ...
+
+    async def payout_fees(self, connection: Connection, payout_id: str) -> int:
+        """The provider's fees (minor units) on the money a payout paid out."""
 
 
 @runtime_checkable

@@ -341,16 +341,29 @@ class Stripe(Provider):
                 found.append(_money_record(obj, kind))
         return found
 
+    async def payout_fees(self, connection: Connection, payout_id: str) -> int:
+        """The sum of the fees of the balance transactions the payout paid out."""
+        fees = 0
+        async for row in self._listed(connection, "/v1/balance_transactions", payout=payout_id):
+            if row.get("type") != "payout":
+                fees += _int(row.get("fee"))
+        return fees
+
     async def _listed(
-        self, connection: Connection, path: str, since: datetime, until: datetime
+        self,
+        connection: Connection,
+        path: str,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        **filters: str,
     ) -> AsyncIterator[Mapping[str, Any]]:
         starting_after: str | None = None
         while True:
-            params = {
-                "created[gte]": str(int(since.timestamp())),
-                "created[lt]": str(int(until.timestamp())),
-                "limit": "100",
-            }
+            params = {"limit": "100", **filters}
+            if since is not None:
+                params["created[gte]"] = str(int(since.timestamp()))
+            if until is not None:
+                params["created[lt]"] = str(int(until.timestamp()))
             if starting_after is not None:
                 params["starting_after"] = starting_after
             response = await connection.gateway.request("GET", path, params=params)

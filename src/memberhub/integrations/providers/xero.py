@@ -32,6 +32,7 @@ from memberhub.integrations.providers.base import (
     ConnectionFailed,
     InboundIdentity,
     InboundRequest,
+    InvoiceLine,
     LedgerAccount,
     LedgerContact,
     LedgerDocument,
@@ -345,6 +346,36 @@ class Xero(Provider):
         }
         created = await self._create(connection, "/BankTransfers", body, transfer.idempotency_key)
         return str(_first_valid(created, "BankTransfers")["BankTransferID"])
+
+    async def spend(
+        self, connection: Connection, spending: MoneyMovement, *, contact_id: str, line: InvoiceLine
+    ) -> str:
+        body = {
+            "BankTransactions": [
+                {
+                    "Type": "SPEND",
+                    "Contact": {"ContactID": contact_id},
+                    "BankAccount": {"Code": spending.document_id},
+                    "Date": spending.paid_on.isoformat(),
+                    "Reference": spending.reference,
+                    "CurrencyCode": spending.currency,
+                    "LineAmountTypes": "Inclusive",
+                    "LineItems": [
+                        {
+                            "Description": line.description,
+                            "Quantity": 1,
+                            "UnitAmount": to_decimal(line.amount, spending.currency),
+                            "AccountCode": line.account_code,
+                            **({"TaxType": line.tax_type} if line.tax_type else {}),
+                        }
+                    ],
+                }
+            ]
+        }
+        created = await self._create(
+            connection, "/BankTransactions", body, spending.idempotency_key
+        )
+        return str(_first_valid(created, "BankTransactions")["BankTransactionID"])
 
     async def documents(
         self, connection: Connection, *, since: date, until: date

@@ -137,6 +137,7 @@ def upgrade() -> None:
         sa.Column("credit_note_id", sa.String(length=64), nullable=True),
         sa.Column("refund_id", sa.String(length=64), nullable=True),
         sa.Column("transfer_id", sa.String(length=64), nullable=True),
+        sa.Column("fees_id", sa.String(length=64), nullable=True),
         sa.Column(
             "log",
             sa.JSON().with_variant(postgresql.JSONB(astext_type=Text()), "postgresql"),
