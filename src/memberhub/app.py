@@ -26,6 +26,8 @@ from memberhub.bulk.routes import router as bulk_router
 from memberhub.crm.routes import router as crm_router
 from memberhub.earning_rules.routes import router as earning_rules_router
 from memberhub.events.routes import router as events_router
+from memberhub.finance.routes import outbound as finance_outbound_router
+from memberhub.finance.routes import router as finance_router
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.routes import outbound as integrations_outbound_router
 from memberhub.integrations.routes import public as integrations_public_router
@@ -199,6 +201,8 @@ def create_app(
         leads_router,
         crm_router,
         search_router,
+        finance_router,
+        finance_outbound_router,
         leads_external_router,
         audit_router,
         ops_router,

@@ -9,6 +9,7 @@ from memberhub.bulk.models import BulkJob, BulkJobChunk, BulkJobRow
 from memberhub.crm.models import CrmConflict, CrmLink, CrmSyncState, SyncRun, SyncRunRecord
 from memberhub.earning_rules.models import EarningRule, EarningRuleVersion, RuleAward
 from memberhub.events.models import Event
+from memberhub.finance.models import AccountingMapping, FinanceEntry, Reconciliation
 from memberhub.idempotency.models import IdempotencyRecord
 from memberhub.integrations.models import (
     InboundEvent,
@@ -32,6 +33,7 @@ from memberhub.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEn
 from memberhub.worker.models import WorkerHeartbeat
 
 __all__ = [
+    "AccountingMapping",
     "Activity",
     "Alert",
     "ApiKey",
@@ -47,6 +49,7 @@ __all__ = [
     "EarningRule",
     "EarningRuleVersion",
     "Event",
+    "FinanceEntry",
     "IdempotencyRecord",
     "InboundEvent",
     "Integration",
@@ -65,6 +68,7 @@ __all__ = [
     "PointAllocation",
     "PointBatch",
     "PointTransaction",
+    "Reconciliation",
     "Reward",
     "RewardClaim",
     "RuleAward",

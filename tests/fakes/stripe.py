@@ -15,7 +15,10 @@ Requests are form-encoded with Stripe's bracket notation (`metadata[member_id]=m
 `line_items[0][quantity]=1`) and authenticated with `Authorization: Bearer sk_…` (or HTTP
 Basic with the key as user name, as curl does). Endpoints: `GET /v1/account`,
 `POST|GET /v1/customers`, `GET|POST /v1/customers/{id}`, `POST /v1/checkout/sessions`,
-`GET /v1/checkout/sessions/{id}` and `GET /v1/checkout/sessions/{id}/line_items`.
+`GET /v1/checkout/sessions/{id}` and `GET /v1/checkout/sessions/{id}/line_items`, and
+the money listings `GET /v1/charges`, `/v1/refunds`, `/v1/payouts` and
+`/v1/balance_transactions` (newest first, `created[gte|gt|lte|lt]`, `starting_after`) of
+what `add_charge`, `add_refund` and `add_payout` made.
 Required and unknown parameters are checked as Stripe does, and `price` ids must have been
 added with `add_price`, as they would have to exist in a real account.
 
@@ -328,6 +331,16 @@ class FakeStripe:
             self._sessions: dict[str, dict[str, Any]] = {}
             self._session_items: dict[str, list[dict[str, Any]]] = {}
             self._prices: dict[str, dict[str, Any]] = {}
+            # Money movements, listed by GET /v1/charges, /v1/refunds, /v1/payouts and
+            # /v1/balance_transactions.
+            self._money: dict[str, dict[str, dict[str, Any]]] = {
+                "charges": {},
+                "refunds": {},
+                "payouts": {},
+                "balance_transactions": {},
+            }
+            # Balance transaction id → the payout that paid it out.
+            self._paid_out: dict[str, str] = {}
             self._saved: dict[str, _Saved] = {}
             self._requests: list[StripeRequest] = []
             self._failures: deque[int] = deque()
@@ -427,6 +440,116 @@ class FakeStripe:
             else:
                 session["payment_intent"] = new_id("pi_")
             return copy.deepcopy(session)
+
+    def add_charge(
+        self,
+        amount: int,
+        currency: str,
+        *,
+        created: int | None = None,
+        payment_intent: str | None = None,
+        invoice: str | None = None,
+        customer: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        fee: int = 0,
+    ) -> dict[str, Any]:
+        """A succeeded charge, with its balance transaction (`fee` is Stripe's)."""
+        made = charge(
+            amount=amount,
+            currency=currency.lower(),
+            created=created,
+            payment_intent=payment_intent,
+            invoice=invoice,
+            customer=customer,
+            metadata=metadata,
+        )
+        made["balance_transaction"] = self._balance_transaction(
+            "charge", made["id"], amount, currency, made["created"], fee
+        )
+        with self._lock:
+            self._money["charges"][made["id"]] = made
+        return copy.deepcopy(made)
+
+    def add_refund(self, charge_id: str, amount: int | None = None) -> dict[str, Any]:
+        """Refund a charge added with `add_charge`, wholly unless `amount` is given."""
+        with self._lock:
+            refunded = self._money["charges"][charge_id]
+            amount = refunded["amount"] - refunded["amount_refunded"] if amount is None else amount
+            refunded["amount_refunded"] += amount
+            refunded["refunded"] = refunded["amount_refunded"] >= refunded["amount"]
+        created = int(time.time())
+        refund_id = new_id("re_")
+        refund: dict[str, Any] = {
+            "id": refund_id,
+            "object": "refund",
+            "amount": amount,
+            "charge": charge_id,
+            "created": created,
+            "currency": refunded["currency"],
+            "metadata": {},
+            "payment_intent": refunded["payment_intent"],
+            "reason": None,
+            "status": "succeeded",
+        }
+        refund["balance_transaction"] = self._balance_transaction(
+            "refund", refund_id, -amount, refunded["currency"], created, 0
+        )
+        with self._lock:
+            self._money["refunds"][refund_id] = refund
+        return copy.deepcopy(refund)
+
+    def add_payout(
+        self, amount: int, currency: str, *, created: int | None = None
+    ) -> dict[str, Any]:
+        """A paid payout of `amount` to the account's bank; it pays out every balance
+        transaction not paid out before (`GET /v1/balance_transactions?payout=…`)."""
+        when = int(time.time()) if created is None else created
+        payout_id = new_id("po_")
+        payout: dict[str, Any] = {
+            "id": payout_id,
+            "object": "payout",
+            "amount": amount,
+            "arrival_date": when + 2 * 86400,
+            "created": when,
+            "currency": currency.lower(),
+            "destination": new_id("ba_"),
+            "method": "standard",
+            "status": "paid",
+            "type": "bank_account",
+        }
+        payout["balance_transaction"] = self._balance_transaction(
+            "payout", payout_id, -amount, currency, when, 0
+        )
+        with self._lock:
+            self._money["payouts"][payout_id] = payout
+            for transaction_id in self._money["balance_transactions"]:
+                self._paid_out.setdefault(transaction_id, payout_id)
+        return copy.deepcopy(payout)
+
+    def _balance_transaction(
+        self, kind: str, source: str, amount: int, currency: str, created: int, fee: int
+    ) -> str:
+        transaction_id = new_id("txn_")
+        transaction: dict[str, Any] = {
+            "id": transaction_id,
+            "object": "balance_transaction",
+            "amount": amount,
+            "available_on": created + 2 * 86400,
+            "created": created,
+            "currency": currency.lower(),
+            "fee": fee,
+            "fee_details": [{"amount": fee, "currency": currency.lower(), "type": "stripe_fee"}]
+            if fee
+            else [],
+            "net": amount - fee,
+            "reporting_category": kind,
+            "source": source,
+            "status": "available",
+            "type": kind,
+        }
+        with self._lock:
+            self._money["balance_transactions"][transaction_id] = transaction
+        return transaction_id
 
     @property
     def customers(self) -> dict[str, dict[str, Any]]:
@@ -589,6 +712,8 @@ class FakeStripe:
                 return self._get(self._sessions, "checkout.session", session_id)
             case "GET", ["v1", "checkout", "sessions", session_id, "line_items"]:
                 return self._list_line_items(session_id, path)
+            case "GET", ["v1", ("charges" | "refunds" | "payouts" | "balance_transactions")]:
+                return self._list_money(parts[1], params)
         raise StripeError(
             404,
             f"Unrecognized request URL ({method}: {path}). Please see https://stripe.com/docs "
@@ -663,6 +788,57 @@ class FakeStripe:
             "data": matching[:limit],
             "has_more": len(matching) > limit,
             "url": "/v1/customers",
+        }
+
+    def _list_money(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Newest first, filtered by `created[gte|gt|lte|lt]`, paged by `starting_after`."""
+        limit = _integer(params, "limit")
+        if limit is None:
+            limit = 10
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise StripeError(
+                400,
+                f"This value must be greater than or equal to 1 and less than or equal to "
+                f"{MAX_LIST_LIMIT}.",
+                code="parameter_invalid_integer",
+                param="limit",
+            )
+        created = params.get("created")
+        bounds: dict[str, int] = {}
+        if isinstance(created, Mapping):
+            for op in ("gte", "gt", "lte", "lt"):
+                if op in created:
+                    value = _integer(created, op, f"created[{op}]")
+                    assert value is not None
+                    bounds[op] = value
+        with self._lock:
+            rows = sorted(
+                (copy.deepcopy(r) for r in self._money[kind].values()),
+                key=lambda r: r["created"],
+                reverse=True,
+            )
+        checks = {
+            "gte": lambda c, b: c >= b,
+            "gt": lambda c, b: c > b,
+            "lte": lambda c, b: c <= b,
+            "lt": lambda c, b: c < b,
+        }
+        rows = [r for r in rows if all(checks[op](r["created"], b) for op, b in bounds.items())]
+        payout = params.get("payout")
+        if kind == "balance_transactions" and payout is not None:
+            with self._lock:
+                rows = [r for r in rows if self._paid_out.get(r["id"]) == payout]
+        starting_after = params.get("starting_after")
+        if starting_after is not None:
+            ids = [r["id"] for r in rows]
+            if starting_after not in ids:
+                raise _no_such(kind.rstrip("s"), starting_after, "starting_after", status=400)
+            rows = rows[ids.index(starting_after) + 1 :]
+        return {
+            "object": "list",
+            "data": rows[:limit],
+            "has_more": len(rows) > limit,
+            "url": f"/v1/{kind}",
         }
 
     def _create_checkout_session(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -413,6 +413,54 @@ def test_vendor_policies_carry_published_rate_limits() -> None:
     assert VENDOR_POLICIES["hubspot"].rate_limit == "100/10 seconds"
     assert VENDOR_POLICIES["stripe"].rate_limit == "100 per second"
     assert {"salesforce", "pipedrive", "default"} <= VENDOR_POLICIES.keys()
+    xero = VENDOR_POLICIES["xero"]
+    assert (xero.rate_limit, xero.also_limited_to, xero.max_concurrent) == (
+        "60 per minute",
+        ("5000 per day",),
+        5,
+    )
+
+
+async def test_at_most_max_concurrent_calls_are_in_flight() -> None:
+    in_flight = 0
+    most = 0
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.02)
+        in_flight -= 1
+        return httpx.Response(200, json={})
+
+    policy = GatewayPolicy(rate_limit=None, max_concurrent=5)
+    async with Gateway(
+        "xero", "http://vendor.test", policy=policy, transport=httpx.MockTransport(slow)
+    ) as gateway:
+        answers = await asyncio.gather(*(gateway.request("GET", "/x") for _ in range(20)))
+    assert [a.status_code for a in answers] == [200] * 20
+    assert most == 5
+
+
+async def test_every_window_of_the_policy_is_kept() -> None:
+    """A daily allowance beside the per-minute limit: the call waits for both."""
+    sent = 0
+
+    async def count(request: httpx.Request) -> httpx.Response:
+        nonlocal sent
+        sent += 1
+        return httpx.Response(200, json={})
+
+    policy = GatewayPolicy(rate_limit="100 per minute", also_limited_to=("3 per day",))
+    async with Gateway(
+        "xero", "http://vendor.test", policy=policy, transport=httpx.MockTransport(count)
+    ) as gateway:
+        for _ in range(3):
+            await gateway.request("GET", "/x")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await gateway.request("GET", "/x")
+    assert sent == 3
 
 
 # Redaction

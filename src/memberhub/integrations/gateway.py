@@ -78,6 +78,11 @@ class GatewayPolicy:
     breaker_open_seconds: float = 30.0
     # In `limits` notation, e.g. "100/10 seconds"; None: no client-side limit.
     rate_limit: str | None = None
+    # Further windows every call must also fit in (a vendor's daily allowance beside its
+    # per-minute one); not replaced by an integration's `rate_limit` setting.
+    also_limited_to: tuple[str, ...] = ()
+    # At most this many calls in flight at once; None: no limit.
+    max_concurrent: int | None = None
 
 
 DEFAULT_POLICY = GatewayPolicy(rate_limit="10 per second")
@@ -100,6 +105,14 @@ VENDOR_POLICIES: dict[str, GatewayPolicy] = {
     ),
     # Indexing: Algolia queues writes as tasks; its published ceiling is per application.
     "algolia": GatewayPolicy(timeout=60.0, rate_limit="50 per second", max_retry_after=120.0),
+    # Per tenant (organisation): 60 calls a minute, 5,000 a day, 5 at once; a 429 says
+    # which (X-Rate-Limit-Problem) and how long to wait (Retry-After).
+    "xero": GatewayPolicy(
+        rate_limit="60 per minute",
+        also_limited_to=("5000 per day",),
+        max_concurrent=5,
+        max_retry_after=120.0,
+    ),
     "default": DEFAULT_POLICY,
 }
 
@@ -371,6 +384,10 @@ class Gateway:
         )
         # Real time, whatever `sleep` is: the limiter protects the vendor, not the test.
         self.rate_limiter = RateLimiter(policy.rate_limit) if policy.rate_limit else None
+        self.extra_limiters = [RateLimiter(notation) for notation in policy.also_limited_to]
+        self._in_flight = (
+            asyncio.Semaphore(policy.max_concurrent) if policy.max_concurrent else None
+        )
         self._auth = auth
         self._refresh = refresh
         self._observer = observer
@@ -547,6 +564,14 @@ class Gateway:
         """One HTTP exchange, with its rate-limit slot, auth, breaker outcome and metrics."""
         if self.rate_limiter is not None:
             await self.rate_limiter.acquire()
+        for limiter in self.extra_limiters:
+            await limiter.acquire()
+        if self._in_flight is None:
+            return await self._exchange(request)
+        async with self._in_flight:
+            return await self._exchange(request)
+
+    async def _exchange(self, request: httpx.Request) -> httpx.Response:
         if self._auth is not None:
             await self._auth(request)
         started = time.perf_counter()
@@ -672,6 +697,7 @@ SECRET_HEADERS = frozenset(
         "webhook-signature",
         "x-twilio-signature",
         "x-twilio-email-event-webhook-signature",
+        "x-xero-signature",
     }
 )
 _VISIBLE_TAIL = 4

@@ -24,6 +24,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.crm.sync import apply_webhook
+from memberhub.finance.queue import record_payment_notice, record_payout
+from memberhub.finance.webhooks import apply_accounting_events
 from memberhub.integrations.activity_feed import Fetched, apply_fetched, prefetch
 from memberhub.integrations.activity_mapping import ActivityMapping
 from memberhub.integrations.gateway import redact
@@ -33,6 +35,7 @@ from memberhub.integrations.models import InboundEvent, InboundStatus, Integrati
 from memberhub.integrations.orders import apply_order_notice
 from memberhub.integrations.payments import PaymentNotYetApplied, PaymentSettings, apply_notice
 from memberhub.integrations.providers import (
+    as_accounting,
     as_events_source,
     as_orders,
     as_payments,
@@ -43,6 +46,7 @@ from memberhub.integrations.providers.base import (
     CrmWebhooks,
     InboundIdentity,
     InboundRequest,
+    PayoutsSource,
 )
 from memberhub.integrations.signatures import SignatureInvalid
 from memberhub.integrations.vault import unseal
@@ -79,12 +83,21 @@ class SourceRefused(Forbidden):
 class SignatureRejected(MemberhubError):
     code = "SIGNATURE_INVALID"
     status_code = 400
+    # The provider wants a bare 401 with an empty body (Xero's intent-to-receive check).
+    bare = False
+
+
+class BareSignatureRejected(SignatureRejected):
+    status_code = 401
+    bare = True
 
 
 @dataclass(frozen=True)
 class Received:
     event: InboundEvent
     duplicate: bool
+    # Answer with an empty body (the provider's handshake requires it).
+    bare: bool = False
 
 
 def _source_allowed(source_ip: str | None, allowed: list[str]) -> bool:
@@ -135,14 +148,22 @@ async def receive(
     try:
         source.verify(request, unseal(box, integration.credentials), config)
     except SignatureInvalid as exc:
-        raise SignatureRejected(
+        rejected = (
+            BareSignatureRejected
+            if getattr(provider, "bare_inbound_replies", False)
+            else SignatureRejected
+        )
+        raise rejected(
             f"The webhook signature was rejected: {exc.message}.", details={"reason": exc.reason}
         ) from None
     try:
         identity = source.identify(request)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValidationFailed(f"The webhook body was not understood: {exc}.") from None
-    return await _store(db, integration, identity, request, source_ip=source_ip)
+    received = await _store(db, integration, identity, request, source_ip=source_ip)
+    if getattr(provider, "bare_inbound_replies", False):
+        return Received(received.event, received.duplicate, bare=True)
+    return received
 
 
 async def _store(
@@ -292,14 +313,29 @@ async def _handle(
         if outcome.get("action") == "ignored":
             return InboundStatus.IGNORED, outcome
         return InboundStatus.PROCESSED, outcome
+    if provider is not None and as_accounting(provider) is not None:
+        if event.event_type == "intent_to_receive":
+            return InboundStatus.IGNORED, {"reason": "Xero's intent-to-receive check"}
+        result = await apply_accounting_events(session, integration, json.loads(event.body), now)
+        return InboundStatus.PROCESSED, result
     payments = as_payments(provider) if provider is not None else None
     if provider is None or payments is None:
         return InboundStatus.IGNORED, {"reason": "nothing acts on this provider's events yet"}
+    if isinstance(provider, PayoutsSource):
+        payout = provider.interpret_payout(event.event_type, json.loads(event.body))
+        if payout is not None:
+            booked = await record_payout(session, integration, payout, now=now)
+            return InboundStatus.PROCESSED, {
+                "action": "payout",
+                "finance_entries": [entry.public_id for entry in booked],
+            }
     notice = payments.interpret(event.event_type, json.loads(event.body))
     if notice is None:
         return InboundStatus.IGNORED, {"reason": f"{event.event_type} needs no action"}
     settings = PaymentSettings(parse_config(provider, integration.config))
     result = await apply_notice(session, integration, settings, notice, now=now)
+    # Bookings for accounting, in this transaction: a payment applied is a payment booked.
+    await record_payment_notice(session, integration, notice, result, now=now)
     if result.get("action") == "ignored":
         return InboundStatus.IGNORED, result
     return InboundStatus.PROCESSED, result

@@ -327,25 +327,34 @@ async def sync_status(session: DbSession, principal: IntegrationsReader) -> Sync
 MAX_INBOUND_BYTES = 1024 * 1024
 
 
-@public.post("/inbound/{integration_id}")
-async def receive_webhook(integration_id: IdPath, request: Request) -> InboundAccepted:
+@public.post("/inbound/{integration_id}", response_model=InboundAccepted)
+async def receive_webhook(integration_id: IdPath, request: Request) -> InboundAccepted | Response:
     """Where providers send webhooks. The signature is checked for the integration's
     provider; the event is stored and processed by the worker. A repeat of an event
-    already received is answered 200 with `duplicate` and not processed again."""
+    already received is answered 200 with `duplicate` and not processed again. Xero's
+    webhooks are answered 200, or 401 for a bad signature, with an empty body, as its
+    intent-to-receive check requires."""
     body = await read_body(request, MAX_INBOUND_BYTES)
-    received = await inbound.receive(
-        request.app.state.db,
-        _box(request),
-        integration_id,
-        InboundRequest(
-            method=request.method,
-            url=str(request.url),
-            headers=dict(request.headers),
-            body=bytes(body),
-            now=time.time(),
-        ),
-        source_ip=request.client.host if request.client else None,
-    )
+    try:
+        received = await inbound.receive(
+            request.app.state.db,
+            _box(request),
+            integration_id,
+            InboundRequest(
+                method=request.method,
+                url=str(request.url),
+                headers=dict(request.headers),
+                body=bytes(body),
+                now=time.time(),
+            ),
+            source_ip=request.client.host if request.client else None,
+        )
+    except inbound.SignatureRejected as exc:
+        if exc.bare:
+            return Response(status_code=401)
+        raise
+    if received.bare:
+        return Response(status_code=200)
     return InboundAccepted(
         id=received.event.public_id, status="duplicate" if received.duplicate else "accepted"
     )

@@ -17,6 +17,8 @@ from memberhub.alerts.jobs import check_rates
 from memberhub.bulk.jobs import process_bulk_awards
 from memberhub.crm.jobs import run_crm_sync
 from memberhub.events.sequencer import SequencerLoop, run_passes
+from memberhub.finance.booking import book_due_entries
+from memberhub.finance.reconciliation import run_due_reconciliations
 from memberhub.idempotency.service import purge_expired
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.inbound import process_inbound
@@ -172,6 +174,20 @@ class Worker:
 
             # Every tick: a change is searchable one worker interval after its commit.
             jobs.insert(2, Job("search.sync", 0.0, chunked=sync_search_indices))
+
+            async def book_finance(db: Database, now: datetime) -> int:
+                try:
+                    return await book_due_entries(db, hub, now)
+                finally:
+                    if self._own_hub:
+                        await hub.drain()
+
+            async def reconcile(db: Database, now: datetime) -> int:
+                return await run_due_reconciliations(db, hub, now)
+
+            # Every tick: a payment is booked one worker interval after it was applied.
+            jobs.insert(3, Job("finance.book_entries", 0.0, chunked=book_finance))
+            jobs.insert(4, Job("finance.reconcile", 5.0, chunked=reconcile))
 
             async def process_inbound_reading(db: Database, now: datetime) -> int:
                 # Some providers' webhooks name what to read from the vendor (Eventbrite).

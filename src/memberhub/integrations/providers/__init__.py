@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from memberhub.integrations.providers.base import (
     CAPABILITY_INTERFACES,
+    Accounting,
     Capability,
     EventsSource,
     MessageChannel,
@@ -56,6 +57,13 @@ def as_payments(provider: Provider) -> Payments | None:
     return None
 
 
+def as_accounting(provider: Provider) -> Accounting | None:
+    """The provider as an accounting system, if it declares it is one."""
+    if Capability.ACCOUNTING in provider.capabilities and isinstance(provider, Accounting):
+        return provider
+    return None
+
+
 def as_orders(provider: Provider) -> Orders | None:
     """The provider as a shop whose orders earn points, if it declares it is one."""
     if Capability.ORDERS in provider.capabilities and isinstance(provider, Orders):
@@ -98,6 +106,7 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.shopify import Shopify
     from memberhub.integrations.providers.stripe import Stripe
     from memberhub.integrations.providers.twilio import Twilio
+    from memberhub.integrations.providers.xero import Xero
 
     for provider in (
         Stripe(),
@@ -114,6 +123,7 @@ def _register_builtin() -> None:
         Fcm(),
         OneDrive(),
         Algolia(),
+        Xero(),
     ):
         register(provider)
 
@@ -123,6 +133,7 @@ _register_builtin()
 __all__ = [
     "Capability",
     "Provider",
+    "as_accounting",
     "as_events_source",
     "as_message_channel",
     "as_orders",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -400,11 +400,186 @@ class AnalyticsSink(Protocol):
     ) -> None: ...
 
 
+class AccountingRejected(Exception):
+    """The accounting system refused a write for a reason resending cannot change (a
+    validation error: unknown account, a currency the organisation does not take). The
+    message is the vendor's own words."""
+
+
+@dataclass(frozen=True)
+class LedgerAccount:
+    code: str
+    name: str
+    type: str  # the vendor's account type: REVENUE, BANK, EXPENSE, …
+    status: str = "ACTIVE"
+    tax_type: str | None = None
+    takes_payments: bool = False  # a bank account, or one enabled for payments
+
+
+@dataclass(frozen=True)
+class TrackingCategory:
+    name: str
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LedgerContact:
+    """A member as the accounting system's customer: found by `key` (our member id, the
+    vendor's contact number) or email before one is created."""
+
+    key: str
+    name: str
+    email: str | None
+    first_name: str | None = None
+    last_name: str | None = None
+
+
+@dataclass(frozen=True)
+class InvoiceLine:
+    description: str
+    amount: int  # minor units, tax included
+    account_code: str
+    tax_type: str | None = None
+    tracking: tuple[tuple[str, str], ...] = ()  # (category, option)
+
+
+@dataclass(frozen=True)
+class SaleDocument:
+    """A sales invoice, or a credit note against one. `reference` is the payment's id at
+    the payment provider; `idempotency_key` makes a resent create return the first."""
+
+    reference: str
+    contact_id: str
+    currency: str
+    issued_on: date
+    lines: tuple[InvoiceLine, ...]
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class MoneyMovement:
+    """Money in (a payment of an invoice) or out (a refund of a credit note)."""
+
+    document_id: str
+    account_code: str
+    amount: int  # minor units
+    currency: str
+    paid_on: date
+    reference: str
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class LedgerDocument:
+    """An invoice or credit note as read back: enough to reconcile it."""
+
+    id: str
+    kind: Literal["invoice", "credit_note"]
+    number: str | None
+    reference: str | None
+    contact_id: str | None
+    status: str
+    currency: str
+    total: int  # minor units
+    amount_paid: int
+    amount_due: int
+    issued_on: date | None
+    payments: tuple[str, ...] = ()
+
+
 @runtime_checkable
 class Accounting(Protocol):
-    """Books payments and refunds as invoices and credit notes."""
+    """Books payments and refunds as invoices, payments and credit notes.
 
-    async def record_payment(self, connection: Connection, notice: PaymentNotice) -> str: ...
+    Writes carry an idempotency key: a write resent after a failure or a crash returns what
+    the first made. A refusal that resending cannot change raises AccountingRejected with
+    the vendor's message; GatewayError and CircuitOpen propagate for the caller's retries.
+    """
+
+    async def record_payment(self, connection: Connection, notice: PaymentNotice) -> str:
+        """Book a notice with the provider's defaults, for callers without a mapping;
+        return the vendor's id of what was booked."""
+
+    async def tenants(self, connection: Connection) -> list[tuple[str, str]]:
+        """The organisations the connection may act for, as (id, name): one is chosen and
+        kept as the `tenant_id` credential."""
+
+    async def accounts(self, connection: Connection) -> list[LedgerAccount]:
+        """The chart of accounts."""
+
+    async def tracking_categories(self, connection: Connection) -> list[TrackingCategory]: ...
+
+    async def find_or_create_contact(self, connection: Connection, contact: LedgerContact) -> str:
+        """The vendor's id of the member's contact, created only when none matches."""
+
+    async def create_invoice(self, connection: Connection, invoice: SaleDocument) -> str: ...
+
+    async def create_credit_note(self, connection: Connection, note: SaleDocument) -> str: ...
+
+    async def pay_invoice(self, connection: Connection, payment: MoneyMovement) -> str: ...
+
+    async def refund_credit_note(self, connection: Connection, refund: MoneyMovement) -> str: ...
+
+    async def transfer(self, connection: Connection, transfer: MoneyMovement) -> str:
+        """Move money between two bank accounts (`document_id` is the account it leaves,
+        `account_code` the one it reaches): a payout from the payment provider's clearing
+        account to the bank."""
+
+    async def spend(
+        self, connection: Connection, spending: MoneyMovement, *, contact_id: str, line: InvoiceLine
+    ) -> str:
+        """Money spent from a bank account (`document_id` is its code) on `line`'s expense
+        account: a payment provider's fees, taken from the clearing account."""
+
+    async def documents(
+        self, connection: Connection, *, since: date, until: date
+    ) -> list[LedgerDocument]:
+        """Invoices and credit notes issued from `since` up to, not including, `until`."""
+
+
+@dataclass(frozen=True)
+class MoneyRecord:
+    """A charge, refund or payout at a payment provider, as a reconciliation reads it."""
+
+    id: str
+    kind: Literal["charge", "refund", "payout"]
+    amount: int  # minor units
+    currency: str
+    created_at: datetime
+    status: str
+    references: tuple[str, ...] = ()  # the other ids of the same payment
+    member_id: str | None = None
+    fee: int = 0
+
+
+@dataclass(frozen=True)
+class PayoutNotice:
+    """A payment provider paid money out to the account holder's bank."""
+
+    payout_id: str
+    amount: int  # minor units
+    currency: str
+    occurred_at: datetime | None = None
+
+
+@runtime_checkable
+class PayoutsSource(Protocol):
+    """A payment provider whose events tell of payouts to the bank."""
+
+    def interpret_payout(self, event_type: str, payload: Mapping[str, Any]) -> PayoutNotice | None:
+        """The payout an inbound event reports; None for events of anything else."""
+
+
+@runtime_checkable
+class PaymentsReport(Protocol):
+    """A payment provider that lists its money movements for a period."""
+
+    async def money_movements(
+        self, connection: Connection, *, since: datetime, until: datetime
+    ) -> list[MoneyRecord]: ...
+
+    async def payout_fees(self, connection: Connection, payout_id: str) -> int:
+        """The provider's fees (minor units) on the money a payout paid out."""
 
 
 @runtime_checkable

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
 
@@ -21,7 +21,9 @@ from memberhub.integrations.providers.base import (
     ConnectionFailed,
     InboundIdentity,
     InboundRequest,
+    MoneyRecord,
     PaymentNotice,
+    PayoutNotice,
     Provider,
 )
 
@@ -253,6 +255,20 @@ class Stripe(Provider):
             )
         return None
 
+    def interpret_payout(self, event_type: str, payload: Mapping[str, Any]) -> PayoutNotice | None:
+        obj = _dig(payload, "data", "object")
+        if event_type != "payout.paid" or not isinstance(obj, Mapping):
+            return None
+        payout_id, currency = _text(obj.get("id")), _text(obj.get("currency"))
+        if payout_id is None or currency is None or _int(obj.get("amount")) <= 0:
+            return None
+        return PayoutNotice(
+            payout_id=payout_id,
+            amount=_int(obj.get("amount")),
+            currency=currency.upper(),
+            occurred_at=_when(obj.get("arrival_date")) or _when(payload.get("created")),
+        )
+
     async def create_customer(
         self, connection: Connection, *, member_id: str, email: str | None, name: str | None
     ) -> str:
@@ -308,6 +324,72 @@ class Stripe(Provider):
             raise ConnectionFailed(_error_message(response.status_code, response.text))
         session = response.json()
         return CheckoutResult(id=session["id"], url=session.get("url") or "", mode=mode)
+
+    # ------------------------------------------------------------ payments report
+
+    async def money_movements(
+        self, connection: Connection, *, since: datetime, until: datetime
+    ) -> list[MoneyRecord]:
+        """Charges, refunds and payouts created in [since, until), every page of each."""
+        found: list[MoneyRecord] = []
+        for path, kind in (
+            ("/v1/charges", "charge"),
+            ("/v1/refunds", "refund"),
+            ("/v1/payouts", "payout"),
+        ):
+            async for obj in self._listed(connection, path, since, until):
+                found.append(_money_record(obj, kind))
+        return found
+
+    async def payout_fees(self, connection: Connection, payout_id: str) -> int:
+        """The sum of the fees of the balance transactions the payout paid out."""
+        fees = 0
+        async for row in self._listed(connection, "/v1/balance_transactions", payout=payout_id):
+            if row.get("type") != "payout":
+                fees += _int(row.get("fee"))
+        return fees
+
+    async def _listed(
+        self,
+        connection: Connection,
+        path: str,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        **filters: str,
+    ) -> AsyncIterator[Mapping[str, Any]]:
+        starting_after: str | None = None
+        while True:
+            params = {"limit": "100", **filters}
+            if since is not None:
+                params["created[gte]"] = str(int(since.timestamp()))
+            if until is not None:
+                params["created[lt]"] = str(int(until.timestamp()))
+            if starting_after is not None:
+                params["starting_after"] = starting_after
+            response = await connection.gateway.request("GET", path, params=params)
+            if response.status_code != 200:
+                raise ConnectionFailed(_error_message(response.status_code, response.text))
+            page = response.json()
+            rows = [row for row in page.get("data") or [] if isinstance(row, Mapping)]
+            for row in rows:
+                yield row
+            if not page.get("has_more") or not rows:
+                return
+            starting_after = str(rows[-1]["id"])
+
+
+def _money_record(obj: Mapping[str, Any], kind: str) -> MoneyRecord:
+    metadata = _metadata(obj.get("metadata"))
+    return MoneyRecord(
+        id=str(obj.get("id")),
+        kind=kind,  # type: ignore[arg-type]
+        amount=_int(obj.get("amount")),
+        currency=str(obj.get("currency") or "").upper(),
+        created_at=_when(obj.get("created")) or datetime.now(UTC),
+        status=str(obj.get("status") or ""),
+        references=_ids(obj.get("payment_intent"), obj.get("invoice"), obj.get("charge")),
+        member_id=_text(metadata.get("member_id")),
+    )
 
 
 def _ids(*values: Any) -> tuple[str, ...]:

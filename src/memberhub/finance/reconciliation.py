@@ -1,0 +1,447 @@
+"""Reconciliation: do the money (Stripe), the books (Xero) and the memberships agree?
+
+For a period, the worker reads Stripe's charges, refunds and payouts, Xero's invoices and
+credit notes, and memberhub's membership terms and payment records, then matches them:
+
+- a succeeded charge is matched to the Xero invoice whose reference is one of the
+  payment's ids (its charge, payment intent, invoice, or the checkout session memberhub
+  booked it under); none is `paid_in_stripe_no_invoice`, one for another amount or
+  currency is `amount_or_currency_differs`, one not paid is `invoice_without_payment`;
+- a charge whose member had no membership term start around it is
+  `payment_without_membership_change`;
+- a term joined or renewed in the period for a member with no charge in it is
+  `membership_active_without_payment`.
+
+Each mismatch carries a suggested fix, applied through the API where one can be
+(`create_missing_invoice`, `link_payment`): the fix queues a finance entry, which the
+worker books like any other.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.audit.service import diff, record_write
+from memberhub.auth.principal import Principal
+from memberhub.finance.models import (
+    EntryKind,
+    EntryStatus,
+    FinanceEntry,
+    Reconciliation,
+    ReconciliationStatus,
+)
+from memberhub.finance.schemas import FixOut, Mismatch
+from memberhub.integrations.gateway import CircuitOpen, GatewayError
+from memberhub.integrations.hub import IntegrationHub
+from memberhub.integrations.models import Integration, PaymentRecord
+from memberhub.integrations.providers import as_accounting, get_provider
+from memberhub.integrations.providers.base import (
+    ConnectionFailed,
+    LedgerDocument,
+    MoneyRecord,
+    PaymentsReport,
+)
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Database
+from memberhub.kit.errors import Conflict, NotFound
+from memberhub.kit.ids import new_public_id
+from memberhub.members.models import Member
+from memberhub.memberships.models import MembershipTerm
+
+log = structlog.get_logger("memberhub.finance.reconciliation")
+
+# A term started this close to a charge counts as the charge's membership change.
+TERM_SLACK = timedelta(days=2)
+MAX_ATTEMPTS = 5
+BATCH = 5
+
+
+class ReconciliationFailed(Exception):
+    pass
+
+
+async def run_due_reconciliations(db: Database, hub: IntegrationHub, now: datetime) -> int:
+    async with db.transaction(read_only=True) as session:
+        due = list(
+            await session.scalars(
+                select(Reconciliation.id)
+                .where(Reconciliation.status == ReconciliationStatus.QUEUED)
+                .order_by(Reconciliation.id)
+                .limit(BATCH)
+            )
+        )
+    done = 0
+    for reconciliation_id in due:
+        done += await run_reconciliation(db, hub, reconciliation_id)
+    return done
+
+
+async def run_reconciliation(db: Database, hub: IntegrationHub, reconciliation_id: int) -> int:
+    async with db.transaction() as session:
+        query = select(Reconciliation).where(
+            Reconciliation.id == reconciliation_id,
+            Reconciliation.status == ReconciliationStatus.QUEUED,
+        )
+        if not db.is_sqlite:
+            query = query.with_for_update(skip_locked=True)
+        found = await session.scalar(query)
+        if found is None:
+            return 0
+        found.status = ReconciliationStatus.RUNNING
+        found.attempts += 1
+        found.started_at = utcnow()
+        integration = await session.get(Integration, found.integration_id)
+        source = await session.get(Integration, found.source_integration_id)
+        start, end = found.period_start, found.period_end
+    try:
+        if integration is None or source is None:
+            raise ReconciliationFailed("an integration it compares was deleted")
+        report = await _compare(db, hub, integration, source, start, end)
+    except (GatewayError, CircuitOpen, ConnectionFailed, ReconciliationFailed) as exc:
+        await _finish(db, reconciliation_id, error=str(exc))
+        return 1
+    except Exception as exc:
+        log.exception("reconciliation_failed", reconciliation=reconciliation_id)
+        await _finish(db, reconciliation_id, error=f"{type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        await hub.drain()
+    await _finish(db, reconciliation_id, report=report)
+    return 1
+
+
+async def _finish(
+    db: Database,
+    reconciliation_id: int,
+    *,
+    report: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> None:
+    async with db.transaction() as session:
+        found = await session.get(Reconciliation, reconciliation_id, with_for_update=True)
+        if found is None:
+            return
+        found.completed_at = utcnow()
+        if error is not None:
+            if found.attempts < MAX_ATTEMPTS:
+                found.status = ReconciliationStatus.QUEUED  # tried again next tick
+            else:
+                found.status = ReconciliationStatus.FAILED
+            found.error = error[:1000]
+            return
+        found.status = ReconciliationStatus.COMPLETED
+        found.error = None
+        found.report = report or {}
+
+
+async def _compare(
+    db: Database,
+    hub: IntegrationHub,
+    integration: Integration,
+    source: Integration,
+    start: datetime,
+    end: datetime,
+) -> dict[str, Any]:
+    payments_provider = get_provider(source.provider)
+    accounting_provider = get_provider(integration.provider)
+    accounting = as_accounting(accounting_provider) if accounting_provider else None
+    if not isinstance(payments_provider, PaymentsReport) or accounting is None:
+        raise ReconciliationFailed(
+            f"{source.provider} cannot list its money, or {integration.provider} its books"
+        )
+    money = await payments_provider.money_movements(hub.connection(source), since=start, until=end)
+    documents = await accounting.documents(
+        hub.connection(integration),
+        since=start.date(),
+        until=(end + timedelta(days=1)).date(),
+    )
+    charges = [m for m in money if m.kind == "charge" and m.status == "succeeded"]
+    all_ids = {i for c in charges for i in (c.id, *c.references)}
+    async with db.transaction(read_only=True) as session:
+        records = await _payment_records(session, source.id, all_ids)
+        terms = await _terms(session, start - TERM_SLACK, end + TERM_SLACK)
+        members = await _member_ids(session, {c.member_id for c in charges if c.member_id})
+    return _match(charges, money, documents, records, terms, members, start, end)
+
+
+async def _payment_records(
+    session: AsyncSession, source_id: int, ids: set[str]
+) -> dict[str, tuple[str, int]]:
+    """Reference → (payment key, member row id)."""
+    if not ids:
+        return {}
+    rows = await session.execute(
+        select(PaymentRecord.reference, PaymentRecord.payment_key, PaymentRecord.member_id).where(
+            PaymentRecord.integration_id == source_id, PaymentRecord.reference.in_(ids)
+        )
+    )
+    return {reference: (key, member) for reference, key, member in rows}
+
+
+async def _terms(
+    session: AsyncSession, since: datetime, until: datetime
+) -> list[tuple[str, int, str, datetime]]:
+    """(term id, member row id, member public id, starts_at) of terms joined or renewed."""
+    rows = await session.execute(
+        select(MembershipTerm.public_id, Member.id, Member.public_id, MembershipTerm.starts_at)
+        .join(Member, Member.id == MembershipTerm.member_id)
+        .where(
+            MembershipTerm.created_at >= since,
+            MembershipTerm.created_at < until,
+            MembershipTerm.kind.in_(("join", "renew")),
+        )
+        .order_by(MembershipTerm.id)
+    )
+    return [(term, member, public, starts) for term, member, public, starts in rows]
+
+
+async def _member_ids(session: AsyncSession, public_ids: set[str | None]) -> dict[str, int]:
+    wanted = {p for p in public_ids if p}
+    if not wanted:
+        return {}
+    rows = await session.execute(
+        select(Member.public_id, Member.id).where(Member.public_id.in_(wanted))
+    )
+    return {public: row_id for public, row_id in rows}
+
+
+def _match(
+    charges: list[MoneyRecord],
+    money: list[MoneyRecord],
+    documents: list[LedgerDocument],
+    records: dict[str, tuple[str, int]],
+    terms: list[tuple[str, int, str, datetime]],
+    members: dict[str, int],
+    start: datetime,
+    end: datetime,
+) -> dict[str, Any]:
+    invoices_by_ref: dict[str, LedgerDocument] = {}
+    for document in documents:
+        if document.kind == "invoice" and document.reference and document.status != "VOIDED":
+            invoices_by_ref.setdefault(document.reference, document)
+    public_of = {row_id: public for public, row_id in members.items()}
+    terms_by_member: dict[int, list[datetime]] = defaultdict(list)
+    for _term, term_member, public, starts in terms:
+        public_of[term_member] = public
+        terms_by_member[term_member].append(starts)
+    mismatches: list[dict[str, Any]] = []
+    matched = 0
+    paying_members: set[int] = set()
+
+    def add(
+        kind: str, description: str, fix: str | None, fix_description: str, **fields: Any
+    ) -> None:
+        mismatches.append(
+            {
+                "id": f"mm_{len(mismatches) + 1}",
+                "kind": kind,
+                "description": description,
+                "fix": fix,
+                "fix_description": fix_description,
+                **fields,
+            }
+        )
+
+    for charge in sorted(charges, key=lambda c: (c.created_at, c.id)):
+        ids = (charge.id, *charge.references)
+        record = next((records[i] for i in ids if i in records), None)
+        payment_key = record[0] if record else charge.id
+        member_row: int | None = record[1] if record else members.get(charge.member_id or "")
+        if member_row is not None:
+            paying_members.add(member_row)
+        member_public = public_of.get(member_row) if member_row is not None else charge.member_id
+        invoice = next(
+            (invoices_by_ref[r] for r in (payment_key, *ids) if r in invoices_by_ref), None
+        )
+        money_fields = {
+            "member_id": member_public,
+            "stripe_id": charge.id,
+            "stripe_amount": charge.amount,
+            "stripe_currency": charge.currency,
+        }
+        fine = True
+        if invoice is None:
+            fine = False
+            add(
+                "paid_in_stripe_no_invoice",
+                f"Stripe charge {charge.id} ({_money(charge.amount, charge.currency)}) has no "
+                "invoice in Xero.",
+                "create_missing_invoice" if member_row is not None else None,
+                "Create the invoice and its payment in Xero."
+                if member_row is not None
+                else "Find the member this payment is for, then book it by hand.",
+                _fix={
+                    "payment_key": payment_key,
+                    "member_row": member_row,
+                    "amount": charge.amount,
+                    "currency": charge.currency,
+                    "occurred_at": charge.created_at.isoformat(),
+                },
+                **money_fields,
+            )
+        elif invoice.currency != charge.currency or invoice.total != charge.amount:
+            fine = False
+            add(
+                "amount_or_currency_differs",
+                f"Stripe charge {charge.id} is {_money(charge.amount, charge.currency)}; Xero "
+                f"invoice {invoice.number or invoice.id} is "
+                f"{_money(invoice.total, invoice.currency)}.",
+                None,
+                "Correct the invoice in Xero (or refund the difference in Stripe).",
+                invoice_id=invoice.id,
+                xero_amount=invoice.total,
+                xero_currency=invoice.currency,
+                **money_fields,
+            )
+        elif invoice.amount_due > 0 and invoice.status != "PAID":
+            fine = False
+            add(
+                "invoice_without_payment",
+                f"Xero invoice {invoice.number or invoice.id} is unpaid though Stripe charge "
+                f"{charge.id} paid it.",
+                "link_payment",
+                "Record the Stripe payment against the invoice in Xero.",
+                invoice_id=invoice.id,
+                xero_amount=invoice.total,
+                xero_currency=invoice.currency,
+                _fix={
+                    "payment_key": payment_key,
+                    "member_row": member_row,
+                    "amount": charge.amount,
+                    "currency": charge.currency,
+                    "occurred_at": charge.created_at.isoformat(),
+                    "invoice_id": invoice.id,
+                    "contact_id": invoice.contact_id,
+                },
+                **money_fields,
+            )
+        # Each term answers for one charge: the nearest one not yet claimed.
+        member_terms = terms_by_member[member_row] if member_row is not None else []
+        candidates = [s for s in member_terms if abs(s - charge.created_at) <= TERM_SLACK]
+        if candidates:
+            nearest = min(candidates, key=lambda starts: abs(starts - charge.created_at))
+            member_terms.remove(nearest)
+        else:
+            fine = False
+            add(
+                "payment_without_membership_change",
+                f"Stripe charge {charge.id} changed no membership"
+                + (f" of {member_public}." if member_public else " (no member matches it)."),
+                None,
+                "Join or renew the member by hand, or refund the payment.",
+                **money_fields,
+            )
+        matched += fine
+    for term, member_row, public, starts in terms:
+        if not start <= starts < end or member_row in paying_members:
+            continue
+        add(
+            "membership_active_without_payment",
+            f"Membership term {term} of {public} started {starts.date().isoformat()} with no "
+            "Stripe payment in the period.",
+            None,
+            "Take the payment (a checkout), or record why the membership is free.",
+            member_id=public,
+            term_id=term,
+        )
+    summary = {
+        "stripe_charges": len(charges),
+        "stripe_refunds": sum(1 for m in money if m.kind == "refund"),
+        "stripe_payouts": sum(1 for m in money if m.kind == "payout"),
+        "xero_invoices": sum(1 for d in documents if d.kind == "invoice"),
+        "xero_credit_notes": sum(1 for d in documents if d.kind == "credit_note"),
+        "membership_terms": sum(1 for t in terms if start <= t[3] < end),
+        "matched": matched,
+        "mismatches": len(mismatches),
+    }
+    return {"summary": summary, "mismatches": mismatches}
+
+
+def _money(amount: int, currency: str) -> str:
+    return f"{amount} {currency} (minor units)"
+
+
+async def apply_fix(
+    session: AsyncSession,
+    principal: Principal,
+    found: Reconciliation,
+    mismatch_id: str,
+    now: datetime,
+) -> FixOut:
+    """Queue the booking a mismatch's fix calls for; a fix is applied once."""
+    if found.status != ReconciliationStatus.COMPLETED:
+        raise Conflict("The reconciliation has no report yet.", code="NOT_COMPLETED")
+    mismatches = [dict(m) for m in found.report.get("mismatches", [])]
+    mismatch = next((m for m in mismatches if m["id"] == mismatch_id), None)
+    if mismatch is None:
+        raise NotFound(f"No mismatch {mismatch_id} in this report.", code="MISMATCH_NOT_FOUND")
+    if mismatch.get("fixed_at"):
+        raise Conflict("The fix was applied already.", code="ALREADY_FIXED")
+    plan = mismatch.get("_fix")
+    if not mismatch.get("fix") or not plan:
+        raise Conflict(
+            "This mismatch has no fix to apply from the API: "
+            + str(mismatch.get("fix_description")),
+            code="NO_FIX",
+        )
+    entry = await session.scalar(
+        select(FinanceEntry)
+        .where(
+            FinanceEntry.integration_id == found.integration_id,
+            FinanceEntry.source_ref == plan["payment_key"],
+            FinanceEntry.kind.in_((EntryKind.SALE, EntryKind.UNPAID)),
+        )
+        .with_for_update()
+    )
+    if entry is None:
+        entry = FinanceEntry(
+            public_id=new_public_id("fin"),
+            integration_id=found.integration_id,
+            source_integration_id=found.source_integration_id,
+            kind=EntryKind.SALE,
+            source_ref=str(plan["payment_key"])[:255],
+            member_id=plan.get("member_row"),
+            amount=int(plan["amount"]),
+            currency=str(plan["currency"]),
+            occurred_at=datetime.fromisoformat(plan["occurred_at"]),
+            attempts=0,
+            log=[],
+            created_at=now,
+        )
+        session.add(entry)
+    if mismatch["fix"] == "link_payment":
+        entry.invoice_id = plan.get("invoice_id")
+        entry.contact_id = entry.contact_id or plan.get("contact_id")
+        entry.payment_id = None
+    elif entry.status == EntryStatus.DONE and entry.kind == EntryKind.SALE:
+        raise Conflict(
+            "The payment is booked already; run the reconciliation again.", code="ALREADY_BOOKED"
+        )
+    entry.kind = EntryKind.SALE
+    entry.status = EntryStatus.PENDING
+    entry.next_attempt_at = now
+    entry.completed_at = None
+    entry.updated_at = now
+    entry.log = [
+        *entry.log,
+        {"at": now.isoformat(), "step": "queued", "outcome": f"fix:{mismatch['fix']}"},
+    ]
+    await session.flush()
+    mismatch["fixed_at"] = now.isoformat()
+    mismatch["entry_id"] = entry.public_id
+    found.report = {**found.report, "mismatches": mismatches}
+    record_write(
+        session,
+        principal.actor,
+        action="finance.reconciliation.fix",
+        object_type="reconciliation",
+        object_id=found.public_id,
+        changes=diff({}, {"mismatch": mismatch_id, "fix": mismatch["fix"]}),
+    )
+    return FixOut(mismatch=Mismatch.model_validate(mismatch), entry_id=entry.public_id)

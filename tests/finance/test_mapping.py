@@ -1,0 +1,110 @@
+"""The accounting mapping is checked against the Xero organisation when it is saved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from memberhub.kit.db import Database
+from tests.fakes.xero import FakeXero
+from tests.finance.conftest import connect, create_xero_integration, mapping_body, put
+from tests.support import ApiClient
+
+
+async def test_an_account_code_xero_does_not_have_is_refused_with_xeros_message(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, xero: FakeXero
+) -> None:
+    plan = await api.create_plan(currency="GBP")
+    integration = await create_xero_integration(api, xero)
+    await connect(api, http, integration["id"])
+    url = f"/api/v1/integrations/{integration['id']}/accounting-mapping"
+    body = mapping_body(plan)
+    body["plans"][plan["id"]]["account_code"] = "999"
+
+    refused = await put(api, url, body)
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "MAPPING_REFUSED"
+    assert error["message"] == "Account code '999' is not a valid code for this document."
+    assert error["details"]["errors"] == [
+        {
+            "field": f"plans.{plan['id']}.account_code",
+            "message": "Account code '999' is not a valid code for this document.",
+        }
+    ]
+    assert (await api.get(url)).status_code == 404  # nothing kept
+
+
+async def test_payments_need_a_bank_account_and_tracking_must_exist(
+    api: ApiClient, http: httpx.AsyncClient, xero: FakeXero
+) -> None:
+    plan = await api.create_plan(currency="GBP")
+    integration = await create_xero_integration(api, xero)
+    await connect(api, http, integration["id"])
+    url = f"/api/v1/integrations/{integration['id']}/accounting-mapping"
+    body = mapping_body(plan, payments_account_code="404")
+    body["plans"][plan["id"]]["tracking"] = [{"category": "Region", "option": "East"}]
+
+    refused = await put(api, url, body)
+    assert refused.status_code == 422
+    fields = [e["field"] for e in refused.json()["error"]["details"]["errors"]]
+    assert fields == [f"plans.{plan['id']}.tracking.0", "payments_account_code"]
+
+
+async def test_bad_mapping_input_is_a_clear_4xx(
+    api: ApiClient, http: httpx.AsyncClient, xero: FakeXero
+) -> None:
+    plan = await api.create_plan(currency="GBP")
+    integration = await create_xero_integration(api, xero)
+    url = f"/api/v1/integrations/{integration['id']}/accounting-mapping"
+    bodies: list[Any] = [
+        {},
+        {"payments_account_code": "090"},  # no revenue
+        {**mapping_body(plan), "unknown": 1},
+        {**mapping_body(plan), "payments_account_code": ""},
+        {**mapping_body(plan), "plans": {"no-such-plan": {"account_code": "200"}}},
+        [],
+    ]
+    for body in bodies:
+        response = await put(api, url, body)
+        assert 400 <= response.status_code < 500, (body, response.text)
+        assert "error" in response.json()
+    # Not connected yet: refused before any call to Xero.
+    response = await put(api, url, mapping_body(plan))
+    assert response.status_code == 422
+    assert "Connect" in response.json()["error"]["message"]
+    missing = await put(
+        api, "/api/v1/integrations/int_nosuchthing/accounting-mapping", mapping_body(plan)
+    )
+    assert missing.status_code == 404
+
+
+async def test_the_tenant_is_chosen_from_the_connections(
+    api: ApiClient, http: httpx.AsyncClient, xero: FakeXero
+) -> None:
+    plan = await api.create_plan(currency="GBP")
+    second = xero.add_tenant("Second Chapter")
+    xero.add_account("210", "Membership fees", "REVENUE", tenant=second)
+    xero.add_account("090", "Stripe clearing", "BANK", tenant=second)
+    xero.add_account("091", "Bank", "BANK", tenant=second)
+    xero.add_account("404", "Fees", "EXPENSE", tenant=second)
+    xero.add_tracking("Region", "North", tenant=second)
+    integration = await create_xero_integration(api, xero)
+    await connect(api, http, integration["id"])
+    url = f"/api/v1/integrations/{integration['id']}/accounting-mapping"
+
+    ambiguous = await put(api, url, mapping_body(plan))
+    assert ambiguous.status_code == 422
+    tenants = ambiguous.json()["error"]["details"]["tenants"]
+    assert {t["tenant_id"] for t in tenants} == set(xero.tenants)
+
+    chosen = await put(api, url, {**mapping_body(plan), "tenant_id": second.tenant_id})
+    assert chosen.status_code == 200, chosen.text
+    assert chosen.json()["tenant_name"] == "Second Chapter"
+    shown = await api.get(url)
+    assert shown.json()["tenant_id"] == second.tenant_id
+    assert shown.json()["mapping"]["payments_account_code"] == "090"
+    audited = await api.get("/api/v1/audit", {"action": "finance.mapping.save"})
+    [entry] = audited.json()["data"]
+    assert entry["object_id"] == integration["id"]

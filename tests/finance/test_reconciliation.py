@@ -1,0 +1,223 @@
+"""Reconciliation of a seeded month: Stripe's charges (the Stripe fake), Xero's invoices
+and payments (the Xero fake) and memberhub's membership terms, with five planted
+mismatches of different kinds, reported exactly; two of them fixed through the API."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from memberhub.integrations.hub import IntegrationHub
+from memberhub.kit.db import Database
+from tests.fakes.stripe import FakeStripe, running_fake_stripe
+from tests.fakes.xero import FakeXero
+from tests.finance.conftest import checkout_event, connected_xero, put, work
+from tests.integrations.conftest import API_KEY, create_stripe_integration, send, stripe_id
+from tests.support import ApiClient
+
+
+@pytest.fixture
+async def stripe_api() -> AsyncIterator[FakeStripe]:
+    async with running_fake_stripe(secret_key=API_KEY) as fake:
+        yield fake
+
+
+def this_month() -> tuple[str, str]:
+    now = datetime.now(UTC)
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+    return start.isoformat(), end.isoformat()
+
+
+async def pay(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    stripe: dict[str, Any],
+    fake: FakeStripe,
+    member: dict[str, Any],
+    plan: dict[str, Any],
+    currency: str = "gbp",
+) -> str:
+    """A checkout paid in Stripe: its charge exists there and its webhook reached us."""
+    intent = stripe_id("pi")
+    fake.add_charge(
+        plan["price_amount"],
+        currency,
+        payment_intent=intent,
+        metadata={"member_id": member["id"]},
+    )
+    event = checkout_event(member, plan, payment_intent=intent, currency=currency)
+    assert (await send(http, stripe["id"], event)).status_code == 200
+    return str(event["data"]["object"]["id"])
+
+
+async def reconcile(
+    api: ApiClient, db: Database, hub: IntegrationHub, integration_id: str
+) -> dict[str, Any]:
+    start, end = this_month()
+    created = await api.post(
+        "/api/v1/reconciliations",
+        {"integration_id": integration_id, "period_start": start, "period_end": end},
+    )
+    assert created.status_code == 202, created.text
+    assert created.json()["status"] == "queued"
+    await work(db, hub)
+    report = await api.get(f"/api/v1/reconciliations/{created.json()['id']}")
+    assert report.status_code == 200
+    assert report.json()["status"] == "completed", report.json()
+    return dict(report.json())
+
+
+async def test_a_month_with_five_planted_mismatches_reports_exactly_those_five(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    hub: IntegrationHub,
+    xero: FakeXero,
+    stripe_api: FakeStripe,
+) -> None:
+    plan = await api.create_plan(price_amount=2500, currency="GBP")
+    stripe = await create_stripe_integration(api, base_url=stripe_api.url)
+    integration = await connected_xero(api, http, xero, plan)
+    good = [await api.create_member() for _ in range(3)]
+    for member in good:
+        await pay(api, http, stripe, stripe_api, member, plan)
+    no_invoice, unpaid, differs, free, suspended = [await api.create_member() for _ in range(5)]
+    await pay(api, http, stripe, stripe_api, unpaid, plan)
+    await pay(api, http, stripe, stripe_api, differs, plan)
+    await pay(api, http, stripe, stripe_api, suspended, plan)
+    await work(db, hub)
+    # 1. Paid in Stripe, in a currency Xero's organisation did not take: no invoice.
+    xero.set_currencies("GBP")
+    await pay(api, http, stripe, stripe_api, no_invoice, plan, currency="myr")
+    await work(db, hub)
+    # 2. A bookkeeper deleted a payment in Xero.
+    [unpaid_invoice] = [
+        i for i in xero.invoices if i["Contact"]["Name"].endswith(f"({unpaid['id']})")
+    ]
+    xero.delete_payment(unpaid_invoice["Payments"][0]["PaymentID"])
+    # 3. ... and changed another invoice's amount.
+    [changed] = [i for i in xero.invoices if i["Contact"]["Name"].endswith(f"({differs['id']})")]
+    xero.set_invoice_total(changed["InvoiceID"], Decimal(30))
+    # 4. Staff joined a member without any payment.
+    joined = await api.post(
+        f"/api/v1/members/{free['id']}/membership/join", {"plan_id": plan["id"]}
+    )
+    assert joined.status_code == 200, joined.text
+    # 5. A suspended member paid: the payment changed no membership.
+    assert (
+        await api.post(f"/api/v1/members/{suspended['id']}/membership/suspend", {"note": "audit"})
+    ).status_code == 200
+    await pay(api, http, stripe, stripe_api, suspended, plan)
+    await work(db, hub)
+
+    report = await reconcile(api, db, hub, integration["id"])
+
+    found = {(m["kind"], m["member_id"]) for m in report["mismatches"]}
+    assert found == {
+        ("paid_in_stripe_no_invoice", no_invoice["id"]),
+        ("invoice_without_payment", unpaid["id"]),
+        ("amount_or_currency_differs", differs["id"]),
+        ("membership_active_without_payment", free["id"]),
+        ("payment_without_membership_change", suspended["id"]),
+    }
+    assert len(report["mismatches"]) == 5
+    summary = report["summary"]
+    assert summary["stripe_charges"] == 8
+    assert summary["mismatches"] == 5
+    assert summary["matched"] == 4  # three good members and the suspended one's first payment
+    by_kind = {m["kind"]: m for m in report["mismatches"]}
+    assert by_kind["paid_in_stripe_no_invoice"]["fix"] == "create_missing_invoice"
+    assert by_kind["invoice_without_payment"]["fix"] == "link_payment"
+    assert by_kind["invoice_without_payment"]["invoice_id"] == unpaid_invoice["InvoiceID"]
+    differing = by_kind["amount_or_currency_differs"]
+    assert (differing["stripe_amount"], differing["xero_amount"]) == (2500, 3000)
+    assert by_kind["membership_active_without_payment"]["fix"] is None
+
+    as_csv = await api.get(f"/api/v1/reconciliations/{report['id']}/report.csv")
+    assert as_csv.status_code == 200
+    assert as_csv.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(as_csv.text)))
+    assert sorted(r["kind"] for r in rows) == sorted(by_kind)
+
+    # The admin applies the two suggested fixes; the worker books them.
+    xero.set_currencies("GBP", "MYR")
+    for kind in ("paid_in_stripe_no_invoice", "invoice_without_payment"):
+        fixed = await api.post(
+            f"/api/v1/reconciliations/{report['id']}/mismatches/{by_kind[kind]['id']}/fix"
+        )
+        assert fixed.status_code == 200, fixed.text
+        assert fixed.json()["mismatch"]["fixed_at"]
+    again = await api.post(
+        f"/api/v1/reconciliations/{report['id']}/mismatches/{by_kind['invoice_without_payment']['id']}/fix"
+    )
+    assert again.status_code == 409
+    no_fix = await api.post(
+        f"/api/v1/reconciliations/{report['id']}/mismatches/{by_kind['membership_active_without_payment']['id']}/fix"
+    )
+    assert no_fix.status_code == 409
+    assert no_fix.json()["error"]["code"] == "NO_FIX"
+    await work(db, hub)
+
+    after = await reconcile(api, db, hub, integration["id"])
+    assert {m["kind"] for m in after["mismatches"]} == {
+        "amount_or_currency_differs",
+        "membership_active_without_payment",
+        "payment_without_membership_change",
+    }
+    assert len(xero.invoices) == 8
+
+
+async def test_bad_reconciliation_requests_are_refused(
+    api: ApiClient, http: httpx.AsyncClient, xero: FakeXero, stripe_api: FakeStripe
+) -> None:
+    plan = await api.create_plan(currency="GBP")
+    stripe = await create_stripe_integration(api, base_url=stripe_api.url)
+    integration = await connected_xero(api, http, xero, plan)
+    start, end = this_month()
+    for body in (
+        {},
+        {"integration_id": integration["id"], "period_start": end, "period_end": start},
+        {"integration_id": integration["id"], "period_start": "yesterday", "period_end": end},
+        {"integration_id": stripe["id"], "period_start": start, "period_end": end},
+        {"integration_id": "int_missing", "period_start": start, "period_end": end},
+        {
+            "integration_id": integration["id"],
+            "payments_integration_id": integration["id"],
+            "period_start": start,
+            "period_end": end,
+        },
+    ):
+        response = await api.post("/api/v1/reconciliations", body)
+        assert 400 <= response.status_code < 500, (body, response.text)
+        assert "error" in response.json()
+    assert (await api.get("/api/v1/reconciliations/rec_missing")).status_code == 404
+    queued = await api.post(
+        "/api/v1/reconciliations",
+        {"integration_id": integration["id"], "period_start": start, "period_end": end},
+    )
+    assert queued.status_code == 202
+    base = f"/api/v1/reconciliations/{queued.json()['id']}/mismatches"
+    not_yet = await api.post(f"{base}/mm_1/fix")
+    assert not_yet.status_code == 409
+    assert not_yet.json()["error"]["code"] == "NOT_COMPLETED"
+    assert (await api.post(f"{base}/mismatch-1/fix")).status_code == 422
+    listed = f"/api/v1/integrations/{integration['id']}/finance-entries"
+    assert (await api.get(listed, {"kind": "gift"})).status_code == 422
+    assert (await api.get(listed, {"status": "done; drop"})).status_code == 422
+    assert (await api.get(listed, {"cursor": "%%%"})).status_code == 422
+    assert (await api.get("/api/v1/finance-entries/fin_missing")).status_code == 404
+    assert (await api.post("/api/v1/finance-entries/fin_missing/replay")).status_code == 404
+    bad = await put(api, f"/api/v1/integrations/{stripe['id']}/accounting-mapping", {})
+    assert bad.status_code == 422
