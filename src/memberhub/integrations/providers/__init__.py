@@ -76,6 +76,7 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.pipedrive import Pipedrive
     from memberhub.integrations.providers.salesforce import Salesforce
     from memberhub.integrations.providers.shopify import Shopify
+    from memberhub.integrations.providers.smtp import Smtp
     from memberhub.integrations.providers.stripe import Stripe
 
     for provider in (
@@ -88,6 +89,7 @@ def _register_builtin() -> None:
         GenericWebhook(),
         Shopify(),
         Eventbrite(),
+        Smtp(),
     ):
         register(provider)
 
