@@ -22,6 +22,16 @@ from memberhub.kit.db import Base
 from memberhub.leads.models import Lead
 from memberhub.members.models import Member
 from memberhub.memberships.models import MembershipPlan, MembershipTerm, MemberStatusChange
+from memberhub.notifications.models import (
+    DeviceToken,
+    Notification,
+    NotificationFeedState,
+    NotificationPreference,
+    NotificationSettingsRow,
+    NotificationTemplate,
+    RenewalNotice,
+    Suppression,
+)
 from memberhub.organisations.models import Organisation
 from memberhub.points.models import PointAccount, PointAllocation, PointBatch, PointTransaction
 from memberhub.program.models import LoyaltyProgram
@@ -43,6 +53,7 @@ __all__ = [
     "CrmConflict",
     "CrmLink",
     "CrmSyncState",
+    "DeviceToken",
     "EarningRule",
     "EarningRuleVersion",
     "Event",
@@ -57,6 +68,11 @@ __all__ = [
     "MemberStatusChange",
     "MembershipPlan",
     "MembershipTerm",
+    "Notification",
+    "NotificationFeedState",
+    "NotificationPreference",
+    "NotificationSettingsRow",
+    "NotificationTemplate",
     "OAuthAuthorization",
     "Organisation",
     "PaymentRecord",
@@ -64,9 +80,11 @@ __all__ = [
     "PointAllocation",
     "PointBatch",
     "PointTransaction",
+    "RenewalNotice",
     "Reward",
     "RewardClaim",
     "RuleAward",
+    "Suppression",
     "SyncRun",
     "SyncRunRecord",
     "Tier",
