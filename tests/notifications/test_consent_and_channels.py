@@ -1,0 +1,209 @@
+"""SMS consent, quiet hours, staff messages, suppression and deduplication."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from memberhub.integrations.providers.base import DeliveryReport
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Database
+from memberhub.notifications.service import apply_delivery_reports
+from memberhub.settings import Settings
+from tests.fakes.smtp_server import SmtpServer
+from tests.notifications.conftest import (
+    RecordingSms,
+    award,
+    consenting_member,
+    deliver,
+    notifications,
+)
+from tests.support import ApiClient
+
+SETTINGS = "/api/v1/notification-settings"
+
+
+async def test_a_member_without_sms_consent_gets_no_sms_and_the_log_says_no_consent(
+    api: ApiClient, db: Database, app: Any, settings: Settings, sms: RecordingSms
+) -> None:
+    member = await api.create_member(phone="+60123456789", consent={"sms": False})
+    await award(api, member["id"], 40, notify=True)
+
+    await deliver(db, app, settings, utcnow().replace(hour=12))
+
+    assert sms.sent == []
+    (logged,) = await notifications(api, channel="sms", message_type="points_earned")
+    assert logged["status"] == "suppressed"
+    assert logged["reason"] == "no_consent"
+    assert logged["recipient"] == "+60123456789"
+
+
+async def test_an_sms_due_at_3am_local_time_is_sent_when_the_quiet_hours_end(
+    api: ApiClient, db: Database, app: Any, settings: Settings, sms: RecordingSms
+) -> None:
+    program = await api.patch("/api/v1/program", {"timezone": "Asia/Kuala_Lumpur"})
+    assert program.status_code == 200, program.text
+    member = await api.create_member(phone="+60123456789", consent={"sms": True})
+    await award(api, member["id"], 40, notify=True)
+    # 03:00 in Kuala Lumpur (UTC+8) is 19:00 UTC the day before.
+    three_am = datetime(2027, 3, 10, 19, 0, tzinfo=UTC)
+
+    await deliver(db, app, settings, three_am)
+
+    assert sms.sent == []
+    (queued,) = await notifications(api, channel="sms", message_type="points_earned")
+    assert queued["status"] == "queued"
+    # The quiet hours (21:00 to 08:00 by default) end at 08:00 local: 00:00 UTC.
+    assert queued["next_attempt_at"] == "2027-03-11T00:00:00Z"
+    await deliver(db, app, settings, datetime(2027, 3, 10, 23, 59, tzinfo=UTC))
+    assert sms.sent == []
+
+    await deliver(db, app, settings, datetime(2027, 3, 11, 0, 0, tzinfo=UTC))
+
+    (sent,) = [m for m in sms.sent if "earned" in m.text]
+    assert sent.to == "+60123456789"
+    assert sent.text == "You earned 40 points. Balance: 40."
+    (logged,) = await notifications(api, channel="sms", message_type="points_earned")
+    assert logged["status"] == "sent"
+    assert logged["provider_message_id"].startswith("SM")
+
+
+async def test_the_members_own_time_zone_decides_their_quiet_hours(
+    api: ApiClient, db: Database, app: Any, settings: Settings, sms: RecordingSms
+) -> None:
+    member = await api.create_member(phone="+447700900123", consent={"sms": True})
+    patched = await api.patch(
+        f"/api/v1/members/{member['id']}/notification-preferences", {"timezone": "Europe/London"}
+    )
+    assert patched.status_code == 200, patched.text
+    await award(api, member["id"], 5, notify=True)
+    # 14:00 in London, whatever the program's zone (UTC by default) says.
+    await deliver(db, app, settings, datetime(2027, 1, 15, 14, 0, tzinfo=UTC))
+    assert any("earned" in m.text for m in sms.sent)
+
+
+async def test_an_sms_provider_refusing_a_number_marks_it_failed_without_retrying(
+    api: ApiClient, db: Database, app: Any, settings: Settings, sms: RecordingSms
+) -> None:
+    sms.refused.add("+60100000000")
+    member = await api.create_member(phone="+60100000000", consent={"sms": True})
+    noon = datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
+    await award(api, member["id"], 5, notify=True)
+    await deliver(db, app, settings, noon)
+    await deliver(db, app, settings, noon + timedelta(days=1))
+    (logged,) = await notifications(api, channel="sms", message_type="points_earned")
+    assert logged["status"] == "failed"
+    assert logged["error"] == "21211: The 'To' number is not a valid phone number."
+    assert logged["attempts"] == 1
+
+
+async def test_a_large_redemption_alert_reaches_every_manager_by_email(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    staff = [
+        {"email": "maya@club.example", "name": "Maya", "roles": ["manager"]},
+        {"email": "omar@club.example", "name": "Omar", "roles": ["manager", "admin"]},
+        {"email": "sam@club.example", "name": "Sam", "roles": ["support_agent"]},
+    ]
+    assert (await api.patch(SETTINGS, {"staff": staff})).status_code == 200
+    program = await api.patch(
+        "/api/v1/program", {"alert_thresholds": {"large_redemption_points": 50}}
+    )
+    assert program.status_code == 200, program.text
+    member = await api.create_member()  # no consent: only staff hear of this
+    await award(api, member["id"], 500)
+    redeemed = await api.post("/api/v1/points/redeem", {"member_id": member["id"], "points": 51})
+    assert redeemed.status_code == 201, redeemed.text
+
+    await deliver(db, app, settings)
+
+    alerts = [m for m in smtp.received() if "LARGE_REDEMPTION" in str(m.message["Subject"])]
+    assert sorted(r for m in alerts for r in m.recipients) == [
+        "maya@club.example",
+        "omar@club.example",
+    ]
+    assert {str(m.message["Subject"]) for m in alerts} == {"[low] LARGE_REDEMPTION"}
+    text = alerts[0].part("plain")
+    assert text is not None
+    assert "51 points" in text
+    logged = await notifications(api, message_type="staff_alert_raised")
+    assert {(n["audience"], n["status"], n["member_id"]) for n in logged} == {
+        ("staff", "sent", None)
+    }
+
+
+async def test_a_bounce_report_suppresses_the_address(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    member = await consenting_member(api, email="Bouncy@Example.com")
+    await deliver(db, app, settings)
+    (welcome,) = await notifications(api)
+    assert welcome["status"] == "sent"
+
+    async with db.transaction() as session:
+        integration_id = await _integration_row_id(session, mail["id"])
+        done = await apply_delivery_reports(
+            session,
+            integration_id,
+            [
+                DeliveryReport(
+                    status="bounced",
+                    provider_message_id=welcome["provider_message_id"],
+                    recipient="bouncy@example.com",
+                    reason="550 mailbox unavailable",
+                )
+            ],
+        )
+    assert done == {"updated": 1, "suppressed": 1, "unmatched": 0}
+    (bounced,) = await notifications(api)
+    assert (bounced["status"], bounced["reason"]) == ("bounced", "550 mailbox unavailable")
+    listed = (await api.get("/api/v1/notification-suppressions")).json()["data"]
+    assert [(s["channel"], s["address"], s["reason"]) for s in listed] == [
+        ("email", "bouncy@example.com", "bounced")
+    ]
+
+    await award(api, member["id"], 5, notify=True)
+    await deliver(db, app, settings)
+    logged = await notifications(api, message_type="points_earned")
+    assert [(n["status"], n["reason"]) for n in logged] == [
+        ("suppressed", "suppressed_address:bounced")
+    ]
+    assert len(smtp.received()) == 1
+
+
+async def test_the_dedup_window_sends_one_message_of_a_type_per_member(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    assert (await api.patch(SETTINGS, {"dedup_windows": {"points_earned": 60}})).is_success
+    member = await consenting_member(api)
+    await award(api, member["id"], 5, notify=True)
+    await award(api, member["id"], 6, notify=True)
+    await deliver(db, app, settings)
+    await award(api, member["id"], 7, notify=True)
+    await deliver(db, app, settings)
+    logged = await notifications(api, message_type="points_earned")
+    assert sorted((n["status"], n["reason"]) for n in logged) == [
+        ("sent", None),
+        ("suppressed", "duplicate"),
+        ("suppressed", "duplicate"),
+    ]
+
+
+async def test_a_disabled_message_type_makes_no_notifications(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    patched = await api.patch(SETTINGS, {"disabled_message_types": ["member_welcome"]})
+    assert patched.status_code == 200, patched.text
+    await consenting_member(api)
+    await deliver(db, app, settings)
+    assert await notifications(api) == []
+
+
+async def _integration_row_id(session: Any, public_id: str) -> int:
+    from sqlalchemy import select
+
+    from memberhub.integrations.models import Integration
+
+    found = await session.scalar(select(Integration.id).where(Integration.public_id == public_id))
+    assert found is not None
+    return int(found)
