@@ -7,11 +7,13 @@ Three steps, each its own short transaction, so no send runs inside one:
    lease and `claim` a token of this pass. A notification whose sender died is due again
    when its lease ends; it is then sent again, which is the one way a message can go out
    twice: an attempt in flight when its process died.
-2. **Send**, a few at a time, through the provider's `MessageChannel` and the gateway.
-3. **Record**, only where the claim is still ours: sent with the provider's message id;
-   failed for good on a permanent refusal (`SendRejected(permanent=True)`, the provider's
-   words kept); otherwise queued again after the next delay of the retry schedule, failed
-   when the schedule is spent.
+2. **Send**, a round of `concurrency` at a time, through the provider's
+   `MessageChannel` and the gateway.
+3. **Record** each round as it finishes (so a crash leaves at most one round sent and
+   unrecorded: the attempts in flight), only where the claim is still ours: sent with
+   the provider's message id; failed for good on a permanent refusal
+   (`SendRejected(permanent=True)`, the provider's words kept); otherwise queued again
+   after the next delay of the retry schedule, failed when the schedule is spent.
 """
 
 from __future__ import annotations
@@ -97,8 +99,15 @@ class NotificationSender:
             claim, claimed = await self._claim(now or utcnow())
             if not claimed:
                 break
-            outcomes = await self._send_all(claimed)
-            await self._record(claim, outcomes)
+            integrations = await self._integrations()
+            # Recorded a round of sends at a time: what a crash leaves sent but unrecorded
+            # (and so sends again after the lease) is at most one round in flight.
+            for start in range(0, len(claimed), self.concurrency):
+                round_ = claimed[start : start + self.concurrency]
+                outcomes = await asyncio.gather(
+                    *(self._send_one(item, integrations) for item in round_)
+                )
+                await self._record(claim, outcomes)
             handled += len(claimed)
         return handled
 
@@ -156,16 +165,6 @@ class NotificationSender:
             )
             for row in rows
         ]
-
-    async def _send_all(self, claimed: Sequence[_Claimed]) -> list[_Outcome]:
-        integrations = await self._integrations()
-        slots = asyncio.Semaphore(self.concurrency)
-
-        async def send(item: _Claimed) -> _Outcome:
-            async with slots:
-                return await self._send_one(item, integrations)
-
-        return list(await asyncio.gather(*(send(item) for item in claimed)))
 
     async def _integrations(self) -> dict[int, tuple[Integration, MessageChannel, set[str]]]:
         async with self.db.transaction(read_only=True) as session:
