@@ -118,7 +118,7 @@ async def test_the_points_expiring_job_sends_one_email_per_expiring_batch(
         f"200 points expire on {(now + timedelta(days=20)).strftime('%d %B %Y').lstrip('0')}",
     ]
     # Marketing: a signed one-click unsubscribe link in the headers.
-    header = str(expiring[0].message["List-Unsubscribe"])
+    header = str(expiring[0].message["List-Unsubscribe"]).strip()
     assert header.startswith(f"<{settings.public_url}/api/v1/unsubscribe/")
     assert expiring[0].message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     link = header.strip("<>").removeprefix(settings.public_url)

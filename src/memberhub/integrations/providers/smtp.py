@@ -26,7 +26,10 @@ import email.utils
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from email.message import EmailMessage
+from email.header import Header
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from typing import Annotated, Any, ClassVar, Literal
 
 import aiosmtplib
@@ -180,7 +183,7 @@ class Smtp(Provider):
             )
         return pool
 
-    async def _send(self, connection: Connection, config: SmtpConfig, mail: EmailMessage) -> None:
+    async def _send(self, connection: Connection, config: SmtpConfig, mail: Message) -> None:
         pool = self._pool(connection, config)
         loop = asyncio.get_running_loop()
         async with pool.slots:
@@ -263,7 +266,7 @@ async def _open(config: SmtpConfig, credentials: Mapping[str, Any]) -> aiosmtpli
     return client
 
 
-async def _deliver(client: aiosmtplib.SMTP, mail: EmailMessage) -> None:
+async def _deliver(client: aiosmtplib.SMTP, mail: Message) -> None:
     """Send on an open session. A 5xx refusal raises ExchangeRefused; a 4xx one a plain
     error (temporary, retried on schedule); a session found closed before MAIL FROM was
     answered raises _Stale."""
@@ -292,22 +295,36 @@ async def _deliver(client: aiosmtplib.SMTP, mail: EmailMessage) -> None:
         raise
 
 
-def build_email(config: SmtpConfig, message: OutgoingMessage) -> EmailMessage:
+def build_email(config: SmtpConfig, message: OutgoingMessage) -> Message:
     """The MIME message: text, or text and HTML as multipart/alternative, with the
-    message's headers (List-Unsubscribe and the like) passed through."""
-    mail = EmailMessage()
+    message's headers (List-Unsubscribe and the like) passed through.
+
+    Built with the `email.mime` classes (the compat32 policy): they make the same MIME as
+    `EmailMessage` at a fraction of its header-parsing cost, which dominated a send to a
+    local relay. Non-ASCII header values are RFC 2047 encoded.
+    """
+    text = MIMEText(message.text, "plain", "utf-8")
+    mail: Message
+    if message.html is not None:
+        mail = MIMEMultipart("alternative")
+        mail.attach(text)
+        mail.attach(MIMEText(message.html, "html", "utf-8"))
+    else:
+        mail = text
     sender = message.sender or str(config.from_address)
-    mail["From"] = email.utils.formataddr((config.from_name or "", sender))
+    name = config.from_name or ""
+    mail["From"] = email.utils.formataddr((name, sender), charset="utf-8")
     mail["To"] = message.to
-    mail["Subject"] = message.subject or ""
+    mail["Subject"] = _header(message.subject or "")
     mail["Date"] = email.utils.formatdate(localtime=False)
     domain = sender.rpartition("@")[2] or "memberhub.local"
     # Our notification id, made unique per attempt: a resend is a new message to servers.
     mail["Message-ID"] = f"<{message.reference}.{secrets.token_hex(4)}@{domain}>"
     mail["X-Memberhub-Notification"] = message.reference
-    for name, value in message.headers.items():
-        mail[name] = value
-    mail.set_content(message.text)
-    if message.html is not None:
-        mail.add_alternative(message.html, subtype="html")
+    for header, value in message.headers.items():
+        mail[header] = _header(value)
     return mail
+
+
+def _header(value: str) -> str:
+    return value if value.isascii() else Header(value, "utf-8").encode()
