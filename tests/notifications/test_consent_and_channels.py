@@ -5,9 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import func, select
+
 from memberhub.integrations.providers.base import DeliveryReport
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.notifications.models import DeviceToken
+from memberhub.notifications.planning import LinkSettings, plan_notifications
 from memberhub.notifications.service import apply_delivery_reports
 from memberhub.settings import Settings
 from tests.fakes.smtp_server import SmtpServer
@@ -207,3 +211,24 @@ async def _integration_row_id(session: Any, public_id: str) -> int:
     found = await session.scalar(select(Integration.id).where(Integration.public_id == public_id))
     assert found is not None
     return int(found)
+
+
+async def test_erasing_a_member_erases_their_notifications_and_sends_nothing_queued(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    member = await consenting_member(api, email="gone@example.com")
+    device = {"token": "token-" + "x" * 30, "platform": "ios"}
+    assert (await api.post(f"/api/v1/members/{member['id']}/devices", device)).status_code == 201
+    links = LinkSettings(public_url=settings.public_url, secret=settings.resolved_secret_key)
+    assert await plan_notifications(db, utcnow(), links) == 1  # the welcome, queued
+    assert (await api.delete(f"/api/v1/members/{member['id']}")).status_code == 204
+
+    await deliver(db, app, settings)
+
+    assert smtp.received() == []
+    (logged,) = await notifications(api)
+    assert (logged["status"], logged["reason"]) == ("suppressed", "member_deleted")
+    assert logged["recipient"] is None
+    assert logged["subject"] is None
+    async with db.transaction(read_only=True) as session:
+        assert await session.scalar(select(func.count()).select_from(DeviceToken)) == 0

@@ -22,7 +22,7 @@ from datetime import datetime, time, timedelta
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Table, func, select
+from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -52,6 +52,8 @@ from memberhub.program import service as program_service
 from memberhub.tiers.models import Tier
 
 EVENTS_PER_BATCH = 500
+ERASED = "member.deleted"
+PLANNED_EVENT_TYPES = catalog.EVENT_TYPES | {ERASED}
 _NOTIFICATIONS = cast(Table, Notification.__table__)
 _STATE_ID = 1
 
@@ -119,7 +121,7 @@ async def plan_batch(session: AsyncSession, now: datetime, links: LinkSettings) 
             .where(
                 Event.position > state.event_position,
                 Event.position <= top,
-                Event.type.in_(catalog.EVENT_TYPES),
+                Event.type.in_(PLANNED_EVENT_TYPES),
             )
             .order_by(Event.position)
             .limit(EVENTS_PER_BATCH)
@@ -128,6 +130,8 @@ async def plan_batch(session: AsyncSession, now: datetime, links: LinkSettings) 
     state.event_position = events[-1].position if len(events) == EVENTS_PER_BATCH else top
     if not events:
         return 0
+    erased = [e.member_public_id for e in events if e.type == ERASED and e.member_public_id]
+    events = [e for e in events if e.type != ERASED]
     planner = await _Planner.load(session, now, links, events)
     rows = planner.plan(events)
     if rows:
@@ -142,7 +146,38 @@ async def plan_batch(session: AsyncSession, now: datetime, links: LinkSettings) 
             ),
             rows,
         )
+    if erased:
+        await _forget_members(session, erased, now)
     return len(rows)
+
+
+async def _forget_members(
+    session: AsyncSession, member_public_ids: list[str], now: datetime
+) -> None:
+    """A member's personal data was erased (`member.deleted`): what their notifications say
+    and where they went is erased too, those still queued are never sent, and their
+    devices are forgotten."""
+    member_ids = select(Member.id).where(Member.public_id.in_(member_public_ids))
+    await session.execute(
+        update(_NOTIFICATIONS)
+        .where(
+            _NOTIFICATIONS.c.member_id.in_(member_ids),
+            _NOTIFICATIONS.c.status == NotificationStatus.QUEUED,
+        )
+        .values(
+            status=NotificationStatus.SUPPRESSED,
+            reason="member_deleted",
+            next_attempt_at=None,
+            claim=None,
+            updated_at=now,
+        )
+    )
+    await session.execute(
+        update(_NOTIFICATIONS)
+        .where(_NOTIFICATIONS.c.member_id.in_(member_ids))
+        .values(recipient=None, subject=None, text="", html=None, headers={}, updated_at=now)
+    )
+    await session.execute(delete(DeviceToken).where(DeviceToken.member_id.in_(member_ids)))
 
 
 @dataclass
