@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import func, select
 
-from memberhub.integrations.providers.base import DeliveryReport
+from memberhub.integrations import providers
+from memberhub.integrations.inbound import process_inbound
+from memberhub.integrations.providers.base import (
+    BaseConfig,
+    Capability,
+    DeliveryReport,
+    InboundIdentity,
+    InboundRequest,
+)
+from memberhub.integrations.signatures import SignatureInvalid
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.notifications.models import DeviceToken
@@ -232,3 +244,79 @@ async def test_erasing_a_member_erases_their_notifications_and_sends_nothing_que
     assert logged["subject"] is None
     async with db.transaction(read_only=True) as session:
         assert await session.scalar(select(func.count()).select_from(DeviceToken)) == 0
+
+
+class CallbackSms(RecordingSms):
+    """The test SMS channel with status callbacks: a JSON list of {id, to, status}."""
+
+    name = "test_sms_callbacks"
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {Capability.MESSAGES, Capability.EVENTS_SOURCE}
+    )
+
+    def verify(
+        self, request: InboundRequest, connection_secrets: Mapping[str, Any], config: BaseConfig
+    ) -> None:
+        if request.headers.get("x-test-token") != "let-me-in":
+            raise SignatureInvalid("no_matching_signature", "bad token")
+
+    def identify(self, request: InboundRequest) -> InboundIdentity:
+        return InboundIdentity(
+            event_id=hashlib.sha256(request.body).hexdigest(), event_type="status"
+        )
+
+    def delivery_reports(self, event_type: str, body: bytes) -> list[DeliveryReport]:
+        return [
+            DeliveryReport(
+                status=item["status"], provider_message_id=item["id"], recipient=item["to"]
+            )
+            for item in json.loads(body)
+        ]
+
+
+async def test_delivery_callbacks_through_the_inbound_endpoint_update_the_log_and_suppress(
+    api: ApiClient, db: Database, app: Any, settings: Settings
+) -> None:
+    provider = CallbackSms()
+    providers.register(provider)
+    try:
+        created = await api.post(
+            "/api/v1/integrations", {"provider": provider.name, "name": "SMS", "config": {}}
+        )
+        assert created.status_code == 201, created.text
+        first = await api.create_member(phone="+60111111111", consent={"sms": True})
+        second = await api.create_member(phone="+60122222222", consent={"sms": True})
+        noon = datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
+        await award(api, first["id"], 5, notify=True)
+        await award(api, second["id"], 5, notify=True)
+        await deliver(db, app, settings, noon)
+        sent = {n["recipient"]: n for n in await notifications(api, channel="sms")}
+        callbacks = [
+            {
+                "id": sent["+60111111111"]["provider_message_id"],
+                "to": "+60111111111",
+                "status": "delivered",
+            },
+            {
+                "id": sent["+60122222222"]["provider_message_id"],
+                "to": "+60122222222",
+                "status": "unsubscribed",
+            },
+        ]
+        inbound = f"/api/v1/inbound/{created.json()['id']}"
+        refused = await api.http.post(inbound, json=callbacks)
+        assert refused.status_code == 400
+        accepted = await api.http.post(
+            inbound, json=callbacks, headers={"x-test-token": "let-me-in"}
+        )
+        assert accepted.status_code < 300, accepted.text
+        assert await process_inbound(db, utcnow()) == 1
+
+        statuses = {n["recipient"]: n["status"] for n in await notifications(api, channel="sms")}
+        assert statuses == {"+60111111111": "delivered", "+60122222222": "sent"}
+        listed = (await api.get("/api/v1/notification-suppressions")).json()["data"]
+        assert [(s["channel"], s["address"], s["reason"]) for s in listed] == [
+            ("sms", "+60122222222", "unsubscribed")
+        ]
+    finally:
+        providers._PROVIDERS.pop(provider.name, None)
