@@ -84,3 +84,31 @@ async def test_a_tier_upgrade_and_a_reward_claim_are_told_to_the_member(
     ]
     kinds = {n["message_type"] for n in await notifications(api, member_id=member["id"])}
     assert kinds == {"member_welcome", "tier_upgraded", "reward_claimed"}
+
+
+async def test_an_approval_request_reaches_managers_and_admins_but_not_support_agents(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    staff = [
+        {"email": "maya@club.example", "roles": ["manager"]},
+        {"email": "ada@club.example", "roles": ["admin"]},
+        {"email": "sam@club.example", "roles": ["support_agent"]},
+    ]
+    assert (await api.patch("/api/v1/notification-settings", {"staff": staff})).is_success
+    member = await api.create_member()
+    await award(api, member["id"], 100)
+    body = {"member_id": member["id"], "points": 5, "reason": "fix", "require_approval": True}
+    assert (await api.post("/api/v1/points/deduct", body)).status_code == 202
+
+    await deliver(db, app, settings)
+
+    recipients = sorted(
+        r
+        for m in smtp.received()
+        if "Approval requested" in str(m.message["Subject"])
+        for r in m.recipients
+    )
+    assert recipients == ["ada@club.example", "maya@club.example"]
+    text = next(m.part("plain") for m in smtp.received() if "ada@club.example" in m.recipients)
+    assert text is not None
+    assert f"asks to deduct 5 points of {member['id']}: fix" in text
