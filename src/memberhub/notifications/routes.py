@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import html
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse
@@ -54,7 +54,15 @@ router = APIRouter(
     responses=ERROR_RESPONSES,
 )
 # Unsubscribe links: no API key, the link's signature is the authority.
-public = APIRouter(prefix="/api/v1", tags=["notifications"], responses=ERROR_RESPONSES)
+public = APIRouter(prefix="/api/v1", tags=["notifications"])
+# The page is HTML; its errors are the usual JSON (FastAPI would document them as HTML).
+_PAGE_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {
+        "description": answer["description"],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+    for status, answer in ERROR_RESPONSES.items()
+}
 
 
 def _one_of(values: tuple[str, ...]) -> str:
@@ -309,7 +317,11 @@ async def update_notification_preferences(
     return await service.update_preferences(session, principal, member_id, payload)
 
 
-@router.post("/members/{member_id}/devices", status_code=201)
+@router.post(
+    "/members/{member_id}/devices",
+    status_code=201,
+    responses={200: {"model": DeviceOut, "description": "The token was registered already"}},
+)
 async def register_device(
     member_id: IdPath,
     payload: DeviceIn,
@@ -390,7 +402,7 @@ def _secret(request: Request) -> str:
     return secret
 
 
-@public.get("/unsubscribe/{token}", response_class=HTMLResponse)
+@public.get("/unsubscribe/{token}", response_class=HTMLResponse, responses=_PAGE_ERRORS)
 async def unsubscribe_page(token: str, request: Request) -> HTMLResponse:
     """The page an unsubscribe link opens: a button that confirms (a GET changes nothing,
     so mail scanners following links unsubscribe no one)."""
@@ -404,7 +416,7 @@ async def unsubscribe_page(token: str, request: Request) -> HTMLResponse:
     )
 
 
-@public.post("/unsubscribe/{token}")
+@public.post("/unsubscribe/{token}", responses=ERROR_RESPONSES)
 async def unsubscribe(token: str, request: Request) -> Unsubscribed:
     """One-click unsubscribe (RFC 8058: `List-Unsubscribe=One-Click` posted here): turns
     off the member's marketing messages on the link's channel."""
