@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import html
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from memberhub.auth.dependencies import (
     MembersReader,
@@ -18,33 +18,28 @@ from memberhub.kit.db import Database
 from memberhub.kit.errors import ValidationFailed
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
-from memberhub.kit.types import IdPath, Input
+from memberhub.kit.types import IdPath
 from memberhub.members.service import get_member
 from memberhub.notifications import service
 from memberhub.notifications.catalog import MESSAGE_TYPES
 from memberhub.notifications.models import Channel, NotificationStatus
-from memberhub.notifications.repository import NotificationFilters, NotificationRepository
+from memberhub.notifications.repository import NotificationFilters
 from memberhub.notifications.schemas import (
-    ChannelName,
     DeviceIn,
     DeviceOut,
-    Locale,
-    MessageTypeName,
     MessageTypeOut,
     NotificationOut,
     NotificationSettingsOut,
     NotificationSettingsPatch,
     PreferencesOut,
     PreferencesPatch,
-    PreviewIn,
     PreviewOut,
+    PreviewRequest,
     SuppressionIn,
     SuppressionOut,
-    TemplateBody,
     TemplateIn,
     TemplateOut,
     TemplatePatch,
-    TemplateSubject,
 )
 
 router = APIRouter(
@@ -131,79 +126,13 @@ async def create_template(
     return service.template_out(await service.create_template(session, principal, payload))
 
 
-class PreviewRequest(Input):
-    message_type: MessageTypeName
-    channel: ChannelName
-    locale: Locale | None = Field(
-        default=None,
-        description="Which template: the installation's in this locale, "
-        "else in the default locale, else the built-in one.",
-    )
-    subject: TemplateSubject | None = Field(default=None, description="A draft to render.")
-    body: TemplateBody | None = Field(
-        default=None, description="A draft to render instead of the stored template."
-    )
-    format: Literal["text", "html"] = "text"
-    member_id: str | None = Field(
-        default=None, pattern=r"^[a-z]{2,4}_[0-9a-z]{1,40}$", max_length=45
-    )
-    event: dict[str, object] | None = None
-
-
 @router.post("/notification-templates/preview")
 async def preview_template(
     payload: PreviewRequest, session: DbSession, principal: NotificationsReader
 ) -> PreviewOut:
     """Render a template (a draft, or the one that would be sent) for a chosen member,
     or for sample data."""
-    message = MESSAGE_TYPES.get(payload.message_type)
-    if message is None:
-        raise ValidationFailed(
-            f"Unknown message type {payload.message_type!r}.",
-            details={"field": "message_type", "known": sorted(MESSAGE_TYPES)},
-            code="UNKNOWN_MESSAGE_TYPE",
-        )
-    if payload.body is not None:
-        service.check_template(
-            message, payload.channel, payload.subject, payload.body, payload.format
-        )
-        template = TemplateOut(
-            id=None,
-            message_type=message.name,
-            channel=payload.channel,
-            locale=payload.locale,
-            subject=payload.subject,
-            body=payload.body,
-            format=payload.format,
-            enabled=True,
-            default=False,
-            created_at=None,
-            updated_at=None,
-        )
-    else:
-        settings = await service.get_settings(session)
-        stored = {
-            (t.message_type or "", t.channel, t.locale or ""): t
-            for t in await service.list_templates(
-                session, message_type=message.name, channel=payload.channel, defaults=False
-            )
-        }
-        template = next(
-            (
-                stored[(message.name, payload.channel, locale)]
-                for locale in (payload.locale, settings.default_locale)
-                if locale is not None and (message.name, payload.channel, locale) in stored
-            ),
-            None,
-        ) or next(iter(service.default_templates(message.name, payload.channel)), None)  # type: ignore[assignment]
-        if template is None:
-            raise ValidationFailed(
-                f"{message.name} has no {payload.channel} template.",
-                details={"field": "channel"},
-                code="NO_TEMPLATE",
-            )
-    preview = PreviewIn(member_id=payload.member_id, event=payload.event)
-    return await service.preview_template(session, principal, template, preview)
+    return await service.preview(session, principal, payload)
 
 
 @router.get("/notification-templates/{template_id}")
@@ -365,8 +294,8 @@ async def list_suppressions(
 ) -> Page[SuppressionOut]:
     """Addresses nothing is sent to: bounced, dropped, reported spam, unsubscribed at the
     provider, or added by staff. Newest first."""
-    rows = await NotificationRepository(session).suppressions(
-        channel=channel, after_id=page.after_id, limit=page.limit
+    rows = await service.list_suppressions(
+        session, channel=channel, after_id=page.after_id, limit=page.limit
     )
     items, pagination = build_page(rows, page.limit)
     return Page(data=[service.suppression_out(s) for s in items], pagination=pagination)

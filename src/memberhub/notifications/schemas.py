@@ -181,6 +181,25 @@ class PreviewIn(Input):
     )
 
 
+class PreviewRequest(Input):
+    message_type: MessageTypeName
+    channel: ChannelName
+    locale: Locale | None = Field(
+        default=None,
+        description="Which template: the installation's in this locale, "
+        "else in the default locale, else the built-in one.",
+    )
+    subject: TemplateSubject | None = Field(default=None, description="A draft to render.")
+    body: TemplateBody | None = Field(
+        default=None, description="A draft to render instead of the stored template."
+    )
+    format: Literal["text", "html"] = "text"
+    member_id: str | None = Field(
+        default=None, pattern=r"^[a-z]{2,4}_[0-9a-z]{1,40}$", max_length=45
+    )
+    event: dict[str, object] | None = None
+
+
 class PreviewOut(BaseModel):
     subject: str | None
     text: str

@@ -54,6 +54,7 @@ from memberhub.notifications.schemas import (
     PreferencesPatch,
     PreviewIn,
     PreviewOut,
+    PreviewRequest,
     SuppressionIn,
     SuppressionOut,
     TemplateIn,
@@ -449,6 +450,52 @@ async def preview_template(
     return PreviewOut(subject=rendered.subject, text=rendered.text, html=rendered.html)
 
 
+async def preview(
+    session: AsyncSession, principal: Principal, payload: PreviewRequest
+) -> PreviewOut:
+    """Render a draft (`body` given, checked as a new template is) or the template that
+    would be sent in `locale` (else the default locale, else the built-in one)."""
+    message = _message_type(payload.message_type)
+    if payload.body is not None:
+        check_template(message, payload.channel, payload.subject, payload.body, payload.format)
+        template = TemplateOut(
+            id=None,
+            message_type=message.name,
+            channel=payload.channel,
+            locale=payload.locale,
+            subject=payload.subject,
+            body=payload.body,
+            format=payload.format,
+            enabled=True,
+            default=False,
+            created_at=None,
+            updated_at=None,
+        )
+    else:
+        settings = await get_settings(session)
+        stored = {
+            (t.channel, t.locale): t
+            for t in await list_templates(
+                session, message_type=message.name, channel=payload.channel, defaults=False
+            )
+        }
+        chosen = [
+            stored[(payload.channel, locale)]
+            for locale in (payload.locale, settings.default_locale)
+            if locale is not None and (payload.channel, locale) in stored
+        ] + default_templates(message.name, payload.channel)
+        if not chosen:
+            raise ValidationFailed(
+                f"{message.name} has no {payload.channel} template.",
+                details={"field": "channel"},
+                code="NO_TEMPLATE",
+            )
+        template = chosen[0]
+    return await preview_template(
+        session, principal, template, PreviewIn(member_id=payload.member_id, event=payload.event)
+    )
+
+
 # ---------------------------------------------------------------- preferences and devices
 
 
@@ -661,6 +708,14 @@ async def suppress(
         assert found is not None
         return found
     return suppression
+
+
+async def list_suppressions(
+    session: AsyncSession, *, channel: str | None, after_id: int | None, limit: int
+) -> Sequence[Suppression]:
+    return await NotificationRepository(session).suppressions(
+        channel=channel, after_id=after_id, limit=limit
+    )
 
 
 async def add_suppression(
