@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 
 @dataclass(frozen=True)
@@ -80,15 +80,33 @@ def _free_port() -> int:
 
 
 class SmtpServer:
-    def __init__(self) -> None:
+    """`credentials`: the (user, password) a client logging in must give (AUTH PLAIN or
+    LOGIN, offered without TLS here); None offers no login."""
+
+    def __init__(self, credentials: tuple[str, str] | None = None) -> None:
         self.port = _free_port()
         self.messages: list[Received] = []
         self.refused: set[str] = set()
         self.deferred: set[str] = set()
         self.lock = threading.Lock()
+        self.credentials = credentials
+        extra: dict[str, Any] = {}
+        if credentials is not None:
+            extra = {
+                "authenticator": self._authenticate,
+                "auth_require_tls": False,
+            }
         self._controller = Controller(
-            _Handler(self), hostname="127.0.0.1", port=self.port, decode_data=False
+            _Handler(self), hostname="127.0.0.1", port=self.port, decode_data=False, **extra
         )
+
+    def _authenticate(
+        self, _server: Any, _session: Any, _envelope: Any, _mechanism: str, data: Any
+    ) -> AuthResult:
+        if not isinstance(data, LoginPassword) or self.credentials is None:
+            return AuthResult(success=False, handled=False)
+        given = (data.login.decode(), data.password.decode())
+        return AuthResult(success=given == self.credentials, handled=False)
 
     def __enter__(self) -> Self:
         self._controller.start()
