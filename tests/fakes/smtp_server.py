@@ -15,6 +15,7 @@ import asyncio
 import email
 import email.policy
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -81,9 +82,16 @@ def _free_port() -> int:
 
 class SmtpServer:
     """`credentials`: the (user, password) a client logging in must give (AUTH PLAIN or
-    LOGIN, offered without TLS here); None offers no login."""
+    LOGIN, offered without TLS here); None offers no login. `tls`: serve implicit TLS
+    with this context; `starttls`: require STARTTLS with it."""
 
-    def __init__(self, credentials: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        credentials: tuple[str, str] | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+        starttls: ssl.SSLContext | None = None,
+    ) -> None:
         self.port = _free_port()
         self.messages: list[Received] = []
         self.refused: set[str] = set()
@@ -96,6 +104,10 @@ class SmtpServer:
                 "authenticator": self._authenticate,
                 "auth_require_tls": False,
             }
+        if tls is not None:
+            extra["ssl_context"] = tls  # implicit TLS, as on port 465
+        if starttls is not None:
+            extra.update(tls_context=starttls, require_starttls=True)
         self._controller = Controller(
             _Handler(self), hostname="127.0.0.1", port=self.port, decode_data=False, **extra
         )

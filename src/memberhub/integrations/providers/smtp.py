@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import secrets
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.header import Header
@@ -68,6 +70,12 @@ class SmtpConfig(BaseConfig):
     )
     from_address: EmailStr = Field(description="The sender of every message.")
     from_name: str | None = Field(default=None, max_length=200)
+    ca_certificate: str | None = Field(
+        default=None,
+        max_length=20_000,
+        description="A PEM certificate to trust for the server's TLS certificate, for a "
+        "private relay with its own CA; default: the system's trusted CAs.",
+    )
     timeout_seconds: float = Field(default=30.0, gt=0, le=300)
     max_connections: int = Field(
         default=4, ge=1, le=50, description="Sessions kept open and used at once."
@@ -112,7 +120,15 @@ class Smtp(Provider):
         self._pools: dict[str, _Pool] = {}
 
     def validate(self, config: BaseConfig, credentials: BaseCredentials) -> None:
+        assert isinstance(config, SmtpConfig)
         assert isinstance(credentials, SmtpCredentials)
+        if config.ca_certificate is not None:
+            if config.security == "none":
+                raise ValueError("config.ca_certificate needs security starttls or tls")
+            try:
+                ssl.create_default_context(cadata=config.ca_certificate)
+            except (ssl.SSLError, ValueError):
+                raise ValueError("config.ca_certificate is not a PEM certificate") from None
         if (credentials.username is None) != (credentials.password is None):
             raise ValueError("credentials.username and credentials.password go together")
 
@@ -168,6 +184,7 @@ class Smtp(Provider):
             config.host,
             config.port,
             config.security,
+            config.ca_certificate,
             config.max_connections,
             connection.credentials.get("username"),
             connection.credentials.get("password"),
@@ -235,7 +252,17 @@ def _client(config: SmtpConfig) -> aiosmtplib.SMTP:
         use_tls=config.security == "tls",
         start_tls=config.security == "starttls",
         timeout=config.timeout_seconds,
+        tls_context=_tls_context(config.ca_certificate),
     )
+
+
+@functools.lru_cache(maxsize=32)
+def _tls_context(ca_certificate: str | None) -> ssl.SSLContext | None:
+    """A context trusting `ca_certificate` (certificate and host name still checked); None
+    lets the client use the system's trusted CAs."""
+    if ca_certificate is None:
+        return None
+    return ssl.create_default_context(cadata=ca_certificate)
 
 
 async def _login(client: aiosmtplib.SMTP, credentials: Mapping[str, Any]) -> None:
