@@ -73,6 +73,16 @@ class LinkSettings:
 async def plan_notifications(db: Database, now: datetime, links: LinkSettings) -> int:
     """Plan the notifications of every event committed so far; returns how many were made."""
     await run_passes(db, wait=False)
+    # Most ticks find nothing new: a read, not a write lock, tells.
+    async with db.transaction(read_only=True) as session:
+        position = await session.scalar(
+            select(NotificationFeedState.event_position).where(
+                NotificationFeedState.id == _STATE_ID
+            )
+        )
+        top = await session.scalar(select(func.max(Event.position)))
+    if top is None or (position is not None and top <= position):
+        return 0
     made = 0
     while True:
         async with db.transaction() as session:
