@@ -320,3 +320,55 @@ async def test_delivery_callbacks_through_the_inbound_endpoint_update_the_log_an
         ]
     finally:
         providers._PROVIDERS.pop(provider.name, None)
+
+
+class RecordingPush(RecordingSms):
+    name = "test_push"
+    message_channels: ClassVar[frozenset[str]] = frozenset({"push"})
+
+
+async def test_push_goes_to_every_device_of_a_member_who_allowed_it(
+    api: ApiClient, db: Database, app: Any, settings: Settings
+) -> None:
+    provider = RecordingPush()
+    providers.register(provider)
+    try:
+        created = await api.post(
+            "/api/v1/integrations", {"provider": provider.name, "name": "Push", "config": {}}
+        )
+        assert created.status_code == 201, created.text
+        allowed = await api.create_member()
+        refused = await api.create_member()
+        without_devices = await api.create_member()
+        for member in (allowed, without_devices):
+            preferences = f"/api/v1/members/{member['id']}/notification-preferences"
+            assert (await api.patch(preferences, {"push": True})).status_code == 200
+        for member, token in (
+            (allowed, "phone-" + "a" * 20),
+            (allowed, "tablet-" + "b" * 20),
+            (refused, "phone-" + "c" * 20),
+        ):
+            device = {"token": token, "platform": "android"}
+            assert (await api.post(f"/api/v1/members/{member['id']}/devices", device)).is_success
+        noon = datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
+        for member in (allowed, refused, without_devices):
+            await award(api, member["id"], 30, notify=True)
+
+        await deliver(db, app, settings, noon)
+
+        assert sorted(m.to for m in provider.sent) == ["phone-" + "a" * 20, "tablet-" + "b" * 20]
+        (sent, _) = provider.sent
+        assert sent.subject == "You earned 30 points"
+        assert sent.data["message_type"] == "points_earned"
+        logged = await notifications(api, channel="push")
+        outcomes = sorted((n["member_id"], n["status"], n["reason"]) for n in logged)
+        assert outcomes == sorted(
+            [
+                (allowed["id"], "sent", None),
+                (allowed["id"], "sent", None),
+                (refused["id"], "suppressed", "no_consent"),
+                (without_devices["id"], "suppressed", "no_address"),
+            ]
+        )
+    finally:
+        providers._PROVIDERS.pop(provider.name, None)

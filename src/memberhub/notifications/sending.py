@@ -56,6 +56,7 @@ ERROR_CHARS = 2000
 class _Claimed:
     id: int
     public_id: str
+    message_type: str
     channel: str
     recipient: str
     subject: str | None
@@ -118,6 +119,7 @@ class NotificationSender:
                 select(
                     Notification.id,
                     Notification.public_id,
+                    Notification.message_type,
                     Notification.channel,
                     Notification.recipient,
                     Notification.subject,
@@ -154,6 +156,7 @@ class NotificationSender:
             _Claimed(
                 id=row.id,
                 public_id=row.public_id,
+                message_type=row.message_type,
                 channel=row.channel,
                 recipient=row.recipient or "",
                 subject=row.subject,
@@ -198,6 +201,10 @@ class NotificationSender:
             subject=item.subject,
             html=item.html,
             headers=item.headers,
+            # A push's data payload: what the app needs to route the tap.
+            data={"notification_id": item.public_id, "message_type": item.message_type}
+            if item.channel == "push"
+            else {},
         )
         try:
             connection = self.hub.connection(integration)
