@@ -8,6 +8,7 @@ from typing import Any
 
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.memberships.jobs import advance_membership_statuses
 from memberhub.notifications.jobs import announce_renewals_due
 from memberhub.settings import Settings
 from tests.fakes.smtp_server import SmtpServer
@@ -112,3 +113,27 @@ async def test_an_approval_request_reaches_managers_and_admins_but_not_support_a
     text = next(m.part("plain") for m in smtp.received() if "ada@club.example" in m.recipients)
     assert text is not None
     assert f"asks to deduct 5 points of {member['id']}: fix" in text
+
+
+async def test_a_term_that_ends_enters_grace_then_lapses_and_the_member_hears_both(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    plan = await api.create_plan(term_months=1, grace_days=10)
+    member = await consenting_member(api)
+    joined = await api.post(
+        f"/api/v1/members/{member['id']}/membership/join", {"plan_id": plan["id"]}
+    )
+    assert joined.status_code == 200, joined.text
+    fetched = await api.get(f"/api/v1/members/{member['id']}")
+    term_ends_at = datetime.fromisoformat(fetched.json()["membership"]["term_ends_at"])
+
+    for moment in (term_ends_at + timedelta(hours=1), term_ends_at + timedelta(days=11)):
+        async with db.transaction() as session:
+            assert await advance_membership_statuses(session, moment) == 1
+        await deliver(db, app, settings, moment)
+
+    assert "Your membership needs attention" in subjects(smtp)
+    assert "Your membership has lapsed" in subjects(smtp)
+    kinds = [n["message_type"] for n in await notifications(api, member_id=member["id"])]
+    assert kinds.count("membership_grace") == 1
+    assert kinds.count("membership_lapsed") == 1
