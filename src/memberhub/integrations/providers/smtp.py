@@ -98,6 +98,8 @@ class _Pool:
     """The open sessions of one integration's settings."""
 
     key: tuple[Any, ...]
+    # Sessions belong to the event loop that opened them.
+    loop: asyncio.AbstractEventLoop
     slots: asyncio.Semaphore
     idle: list[_Session] = field(default_factory=list)
 
@@ -139,9 +141,9 @@ class Smtp(Provider):
             await client.connect()
             await _login(client, connection.credentials)
             await client.quit()
-        except aiosmtplib.SMTPException as exc:
-            raise ConnectionFailed(f"{config.host}:{config.port}: {exc}") from None
-        except OSError as exc:
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            with contextlib.suppress(Exception):
+                client.close()
             raise ConnectionFailed(f"{config.host}:{config.port}: {exc}") from None
         return f"{config.host}:{config.port} accepted the session"
 
@@ -189,14 +191,15 @@ class Smtp(Provider):
             connection.credentials.get("username"),
             connection.credentials.get("password"),
         )
+        loop = asyncio.get_running_loop()
         pool = self._pools.get(connection.integration_id)
-        if pool is None or pool.key != key:
-            if pool is not None:
+        if pool is None or pool.key != key or pool.loop is not loop:
+            if pool is not None and pool.loop is loop:
                 for session in pool.idle:
                     with contextlib.suppress(Exception):
                         session.client.close()
             pool = self._pools[connection.integration_id] = _Pool(
-                key=key, slots=asyncio.Semaphore(config.max_connections)
+                key=key, loop=loop, slots=asyncio.Semaphore(config.max_connections)
             )
         return pool
 
