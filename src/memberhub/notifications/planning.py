@@ -34,7 +34,7 @@ from memberhub.integrations.providers import as_message_channel, get_provider
 from memberhub.kit.db import Database
 from memberhub.kit.ids import new_public_ids
 from memberhub.members.models import Member
-from memberhub.notifications import catalog, service, templates
+from memberhub.notifications import catalog, service, template_service, templates
 from memberhub.notifications.catalog import MESSAGE_TYPES, MessageType
 from memberhub.notifications.models import (
     Category,
@@ -366,7 +366,7 @@ class _Planner:
             if reason is not None:
                 rows.append(self._suppressed(row, f"suppressed_address:{reason}"))
                 continue
-            context = service.render_context(
+            context = template_service.render_context(
                 message,
                 settings=self.settings,
                 currency=self.currency,
@@ -399,12 +399,12 @@ class _Planner:
                     if message.category == Category.MARKETING
                     else None
                 )
-                context = service.render_context(
+                context = template_service.render_context(
                     message,
                     settings=self.settings,
                     currency=self.currency,
                     event=data,
-                    member=service.member_context(member),
+                    member=template_service.member_context(member),
                     unsubscribe_url=unsubscribe_url,
                 )
                 row = self._rendered(row, message, channel, locales, context)
@@ -528,7 +528,7 @@ class _Planner:
         locales: list[str | None],
         context: dict[str, Any],
     ) -> dict[str, Any]:
-        chosen = service.choose_template(self.templates, message, channel, locales)
+        chosen = template_service.choose_template(self.templates, message, channel, locales)
         if chosen is None:
             return self._suppressed(row, "template_disabled")
         subject, body, format, locale = chosen

@@ -20,7 +20,7 @@ from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath
 from memberhub.members.service import get_member
-from memberhub.notifications import service
+from memberhub.notifications import service, template_service
 from memberhub.notifications.catalog import MESSAGE_TYPES
 from memberhub.notifications.models import Channel, NotificationStatus
 from memberhub.notifications.repository import NotificationFilters
@@ -94,7 +94,7 @@ async def update_notification_settings(
 async def list_message_types(principal: NotificationsReader) -> list[MessageTypeOut]:
     """Every message type: its event, audience, category, default channels and the
     variables its templates may use."""
-    return [service.message_type_out(message) for message in MESSAGE_TYPES.values()]
+    return [template_service.message_type_out(message) for message in MESSAGE_TYPES.values()]
 
 
 # ---------------------------------------------------------------- templates
@@ -110,7 +110,7 @@ async def list_templates(
 ) -> list[TemplateOut]:
     """The installation's templates, then the built-in defaults (`default: true`, no id),
     which apply where no template of the installation does."""
-    return await service.list_templates(
+    return await template_service.list_templates(
         session, message_type=message_type, channel=channel, defaults=include_defaults
     )
 
@@ -123,7 +123,9 @@ async def create_template(
     message type's sample data before it is saved: one that does not parse, reads an
     unknown variable or a forbidden attribute is refused (422 INVALID_TEMPLATE with the
     part, line and reason)."""
-    return service.template_out(await service.create_template(session, principal, payload))
+    return template_service.template_out(
+        await template_service.create_template(session, principal, payload)
+    )
 
 
 @router.post("/notification-templates/preview")
@@ -132,7 +134,7 @@ async def preview_template(
 ) -> PreviewOut:
     """Render a template (a draft, or the one that would be sent) for a chosen member,
     or for sample data."""
-    return await service.preview(session, principal, payload)
+    return await template_service.preview(session, principal, payload)
 
 
 @router.get("/notification-templates/{template_id}")
@@ -140,7 +142,7 @@ async def get_template(
     template_id: IdPath, session: DbSession, principal: NotificationsReader
 ) -> TemplateOut:
     """One of the installation's templates."""
-    return service.template_out(await service.get_template(session, template_id))
+    return template_service.template_out(await template_service.get_template(session, template_id))
 
 
 @router.patch("/notification-templates/{template_id}")
@@ -151,8 +153,8 @@ async def update_template(
     principal: NotificationsWriter,
 ) -> TemplateOut:
     """Change the fields given; checked as a new template is."""
-    return service.template_out(
-        await service.update_template(session, principal, template_id, payload)
+    return template_service.template_out(
+        await template_service.update_template(session, principal, template_id, payload)
     )
 
 
@@ -161,7 +163,7 @@ async def delete_template(
     template_id: IdPath, session: DbSession, principal: NotificationsWriter
 ) -> Response:
     """Remove the template: the next locale's, or the default, applies again."""
-    await service.delete_template(session, principal, template_id)
+    await template_service.delete_template(session, principal, template_id)
     return Response(status_code=204)
 
 
