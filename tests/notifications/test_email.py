@@ -8,12 +8,14 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
+from memberhub.auth.roles import Role
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.notifications.models import Notification, NotificationFeedState
 from memberhub.points.jobs import notify_expiring_points
 from memberhub.settings import Settings
 from memberhub.worker.runner import Worker
+from tests.conftest import issue_key
 from tests.fakes.smtp_server import SmtpServer
 from tests.notifications.conftest import (
     FROM,
@@ -233,3 +235,31 @@ async def test_an_html_template_is_sent_with_a_plain_text_part(
     assert "Welcome Ben & Jerry" in text
     assert f"Your id: {member['id']}" in text
     assert "Open (https://club.example/app)" in text
+
+
+async def test_the_log_is_paged_newest_first_and_scoped_to_the_keys_organisation(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    chapter = await api.create_organisation()
+    inside = await consenting_member(api, organisation_id=chapter["id"])
+    for _ in range(2):
+        await consenting_member(api)
+    await deliver(db, app, settings)
+
+    first = await api.get("/api/v1/notifications", {"limit": 2})
+    assert first.status_code == 200
+    page = first.json()
+    assert page["pagination"]["has_more"] is True
+    rest = await api.get(
+        "/api/v1/notifications", {"limit": 2, "cursor": page["pagination"]["next_cursor"]}
+    )
+    ids = [n["id"] for n in page["data"] + rest.json()["data"]]
+    assert len(ids) == len(set(ids)) == 3
+    assert rest.json()["pagination"]["has_more"] is False
+
+    scoped = api.with_key(await issue_key(db, Role.MANAGER, organisation=chapter["id"]))
+    seen = await scoped.get("/api/v1/notifications")
+    assert seen.status_code == 200, seen.text
+    assert [n["member_id"] for n in seen.json()["data"]] == [inside["id"]]
+    bad_cursor = await api.get("/api/v1/notifications", {"cursor": "not-a-cursor"})
+    assert bad_cursor.status_code == 422
