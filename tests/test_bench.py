@@ -65,6 +65,10 @@ GATEWAY_LINES = {
     },
 }
 
+NOTIFICATION_LINE = re.compile(
+    r"^sqlite\s+sender\s+[\d.]+ emails/s\s+raw\s+[\d.]+ emails/s\s+ratio [\d.]+\s+load [\d.]+$",
+    re.MULTILINE,
+)
 ACTIVITY_LINE = re.compile(
     r"^sqlite\s+activity http\s+[\d.]+/s\s+earn http\s+[\d.]+/s\s+ratio [\d.]+"
     r"\s+rules 50 \(5 on bookings, [1-9]\d* credited\)\s+statements \d+ vs \d+$",
@@ -121,6 +125,11 @@ def test_webhook_bench_runs_in_quick_mode_and_every_delivery_is_recorded() -> No
 def test_gateway_bench_runs_in_quick_mode_and_every_call_reaches_the_server_once() -> None:
     output = run_bench("bench.gateway", "--quick")
     assert missing_lines(GATEWAY_LINES, output) == [], output
+
+
+def test_notifications_bench_runs_in_quick_mode_and_every_email_arrives() -> None:
+    output = run_bench("bench.notifications", "--quick", "--backend", "sqlite")
+    assert NOTIFICATION_LINE.search(output), output
 
 
 def test_activities_bench_runs_in_quick_mode_and_its_activities_earn() -> None:

@@ -43,6 +43,8 @@ from memberhub.leads.routes import external as leads_external_router
 from memberhub.leads.routes import router as leads_router
 from memberhub.members.routes import router as members_router
 from memberhub.memberships.routes import router as memberships_router
+from memberhub.notifications.routes import public as notifications_public_router
+from memberhub.notifications.routes import router as notifications_router
 from memberhub.ops.docs import install_docs
 from memberhub.ops.metrics import Metrics
 from memberhub.ops.routes import router as ops_router
@@ -192,6 +194,8 @@ def create_app(
         earning_rules_router,
         approvals_router,
         alerts_router,
+        notifications_router,
+        notifications_public_router,
         analytics_router,
         events_router,
         webhooks_router,

@@ -23,6 +23,16 @@ from memberhub.kit.db import Base
 from memberhub.leads.models import Lead
 from memberhub.members.models import Member
 from memberhub.memberships.models import MembershipPlan, MembershipTerm, MemberStatusChange
+from memberhub.notifications.models import (
+    DeviceToken,
+    Notification,
+    NotificationFeedState,
+    NotificationPreference,
+    NotificationSettingsRow,
+    NotificationTemplate,
+    RenewalNotice,
+    Suppression,
+)
 from memberhub.organisations.models import Organisation
 from memberhub.points.models import PointAccount, PointAllocation, PointBatch, PointTransaction
 from memberhub.program.models import LoyaltyProgram
@@ -46,6 +56,7 @@ __all__ = [
     "CrmConflict",
     "CrmLink",
     "CrmSyncState",
+    "DeviceToken",
     "EarningRule",
     "EarningRuleVersion",
     "Event",
@@ -61,6 +72,11 @@ __all__ = [
     "MemberStatusChange",
     "MembershipPlan",
     "MembershipTerm",
+    "Notification",
+    "NotificationFeedState",
+    "NotificationPreference",
+    "NotificationSettingsRow",
+    "NotificationTemplate",
     "OAuthAuthorization",
     "Organisation",
     "PaymentRecord",
@@ -69,10 +85,12 @@ __all__ = [
     "PointBatch",
     "PointTransaction",
     "Reconciliation",
+    "RenewalNotice",
     "Reward",
     "RewardClaim",
     "RuleAward",
     "SearchSyncState",
+    "Suppression",
     "SyncRun",
     "SyncRunRecord",
     "Tier",

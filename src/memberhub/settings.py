@@ -121,6 +121,17 @@ class Settings(BaseSettings):
         default=0.5, ge=0.01, description="How often an idle delivery loop looks for new work."
     )
 
+    # Notifications.
+    notification_lease_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="How long a worker owns a notification it is sending; a dead worker's "
+        "are sent by another after it. Must exceed a provider's longest send.",
+    )
+    notification_concurrency: int = Field(
+        default=8, ge=1, le=256, description="Notifications one worker sends at once."
+    )
+
     serve_processes: int = Field(
         default=0,
         ge=0,

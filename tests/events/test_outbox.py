@@ -408,6 +408,21 @@ async def _emit_loyalty_events(api: ApiClient, db: Database) -> None:
     assert await expire_points(db, utcnow() + timedelta(days=5)) == 2
 
 
+async def _renewal_due(api: ApiClient, db: Database) -> None:
+    """membership.renewal_due: a member's term ends within a notice period."""
+    from memberhub.kit.clock import utcnow
+    from memberhub.notifications.jobs import announce_renewals_due
+
+    monthly = await api.create_plan(term_months=1)
+    member = await api.create_member()
+    joined = await api.post(f"{MEMBERS}/{member['id']}/membership/join", {"plan_id": monthly["id"]})
+    assert joined.status_code == 200, joined.text
+    settings = await api.patch("/api/v1/notification-settings", {"renewal_due_days": [60]})
+    assert settings.status_code == 200, settings.text
+    async with db.transaction() as session:
+        assert await announce_renewals_due(session, utcnow()) == 1
+
+
 async def _pay_through_stripe(api: ApiClient, db: Database, plan: dict[str, Any]) -> None:
     """member.payment.changed: a Stripe payment received and processed."""
     from tests.integrations.conftest import (
@@ -476,6 +491,7 @@ async def test_every_emitted_event_validates_against_its_types_schema(
     enrolled = await api.post(f"/api/v1/leads/{lead['id']}/enroll", {"plan_id": plan["id"]})
     assert enrolled.status_code == 201, enrolled.text
     await _integration_incident(api)
+    await _renewal_due(api, db)
     attended = {
         "type": "event.attended",
         "occurred_at": "2026-01-05T10:00:00Z",

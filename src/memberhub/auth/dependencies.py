@@ -154,3 +154,5 @@ ActivitiesReader = Annotated[Principal, Depends(RequireScope(Scope.ACTIVITIES_RE
 ActivitiesWriter = Annotated[Principal, Depends(RequireScope(Scope.ACTIVITIES_WRITE))]
 EarningRulesReader = Annotated[Principal, Depends(RequireScope(Scope.EARNING_RULES_READ))]
 EarningRulesWriter = Annotated[Principal, Depends(RequireScope(Scope.EARNING_RULES_WRITE))]
+NotificationsReader = Annotated[Principal, Depends(RequireScope(Scope.NOTIFICATIONS_READ))]
+NotificationsWriter = Annotated[Principal, Depends(RequireScope(Scope.NOTIFICATIONS_WRITE))]

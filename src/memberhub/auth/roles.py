@@ -57,6 +57,8 @@ class Scope(StrEnum):
     ACTIVITIES_WRITE = "activities:write"
     EARNING_RULES_READ = "earning_rules:read"
     EARNING_RULES_WRITE = "earning_rules:write"
+    NOTIFICATIONS_READ = "notifications:read"
+    NOTIFICATIONS_WRITE = "notifications:write"
 
 
 ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
@@ -94,6 +96,7 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.ACTIVITIES_READ,
             Scope.ACTIVITIES_WRITE,
             Scope.EARNING_RULES_READ,
+            Scope.NOTIFICATIONS_READ,
         }
     ),
     Role.SUPPORT_AGENT: frozenset(
@@ -115,6 +118,7 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.LEADS_WRITE,
             Scope.ACTIVITIES_READ,
             Scope.EARNING_RULES_READ,
+            Scope.NOTIFICATIONS_READ,
         }
     ),
     Role.INTEGRATION: frozenset(

@@ -62,6 +62,21 @@ class MemberStatusChanged(EventData):
     occurred_at: datetime
 
 
+class MembershipRenewalDue(EventData):
+    event_type = "membership.renewal_due"
+    description = (
+        "A member's term ends soon: once per term end and notice period of the "
+        "notification settings (`renewal_due_days`)."
+    )
+
+    member_id: str
+    organisation_id: str | None
+    plan_id: str | None
+    term_ends_at: datetime
+    days_left: int
+    occurred_at: datetime
+
+
 class PointsChange(EventData):
     """The shape shared by points events: one ledger transaction of one member."""
 
@@ -331,6 +346,7 @@ CATALOG: dict[str, type[EventData]] = {
         MemberUpdated,
         MemberDeleted,
         MemberStatusChanged,
+        MembershipRenewalDue,
         MemberTierChanged,
         MemberPaymentChanged,
         LeadCreated,

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
 import limits
@@ -51,6 +51,7 @@ AuthHook = Callable[[httpx.Request], Awaitable[None]]
 # Renews the credentials `auth` applies (an OAuth refresh); False: nothing to renew.
 RefreshHook = Callable[[], Awaitable[bool]]
 Observer = Callable[["CallRecord"], None]
+T = TypeVar("T")
 
 # Retrying these after a 5xx or a lost connection could apply them twice, unless the
 # vendor deduplicates them by an idempotency key.
@@ -145,6 +146,20 @@ class GatewayError(Exception):
         self.body_excerpt = body_excerpt
         self.error = error
         self.attempts = attempts
+
+
+class ExchangeRefused(Exception):
+    """Raised by an `Gateway.exchange` operation when the far side answered and refused
+    this one request (the equivalent of an HTTP 4xx): the service itself is healthy."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ExchangeNotSent(Exception):
+    """Raised by an `Gateway.exchange` operation that failed before anything of the
+    request reached the far side (no connection, refused greeting): safe to try again."""
 
 
 @dataclass(frozen=True)
@@ -461,6 +476,131 @@ class Gateway:
             raise
         self._observe(request, call, outcome=call.outcome, response=response)
         return response
+
+    async def exchange(
+        self,
+        method: str,
+        target: str,
+        operation: Callable[[], Awaitable[T]],
+        *,
+        request_headers: Mapping[str, str] | None = None,
+        request_summary: str = "",
+    ) -> T:
+        """Run one non-HTTP exchange (an SMTP session, say) under this gateway's rate
+        limit, circuit breaker, metrics and payload log, as `request` runs an HTTP call.
+
+        `operation` does the exchange. It raises `ExchangeRefused` when the far side
+        refused this one request (recorded as a client error; the breaker counts it a
+        success), `ExchangeNotSent` when nothing reached the far side (retried with the
+        policy's backoff, as a connection that was never made is for HTTP); anything else
+        is a failure that is not retried here, since the request may have been applied,
+        and is raised as `GatewayError`. `method` and `target` name the exchange in the
+        log and the metrics ("SMTP", "smtp://host:587").
+        """
+        call = _Call(started_at=datetime.now(UTC), started=time.perf_counter())
+        error: str | None = None
+        try:
+            while True:
+                call.attempts += 1
+                allowed = self.breaker.allow()
+                self._show_breaker_state()
+                if not allowed:
+                    call.outcome = "circuit_open"
+                    self._count_call("circuit_open")
+                    raise CircuitOpen(self.integration, self.breaker.retry_after())
+                if self.rate_limiter is not None:
+                    await self.rate_limiter.acquire()
+                started = time.perf_counter()
+                recorded = False
+                try:
+                    try:
+                        result = await operation()
+                    except ExchangeRefused as exc:
+                        self._count_attempt("4xx", started)
+                        self.breaker.record_success()
+                        recorded = True
+                        call.status = exc.status
+                        call.outcome = "client_error"
+                        self._count_call("client_error")
+                        error = str(exc)
+                        raise
+                    except ExchangeNotSent as exc:
+                        self._count_attempt("network_error", started)
+                        self.breaker.record_failure()
+                        recorded = True
+                        if call.attempts >= self.policy.max_attempts:
+                            call.outcome = "failed"
+                            self._count_call("failed")
+                            raise GatewayError(
+                                self.integration,
+                                f"{method} {target} failed: {exc}",
+                                error=exc,
+                                attempts=call.attempts,
+                            ) from exc
+                    except (CircuitOpen, GatewayError):
+                        raise
+                    except Exception as exc:
+                        self._count_attempt("network_error", started)
+                        self.breaker.record_failure()
+                        recorded = True
+                        call.outcome = "failed"
+                        self._count_call("failed")
+                        raise GatewayError(
+                            self.integration,
+                            f"{method} {target} failed: {exc}",
+                            error=exc,
+                            attempts=call.attempts,
+                        ) from exc
+                    else:
+                        self._count_attempt("2xx", started)
+                        self.breaker.record_success()
+                        recorded = True
+                        call.outcome = "ok"
+                        self._count_call("ok")
+                        return result
+                finally:
+                    if not recorded:
+                        self.breaker.record_inconclusive()
+                    self._show_breaker_state()
+                await self._sleep(self._backoff(call.attempts))
+        except (CircuitOpen, GatewayError) as exc:
+            error = str(exc)
+            raise
+        except ExchangeRefused:
+            raise
+        except BaseException as exc:
+            error = repr(exc)
+            raise
+        finally:
+            self._observe_exchange(method, target, call, request_headers, request_summary, error)
+
+    def _observe_exchange(
+        self,
+        method: str,
+        target: str,
+        call: _Call,
+        headers: Mapping[str, str] | None,
+        summary: str,
+        error: str | None,
+    ) -> None:
+        if self._observer is None:
+            return
+        self._observer(
+            CallRecord(
+                integration=self.integration,
+                method=method,
+                url=target,
+                outcome=call.outcome,
+                status=call.status,
+                attempts=call.attempts,
+                started_at=call.started_at,
+                duration_ms=round((time.perf_counter() - call.started) * 1000),
+                request_headers=redact(dict(headers or {})),
+                request_body=redact_body(summary[:LOGGED_BODY_CHARS]),
+                response_body="",
+                error=error,
+            )
+        )
 
     async def _send_with_retries(
         self, template: httpx.Request, call: _Call, retry_safe: bool

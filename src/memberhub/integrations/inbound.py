@@ -37,6 +37,7 @@ from memberhub.integrations.payments import PaymentNotYetApplied, PaymentSetting
 from memberhub.integrations.providers import (
     as_accounting,
     as_events_source,
+    as_message_channel,
     as_orders,
     as_payments,
     get_provider,
@@ -55,6 +56,7 @@ from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.kit.errors import Conflict, Forbidden, MemberhubError, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.notifications.service import apply_delivery_reports
 
 if TYPE_CHECKING:
     from memberhub.integrations.hub import IntegrationHub
@@ -318,6 +320,14 @@ async def _handle(
             return InboundStatus.IGNORED, {"reason": "Xero's intent-to-receive check"}
         result = await apply_accounting_events(session, integration, json.loads(event.body), now)
         return InboundStatus.PROCESSED, result
+    channel = as_message_channel(provider) if provider is not None else None
+    if channel is not None:
+        reports = channel.delivery_reports(event.event_type, event.body.encode())
+        if not reports:
+            return InboundStatus.IGNORED, {"reason": f"{event.event_type} reports no delivery"}
+        return InboundStatus.PROCESSED, await apply_delivery_reports(
+            session, integration.id, reports
+        )
     payments = as_payments(provider) if provider is not None else None
     if provider is None or payments is None:
         return InboundStatus.IGNORED, {"reason": "nothing acts on this provider's events yet"}

@@ -27,6 +27,9 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.memberships.jobs import advance_membership_statuses
+from memberhub.notifications.jobs import announce_renewals_due
+from memberhub.notifications.planning import LinkSettings, plan_notifications
+from memberhub.notifications.sending import NotificationSender
 from memberhub.ops.metrics import Metrics
 from memberhub.ops.retention import purge_expired_history
 from memberhub.ops.tracing import Tracing, work_span
@@ -83,6 +86,7 @@ JOBS: tuple[Job, ...] = (
     Job("bulk.process_awards", 5.0, chunked=process_bulk_awards),
     Job("tiers.review", 60.0, chunked=review_tiers, daily=True),
     Job("alerts.check_rates", 60.0, check_rates, daily=True),
+    Job("notifications.renewal_due", 3600.0, announce_renewals_due, daily=True),
     Job("idempotency.purge_expired", 3600.0, _purge_idempotency),
 )
 
@@ -203,6 +207,32 @@ class Worker:
                 else job
                 for job in jobs
             ]
+        if settings is not None:
+            links = LinkSettings(
+                public_url=settings.public_url, secret=settings.resolved_secret_key
+            )
+
+            async def plan(db: Database, now: datetime) -> int:
+                return await plan_notifications(db, now, links)
+
+            # Last, after the jobs whose events they tell people about.
+            jobs.append(Job("notifications.plan", 0.0, chunked=plan))
+            if hub is not None:
+                sender = NotificationSender(
+                    db,
+                    hub,
+                    lease_seconds=settings.notification_lease_seconds,
+                    concurrency=settings.notification_concurrency,
+                )
+
+                async def send(_db: Database, now: datetime) -> int:
+                    try:
+                        return await sender.send_due(now)
+                    finally:
+                        if self._own_hub:
+                            await hub.drain()
+
+                jobs.append(Job("notifications.send", 0.0, chunked=send))
         self.jobs = tuple(jobs)
         self.sequencer = SequencerLoop(
             db,

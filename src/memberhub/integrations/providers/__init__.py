@@ -104,6 +104,7 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.salesforce import Salesforce
     from memberhub.integrations.providers.sendgrid import SendGrid
     from memberhub.integrations.providers.shopify import Shopify
+    from memberhub.integrations.providers.smtp import Smtp
     from memberhub.integrations.providers.stripe import Stripe
     from memberhub.integrations.providers.twilio import Twilio
     from memberhub.integrations.providers.xero import Xero
@@ -124,6 +125,7 @@ def _register_builtin() -> None:
         OneDrive(),
         Algolia(),
         Xero(),
+        Smtp(),
     ):
         register(provider)
 

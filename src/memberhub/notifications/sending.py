@@ -1,0 +1,315 @@
+"""The sender: queued notifications go out through their channel's integration.
+
+Three steps, each its own short transaction, so no send runs inside one:
+
+1. **Claim.** Due queued notifications are leased to this sender (`FOR UPDATE SKIP
+   LOCKED` on PostgreSQL): `attempts` goes up, `next_attempt_at` becomes the end of the
+   lease and `claim` a token of this pass. A notification whose sender died is due again
+   when its lease ends; it is then sent again, which is the one way a message can go out
+   twice: an attempt in flight when its process died.
+2. **Send**, a round of `concurrency` at a time, through the provider's
+   `MessageChannel` and the gateway.
+3. **Record** each round as it finishes (so a crash leaves at most one round sent and
+   unrecorded: the attempts in flight), only where the claim is still ours: sent with
+   the provider's message id; failed for good on a permanent refusal
+   (`SendRejected(permanent=True)`, the provider's words kept); otherwise queued again
+   after the next delay of the retry schedule, failed when the schedule is spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+import structlog
+from sqlalchemy import Table, and_, bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memberhub.integrations.gateway import CircuitOpen, GatewayError
+from memberhub.integrations.hub import IntegrationHub, UnknownProvider
+from memberhub.integrations.models import Integration
+from memberhub.integrations.providers import as_message_channel, get_provider
+from memberhub.integrations.providers.base import (
+    MessageChannel,
+    OutgoingMessage,
+    SendRejected,
+)
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Database
+from memberhub.notifications import service
+from memberhub.notifications.models import Notification, NotificationStatus
+
+log = structlog.get_logger("memberhub.notifications.sending")
+
+_NOTIFICATIONS = cast(Table, Notification.__table__)
+CLAIM_BATCH = 200
+CONCURRENCY = 8
+DEFAULT_LEASE_SECONDS = 120.0
+ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    id: int
+    public_id: str
+    message_type: str
+    channel: str
+    recipient: str
+    subject: str | None
+    text: str
+    html: str | None
+    headers: dict[str, str]
+    integration_id: int | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    id: int
+    status: str
+    provider_message_id: str | None = None
+    integration_id: int | None = None
+    error: str | None = None
+    permanent: bool = False
+
+
+class NotificationSender:
+    def __init__(
+        self,
+        db: Database,
+        hub: IntegrationHub,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        concurrency: int = CONCURRENCY,
+        claim_batch: int = CLAIM_BATCH,
+    ) -> None:
+        self.db = db
+        self.hub = hub
+        self.lease = timedelta(seconds=lease_seconds)
+        self.concurrency = concurrency
+        self.claim_batch = claim_batch
+
+    async def send_due(self, now: datetime | None = None, *, max_batches: int = 50) -> int:
+        """Send what is due, a claimed batch at a time; returns how many were handled."""
+        handled = 0
+        for _ in range(max_batches):
+            claim, claimed = await self._claim(now or utcnow())
+            if not claimed:
+                break
+            integrations = await self._integrations()
+            # Recorded a round of sends at a time: what a crash leaves sent but unrecorded
+            # (and so sends again after the lease) is at most one round in flight.
+            for start in range(0, len(claimed), self.concurrency):
+                round_ = claimed[start : start + self.concurrency]
+                outcomes = await asyncio.gather(
+                    *(self._send_one(item, integrations) for item in round_)
+                )
+                await self._record(claim, outcomes)
+            handled += len(claimed)
+        return handled
+
+    async def _claim(self, now: datetime) -> tuple[str, list[_Claimed]]:
+        claim = secrets.token_hex(8)
+        async with self.db.transaction() as session:
+            query = (
+                select(
+                    Notification.id,
+                    Notification.public_id,
+                    Notification.message_type,
+                    Notification.channel,
+                    Notification.recipient,
+                    Notification.subject,
+                    Notification.text,
+                    Notification.html,
+                    Notification.headers,
+                    Notification.integration_id,
+                    Notification.attempts,
+                )
+                .where(
+                    Notification.status == NotificationStatus.QUEUED,
+                    Notification.next_attempt_at <= now,
+                )
+                .order_by(Notification.next_attempt_at, Notification.id)
+                .limit(self.claim_batch)
+            )
+            if not self.db.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            rows = (await session.execute(query)).all()
+            if not rows:
+                return claim, []
+            lease_end = now + self.lease
+            await session.execute(
+                update(_NOTIFICATIONS)
+                .where(_NOTIFICATIONS.c.id.in_([row.id for row in rows]))
+                .values(
+                    claim=claim,
+                    attempts=_NOTIFICATIONS.c.attempts + 1,
+                    next_attempt_at=lease_end,
+                    updated_at=now,
+                )
+            )
+        return claim, [
+            _Claimed(
+                id=row.id,
+                public_id=row.public_id,
+                message_type=row.message_type,
+                channel=row.channel,
+                recipient=row.recipient or "",
+                subject=row.subject,
+                text=row.text,
+                html=row.html,
+                headers=dict(row.headers or {}),
+                integration_id=row.integration_id,
+                attempts=row.attempts + 1,
+            )
+            for row in rows
+        ]
+
+    async def _integrations(self) -> dict[int, tuple[Integration, MessageChannel, set[str]]]:
+        async with self.db.transaction(read_only=True) as session:
+            found = {}
+            for integration in await session.scalars(
+                select(Integration).where(Integration.enabled.is_(True)).order_by(Integration.id)
+            ):
+                provider = get_provider(integration.provider)
+                channel = as_message_channel(provider) if provider is not None else None
+                if channel is not None:
+                    found[integration.id] = (integration, channel, set(channel.message_channels))
+            return found
+
+    async def _send_one(
+        self,
+        item: _Claimed,
+        integrations: dict[int, tuple[Integration, MessageChannel, set[str]]],
+    ) -> _Outcome:
+        chosen = integrations.get(item.integration_id) if item.integration_id else None
+        if chosen is None or item.channel not in chosen[2]:
+            # Its integration was disabled or removed: another for the channel, if any.
+            chosen = next((i for i in integrations.values() if item.channel in i[2]), None)
+        if chosen is None:
+            return _Outcome(item.id, "retry", error=f"no enabled integration sends {item.channel}")
+        integration, channel, _ = chosen
+        message = OutgoingMessage(
+            channel=item.channel,  # type: ignore[arg-type]
+            to=item.recipient,
+            reference=item.public_id,
+            text=item.text,
+            subject=item.subject,
+            html=item.html,
+            headers=item.headers,
+            # A push's data payload: what the app needs to route the tap.
+            data={"notification_id": item.public_id, "message_type": item.message_type}
+            if item.channel == "push"
+            else {},
+        )
+        try:
+            connection = self.hub.connection(integration)
+            result = await channel.send_message(connection, message)
+        except SendRejected as exc:
+            return _Outcome(
+                item.id,
+                "failed" if exc.permanent else "retry",
+                integration_id=integration.id,
+                error=str(exc)[:ERROR_CHARS],
+                permanent=exc.permanent,
+            )
+        except (GatewayError, CircuitOpen, UnknownProvider) as exc:
+            return _Outcome(
+                item.id, "retry", integration_id=integration.id, error=str(exc)[:ERROR_CHARS]
+            )
+        except Exception as exc:
+            log.exception("notification_send_failed", notification=item.public_id)
+            return _Outcome(
+                item.id,
+                "retry",
+                integration_id=integration.id,
+                error=f"{type(exc).__name__}: {exc}"[:ERROR_CHARS],
+            )
+        return _Outcome(
+            item.id,
+            "sent",
+            provider_message_id=result.provider_message_id,
+            integration_id=integration.id,
+        )
+
+    async def _record(self, claim: str, outcomes: Sequence[_Outcome]) -> None:
+        now = utcnow()
+        async with self.db.transaction() as session:
+            settings = await service.get_settings(session)
+            delays = settings.retry_delays_seconds
+            attempts = dict(
+                (
+                    await session.execute(
+                        select(Notification.id, Notification.attempts).where(
+                            Notification.id.in_([o.id for o in outcomes])
+                        )
+                    )
+                ).all()
+            )
+            rows = [
+                _recorded_values(outcome, attempts.get(outcome.id, 1), delays, now)
+                for outcome in outcomes
+            ]
+            await _update_claimed(session, claim, rows)
+
+
+def _recorded_values(
+    outcome: _Outcome, attempts: int, delays: Sequence[int], now: datetime
+) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "row_id": outcome.id,
+        "status": NotificationStatus.QUEUED,
+        "reason": None,
+        "error": outcome.error,
+        "next_attempt_at": None,
+        "provider_message_id": outcome.provider_message_id,
+        "sent_at": None,
+        "integration_id": outcome.integration_id,
+        "updated_at": now,
+    }
+    if outcome.status == "sent":
+        values.update(status=NotificationStatus.SENT, sent_at=now)
+    elif outcome.status == "failed":
+        values.update(status=NotificationStatus.FAILED, reason="rejected")
+    elif attempts > len(delays):
+        values.update(status=NotificationStatus.FAILED, reason="retries_exhausted")
+    else:
+        values.update(next_attempt_at=now + timedelta(seconds=delays[attempts - 1]))
+    return values
+
+
+async def _update_claimed(session: AsyncSession, claim: str, rows: list[dict[str, Any]]) -> None:
+    """Write the results, each only where this pass still holds the claim (a lease that
+    ran out and was claimed again belongs to the newer pass)."""
+    table = _NOTIFICATIONS
+    statement = (
+        update(table)
+        .where(and_(table.c.id == bindparam("row_id"), table.c.claim == bindparam("claim_token")))
+        .values(
+            {
+                name: bindparam(f"v_{name}", type_=table.c[name].type)
+                for name in (
+                    "status",
+                    "reason",
+                    "error",
+                    "next_attempt_at",
+                    "provider_message_id",
+                    "sent_at",
+                    "integration_id",
+                    "updated_at",
+                )
+            }
+            | {"claim": None}
+        )
+    )
+    parameters = [
+        {"row_id": row["row_id"], "claim_token": claim}
+        | {f"v_{name}": value for name, value in row.items() if name != "row_id"}
+        for row in rows
+    ]
+    connection = await session.connection()
+    await connection.execute(statement, parameters)

@@ -1,0 +1,167 @@
+"""Templates: Jinja2 in its immutable sandbox, checked when saved, rendered per recipient.
+
+A template reads only the variables it is given (`catalog.variables`); the sandbox
+refuses attribute access to anything private or unsafe (`__class__`, `mro`, a function's
+globals, …) and mutation of what it is given. An undefined variable is an error, not an
+empty string: a typo is refused at save time, when the template is rendered against the
+message type's sample data, rather than sent as a blank to every member.
+
+HTML email bodies are autoescaped; their plain-text part is made from the rendered HTML.
+"""
+
+from __future__ import annotations
+
+import html as html_lib
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from html.parser import HTMLParser
+from types import TracebackType
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+MAX_RENDERED_CHARS = 200_000
+
+
+def _date(value: Any, format: str = "%d %B %Y") -> str:
+    """An ISO 8601 time (as the event data has it) or a datetime, formatted."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value
+    if isinstance(value, datetime):
+        return value.strftime(format).lstrip("0")
+    return "" if value is None else str(value)
+
+
+def _environment(*, autoescape: bool) -> ImmutableSandboxedEnvironment:
+    environment = ImmutableSandboxedEnvironment(
+        undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=False
+    )
+    environment.filters["date"] = _date
+    return environment
+
+
+_TEXT = _environment(autoescape=False)
+_HTML = _environment(autoescape=True)
+
+
+class TemplateInvalid(Exception):
+    """A template that does not parse or does not render: which part, the line, the reason."""
+
+    def __init__(self, part: str, line: int | None, reason: str) -> None:
+        where = f"{part}, line {line}" if line is not None else part
+        super().__init__(f"{where}: {reason}")
+        self.part = part
+        self.line = line
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str | None
+    text: str
+    html: str | None
+
+
+def render(
+    *,
+    subject: str | None,
+    body: str,
+    format: str,
+    context: Mapping[str, Any],
+) -> Rendered:
+    """Render a template's parts; TemplateInvalid says which part failed, where and why."""
+    rendered_subject = (
+        " ".join(_render(_TEXT, "subject", subject, context).split())
+        if subject is not None
+        else None
+    )
+    if format == "html":
+        markup = _render(_HTML, "body", body, context)
+        return Rendered(subject=rendered_subject, text=html_to_text(markup), html=markup)
+    return Rendered(
+        subject=rendered_subject, text=_render(_TEXT, "body", body, context).strip(), html=None
+    )
+
+
+def _render(
+    environment: ImmutableSandboxedEnvironment, part: str, source: str, context: Mapping[str, Any]
+) -> str:
+    try:
+        template = environment.from_string(source)
+    except TemplateSyntaxError as exc:
+        raise TemplateInvalid(part, exc.lineno, exc.message or "syntax error") from None
+    try:
+        output = template.render(dict(context))
+    except SecurityError as exc:
+        raise TemplateInvalid(part, _template_line(), f"not allowed: {exc}") from None
+    except TemplateError as exc:
+        raise TemplateInvalid(part, _template_line(), exc.message or str(exc)) from None
+    except (ArithmeticError, LookupError, TypeError, ValueError) as exc:
+        raise TemplateInvalid(part, _template_line(), f"{type(exc).__name__}: {exc}") from None
+    if len(output) > MAX_RENDERED_CHARS:
+        raise TemplateInvalid(part, None, f"renders more than {MAX_RENDERED_CHARS} characters")
+    return output
+
+
+def _template_line() -> int | None:
+    """The template line of the error being handled: Jinja rewrites the traceback so that
+    its last template frame carries the template's own line number."""
+    traceback: TracebackType | None = sys.exc_info()[2]
+    line = None
+    while traceback is not None:
+        if traceback.tb_frame.f_code.co_filename == "<template>":
+            line = traceback.tb_lineno
+        traceback = traceback.tb_next
+    return line
+
+
+class _TextFromHtml(HTMLParser):
+    _BLOCKS = frozenset({"p", "div", "br", "tr", "h1", "h2", "h3", "h4", "li", "table", "hr"})
+    _SKIP = frozenset({"style", "script", "head", "title"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skipping = 0
+        self._links: list[str | None] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._SKIP:
+            self._skipping += 1
+        elif tag in self._BLOCKS:
+            self.parts.append("\n")
+            if tag == "li":
+                self.parts.append("- ")
+        elif tag == "a":
+            self._links.append(dict(attrs).get("href"))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP:
+            self._skipping = max(0, self._skipping - 1)
+        elif tag in self._BLOCKS:
+            self.parts.append("\n")
+        elif tag == "a" and self._links:
+            href = self._links.pop()
+            if href and not href.startswith("#"):
+                self.parts.append(f" ({href})")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skipping:
+            self.parts.append(data)
+
+
+def html_to_text(markup: str) -> str:
+    """The plain-text part of an HTML email: its text, paragraphs kept, links spelled out."""
+    parser = _TextFromHtml()
+    parser.feed(markup)
+    parser.close()
+    text = "".join(parser.parts)
+    lines = [" ".join(line.split()) for line in html_lib.unescape(text).splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()

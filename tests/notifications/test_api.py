@@ -1,0 +1,309 @@
+"""The notification API: templates (checked at save time), preview, settings, preferences,
+devices and suppressions; bad input is refused and changes nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from memberhub.kit.db import Database
+from memberhub.settings import Settings
+from tests.fakes.smtp_server import SmtpServer
+from tests.notifications.conftest import consenting_member, deliver
+from tests.support import ApiClient
+
+TEMPLATES = "/api/v1/notification-templates"
+
+
+def _template(**fields: Any) -> dict[str, Any]:
+    return {
+        "message_type": "points_earned",
+        "channel": "email",
+        "locale": "ms",
+        "subject": "Mata ganjaran: {{ event.points }}",
+        "body": "Hai {{ member.first_name }},\nanda mendapat {{ event.points }} mata.",
+        **fields,
+    }
+
+
+async def _stored_templates(api: ApiClient) -> list[dict[str, Any]]:
+    response = await api.get(TEMPLATES, {"include_defaults": "false"})
+    assert response.status_code == 200, response.text
+    return list(response.json())
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "reason"),
+    [
+        ("Hello\n{{ member.__class__.__mro__ }}", 2, "not allowed"),
+        ("Hello\n\n{{ event.points.__class__ }}", 3, "not allowed"),
+        ("Hello\n{% for x in %}", 2, "Expected an expression"),
+        ("Hello {{ member.nickname }}", 1, "has no attribute 'nickname'"),
+        ("One\nTwo\n{{ event.points / 0 }}", 3, "ZeroDivisionError"),
+    ],
+)
+async def test_a_template_that_fails_to_render_is_refused_with_the_line_and_reason(
+    api: ApiClient, body: str, line: int, reason: str
+) -> None:
+    response = await api.post(TEMPLATES, _template(body=body))
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_TEMPLATE"
+    assert error["details"]["part"] == "body"
+    assert error["details"]["line"] == line
+    assert reason in error["details"]["reason"]
+    assert await _stored_templates(api) == []
+
+
+async def test_a_bad_subject_is_refused_and_an_email_template_needs_one(api: ApiClient) -> None:
+    bad = await api.post(TEMPLATES, _template(subject="{{ program.__init__ }}"))
+    assert bad.status_code == 422
+    assert bad.json()["error"]["details"]["part"] == "subject"
+    missing = await api.post(TEMPLATES, _template(subject=None))
+    assert missing.status_code == 422
+    assert missing.json()["error"]["details"] == {"field": "subject"}
+    html_sms = await api.post(TEMPLATES, _template(channel="sms", format="html"))
+    assert html_sms.status_code == 422
+    assert await _stored_templates(api) == []
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"message_type": "no_such_type"},
+        {"channel": "fax"},
+        {"locale": "English"},
+        {"body": ""},
+        {"body": "x\x00"},
+        {"format": "markdown"},
+        {"enabled": "yes"},
+        {"unknown": 1},
+    ],
+)
+async def test_bad_template_input_is_refused(api: ApiClient, changes: dict[str, Any]) -> None:
+    response = await api.post(TEMPLATES, _template(**changes))
+    assert response.status_code == 422, response.text
+    assert await _stored_templates(api) == []
+
+
+async def test_templates_are_created_changed_listed_and_removed(api: ApiClient) -> None:
+    created = await api.post(TEMPLATES, _template())
+    assert created.status_code == 201, created.text
+    template = created.json()
+    assert template["default"] is False
+    again = await api.post(TEMPLATES, _template())
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "TEMPLATE_EXISTS"
+
+    changed = await api.patch(f"{TEMPLATES}/{template['id']}", {"body": "{{ event.points }} mata"})
+    assert changed.status_code == 200, changed.text
+    refused = await api.patch(f"{TEMPLATES}/{template['id']}", {"body": "{{ nope }}"})
+    assert refused.status_code == 422
+    fetched = await api.get(f"{TEMPLATES}/{template['id']}")
+    assert fetched.json()["body"] == "{{ event.points }} mata"
+
+    listed = await api.get(TEMPLATES, {"message_type": "points_earned", "channel": "email"})
+    assert [(t["locale"], t["default"]) for t in listed.json()] == [("ms", False), (None, True)]
+
+    assert (await api.delete(f"{TEMPLATES}/{template['id']}")).status_code == 204
+    assert (await api.get(f"{TEMPLATES}/{template['id']}")).status_code == 404
+    assert (await api.delete(f"{TEMPLATES}/{template['id']}")).status_code == 404
+
+
+async def test_every_message_type_is_documented_with_its_variables(api: ApiClient) -> None:
+    response = await api.get("/api/v1/notification-message-types")
+    assert response.status_code == 200
+    types = {t["name"]: t for t in response.json()}
+    assert {
+        "member_welcome",
+        "membership_joined",
+        "membership_renewed",
+        "membership_renewal_due",
+        "membership_grace",
+        "membership_lapsed",
+        "points_earned",
+        "points_expiring",
+        "points_expired",
+        "tier_upgraded",
+        "tier_downgraded",
+        "reward_claimed",
+        "staff_alert_raised",
+        "staff_approval_requested",
+        "staff_integration_incident",
+        "staff_webhook_disabled",
+    } == set(types)
+    assert "event.expires_at" in types["points_expiring"]["variables"]
+    assert "unsubscribe_url" in types["points_expiring"]["variables"]
+    assert types["membership_renewal_due"]["event_type"] == "membership.renewal_due"
+    assert types["staff_alert_raised"]["staff_roles"] == ["manager", "admin"]
+
+
+async def test_a_preview_renders_for_a_chosen_member_in_their_locale_with_fallback(
+    api: ApiClient,
+) -> None:
+    assert (await api.post(TEMPLATES, _template())).status_code == 201
+    member = await api.create_member(first_name="Siti")
+    preferences = f"/api/v1/members/{member['id']}/notification-preferences"
+    assert (await api.patch(preferences, {"locale": "ms"})).status_code == 200
+
+    malay = await api.post(
+        f"{TEMPLATES}/preview",
+        {
+            "message_type": "points_earned",
+            "channel": "email",
+            "locale": "ms",
+            "member_id": member["id"],
+            "event": {"points": 75},
+        },
+    )
+    assert malay.status_code == 200, malay.text
+    assert malay.json() == {
+        "subject": "Mata ganjaran: 75",
+        "text": "Hai Siti,\nanda mendapat 75 mata.",
+        "html": None,
+    }
+    # No French template: the default locale's (en) has none either, so the default.
+    french = await api.post(
+        f"{TEMPLATES}/preview",
+        {
+            "message_type": "points_earned",
+            "channel": "email",
+            "locale": "fr",
+            "member_id": member["id"],
+        },
+    )
+    assert french.status_code == 200
+    assert french.json()["subject"] == "You earned 120 points"
+    assert french.json()["text"].startswith("Hello Siti,")
+
+    draft = await api.post(
+        f"{TEMPLATES}/preview",
+        {
+            "message_type": "member_welcome",
+            "channel": "email",
+            "subject": "Hi",
+            "body": "<p>{{ member.first_name }}</p>",
+            "format": "html",
+            "member_id": member["id"],
+        },
+    )
+    assert draft.json() == {"subject": "Hi", "text": "Siti", "html": "<p>Siti</p>"}
+
+    unknown_member = await api.post(
+        f"{TEMPLATES}/preview",
+        {"message_type": "points_earned", "channel": "email", "member_id": "mem_nothere"},
+    )
+    assert unknown_member.status_code == 404
+    no_sms_template = await api.post(
+        f"{TEMPLATES}/preview", {"message_type": "member_welcome", "channel": "sms"}
+    )
+    assert no_sms_template.status_code == 422
+
+
+async def test_the_members_locale_chooses_the_template_sent(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    welcome = _template(
+        message_type="member_welcome", subject="Selamat datang", body="Hai {{ member.first_name }}"
+    )
+    assert (await api.post(TEMPLATES, welcome)).status_code == 201
+    member = await consenting_member(api, first_name="Siti")
+    preferences = f"/api/v1/members/{member['id']}/notification-preferences"
+    assert (await api.patch(preferences, {"locale": "ms"})).status_code == 200
+    await consenting_member(api, first_name="John")
+
+    await deliver(db, app, settings)
+
+    assert sorted(str(m.message["Subject"]) for m in smtp.received()) == [
+        "Selamat datang",
+        "Welcome to Our loyalty program",
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"staff": [{"email": "not-an-email", "roles": ["manager"]}]},
+        {"staff": [{"email": "a@example.com", "roles": ["owner"]}]},
+        {"staff": [{"email": "a@example.com", "roles": []}]},
+        {"quiet_hours": {"start": "25:00", "end": "08:00"}},
+        {"renewal_due_days": [0]},
+        {"dedup_window_minutes": -1},
+        {"dedup_windows": {"no_such_type": 5}},
+        {"disabled_message_types": ["no_such_type"]},
+        {"default_locale": None},
+        {"retry_delays_seconds": []},
+    ],
+)
+async def test_bad_settings_are_refused_and_change_nothing(
+    api: ApiClient, body: dict[str, Any]
+) -> None:
+    before = (await api.get("/api/v1/notification-settings")).json()
+    response = await api.patch("/api/v1/notification-settings", body)
+    assert response.status_code == 422, response.text
+    assert (await api.get("/api/v1/notification-settings")).json() == before
+
+
+async def test_preferences_and_devices(api: ApiClient) -> None:
+    member = await api.create_member(consent={"email": True})
+    base = f"/api/v1/members/{member['id']}"
+    preferences = (await api.get(f"{base}/notification-preferences")).json()
+    assert preferences == {
+        "member_id": member["id"],
+        "email": True,
+        "sms": False,
+        "push": False,
+        "marketing_email": True,
+        "marketing_sms": True,
+        "marketing_push": True,
+        "locale": None,
+        "timezone": None,
+        "updated_at": None,
+    }
+    for bad in ({"timezone": "Mars/Olympus"}, {"push": 1}, {"locale": "x"}, {"push": None}):
+        assert (await api.patch(f"{base}/notification-preferences", bad)).status_code == 422
+    changed = await api.patch(f"{base}/notification-preferences", {"push": True})
+    assert changed.json()["push"] is True
+
+    device = {"token": "fcm-token-" + "a" * 40, "platform": "android"}
+    first = await api.post(f"{base}/devices", device)
+    assert first.status_code == 201, first.text
+    second = await api.post(f"{base}/devices", device)
+    assert second.status_code == 200
+    assert second.json()["id"] == first.json()["id"]
+    for bad in ({"token": "short", "platform": "ios"}, {"token": "x" * 20, "platform": "nokia"}):
+        assert (await api.post(f"{base}/devices", bad)).status_code == 422
+    listed = await api.get(f"{base}/devices")
+    assert [d["id"] for d in listed.json()] == [first.json()["id"]]
+    assert (await api.delete(f"{base}/devices/{first.json()['id']}")).status_code == 204
+    assert (await api.get(f"{base}/devices")).json() == []
+    assert (await api.delete(f"{base}/devices/{first.json()['id']}")).status_code == 404
+    assert (await api.get("/api/v1/members/mem_nothere/devices")).status_code == 404
+
+
+async def test_suppressions_are_added_listed_and_removed(api: ApiClient) -> None:
+    added = await api.post(
+        "/api/v1/notification-suppressions", {"channel": "email", "address": " Ann@Example.com "}
+    )
+    assert added.status_code == 201, added.text
+    assert added.json()["address"] == "ann@example.com"
+    bad = await api.post("/api/v1/notification-suppressions", {"channel": "fax", "address": "x@y"})
+    assert bad.status_code == 422
+    listed = (await api.get("/api/v1/notification-suppressions")).json()["data"]
+    assert [s["id"] for s in listed] == [added.json()["id"]]
+    removed = await api.delete(f"/api/v1/notification-suppressions/{added.json()['id']}")
+    assert removed.status_code == 204
+    assert (await api.get("/api/v1/notification-suppressions")).json()["data"] == []
+
+
+async def test_list_filters_are_checked(api: ApiClient) -> None:
+    for params in ({"status": "lost"}, {"channel": "fax"}, {"message_type": "x"}, {"limit": 0}):
+        assert (await api.get("/api/v1/notifications", params)).status_code == 422
+    assert (await api.get("/api/v1/notifications", {"member_id": "mem_nothere"})).status_code == 404
+
+
+async def test_an_unsubscribe_link_that_is_not_ours_is_refused(api: ApiClient) -> None:
+    for token in ("abc", "bWVtX3g6ZW1haWw.AAAA", "a.b.c", "é.x"):
+        response = await api.http.post(f"/api/v1/unsubscribe/{token}")
+        assert response.status_code in (404, 422), (token, response.text)
