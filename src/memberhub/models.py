@@ -26,6 +26,7 @@ from memberhub.organisations.models import Organisation
 from memberhub.points.models import PointAccount, PointAllocation, PointBatch, PointTransaction
 from memberhub.program.models import LoyaltyProgram
 from memberhub.rewards.models import Reward, RewardClaim
+from memberhub.staff.models import StaffUser
 from memberhub.tiers.models import Tier
 from memberhub.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from memberhub.worker.models import WorkerHeartbeat
@@ -67,6 +68,7 @@ __all__ = [
     "Reward",
     "RewardClaim",
     "RuleAward",
+    "StaffUser",
     "SyncRun",
     "SyncRunRecord",
     "Tier",

@@ -154,3 +154,7 @@ ActivitiesReader = Annotated[Principal, Depends(RequireScope(Scope.ACTIVITIES_RE
 ActivitiesWriter = Annotated[Principal, Depends(RequireScope(Scope.ACTIVITIES_WRITE))]
 EarningRulesReader = Annotated[Principal, Depends(RequireScope(Scope.EARNING_RULES_READ))]
 EarningRulesWriter = Annotated[Principal, Depends(RequireScope(Scope.EARNING_RULES_WRITE))]
+StaffReader = Annotated[Principal, Depends(RequireScope(Scope.STAFF_READ))]
+StaffWriter = Annotated[Principal, Depends(RequireScope(Scope.STAFF_WRITE))]
+ApiKeysReader = Annotated[Principal, Depends(RequireScope(Scope.API_KEYS_READ))]
+ApiKeysWriter = Annotated[Principal, Depends(RequireScope(Scope.API_KEYS_WRITE))]

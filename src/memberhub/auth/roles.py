@@ -57,6 +57,11 @@ class Scope(StrEnum):
     ACTIVITIES_WRITE = "activities:write"
     EARNING_RULES_READ = "earning_rules:read"
     EARNING_RULES_WRITE = "earning_rules:write"
+    # Staff accounts and API keys: admins only.
+    STAFF_READ = "staff:read"
+    STAFF_WRITE = "staff:write"
+    API_KEYS_READ = "api_keys:read"
+    API_KEYS_WRITE = "api_keys:write"
 
 
 ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
