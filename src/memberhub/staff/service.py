@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pyotp
+from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.service import record_write
@@ -85,8 +86,11 @@ async def create_staff(
     password: str | None = None,
 ) -> CreatedStaff:
     staff_role = _staff_role(role)
+    try:
+        email = validate_email(email.strip(), check_deliverability=False).normalized.lower()
+    except EmailNotValidError as exc:
+        raise ValidationFailed(f"'{email[:100]}' is not an email address.") from exc
     organisation_id = await _organisation_id(session, principal, organisation_public_id)
-    email = email.strip().lower()
     if await StaffRepository(session).get_by_email(email) is not None:
         raise Conflict("A staff account with this email exists.", code="DUPLICATE_STAFF_EMAIL")
     one_time = None
