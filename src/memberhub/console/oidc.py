@@ -5,9 +5,11 @@ the provider's JWKS and its issuer, audience, expiry and nonce checked (joserfc)
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import authlib.deprecate  # noqa: F401  (its warning filter first, ours over it)
 import httpx
 import structlog
 from authlib.common.security import generate_token
@@ -17,6 +19,12 @@ from joserfc.jwk import KeySet
 
 from memberhub.kit.errors import Unauthorized
 from memberhub.settings import Settings
+
+# Authlib 1.9 prefers the httpx2 fork and warns (with a filter of its own, set when
+# `authlib.deprecate` is imported) when it falls back to httpx, which it supports.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="The httpx module is deprecated")
+    from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 log = structlog.get_logger("memberhub.console.oidc")
 
@@ -64,10 +72,7 @@ class OidcClient:
         self.redirect_uri = settings.public_url.rstrip("/") + CALLBACK_PATH
         self._metadata: tuple[float, ProviderMetadata] | None = None
 
-    def _client(self) -> Any:
-        # Imported when first used: Authlib warns on import that it prefers the httpx2 fork.
-        from authlib.integrations.httpx_client import AsyncOAuth2Client
-
+    def _client(self) -> AsyncOAuth2Client:
         return AsyncOAuth2Client(
             client_id=self.client_id,
             client_secret=self.client_secret,
