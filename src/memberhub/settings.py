@@ -261,6 +261,14 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("sign_in_rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        from limits import parse
+
+        parse(value)  # ValueError for anything but the `limits` notation
+        return value
+
     @field_validator("webhook_retry_schedule")
     @classmethod
     def _check_schedule(cls, value: str) -> str:

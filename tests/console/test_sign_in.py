@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 
 from memberhub.kit.db import Database
+from memberhub.settings import Settings
 from tests.console.support import PASSWORD, create_staff_user, csrf_of, sign_in, submit
 from tests.support import ApiClient
 
@@ -86,3 +87,45 @@ async def test_the_password_can_be_changed_from_the_account_page(
     browser.cookies.clear()
     assert (await sign_in(browser)).status_code == 401
     assert (await sign_in(browser, password="a brand new passphrase")).status_code == 303
+
+
+async def test_deactivating_a_staff_user_ends_their_session(
+    browser: httpx.AsyncClient, api: ApiClient, db: Database
+) -> None:
+    staff_id = await create_staff_user(db)
+    await sign_in(browser)
+    assert (await browser.get("/console")).status_code == 200
+    changed = await api.patch(f"/api/v1/staff/{staff_id}", {"active": False})
+    assert changed.status_code == 200, changed.text
+    assert (await browser.get("/console")).status_code == 303
+    assert (await sign_in(browser)).status_code == 401
+
+
+def test_the_cookie_is_secure_everywhere_but_development() -> None:
+    assert Settings(env="production", secret_key="x").console_secure_cookie
+    assert Settings(env="test", secret_key="x").console_secure_cookie
+    assert not Settings(env="development", secret_key="x").console_secure_cookie
+    assert not Settings(env="production", console_cookie_secure=False).console_secure_cookie
+
+
+async def test_sign_in_only_returns_to_console_pages(
+    browser: httpx.AsyncClient, db: Database
+) -> None:
+    await create_staff_user(db)
+    for target, landed in (
+        ("/console/account", "/console/account"),
+        ("https://evil.example/", "/console"),
+        ("//evil.example/console", "/console"),
+    ):
+        browser.cookies.clear()
+        page = await browser.get("/console/sign-in")
+        answered = await browser.post(
+            "/console/sign-in",
+            data={
+                "csrf_token": csrf_of(page),
+                "email": "ana@example.org",
+                "password": PASSWORD,
+                "next": target,
+            },
+        )
+        assert answered.headers["location"] == landed
