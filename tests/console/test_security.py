@@ -108,9 +108,10 @@ async def test_totp_enrolment_then_sign_in_asks_for_a_code(
         "/console/account/totp/confirm", data={"csrf_token": csrf_of(started), "code": "000000"}
     )
     assert wrong.status_code == 422
+    confirming_code = pyotp.TOTP(secret).now()
     confirmed = await browser.post(
         "/console/account/totp/confirm",
-        data={"csrf_token": csrf_of(started), "code": pyotp.TOTP(secret).now()},
+        data={"csrf_token": csrf_of(started), "code": confirming_code},
     )
     assert confirmed.status_code == 303, confirmed.text
     browser.cookies.clear()
@@ -119,11 +120,14 @@ async def test_totp_enrolment_then_sign_in_asks_for_a_code(
     assert (await browser.get("/console")).status_code == 303
     bad = await submit(browser, "/console/sign-in/code", "/console/sign-in/code", {"code": "1"})
     assert bad.status_code == 401
+    # The code that confirmed the enrolment was used: it does not sign in.
+    reused = await submit(
+        browser, "/console/sign-in/code", "/console/sign-in/code", {"code": confirming_code}
+    )
+    assert reused.status_code == 401
+    next_code = pyotp.TOTP(secret).at(time.time() + 30)
     good = await submit(
-        browser,
-        "/console/sign-in/code",
-        "/console/sign-in/code",
-        {"code": pyotp.TOTP(secret).now()},
+        browser, "/console/sign-in/code", "/console/sign-in/code", {"code": next_code}
     )
     assert good.status_code == 303
     assert (await browser.get("/console")).status_code == 200

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Boolean, ForeignKey, String, Text
+from sqlalchemy import BigInteger, Boolean, ForeignKey, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from memberhub.kit.clock import utcnow
@@ -29,6 +29,8 @@ class StaffUser(IdMixin, Base):
     locked_until: Mapped[datetime | None] = mapped_column()
     totp_secret: Mapped[str | None] = mapped_column(Text)  # encrypted; set once confirmed
     totp_pending_secret: Mapped[str | None] = mapped_column(Text)  # encrypted; while enrolling
+    # The time step of the last code accepted: a code is accepted once.
+    totp_last_step: Mapped[int | None] = mapped_column(BigInteger)
     # Raised when the password, the second factor or the account's access changes: sessions
     # signed in under an older value end.
     session_version: Mapped[int] = mapped_column(default=1)

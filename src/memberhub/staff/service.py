@@ -11,6 +11,7 @@ though it answers 401, so a lockout outlives the request that caused it.
 from __future__ import annotations
 
 import enum
+import hmac
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -301,7 +302,9 @@ async def check_second_factor(
         return SignInOutcome(SignInResult.INVALID)
     if is_locked(staff, now):
         return SignInOutcome(SignInResult.LOCKED, staff)
-    if staff.totp_secret is None or not _totp_matches(box.decrypt(staff.totp_secret), code, now):
+    if staff.totp_secret is None or not _use_totp_code(
+        staff, box.decrypt(staff.totp_secret), code, now
+    ):
         return await _record_failure(session, staff, settings, now, actor)
     return SignInOutcome(SignInResult.SIGNED_IN, staff)
 
@@ -344,12 +347,28 @@ async def change_password(
     )
 
 
-def _totp_matches(secret: str, code: str, now: datetime) -> bool:
+def _totp_step(secret: str, code: str, now: datetime) -> int | None:
+    """The time step whose code `code` is (one step either way allowed, for a phone's clock
+    a little off), or None."""
     code = code.strip().replace(" ", "")
     if not (code.isascii() and code.isdigit() and len(code) == 6):
+        return None
+    totp = pyotp.TOTP(secret)
+    current = totp.timecode(now)
+    for step in (current, current - 1, current + 1):
+        if hmac.compare_digest(totp.generate_otp(step), code):
+            return step
+    return None
+
+
+def _use_totp_code(staff: StaffUser, secret: str, code: str, now: datetime) -> bool:
+    """Whether `code` is valid and newer than the last one used: a code seen once (read
+    over a shoulder, say) cannot sign in again."""
+    step = _totp_step(secret, code, now)
+    if step is None or (staff.totp_last_step is not None and step <= staff.totp_last_step):
         return False
-    # One step either way, for a phone's clock a little off.
-    return pyotp.TOTP(secret).verify(code, for_time=now, valid_window=1)
+    staff.totp_last_step = step
+    return True
 
 
 def start_totp(box: SecretBox, staff: StaffUser) -> tuple[str, str]:
@@ -369,7 +388,7 @@ def confirm_totp(
     if staff.totp_pending_secret is None:
         raise Conflict("Start enrolling first.", code="TOTP_NOT_STARTED")
     secret = box.decrypt(staff.totp_pending_secret)
-    if not _totp_matches(secret, code, now or utcnow()):
+    if not _use_totp_code(staff, secret, code, now or utcnow()):
         raise ValidationFailed(
             "The code does not match; check the device's clock and try the next code.",
             details={"field": "code"},
@@ -397,6 +416,7 @@ def disable_totp(session: AsyncSession, staff: StaffUser, *, password: str) -> N
         )
     staff.totp_secret = None
     staff.totp_pending_secret = None
+    staff.totp_last_step = None
     staff.session_version += 1
     record_write(
         session,

@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("locked_until", _WHEN, nullable=True),
         sa.Column("totp_secret", sa.Text(), nullable=True),
         sa.Column("totp_pending_secret", sa.Text(), nullable=True),
+        sa.Column("totp_last_step", sa.BigInteger(), nullable=True),
         sa.Column("session_version", sa.Integer(), nullable=False),
         sa.Column("last_sign_in_at", _WHEN, nullable=True),
         sa.Column("created_at", _WHEN, nullable=False),
