@@ -29,6 +29,8 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/memberhub db upgrade
 	$(BIN)/memberhub apikey ensure-admin
+	@echo "Console: http://$(HOST):$(PORT)/console (create the first account with:"
+	@echo "  $(BIN)/memberhub staff create --email you@example.org --role admin)"
 	$(BIN)/memberhub serve --host $(HOST) --port $(PORT)
 
 ## Install the dev tools; run ruff, mypy and the whole suite (SQLite, then PostgreSQL when

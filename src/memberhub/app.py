@@ -21,8 +21,10 @@ from memberhub.audit.chain import session_info as chain_session_info
 from memberhub.audit.routes import router as audit_router
 from memberhub.auth.dependencies import authenticate_first
 from memberhub.auth.ratelimit import RateLimiter
+from memberhub.auth.routes import router as api_keys_router
 from memberhub.bulk.routes import imports_router as member_imports_router
 from memberhub.bulk.routes import router as bulk_router
+from memberhub.console.install import install_console
 from memberhub.crm.routes import router as crm_router
 from memberhub.earning_rules.routes import router as earning_rules_router
 from memberhub.events.routes import router as events_router
@@ -56,6 +58,7 @@ from memberhub.program.routes import router as program_router
 from memberhub.rewards.routes import router as rewards_router
 from memberhub.search.routes import router as search_router
 from memberhub.settings import Settings
+from memberhub.staff.routes import router as staff_router
 from memberhub.tiers.routes import router as tiers_router
 from memberhub.webhooks.routes import router as webhooks_router
 from memberhub.webhooks.ssrf import UrlPolicy
@@ -209,11 +212,14 @@ def create_app(
         finance_outbound_router,
         leads_external_router,
         audit_router,
+        staff_router,
+        api_keys_router,
         ops_router,
     ):
         # The routers' own routes, built once at import: `include_router` would build an
         # application's copy of every route on its first requests (about half a second).
         app.router.routes.extend(router.routes)
+    install_console(app)
     name_operations(app.router.routes)
     install_openapi(app)
     return app

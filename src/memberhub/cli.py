@@ -48,11 +48,13 @@ apikey_app = typer.Typer(help="API keys.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
 secrets_app = typer.Typer(help="The master secret and what it encrypts.", no_args_is_help=True)
 backup_app = typer.Typer(help="Backups of the database and its secret.", no_args_is_help=True)
+staff_app = typer.Typer(help="Staff accounts for the console.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(audit_app, name="audit")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(backup_app, name="backup")
+app.add_typer(staff_app, name="staff")
 
 CLI_ACTOR = Actor.system("cli")
 MIN_SECRET_LENGTH = 32
@@ -351,6 +353,62 @@ def apikey_ensure_admin() -> None:
         return
     typer.echo("created an admin API key; store it now, it is not shown again:")
     typer.echo(secret)
+
+
+@staff_app.command("create")
+def staff_create(
+    email: Annotated[str, typer.Option(help="The person's email; they sign in with it.")],
+    role: Annotated[
+        str, typer.Option(help="admin, manager or support_agent (as an API key's role).")
+    ],
+    name: Annotated[
+        str | None, typer.Option(help="The person's name (default: from email).")
+    ] = None,
+    organisation: Annotated[
+        str | None, typer.Option(help="Limit the account to this organisation (org_…).")
+    ] = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(help="Read the password from this file's first line (else one is made)."),
+    ] = None,
+    prompt_password: Annotated[
+        bool, typer.Option("--prompt-password", help="Ask for the password at the terminal.")
+    ] = False,
+) -> None:
+    """Create a staff account. Without --password-file or --prompt-password a password is
+    generated and printed once, alone on the last line."""
+    from memberhub.auth.principal import Principal
+    from memberhub.staff.service import create_staff
+
+    password = None
+    if password_file is not None:
+        try:
+            password = password_file.read_text().splitlines()[0]
+        except (OSError, IndexError) as exc:
+            raise typer.BadParameter(
+                f"cannot read a password from {password_file}", param_hint="--password-file"
+            ) from exc
+    elif prompt_password:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+    async def work(db: Database) -> tuple[str, str | None]:
+        async with db.transaction() as session:
+            created = await create_staff(
+                session,
+                Principal.system(CLI_ACTOR),
+                email=email,
+                name=name or email.partition("@")[0] or email,
+                role=role,
+                organisation_public_id=organisation,
+                password=password,
+            )
+            return created.staff.public_id, created.one_time_password
+
+    public_id, one_time = _run(work)
+    typer.echo(f"created {public_id} ({role}); sign in at /console/sign-in as {email}")
+    if one_time is not None:
+        typer.echo("its password, shown only now (change it on the account page):")
+        typer.echo(one_time)
 
 
 def _parse_head(text: str | None) -> ChainHead | None:

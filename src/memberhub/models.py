@@ -38,6 +38,7 @@ from memberhub.points.models import PointAccount, PointAllocation, PointBatch, P
 from memberhub.program.models import LoyaltyProgram
 from memberhub.rewards.models import Reward, RewardClaim
 from memberhub.search.models import SearchSyncState
+from memberhub.staff.models import StaffUser
 from memberhub.tiers.models import Tier
 from memberhub.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from memberhub.worker.models import WorkerHeartbeat
@@ -90,6 +91,7 @@ __all__ = [
     "RewardClaim",
     "RuleAward",
     "SearchSyncState",
+    "StaffUser",
     "Suppression",
     "SyncRun",
     "SyncRunRecord",

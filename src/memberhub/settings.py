@@ -213,6 +213,51 @@ class Settings(BaseSettings):
         "CRM sync runs are kept once finished; the audit log is kept forever.",
     )
 
+    # Staff sign-in and the console.
+    staff_lockout_attempts: int = Field(
+        default=5, ge=1, le=100, description="Failed password sign-ins that lock a staff account."
+    )
+    staff_lockout_minutes: float = Field(
+        default=15.0, gt=0, description="How long a locked staff account stays locked."
+    )
+    sign_in_rate_limit: str = Field(
+        default="20/5 minutes",
+        description="Console sign-in attempts allowed per client address, and per account.",
+    )
+    console_idle_minutes: float = Field(
+        default=30.0, gt=0, description="A console session ends after this long unused."
+    )
+    console_session_hours: float = Field(
+        default=12.0, gt=0, description="A console session ends this long after sign-in."
+    )
+    console_cookie_secure: bool | None = Field(
+        default=None,
+        description="Send the console's cookie over HTTPS only; unset: everywhere but "
+        "ENV=development.",
+    )
+    oidc_issuer: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s]+$",
+        description="OpenID Connect single sign-on for the console: the provider's issuer URL "
+        "(its discovery document is at ISSUER/.well-known/openid-configuration). Unset: "
+        "password sign-in only.",
+    )
+    oidc_client_id: str | None = Field(default=None, description="The console's OIDC client id.")
+    oidc_client_secret: SecretStr | None = Field(
+        default=None, description="The console's OIDC client secret."
+    )
+    oidc_allowed_email_domains: str = Field(
+        default="",
+        description="Comma-separated email domains allowed to sign in by SSO; empty allows any "
+        "verified email of an existing staff account.",
+    )
+    oidc_auto_create_role: str | None = Field(
+        default=None,
+        pattern=r"^(admin|manager|support_agent)$",
+        description="Create a staff account with this role on a first SSO sign-in by an "
+        "unknown (allowed) email; unset: only existing staff accounts may sign in.",
+    )
+
     @field_validator("log_level")
     @classmethod
     def _upper_level(cls, value: str) -> str:
@@ -225,6 +270,14 @@ class Settings(BaseSettings):
         # the OpenTelemetry SDK.
         if isinstance(value, str) and not value.strip():
             return None
+        return value
+
+    @field_validator("sign_in_rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        from limits import parse
+
+        parse(value)  # ValueError for anything but the `limits` notation
         return value
 
     @field_validator("webhook_retry_schedule")
@@ -241,6 +294,24 @@ class Settings(BaseSettings):
 
         parse_networks(value)
         return value
+
+    @property
+    def oidc_enabled(self) -> bool:
+        return bool(self.oidc_issuer and self.oidc_client_id)
+
+    @property
+    def oidc_email_domains(self) -> frozenset[str]:
+        return frozenset(
+            d.strip().lower().lstrip("@")
+            for d in self.oidc_allowed_email_domains.split(",")
+            if d.strip()
+        )
+
+    @property
+    def console_secure_cookie(self) -> bool:
+        if self.console_cookie_secure is not None:
+            return self.console_cookie_secure
+        return self.env != Environment.development
 
     @property
     def webhook_retry_delays(self) -> tuple[float, ...]:

@@ -156,3 +156,7 @@ EarningRulesReader = Annotated[Principal, Depends(RequireScope(Scope.EARNING_RUL
 EarningRulesWriter = Annotated[Principal, Depends(RequireScope(Scope.EARNING_RULES_WRITE))]
 NotificationsReader = Annotated[Principal, Depends(RequireScope(Scope.NOTIFICATIONS_READ))]
 NotificationsWriter = Annotated[Principal, Depends(RequireScope(Scope.NOTIFICATIONS_WRITE))]
+StaffReader = Annotated[Principal, Depends(RequireScope(Scope.STAFF_READ))]
+StaffWriter = Annotated[Principal, Depends(RequireScope(Scope.STAFF_WRITE))]
+ApiKeysReader = Annotated[Principal, Depends(RequireScope(Scope.API_KEYS_READ))]
+ApiKeysWriter = Annotated[Principal, Depends(RequireScope(Scope.API_KEYS_WRITE))]

@@ -9,7 +9,10 @@ from memberhub.kit.errors import Forbidden
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated API key, with what it may do and which organisations it sees."""
+    """An authenticated caller, with what it may do and which organisations it sees: an API
+    key, or a staff user signed in to the console (`key_public_id` is then the staff
+    public id, `stf_…`, and `key_id` 0), who acts with the permissions of a key of the same
+    role and organisation."""
 
     key_id: int
     key_public_id: str
@@ -39,10 +42,14 @@ class Principal:
     def actor(self) -> Actor:
         return Actor(id=self.key_public_id, request_id=self.request_id, client_ip=self.client_ip)
 
+    @property
+    def _who(self) -> str:
+        return "This staff account" if self.key_public_id.startswith("stf_") else "This API key"
+
     def require_scope(self, scope: Scope) -> None:
         if scope not in self.scopes:
             raise Forbidden(
-                f"This API key lacks the '{scope}' scope.",
+                f"{self._who} lacks the '{scope}' scope.",
                 details={"required_scope": str(scope), "role": str(self.role)},
             )
 
@@ -53,4 +60,4 @@ class Principal:
 
     def require_organisation(self, organisation_id: int | None) -> None:
         if not self.can_see_organisation(organisation_id):
-            raise Forbidden("This API key is limited to another organisation.")
+            raise Forbidden(f"{self._who} is limited to another organisation.")

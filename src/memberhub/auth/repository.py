@@ -21,6 +21,16 @@ class ApiKeyRepository:
     async def list_all(self) -> Sequence[ApiKey]:
         return (await self.session.scalars(select(ApiKey).order_by(ApiKey.id))).all()
 
+    async def list(
+        self, *, organisation_ids: frozenset[int] | None, after_id: int | None, limit: int
+    ) -> Sequence[ApiKey]:
+        query = select(ApiKey).order_by(ApiKey.id).limit(limit + 1)
+        if after_id is not None:
+            query = query.where(ApiKey.id > after_id)
+        if organisation_ids is not None:
+            query = query.where(ApiKey.organisation_id.in_(organisation_ids))
+        return (await self.session.scalars(query)).all()
+
     async def any_active_admin(self) -> bool:
         found = await self.session.scalar(
             select(ApiKey.id)

@@ -59,6 +59,11 @@ class Scope(StrEnum):
     EARNING_RULES_WRITE = "earning_rules:write"
     NOTIFICATIONS_READ = "notifications:read"
     NOTIFICATIONS_WRITE = "notifications:write"
+    # Staff accounts and API keys: admins only.
+    STAFF_READ = "staff:read"
+    STAFF_WRITE = "staff:write"
+    API_KEYS_READ = "api_keys:read"
+    API_KEYS_WRITE = "api_keys:write"
 
 
 ROLE_SCOPES: dict[Role, frozenset[Scope]] = {

@@ -137,8 +137,31 @@ async def create_api_key(
     return IssuedKey(api_key=api_key, secret=secret)
 
 
-async def revoke_api_key(session: AsyncSession, actor: Actor, public_id: str) -> ApiKey:
+async def require_grantable(
+    session: AsyncSession, principal: Principal, organisation_public_id: str | None
+) -> None:
+    """An org-bound caller may only hand out access within its own organisations."""
+    if organisation_public_id is None:
+        principal.require_organisation(None)
+        return
+    organisation = await OrganisationRepository(session).get_by_public_id(organisation_public_id)
+    if organisation is None or not principal.can_see_organisation(organisation.id):
+        raise NotFound(f"Organisation {organisation_public_id} does not exist.")
+
+
+async def get_api_key(session: AsyncSession, principal: Principal, public_id: str) -> ApiKey:
     api_key = await ApiKeyRepository(session).get_by_public_id(public_id)
+    if api_key is None or not principal.can_see_organisation(api_key.organisation_id):
+        raise NotFound(f"API key {public_id} does not exist.", code="API_KEY_NOT_FOUND")
+    return api_key
+
+
+async def revoke_api_key(
+    session: AsyncSession, actor: Actor, public_id: str, *, principal: Principal | None = None
+) -> ApiKey:
+    api_key = await ApiKeyRepository(session).get_by_public_id(public_id)
+    if principal is not None and api_key is not None:
+        api_key = await get_api_key(session, principal, public_id)
     if api_key is None:
         raise NotFound(f"API key {public_id} does not exist.")
     if api_key.revoked_at is not None:

@@ -1,0 +1,27 @@
+"""The console's navigation: one entry per page, shown to those whose role can use it.
+A new page adds its entry here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memberhub.auth.principal import Principal
+from memberhub.auth.roles import Scope
+
+
+@dataclass(frozen=True)
+class NavItem:
+    path: str
+    label: str
+    scope: Scope | None = None
+
+
+NAVIGATION: list[NavItem] = [
+    NavItem("/console", "Home"),
+    NavItem("/console/members", "Members", Scope.MEMBERS_READ),
+    NavItem("/console/account", "Account"),
+]
+
+
+def visible_navigation(principal: Principal) -> list[NavItem]:
+    return [item for item in NAVIGATION if item.scope is None or item.scope in principal.scopes]

@@ -1,0 +1,239 @@
+"""What every console page uses: the route class (one transaction per request, the CSRF
+check), the signed-in staff user, rendering, and HTML error pages."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import structlog
+from fastapi import Depends, FastAPI, Request
+from fastapi.routing import APIRoute
+from fastapi.templating import Jinja2Templates
+from markupsafe import Markup, escape
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.responses import RedirectResponse, Response
+
+from memberhub.auth.principal import Principal
+from memberhub.console.navigation import visible_navigation
+from memberhub.console.session import console_session, is_console_path
+from memberhub.kit.errors import Forbidden, MemberhubError, Unauthorized
+from memberhub.kit.http import SAFE_METHODS, read_body
+from memberhub.staff import service as staff_service
+from memberhub.staff.models import StaffUser
+from memberhub.staff.repository import StaffRepository
+
+log = structlog.get_logger("memberhub.console")
+
+templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+CSRF_FIELD = "csrf_token"
+
+
+class SignInRequired(Unauthorized):
+    code = "SIGN_IN_REQUIRED"
+    default_message = "Sign in to continue."
+
+
+class CsrfRefused(Forbidden):
+    code = "CSRF_FAILED"
+    default_message = (
+        "The form is out of date or was not sent from the console; reload the page and try again."
+    )
+
+
+async def _check_csrf(request: Request) -> None:
+    form = await request.form()
+    sent = form.get(CSRF_FIELD)
+    expected = console_session(request).data.get("csrf")
+    if (
+        not isinstance(sent, str)
+        or not isinstance(expected, str)
+        or not hmac.compare_digest(sent.encode(), expected.encode())
+    ):
+        raise CsrfRefused()
+
+
+class ConsoleRoute(APIRoute):
+    """A console page: the form's body is read within MAX_BODY_BYTES and its CSRF token
+    checked before anything else; then the page runs in one transaction, committed when it
+    returns (a page may answer 401 and still store a failed sign-in) and rolled back when it
+    raises."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        original = super().get_route_handler()
+
+        writes_on_get = getattr(self.endpoint, "writes_on_get", False)
+
+        async def handler(request: Request) -> Response:
+            read_only = request.method in SAFE_METHODS and not writes_on_get
+            if request.method not in SAFE_METHODS:
+                await read_body(request, request.app.state.settings.max_body_bytes)
+                await _check_csrf(request)
+            db = request.app.state.db
+            maker = db.request_read_sessionmaker if read_only else db.request_sessionmaker
+            async with db.writer_slot(read_only=read_only), maker() as session:
+                request.state.session = session
+                try:
+                    response = await original(request)
+                except BaseException:
+                    await session.rollback()
+                    raise
+                if read_only:
+                    await session.rollback()
+                else:
+                    await session.commit()
+            return response
+
+        return handler
+
+
+def writes_on_get(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """A GET page that writes (the SSO callback): its transaction is committed."""
+    endpoint.writes_on_get = True  # type: ignore[attr-defined]
+    return endpoint
+
+
+def db_session(request: Request) -> AsyncSession:
+    session: AsyncSession = request.state.session
+    return session
+
+
+ConsoleDb = Annotated[AsyncSession, Depends(db_session)]
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    """The staff user of the request and the Principal they act as (actor `stf_…`)."""
+
+    staff: StaffUser
+    principal: Principal
+
+
+async def signed_in_staff(request: Request) -> SignedIn:
+    session = db_session(request)
+    state = console_session(request)
+    if state.staff_id is None:
+        raise SignInRequired()
+    staff = await StaffRepository(session).get_by_public_id(state.staff_id)
+    if staff is None or not staff.active or staff.session_version != state.version:
+        state.sign_out()
+        raise SignInRequired()
+    state.touch(int(time.time()))
+    principal = await staff_service.principal_for(
+        session,
+        staff,
+        request_id=getattr(request.state, "request_id", None),
+        client_ip=request.client.host if request.client else None,
+    )
+    request.state.console_principal = principal
+    return SignedIn(staff=staff, principal=principal)
+
+
+SignedInStaff = Annotated[SignedIn, Depends(signed_in_staff)]
+
+
+def render(
+    request: Request,
+    template: str,
+    context: dict[str, Any] | None = None,
+    *,
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    state = console_session(request)
+    principal: Principal | None = getattr(request.state, "console_principal", None)
+    csrf = state.csrf_token
+    full = {
+        "csrf_token": csrf,
+        "csrf_field": lambda: Markup(
+            f'<input type="hidden" name="{CSRF_FIELD}" value="{escape(csrf)}">'
+        ),
+        "navigation": visible_navigation(principal) if principal else [],
+        "current_path": request.url.path,
+        "flash": state.take_flash(),
+        "signed_in": principal is not None,
+        "actor_id": principal.key_public_id if principal else None,
+        **(context or {}),
+    }
+    return templates.TemplateResponse(
+        request, template, full, status_code=status_code, headers=headers
+    )
+
+
+def redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+def safe_next(value: str | None) -> str:
+    """Where to go after signing in: a console path, never another site."""
+    if (
+        value
+        and value.startswith("/console")
+        and not value.startswith("//")
+        and "\\" not in value
+        and value.isprintable()
+        and len(value) <= 500
+    ):
+        return value
+    return "/console"
+
+
+_TITLES = {
+    400: "Bad request",
+    401: "Sign in required",
+    403: "Not allowed",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Too large",
+    422: "Check the form",
+    429: "Too many attempts",
+    500: "Something went wrong",
+}
+
+
+def _console_aware(
+    handler: Callable[[Request, Any], Coroutine[Any, Any, Response]] | Callable[..., Any],
+) -> Callable[[Request, Exception], Coroutine[Any, Any, Response]]:
+    async def handle(request: Request, exc: Exception) -> Response:
+        if not is_console_path(request.url.path):
+            answered: Response = await handler(request, exc)
+            return answered
+        if isinstance(exc, SignInRequired):
+            target = request.url.path
+            if request.url.query and request.method == "GET":
+                target += "?" + request.url.query
+            return redirect("/console/sign-in?next=" + quote(safe_next(target), safe=""))
+        answered = await handler(request, exc)
+        status = answered.status_code
+        if isinstance(exc, MemberhubError):
+            message = exc.message
+        elif status == 422:
+            message = "Some of the fields are not valid; go back and check them."
+        elif status >= 500:
+            message = "An unexpected error occurred; it has been logged."
+        else:
+            message = _TITLES.get(status, "The request could not be completed.")
+        headers = {
+            k: v for k, v in answered.headers.items() if k.lower() in {"retry-after", "allow"}
+        }
+        return render(
+            request,
+            "error.html",
+            {"title": _TITLES.get(status, "Error"), "message": message, "status": status},
+            status_code=status,
+            headers=headers,
+        )
+
+    return handle
+
+
+def install_html_errors(app: FastAPI) -> None:
+    """Console pages get HTML error pages; the API keeps its JSON error shape."""
+    for key, handler in list(app.exception_handlers.items()):
+        app.exception_handlers[key] = _console_aware(handler)

@@ -1,0 +1,131 @@
+"""Password sign-in, the session, and acting as the signed-in staff user."""
+
+from __future__ import annotations
+
+import httpx
+
+from memberhub.kit.db import Database
+from memberhub.settings import Settings
+from tests.console.support import PASSWORD, create_staff_user, csrf_of, sign_in, submit
+from tests.support import ApiClient
+
+
+async def test_a_staff_user_signs_in_and_sees_the_home_page(
+    browser: httpx.AsyncClient, db: Database
+) -> None:
+    staff_id = await create_staff_user(db)
+    signed_in = await sign_in(browser)
+    assert signed_in.status_code == 303, signed_in.text
+    assert signed_in.headers["location"] == "/console"
+    cookie = signed_in.headers["set-cookie"]
+    assert {"HttpOnly", "SameSite=Lax", "Secure"} <= {part.strip() for part in cookie.split(";")}
+    home = await browser.get("/console")
+    assert home.status_code == 200
+    assert staff_id in home.text
+    assert home.headers["content-security-policy"].startswith("default-src 'none'")
+    assert home.headers["x-frame-options"] == "DENY"
+
+
+async def test_a_page_asks_for_sign_in_first(browser: httpx.AsyncClient, db: Database) -> None:
+    answered = await browser.get("/console/members?email=a@example.org")
+    assert answered.status_code == 303
+    assert answered.headers["location"].startswith("/console/sign-in?next=%2Fconsole%2Fmembers")
+
+
+async def test_a_wrong_password_is_refused(browser: httpx.AsyncClient, db: Database) -> None:
+    await create_staff_user(db)
+    refused = await sign_in(browser, password="not the password")
+    assert refused.status_code == 401
+    assert "not right" in refused.text
+    assert (await browser.get("/console")).status_code == 303
+
+
+async def test_an_award_from_the_console_is_recorded_as_the_staff_user(
+    browser: httpx.AsyncClient, api: ApiClient, db: Database
+) -> None:
+    staff_id = await create_staff_user(db, role="manager")
+    member = await api.create_member(email="m@example.org")
+    await sign_in(browser)
+    found = await browser.get("/console/members", params={"email": "M@example.org"})
+    assert member["id"] in found.text
+    page = f"/console/members/{member['id']}"
+    awarded = await submit(browser, page, f"{page}/award", {"points": "50", "reason": "Welcome"})
+    assert awarded.status_code == 303, awarded.text
+    after = await browser.get(page)
+    assert "50 points" in after.text
+    assert staff_id in after.text
+    history = (await api.get("/api/v1/points/transactions", {"member_id": member["id"]})).json()
+    assert [(t["type"], t["points"], t["actor"]) for t in history["data"]] == [
+        ("award", 50, staff_id)
+    ]
+    audit = (await api.get("/api/v1/audit")).json()["data"]
+    assert staff_id in {e["actor"] for e in audit if e["action"].startswith("points.")}
+
+
+async def test_signing_out_ends_the_session(browser: httpx.AsyncClient, db: Database) -> None:
+    await create_staff_user(db)
+    await sign_in(browser)
+    home = await browser.get("/console")
+    out = await browser.post("/console/sign-out", data={"csrf_token": csrf_of(home)})
+    assert out.status_code == 303
+    assert (await browser.get("/console")).status_code == 303
+
+
+async def test_the_password_can_be_changed_from_the_account_page(
+    browser: httpx.AsyncClient, db: Database
+) -> None:
+    await create_staff_user(db)
+    await sign_in(browser)
+    changed = await submit(
+        browser,
+        "/console/account",
+        "/console/account/password",
+        {"current_password": PASSWORD, "new_password": "a brand new passphrase"},
+    )
+    assert changed.status_code == 303, changed.text
+    assert (await browser.get("/console")).status_code == 200
+    browser.cookies.clear()
+    assert (await sign_in(browser)).status_code == 401
+    assert (await sign_in(browser, password="a brand new passphrase")).status_code == 303
+
+
+async def test_deactivating_a_staff_user_ends_their_session(
+    browser: httpx.AsyncClient, api: ApiClient, db: Database
+) -> None:
+    staff_id = await create_staff_user(db)
+    await sign_in(browser)
+    assert (await browser.get("/console")).status_code == 200
+    changed = await api.patch(f"/api/v1/staff/{staff_id}", {"active": False})
+    assert changed.status_code == 200, changed.text
+    assert (await browser.get("/console")).status_code == 303
+    assert (await sign_in(browser)).status_code == 401
+
+
+def test_the_cookie_is_secure_everywhere_but_development() -> None:
+    assert Settings(env="production", secret_key="x").console_secure_cookie
+    assert Settings(env="test", secret_key="x").console_secure_cookie
+    assert not Settings(env="development", secret_key="x").console_secure_cookie
+    assert not Settings(env="production", console_cookie_secure=False).console_secure_cookie
+
+
+async def test_sign_in_only_returns_to_console_pages(
+    browser: httpx.AsyncClient, db: Database
+) -> None:
+    await create_staff_user(db)
+    for target, landed in (
+        ("/console/account", "/console/account"),
+        ("https://evil.example/", "/console"),
+        ("//evil.example/console", "/console"),
+    ):
+        browser.cookies.clear()
+        page = await browser.get("/console/sign-in")
+        answered = await browser.post(
+            "/console/sign-in",
+            data={
+                "csrf_token": csrf_of(page),
+                "email": "ana@example.org",
+                "password": PASSWORD,
+                "next": target,
+            },
+        )
+        assert answered.headers["location"] == landed
