@@ -89,7 +89,9 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.eventbrite import Eventbrite
     from memberhub.integrations.providers.generic import GenericHttp, GenericWebhook
     from memberhub.integrations.providers.hubspot import HubSpot
+    from memberhub.integrations.providers.local_storage import LocalStorage
     from memberhub.integrations.providers.pipedrive import Pipedrive
+    from memberhub.integrations.providers.s3 import S3
     from memberhub.integrations.providers.salesforce import Salesforce
     from memberhub.integrations.providers.shopify import Shopify
     from memberhub.integrations.providers.stripe import Stripe
@@ -104,6 +106,8 @@ def _register_builtin() -> None:
         GenericWebhook(),
         Shopify(),
         Eventbrite(),
+        S3(),
+        LocalStorage(),
     ):
         register(provider)
 
