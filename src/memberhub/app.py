@@ -25,6 +25,7 @@ from memberhub.bulk.routes import router as bulk_router
 from memberhub.crm.routes import router as crm_router
 from memberhub.earning_rules.routes import router as earning_rules_router
 from memberhub.events.routes import router as events_router
+from memberhub.exports.routes import router as exports_router
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.routes import outbound as integrations_outbound_router
 from memberhub.integrations.routes import public as integrations_public_router
@@ -193,6 +194,7 @@ def create_app(
         integrations_router,
         integrations_outbound_router,
         integrations_public_router,
+        exports_router,
         leads_router,
         crm_router,
         leads_external_router,

@@ -9,6 +9,7 @@ from memberhub.bulk.models import BulkJob, BulkJobChunk, BulkJobRow
 from memberhub.crm.models import CrmConflict, CrmLink, CrmSyncState, SyncRun, SyncRunRecord
 from memberhub.earning_rules.models import EarningRule, EarningRuleVersion, RuleAward
 from memberhub.events.models import Event
+from memberhub.exports.models import Export, ExportPart, ExportRun
 from memberhub.idempotency.models import IdempotencyRecord
 from memberhub.integrations.models import (
     InboundEvent,
@@ -46,6 +47,9 @@ __all__ = [
     "EarningRule",
     "EarningRuleVersion",
     "Event",
+    "Export",
+    "ExportPart",
+    "ExportRun",
     "IdempotencyRecord",
     "InboundEvent",
     "Integration",

@@ -17,6 +17,7 @@ from memberhub.alerts.jobs import check_rates
 from memberhub.bulk.jobs import process_bulk_awards
 from memberhub.crm.jobs import run_crm_sync
 from memberhub.events.sequencer import SequencerLoop, run_passes
+from memberhub.exports.jobs import ExportConfig, process_exports
 from memberhub.idempotency.service import purge_expired
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.inbound import process_inbound
@@ -161,6 +162,22 @@ class Worker:
 
             # Every tick: changes reach the CRM one coalescing period after they settle.
             jobs.insert(1, Job("crm.sync", 0.0, chunked=sync_crms))
+
+            export_config = (
+                ExportConfig(
+                    part_rows=settings.export_part_rows,
+                    page_rows=settings.export_page_rows,
+                    lease=timedelta(seconds=settings.export_lease_seconds),
+                )
+                if settings is not None
+                else ExportConfig()
+            )
+
+            async def run_exports(db: Database, now: datetime) -> int:
+                # Queues scheduled runs and writes queued ones, a part per transaction.
+                return await process_exports(db, hub, now, export_config)
+
+            jobs.append(Job("exports.run", 5.0, chunked=run_exports))
 
             async def process_inbound_reading(db: Database, now: datetime) -> int:
                 # Some providers' webhooks name what to read from the vendor (Eventbrite).
