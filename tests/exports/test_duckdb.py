@@ -37,8 +37,10 @@ async def _export(
 ) -> str:
     definition = {"name": table, "table": table, "storage_integration_id": storage, **extra}
     export = (await api.post("/api/v1/exports", definition)).json()
-    assert (await api.post(f"/api/v1/exports/{export['id']}/runs")).status_code == 202
+    run = (await api.post(f"/api/v1/exports/{export['id']}/runs")).json()
     await process_exports(db, hub, utcnow(), SMALL)
+    done = (await api.get(f"/api/v1/exports/{export['id']}/runs/{run['id']}")).json()
+    assert done["status"] == "completed", done
     return str(export["id"])
 
 

@@ -49,6 +49,7 @@ from memberhub.exports.tables import (
     TABLES,
     ExportTable,
     arrow_schema,
+    fetch_page,
     json_columns,
     page_query,
     schema_out,
@@ -306,12 +307,12 @@ async def _write_part(
         while written < config.part_rows:
             limit = min(config.page_rows, config.part_rows - written)
             async with db.transaction(read_only=True) as session:
-                result = await session.execute(
+                page = await fetch_page(
+                    session,
                     page_query(
                         spec, sqlite=db.is_sqlite, after=cursor, upto=run.watermark_to, limit=limit
-                    )
+                    ),
                 )
-                page = result.all()
             if page:
                 writer.write(to_record_batch(spec, schema, page))
                 written += len(page)

@@ -28,6 +28,7 @@ from sqlalchemy import (
     select,
     type_coerce,
 )
+from sqlalchemy.ext.asyncio import AsyncSession
 
 import memberhub.models  # noqa: F401  (every table in the metadata)
 from memberhub.kit.db import Base, UTCDateTime
@@ -170,6 +171,28 @@ def page_query(
     return query
 
 
+async def fetch_page(session: AsyncSession, query: Select[Any]) -> Sequence[Sequence[Any]]:
+    """The page's rows as the driver returns them (tuples, asyncpg records): the query is
+    compiled by SQLAlchemy and run on the session's own connection, skipping the result
+    layer, which would cost as much as the rest of the export (the Arrow conversion
+    types each column itself)."""
+    connection = await session.connection()
+    compiled = query.compile(dialect=connection.dialect)
+    params = compiled.construct_params()
+    arguments = [params[name] for name in compiled.positiontup or ()]
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection
+    if connection.dialect.name == "postgresql":
+        rows: Sequence[Sequence[Any]] = await driver.fetch(compiled.string, *arguments)
+        return rows
+    cursor = await driver.execute(compiled.string, arguments)
+    try:
+        fetched: Sequence[Sequence[Any]] = await cursor.fetchall()
+    finally:
+        await cursor.close()
+    return fetched
+
+
 def to_record_batch(
     spec: ExportTable, schema: pa.Schema, rows: Sequence[Sequence[Any]]
 ) -> pa.RecordBatch:
@@ -181,12 +204,13 @@ def to_record_batch(
             arrays.append(pa.array(values, pa.string()).cast(pa.timestamp("us")).cast(TIMESTAMP))
         elif field.type == pa.date32() and _first(values, str):
             arrays.append(pa.array(values, pa.string()).cast(pa.date32()))
+        elif field.type == pa.bool_() and not _first(values, bool):
+            arrays.append(pa.array(values, pa.int64()).cast(pa.bool_()))  # SQLite's 0 and 1
         else:
             arrays.append(pa.array(values, field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def _first(values: Sequence[Any], kind: type) -> bool:
-    return any(isinstance(value, kind) for value in values[:50]) or next(
-        (isinstance(value, kind) for value in values if value is not None), False
-    )
+    """Whether the column's values are of `kind` (judged by its first non-null value)."""
+    return next((isinstance(value, kind) for value in values if value is not None), False)

@@ -35,9 +35,12 @@ class WrittenFile:
 
 
 def partition_dates(batch: pa.RecordBatch, column: str) -> pa.Array:
-    """Each row's partition: the UTC date of `column` as YYYY-MM-DD."""
-    days = pc.strftime(batch.column(column), format="%Y-%m-%d")
-    return pc.fill_null(days, NULL_PARTITION)
+    """Each row's partition: the UTC date of `column` (timestamps are kept in UTC)."""
+    return pc.cast(batch.column(column), pa.date32())
+
+
+def _partition_name(day: date | None) -> str:
+    return day.isoformat() if day is not None else NULL_PARTITION
 
 
 class _JsonLinesWriter:
@@ -102,10 +105,11 @@ class PartWriter:
         dates = partition_dates(batch, self.partition_column)
         distinct = pc.unique(dates).to_pylist()
         if len(distinct) == 1:
-            self._write_one(str(distinct[0]), batch)
+            self._write_one(_partition_name(distinct[0]), batch)
             return
-        for dt in distinct:
-            self._write_one(str(dt), batch.filter(pc.equal(dates, dt)))
+        for day in distinct:
+            rows = pc.is_null(dates) if day is None else pc.fill_null(pc.equal(dates, day), False)
+            self._write_one(_partition_name(day), batch.filter(rows))
 
     def _write_one(self, dt: str, batch: pa.RecordBatch) -> None:
         self._writer(dt).write_batch(batch)
