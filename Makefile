@@ -66,6 +66,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.crm_sync
 	$(BIN)/python -m bench.activities
+	$(BIN)/python -m bench.exports
 
 ## Validate compose.yaml and build the image, where `docker compose` and a Docker daemon exist.
 docker-check:

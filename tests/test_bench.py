@@ -87,6 +87,11 @@ CRM_LINES = {
         ("custom_crm", r"1\.00"),
     )
 }
+EXPORT_LINE = re.compile(
+    r"^sqlite\s+parquet\s+memberhub\s+[\d,]+ rows/s\s+raw\s+[\d,]+ rows/s\s+ratio [\d.]+"
+    r"\s+rows 5000\s+peak rss \d+ MB\s+load [\d.]+$",
+    re.MULTILINE,
+)
 
 
 def run_bench(*args: str) -> str:
@@ -140,3 +145,8 @@ def test_activities_bench_runs_in_quick_mode_and_its_activities_earn() -> None:
 def test_crm_sync_bench_runs_in_quick_mode_with_no_wasted_request() -> None:
     output = run_bench("bench.crm_sync", "--quick")
     assert missing_lines(CRM_LINES, output) == [], output
+
+
+def test_exports_bench_runs_in_quick_mode() -> None:
+    output = run_bench("bench.exports", "--quick", "--backend", "sqlite")
+    assert EXPORT_LINE.search(output), output

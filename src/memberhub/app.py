@@ -28,6 +28,7 @@ from memberhub.console.install import install_console
 from memberhub.crm.routes import router as crm_router
 from memberhub.earning_rules.routes import router as earning_rules_router
 from memberhub.events.routes import router as events_router
+from memberhub.exports.routes import router as exports_router
 from memberhub.finance.routes import outbound as finance_outbound_router
 from memberhub.finance.routes import router as finance_router
 from memberhub.integrations.hub import IntegrationHub
@@ -205,6 +206,7 @@ def create_app(
         integrations_router,
         integrations_outbound_router,
         integrations_public_router,
+        exports_router,
         leads_router,
         crm_router,
         search_router,

@@ -49,12 +49,14 @@ audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
 secrets_app = typer.Typer(help="The master secret and what it encrypts.", no_args_is_help=True)
 backup_app = typer.Typer(help="Backups of the database and its secret.", no_args_is_help=True)
 staff_app = typer.Typer(help="Staff accounts for the console.", no_args_is_help=True)
+export_app = typer.Typer(help="Exported data.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(audit_app, name="audit")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(backup_app, name="backup")
 app.add_typer(staff_app, name="staff")
+app.add_typer(export_app, name="export")
 
 CLI_ACTOR = Actor.system("cli")
 MIN_SECRET_LENGTH = 32
@@ -735,6 +737,47 @@ def backup_create(
         f"written to {file} ({file.stat().st_size} bytes)"
         + ("" if manifest.has_secret_key else "; the secret key is NOT in it")
     )
+
+
+@export_app.command("duckdb")
+def export_duckdb(
+    file: Annotated[Path, typer.Argument(help="The DuckDB database to create or refresh.")],
+    source: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="A storage integration's id (int_…), whose files are downloaded beside FILE "
+            "into FILE.files/, or a local directory holding the exports.",
+        ),
+    ],
+) -> None:
+    """Build a local analytics database from the exports: a view per exported table over
+    the files its manifests list, and KPI views (points liability, monthly points earned,
+    redeemed and expired, active members, members by status)."""
+    import re
+
+    from memberhub.exports import warehouse
+
+    if re.fullmatch(r"int_[0-9a-z]{1,40}", source):
+        root = file.with_name(file.name + ".files")
+
+        async def gather(db: Database) -> dict[str, warehouse.TableFiles]:
+            return await warehouse.from_integration(db, _settings(), source, root)
+
+        tables = _run(gather)
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            typer.echo(f"error: {source} is neither an integration id nor a directory", err=True)
+            raise typer.Exit(code=1)
+        tables = warehouse.table_files(warehouse.local_manifests(root))
+    if not tables:
+        typer.echo(f"error: no export manifests found in {source}", err=True)
+        raise typer.Exit(code=1)
+    created = warehouse.build(file, tables, root.resolve())
+    for entry in sorted(tables.values(), key=lambda t: t.table):
+        typer.echo(f"{entry.table}: {entry.rows} rows in {len(entry.keys)} files")
+    typer.echo(f"{file}: views {', '.join(created)}")
 
 
 @backup_app.command("restore")

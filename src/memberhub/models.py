@@ -9,6 +9,7 @@ from memberhub.bulk.models import BulkJob, BulkJobChunk, BulkJobRow
 from memberhub.crm.models import CrmConflict, CrmLink, CrmSyncState, SyncRun, SyncRunRecord
 from memberhub.earning_rules.models import EarningRule, EarningRuleVersion, RuleAward
 from memberhub.events.models import Event
+from memberhub.exports.models import Export, ExportPart, ExportRun
 from memberhub.finance.models import AccountingMapping, FinanceEntry, Reconciliation
 from memberhub.idempotency.models import IdempotencyRecord
 from memberhub.integrations.models import (
@@ -61,6 +62,9 @@ __all__ = [
     "EarningRule",
     "EarningRuleVersion",
     "Event",
+    "Export",
+    "ExportPart",
+    "ExportRun",
     "FinanceEntry",
     "IdempotencyRecord",
     "InboundEvent",

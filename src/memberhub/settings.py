@@ -149,6 +149,26 @@ class Settings(BaseSettings):
         "sharing DATA_DIR; 0: no caching).",
     )
 
+    # Exports (`exports/jobs.py`).
+    export_part_rows: int = Field(
+        default=250_000,
+        ge=100,
+        description="Rows per export part: a file per partition date per part, and the unit "
+        "a run resumes from after its worker died.",
+    )
+    export_page_rows: int = Field(
+        default=10_000,
+        ge=100,
+        le=1_000_000,
+        description="Rows read per query and held in memory while exporting.",
+    )
+    export_lease_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="How long a worker owns an export run without recording a part; a dead "
+        "worker's run is taken over after it.",
+    )
+
     # The sequencer (event feed positions and the audit chain, assigned after commit).
     sequencer_interval_seconds: float = Field(
         default=0.05,

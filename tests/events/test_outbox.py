@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
@@ -22,9 +23,15 @@ from memberhub.auth.roles import Role
 from memberhub.events.catalog import CATALOG
 from memberhub.events.models import Event
 from memberhub.events.sequencer import run_passes
+from memberhub.exports.jobs import process_exports
+from memberhub.integrations.hub import IntegrationHub
+from memberhub.kit.clock import utcnow
+from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
-from tests.conftest import issue_key
+from memberhub.settings import Settings
+from memberhub.webhooks.ssrf import UrlPolicy
+from tests.conftest import TEST_SECRET_KEY, issue_key
 from tests.support import ApiClient
 from tests.support_server import bind_local_socket, serving_in_thread
 
@@ -471,8 +478,25 @@ async def _integration_incident(api: ApiClient) -> None:
         assert (await api.post(test)).json()["ok"] is True
 
 
+async def _export_run(api: ApiClient, db: Database, settings: Settings, directory: Path) -> None:
+    storage = {
+        "provider": "local_storage",
+        "name": "Files",
+        "config": {"directory": str(directory)},
+    }
+    integration = (await api.post("/api/v1/integrations", storage)).json()
+    definition = {"name": "Leads", "table": "leads", "storage_integration_id": integration["id"]}
+    export = (await api.post("/api/v1/exports", definition)).json()
+    assert (await api.post(f"/api/v1/exports/{export['id']}/runs")).status_code == 202
+    hub = IntegrationHub(db, SecretBox(TEST_SECRET_KEY), UrlPolicy.from_settings(settings))
+    try:
+        await process_exports(db, hub, utcnow())
+    finally:
+        await hub.aclose()
+
+
 async def test_every_emitted_event_validates_against_its_types_schema(
-    api: ApiClient, db: Database
+    api: ApiClient, db: Database, settings: Settings, tmp_path: Path
 ) -> None:
     await _emit_loyalty_events(api, db)
     member = await api.create_member(first_name="A")
@@ -502,6 +526,7 @@ async def test_every_emitted_event_validates_against_its_types_schema(
     }
     assert (await api.post("/api/v1/activities", attended)).status_code == 201
     await api.create_member(email="attendee@example.com")  # matches it: activity.matched
+    await _export_run(api, db, settings, tmp_path / "exports")
     schemas = await event_schemas(api)
 
     events = await list_events(api)

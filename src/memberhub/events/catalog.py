@@ -331,6 +331,29 @@ class IntegrationIncidentClosed(EventData):
     closed_at: datetime
 
 
+class ExportCompleted(EventData):
+    event_type = "export.completed"
+    description = (
+        "An export run finished: its files and manifest are in the storage target. A run "
+        "with nothing new carries no files and an empty manifest."
+    )
+
+    export_id: str
+    run_id: str
+    sequence: int
+    table: str
+    format: str
+    mode: str
+    storage_integration_id: str
+    rows: int
+    bytes: int
+    files: int
+    manifest_key: str
+    watermark_from: int | None
+    watermark_to: int | None
+    finished_at: datetime
+
+
 class WebhookTest(EventData):
     event_type = "webhook.test"
     description = "A test event, sent to the one endpoint it was requested for."
@@ -369,6 +392,7 @@ CATALOG: dict[str, type[EventData]] = {
         WebhookEndpointDisabled,
         IntegrationIncidentOpened,
         IntegrationIncidentClosed,
+        ExportCompleted,
         WebhookTest,
     )
 }

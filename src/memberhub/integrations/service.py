@@ -121,6 +121,8 @@ async def _check_urls(provider: Provider, config: BaseConfig, policy: ssrf.UrlPo
     urls = {
         "config.base_url": config.base_url,
         "config.oauth.token_url": oauth.token_url if oauth else None,
+        # Storage providers' own clients (the S3 SDK) call this endpoint.
+        "config.endpoint_url": getattr(config, "endpoint_url", None),
     }
     for field, url in urls.items():
         if url is None:

@@ -17,6 +17,7 @@ from memberhub.alerts.jobs import check_rates
 from memberhub.bulk.jobs import process_bulk_awards
 from memberhub.crm.jobs import run_crm_sync
 from memberhub.events.sequencer import SequencerLoop, run_passes
+from memberhub.exports.jobs import ExportConfig, process_exports
 from memberhub.finance.booking import book_due_entries
 from memberhub.finance.reconciliation import run_due_reconciliations
 from memberhub.idempotency.service import purge_expired
@@ -192,6 +193,21 @@ class Worker:
             # Every tick: a payment is booked one worker interval after it was applied.
             jobs.insert(3, Job("finance.book_entries", 0.0, chunked=book_finance))
             jobs.insert(4, Job("finance.reconcile", 5.0, chunked=reconcile))
+            export_config = (
+                ExportConfig(
+                    part_rows=settings.export_part_rows,
+                    page_rows=settings.export_page_rows,
+                    lease=timedelta(seconds=settings.export_lease_seconds),
+                )
+                if settings is not None
+                else ExportConfig()
+            )
+
+            async def run_exports(db: Database, now: datetime) -> int:
+                # Queues scheduled runs and writes queued ones, a part per transaction.
+                return await process_exports(db, hub, now, export_config)
+
+            jobs.append(Job("exports.run", 5.0, chunked=run_exports))
 
             async def process_inbound_reading(db: Database, now: datetime) -> int:
                 # Some providers' webhooks name what to read from the vendor (Eventbrite).

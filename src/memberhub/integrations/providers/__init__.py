@@ -99,8 +99,10 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.fcm import Fcm
     from memberhub.integrations.providers.generic import GenericHttp, GenericWebhook
     from memberhub.integrations.providers.hubspot import HubSpot
+    from memberhub.integrations.providers.local_storage import LocalStorage
     from memberhub.integrations.providers.onedrive import OneDrive
     from memberhub.integrations.providers.pipedrive import Pipedrive
+    from memberhub.integrations.providers.s3 import S3
     from memberhub.integrations.providers.salesforce import Salesforce
     from memberhub.integrations.providers.sendgrid import SendGrid
     from memberhub.integrations.providers.shopify import Shopify
@@ -126,6 +128,8 @@ def _register_builtin() -> None:
         Algolia(),
         Xero(),
         Smtp(),
+        S3(),
+        LocalStorage(),
     ):
         register(provider)
 
