@@ -52,7 +52,6 @@ from memberhub.members.models import Member, MemberStatus
 from memberhub.members.repository import normalize_email
 from memberhub.members.schemas import MemberCreate, MemberPatch
 from memberhub.memberships import service as memberships
-from memberhub.organisations.repository import OrganisationRepository
 from memberhub.points import service as points
 from memberhub.points.schemas import MAX_POINTS
 
@@ -485,14 +484,14 @@ def _record(
 
 
 async def apply_chunk(
-    session: AsyncSession, job: BulkJob, rows: list[tuple[int, dict[str, Any]]], now: datetime
+    session: AsyncSession,
+    job: BulkJob,
+    rows: list[tuple[int, dict[str, Any]]],
+    visible: frozenset[int] | None,
+    now: datetime,
 ) -> list[dict[str, Any]]:
-    """Apply a chunk's rows (in a dry run, roll them all back); their outcome records."""
-    visible = (
-        await OrganisationRepository(session).subtree_ids(job.organisation_id)
-        if job.organisation_id is not None
-        else None
-    )
+    """Apply a chunk's rows (in a dry run, roll them all back); their outcome records.
+    `visible`: the organisations the uploading key reaches."""
     principal = Principal(
         key_id=0,
         key_public_id=job.created_by,

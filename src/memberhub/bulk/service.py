@@ -19,7 +19,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any
@@ -612,13 +612,14 @@ async def _apply_chunk(
         for row_number, line in enumerate(chunk.rows.split("\n"), start=chunk.first_row)
         if row_number not in done
     ]
-    if job.operation == BulkOperation.MEMBER_IMPORT:
-        return await member_import.apply_chunk(session, job, rows, now)
+    # The uploading key's reach: its organisation and chapters (None: everything).
     visible = (
         await OrganisationRepository(session).subtree_ids(job.organisation_id)
         if job.organisation_id is not None
         else None
     )
+    if job.operation == BulkOperation.MEMBER_IMPORT:
+        return await member_import.apply_chunk(session, job, rows, visible, now)
     members = await _Members.load(session, [raw for _, raw in rows], visible)
     actor = Actor(id=job.created_by)
     return [
@@ -673,11 +674,40 @@ def csv_cell(value: str | None) -> str:
     return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
-async def report_lines(db: Database, job_id: int, outcome: str | None) -> AsyncIterator[str]:
-    """The job's row outcomes as CSV, a page at a time, each page in a short read."""
+def _award_report_row(row: BulkJobRow) -> tuple[Any, ...]:
+    return (
+        row.row_number,
+        row.outcome,
+        csv_cell(row.member_id),
+        "" if row.points is None else row.points,
+        csv_cell(row.reference_id),
+        row.transaction_id or "",
+        csv_cell(row.error),
+    )
+
+
+def _import_report_row(row: BulkJobRow) -> tuple[Any, ...]:
+    return (
+        row.row_number,
+        row.action or "failed",
+        csv_cell(row.member_id),
+        "" if row.points is None else row.points,
+        row.transaction_id or "",
+        csv_cell(row.error),
+    )
+
+
+async def _report(
+    db: Database,
+    job_id: int,
+    outcome: str | None,
+    columns: tuple[str, ...],
+    cells: Callable[[BulkJobRow], tuple[Any, ...]],
+) -> AsyncIterator[str]:
+    """A job's row outcomes as CSV, a page at a time, each page in a short read."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(REPORT_COLUMNS)
+    writer.writerow(columns)
     after: int | None = None
     while True:
         async with db.transaction(read_only=True) as session:
@@ -685,23 +715,18 @@ async def report_lines(db: Database, job_id: int, outcome: str | None) -> AsyncI
                 job_id, outcome=outcome, after_row=after, limit=REPORT_PAGE
             )
         for row in rows[:REPORT_PAGE]:
-            writer.writerow(
-                (
-                    row.row_number,
-                    row.outcome,
-                    csv_cell(row.member_id),
-                    "" if row.points is None else row.points,
-                    csv_cell(row.reference_id),
-                    row.transaction_id or "",
-                    csv_cell(row.error),
-                )
-            )
+            writer.writerow(cells(row))
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
         if len(rows) <= REPORT_PAGE:
             return
         after = rows[REPORT_PAGE - 1].row_number
+
+
+def report_lines(db: Database, job_id: int, outcome: str | None) -> AsyncIterator[str]:
+    """A bulk award's row outcomes as CSV."""
+    return _report(db, job_id, outcome, REPORT_COLUMNS, _award_report_row)
 
 
 IMPORT_REPORT_COLUMNS = (
@@ -714,32 +739,7 @@ IMPORT_REPORT_COLUMNS = (
 )
 
 
-async def import_report_lines(db: Database, job_id: int, failed_only: bool) -> AsyncIterator[str]:
-    """A member import's row outcomes as CSV, a page at a time, each page in a short read."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(IMPORT_REPORT_COLUMNS)
-    after: int | None = None
+def import_report_lines(db: Database, job_id: int, failed_only: bool) -> AsyncIterator[str]:
+    """A member import's row outcomes as CSV."""
     outcome = RowOutcome.FAILED if failed_only else None
-    while True:
-        async with db.transaction(read_only=True) as session:
-            rows = await BulkRepository(session).list_rows(
-                job_id, outcome=outcome, after_row=after, limit=REPORT_PAGE
-            )
-        for row in rows[:REPORT_PAGE]:
-            writer.writerow(
-                (
-                    row.row_number,
-                    row.action or "failed",
-                    csv_cell(row.member_id),
-                    "" if row.points is None else row.points,
-                    row.transaction_id or "",
-                    csv_cell(row.error),
-                )
-            )
-        yield buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-        if len(rows) <= REPORT_PAGE:
-            return
-        after = rows[REPORT_PAGE - 1].row_number
+    return _report(db, job_id, outcome, IMPORT_REPORT_COLUMNS, _import_report_row)
