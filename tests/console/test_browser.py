@@ -102,6 +102,8 @@ async def browser() -> AsyncIterator[Browser]:
 
 async def check_page(page: Page, console: Console, name: str) -> None:
     """Accessibility basics, at desktop width and at 375 px, with a screenshot of each."""
+    # After a form post the next page may still be loading: check the page that arrived.
+    await page.wait_for_load_state("load")
     found: dict[str, Any] = await page.evaluate(A11Y_CHECK)
     assert found["h1"] == 1, (name, found)
     assert found["unlabelled"] == [], (name, found)
