@@ -100,17 +100,26 @@ async def seed(url: str, rows: int) -> None:
         await db.dispose()
 
 
-async def create_export(url: str, directory: Path) -> int:
+async def create_export(
+    url: str,
+    directory: Path,
+    *,
+    provider: str = "local_storage",
+    config: dict[str, Any] | None = None,
+    credentials: dict[str, Any] | None = None,
+    mode: ExportMode = ExportMode.FULL,
+) -> int:
+    """An export of the ledger to a storage integration (a local directory by default)."""
     db = Database(url, pool_size=2)
     try:
         async with db.transaction() as session:
             now = utcnow()
             integration = Integration(
                 public_id="int_bench",
-                provider="local_storage",
-                name="Bench directory",
-                config={"directory": str(directory)},
-                credentials=vault.seal(SecretBox(SECRET), {}),
+                provider=provider,
+                name="Bench storage",
+                config=config if config is not None else {"directory": str(directory)},
+                credentials=vault.seal(SecretBox(SECRET), credentials or {}),
                 credential_hints={},
                 enabled=True,
                 created_at=now,
@@ -123,7 +132,7 @@ async def create_export(url: str, directory: Path) -> int:
                 name="Ledger",
                 table_name=SPEC.name,
                 format="parquet",
-                mode=ExportMode.FULL,
+                mode=mode,
                 storage_integration_id=integration.id,
                 runs_started=0,
                 created_by="bench",
