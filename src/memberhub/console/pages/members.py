@@ -402,7 +402,7 @@ async def award(
         principal.actor,
         member,
         points=points_awarded,
-        reason=reason.strip() or "Bonus",
+        reason=_reason(reason),
         account=account,
     )
     return _done(request, member, f"Awarded {points_awarded} points.")
