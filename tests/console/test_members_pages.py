@@ -251,6 +251,46 @@ async def test_quick_actions_apply_as_the_staff_user(
     assert shown_points(page, "balance") == 850
 
 
+async def test_a_points_form_sent_twice_applies_once(
+    browser: httpx.AsyncClient, api: ApiClient, db: Database
+) -> None:
+    member = await api.create_member()
+    await create_staff_user(db, role="admin")
+    await sign_in(browser)
+    url = f"/console/members/{member['id']}"
+    page = await browser.get(url)
+    references = dict(
+        re.findall(
+            r'action="[^"]+/(award|redeem|deduct)".*?name="reference_id" value="([^"]+)"',
+            page.text,
+            re.S,
+        )
+    )
+    assert set(references) == {"award", "redeem", "deduct"}
+    assert len(set(references.values())) == 3
+    for action, points in (("award", "300"), ("redeem", "20"), ("deduct", "30")):
+        fields = {
+            "csrf_token": csrf_of(page),
+            "points": points,
+            "reason": "Twice",
+            "reference_id": references[action],
+        }
+        for _ in range(2):
+            sent = await browser.post(f"{url}/{action}", data=fields)
+            assert sent.status_code == 303, sent.text
+        assert "already sent" in (await browser.get(url)).text
+        # The same form with other points is a different operation: refused.
+        changed = await browser.post(f"{url}/{action}", data={**fields, "points": "7"})
+        assert changed.status_code == 409, changed.text
+    history = await transactions_of(api, member["id"])
+    assert [(t["type"], t["points"]) for t in history] == [
+        ("deduct", -30),
+        ("redeem", -20),
+        ("award", 300),
+    ]
+    assert (await browser.get(url)).text.count('name="reference_id"') == 3
+
+
 async def test_membership_join_renew_and_cancel_from_the_console(
     browser: httpx.AsyncClient, api: ApiClient, db: Database
 ) -> None:

@@ -12,6 +12,7 @@ console shows the error page.
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -63,6 +64,10 @@ PointsField = Annotated[int, Form(alias="points", ge=1, le=MAX_POINTS)]
 ReasonField = Annotated[str, Form(min_length=1, max_length=1000, pattern=NO_NUL)]
 OptionalText = Annotated[str | None, Form(max_length=1000, pattern=NO_NUL)]
 FormFlag = Annotated[bool, Form()]
+# A reference id each rendering of a points form carries, as `reference_id` in the API: the
+# form sent twice (a double click, a reload of the post) applies once.
+FormReference = Annotated[str | None, Form(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+REFERENCED_FORMS = ("award", "redeem", "deduct")
 
 SEARCH_PAGE_SIZE = 25
 HISTORY_PAGE_SIZE = 20
@@ -320,7 +325,8 @@ async def member_page(
         "can_extend": Scope.POINTS_EXTEND in scopes,
         "can_change_membership": Scope.MEMBERSHIPS_WRITE in scopes,
         "can_open_approvals": Scope.APPROVALS_READ in scopes,
-        "sent_for_approval": console_session(request).take_pending("sent_for_approval"),
+        "sent_for_approval": _sent_for_approval(request, member),
+        "references": {form: f"console-{secrets.token_urlsafe(16)}" for form in REFERENCED_FORMS},
         "cursor": cursor,
         "status_cursor": status_cursor,
     }
@@ -362,9 +368,24 @@ def _deduct_limit(principal: Principal, program: LoyaltyProgram) -> int | None:
     return limit
 
 
+def _sent_for_approval(request: Request, member: Member) -> str | None:
+    """The approval request a deduction from this page just made, to link to."""
+    sent = console_session(request).take_pending("sent_for_approval")
+    if sent is None or sent.get("member") != member.public_id:
+        return None
+    approval_id = sent.get("id")
+    return approval_id if isinstance(approval_id, str) else None
+
+
 def _done(request: Request, member: Member, message: str) -> Response:
     console_session(request).flash(message)
     return redirect(f"/console/members/{member.public_id}")
+
+
+def _applied(result: points.LedgerResult, message: str) -> str:
+    if result.replayed:
+        return f"This form was already sent; nothing more was done. ({message})"
+    return message
 
 
 def _reason(value: str) -> str:
@@ -389,6 +410,7 @@ async def award(
     signed_in: SignedInStaff,
     points_awarded: Annotated[int, Form(alias="points", ge=1, le=1_000_000)],
     reason: Annotated[str, Form(min_length=1, max_length=200, pattern=NO_NUL)],
+    reference_id: FormReference = None,
 ) -> Response:
     """As `POST /api/v1/points/award`, acting as the signed-in staff user."""
     principal = signed_in.principal
@@ -396,16 +418,21 @@ async def award(
     approvals.check_award_limit(
         principal, points_awarded, await program_service.get_program(session)
     )
-    member, account = await points.member_and_account(session, principal, member_id)
-    await points.award_points(
+    account = None
+    if reference_id is None:
+        member, account = await points.member_and_account(session, principal, member_id)
+    else:
+        member = await get_member(session, principal, member_id)
+    result = await points.award_points(
         session,
         principal.actor,
         member,
         points=points_awarded,
         reason=_reason(reason),
+        reference_id=reference_id,
         account=account,
     )
-    return _done(request, member, f"Awarded {points_awarded} points.")
+    return _done(request, member, _applied(result, f"Awarded {points_awarded} points."))
 
 
 @router.post("/{member_id}/redeem")
@@ -416,21 +443,22 @@ async def redeem(
     signed_in: SignedInStaff,
     points_redeemed: PointsField,
     reason: OptionalText = None,
+    reference_id: FormReference = None,
 ) -> Response:
     """As `POST /api/v1/points/redeem`: spend points, soonest-expiring first."""
     principal = signed_in.principal
     principal.require_scope(Scope.POINTS_EARN)
     member = await get_member(session, principal, member_id)
-    await points.spend_points(
+    result = await points.spend_points(
         session,
         principal.actor,
         member,
         TxnType.REDEEM,
         points=points_redeemed,
         reason=_note(reason),
-        reference_id=None,
+        reference_id=reference_id,
     )
-    return _done(request, member, f"Redeemed {points_redeemed} points.")
+    return _done(request, member, _applied(result, f"Redeemed {points_redeemed} points."))
 
 
 @router.post("/{member_id}/deduct")
@@ -442,6 +470,7 @@ async def deduct(
     points_deducted: PointsField,
     reason: ReasonField,
     require_approval: FormFlag = False,
+    reference_id: FormReference = None,
 ) -> Response:
     """As `POST /api/v1/points/deduct`: above the role's limit, or when asked, the deduction
     is held as an approval request instead of applied."""
@@ -453,29 +482,32 @@ async def deduct(
         member_id=member.public_id,
         points=points_deducted,
         reason=_reason(reason),
+        reference_id=reference_id,
         require_approval=require_approval,
     )
     if payload.require_approval or approvals.deduct_needs_approval(
         principal, payload.points, program
     ):
         approval = await approvals.request_deduction(session, principal, member, payload)
-        console_session(request).put_pending("sent_for_approval", {"id": approval.public_id})
+        console_session(request).put_pending(
+            "sent_for_approval", {"id": approval.public_id, "member": member.public_id}
+        )
         return _done(
             request,
             member,
-            f"Sent for approval: deducting {payload.points} points waits for a manager "
-            f"({approval.public_id}).",
+            f"Sent for approval: deducting {payload.points} points waits for a manager's "
+            f"or an admin's decision ({approval.public_id}).",
         )
-    await points.spend_points(
+    result = await points.spend_points(
         session,
         principal.actor,
         member,
         TxnType.DEDUCT,
         points=payload.points,
         reason=payload.reason,
-        reference_id=None,
+        reference_id=payload.reference_id,
     )
-    return _done(request, member, f"Deducted {payload.points} points.")
+    return _done(request, member, _applied(result, f"Deducted {payload.points} points."))
 
 
 def _end_of_day(value: str, program: LoyaltyProgram) -> datetime:
