@@ -21,6 +21,10 @@ NAVIGATION: list[NavItem] = [
     NavItem("/console/members", "Members", Scope.MEMBERS_READ),
     NavItem("/console/account", "Account"),
 ]
+NAVIGATION += [
+    NavItem("/console/approvals", "Approvals", Scope.APPROVALS_READ),
+    NavItem("/console/alerts", "Alerts", Scope.ALERTS_READ),
+]
 
 
 def visible_navigation(principal: Principal) -> list[NavItem]:
