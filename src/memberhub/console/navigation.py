@@ -24,6 +24,7 @@ NAVIGATION: list[NavItem] = [
 NAVIGATION += [
     NavItem("/console/approvals", "Approvals", Scope.APPROVALS_READ),
     NavItem("/console/alerts", "Alerts", Scope.ALERTS_READ),
+    NavItem("/console/staff", "Staff", Scope.STAFF_READ),
 ]
 
 
