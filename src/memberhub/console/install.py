@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from memberhub.console.pages import account, alerts, approvals, auth, home, members, staff
+from memberhub.console.pages import account, alerts, approvals, auth, home, keys, members, staff
 from memberhub.console.session import ConsoleMiddleware
 from memberhub.console.web import install_html_errors
 
@@ -17,6 +17,7 @@ PAGE_ROUTERS = (
     approvals.router,
     alerts.router,
     staff.router,
+    keys.router,
 )
 
 

@@ -25,6 +25,7 @@ NAVIGATION += [
     NavItem("/console/approvals", "Approvals", Scope.APPROVALS_READ),
     NavItem("/console/alerts", "Alerts", Scope.ALERTS_READ),
     NavItem("/console/staff", "Staff", Scope.STAFF_READ),
+    NavItem("/console/keys", "API keys", Scope.API_KEYS_READ),
 ]
 
 
