@@ -96,6 +96,7 @@ async def test_a_held_deduction_shows_in_the_queue_and_a_manager_approves_it(
     assert approved.headers["location"] == detail_url
     shown = await browser.get(detail_url)
     assert "Approved" in shown.text
+    assert 'id="member-balance">700 points<' in shown.text
     assert "300 points deducted" in shown.text
 
     decided = await approval_of(api, held["id"])
@@ -177,6 +178,7 @@ async def test_an_approval_the_balance_no_longer_covers_stays_pending(
     refused = await submit(browser, detail_url, f"{detail_url}/approve", {})
     assert refused.status_code == 409
     assert "The member has 100 points; 300 are needed." in refused.text
+    assert 'id="member-balance">100 points<' in refused.text
     assert (await approval_of(api, held["id"]))["status"] == "pending"
     assert [t["type"] for t in await transactions(api, member["id"])] == ["award"]
 

@@ -106,6 +106,7 @@ async def acknowledge(
     """As `POST /api/v1/alerts/{id}/acknowledge`; a second acknowledgement is a 409."""
     principal = signed_in.principal
     principal.require_scope(Scope.ALERTS_WRITE)
-    alert, _member = await service.acknowledge(session, principal, alert_id, note or None)
+    note = (note or "").strip() or None
+    alert, _member = await service.acknowledge(session, principal, alert_id, note)
     console_session(request).flash(f"Alert {alert.public_id} acknowledged.")
     return redirect(f"/console/alerts/{alert.public_id}")

@@ -19,12 +19,17 @@ from memberhub.console.web import ConsoleDb, ConsoleRoute, SignedInStaff, redire
 from memberhub.kit.errors import MemberhubError
 from memberhub.kit.pagination import build_page, cursor_after_id
 from memberhub.kit.types import IdPath, LongText
+from memberhub.points.repository import PointsRepository
 
 router = APIRouter(prefix="/console/approvals", route_class=ConsoleRoute, include_in_schema=False)
 PAGE_SIZE = 50
 StatusFilter = Annotated[str, Query(pattern="^(" + "|".join((*ApprovalStatus.ALL, "all")) + ")$")]
 Cursor = Annotated[str | None, Query(max_length=512)]
 Note = Annotated[LongText | None, Form()]
+
+
+def _note(note: str | None) -> str | None:
+    return (note or "").strip() or None
 
 
 @router.get("")
@@ -55,7 +60,6 @@ async def queue(
             "approvals": await service.to_out_many(session, items),
             "next_cursor": pagination.next_cursor,
             "can_decide": Scope.APPROVALS_DECIDE in principal.scopes,
-            "actor_id": principal.key_public_id,
         },
     )
 
@@ -69,7 +73,11 @@ async def _detail(
     error: str | None = None,
     status_code: int = 200,
 ) -> Response:
-    approval, _member = await service.get_approval(session, principal, approval_id)
+    approval, member = await service.get_approval(session, principal, approval_id)
+    balance = None
+    if Scope.POINTS_READ in principal.scopes:
+        account = await PointsRepository(session).get_account(member.id)
+        balance = account.current if account is not None else 0
     return render(
         request,
         "approval.html",
@@ -78,6 +86,7 @@ async def _detail(
             "approval": await service.to_out(session, approval),
             "can_decide": Scope.APPROVALS_DECIDE in principal.scopes,
             "own_request": approval.requested_by == principal.actor.id,
+            "balance": balance,
             "error": error,
         },
         status_code=status_code,
@@ -105,7 +114,7 @@ async def approve(
     principal = signed_in.principal
     principal.require_scope(Scope.APPROVALS_DECIDE)
     try:
-        approval = await service.approve(session, principal, approval_id, note or None)
+        approval = await service.approve(session, principal, approval_id, _note(note))
     except MemberhubError as exc:
         # Nothing of a refused decision is kept; the page says why, with the request as it is.
         await session.rollback()
@@ -135,7 +144,7 @@ async def reject(
     principal = signed_in.principal
     principal.require_scope(Scope.APPROVALS_DECIDE)
     try:
-        approval = await service.reject(session, principal, approval_id, note or None)
+        approval = await service.reject(session, principal, approval_id, _note(note))
     except MemberhubError as exc:
         await session.rollback()
         return await _detail(
