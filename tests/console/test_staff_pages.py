@@ -214,6 +214,9 @@ async def test_an_org_bound_admin_reaches_only_their_organisations_staff(
 
     listed = await browser.get(STAFF)
     assert other_id not in listed.text
+    # The organisations offered in the form are the admin's own.
+    assert f'<option value="{mine}">' in listed.text
+    assert theirs not in listed.text
     assert (await browser.get(f"{STAFF}/{other_id}")).status_code == 404
     token = csrf_of(listed)
     hidden = await browser.post(f"{STAFF}/{other_id}/unlock", data={"csrf_token": token})

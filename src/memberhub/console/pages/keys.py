@@ -19,6 +19,7 @@ from memberhub.auth.models import ApiKey
 from memberhub.auth.principal import Principal
 from memberhub.auth.repository import ApiKeyRepository
 from memberhub.auth.roles import ROLE_SCOPES, Role, Scope
+from memberhub.console.pages.staff import organisation_choices
 from memberhub.console.session import console_session
 from memberhub.console.web import ConsoleDb, ConsoleRoute, SignedInStaff, redirect, render
 from memberhub.kit.errors import MemberhubError, ValidationFailed
@@ -73,6 +74,7 @@ async def _list_page(
             "roles": ROLES,
             "role_scopes": {role.value: {s.value for s in ROLE_SCOPES[role]} for role in Role},
             "all_scopes": [s.value for s in Scope],
+            "organisations": await organisation_choices(session, principal),
             "next_cursor": pagination.next_cursor,
             "error": error,
             "form": form or {},

@@ -36,6 +36,23 @@ OrganisationField = Annotated[
     str | None, Form(alias="organisation_id", pattern=r"^[a-z]{2,4}_[0-9a-z]{1,40}$")
 ]
 Cursor = Annotated[str | None, Query(max_length=512)]
+# Suggested in the organisation fields (any visible organisation id may still be typed).
+ORGANISATION_CHOICES = 200
+
+
+async def organisation_choices(
+    session: AsyncSession, principal: Principal
+) -> list[tuple[str, str]]:
+    """(public id, name) of the organisations the user may hand access to, for a datalist."""
+    if Scope.ORGANISATIONS_READ not in principal.scopes:
+        return []
+    rows = await OrganisationRepository(session).list(
+        visible_ids=principal.visible_organisation_ids,
+        parent_id=None,
+        after_id=None,
+        limit=ORGANISATION_CHOICES,
+    )
+    return [(o.public_id, o.name) for o in rows[:ORGANISATION_CHOICES]]
 
 
 async def _rows(session: AsyncSession, staff: list[StaffUser]) -> list[dict[str, Any]]:
@@ -78,6 +95,7 @@ async def _list_page(
             "title": "Staff",
             "rows": await _rows(session, items),
             "roles": ROLES,
+            "organisations": await organisation_choices(session, principal),
             "next_cursor": pagination.next_cursor,
             "error": error,
             "form": form or {},
@@ -162,6 +180,7 @@ async def _detail(
             "title": f"Staff {staff.email}",
             **row,
             "roles": ROLES,
+            "organisations": await organisation_choices(session, principal),
             "error": error,
             "can_write": Scope.STAFF_WRITE in principal.scopes,
             "is_self": staff.public_id == principal.key_public_id,
