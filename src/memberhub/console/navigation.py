@@ -21,6 +21,12 @@ NAVIGATION: list[NavItem] = [
     NavItem("/console/members", "Members", Scope.MEMBERS_READ),
     NavItem("/console/account", "Account"),
 ]
+NAVIGATION += [
+    NavItem("/console/approvals", "Approvals", Scope.APPROVALS_READ),
+    NavItem("/console/alerts", "Alerts", Scope.ALERTS_READ),
+    NavItem("/console/staff", "Staff", Scope.STAFF_READ),
+    NavItem("/console/keys", "API keys", Scope.API_KEYS_READ),
+]
 
 
 def visible_navigation(principal: Principal) -> list[NavItem]:
