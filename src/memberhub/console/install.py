@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from memberhub.console.pages import account, auth, home, members
+from memberhub.console.pages import account, auth, bulk_awards, home, members
 from memberhub.console.session import ConsoleMiddleware
 from memberhub.console.web import install_html_errors
 
-PAGE_ROUTERS = (home.router, home.static_router, auth.router, account.router, members.router)
+PAGE_ROUTERS = (
+    home.router,
+    home.static_router,
+    auth.router,
+    account.router,
+    members.router,
+    bulk_awards.router,
+)
 
 
 def install_console(app: FastAPI) -> None:

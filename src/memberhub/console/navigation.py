@@ -21,6 +21,9 @@ NAVIGATION: list[NavItem] = [
     NavItem("/console/members", "Members", Scope.MEMBERS_READ),
     NavItem("/console/account", "Account"),
 ]
+NAVIGATION += [
+    NavItem("/console/bulk-awards", "Bulk awards", Scope.POINTS_BULK),
+]
 
 
 def visible_navigation(principal: Principal) -> list[NavItem]:
