@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from memberhub.console.pages import account, auth, bulk_awards, home, members
+from memberhub.console.pages import account, auth, bulk_awards, home, members, webhooks
 from memberhub.console.session import ConsoleMiddleware
 from memberhub.console.web import install_html_errors
 
@@ -14,6 +14,7 @@ PAGE_ROUTERS = (
     auth.router,
     account.router,
     members.router,
+    webhooks.router,
     bulk_awards.router,
 )
 

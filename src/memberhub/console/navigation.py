@@ -22,6 +22,7 @@ NAVIGATION: list[NavItem] = [
     NavItem("/console/account", "Account"),
 ]
 NAVIGATION += [
+    NavItem("/console/webhooks", "Webhooks", Scope.WEBHOOKS_READ),
     NavItem("/console/bulk-awards", "Bulk awards", Scope.POINTS_BULK),
 ]
 
