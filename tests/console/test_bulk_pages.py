@@ -5,6 +5,7 @@ stored) without the scope, without the CSRF token, or when it is not a usable CS
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -152,6 +153,42 @@ async def test_an_upload_over_the_bulk_limit_is_refused_with_a_clear_page_and_st
 
     assert refused.status_code == 413, refused.text
     assert "larger than 65,536 bytes" in refused.text
+    assert await job_count(db) == 0
+
+
+async def test_an_upload_streamed_without_a_length_is_cut_off_at_the_bulk_limit(
+    browser: httpx.AsyncClient, api: ApiClient, db: Database
+) -> None:
+    await create_staff_user(db)
+    await sign_in(browser)
+    member = await api.create_member()
+    token = csrf_of(await browser.get(PAGE))
+    boundary = "console-upload-boundary"
+    head = (
+        f"--{boundary}\r\n"
+        'Content-Disposition: form-data; name="csrf_token"\r\n\r\n'
+        f"{token}\r\n"
+        f"--{boundary}\r\n"
+        'Content-Disposition: form-data; name="file"; filename="awards.csv"\r\n'
+        "Content-Type: text/csv\r\n\r\n"
+        "member_id,points\r\n"
+    ).encode()
+    row = f"{member['id']},1\n".encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield head
+        for _ in range(UPLOAD_LIMIT // 1024 + 2):
+            yield row * (1024 // len(row) + 1)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    refused = await browser.post(
+        PAGE,
+        content=chunks(),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+
+    assert refused.status_code == 413, refused.text
+    assert f"larger than {UPLOAD_LIMIT:,} bytes" in refused.text
     assert await job_count(db) == 0
 
 
