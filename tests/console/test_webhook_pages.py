@@ -137,6 +137,7 @@ async def test_an_endpoint_registered_in_the_console_is_the_apis_and_its_secret_
     )
 
     assert created.status_code == 201, created.text
+    assert created.headers["cache-control"] == "no-store"
     match = SECRET.search(created.text)
     assert match is not None
     secret = match.group(1)
@@ -408,6 +409,10 @@ async def test_disable_enable_rotate_and_test_events_act_as_the_api_does(
     nul = await browser.post(f"{page_path}/disable", data={"csrf_token": token, "reason": "\x00"})
     assert nul.status_code == 422
     assert (await api.get(f"{ENDPOINTS}/{endpoint['id']}")).json()["enabled"] is True
+    unexplained = await browser.post(f"{page_path}/disable", data={"csrf_token": token})
+    assert unexplained.status_code == 303
+    shown = (await api.get(f"{ENDPOINTS}/{endpoint['id']}")).json()
+    assert (shown["enabled"], shown["disabled_reason"]) == (False, "Disabled in the console.")
 
 
 # ---------------------------------------------------------------- who may do what

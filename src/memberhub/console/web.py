@@ -69,8 +69,10 @@ async def _received_upload(request: Request, limit_setting: str) -> Request:
     """An upload page's request (`kit.http.body_limit(..., spool=True)` on the page): refused
     before a byte is read unless someone is signed in, then received as the API receives an
     upload (`spool_body`: within the setting's limit, into a temporary file in DATA_DIR,
-    before any transaction), and its multipart form parsed from that file. The returned
-    request reads the file; the file is `request.state.spooled_body`, closed by the route."""
+    before any transaction), and its multipart form parsed from that file (Starlette keeps
+    the file part in memory up to 1 MiB, then in a file of the system's temporary
+    directory). The returned request reads the spooled body, which is
+    `request.state.spooled_body`, closed by the route."""
     if console_session(request).staff_id is None:
         raise SignInRequired()
     settings = request.app.state.settings

@@ -236,9 +236,7 @@ async def disable(
     """As `PATCH …/{id}` with `{"enabled": false, "disabled_reason": …}`."""
     principal = signed_in.principal
     principal.require_scope(Scope.WEBHOOKS_WRITE)
-    fields: dict[str, Any] = {"enabled": False}
-    if reason.strip():
-        fields["disabled_reason"] = reason.strip()
+    fields = {"enabled": False, "disabled_reason": reason.strip() or "Disabled in the console."}
     await _update(request, session, principal, endpoint_id, _validated(EndpointPatch, fields))
     console_session(request).flash("The endpoint is disabled.")
     return redirect(_endpoint_page(endpoint_id))
