@@ -107,7 +107,7 @@ async def create_export(
     provider: str = "local_storage",
     config: dict[str, Any] | None = None,
     credentials: dict[str, Any] | None = None,
-    mode: ExportMode = ExportMode.FULL,
+    mode: str = ExportMode.FULL,
 ) -> int:
     """An export of the ledger to a storage integration (a local directory by default)."""
     db = Database(url, pool_size=2)

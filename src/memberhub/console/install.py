@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from memberhub.console.pages import account, alerts, approvals, auth, home, keys, members, staff
+from memberhub.console.pages import (
+    account,
+    alerts,
+    approvals,
+    auth,
+    bulk_awards,
+    home,
+    keys,
+    members,
+    staff,
+    webhooks,
+)
 from memberhub.console.session import ConsoleMiddleware
 from memberhub.console.web import install_html_errors
 
@@ -18,6 +29,8 @@ PAGE_ROUTERS = (
     alerts.router,
     staff.router,
     keys.router,
+    webhooks.router,
+    bulk_awards.router,
 )
 
 

@@ -19,13 +19,13 @@ class NavItem:
 NAVIGATION: list[NavItem] = [
     NavItem("/console", "Home"),
     NavItem("/console/members", "Members", Scope.MEMBERS_READ),
-    NavItem("/console/account", "Account"),
-]
-NAVIGATION += [
     NavItem("/console/approvals", "Approvals", Scope.APPROVALS_READ),
     NavItem("/console/alerts", "Alerts", Scope.ALERTS_READ),
     NavItem("/console/staff", "Staff", Scope.STAFF_READ),
     NavItem("/console/keys", "API keys", Scope.API_KEYS_READ),
+    NavItem("/console/webhooks", "Webhooks", Scope.WEBHOOKS_READ),
+    NavItem("/console/bulk-awards", "Bulk awards", Scope.POINTS_BULK),
+    NavItem("/console/account", "Account"),
 ]
 
 

@@ -18,12 +18,13 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import RedirectResponse, Response
+from starlette.types import Message
 
 from memberhub.auth.principal import Principal
 from memberhub.console.navigation import visible_navigation
 from memberhub.console.session import console_session, is_console_path
 from memberhub.kit.errors import Forbidden, MemberhubError, Unauthorized
-from memberhub.kit.http import SAFE_METHODS, read_body
+from memberhub.kit.http import SAFE_METHODS, read_body, spool_body
 from memberhub.staff import service as staff_service
 from memberhub.staff.models import StaffUser
 from memberhub.staff.repository import StaffRepository
@@ -58,21 +59,64 @@ async def _check_csrf(request: Request) -> None:
         raise CsrfRefused()
 
 
+# A file upload form: one file, a few fields beside it.
+UPLOAD_MAX_FILES = 1
+UPLOAD_MAX_FIELDS = 20
+_REPLAY_BYTES = 64 * 1024
+
+
+async def _received_upload(request: Request, limit_setting: str) -> Request:
+    """An upload page's request (`kit.http.body_limit(..., spool=True)` on the page): refused
+    before a byte is read unless someone is signed in, then received as the API receives an
+    upload (`spool_body`: within the setting's limit, into a temporary file in DATA_DIR,
+    before any transaction), and its multipart form parsed from that file (Starlette keeps
+    the file part in memory up to 1 MiB, then in a file of the system's temporary
+    directory). The returned request reads the spooled body, which is
+    `request.state.spooled_body`, closed by the route."""
+    if console_session(request).staff_id is None:
+        raise SignInRequired()
+    settings = request.app.state.settings
+    spooled = await spool_body(request, getattr(settings, limit_setting), settings.data_dir)
+    request.state.spooled_body = spooled
+
+    async def replay() -> Message:
+        chunk = spooled.read(_REPLAY_BYTES)
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunk)}
+
+    received = Request(request.scope, replay)
+    # Parsed (and cached on the request) now, with the upload's bounds; FastAPI and the
+    # CSRF check read the same form.
+    await received.form(max_files=UPLOAD_MAX_FILES, max_fields=UPLOAD_MAX_FIELDS)
+    return received
+
+
 class ConsoleRoute(APIRoute):
-    """A console page: the form's body is read within MAX_BODY_BYTES and its CSRF token
-    checked before anything else; then the page runs in one transaction, committed when it
-    returns (a page may answer 401 and still store a failed sign-in) and rolled back when it
-    raises."""
+    """A console page: the form's body is read within MAX_BODY_BYTES (an upload page's within
+    its own limit, see `_received_upload`) and its CSRF token checked before anything else;
+    then the page runs in one transaction, committed when it returns (a page may answer 401
+    and still store a failed sign-in) and rolled back when it raises."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         original = super().get_route_handler()
 
         writes_on_get = getattr(self.endpoint, "writes_on_get", False)
+        upload_limit: str | None = getattr(self.endpoint, "body_limit_setting", None)
 
         async def handler(request: Request) -> Response:
+            try:
+                return await handle(request)
+            finally:
+                spooled = getattr(request.state, "spooled_body", None)
+                if spooled is not None:
+                    spooled.close()
+
+        async def handle(request: Request) -> Response:
             read_only = request.method in SAFE_METHODS and not writes_on_get
             if request.method not in SAFE_METHODS:
-                await read_body(request, request.app.state.settings.max_body_bytes)
+                if upload_limit is None:
+                    await read_body(request, request.app.state.settings.max_body_bytes)
+                else:
+                    request = await _received_upload(request, upload_limit)
                 await _check_csrf(request)
             db = request.app.state.db
             maker = db.request_read_sessionmaker if read_only else db.request_sessionmaker
