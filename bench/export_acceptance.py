@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     explicit_pg = os.environ.get("MEMBERHUB_BENCH_POSTGRES_URL")
     pg_url = explicit_pg or DEFAULT_POSTGRES_URL
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's request log
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
