@@ -150,3 +150,9 @@ def test_crm_sync_bench_runs_in_quick_mode_with_no_wasted_request() -> None:
 def test_exports_bench_runs_in_quick_mode() -> None:
     output = run_bench("bench.exports", "--quick", "--backend", "sqlite")
     assert EXPORT_LINE.search(output), output
+
+
+def test_export_acceptance_runs_small_and_its_checks_pass() -> None:
+    output = run_bench("bench.export_acceptance", "--rows", "3000", "--backend", "sqlite")
+    assert "equal to the database row for row" in output, output
+    assert "second run: 0 rows, manifest rows 0, files []" in output, output
