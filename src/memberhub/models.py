@@ -22,6 +22,12 @@ from memberhub.integrations.models import (
 )
 from memberhub.kit.db import Base
 from memberhub.leads.models import Lead
+from memberhub.marketing.models import (
+    JourneyFiring,
+    MarketingContact,
+    MarketingSegment,
+    MarketingSyncState,
+)
 from memberhub.members.models import Member
 from memberhub.memberships.models import MembershipPlan, MembershipTerm, MemberStatusChange
 from memberhub.notifications.models import (
@@ -71,8 +77,12 @@ __all__ = [
     "Integration",
     "IntegrationCall",
     "IntegrationIncident",
+    "JourneyFiring",
     "Lead",
     "LoyaltyProgram",
+    "MarketingContact",
+    "MarketingSegment",
+    "MarketingSyncState",
     "Member",
     "MemberStatusChange",
     "MembershipPlan",

@@ -27,6 +27,7 @@ from memberhub.integrations.service import purge_call_log
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
+from memberhub.marketing.sync import run_marketing_sync
 from memberhub.memberships.jobs import advance_membership_statuses
 from memberhub.notifications.jobs import announce_renewals_due
 from memberhub.notifications.planning import LinkSettings, plan_notifications
@@ -180,6 +181,16 @@ class Worker:
             # Every tick: a change is searchable one worker interval after its commit.
             jobs.insert(2, Job("search.sync", 0.0, chunked=sync_search_indices))
 
+            async def sync_marketing_lists(db: Database, now: datetime) -> int:
+                try:
+                    return await run_marketing_sync(db, hub, now)
+                finally:
+                    if self._own_hub:
+                        await hub.drain()
+
+            # Every tick: a change reaches the audience one worker interval after its commit.
+            jobs.insert(3, Job("marketing.sync", 0.0, chunked=sync_marketing_lists))
+
             async def book_finance(db: Database, now: datetime) -> int:
                 try:
                     return await book_due_entries(db, hub, now)
@@ -191,8 +202,8 @@ class Worker:
                 return await run_due_reconciliations(db, hub, now)
 
             # Every tick: a payment is booked one worker interval after it was applied.
-            jobs.insert(3, Job("finance.book_entries", 0.0, chunked=book_finance))
-            jobs.insert(4, Job("finance.reconcile", 5.0, chunked=reconcile))
+            jobs.insert(4, Job("finance.book_entries", 0.0, chunked=book_finance))
+            jobs.insert(5, Job("finance.reconcile", 5.0, chunked=reconcile))
             export_config = (
                 ExportConfig(
                     part_rows=settings.export_part_rows,
