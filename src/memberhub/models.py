@@ -22,7 +22,7 @@ from memberhub.integrations.models import (
 )
 from memberhub.kit.db import Base
 from memberhub.leads.models import Lead
-from memberhub.members.models import Member
+from memberhub.members.models import ConsentChange, Member
 from memberhub.memberships.models import MembershipPlan, MembershipTerm, MemberStatusChange
 from memberhub.notifications.models import (
     DeviceToken,
@@ -55,6 +55,7 @@ __all__ = [
     "BulkJob",
     "BulkJobChunk",
     "BulkJobRow",
+    "ConsentChange",
     "CrmConflict",
     "CrmLink",
     "CrmSyncState",
