@@ -28,7 +28,7 @@ from memberhub.marketing.models import (
     MarketingSegment,
     MarketingSyncState,
 )
-from memberhub.members.models import Member
+from memberhub.members.models import ConsentChange, Member
 from memberhub.memberships.models import MembershipPlan, MembershipTerm, MemberStatusChange
 from memberhub.notifications.models import (
     DeviceToken,
@@ -61,6 +61,7 @@ __all__ = [
     "BulkJob",
     "BulkJobChunk",
     "BulkJobRow",
+    "ConsentChange",
     "CrmConflict",
     "CrmLink",
     "CrmSyncState",

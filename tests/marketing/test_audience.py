@@ -47,7 +47,8 @@ async def insert_members(
                         "last_name": f"Last{i}",
                         "status": "active",
                         "tier": "SILVER" if i % 3 else "GOLD",
-                        "consent_email": consent,
+                        "consent_marketing_email": consent,
+                        "consent_email": True,
                         "custom_fields": {},
                         "external_ids": {},
                         "created_at": now,
@@ -127,7 +128,7 @@ async def test_a_tier_upgrade_reaches_the_merge_field_and_tag_within_one_worker_
             {"code": code, "name": code.title(), "rank": rank, "threshold": rank * 1000},
         )
         assert created.status_code == 201, created.text
-    member = await api.create_member(first_name="Ana", consent={"email": True})
+    member = await api.create_member(first_name="Ana", consent={"marketing_email": True})
     await create_mailchimp(api, mailchimp, list_id)
     await tick(db, hub)
     assigned = await api.post(
@@ -156,11 +157,15 @@ async def test_withdrawn_consent_unsubscribes_and_members_without_it_are_never_s
     api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
 ) -> None:
     list_id = mailchimp.add_list()
-    keen = await api.create_member(first_name="Keen", consent={"email": True})
-    never = await api.create_member(first_name="Never", consent={"email": False, "sms": True})
+    keen = await api.create_member(first_name="Keen", consent={"marketing_email": True})
+    never = await api.create_member(
+        first_name="Never", consent={"marketing_email": False, "email": True}
+    )
     await create_mailchimp(api, mailchimp, list_id)
     await tick(db, hub)
-    withdrawn = await api.patch(f"/api/v1/members/{keen['id']}", {"consent": {"email": False}})
+    withdrawn = await api.patch(
+        f"/api/v1/members/{keen['id']}", {"consent": {"marketing_email": False}}
+    )
     assert withdrawn.status_code == 200, withdrawn.text
     renamed = await api.patch(f"/api/v1/members/{never['id']}", {"first_name": "Still never"})
     assert renamed.status_code == 200, renamed.text
@@ -183,7 +188,7 @@ async def test_a_dry_run_shows_the_writes_and_sends_and_records_nothing(
     api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
 ) -> None:
     list_id = mailchimp.add_list()
-    member = await api.create_member(first_name="Ana", consent={"email": True})
+    member = await api.create_member(first_name="Ana", consent={"marketing_email": True})
     integration = await create_mailchimp(
         api,
         mailchimp,
@@ -219,7 +224,7 @@ async def test_the_sync_status_shows_the_audience_sync(
     api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
 ) -> None:
     list_id = mailchimp.add_list()
-    await api.create_member(consent={"email": True})
+    await api.create_member(consent={"marketing_email": True})
     integration = await create_mailchimp(api, mailchimp, list_id)
     await tick(db, hub)
 
@@ -236,7 +241,7 @@ async def test_a_vendor_outage_is_retried_and_loses_no_member(
     api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
 ) -> None:
     list_id = mailchimp.add_list()
-    member = await api.create_member(consent={"email": True})
+    member = await api.create_member(consent={"marketing_email": True})
     integration = await create_mailchimp(api, mailchimp, list_id)
     mailchimp.fail_next(5)  # every attempt of the first call
     await tick(db, hub)

@@ -18,6 +18,7 @@ from typing import Any
 from memberhub.integrations.providers.base import AudienceMember
 from memberhub.marketing.models import ContactStatus, MarketingContact
 from memberhub.marketing.settings import MarketingSyncSettings
+from memberhub.members.consent import has_consent
 from memberhub.members.models import Member
 from memberhub.points.models import PointAccount
 
@@ -26,8 +27,8 @@ PURPOSE = "marketing_email"
 
 
 def has_marketing_consent(member: Member) -> bool:
-    """Whether the member agreed to marketing email."""
-    return bool(member.consent_email)
+    """Whether the member agreed to marketing email (deleted members never have)."""
+    return has_consent(member, PURPOSE)
 
 
 @dataclass(frozen=True)

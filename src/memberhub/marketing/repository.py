@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.events.models import Event
 from memberhub.integrations.models import Integration
+from memberhub.marketing.audience import PURPOSE
 from memberhub.marketing.models import (
     ContactStatus,
     FiringStatus,
@@ -22,6 +23,7 @@ from memberhub.marketing.models import (
     MarketingSyncState,
 )
 from memberhub.marketing.settings import SegmentConditions
+from memberhub.members.consent import consent_column
 from memberhub.members.models import Member
 from memberhub.organisations.models import Organisation
 from memberhub.organisations.repository import OrganisationRepository
@@ -166,9 +168,12 @@ class MarketingRepository:
         return set(await self.session.scalars(query))
 
     async def segment_query(self, conditions: SegmentConditions, now: datetime) -> Select[Any]:
-        """Members (not deleted) the conditions hold for."""
+        """Members (not deleted, with email-marketing consent) the conditions hold for."""
         balance = func.coalesce(PointAccount.current, 0)
-        clauses: list[ColumnElement[bool]] = [Member.deleted_at.is_(None)]
+        clauses: list[ColumnElement[bool]] = [
+            Member.deleted_at.is_(None),
+            consent_column(PURPOSE).is_(True),
+        ]
         if conditions.tiers is not None:
             clauses.append(Member.tier.in_(conditions.tiers))
         if conditions.statuses is not None:

@@ -20,12 +20,13 @@ from memberhub.auth.principal import Principal
 from memberhub.integrations.models import Integration
 from memberhub.integrations.providers.base import AudienceChange
 from memberhub.kit.actor import Actor
-from memberhub.marketing.audience import has_marketing_consent
+from memberhub.marketing.audience import PURPOSE
 from memberhub.marketing.models import ContactStatus, MarketingContact
 from memberhub.marketing.repository import MarketingRepository
+from memberhub.members.consent import ConsentSource, set_consent
 from memberhub.members.models import Member
 from memberhub.members.repository import normalize_email
-from memberhub.members.schemas import ConsentPatch, MemberPatch
+from memberhub.members.schemas import MemberPatch
 from memberhub.members.service import update_member
 
 
@@ -36,18 +37,16 @@ def _principal(integration: Integration) -> Principal:
 async def withdraw_marketing_consent(
     session: AsyncSession, integration: Integration, member: Member
 ) -> bool:
-    """Turn the member's email-marketing consent off, the integration being the source;
-    False when it was off already."""
-    if not has_marketing_consent(member):
-        return False
-    await update_member(
+    """Turn the member's email-marketing consent off, the list's webhook being the source
+    and the integration the actor; False when it was off already."""
+    return await set_consent(
         session,
-        _principal(integration),
-        member.public_id,
-        MemberPatch(consent=ConsentPatch(email=False)),
-        if_match=None,
+        Actor.system(f"integration:{integration.public_id}"),
+        member,
+        PURPOSE,
+        False,
+        source=ConsentSource.VENDOR_WEBHOOK,
     )
-    return True
 
 
 async def apply_audience_changes(

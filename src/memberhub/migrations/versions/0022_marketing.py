@@ -6,8 +6,8 @@ unchanged members are not written again; `marketing_segments` the static segment
 the vendor and the addresses they were given; `marketing_journey_firings` one row per
 journey rule and member, so a rule fires once per member.
 
-Revision ID: 0021
-Revises: 0020
+Revision ID: 0022
+Revises: 0021
 Create Date: 2026-12-06 02:45:00
 """
 
@@ -22,8 +22,8 @@ from sqlalchemy.dialects import postgresql
 
 import memberhub.kit.db
 
-revision: str = "0021"
-down_revision: str | None = "0020"
+revision: str = "0022"
+down_revision: str | None = "0021"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
