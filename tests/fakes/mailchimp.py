@@ -52,6 +52,7 @@ import itertools
 import json
 import re
 import threading
+import urllib.parse
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -248,6 +249,42 @@ class FakeMailchimp:
     def triggers(self) -> list[JourneyTrigger]:
         with self._lock:
             return list(self._triggers)
+
+    # ------------------------------------------------------------------ list webhooks
+
+    def set_status(self, list_id: str, email: str, status: str) -> None:
+        """Change a member's status as a subscriber (or Mailchimp's cleaning) would."""
+        with self._lock:
+            member = self._lists[list_id].members[subscriber_hash(email)]
+            member.status = status
+            member.last_changed = _now()
+
+    def webhook_body(self, kind: str, list_id: str, email: str, **data: str) -> bytes:
+        """The form-encoded body Mailchimp posts to a list webhook: `type`, `fired_at`
+        (`Y-m-d H:i:s`) and `data[...]` fields (`merges` as `data[merges][FNAME]`)."""
+        fields: list[tuple[str, str]] = [
+            ("type", kind),
+            ("fired_at", datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")),
+            ("data[list_id]", list_id),
+        ]
+        if kind == "upemail":
+            fields += [
+                ("data[new_id]", subscriber_hash(data["new_email"])),
+                ("data[new_email]", data["new_email"]),
+                ("data[old_email]", email),
+            ]
+        else:
+            fields += [("data[id]", subscriber_hash(email)), ("data[email]", email)]
+            fields += [("data[email_type]", "html")]
+            if kind == "unsubscribe":
+                fields += [("data[action]", data.get("action", "unsub"))]
+                fields += [("data[reason]", data.get("reason", "manual"))]
+            if kind == "cleaned":
+                fields += [("data[reason]", data.get("reason", "hard"))]
+            for name, value in data.items():
+                if name.isupper():
+                    fields.append((f"data[merges][{name}]", value))
+        return urllib.parse.urlencode(fields).encode()
 
     # ------------------------------------------------------------------ ASGI
 
