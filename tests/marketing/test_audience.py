@@ -285,3 +285,24 @@ async def test_settings_are_validated(api: ApiClient, mailchimp: FakeMailchimp) 
     assert keyless.status_code == 422, keyless.text
     listed = await api.get("/api/v1/integrations")
     assert listed.json()["data"] == []
+
+
+async def test_a_changed_address_unsubscribes_the_old_one_and_subscribes_the_new(
+    api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
+) -> None:
+    list_id = mailchimp.add_list()
+    member = await api.create_member(
+        email="old.address@example.com", consent={"marketing_email": True}
+    )
+    await create_mailchimp(api, mailchimp, list_id)
+    await tick(db, hub)
+    moved = await api.patch(f"/api/v1/members/{member['id']}", {"email": "New@Example.com"})
+    assert moved.status_code == 200, moved.text
+    await tick(db, hub)
+
+    old = mailchimp.member(list_id, "old.address@example.com")
+    new = mailchimp.member(list_id, "new@example.com")
+    assert old is not None
+    assert old["status"] == "unsubscribed"
+    assert new is not None
+    assert new["status"] == "subscribed"

@@ -72,45 +72,50 @@ def content_hash(member: AudienceMember) -> str:
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def plan_write(
+def plan_writes(
     settings: MarketingSyncSettings,
     member: Member,
     account: PointAccount | None,
     contact: MarketingContact | None,
     *,
     in_scope: bool,
-) -> Write | None:
-    """What to write for the member, or None when the audience already holds it (or must
-    never hear of them)."""
+) -> list[Write]:
+    """What to write for the member: nothing when the audience already holds it (or must
+    never hear of them); two writes when a subscribed member's address changed, the old
+    address unsubscribed before the new one is subscribed."""
     if contact is not None and contact.status == ContactStatus.CLEANED:
-        return None
+        return []
     email = (member.email or "").strip()
-    wanted = (
-        in_scope and member.deleted_at is None and bool(email) and has_marketing_consent(member)
-    )
+    wanted = in_scope and bool(email) and has_marketing_consent(member)
+    on_list = contact is not None and contact.status == ContactStatus.SUBSCRIBED
+    subscribed_at = contact.email if contact is not None and on_list else None
     if not wanted:
-        if contact is None or contact.status != ContactStatus.SUBSCRIBED:
-            return None
+        if subscribed_at is None:
+            return []
         # On the list and no longer wanted there: unsubscribed at the address written.
-        audience = AudienceMember(
-            key=member.public_id,
-            email=contact.email,
-            status="unsubscribed",
-            merge_fields={},
-            tags=(),
-        )
-    else:
-        audience = AudienceMember(
-            key=member.public_id,
-            email=email,
-            status="subscribed",
-            merge_fields=merge_fields(settings, member, account),
-            tags=member_tags(settings, member),
-        )
+        return [_unsubscribe(member, subscribed_at)]
+    audience = AudienceMember(
+        key=member.public_id,
+        email=email,
+        status="subscribed",
+        merge_fields=merge_fields(settings, member, account),
+        tags=member_tags(settings, member),
+    )
     digest = content_hash(audience)
     if contact is not None and contact.content_hash == digest:
-        return None
-    return Write(member.id, audience, digest)
+        return []
+    writes = []
+    if subscribed_at is not None and subscribed_at != email.lower():
+        writes.append(_unsubscribe(member, subscribed_at))
+    writes.append(Write(member.id, audience, digest))
+    return writes
+
+
+def _unsubscribe(member: Member, email: str) -> Write:
+    audience = AudienceMember(
+        key=member.public_id, email=email, status="unsubscribed", merge_fields={}, tags=()
+    )
+    return Write(member.id, audience, content_hash(audience))
 
 
 def shown(member: AudienceMember) -> Mapping[str, Any]:

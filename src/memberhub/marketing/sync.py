@@ -49,7 +49,7 @@ from memberhub.integrations.providers.base import (
 )
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
-from memberhub.marketing.audience import Write, has_marketing_consent, plan_write
+from memberhub.marketing.audience import Write, has_marketing_consent, plan_writes
 from memberhub.marketing.models import (
     ContactStatus,
     FiringStatus,
@@ -303,11 +303,11 @@ async def plan_members(
     writes = []
     for member, account in rows:
         in_scope = scope is None or member.organisation_id in scope
-        write = plan_write(
-            target.settings, member, account, contacts.get(member.id), in_scope=in_scope
+        writes.extend(
+            plan_writes(
+                target.settings, member, account, contacts.get(member.id), in_scope=in_scope
+            )
         )
-        if write is not None:
-            writes.append(write)
     return writes
 
 
