@@ -306,3 +306,23 @@ async def test_a_changed_address_unsubscribes_the_old_one_and_subscribes_the_new
     assert old["status"] == "unsubscribed"
     assert new is not None
     assert new["status"] == "subscribed"
+
+
+async def test_another_audience_in_the_settings_is_filled_from_scratch(
+    api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
+) -> None:
+    first_list = mailchimp.add_list("First")
+    second_list = mailchimp.add_list("Second")
+    member = await api.create_member(consent={"marketing_email": True})
+    integration = await create_mailchimp(api, mailchimp, first_list)
+    await tick(db, hub)
+    moved = await api.patch(
+        f"/api/v1/integrations/{integration['id']}",
+        {"config": {"base_url": mailchimp.url, "list_id": second_list}},
+    )
+    assert moved.status_code == 200, moved.text
+    await tick(db, hub)
+
+    assert mailchimp.member(first_list, member["email"]) is not None
+    assert mailchimp.member(second_list, member["email"]) is not None
+    assert (await status(api, integration["id"]))["contacts"] == {"subscribed": 1}

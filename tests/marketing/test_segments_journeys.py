@@ -7,12 +7,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import httpx
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.kit.ids import new_public_id
+from memberhub.marketing.models import MarketingSegment
 from memberhub.members.models import Member
 from memberhub.points.models import PointAccount
 from tests.fakes.mailchimp import FakeMailchimp
@@ -143,6 +144,27 @@ async def test_a_segment_holds_exactly_the_members_the_database_query_finds(
     shown = await status(api, integration["id"])
     assert shown["segments"][0]["members"] == len(expected_second)
     assert shown["segments"][0]["remote_id"] is not None
+
+
+async def test_a_segment_whose_creation_answer_was_lost_is_found_by_name(
+    api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
+) -> None:
+    list_id = mailchimp.add_list()
+    member = await api.create_member(consent={"marketing_email": True})
+    integration = await create_mailchimp(
+        api, mailchimp, list_id, segments=[{"key": "all", "name": "Everyone"}]
+    )
+    await tick(db, hub)
+    async with db.transaction() as session:  # as if the run died before recording it
+        await session.execute(delete(MarketingSegment))
+    asked = await api.post(f"/api/v1/integrations/{integration['id']}/marketing/sync", {})
+    assert asked.status_code == 202, asked.text
+    await tick(db, hub)
+
+    shown = await status(api, integration["id"])
+    assert shown["failures"] == 0, shown["last_error"]
+    assert mailchimp.segment_members(list_id, "Everyone") == {member["email"].lower()}
+    assert shown["segments"][0]["members"] == 1
 
 
 async def make_tiers(api: ApiClient) -> None:

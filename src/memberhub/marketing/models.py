@@ -21,6 +21,9 @@ class MarketingSyncState(Base):
         BigIntId, ForeignKey("integrations.id", ondelete="CASCADE"), primary_key=True
     )
     event_position: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The audience the contacts and segments below were written to: another one in the
+    # settings starts over with a full comparison.
+    list_id: Mapped[str | None] = mapped_column(String(50))
     full_requested_at: Mapped[datetime | None] = mapped_column()
     last_full_sync_at: Mapped[datetime | None] = mapped_column()
     last_synced_at: Mapped[datetime | None] = mapped_column()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, select
+from sqlalchemy import ColumnElement, Select, and_, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.events.models import Event
@@ -134,6 +134,11 @@ class MarketingRepository:
                 )
             )
         )
+
+    async def forget_audience(self, integration_id: int) -> None:
+        """Drop what was written to the previous audience: its contacts and segments."""
+        for model in (MarketingContact, MarketingSegment):
+            await self.session.execute(delete(model).where(model.integration_id == integration_id))
 
     async def contact_counts(self, integration_id: int) -> dict[str, int]:
         rows = await self.session.execute(

@@ -227,6 +227,12 @@ async def _claim(db: Database, target: Target, now: datetime) -> Claim | None:
             session.add(state)
         if state.lease_until is not None and state.lease_until > now:
             return None
+        if state.list_id != target.settings.list_id:
+            if state.list_id is not None:
+                # Another audience: nothing of ours is in it yet.
+                await repo.forget_audience(target.integration.id)
+                state.full_requested_at = now
+            state.list_id = target.settings.list_id
         if state.next_attempt_at is not None and state.next_attempt_at > now:
             return None
         state.lease_until = now + LEASE

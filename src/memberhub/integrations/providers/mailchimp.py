@@ -227,11 +227,19 @@ class Mailchimp(Provider):
         return results
 
     async def create_static_segment(self, connection: Connection, list_id: str, name: str) -> str:
+        """A new static segment; the existing one when the audience has one of that name
+        (created by an earlier run whose answer was lost)."""
+        path = f"/lists/{_segment(list_id)}/segments"
         response = await connection.gateway.request(
-            "POST",
-            f"/lists/{_segment(list_id)}/segments",
-            json={"name": name, "static_segment": []},
+            "POST", path, json={"name": name, "static_segment": []}
         )
+        if response.status_code == 400:
+            existing = await connection.gateway.request(
+                "GET", path, params={"type": "static", "count": 1000}
+            )
+            for segment in _json(existing).get("segments") or []:
+                if isinstance(segment, dict) and segment.get("name") == name:
+                    return str(segment["id"])
         return str(_json(response)["id"])
 
     async def change_segment(

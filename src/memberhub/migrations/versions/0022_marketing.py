@@ -55,6 +55,7 @@ def upgrade() -> None:
         "marketing_sync_states",
         sa.Column("integration_id", _ID, nullable=False),
         sa.Column("event_position", sa.BigInteger(), nullable=False),
+        sa.Column("list_id", sa.String(length=50), nullable=True),
         sa.Column("full_requested_at", _TIME, nullable=True),
         sa.Column("last_full_sync_at", _TIME, nullable=True),
         sa.Column("last_synced_at", _TIME, nullable=True),
