@@ -163,3 +163,26 @@ async def test_the_connection_test_pings_and_reads_the_audience(
     assert failed.json()["ok"] is False
     assert "401" in failed.json()["message"]
     assert fake.api_key not in failed.text
+
+
+async def test_an_oauth_connection_starts_at_mailchimps_authorization_server(
+    api: ApiClient,
+) -> None:
+    created = await api.post(
+        "/api/v1/integrations",
+        {
+            "provider": "mailchimp",
+            "name": "Mailchimp",
+            "config": {"list_id": "abc123", "server_prefix": "us19"},
+            "credentials": {"client_id": "123456789", "client_secret": "app-secret-value"},
+        },
+    )
+    assert created.status_code == 201, created.text
+
+    started = await api.get(f"/api/v1/integrations/{created.json()['id']}/oauth/authorize")
+
+    assert started.status_code == 200, started.text
+    url = started.json()["authorization_url"]
+    assert url.startswith("https://login.mailchimp.com/oauth2/authorize?")
+    assert "client_id=123456789" in url
+    assert "app-secret-value" not in started.text

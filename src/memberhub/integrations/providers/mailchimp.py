@@ -3,8 +3,9 @@ triggers and the list's webhooks.
 
 The API lives on the account's data centre, `https://<dc>.api.mailchimp.com/3.0`, where
 `<dc>` is the API key's suffix (`…-us21`); an OAuth token has no suffix, so `server_prefix`
-names it. An API key is sent as HTTP Basic (any user name, the key as the password), an
-OAuth token as a bearer token.
+names it (the OAuth connect uses Mailchimp's authorization server with the app's
+`client_id` and `client_secret`). An API key is sent as HTTP Basic (any user name, the key
+as the password), an OAuth token as a bearer token.
 
 Members are written with the batch subscribe endpoint, `POST /lists/{list_id}`: up to 500
 members a call, `update_existing` so a member already on the list is updated rather than
@@ -52,6 +53,7 @@ from memberhub.integrations.providers.base import (
     InboundIdentity,
     InboundRequest,
     MarketingListError,
+    OAuthSettings,
     Provider,
     WriteResult,
 )
@@ -98,7 +100,11 @@ class MailchimpCredentials(BaseCredentials):
     api_key: Secret | None = Field(
         default=None, description="An API key (`…-us21`); its suffix is the data centre."
     )
-    access_token: Secret | None = Field(default=None, description="An OAuth 2 access token.")
+    access_token: Secret | None = Field(
+        default=None, description="An OAuth 2 access token (kept here by the OAuth connect)."
+    )
+    client_id: Secret | None = Field(default=None, description="The OAuth app's client id.")
+    client_secret: Secret | None = Field(default=None, description="The OAuth app's client secret.")
     webhook_secret: (
         Annotated[str, StringConstraints(strip_whitespace=True, min_length=16, max_length=200)]
         | None
@@ -121,6 +127,12 @@ class Mailchimp(Provider):
     config_model = MailchimpConfig
     credentials_model = MailchimpCredentials
     policy: ClassVar[GatewayPolicy] = VENDOR_POLICIES["mailchimp"]
+    # Mailchimp's access tokens do not expire (no refresh token is issued).
+    oauth_defaults = OAuthSettings(
+        authorize_url="https://login.mailchimp.com/oauth2/authorize",
+        token_url="https://login.mailchimp.com/oauth2/token",
+        scopes=[],
+    )
     # Mailchimp's webhook validator expects a plain 200 to a GET of the URL.
     answers_validation_get = True
 
@@ -145,12 +157,17 @@ class Mailchimp(Provider):
 
     def validate(self, config: BaseConfig, credentials: BaseCredentials) -> None:
         assert isinstance(credentials, MailchimpCredentials)
-        if not credentials.api_key and not credentials.access_token:
-            raise ValueError("set credentials.api_key (or an OAuth access_token)")
+        if not (credentials.api_key or credentials.access_token or credentials.client_id):
+            raise ValueError(
+                "set credentials.api_key, or client_id and client_secret to connect with OAuth"
+            )
         located = bool(config.base_url or getattr(config, "server_prefix", None))
-        if credentials.access_token:
+        if credentials.access_token or credentials.client_id:
             if not located:
-                raise ValueError("an OAuth token needs config.server_prefix (such as us21)")
+                raise ValueError(
+                    "an OAuth connection needs config.server_prefix (such as us21): the "
+                    "account's data centre, which its tokens do not name"
+                )
         elif credentials.api_key and data_centre(credentials.api_key) is None and not located:
             raise ValueError(
                 "the API key has no data centre suffix (such as -us21): copy the whole key"
