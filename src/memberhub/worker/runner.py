@@ -181,16 +181,6 @@ class Worker:
             # Every tick: a change is searchable one worker interval after its commit.
             jobs.insert(2, Job("search.sync", 0.0, chunked=sync_search_indices))
 
-            async def sync_marketing_lists(db: Database, now: datetime) -> int:
-                try:
-                    return await run_marketing_sync(db, hub, now)
-                finally:
-                    if self._own_hub:
-                        await hub.drain()
-
-            # Every tick: a change reaches the audience one worker interval after its commit.
-            jobs.insert(3, Job("marketing.sync", 0.0, chunked=sync_marketing_lists))
-
             async def book_finance(db: Database, now: datetime) -> int:
                 try:
                     return await book_due_entries(db, hub, now)
@@ -202,8 +192,8 @@ class Worker:
                 return await run_due_reconciliations(db, hub, now)
 
             # Every tick: a payment is booked one worker interval after it was applied.
-            jobs.insert(4, Job("finance.book_entries", 0.0, chunked=book_finance))
-            jobs.insert(5, Job("finance.reconcile", 5.0, chunked=reconcile))
+            jobs.insert(3, Job("finance.book_entries", 0.0, chunked=book_finance))
+            jobs.insert(4, Job("finance.reconcile", 5.0, chunked=reconcile))
             export_config = (
                 ExportConfig(
                     part_rows=settings.export_part_rows,
@@ -219,6 +209,17 @@ class Worker:
                 return await process_exports(db, hub, now, export_config)
 
             jobs.append(Job("exports.run", 5.0, chunked=run_exports))
+
+            async def sync_marketing_lists(db: Database, now: datetime) -> int:
+                try:
+                    return await run_marketing_sync(db, hub, now)
+                finally:
+                    if self._own_hub:
+                        await hub.drain()
+
+            # Every tick, after the jobs that change tiers and announce expiring points: a
+            # change reaches the audience (and its journeys) in the pass that made it.
+            jobs.append(Job("marketing.sync", 0.0, chunked=sync_marketing_lists))
 
             async def process_inbound_reading(db: Database, now: datetime) -> int:
                 # Some providers' webhooks name what to read from the vendor (Eventbrite).
