@@ -326,3 +326,21 @@ async def test_another_audience_in_the_settings_is_filled_from_scratch(
     assert mailchimp.member(first_list, member["email"]) is not None
     assert mailchimp.member(second_list, member["email"]) is not None
     assert (await status(api, integration["id"]))["contacts"] == {"subscribed": 1}
+
+
+async def test_connections_refused_for_crowding_are_retried_until_every_member_is_in(
+    api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
+) -> None:
+    """Another client sharing the API key leaves one connection free: the extra calls are
+    answered 429, waited out and sent again."""
+    list_id = mailchimp.add_list()
+    await insert_members(db, 3 * BATCH)
+    mailchimp.max_connections = 1
+    mailchimp.latency = 0.05
+    integration = await create_mailchimp(api, mailchimp, list_id)
+
+    await tick(db, hub)
+
+    assert any(r.status == 429 for r in mailchimp.requests)
+    assert len(mailchimp.members(list_id)) == 3 * BATCH
+    assert (await status(api, integration["id"]))["failures"] == 0
