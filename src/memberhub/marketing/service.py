@@ -23,15 +23,14 @@ from memberhub.marketing.schemas import (
     SegmentOut,
     SegmentPlanOut,
 )
+from memberhub.marketing.segments import plan_segments
 from memberhub.marketing.sync import (
     EVENTS_PER_WINDOW,
     MEMBER_CHUNK,
     MEMBER_EVENT_PREFIXES,
-    Target,
-    marketing_target,
     plan_members,
-    plan_segments,
 )
+from memberhub.marketing.targets import Target, marketing_target
 
 SHOWN_WRITES = 100
 

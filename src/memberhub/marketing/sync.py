@@ -13,8 +13,8 @@ Every worker tick, for each enabled integration whose provider is a marketing li
    the window's events match are recorded as firings, in the transaction that moves the
    position past the window.
 4. Segments, when due (or their definitions changed), are recomputed from the database
-   and the differences sent; pending journey firings are sent last, after the members
-   they need are on the list.
+   and the differences sent (`segments.py`); pending journey firings are sent last, after
+   the members they need are on the list (`journeys.py`).
 
 Writes go in whole batches of the vendor's size (500 for Mailchimp's batch subscribe), at
 most `concurrency` at once, so N members cost ceil(N / 500) calls. Only once the vendor
@@ -29,37 +29,28 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import structlog
 
 from memberhub.integrations.gateway import CircuitOpen, GatewayError
-from memberhub.integrations.hub import IntegrationHub, parse_config
-from memberhub.integrations.models import Integration
-from memberhub.integrations.providers import get_provider, provider_names
+from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.providers.base import (
-    Capability,
     Connection,
     ConnectionFailed,
-    MarketingList,
     MarketingListError,
     WriteResult,
 )
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
-from memberhub.marketing.audience import Write, has_marketing_consent, plan_writes
-from memberhub.marketing.models import (
-    ContactStatus,
-    FiringStatus,
-    JourneyFiring,
-    MarketingContact,
-    MarketingSegment,
-    MarketingSyncState,
-)
-from memberhub.marketing.repository import FeedEvent, MarketingRepository
-from memberhub.marketing.settings import JourneyRule, MarketingSyncSettings
+from memberhub.marketing.audience import Write, plan_writes
+from memberhub.marketing.journeys import fire_journeys, queue_firings
+from memberhub.marketing.models import MarketingContact, MarketingSyncState
+from memberhub.marketing.repository import MarketingRepository
+from memberhub.marketing.segments import sync_segments
+from memberhub.marketing.settings import MarketingSyncSettings
+from memberhub.marketing.targets import Tally, Target, marketing_providers, marketing_target
 
 log = structlog.get_logger("memberhub.marketing")
 
@@ -71,19 +62,8 @@ MEMBER_CHUNK = 1000
 FLUSH_BATCHES = 10
 LEASE = timedelta(minutes=15)
 MAX_BACKOFF_SECONDS = 600
-JOURNEY_ATTEMPTS = 5
-FIRINGS_PER_TICK = 500
 # The events after which a member's audience content may differ.
 MEMBER_EVENT_PREFIXES = ("member.", "points.")
-
-
-@dataclass(frozen=True)
-class Target:
-    """An integration that keeps a marketing list: its provider and list settings."""
-
-    integration: Integration
-    audience: MarketingList
-    settings: MarketingSyncSettings
 
 
 @dataclass(frozen=True)
@@ -93,37 +73,6 @@ class Claim:
     last_full_sync_at: datetime | None
     last_segments_at: datetime | None
     segments_fingerprint: str | None
-
-
-@dataclass
-class Tally:
-    """What one pass did: calls made, members written and refused."""
-
-    requests: int = 0
-    written: int = 0
-    refused: int = 0
-    errors: list[str] = field(default_factory=list)
-
-
-def marketing_target(integration: Integration) -> Target | None:
-    provider = get_provider(integration.provider)
-    if provider is None or Capability.MARKETING_LIST not in provider.capabilities:
-        return None
-    if not isinstance(provider, MarketingList):
-        return None
-    config = parse_config(provider, integration.config)
-    if not isinstance(config, MarketingSyncSettings):
-        return None
-    return Target(integration, provider, config)
-
-
-def marketing_providers() -> list[str]:
-    names = []
-    for name in provider_names():
-        provider = get_provider(name)
-        if provider is not None and Capability.MARKETING_LIST in provider.capabilities:
-            names.append(name)
-    return names
 
 
 def segments_fingerprint(settings: MarketingSyncSettings) -> str:
@@ -179,8 +128,8 @@ async def sync_integration(
             or _due(claim.last_segments_at, target.settings.segment_minutes * 60, now)
         )
         if segments_due and target.settings.segments:
-            await _sync_segments(db, connection, target, tally, now)
-        await _fire_journeys(db, connection, target, tally, now)
+            await sync_segments(db, connection, target, tally, now)
+        await fire_journeys(db, connection, target, tally, now)
         await _record_success(
             db,
             integration_id,
@@ -360,7 +309,7 @@ async def _catch_up(
         position = events[-1].position
         async with db.transaction() as session:
             repo = MarketingRepository(session)
-            await _queue_firings(repo, target, events, utcnow())
+            await queue_firings(repo, target, events, utcnow())
             state = await repo.state(target.integration.id, for_update=True)
             if state is not None:
                 state.event_position = max(state.event_position, position)
@@ -432,185 +381,3 @@ async def _keep(
             contact.content_hash = write.content_hash
             contact.last_error = None
             contact.synced_at = now
-
-
-# ---------------------------------------------------------------- segments
-
-
-async def plan_segments(
-    repo: MarketingRepository, target: Target, now: datetime
-) -> list[tuple[str, str, set[str], set[str], MarketingSegment | None]]:
-    """Per segment: (key, name, addresses to add, to remove, its row)."""
-    rows = await repo.segment_rows(target.integration.id)
-    plans = []
-    for definition in target.settings.segments:
-        wanted = await repo.segment_emails(target.integration.id, definition.conditions, now)
-        row = rows.get(definition.key)
-        held = set(row.emails) if row is not None and row.remote_id else set()
-        plans.append((definition.key, definition.name, wanted - held, held - wanted, row))
-    return plans
-
-
-async def _sync_segments(
-    db: Database, connection: Connection, target: Target, tally: Tally, now: datetime
-) -> None:
-    async with db.transaction(read_only=True) as session:
-        plans = await plan_segments(MarketingRepository(session), target, now)
-    size = max(1, target.audience.segment_batch_size)
-    list_id = target.settings.list_id
-    for key, name, add, remove, row in plans:
-        remote_id = row.remote_id if row is not None else None
-        if remote_id is None:
-            tally.requests += 1
-            remote_id = await target.audience.create_static_segment(connection, list_id, name)
-        adds, removes = sorted(add), sorted(remove)
-        for start in range(0, max(len(adds), len(removes)), size):
-            tally.requests += 1
-            await target.audience.change_segment(
-                connection,
-                list_id,
-                remote_id,
-                add=adds[start : start + size],
-                remove=removes[start : start + size],
-            )
-        async with db.transaction() as session:
-            rows = await MarketingRepository(session).segment_rows(target.integration.id)
-            stored = rows.get(key)
-            if stored is None:
-                stored = MarketingSegment(integration_id=target.integration.id, key=key)
-                session.add(stored)
-            held = set(stored.emails) if stored.remote_id == remote_id else set()
-            stored.name = name
-            stored.remote_id = remote_id
-            stored.emails = sorted((held | add) - remove)
-            stored.synced_at = now
-
-
-# ---------------------------------------------------------------- journeys
-
-
-async def _queue_firings(
-    repo: MarketingRepository, target: Target, events: Sequence[FeedEvent], now: datetime
-) -> int:
-    """Record a firing for each (rule, member) the window's events match, unless the pair
-    has one already: a rule fires once per member."""
-    rules = target.settings.journeys
-    if not rules:
-        return 0
-    ranks: dict[str, int] | None = None
-    matches: dict[tuple[str, int], int] = {}  # (rule, member) → event position
-    ids = await repo.member_ids_by_public_id(
-        {e.member_public_id for e in events if e.member_public_id}
-    )
-    for event in events:
-        member_id = ids.get(event.member_public_id or "")
-        if member_id is None:
-            continue
-        for rule in rules:
-            if (rule.key, member_id) in matches:
-                continue
-            if event.type == "member.tier.changed" and rule.trigger == "tier_reached":
-                if ranks is None:
-                    ranks = await repo.tier_ranks()
-                if _reached(rule, event.data, ranks):
-                    matches[(rule.key, member_id)] = event.position
-            elif event.type == "points.expiring" and rule.trigger == "points_expiring":
-                expiring = await repo.points_expiring(
-                    member_id, now=now, within_days=rule.within_days
-                )
-                if expiring >= rule.min_points:
-                    matches[(rule.key, member_id)] = event.position
-    if not matches:
-        return 0
-    known = await repo.fired(target.integration.id, matches)
-    for (rule_key, member_id), position in matches.items():
-        if (rule_key, member_id) in known:
-            continue
-        repo.session.add(
-            JourneyFiring(
-                integration_id=target.integration.id,
-                rule_key=rule_key,
-                member_id=member_id,
-                event_position=position,
-                status=FiringStatus.PENDING,
-                attempts=0,
-            )
-        )
-    return len(matches) - len(known)
-
-
-def _reached(rule: JourneyRule, data: dict[str, Any], ranks: dict[str, int]) -> bool:
-    new, previous = data.get("new_tier"), data.get("previous_tier")
-    if not isinstance(new, str) or rule.tier is None or new.lower() != rule.tier.lower():
-        return False
-    if not isinstance(previous, str) or not previous:
-        return True
-    if previous.lower() == new.lower():
-        return False
-    old_rank, new_rank = ranks.get(previous.lower()), ranks.get(new.lower())
-    # Tiers without ranks: any change to the tier counts as reaching it.
-    return old_rank is None or new_rank is None or old_rank < new_rank
-
-
-async def _fire_journeys(
-    db: Database, connection: Connection, target: Target, tally: Tally, now: datetime
-) -> None:
-    rules = {rule.key: rule for rule in target.settings.journeys}
-    async with db.transaction(read_only=True) as session:
-        repo = MarketingRepository(session)
-        firings = await repo.pending_firings(target.integration.id, FIRINGS_PER_TICK)
-        if not firings:
-            return
-        members = {
-            m.id: m for m, _ in await repo.members_with_accounts([f.member_id for f in firings])
-        }
-        contacts = await repo.contacts(target.integration.id, [f.member_id for f in firings])
-    outcomes: dict[int, tuple[str, str | None]] = {}
-    sends: list[tuple[int, JourneyRule, str]] = []
-    for firing in firings:
-        rule = rules.get(firing.rule_key)
-        member = members.get(firing.member_id)
-        contact = contacts.get(firing.member_id)
-        if rule is None:
-            outcomes[firing.id] = (FiringStatus.SKIPPED, "the rule is no longer configured")
-        elif (
-            member is None
-            or member.deleted_at is not None
-            or not has_marketing_consent(member)
-            or contact is None
-            or contact.status != ContactStatus.SUBSCRIBED
-        ):
-            outcomes[firing.id] = (FiringStatus.SKIPPED, "not a subscribed, consenting member")
-        else:
-            sends.append((firing.id, rule, contact.email))
-    slots = asyncio.Semaphore(max(1, target.audience.concurrency))
-
-    async def fire(firing_id: int, rule: JourneyRule, email: str) -> None:
-        async with slots:
-            tally.requests += 1
-            try:
-                await target.audience.trigger_journey(
-                    connection, rule.journey_id, rule.step_id, email
-                )
-            except MarketingListError as exc:
-                outcomes[firing_id] = (FiringStatus.FAILED, str(exc)[:500])
-            except (GatewayError, CircuitOpen) as exc:
-                outcomes[firing_id] = (FiringStatus.PENDING, str(exc)[:500])
-            else:
-                outcomes[firing_id] = (FiringStatus.SENT, None)
-
-    await asyncio.gather(*(fire(*send) for send in sends))
-    async with db.transaction() as session:
-        for firing in firings:
-            stored = await session.get(JourneyFiring, firing.id)
-            if stored is None or firing.id not in outcomes:
-                continue
-            status, error = outcomes[firing.id]
-            stored.error = error
-            if firing.id in {s[0] for s in sends}:
-                stored.attempts += 1
-            if status == FiringStatus.PENDING and stored.attempts >= JOURNEY_ATTEMPTS:
-                status = FiringStatus.FAILED
-            stored.status = status
-            if status == FiringStatus.SENT:
-                stored.fired_at = now
