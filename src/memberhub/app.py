@@ -44,6 +44,7 @@ from memberhub.kit.methods import MethodsMiddleware
 from memberhub.kit.openapi import install_openapi
 from memberhub.leads.routes import external as leads_external_router
 from memberhub.leads.routes import router as leads_router
+from memberhub.marketing.routes import router as marketing_router
 from memberhub.members.routes import router as members_router
 from memberhub.memberships.routes import router as memberships_router
 from memberhub.notifications.routes import public as notifications_public_router
@@ -210,6 +211,7 @@ def create_app(
         leads_router,
         crm_router,
         search_router,
+        marketing_router,
         finance_router,
         finance_outbound_router,
         leads_external_router,

@@ -22,7 +22,13 @@ from memberhub.integrations.models import (
 )
 from memberhub.kit.db import Base
 from memberhub.leads.models import Lead
-from memberhub.members.models import Member
+from memberhub.marketing.models import (
+    JourneyFiring,
+    MarketingContact,
+    MarketingSegment,
+    MarketingSyncState,
+)
+from memberhub.members.models import ConsentChange, Member
 from memberhub.memberships.models import MembershipPlan, MembershipTerm, MemberStatusChange
 from memberhub.notifications.models import (
     DeviceToken,
@@ -55,6 +61,7 @@ __all__ = [
     "BulkJob",
     "BulkJobChunk",
     "BulkJobRow",
+    "ConsentChange",
     "CrmConflict",
     "CrmLink",
     "CrmSyncState",
@@ -71,8 +78,12 @@ __all__ = [
     "Integration",
     "IntegrationCall",
     "IntegrationIncident",
+    "JourneyFiring",
     "Lead",
     "LoyaltyProgram",
+    "MarketingContact",
+    "MarketingSegment",
+    "MarketingSyncState",
     "Member",
     "MemberStatusChange",
     "MembershipPlan",

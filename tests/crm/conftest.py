@@ -30,6 +30,8 @@ HUBSPOT_TOKEN = "pat-na1-00000000-0000-0000-0000-000000000001"
 PIPEDRIVE_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 SALESFORCE_TOKEN = "00D000000000001!AQ4AQFakeSessionToken0001"
 CUSTOM_KEY = "custom-crm-key-0123456789"
+# Members pushed to a CRM have agreed to it (`crm` consent); the API's default is not.
+CRM_CONSENT = {"crm": True}
 # The fakes enforce no limit unless told to; a generous client-side limit keeps runs fast.
 FAST = "2000 per second"
 HUBSPOT_PROPERTIES = (
@@ -200,8 +202,11 @@ async def sync(
     return dict(run.json())
 
 
-async def seed_members(db: Database, count: int, *, prefix: str = "bulk") -> list[str]:
-    """`count` members written in one transaction (the API would take minutes for 10,000)."""
+async def seed_members(
+    db: Database, count: int, *, prefix: str = "bulk", crm_consent: bool = True
+) -> list[str]:
+    """`count` members written in one transaction (the API would take minutes for 10,000),
+    with consent to be pushed to CRMs unless told otherwise."""
     now = utcnow()
     public_ids = []
     async with db.transaction() as session:
@@ -216,6 +221,7 @@ async def seed_members(db: Database, count: int, *, prefix: str = "bulk") -> lis
                     first_name=f"First{index}",
                     last_name=f"Last{index}",
                     status=MemberStatus.ACTIVE,
+                    consent_crm=crm_consent,
                     custom_fields={},
                     external_ids={},
                     version=1,

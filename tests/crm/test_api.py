@@ -11,7 +11,7 @@ from memberhub.crm.models import CrmSyncState, RunStatus, SyncRun
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
-from tests.crm.conftest import Crm, create_integration, seed_members, sync, tick
+from tests.crm.conftest import CRM_CONSENT, Crm, create_integration, seed_members, sync, tick
 from tests.fakes.hubspot import FakeHubSpot
 from tests.support import ApiClient
 
@@ -105,7 +105,10 @@ async def test_runs_are_listed_and_failed_records_carry_their_reason(
 ) -> None:
     await seed_members(db, 3, prefix="reason")
     bad = await api.create_member(
-        first_name="Bad", email="bad.person@example.com", custom_fields={"stage": "not-a-stage"}
+        first_name="Bad",
+        email="bad.person@example.com",
+        custom_fields={"stage": "not-a-stage"},
+        consent=CRM_CONSENT,
     )
     # HubSpot refuses this contact's lifecycle stage; the other three go through.
     body = hubspot_body(
@@ -203,7 +206,7 @@ async def test_with_lead_sync_null_a_run_pushes_no_lead_and_pulls_none_in(
     hubspot.add_contact({"email": "stranger@example.com", "firstname": "Stranger"})
     lead = await api.post("/api/v1/leads", {"email": "prospect@example.com", "first_name": "Pat"})
     assert lead.status_code == 201, lead.text
-    await api.create_member(first_name="Mel", email="mel@example.com")
+    await api.create_member(first_name="Mel", email="mel@example.com", consent=CRM_CONSENT)
     integration = await create_integration(api, hubspot_body(hubspot, leads=None))
 
     pushed = await sync(api, db, hub, integration["id"], mode="push")

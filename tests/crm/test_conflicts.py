@@ -14,7 +14,7 @@ from hubspot.utils.signature import Signature
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
-from tests.crm.conftest import Crm, create_integration, sync, tick
+from tests.crm.conftest import CRM_CONSENT, Crm, create_integration, sync, tick
 from tests.fakes.hubspot import FakeHubSpot
 from tests.support import ApiClient
 
@@ -27,7 +27,7 @@ async def linked(
 ) -> dict[str, Any]:
     """A member pushed to HubSpot under the conflict policy the test is parametrised with."""
     policy = getattr(request, "param", "memberhub_wins")
-    member = await api.create_member(first_name="Ana", last_name="Lim")
+    member = await api.create_member(first_name="Ana", last_name="Lim", consent=CRM_CONSENT)
     body = Crm("hubspot", hubspot).integration_body(conflict_policy=policy)
     integration = await create_integration(api, body)
     run = await sync(api, db, hub, integration["id"], mode="push")

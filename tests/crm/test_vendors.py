@@ -9,7 +9,7 @@ from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
-from tests.crm.conftest import Crm, create_integration, seed_members, sync, tick
+from tests.crm.conftest import CRM_CONSENT, Crm, create_integration, seed_members, sync, tick
 from tests.fakes.hubspot import FakeHubSpot
 from tests.fakes.salesforce import (
     DEFAULT_CLIENT_ID,
@@ -84,7 +84,7 @@ async def inbound_events(api: ApiClient, integration_id: str) -> list[dict[str, 
 async def test_an_email_changed_in_the_crm_moves_the_member_and_duplicates_nothing(
     api: ApiClient, db: Database, hub: IntegrationHub, hubspot: FakeHubSpot
 ) -> None:
-    member = await api.create_member(first_name="Ana", email="ana@example.com")
+    member = await api.create_member(first_name="Ana", email="ana@example.com", consent=CRM_CONSENT)
     integration = await create_integration(api, Crm("hubspot", hubspot).integration_body())
     await sync(api, db, hub, integration["id"], mode="push")
     [contact_id] = list(hubspot.contacts)

@@ -501,7 +501,7 @@ async def test_every_emitted_event_validates_against_its_types_schema(
     await _emit_loyalty_events(api, db)
     member = await api.create_member(first_name="A")
     plan = await api.create_plan()
-    await api.patch(f"{MEMBERS}/{member['id']}", {"first_name": "B"})
+    await api.patch(f"{MEMBERS}/{member['id']}", {"first_name": "B", "consent": {"crm": True}})
     await api.post(f"{MEMBERS}/{member['id']}/membership/join", {"plan_id": plan["id"]})
     await api.delete(f"{MEMBERS}/{member['id']}")
     hook = {"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}

@@ -78,6 +78,8 @@ async def test_a_created_member_is_pending_and_returned_by_get_and_list(api: Api
         "sms": False,
         "analytics": False,
         "profiling": False,
+        "crm": False,
+        "marketing_email": False,
     }
     assert created["custom_fields"] == {"profession": "planner", "years": 7, "fellow": False}
     assert created["external_ids"] == {"crm": "C-1"}
@@ -532,6 +534,8 @@ async def test_consent_is_updated_partially(api: ApiClient) -> None:
         "sms": True,
         "analytics": False,
         "profiling": False,
+        "crm": False,
+        "marketing_email": False,
     }
 
 

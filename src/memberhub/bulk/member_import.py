@@ -48,6 +48,7 @@ from memberhub.bulk.upload import (
 from memberhub.kit.errors import Conflict, MemberhubError, ValidationFailed
 from memberhub.kit.types import Input
 from memberhub.members import service as members
+from memberhub.members.consent import ConsentSource
 from memberhub.members.models import Member, MemberStatus
 from memberhub.members.repository import normalize_email
 from memberhub.members.schemas import MemberCreate, MemberPatch
@@ -59,7 +60,14 @@ JSONL_MEDIA_TYPES = ("application/x-ndjson", "application/jsonl", "application/x
 MEMBER_IMPORTS_PATH = "/api/v1/imports/members"
 CUSTOM_PREFIX = "custom."
 PROFILE_FIELDS = ("email", "first_name", "last_name", "phone", "date_of_birth")
-CONSENT_FIELDS = ("consent_email", "consent_sms", "consent_analytics", "consent_profiling")
+CONSENT_FIELDS = (
+    "consent_email",
+    "consent_sms",
+    "consent_analytics",
+    "consent_profiling",
+    "consent_crm",
+    "consent_marketing_email",
+)
 FIELDS = frozenset(
     {
         *PROFILE_FIELDS,
@@ -394,13 +402,20 @@ async def apply_row(
             member = await finder.find(row, organisation_id)
             action = RowAction.UNCHANGED
             if member is None:
-                member = await members.create_member(session, principal, row.create)
+                member = await members.create_member(
+                    session, principal, row.create, consent_source=ConsentSource.IMPORT
+                )
                 action = RowAction.CREATED
             else:
                 patch = _patch(member, row)
                 if patch is not None:
                     member = await members.update_member(
-                        session, principal, member.public_id, patch, if_match=None
+                        session,
+                        principal,
+                        member.public_id,
+                        patch,
+                        if_match=None,
+                        consent_source=ConsentSource.IMPORT,
                     )
                     action = RowAction.UPDATED
             if row.plan_id is not None and await _join_plan(session, principal, member, row):

@@ -121,6 +121,7 @@ MEMBER_IMPORT_OPENAPI: dict[str, Any] = {
             "per line). Fields: email (required), first_name, last_name, phone, "
             "date_of_birth, organisation_id, plan_id, external_id (SYSTEM:ID), "
             "consent_email, consent_sms, consent_analytics, consent_profiling, "
+            "consent_crm, consent_marketing_email, "
             "opening_points, and custom.<key>; other column names are mapped to them with "
             "`mapping`."
         ),

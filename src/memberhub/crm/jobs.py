@@ -35,6 +35,7 @@ MEMBER_EVENTS = frozenset(
     {
         "member.created",
         "member.updated",
+        "member.consent_changed",
         "member.status.changed",
         "member.tier.changed",
         "member.payment.changed",

@@ -81,6 +81,8 @@ WRITTEN_KEPT_PER_FIELD = 8
 ERROR_CHARS = 1000
 # Rows per multi-row insert: well under SQLite's limit of bound parameters.
 LINK_INSERT_CHUNK = 1000
+# The consent purpose every CRM push serves (`members/consent.py`).
+CRM_PURPOSE = "crm"
 
 
 class NotACrm(MemberhubError):
@@ -272,7 +274,9 @@ async def _plan_page(
     # Before the read: a change marked after this moment is not in what is sent.
     read_at = utcnow()
     async with db.transaction(read_only=True) as session:
-        found = await load_values(session, entity, entity_ids, ctx.scope)
+        # Members without crm consent are left out: nothing about them is sent, and a
+        # pending change of theirs settles as nothing to send.
+        found = await load_values(session, entity, entity_ids, ctx.scope, purpose=CRM_PURPOSE)
         links = {
             link.entity_id: link
             for link in await session.scalars(
@@ -546,7 +550,13 @@ async def push(db: Database, ctx: Context, run: SyncRun, counts: Counts, *, full
                 if full:
                     ids = list(
                         await session.scalars(
-                            entity_ids_query(entity, ctx.scope, after_id=after, limit=PAGE)
+                            entity_ids_query(
+                                entity,
+                                ctx.scope,
+                                after_id=after,
+                                limit=PAGE,
+                                purpose=CRM_PURPOSE,
+                            )
                         )
                     )
                     after = ids[-1] if ids else after
@@ -954,7 +964,12 @@ async def update_entity(
         from memberhub.members.service import update_member
 
         member = await update_member(
-            session, principal, values.public_id, MemberPatch(**patch), if_match=None
+            session,
+            principal,
+            values.public_id,
+            MemberPatch(**patch),
+            if_match=None,
+            consent_source="crm",
         )
         return member.updated_at != values.updated_at
     from memberhub.leads.schemas import LeadPatch

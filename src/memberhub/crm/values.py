@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.crm.mapping import EntityType
 from memberhub.leads.models import Lead
+from memberhub.members.consent import consent_column
 from memberhub.members.models import Member
 from memberhub.members.repository import normalize_email
 from memberhub.organisations.repository import OrganisationRepository
@@ -35,12 +36,20 @@ async def scope_ids(session: AsyncSession, organisation_id: int | None) -> froze
 
 
 def entity_ids_query(
-    entity: EntityType, scope: frozenset[int] | None, *, after_id: int, limit: int
+    entity: EntityType,
+    scope: frozenset[int] | None,
+    *,
+    after_id: int,
+    limit: int,
+    purpose: str | None = None,
 ) -> Select[int]:
+    """Ids of the records a full push reads; members only with consent for `purpose`."""
     model: type[Member] | type[Lead] = Member if entity == "members" else Lead
     query = select(model.id).where(model.id > after_id).order_by(model.id).limit(limit)
     if entity == "members":
         query = query.where(Member.deleted_at.is_(None))
+        if purpose is not None:
+            query = query.where(consent_column(purpose).is_(True))
     if scope is not None:
         query = query.where(model.organisation_id.in_(scope))
     return query
@@ -61,23 +70,28 @@ async def load_values(
     entity: EntityType,
     ids: Sequence[int],
     scope: frozenset[int] | None,
+    *,
+    purpose: str | None = None,
 ) -> dict[int, EntityValues]:
-    """Each record's values by id; records deleted or outside `scope` are left out."""
+    """Each record's values by id; records deleted or outside `scope` are left out, and
+    members without consent for `purpose` when one is given (a push gives `crm`)."""
     if not ids:
         return {}
     if entity == "members":
-        return await _member_values(session, ids, scope)
+        return await _member_values(session, ids, scope, purpose)
     return await _lead_values(session, ids, scope)
 
 
 async def _member_values(
-    session: AsyncSession, ids: Sequence[int], scope: frozenset[int] | None
+    session: AsyncSession, ids: Sequence[int], scope: frozenset[int] | None, purpose: str | None
 ) -> dict[int, EntityValues]:
     query = (
         select(Member, PointAccount)
         .outerjoin(PointAccount, PointAccount.member_id == Member.id)
         .where(Member.id.in_(ids), Member.deleted_at.is_(None))
     )
+    if purpose is not None:
+        query = query.where(consent_column(purpose).is_(True))
     if scope is not None:
         query = query.where(Member.organisation_id.in_(scope))
     result: dict[int, EntityValues] = {}

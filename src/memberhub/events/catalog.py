@@ -44,6 +44,22 @@ class MemberDeleted(EventData):
     deleted_at: datetime
 
 
+class MemberConsentChanged(EventData):
+    event_type = "member.consent_changed"
+    description = (
+        "A member granted or withdrew consent for one purpose (email, sms, analytics, "
+        "profiling, crm, marketing_email); `source` says where the change came from (api, "
+        "console, import, crm, vendor_webhook, erasure)."
+    )
+
+    member_id: str
+    organisation_id: str | None
+    purpose: str
+    granted: bool
+    source: str
+    occurred_at: datetime
+
+
 class MemberStatusChanged(EventData):
     event_type = "member.status.changed"
     description = (
@@ -368,6 +384,7 @@ CATALOG: dict[str, type[EventData]] = {
         MemberCreated,
         MemberUpdated,
         MemberDeleted,
+        MemberConsentChanged,
         MemberStatusChanged,
         MembershipRenewalDue,
         MemberTierChanged,

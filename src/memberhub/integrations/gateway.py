@@ -114,6 +114,9 @@ VENDOR_POLICIES: dict[str, GatewayPolicy] = {
         max_concurrent=5,
         max_retry_after=120.0,
     ),
+    # No published request rate; 10 connections at once per API key (one more is a 429),
+    # and calls time out after 120 seconds.
+    "mailchimp": GatewayPolicy(timeout=120.0, rate_limit=None, max_concurrent=10),
     "default": DEFAULT_POLICY,
 }
 

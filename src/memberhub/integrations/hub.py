@@ -125,7 +125,8 @@ class IntegrationHub:
         if provider is None:
             raise UnknownProvider(integration.provider)
         config = parse_config(provider, integration.config)
-        base_url = provider.resolve_base_url(config) or ""
+        credentials = vault.unseal(self.box, integration.credentials)
+        base_url = provider.base_url_for(config, credentials) or ""
         integration_id = integration.id
         label = integration.public_id
 
@@ -162,7 +163,7 @@ class IntegrationHub:
             version=integration.updated_at,
             provider=provider,
             config=config,
-            credentials=vault.unseal(self.box, integration.credentials),
+            credentials=credentials,
             gateway=gateway,
             token_gateway=token_gateway,
             token_url=oauth.token_url if oauth is not None else None,

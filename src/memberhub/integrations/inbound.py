@@ -37,6 +37,7 @@ from memberhub.integrations.payments import PaymentNotYetApplied, PaymentSetting
 from memberhub.integrations.providers import (
     as_accounting,
     as_events_source,
+    as_marketing_list,
     as_message_channel,
     as_orders,
     as_payments,
@@ -56,6 +57,7 @@ from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.kit.errors import Conflict, Forbidden, MemberhubError, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.marketing.webhooks import apply_audience_changes
 from memberhub.notifications.service import apply_delivery_reports
 
 if TYPE_CHECKING:
@@ -166,6 +168,38 @@ async def receive(
     if getattr(provider, "bare_inbound_replies", False):
         return Received(received.event, received.duplicate, bare=True)
     return received
+
+
+async def check_url(
+    db: Database, box: SecretBox, integration_public_id: str, request: InboundRequest
+) -> None:
+    """Answer a provider's check of its webhook URL (Mailchimp GETs the URL before it posts
+    to it): only for providers that make one, and only with the URL's secret right."""
+    async with db.transaction(read_only=True) as session:
+        integration = await session.scalar(
+            select(Integration).where(Integration.public_id == integration_public_id)
+        )
+    provider = get_provider(integration.provider) if integration is not None else None
+    source = as_events_source(provider) if provider is not None else None
+    if (
+        integration is None
+        or source is None
+        or not getattr(provider, "answers_validation_get", False)
+    ):
+        raise IntegrationNotFound(f"No integration {integration_public_id} checks its URL.")
+    if not integration.enabled:
+        raise IntegrationDisabled()
+    assert provider is not None
+    try:
+        source.verify(
+            request,
+            unseal(box, integration.credentials),
+            parse_config(provider, integration.config),
+        )
+    except SignatureInvalid as exc:
+        raise SignatureRejected(
+            f"The webhook URL was rejected: {exc.message}.", details={"reason": exc.reason}
+        ) from None
 
 
 async def _store(
@@ -294,6 +328,14 @@ async def _handle(
         if not changes:
             return InboundStatus.IGNORED, {"reason": f"{event.event_type} carries no changes"}
         return InboundStatus.PROCESSED, await apply_webhook(session, integration, changes)
+    audience = as_marketing_list(provider) if provider is not None else None
+    if audience is not None:
+        audience_changes = audience.audience_changes(event.event_type, event.body.encode())
+        if not audience_changes:
+            return InboundStatus.IGNORED, {"reason": f"{event.event_type} changes no member"}
+        return InboundStatus.PROCESSED, await apply_audience_changes(
+            session, integration, audience_changes, now
+        )
     config = parse_config(provider, integration.config) if provider is not None else None
     mapping = getattr(config, "activity", None)
     if isinstance(mapping, ActivityMapping):

@@ -360,6 +360,25 @@ async def receive_webhook(integration_id: IdPath, request: Request) -> InboundAc
     )
 
 
+@public.get("/inbound/{integration_id}", status_code=200, response_class=Response)
+async def check_webhook_url(integration_id: IdPath, request: Request) -> Response:
+    """Providers that check a webhook URL before posting to it (Mailchimp sends a GET) are
+    answered 200 when the URL carries the integration's secret; others get 404."""
+    await inbound.check_url(
+        request.app.state.db,
+        _box(request),
+        integration_id,
+        InboundRequest(
+            method="GET",
+            url=str(request.url),
+            headers=dict(request.headers),
+            body=b"",
+            now=time.time(),
+        ),
+    )
+    return Response(status_code=200)
+
+
 @router.get("/integrations/{integration_id}/inbound-events")
 async def list_inbound_events(
     integration_id: IdPath,

@@ -159,6 +159,18 @@ class HealthOut(BaseModel):
     healthy: bool
 
 
+class MarketingSyncBrief(BaseModel):
+    """A marketing list's audience sync, for the sync status (details under
+    `/integrations/{id}/marketing`)."""
+
+    last_synced_at: datetime | None
+    last_full_sync_at: datetime | None
+    last_run_requests: int
+    last_run_writes: int
+    failures: int
+    last_error: str | None
+
+
 class IntegrationStatus(BaseModel):
     id: str
     provider: str
@@ -170,6 +182,9 @@ class IntegrationStatus(BaseModel):
     open_incident_since: datetime | None
     inbound_pending: int
     inbound_failed: int
+    marketing: MarketingSyncBrief | None = Field(
+        default=None, description="The audience sync, for marketing-list integrations."
+    )
 
 
 class SyncStatusOut(BaseModel):
@@ -178,7 +193,8 @@ class SyncStatusOut(BaseModel):
     )
     pending_updates: int = Field(description="Inbound events waiting to be processed.")
     sync_errors: int = Field(
-        description="Inbound events that failed, plus integrations with an open incident."
+        description="Inbound events that failed, plus integrations with an open incident or "
+        "a failing audience sync."
     )
     connected: list[str] = Field(description="Providers with an enabled integration.")
     integrations: list[IntegrationStatus]

@@ -43,6 +43,7 @@ from memberhub.integrations.schemas import (
     IntegrationPatch,
     IntegrationStatus,
     LatencyOut,
+    MarketingSyncBrief,
     OAuthState,
     SyncStatusOut,
 )
@@ -50,6 +51,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.errors import NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.marketing.models import MarketingSyncState
 from memberhub.members.service import resolve_organisation
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.webhooks import ssrf
@@ -545,9 +547,20 @@ async def sync_status(session: AsyncSession, principal: Principal) -> SyncStatus
         if ids
         else None
     )
+    marketing = {
+        state.integration_id: state
+        for state in (
+            await session.scalars(
+                select(MarketingSyncState).where(MarketingSyncState.integration_id.in_(ids))
+            )
+            if ids
+            else []
+        )
+    }
     moments = [i.last_success_at for i in integrations if i.last_success_at] + (
         [last_processed] if last_processed else []
     )
+    moments += [m.last_synced_at for m in marketing.values() if m.last_synced_at]
     statuses = [
         IntegrationStatus(
             id=i.public_id,
@@ -560,6 +573,7 @@ async def sync_status(session: AsyncSession, principal: Principal) -> SyncStatus
             open_incident_since=i.incident_opened_at,
             inbound_pending=counts.get((i.id, InboundStatus.PENDING), 0),
             inbound_failed=counts.get((i.id, InboundStatus.FAILED), 0),
+            marketing=_marketing_brief(marketing.get(i.id)),
         )
         for i in integrations
     ]
@@ -567,9 +581,23 @@ async def sync_status(session: AsyncSession, principal: Principal) -> SyncStatus
         last_sync=max(moments) if moments else None,
         pending_updates=sum(s.inbound_pending for s in statuses),
         sync_errors=sum(s.inbound_failed for s in statuses)
-        + sum(1 for s in statuses if s.open_incident_since is not None),
+        + sum(1 for s in statuses if s.open_incident_since is not None)
+        + sum(1 for s in statuses if s.marketing is not None and s.marketing.failures > 0),
         connected=sorted({i.provider for i in integrations if i.enabled}),
         integrations=statuses,
+    )
+
+
+def _marketing_brief(state: MarketingSyncState | None) -> MarketingSyncBrief | None:
+    if state is None:
+        return None
+    return MarketingSyncBrief(
+        last_synced_at=state.last_synced_at,
+        last_full_sync_at=state.last_full_sync_at,
+        last_run_requests=state.last_run_requests,
+        last_run_writes=state.last_run_writes,
+        failures=state.failures,
+        last_error=state.last_error,
     )
 
 

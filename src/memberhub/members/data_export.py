@@ -27,6 +27,7 @@ from memberhub.crm.models import CrmLink
 from memberhub.events.models import Event
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Base
+from memberhub.members.consent import current_consent
 from memberhub.members.models import Member
 from memberhub.members.service import get_member, to_out
 
@@ -140,12 +141,7 @@ async def export_member_data(
         "version": FORMAT_VERSION,
         "exported_at": exported_at.isoformat(),
         "member": to_out(member).model_dump(mode="json"),
-        "consent": {
-            "email": member.consent_email,
-            "sms": member.consent_sms,
-            "analytics": member.consent_analytics,
-            "profiling": member.consent_profiling,
-        },
+        "consent": current_consent(member),
         "records": held,
         "events": await repository.events(member.public_id),
         "audit_log": await repository.audit_entries(member.public_id),

@@ -57,6 +57,9 @@ class Member(IdMixin, Base):
     consent_sms: Mapped[bool] = mapped_column(Boolean, default=False)
     consent_analytics: Mapped[bool] = mapped_column(Boolean, default=False)
     consent_profiling: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Purposes (see `members/consent.py`): pushing the member to CRMs, marketing email.
+    consent_crm: Mapped[bool] = mapped_column(Boolean, default=False)
+    consent_marketing_email: Mapped[bool] = mapped_column(Boolean, default=False)
     custom_fields: Mapped[dict[str, Any]] = mapped_column(default=dict)
     external_ids: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
@@ -82,3 +85,21 @@ class Member(IdMixin, Base):
     plan: Mapped[MembershipPlan | None] = relationship(lazy="raise")
 
     __mapper_args__ = {"version_id_col": version}
+
+
+class ConsentChange(IdMixin, Base):
+    """One change of one consent flag: who changed it, when, from where. Written in the
+    transaction that changes the flag (`members/consent.py`), never updated."""
+
+    __tablename__ = "consent_changes"
+    __table_args__ = (Index("ix_consent_changes_member_id_id", "member_id", "id"),)
+
+    member_id: Mapped[int] = mapped_column(BigIntId, ForeignKey("members.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(32))
+    granted: Mapped[bool] = mapped_column(Boolean)
+    # An API key, staff user, integration or "system"; what `Actor.id` says.
+    actor: Mapped[str] = mapped_column(String(64))
+    # api, console, import, crm, vendor_webhook, erasure, migration
+    source: Mapped[str] = mapped_column(String(32))
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+    occurred_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -9,7 +9,7 @@ from sqlalchemy import Select, bindparam, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from memberhub.members.models import Member
+from memberhub.members.models import ConsentChange, Member
 
 
 @dataclass(frozen=True)
@@ -108,3 +108,23 @@ def _member_by(column: str, for_update: bool) -> Select[Member]:
         .options(selectinload(Member.organisation), selectinload(Member.plan))
     )
     return query.with_for_update() if for_update else query
+
+
+class ConsentChangeRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def for_member(
+        self, member_id: int, *, after_id: int | None, limit: int
+    ) -> Sequence[ConsentChange]:
+        """A member's consent changes, oldest first, one more than `limit` to tell whether
+        more follow."""
+        query = (
+            select(ConsentChange)
+            .where(ConsentChange.member_id == member_id)
+            .order_by(ConsentChange.id)
+            .limit(limit + 1)
+        )
+        if after_id is not None:
+            query = query.where(ConsentChange.id > after_id)
+        return (await self.session.scalars(query)).all()

@@ -11,8 +11,12 @@ from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath, SafeQuery, UTCDatetime
 from memberhub.members import data_export, service
 from memberhub.members.models import MemberStatus
-from memberhub.members.repository import MemberFilters, MemberRepository
-from memberhub.members.schemas import MemberCreate, MemberOut, MemberPatch
+from memberhub.members.repository import (
+    ConsentChangeRepository,
+    MemberFilters,
+    MemberRepository,
+)
+from memberhub.members.schemas import ConsentChangeOut, MemberCreate, MemberOut, MemberPatch
 from memberhub.organisations.service import get_visible as get_visible_organisation
 
 router = APIRouter(
@@ -128,6 +132,37 @@ async def delete_member(member_id: IdPath, session: DbSession, principal: Member
     """Erase the member's personal data (here and in past events); the record stays, so
     ledger and audit references hold. Emits `member.deleted`."""
     await service.delete_member(session, principal, member_id)
+
+
+@router.get("/{member_id}/consent-history")
+async def consent_history(
+    member_id: IdPath,
+    session: DbSession,
+    principal: MembersReader,
+    page: Annotated[PageParams, Depends(page_params)],
+) -> Page[ConsentChangeOut]:
+    """Every change of the member's consent, oldest first: the purpose, granted or
+    withdrawn, who changed it, from where (api, console, import, crm, vendor_webhook,
+    erasure, migration) and the client's IP address when known."""
+    member = await service.get_member(session, principal, member_id)
+    rows = await ConsentChangeRepository(session).for_member(
+        member.id, after_id=page.after_id, limit=page.limit
+    )
+    items, pagination = build_page(rows, page.limit)
+    return Page(
+        data=[
+            ConsentChangeOut(
+                purpose=row.purpose,
+                granted=row.granted,
+                actor=row.actor,
+                source=row.source,
+                client_ip=row.client_ip,
+                occurred_at=row.occurred_at,
+            )
+            for row in items
+        ],
+        pagination=pagination,
+    )
 
 
 @router.get(

@@ -33,10 +33,17 @@ def check_custom_fields(value: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 class Consent(Input):
-    email: bool = False
-    sms: bool = False
-    analytics: bool = False
-    profiling: bool = False
+    """Consent by purpose (see the README's Consent section); every change is kept in the
+    member's consent history."""
+
+    email: bool = Field(default=False, description="Notifications by email.")
+    sms: bool = Field(default=False, description="Notifications by SMS.")
+    analytics: bool = Field(default=False, description="Events sent to analytics (GA4, Segment).")
+    profiling: bool = Field(default=False, description="Profiling and behavioural segments.")
+    crm: bool = Field(default=False, description="Pushed to the connected CRMs.")
+    marketing_email: bool = Field(
+        default=False, description="On marketing email lists (Mailchimp audiences)."
+    )
 
 
 class ConsentPatch(Input):
@@ -44,6 +51,19 @@ class ConsentPatch(Input):
     sms: bool | None = None
     analytics: bool | None = None
     profiling: bool | None = None
+    crm: bool | None = None
+    marketing_email: bool | None = None
+
+
+class ConsentChangeOut(BaseModel):
+    purpose: str
+    granted: bool
+    actor: str = Field(description="The API key, staff user, integration or job that changed it.")
+    source: str = Field(
+        description="api, console, import, crm, vendor_webhook, erasure or migration."
+    )
+    client_ip: str | None
+    occurred_at: datetime
 
 
 class MemberCreate(Input):

@@ -19,6 +19,12 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import column_binds, column_values
 from memberhub.kit.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.members.consent import (
+    PURPOSES,
+    ConsentSource,
+    current_consent,
+    record_consent_changes,
+)
 from memberhub.members.models import Member
 from memberhub.members.repository import MemberRepository, normalize_email
 from memberhub.members.schemas import (
@@ -64,6 +70,8 @@ def to_out(member: Member) -> MemberOut:
             sms=member.consent_sms,
             analytics=member.consent_analytics,
             profiling=member.consent_profiling,
+            crm=member.consent_crm,
+            marketing_email=member.consent_marketing_email,
         ),
         custom_fields=dict(member.custom_fields),
         external_ids=dict(member.external_ids),
@@ -99,6 +107,8 @@ def snapshot(member: Member) -> dict[str, Any]:
         "consent_sms": member.consent_sms,
         "consent_analytics": member.consent_analytics,
         "consent_profiling": member.consent_profiling,
+        "consent_crm": member.consent_crm,
+        "consent_marketing_email": member.consent_marketing_email,
         "custom_fields": dict(member.custom_fields),
         "external_ids": dict(member.external_ids),
     }
@@ -156,8 +166,22 @@ async def _ensure_email_free(
         )
 
 
+def consent_source_of(principal: Principal, given: str | None) -> str:
+    """Where a change of consent comes from: as the caller says, else the console for a
+    staff user and the API for a key."""
+    if given is not None:
+        return given
+    return (
+        ConsentSource.CONSOLE if principal.key_public_id.startswith("stf_") else (ConsentSource.API)
+    )
+
+
 async def create_member(
-    session: AsyncSession, principal: Principal, payload: MemberCreate
+    session: AsyncSession,
+    principal: Principal,
+    payload: MemberCreate,
+    *,
+    consent_source: str | None = None,
 ) -> Member:
     organisation = await resolve_organisation(session, principal, payload.organisation_id)
     now = utcnow()
@@ -176,6 +200,8 @@ async def create_member(
             "consent_sms": payload.consent.sms,
             "consent_analytics": payload.consent.analytics,
             "consent_profiling": payload.consent.profiling,
+            "consent_crm": payload.consent.crm,
+            "consent_marketing_email": payload.consent.marketing_email,
             "custom_fields": dict(payload.custom_fields),
             "external_ids": dict(payload.external_ids),
             "created_at": now,
@@ -209,6 +235,15 @@ async def create_member(
         object_type="member",
         object_id=member.public_id,
         changes=diff({}, snapshot(member)),
+    )
+    record_consent_changes(
+        session,
+        principal.actor,
+        member,
+        {},
+        source=consent_source_of(principal, consent_source),
+        occurred_at=now,
+        announce=False,
     )
     # Activities waiting for a member with this email or external id match it now. Imported
     # here: activities (and their earning rules) sit above members.
@@ -277,6 +312,7 @@ async def update_member(
     payload: MemberPatch,
     *,
     if_match: frozenset[int] | None,
+    consent_source: str | None = None,
 ) -> Member:
     member = await get_member(session, principal, public_id, for_update=True)
     if if_match is not None and member.version not in if_match:
@@ -285,6 +321,7 @@ async def update_member(
             details={"current_version": member.version, "if_match": sorted(if_match)[:10]},
         )
     before = snapshot(member)
+    consent_before = current_consent(member)
     fields = payload.model_dump(exclude_unset=True)
 
     if "organisation_id" in fields:
@@ -331,6 +368,14 @@ async def update_member(
         organisation_id=member.organisation_id,
         member_public_id=member.public_id,
     )
+    record_consent_changes(
+        session,
+        principal.actor,
+        member,
+        consent_before,
+        source=consent_source_of(principal, consent_source),
+        occurred_at=member.updated_at,
+    )
     record_write(
         session,
         principal.actor,
@@ -346,11 +391,12 @@ async def delete_member(session: AsyncSession, principal: Principal, public_id: 
     """Erase personal data; the row stays so that ledger and audit references hold."""
     member = await get_member(session, principal, public_id, for_update=True)
     now = utcnow()
+    consent_before = current_consent(member)
     for field in PERSONAL_FIELDS:
         setattr(member, field, {} if field in ("custom_fields", "external_ids") else None)
     member.email_normalized = None
-    member.consent_email = member.consent_sms = False
-    member.consent_analytics = member.consent_profiling = False
+    for purpose in PURPOSES:
+        setattr(member, f"consent_{purpose}", False)
     member.deleted_at = now
     member.updated_at = now
     await session.flush()
@@ -360,6 +406,15 @@ async def delete_member(session: AsyncSession, principal: Principal, public_id: 
         member.public_id, (MemberCreated.event_type, MemberUpdated.event_type)
     ):
         past.data = {**past.data, "member": erased}
+    # Withdrawn before the deletion event, so consumers stop sending before they erase.
+    record_consent_changes(
+        session,
+        principal.actor,
+        member,
+        consent_before,
+        source=ConsentSource.ERASURE,
+        occurred_at=now,
+    )
     emit(
         session,
         MemberDeleted(

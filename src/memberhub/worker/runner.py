@@ -27,6 +27,7 @@ from memberhub.integrations.service import purge_call_log
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
+from memberhub.marketing.sync import run_marketing_sync
 from memberhub.memberships.jobs import advance_membership_statuses
 from memberhub.notifications.jobs import announce_renewals_due
 from memberhub.notifications.planning import LinkSettings, plan_notifications
@@ -208,6 +209,17 @@ class Worker:
                 return await process_exports(db, hub, now, export_config)
 
             jobs.append(Job("exports.run", 5.0, chunked=run_exports))
+
+            async def sync_marketing_lists(db: Database, now: datetime) -> int:
+                try:
+                    return await run_marketing_sync(db, hub, now)
+                finally:
+                    if self._own_hub:
+                        await hub.drain()
+
+            # Every tick, after the jobs that change tiers and announce expiring points: a
+            # change reaches the audience (and its journeys) in the pass that made it.
+            jobs.append(Job("marketing.sync", 0.0, chunked=sync_marketing_lists))
 
             async def process_inbound_reading(db: Database, now: datetime) -> int:
                 # Some providers' webhooks name what to read from the vendor (Eventbrite).

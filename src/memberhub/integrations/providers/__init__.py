@@ -12,6 +12,7 @@ from memberhub.integrations.providers.base import (
     Accounting,
     Capability,
     EventsSource,
+    MarketingList,
     MessageChannel,
     ObjectStorage,
     Orders,
@@ -85,6 +86,13 @@ def as_storage(provider: Provider) -> ObjectStorage | None:
     return None
 
 
+def as_marketing_list(provider: Provider) -> MarketingList | None:
+    """The provider as a marketing list (an audience), if it declares it is one."""
+    if Capability.MARKETING_LIST in provider.capabilities and isinstance(provider, MarketingList):
+        return provider
+    return None
+
+
 def as_search_index(provider: Provider) -> SearchIndex | None:
     """The provider as a hosted search index, if it declares it is one."""
     if Capability.SEARCH_INDEX in provider.capabilities and isinstance(provider, SearchIndex):
@@ -100,6 +108,7 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.generic import GenericHttp, GenericWebhook
     from memberhub.integrations.providers.hubspot import HubSpot
     from memberhub.integrations.providers.local_storage import LocalStorage
+    from memberhub.integrations.providers.mailchimp import Mailchimp
     from memberhub.integrations.providers.onedrive import OneDrive
     from memberhub.integrations.providers.pipedrive import Pipedrive
     from memberhub.integrations.providers.s3 import S3
@@ -126,6 +135,7 @@ def _register_builtin() -> None:
         Fcm(),
         OneDrive(),
         Algolia(),
+        Mailchimp(),
         Xero(),
         Smtp(),
         S3(),
@@ -141,6 +151,7 @@ __all__ = [
     "Provider",
     "as_accounting",
     "as_events_source",
+    "as_marketing_list",
     "as_message_channel",
     "as_orders",
     "as_payments",

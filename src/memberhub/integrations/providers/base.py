@@ -150,6 +150,11 @@ class Provider:
             return self.sandbox_url
         return self.base_url
 
+    def base_url_for(self, config: BaseConfig, credentials: Mapping[str, Any]) -> str | None:
+        """Where the integration's calls go; vendors whose host depends on the account
+        (Mailchimp's data centre, named by the API key) read it from the credentials."""
+        return self.resolve_base_url(config)
+
     def oauth_settings(self, config: BaseConfig) -> OAuthSettings | None:
         """The provider's OAuth endpoints, overridden field by field by `config.oauth`."""
         defaults = self.oauth_defaults
@@ -380,15 +385,75 @@ class CrmError(Exception):
     """A CRM refused a request as a whole (bad settings, unknown field): the message says why."""
 
 
+@dataclass(frozen=True)
+class AudienceMember:
+    """A member as a marketing list holds them: subscribed only with email-marketing
+    consent, unsubscribed once it is withdrawn."""
+
+    key: str  # our member id
+    email: str
+    status: Literal["subscribed", "unsubscribed"]
+    merge_fields: Mapping[str, Any]
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AudienceChange:
+    """What a marketing list's webhook reports about one address."""
+
+    kind: Literal["unsubscribed", "cleaned", "profile", "email_changed"]
+    email: str
+    new_email: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    reason: str | None = None
+
+
+class MarketingListError(Exception):
+    """A marketing list refused a request as a whole (unknown audience, a contact not on
+    it): the message is the vendor's own words."""
+
+
 @runtime_checkable
 class MarketingList(Protocol):
-    """An audience that members subscribe to, honouring their email consent."""
+    """An audience that members subscribe to, honouring their email-marketing consent;
+    static segments of it; and journeys started for one contact.
 
-    async def subscribe(
-        self, connection: Connection, records: Sequence[ContactRecord]
-    ) -> list[WriteResult]: ...
+    `batch_size` members go in one write and `segment_batch_size` addresses in one segment
+    change; at most `concurrency` calls may be in flight at once.
+    """
 
-    async def unsubscribe(self, connection: Connection, emails: Sequence[str]) -> None: ...
+    batch_size: int
+    segment_batch_size: int
+    concurrency: int
+
+    async def write_members(
+        self, connection: Connection, list_id: str, members: Sequence[AudienceMember]
+    ) -> list[WriteResult]:
+        """Create or update one batch (at most `batch_size`), status, fields and tags;
+        one result per member, in order. Raise only when the batch as a whole failed."""
+
+    async def create_static_segment(self, connection: Connection, list_id: str, name: str) -> str:
+        """Create an empty static segment; return its id."""
+
+    async def change_segment(
+        self,
+        connection: Connection,
+        list_id: str,
+        segment_id: str,
+        *,
+        add: Sequence[str],
+        remove: Sequence[str],
+    ) -> None:
+        """Add and remove addresses (each at most `segment_batch_size`)."""
+
+    async def trigger_journey(
+        self, connection: Connection, journey_id: str, step_id: str, email: str
+    ) -> None:
+        """Start the journey's API-triggered step for one subscribed contact."""
+
+    def audience_changes(self, event_type: str, body: bytes) -> list[AudienceChange]:
+        """The changes an inbound webhook of the list reports; [] for other events."""
 
 
 @runtime_checkable
