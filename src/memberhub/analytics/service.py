@@ -146,6 +146,37 @@ async def kpis(
     )
 
 
+def month_ends(now: datetime, months: int) -> list[datetime]:
+    """The last moments of the `months - 1` whole months before `now`'s month, oldest first,
+    then `now` itself (the month so far)."""
+    start_of_month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    ends = []
+    for _ in range(months - 1):
+        ends.append(start_of_month - timedelta(microseconds=1))
+        start_of_month = (start_of_month - timedelta(days=1)).replace(day=1)
+    return [*reversed(ends), now]
+
+
+async def kpis_series(
+    session: AsyncSession,
+    organisation_ids: frozenset[int] | None,
+    *,
+    months: int,
+    now: datetime,
+    earliest: datetime,
+) -> list[Kpis]:
+    """The KPIs at the end of each of the last `months` months (see `month_ends`; the last
+    one is now, read as `kpis` reads it without `as_of`), leaving out moments before
+    `earliest`. Each point is exactly what `kpis` answers for that moment."""
+    series = []
+    for end in month_ends(now, months):
+        if end < earliest:
+            continue
+        as_of = None if end == now else end
+        series.append(await kpis(session, organisation_ids, as_of=as_of, now=now))
+    return series
+
+
 def _money(value: Fraction) -> int:
     """A non-negative amount to the nearest minor unit, halves rounded up."""
     return math.floor(value + Fraction(1, 2))
