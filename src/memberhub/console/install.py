@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
-from memberhub.console.pages import account, auth, home, members
+from memberhub.console.pages import account, analytics, auth, home, members
 from memberhub.console.session import ConsoleMiddleware
 from memberhub.console.web import install_html_errors
 
-PAGE_ROUTERS = (home.router, home.static_router, auth.router, account.router, members.router)
+PAGE_ROUTERS: tuple[APIRouter, ...] = (
+    home.router,
+    home.static_router,
+    auth.router,
+    account.router,
+    members.router,
+)
+PAGE_ROUTERS += (analytics.router,)
 
 
 def install_console(app: FastAPI) -> None:

@@ -21,6 +21,9 @@ NAVIGATION: list[NavItem] = [
     NavItem("/console/members", "Members", Scope.MEMBERS_READ),
     NavItem("/console/account", "Account"),
 ]
+NAVIGATION += [
+    NavItem("/console/analytics", "Analytics", Scope.ANALYTICS_READ),
+]
 
 
 def visible_navigation(principal: Principal) -> list[NavItem]:
