@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from memberhub.console.pages import account, analytics, auth, home, members
+from memberhub.console.pages import account, analytics, auth, home, integrations, members
 from memberhub.console.session import ConsoleMiddleware
 from memberhub.console.web import install_html_errors
 
@@ -15,7 +15,7 @@ PAGE_ROUTERS: tuple[APIRouter, ...] = (
     account.router,
     members.router,
 )
-PAGE_ROUTERS += (analytics.router,)
+PAGE_ROUTERS += (analytics.router, integrations.router)
 
 
 def install_console(app: FastAPI) -> None:

@@ -23,6 +23,7 @@ NAVIGATION: list[NavItem] = [
 ]
 NAVIGATION += [
     NavItem("/console/analytics", "Analytics", Scope.ANALYTICS_READ),
+    NavItem("/console/integrations", "Integrations", Scope.INTEGRATIONS_READ),
 ]
 
 
