@@ -71,6 +71,36 @@ def test_ticks_are_round_numbers_covering_the_values_and_zero(
     assert value_ticks(values) == ticks
 
 
+@pytest.mark.parametrize(
+    ("values", "ticks"),
+    [
+        ([0, 2], [0, 1, 2]),
+        ([0, 1], [0, 1]),
+        ([0, 9], [0, 5, 10]),
+        ([0, 5000], [0, 2000, 4000, 6000]),
+    ],
+)
+def test_ticks_of_counts_are_whole_numbers(values: list[float], ticks: list[float]) -> None:
+    assert value_ticks(values, whole=True) == ticks
+
+
+def test_a_chart_of_counts_has_whole_number_ticks() -> None:
+    root = svg_of(
+        str(
+            line_chart(
+                chart_id="counts",
+                title="Users",
+                x_label="Month",
+                y_label="Members",
+                points=[ChartPoint("a", 1), ChartPoint("b", 2)],
+                whole_numbers=True,
+            )
+        )
+    )
+    ticks = [t.text for t in root.iter(f"{SVG}text") if t.attrib.get("text-anchor") == "end"]
+    assert ticks == ["0", "1", "2"]
+
+
 def test_values_are_written_with_separators_and_decimals_only_when_needed() -> None:
     assert (format_value(1234567), format_value(2.5), format_value(-3.0)) == (
         "1,234,567",
@@ -97,6 +127,7 @@ def test_the_line_passes_through_each_point_left_to_right_highest_value_highest(
 
 def test_the_chart_is_an_image_named_by_its_title_and_described() -> None:
     html = chart([ChartPoint("Jan", 5), ChartPoint("Now", 8)])
+    assert '<figcaption class="chart-caption">Liability</figcaption>' in html
     root = svg_of(html)
     assert root.attrib["role"] == "img"
     assert root.attrib["aria-labelledby"] == "test-chart-title test-chart-desc"

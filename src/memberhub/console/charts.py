@@ -42,24 +42,27 @@ class Scale:
         return self.start + (value - self.low) * (self.end - self.start) / (self.high - self.low)
 
 
-def _nice_step(span: float, count: int) -> float:
-    """The smallest of 1, 2, 2.5 or 5 times a power of ten that covers `span` in `count`."""
-    raw = span / count
+def _nice_step(span: float, count: int, *, whole: bool) -> float:
+    """The smallest of 1, 2, 2.5 or 5 times a power of ten that covers `span` in `count`
+    (at least 1, and never 2.5, for `whole` numbers)."""
+    raw = max(span / count, 1.0) if whole else span / count
     power = 10.0 ** math.floor(math.log10(raw))
     for factor in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if whole and not float(factor * power).is_integer():
+            continue
         if factor * power >= raw:
             return factor * power
     return 10.0 * power  # pragma: no cover - the loop always returns
 
 
-def value_ticks(values: Sequence[float], count: int = TICKS) -> list[float]:
-    """Evenly spaced round values covering `values` and zero (a bar of zero is a baseline
-    worth seeing), lowest first."""
+def value_ticks(values: Sequence[float], count: int = TICKS, *, whole: bool = False) -> list[float]:
+    """Evenly spaced round values covering `values` and zero (a line at zero is a baseline
+    worth seeing), lowest first; whole numbers only for counts (`whole`)."""
     low = min([0.0, *values])
     high = max([0.0, *values])
     if high == low:
         high = low + 1.0
-    step = _nice_step(high - low, count)
+    step = _nice_step(high - low, count, whole=whole)
     first = math.floor(low / step)
     last = math.ceil(high / step)
     return [round(i * step, 10) for i in range(first, last + 1)]
@@ -92,15 +95,18 @@ def line_chart(
     y_label: str,
     points: Sequence[ChartPoint],
     formatter: Callable[[float], str] = format_value,
+    whole_numbers: bool = False,
 ) -> Markup:
     """A line chart of `points` in order, with its table. `chart_id` makes the ids of the
-    title and description unique on the page (letters, digits and dashes only)."""
+    title and description unique on the page (letters, digits and dashes only);
+    `whole_numbers` keeps the axis's ticks to integers (for counts)."""
     if not chart_id.replace("-", "").isalnum():
         raise ValueError("chart_id takes letters, digits and dashes only")
     known = [p.value for p in points if p.value is not None]
     title_id, desc_id = f"{chart_id}-title", f"{chart_id}-desc"
     parts = [
         f'<figure class="chart" id="{chart_id}">',
+        f'<figcaption class="chart-caption">{escape(title)}</figcaption>',
         f'<svg class="chart-svg" role="img" aria-labelledby="{title_id} {desc_id}" '
         f'viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
         'preserveAspectRatio="xMidYMid meet" xmlns="http://www.w3.org/2000/svg">',
@@ -108,7 +114,7 @@ def line_chart(
         f'<desc id="{desc_id}">{escape(_describe(points, y_label, formatter))}</desc>',
     ]
     plot_bottom = HEIGHT - BOTTOM
-    ticks = value_ticks(known)
+    ticks = value_ticks(known, whole=whole_numbers)
     y = Scale(ticks[0], ticks[-1], plot_bottom, TOP)
     x = Scale(-0.5, len(points) - 0.5, LEFT, WIDTH - RIGHT) if points else None
     parts.append('<g class="chart-grid">')

@@ -69,6 +69,7 @@ async def dashboard(
         title="Active points users at each month end",
         x_label="Month end",
         y_label="Members",
+        whole_numbers=True,
         points=[
             ChartPoint(label, p.active_points_users)
             for label, p in zip(labels, series, strict=True)
