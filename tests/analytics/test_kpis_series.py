@@ -7,11 +7,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import select, update
 
+from memberhub.analytics.repository import AnalyticsRepository
 from memberhub.analytics.service import month_ends
 from memberhub.auth.roles import Role
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.members.models import Member
+from memberhub.organisations.models import Organisation
+from memberhub.points.models import PointTransaction
 from tests.alerts.conftest import award
 from tests.analytics.conftest import MoveIntoPast
 from tests.conftest import issue_key
@@ -95,3 +100,43 @@ async def test_a_role_without_analytics_is_refused(api: ApiClient, db: Database)
 async def test_months_out_of_range_are_refused(api: ApiClient, months: str) -> None:
     response = await api.get(SERIES, {"months": months})
     assert response.status_code == 422, response.text
+
+
+async def test_liabilities_read_at_once_are_those_read_one_moment_at_a_time(
+    api: ApiClient, db: Database, history: dict[str, Any]
+) -> None:
+    # Two transactions at one moment: the later one (by id) holds, as `liability_at` reads.
+    member = await api.create_member(organisation_id=history["first"]["id"])
+    await award(api, member["id"], 70)
+    await award(api, member["id"], 30)
+    async with db.transaction() as session:
+        await session.execute(
+            update(PointTransaction)
+            .where(
+                PointTransaction.member_id
+                == select(Member.id).where(Member.public_id == member["id"]).scalar_subquery()
+            )
+            .values(occurred_at=history["awarded_at"] + timedelta(days=1))
+        )
+    now = utcnow()
+    moments = [
+        EPOCH,
+        history["awarded_at"] - timedelta(days=1),
+        history["awarded_at"] + timedelta(days=1),
+        history["awarded_at"] + timedelta(days=2),
+        now,
+        now,
+    ]
+    async with db.transaction(read_only=True) as session:
+        repository = AnalyticsRepository(session)
+        organisation = await session.scalar(
+            select(Organisation.id).where(Organisation.public_id == history["first"]["id"])
+        )
+        assert organisation is not None
+        scopes: list[frozenset[int] | None] = [None, frozenset({organisation})]
+        for scope in scopes:
+            at_once = await repository.liability_at_many(moments, scope)
+            one_by_one = {m: await repository.liability_at(m, scope) for m in moments}
+            assert at_once == one_by_one
+        assert at_once[history["awarded_at"] + timedelta(days=2)].outstanding == 1100
+        assert await repository.liability_at_many([], None) == {}
