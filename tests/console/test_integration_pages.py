@@ -174,7 +174,10 @@ async def test_an_integrations_page_lists_its_runs_and_open_conflicts(
     # Which credentials are set, never their values nor their last characters.
     assert "access_token" in html
     assert HUBSPOT_TOKEN not in html
-    assert HUBSPOT_TOKEN[-4:] not in html
+    hint = f"…{HUBSPOT_TOKEN[-4:]}"
+    listed = (await api.get(f"/api/v1/integrations/{integration_id}")).json()
+    assert listed["credentials"]["access_token"] == hint  # what the API shows of it
+    assert hint not in html
     assert "hubspot-app-secret" not in html
 
 
@@ -421,3 +424,37 @@ def test_the_start_of_today_is_midnight_utc() -> None:
     start = start_of_day(moment)
     assert timedelta(0) <= moment - start < timedelta(days=1)
     assert (start.hour, start.minute, start.second, start.microsecond) == (0, 0, 0, 0)
+
+
+async def test_an_integration_that_is_not_a_crm_has_a_page_without_runs(
+    browser: httpx.AsyncClient, api: ApiClient, db: Database
+) -> None:
+    secret = "whsec-inbound-signing-secret-0123456789"
+    created = await api.post(
+        "/api/v1/integrations",
+        {
+            "provider": "webhook",
+            "name": "Bookings",
+            "config": {"scheme": "standard"},
+            "credentials": {"signing_secret": secret},
+        },
+    )
+    assert created.status_code == 201, created.text
+    integration_id = created.json()["id"]
+    await signed_in_as(browser, db, "admin")
+
+    page = await browser.get(f"{DASHBOARD}/{integration_id}")
+
+    assert page.status_code == 200, page.text
+    assert "does not sync with a CRM" in page.text
+    assert "Start sync" not in page.text
+    assert "signing_secret set" in page.text
+    assert secret not in page.text
+    assert f"…{secret[-4:]}" not in page.text
+    refused = await browser.post(
+        f"{DASHBOARD}/{integration_id}/sync", data={"csrf_token": csrf_of(page), "mode": "push"}
+    )
+    assert refused.status_code == 409
+    assert await run_count(db) == 0
+    dashboard = await browser.get(DASHBOARD)
+    assert row_of(dashboard.text, "data-integration", integration_id)
