@@ -128,6 +128,9 @@ async def test_fewer_months_on_request(
     series = (await api.get("/api/v1/analytics/kpis/series", {"months": 3})).json()["points"]
     assert_charts_shown(page.text, series)
     assert '<option value="3" selected>' in page.text
+    odd = await browser.get(PAGE, params={"months": "5"})
+    assert '<option value="5" selected>' in odd.text
+    assert len(chart_rows(odd.text, "users-chart")) == 5
 
 
 async def test_an_org_bound_staff_user_sees_the_figures_of_their_organisation_only(

@@ -22,6 +22,7 @@ from memberhub.kit.money import minor_unit_digits
 
 router = APIRouter(prefix="/console/analytics", route_class=ConsoleRoute, include_in_schema=False)
 DEFAULT_MONTHS = 12
+MONTH_CHOICES = (3, 6, 12, 24)
 
 
 def money(amount: int, currency: str) -> str:
@@ -82,6 +83,8 @@ async def dashboard(
             "title": "Analytics",
             "kpis": current,
             "months": months,
+            # A number typed into the address is offered too, so the form shows what is drawn.
+            "month_choices": sorted({*MONTH_CHOICES, months}),
             "liability_value": money(
                 current.points_liability.value, current.points_liability.currency
             ),
