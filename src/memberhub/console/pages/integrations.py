@@ -64,10 +64,15 @@ async def dashboard(request: Request, session: ConsoleDb, signed_in: SignedInSta
     status = await service.sync_status(session, principal)
     crm_status = await crm_service.external_status(session, principal)
     activity = await crm_service.activity(session, principal, since=start_of_day(utcnow()))
-    healths: dict[str, HealthOut] = {}
-    for item in status.integrations:
-        integration = await service.get_integration(session, principal, item.id)
-        healths[item.id] = await service.health(session, integration, hub=_hub(request))
+    # The integrations the status lists (those the principal sees), read at once; one
+    # added meanwhile is listed without its health.
+    visible = await service.list_integrations(
+        session, principal, after_id=None, limit=len(status.integrations)
+    )
+    healths: dict[str, HealthOut] = {
+        integration.public_id: await service.health(session, integration, hub=_hub(request))
+        for integration in visible
+    }
     return render(
         request,
         "integrations.html",
