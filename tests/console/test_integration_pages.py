@@ -136,6 +136,7 @@ async def test_the_dashboard_shows_the_apis_numbers(
     average = activity["average_run_seconds"]
     assert shown(html, "average-sync") == f"{average:.1f} s"
     calls = succeeded = 0
+    uptimes: list[float] = []
     for item in status["integrations"]:
         health = (await api.get(f"/api/v1/integrations/{item['id']}/health")).json()
         row = row_of(html, "data-integration", item["id"])
@@ -143,10 +144,13 @@ async def test_the_dashboard_shows_the_apis_numbers(
         assert cell(row, "pending") == str(item["inbound_pending"])
         assert cell(row, "failed") == str(item["inbound_failed"])
         assert cell(row, "success-rate") == percent(health["success_rate"])
+        assert cell(row, "uptime") == f"{health['uptime_percent']:.2f} %"
+        uptimes.append(health["uptime_percent"])
         calls += health["calls"]
         succeeded += health["succeeded"]
     assert calls > 0
     assert shown(html, "call-success-rate") == percent(round(100 * succeeded / calls, 2))
+    assert shown(html, "uptime") == f"{sum(uptimes) / len(uptimes):.2f} %"
     assert HUBSPOT_TOKEN not in html
     assert "hubspot-app-secret" not in html
 
@@ -171,6 +175,7 @@ async def test_an_integrations_page_lists_its_runs_and_open_conflicts(
     health = (await api.get(f"/api/v1/integrations/{integration_id}/health")).json()
     assert shown(html, "health-calls") == str(health["calls"])
     assert shown(html, "health-success-rate") == percent(health["success_rate"])
+    assert shown(html, "health-uptime") == f"{health['uptime_percent']:.2f} %" == "100.00 %"
     # Which credentials are set, never their values nor their last characters.
     assert "access_token" in html
     assert HUBSPOT_TOKEN not in html

@@ -57,6 +57,12 @@ def overall_success_rate(healths: list[HealthOut]) -> float | None:
     return round(100.0 * sum(h.succeeded for h in healths) / calls, 2) if calls else None
 
 
+def average_uptime(healths: list[HealthOut]) -> float | None:
+    """The mean of the integrations' 30-day uptimes, each integration counting once."""
+    known = [h.uptime_percent for h in healths if h.uptime_percent is not None]
+    return round(sum(known) / len(known), 3) if known else None
+
+
 @router.get("")
 async def dashboard(request: Request, session: ConsoleDb, signed_in: SignedInStaff) -> Response:
     principal = signed_in.principal
@@ -83,6 +89,7 @@ async def dashboard(request: Request, session: ConsoleDb, signed_in: SignedInSta
             "activity": activity,
             "healths": healths,
             "success_rate": overall_success_rate(list(healths.values())),
+            "uptime": average_uptime(list(healths.values())),
             "open_incidents": [i for i in status.integrations if i.open_incident_since],
         },
     )
