@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, case, func, literal, or_, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
+from memberhub.kit.db import UTCDateTime
 from memberhub.members.models import Member
 from memberhub.points.models import PointAccount, PointBatch, PointTransaction, TxnType
 
@@ -94,6 +95,53 @@ class AnalyticsRepository:
             latest.c.position == 1
         )
         return await self._liability(query)
+
+    async def liability_at_many(
+        self, moments: Sequence[datetime], organisation_ids: frozenset[int] | None
+    ) -> dict[datetime, Liability]:
+        """`liability_at` for each of `moments`, in one statement that reads, for every
+        account and moment, the member's last transaction at or before it through the
+        (member, occurred_at, id) index: members x moments index lookups instead of a sort
+        of the whole log per moment."""
+        distinct = sorted(set(moments))
+        if not distinct:
+            return {}
+        points = union_all(
+            *(select(literal(moment, UTCDateTime()).label("at")) for moment in distinct)
+        ).subquery("moments")
+        last = (
+            select(PointTransaction.id)
+            .where(
+                PointTransaction.member_id == PointAccount.member_id,
+                PointTransaction.occurred_at <= points.c.at,
+            )
+            .order_by(PointTransaction.occurred_at.desc(), PointTransaction.id.desc())
+            .limit(1)
+            .correlate(PointAccount, points)
+            .scalar_subquery()
+        )
+        latest = _scoped(
+            select(points.c.at, last.label("txn_id"))
+            .select_from(PointAccount)
+            .join(points, literal(True)),
+            PointAccount.member_id,
+            organisation_ids,
+        ).subquery("latest")
+        query = (
+            select(
+                latest.c.at,
+                *_liability_columns(PointTransaction.balance_after, PointTransaction.pending_after),
+            )
+            .select_from(latest)
+            .join(PointTransaction, PointTransaction.id == latest.c.txn_id)
+            .group_by(latest.c.at)
+        )
+        found = {
+            row[0]: Liability(holders=int(row[1]), outstanding=int(row[2]), pending=int(row[3]))
+            for row in await self.session.execute(query)
+        }
+        empty = Liability(holders=0, outstanding=0, pending=0)
+        return {moment: found.get(moment, empty) for moment in moments}
 
     async def movements(
         self,

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from memberhub.analytics import service
-from memberhub.analytics.schemas import Kpis, MemberClv
+from memberhub.analytics.schemas import Kpis, KpisSeries, MemberClv
 from memberhub.auth.dependencies import AnalyticsReader
 from memberhub.kit.clock import utcnow
 from memberhub.kit.errors import ValidationFailed
@@ -35,6 +35,26 @@ async def kpis(
             details={"field": "as_of", "now": now.isoformat()},
         )
     return await service.kpis(session, principal.visible_organisation_ids, as_of=as_of, now=now)
+
+
+@router.get("/analytics/kpis/series")
+async def kpis_series(
+    session: DbSession,
+    principal: AnalyticsReader,
+    months: Annotated[int, Query(ge=1, le=24, description="How many month ends.")] = 12,
+) -> KpisSeries:
+    """The KPIs at the end of each of the last `months` months, oldest first: each point is
+    `GET /analytics/kpis?as_of=` its `as_of` (the last of the month's final microsecond),
+    and the last point is now (the current month so far). For charts over time."""
+    now = utcnow()
+    points = await service.kpis_series(
+        session,
+        principal.visible_organisation_ids,
+        months=months,
+        now=now,
+        earliest=EARLIEST_AS_OF,
+    )
+    return KpisSeries(months=months, points=points)
 
 
 @router.get("/members/{member_id}/clv")

@@ -47,6 +47,13 @@ class Kpis(BaseModel):
     window: RatesWindow
 
 
+class KpisSeries(BaseModel):
+    """The KPIs at the end of each month, oldest first; the last point is now."""
+
+    months: int
+    points: list[Kpis]
+
+
 class MemberClv(BaseModel):
     member_id: str
     currency: str

@@ -20,13 +20,14 @@ Definitions, shared by the KPIs and the scheduled rate alerts:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from fractions import Fraction
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from memberhub.analytics.repository import AnalyticsRepository
+from memberhub.analytics.repository import AnalyticsRepository, Liability
 from memberhub.analytics.schemas import Kpis, MemberClv, PointsLiability, RatesWindow
 from memberhub.members.models import Member
 from memberhub.points.models import TxnType
@@ -70,13 +71,19 @@ class PointsRates:
 
 
 async def points_rates(
-    session: AsyncSession, window_end: datetime, organisation_ids: frozenset[int] | None = None
+    session: AsyncSession,
+    window_end: datetime,
+    organisation_ids: frozenset[int] | None = None,
+    *,
+    opening: Liability | None = None,
 ) -> PointsRates:
     """The redemption and expiration rates over the 30 days up to `window_end`, for the
-    members of `organisation_ids` (None: every member). See the module docstring."""
+    members of `organisation_ids` (None: every member). See the module docstring.
+    `opening`, the liability at the window's start, is read unless given."""
     start = window_end - RATES_WINDOW
     repo = AnalyticsRepository(session)
-    opening = await repo.liability_at(start, organisation_ids)
+    if opening is None:
+        opening = await repo.liability_at(start, organisation_ids)
     moved = await repo.movements(
         start, window_end, CREDIT_TYPES + REDEMPTION_TYPES + EXPIRY_TYPES, organisation_ids
     )
@@ -100,18 +107,22 @@ async def kpis(
     *,
     as_of: datetime | None,
     now: datetime,
+    known: Mapping[datetime, Liability] | None = None,
 ) -> Kpis:
     """Seed 004's points KPIs at `as_of` (default now) for the members of
-    `organisation_ids` (None: every member)."""
+    `organisation_ids` (None: every member). `known` holds liabilities already read from
+    the log (`liability_at_many`), by moment: they are not read again."""
     end = as_of or now
+    known = known or {}
     program = await program_service.get_program(session)
     repo = AnalyticsRepository(session)
-    liability = (
-        await repo.liability_now(organisation_ids)
-        if as_of is None
-        else await repo.liability_at(end, organisation_ids)
+    if as_of is None:
+        liability = await repo.liability_now(organisation_ids)
+    else:
+        liability = known.get(end) or await repo.liability_at(end, organisation_ids)
+    rates = await points_rates(
+        session, end, organisation_ids, opening=known.get(end - RATES_WINDOW)
     )
-    rates = await points_rates(session, end, organisation_ids)
     # The liability 30 days earlier is the one the rates window opens with.
     earlier = rates.outstanding_at_start
     growth = (liability.total - earlier) * 100 / earlier if earlier > 0 else None
@@ -144,6 +155,40 @@ async def kpis(
             expired=rates.expired,
         ),
     )
+
+
+def month_ends(now: datetime, months: int) -> list[datetime]:
+    """The last moments of the `months - 1` whole months before `now`'s month, oldest first,
+    then `now` itself (the month so far)."""
+    start_of_month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    ends = []
+    for _ in range(months - 1):
+        ends.append(start_of_month - timedelta(microseconds=1))
+        start_of_month = (start_of_month - timedelta(days=1)).replace(day=1)
+    return [*reversed(ends), now]
+
+
+async def kpis_series(
+    session: AsyncSession,
+    organisation_ids: frozenset[int] | None,
+    *,
+    months: int,
+    now: datetime,
+    earliest: datetime,
+) -> list[Kpis]:
+    """The KPIs at the end of each of the last `months` months (see `month_ends`; the last
+    one is now, read as `kpis` reads it without `as_of`), leaving out moments before
+    `earliest`. Each point is exactly what `kpis` answers for that moment; the liabilities
+    at every month end and 30 days before each are read from the log in one statement."""
+    ends = [end for end in month_ends(now, months) if end >= earliest]
+    moments = [end for end in ends if end != now] + [end - RATES_WINDOW for end in ends]
+    known = await AnalyticsRepository(session).liability_at_many(moments, organisation_ids)
+    return [
+        await kpis(
+            session, organisation_ids, as_of=None if end == now else end, now=now, known=known
+        )
+        for end in ends
+    ]
 
 
 def _money(value: Fraction) -> int:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from memberhub.console.pages import (
     account,
     alerts,
+    analytics,
     approvals,
     auth,
     bulk_awards,
     home,
+    integrations,
     keys,
     members,
     staff,
@@ -19,7 +21,7 @@ from memberhub.console.pages import (
 from memberhub.console.session import ConsoleMiddleware
 from memberhub.console.web import install_html_errors
 
-PAGE_ROUTERS = (
+PAGE_ROUTERS: tuple[APIRouter, ...] = (
     home.router,
     home.static_router,
     auth.router,
@@ -27,6 +29,8 @@ PAGE_ROUTERS = (
     members.router,
     approvals.router,
     alerts.router,
+    analytics.router,
+    integrations.router,
     staff.router,
     keys.router,
     webhooks.router,

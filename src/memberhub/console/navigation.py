@@ -21,6 +21,8 @@ NAVIGATION: list[NavItem] = [
     NavItem("/console/members", "Members", Scope.MEMBERS_READ),
     NavItem("/console/approvals", "Approvals", Scope.APPROVALS_READ),
     NavItem("/console/alerts", "Alerts", Scope.ALERTS_READ),
+    NavItem("/console/analytics", "Analytics", Scope.ANALYTICS_READ),
+    NavItem("/console/integrations", "Integrations", Scope.INTEGRATIONS_READ),
     NavItem("/console/staff", "Staff", Scope.STAFF_READ),
     NavItem("/console/keys", "API keys", Scope.API_KEYS_READ),
     NavItem("/console/webhooks", "Webhooks", Scope.WEBHOOKS_READ),

@@ -10,13 +10,16 @@ from memberhub.crm.schemas import (
     ConflictOut,
     ConflictResolution,
     ExternalSyncStatus,
+    SyncActivity,
     SyncRequest,
     SyncRunOut,
     SyncRunRecordOut,
 )
+from memberhub.kit.clock import utcnow
+from memberhub.kit.errors import ValidationFailed
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
-from memberhub.kit.types import IdPath
+from memberhub.kit.types import IdPath, UTCDatetime
 
 router = APIRouter(
     prefix="/api/v1", tags=["crm sync"], responses=ERROR_RESPONSES, route_class=UnitOfWorkRoute
@@ -126,3 +129,19 @@ async def external_sync_status(
     """CRM sync at a glance (seed 003's shape): the last run, changes waiting to be sent,
     records whose last write failed, open conflicts, connected CRMs."""
     return await service.external_status(session, principal)
+
+
+@router.get("/external/sync/activity")
+async def external_sync_activity(
+    session: DbSession, principal: IntegrationsReader, since: UTCDatetime | None = None
+) -> SyncActivity:
+    """What CRM sync runs started since `since` (default: the start of today, UTC) did:
+    leads imported and updated by pulls, records created, updated and failed, runs, their
+    mean duration and the share that completed (seed 003's "today's activity")."""
+    now = utcnow()
+    if since is not None and since > now:
+        raise ValidationFailed(
+            "since must be a past moment.", details={"field": "since", "now": now.isoformat()}
+        )
+    start = since or now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return await service.activity(session, principal, since=start)

@@ -76,3 +76,23 @@ class ExternalSyncStatus(BaseModel):
     sync_errors: int = Field(description="Members and leads whose last write failed.")
     open_conflicts: int
     connected_crms: list[str]
+
+
+class SyncActivity(BaseModel):
+    """What CRM sync runs did since a moment (seed 003's "today's activity")."""
+
+    since: datetime
+    runs: int = Field(description="Runs started since then, dry runs left out.")
+    completed_runs: int
+    failed_runs: int
+    leads_imported: int = Field(description="Leads created here by pulls from the CRMs.")
+    leads_updated: int = Field(description="Leads updated here by pulls from the CRMs.")
+    records_created: int = Field(description="Records created on either side, by any run.")
+    records_updated: int
+    records_failed: int = Field(description="Records a run could not write (sync errors).")
+    average_run_seconds: float | None = Field(
+        description="Mean time from start to finish of the finished runs; null without any."
+    )
+    success_rate: float | None = Field(
+        description="Percent of finished runs that completed; null without any."
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -19,7 +20,13 @@ from memberhub.crm.models import (
     SyncRun,
     SyncRunRecord,
 )
-from memberhub.crm.schemas import ConflictOut, ExternalSyncStatus, SyncRunOut, SyncRunRecordOut
+from memberhub.crm.schemas import (
+    ConflictOut,
+    ExternalSyncStatus,
+    SyncActivity,
+    SyncRunOut,
+    SyncRunRecordOut,
+)
 from memberhub.crm.values import load_values, scope_ids
 from memberhub.integrations.models import Integration
 from memberhub.integrations.service import get_integration
@@ -257,11 +264,16 @@ async def resolve_conflict(
     return conflict, integration
 
 
-async def external_status(session: AsyncSession, principal: Principal) -> ExternalSyncStatus:
+async def _connected_crms(session: AsyncSession, principal: Principal) -> list[Integration]:
+    """The principal's enabled integrations that sync with a CRM."""
     query = select(Integration).where(Integration.enabled.is_(True)).order_by(Integration.id)
     if principal.visible_organisation_ids is not None:
         query = query.where(Integration.organisation_id.in_(principal.visible_organisation_ids))
-    crms = [i for i in await session.scalars(query) if sync.crm_of(i) is not None]
+    return [i for i in await session.scalars(query) if sync.crm_of(i) is not None]
+
+
+async def external_status(session: AsyncSession, principal: Principal) -> ExternalSyncStatus:
+    crms = await _connected_crms(session, principal)
     ids = [i.id for i in crms]
     last_sync = await session.scalar(
         select(func.max(SyncRun.finished_at)).where(
@@ -291,4 +303,57 @@ async def external_status(session: AsyncSession, principal: Principal) -> Extern
         sync_errors=errors or 0,
         open_conflicts=conflicts or 0,
         connected_crms=sorted({i.provider for i in crms}),
+    )
+
+
+async def activity(session: AsyncSession, principal: Principal, *, since: datetime) -> SyncActivity:
+    """What the principal's connected CRMs' runs started at or after `since` did (dry runs
+    left out: they change nothing). Counts come from the runs' per-record outcomes."""
+    ids = [i.id for i in await _connected_crms(session, principal)]
+    runs_since = (
+        SyncRun.integration_id.in_(ids),
+        SyncRun.dry_run.is_(False),
+        SyncRun.started_at >= since,
+    )
+    run_rows = (
+        await session.execute(
+            select(SyncRun.status, SyncRun.started_at, SyncRun.finished_at).where(*runs_since)
+        )
+    ).all()
+    finished = [
+        (status, started, ended)
+        for status, started, ended in run_rows
+        if started is not None and ended is not None
+    ]
+    completed = sum(1 for status, _, _ in finished if status == RunStatus.COMPLETED)
+    outcome_rows = await session.execute(
+        select(SyncRun.mode, SyncRunRecord.entity_type, SyncRunRecord.outcome, func.count())
+        .join(SyncRun, SyncRun.id == SyncRunRecord.run_id)
+        .where(*runs_since)
+        .group_by(SyncRun.mode, SyncRunRecord.entity_type, SyncRunRecord.outcome)
+    )
+    outcomes: dict[tuple[str, str | None, str], int] = {
+        (row[0], row[1], row[2]): row[3] for row in outcome_rows
+    }
+
+    def count(outcome: str, *, mode: str | None = None, entity: str | None = None) -> int:
+        return sum(
+            n
+            for (m, e, o), n in outcomes.items()
+            if o == outcome and (mode is None or m == mode) and (entity is None or e == entity)
+        )
+
+    seconds = [(ended - started).total_seconds() for _, started, ended in finished]
+    return SyncActivity(
+        since=since,
+        runs=len(run_rows),
+        completed_runs=completed,
+        failed_runs=sum(1 for row in run_rows if row[0] == RunStatus.FAILED),
+        leads_imported=count("created", mode="pull", entity="leads"),
+        leads_updated=count("updated", mode="pull", entity="leads"),
+        records_created=count("created"),
+        records_updated=count("updated"),
+        records_failed=count("failed"),
+        average_run_seconds=round(sum(seconds) / len(seconds), 3) if seconds else None,
+        success_rate=round(100.0 * completed / len(finished), 2) if finished else None,
     )

@@ -151,6 +151,10 @@ class HealthOut(BaseModel):
     open_incident: IncidentOut | None
     incidents: int = Field(description="Incidents opened in the last 30 days.")
     mean_time_to_recovery_seconds: float | None
+    uptime_percent: float | None = Field(
+        description="Percent of the last 30 days (or of the integration's life, if shorter) "
+        "without an open incident."
+    )
     breaker_state: str | None = Field(
         description="This API process's circuit breaker for the integration, if it made calls."
     )

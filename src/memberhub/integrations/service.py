@@ -477,6 +477,17 @@ async def health(
             .order_by(IntegrationIncident.id)
         )
     )
+    # Uptime counts every incident that overlapped the 30 days (or the integration's life,
+    # if shorter), also one opened before them.
+    uptime_from = max(now - INCIDENT_WINDOW, integration.created_at)
+    overlapping = await session.execute(
+        select(IntegrationIncident.opened_at, IntegrationIncident.closed_at).where(
+            IntegrationIncident.integration_id == integration.id,
+            IntegrationIncident.opened_at < now,
+            IntegrationIncident.closed_at.is_(None) | (IntegrationIncident.closed_at > uptime_from),
+        )
+    )
+    uptime = uptime_percent([(row[0], row[1]) for row in overlapping], start=uptime_from, end=now)
     closed = [i for i in incidents if i.closed_at is not None]
     open_incident = next((i for i in incidents if i.closed_at is None), None)
     mttr = (
@@ -515,11 +526,30 @@ async def health(
         else None,
         incidents=len(incidents),
         mean_time_to_recovery_seconds=round(mttr, 3) if mttr is not None else None,
+        uptime_percent=uptime,
         breaker_state=breaker,
         inbound_pending=counts.get((integration.id, InboundStatus.PENDING), 0),
         inbound_failed=counts.get((integration.id, InboundStatus.FAILED), 0),
         healthy=_healthy(integration, success_rate),
     )
+
+
+def uptime_percent(
+    incidents: Sequence[tuple[datetime, datetime | None]], *, start: datetime, end: datetime
+) -> float | None:
+    """The share of [start, end] outside every incident (open ones last until `end`), in
+    percent to 3 decimals; None for an empty span. Overlapping incidents count once."""
+    span = (end - start).total_seconds()
+    if span <= 0:
+        return None
+    down = 0.0
+    reached = start
+    for opened, closed in sorted((max(o, start), min(c or end, end)) for o, c in incidents):
+        if closed <= reached:
+            continue
+        down += (closed - max(opened, reached)).total_seconds()
+        reached = closed
+    return round(100.0 * (1 - down / span), 3)
 
 
 def _healthy(integration: Integration, success_rate: float | None) -> bool:
