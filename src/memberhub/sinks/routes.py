@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, status
 
 from memberhub.auth.dependencies import IntegrationsReader, IntegrationsWriter
+from memberhub.events.sequencer import catch_up
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.routes import OutboundRoute
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
@@ -123,4 +124,6 @@ async def dry_run(
     to send (or those of `since` to `until`), up to `limit`. Nothing is sent or written;
     `validate_requests` asks GA4's validation endpoint about each request."""
     hub: IntegrationHub = request.app.state.integrations
+    # What has committed is numbered before reading what the sink has still to send.
+    await catch_up(request.app.state.db, session)
     return await service.dry_run(session, hub, principal, sink_id, payload)

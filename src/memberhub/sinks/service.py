@@ -18,6 +18,7 @@ from memberhub.audit.service import record_write
 from memberhub.auth.principal import Principal
 from memberhub.events.catalog import CATALOG
 from memberhub.events.models import Event
+from memberhub.events.sequencer import sequence_pending
 from memberhub.integrations.gateway import CircuitOpen, GatewayError
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.models import Integration
@@ -150,6 +151,8 @@ async def create_sink(session: AsyncSession, principal: Principal, payload: Sink
     integration = await _integration(session, principal, payload.integration_id)
     _check_mapping(integration, payload.mapping)
     now = utcnow()
+    # Events committed before now are numbered first, so "from now on" means what it says.
+    await sequence_pending(session)
     latest = await latest_position(session)
     sink = EventSink(
         public_id=new_public_id("snk"),
