@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.events.models import Event
 from memberhub.integrations.providers.base import AnalyticsSink, SinkEvent
-from memberhub.members.consent import current_consent, has_consent
+from memberhub.members.consent import PURPOSES, consent_column
 from memberhub.members.models import Member
 from memberhub.points.models import PointAccount
 from memberhub.webhooks.signing import TypeMatcher
@@ -109,16 +109,6 @@ def properties_of(data: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def traits_of(member: Member, account: PointAccount | None) -> dict[str, Any]:
-    since = member.member_since or member.created_at
-    return {
-        "tier": member.tier,
-        "status": member.status,
-        "points_balance": account.current if account is not None else 0,
-        "member_since": since.date().isoformat() if since is not None else None,
-    }
-
-
 @dataclass(frozen=True)
 class SinkSettings:
     purpose: str
@@ -161,11 +151,10 @@ async def build_window(
             continue
         if not matcher(event.type) or event.public_id in already_sent:
             continue
-        found = members.get(member_id)
-        if found is None or not has_consent(found[0], settings.purpose):
+        member = members.get(member_id)
+        if member is None or member.deleted or not member.consent.get(settings.purpose):
             window.skipped += 1
             continue
-        member, account = found
         identify = event.type in TRAIT_EVENTS and member_id not in identified
         if identify:
             identified.add(member_id)
@@ -181,8 +170,8 @@ async def build_window(
                 member_id=member_id,
                 occurred_at=event.occurred_at,
                 properties=properties_of(event.data),
-                traits=traits_of(member, account),
-                consent=current_consent(member),
+                traits=member.traits,
+                consent=member.consent,
                 client_id=client_id,
                 identify=identify,
             )
@@ -190,17 +179,53 @@ async def build_window(
     return window
 
 
-async def _members(
-    session: AsyncSession, public_ids: set[str]
-) -> dict[str, tuple[Member, PointAccount | None]]:
+@dataclass(frozen=True)
+class MemberView:
+    """What a sink reads of a member: consent, traits and the analytics client ids."""
+
+    deleted: bool
+    consent: dict[str, bool]
+    traits: dict[str, Any]
+    external_ids: Mapping[str, Any]
+
+
+_CONSENT_COLUMNS = [consent_column(purpose) for purpose in PURPOSES]
+
+
+async def _members(session: AsyncSession, public_ids: set[str]) -> dict[str, MemberView]:
+    """The members, read as plain columns in one query (no ORM objects: a window reads
+    up to a thousand)."""
     if not public_ids:
         return {}
     rows = await session.execute(
-        select(Member, PointAccount)
+        select(
+            Member.public_id,
+            Member.deleted_at,
+            Member.tier,
+            Member.status,
+            Member.member_since,
+            Member.created_at,
+            Member.external_ids,
+            PointAccount.current,
+            *_CONSENT_COLUMNS,
+        )
         .outerjoin(PointAccount, PointAccount.member_id == Member.id)
         .where(Member.public_id.in_(public_ids))
     )
-    found: dict[str, tuple[Member, PointAccount | None]] = {}
-    for member, account in rows:
-        found[member.public_id] = (member, account)
+    found: dict[str, MemberView] = {}
+    for row in rows:
+        since = row.member_since or row.created_at
+        found[row.public_id] = MemberView(
+            deleted=row.deleted_at is not None,
+            consent={
+                purpose: bool(value) for purpose, value in zip(PURPOSES, row[8:], strict=True)
+            },
+            traits={
+                "tier": row.tier,
+                "status": row.status,
+                "points_balance": row.current if row.current is not None else 0,
+                "member_since": since.date().isoformat() if since is not None else None,
+            },
+            external_ids=row.external_ids or {},
+        )
     return found

@@ -55,8 +55,8 @@ from memberhub.sinks.models import EventSink, EventSinkDelivery, SinkDeliverySta
 
 log = structlog.get_logger("memberhub.sinks")
 
-EVENTS_PER_WINDOW = 1000
-WINDOWS_PER_PASS = 20
+EVENTS_PER_WINDOW = 5000
+WINDOWS_PER_PASS = 10
 LEASE = timedelta(minutes=5)
 BACKOFF_BASE_SECONDS = 5.0
 MAX_BACKOFF_SECONDS = 300.0

@@ -423,6 +423,8 @@ class SinkRequest:
     events: tuple[SinkEvent, ...]
     body: Mapping[str, Any]
     path: str
+    # The body already encoded, when planning it measured the encoding anyway.
+    content: bytes | None = None
 
 
 class SinkRefused(Exception):

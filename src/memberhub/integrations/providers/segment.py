@@ -95,8 +95,8 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _size(value: Any) -> int:
-    return len(json.dumps(value, separators=(",", ":"), default=str).encode())
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), default=str).encode()
 
 
 class Segment(Provider):
@@ -180,27 +180,33 @@ class Segment(Provider):
     ) -> tuple[list[SinkRequest], list[tuple[SinkEvent, str]]]:
         requests: list[SinkRequest] = []
         refused: list[tuple[SinkEvent, str]] = []
-        batch: list[dict[str, Any]] = []
+        # Each call is encoded once: to measure it, and as part of the body sent.
+        calls: list[dict[str, Any]] = []
+        encoded: list[bytes] = []
         in_batch: list[SinkEvent] = []
         size = _ENVELOPE_BYTES
 
         def close() -> None:
-            nonlocal batch, in_batch, size
-            if batch:
-                body = {"batch": batch, "sentAt": _iso(datetime.now(UTC))}
-                requests.append(SinkRequest(tuple(in_batch), body, BATCH_PATH))
-            batch, in_batch, size = [], [], _ENVELOPE_BYTES
+            nonlocal calls, encoded, in_batch, size
+            if calls:
+                sent_at = _iso(datetime.now(UTC))
+                body = {"batch": calls, "sentAt": sent_at}
+                content = b'{"batch":[' + b",".join(encoded) + b'],"sentAt":"'
+                content += sent_at.encode() + b'"}'
+                requests.append(SinkRequest(tuple(in_batch), body, BATCH_PATH, content))
+            calls, encoded, in_batch, size = [], [], [], _ENVELOPE_BYTES
 
         for event in events:
-            calls = self.calls(event)
-            sizes = [_size(call) for call in calls]
-            if max(sizes) > MAX_CALL_BYTES:
+            event_calls = self.calls(event)
+            event_encoded = [_encode(call) for call in event_calls]
+            if max(len(item) for item in event_encoded) > MAX_CALL_BYTES:
                 refused.append((event, f"larger than Segment's {MAX_CALL_BYTES:,} bytes a call"))
                 continue
-            needed = sum(sizes) + len(sizes)
+            needed = sum(len(item) + 1 for item in event_encoded)
             if size + needed > MAX_BATCH_BYTES:
                 close()
-            batch.extend(calls)
+            calls.extend(event_calls)
+            encoded.extend(event_encoded)
             in_batch.append(event)
             size += needed
         close()
@@ -208,9 +214,18 @@ class Segment(Provider):
 
     async def send(self, connection: Connection, request: SinkRequest) -> None:
         # Safe to resend: Segment deduplicates on messageId.
-        response = await connection.gateway.request(
-            "POST", request.path, json=request.body, retry_safe=True
-        )
+        if request.content is not None:
+            response = await connection.gateway.request(
+                "POST",
+                request.path,
+                content=request.content,
+                headers={"Content-Type": "application/json"},
+                retry_safe=True,
+            )
+        else:
+            response = await connection.gateway.request(
+                "POST", request.path, json=request.body, retry_safe=True
+            )
         if response.status_code == 400:
             raise SinkRefused(f"Segment refused the batch: {_error(response)}")
         if response.status_code >= 300:
