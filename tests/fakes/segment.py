@@ -77,7 +77,7 @@ class _State:
     regulations: list[dict[str, Any]] = field(default_factory=list)
     requests: int = 0
     refused: int = 0
-    failures: deque[int] = field(default_factory=deque)
+    failures: deque[int | None] = field(default_factory=deque)
     down_status: int | None = None
     delay: float = 0.0
 
@@ -111,6 +111,11 @@ class FakeSegment:
     def fail_next(self, n: int, status: int = 500) -> None:
         with self._lock:
             self._state.failures.extend(status for _ in range(n))
+
+    def answer_next(self, *statuses: int | None) -> None:
+        """The next requests' answers in turn: a status, or None to serve it as usual."""
+        with self._lock:
+            self._state.failures.extend(statuses)
 
     # ------------------------------------------------------------ what it saw
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from memberhub.events.catalog import PointsEarned
+from memberhub.events.service import emit_many
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
@@ -145,3 +147,47 @@ async def test_the_worker_pass_forwards_every_enabled_sink_and_skips_disabled_on
     enabled = await api.patch(f"/api/v1/event-sinks/{sink['id']}", {"enabled": True})
     assert enabled.status_code == 200, enabled.text
     assert await forward(db, hub) == 1
+
+
+async def test_a_window_that_fails_part_way_resends_only_what_the_vendor_did_not_take(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment, clock: Clock
+) -> None:
+    integration = await segment_integration(api, segment)
+    sink = await create_sink(api, integration["id"], ["points.earned"])
+    member = await api.create_member(consent=ANALYTICS)
+    # Calls of about 2 KB: 400 of them need two batches.
+    async with db.transaction() as session:
+        await emit_many(
+            session,
+            [
+                (
+                    PointsEarned(
+                        member_id=member["id"],
+                        transaction_id=f"txn_{i}",
+                        transaction_type="award",
+                        points=1,
+                        pending_points=0,
+                        balance_after=i,
+                        pending_after=0,
+                        reason="r" * 2000,
+                        reference_id=None,
+                        occurred_at=clock.now,
+                    ),
+                    None,
+                    member["id"],
+                )
+                for i in range(400)
+            ],
+            occurred_at=clock.now,
+        )
+    segment.answer_next(None, 503, 503)
+    await forward(db, hub, clock.now)
+    taken = len(segment.tracks())
+    assert 0 < taken < 400
+    log = (await api.get(f"/api/v1/event-sinks/{sink['id']}/deliveries")).json()["data"]
+    assert log[0]["status"] == "partial"
+
+    clock.advance(MAX_BACKOFF_SECONDS + 1)
+    assert await forward(db, hub, clock.now) == 400 - taken
+    assert [c["properties"]["balance_after"] for c in segment.tracks()] == list(range(400))
+    assert segment.duplicates == 0
