@@ -342,6 +342,8 @@ class CRM(Protocol):
 
     batch_size: int
     concurrency: int
+    # The consent purpose a member must have agreed to for a push (`members/consent.py`).
+    consent_purpose: str
 
     async def upsert_contacts(
         self, connection: Connection, object_name: str, records: Sequence[ContactRecord]
