@@ -87,6 +87,11 @@ CRM_LINES = {
         ("custom_crm", r"1\.00"),
     )
 }
+SINK_LINE = re.compile(
+    r"^sqlite\s+\d+ events\s+sink\s+[\d.]+ events/s \(\d+ requests\)\s+raw\s+[\d.]+ events/s"
+    r" \(\d+ requests\)\s+ratio [\d.]+\s+load [\d.]+$",
+    re.MULTILINE,
+)
 EXPORT_LINE = re.compile(
     r"^sqlite\s+parquet\s+memberhub\s+[\d,]+ rows/s\s+raw\s+[\d,]+ rows/s\s+ratio [\d.]+"
     r"\s+rows 5000\s+peak rss \d+ MB\s+load [\d.]+$",
@@ -156,3 +161,8 @@ def test_export_acceptance_runs_small_and_its_checks_pass() -> None:
     output = run_bench("bench.export_acceptance", "--rows", "3000", "--backend", "sqlite")
     assert "equal to the database row for row" in output, output
     assert "second run: 0 rows, manifest rows 0, files []" in output, output
+
+
+def test_sinks_bench_runs_in_quick_mode_and_segment_holds_every_call_once() -> None:
+    output = run_bench("bench.sinks", "--quick")
+    assert SINK_LINE.search(output), output

@@ -60,6 +60,8 @@ from memberhub.program.routes import router as program_router
 from memberhub.rewards.routes import router as rewards_router
 from memberhub.search.routes import router as search_router
 from memberhub.settings import Settings
+from memberhub.sinks.routes import outbound as sinks_outbound_router
+from memberhub.sinks.routes import router as sinks_router
 from memberhub.staff.routes import router as staff_router
 from memberhub.tiers.routes import router as tiers_router
 from memberhub.webhooks.routes import router as webhooks_router
@@ -212,6 +214,8 @@ def create_app(
         crm_router,
         search_router,
         marketing_router,
+        sinks_router,
+        sinks_outbound_router,
         finance_router,
         finance_outbound_router,
         leads_external_router,

@@ -45,6 +45,7 @@ from memberhub.points.models import PointAccount, PointAllocation, PointBatch, P
 from memberhub.program.models import LoyaltyProgram
 from memberhub.rewards.models import Reward, RewardClaim
 from memberhub.search.models import SearchSyncState
+from memberhub.sinks.models import EventSink, EventSinkDelivery
 from memberhub.staff.models import StaffUser
 from memberhub.tiers.models import Tier
 from memberhub.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -69,6 +70,8 @@ __all__ = [
     "EarningRule",
     "EarningRuleVersion",
     "Event",
+    "EventSink",
+    "EventSinkDelivery",
     "Export",
     "ExportPart",
     "ExportRun",

@@ -19,6 +19,7 @@ from memberhub.members.consent import (
 )
 from memberhub.members.models import ConsentChange, Member
 from memberhub.members.repository import MemberRepository
+from tests.bulk.test_member_import import finished, post_import
 from tests.support import ApiClient
 
 MEMBERS = "/api/v1/members"
@@ -200,3 +201,20 @@ async def test_the_data_export_holds_the_consent_history(api: ApiClient) -> None
     assert document["consent"]["crm"] is False
     rows = document["records"]["consent_changes"]
     assert [(row["purpose"], row["granted"]) for row in rows] == [("crm", True), ("crm", False)]
+
+
+async def test_an_import_records_its_consent_changes_as_from_the_import(
+    api: ApiClient, db: Database
+) -> None:
+    body = "email,consent_crm,consent_marketing_email\nkim@example.org,true,false\n"
+    job = await post_import(api, body)
+    await finished(api, db, job["id"])
+    [member] = (await api.get(MEMBERS, params={"email": "kim@example.org"})).json()["data"]
+    assert member["consent"]["crm"] is True
+    assert granted(await history(api, member["id"])) == [("crm", True, "import")]
+
+    again = await post_import(api, "email,consent_crm\nkim@example.org,false\n")
+    await finished(api, db, again["id"])
+    assert granted(await history(api, member["id"]))[-1] == ("crm", False, "import")
+    [event] = await consent_events(api, member["id"])
+    assert (event["purpose"], event["granted"], event["source"]) == ("crm", False, "import")

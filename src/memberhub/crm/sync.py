@@ -81,8 +81,6 @@ WRITTEN_KEPT_PER_FIELD = 8
 ERROR_CHARS = 1000
 # Rows per multi-row insert: well under SQLite's limit of bound parameters.
 LINK_INSERT_CHUNK = 1000
-# The consent purpose every CRM push serves (`members/consent.py`).
-CRM_PURPOSE = "crm"
 
 
 class NotACrm(MemberhubError):
@@ -276,7 +274,9 @@ async def _plan_page(
     async with db.transaction(read_only=True) as session:
         # Members without crm consent are left out: nothing about them is sent, and a
         # pending change of theirs settles as nothing to send.
-        found = await load_values(session, entity, entity_ids, ctx.scope, purpose=CRM_PURPOSE)
+        found = await load_values(
+            session, entity, entity_ids, ctx.scope, purpose=ctx.crm.consent_purpose
+        )
         links = {
             link.entity_id: link
             for link in await session.scalars(
@@ -555,7 +555,7 @@ async def push(db: Database, ctx: Context, run: SyncRun, counts: Counts, *, full
                                 ctx.scope,
                                 after_id=after,
                                 limit=PAGE,
-                                purpose=CRM_PURPOSE,
+                                purpose=ctx.crm.consent_purpose,
                             )
                         )
                     )

@@ -27,7 +27,7 @@ from memberhub.alerts.service import raise_alert
 from memberhub.events.catalog import IntegrationIncidentClosed, IntegrationIncidentOpened
 from memberhub.events.service import emit
 from memberhub.integrations import vault
-from memberhub.integrations.gateway import CallRecord, Gateway, GatewayPolicy, Sleep
+from memberhub.integrations.gateway import CallRecord, Clock, Gateway, GatewayPolicy, Sleep
 from memberhub.integrations.models import Integration, IntegrationCall, IntegrationIncident
 from memberhub.integrations.providers import get_provider
 from memberhub.integrations.providers.base import BaseConfig, Connection, Provider
@@ -89,9 +89,11 @@ class IntegrationHub:
         transport: httpx.AsyncBaseTransport | None = None,
         retry_sleep: Sleep = asyncio.sleep,
         tracing: Tracing | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         """`retry_sleep` waits out the gateways' retry backoffs and Retry-After answers
-        (tests shorten it; rate limits keep real time). `tracing`: a span for each call."""
+        (tests shorten it; rate limits keep real time). `tracing`: a span for each call.
+        `clock` times the gateways' circuit breakers (tests advance it instead of waiting)."""
         self.db = db
         self.box = box
         self.url_policy = url_policy
@@ -99,6 +101,7 @@ class IntegrationHub:
         self._transport = transport
         self._retry_sleep = retry_sleep
         self._tracing = tracing
+        self._clock = clock
         self._entries: dict[int, _Entry] = {}
         self._calls: deque[tuple[int, CallRecord]] = deque(maxlen=MAX_PENDING_CALLS)
         self._drain_lock = asyncio.Lock()
@@ -147,6 +150,7 @@ class IntegrationHub:
             transport=self._new_transport(),
             registry=self.registry,
             sleep=self._retry_sleep,
+            clock=self._clock,
         )
         token_gateway = None
         oauth = provider.oauth_settings(config)
@@ -207,7 +211,7 @@ class IntegrationHub:
         ):
             await self.refresh(integration_id)
         credentials = auth_credentials(entry.config, entry.credentials)
-        request.headers.update(entry.provider.auth_headers(credentials))
+        request.headers.update(entry.provider.request_auth_headers(credentials, request))
 
     async def refresh(self, integration_id: int) -> bool:
         """Renew the OAuth access token; True when the call may be sent again.

@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from memberhub.kit.types import Input, Name, PatchInput
 from memberhub.members.schemas import OrganisationRef
+from memberhub.sinks.schemas import SinkStatus
 
 ProviderName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,50}$")]
 Reason = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00]*$")]
@@ -202,6 +203,10 @@ class SyncStatusOut(BaseModel):
     )
     connected: list[str] = Field(description="Providers with an enabled integration.")
     integrations: list[IntegrationStatus]
+    event_sinks: list[SinkStatus] = Field(
+        default_factory=list,
+        description="Each event sink: its lag behind the feed, health and events sent.",
+    )
 
 
 class AuthorizeOut(BaseModel):

@@ -607,6 +607,11 @@ async def sync_status(session: AsyncSession, principal: Principal) -> SyncStatus
         )
         for i in integrations
     ]
+    # Imported here: event sinks sit above integrations.
+    from memberhub.sinks.service import sink_statuses
+
+    sinks = await sink_statuses(session, principal)
+    moments += [s.last_success_at for s in sinks if s.last_success_at]
     return SyncStatusOut(
         last_sync=max(moments) if moments else None,
         pending_updates=sum(s.inbound_pending for s in statuses),
@@ -615,6 +620,7 @@ async def sync_status(session: AsyncSession, principal: Principal) -> SyncStatus
         + sum(1 for s in statuses if s.marketing is not None and s.marketing.failures > 0),
         connected=sorted({i.provider for i in integrations if i.enabled}),
         integrations=statuses,
+        event_sinks=sinks,
     )
 
 

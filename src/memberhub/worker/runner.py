@@ -38,6 +38,7 @@ from memberhub.ops.tracing import Tracing, work_span
 from memberhub.points.jobs import activate_pending_points, expire_points, notify_expiring_points
 from memberhub.search.sync import run_search_sync
 from memberhub.settings import Settings
+from memberhub.sinks.forwarding import run_event_sinks
 from memberhub.tiers.jobs import run_review as review_tiers
 from memberhub.webhooks.delivery import DeliveryConfig, DeliveryLoop
 from memberhub.webhooks.ssrf import UrlPolicy
@@ -180,6 +181,16 @@ class Worker:
 
             # Every tick: a change is searchable one worker interval after its commit.
             jobs.insert(2, Job("search.sync", 0.0, chunked=sync_search_indices))
+
+            async def forward_to_sinks(db: Database, now: datetime) -> int:
+                try:
+                    return await run_event_sinks(db, hub, now)
+                finally:
+                    if self._own_hub:
+                        await hub.drain()
+
+            # Every tick: an event reaches analytics one worker interval after its commit.
+            jobs.insert(3, Job("sinks.forward", 0.0, chunked=forward_to_sinks))
 
             async def book_finance(db: Database, now: datetime) -> int:
                 try:

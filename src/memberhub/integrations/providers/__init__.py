@@ -10,6 +10,7 @@ from __future__ import annotations
 from memberhub.integrations.providers.base import (
     CAPABILITY_INTERFACES,
     Accounting,
+    AnalyticsSink,
     Capability,
     EventsSource,
     MarketingList,
@@ -93,6 +94,13 @@ def as_marketing_list(provider: Provider) -> MarketingList | None:
     return None
 
 
+def as_analytics_sink(provider: Provider) -> AnalyticsSink | None:
+    """The provider as an analytics sink of our events, if it declares it is one."""
+    if Capability.ANALYTICS_SINK in provider.capabilities and isinstance(provider, AnalyticsSink):
+        return provider
+    return None
+
+
 def as_search_index(provider: Provider) -> SearchIndex | None:
     """The provider as a hosted search index, if it declares it is one."""
     if Capability.SEARCH_INDEX in provider.capabilities and isinstance(provider, SearchIndex):
@@ -105,6 +113,7 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.custom_crm import CustomCrm
     from memberhub.integrations.providers.eventbrite import Eventbrite
     from memberhub.integrations.providers.fcm import Fcm
+    from memberhub.integrations.providers.ga4 import Ga4
     from memberhub.integrations.providers.generic import GenericHttp, GenericWebhook
     from memberhub.integrations.providers.hubspot import HubSpot
     from memberhub.integrations.providers.local_storage import LocalStorage
@@ -113,6 +122,7 @@ def _register_builtin() -> None:
     from memberhub.integrations.providers.pipedrive import Pipedrive
     from memberhub.integrations.providers.s3 import S3
     from memberhub.integrations.providers.salesforce import Salesforce
+    from memberhub.integrations.providers.segment import Segment
     from memberhub.integrations.providers.sendgrid import SendGrid
     from memberhub.integrations.providers.shopify import Shopify
     from memberhub.integrations.providers.smtp import Smtp
@@ -140,6 +150,8 @@ def _register_builtin() -> None:
         Smtp(),
         S3(),
         LocalStorage(),
+        Segment(),
+        Ga4(),
     ):
         register(provider)
 

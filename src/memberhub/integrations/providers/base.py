@@ -15,6 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
+import httpx
 import limits
 from pydantic import Field, field_validator
 
@@ -172,6 +173,13 @@ class Provider:
         """Headers that authenticate a call; an OAuth access token when there is one."""
         token = credentials.get("access_token") or credentials.get("api_key")
         return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def request_auth_headers(
+        self, credentials: Mapping[str, Any], request: httpx.Request
+    ) -> dict[str, str]:
+        """The headers that authenticate this request: `auth_headers`, unless a provider
+        whose APIs take different credentials looks at where the request goes."""
+        return self.auth_headers(credentials)
 
     async def check_connection(self, connection: Connection) -> str:
         """Make one cheap authenticated call; return what it showed, raise ConnectionFailed."""
@@ -339,6 +347,8 @@ class CRM(Protocol):
 
     batch_size: int
     concurrency: int
+    # The consent purpose a member must have agreed to for a push (`members/consent.py`).
+    consent_purpose: str
 
     async def upsert_contacts(
         self, connection: Connection, object_name: str, records: Sequence[ContactRecord]
@@ -456,13 +466,72 @@ class MarketingList(Protocol):
         """The changes an inbound webhook of the list reports; [] for other events."""
 
 
+@dataclass(frozen=True)
+class SinkEvent:
+    """One of our events as an analytics sink receives it, about one member who consents
+    to the sink's purpose."""
+
+    id: str  # our event id (evt_…): the vendor's deduplication key where it has one
+    type: str  # our event type
+    name: str  # the vendor's event name, from the sink's mapping
+    member_id: str
+    occurred_at: datetime
+    properties: Mapping[str, Any]  # what the event says: points, tier, status, …
+    traits: Mapping[str, Any]  # the member as now: tier, status, points balance
+    consent: Mapping[str, bool]  # the member's consent by purpose
+    client_id: str | None = None  # the member's analytics client id, when we know it
+    identify: bool = False  # the member's traits changed: send them along
+
+
+@dataclass(frozen=True)
+class SinkRequest:
+    """One request a sink would send: its events and the exact JSON body."""
+
+    events: tuple[SinkEvent, ...]
+    body: Mapping[str, Any]
+    path: str
+    # The body already encoded, when planning it measured the encoding anyway.
+    content: bytes | None = None
+
+
+class SinkRefused(Exception):
+    """The vendor refused a request for a reason sending it again cannot change (a 400):
+    the message is the vendor's own words."""
+
+
+class SinkUnavailable(Exception):
+    """The vendor did not take a request for a reason that may pass (credentials refused,
+    an unexpected answer): nothing is dropped, the request is tried again later."""
+
+
 @runtime_checkable
 class AnalyticsSink(Protocol):
-    """Receives memberhub's events for reporting."""
+    """Receives memberhub's events, batched in the vendor's own requests.
 
-    async def send_events(
-        self, connection: Connection, events: Sequence[Mapping[str, Any]]
-    ) -> None: ...
+    `consent_purpose` is what a member must have agreed to (`members/consent.py`) for
+    anything about them to be sent. `plan_requests` packs events into requests within the
+    vendor's limits, in their order (events it can never send come back with a reason);
+    `send` sends one request and raises `SinkRefused` (resending cannot help: its events
+    are dropped and logged), `SinkUnavailable`, `GatewayError` or `CircuitOpen` (it may,
+    later). `request_deletion` asks the vendor to
+    delete what it holds about a member: False when the vendor has no API for it (or it is
+    not configured).
+    """
+
+    consent_purpose: str
+
+    def default_mapping(self) -> Mapping[str, str]: ...
+
+    def mapping_errors(self, mapping: Mapping[str, str]) -> list[str]:
+        """Why the vendor would not take these event names; empty when it would."""
+
+    def plan_requests(
+        self, config: BaseConfig, events: Sequence[SinkEvent]
+    ) -> tuple[list[SinkRequest], list[tuple[SinkEvent, str]]]: ...
+
+    async def send(self, connection: Connection, request: SinkRequest) -> None: ...
+
+    async def request_deletion(self, connection: Connection, member_id: str) -> bool: ...
 
 
 class AccountingRejected(Exception):

@@ -69,6 +69,7 @@ class CustomCrm(GenericHttp):
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.CRM})
     config_model = CustomCrmConfig
     batch_size = 1
+    consent_purpose = "crm"
     concurrency = 4
 
     def validate(self, config: BaseConfig, credentials: BaseCredentials) -> None:

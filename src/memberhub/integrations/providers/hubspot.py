@@ -117,6 +117,7 @@ class HubSpot(Provider):
         {Capability.EVENTS_SOURCE, Capability.CRM}
     )
     batch_size = 100
+    consent_purpose = "crm"
     concurrency = 4
     config_model = HubSpotConfig
     credentials_model = HubSpotCredentials

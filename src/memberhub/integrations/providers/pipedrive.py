@@ -94,6 +94,7 @@ class Pipedrive(Provider):
         scopes=["contacts:full"],
     )
     batch_size = 1
+    consent_purpose = "crm"
     concurrency = 8
 
     def validate(self, config: BaseConfig, credentials: BaseCredentials) -> None:

@@ -123,6 +123,7 @@ class Salesforce(Provider):
         scopes=["api", "refresh_token"],
     )
     batch_size = 200
+    consent_purpose = "crm"
     concurrency = 4
 
     def validate(self, config: BaseConfig, credentials: BaseCredentials) -> None:

@@ -1,0 +1,193 @@
+"""A sink whose vendor is down loses nothing and catches up in order; one failing sink
+holds up neither another sink nor webhook endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from memberhub.events.catalog import PointsEarned
+from memberhub.events.service import emit_many
+from memberhub.integrations.hub import IntegrationHub
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Database
+from memberhub.settings import Settings
+from memberhub.sinks.forwarding import MAX_BACKOFF_SECONDS, run_event_sinks
+from tests.fakes.segment import FakeSegment, running_fake_segment
+from tests.fakes.webhook_receiver import running_receiver
+from tests.sinks.conftest import (
+    ANALYTICS,
+    PUBLIC_API_TOKEN,
+    WRITE_KEY,
+    Clock,
+    award,
+    create_sink,
+    forward,
+    segment_integration,
+)
+from tests.support import ApiClient
+from tests.webhooks.conftest import create_endpoint, running_loop
+
+
+def balances(fake: FakeSegment, member_id: str) -> list[int]:
+    return [
+        call["properties"]["balance_after"]
+        for call in fake.calls_for(member_id)
+        if call["type"] == "track" and call["event"] == "Points Earned"
+    ]
+
+
+async def test_a_vendor_down_for_an_hour_loses_nothing_and_the_sink_catches_up_in_order(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment, clock: Clock
+) -> None:
+    integration = await segment_integration(api, segment)
+    sink = await create_sink(api, integration["id"], ["points.earned"])
+    member = await api.create_member(consent=ANALYTICS)
+    for _ in range(3):
+        await award(api, member["id"], 10)
+    await forward(db, hub, clock.now)
+    assert balances(segment, member["id"]) == [10, 20, 30]
+
+    segment.down(503)
+    attempts_before = segment.requests
+    for _ in range(12):  # an hour, five minutes at a time, a change in each
+        await award(api, member["id"], 10)
+        clock.advance(300)
+        await forward(db, hub, clock.now)
+    assert balances(segment, member["id"]) == [10, 20, 30]
+    assert segment.requests > attempts_before
+    during = (await api.get(f"/api/v1/event-sinks/{sink['id']}")).json()
+    assert during["failures"] > 0
+    assert during["failing_since"] is not None
+    assert "503" in during["last_error"]
+    assert during["lag"] >= 12
+    status = (await api.get("/api/v1/sync/status")).json()
+    [shown] = status["event_sinks"]
+    assert (shown["id"], shown["healthy"]) == (sink["id"], False)
+    log = (await api.get(f"/api/v1/event-sinks/{sink['id']}/deliveries")).json()["data"]
+    assert log[0]["status"] == "failed"
+
+    segment.up()
+    clock.advance(MAX_BACKOFF_SECONDS + 1)
+    assert await forward(db, hub, clock.now) == 12
+    assert balances(segment, member["id"]) == [10 * n for n in range(1, 16)]
+    assert segment.duplicates == 0
+    after = (await api.get(f"/api/v1/event-sinks/{sink['id']}")).json()
+    assert (after["failures"], after["failing_since"], after["lag"]) == (0, None, 0)
+    assert after["events_sent"] == 15
+    status = (await api.get("/api/v1/sync/status")).json()
+    assert status["event_sinks"][0]["healthy"] is True
+
+
+async def test_a_failing_sink_waits_out_its_backoff_before_trying_again(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment, clock: Clock
+) -> None:
+    integration = await segment_integration(api, segment)
+    await create_sink(api, integration["id"], ["points.earned"])
+    member = await api.create_member(consent=ANALYTICS)
+    await award(api, member["id"], 10)
+    segment.down(503)
+    await forward(db, hub, clock.now)
+    tried = segment.requests
+    clock.advance(1)
+    await forward(db, hub, clock.now)
+    assert segment.requests == tried  # inside the backoff: no request
+    clock.advance(10)
+    await forward(db, hub, clock.now)
+    assert segment.requests > tried
+
+
+async def test_one_failing_sink_delays_neither_another_sink_nor_webhook_endpoints(
+    api: ApiClient, db: Database, hub: IntegrationHub, settings: Settings, segment: FakeSegment
+) -> None:
+    async with (
+        running_fake_segment(WRITE_KEY, PUBLIC_API_TOKEN) as slow,
+        running_receiver() as receiver,
+    ):
+        slow.hang(4.0)
+        slow.down(503)
+        healthy_integration = await segment_integration(api, segment, name="Healthy")
+        slow_integration = await segment_integration(api, slow, name="Slow")
+        await create_sink(api, healthy_integration["id"], ["points.earned"])
+        await create_sink(api, slow_integration["id"], ["points.earned"])
+        await create_endpoint(api, receiver.url("hook"), ["points.earned"])
+        member = await api.create_member(consent=ANALYTICS)
+        for _ in range(5):
+            await award(api, member["id"], 10)
+
+        async with running_loop(db, settings):
+            started = time.monotonic()
+            forwarding = asyncio.create_task(forward(db, hub))
+            await receiver.wait_for_count("hook", 5, timeout=3.5)
+            while len(balances(segment, member["id"])) < 5:
+                assert time.monotonic() - started < 3.5, "the healthy sink waited"
+                await asyncio.sleep(0.02)
+            # Both got everything while the slow vendor still held its own sink.
+            assert not forwarding.done()
+            await forwarding
+        assert slow.tracks() == []
+        assert balances(segment, member["id"]) == [10, 20, 30, 40, 50]
+        sinks = (await api.get("/api/v1/event-sinks")).json()["data"]
+        by_integration = {s["integration_id"]: s for s in sinks}
+        assert by_integration[slow_integration["id"]]["failures"] == 1
+        assert by_integration[healthy_integration["id"]]["failures"] == 0
+        # The slow sink's position did not move: nothing of it is lost.
+        assert by_integration[slow_integration["id"]]["lag"] >= 5
+
+
+async def test_the_worker_pass_forwards_every_enabled_sink_and_skips_disabled_ones(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment
+) -> None:
+    integration = await segment_integration(api, segment)
+    sink = await create_sink(api, integration["id"], ["points.earned"], enabled=False)
+    member = await api.create_member(consent=ANALYTICS)
+    await award(api, member["id"], 10)
+    assert await run_event_sinks(db, hub, utcnow()) == 0
+    assert segment.requests == 0
+    enabled = await api.patch(f"/api/v1/event-sinks/{sink['id']}", {"enabled": True})
+    assert enabled.status_code == 200, enabled.text
+    assert await forward(db, hub) == 1
+
+
+async def test_a_window_that_fails_part_way_resends_only_what_the_vendor_did_not_take(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment, clock: Clock
+) -> None:
+    integration = await segment_integration(api, segment)
+    sink = await create_sink(api, integration["id"], ["points.earned"])
+    member = await api.create_member(consent=ANALYTICS)
+    # Calls of about 2 KB: 400 of them need two batches.
+    async with db.transaction() as session:
+        await emit_many(
+            session,
+            [
+                (
+                    PointsEarned(
+                        member_id=member["id"],
+                        transaction_id=f"txn_{i}",
+                        transaction_type="award",
+                        points=1,
+                        pending_points=0,
+                        balance_after=i,
+                        pending_after=0,
+                        reason="r" * 2000,
+                        reference_id=None,
+                        occurred_at=clock.now,
+                    ),
+                    None,
+                    member["id"],
+                )
+                for i in range(400)
+            ],
+            occurred_at=clock.now,
+        )
+    segment.answer_next(None, 503, 503)
+    await forward(db, hub, clock.now)
+    taken = len(segment.tracks())
+    assert 0 < taken < 400
+    log = (await api.get(f"/api/v1/event-sinks/{sink['id']}/deliveries")).json()["data"]
+    assert log[0]["status"] == "partial"
+
+    clock.advance(MAX_BACKOFF_SECONDS + 1)
+    assert await forward(db, hub, clock.now) == 400 - taken
+    assert [c["properties"]["balance_after"] for c in segment.tracks()] == list(range(400))
+    assert segment.duplicates == 0
