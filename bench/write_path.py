@@ -20,7 +20,10 @@ postgresql+asyncpg://postgres@127.0.0.1:5432/postgres):
 
 Each round runs every side for `--seconds`, alternating which goes first (ABAB, then BABA);
 the medians count. It prints the load average before and after, the statements each HTTP
-operation sends (counted in-process, BEGIN and COMMIT included), and ratios http / raw.
+operation sends (counted in-process, BEGIN and COMMIT included), and ratios http / raw; on
+Linux also the HTTP side's CPU per operation (server, PostgreSQL, load client) and how the
+API processes spent the time: running, runnable but waiting for a core, or sleeping (on the
+database, a lock or the client) — see `bench.cpu`.
 
     python -m bench.write_path                       # both backends
     python -m bench.write_path --quick               # a breakage check
@@ -63,6 +66,7 @@ from bench.common import (
     scratch_space,
     wait_until_ready,
 )
+from bench.cpu import CpuMeter, Usage
 from bench.loadgen import LeanPool
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
@@ -180,8 +184,9 @@ async def count_statements(url: str, key: str, seeded: Seeded) -> dict[str, int]
 
 
 @contextlib.contextmanager
-def memberhub_serve(url: str) -> Iterator[str]:
-    """`memberhub serve` (embedded worker, default settings but the database) in a child."""
+def memberhub_serve(url: str, pids: list[int] | None = None) -> Iterator[str]:
+    """`memberhub serve` (embedded worker, default settings but the database) in a child
+    (whose pid is appended to `pids`)."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="memberhub-bench-serve-") as data_dir:
         env = {
@@ -198,6 +203,8 @@ def memberhub_serve(url: str) -> Iterator[str]:
             stderr=subprocess.DEVNULL,
         )
         base_url = f"http://127.0.0.1:{port}"
+        if pids is not None:
+            pids.append(process.pid)
         try:
             wait_until_ready(process, base_url)
             yield base_url
@@ -215,7 +222,9 @@ def memberhub_serve(url: str) -> Iterator[str]:
 Operation = Callable[[int, int], Awaitable[None]]
 
 
-async def for_seconds(operation: Operation, clients: int, seconds: float) -> float:
+async def for_seconds(
+    operation: Operation, clients: int, seconds: float, usage: tuple[CpuMeter, Usage] | None = None
+) -> float:
     """Operations per second from `clients` loops, each calling operation(client, n)."""
     deadline = time.perf_counter() + seconds
     done = [0] * clients
@@ -227,11 +236,15 @@ async def for_seconds(operation: Operation, clients: int, seconds: float) -> flo
             n += 1
         done[client] = n
 
+    before = usage[0].sample() if usage is not None else None
     started = time.perf_counter()
     async with asyncio.TaskGroup() as group:
         for client in range(clients):
             group.create_task(loop(client))
-    return sum(done) / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    if usage is not None:
+        usage[1].add(before, usage[0].sample(), sum(done))
+    return sum(done) / elapsed
 
 
 def http_award(pool: LeanPool, members: list[str], clients: int) -> Operation:
@@ -502,6 +515,11 @@ class RawSqlite:
 @dataclass
 class Samples:
     rates: dict[str, list[float]] = field(default_factory=dict)
+    # CPU of the HTTP side's loads, summed over the rounds (Linux only).
+    cpu: dict[str, Usage] = field(default_factory=dict)
+
+    def usage(self, meter: CpuMeter, name: str) -> tuple[CpuMeter, Usage]:
+        return meter, self.cpu.setdefault(name, Usage())
 
     def add(self, name: str, value: float | None) -> None:
         if value is not None:
@@ -525,8 +543,10 @@ async def run_rounds(
         await name_pgbench_members(raw_url, raw_seeded)
         await raw_pg.__aenter__()
     headers = {"Authorization": f"Bearer {key}"}
+    pids: list[int] = []
     try:
-        with memberhub_serve(http_url) as base_url:
+        with memberhub_serve(http_url, pids) as base_url:
+            meter = CpuMeter(pids[0])
             client = LeanPool(base_url, headers, clients)
             try:
                 award = http_award(client, http_seeded.public_ids, clients)
@@ -535,10 +555,17 @@ async def run_rounds(
                 for round_number in range(args.rounds):
 
                     async def http_side(round_number: int = round_number) -> None:
-                        samples.add("award http", await for_seconds(award, clients, seconds))
-                        samples.add("award http 1 client", await for_seconds(award, 1, seconds))
-                        create = http_member_create(client, f"h{round_number}")
-                        samples.add("create http", await for_seconds(create, clients, seconds))
+                        for name, operation, load in (
+                            ("award http", award, clients),
+                            ("award http 1 client", award, 1),
+                            (
+                                "create http",
+                                http_member_create(client, f"h{round_number}"),
+                                clients,
+                            ),
+                        ):
+                            usage = samples.usage(meter, name)
+                            samples.add(name, await for_seconds(operation, load, seconds, usage))
 
                     async def raw_side(round_number: int = round_number) -> None:
                         if raw_pg is not None:
@@ -612,6 +639,10 @@ def report(backend: str, samples: Samples, statements: dict[str, int]) -> list[s
         f"  ratio {ratio('create http', 'create raw')}"
         f"  statements {statements['member create']}"
     )
+    for name, usage in samples.cpu.items():
+        line = usage.describe(name)
+        if line is not None:
+            lines.append(f"{backend:<10} {line}")
     return lines
 
 

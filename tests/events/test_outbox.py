@@ -19,16 +19,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from memberhub.audit.models import AuditEntry
+from memberhub.auth.principal import Principal
 from memberhub.auth.roles import Role
 from memberhub.events.catalog import CATALOG
 from memberhub.events.models import Event
 from memberhub.events.sequencer import run_passes
 from memberhub.exports.jobs import process_exports
 from memberhub.integrations.hub import IntegrationHub
+from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
+from memberhub.kit.errors import Conflict
+from memberhub.members import service as members
 from memberhub.members.models import Member
+from memberhub.members.schemas import MemberCreate
 from memberhub.settings import Settings
 from memberhub.webhooks.ssrf import UrlPolicy
 from tests.conftest import TEST_SECRET_KEY, issue_key
@@ -91,8 +96,9 @@ async def test_create_failing_after_the_insert_leaves_no_member_event_or_audit_r
     db: Database, tolerant_api: ApiClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     audit_before = await count(db, AuditEntry)
-    # The event and audit entry are written after the member's row was flushed.
-    monkeypatch.setattr("memberhub.members.service.record_change_now", async_boom)
+    # The member, its event and its audit entry are written (one statement on PostgreSQL)
+    # before the waiting activities are matched, which fails here.
+    monkeypatch.setattr("memberhub.activities.service.match_waiting_activities", async_boom)
 
     response = await tolerant_api.post(MEMBERS, {"email": "half@example.com"})
 
@@ -163,6 +169,26 @@ async def test_refused_change_emits_no_event(api: ApiClient) -> None:
     assert duplicate.status_code == 409
 
     assert len(await list_events(api)) == 1
+
+
+async def test_refused_create_writes_no_event_or_audit_row_into_a_going_transaction(
+    db: Database, api: ApiClient
+) -> None:
+    await api.create_member(email="one@example.com")
+    events_before, audit_before = await count(db, Event), await count(db, AuditEntry)
+
+    async with db.transaction() as session:
+        with pytest.raises(Conflict):
+            await members.create_member(
+                session,
+                Principal.system(Actor.system("test")),
+                MemberCreate(email="ONE@example.com"),
+            )
+        # The transaction goes on past the refusal (as a bulk import's does past a refused
+        # row, in a savepoint or not): nothing of the refused member is in it.
+        assert await session.scalar(select(func.count()).select_from(Event)) == events_before
+        assert await session.scalar(select(func.count()).select_from(AuditEntry)) == audit_before
+        assert await session.scalar(select(func.count()).select_from(Member)) == 1
 
 
 async def test_each_committed_change_emits_its_event(api: ApiClient) -> None:

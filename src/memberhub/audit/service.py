@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, insert
+from sqlalchemy import CTE, Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.chain import (
@@ -47,6 +47,8 @@ __all__ = [
     "ChainVerdict",
     "audit_row",
     "chain_head",
+    "change_ctes_after",
+    "change_params",
     "diff",
     "entry_hash",
     "record_change_now",
@@ -115,6 +117,40 @@ _INSERT_ENTRY = insert(_AUDIT_LOG).values(column_binds(_AUDIT_LOG, "l", _ID))
 _INSERT_BOTH = _INSERT_ENTRY.add_cte(_INSERT_EVENT.cte("event"))
 
 
+def change_params(
+    actor: Actor,
+    event: EventData,
+    *,
+    organisation_id: int | None,
+    member_public_id: str | None,
+    occurred_at: datetime,
+    action: str,
+    object_type: str,
+    object_id: str,
+    changes: dict[str, Any],
+) -> dict[str, Any]:
+    """The parameters of a change's event (`e_` binds) and audit entry (`l_` binds), for
+    `record_change_now` or `change_ctes_after`."""
+    return column_values(
+        _EVENTS, event_row(event, organisation_id, member_public_id, occurred_at), "e", _ID
+    ) | column_values(
+        _AUDIT_LOG, audit_row(actor, action, object_type, object_id, changes), "l", _ID
+    )
+
+
+def change_ctes_after(written: CTE) -> tuple[CTE, CTE]:
+    """PostgreSQL: CTEs inserting a change's event and audit entry (`change_params`) once
+    for each row `written` returns, so that a write which turns out not to happen (an
+    insert's conflict) records nothing, in the same statement as the write. The caller then
+    calls `mark_for_sequencing`."""
+    ctes = []
+    for table, prefix, name in ((_EVENTS, "e", "event"), (_AUDIT_LOG, "l", "audit")):
+        binds = column_binds(table, prefix, _ID)
+        rows = select(*binds.values()).select_from(written)
+        ctes.append(insert(table).from_select(list(binds), rows).cte(name))
+    return ctes[0], ctes[1]
+
+
 async def record_change_now(
     session: AsyncSession,
     actor: Actor,
@@ -130,10 +166,16 @@ async def record_change_now(
 ) -> None:
     """A change's event and audit entry, written now as Core statements (one on PostgreSQL):
     `emit` and `record_write` together, for the hot paths."""
-    params = column_values(
-        _EVENTS, event_row(event, organisation_id, member_public_id, occurred_at), "e", _ID
-    ) | column_values(
-        _AUDIT_LOG, audit_row(actor, action, object_type, object_id, changes), "l", _ID
+    params = change_params(
+        actor,
+        event,
+        organisation_id=organisation_id,
+        member_public_id=member_public_id,
+        occurred_at=occurred_at,
+        action=action,
+        object_type=object_type,
+        object_id=object_id,
+        changes=changes,
     )
     if session.get_bind().dialect.name == "postgresql":
         await session.execute(_INSERT_BOTH, params)

@@ -4,16 +4,23 @@ import functools
 import re
 from typing import Any, cast
 
-from sqlalchemy import Insert, Table
+from sqlalchemy import Insert, Select, Table, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
-from memberhub.audit.service import diff, record_change_now, record_write
+from memberhub.audit.service import (
+    change_ctes_after,
+    change_params,
+    diff,
+    record_change_now,
+    record_write,
+)
 from memberhub.auth.principal import Principal
 from memberhub.events.catalog import MemberCreated, MemberDeleted, MemberUpdated
 from memberhub.events.repository import EventRepository
+from memberhub.events.sequencer import mark_for_sequencing
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import column_binds, column_values
@@ -210,32 +217,42 @@ async def create_member(
         "m",
         ("id",),
     )
-    member_id = await session.scalar(_insert_member(session.get_bind().dialect.name), row)
+    change: dict[str, Any] = {
+        "organisation_id": row["m_organisation_id"],
+        "member_public_id": row["m_public_id"],
+        "occurred_at": now,
+        "action": "member.create",
+        "object_type": "member",
+        "object_id": row["m_public_id"],
+    }
+    member = Member(**{name[2:]: value for name, value in row.items()})
+    member.organisation = organisation
+    member.plan = None
+    event = MemberCreated(member=to_out(member))
+    changes = diff({}, snapshot(member))
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        # The member, its event and its audit entry in one statement; on a taken email the
+        # insert returns no row, and neither is written.
+        params = row | change_params(principal.actor, event, changes=changes, **change)
+        member_id = await session.scalar(_create_member_on_postgresql(), params)
+    else:
+        member_id = await session.scalar(_insert_member(dialect), row)
     if member_id is None:  # the email's unique index: taken, or just taken by a commit
         raise Conflict(
             "A member with this email already exists in the organisation.",
             code="DUPLICATE_EMAIL",
             details={"field": "email"},
         )
-    member = Member(id=member_id, **{name[2:]: value for name, value in row.items()})
-    member.organisation = organisation
-    member.plan = None
+    member.id = member_id
     # The row is written: the object joins the session as if loaded, so later changes in
     # this request are updates (with their version check), never a second insert.
     make_transient_to_detached(member)
     session.add(member)
-    await record_change_now(
-        session,
-        principal.actor,
-        MemberCreated(member=to_out(member)),
-        organisation_id=member.organisation_id,
-        member_public_id=member.public_id,
-        occurred_at=now,
-        action="member.create",
-        object_type="member",
-        object_id=member.public_id,
-        changes=diff({}, snapshot(member)),
-    )
+    if dialect == "postgresql":
+        mark_for_sequencing(session)
+    else:
+        await record_change_now(session, principal.actor, event, changes=changes, **change)
     record_consent_changes(
         session,
         principal.actor,
@@ -265,6 +282,14 @@ def _insert_member(dialect: str) -> Insert:
         .on_conflict_do_nothing()
         .returning(MEMBERS.c.id)
     )
+
+
+@functools.cache
+def _create_member_on_postgresql() -> Select[Any]:
+    """PostgreSQL: `_insert_member`, and the event and audit entry of the member it inserts
+    (none when it inserts none), in one statement."""
+    inserted = _insert_member("postgresql").cte("member")
+    return select(inserted.c.id).add_cte(*change_ctes_after(inserted))
 
 
 def merge_mapping(
