@@ -6,7 +6,8 @@ credit notes, and memberhub's membership terms and payment records, then matches
 - a succeeded charge is matched to the Xero invoice whose reference is one of the
   payment's ids (its charge, payment intent, invoice, or the checkout session memberhub
   booked it under); none is `paid_in_stripe_no_invoice`, one for another amount or
-  currency is `amount_or_currency_differs`, one not paid is `invoice_without_payment`;
+  currency is `amount_or_currency_differs` (the invoice asks the plan's price, so a
+  discount shows here), one not paid is `invoice_without_payment`;
 - a charge whose member had no membership term start around it is
   `payment_without_membership_change`;
 - a term joined or renewed in the period for a member with no charge in it is
@@ -175,9 +176,9 @@ async def _compare(
     books = _Payouts(bank=str(bank) if bank else None)
     for payout in movements:
         if payout.kind == "payout" and payout.status == "paid":
-            books.nets[payout.id] = await payments_provider.payout_net(
-                hub.connection(source), payout.id
-            )
+            net = await payments_provider.payout_net(hub.connection(source), payout.id)
+            if net is not None:
+                books.nets[payout.id] = net
     if books.bank:
         # A payout arrives at the bank days after it is made.
         books.transfers = await accounting.transfers(

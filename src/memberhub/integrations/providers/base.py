@@ -667,9 +667,10 @@ class PaymentsReport(Protocol):
     async def payout_fees(self, connection: Connection, payout_id: str) -> int:
         """The provider's fees (minor units) on the money a payout paid out."""
 
-    async def payout_net(self, connection: Connection, payout_id: str) -> int:
+    async def payout_net(self, connection: Connection, payout_id: str) -> int | None:
         """What the money a payout paid out comes to (minor units): its charges less
-        refunds and fees, the payout itself left out."""
+        refunds and fees, the payout itself left out; None when the provider cannot say
+        (a payout made by hand)."""
 
 
 @runtime_checkable

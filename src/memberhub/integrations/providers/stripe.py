@@ -349,13 +349,14 @@ class Stripe(Provider):
                 fees += _int(row.get("fee"))
         return fees
 
-    async def payout_net(self, connection: Connection, payout_id: str) -> int:
+    async def payout_net(self, connection: Connection, payout_id: str) -> int | None:
         """The sum of the nets (amount less fee: charges in, refunds out) of the balance
-        transactions the payout paid out."""
-        net = 0
+        transactions the payout paid out; None when Stripe lists none (it lists them for
+        automatic payouts only)."""
+        net: int | None = None
         async for row in self._listed(connection, "/v1/balance_transactions", payout=payout_id):
             if row.get("type") != "payout":
-                net += _int(row.get("net"))
+                net = (net or 0) + _int(row.get("net"))
         return net
 
     async def _listed(
