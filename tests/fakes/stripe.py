@@ -499,10 +499,11 @@ class FakeStripe:
         return copy.deepcopy(refund)
 
     def add_payout(
-        self, amount: int, currency: str, *, created: int | None = None
+        self, amount: int, currency: str, *, created: int | None = None, automatic: bool = True
     ) -> dict[str, Any]:
-        """A paid payout of `amount` to the account's bank; it pays out every balance
-        transaction not paid out before (`GET /v1/balance_transactions?payout=…`)."""
+        """A paid payout of `amount` to the account's bank. An automatic one pays out every
+        balance transaction not paid out before (`GET /v1/balance_transactions?payout=…`);
+        for a manual one (`automatic=False`) Stripe lists none: it only moves money."""
         when = int(time.time()) if created is None else created
         payout_id = new_id("po_")
         payout: dict[str, Any] = {
@@ -510,6 +511,7 @@ class FakeStripe:
             "object": "payout",
             "amount": amount,
             "arrival_date": when + 2 * 86400,
+            "automatic": automatic,
             "created": when,
             "currency": currency.lower(),
             "destination": new_id("ba_"),
@@ -522,8 +524,9 @@ class FakeStripe:
         )
         with self._lock:
             self._money["payouts"][payout_id] = payout
-            for transaction_id in self._money["balance_transactions"]:
-                self._paid_out.setdefault(transaction_id, payout_id)
+            if automatic:
+                for transaction_id in self._money["balance_transactions"]:
+                    self._paid_out.setdefault(transaction_id, payout_id)
         return copy.deepcopy(payout)
 
     def _balance_transaction(

@@ -327,15 +327,75 @@ class FakeXero:
             )
 
     def delete_payment(self, payment_id: str) -> None:
-        """Delete a payment as a bookkeeper might: its invoice is owed again."""
+        """Delete a payment as a bookkeeper might: its invoice is owed again (a credit
+        note's refund: its credit is left again)."""
         with self._lock:
             payment = self.tenant.payments.pop(payment_id)
-            invoice = self.tenant.invoices[payment["Invoice"]["InvoiceID"]]
+            if payment["Invoice"]:
+                document = self.tenant.invoices[payment["Invoice"]["InvoiceID"]]
+                due_field = "AmountDue"
+            else:
+                document = self.tenant.credit_notes[payment["CreditNote"]["CreditNoteID"]]
+                due_field = "RemainingCredit"
             amount = Decimal(str(payment["Amount"]))
-            invoice["AmountPaid"] = float(Decimal(str(invoice["AmountPaid"])) - amount)
-            invoice["AmountDue"] = float(Decimal(str(invoice["AmountDue"])) + amount)
-            invoice["Payments"] = [p for p in invoice["Payments"] if p["PaymentID"] != payment_id]
-            invoice["Status"] = "AUTHORISED"
+            document["AmountPaid"] = float(Decimal(str(document["AmountPaid"])) - amount)
+            document[due_field] = float(Decimal(str(document[due_field])) + amount)
+            document["Payments"] = [p for p in document["Payments"] if p["PaymentID"] != payment_id]
+            document["Status"] = "AUTHORISED"
+
+    def add_credit_note(
+        self,
+        contact_id: str,
+        *,
+        reference: str,
+        amount: Decimal,
+        currency: str = "GBP",
+        account_code: str = "200",
+    ) -> dict[str, Any]:
+        """A credit note made in Xero by hand (not through the API)."""
+        with self._lock:
+            return copy.deepcopy(
+                self._store_document(
+                    self.tenant,
+                    "credit_note",
+                    {
+                        "Type": "ACCRECCREDIT",
+                        "Contact": {"ContactID": contact_id},
+                        "Reference": reference,
+                        "CurrencyCode": currency,
+                        "Date": datetime.now(UTC).date().isoformat(),
+                        "Status": "AUTHORISED",
+                        "LineItems": [
+                            {
+                                "Description": "Goodwill credit",
+                                "Quantity": 1,
+                                "UnitAmount": str(amount),
+                                "AccountCode": account_code,
+                            }
+                        ],
+                    },
+                )
+            )
+
+    def set_credit_note_total(self, credit_note_id: str, total: Decimal) -> None:
+        """Edit a credit note's amount as a bookkeeper might in Xero's screens."""
+        with self._lock:
+            note = self.tenant.credit_notes[credit_note_id]
+            note["LineItems"][0]["UnitAmount"] = float(total)
+            note["LineItems"][0]["LineAmount"] = float(total)
+            paid = Decimal(str(note["AmountPaid"]))
+            note["SubTotal"] = note["Total"] = float(total)
+            note["RemainingCredit"] = float(max(total - paid, Decimal(0)))
+
+    def set_transfer_amount(self, transfer_id: str, amount: Decimal) -> None:
+        """Edit a bank transfer's amount as a bookkeeper might in Xero's screens."""
+        with self._lock:
+            self.tenant.bank_transfers[transfer_id]["Amount"] = float(amount)
+
+    def delete_transfer(self, transfer_id: str) -> None:
+        """Delete a bank transfer as a bookkeeper might in Xero's screens."""
+        with self._lock:
+            del self.tenant.bank_transfers[transfer_id]
 
     def set_invoice_total(self, invoice_id: str, total: Decimal) -> None:
         """Edit an invoice's amount as a bookkeeper might in Xero's screens."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,8 +19,9 @@ from memberhub.kit.db import Database
 from memberhub.settings import Settings
 from memberhub.webhooks.ssrf import UrlPolicy
 from memberhub.worker.runner import Worker
+from tests.fakes.stripe import FakeStripe, running_fake_stripe
 from tests.fakes.xero import FakeXero, running_fake_xero
-from tests.integrations.conftest import stripe_event, stripe_id
+from tests.integrations.conftest import API_KEY, stripe_event, stripe_id
 from tests.support import ApiClient
 
 WEBHOOK_KEY = "xero-webhook-key-0123456789abcdefghijklmnopqrstuvwxyz=="
@@ -191,3 +192,37 @@ async def entries(api: ApiClient, integration_id: str, **params: Any) -> list[di
         cursor = response.json()["pagination"]["next_cursor"]
         if not response.json()["pagination"]["has_more"]:
             return found
+
+
+@pytest.fixture
+async def stripe_api() -> AsyncIterator[FakeStripe]:
+    async with running_fake_stripe(secret_key=API_KEY) as fake:
+        yield fake
+
+
+def this_month() -> tuple[str, str]:
+    now = datetime.now(UTC)
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+    return start.isoformat(), end.isoformat()
+
+
+async def reconcile(
+    api: ApiClient, db: Database, hub: IntegrationHub, integration_id: str
+) -> dict[str, Any]:
+    start, end = this_month()
+    created = await api.post(
+        "/api/v1/reconciliations",
+        {"integration_id": integration_id, "period_start": start, "period_end": end},
+    )
+    assert created.status_code == 202, created.text
+    assert created.json()["status"] == "queued"
+    await work(db, hub)
+    report = await api.get(f"/api/v1/reconciliations/{created.json()['id']}")
+    assert report.status_code == 200
+    assert report.json()["status"] == "completed", report.json()
+    return dict(report.json())

@@ -6,38 +6,18 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import httpx
-import pytest
 
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.db import Database
-from tests.fakes.stripe import FakeStripe, running_fake_stripe
+from tests.fakes.stripe import FakeStripe
 from tests.fakes.xero import FakeXero
-from tests.finance.conftest import checkout_event, connected_xero, put, work
-from tests.integrations.conftest import API_KEY, create_stripe_integration, send, stripe_id
+from tests.finance.conftest import checkout_event, connected_xero, put, reconcile, this_month, work
+from tests.integrations.conftest import create_stripe_integration, send, stripe_id
 from tests.support import ApiClient
-
-
-@pytest.fixture
-async def stripe_api() -> AsyncIterator[FakeStripe]:
-    async with running_fake_stripe(secret_key=API_KEY) as fake:
-        yield fake
-
-
-def this_month() -> tuple[str, str]:
-    now = datetime.now(UTC)
-    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = (
-        start.replace(year=start.year + 1, month=1)
-        if start.month == 12
-        else start.replace(month=start.month + 1)
-    )
-    return start.isoformat(), end.isoformat()
 
 
 async def pay(
@@ -60,23 +40,6 @@ async def pay(
     event = checkout_event(member, plan, payment_intent=intent, currency=currency)
     assert (await send(http, stripe["id"], event)).status_code == 200
     return str(event["data"]["object"]["id"])
-
-
-async def reconcile(
-    api: ApiClient, db: Database, hub: IntegrationHub, integration_id: str
-) -> dict[str, Any]:
-    start, end = this_month()
-    created = await api.post(
-        "/api/v1/reconciliations",
-        {"integration_id": integration_id, "period_start": start, "period_end": end},
-    )
-    assert created.status_code == 202, created.text
-    assert created.json()["status"] == "queued"
-    await work(db, hub)
-    report = await api.get(f"/api/v1/reconciliations/{created.json()['id']}")
-    assert report.status_code == 200
-    assert report.json()["status"] == "completed", report.json()
-    return dict(report.json())
 
 
 async def test_a_month_with_five_planted_mismatches_reports_exactly_those_five(
@@ -221,3 +184,37 @@ async def test_bad_reconciliation_requests_are_refused(
     assert (await api.post("/api/v1/finance-entries/fin_missing/replay")).status_code == 404
     bad = await put(api, f"/api/v1/integrations/{stripe['id']}/accounting-mapping", {})
     assert bad.status_code == 422
+
+
+async def test_a_discounted_payment_is_invoiced_at_the_plan_price_and_reported(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    hub: IntegrationHub,
+    xero: FakeXero,
+    stripe_api: FakeStripe,
+) -> None:
+    plan = await api.create_plan(price_amount=2500, currency="GBP")
+    stripe = await create_stripe_integration(api, base_url=stripe_api.url)
+    integration = await connected_xero(api, http, xero, plan)
+    member = await api.create_member()
+    intent = stripe_id("pi")
+    # A coupon took 5.00 off: Stripe charged 20.00 for the 25.00 plan.
+    stripe_api.add_charge(2000, "gbp", payment_intent=intent)
+    event = checkout_event(member, plan, payment_intent=intent, amount_total=2000)
+    assert (await send(http, stripe["id"], event)).status_code == 200
+    await work(db, hub)
+
+    [invoice] = xero.invoices
+    assert invoice["Total"] == 25.0
+    assert invoice["LineItems"][0]["UnitAmount"] == 25.0
+    assert (invoice["AmountPaid"], invoice["AmountDue"]) == (20.0, 5.0)
+    assert invoice["Status"] == "AUTHORISED"
+    [payment] = xero.payments
+    assert payment["Amount"] == 20.0
+
+    report = await reconcile(api, db, hub, integration["id"])
+    [mismatch] = report["mismatches"]
+    assert mismatch["kind"] == "amount_or_currency_differs"
+    assert (mismatch["stripe_amount"], mismatch["xero_amount"]) == (2000, 2500)
+    assert mismatch["member_id"] == member["id"]

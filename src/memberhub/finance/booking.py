@@ -82,9 +82,17 @@ class _Work:
     member: LedgerContact | None
     plan_name: str
     revenue: dict[str, Any] | None
+    # What the invoice asks for: the plan's price when the payment is in the plan's
+    # currency (a discount or a wrong charge then shows as an invoice not paid in full),
+    # else the amount charged, which cannot be converted here.
+    invoice_amount: int
     # Payments booked for the entry before (a reconciliation's fix may pay its invoice
     # again after a bookkeeper removed the payment): each has a key of its own.
     payments_made: int = 0
+    # The same for a credit note refunded again (its refund removed in Xero), and for a
+    # payout transferred again (its transfer removed in Xero).
+    refunds_made: int = 0
+    transfers_made: int = 0
     # For a refund: the contact and invoice of the payment it refunds.
     sale_contact_id: str | None = None
     sale_invoice_id: str | None = None
@@ -184,7 +192,10 @@ async def _claim(db: Database, entry_id: int, now: datetime) -> _Work | None:
             member=_contact(member),
             plan_name=plan.name if plan else "Membership",
             revenue=_revenue_for(mapping, plan),
+            invoice_amount=_invoice_amount(entry, plan),
             payments_made=sum(1 for step in entry.log if step.get("step") == "payment"),
+            refunds_made=sum(1 for step in entry.log if step.get("step") == "refund"),
+            transfers_made=sum(1 for step in entry.log if step.get("step") == "transfer"),
         )
         if entry.refunds_entry_id is not None:
             sale = await session.get(FinanceEntry, entry.refunds_entry_id)
@@ -205,6 +216,12 @@ def _contact(member: Member | None) -> LedgerContact | None:
         first_name=member.first_name,
         last_name=member.last_name,
     )
+
+
+def _invoice_amount(entry: FinanceEntry, plan: MembershipPlan | None) -> int:
+    if plan is not None and plan.currency.upper() == (entry.currency or plan.currency).upper():
+        return plan.price_amount
+    return entry.amount
 
 
 def _revenue_for(mapping: dict[str, Any], plan: MembershipPlan | None) -> dict[str, Any] | None:
@@ -250,7 +267,7 @@ async def _run_steps(
                 contact_id=work.contact_id,
                 currency=work.currency,
                 issued_on=work.occurred_at.date(),
-                lines=(_line(work, work.plan_name),),
+                lines=(_line(work, work.plan_name, work.invoice_amount),),
                 idempotency_key=f"memberhub-invoice-{work.public_id}",
             ),
         )
@@ -272,11 +289,11 @@ async def _run_steps(
         await _record(db, work.entry_id, "payment", payment_id=work.payment_id)
 
 
-def _line(work: _Work, description: str) -> InvoiceLine:
+def _line(work: _Work, description: str, amount: int) -> InvoiceLine:
     assert work.revenue is not None
     return InvoiceLine(
         description=description,
-        amount=work.amount,
+        amount=amount,
         account_code=str(work.revenue["account_code"]),
         tax_type=work.revenue.get("tax_type"),
         tracking=tuple((t["category"], t["option"]) for t in work.revenue.get("tracking") or []),
@@ -286,11 +303,11 @@ def _line(work: _Work, description: str) -> InvoiceLine:
 async def _refund_steps(
     db: Database, accounting: Accounting, connection: Connection, work: _Work
 ) -> None:
-    if work.sale_invoice_id is None or work.sale_contact_id is None:
-        raise NotYet("The refunded payment is not booked yet; the refund waits for it.")
-    if work.revenue is None:
-        raise AccountingRejected("No revenue account is mapped for the plan.")
     if work.credit_note_id is None:
+        if work.sale_invoice_id is None or work.sale_contact_id is None:
+            raise NotYet("The refunded payment is not booked yet; the refund waits for it.")
+        if work.revenue is None:
+            raise AccountingRejected("No revenue account is mapped for the plan.")
         work.credit_note_id = await accounting.create_credit_note(
             connection,
             SaleDocument(
@@ -298,7 +315,7 @@ async def _refund_steps(
                 contact_id=work.sale_contact_id,
                 currency=work.currency,
                 issued_on=work.occurred_at.date(),
-                lines=(_line(work, f"Refund: {work.plan_name}"),),
+                lines=(_line(work, f"Refund: {work.plan_name}", work.amount),),
                 idempotency_key=f"memberhub-credit-note-{work.public_id}",
             ),
         )
@@ -320,7 +337,8 @@ async def _refund_steps(
                 currency=work.currency,
                 paid_on=work.occurred_at.date(),
                 reference=work.source_ref,
-                idempotency_key=f"memberhub-refund-{work.public_id}",
+                idempotency_key=f"memberhub-refund-{work.public_id}"
+                + (f"-{work.refunds_made + 1}" if work.refunds_made else ""),
             ),
         )
         await _record(db, work.entry_id, "refund", refund_id=work.refund_id)
@@ -386,7 +404,8 @@ async def _payout_steps(
                 currency=work.currency,
                 paid_on=work.occurred_at.date(),
                 reference=work.source_ref,
-                idempotency_key=f"memberhub-transfer-{work.public_id}",
+                idempotency_key=f"memberhub-transfer-{work.public_id}"
+                + (f"-{work.transfers_made + 1}" if work.transfers_made else ""),
             ),
         )
         await _record(db, work.entry_id, "transfer", transfer_id=work.transfer_id)

@@ -6,20 +6,25 @@ credit notes, and memberhub's membership terms and payment records, then matches
 - a succeeded charge is matched to the Xero invoice whose reference is one of the
   payment's ids (its charge, payment intent, invoice, or the checkout session memberhub
   booked it under); none is `paid_in_stripe_no_invoice`, one for another amount or
-  currency is `amount_or_currency_differs`, one not paid is `invoice_without_payment`;
+  currency is `amount_or_currency_differs` (the invoice asks the plan's price, so a
+  discount shows here), one not paid is `invoice_without_payment`;
 - a charge whose member had no membership term start around it is
   `payment_without_membership_change`;
 - a term joined or renewed in the period for a member with no charge in it is
   `membership_active_without_payment`.
 
+Refunds are matched against credit notes (`match_refunds.py`) and payouts against
+their balance transactions and the bank transfers they were booked as
+(`match_payouts.py`).
+
 Each mismatch carries a suggested fix, applied through the API where one can be
-(`create_missing_invoice`, `link_payment`): the fix queues a finance entry, which the
-worker books like any other.
+(`fixes.py`): the fix queues a finance entry, which the worker books like any other.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,16 +32,10 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from memberhub.audit.service import diff, record_write
-from memberhub.auth.principal import Principal
-from memberhub.finance.models import (
-    EntryKind,
-    EntryStatus,
-    FinanceEntry,
-    Reconciliation,
-    ReconciliationStatus,
-)
-from memberhub.finance.schemas import FixOut, Mismatch
+from memberhub.finance.match_payouts import match_payouts
+from memberhub.finance.match_refunds import match_refunds
+from memberhub.finance.models import AccountingMapping, Reconciliation, ReconciliationStatus
+from memberhub.finance.report import MismatchList, money
 from memberhub.integrations.gateway import CircuitOpen, GatewayError
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.models import Integration, PaymentRecord
@@ -44,13 +43,12 @@ from memberhub.integrations.providers import as_accounting, get_provider
 from memberhub.integrations.providers.base import (
     ConnectionFailed,
     LedgerDocument,
+    LedgerTransfer,
     MoneyRecord,
     PaymentsReport,
 )
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
-from memberhub.kit.errors import Conflict, NotFound
-from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
 from memberhub.memberships.models import MembershipTerm
 
@@ -58,6 +56,7 @@ log = structlog.get_logger("memberhub.finance.reconciliation")
 
 # A term started this close to a charge counts as the charge's membership change.
 TERM_SLACK = timedelta(days=2)
+PAYOUT_ARRIVAL_SLACK = timedelta(days=15)
 MAX_ATTEMPTS = 5
 BATCH = 5
 
@@ -155,19 +154,49 @@ async def _compare(
         raise ReconciliationFailed(
             f"{source.provider} cannot list its money, or {integration.provider} its books"
         )
-    money = await payments_provider.money_movements(hub.connection(source), since=start, until=end)
+    movements = await payments_provider.money_movements(
+        hub.connection(source), since=start, until=end
+    )
     documents = await accounting.documents(
         hub.connection(integration),
         since=start.date(),
         until=(end + timedelta(days=1)).date(),
     )
-    charges = [m for m in money if m.kind == "charge" and m.status == "succeeded"]
-    all_ids = {i for c in charges for i in (c.id, *c.references)}
+    charges = [m for m in movements if m.kind == "charge" and m.status == "succeeded"]
+    refunds = [m for m in movements if m.kind == "refund"]
+    all_ids = {i for c in (*charges, *refunds) for i in (c.id, *c.references)}
     async with db.transaction(read_only=True) as session:
         records = await _payment_records(session, source.id, all_ids)
         terms = await _terms(session, start - TERM_SLACK, end + TERM_SLACK)
-        members = await _member_ids(session, {c.member_id for c in charges if c.member_id})
-    return _match(charges, money, documents, records, terms, members, start, end)
+        members = await _member_ids(
+            session, {c.member_id for c in (*charges, *refunds) if c.member_id}
+        )
+        mapping = await session.get(AccountingMapping, integration.id)
+        bank = (mapping.mapping if mapping else {}).get("payouts_bank_account_code")
+    books = _Payouts(bank=str(bank) if bank else None)
+    for payout in movements:
+        if payout.kind == "payout" and payout.status == "paid":
+            net = await payments_provider.payout_net(hub.connection(source), payout.id)
+            if net is not None:
+                books.nets[payout.id] = net
+    if books.bank:
+        # A payout arrives at the bank days after it is made.
+        books.transfers = await accounting.transfers(
+            hub.connection(integration),
+            since=start.date(),
+            until=(end + PAYOUT_ARRIVAL_SLACK).date(),
+        )
+    return _match(charges, movements, documents, books, records, terms, members, start, end)
+
+
+@dataclass
+class _Payouts:
+    """What payouts are checked against: the bank they are booked to, the nets of the
+    balance transactions each paid out, the transfers in the accounting system."""
+
+    bank: str | None
+    nets: dict[str, int] = field(default_factory=dict)
+    transfers: list[LedgerTransfer] = field(default_factory=list)
 
 
 async def _payment_records(
@@ -213,8 +242,9 @@ async def _member_ids(session: AsyncSession, public_ids: set[str | None]) -> dic
 
 def _match(
     charges: list[MoneyRecord],
-    money: list[MoneyRecord],
+    movements: list[MoneyRecord],
     documents: list[LedgerDocument],
+    books: _Payouts,
     records: dict[str, tuple[str, int]],
     terms: list[tuple[str, int, str, datetime]],
     members: dict[str, int],
@@ -230,23 +260,10 @@ def _match(
     for _term, term_member, public, starts in terms:
         public_of[term_member] = public
         terms_by_member[term_member].append(starts)
-    mismatches: list[dict[str, Any]] = []
+    found = MismatchList()
+    add = found.add
     matched = 0
     paying_members: set[int] = set()
-
-    def add(
-        kind: str, description: str, fix: str | None, fix_description: str, **fields: Any
-    ) -> None:
-        mismatches.append(
-            {
-                "id": f"mm_{len(mismatches) + 1}",
-                "kind": kind,
-                "description": description,
-                "fix": fix,
-                "fix_description": fix_description,
-                **fields,
-            }
-        )
 
     for charge in sorted(charges, key=lambda c: (c.created_at, c.id)):
         ids = (charge.id, *charge.references)
@@ -270,7 +287,7 @@ def _match(
             fine = False
             add(
                 "paid_in_stripe_no_invoice",
-                f"Stripe charge {charge.id} ({_money(charge.amount, charge.currency)}) has no "
+                f"Stripe charge {charge.id} ({money(charge.amount, charge.currency)}) has no "
                 "invoice in Xero.",
                 "create_missing_invoice" if member_row is not None else None,
                 "Create the invoice and its payment in Xero."
@@ -289,9 +306,9 @@ def _match(
             fine = False
             add(
                 "amount_or_currency_differs",
-                f"Stripe charge {charge.id} is {_money(charge.amount, charge.currency)}; Xero "
+                f"Stripe charge {charge.id} is {money(charge.amount, charge.currency)}; Xero "
                 f"invoice {invoice.number or invoice.id} is "
-                f"{_money(invoice.total, invoice.currency)}.",
+                f"{money(invoice.total, invoice.currency)}.",
                 None,
                 "Correct the invoice in Xero (or refund the difference in Stripe).",
                 invoice_id=invoice.id,
@@ -350,98 +367,21 @@ def _match(
             member_id=public,
             term_id=term,
         )
+    refunds = [m for m in movements if m.kind == "refund"]
+    payouts = [m for m in movements if m.kind == "payout"]
+    refunds_matched = match_refunds(refunds, documents, records, public_of, found, start, end)
+    payouts_matched = match_payouts(payouts, books.nets, books.transfers, books.bank, found)
     summary = {
         "stripe_charges": len(charges),
-        "stripe_refunds": sum(1 for m in money if m.kind == "refund"),
-        "stripe_payouts": sum(1 for m in money if m.kind == "payout"),
+        "stripe_refunds": len(refunds),
+        "stripe_payouts": len(payouts),
         "xero_invoices": sum(1 for d in documents if d.kind == "invoice"),
         "xero_credit_notes": sum(1 for d in documents if d.kind == "credit_note"),
+        "xero_bank_transfers": len(books.transfers),
         "membership_terms": sum(1 for t in terms if start <= t[3] < end),
         "matched": matched,
-        "mismatches": len(mismatches),
+        "refunds_matched": refunds_matched,
+        "payouts_matched": payouts_matched,
+        "mismatches": len(found.rows),
     }
-    return {"summary": summary, "mismatches": mismatches}
-
-
-def _money(amount: int, currency: str) -> str:
-    return f"{amount} {currency} (minor units)"
-
-
-async def apply_fix(
-    session: AsyncSession,
-    principal: Principal,
-    found: Reconciliation,
-    mismatch_id: str,
-    now: datetime,
-) -> FixOut:
-    """Queue the booking a mismatch's fix calls for; a fix is applied once."""
-    if found.status != ReconciliationStatus.COMPLETED:
-        raise Conflict("The reconciliation has no report yet.", code="NOT_COMPLETED")
-    mismatches = [dict(m) for m in found.report.get("mismatches", [])]
-    mismatch = next((m for m in mismatches if m["id"] == mismatch_id), None)
-    if mismatch is None:
-        raise NotFound(f"No mismatch {mismatch_id} in this report.", code="MISMATCH_NOT_FOUND")
-    if mismatch.get("fixed_at"):
-        raise Conflict("The fix was applied already.", code="ALREADY_FIXED")
-    plan = mismatch.get("_fix")
-    if not mismatch.get("fix") or not plan:
-        raise Conflict(
-            "This mismatch has no fix to apply from the API: "
-            + str(mismatch.get("fix_description")),
-            code="NO_FIX",
-        )
-    entry = await session.scalar(
-        select(FinanceEntry)
-        .where(
-            FinanceEntry.integration_id == found.integration_id,
-            FinanceEntry.source_ref == plan["payment_key"],
-            FinanceEntry.kind.in_((EntryKind.SALE, EntryKind.UNPAID)),
-        )
-        .with_for_update()
-    )
-    if entry is None:
-        entry = FinanceEntry(
-            public_id=new_public_id("fin"),
-            integration_id=found.integration_id,
-            source_integration_id=found.source_integration_id,
-            kind=EntryKind.SALE,
-            source_ref=str(plan["payment_key"])[:255],
-            member_id=plan.get("member_row"),
-            amount=int(plan["amount"]),
-            currency=str(plan["currency"]),
-            occurred_at=datetime.fromisoformat(plan["occurred_at"]),
-            attempts=0,
-            log=[],
-            created_at=now,
-        )
-        session.add(entry)
-    if mismatch["fix"] == "link_payment":
-        entry.invoice_id = plan.get("invoice_id")
-        entry.contact_id = entry.contact_id or plan.get("contact_id")
-        entry.payment_id = None
-    elif entry.status == EntryStatus.DONE and entry.kind == EntryKind.SALE:
-        raise Conflict(
-            "The payment is booked already; run the reconciliation again.", code="ALREADY_BOOKED"
-        )
-    entry.kind = EntryKind.SALE
-    entry.status = EntryStatus.PENDING
-    entry.next_attempt_at = now
-    entry.completed_at = None
-    entry.updated_at = now
-    entry.log = [
-        *entry.log,
-        {"at": now.isoformat(), "step": "queued", "outcome": f"fix:{mismatch['fix']}"},
-    ]
-    await session.flush()
-    mismatch["fixed_at"] = now.isoformat()
-    mismatch["entry_id"] = entry.public_id
-    found.report = {**found.report, "mismatches": mismatches}
-    record_write(
-        session,
-        principal.actor,
-        action="finance.reconciliation.fix",
-        object_type="reconciliation",
-        object_id=found.public_id,
-        changes=diff({}, {"mismatch": mismatch_id, "fix": mismatch["fix"]}),
-    )
-    return FixOut(mismatch=Mismatch.model_validate(mismatch), entry_id=entry.public_id)
+    return {"summary": summary, "mismatches": found.rows}

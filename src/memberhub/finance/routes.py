@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from memberhub.auth.dependencies import IntegrationsReader, IntegrationsWriter
-from memberhub.finance import reconciliation, service
+from memberhub.finance import fixes, service
 from memberhub.finance.models import EntryKind, EntryStatus
 from memberhub.finance.schemas import (
     FinanceEntryOut,
@@ -140,11 +140,14 @@ CSV_COLUMNS = (
     "member_id",
     "stripe_id",
     "invoice_id",
+    "credit_note_id",
+    "transfer_id",
     "term_id",
     "stripe_amount",
     "stripe_currency",
     "xero_amount",
     "xero_currency",
+    "balance_amount",
     "fix",
     "fix_description",
     "fixed_at",
@@ -191,6 +194,9 @@ async def fix_mismatch(
 ) -> FixOut:
     """Apply a mismatch's suggested fix: `create_missing_invoice` queues the booking of
     the Stripe payment (contact, invoice, payment); `link_payment` queues the payment of
-    the unpaid invoice. The worker books it; the entry's log shows how it went."""
+    the unpaid invoice; `create_missing_credit_note` the refund's credit note and its
+    refund; `link_refund` the refund of a credit note not paid back; `book_payout` the
+    payout's fees and transfer to the bank. The worker books it; the entry's log shows how
+    it went."""
     found = await service.get_reconciliation(session, principal, reconciliation_id, for_update=True)
-    return await reconciliation.apply_fix(session, principal, found, mismatch_id, utcnow())
+    return await fixes.apply_fix(session, principal, found, mismatch_id, utcnow())

@@ -141,19 +141,44 @@ class Mismatch(BaseModel):
         "amount_or_currency_differs",
         "membership_active_without_payment",
         "payment_without_membership_change",
+        "refund_without_credit_note",
+        "credit_note_without_refund",
+        "refund_amount_differs",
+        "credit_note_not_refunded",
+        "payout_not_in_xero",
+        "payout_amount_differs",
     ]
     description: str
     member_id: str | None = None
-    stripe_id: str | None = None
+    stripe_id: str | None = Field(default=None, description="The Stripe charge, refund or payout.")
     invoice_id: str | None = None
+    credit_note_id: str | None = None
+    transfer_id: str | None = Field(default=None, description="Xero's bank transfer.")
     term_id: str | None = None
     stripe_amount: int | None = None
     stripe_currency: str | None = None
     xero_amount: int | None = None
     xero_currency: str | None = None
-    fix: Literal["create_missing_invoice", "link_payment"] | None = None
+    balance_amount: int | None = Field(
+        default=None,
+        description="For a payout: what the balance transactions it paid out come to "
+        "(charges less refunds and fees).",
+    )
+    fix: (
+        Literal[
+            "create_missing_invoice",
+            "link_payment",
+            "create_missing_credit_note",
+            "link_refund",
+            "book_payout",
+        ]
+        | None
+    ) = None
     fix_description: str
     fixed_at: str | None = None
+    entry_id: str | None = Field(
+        default=None, description="The finance entry the applied fix queued."
+    )
 
 
 class ReconciliationSummary(BaseModel):
@@ -162,8 +187,11 @@ class ReconciliationSummary(BaseModel):
     stripe_payouts: int = 0
     xero_invoices: int = 0
     xero_credit_notes: int = 0
+    xero_bank_transfers: int = 0
     membership_terms: int = 0
-    matched: int = 0
+    matched: int = Field(default=0, description="Stripe charges that matched in full.")
+    refunds_matched: int = 0
+    payouts_matched: int = 0
     mismatches: int = 0
 
 

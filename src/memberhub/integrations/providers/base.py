@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -621,6 +622,19 @@ class LedgerDocument:
     payments: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class LedgerTransfer:
+    """A transfer between two bank accounts as read back (a payout booked to the bank).
+    The amount is the vendor's decimal: a transfer names no currency of its own."""
+
+    id: str
+    from_account: str | None
+    to_account: str | None
+    amount: Decimal
+    reference: str | None
+    transferred_on: date | None
+
+
 @runtime_checkable
 class Accounting(Protocol):
     """Books payments and refunds as invoices, payments and credit notes.
@@ -670,6 +684,12 @@ class Accounting(Protocol):
     ) -> list[LedgerDocument]:
         """Invoices and credit notes issued from `since` up to, not including, `until`."""
 
+    async def transfers(
+        self, connection: Connection, *, since: date, until: date
+    ) -> list[LedgerTransfer]:
+        """Transfers between bank accounts dated from `since` up to, not including,
+        `until`."""
+
 
 @dataclass(frozen=True)
 class MoneyRecord:
@@ -684,6 +704,7 @@ class MoneyRecord:
     references: tuple[str, ...] = ()  # the other ids of the same payment
     member_id: str | None = None
     fee: int = 0
+    arrives_at: datetime | None = None  # a payout's arrival at the bank
 
 
 @dataclass(frozen=True)
@@ -714,6 +735,11 @@ class PaymentsReport(Protocol):
 
     async def payout_fees(self, connection: Connection, payout_id: str) -> int:
         """The provider's fees (minor units) on the money a payout paid out."""
+
+    async def payout_net(self, connection: Connection, payout_id: str) -> int | None:
+        """What the money a payout paid out comes to (minor units): its charges less
+        refunds and fees, the payout itself left out; None when the provider cannot say
+        (a payout made by hand)."""
 
 
 @runtime_checkable

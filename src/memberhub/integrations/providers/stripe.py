@@ -349,6 +349,16 @@ class Stripe(Provider):
                 fees += _int(row.get("fee"))
         return fees
 
+    async def payout_net(self, connection: Connection, payout_id: str) -> int | None:
+        """The sum of the nets (amount less fee: charges in, refunds out) of the balance
+        transactions the payout paid out; None when Stripe lists none (it lists them for
+        automatic payouts only)."""
+        net: int | None = None
+        async for row in self._listed(connection, "/v1/balance_transactions", payout=payout_id):
+            if row.get("type") != "payout":
+                net = (net or 0) + _int(row.get("net"))
+        return net
+
     async def _listed(
         self,
         connection: Connection,
@@ -389,6 +399,7 @@ def _money_record(obj: Mapping[str, Any], kind: str) -> MoneyRecord:
         status=str(obj.get("status") or ""),
         references=_ids(obj.get("payment_intent"), obj.get("invoice"), obj.get("charge")),
         member_id=_text(metadata.get("member_id")),
+        arrives_at=_when(obj.get("arrival_date")) if kind == "payout" else None,
     )
 
 

@@ -36,6 +36,7 @@ from memberhub.integrations.providers.base import (
     LedgerAccount,
     LedgerContact,
     LedgerDocument,
+    LedgerTransfer,
     MoneyMovement,
     OAuthSettings,
     PaymentNotice,
@@ -380,10 +381,7 @@ class Xero(Provider):
     async def documents(
         self, connection: Connection, *, since: date, until: date
     ) -> list[LedgerDocument]:
-        where = (
-            f"Date>=DateTime({since.year},{since.month:02d},{since.day:02d}) AND "
-            f"Date<DateTime({until.year},{until.month:02d},{until.day:02d})"
-        )
+        where = _date_range(since, until)
         found: list[LedgerDocument] = []
         for path, key, kind in (
             ("/Invoices", "Invoices", "invoice"),
@@ -398,6 +396,17 @@ class Xero(Provider):
                     break
                 page += 1
         return found
+
+    async def transfers(
+        self, connection: Connection, *, since: date, until: date
+    ) -> list[LedgerTransfer]:
+        # Bank transfers are not paged: one call answers every transfer the filter keeps.
+        body = await self._get(connection, "/BankTransfers", {"where": _date_range(since, until)})
+        return [
+            _ledger_transfer(row)
+            for row in body.get("BankTransfers") or []
+            if isinstance(row, Mapping)
+        ]
 
     async def record_payment(self, connection: Connection, notice: PaymentNotice) -> str:
         raise AccountingRejected(
@@ -448,6 +457,28 @@ def _first_valid(body: Any, key: str) -> Mapping[str, Any]:
     if problems or row.get("HasValidationErrors"):
         raise AccountingRejected("; ".join(problems) or "Xero refused it")
     return row
+
+
+def _date_range(since: date, until: date) -> str:
+    return (
+        f"Date>=DateTime({since.year},{since.month:02d},{since.day:02d}) AND "
+        f"Date<DateTime({until.year},{until.month:02d},{until.day:02d})"
+    )
+
+
+def _ledger_transfer(row: Mapping[str, Any]) -> LedgerTransfer:
+    try:
+        amount = Decimal(str(row.get("Amount")))
+    except ArithmeticError:
+        amount = Decimal(0)
+    return LedgerTransfer(
+        id=str(row.get("BankTransferID") or ""),
+        from_account=(row.get("FromBankAccount") or {}).get("Code"),
+        to_account=(row.get("ToBankAccount") or {}).get("Code"),
+        amount=amount,
+        reference=row.get("Reference"),
+        transferred_on=xero_date(row.get("DateString") or row.get("Date")),
+    )
 
 
 def _ledger_document(row: Mapping[str, Any], kind: str) -> LedgerDocument:

@@ -1,0 +1,37 @@
+"""A reconciliation report's mismatches as they are found: each gets the next id
+(`mm_1`, `mm_2`, …), its kind, a description, and its fix — the name of what the API can
+apply, and `_fix`, what applying it needs (kept in the report, never shown)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+from typing import Any
+
+
+class MismatchList:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(
+        self, kind: str, description: str, fix: str | None, fix_description: str, **fields: Any
+    ) -> None:
+        self.rows.append(
+            {
+                "id": f"mm_{len(self.rows) + 1}",
+                "kind": kind,
+                "description": description,
+                "fix": fix,
+                "fix_description": fix_description,
+                **fields,
+            }
+        )
+
+
+def money(amount: int, currency: str) -> str:
+    return f"{amount} {currency} (minor units)"
+
+
+def issued_in(day: date, start: datetime, end: datetime) -> bool:
+    """Whether a document dated `day` (a date) falls in [start, end)."""
+    last_day = (end - timedelta(microseconds=1)).date()
+    return start.date() <= day <= last_day
