@@ -165,6 +165,11 @@ async def test_a_host_that_resolves_elsewhere_after_it_was_saved_is_not_connecte
     assert logged["status"] == "queued"  # tried again on its schedule
     assert f"Refusing to connect to '{RELAY}', which resolves to 127.0.0.1" in logged["error"]
     assert "(loopback)" in logged["error"]
+    check = await strict.post(f"/api/v1/integrations/{created.json()['id']}/test")
+    assert check.status_code == 200, check.text
+    assert check.json()["ok"] is False
+    assert "Refusing to connect" in check.text
+    assert smtp.received() == []
 
 
 async def test_a_name_is_connected_to_at_the_address_checked_and_tls_verifies_the_name(
