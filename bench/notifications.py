@@ -62,9 +62,10 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.kit.ids import new_public_id, new_public_ids
+from memberhub.members.models import Member
 from memberhub.notifications.models import Notification, NotificationStatus
 from memberhub.notifications.sending import NotificationSender
-from memberhub.webhooks.ssrf import UrlPolicy
+from memberhub.webhooks.ssrf import UrlPolicy, parse_networks
 
 FULL_EMAILS = 2_000
 QUICK_EMAILS = 50
@@ -165,10 +166,34 @@ def outgoing(reference: str, number: int) -> OutgoingMessage:
     )
 
 
+async def create_members(db: Database, count: int) -> None:
+    """The members the notifications go to, with email consent (the sender checks it)."""
+    now = utcnow()
+    rows = [
+        {
+            "public_id": public_id,
+            "email": f"member{number}@bench.example",
+            "email_normalized": f"member{number}@bench.example",
+            "status": "active",
+            "consent_email": True,
+            "custom_fields": {},
+            "external_ids": {},
+            "version": 1,
+            "created_at": now,
+        }
+        for number, public_id in enumerate(new_public_ids("mem", count))
+    ]
+    async with db.transaction() as session:
+        await session.execute(insert(Member), rows)
+
+
 async def queue_notifications(db: Database, round_number: int, count: int) -> list[str]:
     """`count` queued notifications, rendered as the planner leaves them."""
     now = utcnow()
     ids = new_public_ids("ntf", count)
+    async with db.transaction(read_only=True) as session:
+        found = await session.execute(select(Member.email, Member.id))
+        members = {email: member_id for email, member_id in found if email is not None}
     rows: list[dict[str, Any]] = [
         {
             "public_id": public_id,
@@ -177,7 +202,7 @@ async def queue_notifications(db: Database, round_number: int, count: int) -> li
             "category": "transactional",
             "channel": "email",
             "audience": "member",
-            "member_id": None,
+            "member_id": members[f"member{number}@bench.example"],
             "organisation_id": None,
             "recipient": f"member{number}@bench.example",
             "recipient_key": f"member{number}@bench.example",
@@ -282,11 +307,15 @@ async def bench_backend_run(
 ) -> tuple[Result, list[str]]:
     db = Database(url, pool_size=5)
     box = SecretBox(SECRET)
-    hub = IntegrationHub(db, box, UrlPolicy(allowed_networks=(), allow_http=True))
+    # The local SMTP server is on loopback: allowed as an installation allows its relay.
+    hub = IntegrationHub(
+        db, box, UrlPolicy(allowed_networks=parse_networks("127.0.0.0/8"), allow_http=True)
+    )
     problems: list[str] = []
     result = Result(backend, [], [])
     try:
         config = await create_integration(db, box, port)
+        await create_members(db, emails)
         # Warm-up: sessions opened, statements prepared.
         await sender_round(db, hub, -1, min(20, emails))
         await raw_round(config, min(20, emails))

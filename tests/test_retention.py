@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, cast
 
+import pytest
+from pydantic import ValidationError
 from sqlalchemy import Table, insert, select
 
 from memberhub.audit.models import AuditEntry
@@ -15,7 +17,10 @@ from memberhub.integrations.models import InboundEvent, Integration
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database, column_values
 from memberhub.kit.ids import new_public_id
+from memberhub.members.models import Member
+from memberhub.notifications.models import Notification, Suppression
 from memberhub.ops.retention import purge_expired_history
+from memberhub.settings import Settings
 from memberhub.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from tests.support import ApiClient
 
@@ -149,3 +154,83 @@ async def test_old_finished_history_goes_and_everything_else_stays(
     assert await purge_expired_history(db, older_than=now - timedelta(days=90)) == dict.fromkeys(
         deleted, 0
     )
+
+
+async def test_settled_notifications_go_after_their_own_retention_and_queued_ones_stay(
+    api: ApiClient, db: Database
+) -> None:
+    notifications = cast(Table, Notification.__table__)
+    member = await api.create_member(email="kept@example.com")
+    async with db.transaction(read_only=True) as session:
+        member_id = await session.scalar(select(Member.id).where(Member.public_id == member["id"]))
+    now = utcnow()
+    old, recent = now - timedelta(days=181), now - timedelta(days=179)
+
+    async def notification(status: str, at: datetime) -> int:
+        return await _insert(
+            db,
+            notifications,
+            public_id=new_public_id("ntf"),
+            event_public_id=new_public_id("evt"),
+            message_type="points_earned",
+            category="transactional",
+            channel="email",
+            audience="member",
+            member_id=member_id,
+            recipient="kept@example.com",
+            recipient_key="kept@example.com",
+            subject="You earned points",
+            text="Hi Ann, you earned 40 points.",
+            status=status,
+            next_attempt_at=at if status == "queued" else None,
+            created_at=at,
+            updated_at=at,
+        )
+
+    gone = {
+        await notification(status, old)
+        for status in ("sent", "delivered", "bounced", "failed", "suppressed")
+    }
+    waiting = await notification("queued", old)
+    young = await notification("sent", recent)
+    async with db.transaction() as session:
+        suppressed = await session.scalar(
+            insert(Suppression)
+            .values(
+                public_id=new_public_id("sup"),
+                channel="email",
+                address="kept@example.com",
+                reason="bounced",
+                created_at=old,
+            )
+            .returning(Suppression.id)
+        )
+
+    # The general retention (90 days) does not reach notifications: they have their own.
+    kept = await purge_expired_history(db, older_than=now - timedelta(days=90))
+    assert "notifications" not in kept
+    assert await _ids(db, notifications) == gone | {waiting, young}
+
+    deleted = await purge_expired_history(
+        db,
+        older_than=now - timedelta(days=90),
+        notifications_older_than=now - timedelta(days=180),
+        batch_rows=2,
+    )
+
+    assert deleted["notifications"] == 5
+    assert await _ids(db, notifications) == {waiting, young}
+    assert await _ids(db, cast(Table, Suppression.__table__)) == {suppressed}
+    again = await purge_expired_history(
+        db,
+        older_than=now - timedelta(days=90),
+        notifications_older_than=now - timedelta(days=180),
+    )
+    assert again["notifications"] == 0
+
+
+def test_the_notification_retention_defaults_to_180_days_and_is_at_least_31() -> None:
+    assert Settings().notification_retention_days == 180
+    assert Settings(notification_retention_days=31).notification_retention_days == 31
+    with pytest.raises(ValidationError):
+        Settings(notification_retention_days=30)

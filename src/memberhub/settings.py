@@ -232,6 +232,13 @@ class Settings(BaseSettings):
         description="How long events, webhook deliveries and attempts, inbound events and "
         "CRM sync runs are kept once finished; the audit log is kept forever.",
     )
+    notification_retention_days: float = Field(
+        default=180.0,
+        ge=31,
+        description="How long notifications (with their rendered subject and body) are kept "
+        "once sent, delivered, bounced, failed or suppressed; at least 31 days, so the "
+        "deduplication windows (up to 30 days) still see what was sent.",
+    )
 
     # Staff sign-in and the console.
     staff_lockout_attempts: int = Field(

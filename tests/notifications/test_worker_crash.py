@@ -42,6 +42,8 @@ def worker_env(database_url: str, tmp_path: Path, db: Database) -> dict[str, str
         # A dead worker's claims are sent by the next one two seconds after they were made.
         MEMBERHUB_NOTIFICATION_LEASE_SECONDS="2",
         MEMBERHUB_NOTIFICATION_CONCURRENCY=str(CONCURRENCY),
+        # The test's SMTP server is on loopback, which the outbound policy must allow.
+        MEMBERHUB_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
     )
     return env
 

@@ -19,6 +19,8 @@ from memberhub.webhooks.ssrf import (
     GuardedNetworkBackend,
     UrlPolicy,
     WebhookUrlRefused,
+    allowed_addresses,
+    check_host,
     check_url,
     guarded_transport,
     parse_networks,
@@ -503,3 +505,49 @@ async def test_a_host_rebinding_into_an_allowed_network_is_delivered(
 
     assert response.status_code == 200
     assert len(local_server.request_heads) == 1
+
+
+# ---------------------------------------------------------------- bare hosts (SMTP)
+
+
+async def test_a_bare_host_is_judged_as_a_urls_host_is() -> None:
+    dns = FakeDns(answers={"relay.example": [PUBLIC_V4, "10.0.0.25"], "ok.example": [PUBLIC_V4]})
+    await check_host("ok.example", 587, HTTPS_ONLY, resolver=dns)
+    await check_host(PUBLIC_V4, 587, HTTPS_ONLY, resolver=dns)
+    assert dns.calls == [("ok.example", 587)]  # a literal is not looked up
+
+    with pytest.raises(WebhookUrlRefused) as caught:
+        await check_host("relay.example", 587, HTTPS_ONLY, what="SMTP host", resolver=dns)
+    assert caught.value.details["reason"] == "private"
+    assert caught.value.details["address"] == "10.0.0.25"
+    assert caught.value.message.startswith("The SMTP host 'relay.example' resolves to 10.0.0.25")
+    assert SETTING in caught.value.message
+
+    with pytest.raises(WebhookUrlRefused) as caught:
+        await check_host("[::1]", 25, HTTPS_ONLY, resolver=dns)
+    assert caught.value.details["reason"] == "loopback"
+    with pytest.raises(WebhookUrlRefused) as caught:
+        await check_host("missing.example", 25, HTTPS_ONLY, resolver=dns)
+    assert caught.value.details["reason"] == "unresolvable"
+    await check_host("127.0.0.1", 25, LOOPBACK_ALLOWED, resolver=dns)
+
+
+async def test_the_addresses_to_connect_to_are_resolved_and_checked_each_time() -> None:
+    dns = FakeDns(answers={"relay.example": [PUBLIC_V4]}, rebind_to={"relay.example": ["::1"]})
+    assert await allowed_addresses("relay.example", 25, HTTPS_ONLY, resolver=dns) == [PUBLIC_V4]
+
+    # Looked up again: now it rebinds to loopback, which is refused (::1 is not inside
+    # 127.0.0.0/8 either).
+    for policy in (HTTPS_ONLY, LOOPBACK_ALLOWED):
+        with pytest.raises(DestinationRefused) as caught:
+            await allowed_addresses("relay.example", 25, policy, resolver=dns)
+        assert (caught.value.reason, caught.value.address) == ("loopback", "::1")
+    assert len(dns.calls) == 3
+
+    assert await allowed_addresses("127.0.0.1", 25, LOOPBACK_ALLOWED, resolver=dns) == ["127.0.0.1"]
+    with pytest.raises(DestinationRefused) as caught:
+        await allowed_addresses("127.0.0.1", 25, HTTPS_ONLY, resolver=dns)
+    assert caught.value.address is None  # the host is the address
+    empty = FakeDns(answers={"empty.example": []})
+    with pytest.raises(OSError, match="no addresses"):
+        await allowed_addresses("empty.example", 25, HTTPS_ONLY, resolver=empty)

@@ -116,6 +116,7 @@ class IntegrationHub:
             config=entry.config,
             credentials=entry.credentials,
             gateway=entry.gateway,
+            url_policy=self.url_policy,
         )
 
     def _entry(self, integration: Integration) -> _Entry:

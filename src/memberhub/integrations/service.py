@@ -118,7 +118,8 @@ def _validated(
 
 
 async def _check_urls(provider: Provider, config: BaseConfig, policy: ssrf.UrlPolicy) -> None:
-    """The hosts a user configured must be reachable under the outbound URL policy."""
+    """The hosts a user configured (URLs, and other hosts such as an SMTP server) must be
+    reachable under the outbound URL policy."""
     oauth = config.oauth
     urls = {
         "config.base_url": config.base_url,
@@ -131,6 +132,15 @@ async def _check_urls(provider: Provider, config: BaseConfig, policy: ssrf.UrlPo
             continue
         try:
             await ssrf.check_url(url, policy)
+        except ssrf.WebhookUrlRefused as exc:
+            raise ValidationFailed(
+                f"{field} may not be used: {exc.message}",
+                details={**exc.details, "field": field},
+                code="INTEGRATION_URL_REFUSED",
+            ) from None
+    for field, (host, port) in provider.outbound_hosts(config).items():
+        try:
+            await ssrf.check_host(host, port, policy, what=f"{provider.title} host")
         except ssrf.WebhookUrlRefused as exc:
             raise ValidationFailed(
                 f"{field} may not be used: {exc.message}",

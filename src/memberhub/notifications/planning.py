@@ -10,7 +10,9 @@ a restored cursor) write nothing: `INSERT … ON CONFLICT DO NOTHING`.
 Everything about a notification is decided here, once: its recipients, the template
 (rendered now, so the log shows what was sent), consent and preferences
 (`suppressed: no_consent`), the suppression list, deduplication, and for SMS and push the
-quiet hours (`next_attempt_at` at their end).
+quiet hours (`next_attempt_at` at their end). What can change before the message goes
+out (consent, preferences, the suppression list, the quiet hours for a retry) the sender
+checks again when it claims it (`sending._withhold`, with `withheld_reason` shared).
 """
 
 from __future__ import annotations
@@ -450,21 +452,9 @@ class _Planner:
         recipient: _Recipient,
     ) -> str | None:
         channel = recipient.channel
-        if member.deleted_at is not None:
-            return "member_deleted"
-        consent = {
-            Channel.EMAIL: member.consent_email,
-            Channel.SMS: member.consent_sms,
-            Channel.PUSH: preference.push if preference is not None else False,
-        }[channel]
-        if not consent:
-            return "no_consent"
-        if (
-            message.category == Category.MARKETING
-            and preference is not None
-            and not getattr(preference, f"marketing_{channel}")
-        ):
-            return "opted_out"
+        withheld = withheld_reason(member, preference, channel, message.category)
+        if withheld is not None:
+            return withheld
         if recipient.address is None:
             return "no_address"
         suppressed = self.suppressed[channel].get(recipient.key)
@@ -549,6 +539,34 @@ class _Planner:
             locale=locale,
         )
         return row
+
+
+def withheld_reason(
+    member: Member | None,
+    preference: NotificationPreference | None,
+    channel: str,
+    category: str,
+) -> str | None:
+    """Why a member's message may not go out on `channel` as things stand: erased, no
+    consent to the channel, or marketing turned off on it; None when it may. The planner
+    asks when it writes a notification, the sender again just before sending it, since
+    consent can be withdrawn in between."""
+    if member is None or member.deleted_at is not None:
+        return "member_deleted"
+    consent = {
+        Channel.EMAIL: member.consent_email,
+        Channel.SMS: member.consent_sms,
+        Channel.PUSH: preference.push if preference is not None else False,
+    }[channel]
+    if not consent:
+        return "no_consent"
+    if (
+        category == Category.MARKETING
+        and preference is not None
+        and not getattr(preference, f"marketing_{channel}")
+    ):
+        return "opted_out"
+    return None
 
 
 def quiet_hours_end(now: datetime, zone: ZoneInfo, start: time, end: time) -> datetime:

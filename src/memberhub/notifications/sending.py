@@ -6,7 +6,12 @@ Three steps, each its own short transaction, so no send runs inside one:
    LOCKED` on PostgreSQL): `attempts` goes up, `next_attempt_at` becomes the end of the
    lease and `claim` a token of this pass. A notification whose sender died is due again
    when its lease ends; it is then sent again, which is the one way a message can go out
-   twice: an attempt in flight when its process died.
+   twice: an attempt in flight when its process died. In the same transaction each
+   is checked again against what may have changed since it was planned: a member who
+   withdrew consent or turned marketing off, an address put on the suppression list (a
+   bounce, a spam report, an unsubscribe) make it `suppressed` with the reason instead;
+   an SMS or push falling due inside the quiet hours (a retry at night) waits for their
+   end, no attempt counted.
 2. **Send**, a round of `concurrency` at a time, through the provider's
    `MessageChannel` and the gateway.
 3. **Record** each round as it finishes (so a crash leaves at most one round sent and
@@ -24,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import structlog
 from sqlalchemy import Table, and_, bindparam, select, update
@@ -40,8 +46,16 @@ from memberhub.integrations.providers.base import (
 )
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
-from memberhub.notifications import service
-from memberhub.notifications.models import Notification, NotificationStatus
+from memberhub.members.models import Member
+from memberhub.notifications import planning, service
+from memberhub.notifications.models import (
+    Channel,
+    Notification,
+    NotificationPreference,
+    NotificationStatus,
+)
+from memberhub.notifications.repository import NotificationRepository
+from memberhub.program import service as program_service
 
 log = structlog.get_logger("memberhub.notifications.sending")
 
@@ -50,6 +64,8 @@ CLAIM_BATCH = 200
 CONCURRENCY = 8
 DEFAULT_LEASE_SECONDS = 120.0
 ERROR_CHARS = 2000
+# The channels that wait out the quiet hours.
+QUIET_CHANNELS = frozenset({Channel.SMS, Channel.PUSH})
 
 
 @dataclass(frozen=True)
@@ -97,8 +113,11 @@ class NotificationSender:
         """Send what is due, a claimed batch at a time; returns how many were handled."""
         handled = 0
         for _ in range(max_batches):
-            claim, claimed = await self._claim(now or utcnow())
+            claim, claimed, withheld = await self._claim(now or utcnow())
+            handled += withheld
             if not claimed:
+                if withheld:
+                    continue
                 break
             integrations = await self._integrations()
             # Recorded a round of sends at a time: what a crash leaves sent but unrecorded
@@ -112,7 +131,10 @@ class NotificationSender:
             handled += len(claimed)
         return handled
 
-    async def _claim(self, now: datetime) -> tuple[str, list[_Claimed]]:
+    async def _claim(self, now: datetime) -> tuple[str, list[_Claimed], int]:
+        """Lease a batch of due notifications; those that may no longer go out (see
+        `_withhold`) are settled instead. Returns the claim, what to send and how many
+        were withheld or deferred."""
         claim = secrets.token_hex(8)
         async with self.db.transaction() as session:
             query = (
@@ -128,6 +150,10 @@ class NotificationSender:
                     Notification.headers,
                     Notification.integration_id,
                     Notification.attempts,
+                    Notification.category,
+                    Notification.audience,
+                    Notification.member_id,
+                    Notification.recipient_key,
                 )
                 .where(
                     Notification.status == NotificationStatus.QUEUED,
@@ -140,7 +166,11 @@ class NotificationSender:
                 query = query.with_for_update(skip_locked=True)
             rows = (await session.execute(query)).all()
             if not rows:
-                return claim, []
+                return claim, [], 0
+            withheld = await _withhold(session, rows, now)
+            rows = [row for row in rows if row.id not in withheld]
+            if not rows:
+                return claim, [], len(withheld)
             lease_end = now + self.lease
             await session.execute(
                 update(_NOTIFICATIONS)
@@ -152,22 +182,26 @@ class NotificationSender:
                     updated_at=now,
                 )
             )
-        return claim, [
-            _Claimed(
-                id=row.id,
-                public_id=row.public_id,
-                message_type=row.message_type,
-                channel=row.channel,
-                recipient=row.recipient or "",
-                subject=row.subject,
-                text=row.text,
-                html=row.html,
-                headers=dict(row.headers or {}),
-                integration_id=row.integration_id,
-                attempts=row.attempts + 1,
-            )
-            for row in rows
-        ]
+        return (
+            claim,
+            [
+                _Claimed(
+                    id=row.id,
+                    public_id=row.public_id,
+                    message_type=row.message_type,
+                    channel=row.channel,
+                    recipient=row.recipient or "",
+                    subject=row.subject,
+                    text=row.text,
+                    html=row.html,
+                    headers=dict(row.headers or {}),
+                    integration_id=row.integration_id,
+                    attempts=row.attempts + 1,
+                )
+                for row in rows
+            ],
+            len(withheld),
+        )
 
     async def _integrations(self) -> dict[int, tuple[Integration, MessageChannel, set[str]]]:
         async with self.db.transaction(read_only=True) as session:
@@ -255,6 +289,108 @@ class NotificationSender:
                 for outcome in outcomes
             ]
             await _update_claimed(session, claim, rows)
+
+
+async def _withhold(session: AsyncSession, rows: Sequence[Any], now: datetime) -> set[int]:
+    """Check again, just before sending, what may have changed since a notification was
+    planned: the member's consent and preferences (`no_consent`, `opted_out`,
+    `member_deleted`) and the suppression list (`suppressed_address:<why>`), which mark it
+    suppressed with the reason; and for SMS and push the quiet hours, which move it to
+    their end without counting an attempt (a retry may fall due at night). Returns the
+    ids of the rows settled here, which are not sent."""
+    member_ids = {row.member_id for row in rows if row.member_id is not None}
+    members: dict[int, Member] = {}
+    preferences: dict[int, NotificationPreference] = {}
+    if member_ids:
+        members = {
+            m.id: m for m in await session.scalars(select(Member).where(Member.id.in_(member_ids)))
+        }
+        preferences = {
+            p.member_id: p
+            for p in await session.scalars(
+                select(NotificationPreference).where(
+                    NotificationPreference.member_id.in_(member_ids)
+                )
+            )
+        }
+    repository = NotificationRepository(session)
+    suppressed = {
+        channel: await repository.suppressed_addresses(
+            channel, {row.recipient_key for row in rows if row.channel == channel}
+        )
+        for channel in (Channel.EMAIL, Channel.SMS)
+    }
+    reasons: dict[int, str] = {}
+    for row in rows:
+        if row.audience == "member":
+            reason = planning.withheld_reason(
+                members.get(row.member_id) if row.member_id is not None else None,
+                preferences.get(row.member_id) if row.member_id is not None else None,
+                row.channel,
+                row.category,
+            )
+            if reason is not None:
+                reasons[row.id] = reason
+                continue
+        listed = suppressed.get(row.channel, {}).get(row.recipient_key)
+        if listed is not None:
+            reasons[row.id] = f"suppressed_address:{listed}"[:100]
+    deferred = await _quiet_until(
+        session,
+        [row for row in rows if row.id not in reasons and row.channel in QUIET_CHANNELS],
+        members,
+        preferences,
+        now,
+    )
+    if reasons:
+        await (await session.connection()).execute(
+            update(_NOTIFICATIONS)
+            .where(_NOTIFICATIONS.c.id == bindparam("row_id"))
+            .values(
+                status=NotificationStatus.SUPPRESSED,
+                reason=bindparam("v_reason"),
+                next_attempt_at=None,
+                claim=None,
+                updated_at=now,
+            ),
+            [{"row_id": row_id, "v_reason": reason} for row_id, reason in reasons.items()],
+        )
+        log.info("notifications_withheld", count=len(reasons))
+    if deferred:
+        await (await session.connection()).execute(
+            update(_NOTIFICATIONS)
+            .where(_NOTIFICATIONS.c.id == bindparam("row_id"))
+            .values(next_attempt_at=bindparam("v_due"), updated_at=now),
+            [{"row_id": row_id, "v_due": due} for row_id, due in deferred.items()],
+        )
+    return set(reasons) | set(deferred)
+
+
+async def _quiet_until(
+    session: AsyncSession,
+    rows: Sequence[Any],
+    members: dict[int, Member],
+    preferences: dict[int, NotificationPreference],
+    now: datetime,
+) -> dict[int, datetime]:
+    """Of SMS and push `rows`, those due inside the quiet hours, with when those end."""
+    if not rows:
+        return {}
+    settings = await service.get_settings(session)
+    start, end = settings.quiet_hours.window()
+    if start == end:
+        return {}
+    program_zone = ZoneInfo((await program_service.get_program(session)).timezone)
+    deferred = {}
+    for row in rows:
+        zone = program_zone
+        preference = preferences.get(row.member_id) if row.member_id is not None else None
+        if preference is not None and preference.timezone:
+            zone = ZoneInfo(preference.timezone)
+        due = planning.quiet_hours_end(now, zone, start, end)
+        if due > now:
+            deferred[row.id] = due
+    return deferred
 
 
 def _recorded_values(

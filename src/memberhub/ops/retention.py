@@ -3,6 +3,12 @@ they are older than `RETENTION_DAYS` (90 by default). The audit log is never pur
 nothing still in flight is (pending deliveries, unsequenced or undispatched events, inbound
 events waiting to be processed, sync runs not finished).
 
+Notifications have a retention of their own (`NOTIFICATION_RETENTION_DAYS`, 180 by
+default): once sent, delivered, bounced, failed or suppressed, a notification and its
+rendered subject and body (personal data) go when older than that; queued ones stay until
+they are settled. Nothing else counts on them: the suppression list is kept apart and
+lasts until an address is lifted.
+
 Deletion goes in small batches, oldest first, each its own short transaction: a batch
 names its rows by id, so no statement scans or locks more than a batch of a hot table.
 """
@@ -19,6 +25,7 @@ from memberhub.crm.models import RunStatus, SyncRun, SyncRunRecord
 from memberhub.events.models import Event
 from memberhub.integrations.models import InboundEvent, InboundStatus
 from memberhub.kit.db import Database
+from memberhub.notifications.models import Notification, NotificationStatus
 from memberhub.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery
 
 BATCH_ROWS = 500
@@ -29,6 +36,7 @@ _EVENTS = cast(Table, Event.__table__)
 _INBOUND = cast(Table, InboundEvent.__table__)
 _RUNS = cast(Table, SyncRun.__table__)
 _RUN_RECORDS = cast(Table, SyncRunRecord.__table__)
+_NOTIFICATIONS = cast(Table, Notification.__table__)
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,14 @@ def _kinds() -> tuple[_Kind, ...]:
             _RUNS.c.created_at < cutoff,
         )
 
+    def notifications(cutoff: datetime) -> ColumnElement[bool]:
+        return and_(
+            _NOTIFICATIONS.c.status != NotificationStatus.QUEUED,
+            _NOTIFICATIONS.c.created_at < cutoff,
+        )
+
     return (
+        _Kind("notifications", _NOTIFICATIONS, notifications),
         _Kind("webhook_deliveries", _DELIVERIES, deliveries, ((_ATTEMPTS, "delivery_id"),)),
         _Kind("events", _EVENTS, events),
         _Kind("inbound_events", _INBOUND, inbound),
@@ -74,18 +89,26 @@ def _kinds() -> tuple[_Kind, ...]:
 
 
 async def purge_expired_history(
-    db: Database, *, older_than: datetime, batch_rows: int = BATCH_ROWS
+    db: Database,
+    *,
+    older_than: datetime,
+    notifications_older_than: datetime | None = None,
+    batch_rows: int = BATCH_ROWS,
 ) -> dict[str, int]:
-    """Delete, batch by batch, what is older than `older_than`; rows deleted per table."""
+    """Delete, batch by batch, what is older than `older_than` (notifications: older than
+    `notifications_older_than`, none when it is None); rows deleted per table."""
     deleted: dict[str, int] = {}
     for kind in _kinds():
+        cutoff = notifications_older_than if kind.table is _NOTIFICATIONS else older_than
+        if cutoff is None:
+            continue
         total = 0
         while True:
             async with db.transaction() as session:
                 ids = list(
                     await session.scalars(
                         select(kind.table.c.id)
-                        .where(kind.due(older_than))
+                        .where(kind.due(cutoff))
                         .order_by(kind.table.c.id)
                         .limit(batch_rows)
                     )

@@ -1,10 +1,14 @@
-"""SSRF protection for outbound webhooks.
+"""SSRF protection for outbound webhooks and integrations.
 
 A webhook URL is checked twice: when it is registered (`check_url`, a clear 422 for the
 caller) and again on every connection (`GuardedNetworkBackend`), because the name may
 resolve elsewhere by the time we send (DNS rebinding). The backend connects to the very
 address it checked, so a second DNS answer cannot slip in between the check and the
 connection; redirects, if ever followed, open new connections and are checked the same way.
+
+Hosts that are not URLs (an SMTP server) get the same two checks: `check_host` when saved,
+`allowed_addresses` before each connection, whose client then connects to the address it
+returns.
 
 Addresses that are not globally routable (loopback, private, link-local, carrier-grade NAT,
 multicast, reserved, ... and IPv6 forms embedding such an IPv4 address) are refused unless
@@ -334,6 +338,84 @@ def _unresolvable(host: str, cause: str) -> WebhookUrlRefused:
         "unresolvable",
         host=host,
     )
+
+
+async def check_host(
+    host: str,
+    port: int,
+    policy: UrlPolicy,
+    *,
+    what: str = "host",
+    resolver: Resolver | None = None,
+) -> None:
+    """Validate a bare host and port (an SMTP server, say) when it is saved, as `check_url`
+    does a URL's: raise WebhookUrlRefused when it is, or resolves to, an address outbound
+    connections may not reach. `what` names it in the message ("SMTP host")."""
+    literal = _ip_literal(host.strip("[]"))
+    if literal is not None:
+        reason = refusal_reason(literal, policy.allowed_networks)
+        if reason is not None:
+            raise _refused(
+                f"The {what} {host} ({reason}) is not an address outbound connections may "
+                "reach. " + _how_to_allow(str(literal)),
+                reason,
+                address=str(literal),
+            )
+        return
+    try:
+        async with asyncio.timeout(REGISTRATION_RESOLVE_TIMEOUT_SECONDS):
+            addresses = await (resolver or resolve)(host, port)
+    except TimeoutError:
+        raise _unresolvable_host(what, host, "the lookup timed out") from None
+    except OSError as exc:
+        raise _unresolvable_host(what, host, str(exc)) from None
+    except UnicodeError:
+        raise _unresolvable_host(what, host, "it is not a valid host name") from None
+    if not addresses:
+        raise _unresolvable_host(what, host, "no addresses")
+    refusal = _first_refusal(addresses, policy.allowed_networks)
+    if refusal is not None:
+        address, reason = refusal
+        raise _refused(
+            f"The {what} {host!r} resolves to {address} ({reason}), which outbound "
+            "connections may not reach; every address of the host must be reachable. "
+            + _how_to_allow(address),
+            reason,
+            address=address,
+            host=host,
+        )
+
+
+def _unresolvable_host(what: str, host: str, cause: str) -> WebhookUrlRefused:
+    return _refused(
+        f"The {what} {host!r} could not be resolved ({cause}); check the hostname.",
+        "unresolvable",
+        host=host,
+    )
+
+
+async def allowed_addresses(
+    host: str, port: int, policy: UrlPolicy, *, resolver: Resolver | None = None
+) -> list[str]:
+    """The addresses to connect to for `host`, resolved now and every one checked: for a
+    client that is not httpx (SMTP) and connects to what this returns, so that a second
+    DNS answer (rebinding) cannot slip in between the check and the connection. Raises
+    DestinationRefused, or OSError when the name does not resolve."""
+    literal = _ip_literal(host.strip("[]"))
+    if literal is not None:
+        addresses = [str(literal)]
+    else:
+        try:
+            addresses = await (resolver or resolve)(host, port)
+        except UnicodeError as exc:
+            raise OSError(f"Could not resolve {host!r}: {exc}") from None
+        if not addresses:
+            raise OSError(f"Could not resolve {host!r}: no addresses.")
+    refusal = _first_refusal(addresses, policy.allowed_networks)
+    if refusal is not None:
+        address, reason = refusal
+        raise DestinationRefused(host, reason, None if address == host else address)
+    return addresses
 
 
 class DestinationRefused(Exception):

@@ -74,6 +74,7 @@ async def _process_inbound(db: Database, now: datetime) -> int:
 
 DEFAULT_CALL_LOG_RETENTION_DAYS = 14.0
 DEFAULT_RETENTION_DAYS = 90.0
+DEFAULT_NOTIFICATION_RETENTION_DAYS = 180.0
 DEFAULT_DAILY_AT = time(3, 0)
 
 
@@ -134,12 +135,19 @@ class Worker:
         history = timedelta(
             days=settings.retention_days if settings is not None else DEFAULT_RETENTION_DAYS
         )
+        sent_notifications = timedelta(
+            days=settings.notification_retention_days
+            if settings is not None
+            else DEFAULT_NOTIFICATION_RETENTION_DAYS
+        )
 
         async def purge_calls(session: AsyncSession, now: datetime) -> int:
             return await purge_call_log(session, older_than=now - retention)
 
         async def purge_history(db: Database, now: datetime) -> int:
-            deleted = await purge_expired_history(db, older_than=now - history)
+            deleted = await purge_expired_history(
+                db, older_than=now - history, notifications_older_than=now - sent_notifications
+            )
             if any(deleted.values()):
                 log.info("history_purged", **deleted)
             return sum(deleted.values())

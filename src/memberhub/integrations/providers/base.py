@@ -25,6 +25,7 @@ from memberhub.kit.types import Input
 
 if TYPE_CHECKING:
     from memberhub.integrations.gateway import Gateway
+    from memberhub.webhooks.ssrf import UrlPolicy
 
 
 class Capability(StrEnum):
@@ -125,6 +126,9 @@ class Connection:
     config: BaseConfig
     credentials: Mapping[str, Any]
     gateway: Gateway
+    # Where a provider that connects without the gateway's HTTP client (SMTP) may connect;
+    # None: nowhere that is not globally routable.
+    url_policy: UrlPolicy | None = None
 
 
 class ConnectionFailed(Exception):
@@ -188,6 +192,12 @@ class Provider:
 
     def validate(self, config: BaseConfig, credentials: BaseCredentials) -> None:
         """Check the settings together; raise ValueError with a message for the caller."""
+
+    def outbound_hosts(self, config: BaseConfig) -> dict[str, tuple[str, int]]:
+        """Hosts the provider connects to that are not URLs (an SMTP server), by the config
+        field naming them, with their port: checked against the outbound URL policy when
+        the integration is saved, as URLs are."""
+        return {}
 
 
 # ---------------------------------------------------------------- capabilities

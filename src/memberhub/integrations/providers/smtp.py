@@ -14,8 +14,15 @@ too: resending cannot fix the credentials.
 
 Sessions are kept open between messages (up to `max_connections` per integration) and
 reused, as HTTP keeps connections alive; one found closed by the server before the message
-went out is replaced transparently. The host is the organisation's own relay, often on a
-private network, so no outbound address policy applies to it (only admins configure it).
+went out is replaced transparently.
+
+The host is held to the outbound URL policy as every integration's URLs are: refused when
+saved if it is, or resolves to, a private, loopback or otherwise not globally routable
+address outside `MEMBERHUB_WEBHOOK_ALLOWED_NETWORKS` (a relay on the organisation's own
+network is allowed by adding its network there); and resolved and checked again before
+each connection, which goes to the very address checked (the host name still names the
+server for TLS), so a DNS answer that changes in between (rebinding) cannot reach
+elsewhere.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import contextlib
 import email.utils
 import functools
 import secrets
+import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,6 +58,10 @@ from memberhub.integrations.providers.base import (
     SendRejected,
     SendResult,
 )
+from memberhub.webhooks.ssrf import DestinationRefused, UrlPolicy, allowed_addresses
+
+# Where a connection without a policy of its own may go: globally routable addresses only.
+_STRICT_POLICY = UrlPolicy(allow_http=False, allowed_networks=())
 
 HostName = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=253, pattern=r"^\S+$")
@@ -134,16 +146,21 @@ class Smtp(Provider):
         if (credentials.username is None) != (credentials.password is None):
             raise ValueError("credentials.username and credentials.password go together")
 
+    def outbound_hosts(self, config: BaseConfig) -> dict[str, tuple[str, int]]:
+        assert isinstance(config, SmtpConfig)
+        return {"config.host": (config.host, config.port)}
+
     async def check_connection(self, connection: Connection) -> str:
         config = _config(connection)
-        client = _client(config)
+        client: aiosmtplib.SMTP | None = None
         try:
-            await client.connect()
+            client = await _connect(config, _policy(connection))
             await _login(client, connection.credentials)
             await client.quit()
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            with contextlib.suppress(Exception):
-                client.close()
+        except (aiosmtplib.SMTPException, OSError, DestinationRefused) as exc:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
             raise ConnectionFailed(f"{config.host}:{config.port}: {exc}") from None
         return f"{config.host}:{config.port} accepted the session"
 
@@ -226,7 +243,7 @@ class Smtp(Provider):
                     session.last_used = loop.time()
                     pool.idle.append(session)
                     return
-            client = await _open(config, connection.credentials)
+            client = await _open(config, connection.credentials, _policy(connection))
             try:
                 await _deliver(client, mail)
             except _Stale as exc:
@@ -248,10 +265,48 @@ def _config(connection: Connection) -> SmtpConfig:
     return config
 
 
-def _client(config: SmtpConfig) -> aiosmtplib.SMTP:
+def _policy(connection: Connection) -> UrlPolicy:
+    return connection.url_policy if connection.url_policy is not None else _STRICT_POLICY
+
+
+async def _connect(config: SmtpConfig, policy: UrlPolicy) -> aiosmtplib.SMTP:
+    """A session with the server, greeting read: to the addresses its host resolves to
+    now, each checked against `policy` (DestinationRefused when one may not be reached),
+    tried in order. The client gets the connected socket and the host name, which TLS
+    (implicit or STARTTLS) checks the certificate against."""
+    addresses = await allowed_addresses(config.host, config.port, policy)
+    loop = asyncio.get_running_loop()
+    error: Exception | None = None
+    for address in addresses:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        client = None
+        try:
+            async with asyncio.timeout(config.timeout_seconds):
+                await loop.sock_connect(sock, (address, config.port))
+            client = _client(config, sock)
+            await client.connect()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+            sock.close()
+            error = (
+                exc
+                if not isinstance(exc, TimeoutError)
+                else TimeoutError(f"timed out connecting to {address} port {config.port}")
+            )
+            continue
+        return client
+    assert error is not None  # `allowed_addresses` never returns an empty list
+    raise error
+
+
+def _client(config: SmtpConfig, sock: socket.socket) -> aiosmtplib.SMTP:
     return aiosmtplib.SMTP(
         hostname=config.host,
-        port=config.port,
+        sock=sock,
         use_tls=config.security == "tls",
         start_tls=config.security == "starttls",
         timeout=config.timeout_seconds,
@@ -274,15 +329,16 @@ async def _login(client: aiosmtplib.SMTP, credentials: Mapping[str, Any]) -> Non
         await client.login(str(username), str(password))
 
 
-async def _open(config: SmtpConfig, credentials: Mapping[str, Any]) -> aiosmtplib.SMTP:
+async def _open(
+    config: SmtpConfig, credentials: Mapping[str, Any], policy: UrlPolicy
+) -> aiosmtplib.SMTP:
     """A connected, authenticated session; ExchangeNotSent when none could be made,
-    ExchangeRefused when the server refused the login."""
-    client = _client(config)
+    ExchangeRefused when the server refused the login. DestinationRefused (the host now
+    resolves where it may not go) passes through: the gateway records it as a failure and
+    the notification is retried on its schedule, not in place."""
     try:
-        await client.connect()
+        client = await _connect(config, policy)
     except (aiosmtplib.SMTPException, OSError) as exc:
-        with contextlib.suppress(Exception):
-            client.close()
         raise ExchangeNotSent(f"no session with {config.host}:{config.port}: {exc}") from None
     try:
         await _login(client, credentials)
