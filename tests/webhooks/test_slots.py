@@ -5,6 +5,9 @@ ahead and do not wait for a fan-out; what a receiver gets and what is kept of it
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
@@ -17,6 +20,8 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
 from memberhub.webhooks.delivery import (
+    RECORD_BATCH_TARGET,
+    RECORD_GATHER_SECONDS,
     RESPONSE_BODY_LIMIT,
     AttemptResult,
     Claimed,
@@ -123,6 +128,44 @@ async def test_a_finished_send_is_followed_at_once_by_the_next_claimed_ahead(
         # Nothing left claimed ahead: the slots end.
         await settle(lambda: endpoint.in_flight == 0 and not loop._tasks)
         assert loop._results.qsize() == 5
+
+
+async def test_the_recorder_gathers_results_while_sends_are_in_flight_and_no_longer(
+    slots: tuple[DeliveryLoop, EndpointState, GatedSends],
+) -> None:
+    loop, endpoint, sends = slots
+    async with loop._closing_transports():
+        loop._start_all_ready()
+        await settle(lambda: sends.started == [0, 1])
+        sends.finish(0)
+        await settle(lambda: loop._results.qsize() == 1)
+        # Sends in flight: the recorder waits for their results (one transaction for all).
+        gathering = asyncio.create_task(loop._gather_results(time.monotonic() + 3600))
+        await asyncio.sleep(RECORD_GATHER_SECONDS)
+        assert not gathering.done()
+        # The last send finishes: nothing more is coming, it stops waiting at once.
+        for delivery_id in range(1, 5):
+            await settle(functools.partial(operator.contains, sends.started, delivery_id))
+            sends.finish(delivery_id)
+        await settle(gathering.done)
+        assert endpoint.in_flight == 0
+        assert loop._results.qsize() == 5
+
+
+async def test_the_recorder_stops_waiting_when_a_full_batch_is_queued(
+    slots: tuple[DeliveryLoop, EndpointState, GatedSends],
+) -> None:
+    loop, endpoint, _ = slots
+    loop._in_flight = 1  # a send that never finishes
+    result = AttemptResult(claimed_ahead(endpoint, 0), utcnow(), 0.001, 200, "ok", None)
+    gathering = asyncio.create_task(loop._gather_results(time.monotonic() + 3600))
+    for _ in range(RECORD_BATCH_TARGET - 2):  # the recorder holds the first of the batch
+        loop._queue_result(result)
+    await asyncio.sleep(RECORD_GATHER_SECONDS)
+    assert not gathering.done()
+    loop._queue_result(result)
+    await settle(gathering.done)
+    assert loop._results.qsize() == RECORD_BATCH_TARGET - 1
 
 
 async def test_each_slot_sends_through_a_connection_of_its_own(

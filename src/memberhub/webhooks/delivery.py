@@ -70,8 +70,12 @@ if TYPE_CHECKING:
 log = structlog.get_logger("memberhub.webhooks")
 
 FAN_OUT_BATCH = 1000
-# Sends go on from what was claimed ahead while results wait to be recorded together.
-RECORD_GATHER_SECONDS = 0.025
+# Sends go on from what was claimed ahead while results wait to be recorded together: up to
+# this long after the first result of a batch, while sends are in flight, unless
+# RECORD_BATCH_TARGET results are waiting sooner. A transaction per batch costs about as much
+# CPU whatever its size, so a busy loop records few, large batches.
+RECORD_GATHER_SECONDS = 0.1
+RECORD_BATCH_TARGET = 128
 FAILING_ENDPOINT_CONCURRENCY = 2
 RECORD_RETRY_DELAYS = (0.2, 1.0, 3.0)
 # How long a worker trusts its copy of the endpoints (URL, secrets, ordering, rate limit).
@@ -398,6 +402,8 @@ class DeliveryLoop:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._results: asyncio.Queue[AttemptResult] = asyncio.Queue()
+        # Set when the recorder waiting for more results should stop waiting.
+        self._results_gathered = asyncio.Event()
         self._wake = asyncio.Event()
         self._refreshed_at = -ENDPOINT_REFRESH_SECONDS
         self._rotation = 0
@@ -439,6 +445,7 @@ class DeliveryLoop:
                     await asyncio.sleep(0.002)
             finally:
                 self._stopping = True
+                self._results_gathered.set()
                 fanned_out.set()
                 await fanning
                 try:
@@ -645,12 +652,12 @@ class DeliveryLoop:
         """How many deliveries to claim for `endpoint` now: up to its cap in flight plus some
         waiting (`_ahead`), so a finished send is followed at once by the next, without a
         database round trip. Claims are made in batches (half of what may wait, at most
-        twice the cap), unless the endpoint would otherwise idle."""
+        four times the cap), unless the endpoint would otherwise idle."""
         cap = self._cap(endpoint)
         ahead = self._ahead(endpoint, cap)
         held = endpoint.in_flight + len(endpoint.ready)
         room = cap + ahead - held
-        if held >= cap and room < max(1, min(ahead // 2, 2 * cap)):
+        if held >= cap and room < max(1, min(ahead // 2, 4 * cap)):
             return 0
         return room
 
@@ -828,6 +835,8 @@ class DeliveryLoop:
             self._give_back_lane(endpoint, lane)
             endpoint.in_flight -= 1
             self._in_flight -= 1
+            if not self._in_flight:
+                self._results_gathered.set()  # nothing more to wait for
         # A slot is free: for another endpoint's delivery waiting for one, or a claim.
         self._start_all_ready()
         self._wake.set()
@@ -874,7 +883,7 @@ class DeliveryLoop:
             self._unsent.extend(endpoint.ready)
             endpoint.ready.clear()
             endpoint.failing = True
-        self._results.put_nowait(result)
+        self._queue_result(result)
 
     def _start_all_ready(self) -> None:
         for endpoint in self._endpoints.values():
@@ -1003,15 +1012,33 @@ class DeliveryLoop:
     async def _record_forever(self) -> None:
         while True:
             first = await self._results.get()
-            if self._results.qsize() < self._in_flight:
-                # A moment for the sends about to finish: one transaction for all of them.
-                await asyncio.sleep(RECORD_GATHER_SECONDS)
+            # A moment for the sends about to finish: one transaction for all of them.
+            await self._gather_results(time.monotonic() + RECORD_GATHER_SECONDS)
             try:
                 await self._record_batch([first])
             except Exception:
                 # The leases run out and the deliveries are sent again: at least once.
                 log.exception("delivery_record_failed")
                 await asyncio.sleep(1.0)
+
+    async def _gather_results(self, deadline: float) -> None:
+        """Wait until `deadline` for more results, or until there is no point waiting: a
+        full batch is queued, or nothing is in flight (what is queued is all there is), or
+        the loop is stopping."""
+        while (
+            self._in_flight
+            and not self._stopping
+            and self._results.qsize() + 1 < RECORD_BATCH_TARGET
+            and (remaining := deadline - time.monotonic()) > 0
+        ):
+            self._results_gathered.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._results_gathered.wait(), timeout=remaining)
+
+    def _queue_result(self, result: AttemptResult) -> None:
+        self._results.put_nowait(result)
+        if self._results.qsize() + 1 >= RECORD_BATCH_TARGET:
+            self._results_gathered.set()
 
     async def _record_batch(self, batch: list[AttemptResult] | None = None) -> bool:
         """Record `batch` (taken from the queue) and whatever else is waiting there."""
