@@ -29,7 +29,7 @@ from memberhub.webhooks.delivery import (
     EndpointState,
     fan_out,
 )
-from memberhub.webhooks.models import WebhookAttempt
+from memberhub.webhooks.models import WebhookAttempt, WebhookDelivery
 from tests.fakes.webhook_receiver import Reply, WebhookReceiver, always
 from tests.support import ApiClient
 from tests.webhooks.conftest import create_endpoint, delivery_loop, emit_alerts, running_loop
@@ -294,3 +294,42 @@ async def test_a_claim_shares_what_may_be_claimed_ahead_among_the_endpoints(
 
     by_endpoint = Counter(item.endpoint.id for item in claimed)
     assert sorted(by_endpoint.values()) == [8, 8, 8, 8]
+
+
+async def test_two_loops_claiming_at_once_over_several_endpoints_never_share_a_delivery(
+    api: ApiClient, db: Database, settings: Settings
+) -> None:
+    # On PostgreSQL one statement claims for all three endpoints (a lateral join, SKIP
+    # LOCKED in each endpoint's part); the two claims run side by side.
+    for name in ("a", "b", "c"):
+        await create_endpoint(api, f"http://127.0.0.1:9/hooks/{name}")
+    await emit_alerts(db, 40)
+    async with db.transaction() as session:
+        await fan_out(session, utcnow())
+    loops = [
+        delivery_loop(db, settings, webhook_concurrency=4, webhook_endpoint_concurrency=4)
+        for _ in range(2)
+    ]
+    for loop in loops:
+        async with db.transaction() as session:
+            await loop._refresh_endpoints(session)
+        for endpoint in loop._endpoints.values():
+            endpoint.send_seconds = 0.001
+
+    first, second = await asyncio.gather(*(loop.claim() for loop in loops))
+
+    assert first
+    assert second
+    ids = [item.delivery_id for item in first + second]
+    assert len(ids) == len(set(ids)), "a delivery was claimed twice"
+    for claimed in (first, second):
+        assert len({item.endpoint.id for item in claimed}) == 3
+    # Each holds the lease of the claim that returned it.
+    tokens = {item.delivery_id: item.token for item in first + second}
+    async with db.transaction(read_only=True) as session:
+        rows = await session.execute(
+            select(WebhookDelivery.id, WebhookDelivery.claim_token).where(
+                WebhookDelivery.claim_token.is_not(None)
+            )
+        )
+        assert {row.id: row.claim_token for row in rows} == tokens

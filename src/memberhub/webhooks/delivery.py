@@ -40,7 +40,20 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import structlog
-from sqlalchemy import Table, and_, bindparam, func, insert, select, text, update
+from sqlalchemy import (
+    Integer,
+    Table,
+    and_,
+    bindparam,
+    column,
+    func,
+    insert,
+    select,
+    text,
+    true,
+    update,
+    values,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.events.catalog import WebhookTest
@@ -604,6 +617,7 @@ class DeliveryLoop:
                 for endpoint in rotated
                 if (room := self._room(endpoint)) > 0 and time.monotonic() >= endpoint.idle_until
             ]
+            requests: list[tuple[EndpointState, int]] = []
             for index, (endpoint, room) in enumerate(wanting):
                 if free <= 0:
                     break
@@ -612,9 +626,12 @@ class DeliveryLoop:
                 idle_slots = self._cap(endpoint) - endpoint.in_flight - len(endpoint.ready)
                 share = max(free // (len(wanting) - index), idle_slots)
                 wanted = endpoint.take_tokens(min(room, share, free))
-                if wanted <= 0:
-                    continue
-                rows = await self._claimable(session, endpoint, wanted, now)
+                if wanted > 0:
+                    requests.append((endpoint, wanted))
+                    free -= wanted
+            found = await self._claimable_all(session, requests, now)
+            for endpoint, wanted in requests:
+                rows = found.get(endpoint.id, [])
                 if len(rows) < wanted:
                     endpoint.idle_until = time.monotonic() + self.config.poll
                     if endpoint.rate_limit is not None:
@@ -635,7 +652,6 @@ class DeliveryLoop:
                             leased_until=leased_until,
                         )
                     )
-                free -= len(rows)
             if claimed:
                 await session.execute(
                     update(_DELIVERIES)
@@ -685,6 +701,74 @@ class DeliveryLoop:
             # Still tried in parallel, but dead endpoints cannot fill the worker's slots.
             return min(FAILING_ENDPOINT_CONCURRENCY, self.config.endpoint_concurrency)
         return self.config.endpoint_concurrency
+
+    async def _claimable_all(
+        self, session: AsyncSession, requests: Sequence[tuple[EndpointState, int]], now: datetime
+    ) -> dict[int, Sequence[Any]]:
+        """The deliveries to claim for each (endpoint, how many) of `requests`, by endpoint
+        id. On PostgreSQL the endpoints that are not ordered are served by one statement (a
+        lateral join running each endpoint's claim query), not one round trip each; an
+        ordered endpoint has its own rules (`_claimable`)."""
+        found: dict[int, Sequence[Any]] = {}
+        together = [
+            (endpoint, wanted)
+            for endpoint, wanted in requests
+            if not endpoint.ordered and session.get_bind().dialect.name == "postgresql"
+        ]
+        if len(together) < 2:
+            together = []
+        batched = {endpoint.id for endpoint, _ in together}
+        for endpoint, wanted in requests:
+            if endpoint.id not in batched:
+                found[endpoint.id] = await self._claimable(session, endpoint, wanted, now)
+        if not together:
+            return found
+        wanting = values(
+            column("endpoint_id", Integer), column("wanted", Integer), name="wanting"
+        ).data([(endpoint.id, wanted) for endpoint, wanted in together])
+        # Each endpoint's claim query, as `_claimable` runs it.
+        due = (
+            select(
+                _DELIVERIES.c.id,
+                _DELIVERIES.c.endpoint_id,
+                _DELIVERIES.c.event_id,
+                _DELIVERIES.c.attempt_count,
+                _DELIVERIES.c.schedule_index,
+                _DELIVERIES.c.next_attempt_at,
+            )
+            .where(
+                _DELIVERIES.c.endpoint_id == wanting.c.endpoint_id,
+                _DELIVERIES.c.status == DeliveryStatus.PENDING,
+                _DELIVERIES.c.next_attempt_at <= now,
+            )
+            .order_by(_DELIVERIES.c.next_attempt_at)
+            .limit(wanting.c.wanted)
+            .with_for_update(skip_locked=True)
+            .lateral("due")
+        )
+        rows = await session.execute(
+            select(
+                due.c.id,
+                due.c.endpoint_id,
+                due.c.attempt_count,
+                due.c.schedule_index,
+                due.c.next_attempt_at,
+                Event.public_id,
+                Event.type,
+                Event.version,
+                Event.occurred_at,
+                Event.data,
+            )
+            .select_from(wanting)
+            .join(due, true())
+            .join(Event, Event.id == due.c.event_id)
+            .order_by(due.c.endpoint_id, due.c.next_attempt_at)
+        )
+        by_endpoint: dict[int, list[Any]] = {endpoint.id: [] for endpoint, _ in together}
+        for row in rows:
+            by_endpoint[row.endpoint_id].append(row)
+        found.update(by_endpoint)
+        return found
 
     async def _claimable(
         self, session: AsyncSession, endpoint: EndpointState, wanted: int, now: datetime
