@@ -5,6 +5,9 @@ ahead and do not wait for a fan-out; what a receiver gets and what is kept of it
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
@@ -17,6 +20,8 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
 from memberhub.webhooks.delivery import (
+    RECORD_BATCH_TARGET,
+    RECORD_GATHER_SECONDS,
     RESPONSE_BODY_LIMIT,
     AttemptResult,
     Claimed,
@@ -24,7 +29,7 @@ from memberhub.webhooks.delivery import (
     EndpointState,
     fan_out,
 )
-from memberhub.webhooks.models import WebhookAttempt
+from memberhub.webhooks.models import WebhookAttempt, WebhookDelivery
 from tests.fakes.webhook_receiver import Reply, WebhookReceiver, always
 from tests.support import ApiClient
 from tests.webhooks.conftest import create_endpoint, delivery_loop, emit_alerts, running_loop
@@ -123,6 +128,44 @@ async def test_a_finished_send_is_followed_at_once_by_the_next_claimed_ahead(
         # Nothing left claimed ahead: the slots end.
         await settle(lambda: endpoint.in_flight == 0 and not loop._tasks)
         assert loop._results.qsize() == 5
+
+
+async def test_the_recorder_gathers_results_while_sends_are_in_flight_and_no_longer(
+    slots: tuple[DeliveryLoop, EndpointState, GatedSends],
+) -> None:
+    loop, endpoint, sends = slots
+    async with loop._closing_transports():
+        loop._start_all_ready()
+        await settle(lambda: sends.started == [0, 1])
+        sends.finish(0)
+        await settle(lambda: loop._results.qsize() == 1)
+        # Sends in flight: the recorder waits for their results (one transaction for all).
+        gathering = asyncio.create_task(loop._gather_results(time.monotonic() + 3600))
+        await asyncio.sleep(RECORD_GATHER_SECONDS)
+        assert not gathering.done()
+        # The last send finishes: nothing more is coming, it stops waiting at once.
+        for delivery_id in range(1, 5):
+            await settle(functools.partial(operator.contains, sends.started, delivery_id))
+            sends.finish(delivery_id)
+        await settle(gathering.done)
+        assert endpoint.in_flight == 0
+        assert loop._results.qsize() == 5
+
+
+async def test_the_recorder_stops_waiting_when_a_full_batch_is_queued(
+    slots: tuple[DeliveryLoop, EndpointState, GatedSends],
+) -> None:
+    loop, endpoint, _ = slots
+    loop._in_flight = 1  # a send that never finishes
+    result = AttemptResult(claimed_ahead(endpoint, 0), utcnow(), 0.001, 200, "ok", None)
+    gathering = asyncio.create_task(loop._gather_results(time.monotonic() + 3600))
+    for _ in range(RECORD_BATCH_TARGET - 2):  # the recorder holds the first of the batch
+        loop._queue_result(result)
+    await asyncio.sleep(RECORD_GATHER_SECONDS)
+    assert not gathering.done()
+    loop._queue_result(result)
+    await settle(gathering.done)
+    assert loop._results.qsize() == RECORD_BATCH_TARGET - 1
 
 
 async def test_each_slot_sends_through_a_connection_of_its_own(
@@ -251,3 +294,42 @@ async def test_a_claim_shares_what_may_be_claimed_ahead_among_the_endpoints(
 
     by_endpoint = Counter(item.endpoint.id for item in claimed)
     assert sorted(by_endpoint.values()) == [8, 8, 8, 8]
+
+
+async def test_two_loops_claiming_at_once_over_several_endpoints_never_share_a_delivery(
+    api: ApiClient, db: Database, settings: Settings
+) -> None:
+    # On PostgreSQL one statement claims for all three endpoints (a lateral join, SKIP
+    # LOCKED in each endpoint's part); the two claims run side by side.
+    for name in ("a", "b", "c"):
+        await create_endpoint(api, f"http://127.0.0.1:9/hooks/{name}")
+    await emit_alerts(db, 40)
+    async with db.transaction() as session:
+        await fan_out(session, utcnow())
+    loops = [
+        delivery_loop(db, settings, webhook_concurrency=4, webhook_endpoint_concurrency=4)
+        for _ in range(2)
+    ]
+    for loop in loops:
+        async with db.transaction() as session:
+            await loop._refresh_endpoints(session)
+        for endpoint in loop._endpoints.values():
+            endpoint.send_seconds = 0.001
+
+    first, second = await asyncio.gather(*(loop.claim() for loop in loops))
+
+    assert first
+    assert second
+    ids = [item.delivery_id for item in first + second]
+    assert len(ids) == len(set(ids)), "a delivery was claimed twice"
+    for claimed in (first, second):
+        assert len({item.endpoint.id for item in claimed}) == 3
+    # Each holds the lease of the claim that returned it.
+    tokens = {item.delivery_id: item.token for item in first + second}
+    async with db.transaction(read_only=True) as session:
+        rows = await session.execute(
+            select(WebhookDelivery.id, WebhookDelivery.claim_token).where(
+                WebhookDelivery.claim_token.is_not(None)
+            )
+        )
+        assert {row.id: row.claim_token for row in rows} == tokens

@@ -40,7 +40,20 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import structlog
-from sqlalchemy import Table, and_, bindparam, func, insert, select, text, update
+from sqlalchemy import (
+    Integer,
+    Table,
+    and_,
+    bindparam,
+    column,
+    func,
+    insert,
+    select,
+    text,
+    true,
+    update,
+    values,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.events.catalog import WebhookTest
@@ -70,8 +83,12 @@ if TYPE_CHECKING:
 log = structlog.get_logger("memberhub.webhooks")
 
 FAN_OUT_BATCH = 1000
-# Sends go on from what was claimed ahead while results wait to be recorded together.
-RECORD_GATHER_SECONDS = 0.025
+# Sends go on from what was claimed ahead while results wait to be recorded together: up to
+# this long after the first result of a batch, while sends are in flight, unless
+# RECORD_BATCH_TARGET results are waiting sooner. A transaction per batch costs about as much
+# CPU whatever its size, so a busy loop records few, large batches.
+RECORD_GATHER_SECONDS = 0.1
+RECORD_BATCH_TARGET = 128
 FAILING_ENDPOINT_CONCURRENCY = 2
 RECORD_RETRY_DELAYS = (0.2, 1.0, 3.0)
 # How long a worker trusts its copy of the endpoints (URL, secrets, ordering, rate limit).
@@ -398,6 +415,8 @@ class DeliveryLoop:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._results: asyncio.Queue[AttemptResult] = asyncio.Queue()
+        # Set when the recorder waiting for more results should stop waiting.
+        self._results_gathered = asyncio.Event()
         self._wake = asyncio.Event()
         self._refreshed_at = -ENDPOINT_REFRESH_SECONDS
         self._rotation = 0
@@ -439,6 +458,7 @@ class DeliveryLoop:
                     await asyncio.sleep(0.002)
             finally:
                 self._stopping = True
+                self._results_gathered.set()
                 fanned_out.set()
                 await fanning
                 try:
@@ -597,6 +617,7 @@ class DeliveryLoop:
                 for endpoint in rotated
                 if (room := self._room(endpoint)) > 0 and time.monotonic() >= endpoint.idle_until
             ]
+            requests: list[tuple[EndpointState, int]] = []
             for index, (endpoint, room) in enumerate(wanting):
                 if free <= 0:
                     break
@@ -605,9 +626,12 @@ class DeliveryLoop:
                 idle_slots = self._cap(endpoint) - endpoint.in_flight - len(endpoint.ready)
                 share = max(free // (len(wanting) - index), idle_slots)
                 wanted = endpoint.take_tokens(min(room, share, free))
-                if wanted <= 0:
-                    continue
-                rows = await self._claimable(session, endpoint, wanted, now)
+                if wanted > 0:
+                    requests.append((endpoint, wanted))
+                    free -= wanted
+            found = await self._claimable_all(session, requests, now)
+            for endpoint, wanted in requests:
+                rows = found.get(endpoint.id, [])
                 if len(rows) < wanted:
                     endpoint.idle_until = time.monotonic() + self.config.poll
                     if endpoint.rate_limit is not None:
@@ -628,7 +652,6 @@ class DeliveryLoop:
                             leased_until=leased_until,
                         )
                     )
-                free -= len(rows)
             if claimed:
                 await session.execute(
                     update(_DELIVERIES)
@@ -645,12 +668,12 @@ class DeliveryLoop:
         """How many deliveries to claim for `endpoint` now: up to its cap in flight plus some
         waiting (`_ahead`), so a finished send is followed at once by the next, without a
         database round trip. Claims are made in batches (half of what may wait, at most
-        twice the cap), unless the endpoint would otherwise idle."""
+        four times the cap), unless the endpoint would otherwise idle."""
         cap = self._cap(endpoint)
         ahead = self._ahead(endpoint, cap)
         held = endpoint.in_flight + len(endpoint.ready)
         room = cap + ahead - held
-        if held >= cap and room < max(1, min(ahead // 2, 2 * cap)):
+        if held >= cap and room < max(1, min(ahead // 2, 4 * cap)):
             return 0
         return room
 
@@ -678,6 +701,74 @@ class DeliveryLoop:
             # Still tried in parallel, but dead endpoints cannot fill the worker's slots.
             return min(FAILING_ENDPOINT_CONCURRENCY, self.config.endpoint_concurrency)
         return self.config.endpoint_concurrency
+
+    async def _claimable_all(
+        self, session: AsyncSession, requests: Sequence[tuple[EndpointState, int]], now: datetime
+    ) -> dict[int, Sequence[Any]]:
+        """The deliveries to claim for each (endpoint, how many) of `requests`, by endpoint
+        id. On PostgreSQL the endpoints that are not ordered are served by one statement (a
+        lateral join running each endpoint's claim query), not one round trip each; an
+        ordered endpoint has its own rules (`_claimable`)."""
+        found: dict[int, Sequence[Any]] = {}
+        together = [
+            (endpoint, wanted)
+            for endpoint, wanted in requests
+            if not endpoint.ordered and session.get_bind().dialect.name == "postgresql"
+        ]
+        if len(together) < 2:
+            together = []
+        batched = {endpoint.id for endpoint, _ in together}
+        for endpoint, wanted in requests:
+            if endpoint.id not in batched:
+                found[endpoint.id] = await self._claimable(session, endpoint, wanted, now)
+        if not together:
+            return found
+        wanting = values(
+            column("endpoint_id", Integer), column("wanted", Integer), name="wanting"
+        ).data([(endpoint.id, wanted) for endpoint, wanted in together])
+        # Each endpoint's claim query, as `_claimable` runs it.
+        due = (
+            select(
+                _DELIVERIES.c.id,
+                _DELIVERIES.c.endpoint_id,
+                _DELIVERIES.c.event_id,
+                _DELIVERIES.c.attempt_count,
+                _DELIVERIES.c.schedule_index,
+                _DELIVERIES.c.next_attempt_at,
+            )
+            .where(
+                _DELIVERIES.c.endpoint_id == wanting.c.endpoint_id,
+                _DELIVERIES.c.status == DeliveryStatus.PENDING,
+                _DELIVERIES.c.next_attempt_at <= now,
+            )
+            .order_by(_DELIVERIES.c.next_attempt_at)
+            .limit(wanting.c.wanted)
+            .with_for_update(skip_locked=True)
+            .lateral("due")
+        )
+        rows = await session.execute(
+            select(
+                due.c.id,
+                due.c.endpoint_id,
+                due.c.attempt_count,
+                due.c.schedule_index,
+                due.c.next_attempt_at,
+                Event.public_id,
+                Event.type,
+                Event.version,
+                Event.occurred_at,
+                Event.data,
+            )
+            .select_from(wanting)
+            .join(due, true())
+            .join(Event, Event.id == due.c.event_id)
+            .order_by(due.c.endpoint_id, due.c.next_attempt_at)
+        )
+        by_endpoint: dict[int, list[Any]] = {endpoint.id: [] for endpoint, _ in together}
+        for row in rows:
+            by_endpoint[row.endpoint_id].append(row)
+        found.update(by_endpoint)
+        return found
 
     async def _claimable(
         self, session: AsyncSession, endpoint: EndpointState, wanted: int, now: datetime
@@ -828,6 +919,8 @@ class DeliveryLoop:
             self._give_back_lane(endpoint, lane)
             endpoint.in_flight -= 1
             self._in_flight -= 1
+            if not self._in_flight:
+                self._results_gathered.set()  # nothing more to wait for
         # A slot is free: for another endpoint's delivery waiting for one, or a claim.
         self._start_all_ready()
         self._wake.set()
@@ -874,7 +967,7 @@ class DeliveryLoop:
             self._unsent.extend(endpoint.ready)
             endpoint.ready.clear()
             endpoint.failing = True
-        self._results.put_nowait(result)
+        self._queue_result(result)
 
     def _start_all_ready(self) -> None:
         for endpoint in self._endpoints.values():
@@ -1003,15 +1096,33 @@ class DeliveryLoop:
     async def _record_forever(self) -> None:
         while True:
             first = await self._results.get()
-            if self._results.qsize() < self._in_flight:
-                # A moment for the sends about to finish: one transaction for all of them.
-                await asyncio.sleep(RECORD_GATHER_SECONDS)
+            # A moment for the sends about to finish: one transaction for all of them.
+            await self._gather_results(time.monotonic() + RECORD_GATHER_SECONDS)
             try:
                 await self._record_batch([first])
             except Exception:
                 # The leases run out and the deliveries are sent again: at least once.
                 log.exception("delivery_record_failed")
                 await asyncio.sleep(1.0)
+
+    async def _gather_results(self, deadline: float) -> None:
+        """Wait until `deadline` for more results, or until there is no point waiting: a
+        full batch is queued, or nothing is in flight (what is queued is all there is), or
+        the loop is stopping."""
+        while (
+            self._in_flight
+            and not self._stopping
+            and self._results.qsize() + 1 < RECORD_BATCH_TARGET
+            and (remaining := deadline - time.monotonic()) > 0
+        ):
+            self._results_gathered.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._results_gathered.wait(), timeout=remaining)
+
+    def _queue_result(self, result: AttemptResult) -> None:
+        self._results.put_nowait(result)
+        if self._results.qsize() + 1 >= RECORD_BATCH_TARGET:
+            self._results_gathered.set()
 
     async def _record_batch(self, batch: list[AttemptResult] | None = None) -> bool:
         """Record `batch` (taken from the queue) and whatever else is waiting there."""
