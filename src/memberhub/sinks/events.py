@@ -83,6 +83,9 @@ async def events_after(
     )
     if until is not None:
         query = query.where(Event.position <= until)
+    # Plain rows through the session's connection: a window is thousands of rows, and the
+    # ORM's result handling would cost more than the read.
+    connection = await session.connection()
     return [
         FeedEvent(
             position=int(row.position),
@@ -93,7 +96,7 @@ async def events_after(
             member_public_id=row.member_public_id,
             data=row.data if isinstance(row.data, dict) else {},
         )
-        for row in await session.execute(query)
+        for row in await connection.execute(query)
     ]
 
 
@@ -197,7 +200,8 @@ async def _members(session: AsyncSession, public_ids: set[str]) -> dict[str, Mem
     up to a thousand)."""
     if not public_ids:
         return {}
-    rows = await session.execute(
+    connection = await session.connection()
+    rows = await connection.execute(
         select(
             Member.public_id,
             Member.deleted_at,
