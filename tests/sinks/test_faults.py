@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
+
+import pytest
 
 from memberhub.events.catalog import PointsEarned
 from memberhub.events.service import emit_many
@@ -12,6 +15,7 @@ from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
+from memberhub.sinks import forwarding
 from memberhub.sinks.forwarding import MAX_BACKOFF_SECONDS, run_event_sinks
 from tests.fakes.segment import FakeSegment, running_fake_segment
 from tests.fakes.webhook_receiver import running_receiver
@@ -190,4 +194,70 @@ async def test_a_window_that_fails_part_way_resends_only_what_the_vendor_did_not
     clock.advance(MAX_BACKOFF_SECONDS + 1)
     assert await forward(db, hub, clock.now) == 400 - taken
     assert [c["properties"]["balance_after"] for c in segment.tracks()] == list(range(400))
+    assert segment.duplicates == 0
+
+
+async def test_a_failure_after_the_first_window_keeps_its_position_and_drops_the_read_ahead(
+    api: ApiClient,
+    db: Database,
+    hub: IntegrationHub,
+    segment: FakeSegment,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Windows of three events: the next is read while one is sent.
+    monkeypatch.setattr(forwarding, "EVENTS_PER_WINDOW", 3)
+    integration = await segment_integration(api, segment)
+    sink = await create_sink(api, integration["id"], ["points.earned"])
+    member = await api.create_member(consent=ANALYTICS)
+    async with db.transaction() as session:
+        await emit_many(
+            session,
+            [
+                (
+                    PointsEarned(
+                        member_id=member["id"],
+                        transaction_id=f"txn_{i}",
+                        transaction_type="award",
+                        points=1,
+                        pending_points=0,
+                        balance_after=i,
+                        pending_after=0,
+                        reason="r",
+                        reference_id=None,
+                        occurred_at=clock.now,
+                    ),
+                    None,
+                    member["id"],
+                )
+                for i in range(9)
+            ],
+            occurred_at=clock.now,
+        )
+    # Reads started once the vendor has taken a request hang, so one is still under way
+    # when the next send fails.
+    read_window = forwarding._read_window
+    hold = True
+
+    async def slow_read(*args: Any) -> Any:
+        if hold and segment.requests >= 1:
+            await asyncio.sleep(3600)
+        return await read_window(*args)
+
+    monkeypatch.setattr(forwarding, "_read_window", slow_read)
+    segment.answer_next(None, 503, 503)  # the first request taken, the next one refused
+    tasks_before = asyncio.all_tasks()
+    await asyncio.wait_for(forward(db, hub, clock.now), 60)
+    assert asyncio.all_tasks() - tasks_before == set()  # the read ahead was stopped
+    hold = False
+    taken = balances(segment, member["id"])
+    assert taken == list(range(len(taken)))
+    assert 0 < len(taken) < 9
+    log = (await api.get(f"/api/v1/event-sinks/{sink['id']}/deliveries")).json()["data"]
+    assert [row["status"] for row in log][:2] == ["failed", "succeeded"]
+    assert log[0]["first_position"] == log[1]["last_position"] + 1
+
+    clock.advance(MAX_BACKOFF_SECONDS + 1)
+    assert await forward(db, hub, clock.now) == 9 - len(taken)
+    assert balances(segment, member["id"]) == list(range(9))
     assert segment.duplicates == 0

@@ -7,7 +7,9 @@ failing vendor holds up only its own sink (webhook endpoints have their own loop
    worker holds one or the sink waits out a backoff after a failure.
 2. Read a window of the committed feed after the sink's position, in commit order, and
    turn the events it subscribes to into the vendor's events, only for members who consent
-   to the sink's purpose (as they are now: a withdrawal stops what was not yet sent).
+   to the sink's purpose (as they are now: a withdrawal stops what was not yet read).
+   The next window is read while this one is sent, so the vendor's answers and the
+   database's overlap; windows are still sent and recorded one after another.
 3. Send the window's requests one after another, so each member's events reach the vendor
    in the order they were committed. A request the vendor refuses for good (a 400) is
    split to find the events at fault, which are logged and dropped; any other failure
@@ -200,33 +202,31 @@ async def forward_sink(db: Database, hub: IntegrationHub, sink_id: int, now: dat
         await _record_failure(db, target, now, exc, Sent(), None)
         return 0
     sent = 0
-    position = claim.position
-    already = claim.window_sent
     caught_up = False
-    for _ in range(WINDOWS_PER_PASS):
-        async with db.transaction(read_only=True) as session:
-            feed = await events_after(session, position, EVENTS_PER_WINDOW)
-            window = (
-                await build_window(
-                    session, target.provider, target.settings, feed, already_sent=already
+    # The next window is read while this one is sent: sends stay one after another, in
+    # commit order, and a window is recorded only once it is sent.
+    reading = asyncio.create_task(_read_window(db, target, claim.position, claim.window_sent))
+    try:
+        for number in range(WINDOWS_PER_PASS):
+            full, window = await reading
+            if window is None:
+                caught_up = True
+                break
+            if full and number + 1 < WINDOWS_PER_PASS:
+                reading = asyncio.create_task(
+                    _read_window(db, target, window.last_position, frozenset())
                 )
-                if feed
-                else None
-            )
-        if window is None:
-            caught_up = True
-            break
-        outcome = await _send_window(connection, target, window, metrics)
-        if outcome.error is not None:
-            await _record_failure(db, target, now, outcome.error, outcome, window)
-            return sent
-        await _record_window(db, target, now, window, outcome, metrics, replay=False)
-        sent += len(outcome.sent_ids)
-        position = window.last_position
-        already = frozenset()
-        if len(feed) < EVENTS_PER_WINDOW:
-            caught_up = True
-            break
+            outcome = await _send_window(connection, target, window, metrics)
+            if outcome.error is not None:
+                await _record_failure(db, target, now, outcome.error, outcome, window)
+                return sent
+            await _record_window(db, target, now, window, outcome, metrics, replay=False)
+            sent += len(outcome.sent_ids)
+            if not full:
+                caught_up = True
+                break
+    finally:
+        await _drop(reading)
     if caught_up and claim.replay_from is not None and claim.replay_to is not None:
         replayed = await _replay_window(db, connection, target, claim, now, metrics)
         if replayed is None:
@@ -235,6 +235,31 @@ async def forward_sink(db: Database, hub: IntegrationHub, sink_id: int, now: dat
     await _release(db, target.sink_id)
     await _show_lag(db, target, metrics)
     return sent
+
+
+async def _read_window(
+    db: Database, target: Target, position: int, already: frozenset[str]
+) -> tuple[bool, Window | None]:
+    """The window of the feed after `position` (None at its end), and whether it was full
+    (more may follow)."""
+    async with db.transaction(read_only=True) as session:
+        feed = await events_after(session, position, EVENTS_PER_WINDOW)
+        if not feed:
+            return False, None
+        window = await build_window(
+            session, target.provider, target.settings, feed, already_sent=already
+        )
+    return len(feed) >= EVENTS_PER_WINDOW, window
+
+
+async def _drop(task: asyncio.Task[Any]) -> None:
+    """Stop a read that is no longer wanted, and wait until it has let go of its connection."""
+    if task.done():
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed read ahead is of no interest now
+        return
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _replay_window(

@@ -91,12 +91,17 @@ class SegmentCredentials(BaseCredentials):
     )
 
 
+_CONTEXT: dict[str, Any] = {"library": {"name": "memberhub", "version": "1"}}
+# One encoder for every call: `json.dumps` with options builds a new one each time.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _encode(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), default=str).encode()
+    return _ENCODER.encode(value).encode()
 
 
 class Segment(Provider):
@@ -147,9 +152,11 @@ class Segment(Provider):
     def mapping_errors(self, mapping: Mapping[str, str]) -> list[str]:
         return []  # Segment takes any event name
 
-    def calls(self, event: SinkEvent) -> list[dict[str, Any]]:
-        """The identify (when the member's traits changed) and track calls of an event."""
-        context = {"library": {"name": "memberhub", "version": "1"}}
+    def calls(self, event: SinkEvent, timestamp: str | None = None) -> list[dict[str, Any]]:
+        """The identify (when the member's traits changed) and track calls of an event;
+        `timestamp`, when given, is the event's time as Segment reads it."""
+        if timestamp is None:
+            timestamp = _iso(event.occurred_at)
         calls: list[dict[str, Any]] = []
         if event.identify:
             calls.append(
@@ -158,8 +165,8 @@ class Segment(Provider):
                     "userId": event.member_id,
                     "traits": dict(event.traits),
                     "messageId": f"{event.id}-identify"[:MAX_MESSAGE_ID_CHARS],
-                    "timestamp": _iso(event.occurred_at),
-                    "context": context,
+                    "timestamp": timestamp,
+                    "context": _CONTEXT,
                 }
             )
         calls.append(
@@ -169,8 +176,8 @@ class Segment(Provider):
                 "event": event.name,
                 "properties": dict(event.properties),
                 "messageId": event.id[:MAX_MESSAGE_ID_CHARS],
-                "timestamp": _iso(event.occurred_at),
-                "context": context,
+                "timestamp": timestamp,
+                "context": _CONTEXT,
             }
         )
         return calls
@@ -196,8 +203,13 @@ class Segment(Provider):
                 requests.append(SinkRequest(tuple(in_batch), body, BATCH_PATH, content))
             calls, encoded, in_batch, size = [], [], [], _ENVELOPE_BYTES
 
+        # Events emitted together share their time: each is formatted once.
+        stamps: dict[datetime, str] = {}
         for event in events:
-            event_calls = self.calls(event)
+            stamp = stamps.get(event.occurred_at)
+            if stamp is None:
+                stamp = stamps[event.occurred_at] = _iso(event.occurred_at)
+            event_calls = self.calls(event, stamp)
             event_encoded = [_encode(call) for call in event_calls]
             if max(len(item) for item in event_encoded) > MAX_CALL_BYTES:
                 refused.append((event, f"larger than Segment's {MAX_CALL_BYTES:,} bytes a call"))
