@@ -8,7 +8,6 @@ from typing import Any
 import httpx
 import pytest
 
-from memberhub.members import service as member_service
 from tests.support import ApiClient
 
 
@@ -26,7 +25,8 @@ async def test_an_unexpected_failure_is_a_500_in_the_error_shape_with_the_reques
     async def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("secret-detail-not-for-clients")
 
-    monkeypatch.setattr(member_service, "record_change_now", broken)
+    # A step every member create takes, on either database, after its row is written.
+    monkeypatch.setattr("memberhub.activities.service.match_waiting_activities", broken)
     response = await tolerant_http.post(
         "/api/v1/members",
         json={"email": "boom@example.com"},
