@@ -3,8 +3,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.events.models import Event
@@ -19,9 +20,41 @@ class EventFilters:
     occurred_to: datetime | None = None
 
 
+@dataclass(frozen=True)
+class FeedEvent:
+    """One sequenced event, as the feed's followers (search, marketing) read it."""
+
+    position: int
+    type: str
+    member_public_id: str | None
+    data: dict[str, Any]
+
+
 class EventRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+
+    async def latest_position(self) -> int:
+        """The feed's latest position; 0 when nothing is sequenced yet."""
+        return int(await self.session.scalar(select(func.max(Event.position))) or 0)
+
+    async def feed_after(self, position: int, limit: int) -> list[FeedEvent]:
+        """Up to `limit` sequenced events after `position`, in feed order."""
+        rows = await self.session.execute(
+            select(Event.position, Event.type, Event.member_public_id, Event.data)
+            .where(Event.position > position)
+            .order_by(Event.position)
+            .limit(limit)
+        )
+        return [
+            FeedEvent(
+                position=int(row.position),
+                type=row.type,
+                member_public_id=row.member_public_id,
+                data=row.data if isinstance(row.data, dict) else {},
+            )
+            for row in rows
+        ]
 
     async def get_by_public_id(self, public_id: str) -> Event | None:
         return await self.session.scalar(select(Event).where(Event.public_id == public_id))

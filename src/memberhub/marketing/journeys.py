@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from memberhub.events.repository import FeedEvent
 from memberhub.integrations.gateway import CircuitOpen, GatewayError
 from memberhub.integrations.providers.base import Connection, MarketingListError
 from memberhub.kit.db import Database
 from memberhub.marketing.audience import has_marketing_consent
 from memberhub.marketing.models import ContactStatus, FiringStatus, JourneyFiring
-from memberhub.marketing.repository import FeedEvent, MarketingRepository
+from memberhub.marketing.repository import MarketingRepository
 from memberhub.marketing.settings import JourneyRule
 from memberhub.marketing.targets import Tally, Target
 

@@ -4,14 +4,13 @@ segments' member queries and the journey firings."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from memberhub.events.models import Event
+from memberhub.events.repository import EventRepository, FeedEvent
 from memberhub.integrations.models import Integration
 from memberhub.marketing.audience import PURPOSE
 from memberhub.marketing.models import (
@@ -29,14 +28,6 @@ from memberhub.organisations.models import Organisation
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.points.models import BatchStatus, PointAccount, PointBatch
 from memberhub.tiers.models import Tier
-
-
-@dataclass(frozen=True)
-class FeedEvent:
-    position: int
-    type: str
-    member_public_id: str | None
-    data: dict[str, Any]
 
 
 class MarketingRepository:
@@ -65,16 +56,10 @@ class MarketingRepository:
         return await self.session.scalar(query)
 
     async def latest_position(self) -> int:
-        return int(await self.session.scalar(select(func.max(Event.position))) or 0)
+        return await EventRepository(self.session).latest_position()
 
     async def events_after(self, position: int, limit: int) -> list[FeedEvent]:
-        rows = await self.session.execute(
-            select(Event.position, Event.type, Event.member_public_id, Event.data)
-            .where(Event.position > position)
-            .order_by(Event.position)
-            .limit(limit)
-        )
-        return [FeedEvent(int(r.position), r.type, r.member_public_id, r.data or {}) for r in rows]
+        return await EventRepository(self.session).feed_after(position, limit)
 
     async def scope(self, organisation_id: int | None) -> frozenset[int] | None:
         """The organisations an integration serves: its own and its chapters; None: all."""

@@ -4,26 +4,16 @@ members it indexes."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from memberhub.events.models import Event
+from memberhub.events.repository import EventRepository, FeedEvent
 from memberhub.integrations.models import Integration
 from memberhub.members.models import Member
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.rewards.models import Reward
 from memberhub.search.models import SearchSyncState
-
-
-@dataclass(frozen=True)
-class FeedEvent:
-    position: int
-    type: str
-    member_public_id: str | None
-    data: dict[str, Any]
 
 
 class SearchRepository:
@@ -53,24 +43,10 @@ class SearchRepository:
         )
 
     async def latest_position(self) -> int:
-        return int(await self.session.scalar(select(func.max(Event.position))) or 0)
+        return await EventRepository(self.session).latest_position()
 
     async def events_after(self, position: int, limit: int) -> list[FeedEvent]:
-        rows = await self.session.execute(
-            select(Event.position, Event.type, Event.member_public_id, Event.data)
-            .where(Event.position > position)
-            .order_by(Event.position)
-            .limit(limit)
-        )
-        return [
-            FeedEvent(
-                position=int(row.position),
-                type=row.type,
-                member_public_id=row.member_public_id,
-                data=row.data if isinstance(row.data, dict) else {},
-            )
-            for row in rows
-        ]
+        return await EventRepository(self.session).feed_after(position, limit)
 
     async def rewards_by_public_id(self, public_ids: Sequence[str]) -> dict[str, Reward]:
         if not public_ids:

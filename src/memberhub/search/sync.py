@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
+from memberhub.events.repository import FeedEvent
 from memberhub.integrations.gateway import CircuitOpen, GatewayError
 from memberhub.integrations.hub import IntegrationHub, parse_config
 from memberhub.integrations.models import Integration
@@ -46,7 +47,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.search.models import SearchSyncState
 from memberhub.search.records import member_record, reward_record
-from memberhub.search.repository import FeedEvent, SearchRepository
+from memberhub.search.repository import SearchRepository
 from memberhub.search.settings import MemberDirectory, SearchSyncSettings
 
 log = structlog.get_logger("memberhub.search")
