@@ -95,7 +95,8 @@ async def test_members_reach_the_list_in_the_fewest_calls_and_a_second_run_write
     )
     assert ratio == 1.0
     assert all(r.path == f"/3.0/lists/{list_id}" and r.status == 200 for r in first_writes)
-    assert all(len(r.body["members"]) == BATCH for r in first_writes[:-1])
+    sizes = sorted((len(r.body["members"]) for r in first_writes), reverse=True)
+    assert sizes[:-1] == [BATCH] * (minimum - 1)  # overlapping calls may finish in any order
     assert not any(r.status == 429 for r in mailchimp.requests)
     assert mailchimp.max_in_flight <= 10
     members = mailchimp.members(list_id)
