@@ -28,6 +28,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -205,17 +206,36 @@ class Metrics:
             registry=self.registry,
         )
 
-    def observe_webhook_attempt(
-        self, endpoint: str, outcome: str, seconds: float, *, final: str | None
+    def observe_webhook_attempts(
+        self, attempts: Iterable[tuple[str, str, float, str | None]]
     ) -> None:
-        """One attempt; `final` is the delivery's outcome when it ended with this attempt."""
-        self.webhook_attempts.labels(endpoint, outcome).inc()
-        self.webhook_attempts_overall.labels(outcome).inc()
-        self.webhook_latency.labels(endpoint).observe(seconds)
-        self.webhook_latency_overall.observe(seconds)
-        if final is not None:
-            self.webhook_deliveries.labels(endpoint, final).inc()
-            self.webhook_deliveries_overall.labels(final).inc()
+        """A batch of attempts as (endpoint, outcome, seconds, final), as
+        `observe_webhook_attempt` would count each: the counters moved once per label set."""
+        attempted: Tally[tuple[str, str]] = Tally()
+        ended: Tally[tuple[str, str]] = Tally()
+        latencies: dict[str, list[float]] = {}
+        for endpoint, outcome, seconds, final in attempts:
+            attempted[endpoint, outcome] += 1
+            latencies.setdefault(endpoint, []).append(seconds)
+            if final is not None:
+                ended[endpoint, final] += 1
+        outcomes: Tally[str] = Tally()
+        for (endpoint, outcome), count in attempted.items():
+            self.webhook_attempts.labels(endpoint, outcome).inc(count)
+            outcomes[outcome] += count
+        for outcome, count in outcomes.items():
+            self.webhook_attempts_overall.labels(outcome).inc(count)
+        for endpoint, seconds_list in latencies.items():
+            latency = self.webhook_latency.labels(endpoint)
+            for seconds in seconds_list:
+                latency.observe(seconds)
+                self.webhook_latency_overall.observe(seconds)
+        finals: Tally[str] = Tally()
+        for (endpoint, final), count in ended.items():
+            self.webhook_deliveries.labels(endpoint, final).inc(count)
+            finals[final] += count
+        for final, count in finals.items():
+            self.webhook_deliveries_overall.labels(final).inc(count)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()

@@ -108,10 +108,8 @@ RESPONSE_BODY_LIMIT = 2048
 # Sent with every delivery, besides its Standard Webhooks headers.
 _REQUEST_HEADERS = {
     "user-agent": "memberhub-webhooks/1",
-    "accept": "*/*",
     # Only the first 2 KB of the answer is kept: no need to have it compressed.
     "accept-encoding": "identity",
-    "connection": "keep-alive",
     "content-type": "application/json",
 }
 JITTER = 0.2
@@ -217,7 +215,7 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
                         }
                     )
     if rows:
-        await session.execute(insert(WebhookDelivery), rows)
+        await session.execute(insert(_DELIVERIES), rows)
     await session.execute(
         update(Event).where(Event.id.in_([e.id for e in events])).values(dispatched_at=now)
     )
@@ -327,6 +325,8 @@ class Claimed:
     data: dict[str, Any]
     # When (monotonic) the claim's lease runs out and another worker may take it.
     leased_until: float = float("inf")
+    # The body, when the claim built it already (once per event, for all its endpoints).
+    body: str | None = None
 
 
 _CLAIM_COLUMNS = (
@@ -630,6 +630,7 @@ class DeliveryLoop:
                     requests.append((endpoint, wanted))
                     free -= wanted
             found = await self._claimable_all(session, requests, now)
+            bodies: dict[str, str] = {}
             for endpoint, wanted in requests:
                 rows = found.get(endpoint.id, [])
                 if len(rows) < wanted:
@@ -637,6 +638,11 @@ class DeliveryLoop:
                     if endpoint.rate_limit is not None:
                         endpoint.tokens += wanted - len(rows)
                 for row in rows:
+                    body = bodies.get(row.public_id)
+                    if body is None:
+                        body = bodies[row.public_id] = event_body(
+                            row.public_id, row.type, row.version, row.occurred_at, row.data
+                        )
                     claimed.append(
                         Claimed(
                             delivery_id=row.id,
@@ -650,6 +656,7 @@ class DeliveryLoop:
                             occurred_at=row.occurred_at,
                             data=row.data,
                             leased_until=leased_until,
+                            body=body,
                         )
                     )
             if claimed:
@@ -945,15 +952,18 @@ class DeliveryLoop:
         return time.monotonic() + self.config.timeout + LEASE_MARGIN_SECONDS < item.leased_until
 
     async def _send_and_queue(self, claimed: Claimed, transport: httpx.AsyncBaseTransport) -> None:
-        traced: dict[str, str | int] = {
-            "memberhub.webhook_endpoint.id": claimed.endpoint.public_id,
-            "memberhub.event.id": claimed.event_public_id,
-            "memberhub.event.type": claimed.event_type,
-            "memberhub.delivery.attempt": claimed.attempt_number,
-        }
         try:
-            with work_span(self.tracing, "webhook send", traced):
+            if self.tracing is None:
                 result = await self.send(claimed, transport)
+            else:
+                traced: dict[str, str | int] = {
+                    "memberhub.webhook_endpoint.id": claimed.endpoint.public_id,
+                    "memberhub.event.id": claimed.event_public_id,
+                    "memberhub.event.type": claimed.event_type,
+                    "memberhub.delivery.attempt": claimed.attempt_number,
+                }
+                with work_span(self.tracing, "webhook send", traced):
+                    result = await self.send(claimed, transport)
         except Exception as exc:  # a bug here must not lose the attempt
             log.exception("delivery_send_failed", endpoint=claimed.endpoint.public_id)
             result = AttemptResult(
@@ -1009,16 +1019,14 @@ class DeliveryLoop:
                 )
 
     def payload(self, claimed: Claimed) -> str:
-        return json.dumps(
-            {
-                "id": claimed.event_public_id,
-                "type": claimed.event_type,
-                "version": claimed.event_version,
-                "occurred_at": claimed.occurred_at.isoformat().replace("+00:00", "Z"),
-                "data": claimed.data,
-            },
-            separators=(",", ":"),
-            ensure_ascii=False,
+        if claimed.body is not None:
+            return claimed.body
+        return event_body(
+            claimed.event_public_id,
+            claimed.event_type,
+            claimed.event_version,
+            claimed.occurred_at,
+            claimed.data,
         )
 
     async def send(self, claimed: Claimed, transport: httpx.AsyncBaseTransport) -> AttemptResult:
@@ -1170,10 +1178,32 @@ class DeliveryLoop:
     def _observe(self, batch: Sequence[AttemptResult], finals: Sequence[str | None]) -> None:
         if self.metrics is None:
             return
-        for result, final in zip(batch, finals, strict=True):
-            endpoint = result.claimed.endpoint.public_id
-            outcome = "success" if result.succeeded else "failure"
-            self.metrics.observe_webhook_attempt(endpoint, outcome, result.duration, final=final)
+        self.metrics.observe_webhook_attempts(
+            (
+                result.claimed.endpoint.public_id,
+                "success" if result.succeeded else "failure",
+                result.duration,
+                final,
+            )
+            for result, final in zip(batch, finals, strict=True)
+        )
+
+
+def event_body(
+    public_id: str, event_type: str, version: int, occurred_at: datetime, data: dict[str, Any]
+) -> str:
+    """What a delivery of the event POSTs (the same for every endpoint)."""
+    return json.dumps(
+        {
+            "id": public_id,
+            "type": event_type,
+            "version": version,
+            "occurred_at": occurred_at.isoformat().replace("+00:00", "Z"),
+            "data": data,
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
 
 
 async def _read_some(response: httpx.Response) -> str:
