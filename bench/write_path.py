@@ -20,7 +20,9 @@ postgresql+asyncpg://postgres@127.0.0.1:5432/postgres):
 
 Each round runs every side for `--seconds`, alternating which goes first (ABAB, then BABA);
 the medians count. It prints the load average before and after, the statements each HTTP
-operation sends (counted in-process, BEGIN and COMMIT included), and ratios http / raw; on
+operation sends (counted in-process, BEGIN and COMMIT included), and ratios http / raw; for
+PostgreSQL awards also each side with one client, so that the HTTP side's scaling from one
+client to `--clients` reads beside the bare driver's and pgbench's on the same machine; on
 Linux also the HTTP side's CPU per operation (server, PostgreSQL, load client) and how the
 API processes spent the time: running, runnable but waiting for a core, or sleeping (on the
 database, a lock or the client) — see `bench.cpu`.
@@ -582,6 +584,12 @@ async def run_rounds(
                                     pgbench_awards, raw_url, clients, seconds, args.members
                                 ),
                             )
+                            samples.add(
+                                "award pgbench 1 client",
+                                await asyncio.to_thread(
+                                    pgbench_awards, raw_url, 1, seconds, args.members
+                                ),
+                            )
                         else:
                             assert raw_lite is not None
                             members = raw_seeded.public_ids
@@ -633,6 +641,8 @@ def report(backend: str, samples: Samples, statements: dict[str, int]) -> list[s
             f"{backend:<10} award   1 client: http {rate('award http 1 client')}"
             f"  raw {rate('award raw 1 client')}"
             f"  http scaling {ratio('award http', 'award http 1 client')}x"
+            f"  raw scaling {ratio('award raw', 'award raw 1 client')}x"
+            f"  pgbench scaling {ratio('award pgbench', 'award pgbench 1 client')}x"
         )
     lines.append(
         f"{backend:<10} create  http {rate('create http')}  raw {rate('create raw')}"
