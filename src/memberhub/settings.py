@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from memberhub.kit.limits import parse_rate_limit
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -299,12 +301,12 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("sign_in_rate_limit")
+    @field_validator("rate_limit", "unauthenticated_rate_limit", "sign_in_rate_limit")
     @classmethod
     def _check_rate_limit(cls, value: str) -> str:
-        from limits import parse
-
-        parse(value)  # ValueError for anything but the `limits` notation
+        # At start-up, not at the first request: ValueError for anything but the `limits`
+        # notation, or a limit that lets nothing through.
+        parse_rate_limit(value)
         return value
 
     @field_validator("webhook_retry_schedule")

@@ -53,6 +53,7 @@ async def test_bad_key_requests_are_refused_and_create_nothing(api: ApiClient) -
         {"name": "x", "role": "integration", "scopes": ["audit:read"]},
         {"name": "x", "role": "integration", "scopes": ["no:such"]},
         {"name": "x", "role": "integration", "rate_limit": "lots"},
+        {"name": "x", "role": "integration", "rate_limit": "0/minute"},
         {"name": "", "role": "integration"},
     ):
         refused = await api.post(KEYS, payload)

@@ -109,6 +109,11 @@ async def test_patch_merges_credentials_and_validates_config(
             {"provider": "http", "name": "x", "config": {"base_url": "https://10.0.0.1/"}},
             "INTEGRATION_URL_REFUSED",
         ),
+        ({"provider": "stripe", "name": "x", "config": {"rate_limit": "lots"}}, "VALIDATION_ERROR"),
+        (
+            {"provider": "stripe", "name": "x", "config": {"rate_limit": "0/second"}},
+            "VALIDATION_ERROR",
+        ),
     ],
 )
 async def test_invalid_integrations_are_refused_with_a_clear_error(

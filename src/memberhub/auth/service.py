@@ -4,7 +4,6 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-from limits import parse as parse_limit
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.service import record_write
@@ -18,6 +17,7 @@ from memberhub.kit.cache import ProcessCache
 from memberhub.kit.clock import utcnow
 from memberhub.kit.errors import Conflict, NotFound, Unauthorized, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.kit.limits import parse_rate_limit
 from memberhub.organisations.models import Organisation
 from memberhub.organisations.repository import OrganisationRepository
 
@@ -93,10 +93,11 @@ async def create_api_key(
             )
     if rate_limit is not None:
         try:
-            parse_limit(rate_limit)
+            parse_rate_limit(rate_limit)
         except ValueError as exc:
             raise ValidationFailed(
-                f"'{rate_limit}' is not a rate limit; write it like '100/minute'.",
+                f"'{rate_limit}' is not a rate limit of at least one request; write it like "
+                "'100/minute'.",
                 details={"field": "rate_limit"},
             ) from exc
     organisation_id = None

@@ -42,8 +42,9 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import httpx
-import limits
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from memberhub.kit.limits import parse_rate_limit
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -295,7 +296,7 @@ class RateLimiter:
     def __init__(
         self, notation: str, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep
     ) -> None:
-        item = limits.parse(notation)
+        item = parse_rate_limit(notation)
         self.amount = item.amount
         self.seconds = float(item.get_expiry())
         self._clock = clock

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import httpx
-import limits
 from pydantic import Field, field_validator
 
 from memberhub.integrations.gateway import DEFAULT_POLICY, GatewayPolicy
+from memberhub.kit.limits import parse_rate_limit
 from memberhub.kit.types import Input
 
 if TYPE_CHECKING:
@@ -80,9 +80,11 @@ class BaseConfig(Input):
         if value is None:
             return None
         try:
-            limits.parse(value)
+            parse_rate_limit(value)
         except ValueError:
-            raise ValueError(f"{value!r} is not a rate limit such as '100/10 seconds'") from None
+            raise ValueError(
+                f"{value!r} is not a rate limit of at least one request, such as '100/10 seconds'"
+            ) from None
         return value
 
     @field_validator("inbound_allowed_ips")
