@@ -195,6 +195,10 @@ async def test_csrf_and_bad_input_are_refused_and_create_no_key(
     ):
         answered = await browser.post(KEYS, data={"csrf_token": token, **good, **bad})
         assert answered.status_code == 422, bad
+        # The page names the field that is wrong, never echoing what was sent.
+        (field,) = bad
+        assert f"{field}: " in answered.text, (bad, answered.text)
+        assert "<script>" not in answered.text
     missing_org = await browser.post(
         KEYS, data={"csrf_token": token, **good, "organisation_id": "org_missing"}
     )

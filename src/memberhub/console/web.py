@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import structlog
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
@@ -257,6 +258,8 @@ def _console_aware(
         status = answered.status_code
         if isinstance(exc, MemberhubError):
             message = exc.message
+        elif isinstance(exc, RequestValidationError):
+            message = "Go back and check " + "; ".join(_invalid_fields(exc)) + "."
         elif status == 422:
             message = "Some of the fields are not valid; go back and check them."
         elif status >= 500:
@@ -275,6 +278,19 @@ def _console_aware(
         )
 
     return handle
+
+
+def _invalid_fields(exc: RequestValidationError) -> list[str]:
+    """Each field the form got wrong, by its name, with what is wrong ("rate_limit: String
+    should have at most 50 characters"); the location's kind (form, query) left out."""
+    named = []
+    for error in exc.errors():
+        where = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")]
+        field = ".".join(where) or "the form"
+        entry = f"{field}: {error.get('msg', 'not valid')}"
+        if entry not in named:
+            named.append(entry)
+    return named[:10]
 
 
 def install_html_errors(app: FastAPI) -> None:
