@@ -56,12 +56,44 @@ async def _drop_pg_database(server_url: str, name: str) -> None:
         await conn.close()
 
 
+# Modules whose tests take seconds each (processes started, benches, large sizes), longest
+# first: run at the start, the parallel test processes share them out while the many short
+# tests are still queued to fill the gaps, instead of one process ending the run alone on
+# one of them.
+LONG_MODULES = (
+    "tests/finance/test_worker_crash.py",
+    "tests/ops/test_backup.py",
+    "tests/test_bench.py",
+    "tests/test_processes.py",
+    "tests/bulk/test_member_import.py",
+    "tests/notifications/test_worker_crash.py",
+    "tests/webhooks/test_worker_processes.py",
+    "tests/finance/test_flows.py",
+    "tests/exports/test_resume.py",
+    "tests/sinks/test_faults.py",
+    "tests/leads/test_transfer.py",
+    "tests/points/test_stateful.py",
+    "tests/integrations/test_gateway.py",
+    "tests/crm/test_push.py",
+    "tests/bulk/test_processing.py",
+    "tests/exports/test_memory.py",
+    "tests/test_tracing.py",
+)
+
+
+def _run_order(item: pytest.Item) -> int:
+    module = item.nodeid.partition("::")[0]
+    return LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark the tests that reach a database (through the `database_url` fixture): the
-    PostgreSQL pass of `make test` runs only those again (`-m database`)."""
+    PostgreSQL pass of `make test` runs only those again (`-m database`). Put the long
+    modules first (a stable sort: the rest keep their order)."""
     for item in items:
         if "database_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.database)
+    items.sort(key=_run_order)
 
 
 @pytest.fixture(scope="session")
