@@ -66,7 +66,8 @@ async def test_a_worker_killed_mid_run_loses_nothing(
 ) -> None:
     endpoint = await create_endpoint(api, receiver.url("crash"))
     receiver.set_secrets("crash", endpoint["secret"])
-    sent = await emit_alerts(db, 1000)
+    # Enough that the kill lands with deliveries on both sides of it.
+    sent = await emit_alerts(db, 400)
 
     start_worker(worker_env, workers)
     await receiver.wait_for(lambda: len(receiver.received("crash")) >= 150, timeout=60)
