@@ -3,13 +3,15 @@ whose circuit breakers follow a clock the tests move (no sleeping through an out
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
+from memberhub.events.catalog import PointsEarned
 from memberhub.events.sequencer import run_passes
+from memberhub.events.service import emit_many
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
@@ -137,6 +139,40 @@ async def award(api: ApiClient, member_id: str, points: int, reason: str = "test
         "/api/v1/points/award", {"member_id": member_id, "points": points, "reason": reason}
     )
     assert response.status_code == 201, response.text
+
+
+async def emit_earnings(
+    db: Database,
+    member_id: str,
+    count: int,
+    now: datetime,
+    *,
+    reason: Callable[[int], str | None] = lambda _i: None,
+    points: Callable[[int], int] = lambda _i: 1,
+) -> None:
+    """`count` committed `points.earned` events for the member, in one transaction, the
+    i-th with `balance_after` i (so their order can be checked at the vendor)."""
+    events = [
+        (
+            PointsEarned(
+                member_id=member_id,
+                transaction_id=f"txn_{i}",
+                transaction_type="award",
+                points=points(i),
+                pending_points=0,
+                balance_after=i,
+                pending_after=0,
+                reason=reason(i),
+                reference_id=None,
+                occurred_at=now,
+            ),
+            None,
+            member_id,
+        )
+        for i in range(count)
+    ]
+    async with db.transaction() as session:
+        await emit_many(session, events, occurred_at=now)
 
 
 async def event_ids(api: ApiClient, member_id: str, event_type: str) -> list[str]:

@@ -9,8 +9,6 @@ from typing import Any
 
 import pytest
 
-from memberhub.events.catalog import PointsEarned
-from memberhub.events.service import emit_many
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
@@ -26,6 +24,7 @@ from tests.sinks.conftest import (
     Clock,
     award,
     create_sink,
+    emit_earnings,
     forward,
     segment_integration,
 )
@@ -160,30 +159,7 @@ async def test_a_window_that_fails_part_way_resends_only_what_the_vendor_did_not
     sink = await create_sink(api, integration["id"], ["points.earned"])
     member = await api.create_member(consent=ANALYTICS)
     # Calls of about 2 KB: 400 of them need two batches.
-    async with db.transaction() as session:
-        await emit_many(
-            session,
-            [
-                (
-                    PointsEarned(
-                        member_id=member["id"],
-                        transaction_id=f"txn_{i}",
-                        transaction_type="award",
-                        points=1,
-                        pending_points=0,
-                        balance_after=i,
-                        pending_after=0,
-                        reason="r" * 2000,
-                        reference_id=None,
-                        occurred_at=clock.now,
-                    ),
-                    None,
-                    member["id"],
-                )
-                for i in range(400)
-            ],
-            occurred_at=clock.now,
-        )
+    await emit_earnings(db, member["id"], 400, clock.now, reason=lambda _i: "r" * 2000)
     segment.answer_next(None, 503, 503)
     await forward(db, hub, clock.now)
     taken = len(segment.tracks())
@@ -210,30 +186,7 @@ async def test_a_failure_after_the_first_window_keeps_its_position_and_drops_the
     integration = await segment_integration(api, segment)
     sink = await create_sink(api, integration["id"], ["points.earned"])
     member = await api.create_member(consent=ANALYTICS)
-    async with db.transaction() as session:
-        await emit_many(
-            session,
-            [
-                (
-                    PointsEarned(
-                        member_id=member["id"],
-                        transaction_id=f"txn_{i}",
-                        transaction_type="award",
-                        points=1,
-                        pending_points=0,
-                        balance_after=i,
-                        pending_after=0,
-                        reason="r",
-                        reference_id=None,
-                        occurred_at=clock.now,
-                    ),
-                    None,
-                    member["id"],
-                )
-                for i in range(9)
-            ],
-            occurred_at=clock.now,
-        )
+    await emit_earnings(db, member["id"], 9, clock.now, reason=lambda _i: "r")
     # Reads started once the vendor has taken a request hang, so one is still under way
     # when the next send fails.
     read_window = forwarding._read_window

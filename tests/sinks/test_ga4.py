@@ -6,15 +6,20 @@ from __future__ import annotations
 
 from sqlalchemy import update
 
-from memberhub.events.catalog import PointsEarned
-from memberhub.events.service import emit_many
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.providers.ga4 import client_id_for
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
 from tests.fakes.ga4 import FakeGa4, validate
-from tests.sinks.conftest import ANALYTICS, award, create_sink, forward, ga4_integration
+from tests.sinks.conftest import (
+    ANALYTICS,
+    award,
+    create_sink,
+    emit_earnings,
+    forward,
+    ga4_integration,
+)
 from tests.support import ApiClient
 
 
@@ -67,30 +72,7 @@ async def test_a_member_with_many_events_gets_requests_of_at_most_25(
     await create_sink(api, integration["id"], ["points.earned"])
     member = await api.create_member(consent=ANALYTICS)
     now = utcnow()
-    async with db.transaction() as session:
-        await emit_many(
-            session,
-            [
-                (
-                    PointsEarned(
-                        member_id=member["id"],
-                        transaction_id=f"txn_{i}",
-                        transaction_type="award",
-                        points=i + 1,
-                        pending_points=0,
-                        balance_after=i,
-                        pending_after=0,
-                        reason=None,
-                        reference_id=None,
-                        occurred_at=now,
-                    ),
-                    None,
-                    member["id"],
-                )
-                for i in range(60)
-            ],
-            occurred_at=now,
-        )
+    await emit_earnings(db, member["id"], 60, now, points=lambda i: i + 1)
     assert await forward(db, hub) == 60
     assert [len(body["events"]) for body in ga4.collected] == [25, 25, 10]
     values = [e["params"]["value"] for e in ga4.events_for(member["id"])]

@@ -7,8 +7,6 @@ import json
 
 from sqlalchemy import select
 
-from memberhub.events.catalog import PointsEarned
-from memberhub.events.service import emit_many
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.providers.segment import MAX_BATCH_BYTES, MAX_CALL_BYTES
 from memberhub.kit.clock import utcnow
@@ -19,6 +17,7 @@ from tests.sinks.conftest import (
     ANALYTICS,
     award,
     create_sink,
+    emit_earnings,
     event_ids,
     forward,
     segment_integration,
@@ -122,30 +121,9 @@ async def test_a_large_backlog_goes_in_full_batches_within_segments_limits(
     async with db.transaction() as session:
         member_row = await session.scalar(select(Member).where(Member.public_id == member["id"]))
         assert member_row is not None
-    now = utcnow()
     # Long reasons make each call about 1.5 KB: the batch size, not a count, is the limit.
     reason = "r" * 1200
-    events = [
-        (
-            PointsEarned(
-                member_id=member["id"],
-                transaction_id=f"txn_{i}",
-                transaction_type="award",
-                points=1,
-                pending_points=0,
-                balance_after=i,
-                pending_after=0,
-                reason=reason,
-                reference_id=None,
-                occurred_at=now,
-            ),
-            None,
-            member["id"],
-        )
-        for i in range(1500)
-    ]
-    async with db.transaction() as session:
-        await emit_many(session, events, occurred_at=now)
+    await emit_earnings(db, member["id"], 1500, utcnow(), reason=lambda _i: reason)
 
     sent = 0
     for _ in range(5):
@@ -174,31 +152,8 @@ async def test_a_call_larger_than_32_kb_is_refused_alone_and_logged(
     integration = await segment_integration(api, segment)
     sink = await create_sink(api, integration["id"], ["points.earned"])
     member = await api.create_member(consent=ANALYTICS)
-    async with db.transaction() as session:
-        now = utcnow()
-        await emit_many(
-            session,
-            [
-                (
-                    PointsEarned(
-                        member_id=member["id"],
-                        transaction_id=f"txn_{i}",
-                        transaction_type="award",
-                        points=1,
-                        pending_points=0,
-                        balance_after=i,
-                        pending_after=0,
-                        reason="x" * (40_000 if i == 1 else 10),
-                        reference_id=None,
-                        occurred_at=now,
-                    ),
-                    None,
-                    member["id"],
-                )
-                for i in range(3)
-            ],
-            occurred_at=now,
-        )
+    now = utcnow()
+    await emit_earnings(db, member["id"], 3, now, reason=lambda i: "x" * (40_000 if i == 1 else 10))
     assert await forward(db, hub) == 2
     assert [c["properties"]["balance_after"] for c in segment.tracks()] == [0, 2]
     shown = (await api.get(f"/api/v1/event-sinks/{sink['id']}")).json()
