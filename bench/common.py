@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import asyncpg
 import httpx
@@ -54,6 +55,38 @@ async def pg_execute(server_url: str, statement: str) -> None:
         await conn.execute(statement)
     finally:
         await conn.close()
+
+
+class BareReader:
+    """Reads through the bare driver, stdlib sqlite3 (autocommit: each read sees the latest
+    commit) or one asyncpg connection, for a bench's raw side or a probe that must cost the
+    measured process little. Queries name their parameters {0}, {1}, ..., written as each
+    driver wants them."""
+
+    def __init__(self, url: str) -> None:
+        self.url = make_url(url)
+        self.sqlite: sqlite3.Connection | None = None
+        self.pg: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> Self:
+        if self.url.get_backend_name() == "sqlite":
+            self.sqlite = sqlite3.connect(self.url.database or "", isolation_level=None)
+        else:
+            self.pg = await asyncpg.connect(asyncpg_dsn(self.url.render_as_string(False)))
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self.sqlite is not None:
+            self.sqlite.close()
+        if self.pg is not None:
+            await self.pg.close()
+
+    async def rows(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
+        if self.sqlite is not None:
+            return self.sqlite.execute(query.format(*["?"] * len(args)), args).fetchall()
+        assert self.pg is not None
+        marks = [f"${number}" for number in range(1, len(args) + 1)]
+        return [tuple(row) for row in await self.pg.fetch(query.format(*marks), *args)]
 
 
 def postgres_reachable(server_url: str) -> str | None:

@@ -39,7 +39,6 @@ import asyncio
 import base64
 import json
 import os
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -49,15 +48,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 from tests.fakes.segment import FakeSegment, running_fake_segment
 
 from bench.common import (
     DEFAULT_POSTGRES_URL,
-    asyncpg_dsn,
+    BareReader,
     postgres_database,
     postgres_reachable,
 )
@@ -191,32 +188,8 @@ RAW_CONTEXT = {"library": {"name": "memberhub", "version": "1"}}
 Row = tuple[Any, ...]
 
 
-class RawReader:
+class RawReader(BareReader):
     """The feed and the members read with the bare driver: stdlib sqlite3 or asyncpg."""
-
-    def __init__(self, url: str) -> None:
-        self.url = make_url(url)
-        self.sqlite: sqlite3.Connection | None = None
-        self.pg: asyncpg.Connection | None = None
-
-    async def __aenter__(self) -> RawReader:
-        if self.url.get_backend_name() == "sqlite":
-            self.sqlite = sqlite3.connect(str(self.url.database))
-        else:
-            self.pg = await asyncpg.connect(asyncpg_dsn(self.url.render_as_string(False)))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.sqlite is not None:
-            self.sqlite.close()
-        if self.pg is not None:
-            await self.pg.close()
-
-    async def rows(self, query: str, *args: Any) -> list[Row]:
-        if self.sqlite is not None:
-            return self.sqlite.execute(query.format("?", "?", "?"), args).fetchall()
-        assert self.pg is not None
-        return [tuple(row) for row in await self.pg.fetch(query.format("$1", "$2", "$3"), *args)]
 
     async def members(self, public_ids: list[str]) -> list[Row]:
         if self.sqlite is not None:

@@ -39,7 +39,6 @@ import contextlib
 import functools
 import json
 import os
-import sqlite3
 import ssl
 import statistics
 import sys
@@ -49,14 +48,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import httpx
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 
 from bench.common import (
     DEFAULT_POSTGRES_URL,
-    asyncpg_dsn,
+    BareReader,
     backends_named,
     free_port,
     postgres_usable,
@@ -296,41 +293,19 @@ async def last_attempt_id(probe: Database) -> int:
         return int(await session.scalar(select(func.max(WebhookAttempt.id))) or 0)
 
 
-class AttemptCounter:
-    """Counts committed attempt rows for the clock, through the bare driver (stdlib sqlite3,
-    asyncpg) on a connection of its own: the probe runs in the measured process every
-    PROBE_INTERVAL, so it should cost the loop's side as little as it can (a session and a
-    transaction through SQLAlchemy each time cost it several percent of its CPU)."""
+class AttemptCounter(BareReader):
+    """Counts committed attempt rows for the clock, through the bare driver on a connection
+    of its own: the probe runs in the measured process every PROBE_INTERVAL, so it should
+    cost the loop's side as little as it can (a session and a transaction through
+    SQLAlchemy each time cost it several percent of its CPU)."""
 
-    QUERY = "SELECT count(*) FROM webhook_attempts WHERE id > {}"
-
-    def __init__(self, url: str) -> None:
-        self.url = make_url(url)
-        self._sqlite: sqlite3.Connection | None = None
-        self._postgres: asyncpg.Connection | None = None
-
-    async def __aenter__(self) -> AttemptCounter:
-        if self.url.get_backend_name() == "sqlite":
-            # Autocommit: each count reads the latest committed state of the WAL.
-            self._sqlite = sqlite3.connect(self.url.database or "", isolation_level=None)
-        else:
-            self._postgres = await asyncpg.connect(asyncpg_dsn(str(self.url)))
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        if self._sqlite is not None:
-            self._sqlite.close()
-        if self._postgres is not None:
-            await self._postgres.close()
+    QUERY = "SELECT count(*) FROM webhook_attempts WHERE id > {0}"
 
     async def recorded(self, after_id: int) -> int:
         """Attempt rows committed with an id above `after_id`: a range of the primary key, so
         the probe costs the database as little at the last round as at the first."""
-        if self._sqlite is not None:
-            row = self._sqlite.execute(self.QUERY.format("?"), (after_id,)).fetchone()
-            return int(row[0])
-        assert self._postgres is not None
-        return int(await self._postgres.fetchval(self.QUERY.format("$1"), after_id))
+        ((count,),) = await self.rows(self.QUERY, after_id)
+        return int(count)
 
 
 async def time_loop(db: Database, probe: Database, settings: Settings, deliveries: int) -> float:
