@@ -86,6 +86,19 @@ def _multiprocess_dir() -> Path | None:
     return Path(os.environ[MULTIPROCESS_ENV])
 
 
+def _count_by_endpoint(
+    by_endpoint: Counter, overall: Counter, counts: Tally[tuple[str, str]]
+) -> None:
+    """Move a counter labelled (endpoint, label) and its overall twin labelled (label) by
+    `counts`, once per label set."""
+    totals: Tally[str] = Tally()
+    for (endpoint, label), count in counts.items():
+        by_endpoint.labels(endpoint, label).inc(count)
+        totals[label] += count
+    for label, count in totals.items():
+        overall.labels(label).inc(count)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.multiprocess_dir = _multiprocess_dir()
@@ -209,8 +222,9 @@ class Metrics:
     def observe_webhook_attempts(
         self, attempts: Iterable[tuple[str, str, float, str | None]]
     ) -> None:
-        """A batch of attempts as (endpoint, outcome, seconds, final), as
-        `observe_webhook_attempt` would count each: the counters moved once per label set."""
+        """A batch of attempts as (endpoint, outcome, seconds, final), `final` being the
+        delivery's outcome when it ended with that attempt: each attempt counted and its
+        latency observed, the counters moved once per label set."""
         attempted: Tally[tuple[str, str]] = Tally()
         ended: Tally[tuple[str, str]] = Tally()
         latencies: dict[str, list[float]] = {}
@@ -219,23 +233,13 @@ class Metrics:
             latencies.setdefault(endpoint, []).append(seconds)
             if final is not None:
                 ended[endpoint, final] += 1
-        outcomes: Tally[str] = Tally()
-        for (endpoint, outcome), count in attempted.items():
-            self.webhook_attempts.labels(endpoint, outcome).inc(count)
-            outcomes[outcome] += count
-        for outcome, count in outcomes.items():
-            self.webhook_attempts_overall.labels(outcome).inc(count)
+        _count_by_endpoint(self.webhook_attempts, self.webhook_attempts_overall, attempted)
+        _count_by_endpoint(self.webhook_deliveries, self.webhook_deliveries_overall, ended)
         for endpoint, seconds_list in latencies.items():
             latency = self.webhook_latency.labels(endpoint)
             for seconds in seconds_list:
                 latency.observe(seconds)
                 self.webhook_latency_overall.observe(seconds)
-        finals: Tally[str] = Tally()
-        for (endpoint, final), count in ended.items():
-            self.webhook_deliveries.labels(endpoint, final).inc(count)
-            finals[final] += count
-        for final, count in finals.items():
-            self.webhook_deliveries_overall.labels(final).inc(count)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
