@@ -253,11 +253,8 @@ async def _read_window(
 
 
 async def _drop(task: asyncio.Task[Any]) -> None:
-    """Stop a read that is no longer wanted, and wait until it has let go of its connection."""
-    if task.done():
-        if not task.cancelled():
-            task.exception()  # retrieved: a failed read ahead is of no interest now
-        return
+    """Stop a read that is no longer wanted, and wait until it has let go of its connection
+    (a finished one's failure is taken and ignored: the read ahead is of no interest now)."""
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
 
