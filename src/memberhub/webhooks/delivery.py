@@ -717,11 +717,9 @@ class DeliveryLoop:
         lateral join running each endpoint's claim query), not one round trip each; an
         ordered endpoint has its own rules (`_claimable`)."""
         found: dict[int, Sequence[Any]] = {}
-        together = [
-            (endpoint, wanted)
-            for endpoint, wanted in requests
-            if not endpoint.ordered and session.get_bind().dialect.name == "postgresql"
-        ]
+        together: list[tuple[EndpointState, int]] = []
+        if session.get_bind().dialect.name == "postgresql":
+            together = [(endpoint, wanted) for endpoint, wanted in requests if not endpoint.ordered]
         if len(together) < 2:
             together = []
         batched = {endpoint.id for endpoint, _ in together}
