@@ -25,7 +25,7 @@ from memberhub.auth.principal import Principal
 from memberhub.console.navigation import visible_navigation
 from memberhub.console.session import console_session, is_console_path
 from memberhub.kit.errors import Forbidden, MemberhubError, Unauthorized
-from memberhub.kit.http import SAFE_METHODS, read_body, spool_body
+from memberhub.kit.http import SAFE_METHODS, read_body, spool_body, validation_fields
 from memberhub.staff import service as staff_service
 from memberhub.staff.models import StaffUser
 from memberhub.staff.repository import StaffRepository
@@ -284,10 +284,9 @@ def _invalid_fields(exc: RequestValidationError) -> list[str]:
     """Each field the form got wrong, by its name, with what is wrong ("rate_limit: String
     should have at most 50 characters"); the location's kind (form, query) left out."""
     named = []
-    for error in exc.errors():
-        where = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")]
-        field = ".".join(where) or "the form"
-        entry = f"{field}: {error.get('msg', 'not valid')}"
+    for error in validation_fields(exc):
+        where = [part for part in error["loc"] if part not in ("body", "query", "path")]
+        entry = f"{'.'.join(where) or 'the form'}: {error['message'] or 'not valid'}"
         if entry not in named:
             named.append(entry)
     return named[:10]

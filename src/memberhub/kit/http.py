@@ -335,7 +335,7 @@ _STATUS_CODES = {
 }
 
 
-def _validation_fields(exc: RequestValidationError) -> list[dict[str, Any]]:
+def validation_fields(exc: RequestValidationError) -> list[dict[str, Any]]:
     fields = []
     for error in exc.errors():
         fields.append(
@@ -377,7 +377,7 @@ def install_error_handlers(app: FastAPI) -> None:
             422,
             "VALIDATION_ERROR",
             "The request is not valid.",
-            {"fields": _validation_fields(exc)},
+            {"fields": validation_fields(exc)},
         )
 
     @app.exception_handler(StarletteHTTPException)
