@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,24 +32,37 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [MEMBERHUB, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+class _Service(subprocess.Popen[bytes]):
+    """A `memberhub` process whose output goes to a file, never to a pipe: a pipe nobody
+    reads fills after 64 KiB of request logs, and the service then stops answering."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        # Open as long as the process object lives: read after the process has exited.
+        self.output = tempfile.TemporaryFile()  # noqa: SIM115
+        super().__init__([MEMBERHUB, *args], env=env, stdout=self.output, stderr=subprocess.STDOUT)
+
+    def logged(self) -> str:
+        """Everything the process has written so far (stdout and stderr, interleaved)."""
+        self.output.seek(0)
+        return self.output.read().decode(errors="replace")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> tuple[int, str]:
+def _start(args: list[str], env: dict[str, str]) -> _Service:
+    return _Service(args, env)
+
+
+def _stop(process: _Service) -> tuple[int, str]:
     """SIGTERM, as a service manager stops it; the exit code and what it logged."""
     process.send_signal(signal.SIGTERM)
     try:
-        _, stderr = process.communicate(timeout=20)
+        process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
         raise
-    return process.returncode, stderr.decode()
+    return process.returncode, process.logged()
 
 
-def _wait_for_health(base: str, process: subprocess.Popen[bytes]) -> None:
+def _wait_for_health(base: str, process: _Service) -> None:
     # Generous: a fully loaded two-core machine can take that long to start two processes.
     deadline = time.monotonic() + 90
     while True:
@@ -60,8 +74,8 @@ def _wait_for_health(base: str, process: subprocess.Popen[bytes]) -> None:
         if process.poll() is not None or time.monotonic() > deadline:
             if process.poll() is None:
                 process.kill()
-            _, stderr = process.communicate(timeout=20)
-            pytest.fail(f"memberhub serve did not come up: {stderr.decode()[-2000:]}")
+            process.wait(timeout=20)
+            pytest.fail(f"memberhub serve did not come up: {process.logged()[-2000:]}")
         time.sleep(0.1)
 
 
@@ -114,7 +128,8 @@ def test_worker_process_beats_and_stops_cleanly_on_sigterm(
     while not any(w.endswith(f":{worker.pid}") for w in _heartbeat_ids(database_url)):
         if worker.poll() is not None or time.monotonic() > deadline:
             worker.kill()
-            pytest.fail(f"the worker never wrote a heartbeat: {worker.communicate()[1]!r}")
+            worker.wait(timeout=20)
+            pytest.fail(f"the worker never wrote a heartbeat: {worker.logged()[-2000:]}")
         time.sleep(0.2)
     exit_code, log = _stop(worker)
     assert exit_code == 0

@@ -52,7 +52,7 @@ def workers(worker_env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes]
 
 def start_worker(env: dict[str, str], started: list[subprocess.Popen[bytes]]) -> None:
     process = subprocess.Popen(
-        [MEMBERHUB, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [MEMBERHUB, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     started.append(process)
 
