@@ -46,6 +46,10 @@ typecheck: $(DEV_STAMP)
 
 # The PostgreSQL pass runs again only the tests that reach the database (marked `database`
 # at collection); the others would repeat the SQLite pass exactly.
+# Bytecode caches are written even where PYTHONDONTWRITEBYTECODE is set: otherwise every
+# process the suite starts (test processes, serve, worker, each CLI command) compiles the
+# package again, and each test process rewrites and compiles every test module again.
+pytest: export PYTHONDONTWRITEBYTECODE =
 pytest: $(DEV_STAMP)
 	env -u MEMBERHUB_TEST_DATABASE_URL $(BIN)/pytest -n $(TEST_WORKERS)
 	@if [ -n "$$MEMBERHUB_TEST_DATABASE_URL" ]; then \

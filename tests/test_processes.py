@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +26,19 @@ from memberhub.worker.models import WorkerHeartbeat
 from tests.ops.exposition import pids, sample_value, sample_values
 
 MEMBERHUB = str(Path(sys.executable).with_name("memberhub"))
+
+
+@functools.cache
+def _client() -> httpx.Client:
+    """One client for every request of these tests: `httpx.get` builds a client, and with it
+    a TLS context from the CA bundle (tens of milliseconds of CPU, taken from the service
+    starting beside it), on every call. Without keep-alive, each request opens a connection
+    of its own, which the kernel hands to either `serve` process."""
+    return httpx.Client(limits=httpx.Limits(max_keepalive_connections=0), trust_env=False)
+
+
+def _get(url: str, **kwargs: Any) -> httpx.Response:
+    return _client().get(url, **kwargs)
 
 
 def _free_port() -> int:
@@ -67,7 +82,7 @@ def _wait_for_health(base: str, process: _Service) -> None:
     deadline = time.monotonic() + 90
     while True:
         try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+            if _get(f"{base}/health", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -93,7 +108,7 @@ def server(process_env: dict[str, str]) -> Iterator[str]:
 
 
 def _worker_heartbeat_age(base: str) -> float | None:
-    age = httpx.get(f"{base}/health", timeout=5).json()["worker"]["heartbeat_age_seconds"]
+    age = _get(f"{base}/health", timeout=5).json()["worker"]["heartbeat_age_seconds"]
     return None if age is None else float(age)
 
 
@@ -102,10 +117,10 @@ def test_serve_answers_health_and_runs_the_embedded_worker(server: str) -> None:
     while _worker_heartbeat_age(server) is None:
         assert time.monotonic() < deadline, "the embedded worker never wrote a heartbeat"
         time.sleep(0.2)
-    health = httpx.get(f"{server}/health", timeout=5).json()
+    health = _get(f"{server}/health", timeout=5).json()
     assert health["status"] == "ok"
     assert health["worker"]["embedded"] is True
-    assert httpx.get(f"{server}/api/v1/members", timeout=5).status_code == 401
+    assert _get(f"{server}/api/v1/members", timeout=5).status_code == 401
 
 
 def _heartbeat_ids(database_url: str) -> set[str]:
@@ -225,7 +240,7 @@ def test_metrics_of_serve_with_two_processes_count_the_requests_of_both(
     scrapes: list[str] = []
 
     def scrape() -> str:
-        response = httpx.get(f"{base}/metrics", timeout=10)
+        response = _get(f"{base}/metrics", timeout=10)
         assert response.status_code == 200, response.text
         scrapes.append(response.text)
         return response.text
@@ -237,7 +252,7 @@ def test_metrics_of_serve_with_two_processes_count_the_requests_of_both(
         sent = 0
         while sent < 20 or not _both_answered(metrics_dir, "/api/v1/program", at_least=1):
             assert sent < 500, "one process answered every request"
-            response = httpx.get(f"{base}/api/v1/program", headers=headers, timeout=10)
+            response = _get(f"{base}/api/v1/program", headers=headers, timeout=10)
             assert response.status_code == 200, response.text
             sent += 1
         # The last request is counted once its response has gone: wait for that, once.
@@ -322,7 +337,7 @@ def test_serve_hands_connections_opened_at_once_evenly_to_its_processes(
         deadline = time.monotonic() + 30
         while not _both_answered(metrics_dir, "/health", at_least=1):
             assert time.monotonic() < deadline, "the second process did not start"
-            assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+            assert _get(f"{base}/health", timeout=10).status_code == 200
         headers = {"Authorization": f"Bearer {admin_key}"}
         asyncio.run(
             _requests_on_connections_opened_at_once(base, headers, connections=8, requests=10)
@@ -363,7 +378,7 @@ def test_serve_starts_a_process_again_when_one_dies(
             assert time.monotonic() < deadline, "the dead process was not reaped"
             time.sleep(0.05)
         while True:
-            response = httpx.get(f"{base}/api/v1/program", headers=headers, timeout=10)
+            response = _get(f"{base}/api/v1/program", headers=headers, timeout=10)
             assert response.status_code == 200, response.text
             now = _children(process.pid)
             if len(now) == 2 and children[0] not in now:

@@ -62,6 +62,7 @@ from memberhub.search.routes import router as search_router
 from memberhub.settings import Settings
 from memberhub.sinks.routes import outbound as sinks_outbound_router
 from memberhub.sinks.routes import router as sinks_router
+from memberhub.staff.passwords import decoy_hash
 from memberhub.staff.routes import router as staff_router
 from memberhub.tiers.routes import router as tiers_router
 from memberhub.webhooks.routes import router as webhooks_router
@@ -121,6 +122,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
         task = None
+        # Before the first sign-in, so that it takes no longer than those that follow.
+        decoy_hash()
         drainer = asyncio.create_task(_drain_call_log(app.state.integrations, stop))
         pool_sampler = asyncio.create_task(app.state.metrics.sample_pools_until(stop))
         if embedded_worker:
