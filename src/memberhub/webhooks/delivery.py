@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import random
-import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -370,12 +368,6 @@ class AttemptResult:
         return self.status_code == 410
 
 
-@functools.cache
-def _verifying_context() -> ssl.SSLContext:
-    """Loading the CA bundle takes tens of milliseconds: once per process."""
-    return httpx.create_ssl_context()
-
-
 def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
     if value is None:
         return None
@@ -565,7 +557,6 @@ class DeliveryLoop:
             return endpoint.idle_lanes.pop()
         transport: httpx.AsyncBaseTransport = guarded_transport(
             self.config.policy,
-            verify=_verifying_context(),
             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         )
         if self.tracing is not None:

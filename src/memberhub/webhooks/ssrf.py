@@ -18,6 +18,7 @@ they fall inside a network of `MEMBERHUB_WEBHOOK_ALLOWED_NETWORKS`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import ssl
@@ -519,6 +520,14 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+@functools.cache
+def verifying_context(trust_env: bool = True) -> ssl.SSLContext:
+    """The default TLS context (certificates verified against the CA bundle, or the bundle
+    SSL_CERT_FILE / SSL_CERT_DIR name when `trust_env`), made once per process: loading the
+    bundle takes tens of milliseconds, and every transport would otherwise load it again."""
+    return httpx.create_ssl_context(trust_env=trust_env)
+
+
 class _GuardedTransport(httpx.AsyncHTTPTransport):
     """AsyncHTTPTransport whose connection pool connects through a GuardedNetworkBackend.
 
@@ -540,7 +549,10 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
         retries: int = 0,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> None:
-        ssl_context = httpx.create_ssl_context(verify=verify, trust_env=trust_env)
+        if verify is True:
+            ssl_context = verifying_context(trust_env)
+        else:
+            ssl_context = httpx.create_ssl_context(verify=verify, trust_env=trust_env)
         super().__init__(
             verify=ssl_context,
             trust_env=trust_env,
