@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from argon2 import PasswordHasher
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -27,6 +28,7 @@ from memberhub.kit.db import Database
 from memberhub.kit.migrate import upgrade
 from memberhub.models import Base
 from memberhub.settings import Settings
+from memberhub.staff import passwords
 from tests.support import ApiClient
 
 TEST_DATABASE_URL = os.environ.get("MEMBERHUB_TEST_DATABASE_URL")
@@ -94,6 +96,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "database_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.database)
     items.sort(key=_run_order)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fast_password_hashing() -> Iterator[PasswordHasher]:
+    """Passwords hashed with argon2id at its smallest cost in this process's tests: at the
+    product's (64 MiB, 3 passes) each staff account made and each sign-in took a fifth of a
+    second, a minute or more of every run. Hashes carry their parameters, so every code
+    path is the same; the product's own parameters are tested with `real_password_hashing`,
+    and processes the tests start (the CLI, `serve`) use them. Yields the product's hasher."""
+    product_hasher = passwords._HASHER
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            passwords, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+        )
+        passwords.decoy_hash.cache_clear()
+        yield product_hasher
+    passwords.decoy_hash.cache_clear()
+
+
+@pytest.fixture
+def real_password_hashing(fast_password_hashing: PasswordHasher) -> Iterator[None]:
+    """The product's password hashing, for the test that asks for it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(passwords, "_HASHER", fast_password_hashing)
+        passwords.decoy_hash.cache_clear()
+        yield
+    passwords.decoy_hash.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,17 @@ import secrets
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from argon2.profiles import RFC_9106_LOW_MEMORY
 
 from memberhub.kit.errors import ValidationFailed
 
 MIN_LENGTH = 12
 MAX_LENGTH = 200
-_HASHER = PasswordHasher()
+# argon2id with RFC 9106's second recommended option (3 passes over 64 MiB, 4 lanes), which
+# argon2-cffi also defaults to, named here so that a library upgrade cannot change it. A hash
+# carries its own parameters: hashes made with others still verify.
+PARAMETERS = RFC_9106_LOW_MEMORY
+_HASHER = PasswordHasher.from_parameters(PARAMETERS)
 
 
 @functools.cache
