@@ -72,11 +72,14 @@ bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.activities
 	$(BIN)/python -m bench.exports
 
-## Validate compose.yaml and build the image, where `docker compose` and a Docker daemon exist.
+## Validate compose.yaml and build the image, where Compose (`docker compose`, or the older
+## `docker-compose`) and a Docker daemon exist.
 docker-check:
-	@if docker compose version >/dev/null 2>&1; then \
-		POSTGRES_PASSWORD=check MEMBERHUB_SECRET_KEY=check docker compose config --quiet \
-			&& echo "docker-check: compose.yaml is valid"; \
+	@if docker compose version >/dev/null 2>&1; then COMPOSE="docker compose"; \
+	elif docker-compose version >/dev/null 2>&1; then COMPOSE="docker-compose"; fi; \
+	if [ -n "$$COMPOSE" ]; then \
+		POSTGRES_PASSWORD=check MEMBERHUB_SECRET_KEY=check $$COMPOSE config --quiet \
+			&& echo "docker-check: compose.yaml is valid ($$COMPOSE)"; \
 	else echo "docker-check: skipped compose.yaml validation (no docker compose here)"; fi
 	@if docker info >/dev/null 2>&1; then \
 		docker build --quiet --tag memberhub:check . && echo "docker-check: image built"; \

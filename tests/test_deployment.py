@@ -1,6 +1,7 @@
 """The container files describe what the README's Production section promises: a non-root
-image, and PostgreSQL with a one-off migration, two API processes and two workers. Where a
-Docker daemon and `docker compose` exist, `make docker-check` also builds and validates."""
+image, and PostgreSQL with a one-off migration, two API processes and two workers. Where
+Compose (`docker compose` or `docker-compose`) and a Docker daemon exist, `make docker-check`
+also validates and builds."""
 
 from __future__ import annotations
 
