@@ -52,6 +52,7 @@ from memberhub.notifications.routes import router as notifications_router
 from memberhub.ops.docs import install_docs
 from memberhub.ops.metrics import Metrics
 from memberhub.ops.routes import router as ops_router
+from memberhub.ops.serving import SERVE_WORKER_ENV
 from memberhub.ops.tracing import start_tracing
 from memberhub.ops.tracking import configure_error_tracking
 from memberhub.organisations.routes import router as organisations_router
@@ -73,10 +74,6 @@ from memberhub.worker.runner import Worker
 CALL_LOG_DRAIN_SECONDS = 2.0
 CACHE_STAMP_FILE = "cache.stamp"
 log = structlog.get_logger("memberhub.app")
-
-
-# Set by `memberhub serve` for the processes it starts when it runs more than one.
-SERVE_WORKER_ENV = "MEMBERHUB_SERVE_EMBEDDED_WORKER"
 
 
 def serve_app() -> FastAPI:

@@ -130,10 +130,9 @@ def serve(
     """Serve the API (and, unless --no-worker, the worker in one of its processes)."""
     import uvicorn
 
-    from memberhub.app import SERVE_WORKER_ENV, create_app
     from memberhub.kit.logging import configure_logging
     from memberhub.ops.metrics import multiprocess_directory
-    from memberhub.ops.serving import serve_balanced
+    from memberhub.ops.serving import SERVE_WORKER_ENV, serve_balanced
 
     settings = _settings()
     _require_secret_key(settings)
@@ -149,11 +148,14 @@ def serve(
         f"({count} process{'es' if count > 1 else ''}, {worker_note}, {database})"
     )
     if count == 1:
+        from memberhub.app import create_app
+
         configure_error_tracking(settings)
         with multiprocess_directory(processes=1):
             uvicorn.run(create_app(settings, embedded_worker=not no_worker), **options)  # type: ignore[arg-type]
         return
-    # Each process builds its app from the environment, as this one read it.
+    # Each process builds its app from the environment, as this one read it (this one
+    # only hands out connections: it never imports the application).
     settings.ensure_data_dir()
     configure_logging(settings.log_level, json=settings.log_json)
     os.environ[SERVE_WORKER_ENV] = "0" if no_worker else "1"

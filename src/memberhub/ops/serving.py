@@ -41,6 +41,10 @@ import uvicorn
 
 log = structlog.get_logger("memberhub.serving")
 
+# Set by `memberhub serve` for the processes it starts when it runs more than one: "1" when
+# they are to elect the embedded worker among themselves.
+SERVE_WORKER_ENV = "MEMBERHUB_SERVE_EMBEDDED_WORKER"
+
 multiprocessing.allow_connection_pickling()
 _spawn = multiprocessing.get_context("spawn")
 
