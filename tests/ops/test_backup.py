@@ -31,6 +31,9 @@ from tests.test_processes import (
 )
 
 PASSPHRASE = "correct horse battery staple"
+# One API process (with the embedded worker): how many the service runs is tested elsewhere
+# (tests/test_processes.py), and each more would only take a core from the test.
+SERVE_ONE_PROCESS = ["serve", "--processes", "1", "--host", "127.0.0.1", "--port"]
 WEBHOOK_SECRET = "whsec_backup_test_0123456789"
 
 
@@ -88,7 +91,7 @@ def test_backup_of_a_running_service_restores_into_a_fresh_installation(
 ) -> None:
     headers = {"Authorization": f"Bearer {admin_key}"}
     port = _free_port()
-    server = _start(["serve", "--host", "127.0.0.1", "--port", str(port)], process_env)
+    server = _start([*SERVE_ONE_PROCESS, str(port)], process_env)
     base = f"http://127.0.0.1:{port}"
     backup = tmp_path / "backups" / "memberhub.tar.gz"
     passphrase_file = tmp_path / "passphrase"
@@ -216,7 +219,7 @@ def test_backup_of_a_running_service_restores_into_a_fresh_installation(
 
         # …and the restored service verifies a webhook signed with them.
         port = _free_port()
-        again = _start(["serve", "--host", "127.0.0.1", "--port", str(port)], restored_env)
+        again = _start([*SERVE_ONE_PROCESS, str(port)], restored_env)
         try:
             _wait_for_health(f"http://127.0.0.1:{port}", again)
             body, signed = _stripe_event("evt_after_restore")
