@@ -63,7 +63,7 @@ from memberhub.events.sequencer import sequence_pending
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox, SecretUnreadable
 from memberhub.kit.db import Database
-from memberhub.kit.ids import new_public_id
+from memberhub.kit.ids import new_public_id, new_public_ids
 from memberhub.ops.metrics import Metrics
 from memberhub.ops.tracing import work_span
 from memberhub.organisations.repository import OrganisationRepository
@@ -187,7 +187,8 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
             .with_for_update(read=True)
         )
     ).all()
-    rows: list[dict[str, Any]] = []
+    # (endpoint id, event) of each delivery to create.
+    pairs: list[tuple[int, Any]] = []
     if endpoints:
         targets = await _targets(session, [e for e in events if e.type == WebhookTest.event_type])
         scopes = await _organisation_scopes(session, endpoints)
@@ -203,20 +204,24 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
                     and (target is not None or matchers[endpoint.id](event.type))
                     and (scope is None or event.organisation_id in scope)
                 ):
-                    rows.append(
-                        {
-                            "public_id": new_public_id("dlv"),
-                            "endpoint_id": endpoint.id,
-                            "event_id": event.id,
-                            "event_position": event.position,
-                            "status": DeliveryStatus.PENDING,
-                            "attempt_count": 0,
-                            "schedule_index": 0,
-                            "next_attempt_at": now,
-                            "created_at": now,
-                        }
-                    )
-    if rows:
+                    pairs.append((endpoint.id, event))
+    if pairs:
+        # The public ids from one read of the random source, not one each.
+        public_ids = new_public_ids("dlv", len(pairs))
+        rows = [
+            {
+                "public_id": public_id,
+                "endpoint_id": endpoint_id,
+                "event_id": event.id,
+                "event_position": event.position,
+                "status": DeliveryStatus.PENDING,
+                "attempt_count": 0,
+                "schedule_index": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+            for (endpoint_id, event), public_id in zip(pairs, public_ids, strict=True)
+        ]
         await session.execute(insert(_DELIVERIES), rows)
     await session.execute(
         update(Event).where(Event.id.in_([e.id for e in events])).values(dispatched_at=now)
@@ -243,6 +248,10 @@ async def _organisation_scopes(
         return {}
     subtrees = await OrganisationRepository(session).subtrees(roots)
     return {e.id: subtrees[e.organisation_id] for e in endpoints if e.organisation_id is not None}
+
+
+# Asked at every fan-out check (every FAN_OUT_CHECK_SECONDS while busy): built once.
+_ANY_UNDISPATCHED = select(_EVENTS.c.id).where(_EVENTS.c.dispatched_at.is_(None)).limit(1)
 
 
 # ---------------------------------------------------------------- claiming
@@ -593,9 +602,7 @@ class DeliveryLoop:
         transaction would take the one write lock for nothing. Events not yet numbered count:
         fan-out numbers them."""
         async with self.db.transaction(read_only=True, short=True) as session:
-            found = await session.scalar(
-                select(Event.id).where(Event.dispatched_at.is_(None)).limit(1)
-            )
+            found = await session.scalar(_ANY_UNDISPATCHED)
         return found is not None
 
     @contextlib.asynccontextmanager
