@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, cast
 
 import httpx
@@ -41,7 +42,7 @@ import structlog
 from sqlalchemy import (
     Integer,
     Table,
-    and_,
+    Text,
     bindparam,
     column,
     func,
@@ -60,7 +61,7 @@ from memberhub.events.sequencer import sequence_pending
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox, SecretUnreadable
 from memberhub.kit.db import Database
-from memberhub.kit.ids import new_public_id
+from memberhub.kit.ids import new_public_id, new_public_ids
 from memberhub.ops.metrics import Metrics
 from memberhub.ops.tracing import work_span
 from memberhub.organisations.repository import OrganisationRepository
@@ -119,6 +120,7 @@ _FAN_OUT_LOCK = 7_320_114_101
 _DELIVERIES = cast(Table, WebhookDelivery.__table__)
 _ATTEMPTS = cast(Table, WebhookAttempt.__table__)
 _ENDPOINTS = cast(Table, WebhookEndpoint.__table__)
+_EVENTS = cast(Table, Event.__table__)
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,8 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
             .with_for_update(read=True)
         )
     ).all()
-    rows: list[dict[str, Any]] = []
+    # (endpoint id, event) of each delivery to create.
+    pairs: list[tuple[int, Any]] = []
     if endpoints:
         targets = await _targets(session, [e for e in events if e.type == WebhookTest.event_type])
         scopes = await _organisation_scopes(session, endpoints)
@@ -199,20 +202,24 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
                     and (target is not None or matchers[endpoint.id](event.type))
                     and (scope is None or event.organisation_id in scope)
                 ):
-                    rows.append(
-                        {
-                            "public_id": new_public_id("dlv"),
-                            "endpoint_id": endpoint.id,
-                            "event_id": event.id,
-                            "event_position": event.position,
-                            "status": DeliveryStatus.PENDING,
-                            "attempt_count": 0,
-                            "schedule_index": 0,
-                            "next_attempt_at": now,
-                            "created_at": now,
-                        }
-                    )
-    if rows:
+                    pairs.append((endpoint.id, event))
+    if pairs:
+        # The public ids from one read of the random source, not one each.
+        public_ids = new_public_ids("dlv", len(pairs))
+        rows = [
+            {
+                "public_id": public_id,
+                "endpoint_id": endpoint_id,
+                "event_id": event.id,
+                "event_position": event.position,
+                "status": DeliveryStatus.PENDING,
+                "attempt_count": 0,
+                "schedule_index": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+            for (endpoint_id, event), public_id in zip(pairs, public_ids, strict=True)
+        ]
         await session.execute(insert(_DELIVERIES), rows)
     await session.execute(
         update(Event).where(Event.id.in_([e.id for e in events])).values(dispatched_at=now)
@@ -239,6 +246,10 @@ async def _organisation_scopes(
         return {}
     subtrees = await OrganisationRepository(session).subtrees(roots)
     return {e.id: subtrees[e.organisation_id] for e in endpoints if e.organisation_id is not None}
+
+
+# Asked at every fan-out check (every FAN_OUT_CHECK_SECONDS while busy): built once.
+_ANY_UNDISPATCHED = select(_EVENTS.c.id).where(_EVENTS.c.dispatched_at.is_(None)).limit(1)
 
 
 # ---------------------------------------------------------------- claiming
@@ -327,16 +338,69 @@ class Claimed:
     body: str | None = None
 
 
-_CLAIM_COLUMNS = (
-    WebhookDelivery.id,
-    WebhookDelivery.attempt_count,
-    WebhookDelivery.schedule_index,
-    WebhookDelivery.next_attempt_at,
-    Event.public_id,
-    Event.type,
-    Event.version,
-    Event.occurred_at,
-    Event.data,
+# The claim's statements, built once: a claim only binds its values to them, where
+# building and keying them again for each endpoint at each claim cost more CPU than running
+# them. An event's data is read as text, to be decoded once per event a claim takes, not
+# once per delivery.
+_EVENT_DATA = _EVENTS.c.data.cast(Text).label("data")
+# An endpoint's pending deliveries (`endpoint_id`), with what their bodies are made of:
+_PENDING = (
+    select(
+        _DELIVERIES.c.id,
+        _DELIVERIES.c.attempt_count,
+        _DELIVERIES.c.schedule_index,
+        _EVENTS.c.public_id,
+        _EVENTS.c.type,
+        _EVENTS.c.version,
+        _EVENTS.c.occurred_at,
+        _EVENT_DATA,
+    )
+    .select_from(_DELIVERIES.join(_EVENTS, _EVENTS.c.id == _DELIVERIES.c.event_id))
+    .where(
+        _DELIVERIES.c.endpoint_id == bindparam("endpoint_id"),
+        _DELIVERIES.c.status == DeliveryStatus.PENDING,
+    )
+)
+# Up to `wanted` due by `now`, soonest first, in the claim index's order and nothing more: a
+# tie-break (by id) would sort every delivery due at the same moment (a fan-out's whole
+# batch) to take the first few, where the index alone stops after `wanted`.
+_DUE = (
+    _PENDING.where(_DELIVERIES.c.next_attempt_at <= bindparam("now"))
+    .order_by(_DELIVERIES.c.next_attempt_at)
+    .limit(bindparam("wanted", type_=Integer))
+)
+_DUE_FOR_UPDATE = _DUE.with_for_update(skip_locked=True, of=_DELIVERIES)
+# An ordered endpoint's oldest unfinished delivery, and when it is due.
+_HEAD = (
+    _PENDING.add_columns(_DELIVERIES.c.next_attempt_at)
+    .order_by(_DELIVERIES.c.event_position, _DELIVERIES.c.id)
+    .limit(1)
+)
+# One of an ordered endpoint's deliveries still leased at `now`.
+_LEASED = (
+    select(_DELIVERIES.c.id)
+    .where(
+        _DELIVERIES.c.endpoint_id == bindparam("endpoint_id"),
+        _DELIVERIES.c.status == DeliveryStatus.PENDING,
+        _DELIVERIES.c.claim_token.is_not(None),
+        _DELIVERIES.c.next_attempt_at > bindparam("now"),
+    )
+    .limit(1)
+)
+_HOLD_ENDPOINT = (
+    select(_ENDPOINTS.c.id)
+    .where(_ENDPOINTS.c.id == bindparam("endpoint_id"))
+    .with_for_update(skip_locked=True, key_share=True)
+)
+# The claimed deliveries (`ids`) leased to `worker` under `token` until `lease_end`.
+_LEASE = (
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        next_attempt_at=bindparam("lease_end"),
+        claimed_by=bindparam("worker"),
+        claim_token=bindparam("token"),
+    )
 )
 
 
@@ -530,9 +594,7 @@ class DeliveryLoop:
         transaction would take the one write lock for nothing. Events not yet numbered count:
         fan-out numbers them."""
         async with self.db.transaction(read_only=True, short=True) as session:
-            found = await session.scalar(
-                select(Event.id).where(Event.dispatched_at.is_(None)).limit(1)
-            )
+            found = await session.scalar(_ANY_UNDISPATCHED)
         return found is not None
 
     @contextlib.asynccontextmanager
@@ -621,7 +683,8 @@ class DeliveryLoop:
                     requests.append((endpoint, wanted))
                     free -= wanted
             found = await self._claimable_all(session, requests, now)
-            bodies: dict[str, str] = {}
+            # Each event's data decoded and its body built once, for all its deliveries.
+            events: dict[str, tuple[dict[str, Any], str]] = {}
             for endpoint, wanted in requests:
                 rows = found.get(endpoint.id, [])
                 if len(rows) < wanted:
@@ -629,11 +692,14 @@ class DeliveryLoop:
                     if endpoint.rate_limit is not None:
                         endpoint.tokens += wanted - len(rows)
                 for row in rows:
-                    body = bodies.get(row.public_id)
-                    if body is None:
-                        body = bodies[row.public_id] = event_body(
-                            row.public_id, row.type, row.version, row.occurred_at, row.data
+                    event = events.get(row.public_id)
+                    if event is None:
+                        data = json.loads(row.data)
+                        event = events[row.public_id] = (
+                            data,
+                            event_body(row.public_id, row.type, row.version, row.occurred_at, data),
                         )
+                    data, body = event
                     claimed.append(
                         Claimed(
                             delivery_id=row.id,
@@ -645,20 +711,20 @@ class DeliveryLoop:
                             event_type=row.type,
                             event_version=row.version,
                             occurred_at=row.occurred_at,
-                            data=row.data,
+                            data=data,
                             leased_until=leased_until,
                             body=body,
                         )
                     )
             if claimed:
                 await session.execute(
-                    update(_DELIVERIES)
-                    .where(_DELIVERIES.c.id.in_([c.delivery_id for c in claimed]))
-                    .values(
-                        next_attempt_at=now + timedelta(seconds=self.config.lease),
-                        claimed_by=self.worker_id,
-                        claim_token=token,
-                    )
+                    _LEASE,
+                    {
+                        "ids": [c.delivery_id for c in claimed],
+                        "lease_end": now + timedelta(seconds=self.config.lease),
+                        "worker": self.worker_id,
+                        "token": token,
+                    },
                 )
         return claimed
 
@@ -753,7 +819,7 @@ class DeliveryLoop:
                 Event.type,
                 Event.version,
                 Event.occurred_at,
-                Event.data,
+                _EVENT_DATA,
             )
             .select_from(wanting)
             .join(due, true())
@@ -770,57 +836,24 @@ class DeliveryLoop:
         self, session: AsyncSession, endpoint: EndpointState, wanted: int, now: datetime
     ) -> Sequence[Any]:
         postgres = session.get_bind().dialect.name == "postgresql"
-        base = (
-            select(*_CLAIM_COLUMNS)
-            .join(Event, Event.id == WebhookDelivery.event_id)
-            .where(
-                WebhookDelivery.endpoint_id == endpoint.id,
-                WebhookDelivery.status == DeliveryStatus.PENDING,
-            )
-        )
-        if endpoint.ordered:
-            if postgres:
-                # One claimer per ordered endpoint: another worker holding it skips it.
-                mine = await session.scalar(
-                    select(WebhookEndpoint.id)
-                    .where(WebhookEndpoint.id == endpoint.id)
-                    .with_for_update(skip_locked=True, key_share=True)
-                )
-                if mine is None:
-                    return []
-            # One at a time, also when a retry made an older delivery the head while a
-            # newer one is still being sent.
-            leased = await session.scalar(
-                select(WebhookDelivery.id)
-                .where(
-                    WebhookDelivery.endpoint_id == endpoint.id,
-                    WebhookDelivery.status == DeliveryStatus.PENDING,
-                    WebhookDelivery.claim_token.is_not(None),
-                    WebhookDelivery.next_attempt_at > now,
-                )
-                .limit(1)
-            )
-            if leased is not None:
-                return []
-            head = (
-                await session.execute(
-                    base.order_by(WebhookDelivery.event_position, WebhookDelivery.id).limit(1)
-                )
-            ).first()
-            if head is None or head.next_attempt_at is None or head.next_attempt_at > now:
-                return []
-            return [head]
-        # Soonest due first, in the claim index's order and nothing more: a tie-break (by
-        # id) would sort every delivery due at the same moment (a fan-out's whole batch)
-        # to take the first few, where the index alone stops after `wanted`.
-        query = (
-            base.where(WebhookDelivery.next_attempt_at <= now)
-            .order_by(WebhookDelivery.next_attempt_at)
-            .limit(wanted)
-        )
+        if not endpoint.ordered:
+            query = _DUE_FOR_UPDATE if postgres else _DUE
+            params = {"endpoint_id": endpoint.id, "now": now, "wanted": wanted}
+            return (await session.execute(query, params)).all()
         if postgres:
-            query = query.with_for_update(skip_locked=True, of=WebhookDelivery)
-        return (await session.execute(query)).all()
+            # One claimer per ordered endpoint: another worker holding it skips it.
+            mine = await session.scalar(_HOLD_ENDPOINT, {"endpoint_id": endpoint.id})
+            if mine is None:
+                return []
+        # One at a time, also when a retry made an older delivery the head while a newer one
+        # is still being sent.
+        leased = await session.scalar(_LEASED, {"endpoint_id": endpoint.id, "now": now})
+        if leased is not None:
+            return []
+        head = (await session.execute(_HEAD, {"endpoint_id": endpoint.id})).first()
+        if head is None or head.next_attempt_at is None or head.next_attempt_at > now:
+            return []
+        return [head]
 
     async def _refresh_endpoints(self, session: AsyncSession) -> None:
         rows = (
@@ -1277,16 +1310,11 @@ async def record(
     async with db.transaction(short=True) as session:
         # Endpoints first, in id order: the same order as every other writer, so no deadlock.
         endpoint_ids = sorted({r.claimed.endpoint.id for r in batch})
-        locked = select(
-            _ENDPOINTS.c.id,
-            _ENDPOINTS.c.enabled,
-            _ENDPOINTS.c.failing_since,
-            _ENDPOINTS.c.last_success_at,
-            _ENDPOINTS.c.last_failure_at,
-        ).where(_ENDPOINTS.c.id.in_(endpoint_ids))
-        if session.get_bind().dialect.name == "postgresql":
-            locked = locked.order_by(_ENDPOINTS.c.id).with_for_update(key_share=True)
-        endpoints = {row.id: _Health(**row._asdict()) for row in await session.execute(locked)}
+        postgres = session.get_bind().dialect.name == "postgresql"
+        locked = await session.execute(
+            _LOCK_ENDPOINTS_PG if postgres else _LOCK_ENDPOINTS, {"ids": endpoint_ids}
+        )
+        endpoints = {row.id: _Health(**row._asdict()) for row in locked}
         finals: list[str | None] = [None] * len(batch)
         kept = []
         for index, (result, values) in enumerate(zip(batch, changes, strict=True)):
@@ -1307,35 +1335,54 @@ async def record(
             return finals
         attempts = [attempts[i] for i in kept]
         changes = [changes[i] for i in kept]
-        await session.execute(insert(_ATTEMPTS), attempts)
-        statement = (
-            update(_DELIVERIES)
-            .where(
-                and_(
-                    _DELIVERIES.c.id == bindparam("b_id"),
-                    _DELIVERIES.c.claim_token == bindparam("b_token"),
-                )
-            )
-            .values(
-                {
-                    name: bindparam(name)
-                    for name in (
-                        "attempt_count",
-                        "last_status_code",
-                        "last_error",
-                        "claimed_by",
-                        "claim_token",
-                        "status",
-                        "schedule_index",
-                        "next_attempt_at",
-                        "completed_at",
-                    )
-                }
-            )
-        )
-        await session.execute(statement, changes)
+        await session.execute(_INSERT_ATTEMPTS, attempts)
+        await session.execute(_RECORD_RESULTS, changes)
         await _update_health(session, endpoints, batch, config, now)
     return finals
+
+
+# The recorder's statements, built once: a batch only binds its values to them, where
+# building and keying them again for each batch cost more CPU than running them.
+_LOCK_ENDPOINTS = select(
+    _ENDPOINTS.c.id,
+    _ENDPOINTS.c.enabled,
+    _ENDPOINTS.c.failing_since,
+    _ENDPOINTS.c.last_success_at,
+    _ENDPOINTS.c.last_failure_at,
+).where(_ENDPOINTS.c.id.in_(bindparam("ids", expanding=True)))
+_LOCK_ENDPOINTS_PG = _LOCK_ENDPOINTS.order_by(_ENDPOINTS.c.id).with_for_update(key_share=True)
+_INSERT_ATTEMPTS = insert(_ATTEMPTS)
+# Only while the claim is still this worker's (`b_token`).
+_RECORD_RESULTS = (
+    update(_DELIVERIES)
+    .where(
+        _DELIVERIES.c.id == bindparam("b_id"),
+        _DELIVERIES.c.claim_token == bindparam("b_token"),
+    )
+    .values(
+        {
+            name: bindparam(name)
+            for name in (
+                "attempt_count",
+                "last_status_code",
+                "last_error",
+                "claimed_by",
+                "claim_token",
+                "status",
+                "schedule_index",
+                "next_attempt_at",
+                "completed_at",
+            )
+        }
+    )
+)
+_UPDATE_HEALTH = (
+    update(_ENDPOINTS)
+    .where(_ENDPOINTS.c.id == bindparam("b_id"))
+    .values(
+        {name: bindparam(name) for name in ("failing_since", "last_success_at", "last_failure_at")}
+    )
+)
 
 
 @dataclass
@@ -1368,18 +1415,17 @@ async def _update_health(
     or failing for too long is disabled."""
     changed = []
     disable: list[tuple[int, str]] = []
+    by_endpoint: dict[int, list[tuple[datetime, AttemptResult]]] = {}
+    for result in batch:
+        if result.final and result.status_code is None:
+            continue  # never sent (too large): says nothing about the receiver
+        by_endpoint.setdefault(result.claimed.endpoint.id, []).append((result.finished_at, result))
     for endpoint_id in sorted(endpoints):
         endpoint = endpoints[endpoint_id]
         before = endpoint.columns()
-        results = sorted(
-            (r for r in batch if r.claimed.endpoint.id == endpoint_id),
-            key=lambda r: r.finished_at,
-        )
+        results = sorted(by_endpoint.get(endpoint_id, ()), key=itemgetter(0))
         gone = None
-        for result in results:
-            if result.final and result.status_code is None:
-                continue  # never sent (too large): says nothing about the receiver
-            finished = result.finished_at
+        for finished, result in results:
             if result.succeeded:
                 endpoint.last_success_at = finished
                 endpoint.failing_since = None
@@ -1402,17 +1448,7 @@ async def _update_health(
             since = endpoint.failing_since.isoformat(timespec="seconds")
             disable.append((endpoint_id, f"No successful delivery since {since}."))
     if changed:
-        await session.execute(
-            update(_ENDPOINTS)
-            .where(_ENDPOINTS.c.id == bindparam("b_id"))
-            .values(
-                {
-                    name: bindparam(name)
-                    for name in ("failing_since", "last_success_at", "last_failure_at")
-                }
-            ),
-            changed,
-        )
+        await session.execute(_UPDATE_HEALTH, changed)
     for endpoint_id, reason in disable:  # rare: the whole row, for the service
         row = await session.get(WebhookEndpoint, endpoint_id)
         if row is not None:
