@@ -36,10 +36,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import os
-import ssl
 import statistics
 import sys
 import time
@@ -78,7 +76,7 @@ from memberhub.webhooks.models import (
     WebhookEndpoint,
 )
 from memberhub.webhooks.signing import new_secret
-from memberhub.webhooks.ssrf import UrlPolicy, check_url
+from memberhub.webhooks.ssrf import UrlPolicy, check_url, verifying_context
 
 # (endpoints, events per round): each event goes to every endpoint.
 FULL_CASES = ((1, 5_000), (10, 1_000))
@@ -328,11 +326,6 @@ async def time_loop(db: Database, probe: Database, settings: Settings, deliverie
         finally:
             stop.set()
             await running
-
-
-@functools.cache
-def verifying_context() -> ssl.SSLContext:
-    return httpx.create_ssl_context()
 
 
 async def time_raw(urls: Sequence[str], bodies: Sequence[str], config: DeliveryConfig) -> float:

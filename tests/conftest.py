@@ -99,27 +99,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def fast_password_hashing() -> Iterator[PasswordHasher]:
+def fast_password_hashing() -> Iterator[None]:
     """Passwords hashed with argon2id at its smallest cost in this process's tests: at the
     product's (64 MiB, 3 passes) each staff account made and each sign-in took a fifth of a
     second, a minute or more of every run. Hashes carry their parameters, so every code
     path is the same; the product's own parameters are tested with `real_password_hashing`,
-    and processes the tests start (the CLI, `serve`) use them. Yields the product's hasher."""
-    product_hasher = passwords._HASHER
+    and processes the tests start (the CLI, `serve`) use them."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
             passwords, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
         )
         passwords.decoy_hash.cache_clear()
-        yield product_hasher
+        yield
     passwords.decoy_hash.cache_clear()
 
 
 @pytest.fixture
-def real_password_hashing(fast_password_hashing: PasswordHasher) -> Iterator[None]:
+def real_password_hashing() -> Iterator[None]:
     """The product's password hashing, for the test that asks for it."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(passwords, "_HASHER", fast_password_hashing)
+        patch.setattr(passwords, "_HASHER", PasswordHasher.from_parameters(passwords.PARAMETERS))
         passwords.decoy_hash.cache_clear()
         yield
     passwords.decoy_hash.cache_clear()

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
-from operator import itemgetter
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, cast
 
 import httpx
@@ -1415,17 +1415,17 @@ async def _update_health(
     or failing for too long is disabled."""
     changed = []
     disable: list[tuple[int, str]] = []
-    by_endpoint: dict[int, list[tuple[datetime, AttemptResult]]] = {}
+    by_endpoint: dict[int, list[AttemptResult]] = {}
     for result in batch:
         if result.final and result.status_code is None:
             continue  # never sent (too large): says nothing about the receiver
-        by_endpoint.setdefault(result.claimed.endpoint.id, []).append((result.finished_at, result))
+        by_endpoint.setdefault(result.claimed.endpoint.id, []).append(result)
     for endpoint_id in sorted(endpoints):
         endpoint = endpoints[endpoint_id]
         before = endpoint.columns()
-        results = sorted(by_endpoint.get(endpoint_id, ()), key=itemgetter(0))
         gone = None
-        for finished, result in results:
+        for result in sorted(by_endpoint.get(endpoint_id, ()), key=attrgetter("finished_at")):
+            finished = result.finished_at
             if result.succeeded:
                 endpoint.last_success_at = finished
                 endpoint.failing_since = None
