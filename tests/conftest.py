@@ -29,7 +29,7 @@ from memberhub.kit.migrate import upgrade
 from memberhub.models import Base
 from memberhub.settings import Settings
 from memberhub.staff import passwords
-from tests.support import ApiClient
+from tests.support import ApiClient, shortened_sleep
 
 TEST_DATABASE_URL = os.environ.get("MEMBERHUB_TEST_DATABASE_URL")
 
@@ -249,7 +249,9 @@ async def db(shared_db: Database) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def app(settings: Settings, db: Database) -> object:
-    return create_app(settings, db=db)
+    app = create_app(settings, db=db)
+    app.state.integrations.retry_sleep = shortened_sleep
+    return app
 
 
 @pytest.fixture

@@ -60,9 +60,10 @@ async def console(settings: Settings, db: Database, tmp_path: Path) -> AsyncIter
                 shutil.copy(shot, ARTIFACTS / shot.name)
 
 
-@pytest.fixture
-async def chromium() -> AsyncIterator[Browser]:
-    """Debian's chromium, headless, through Playwright (never a downloaded browser)."""
+@pytest.fixture(scope="session")
+async def chromium_process() -> AsyncIterator[Browser]:
+    """Debian's chromium, headless, through Playwright (never a downloaded browser): one per
+    test process, as starting Playwright's driver and the browser cost seconds each time."""
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
@@ -73,3 +74,14 @@ async def chromium() -> AsyncIterator[Browser]:
             yield launched
         finally:
             await launched.close()
+
+
+@pytest.fixture
+async def chromium(chromium_process: Browser) -> AsyncIterator[Browser]:
+    """The browser, for one test: each page it opens has a context (cookies, storage) of its
+    own, and the contexts the test opened are closed after it."""
+    before = set(chromium_process.contexts)
+    yield chromium_process
+    for context in chromium_process.contexts:
+        if context not in before:
+            await context.close()

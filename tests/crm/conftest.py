@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from tests.fakes.custom_crm import contacts_fields, custom_crm_config, running_f
 from tests.fakes.hubspot import FakeHubSpot, running_fake_hubspot
 from tests.fakes.pipedrive import FakePipedrive, running_fake_pipedrive
 from tests.fakes.salesforce import FakeSalesforce, running_fake_salesforce
-from tests.support import ApiClient
+from tests.support import ApiClient, shortened_sleep
 
 HUBSPOT_TOKEN = "pat-na1-00000000-0000-0000-0000-000000000001"
 PIPEDRIVE_TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -159,12 +158,6 @@ async def running_crm(name: str) -> AsyncIterator[Crm]:
 async def crm(request: pytest.FixtureRequest) -> AsyncIterator[Crm]:
     async with running_crm(request.param) as running:
         yield running
-
-
-async def shortened_sleep(seconds: float) -> None:
-    """Retry backoffs and Retry-After waits at a twentieth: storms of 5xx and 429 answers
-    take seconds of waiting otherwise. What is waited for, and how often, is unchanged."""
-    await asyncio.sleep(seconds / 20)
 
 
 @pytest.fixture

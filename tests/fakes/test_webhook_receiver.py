@@ -186,7 +186,7 @@ async def test_a_hanging_reply_does_not_delay_other_names(
 ) -> None:
     # Long enough that a loaded machine answers the quick one well within it: what counts
     # is that it is answered while the slow one still hangs, not how fast.
-    receiver.set_handler(f"{name}-slow", hang(3.0))
+    receiver.set_handler(f"{name}-slow", hang(1.5))
     hanging = asyncio.create_task(
         client.post(receiver.url(f"{name}-slow"), headers={"webhook-id": "h"})
     )

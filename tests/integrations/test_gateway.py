@@ -392,7 +392,11 @@ async def test_gateways_can_share_a_registry(api: FlakyApi, registry: CollectorR
 # Rate limiting
 
 
-async def test_a_thousand_calls_at_the_vendor_rate_all_complete(api: FlakyApi) -> None:
+# Two and a half seconds' worth at the vendor's rate: several windows.
+CALLS = 500
+
+
+async def test_calls_over_several_windows_of_the_vendor_rate_all_complete(api: FlakyApi) -> None:
     api.set_rate_limit(200, per_seconds=1.0)
     # Our pacing and the vendor's window start at different instants, so a few calls meet
     # a 429 and wait as told; on a loaded machine a call may meet several in a row.
@@ -404,13 +408,13 @@ async def test_a_thousand_calls_at_the_vendor_rate_all_complete(api: FlakyApi) -
 
     async with Gateway("crm", api.base_url, policy=policy) as crm:
         responses = await asyncio.gather(
-            *(crm.request("GET", f"/contacts/{n % 10}") for n in range(1000))
+            *(crm.request("GET", f"/contacts/{n % 10}") for n in range(CALLS))
         )
 
-    assert [r.status_code for r in responses] == [200] * 1000
+    assert [r.status_code for r in responses] == [200] * CALLS
     refused = api.count(status=429)
-    assert api.count(status=200) == 1000
-    assert api.count() == 1000 + refused
+    assert api.count(status=200) == CALLS
+    assert api.count() == CALLS + refused
 
 
 def test_vendor_policies_carry_published_rate_limits() -> None:

@@ -12,9 +12,8 @@ from memberhub.kit.db import Database
 from memberhub.settings import Settings
 from memberhub.webhooks.ssrf import UrlPolicy
 from memberhub.worker.runner import Worker
-from tests.crm.conftest import shortened_sleep
 from tests.fakes.mailchimp import FakeMailchimp, running_fake_mailchimp
-from tests.support import ApiClient
+from tests.support import ApiClient, shortened_sleep
 
 WEBHOOK_SECRET = "mc-hook-secret-0123456789abcdef"
 

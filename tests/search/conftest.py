@@ -12,14 +12,13 @@ from memberhub.kit.db import Database
 from memberhub.settings import Settings
 from memberhub.webhooks.ssrf import UrlPolicy
 from memberhub.worker.runner import Worker
-from tests.crm.conftest import shortened_sleep
 from tests.fakes.algolia import (
     DEFAULT_API_KEY,
     DEFAULT_APPLICATION_ID,
     FakeAlgolia,
     running_fake_algolia,
 )
-from tests.support import ApiClient
+from tests.support import ApiClient, shortened_sleep
 
 REWARDS = "memberhub_rewards"
 MEMBERS = "memberhub_members"

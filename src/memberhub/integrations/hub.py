@@ -99,7 +99,8 @@ class IntegrationHub:
         self.url_policy = url_policy
         self.registry = registry if registry is not None else CollectorRegistry()
         self._transport = transport
-        self._retry_sleep = retry_sleep
+        # Read at each gateway's creation: tests may shorten it after the hub is built.
+        self.retry_sleep = retry_sleep
         self._tracing = tracing
         self._clock = clock
         self._entries: dict[int, _Entry] = {}
@@ -150,7 +151,7 @@ class IntegrationHub:
             observer=observe,
             transport=self._new_transport(),
             registry=self.registry,
-            sleep=self._retry_sleep,
+            sleep=self.retry_sleep,
             clock=self._clock,
         )
         token_gateway = None
