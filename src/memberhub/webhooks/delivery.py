@@ -1333,10 +1333,37 @@ async def record(
             kept.append(index)
         if not kept:
             return finals
-        attempts = [attempts[i] for i in kept]
-        changes = [changes[i] for i in kept]
-        await session.execute(_INSERT_ATTEMPTS, attempts)
-        await session.execute(_RECORD_RESULTS, changes)
+        await session.execute(_INSERT_ATTEMPTS, [attempts[i] for i in kept])
+        # Successes, nearly all of a batch, differ only in a few values: one statement for
+        # each kind (a set of ids) instead of one execution per delivery.
+        successes: dict[tuple[str, int, int, int | None], list[int]] = {}
+        others = []
+        for index in kept:
+            values = changes[index]
+            if values["status"] == DeliveryStatus.SUCCEEDED:
+                kind = (
+                    values["b_token"],
+                    values["attempt_count"],
+                    values["schedule_index"],
+                    values["last_status_code"],
+                )
+                successes.setdefault(kind, []).append(values["b_id"])
+            else:
+                others.append(values)
+        for (token, attempt_count, schedule_index, status_code), ids in successes.items():
+            await session.execute(
+                _RECORD_SUCCESSES,
+                {
+                    "ids": ids,
+                    "b_token": token,
+                    "attempt_count": attempt_count,
+                    "schedule_index": schedule_index,
+                    "last_status_code": status_code,
+                    "completed_at": now,
+                },
+            )
+        if others:
+            await session.execute(_RECORD_RESULTS, others)
         await _update_health(session, endpoints, batch, config, now)
     return finals
 
@@ -1374,6 +1401,24 @@ _RECORD_RESULTS = (
                 "completed_at",
             )
         }
+    )
+)
+_RECORD_SUCCESSES = (
+    update(_DELIVERIES)
+    .where(
+        _DELIVERIES.c.id.in_(bindparam("ids", expanding=True)),
+        _DELIVERIES.c.claim_token == bindparam("b_token"),
+    )
+    .values(
+        status=DeliveryStatus.SUCCEEDED,
+        attempt_count=bindparam("attempt_count"),
+        schedule_index=bindparam("schedule_index"),
+        last_status_code=bindparam("last_status_code"),
+        last_error=None,
+        claimed_by=None,
+        claim_token=None,
+        next_attempt_at=None,
+        completed_at=bindparam("completed_at"),
     )
 )
 _UPDATE_HEALTH = (
