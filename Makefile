@@ -38,10 +38,10 @@ run: $(STAMP)
 ## processes spend waiting (its report follows the suite's); either failing fails the target.
 test: $(DEV_STAMP) lint
 	@report=$$(mktemp); \
-	$(BIN)/mypy > $$report 2>&1 & typing=$$!; \
+	$(MAKE) --no-print-directory typecheck > $$report 2>&1 & typing=$$!; \
 	$(MAKE) --no-print-directory pytest; tested=$$?; \
 	wait $$typing; typed=$$?; \
-	echo "$(BIN)/mypy"; cat $$report; rm -f $$report; \
+	cat $$report; rm -f $$report; \
 	test $$tested -eq 0 -a $$typed -eq 0
 
 lint: $(DEV_STAMP)
