@@ -4,6 +4,8 @@ sat idle is replaced before a request uses it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 
@@ -100,3 +102,49 @@ async def test_a_request_waiting_for_the_sqlite_write_lock_leaves_the_event_loop
     response = await creating
     beat.cancel()
     assert response.status_code == 201, response.text
+
+
+def _size(path: str) -> int:
+    return os.path.getsize(path)
+
+
+async def test_the_worker_tick_checkpoints_what_the_loops_connections_wrote_into_sqlite(
+    db: kit_db.Database, is_postgres: bool
+) -> None:
+    """Connections on the loop's thread never checkpoint the write-ahead log; the worker's
+    tick does, so the log is reused instead of growing while only they write."""
+    from sqlalchemy import text
+
+    from memberhub.worker.runner import Worker
+
+    if is_postgres:
+        assert await db.checkpoint() == (0, 0)
+        return
+    path = make_url(db.url).database
+    assert path is not None
+    wal = f"{path}-wal"
+
+    async def write(tag: str) -> None:
+        for n in range(30):
+            async with db.transaction(short=True) as session:
+                await session.execute(
+                    text("INSERT INTO daily_job_runs (name) VALUES (:name)"),
+                    {"name": f"{tag}-{n}-{'x' * 2000}"},
+                )
+
+    await Worker(db).tick()
+    # Whatever earlier tests wrote, copied and the log emptied: its size is this test's.
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as own:
+        assert own.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    assert _size(wal) == 0
+    await write("first")
+    first = _size(wal)
+    await write("second")  # no checkpoint between: the log grows by what was written
+    grown = _size(wal)
+    batch = grown - first
+    assert batch > 30 * 2000
+    await Worker(db).tick()
+    await write("third")  # the log starts again from its beginning: it hardly grows
+    assert _size(wal) - grown < batch / 4
+    frames, copied = await db.checkpoint()
+    assert frames == copied > 0

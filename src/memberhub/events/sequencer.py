@@ -218,7 +218,7 @@ async def sequence_pending(session: AsyncSession, *, wait: bool = True) -> PassR
 
 async def anything_pending(db: Database) -> bool:
     """Events to number, or audit entries to link when this database can seal them."""
-    async with db.transaction(read_only=True) as session:
+    async with db.transaction(read_only=True, short=True) as session:
         query = _ANYTHING_PENDING if session_key(session) else _EVENTS_PENDING_ONLY
         return bool(await session.scalar(query))
 
@@ -228,7 +228,9 @@ async def run_passes(db: Database, *, wait: bool = True) -> PassResult:
     nothing to do or, with `wait=False`, another process is doing it."""
     events = entries = 0
     while await anything_pending(db):
-        async with db.transaction() as session:
+        # `short`: a pass is a few statements over at most PASS_LIMIT rows; on SQLite they
+        # run on the loop's thread, not each handed to a connection's thread and back.
+        async with db.transaction(short=True) as session:
             result = await sequence_pending(session, wait=wait)
         if result is None:
             break

@@ -179,10 +179,11 @@ class _InlineSQLiteConnection(aiosqlite.Connection):
     statement that would wait for another process's lock (`BEGIN IMMEDIATE` while another
     process writes) fails at once and is run again in the connection's thread, where it waits
     up to BUSY_TIMEOUT_MS. Commits do not checkpoint the WAL here (`wal_autocheckpoint=0`):
-    the worker's connections, which commit from their threads, do. With WAL and
+    the worker does, from a connection's thread, every tick (`Database.checkpoint`), as do
+    its connections' own commits past the usual threshold. With WAL and
     `synchronous=NORMAL` a commit writes to the WAL without syncing, so it does not wait
-    either. For requests, whose statements are short; jobs working through large sets use
-    threads.
+    either. For requests and the worker's short transactions (sequencing passes, webhook
+    fan-out), whose statements are short; jobs working through large sets use threads.
     """
 
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -325,6 +326,25 @@ class Database:
             maker = self.read_sessionmaker if read_only else self.sessionmaker
         async with self.writer_slot(read_only=read_only), maker() as session, session.begin():
             yield session
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """SQLite: copy what the write-ahead log holds into the database file, as far as no
+        reader still needs it (PASSIVE: waits for no one), from a connection's thread. The
+        connections running on the event loop's thread never do it themselves (see
+        `_InlineSQLiteConnection`); without it the log would grow while only they write.
+        Returns the frames in the log and those now in the database; (0, 0) on PostgreSQL,
+        where it does nothing."""
+        if not self.is_sqlite:
+            return (0, 0)
+        async with self.engine.connect() as connection:
+            raw = (await connection.get_raw_connection()).driver_connection
+            assert raw is not None
+            # On the driver's connection: SQLAlchemy would begin a transaction first, and a
+            # checkpoint cannot run inside one.
+            cursor = await raw.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            _busy, frames, copied = await cursor.fetchone()
+            await cursor.close()
+        return (int(frames), int(copied))
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -548,7 +548,7 @@ class DeliveryLoop:
         """One batch of events into deliveries, when there may be some: the events handled."""
         dispatched = 0
         if time.monotonic() >= self._fan_out_due and await self._undispatched():
-            async with self.db.transaction() as session:
+            async with self.db.transaction(short=True) as session:
                 dispatched = await fan_out(session, utcnow())
         # Looked again at once while there is more to fan out; else not for a moment.
         self._fan_out_due = 0.0 if dispatched else time.monotonic() + FAN_OUT_CHECK_SECONDS

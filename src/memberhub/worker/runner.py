@@ -332,6 +332,7 @@ class Worker:
                 log.info("job_done", job=job.name, affected=results[job.name])
         # And the jobs' own events and audit entries, without waiting for the sequencer loop.
         await run_passes(self.db, wait=False)
+        await self.db.checkpoint()
         return results
 
     def _observe(self, job: Job, seconds: float, *, succeeded: bool) -> None:
