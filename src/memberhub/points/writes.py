@@ -4,7 +4,8 @@ the event and the audit entry.
 
 On PostgreSQL this is one statement: both ids are drawn first (`nextval`), and every row is
 written by a data-modifying CTE, all in the caller's transaction. On SQLite, whose statements
-run on the request's own thread, it is one Core statement per row. Neither goes through the
+run on the request's own thread, it is one Core statement per row, all sent in one call on
+the session's connection. Neither goes through the
 ORM's flush: the objects handed back are transient, built from the values written.
 """
 
@@ -14,7 +15,17 @@ import functools
 from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import Insert, Table, bindparam, func, insert, select, union_all, update
+from sqlalchemy import (
+    Connection,
+    Insert,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -109,12 +120,19 @@ async def write_credit(
         params = txn_row | batch_row | account_row | event_row | audit_row
         txn_id, batch_id = (await session.execute(_CREDIT_ON_POSTGRESQL, params)).one()
     else:
-        txn_id, batch_id = (await session.execute(_INSERT_TXN, txn_row)).one()
-        batch_row["b_id"], batch_row["b_transaction_id"] = batch_id, txn_id
-        await session.execute(_INSERT_BATCH, batch_row)
-        await session.execute(_UPDATE_ACCOUNT, account_row)
-        await session.execute(_INSERT_EVENT, event_row)
-        await session.execute(_INSERT_AUDIT, audit_row)
+
+        def write(connection: Connection) -> tuple[int, int]:
+            ids = connection.execute(_INSERT_TXN, txn_row).one()
+            batch_row["b_id"], batch_row["b_transaction_id"] = ids.batch_id, ids.id
+            connection.execute(_INSERT_BATCH, batch_row)
+            connection.execute(_UPDATE_ACCOUNT, account_row)
+            connection.execute(_INSERT_EVENT, event_row)
+            connection.execute(_INSERT_AUDIT, audit_row)
+            return ids.id, ids.batch_id
+
+        # Core statements on the session's connection, all in one call: no ORM execution
+        # layer, and one switch into SQLAlchemy's synchronous side instead of five.
+        txn_id, batch_id = await (await session.connection()).run_sync(write)
     txn.id, txn.batch_id = int(txn_id), int(batch_id)
     batch.id, batch.transaction_id = int(batch_id), int(txn_id)
     for key, value in balances.items():
