@@ -250,6 +250,7 @@ async def _organisation_scopes(
 
 # Asked at every fan-out check (every FAN_OUT_CHECK_SECONDS while busy): built once.
 _ANY_UNDISPATCHED = select(_EVENTS.c.id).where(_EVENTS.c.dispatched_at.is_(None)).limit(1)
+_ANY_ENDPOINT = select(WebhookEndpoint.id).where(WebhookEndpoint.enabled.is_(True)).limit(1)
 
 
 # ---------------------------------------------------------------- claiming
@@ -547,8 +548,12 @@ class DeliveryLoop:
     async def _fan_out(self) -> int:
         """One batch of events into deliveries, when there may be some: the events handled."""
         dispatched = 0
-        if time.monotonic() >= self._fan_out_due and await self._undispatched():
-            async with self.db.transaction(short=True) as session:
+        due = time.monotonic() >= self._fan_out_due
+        if due and (endpoints := await self._undispatched()) is not None:
+            # With no endpoint, fan-out only marks events dispatched: short, so on SQLite it
+            # runs on the loop's thread. Creating deliveries (up to FAN_OUT_BATCH for each
+            # endpoint) runs in a connection's thread, beside the sends.
+            async with self.db.transaction(short=not endpoints) as session:
                 dispatched = await fan_out(session, utcnow())
         # Looked again at once while there is more to fan out; else not for a moment.
         self._fan_out_due = 0.0 if dispatched else time.monotonic() + FAN_OUT_CHECK_SECONDS
@@ -589,13 +594,15 @@ class DeliveryLoop:
                     return
             raise TimeoutError("deliveries still due after the timeout")
 
-    async def _undispatched(self) -> bool:
+    async def _undispatched(self) -> bool | None:
         """A cheap read first: most steps find nothing to fan out, and on SQLite the fan-out
         transaction would take the one write lock for nothing. Events not yet numbered count:
-        fan-out numbers them."""
+        fan-out numbers them. None when there are none; else whether any endpoint is enabled.
+        """
         async with self.db.transaction(read_only=True, short=True) as session:
-            found = await session.scalar(_ANY_UNDISPATCHED)
-        return found is not None
+            if await session.scalar(_ANY_UNDISPATCHED) is None:
+                return None
+            return await session.scalar(_ANY_ENDPOINT) is not None
 
     @contextlib.asynccontextmanager
     async def _closing_transports(self) -> AsyncIterator[None]:
