@@ -257,7 +257,7 @@ async def test_deliveries_already_fanned_out_are_sent_while_a_fan_out_is_under_w
     go_on = asyncio.Event()
     undispatched = DeliveryLoop._undispatched
 
-    async def held_up(self: DeliveryLoop) -> bool:
+    async def held_up(self: DeliveryLoop) -> bool | None:
         fanning.set()
         await go_on.wait()
         return await undispatched(self)
