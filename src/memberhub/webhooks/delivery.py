@@ -249,8 +249,11 @@ async def _organisation_scopes(
 
 
 # Asked at every fan-out check (every FAN_OUT_CHECK_SECONDS while busy): built once.
-_ANY_UNDISPATCHED = select(_EVENTS.c.id).where(_EVENTS.c.dispatched_at.is_(None)).limit(1)
-_ANY_ENDPOINT = select(WebhookEndpoint.id).where(WebhookEndpoint.enabled.is_(True)).limit(1)
+# An undispatched event's id (or NULL) and an enabled endpoint's (or NULL), in one statement.
+_ANY_UNDISPATCHED = select(
+    select(_EVENTS.c.id).where(_EVENTS.c.dispatched_at.is_(None)).limit(1).scalar_subquery(),
+    select(WebhookEndpoint.id).where(WebhookEndpoint.enabled.is_(True)).limit(1).scalar_subquery(),
+)
 
 
 # ---------------------------------------------------------------- claiming
@@ -600,9 +603,8 @@ class DeliveryLoop:
         fan-out numbers them. None when there are none; else whether any endpoint is enabled.
         """
         async with self.db.transaction(read_only=True, short=True) as session:
-            if await session.scalar(_ANY_UNDISPATCHED) is None:
-                return None
-            return await session.scalar(_ANY_ENDPOINT) is not None
+            event, endpoint = (await session.execute(_ANY_UNDISPATCHED)).one()
+        return None if event is None else endpoint is not None
 
     @contextlib.asynccontextmanager
     async def _closing_transports(self) -> AsyncIterator[None]:
