@@ -5,8 +5,8 @@ the event and the audit entry.
 On PostgreSQL this is one statement: both ids are drawn first (`nextval`), and every row is
 written by a data-modifying CTE, all in the caller's transaction. On SQLite, whose statements
 run on the request's own thread, it is one Core statement per row, all sent in one call on
-the session's connection. Neither goes through the
-ORM's flush: the objects handed back are transient, built from the values written.
+the session's connection. Neither goes through the ORM's flush: the objects handed back are
+transient, built from the values written.
 """
 
 from __future__ import annotations
