@@ -147,10 +147,17 @@ def is_postgres(database_url: str) -> bool:
     return database_url.startswith("postgresql")
 
 
-async def _empty_all_tables(db: Database) -> None:
+@functools.cache
+def _all_tables() -> tuple[str, ...]:
     # Children first, so no foreign key is left dangling whatever the delete order.
-    tables = tuple(t.name for t in reversed(Base.metadata.sorted_tables))
-    async with db.transaction() as session:
+    return tuple(t.name for t in reversed(Base.metadata.sorted_tables))
+
+
+async def _empty_all_tables(db: Database) -> None:
+    tables = _all_tables()
+    # Short: on SQLite, on this thread, not a hand-off to the connection's thread per
+    # statement (nothing else runs in this process between tests).
+    async with db.transaction(short=True) as session:
         if db.is_sqlite:
             # A test leaves rows in a few of some sixty tables, and a statement per table
             # cost more than most tests: one query names the tables holding rows, and only
@@ -205,11 +212,10 @@ END $$;
 TEST_SECRET_KEY = "test-secret-key-not-for-production"
 
 
-@pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
+@pytest.fixture(scope="session")
+def base_settings(database_url: str) -> Settings:
     return Settings(
         database_url=database_url,
-        data_dir=tmp_path / "data",
         secret_key=TEST_SECRET_KEY,
         env="test",
         log_level="WARNING",
@@ -218,6 +224,14 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         webhook_allowed_networks="127.0.0.0/8",
         webhook_allow_http=True,
     )
+
+
+@pytest.fixture
+def settings(base_settings: Settings, tmp_path: Path) -> Settings:
+    """The test's settings, with its own data directory. Copied from one validated for the
+    whole run: reading the environment and validating every field again took longer than
+    many tests."""
+    return base_settings.model_copy(update={"data_dir": tmp_path / "data"})
 
 
 @pytest.fixture(scope="session")

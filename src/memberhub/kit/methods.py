@@ -10,6 +10,7 @@ full `Allow`.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -31,24 +32,24 @@ class _Template:
 
 
 class MethodTable:
-    def __init__(self, routes: list[Any]) -> None:
+    def __init__(self, routes: tuple[tuple[str, re.Pattern[str], frozenset[str]], ...]) -> None:
+        """`routes`: (path, path regex, methods) of every route that names its methods."""
         methods_by_path: dict[str, set[str]] = {}
         patterns: dict[str, re.Pattern[str]] = {}
-        for route in routes:
-            if isinstance(route, Route) and route.methods:
-                methods_by_path.setdefault(route.path, set()).update(route.methods)
-                patterns[route.path] = route.path_regex
+        for path, pattern, methods in routes:
+            methods_by_path.setdefault(path, set()).update(methods)
+            patterns[path] = pattern
         self.templates = [
             _Template(patterns[path], len(_PARAMETER.findall(path)), frozenset(methods))
             for path, methods in methods_by_path.items()
         ]
-        fixed = [path for path in methods_by_path if not _PARAMETER.search(path)]
+        parameterised = [t.pattern for t in self.templates if t.parameters]
         # Fixed paths a parameterised route could take a request for: only these (and
         # OPTIONS) need a look before routing.
         self.shadowed = frozenset(
             path
-            for path in fixed
-            if any(t.parameters and t.pattern.match(path) for t in self.templates)
+            for path in methods_by_path
+            if not _PARAMETER.search(path) and any(p.match(path) for p in parameterised)
         )
 
     def allowed(self, path: str) -> frozenset[str] | None:
@@ -72,8 +73,20 @@ def method_table(app: Any) -> MethodTable:
     """The application's table, built from its routes on first use."""
     table: MethodTable | None = getattr(app.state, "method_table", None)
     if table is None:
-        table = app.state.method_table = MethodTable(app.router.routes)
+        routes = tuple(
+            (route.path, route.path_regex, frozenset(route.methods))
+            for route in app.router.routes
+            if isinstance(route, Route) and route.methods
+        )
+        table = app.state.method_table = _table_of(routes)
     return table
+
+
+@functools.lru_cache(maxsize=8)
+def _table_of(routes: tuple[tuple[str, re.Pattern[str], frozenset[str]], ...]) -> MethodTable:
+    """Tables shared by applications with the same routes (matching every fixed path against
+    every template is most of the cost of a new application)."""
+    return MethodTable(routes)
 
 
 class MethodsMiddleware:
