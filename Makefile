@@ -11,17 +11,19 @@ DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test lint typecheck pytest schemathesis bench docker-check clean
 
+# --no-compile: modules are compiled when first imported (and their bytecode cached then),
+# not every file of every installed package up front, which took most of the install.
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-compile --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet --no-compile -e .
 	@touch $@
 
 $(DEV_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
 	@touch $@ $(STAMP)
 
 ## Install, migrate the embedded SQLite database in ./data, make sure an admin key exists
