@@ -25,9 +25,9 @@ from memberhub.kit.errors import ValidationFailed
 from memberhub.kit.http import (
     ERROR_RESPONSES,
     DbSession,
-    ErrorBody,
     UnitOfWorkRoute,
     body_limit,
+    error_doc,
     spooled_body,
 )
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
@@ -55,8 +55,8 @@ StatusFilter = Annotated[
     ),
 ]
 UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
-    413: {"model": ErrorBody, "description": f"More than {MAX_ROWS:,} rows, or too many bytes"},
-    415: {"model": ErrorBody, "description": "Neither text/csv nor application/json"},
+    413: error_doc(f"More than {MAX_ROWS:,} rows, or too many bytes"),
+    415: error_doc("Neither text/csv nor application/json"),
 }
 
 
@@ -64,19 +64,13 @@ class CsvResponse(StreamingResponse):
     media_type = "text/csv"
 
 
-# A route answering CSV would document its error responses as CSV too; they are JSON.
+# The errors of a route answering CSV are JSON all the same (ERROR_RESPONSES says so).
 REPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "One line per processed row, after a header line.",
         "content": {"text/csv": {"schema": {"type": "string"}}},
     },
-    **{
-        status: {
-            "description": response["description"],
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
-        }
-        for status, response in ERROR_RESPONSES.items()
-    },
+    **ERROR_RESPONSES,
 }
 
 
@@ -185,7 +179,7 @@ imports_router = APIRouter(
 )
 IMPORT_UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     **UPLOAD_RESPONSES,
-    415: {"model": ErrorBody, "description": "Neither text/csv nor application/x-ndjson"},
+    415: error_doc("Neither text/csv nor application/x-ndjson"),
 }
 
 

@@ -12,6 +12,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
+from memberhub.kit.http import ErrorBody, error_doc
+
 _INTEGER = {"schema": {"type": "integer"}}
 RATE_LIMIT_HEADERS = {
     "RateLimit-Limit": {"description": "Requests the key may make per window.", **_INTEGER},
@@ -28,7 +30,6 @@ IDEMPOTENCY_KEY = {
     # Printable ASCII: what every client sends in a header, and the app takes.
     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
 }
-ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 # Routes that take no API key: providers' webhooks, OAuth callbacks.
 _PUBLIC_PREFIXES = ("/api/v1/inbound/", "/api/v1/integrations/{integration_id}/oauth/callback")
 
@@ -39,10 +40,6 @@ def _sets_header(route: APIRoute, header: str) -> bool:
     except (OSError, TypeError):
         return False
     return f'headers["{header}"]' in source
-
-
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": ERROR_CONTENT}
 
 
 def refine(schema: dict[str, Any], routes: list[Any]) -> dict[str, Any]:
@@ -58,8 +55,20 @@ def refine(schema: dict[str, Any], routes: list[Any]) -> dict[str, Any]:
             if route is None:
                 continue
             _refine_operation(path, method, operation, route)
+    _add_error_body(schema)
     _close_patterned_maps(schema)
     return schema
+
+
+def _add_error_body(schema: dict[str, Any]) -> None:
+    """The schema of `ErrorBody`, which error responses name by reference (`error_doc`)."""
+    described = ErrorBody.model_json_schema(
+        ref_template="#/components/schemas/{model}", mode="serialization"
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, definition in described.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    components.setdefault(ErrorBody.__name__, described)
 
 
 def _close_patterned_maps(node: Any) -> None:
@@ -100,7 +109,7 @@ def _refine_operation(path: str, method: str, operation: dict[str, Any], route: 
         if status != "412" or method == "get":
             del responses[status]
     if has_body or (public and method == "post"):
-        responses.setdefault("413", _error("The body is larger than the configured limit"))
+        responses.setdefault("413", error_doc("The body is larger than the configured limit"))
     if authenticated:
         for status, response in responses.items():
             if status.startswith("2"):

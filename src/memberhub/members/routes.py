@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from memberhub.auth.dependencies import MembersEraser, MembersReader, MembersWriter
-from memberhub.kit.http import ERROR_RESPONSES, DbSession, ErrorBody, UnitOfWorkRoute
+from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute, error_doc
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath, SafeQuery, UTCDatetime
 from memberhub.members import data_export, service
@@ -108,7 +108,7 @@ async def get_member(
 
 @router.patch(
     "/{member_id}",
-    responses={412: {"model": ErrorBody, "description": "If-Match names a stale version"}},
+    responses={412: error_doc("If-Match names a stale version")},
 )
 async def update_member(
     member_id: IdPath,

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import html
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse
@@ -50,14 +50,6 @@ router = APIRouter(
 )
 # Unsubscribe links: no API key, the link's signature is the authority.
 public = APIRouter(prefix="/api/v1", tags=["notifications"])
-# The page is HTML; its errors are the usual JSON (FastAPI would document them as HTML).
-_PAGE_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {
-        "description": answer["description"],
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
-    }
-    for status, answer in ERROR_RESPONSES.items()
-}
 
 
 def _one_of(values: tuple[str, ...]) -> str:
@@ -333,7 +325,8 @@ def _secret(request: Request) -> str:
     return secret
 
 
-@public.get("/unsubscribe/{token}", response_class=HTMLResponse, responses=_PAGE_ERRORS)
+# The page is HTML; its errors are the usual JSON (as ERROR_RESPONSES documents them).
+@public.get("/unsubscribe/{token}", response_class=HTMLResponse, responses=ERROR_RESPONSES)
 async def unsubscribe_page(token: str, request: Request) -> HTMLResponse:
     """The page an unsubscribe link opens: a button that confirms (a GET changes nothing,
     so mail scanners following links unsubscribe no one)."""

@@ -21,7 +21,7 @@ from memberhub.auth.dependencies import (
 from memberhub.auth.principal import Principal
 from memberhub.kit.clock import utcnow
 from memberhub.kit.errors import NotFound, ValidationFailed
-from memberhub.kit.http import ERROR_RESPONSES, DbSession, ErrorBody, UnitOfWorkRoute
+from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute, error_doc
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath, SafeQuery, UTCDatetime
 from memberhub.members.models import Member
@@ -368,7 +368,7 @@ async def member_points(
 
 @router.get(
     "/members/{member_id}/points/balance",
-    responses={404: {"model": ErrorBody, "description": "No such member"}},
+    responses={404: error_doc("No such member")},
 )
 async def balance_at(
     member_id: IdPath,
