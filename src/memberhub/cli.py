@@ -16,6 +16,7 @@ from memberhub.kit.actor import Actor
 from memberhub.kit.db import Database
 from memberhub.kit.errors import MemberhubError
 from memberhub.kit.migrate import current, head, upgrade
+from memberhub.kit.startup import long_lived
 from memberhub.ops.tracking import configure_error_tracking
 from memberhub.settings import SecretKeyMissing, Settings
 
@@ -148,11 +149,15 @@ def serve(
         f"({count} process{'es' if count > 1 else ''}, {worker_note}, {database})"
     )
     if count == 1:
-        from memberhub.app import create_app
-
-        configure_error_tracking(settings)
+        # The directory first: it is emptied of an earlier run's files, and the app's
+        # metrics make theirs.
         with multiprocess_directory(processes=1):
-            uvicorn.run(create_app(settings, embedded_worker=not no_worker), **options)  # type: ignore[arg-type]
+            with long_lived():
+                from memberhub.app import create_app
+
+                configure_error_tracking(settings)
+                application = create_app(settings, embedded_worker=not no_worker)
+            uvicorn.run(application, **options)  # type: ignore[arg-type]
         return
     # Each process builds its app from the environment, as this one read it (this one
     # only hands out connections: it never imports the application).
@@ -177,12 +182,13 @@ def worker(
     ] = None,
 ) -> None:
     """Run the worker: scheduled jobs and webhook deliveries."""
-    from prometheus_client import start_http_server
+    with long_lived():
+        from prometheus_client import start_http_server
 
-    from memberhub.kit.logging import configure_logging
-    from memberhub.ops.metrics import Metrics
-    from memberhub.ops.tracing import start_tracing
-    from memberhub.worker.runner import Worker
+        from memberhub.kit.logging import configure_logging
+        from memberhub.ops.metrics import Metrics
+        from memberhub.ops.tracing import start_tracing
+        from memberhub.worker.runner import Worker
 
     settings = _settings()
     _require_secret_key(settings)

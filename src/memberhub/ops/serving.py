@@ -39,6 +39,8 @@ from typing import Any
 import structlog
 import uvicorn
 
+from memberhub.kit.startup import long_lived
+
 log = structlog.get_logger("memberhub.serving")
 
 # Set by `memberhub serve` for the processes it starts when it runs more than one: "1" when
@@ -401,6 +403,8 @@ class HandedServer(uvicorn.Server):
 def serve_handed(options: dict[str, Any], channel: socket.socket) -> None:
     """An API process (spawned by the parent): the app of `options`, served from `channel`."""
     config = uvicorn.Config(**options)
+    with long_lived():
+        config.load()  # imports and builds the application
     server = HandedServer(config, channel)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: the server has stopped gracefully
         server.run()
