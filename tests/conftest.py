@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -90,6 +91,21 @@ LONG_MODULES = (
 def _run_order(item: pytest.Item) -> int:
     module = item.nodeid.partition("::")[0]
     return LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The cyclic collector runs a tenth as often as by default: a test process holds the
+    application, the test modules and their fakes (half a million objects), and a test
+    makes many short-lived ones; collecting every 700 allocations cost about a twentieth of
+    the run. Cycles are still collected, in larger batches."""
+    gc.set_threshold(10_000, 50, 100)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What was imported and collected lives as long as the run: out of the collector's
+    sight (`gc.freeze`), full collections examine only what tests make."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
