@@ -298,7 +298,8 @@ async def test_without_an_endpoint_nothing_is_set_up(settings: Settings, db: Dat
 
 def test_without_an_endpoint_no_tracing_code_is_loaded(tmp_path: Any) -> None:
     """The API, the worker and the CLI import without the SDK, its exporter or any
-    instrumentation (FastAPI itself loads the API, which does nothing on its own)."""
+    instrumentation (FastAPI itself loads the API, which does nothing on its own), and
+    without Sentry's SDK when no DSN is set."""
     script = f"""
 import sys
 from memberhub.app import create_app
@@ -309,7 +310,9 @@ from memberhub.worker.runner import Worker
 settings = Settings(data_dir={str(tmp_path)!r}, secret_key="k" * 32)
 app = create_app(settings)
 Worker(app.state.db, settings=settings)
-prefixes = ("opentelemetry.sdk", "opentelemetry.exporter", "opentelemetry.instrumentation")
+prefixes = (
+    "opentelemetry.sdk", "opentelemetry.exporter", "opentelemetry.instrumentation", "sentry_sdk"
+)
 print(sorted(name for name in sys.modules if name.startswith(prefixes)))
 """
     environment = {

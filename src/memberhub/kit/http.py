@@ -10,7 +10,6 @@ from pathlib import Path
 from tempfile import SpooledTemporaryFile
 from typing import IO, Annotated, Any
 
-import sentry_sdk
 import structlog
 from fastapi import Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
@@ -27,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from memberhub.idempotency import service as idempotency
 from memberhub.kit.errors import MemberhubError, ValidationFailed
+from memberhub.ops.tracking import capture_exception
 
 log = structlog.get_logger("memberhub.http")
 
@@ -447,7 +447,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled_error", error_type=type(exc).__name__)
-        sentry_sdk.capture_exception(exc)  # a no-op unless SENTRY_DSN started Sentry
+        capture_exception(exc)  # a no-op unless SENTRY_DSN started Sentry
         return _internal_error(request)
 
 
