@@ -31,14 +31,23 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from sqlalchemy import select
 
 from memberhub.app import create_app
+from memberhub.auth.principal import Principal
 from memberhub.auth.roles import Role
 from memberhub.auth.service import create_api_key
+from memberhub.events.models import Event
 from memberhub.kit.actor import Actor
 from memberhub.kit.db import Database
+from memberhub.members.schemas import MemberCreate
+from memberhub.members.service import create_member
+from memberhub.memberships.schemas import PlanCreate
+from memberhub.memberships.service import create_plan, join
+from memberhub.organisations.schemas import OrganisationCreate
+from memberhub.organisations.service import create_organisation
 from memberhub.settings import Settings
-from tests.support import ApiClient
+from tests.support import ApiClient, unique
 
 EXAMPLES = int(os.environ.get("MEMBERHUB_SCHEMATHESIS_EXAMPLES", "10"))
 CHECKS = [
@@ -60,31 +69,55 @@ class Seeded:
 
 
 @pytest.fixture
-async def seeded(db: Database, api: ApiClient) -> Seeded:
+async def seeded(db: Database) -> Seeded:
+    """An organisation, a plan, a member who joined it and its events, made through the
+    services in one transaction (as HTTP requests they cost more than the generated
+    requests of most operations)."""
+    principal = Principal.system(Actor.system("schemathesis"))
     async with db.transaction() as session:
         issued = await create_api_key(
-            session,
-            Actor.system("schemathesis"),
-            name="schemathesis",
-            role=Role.ADMIN,
-            rate_limit=UNLIMITED,
+            session, principal.actor, name="schemathesis", role=Role.ADMIN, rate_limit=UNLIMITED
         )
-    org = await api.create_organisation()
-    plan = await api.create_plan(organisation_id=org["id"])
-    member = await api.create_member(organisation_id=org["id"], first_name="Seed")
-    joined = await api.post(
-        f"/api/v1/members/{member['id']}/membership/join", {"plan_id": plan["id"]}
-    )
-    assert joined.status_code == 200, joined.text
-    events = await api.get("/api/v1/events", {"member_id": member["id"]})
-    assert events.status_code == 200, events.text
+        slug = unique("org-")
+        org = await create_organisation(
+            session, principal, OrganisationCreate(name=slug.title(), slug=slug)
+        )
+        plan = await create_plan(
+            session,
+            principal,
+            PlanCreate(
+                code=unique("PLAN"),
+                name="Standard",
+                term_months=12,
+                price_amount=12000,
+                currency="MYR",
+                organisation_id=org.public_id,
+            ),
+        )
+        member = await create_member(
+            session,
+            principal,
+            MemberCreate(
+                email=f"{unique('m')}@example.com",
+                organisation_id=org.public_id,
+                first_name="Seed",
+            ),
+        )
+        await join(session, principal, member.public_id, plan.public_id, None)
+        event_id = await session.scalar(
+            select(Event.public_id)
+            .where(Event.member_public_id == member.public_id)
+            .order_by(Event.id)
+            .limit(1)
+        )
+    assert event_id is not None
     return Seeded(
         ids={
-            "organisation_id": org["id"],
-            "parent_id": org["id"],
-            "plan_id": plan["id"],
-            "member_id": member["id"],
-            "event_id": events.json()["data"][0]["id"],
+            "organisation_id": org.public_id,
+            "parent_id": org.public_id,
+            "plan_id": plan.public_id,
+            "member_id": member.public_id,
+            "event_id": event_id,
         },
         authorization=f"Bearer {issued.secret}",
     )
