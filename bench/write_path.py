@@ -670,7 +670,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="short rounds, to check it runs")
     parser.add_argument("--rounds", type=int, help="rounds per side (default 5; quick: 1)")
-    parser.add_argument("--seconds", type=float, help="seconds per side (default 5; quick: 0.5)")
+    parser.add_argument("--seconds", type=float, help="seconds per side (default 5; quick: 0.25)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--members", type=int, default=MEMBERS)
     parser.add_argument(
@@ -678,7 +678,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 5)
-    args.seconds = args.seconds or (0.5 if args.quick else 5.0)
+    args.seconds = args.seconds or (0.25 if args.quick else 5.0)
     if args.quick:
         args.members = min(args.members, 200)
     return args
