@@ -1,5 +1,6 @@
 """The connection pool: no ping on a busy pool, and a connection the server dropped while it
-sat idle is replaced before a request uses it."""
+sat idle is replaced before a request uses it; SQLite's connections on the loop's thread;
+statements sent straight to the driver."""
 
 from __future__ import annotations
 
@@ -8,12 +9,17 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import bindparam, event, insert, literal, select, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
+from memberhub.events.models import Event
 from memberhub.kit import db as kit_db
 from tests.conftest import _asyncpg_dsn
 from tests.support import ApiClient
@@ -148,3 +154,101 @@ async def test_the_worker_tick_checkpoints_what_the_loops_connections_wrote_into
     assert _size(wal) - grown < batch / 4
     frames, copied = await db.checkpoint()
     assert frames == copied > 0
+
+
+# -- DriverStatement ----------------------------------------------------------------------------
+
+_EVENTS = Event.__table__
+_INSERT_EVENT = kit_db.DriverStatement(
+    insert(_EVENTS)
+    .values(**kit_db.column_binds(_EVENTS, "e", ("id", "version")), version=literal(7) + 1)
+    .returning(_EVENTS.c.id)
+)
+_TOUCH_EVENT = kit_db.DriverStatement(
+    update(_EVENTS)
+    .where(_EVENTS.c.id == bindparam("event_id"))
+    .values(dispatched_at=bindparam("at", type_=_EVENTS.c.dispatched_at.type))
+)
+AT = datetime(2026, 3, 4, 5, 6, 7, 890000, tzinfo=UTC)
+
+
+def _event(public_id: str) -> dict[str, Any]:
+    values = {"public_id": public_id, "type": "test.driver", "occurred_at": AT, "data": {"n": [1]}}
+    return kit_db.column_values(_EVENTS, values, "e", ("id", "version"))
+
+
+async def _written(db: kit_db.Database, event_id: int) -> Event:
+    async with db.transaction(read_only=True) as session:
+        event = await session.get(Event, event_id)
+        assert event is not None
+        return event
+
+
+async def test_a_driver_statement_writes_what_sqlalchemy_would(
+    db: kit_db.Database, is_postgres: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[str] = []
+    execute_now = kit_db._InlineSQLiteConnection.execute_now
+
+    def counted(self: Any, sql: str, parameters: Any) -> list[Any]:
+        sent.append(sql.split()[0])
+        return execute_now(self, sql, parameters)
+
+    monkeypatch.setattr(kit_db._InlineSQLiteConnection, "execute_now", counted)
+    async with db.transaction(short=True) as session:
+        connection = await session.connection()
+        ((event_id,),) = await connection.run_sync(_INSERT_EVENT.rows, _event("evt_driver_1"))
+        touched = await connection.run_sync(_TOUCH_EVENT.rows, {"event_id": event_id, "at": AT})
+
+    # Straight to the driver on SQLite; through SQLAlchemy on PostgreSQL.
+    assert sent == ([] if is_postgres else ["INSERT", "UPDATE"])
+    assert touched == []  # no RETURNING: no rows
+    event = await _written(db, event_id)
+    # The literal in the statement, the JSON and the aware time went through their types.
+    assert (event.public_id, event.version, event.data) == ("evt_driver_1", 8, {"n": [1]})
+    assert event.occurred_at == AT
+    assert event.dispatched_at == AT
+    assert event.member_public_id is None  # not given, no default: NULL
+
+
+async def test_a_statement_the_driver_refuses_raises_sqlalchemys_error_and_writes_nothing(
+    db: kit_db.Database, is_postgres: bool
+) -> None:
+    async with db.transaction(short=True) as session:
+        connection = await session.connection()
+        ((kept,),) = await connection.run_sync(_INSERT_EVENT.rows, _event("evt_driver_2"))
+        # An error ends a PostgreSQL transaction, unless within a savepoint.
+        savepoint = await connection.begin_nested() if is_postgres else None
+        # The unique public id, as SQLAlchemy reports it (and the error handler knows it).
+        with pytest.raises(IntegrityError):
+            await connection.run_sync(_INSERT_EVENT.rows, _event("evt_driver_2"))
+        if savepoint is not None:
+            await savepoint.rollback()
+        # The transaction goes on: the refused statement changed nothing.
+        ((other,),) = await connection.run_sync(_INSERT_EVENT.rows, _event("evt_driver_3"))
+
+    async with db.transaction(read_only=True) as session:
+        ids = (await session.scalars(select(Event.id).where(Event.type == "test.driver"))).all()
+    assert sorted(ids) == sorted([kept, other])
+
+
+async def test_listeners_on_statements_see_every_driver_statement(db: kit_db.Database) -> None:
+    engine = db.request_engine.sync_engine
+    seen: list[str] = []
+
+    def listener(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement.split()[0])
+
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        async with db.transaction(short=True) as session:
+            connection = await session.connection()
+            ((event_id,),) = await connection.run_sync(_INSERT_EVENT.rows, _event("evt_driver_4"))
+            touched = await connection.run_sync(_TOUCH_EVENT.rows, {"event_id": event_id, "at": AT})
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+
+    # Through SQLAlchemy, with the same results.
+    assert seen[-2:] == ["INSERT", "UPDATE"]
+    assert touched == []
+    assert (await _written(db, event_id)).version == 8

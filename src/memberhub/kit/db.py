@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+import weakref
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -16,6 +17,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     BindParameter,
+    Connection,
     DateTime,
     Dialect,
     Integer,
@@ -36,6 +38,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.expression import UpdateBase
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -119,6 +122,73 @@ def column_values(
     return row
 
 
+class DriverStatement:
+    """A Core statement for a hot path, sent on an inline SQLite connection (see
+    `_InlineSQLiteConnection`) straight to the driver: compiled once per dialect, its
+    parameters bound by name and converted by their types' processors as SQLAlchemy would,
+    without an execution context, a result object or a cache lookup per execution.
+
+    Anywhere else (PostgreSQL, a connection running on its own thread), and whenever the
+    engine has listeners on statement execution (tracing, a statement count), it runs through
+    SQLAlchemy as usual, so they see every statement. A statement the driver refuses (a
+    unique index, say) is run again through SQLAlchemy, which raises its usual error: a
+    failed statement changes nothing in SQLite. Returned columns must need no conversion
+    (ids, counts).
+    """
+
+    def __init__(self, statement: UpdateBase) -> None:
+        self.statement = statement
+        self._compiled: weakref.WeakKeyDictionary[Dialect, _Compiled] = weakref.WeakKeyDictionary()
+
+    def rows(self, connection: Connection, parameters: Mapping[str, Any]) -> list[Any]:
+        """The statement's rows (none without RETURNING), as tuples."""
+        driver = connection.connection.driver_connection
+        dispatch = connection.dispatch
+        if (
+            not isinstance(driver, _InlineSQLiteConnection)
+            or dispatch.before_cursor_execute
+            or dispatch.after_cursor_execute
+        ):
+            result = connection.execute(self.statement, parameters)
+            return [tuple(row) for row in result] if result.returns_rows else []
+        compiled = self._compiled.get(connection.dialect)
+        if compiled is None:
+            compiled = self._compiled[connection.dialect] = _Compiled(
+                self.statement, connection.dialect
+            )
+        try:
+            return driver.execute_now(compiled.sql, compiled.values(parameters))
+        except sqlite3.Error:
+            connection.execute(self.statement, parameters)  # raises SQLAlchemy's error
+            raise  # it did not: the driver's own error stands
+
+
+class _Compiled:
+    def __init__(self, statement: UpdateBase, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if compiled.positiontup is None:
+            raise TypeError(f"{dialect.name} does not bind parameters by position")
+        for column in statement.exported_columns:
+            processor = column.type.dialect_impl(dialect).result_processor(dialect, None)
+            if processor is not None:
+                raise TypeError(f"{column} needs converting when read")
+        self.sql = compiled.string
+        # (name, whether the caller gives it, its value otherwise, its type's processor)
+        self.binds: list[tuple[str, bool, Any, Callable[[Any], Any] | None]] = []
+        for name in compiled.positiontup:
+            bind = compiled.binds[name]
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            # A literal in the statement (coalesce(max(id), 0) + 1) binds its own value.
+            self.binds.append((name, bind.required, bind.effective_value, processor))
+
+    def values(self, parameters: Mapping[str, Any]) -> list[Any]:
+        values = []
+        for name, required, own, processor in self.binds:
+            value = parameters[name] if required else parameters.get(name, own)
+            values.append(value if processor is None else processor(value))
+        return values
+
+
 def create_engine(
     url: str, *, pool_size: int = 10, echo: bool = False, inline: bool = False
 ) -> AsyncEngine:
@@ -185,6 +255,15 @@ class _InlineSQLiteConnection(aiosqlite.Connection):
     either. For requests and the worker's short transactions (sequencing passes, webhook
     fan-out), whose statements are short; jobs working through large sets use threads.
     """
+
+    def execute_now(self, sql: str, parameters: Sequence[Any]) -> list[Any]:
+        """Run one statement here and now, returning its rows. Only inside a writing
+        transaction, which holds the write lock: nothing can keep the statement waiting."""
+        cursor = self._conn.execute(sql, parameters)
+        try:
+            return cursor.fetchall()
+        finally:
+            cursor.close()
 
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not self._running or not self._connection:

@@ -32,7 +32,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from memberhub.audit.models import AuditEntry
 from memberhub.events.models import Event
 from memberhub.events.sequencer import mark_for_sequencing
-from memberhub.kit.db import column_binds, column_values
+from memberhub.kit.db import DriverStatement, column_binds, column_values
 from memberhub.points.models import PointAccount, PointBatch, PointTransaction
 
 TXNS = cast(Table, PointTransaction.__table__)
@@ -82,7 +82,7 @@ _CREDIT_ON_POSTGRESQL = _credit_on_postgresql()
 # batch exists: a writing transaction holds the database's write lock from its BEGIN
 # IMMEDIATE, so the next rowid (the largest plus one, as SQLite assigns them: these tables
 # have no AUTOINCREMENT) is still free when the batch is inserted with it just after.
-_INSERT_TXN = (
+_INSERT_TXN = DriverStatement(
     insert(TXNS)
     .values(
         batch_id=select(func.coalesce(func.max(BATCHES.c.id), 0) + 1).scalar_subquery(),
@@ -90,13 +90,18 @@ _INSERT_TXN = (
     )
     .returning(TXNS.c.id, TXNS.c.batch_id)
 )
-_INSERT_BATCH = insert(BATCHES).values(
-    id=bindparam("b_id"),
-    transaction_id=bindparam("b_transaction_id"),
-    **column_binds(BATCHES, "b", _BATCH_OWN),
+_INSERT_BATCH = DriverStatement(
+    insert(BATCHES).values(
+        id=bindparam("b_id", type_=BATCHES.c.id.type),
+        transaction_id=bindparam("b_transaction_id", type_=BATCHES.c.transaction_id.type),
+        **column_binds(BATCHES, "b", _BATCH_OWN),
+    )
 )
 _INSERT_EVENT = insert(EVENTS).values(column_binds(EVENTS, "e", _ID))
 _INSERT_AUDIT = insert(AUDIT_LOG).values(column_binds(AUDIT_LOG, "l", _ID))
+_UPDATE_ACCOUNT_NOW = DriverStatement(_UPDATE_ACCOUNT)
+_INSERT_EVENT_NOW = DriverStatement(_INSERT_EVENT)
+_INSERT_AUDIT_NOW = DriverStatement(_INSERT_AUDIT)
 
 
 async def write_credit(
@@ -122,16 +127,17 @@ async def write_credit(
     else:
 
         def write(connection: Connection) -> tuple[int, int]:
-            ids = connection.execute(_INSERT_TXN, txn_row).one()
-            batch_row["b_id"], batch_row["b_transaction_id"] = ids.batch_id, ids.id
-            connection.execute(_INSERT_BATCH, batch_row)
-            connection.execute(_UPDATE_ACCOUNT, account_row)
-            connection.execute(_INSERT_EVENT, event_row)
-            connection.execute(_INSERT_AUDIT, audit_row)
-            return ids.id, ids.batch_id
+            ((txn_id, batch_id),) = _INSERT_TXN.rows(connection, txn_row)
+            batch_row["b_id"], batch_row["b_transaction_id"] = batch_id, txn_id
+            _INSERT_BATCH.rows(connection, batch_row)
+            _UPDATE_ACCOUNT_NOW.rows(connection, account_row)
+            _INSERT_EVENT_NOW.rows(connection, event_row)
+            _INSERT_AUDIT_NOW.rows(connection, audit_row)
+            return txn_id, batch_id
 
         # Core statements on the session's connection, all in one call: no ORM execution
-        # layer, and one switch into SQLAlchemy's synchronous side instead of five.
+        # layer, one switch into SQLAlchemy's synchronous side instead of five, and each
+        # statement straight to the driver (`DriverStatement`).
         txn_id, batch_id = await (await session.connection()).run_sync(write)
     txn.id, txn.batch_id = int(txn_id), int(batch_id)
     batch.id, batch.transaction_id = int(batch_id), int(txn_id)
