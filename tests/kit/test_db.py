@@ -10,12 +10,12 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import bindparam, event, insert, literal, select, update
+from sqlalchemy import Table, bindparam, event, insert, literal, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
@@ -158,7 +158,7 @@ async def test_the_worker_tick_checkpoints_what_the_loops_connections_wrote_into
 
 # -- DriverStatement ----------------------------------------------------------------------------
 
-_EVENTS = Event.__table__
+_EVENTS = cast(Table, Event.__table__)
 _INSERT_EVENT = kit_db.DriverStatement(
     insert(_EVENTS)
     .values(**kit_db.column_binds(_EVENTS, "e", ("id", "version")), version=literal(7) + 1)
