@@ -252,3 +252,24 @@ async def test_listeners_on_statements_see_every_driver_statement(db: kit_db.Dat
     assert seen[-2:] == ["INSERT", "UPDATE"]
     assert touched == []
     assert (await _written(db, event_id)).version == 8
+
+
+async def test_an_error_that_ended_the_transaction_is_not_run_again_outside_it(
+    db: kit_db.Database, is_postgres: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if is_postgres:
+        pytest.skip("statements go to the driver on SQLite only")
+
+    def failing(self: Any, sql: str, parameters: Any) -> list[Any]:
+        self._conn.rollback()  # what SQLite does on a full disk or an I/O error
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(kit_db._InlineSQLiteConnection, "execute_now", failing)
+    with pytest.raises(sqlite3.OperationalError):
+        async with db.transaction(short=True) as session:
+            connection = await session.connection()
+            await connection.run_sync(_INSERT_EVENT.rows, _event("evt_driver_5"))
+
+    # Not written on its own, out of the transaction, by a second try.
+    async with db.transaction(read_only=True) as session:
+        assert await session.scalar(select(Event.id).where(Event.type == "test.driver")) is None

@@ -131,9 +131,9 @@ class DriverStatement:
     Anywhere else (PostgreSQL, a connection running on its own thread), and whenever the
     engine has listeners on statement execution (tracing, a statement count), it runs through
     SQLAlchemy as usual, so they see every statement. A statement the driver refuses (a
-    unique index, say) is run again through SQLAlchemy, which raises its usual error: a
-    failed statement changes nothing in SQLite. Returned columns must need no conversion
-    (ids, counts).
+    unique index, say) is run again through SQLAlchemy, which raises its usual error (a
+    failed statement changes nothing in SQLite), unless the error ended the transaction.
+    Returned columns must need no conversion (ids, counts).
     """
 
     def __init__(self, statement: UpdateBase) -> None:
@@ -149,8 +149,7 @@ class DriverStatement:
             or dispatch.before_cursor_execute
             or dispatch.after_cursor_execute
         ):
-            result = connection.execute(self.statement, parameters)
-            return [tuple(row) for row in result] if result.returns_rows else []
+            return self._through_sqlalchemy(connection, parameters)
         compiled = self._compiled.get(connection.dialect)
         if compiled is None:
             compiled = self._compiled[connection.dialect] = _Compiled(
@@ -159,8 +158,17 @@ class DriverStatement:
         try:
             return driver.execute_now(compiled.sql, compiled.values(parameters))
         except sqlite3.Error:
-            connection.execute(self.statement, parameters)  # raises SQLAlchemy's error
-            raise  # it did not: the driver's own error stands
+            if not driver.in_transaction:
+                raise  # an error that ended the transaction (a full disk): nothing to rerun in
+            # Refused, it changed nothing: SQLAlchemy raises its own error for the same
+            # refusal, and answers if the cause has passed.
+            return self._through_sqlalchemy(connection, parameters)
+
+    def _through_sqlalchemy(
+        self, connection: Connection, parameters: Mapping[str, Any]
+    ) -> list[Any]:
+        result = connection.execute(self.statement, parameters)
+        return [tuple(row) for row in result] if result.returns_rows else []
 
 
 class _Compiled:
