@@ -101,13 +101,15 @@ class _Doorbell:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(waiter.set)
 
-    async def wait(self, seconds: float) -> None:
-        """Until the next ring, or `seconds` at most."""
+    async def wait(self, seconds: float) -> bool:
+        """Until the next ring, or `seconds` at most; whether it rang."""
         waiter = self._waiters.setdefault(asyncio.get_running_loop(), asyncio.Event())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await waiter.wait()
+        rang = waiter.is_set()
         waiter.clear()
+        return rang
 
 
 doorbell = _Doorbell()
@@ -223,11 +225,14 @@ async def anything_pending(db: Database) -> bool:
         return bool(await session.scalar(query))
 
 
-async def run_passes(db: Database, *, wait: bool = True) -> PassResult:
+async def run_passes(db: Database, *, wait: bool = True, look_first: bool = True) -> PassResult:
     """Sequence everything committed so far, a pass per transaction; (0, 0) when there was
-    nothing to do or, with `wait=False`, another process is doing it."""
+    nothing to do or, with `wait=False`, another process is doing it. `look_first=False`
+    when there is surely something to do: the first pass then runs without a read to check
+    (on SQLite a pass takes the write lock, a read does not)."""
     events = entries = 0
-    while await anything_pending(db):
+    while not look_first or await anything_pending(db):
+        look_first = True
         # `short`: a pass is a few statements over at most PASS_LIMIT rows; on SQLite they
         # run on the loop's thread, not each handed to a connection's thread and back.
         async with db.transaction(short=True) as session:
@@ -255,24 +260,29 @@ async def catch_up(db: Database, session: AsyncSession) -> None:
 
 class SequencerLoop:
     """The worker's sequencer: a pass whenever this process commits rows to sequence, and at
-    least every `interval_seconds` for other processes' commits. `min_gap_seconds` lets a
-    burst of commits share one pass."""
+    least every `interval_seconds` for other processes' commits. While commits keep coming,
+    passes are `min_gap_seconds` apart, each taking everything committed since the last: a
+    pass costs about as much whatever it takes, so a busy loop runs few, large ones."""
 
     def __init__(
-        self, db: Database, *, interval_seconds: float = 0.05, min_gap_seconds: float = 0.05
+        self, db: Database, *, interval_seconds: float = 0.05, min_gap_seconds: float = 0.1
     ) -> None:
         self.db = db
         self.interval_seconds = interval_seconds
         self.min_gap_seconds = min_gap_seconds
 
     async def run(self, stop: asyncio.Event) -> None:
+        # After a commit of this process or a pass that found work, there is surely (or most
+        # likely) work: no read to check first.
+        likely = False
         while not stop.is_set():
             result = PassResult(0, 0)
             try:
-                result = await run_passes(self.db, wait=False)
+                result = await run_passes(self.db, wait=False, look_first=not likely)
             except Exception:
                 log.exception("sequencer_pass_failed")
             if result.events or result.audit_entries:
                 await asyncio.sleep(self.min_gap_seconds)
+                likely = True
                 continue
-            await doorbell.wait(self.interval_seconds)
+            likely = await doorbell.wait(self.interval_seconds)

@@ -92,8 +92,9 @@ FAILING_ENDPOINT_CONCURRENCY = 2
 RECORD_RETRY_DELAYS = (0.2, 1.0, 3.0)
 # How long a worker trusts its copy of the endpoints (URL, secrets, ordering, rate limit).
 ENDPOINT_REFRESH_SECONDS = 1.0
-# How often a busy loop looks for events to fan out.
-FAN_OUT_CHECK_SECONDS = 0.05
+# How often a busy loop looks for events to fan out (each look costs about as much CPU
+# whatever it finds: fewer, larger batches).
+FAN_OUT_CHECK_SECONDS = 0.1
 # Claimed ahead for a healthy endpoint: what it takes in about this long at the pace of its
 # recent sends, at least its cap and at most AHEAD_MAX_CAPS times it.
 AHEAD_SECONDS = 0.25
