@@ -265,9 +265,9 @@ async def test_an_error_that_ended_the_transaction_is_not_run_again_outside_it(
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(kit_db._InlineSQLiteConnection, "execute_now", failing)
-    with pytest.raises(sqlite3.OperationalError):
-        async with db.transaction(short=True) as session:
-            connection = await session.connection()
+    async with db.transaction(short=True) as session:
+        connection = await session.connection()
+        with pytest.raises(sqlite3.OperationalError):
             await connection.run_sync(_INSERT_EVENT.rows, _event("evt_driver_5"))
 
     # Not written on its own, out of the transaction, by a second try.
