@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Insert, Select, Table, and_, bindparam, func, or_, select
+from sqlalchemy import ColumnElement, Insert, Select, Table, and_, bindparam, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -267,18 +267,26 @@ def _count_up_to(in_period: bool, recorded: bool) -> Select[int]:
     )
 
 
+def waiting_with_keys(
+    by_email: bool, by_external_key: bool, *, prefix: str = ""
+) -> ColumnElement[bool]:
+    """Whether an unmatched activity waits with an email (`<prefix>email`) and/or one of
+    some external keys (`<prefix>keys`)."""
+    keys = []
+    if by_email:
+        keys.append(ACTIVITIES.c.email_normalized == bindparam(f"{prefix}email"))
+    if by_external_key:
+        keys.append(ACTIVITIES.c.external_key.in_(bindparam(f"{prefix}keys", expanding=True)))
+    return and_(ACTIVITIES.c.member_id.is_(None), or_(*keys))
+
+
 @functools.cache
 def _waiting_ids(by_email: bool, by_external_key: bool) -> Select[tuple[int]]:
     """The ids of the unmatched activities waiting with an email (`email`) and/or one of
     some external keys (`keys`), oldest first, at most `limit`, locked."""
-    keys = []
-    if by_email:
-        keys.append(ACTIVITIES.c.email_normalized == bindparam("email"))
-    if by_external_key:
-        keys.append(ACTIVITIES.c.external_key.in_(bindparam("keys", expanding=True)))
     return (
         select(ACTIVITIES.c.id)
-        .where(ACTIVITIES.c.member_id.is_(None), or_(*keys))
+        .where(waiting_with_keys(by_email, by_external_key))
         .order_by(ACTIVITIES.c.id)
         .limit(bindparam("limit"))
         .with_for_update()

@@ -52,7 +52,7 @@ from memberhub.leads.models import Lead
 from memberhub.leads.service import lead_for_activity
 from memberhub.members.models import Member
 from memberhub.members.repository import normalize_email
-from memberhub.members.service import get_member, resolve_organisation
+from memberhub.members.service import external_keys, get_member, resolve_organisation
 from memberhub.organisations.models import Organisation
 from memberhub.points import service as points
 from memberhub.points.models import PointAccount, PointTransaction
@@ -547,7 +547,7 @@ async def match_waiting_activities(
     """Match the unmatched activities waiting for a new member's email or external ids
     (the member's creation calls this, in its transaction), evaluating the rules for each.
     An activity matches only if the member is the one its key now fits in its scope."""
-    keys = [f"{system}:{value}" for system, value in member.external_ids.items()]
+    keys = external_keys(member.external_ids)
     repo = ActivityRepository(session)
     waiting = await repo.unmatched_with_keys(
         member.email_normalized, keys, limit=MATCH_ON_CREATE_LIMIT

@@ -4,7 +4,7 @@ import functools
 import re
 from typing import Any, cast
 
-from sqlalchemy import Insert, Select, Table, select
+from sqlalchemy import Insert, Select, Table, exists, false, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -231,11 +231,21 @@ async def create_member(
     event = MemberCreated(member=to_out(member))
     changes = diff({}, snapshot(member))
     dialect = session.get_bind().dialect.name
+    # Activities waiting for a member with this email or these external ids.
+    email, keys = row["m_email_normalized"], external_keys(member.external_ids)
+    waiting = email is not None or bool(keys)
     if dialect == "postgresql":
         # The member, its event and its audit entry in one statement; on a taken email the
-        # insert returns no row, and neither is written.
+        # insert returns no row, and neither is written. It also tells whether activities
+        # wait for the member: almost always none, and then nothing more is asked.
         params = row | change_params(principal.actor, event, changes=changes, **change)
-        member_id = await session.scalar(_create_member_on_postgresql(), params)
+        params |= {"w_email": email, "w_keys": keys}
+        created = (
+            await session.execute(
+                _create_member_on_postgresql(email is not None, bool(keys)), params
+            )
+        ).first()
+        member_id, waiting = (None, False) if created is None else (created[0], created[1])
     else:
         member_id = await session.scalar(_insert_member(dialect), row)
     if member_id is None:  # the email's unique index: taken, or just taken by a commit
@@ -266,8 +276,14 @@ async def create_member(
     # here: activities (and their earning rules) sit above members.
     from memberhub.activities.service import match_waiting_activities
 
-    await match_waiting_activities(session, principal, member)
+    if waiting:
+        await match_waiting_activities(session, principal, member)
     return member
+
+
+def external_keys(external_ids: dict[str, str]) -> list[str]:
+    """A member's external ids as activities name them (`SYSTEM:ID`)."""
+    return [f"{system}:{value}" for system, value in external_ids.items()]
 
 
 @functools.cache
@@ -285,11 +301,19 @@ def _insert_member(dialect: str) -> Insert:
 
 
 @functools.cache
-def _create_member_on_postgresql() -> Select[Any]:
+def _create_member_on_postgresql(by_email: bool, by_external_key: bool) -> Select[Any]:
     """PostgreSQL: `_insert_member`, and the event and audit entry of the member it inserts
-    (none when it inserts none), in one statement."""
+    (none when it inserts none), in one statement; with the member's id, whether unmatched
+    activities wait with its email (`w_email`) or external keys (`w_keys`)."""
+    from memberhub.activities.repository import ACTIVITIES, waiting_with_keys
+
     inserted = _insert_member("postgresql").cte("member")
-    return select(inserted.c.id).add_cte(*change_ctes_after(inserted))
+    if by_email or by_external_key:
+        condition = waiting_with_keys(by_email, by_external_key, prefix="w_")
+        waiting: Any = exists().where(condition).select_from(ACTIVITIES)
+    else:
+        waiting = false()
+    return select(inserted.c.id, waiting.label("waiting")).add_cte(*change_ctes_after(inserted))
 
 
 def merge_mapping(
