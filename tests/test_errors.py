@@ -22,11 +22,11 @@ async def tolerant_http(app: Any) -> AsyncIterator[httpx.AsyncClient]:
 async def test_an_unexpected_failure_is_a_500_in_the_error_shape_with_the_request_id(
     tolerant_http: httpx.AsyncClient, admin_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(*_args: object, **_kwargs: object) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("secret-detail-not-for-clients")
 
     # A step every member create takes, on either database, after its row is written.
-    monkeypatch.setattr("memberhub.activities.service.match_waiting_activities", broken)
+    monkeypatch.setattr("memberhub.members.service.record_consent_changes", broken)
     response = await tolerant_http.post(
         "/api/v1/members",
         json={"email": "boom@example.com"},

@@ -48,10 +48,6 @@ class Boom(RuntimeError):
     """A failure injected half-way through a request."""
 
 
-async def async_boom(*_args: object, **_kwargs: object) -> None:
-    raise Boom("injected failure")
-
-
 def boom(*_args: Any, **_kwargs: Any) -> NoReturn:
     raise Boom("injected failure")
 
@@ -97,8 +93,8 @@ async def test_create_failing_after_the_insert_leaves_no_member_event_or_audit_r
 ) -> None:
     audit_before = await count(db, AuditEntry)
     # The member, its event and its audit entry are written (one statement on PostgreSQL)
-    # before the waiting activities are matched, which fails here.
-    monkeypatch.setattr("memberhub.activities.service.match_waiting_activities", async_boom)
+    # before its consent is recorded, which fails here.
+    monkeypatch.setattr("memberhub.members.service.record_consent_changes", boom)
 
     response = await tolerant_api.post(MEMBERS, {"email": "half@example.com"})
 
