@@ -245,7 +245,7 @@ async def create_member(
                 _create_member_on_postgresql(email is not None, bool(keys)), params
             )
         ).first()
-        member_id, waiting = (None, False) if created is None else (created[0], created[1])
+        member_id, waiting = created if created is not None else (None, False)
     else:
         member_id = await session.scalar(_insert_member(dialect), row)
     if member_id is None:  # the email's unique index: taken, or just taken by a commit
