@@ -29,7 +29,7 @@ import contextlib
 import json
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -40,9 +40,14 @@ from typing import TYPE_CHECKING, Any, cast
 import httpx
 import structlog
 from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
     Integer,
+    Select,
     Table,
     Text,
+    Update,
+    any_,
     bindparam,
     column,
     func,
@@ -51,8 +56,8 @@ from sqlalchemy import (
     text,
     true,
     update,
-    values,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.events.catalog import WebhookTest
@@ -105,6 +110,9 @@ SEND_TIME_WEIGHT = 0.2
 # (the lease is at least the timeout plus 5 s, so a fresh claim has room to wait).
 LEASE_MARGIN_SECONDS = 2.0
 RESPONSE_BODY_LIMIT = 2048
+# Events whose bodies a loop keeps for their other endpoints' claims (at most one claim's
+# worth, AHEAD_MAX_CAPS + 1 times the worker's concurrency, is in use at a time).
+BODIES_KEPT = 4096
 # Sent with every delivery, besides its Standard Webhooks headers.
 _REQUEST_HEADERS = {
     "user-agent": "memberhub-webhooks/1",
@@ -398,15 +406,83 @@ _HOLD_ENDPOINT = (
     .with_for_update(skip_locked=True, key_share=True)
 )
 # The claimed deliveries (`ids`) leased to `worker` under `token` until `lease_end`.
-_LEASE = (
-    update(_DELIVERIES)
-    .where(_DELIVERIES.c.id.in_(bindparam("ids", expanding=True)))
-    .values(
-        next_attempt_at=bindparam("lease_end"),
-        claimed_by=bindparam("worker"),
-        claim_token=bindparam("token"),
+
+
+def _id_in(column: ColumnElement[int], name: str, *, postgres: bool) -> ColumnElement[bool]:
+    """`column` is one of the ids bound to `name`. On PostgreSQL as one array parameter
+    (`= ANY($1)`): an `IN` list is rendered again for each length, one placeholder per id,
+    and prepared anew by the server for each length seen."""
+    if postgres:
+        return column == any_(bindparam(name, type_=ARRAY(BigInteger)))
+    return column.in_(bindparam(name, expanding=True))
+
+
+def _lease(*, postgres: bool) -> Update:
+    return (
+        update(_DELIVERIES)
+        .where(_id_in(_DELIVERIES.c.id, "ids", postgres=postgres))
+        .values(
+            next_attempt_at=bindparam("lease_end"),
+            claimed_by=bindparam("worker"),
+            claim_token=bindparam("token"),
+        )
     )
-)
+
+
+_LEASE = {False: _lease(postgres=False), True: _lease(postgres=True)}
+
+
+def _claimable_all_pg() -> Select[Any]:
+    """Each endpoint's claim query (as `_claimable` runs it) for the endpoints and how many
+    each wants, bound as two arrays: one statement, prepared once, for any number of them."""
+    wanting = (
+        func.unnest(
+            bindparam("endpoint_ids", type_=ARRAY(BigInteger)),
+            bindparam("wanted", type_=ARRAY(Integer)),
+        )
+        .table_valued(column("endpoint_id", BigInteger), column("wanted", Integer))
+        .render_derived(name="wanting")
+    )
+    due = (
+        select(
+            _DELIVERIES.c.id,
+            _DELIVERIES.c.endpoint_id,
+            _DELIVERIES.c.event_id,
+            _DELIVERIES.c.attempt_count,
+            _DELIVERIES.c.schedule_index,
+            _DELIVERIES.c.next_attempt_at,
+        )
+        .where(
+            _DELIVERIES.c.endpoint_id == wanting.c.endpoint_id,
+            _DELIVERIES.c.status == DeliveryStatus.PENDING,
+            _DELIVERIES.c.next_attempt_at <= bindparam("now"),
+        )
+        .order_by(_DELIVERIES.c.next_attempt_at)
+        .limit(wanting.c.wanted)
+        .with_for_update(skip_locked=True)
+        .lateral("due")
+    )
+    return (
+        select(
+            due.c.id,
+            due.c.endpoint_id,
+            due.c.attempt_count,
+            due.c.schedule_index,
+            due.c.next_attempt_at,
+            _EVENTS.c.public_id,
+            _EVENTS.c.type,
+            _EVENTS.c.version,
+            _EVENTS.c.occurred_at,
+            _EVENT_DATA,
+        )
+        .select_from(wanting)
+        .join(due, true())
+        .join(_EVENTS, _EVENTS.c.id == due.c.event_id)
+        .order_by(due.c.endpoint_id, due.c.next_attempt_at)
+    )
+
+
+_CLAIMABLE_ALL_PG = _claimable_all_pg()
 
 
 # ---------------------------------------------------------------- results
@@ -482,6 +558,9 @@ class DeliveryLoop:
         self._refreshed_at = -ENDPOINT_REFRESH_SECONDS
         self._rotation = 0
         self._decrypted: dict[str, str] = {}
+        # The latest events' decoded data and bodies, by public id: an event claimed for
+        # several endpoints (in claims of their own) is decoded and serialised once.
+        self._bodies: OrderedDict[str, tuple[dict[str, Any], str]] = OrderedDict()
         # Connect, read, write and pool timeouts of each request.
         self._timeouts = httpx.Timeout(config.timeout).as_dict()
         self._retired: list[httpx.AsyncBaseTransport] = []
@@ -694,7 +773,7 @@ class DeliveryLoop:
                     free -= wanted
             found = await self._claimable_all(session, requests, now)
             # Each event's data decoded and its body built once, for all its deliveries.
-            events: dict[str, tuple[dict[str, Any], str]] = {}
+            events = self._bodies
             for endpoint, wanted in requests:
                 rows = found.get(endpoint.id, [])
                 if len(rows) < wanted:
@@ -709,6 +788,8 @@ class DeliveryLoop:
                             data,
                             event_body(row.public_id, row.type, row.version, row.occurred_at, data),
                         )
+                        if len(events) > BODIES_KEPT:
+                            events.popitem(last=False)
                     data, body = event
                     claimed.append(
                         Claimed(
@@ -728,7 +809,7 @@ class DeliveryLoop:
                     )
             if claimed:
                 await session.execute(
-                    _LEASE,
+                    _LEASE[session.get_bind().dialect.name == "postgresql"],
                     {
                         "ids": [c.delivery_id for c in claimed],
                         "lease_end": now + timedelta(seconds=self.config.lease),
@@ -795,46 +876,13 @@ class DeliveryLoop:
                 found[endpoint.id] = await self._claimable(session, endpoint, wanted, now)
         if not together:
             return found
-        wanting = values(
-            column("endpoint_id", Integer), column("wanted", Integer), name="wanting"
-        ).data([(endpoint.id, wanted) for endpoint, wanted in together])
-        # Each endpoint's claim query, as `_claimable` runs it.
-        due = (
-            select(
-                _DELIVERIES.c.id,
-                _DELIVERIES.c.endpoint_id,
-                _DELIVERIES.c.event_id,
-                _DELIVERIES.c.attempt_count,
-                _DELIVERIES.c.schedule_index,
-                _DELIVERIES.c.next_attempt_at,
-            )
-            .where(
-                _DELIVERIES.c.endpoint_id == wanting.c.endpoint_id,
-                _DELIVERIES.c.status == DeliveryStatus.PENDING,
-                _DELIVERIES.c.next_attempt_at <= now,
-            )
-            .order_by(_DELIVERIES.c.next_attempt_at)
-            .limit(wanting.c.wanted)
-            .with_for_update(skip_locked=True)
-            .lateral("due")
-        )
         rows = await session.execute(
-            select(
-                due.c.id,
-                due.c.endpoint_id,
-                due.c.attempt_count,
-                due.c.schedule_index,
-                due.c.next_attempt_at,
-                Event.public_id,
-                Event.type,
-                Event.version,
-                Event.occurred_at,
-                _EVENT_DATA,
-            )
-            .select_from(wanting)
-            .join(due, true())
-            .join(Event, Event.id == due.c.event_id)
-            .order_by(due.c.endpoint_id, due.c.next_attempt_at)
+            _CLAIMABLE_ALL_PG,
+            {
+                "endpoint_ids": [endpoint.id for endpoint, _ in together],
+                "wanted": [wanted for _, wanted in together],
+                "now": now,
+            },
         )
         by_endpoint: dict[int, list[Any]] = {endpoint.id: [] for endpoint, _ in together}
         for row in rows:
@@ -1362,7 +1410,7 @@ async def record(
                 others.append(values)
         for (token, attempt_count, schedule_index, status_code), ids in successes.items():
             await session.execute(
-                _RECORD_SUCCESSES,
+                _RECORD_SUCCESSES[postgres],
                 {
                     "ids": ids,
                     "b_token": token,
@@ -1380,14 +1428,20 @@ async def record(
 
 # The recorder's statements, built once: a batch only binds its values to them, where
 # building and keying them again for each batch cost more CPU than running them.
-_LOCK_ENDPOINTS = select(
+_HEALTH_COLUMNS = (
     _ENDPOINTS.c.id,
     _ENDPOINTS.c.enabled,
     _ENDPOINTS.c.failing_since,
     _ENDPOINTS.c.last_success_at,
     _ENDPOINTS.c.last_failure_at,
-).where(_ENDPOINTS.c.id.in_(bindparam("ids", expanding=True)))
-_LOCK_ENDPOINTS_PG = _LOCK_ENDPOINTS.order_by(_ENDPOINTS.c.id).with_for_update(key_share=True)
+)
+_LOCK_ENDPOINTS = select(*_HEALTH_COLUMNS).where(_id_in(_ENDPOINTS.c.id, "ids", postgres=False))
+_LOCK_ENDPOINTS_PG = (
+    select(*_HEALTH_COLUMNS)
+    .where(_id_in(_ENDPOINTS.c.id, "ids", postgres=True))
+    .order_by(_ENDPOINTS.c.id)
+    .with_for_update(key_share=True)
+)
 _INSERT_ATTEMPTS = insert(_ATTEMPTS)
 # Only while the claim is still this worker's (`b_token`).
 _RECORD_RESULTS = (
@@ -1413,24 +1467,33 @@ _RECORD_RESULTS = (
         }
     )
 )
-_RECORD_SUCCESSES = (
-    update(_DELIVERIES)
-    .where(
-        _DELIVERIES.c.id.in_(bindparam("ids", expanding=True)),
-        _DELIVERIES.c.claim_token == bindparam("b_token"),
+
+
+def _record_successes(*, postgres: bool) -> Update:
+    return (
+        update(_DELIVERIES)
+        .where(
+            _id_in(_DELIVERIES.c.id, "ids", postgres=postgres),
+            _DELIVERIES.c.claim_token == bindparam("b_token"),
+        )
+        .values(
+            status=DeliveryStatus.SUCCEEDED,
+            attempt_count=bindparam("attempt_count"),
+            schedule_index=bindparam("schedule_index"),
+            last_status_code=bindparam("last_status_code"),
+            last_error=None,
+            claimed_by=None,
+            claim_token=None,
+            next_attempt_at=None,
+            completed_at=bindparam("completed_at"),
+        )
     )
-    .values(
-        status=DeliveryStatus.SUCCEEDED,
-        attempt_count=bindparam("attempt_count"),
-        schedule_index=bindparam("schedule_index"),
-        last_status_code=bindparam("last_status_code"),
-        last_error=None,
-        claimed_by=None,
-        claim_token=None,
-        next_attempt_at=None,
-        completed_at=bindparam("completed_at"),
-    )
-)
+
+
+_RECORD_SUCCESSES = {
+    False: _record_successes(postgres=False),
+    True: _record_successes(postgres=True),
+}
 _UPDATE_HEALTH = (
     update(_ENDPOINTS)
     .where(_ENDPOINTS.c.id == bindparam("b_id"))
