@@ -14,12 +14,13 @@ from datetime import datetime
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
 from memberhub.webhooks.delivery import (
+    FAN_OUT_FIRST_BATCH,
     RECORD_BATCH_TARGET,
     RECORD_GATHER_SECONDS,
     RESPONSE_BODY_LIMIT,
@@ -272,6 +273,29 @@ async def test_deliveries_already_fanned_out_are_sent_while_a_fan_out_is_under_w
         await receiver.wait_for_count("crm", 5, timeout=10)
 
     assert sorted(receiver.ids("crm")) == sorted(first + later)
+
+
+async def test_a_backlog_is_fanned_out_in_batches_growing_from_a_small_first_one(
+    api: ApiClient, db: Database, settings: Settings
+) -> None:
+    """The first deliveries can be claimed and sent while the rest of a backlog is written,
+    and each look at a backlog takes twice as many events as the last."""
+    await create_endpoint(api, "http://127.0.0.1:9/hooks/crm")
+    first = FAN_OUT_FIRST_BATCH
+    await emit_alerts(db, 4 * first)
+    loop = delivery_loop(db, settings)
+
+    fanned = [await loop._fan_out() for _ in range(3)]
+
+    assert fanned == [first, 2 * first, first]
+    assert loop._fan_out_backlog is False
+    async with db.transaction() as session:
+        created = await session.scalar(select(func.count()).select_from(WebhookDelivery))
+    assert created == 4 * first
+    # Caught up: the next backlog starts small again.
+    await emit_alerts(db, 2 * first)
+    assert await loop._fan_out() == first
+    assert loop._fan_out_backlog is True
 
 
 async def test_a_claim_shares_what_may_be_claimed_ahead_among_the_endpoints(

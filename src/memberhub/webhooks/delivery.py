@@ -42,8 +42,10 @@ import structlog
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Insert,
     Integer,
     Select,
+    String,
     Table,
     Text,
     Update,
@@ -52,6 +54,7 @@ from sqlalchemy import (
     column,
     func,
     insert,
+    literal,
     select,
     text,
     true,
@@ -87,6 +90,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger("memberhub.webhooks")
 
 FAN_OUT_BATCH = 1000
+# A backlog is fanned out in batches growing from this size (doubling up to FAN_OUT_BATCH):
+# the first deliveries are sent while the next batches are written, instead of waiting
+# for the whole first batch (a thousand events for ten endpoints take PostgreSQL a few
+# hundred milliseconds to insert).
+FAN_OUT_FIRST_BATCH = 64
 # Sends go on from what was claimed ahead while results wait to be recorded together: up to
 # this long after the first result of a batch, while sends are in flight, unless
 # RECORD_BATCH_TARGET results are waiting sooner. A transaction per batch costs about as much
@@ -212,7 +220,20 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
                     and (scope is None or event.organisation_id in scope)
                 ):
                     pairs.append((endpoint.id, event))
-    if pairs:
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if pairs and postgres:
+        await session.execute(
+            _INSERT_DELIVERIES_PG,
+            {
+                "public_ids": new_public_ids("dlv", len(pairs)),
+                "endpoint_ids": [endpoint_id for endpoint_id, _ in pairs],
+                "event_ids": [event.id for _, event in pairs],
+                "positions": [event.position for _, event in pairs],
+                "status": DeliveryStatus.PENDING,
+                "now": now,
+            },
+        )
+    elif pairs:
         # The public ids from one read of the random source, not one each.
         public_ids = new_public_ids("dlv", len(pairs))
         rows = [
@@ -231,9 +252,60 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
         ]
         await session.execute(insert(_DELIVERIES), rows)
     await session.execute(
-        update(Event).where(Event.id.in_([e.id for e in events])).values(dispatched_at=now)
+        update(_EVENTS)
+        .where(_id_in(_EVENTS.c.id, "ids", postgres=postgres))
+        .values(dispatched_at=bindparam("now")),
+        {"ids": [e.id for e in events], "now": now},
     )
     return len(events)
+
+
+def _insert_deliveries_pg() -> Insert:
+    """A fan-out's deliveries in one statement, their varying columns bound as arrays (an
+    executemany would bind, send and execute each row on its own)."""
+    new = (
+        func.unnest(
+            bindparam("public_ids", type_=ARRAY(String)),
+            bindparam("endpoint_ids", type_=ARRAY(BigInteger)),
+            bindparam("event_ids", type_=ARRAY(BigInteger)),
+            bindparam("positions", type_=ARRAY(BigInteger)),
+        )
+        .table_valued(
+            column("public_id", String),
+            column("endpoint_id", BigInteger),
+            column("event_id", BigInteger),
+            column("event_position", BigInteger),
+        )
+        .render_derived(name="new")
+    )
+    now = bindparam("now", type_=_DELIVERIES.c.created_at.type)
+    return insert(_DELIVERIES).from_select(
+        [
+            "public_id",
+            "endpoint_id",
+            "event_id",
+            "event_position",
+            "status",
+            "attempt_count",
+            "schedule_index",
+            "next_attempt_at",
+            "created_at",
+        ],
+        select(
+            new.c.public_id,
+            new.c.endpoint_id,
+            new.c.event_id,
+            new.c.event_position,
+            bindparam("status", type_=String),
+            literal(0),
+            literal(0),
+            now,
+            now,
+        ),
+    )
+
+
+_INSERT_DELIVERIES_PG = _insert_deliveries_pg()
 
 
 async def _targets(session: AsyncSession, test_events: Sequence[Any]) -> dict[int, str]:
@@ -566,6 +638,8 @@ class DeliveryLoop:
         self._retired: list[httpx.AsyncBaseTransport] = []
         self._stopping = False
         self._fan_out_due = 0.0
+        self._fan_out_limit = FAN_OUT_FIRST_BATCH
+        self._fan_out_backlog = False
         # Claimed ahead for an endpoint whose last send failed: handed back unsent.
         self._unsent: list[Claimed] = []
 
@@ -620,24 +694,37 @@ class DeliveryLoop:
     async def step(self, *, fan_out: bool = True) -> bool:
         """Fan out (unless `run` does it in its own task), claim and start sending; True
         when there may be more to do at once."""
-        dispatched = await self._fan_out() if fan_out else 0
+        backlog = False
+        if fan_out:
+            await self._fan_out()
+            backlog = self._fan_out_backlog
         self._start_all_ready()
         claimed = await self.claim()
         for item in claimed:
             item.endpoint.ready.append(item)
         self._start_all_ready()
-        return dispatched >= FAN_OUT_BATCH or bool(claimed)
+        return backlog or bool(claimed)
 
     async def _fan_out(self) -> int:
-        """One batch of events into deliveries, when there may be some: the events handled."""
+        """One batch of events into deliveries, when there may be some: the events handled
+        (`_fan_out_backlog` tells whether more are waiting)."""
         dispatched = 0
         due = time.monotonic() >= self._fan_out_due
         if due and (endpoints := await self._undispatched()) is not None:
             # With no endpoint, fan-out only marks events dispatched: short, so on SQLite it
             # runs on the loop's thread. Creating deliveries (up to FAN_OUT_BATCH for each
             # endpoint) runs in a connection's thread, beside the sends.
+            limit = self._fan_out_limit
             async with self.db.transaction(short=not endpoints) as session:
-                dispatched = await fan_out(session, utcnow())
+                dispatched = await fan_out(session, utcnow(), limit=limit)
+            # A full batch: there is more, taken in a larger batch; else the next backlog
+            # starts small again.
+            self._fan_out_backlog = dispatched >= limit
+            self._fan_out_limit = (
+                min(2 * limit, FAN_OUT_BATCH) if self._fan_out_backlog else FAN_OUT_FIRST_BATCH
+            )
+        else:
+            self._fan_out_backlog = False
         # Looked again at once while there is more to fan out; else not for a moment.
         self._fan_out_due = 0.0 if dispatched else time.monotonic() + FAN_OUT_CHECK_SECONDS
         if dispatched:
@@ -655,7 +742,7 @@ class DeliveryLoop:
             pause = self.config.poll
             try:
                 dispatched = await self._fan_out()
-                if dispatched >= FAN_OUT_BATCH:
+                if self._fan_out_backlog:
                     continue
                 if dispatched or self._in_flight or self._ready:
                     pause = FAN_OUT_CHECK_SECONDS
