@@ -714,15 +714,17 @@ class DeliveryLoop:
             # With no endpoint, fan-out only marks events dispatched: short, so on SQLite it
             # runs on the loop's thread. Creating deliveries (up to FAN_OUT_BATCH for each
             # endpoint) runs in a connection's thread, beside the sends.
-            limit = self._fan_out_limit
+            # Without endpoints nothing waits on a batch to be sent: the largest at once.
+            limit = self._fan_out_limit if endpoints else FAN_OUT_BATCH
             async with self.db.transaction(short=not endpoints) as session:
                 dispatched = await fan_out(session, utcnow(), limit=limit)
             # A full batch: there is more, taken in a larger batch; else the next backlog
             # starts small again.
             self._fan_out_backlog = dispatched >= limit
-            self._fan_out_limit = (
-                min(2 * limit, FAN_OUT_BATCH) if self._fan_out_backlog else FAN_OUT_FIRST_BATCH
-            )
+            if endpoints:
+                self._fan_out_limit = (
+                    min(2 * limit, FAN_OUT_BATCH) if self._fan_out_backlog else FAN_OUT_FIRST_BATCH
+                )
         else:
             self._fan_out_backlog = False
         # Looked again at once while there is more to fan out; else not for a moment.
