@@ -36,8 +36,20 @@ from dataclasses import dataclass
 from typing import cast
 
 import structlog
-from sqlalchemy import Table, bindparam, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    String,
+    Table,
+    Update,
+    bindparam,
+    column,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import event as sa_event
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -191,19 +203,64 @@ async def _link_audit_entries(session: AsyncSession) -> int:
             }
         )
         prev_hash = digest
-    await session.execute(
-        update(table)
-        .where(table.c.id == bindparam("b_id"))
-        .values(
-            chain_position=bindparam("chain_position"),
-            prev_hash=bindparam("prev_hash"),
-            hash=bindparam("hash"),
-            seal=bindparam("seal"),
-        ),
-        links,
-        execution_options={"synchronize_session": False},
-    )
+    if session.get_bind().dialect.name == "postgresql":
+        # One statement for the pass: an executemany would run an UPDATE per entry.
+        await session.execute(
+            _LINK_ENTRIES_PG,
+            {
+                "ids": [link["b_id"] for link in links],
+                "positions": [link["chain_position"] for link in links],
+                "prev_hashes": [link["prev_hash"] for link in links],
+                "hashes": [link["hash"] for link in links],
+                "seal": key.seal,
+            },
+        )
+    else:
+        await session.execute(
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values(
+                chain_position=bindparam("chain_position"),
+                prev_hash=bindparam("prev_hash"),
+                hash=bindparam("hash"),
+                seal=bindparam("seal"),
+            ),
+            links,
+            execution_options={"synchronize_session": False},
+        )
     return len(links)
+
+
+def _link_entries_pg() -> Update:
+    table = cast(Table, AuditEntry.__table__)
+    links = (
+        func.unnest(
+            bindparam("ids", type_=ARRAY(BigInteger)),
+            bindparam("positions", type_=ARRAY(BigInteger)),
+            bindparam("prev_hashes", type_=ARRAY(String)),
+            bindparam("hashes", type_=ARRAY(String)),
+        )
+        .table_valued(
+            column("id", BigInteger),
+            column("chain_position", BigInteger),
+            column("prev_hash", String),
+            column("hash", String),
+        )
+        .render_derived(name="links")
+    )
+    return (
+        update(table)
+        .where(table.c.id == links.c.id)
+        .values(
+            chain_position=links.c.chain_position,
+            prev_hash=links.c.prev_hash,
+            hash=links.c.hash,
+            seal=bindparam("seal", type_=String),
+        )
+    )
+
+
+_LINK_ENTRIES_PG = _link_entries_pg()
 
 
 async def sequence_pending(session: AsyncSession, *, wait: bool = True) -> PassResult | None:
