@@ -165,6 +165,27 @@ def test_canonical_text_survives_a_json_round_trip_and_jsonb(value: Any) -> None
     assert canonical.isascii()
 
 
+def _canonical_by_definition(value: Any) -> str:
+    """The canonical text as the module docstring defines it, written plainly."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=True)
+    if isinstance(value, int | float | Decimal):
+        return canonical_number(value)
+    if isinstance(value, dict):
+        members = [f"{json.dumps(k)}:{_canonical_by_definition(value[k])}" for k in sorted(value)]
+        return "{" + ",".join(members) + "}"
+    return "[" + ",".join(_canonical_by_definition(item) for item in value) + "]"
+
+
+@given(json_values | st.integers() | st.integers(min_value=10**17, max_value=10**19))
+def test_canonical_text_is_the_definition(value: Any) -> None:
+    """The writer takes shortcuts for the common types (an integer's digits without a
+    Decimal, strings without `json.dumps`): the text is still the definition's."""
+    assert canonical_json(value) == _canonical_by_definition(value)
+
+
 # --- entries ----------------------------------------------------------------------------
 
 

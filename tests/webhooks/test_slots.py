@@ -14,8 +14,9 @@ from datetime import datetime
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
+from memberhub.events.models import Event
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
@@ -296,6 +297,36 @@ async def test_a_backlog_is_fanned_out_in_batches_growing_from_a_small_first_one
     await emit_alerts(db, 2 * first)
     assert await loop._fan_out() == first
     assert loop._fan_out_backlog is True
+
+
+async def test_a_claim_reads_an_events_data_again_once_its_kept_body_is_a_second_old(
+    api: ApiClient, db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies are kept for the event's other claims, but not for long: a deleted member's
+    earlier events are erased, and what is sent later must be the erased data."""
+    await create_endpoint(api, "http://127.0.0.1:9/hooks/crm")
+    (event_id,) = await emit_alerts(db, 1)
+    async with db.transaction() as session:
+        await fan_out(session, utcnow())
+    loop = delivery_loop(db, settings)
+
+    async def claim_again() -> str:
+        for endpoint in loop._endpoints.values():
+            endpoint.idle_until = 0.0  # it found less than it wanted: not asked again at once
+        (item,) = await loop.claim()
+        item.endpoint.ready.append(item)
+        await loop._release_ready()  # handed back: due again at once
+        return loop.payload(item)
+
+    assert '"message":"event 0"' in await claim_again()
+    async with db.transaction() as session:
+        await session.execute(
+            update(Event).where(Event.public_id == event_id).values(data={"message": "erased"})
+        )
+    # Within the second: the body read moments ago.
+    assert '"message":"event 0"' in await claim_again()
+    monkeypatch.setattr("memberhub.webhooks.delivery.BODIES_KEPT_SECONDS", 0.0)
+    assert '"data":{"message":"erased"}' in await claim_again()
 
 
 async def test_a_claim_shares_what_may_be_claimed_ahead_among_the_endpoints(

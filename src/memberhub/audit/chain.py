@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -164,26 +165,57 @@ def canonical_number(value: int | float | Decimal) -> str:
 
 def canonical_json(value: Any) -> str:
     """The canonical text of a JSON value (see the module docstring)."""
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=True)
-    if isinstance(value, int | float | Decimal):
-        return canonical_number(value)
-    if isinstance(value, dict):
+    parts: list[str] = []
+    _write_canonical(value, parts.append)
+    return "".join(parts)
+
+
+# Strings as `json.dumps(..., ensure_ascii=True)` writes them, without its per-call work.
+_quoted = json.encoder.encode_basestring_ascii
+# Integers below this are written by the fast path of `_write_canonical`.
+_SMALL_INT = 10**18
+
+
+def _write_canonical(value: Any, write: Callable[[str], object]) -> None:
+    # Every write of an entry is sealed: the common types are tested first, by exact type.
+    kind = type(value)
+    if kind is str:
+        write(_quoted(value))
+    elif value is None:
+        write("null")
+    elif value is True:
+        write("true")
+    elif value is False:
+        write("false")
+    elif kind is int and -_SMALL_INT < value < _SMALL_INT:
+        digits = str(abs(value))
+        significant = digits.rstrip("0")
+        if not significant:
+            write("0")
+        else:
+            zeros = len(digits) - len(significant)
+            write(("-" if value < 0 else "") + significant + (f"e{zeros}" if zeros else ""))
+    elif isinstance(value, str):
+        write(_quoted(value))
+    elif isinstance(value, int | float | Decimal):
+        write(canonical_number(value))
+    elif isinstance(value, dict):
         if not all(isinstance(key, str) for key in value):
             raise TypeError("JSON object keys are strings")
-        members = (
-            f"{json.dumps(k, ensure_ascii=True)}:{canonical_json(value[k])}" for k in sorted(value)
-        )
-        return "{" + ",".join(members) + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(canonical_json(item) for item in value) + "]"
-    raise TypeError(f"{type(value).__name__} is not a JSON value")
+        write("{")
+        for index, key in enumerate(sorted(value)):
+            write(f",{_quoted(key)}:" if index else f"{_quoted(key)}:")
+            _write_canonical(value[key], write)
+        write("}")
+    elif isinstance(value, list | tuple):
+        write("[")
+        for index, item in enumerate(value):
+            if index:
+                write(",")
+            _write_canonical(item, write)
+        write("]")
+    else:
+        raise TypeError(f"{type(value).__name__} is not a JSON value")
 
 
 def canonical_time(value: datetime) -> str:

@@ -121,6 +121,8 @@ RESPONSE_BODY_LIMIT = 2048
 # Events whose bodies a loop keeps for their other endpoints' claims (at most one claim's
 # worth, AHEAD_MAX_CAPS + 1 times the worker's concurrency, is in use at a time).
 BODIES_KEPT = 4096
+# ... and for at most this long: what a later claim sends is at most this old.
+BODIES_KEPT_SECONDS = 1.0
 # Sent with every delivery, besides its Standard Webhooks headers.
 _REQUEST_HEADERS = {
     "user-agent": "memberhub-webhooks/1",
@@ -630,9 +632,10 @@ class DeliveryLoop:
         self._refreshed_at = -ENDPOINT_REFRESH_SECONDS
         self._rotation = 0
         self._decrypted: dict[str, str] = {}
-        # The latest events' decoded data and bodies, by public id: an event claimed for
-        # several endpoints (in claims of their own) is decoded and serialised once.
-        self._bodies: OrderedDict[str, tuple[dict[str, Any], str]] = OrderedDict()
+        # The latest events' decoded data and bodies (and when they were read), by public id:
+        # an event claimed for several endpoints in claims of their own within
+        # BODIES_KEPT_SECONDS is decoded and serialised once.
+        self._bodies: OrderedDict[str, tuple[float, dict[str, Any], str]] = OrderedDict()
         # Connect, read, write and pool timeouts of each request.
         self._timeouts = httpx.Timeout(config.timeout).as_dict()
         self._retired: list[httpx.AsyncBaseTransport] = []
@@ -863,6 +866,9 @@ class DeliveryLoop:
             found = await self._claimable_all(session, requests, now)
             # Each event's data decoded and its body built once, for all its deliveries.
             events = self._bodies
+            # Read again after a while: an event's data can change (a deleted member's
+            # earlier events are erased).
+            fresh_after = time.monotonic() - BODIES_KEPT_SECONDS
             for endpoint, wanted in requests:
                 rows = found.get(endpoint.id, [])
                 if len(rows) < wanted:
@@ -871,15 +877,16 @@ class DeliveryLoop:
                         endpoint.tokens += wanted - len(rows)
                 for row in rows:
                     event = events.get(row.public_id)
-                    if event is None:
+                    if event is None or event[0] < fresh_after:
                         data = json.loads(row.data)
                         event = events[row.public_id] = (
+                            time.monotonic(),
                             data,
                             event_body(row.public_id, row.type, row.version, row.occurred_at, data),
                         )
                         if len(events) > BODIES_KEPT:
                             events.popitem(last=False)
-                    data, body = event
+                    _, data, body = event
                     claimed.append(
                         Claimed(
                             delivery_id=row.id,
