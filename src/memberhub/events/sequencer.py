@@ -42,20 +42,17 @@ from sqlalchemy import (
     Table,
     Update,
     bindparam,
-    column,
-    func,
     select,
     text,
     update,
 )
 from sqlalchemy import event as sa_event
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from memberhub.audit.chain import GENESIS_HASH, ChainKey, entry_hash, session_key
 from memberhub.audit.models import AuditEntry
-from memberhub.kit.db import Database, advisory_xact_lock, try_advisory_xact_lock
+from memberhub.kit.db import Database, advisory_xact_lock, array_rows, try_advisory_xact_lock
 
 log = structlog.get_logger("memberhub.sequencer")
 
@@ -208,10 +205,10 @@ async def _link_audit_entries(session: AsyncSession) -> int:
         await session.execute(
             _LINK_ENTRIES_PG,
             {
-                "ids": [link["b_id"] for link in links],
-                "positions": [link["chain_position"] for link in links],
-                "prev_hashes": [link["prev_hash"] for link in links],
-                "hashes": [link["hash"] for link in links],
+                "links_id": [link["b_id"] for link in links],
+                "links_chain_position": [link["chain_position"] for link in links],
+                "links_prev_hash": [link["prev_hash"] for link in links],
+                "links_hash": [link["hash"] for link in links],
                 "seal": key.seal,
             },
         )
@@ -233,20 +230,8 @@ async def _link_audit_entries(session: AsyncSession) -> int:
 
 def _link_entries_pg() -> Update:
     table = cast(Table, AuditEntry.__table__)
-    links = (
-        func.unnest(
-            bindparam("ids", type_=ARRAY(BigInteger)),
-            bindparam("positions", type_=ARRAY(BigInteger)),
-            bindparam("prev_hashes", type_=ARRAY(String)),
-            bindparam("hashes", type_=ARRAY(String)),
-        )
-        .table_valued(
-            column("id", BigInteger),
-            column("chain_position", BigInteger),
-            column("prev_hash", String),
-            column("hash", String),
-        )
-        .render_derived(name="links")
+    links = array_rows(
+        "links", id=BigInteger, chain_position=BigInteger, prev_hash=String, hash=String
     )
     return (
         update(table)

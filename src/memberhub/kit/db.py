@@ -25,9 +25,10 @@ from sqlalchemy import (
     Table,
     bindparam,
     event,
+    func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
@@ -38,7 +39,9 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql import column as column_clause
 from sqlalchemy.sql.expression import UpdateBase
+from sqlalchemy.sql.selectable import TableValuedAlias
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -120,6 +123,20 @@ def column_values(
             value = default.arg if default is not None and default.is_scalar else None  # type: ignore[attr-defined]
         row[f"{prefix}_{column.name}"] = value
     return row
+
+
+def array_rows(alias: str, /, **columns: Any) -> TableValuedAlias:
+    """PostgreSQL: rows made of one array parameter per column (`unnest(:alias_a, :alias_b)
+    AS alias(a, b)`), each column typed as given and bound as `<alias>_<column>` (never a
+    column's own name, which an UPDATE or INSERT would take as a value to write): many rows
+    in one statement, prepared once whatever their number."""
+    return (
+        func.unnest(
+            *(bindparam(f"{alias}_{name}", type_=ARRAY(kind)) for name, kind in columns.items())
+        )
+        .table_valued(*(column_clause(name, kind) for name, kind in columns.items()))
+        .render_derived(name=alias)
+    )
 
 
 class DriverStatement:

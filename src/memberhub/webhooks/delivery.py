@@ -51,7 +51,6 @@ from sqlalchemy import (
     Update,
     any_,
     bindparam,
-    column,
     func,
     insert,
     literal,
@@ -68,7 +67,7 @@ from memberhub.events.models import Event
 from memberhub.events.sequencer import sequence_pending
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox, SecretUnreadable
-from memberhub.kit.db import Database
+from memberhub.kit.db import Database, array_rows
 from memberhub.kit.ids import new_public_id, new_public_ids
 from memberhub.ops.metrics import Metrics
 from memberhub.ops.tracing import work_span
@@ -176,7 +175,8 @@ class DeliveryConfig:
 
 async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_BATCH) -> int:
     """Turn up to `limit` undispatched events into deliveries; returns the events handled."""
-    if session.get_bind().dialect.name == "postgresql":
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if postgres:
         got = await session.scalar(
             text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _FAN_OUT_LOCK}
         )
@@ -222,15 +222,14 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
                     and (scope is None or event.organisation_id in scope)
                 ):
                     pairs.append((endpoint.id, event))
-    postgres = session.get_bind().dialect.name == "postgresql"
     if pairs and postgres:
         await session.execute(
             _INSERT_DELIVERIES_PG,
             {
-                "public_ids": new_public_ids("dlv", len(pairs)),
-                "endpoint_ids": [endpoint_id for endpoint_id, _ in pairs],
-                "event_ids": [event.id for _, event in pairs],
-                "positions": [event.position for _, event in pairs],
+                "new_public_id": new_public_ids("dlv", len(pairs)),
+                "new_endpoint_id": [endpoint_id for endpoint_id, _ in pairs],
+                "new_event_id": [event.id for _, event in pairs],
+                "new_event_position": [event.position for _, event in pairs],
                 "status": DeliveryStatus.PENDING,
                 "now": now,
             },
@@ -265,20 +264,12 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
 def _insert_deliveries_pg() -> Insert:
     """A fan-out's deliveries in one statement, their varying columns bound as arrays (an
     executemany would bind, send and execute each row on its own)."""
-    new = (
-        func.unnest(
-            bindparam("public_ids", type_=ARRAY(String)),
-            bindparam("endpoint_ids", type_=ARRAY(BigInteger)),
-            bindparam("event_ids", type_=ARRAY(BigInteger)),
-            bindparam("positions", type_=ARRAY(BigInteger)),
-        )
-        .table_valued(
-            column("public_id", String),
-            column("endpoint_id", BigInteger),
-            column("event_id", BigInteger),
-            column("event_position", BigInteger),
-        )
-        .render_derived(name="new")
+    new = array_rows(
+        "new",
+        public_id=String,
+        endpoint_id=BigInteger,
+        event_id=BigInteger,
+        event_position=BigInteger,
     )
     now = bindparam("now", type_=_DELIVERIES.c.created_at.type)
     return insert(_DELIVERIES).from_select(
@@ -509,14 +500,7 @@ _LEASE = {False: _lease(postgres=False), True: _lease(postgres=True)}
 def _claimable_all_pg() -> Select[Any]:
     """Each endpoint's claim query (as `_claimable` runs it) for the endpoints and how many
     each wants, bound as two arrays: one statement, prepared once, for any number of them."""
-    wanting = (
-        func.unnest(
-            bindparam("endpoint_ids", type_=ARRAY(BigInteger)),
-            bindparam("wanted", type_=ARRAY(Integer)),
-        )
-        .table_valued(column("endpoint_id", BigInteger), column("wanted", Integer))
-        .render_derived(name="wanting")
-    )
+    wanting = array_rows("wanting", endpoint_id=BigInteger, wanted=Integer)
     due = (
         select(
             _DELIVERIES.c.id,
@@ -975,8 +959,8 @@ class DeliveryLoop:
         rows = await session.execute(
             _CLAIMABLE_ALL_PG,
             {
-                "endpoint_ids": [endpoint.id for endpoint, _ in together],
-                "wanted": [wanted for _, wanted in together],
+                "wanting_endpoint_id": [endpoint.id for endpoint, _ in together],
+                "wanting_wanted": [wanted for _, wanted in together],
                 "now": now,
             },
         )
