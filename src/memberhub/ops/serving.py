@@ -40,6 +40,7 @@ import structlog
 import uvicorn
 
 from memberhub.kit.startup import long_lived
+from memberhub.worker.election import stand_down
 
 log = structlog.get_logger("memberhub.serving")
 
@@ -329,6 +330,11 @@ class HandedServer(uvicorn.Server):
         await super().shutdown(sockets=None)
         if self._loop is not None:
             self._loop.remove_reader(self.channel.fileno())
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Every process is told to stop at once: none takes over the worker of another.
+        stand_down()
+        super().handle_exit(sig, frame)
 
     def _tell(self, message: bytes) -> None:
         """Tell the parent, in order; what its channel has no room for waits to be sent."""
