@@ -45,7 +45,7 @@ from memberhub.events.catalog import ActivityMatched, ActivityRecorded, EventDat
 from memberhub.events.service import event_row
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
-from memberhub.kit.db import column_values
+from memberhub.kit.db import column_values, orm_object
 from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.leads.models import Lead
@@ -204,7 +204,7 @@ async def record_activity(
         listed = await repo.listed(existing.public_id)
         assert listed is not None
         return Recorded((await activities_out(session, [listed]))[0], replayed=True)
-    activity = Activity(id=activity_id, **values)
+    activity = orm_object(Activity, {"id": activity_id, **values})
     # Written already: the object joins the session as if loaded (later changes update it).
     make_transient_to_detached(activity)
     session.add(activity)

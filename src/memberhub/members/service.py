@@ -23,7 +23,7 @@ from memberhub.events.repository import EventRepository
 from memberhub.events.sequencer import mark_for_sequencing
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
-from memberhub.kit.db import column_binds, column_values
+from memberhub.kit.db import column_binds, column_values, orm_object
 from memberhub.kit.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.members.consent import (
@@ -225,9 +225,11 @@ async def create_member(
         "object_type": "member",
         "object_id": row["m_public_id"],
     }
-    member = Member(**{name[2:]: value for name, value in row.items()})
-    member.organisation = organisation
-    member.plan = None
+    member = orm_object(
+        Member,
+        {name[2:]: value for name, value in row.items()}
+        | {"organisation": organisation, "plan": None},
+    )
     event = MemberCreated(member=to_out(member))
     changes = diff({}, snapshot(member))
     dialect = session.get_bind().dialect.name
