@@ -33,15 +33,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import structlog
 from sqlalchemy import (
     BigInteger,
+    ColumnElement,
     String,
     Table,
     Update,
     bindparam,
+    case,
+    func,
+    null,
     select,
     text,
     update,
@@ -52,6 +56,8 @@ from sqlalchemy.orm import Session
 
 from memberhub.audit.chain import GENESIS_HASH, ChainKey, entry_hash, session_key
 from memberhub.audit.models import AuditEntry
+from memberhub.events.models import Event
+from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database, advisory_xact_lock, array_rows, try_advisory_xact_lock
 
 log = structlog.get_logger("memberhub.sequencer")
@@ -62,21 +68,6 @@ SEQUENCER_LOCK = 7_320_114_002
 PASS_LIMIT = 5000
 _MARK = "memberhub.sequence"
 
-_NUMBER_EVENTS = text(
-    """
-    UPDATE events SET position = numbered.base + numbered.n
-    FROM (
-        SELECT pending.id AS id,
-               row_number() OVER (ORDER BY pending.id) AS n,
-               (SELECT coalesce(max(position), 0) FROM events) AS base
-        FROM events AS pending
-        WHERE pending.position IS NULL
-        ORDER BY pending.id
-        LIMIT :limit
-    ) AS numbered
-    WHERE events.id = numbered.id
-    """
-)
 _EVENTS_PENDING = "SELECT EXISTS (SELECT 1 FROM events WHERE position IS NULL)"
 _EVENTS_PENDING_ONLY = text(_EVENTS_PENDING)
 _ANYTHING_PENDING = text(
@@ -141,8 +132,59 @@ def _forget_after_rollback(session: Session, previous: object) -> None:
         session.info.pop(_MARK, None)
 
 
+class _Numbering:
+    """The pass's statement that numbers events: each committed event without a position
+    gets the next one, in the order of their ids. Events nobody will dispatch are marked
+    dispatched in the same statement (see `set_dispatch_wanted`)."""
+
+    def __init__(self) -> None:
+        self.dispatch_wanted: ColumnElement[bool] | None = None
+        self._statement: Update | None = None
+
+    def statement(self) -> Update:
+        if self._statement is None:
+            self._statement = self._build()
+        return self._statement
+
+    def _build(self) -> Update:
+        events = cast(Table, Event.__table__)
+        pending = events.alias("pending")
+        base = select(func.coalesce(func.max(events.c.position), 0)).correlate(None)
+        numbered = (
+            select(
+                pending.c.id,
+                func.row_number().over(order_by=pending.c.id).label("n"),
+                base.scalar_subquery().label("base"),
+            )
+            .where(pending.c.position.is_(None))
+            .order_by(pending.c.id)
+            .limit(bindparam("limit"))
+            .subquery("numbered")
+        )
+        values: dict[str, Any] = {"position": numbered.c.base + numbered.c.n}
+        if self.dispatch_wanted is not None:
+            now = bindparam("now", type_=events.c.dispatched_at.type)
+            values["dispatched_at"] = case((self.dispatch_wanted, null()), else_=now)
+        return update(events).where(events.c.id == numbered.c.id).values(values)
+
+
+_numbering = _Numbering()
+
+
+def set_dispatch_wanted(condition: ColumnElement[bool]) -> None:
+    """Registered by the module that dispatches events (webhook fan-out): while `condition`
+    is false, nothing would be dispatched for an event (no endpoint is enabled), and a pass
+    marks the events it numbers as dispatched, sparing fan-out a second write of each. Until
+    a condition is registered, every event waits for fan-out.
+
+    The pass reads `condition` with the sequencer's lock held, so a change that must not miss
+    events numbered after it (an endpoint created) takes that lock before it commits."""
+    _numbering.dispatch_wanted = condition
+    _numbering._statement = None
+
+
 async def _number_events(session: AsyncSession) -> int:
-    result = await session.execute(_NUMBER_EVENTS, {"limit": PASS_LIMIT})
+    result = await session.execute(_numbering.statement(), {"limit": PASS_LIMIT, "now": utcnow()})
     return max(int(getattr(result, "rowcount", 0) or 0), 0)
 
 

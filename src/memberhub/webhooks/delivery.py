@@ -64,7 +64,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.events.catalog import WebhookTest
 from memberhub.events.models import Event
-from memberhub.events.sequencer import sequence_pending
+from memberhub.events.sequencer import sequence_pending, set_dispatch_wanted
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox, SecretUnreadable
 from memberhub.kit.db import Database, array_rows
@@ -138,6 +138,11 @@ _FAN_OUT_LOCK = 7_320_114_101
 _DELIVERIES = cast(Table, WebhookDelivery.__table__)
 _ATTEMPTS = cast(Table, WebhookAttempt.__table__)
 _ENDPOINTS = cast(Table, WebhookEndpoint.__table__)
+
+# Events numbered while no endpoint is enabled are marked dispatched as they are numbered:
+# fan-out would find no endpoint for them and only mark them so, one row write each again.
+# (Creating an endpoint holds the sequencer until it commits; see `create_endpoint`.)
+set_dispatch_wanted(select(_ENDPOINTS.c.id).where(_ENDPOINTS.c.enabled.is_(True)).exists())
 _EVENTS = cast(Table, Event.__table__)
 
 
