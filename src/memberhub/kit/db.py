@@ -9,7 +9,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from functools import partial
+from functools import cache, partial
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -117,18 +117,31 @@ def column_values(
 ) -> dict[str, Any]:
     """The parameters for `column_binds(table, prefix, leave_out)`: each column's value as
     given, else its constant default, else NULL (callable defaults, such as times, must be
-    given)."""
-    row = {}
+    given). Keys of `values` that name no column are ignored."""
+    defaults, keys = _column_defaults(table, prefix, leave_out)
+    row = dict(defaults)
+    for name, value in values.items():
+        key = keys.get(name)
+        if key is not None:
+            row[key] = value
+    return row
+
+
+@cache
+def _column_defaults(
+    table: Table, prefix: str, leave_out: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A row of `column_values` before any value is given (in column order), and each
+    column's parameter name."""
+    defaults: dict[str, Any] = {}
+    keys: dict[str, str] = {}
     for column in table.c:
         if column.name in leave_out:
             continue
-        if column.name in values:
-            value = values[column.name]
-        else:
-            default = column.default
-            value = default.arg if default is not None and default.is_scalar else None  # type: ignore[attr-defined]
-        row[f"{prefix}_{column.name}"] = value
-    return row
+        key = keys[column.name] = f"{prefix}_{column.name}"
+        default = column.default
+        defaults[key] = default.arg if default is not None and default.is_scalar else None  # type: ignore[attr-defined]
+    return defaults, keys
 
 
 _Object = TypeVar("_Object")
