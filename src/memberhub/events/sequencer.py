@@ -94,7 +94,16 @@ class _Doorbell:
         self._waiters: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
 
     def ring(self) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
         for loop, waiter in list(self._waiters.items()):
+            if loop is running:
+                # Rung by a commit on the loop's own thread (as it nearly always is): set at
+                # once, without the wake-up write `call_soon_threadsafe` makes.
+                waiter.set()
+                continue
             if loop.is_closed():
                 self._waiters.pop(loop, None)
                 continue
