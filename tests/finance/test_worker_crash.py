@@ -1,6 +1,6 @@
-"""A `memberhub worker` process killed with SIGKILL in the middle of booking forty
+"""A `memberhub worker` process killed with SIGKILL in the middle of booking twenty
 checkouts, with a fifth of Xero's answers 500 or 429: a second worker finishes the work,
-and Xero holds exactly forty contacts, invoices and payments."""
+and Xero holds exactly twenty contacts, invoices and payments."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from tests.support import ApiClient
 MEMBERHUB = str(Path(sys.executable).with_name("memberhub"))
 # Enough that the kill lands mid-run with work on both sides of it; each booking waits out
 # the real retry backoffs of its faulted calls, so more only makes the test slower.
-CHECKOUTS = 40
+CHECKOUTS = 20
 
 
 @pytest.fixture
