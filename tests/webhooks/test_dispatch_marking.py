@@ -26,7 +26,8 @@ async def _numbered_event_of(db: Database, member: dict[str, Any]) -> Event:
                 Event.type == "member.created", Event.member_public_id == member["id"]
             )
         )
-    assert event is not None and event.position is not None
+    assert event is not None
+    assert event.position is not None
     return event
 
 

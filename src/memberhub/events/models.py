@@ -43,5 +43,6 @@ class Event(IdMixin, Base):
     organisation_id: Mapped[int | None] = mapped_column(BigIntId, index=True)
     member_public_id: Mapped[str | None] = mapped_column(String(32), index=True)
     data: Mapped[dict[str, Any]] = mapped_column()
-    # Set by the dispatcher once the event has been fanned out to its consumers.
-    dispatched_at: Mapped[datetime | None] = mapped_column(index=True)
+    # Set by the dispatcher once the event has been fanned out to its consumers (or by the
+    # sequencer when there is none). Read only as "IS NULL", through ix_events_undispatched.
+    dispatched_at: Mapped[datetime | None] = mapped_column()

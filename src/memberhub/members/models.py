@@ -50,7 +50,8 @@ class Member(IdMixin, Base):
     last_name: Mapped[str | None] = mapped_column(String(100))
     phone: Mapped[str | None] = mapped_column(String(40))
     date_of_birth: Mapped[date | None] = mapped_column(Date)
-    status: Mapped[str] = mapped_column(String(20), default=MemberStatus.PENDING, index=True)
+    # Queried by status through ix_members_status_term_ends_at (its first column).
+    status: Mapped[str] = mapped_column(String(20), default=MemberStatus.PENDING)
     tier: Mapped[str | None] = mapped_column(String(50), index=True)
 
     consent_email: Mapped[bool] = mapped_column(Boolean, default=False)
