@@ -147,8 +147,12 @@ class _Numbering:
     dispatched in the same statement (see `set_dispatch_wanted`)."""
 
     def __init__(self) -> None:
-        self.dispatch_wanted: ColumnElement[bool] | None = None
+        self._dispatch_wanted: ColumnElement[bool] | None = None
         self._statement: Update | None = None
+
+    def want_dispatch_while(self, condition: ColumnElement[bool]) -> None:
+        self._dispatch_wanted = condition
+        self._statement = None  # built again, with it
 
     def statement(self) -> Update:
         if self._statement is None:
@@ -171,9 +175,9 @@ class _Numbering:
             .subquery("numbered")
         )
         values: dict[str, Any] = {"position": numbered.c.base + numbered.c.n}
-        if self.dispatch_wanted is not None:
+        if self._dispatch_wanted is not None:
             now = bindparam("now", type_=events.c.dispatched_at.type)
-            values["dispatched_at"] = case((self.dispatch_wanted, null()), else_=now)
+            values["dispatched_at"] = case((self._dispatch_wanted, null()), else_=now)
         return update(events).where(events.c.id == numbered.c.id).values(values)
 
 
@@ -188,8 +192,7 @@ def set_dispatch_wanted(condition: ColumnElement[bool]) -> None:
 
     The pass reads `condition` with the sequencer's lock held, so a change that must not miss
     events numbered after it (an endpoint created) takes that lock before it commits."""
-    _numbering.dispatch_wanted = condition
-    _numbering._statement = None
+    _numbering.want_dispatch_while(condition)
 
 
 async def _number_events(session: AsyncSession) -> int:

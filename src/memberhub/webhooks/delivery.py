@@ -30,12 +30,12 @@ import json
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import httpx
 import structlog
@@ -138,12 +138,28 @@ _FAN_OUT_LOCK = 7_320_114_101
 _DELIVERIES = cast(Table, WebhookDelivery.__table__)
 _ATTEMPTS = cast(Table, WebhookAttempt.__table__)
 _ENDPOINTS = cast(Table, WebhookEndpoint.__table__)
+_EVENTS = cast(Table, Event.__table__)
 
 # Events numbered while no endpoint is enabled are marked dispatched as they are numbered:
 # fan-out would find no endpoint for them and only mark them so, one row write each again.
 # (Creating an endpoint holds the sequencer until it commits; see `create_endpoint`.)
 set_dispatch_wanted(select(_ENDPOINTS.c.id).where(_ENDPOINTS.c.enabled.is_(True)).exists())
-_EVENTS = cast(Table, Event.__table__)
+
+_Statement = TypeVar("_Statement")
+
+
+def _id_in(column: ColumnElement[int], name: str, *, postgres: bool) -> ColumnElement[bool]:
+    """`column` is one of the ids bound to `name`. On PostgreSQL as one array parameter
+    (`= ANY($1)`): an `IN` list is rendered again for each length, one placeholder per id,
+    and prepared anew by the server for each length seen."""
+    if postgres:
+        return column == any_(bindparam(name, type_=ARRAY(BigInteger)))
+    return column.in_(bindparam(name, expanding=True))
+
+
+def _for_each_backend(build: Callable[[bool], _Statement]) -> dict[bool, _Statement]:
+    """A statement built once for PostgreSQL (`True`) and once for SQLite (`False`)."""
+    return {postgres: build(postgres) for postgres in (False, True)}
 
 
 @dataclass(frozen=True)
@@ -257,12 +273,7 @@ async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_
             for (endpoint_id, event), public_id in zip(pairs, public_ids, strict=True)
         ]
         await session.execute(insert(_DELIVERIES), rows)
-    await session.execute(
-        update(_EVENTS)
-        .where(_id_in(_EVENTS.c.id, "ids", postgres=postgres))
-        .values(dispatched_at=bindparam("now")),
-        {"ids": [e.id for e in events], "now": now},
-    )
+    await session.execute(_MARK_DISPATCHED[postgres], {"ids": [e.id for e in events], "now": now})
     return len(events)
 
 
@@ -304,6 +315,13 @@ def _insert_deliveries_pg() -> Insert:
 
 
 _INSERT_DELIVERIES_PG = _insert_deliveries_pg()
+_MARK_DISPATCHED = _for_each_backend(
+    lambda postgres: (
+        update(_EVENTS)
+        .where(_id_in(_EVENTS.c.id, "ids", postgres=postgres))
+        .values(dispatched_at=bindparam("now"))
+    )
+)
 
 
 async def _targets(session: AsyncSession, test_events: Sequence[Any]) -> dict[int, str]:
@@ -475,19 +493,10 @@ _HOLD_ENDPOINT = (
     .where(_ENDPOINTS.c.id == bindparam("endpoint_id"))
     .with_for_update(skip_locked=True, key_share=True)
 )
-# The claimed deliveries (`ids`) leased to `worker` under `token` until `lease_end`.
 
 
-def _id_in(column: ColumnElement[int], name: str, *, postgres: bool) -> ColumnElement[bool]:
-    """`column` is one of the ids bound to `name`. On PostgreSQL as one array parameter
-    (`= ANY($1)`): an `IN` list is rendered again for each length, one placeholder per id,
-    and prepared anew by the server for each length seen."""
-    if postgres:
-        return column == any_(bindparam(name, type_=ARRAY(BigInteger)))
-    return column.in_(bindparam(name, expanding=True))
-
-
-def _lease(*, postgres: bool) -> Update:
+def _lease(postgres: bool) -> Update:
+    """The claimed deliveries (`ids`) leased to `worker` under `token` until `lease_end`."""
     return (
         update(_DELIVERIES)
         .where(_id_in(_DELIVERIES.c.id, "ids", postgres=postgres))
@@ -499,7 +508,7 @@ def _lease(*, postgres: bool) -> Update:
     )
 
 
-_LEASE = {False: _lease(postgres=False), True: _lease(postgres=True)}
+_LEASE = _for_each_backend(_lease)
 
 
 def _claimable_all_pg() -> Select[Any]:
@@ -1554,7 +1563,7 @@ _RECORD_RESULTS = (
 )
 
 
-def _record_successes(*, postgres: bool) -> Update:
+def _record_successes(postgres: bool) -> Update:
     return (
         update(_DELIVERIES)
         .where(
@@ -1575,10 +1584,7 @@ def _record_successes(*, postgres: bool) -> Update:
     )
 
 
-_RECORD_SUCCESSES = {
-    False: _record_successes(postgres=False),
-    True: _record_successes(postgres=True),
-}
+_RECORD_SUCCESSES = _for_each_backend(_record_successes)
 _UPDATE_HEALTH = (
     update(_ENDPOINTS)
     .where(_ENDPOINTS.c.id == bindparam("b_id"))
