@@ -17,4 +17,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \
     CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
 ENTRYPOINT ["memberhub"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--no-worker"]
+# On its own (`docker run -p 8000:8000 -v memberhub-data:/var/lib/memberhub memberhub`): the
+# embedded SQLite database in the volume, migrated at start, with the embedded worker.
+# compose.yaml runs PostgreSQL, a migration, API processes and workers instead.
+CMD ["serve", "--upgrade", "--host", "0.0.0.0", "--port", "8000"]

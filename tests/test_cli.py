@@ -7,6 +7,7 @@ while the test's loop waits; the test checks the effects through the HTTP API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 from importlib.metadata import version
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from typer.testing import CliRunner, Result
 
 from memberhub.cli import app as cli_app
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
-from memberhub.kit.migrate import head
+from memberhub.kit.migrate import alembic_config, head
 from memberhub.memberships.jobs import advance_membership_statuses
 from tests.support import ApiClient
 
@@ -343,6 +345,92 @@ async def test_db_upgrade_migrates_a_fresh_sqlite_file(tmp_path: Path) -> None:
     admin = await run_cli(env, "apikey", "ensure-admin")
     assert admin.exit_code == 0, admin.output
     assert KEY_LINE.match(last_line(admin))
+
+
+def _fresh_sqlite_env(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
+    path = tmp_path / "service.db"
+    return path, {
+        "MEMBERHUB_DATABASE_URL": f"sqlite+aiosqlite:///{path}",
+        "MEMBERHUB_DATA_DIR": str(tmp_path / "data"),
+        "MEMBERHUB_LOG_LEVEL": "WARNING",
+    }
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """What `serve` would have served: uvicorn.run records its app instead of running it."""
+    apps: list[object] = []
+    monkeypatch.setattr("uvicorn.run", lambda application, **options: apps.append(application))
+    return apps
+
+
+SERVE = ("serve", "--processes", "1", "--port", "1")
+
+
+async def test_serve_and_worker_refuse_a_database_never_migrated(
+    tmp_path: Path, served: list[object]
+) -> None:
+    _, env = _fresh_sqlite_env(tmp_path)
+    for command in (SERVE, ("worker",)):
+        result = await run_cli(env, *command)
+        assert result.exit_code == 1, result.output
+        assert result.stderr.strip() == (
+            "error: the database has no schema yet: run `memberhub db upgrade` first "
+            "(or start with --upgrade)"
+        )
+    assert served == []
+    current = await run_cli(env, "db", "current")
+    assert "database: no revision (never migrated)" in current.stdout
+
+
+async def test_serve_refuses_a_database_behind_this_version(
+    tmp_path: Path, served: list[object]
+) -> None:
+    _, env = _fresh_sqlite_env(tmp_path)
+    newest = head()
+    previous = ScriptDirectory.from_config(alembic_config("sqlite://")).get_revision(newest)
+    assert previous is not None
+    assert isinstance(previous.down_revision, str)
+    migrated = await run_cli(env, "db", "upgrade", previous.down_revision)
+    assert migrated.exit_code == 0, migrated.output
+    result = await run_cli(env, *SERVE)
+    assert result.exit_code == 1, result.output
+    assert (
+        f"the database is at revision {previous.down_revision} and this version needs "
+        f"{newest}: run `memberhub db upgrade`" in result.stderr
+    )
+    assert served == []
+
+
+async def test_serve_upgrade_applies_the_migrations_then_serves(
+    tmp_path: Path, served: list[object]
+) -> None:
+    _, env = _fresh_sqlite_env(tmp_path)
+    result = await run_cli(env, *SERVE, "--upgrade")
+    assert result.exit_code == 0, result.output
+    assert "applied 0001: " in result.stdout
+    assert f"database is at {head()}" in result.stdout
+    assert len(served) == 1
+    again = await run_cli(env, *SERVE)  # at the newest now: served without a word
+    assert again.exit_code == 0, again.output
+    assert again.stderr == ""
+    assert len(served) == 2
+
+
+async def test_serve_runs_on_a_database_a_newer_version_migrated_with_a_warning(
+    tmp_path: Path, served: list[object]
+) -> None:
+    path, env = _fresh_sqlite_env(tmp_path)
+    assert (await run_cli(env, "db", "upgrade")).exit_code == 0
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("UPDATE alembic_version SET version_num = '0099'")
+    result = await run_cli(env, *SERVE)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"warning: the database is at revision 0099, newer than this version's {head()}"
+        in result.stderr
+    )
+    assert len(served) == 1
 
 
 async def test_db_upgrade_defaults_to_a_database_in_the_data_dir(tmp_path: Path) -> None:

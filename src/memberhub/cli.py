@@ -15,7 +15,7 @@ from memberhub.auth.roles import Role
 from memberhub.kit.actor import Actor
 from memberhub.kit.db import Database
 from memberhub.kit.errors import MemberhubError
-from memberhub.kit.migrate import current, head, upgrade
+from memberhub.kit.migrate import current, head, schema_state, upgrade
 from memberhub.kit.startup import long_lived
 from memberhub.ops.tracking import configure_error_tracking
 from memberhub.settings import SecretKeyMissing, Settings
@@ -80,6 +80,34 @@ def _require_secret_key(settings: Settings) -> None:
         raise typer.Exit(code=1) from exc
 
 
+def _require_schema(settings: Settings, *, upgrade_first: bool = False) -> None:
+    """Serve or work only on the schema this version ships: with `upgrade_first`, apply the
+    pending migrations (as `db upgrade` does); otherwise refuse a database that was never
+    migrated or lacks this version's migrations, naming the command that fixes it. A
+    database a newer version migrated is served with a warning (a rolling upgrade)."""
+    if upgrade_first:
+        _apply_migrations(settings)
+        return
+    state = schema_state(settings.resolved_database_url)
+    fix = "run `memberhub db upgrade` first (or start with --upgrade)"
+    if state.never_migrated:
+        typer.echo(f"error: the database has no schema yet: {fix}", err=True)
+        raise typer.Exit(code=1)
+    if state.behind:
+        typer.echo(
+            f"error: the database is at revision {', '.join(state.at)} and this version "
+            f"needs {state.newest}: {fix}",
+            err=True,
+        )
+        raise typer.Exit(code=1)
+    if state.unknown:
+        typer.echo(
+            f"warning: the database is at revision {', '.join(state.unknown)}, newer than "
+            f"this version's {state.newest}: running on it, as during a rolling upgrade",
+            err=True,
+        )
+
+
 def _run(work: Callable[[Database], Awaitable[T]], *, seal_audit: bool = False) -> T:
     """Run one unit of work against the configured database; errors exit non-zero.
 
@@ -127,8 +155,13 @@ def serve(
             help="API processes (default SERVE_PROCESSES; 0: one per CPU core, one on SQLite).",
         ),
     ] = None,
+    upgrade_first: Annotated[
+        bool,
+        typer.Option("--upgrade", help="Apply the pending migrations first, as `db upgrade` does."),
+    ] = False,
 ) -> None:
-    """Serve the API (and, unless --no-worker, the worker in one of its processes)."""
+    """Serve the API (and, unless --no-worker, the worker in one of its processes). It
+    refuses a database without this version's migrations unless --upgrade applies them."""
     import uvicorn
 
     from memberhub.kit.logging import configure_logging
@@ -137,6 +170,7 @@ def serve(
 
     settings = _settings()
     _require_secret_key(settings)
+    _require_schema(settings, upgrade_first=upgrade_first)
     count = settings.serve_processes if processes is None else processes
     if count == 0:
         # SQLite takes one writer at a time: processes would only wait on each other's locks.
@@ -181,7 +215,8 @@ def worker(
         typer.Option(help="Serve this worker's Prometheus metrics on this port (127.0.0.1)."),
     ] = None,
 ) -> None:
-    """Run the worker: scheduled jobs and webhook deliveries."""
+    """Run the worker: scheduled jobs and webhook deliveries (on a database with this
+    version's migrations)."""
     with long_lived():
         from prometheus_client import start_http_server
 
@@ -192,6 +227,7 @@ def worker(
 
     settings = _settings()
     _require_secret_key(settings)
+    _require_schema(settings)
     configure_logging(settings.log_level, json=settings.log_json)
     configure_error_tracking(settings)
     tracing = start_tracing(settings)
@@ -235,8 +271,10 @@ def worker(
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply migrations up to REVISION (default: the newest), saying which were applied."""
+    _apply_migrations(_settings(), revision)
 
-    settings = _settings()
+
+def _apply_migrations(settings: Settings, revision: str = "head") -> None:
     applied = upgrade(settings.resolved_database_url, revision)
     for applied_revision, description in applied:
         typer.echo(f"applied {applied_revision}: {description}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 from alembic import command
@@ -48,6 +49,37 @@ def head() -> str:
     """The newest revision the package ships."""
     heads = ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads()
     return ", ".join(heads)
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """Where a database's schema is against the revisions this version ships."""
+
+    at: tuple[str, ...]
+    newest: str
+    # Revisions the database is at that this version does not ship: a newer version
+    # migrated it (as during a rolling upgrade, before this process is replaced).
+    unknown: tuple[str, ...]
+
+    @property
+    def never_migrated(self) -> bool:
+        return not self.at
+
+    @property
+    def behind(self) -> bool:
+        """Migrations this version ships are not applied yet."""
+        return bool(self.at) and not self.unknown and self.newest not in self.at
+
+
+def schema_state(database_url: str) -> SchemaState:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    shipped = {revision.revision for revision in script.walk_revisions()}
+    at = tuple(current(database_url))
+    return SchemaState(
+        at=at,
+        newest=", ".join(script.get_heads()),
+        unknown=tuple(revision for revision in at if revision not in shipped),
+    )
 
 
 async def upgrade_async(database_url: str, revision: str = "head") -> None:
