@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import sqlite3
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner, Result
 
 from memberhub.cli import app as cli_app
+from memberhub.cli import main
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.kit.migrate import alembic_config, head
@@ -431,6 +434,71 @@ async def test_serve_runs_on_a_database_a_newer_version_migrated_with_a_warning(
         in result.stderr
     )
     assert len(served) == 1
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _main_exit(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *args: str
+) -> int | str | None:
+    """Run the installed command's entry point in this process; its exit code."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", ["memberhub", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code
+
+
+@pytest.mark.parametrize(
+    "command", [("db", "upgrade"), ("apikey", "list"), SERVE, ("worker",)], ids=" ".join
+)
+def test_an_unreachable_database_is_one_line_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    command: tuple[str, ...],
+) -> None:
+    port = _closed_port()
+    env = {
+        "MEMBERHUB_DATABASE_URL": f"postgresql+asyncpg://memberhub:pw-not-shown@127.0.0.1:{port}/m",
+        "MEMBERHUB_DATA_DIR": str(tmp_path / "data"),
+        "MEMBERHUB_SECRET_KEY": "k" * 40,
+    }
+    assert _main_exit(monkeypatch, env, *command) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"error: cannot use the database at postgresql+asyncpg://memberhub:***@127.0.0.1:{port}/m:"
+        f" [Errno 111] Connect call failed ('127.0.0.1', {port})"
+    ]
+
+
+def test_a_data_directory_that_cannot_be_made_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {"MEMBERHUB_DATA_DIR": str(blocker / "data")}
+    assert _main_exit(monkeypatch, env, "db", "upgrade") == 1
+    assert capsys.readouterr().err.splitlines() == [f"error: Not a directory: {blocker / 'data'}"]
+
+
+def test_a_fault_of_the_program_itself_keeps_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr("memberhub.cli.upgrade", broken)
+    monkeypatch.setenv("MEMBERHUB_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["memberhub", "db", "upgrade"])
+    with pytest.raises(ValueError, match="a bug"):
+        main()
 
 
 async def test_db_upgrade_defaults_to_a_database_in_the_data_dir(tmp_path: Path) -> None:

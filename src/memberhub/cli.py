@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
+import sqlalchemy.exc
 import typer
 
 from memberhub import __version__
@@ -62,6 +64,69 @@ app.add_typer(export_app, name="export")
 CLI_ACTOR = Actor.system("cli")
 MIN_SECRET_LENGTH = 32
 T = TypeVar("T")
+
+
+def main() -> None:
+    """The `memberhub` command. A database it cannot reach (or a file it cannot write) is
+    reported in one line, not as a traceback."""
+    try:
+        app()
+    except Exception as exc:
+        problem = _environment_problem(exc)
+        if problem is None:
+            raise
+        typer.echo(f"error: {problem}", err=True)
+        raise SystemExit(1) from None
+
+
+def _environment_problem(exc: BaseException) -> str | None:
+    """What went wrong outside the program, in a line: the database unreachable or refusing
+    the connection, or a file or directory that cannot be used; None for anything else."""
+    from asyncpg.exceptions import (
+        CannotConnectNowError,
+        InvalidAuthorizationSpecificationError,
+        InvalidCatalogNameError,
+        TooManyConnectionsError,
+    )
+
+    refused = (
+        ConnectionError,
+        TimeoutError,
+        socket.gaierror,
+        CannotConnectNowError,
+        InvalidAuthorizationSpecificationError,
+        InvalidCatalogNameError,
+        TooManyConnectionsError,
+    )
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, refused) or (
+            isinstance(cause, sqlalchemy.exc.OperationalError)
+            and "unable to open database file" in str(cause)
+        ):
+            return f"cannot use the database at {_database_shown()}: {_reason(cause)}"
+        if isinstance(cause, OSError) and cause.filename is not None:
+            return f"{cause.strerror or type(cause).__name__}: {cause.filename}"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _database_shown() -> str:
+    """The configured database's address, without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = Settings().resolved_database_url
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "MEMBERHUB_DATABASE_URL"
 
 
 def _settings() -> Settings:
