@@ -175,6 +175,70 @@ async def test_a_dry_run_then_the_import_then_a_rerun_that_changes_nothing(
     print(f"\n{ROWS} rows: dry run and import in {elapsed:.1f} s")  # noqa: T201
 
 
+def _outcomes(report: list[dict[str, Any]]) -> dict[int, tuple[str | None, str | None]]:
+    """Each row's action, and the start of its error."""
+    return {row["row_number"]: (row["action"], (row["error"] or "")[:40] or None) for row in report}
+
+
+@pytest.mark.parametrize(
+    ("match_by", "body", "expected"),
+    [
+        (
+            "email",
+            "email,first_name,opening_points\n"
+            "a@example.org,Ann,10\n"
+            "b@example.org,Bob,\n"
+            "a@example.org,Ann,10\n"  # row 1 again: nothing new, no second balance
+            "b@example.org,Bobby,\n"
+            "c@example.org,Cy,\n"
+            "b@example.org,Bobby,\n"
+            "not-an-email,Nobody,\n"
+            "a@example.org,Annie,\n",
+            ["created", "created", "unchanged", "updated", "created", "unchanged", None, "updated"],
+        ),
+        (
+            "external_id",
+            "external_id,email,first_name\n"
+            "crm:1,a@example.org,Ann\n"
+            "crm:9,z@example.org,Zed\n"
+            "crm:2,a@example.org,Other\n"  # row 1 has the email: refused
+            "crm:8,y@example.org,Yan\n"
+            "crm:2,c@example.org,Cy\n"  # row 3 wrote nothing: created
+            "crm:1,a2@example.org,Ann\n",  # row 1's member, its email changed
+            ["created", "created", None, "created", "created", "updated"],
+        ),
+    ],
+    ids=["email", "external_id"],
+)
+async def test_a_dry_run_reports_members_met_in_several_chunks_as_the_import_treats_them(
+    api: ApiClient,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    match_by: str,
+    body: str,
+    expected: list[str | None],
+) -> None:
+    monkeypatch.setattr(bulk_service, "CHUNK_ROWS", 2)  # each member's rows in other chunks
+    before = await counts(db)
+    dry = await finished(
+        api, db, (await post_import(api, body, dry_run="true", match_by=match_by))["id"]
+    )
+    dry_report = _outcomes(await rows(api, dry["id"]))
+    assert await counts(db) == before, "a dry run writes nothing"
+
+    applied = await finished(api, db, (await post_import(api, body, match_by=match_by))["id"])
+    report = _outcomes(await rows(api, applied["id"]))
+    assert [action for action, _ in report.values()] == expected
+    assert dry_report == report
+    assert {key: dry[key] for key in ("changed_rows", "unchanged_rows", "failed_rows")} == {
+        key: applied[key] for key in ("changed_rows", "unchanged_rows", "failed_rows")
+    }
+    created = expected.count("created")
+    assert (await counts(db))[0] == before[0] + created
+    if match_by == "email":
+        assert (await counts(db))[1] == before[1] + 1, "the opening balance once"
+
+
 async def test_a_changed_row_updates_only_what_differs_and_joins_the_plan(
     api: ApiClient, db: Database
 ) -> None:

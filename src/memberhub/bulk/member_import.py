@@ -15,8 +15,11 @@ and an opening points balance awarded once per member (reference `opening-balanc
 as one audited ledger operation. So running the same file again changes nothing.
 
 A dry run applies each chunk exactly so and rolls it back: the report says what would be
-created, updated or refused. (Rows of one file that meet the same member in different
-chunks are reported as two creations in a dry run; applied, the second updates the first.)
+created, updated or refused. Each of its rows keeps the member it names (normalised email,
+external id); a later chunk first replays, inside its own rolled-back trial, the earlier
+rows naming the same members (and, transitively, those naming the members those name), so
+a member met in several chunks is reported as the import would treat it: created once, then
+updated or unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from memberhub.auth.principal import Principal
 from memberhub.auth.roles import Role, Scope
 from memberhub.bulk.models import BulkJob, RowAction, RowOutcome
+from memberhub.bulk.repository import BulkRepository
 from memberhub.bulk.upload import (
     CSV_MEDIA_TYPE,
     CsvUpload,
@@ -485,6 +489,9 @@ def _record(
     error: str | None = None,
 ) -> dict[str, Any]:
     email = raw.get("email")
+    match_email, match_external = (
+        _match_keys(raw) if job.dry_run and outcome != RowOutcome.FAILED else (None, None)
+    )
     return {
         "job_id": job.id,
         "row_number": row_number,
@@ -495,7 +502,53 @@ def _record(
         "reference_id": None,
         "transaction_id": transaction_id,
         "error": error,
+        "match_email": match_email,
+        "match_external": match_external,
     }
+
+
+def _match_keys(raw: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The member a row names: its normalised email and its `SYSTEM:ID`, where given."""
+    email, external = raw.get("email"), raw.get("external_id")
+    email_key = normalize_email(email)[:320] if isinstance(email, str) and email.strip() else None
+    match = _EXTERNAL_ID.fullmatch(str(external).strip()) if external is not None else None
+    return email_key, (f"{match.group(1)}:{match.group(2)}"[:300] if match else None)
+
+
+async def _earlier_rows(
+    session: AsyncSession, job: BulkJob, rows: list[tuple[int, dict[str, Any]]]
+) -> list[tuple[int, dict[str, Any]]]:
+    """For a dry run's chunk: the rows of earlier chunks that the import would have applied
+    before it and that name the members its rows name (by email or external id, and so on
+    transitively), in file order."""
+    if not rows:
+        return []
+    before = min(number for number, _ in rows)
+    repo = BulkRepository(session)
+    keys: dict[str, set[str]] = {"match_email": set(), "match_external": set()}
+    for _, raw in rows:
+        email, external = _match_keys(raw)
+        keys["match_email"].update([email] if email else [])
+        keys["match_external"].update([external] if external else [])
+    asked: dict[str, set[str]] = {"match_email": set(), "match_external": set()}
+    found: set[int] = set()
+    while keys["match_email"] or keys["match_external"]:
+        named: list[tuple[int, str | None, str | None]] = []
+        for column, wanted in keys.items():
+            asked[column] |= wanted
+            if wanted:
+                named += await repo.rows_naming(job.id, column, wanted, before=before)
+        keys = {"match_email": set(), "match_external": set()}
+        for number, email, external in named:
+            if number in found:
+                continue
+            found.add(number)
+            if email is not None and email not in asked["match_email"]:
+                keys["match_email"].add(email)
+            if external is not None and external not in asked["match_external"]:
+                keys["match_external"].add(external)
+    numbers = sorted(found)
+    return list(zip(numbers, await repo.uploaded_rows(job.id, numbers), strict=True))
 
 
 async def apply_chunk(
@@ -517,15 +570,20 @@ async def apply_chunk(
     )
     options = ImportOptions.model_validate(job.options or {})
     finder = MemberFinder(session, principal, options)
-    await finder.preload([raw for _, raw in rows])
     organisations: dict[str, int | None] = {}
     if not job.dry_run:
+        await finder.preload([raw for _, raw in rows])
         return [
             await apply_row(session, principal, job, number, raw, finder, organisations, now)
             for number, raw in rows
         ]
+    earlier = await _earlier_rows(session, job, rows)
+    await finder.preload([raw for _, raw in earlier + rows])
     trial = await session.begin_nested()
     try:
+        # What the import would have done before this chunk to the members it names.
+        for number, raw in earlier:
+            await apply_row(session, principal, job, number, raw, finder, organisations, now)
         records = [
             await apply_row(session, principal, job, number, raw, finder, organisations, now)
             for number, raw in rows

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from memberhub.kit.clock import utcnow
@@ -87,7 +87,23 @@ class BulkJobRow(IdMixin, Base):
     """The outcome of one row."""
 
     __tablename__ = "bulk_job_rows"
-    __table_args__ = (Index("ix_bulk_job_rows_job_row", "job_id", "row_number", unique=True),)
+    __table_args__ = (
+        Index("ix_bulk_job_rows_job_row", "job_id", "row_number", unique=True),
+        Index(
+            "ix_bulk_job_rows_match_email",
+            "job_id",
+            "match_email",
+            sqlite_where=text("match_email IS NOT NULL"),
+            postgresql_where=text("match_email IS NOT NULL"),
+        ),
+        Index(
+            "ix_bulk_job_rows_match_external",
+            "job_id",
+            "match_external",
+            sqlite_where=text("match_external IS NOT NULL"),
+            postgresql_where=text("match_external IS NOT NULL"),
+        ),
+    )
 
     job_id: Mapped[int] = mapped_column(BigIntId, ForeignKey("bulk_jobs.id", ondelete="CASCADE"))
     row_number: Mapped[int] = mapped_column(Integer)
@@ -99,3 +115,7 @@ class BulkJobRow(IdMixin, Base):
     error: Mapped[str | None] = mapped_column(String(1000))
     # A member import's row: created, updated or unchanged (None when it failed).
     action: Mapped[str | None] = mapped_column(String(20))
+    # A dry run's row: the member it names, by normalised email and by `SYSTEM:ID`, so that
+    # a later chunk replays the earlier rows naming the same members (member_import.py).
+    match_email: Mapped[str | None] = mapped_column(String(320))
+    match_external: Mapped[str | None] = mapped_column(String(300))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import bisect
+import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -7,7 +9,14 @@ from typing import Any
 from sqlalchemy import Select, and_, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from memberhub.bulk.models import BulkJob, BulkJobChunk, BulkJobRow, BulkJobStatus, BulkOperation
+from memberhub.bulk.models import (
+    BulkJob,
+    BulkJobChunk,
+    BulkJobRow,
+    BulkJobStatus,
+    BulkOperation,
+    RowOutcome,
+)
 from memberhub.members.models import Member
 
 
@@ -104,6 +113,44 @@ class BulkRepository:
             )
         )
         return set(found)
+
+    async def rows_naming(
+        self, job_id: int, column: str, keys: Iterable[str], *, before: int
+    ) -> list[tuple[int, str | None, str | None]]:
+        """The job's rows before row `before`, not failed, whose `column` (`match_email` or
+        `match_external`) is one of `keys`: (row number, match_email, match_external)."""
+        found = await self.session.execute(
+            select(BulkJobRow.row_number, BulkJobRow.match_email, BulkJobRow.match_external).where(
+                BulkJobRow.job_id == job_id,
+                getattr(BulkJobRow, column).is_not(None),
+                getattr(BulkJobRow, column).in_(list(keys)),
+                BulkJobRow.row_number < before,
+                BulkJobRow.outcome != RowOutcome.FAILED,
+            )
+        )
+        return [(number, email, external) for number, email, external in found]
+
+    async def uploaded_rows(self, job_id: int, numbers: Sequence[int]) -> list[dict[str, Any]]:
+        """The uploaded rows with these numbers, in the order given, read from their
+        chunks."""
+        starts = list(
+            await self.session.scalars(
+                select(BulkJobChunk.first_row)
+                .where(BulkJobChunk.job_id == job_id)
+                .order_by(BulkJobChunk.first_row)
+            )
+        )
+        wanted = {starts[bisect.bisect_right(starts, number) - 1] for number in numbers}
+        lines: dict[int, str] = {}
+        chunks = await self.session.execute(
+            select(BulkJobChunk.first_row, BulkJobChunk.rows).where(
+                BulkJobChunk.job_id == job_id, BulkJobChunk.first_row.in_(wanted)
+            )
+        )
+        for first_row, text in chunks:
+            for number, line in enumerate(text.split("\n"), start=first_row):
+                lines[number] = line
+        return [json.loads(lines[number]) for number in numbers]
 
     async def insert_rows(self, rows: list[dict[str, Any]]) -> None:
         if rows:
