@@ -490,7 +490,7 @@ def _record(
 ) -> dict[str, Any]:
     email = raw.get("email")
     match_email, match_external = (
-        _match_keys(raw) if job.dry_run and outcome != RowOutcome.FAILED else (None, None)
+        _match_keys(raw) if job.dry_run and outcome == RowOutcome.APPLIED else (None, None)
     )
     return {
         "job_id": job.id,
@@ -519,8 +519,9 @@ async def _earlier_rows(
     session: AsyncSession, job: BulkJob, rows: list[tuple[int, dict[str, Any]]]
 ) -> list[tuple[int, dict[str, Any]]]:
     """For a dry run's chunk: the rows of earlier chunks that the import would have applied
-    before it and that name the members its rows name (by email or external id, and so on
-    transitively), in file order."""
+    before it, changing something, and that name the members its rows name (by email or
+    external id, and so on transitively), in file order. Rows that changed nothing are left
+    out: a file naming one member on every row replays one row, not all before it."""
     if not rows:
         return []
     before = min(number for number, _ in rows)

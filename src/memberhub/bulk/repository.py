@@ -117,15 +117,16 @@ class BulkRepository:
     async def rows_naming(
         self, job_id: int, column: str, keys: Iterable[str], *, before: int
     ) -> list[tuple[int, str | None, str | None]]:
-        """The job's rows before row `before`, not failed, whose `column` (`match_email` or
-        `match_external`) is one of `keys`: (row number, match_email, match_external)."""
+        """The job's rows before row `before` that changed something (unchanged and failed
+        rows changed nothing) and whose `column` (`match_email` or `match_external`) is one
+        of `keys`: (row number, match_email, match_external)."""
         found = await self.session.execute(
             select(BulkJobRow.row_number, BulkJobRow.match_email, BulkJobRow.match_external).where(
                 BulkJobRow.job_id == job_id,
                 getattr(BulkJobRow, column).is_not(None),
                 getattr(BulkJobRow, column).in_(list(keys)),
                 BulkJobRow.row_number < before,
-                BulkJobRow.outcome != RowOutcome.FAILED,
+                BulkJobRow.outcome == RowOutcome.APPLIED,
             )
         )
         return [(number, email, external) for number, email, external in found]
