@@ -12,10 +12,11 @@ import pytest
 from sqlalchemy import func, select
 
 from memberhub.events.catalog import PointsExpired
+from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
-from memberhub.points import jobs
+from memberhub.points import jobs, service
 from memberhub.points.jobs import activate_pending_points, expire_points, notify_expiring_points
 from memberhub.points.models import BatchStatus, PointAccount, PointBatch, PointTransaction, TxnType
 from memberhub.settings import Settings
@@ -95,6 +96,50 @@ async def test_two_workers_expiring_at_once_expire_each_batch_once(
     assert per_member == {m["id"]: 1 for m in members}
     for member in members:
         assert (await summary(api, member["id"]))["lifetime_expired"] == 33
+    await check_ledger(db)
+
+
+async def test_points_past_their_expiry_are_never_spent_before_the_job_runs(
+    api: ApiClient, db: Database
+) -> None:
+    member = await api.create_member()
+    await award(api, member["id"], 30, expires_at=days(5))
+    await award(api, member["id"], 20)
+    later = utcnow() + timedelta(days=6)  # the batch of 30 is due; the job has not run
+
+    async def redeem(points: int) -> service.LedgerResult:
+        async with db.transaction() as session:
+            found = await session.scalar(select(Member).where(Member.public_id == member["id"]))
+            assert found is not None
+            return await service.spend_points(
+                session,
+                Actor.system("test"),
+                found,
+                TxnType.REDEEM,
+                points=points,
+                reason=None,
+                reference_id=None,
+                now=later,
+            )
+
+    with pytest.raises(service.InsufficientPoints) as refused:
+        await redeem(25)
+    assert refused.value.details == {"balance": 20, "requested": 25}
+    assert await count_transactions(db, "expire") == 0, "a refused spend writes nothing"
+
+    result = await redeem(15)
+    assert result.allocations is not None
+    assert [points for _, points in result.allocations] == [15], "only the unexpired batch"
+    points = await summary(api, member["id"])
+    assert (points["current_balance"], points["lifetime_expired"]) == (5, 30)
+    (event,) = await event_types(api, "points.expired")
+    assert (event["data"]["points"], event["data"]["balance_after"]) == (30, 20)
+    async with db.transaction(read_only=True) as session:
+        kinds = list(
+            await session.scalars(select(PointTransaction.type).order_by(PointTransaction.id))
+        )
+    assert kinds == ["award", "award", "expire", "redeem"], "the expiry comes before the spend"
+    assert await expire_points(db, later) == 0, "nothing left for the job"
     await check_ledger(db)
 
 

@@ -56,6 +56,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from memberhub.events.catalog import PointsExpired
 from memberhub.events.models import Event
 from memberhub.events.sequencer import mark_for_sequencing
+from memberhub.kit.actor import Actor
 from memberhub.kit.db import UTCDateTime
 from memberhub.kit.ids import new_public_ids
 from memberhub.members.models import Member
@@ -75,6 +76,8 @@ MEMBERS = cast(Table, Member.__table__)
 EVENTS = cast(Table, Event.__table__)
 
 REASON = "Points expired"
+# Who expires points, in the job and before a spend alike.
+SCHEDULER = Actor.system("system:scheduler")
 
 
 @dataclass(frozen=True)
@@ -461,4 +464,26 @@ async def expire_chunk(
         done = await _expire_on_sqlite_chunk(session, after_member_id, limit, now, actor_id)
     if done is not None and done.members:
         mark_for_sequencing(session)
+    return done
+
+
+_ONE_DUE = (
+    select(BATCHES.c.id).where(BATCHES.c.member_id == bindparam("member_id"), *_due(_NOW)).limit(1)
+)
+
+
+async def expire_member(
+    session: AsyncSession, member_id: int, *, now: datetime, actor_id: str
+) -> ChunkExpired | None:
+    """Expire one member's batches whose expiry has passed, in the caller's transaction,
+    which holds the member's account: what the next expiry run would do for the member,
+    done before points are taken so that none is spent after it expired. None when none of
+    the member's batches is due (one indexed lookup)."""
+    if await session.scalar(_ONE_DUE, {"member_id": member_id, "now": now}) is None:
+        return None
+    # The member has due batches, so the chunk that starts just before it is the member.
+    done = await expire_chunk(
+        session, after_member_id=member_id - 1, limit=1, now=now, actor_id=actor_id
+    )
+    assert done is None or done.last_member_id == member_id
     return done

@@ -19,7 +19,6 @@ from memberhub.alerts.models import AlertType
 from memberhub.audit.service import record_write
 from memberhub.events.catalog import PointsEarned, PointsExpiring
 from memberhub.events.service import emit
-from memberhub.kit.actor import Actor
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
 from memberhub.points import expiry, service
@@ -28,7 +27,7 @@ from memberhub.points.repository import PointsRepository
 from memberhub.program import service as program_service
 from memberhub.tiers import service as tiers
 
-SCHEDULER = Actor.system("system:scheduler")
+SCHEDULER = expiry.SCHEDULER
 # Members per chunk, one transaction each. On PostgreSQL a chunk locks only its members'
 # accounts, so their own writes wait for at most one small chunk.
 CHUNK_MEMBERS = 1000

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.alerts import service as alerts
 from memberhub.alerts.models import AlertType
-from memberhub.audit.service import audit_row, record_change_now
+from memberhub.audit.service import audit_row, record_change_now, record_write
 from memberhub.auth.principal import Principal
 from memberhub.events.catalog import (
     PointsAdjusted,
@@ -40,6 +40,7 @@ from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
 from memberhub.members.service import get_member, visible_member
+from memberhub.points import expiry
 from memberhub.points.models import (
     BatchSource,
     BatchStatus,
@@ -155,6 +156,29 @@ async def _open(
         return account, None
     replay = await find_replay(session, txn_type, reference_id, member=member, points=points)
     return await PointsRepository(session).lock_account(member.id), replay
+
+
+async def _expire_due(
+    session: AsyncSession, member: Member, account: PointAccount, now: datetime
+) -> None:
+    """Before points are taken from the member's balance: expire its batches whose expiry
+    has passed and that the expiry job has not reached yet, as the job would (transaction,
+    event and audit entry), so that an expired point is never spent or taken back."""
+    done = await expiry.expire_member(
+        session, account.member_id, now=now, actor_id=expiry.SCHEDULER.id
+    )
+    if done is None or not done.members:
+        return
+    record_write(
+        session,
+        expiry.SCHEDULER,
+        action="points.expire",
+        object_type="member",
+        object_id=member.public_id,
+        changes={"batches": done.batches, "points": done.points, "before": "a spend"},
+    )
+    # The statements changed the account's row: read it again.
+    await session.refresh(account)
 
 
 async def member_and_account(
@@ -936,6 +960,7 @@ async def spend_points(
     account, replay = await _open(session, txn_type, reference_id, member, points=points)
     if replay is not None:
         return LedgerResult(replay, account, replayed=True)
+    await _expire_due(session, member, account, now)
     taken = await _spend(session, account, points)
     txn = record_transaction(
         session,
@@ -1046,6 +1071,7 @@ async def reverse_earn(
     repo = PointsRepository(session)
     if replay is not None:
         return LedgerResult(replay, account, replayed=True)
+    await _expire_due(session, member, account, now)
     batch = await repo.batch_for_transaction(earn.id)
     reversible = (
         0
@@ -1361,6 +1387,7 @@ async def transfer_points(
             LedgerResult(replay, out_account, replayed=True),
             LedgerResult(incoming, in_account, replayed=True),
         )
+    await _expire_due(session, source, out_account, now)
     taken = await _spend(session, out_account, points)
     out_txn = record_transaction(
         session,
