@@ -60,6 +60,27 @@ async def test_unknown_query_parameters_are_refused(api: ApiClient) -> None:
     assert (await api.get("/api/v1/members", params={"limit": 5})).status_code == 200
 
 
+async def test_a_one_value_filter_given_twice_is_refused_and_a_list_filter_is_not(
+    api: ApiClient,
+) -> None:
+    member = await api.create_member()
+    award = {"member_id": member["id"], "points": 10, "reason": "r"}
+    assert (await api.post("/api/v1/points/award", award)).status_code == 201
+    for path, params in (
+        ("/api/v1/members", [("status", "active"), ("status", "pending")]),
+        (f"/api/v1/members/{member['id']}/points/batches", [("status", "active")] * 2),
+    ):
+        response = await api.get(path, params=params)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "VALIDATION_ERROR"
+        assert error["details"] == {"repeated": ["status"]}
+        assert "given more than once: status" in error["message"]
+    both = await api.get("/api/v1/points/transactions", params={"type": ["award", "redeem"]})
+    assert both.status_code == 200, both.text
+    assert [txn["type"] for txn in both.json()["data"]] == ["award"]
+
+
 async def test_members_are_found_by_external_id(api: ApiClient) -> None:
     ana = await api.create_member(external_ids={"crm": "42", "erp": "A-1"})
     await api.create_member(external_ids={"crm": "43"})

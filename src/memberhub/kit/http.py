@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import time
+import types
+import typing
 import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -210,6 +212,28 @@ def _query_names(dependant: Dependant) -> frozenset[str]:
     return frozenset(names)
 
 
+def _repeatable(annotation: Any) -> bool:
+    """A query parameter given as a list, set or tuple (under Optional or Annotated)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _repeatable(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_repeatable(arg) for arg in typing.get_args(annotation))
+    return origin in (list, set, frozenset, tuple) or annotation in (list, set, frozenset, tuple)
+
+
+def _single_query_names(dependant: Dependant) -> frozenset[str]:
+    """The query parameters that take one value."""
+    names = {
+        param.alias
+        for param in dependant.query_params
+        if not _repeatable(param.field_info.annotation)
+    }
+    for dependency in dependant.dependencies:
+        names |= _single_query_names(dependency)
+    return frozenset(names)
+
+
 def _authenticates_first(dependant: Dependant) -> bool:
     return any(
         getattr(dependency.call, "authenticates_first", False) or _authenticates_first(dependency)
@@ -228,6 +252,7 @@ class CheckedRoute(APIRoute):
         super().__init__(*args, **kwargs)
         self.authenticates_first = _authenticates_first(self.dependant)
         self.query_names = _query_names(self.dependant)
+        self.single_query_names = _single_query_names(self.dependant)
         self.body_limit_setting = getattr(self.endpoint, "body_limit_setting", "max_body_bytes")
 
     @property
@@ -261,6 +286,17 @@ class CheckedRoute(APIRoute):
             raise ValidationFailed(
                 f"Unknown query parameters: {', '.join(unknown[:10])}.",
                 details={"unknown": unknown[:10], "known": sorted(self.query_names)},
+            )
+        given = [name for name, _ in request.query_params.multi_items()]
+        repeated = sorted(
+            {name for name in given if given.count(name) > 1} & self.single_query_names
+        )
+        if repeated:
+            # Nor may a second value of a one-value filter quietly replace the first.
+            raise ValidationFailed(
+                f"Query parameters given more than once: {', '.join(repeated[:10])}; "
+                "each takes one value.",
+                details={"repeated": repeated[:10]},
             )
         if request.method not in SAFE_METHODS:
             # Received whole before any transaction: a slow upload holds no write slot.
