@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Body, Depends, Query
 
 from memberhub.approvals import service
 from memberhub.approvals.models import ApprovalStatus
@@ -47,17 +47,27 @@ async def get_approval(
 
 @router.post("/{approval_id}/approve")
 async def approve(
-    approval_id: IdPath, payload: Decision, session: DbSession, principal: ApprovalsDecider
+    approval_id: IdPath,
+    session: DbSession,
+    principal: ApprovalsDecider,
+    payload: Annotated[Decision | None, Body()] = None,
 ) -> ApprovalOut:
-    """Apply the held operation (409 INSUFFICIENT_POINTS leaves it pending)."""
-    approval = await service.approve(session, principal, approval_id, payload.note)
+    """Apply the held operation (409 INSUFFICIENT_POINTS leaves it pending); the body, with
+    its `note`, is optional."""
+    note = payload.note if payload is not None else None
+    approval = await service.approve(session, principal, approval_id, note)
     return await service.to_out(session, approval)
 
 
 @router.post("/{approval_id}/reject")
 async def reject(
-    approval_id: IdPath, payload: Decision, session: DbSession, principal: ApprovalsDecider
+    approval_id: IdPath,
+    session: DbSession,
+    principal: ApprovalsDecider,
+    payload: Annotated[Decision | None, Body()] = None,
 ) -> ApprovalOut:
-    """Reject a pending request: nothing is applied; emits the decision."""
-    approval = await service.reject(session, principal, approval_id, payload.note)
+    """Reject a pending request: nothing is applied; emits the decision. The body, with its
+    `note`, is optional."""
+    note = payload.note if payload is not None else None
+    approval = await service.reject(session, principal, approval_id, note)
     return await service.to_out(session, approval)
