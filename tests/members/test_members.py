@@ -459,6 +459,9 @@ async def test_a_malformed_if_match_is_412_not_an_error(api: ApiClient, header: 
         headers={b"Authorization": f"Bearer {api.key}".encode(), b"If-Match": header},
     )
     assert response.status_code == 412, response.text
+    assert response.json()["error"]["message"].startswith(
+        'If-Match names no version of the member: send its ETag as given, such as "1"'
+    )
 
 
 async def test_a_stale_if_match_is_412_and_changes_nothing(api: ApiClient) -> None:

@@ -368,7 +368,12 @@ async def update_member(
     member = await get_member(session, principal, public_id, for_update=True)
     if if_match is not None and member.version not in if_match:
         raise PreconditionFailed(
-            "The member was changed since the version given in If-Match.",
+            "The member was changed since the version given in If-Match."
+            if if_match
+            # Malformed, weak or not a version: nothing to compare, and the member may well
+            # not have changed; say what would match.
+            else "If-Match names no version of the member: send its ETag as given, such as "
+            f'"{member.version}" with the quotes (weak tags, W/"…", never match).',
             details={"current_version": member.version, "if_match": sorted(if_match)[:10]},
         )
     before = snapshot(member)
