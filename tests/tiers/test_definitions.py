@@ -225,6 +225,24 @@ async def test_a_tier_a_member_holds_is_deactivated_not_deleted(api: ApiClient) 
     assert deactivated.json()["active"] is False
 
 
+async def test_a_tier_a_reward_is_limited_to_is_not_deleted(api: ApiClient) -> None:
+    tier = await create_tier(api, code="GOLD")
+    reward = {"code": "LOUNGE", "name": "Lounge pass", "points_cost": 100, "tier_codes": ["GOLD"]}
+    created = await api.post("/api/v1/rewards", reward)
+    assert created.status_code == 201, created.text
+
+    refused = await api.delete(f"{TIERS}/{tier['id']}")
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "TIER_IN_USE"
+    assert error["details"] == {"code": "GOLD", "rewards": ["LOUNGE"]}
+    assert (await api.get(f"{TIERS}/{tier['id']}")).status_code == 200
+
+    freed = await api.patch(f"/api/v1/rewards/{created.json()['id']}", {"tier_codes": []})
+    assert freed.status_code == 200, freed.text
+    assert (await api.delete(f"{TIERS}/{tier['id']}")).status_code == 204
+
+
 async def test_every_write_is_audited(api: ApiClient) -> None:
     tier = await create_tier(api, code="GOLD")
     await api.patch(f"{TIERS}/{tier['id']}", {"threshold": 999})

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from memberhub.kit.cache import detached
 from memberhub.members.models import Member
 from memberhub.points.models import PointAccount, PointTransaction, TxnType
+from memberhub.rewards.models import Reward
 from memberhub.tiers.models import Tier
 
 # Transactions whose `points` made earned points spendable: earns and awards credited at
@@ -69,6 +70,18 @@ class TierRepository:
             .limit(1)
         )
         return held is not None
+
+    async def rewards_limited_to(self, code: str) -> list[str]:
+        """The codes of the rewards whose `tier_codes` name the tier (a short catalogue,
+        read whole: the codes are kept as JSON)."""
+        rewards = await self.session.execute(
+            select(Reward.code, Reward.tier_codes).order_by(Reward.code)
+        )
+        return [
+            reward_code
+            for reward_code, tier_codes in rewards
+            if code in (tier_codes or {}).get("codes", [])
+        ]
 
     # ------------------------------------------------------------ members' standing
 

@@ -445,11 +445,22 @@ async def delete_tier(session: AsyncSession, principal: Principal, public_id: st
     """Delete a tier nobody holds; a tier members hold is deactivated instead."""
     _require_installation_key(principal)
     tier = await get_tier(session, public_id)
-    if await TierRepository(session).is_held(tier.code):
+    repo = TierRepository(session)
+    if await repo.is_held(tier.code):
         raise Conflict(
             f"Members hold tier '{tier.code}' (or have it as a floor); deactivate it instead.",
             code="TIER_IN_USE",
             details={"code": tier.code},
+        )
+    rewards = await repo.rewards_limited_to(tier.code)
+    if rewards:
+        # Deleted, it would leave those rewards claimable by nobody, without a word.
+        raise Conflict(
+            f"Rewards limited to tier '{tier.code}' would be left claimable by nobody "
+            f"({', '.join(rewards[:10])}): change their tier_codes first, or deactivate "
+            "the tier.",
+            code="TIER_IN_USE",
+            details={"code": tier.code, "rewards": rewards[:100]},
         )
     before = _snapshot(tier)
     await session.delete(tier)
