@@ -99,6 +99,26 @@ async def test_same_key_with_a_different_body_is_422_idempotency_key_reused(
     assert await count_rows(db, Event) == 1
 
 
+async def test_the_same_json_written_otherwise_is_the_same_request(
+    db: Database, api: ApiClient
+) -> None:
+    first = b'{"email": "ada@example.com", "first_name": "Ada"}'
+    again = b'{\n  "first_name":"Ada",\n  "email":"ada@example.com"\n}'
+    changed = b'{"first_name": "Ada", "email": "bea@example.com"}'
+    headers = {"Authorization": f"Bearer {api.key}", "Content-Type": "application/json"}
+    headers |= keyed("reordered")
+    created = await api.http.post(MEMBERS, content=first, headers=headers)
+    assert created.status_code == 201, created.text
+    replayed = await api.http.post(MEMBERS, content=again, headers=headers)
+    assert replayed.status_code == 201, replayed.text
+    assert replayed.headers["Idempotent-Replayed"] == "true"
+    assert replayed.json() == created.json()
+    refused = await api.http.post(MEMBERS, content=changed, headers=headers)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert await count_rows(db, Member) == 1
+
+
 async def test_same_key_on_a_different_endpoint_is_422_idempotency_key_reused(
     api: ApiClient,
 ) -> None:

@@ -90,11 +90,17 @@ async def _check_idempotency(
             details={"header": "Idempotency-Key"},
         )
     body = await received_body(request)
-    fingerprint = idempotency.fingerprint(request.method, request.url.path, request.url.query, body)
+    method, path, query = request.method, request.url.path, request.url.query
+    content = idempotency.canonical_body(body, request.headers.get("content-type"))
+    fingerprint = idempotency.fingerprint(method, path, query, content)
     await idempotency.lock(session, principal.key_id, key)
     record = await idempotency.find(session, principal.key_id, key)
     if record is not None:
-        if record.request_fingerprint != fingerprint:
+        # Also as the bytes: a response stored before JSON bodies were compared by content.
+        if record.request_fingerprint != fingerprint and (
+            content is body
+            or record.request_fingerprint != idempotency.fingerprint(method, path, query, body)
+        ):
             raise IdempotencyKeyReused()
         replayed = idempotency.replay(record, request.app.state.secret_box)
         replayed.headers.update(quota_headers)

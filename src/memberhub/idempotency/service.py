@@ -40,6 +40,22 @@ class IdempotentReplay(Exception):
         self.response = response
 
 
+def canonical_body(body: bytes | IO[bytes], content_type: str | None) -> bytes | IO[bytes]:
+    """A JSON body as its content (keys sorted, no spacing), so that a client that writes the
+    same request again with its fields in another order or spaced otherwise is the same
+    request; any other body (or JSON that does not parse) as its bytes."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if not isinstance(body, bytes) or not (
+        media_type == "application/json" or media_type.endswith("+json")
+    ):
+        return body
+    try:
+        content = json.loads(body)
+    except ValueError:
+        return body
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def fingerprint(method: str, path: str, query: str, body: bytes | IO[bytes]) -> str:
     """One digest of the request; a body in a file (an upload) is read a block at a time
     and gives the digest its bytes would."""
