@@ -100,3 +100,51 @@ async def test_erased_members_do_not_keep_an_organisation_alive(api: ApiClient) 
     member = await api.create_member(organisation_id=org["id"])
     assert (await api.delete(f"/api/v1/members/{member['id']}")).status_code == 204
     assert (await api.delete(f"/api/v1/organisations/{org['id']}")).status_code == 204
+
+
+async def test_a_client_gone_before_its_body_arrived_is_a_499_not_a_server_error(
+    app: Any, db: Any, admin_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+
+    class Recorder:
+        def __getattr__(self, _level: str) -> Any:
+            return lambda event, **_fields: events.append(event)
+
+    monkeypatch.setattr("memberhub.kit.http.log", Recorder())
+    sent: list[dict[str, Any]] = []
+    parts = [
+        {"type": "http.request", "body": b'{"email": "gone@ex', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/v1/members",
+        "raw_path": b"/api/v1/members",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", f"Bearer {admin_key}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"40"),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    await app(scope, receive, send)  # no exception comes out of the app
+    assert sent[0]["type"] == "http.response.start"
+    assert sent[0]["status"] == 499
+    assert "client_disconnected" in events
+    assert "unhandled_error" not in events

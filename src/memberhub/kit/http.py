@@ -23,6 +23,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalErr
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,6 +32,8 @@ from memberhub.kit.errors import MemberhubError, ValidationFailed
 from memberhub.ops.tracking import capture_exception
 
 log = structlog.get_logger("memberhub.http")
+# The status of a request whose client left before it was read.
+CLIENT_CLOSED_REQUEST = 499
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -471,6 +474,14 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         log.error("database_error", error_type=type(exc.orig).__name__, sqlstate=sqlstate)
         return _internal_error(request)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_request: Request, _exc: ClientDisconnect) -> Response:
+        # The client went away (or sent less body than it announced) before the request
+        # was read: nothing failed here, and nobody is left to answer. Logged and counted as
+        # 499, as proxies do, not as a server error.
+        log.info("client_disconnected")
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(StaleDataError)
     async def _stale(_request: Request, _exc: StaleDataError) -> Response:
