@@ -113,7 +113,7 @@ async def test_a_client_gone_before_its_body_arrived_is_a_499_not_a_server_error
 
     monkeypatch.setattr("memberhub.kit.http.log", Recorder())
     sent: list[dict[str, Any]] = []
-    parts = [
+    parts: list[dict[str, Any]] = [
         {"type": "http.request", "body": b'{"email": "gone@ex', "more_body": True},
         {"type": "http.disconnect"},
     ]

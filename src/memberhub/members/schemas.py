@@ -1,15 +1,36 @@
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from memberhub.kit.types import Input, ISODate, LongText, Name
 
 ExternalSystem = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
 ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
 CustomKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+
+
+def _born(value: date) -> date:
+    """A date of birth that can be one: not after today (anywhere on Earth: a day's grace on
+    UTC) and not before 1900."""
+    if value > datetime.now(UTC).date() + timedelta(days=1):
+        raise ValueError("a date of birth cannot be in the future")
+    if value < date(1900, 1, 1):
+        raise ValueError("a date of birth cannot be before 1900-01-01")
+    return value
+
+
+BirthDate = Annotated[ISODate, AfterValidator(_born)]
 CustomValue = LongText | bool | int | None
 Phone = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^\+?[0-9 ()./-]{3,39}$")]
 
@@ -87,7 +108,7 @@ class MemberCreate(Input):
     first_name: Name | None = None
     last_name: Name | None = None
     phone: Phone | None = None
-    date_of_birth: ISODate | None = None
+    date_of_birth: BirthDate | None = None
     organisation_id: OrganisationRef | None = Field(
         default=None, description="Defaults to the API key's organisation, if it has one."
     )
@@ -111,7 +132,7 @@ class MemberPatch(Input):
     first_name: Name | None = None
     last_name: Name | None = None
     phone: Phone | None = None
-    date_of_birth: ISODate | None = None
+    date_of_birth: BirthDate | None = None
     organisation_id: OrganisationRef | None = Field(
         default=None, description="Move the member; null detaches it (unbound keys only)."
     )
