@@ -92,3 +92,23 @@ async def test_members_are_found_by_external_id(api: ApiClient) -> None:
     by_colon = await api.get("/api/v1/members", params={"external_id": "web:a:b"})
     assert [m["id"] for m in by_colon.json()["data"]] == [colon["id"]]
     assert (await api.get("/api/v1/members", params={"external_id": "crm"})).status_code == 422
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"email": "a@example.com', b'{"email": "\xff\xfe@example.com"}', b"[" * 100_000],
+    ids=["truncated", "not-utf-8", "nested-too-deep"],
+)
+async def test_a_body_that_is_not_readable_json_is_one_422_shape(
+    api: ApiClient, body: bytes
+) -> None:
+    response = await api.http.post(
+        "/api/v1/members",
+        content=body,
+        headers={"Authorization": f"Bearer {api.key}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "VALIDATION_ERROR"
+    [field] = error["details"]["fields"]
+    assert (field["loc"][0], field["type"]) == ("body", "json_invalid")

@@ -385,6 +385,10 @@ _STATUS_CODES = {
 }
 
 
+# What FastAPI answers (400) for a body its JSON decoder raised on outright.
+_UNPARSABLE_BODY = "There was an error parsing the body"
+
+
 def validation_fields(exc: RequestValidationError) -> list[dict[str, Any]]:
     fields = []
     for error in exc.errors():
@@ -432,6 +436,24 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
+            # A body JSON cannot read at all (not UTF-8, nested too deep): the same 422 as
+            # a body that is not JSON, naming the body.
+            return error_response(
+                422,
+                "VALIDATION_ERROR",
+                "The request is not valid.",
+                {
+                    "fields": [
+                        {
+                            "loc": ["body"],
+                            "message": "The body is not JSON that can be read: it must be "
+                            "UTF-8 and nest objects and arrays at most a few hundred deep.",
+                            "type": "json_invalid",
+                        }
+                    ]
+                },
+            )
         code = _STATUS_CODES.get(exc.status_code, "ERROR")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ").lower()
         headers = dict(exc.headers or {})
