@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import socket
 import sqlite3
+import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -27,8 +29,10 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.kit.migrate import alembic_config, head
 from memberhub.memberships.jobs import advance_membership_statuses
+from memberhub.settings import Settings
 from tests.support import ApiClient
 
+MAIN = "from memberhub.cli import main; main()"
 KEY_LINE = re.compile(r"^mh_[0-9A-Za-z]{44}$")
 KEY_ANYWHERE = re.compile(r"mh_[0-9A-Za-z]{20,}")
 
@@ -173,6 +177,36 @@ async def test_apikey_revoke_makes_the_key_fail_with_401(
     response = await client.get("/api/v1/members")
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "API_KEY_REVOKED"
+
+
+async def test_a_key_revoked_by_the_command_in_another_process_fails_at_once(
+    cli_env: dict[str, str | None], http: httpx.AsyncClient, settings: Settings
+) -> None:
+    cli_env = {**cli_env, "MEMBERHUB_DATA_DIR": str(settings.data_dir)}  # the app's, as serve's
+    key_id, secret = await create_key(cli_env, "--name", "temp", "--role", "manager")
+    client = ApiClient(http, secret)
+    assert (await client.get("/api/v1/members")).status_code == 200  # cached by the app
+
+    environment = {**os.environ, **{k: v for k, v in cli_env.items() if v is not None}}
+    revoked = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-c",
+            "from memberhub.cli import main; main()",
+            "apikey",
+            "revoke",
+            key_id,
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert revoked.returncode == 0, revoked.stderr
+
+    response = await client.get("/api/v1/members")  # well within the cache's 5 s
+    assert response.status_code == 401, response.text
 
 
 async def test_apikey_revoke_of_an_unknown_or_revoked_key_fails_cleanly(

@@ -35,7 +35,7 @@ from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.routes import outbound as integrations_outbound_router
 from memberhub.integrations.routes import public as integrations_public_router
 from memberhub.integrations.routes import router as integrations_router
-from memberhub.kit.cache import ProcessCache
+from memberhub.kit.cache import STAMP_FILE, ProcessCache
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
 from memberhub.kit.http import RequestContextMiddleware, install_error_handlers, name_operations
@@ -72,7 +72,6 @@ from memberhub.worker.election import run_when_elected
 from memberhub.worker.runner import Worker
 
 CALL_LOG_DRAIN_SECONDS = 2.0
-CACHE_STAMP_FILE = "cache.stamp"
 log = structlog.get_logger("memberhub.app")
 
 
@@ -110,7 +109,7 @@ def create_app(
         )
     elif (shared_key := database_key(db)) is None or shared_key.seal != chain_key.seal:
         raise ValueError("`db` must be opened with the audit chain key of `settings`")
-    ProcessCache.configure(settings.cache_ttl_seconds, settings.data_dir / CACHE_STAMP_FILE)
+    ProcessCache.configure(settings.cache_ttl_seconds, settings.data_dir / STAMP_FILE)
     tracing = start_tracing(settings)
     if tracing is not None:
         tracing.trace_database(db)

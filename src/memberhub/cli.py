@@ -15,6 +15,7 @@ import typer
 from memberhub import __version__
 from memberhub.auth.roles import Role
 from memberhub.kit.actor import Actor
+from memberhub.kit.cache import STAMP_FILE, ProcessCache
 from memberhub.kit.db import Database
 from memberhub.kit.errors import MemberhubError
 from memberhub.kit.migrate import current, head, schema_state, upgrade
@@ -189,12 +190,19 @@ def _run(work: Callable[[Database], Awaitable[T]], *, seal_audit: bool = False) 
         _require_secret_key(settings)
         session_info = chain_session_info(ChainKey(settings.resolved_secret_key))
 
+    ProcessCache.configure(settings.cache_ttl_seconds, settings.data_dir / STAMP_FILE)
+
     async def main() -> T:
         db = Database(settings.resolved_database_url, pool_size=2, session_info=session_info)
         try:
-            return await work(db)
+            done = await work(db)
         finally:
             await db.dispose()
+        # What the command changed (a key revoked, a program setting) may sit in the caches
+        # of the processes of a `serve` sharing DATA_DIR, whatever this process caches
+        # itself: moving the stamp makes them read it again at once.
+        ProcessCache.touch_stamp()
+        return done
 
     try:
         return asyncio.run(main())

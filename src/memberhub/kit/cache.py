@@ -31,6 +31,8 @@ V = TypeVar("V")
 M = TypeVar("M")
 
 _TOUCHED = "memberhub.caches_touched"
+# In DATA_DIR: moved by a process that changed a watched model, for the others to see.
+STAMP_FILE = "cache.stamp"
 DEFAULT_TTL_SECONDS = 5.0
 
 
