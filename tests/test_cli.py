@@ -408,12 +408,11 @@ async def test_serve_and_worker_refuse_a_database_never_migrated(
     tmp_path: Path, served: list[object]
 ) -> None:
     _, env = _fresh_sqlite_env(tmp_path)
-    for command in (SERVE, ("worker",)):
+    for command, hint in ((SERVE, " (or start with --upgrade)"), (("worker",), "")):
         result = await run_cli(env, *command)
         assert result.exit_code == 1, result.output
         assert result.stderr.strip() == (
-            "error: the database has no schema yet: run `memberhub db upgrade` first "
-            "(or start with --upgrade)"
+            f"error: the database has no schema yet: run `memberhub db upgrade` first{hint}"
         )
     assert served == []
     current = await run_cli(env, "db", "current")
@@ -520,6 +519,82 @@ def test_a_data_directory_that_cannot_be_made_is_one_line(
     env = {"MEMBERHUB_DATA_DIR": str(blocker / "data")}
     assert _main_exit(monkeypatch, env, "db", "upgrade") == 1
     assert capsys.readouterr().err.splitlines() == [f"error: Not a directory: {blocker / 'data'}"]
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "line"),
+    [
+        (
+            {"MEMBERHUB_RATE_LIMIT": "0/minute"},
+            ("db", "current"),
+            "error: MEMBERHUB_RATE_LIMIT: Value error, ",
+        ),
+        (
+            {"MEMBERHUB_DATABASE_URL": "mysql://root@127.0.0.1/m"},
+            ("db", "current"),
+            "error: MEMBERHUB_DATABASE_URL: Value error, the scheme 'mysql' is not one",
+        ),
+        ({}, ("apikey", "list"), "error: the database at sqlite+aiosqlite:///"),
+        ({}, ("db", "upgrade", "9999"), "error: Can't locate revision identified by '9999'"),
+        (
+            {"MEMBERHUB_ENV": "production", "MEMBERHUB_SECRET_KEY": "short"},
+            ("worker",),
+            "error: ENV=production: the secret key must be at least 32 characters (it has 5)",
+        ),
+    ],
+    ids=["bad-setting", "other-driver", "no-schema", "unknown-revision", "short-key"],
+)
+def test_a_mistake_of_the_operator_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    env: dict[str, str],
+    args: tuple[str, ...],
+    line: str,
+) -> None:
+    env = {
+        "MEMBERHUB_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'never-migrated.db'}",
+        "MEMBERHUB_DATA_DIR": str(tmp_path / "data"),
+        **env,
+    }
+    assert _main_exit(monkeypatch, env, *args) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(line), err
+
+
+def test_a_plain_postgresql_url_means_the_async_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMBERHUB_DATABASE_URL", "postgresql://u@db.example/m")
+    assert Settings().resolved_database_url == "postgresql+asyncpg://u@db.example/m"
+    monkeypatch.setenv("MEMBERHUB_DATABASE_URL", "postgres://u@db.example/m")
+    assert Settings().resolved_database_url == "postgresql+asyncpg://u@db.example/m"
+
+
+async def test_a_database_a_newer_version_migrated_is_left_as_it_is(
+    tmp_path: Path, served: list[object]
+) -> None:
+    path, env = _fresh_sqlite_env(tmp_path)
+    assert (await run_cli(env, "db", "upgrade")).exit_code == 0
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("UPDATE alembic_version SET version_num = '0099'")
+    upgraded = await run_cli(env, "db", "upgrade")
+    assert upgraded.exit_code == 0, upgraded.output
+    assert "nothing to apply: the database is at revision 0099, newer than" in upgraded.stdout
+    current = await run_cli(env, "db", "current")
+    assert "(the database is newer: a later version migrated it)" in current.stdout
+    started = await run_cli(env, *SERVE, "--upgrade")  # as the image starts
+    assert started.exit_code == 0, started.output
+    assert len(served) == 1
+
+
+async def test_the_worker_names_only_the_command_it_has(tmp_path: Path) -> None:
+    _, env = _fresh_sqlite_env(tmp_path)
+    result = await run_cli(env, "worker")
+    assert result.exit_code == 1
+    assert "--upgrade" not in result.stderr
+    refused = await run_cli(env, "serve", "--port", "80000")
+    assert refused.exit_code == 2
+    assert "less than or equal to 65535" in refused.output
 
 
 def test_a_fault_of_the_program_itself_keeps_its_traceback(

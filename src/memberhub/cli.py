@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -21,7 +22,7 @@ from memberhub.kit.errors import MemberhubError
 from memberhub.kit.migrate import current, head, schema_state, upgrade
 from memberhub.kit.startup import long_lived
 from memberhub.ops.tracking import configure_error_tracking
-from memberhub.settings import SecretKeyMissing, Settings
+from memberhub.settings import Environment, SecretKeyMissing, Settings
 
 if TYPE_CHECKING:
     from memberhub.audit.chain import ChainHead
@@ -68,8 +69,9 @@ T = TypeVar("T")
 
 
 def main() -> None:
-    """The `memberhub` command. A database it cannot reach (or a file it cannot write) is
-    reported in one line, not as a traceback."""
+    """The `memberhub` command. What goes wrong outside the program (a database it cannot
+    reach or that has no schema, a setting it refuses, a port taken) is reported in one
+    line, not as a traceback."""
     try:
         app()
     except Exception as exc:
@@ -81,14 +83,16 @@ def main() -> None:
 
 
 def _environment_problem(exc: BaseException) -> str | None:
-    """What went wrong outside the program, in a line: the database unreachable or refusing
-    the connection, or a file or directory that cannot be used; None for anything else."""
+    """What went wrong outside the program, in a line; None for anything else."""
+    from alembic.util import CommandError
     from asyncpg.exceptions import (
         CannotConnectNowError,
         InvalidAuthorizationSpecificationError,
         InvalidCatalogNameError,
         TooManyConnectionsError,
+        UndefinedTableError,
     )
+    from pydantic import ValidationError
 
     refused = (
         ConnectionError,
@@ -106,8 +110,26 @@ def _environment_problem(exc: BaseException) -> str | None:
             and "unable to open database file" in str(cause)
         ):
             return f"cannot use the database at {_database_shown()}: {_reason(cause)}"
+        if isinstance(cause, UndefinedTableError) or (
+            isinstance(cause, sqlalchemy.exc.OperationalError) and "no such table" in str(cause)
+        ):
+            return (
+                f"the database at {_database_shown()} lacks this version's tables "
+                f"({_reason(cause)}): run `memberhub db upgrade` first"
+            )
+        if isinstance(cause, ValidationError) and cause.title == "Settings":
+            return "; ".join(
+                f"MEMBERHUB_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
+                for error in cause.errors()
+            )
+        if isinstance(cause, SecretKeyMissing | CommandError):
+            return str(cause)
         if isinstance(cause, OSError) and cause.filename is not None:
             return f"{cause.strerror or type(cause).__name__}: {cause.filename}"
+        if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+            return f"the address is already in use ({cause.strerror})"
+        if type(cause).__name__ == "BadDsn":  # sentry_sdk's, loaded only with SENTRY_DSN
+            return f"MEMBERHUB_SENTRY_DSN is not a Sentry DSN: {cause}"
         cause = cause.__cause__ or cause.__context__
     return None
 
@@ -140,22 +162,32 @@ def _settings() -> Settings:
 def _require_secret_key(settings: Settings) -> None:
     """Resolve the secret (creating it outside production) before anything runs."""
     try:
-        settings.resolved_secret_key  # noqa: B018
+        secret = settings.resolved_secret_key
     except SecretKeyMissing as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from exc
+    if settings.env == Environment.production and len(secret) < MIN_SECRET_LENGTH:
+        typer.echo(
+            f"error: ENV=production: the secret key must be at least {MIN_SECRET_LENGTH} "
+            f"characters (it has {len(secret)}); see `memberhub secrets rotate` to change it",
+            err=True,
+        )
+        raise typer.Exit(code=1)
 
 
-def _require_schema(settings: Settings, *, upgrade_first: bool = False) -> None:
+def _require_schema(
+    settings: Settings, *, upgrade_first: bool = False, can_upgrade: bool = False
+) -> None:
     """Serve or work only on the schema this version ships: with `upgrade_first`, apply the
     pending migrations (as `db upgrade` does); otherwise refuse a database that was never
     migrated or lacks this version's migrations, naming the command that fixes it. A
-    database a newer version migrated is served with a warning (a rolling upgrade)."""
-    if upgrade_first:
+    database a newer version migrated is served with a warning (a rolling upgrade), with
+    `upgrade_first` too: there is nothing this version could apply to it."""
+    state = schema_state(settings.resolved_database_url)
+    if upgrade_first and not state.unknown:
         _apply_migrations(settings)
         return
-    state = schema_state(settings.resolved_database_url)
-    fix = "run `memberhub db upgrade` first (or start with --upgrade)"
+    fix = "run `memberhub db upgrade` first" + (" (or start with --upgrade)" if can_upgrade else "")
     if state.never_migrated:
         typer.echo(f"error: the database has no schema yet: {fix}", err=True)
         raise typer.Exit(code=1)
@@ -214,7 +246,7 @@ def _run(work: Callable[[Database], Awaitable[T]], *, seal_audit: bool = False) 
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     no_worker: Annotated[
         bool, typer.Option("--no-worker", help="Do not run the embedded worker.")
     ] = False,
@@ -243,7 +275,7 @@ def serve(
 
     settings = _settings()
     _require_secret_key(settings)
-    _require_schema(settings, upgrade_first=upgrade_first)
+    _require_schema(settings, upgrade_first=upgrade_first, can_upgrade=True)
     count = settings.serve_processes if processes is None else processes
     if count == 0:
         # SQLite takes one writer at a time: processes would only wait on each other's locks.
@@ -348,6 +380,13 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 
 
 def _apply_migrations(settings: Settings, revision: str = "head") -> None:
+    state = schema_state(settings.resolved_database_url)
+    if state.unknown:
+        typer.echo(
+            f"nothing to apply: the database is at revision {', '.join(state.unknown)}, "
+            f"newer than this version's {state.newest} (a later version migrated it)"
+        )
+        return
     applied = upgrade(settings.resolved_database_url, revision)
     for applied_revision, description in applied:
         typer.echo(f"applied {applied_revision}: {description}")
@@ -388,7 +427,15 @@ def db_current() -> None:
     at = ", ".join(current(settings.resolved_database_url)) or "no revision (never migrated)"
     newest = head()
     typer.echo(f"database: {at}")
-    typer.echo(f"newest:   {newest}" + ("" if at == newest else "  (run `memberhub db upgrade`)"))
+    state = schema_state(settings.resolved_database_url)
+    note = (
+        "  (the database is newer: a later version migrated it)"
+        if state.unknown
+        else "  (run `memberhub db upgrade`)"
+        if at != newest
+        else ""
+    )
+    typer.echo(f"newest:   {newest}{note}")
 
 
 @apikey_app.command("create")
@@ -969,7 +1016,9 @@ def backup_restore(
 
 @app.command()
 def demo(
-    members: Annotated[int, typer.Option(help="How many members to create.")] = 200,
+    members: Annotated[
+        int, typer.Option(min=0, max=1_000_000, help="How many members to create.")
+    ] = 200,
 ) -> None:
     """Load a demo data set: an HQ with two chapters, three plans and members in all statuses."""
     from memberhub.demo import load_demo

@@ -287,6 +287,30 @@ class Settings(BaseSettings):
         "unknown (allowed) email; unset: only existing staff accounts may sign in.",
     )
 
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str | None) -> str | None:
+        """A plain `postgresql://`, `postgres://` or `sqlite:///` URL means the async driver
+        the service uses; another driver is refused by name."""
+        if not value:
+            return value
+        scheme, separator, rest = value.partition("://")
+        if not separator:
+            raise ValueError("must be a URL such as postgresql+asyncpg://user@host/db")
+        drivers = {
+            "postgresql": "postgresql+asyncpg",
+            "postgres": "postgresql+asyncpg",
+            "postgresql+asyncpg": "postgresql+asyncpg",
+            "sqlite": "sqlite+aiosqlite",
+            "sqlite+aiosqlite": "sqlite+aiosqlite",
+        }
+        if scheme.lower() not in drivers:
+            raise ValueError(
+                f"the scheme {scheme[:30]!r} is not one memberhub runs on: use "
+                "postgresql+asyncpg://… (or postgresql://…) or sqlite+aiosqlite:///…"
+            )
+        return f"{drivers[scheme.lower()]}://{rest}"
+
     @field_validator("log_level")
     @classmethod
     def _upper_level(cls, value: str) -> str:
