@@ -30,6 +30,7 @@ from memberhub.kit.db import Database
 from memberhub.kit.migrate import alembic_config, head
 from memberhub.memberships.jobs import advance_membership_statuses
 from memberhub.settings import Settings
+from tests.conftest import TEST_SECRET_KEY
 from tests.support import ApiClient
 
 MAIN = "from memberhub.cli import main; main()"
@@ -583,6 +584,24 @@ async def test_a_database_a_newer_version_migrated_is_left_as_it_is(
     current = await run_cli(env, "db", "current")
     assert "(the database is newer: a later version migrated it)" in current.stdout
     started = await run_cli(env, *SERVE, "--upgrade")  # as the image starts
+    assert started.exit_code == 0, started.output
+    assert len(served) == 1
+
+
+async def test_serve_refuses_a_secret_key_that_cannot_read_the_stored_secrets(
+    api: ApiClient, cli_env: dict[str, str | None], served: list[object]
+) -> None:
+    created = await api.post(
+        "/api/v1/webhook-endpoints", {"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}
+    )
+    assert created.status_code == 201, created.text
+    wrong = {**cli_env, "MEMBERHUB_SECRET_KEY": "another-key-" + "x" * 32}
+    refused = await run_cli(wrong, *SERVE)
+    assert refused.exit_code == 1, refused.output
+    assert "the secret key cannot read the secrets stored in this database" in refused.stderr
+    assert served == []
+    right = {**cli_env, "MEMBERHUB_SECRET_KEY": TEST_SECRET_KEY}
+    started = await run_cli(right, *SERVE)
     assert started.exit_code == 0, started.output
     assert len(served) == 1
 

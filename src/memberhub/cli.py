@@ -206,6 +206,38 @@ def _require_schema(
         )
 
 
+def _require_readable_secrets(settings: Settings) -> None:
+    """Refuse to start with a secret key that cannot read the secrets stored in the database
+    (after `secrets rotate`, started with the old key): every request needing one would
+    fail. One stored secret of each kind is tried."""
+    from sqlalchemy import select
+
+    from memberhub.integrations.models import Integration
+    from memberhub.kit.crypto import SecretBox, SecretUnreadable
+    from memberhub.webhooks.models import WebhookEndpoint
+
+    async def sealed(db: Database) -> list[str]:
+        async with db.transaction(read_only=True) as session:
+            found = [
+                await session.scalar(select(Integration.credentials).limit(1)),
+                await session.scalar(select(WebhookEndpoint.secret).limit(1)),
+            ]
+        return [value for value in found if value]
+
+    box = SecretBox(settings.resolved_secret_key)
+    for stored in _run(sealed):
+        try:
+            box.decrypt(stored)
+        except SecretUnreadable:
+            typer.echo(
+                "error: the secret key cannot read the secrets stored in this database: start "
+                "with the key they were sealed with (after `memberhub secrets rotate`, the new "
+                "one)",
+                err=True,
+            )
+            raise typer.Exit(code=1) from None
+
+
 def _run(work: Callable[[Database], Awaitable[T]], *, seal_audit: bool = False) -> T:
     """Run one unit of work against the configured database; errors exit non-zero.
 
@@ -276,6 +308,7 @@ def serve(
     settings = _settings()
     _require_secret_key(settings)
     _require_schema(settings, upgrade_first=upgrade_first, can_upgrade=True)
+    _require_readable_secrets(settings)
     count = settings.serve_processes if processes is None else processes
     if count == 0:
         # SQLite takes one writer at a time: processes would only wait on each other's locks.
@@ -333,6 +366,7 @@ def worker(
     settings = _settings()
     _require_secret_key(settings)
     _require_schema(settings)
+    _require_readable_secrets(settings)
     configure_logging(settings.log_level, json=settings.log_json)
     configure_error_tracking(settings)
     tracing = start_tracing(settings)
