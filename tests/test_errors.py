@@ -148,3 +148,20 @@ async def test_a_client_gone_before_its_body_arrived_is_a_499_not_a_server_error
     assert sent[0]["status"] == 499
     assert "client_disconnected" in events
     assert "unhandled_error" not in events
+
+
+async def test_a_database_gone_away_is_a_503_to_retry_not_a_500(
+    tolerant_http: httpx.AsyncClient, admin_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreachable(*_args: object, **_kwargs: object) -> None:
+        raise ConnectionRefusedError(111, "Connect call failed")
+
+    monkeypatch.setattr("memberhub.members.service.record_consent_changes", unreachable)
+    response = await tolerant_http.post(
+        "/api/v1/members",
+        json={"email": "later@example.com"},
+        headers={"Authorization": f"Bearer {admin_key}"},
+    )
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert response.headers["Retry-After"] == "1"

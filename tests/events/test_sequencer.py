@@ -4,7 +4,9 @@ event exactly once, in commit order, with no gap, however late a transaction com
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
+import time
 from typing import Any
 
 import pytest
@@ -12,6 +14,7 @@ from sqlalchemy import func, select
 
 from memberhub.audit.models import AuditEntry
 from memberhub.audit.service import record_write, verify_chain
+from memberhub.events import sequencer
 from memberhub.events.catalog import AlertRaised
 from memberhub.events.models import Event
 from memberhub.events.sequencer import SequencerLoop, run_passes
@@ -243,3 +246,24 @@ async def test_nothing_committed_means_nothing_sequenced(db: Database) -> None:
     result = await run_passes(db)
     assert (result.events, result.audit_entries) == (1, 0)
     assert await run_passes(db) == type(result)(0, 0)
+
+
+async def test_a_failing_pass_is_retried_ever_less_often(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tries: list[float] = []
+
+    async def unreachable(*_args: object, **_kwargs: object) -> sequencer.PassResult:
+        tries.append(time.monotonic())
+        raise ConnectionRefusedError("the database is gone")
+
+    monkeypatch.setattr(sequencer, "run_passes", unreachable)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(sequencer.SequencerLoop(db, interval_seconds=0.001).run(stop))
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.wait_for(loop, 5)  # a stop ends the wait between tries at once
+    # Without a backoff, hundreds of tries (each logged with its traceback) in 0.3 s.
+    assert 3 <= len(tries) <= 10, len(tries)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tries)]
+    assert gaps == sorted(gaps), "each wait longer than the one before"

@@ -354,6 +354,10 @@ async def catch_up(db: Database, session: AsyncSession) -> None:
     await session.commit()
 
 
+# The longest wait between two tries of a failing pass.
+FAILURE_BACKOFF_MAX = 5.0
+
+
 class SequencerLoop:
     """The worker's sequencer: a pass whenever this process commits rows to sequence, and at
     least every `interval_seconds` for other processes' commits. While commits keep coming,
@@ -371,12 +375,28 @@ class SequencerLoop:
         # After a commit of this process or a pass that found work, there is surely (or most
         # likely) work: no read to check first.
         likely = False
+        failures = 0
         while not stop.is_set():
             result = PassResult(0, 0)
             try:
                 result = await run_passes(self.db, wait=False, look_first=not likely)
-            except Exception:
-                log.exception("sequencer_pass_failed")
+            except Exception as exc:
+                # The database gone, say: the first failure with its traceback, then a line
+                # each time while the wait between tries doubles up to FAILURE_BACKOFF_MAX.
+                if failures == 0:
+                    log.exception("sequencer_pass_failed")
+                else:
+                    log.warning(
+                        "sequencer_pass_failed", error_type=type(exc).__name__, failures=failures
+                    )
+                failures += 1
+                delay = min(FAILURE_BACKOFF_MAX, self.interval_seconds * 2**failures)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                continue
+            if failures:
+                log.info("sequencer_recovered", failures=failures)
+                failures = 0
             if result.events or result.audit_entries:
                 await asyncio.sleep(self.min_gap_seconds)
                 likely = True

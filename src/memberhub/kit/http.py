@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import time
 import types
 import typing
@@ -13,6 +14,13 @@ from tempfile import SpooledTemporaryFile
 from typing import IO, Annotated, Any
 
 import structlog
+from asyncpg.exceptions import (
+    CannotConnectNowError,
+    ConnectionDoesNotExistError,
+    InvalidAuthorizationSpecificationError,
+    InvalidCatalogNameError,
+    TooManyConnectionsError,
+)
 from fastapi import Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
@@ -413,6 +421,30 @@ def _internal_error(request: Request) -> Response:
     )
 
 
+# What asyncpg and the socket layer raise, outside SQLAlchemy's DBAPIError, when the
+# database cannot be reached or refuses the connection.
+_DATABASE_GONE: tuple[type[Exception], ...] = (
+    ConnectionError,
+    socket.gaierror,
+    CannotConnectNowError,
+    ConnectionDoesNotExistError,
+    InvalidAuthorizationSpecificationError,
+    InvalidCatalogNameError,
+    TooManyConnectionsError,
+)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the database cannot be reached or refused the
+    connection, rather than that a statement failed."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, _DATABASE_GONE):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MemberhubError)
     async def _memberhub_error(_request: Request, exc: MemberhubError) -> Response:
@@ -513,8 +545,20 @@ def install_error_handlers(app: FastAPI) -> None:
             "The object was changed by another request at the same time; retry.",
         )
 
+    async def _database_gone(_request: Request, exc: Exception) -> Response:
+        # Not a fault of the request: the database went away.
+        log.warning("database_unavailable", error_type=type(exc).__name__)
+        return error_response(
+            503, "SERVICE_UNAVAILABLE", "The database is busy or unreachable.", retry_after=1
+        )
+
+    for gone in _DATABASE_GONE:
+        app.add_exception_handler(gone, _database_gone)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
+        if database_unreachable(exc):  # raised as the cause of another exception
+            return await _database_gone(request, exc)
         log.exception("unhandled_error", error_type=type(exc).__name__)
         capture_exception(exc)  # a no-op unless SENTRY_DSN started Sentry
         return _internal_error(request)
