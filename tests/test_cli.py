@@ -542,8 +542,13 @@ def test_a_data_directory_that_cannot_be_made_is_one_line(
             ("worker",),
             "error: ENV=production: the secret key must be at least 32 characters (it has 5)",
         ),
+        (
+            {"MEMBERHUB_REDIS_URL": "redis//:pw-not-shown@127.0.0.1:6379"},
+            ("db", "current"),
+            "error: MEMBERHUB_REDIS_URL: Value error, must start with redis://, rediss://",
+        ),
     ],
-    ids=["bad-setting", "other-driver", "no-schema", "unknown-revision", "short-key"],
+    ids=["bad-setting", "other-driver", "no-schema", "unknown-revision", "short-key", "redis"],
 )
 def test_a_mistake_of_the_operator_is_one_line(
     monkeypatch: pytest.MonkeyPatch,
@@ -562,6 +567,7 @@ def test_a_mistake_of_the_operator_is_one_line(
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1, err
     assert err.startswith(line), err
+    assert "pw-not-shown" not in err
 
 
 def test_a_plain_postgresql_url_means_the_async_driver(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -426,12 +426,13 @@ def _apply_migrations(settings: Settings, revision: str = "head") -> None:
         typer.echo(f"applied {applied_revision}: {description}")
     if not applied:
         typer.echo("nothing to apply")
-    typer.echo(
-        f"database is at {', '.join(current(settings.resolved_database_url)) or 'no revision'}"
-    )
+    at = current(settings.resolved_database_url)
+    typer.echo(f"database is at {', '.join(at) or 'no revision'}")
     from memberhub.audit.chain import KEYED_CHAIN_REVISION
 
-    if any(applied_revision == KEYED_CHAIN_REVISION for applied_revision, _ in applied):
+    # Whenever the database has the keyed chain, not only in the run that added it: a run
+    # that stopped before sealing (no key set) is finished by the next.
+    if any(revision >= KEYED_CHAIN_REVISION for revision in at):
         _seal_unkeyed_audit_entries()
 
 

@@ -287,6 +287,15 @@ class Settings(BaseSettings):
         "unknown (allowed) email; unset: only existing staff accounts may sign in.",
     )
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        # Checked here, so that a mistyped URL is refused without being echoed (it may hold
+        # a password) by the library that would read it.
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _async_driver(cls, value: str | None) -> str | None:

@@ -943,8 +943,9 @@ async def unmigrated_database_url(database_url: str, tmp_path: Path) -> AsyncIte
         await _drop_pg_database(TEST_DATABASE_URL, name)
 
 
+@pytest.mark.parametrize("first_run_keyless", [False, True], ids=["one-run", "keyless-first"])
 async def test_db_upgrade_reseals_the_entries_hashed_before_the_chain_was_keyed(
-    unmigrated_database_url: str, tmp_path: Path
+    unmigrated_database_url: str, tmp_path: Path, first_run_keyless: bool
 ) -> None:
     url = unmigrated_database_url
     script = ScriptDirectory.from_config(alembic_config(url))
@@ -998,10 +999,22 @@ async def test_db_upgrade_reseals_the_entries_hashed_before_the_chain_was_keyed(
     def invoke(*args: str) -> Result:
         return CliRunner().invoke(cli_app, list(args), env=env)
 
+    if first_run_keyless:
+        # In production without the key: the migrations apply, the sealing cannot.
+        keyless = {**env, "MEMBERHUB_SECRET_KEY": None, "MEMBERHUB_ENV": "production"}
+        stopped = await asyncio.to_thread(
+            lambda: CliRunner().invoke(cli_app, ["db", "upgrade"], env=keyless)
+        )
+        assert stopped.exit_code == 1, stopped.output
+        assert f"applied {KEYED_CHAIN_REVISION}: " in stopped.output
+
     upgraded = await asyncio.to_thread(invoke, "db", "upgrade")
 
     assert upgraded.exit_code == 0, upgraded.output
-    assert f"applied {KEYED_CHAIN_REVISION}: " in upgraded.output
+    if first_run_keyless:  # the second run finishes what the first could not
+        assert "nothing to apply" in upgraded.output
+    else:
+        assert f"applied {KEYED_CHAIN_REVISION}: " in upgraded.output
     assert "audit log: 3 entries were hashed without a key" in upgraded.output
     assert f"re-sealed: 3 entries; head was 3:{prev_hash}" in upgraded.output
     verdict = await asyncio.to_thread(invoke, "audit", "verify")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -179,3 +180,15 @@ async def test_two_api_nodes_sharing_redis_enforce_one_limit(
             await node.state.db.dispose()
 
     assert statuses == [200, 200, 200, 429]
+
+
+async def test_a_shared_store_gone_down_leaves_the_limits_counted_per_process() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    limiter = RateLimiter("3/minute", f"redis://127.0.0.1:{port}")
+    quotas = [await limiter.hit("key_a") for _ in range(3)]
+    assert [quota.remaining for quota in quotas if quota is not None] == [2, 1, 0]
+    with pytest.raises(RateLimited):
+        await limiter.hit("key_a")
+    assert await limiter.hit("key_b") is not None, "each key keeps its own count"

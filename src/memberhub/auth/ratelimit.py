@@ -15,6 +15,8 @@ from limits.storage import storage_from_string
 from memberhub.kit.errors import RateLimited
 
 log = structlog.get_logger("memberhub.ratelimit")
+# A failing shared store is logged at most this often.
+STORE_FAILURE_LOG_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,20 @@ class RateLimiter:
             storage = shared
         self.storage = storage
         self.strategy = FixedWindowRateLimiter(storage)
+        # While a shared store fails, this process counts on its own: the limits hold per
+        # process (as without REDIS_URL) rather than not at all.
+        self._local = FixedWindowRateLimiter(MemoryStorage())
+        self._store_failed_at = -math.inf
         self._parsed: dict[str, RateLimitItem] = {}
+
+    def _store_failed(self, exc: Exception) -> FixedWindowRateLimiter:
+        now = time.monotonic()
+        if now - self._store_failed_at > STORE_FAILURE_LOG_SECONDS:
+            log.warning(
+                "rate_limit_store_unavailable", error=type(exc).__name__, counting="per process"
+            )
+            self._store_failed_at = now
+        return self._local
 
     def _item(self, limit: str | None) -> RateLimitItem:
         if limit is None:
@@ -55,16 +70,17 @@ class RateLimiter:
     ) -> Quota | None:
         """Count one request; raise RateLimited past the limit.
 
-        A failing shared store lets requests through (logged) rather than taking the
-        API down with it.
+        A failing shared store neither takes the API down nor lifts the limits: this
+        process counts on its own meanwhile (logged once a minute).
         """
         item = self._item(limit)
         try:
             allowed = await self.strategy.hit(item, namespace, key_id)
             stats = await self.strategy.get_window_stats(item, namespace, key_id)
-        except Exception as exc:  # the store is optional infrastructure
-            log.warning("rate_limit_store_unavailable", error=type(exc).__name__)
-            return None
+        except Exception as exc:  # the shared store is down: count here
+            local = self._store_failed(exc)
+            allowed = await local.hit(item, namespace, key_id)
+            stats = await local.get_window_stats(item, namespace, key_id)
         quota = Quota(
             limit=item.amount,
             remaining=max(0, stats.remaining),
@@ -85,9 +101,8 @@ class RateLimiter:
         item = self._item(limit)
         try:
             stats = await self.strategy.get_window_stats(item, namespace, key_id)
-        except Exception as exc:  # the store is optional infrastructure
-            log.warning("rate_limit_store_unavailable", error=type(exc).__name__)
-            return
+        except Exception as exc:  # the shared store is down: count here
+            stats = await self._store_failed(exc).get_window_stats(item, namespace, key_id)
         if stats.remaining <= 0:
             retry_after = max(1, math.ceil(stats.reset_time - time.time()))
             raise RateLimited(
