@@ -128,6 +128,7 @@ async def test_apikey_create_fails_cleanly_on_bad_input(
     result = await run_cli(cli_env, "apikey", "create", "--name", "bad", *args)
     assert result.exit_code == 1
     assert result.stderr.startswith("error: ")
+    assert args[-1] in result.stderr, "the error names what it refused"
     assert "Traceback" not in result.output
     assert not KEY_ANYWHERE.search(result.output)
     listing = await run_cli(cli_env, "apikey", "list")

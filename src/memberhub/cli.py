@@ -885,7 +885,9 @@ def secrets_import(
         raise typer.Exit(code=1) from None
     key_file = settings.data_dir / "secret_key"
     if key_file.exists() and key_file.read_text().strip() != secret and not force:
-        typer.echo(f"error: {key_file} holds a different secret; pass --force to replace it")
+        typer.echo(
+            f"error: {key_file} holds a different secret; pass --force to replace it", err=True
+        )
         raise typer.Exit(code=1)
     settings.ensure_data_dir()
     staged = key_file.with_suffix(".imported")

@@ -85,11 +85,15 @@ async def create_api_key(
     if scopes is not None:
         unknown = sorted(set(scopes) - {s.value for s in Scope})
         if unknown:
-            raise ValidationFailed("Unknown scopes.", details={"unknown_scopes": unknown})
+            raise ValidationFailed(
+                f"Unknown scopes: {', '.join(scope[:50] for scope in unknown[:10])}.",
+                details={"unknown_scopes": unknown},
+            )
         outside = sorted(set(scopes) - {s.value for s in allowed})
         if outside:
             raise ValidationFailed(
-                f"The {role} role cannot hold these scopes.", details={"scopes": outside}
+                f"The {role} role cannot hold these scopes: {', '.join(sorted(outside)[:10])}.",
+                details={"scopes": outside},
             )
     if rate_limit is not None:
         try:
