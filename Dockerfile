@@ -10,6 +10,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MEMBERHUB_DATA_DIR=/var/lib/memberhub
 COPY --from=build /install /usr/local
+# pg_dump and pg_restore, for `memberhub backup` against PostgreSQL (15, as compose.yaml runs).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends postgresql-client \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home-dir /var/lib/memberhub --create-home memberhub
 USER memberhub
 WORKDIR /var/lib/memberhub
