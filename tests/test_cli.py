@@ -455,13 +455,19 @@ async def test_serve_upgrade_applies_the_migrations_then_serves(
     assert len(served) == 2
 
 
-async def test_serve_runs_on_a_database_a_newer_version_migrated_with_a_warning(
-    tmp_path: Path, served: list[object]
-) -> None:
+async def _migrated_by_a_newer_version(tmp_path: Path) -> dict[str, str | None]:
+    """A SQLite database at a revision (0099) this version does not ship; its CLI env."""
     path, env = _fresh_sqlite_env(tmp_path)
     assert (await run_cli(env, "db", "upgrade")).exit_code == 0
     with contextlib.closing(sqlite3.connect(path)) as connection, connection:
         connection.execute("UPDATE alembic_version SET version_num = '0099'")
+    return env
+
+
+async def test_serve_runs_on_a_database_a_newer_version_migrated_with_a_warning(
+    tmp_path: Path, served: list[object]
+) -> None:
+    env = await _migrated_by_a_newer_version(tmp_path)
     result = await run_cli(env, *SERVE)
     assert result.exit_code == 0, result.output
     assert (
@@ -581,10 +587,7 @@ def test_a_plain_postgresql_url_means_the_async_driver(monkeypatch: pytest.Monke
 async def test_a_database_a_newer_version_migrated_is_left_as_it_is(
     tmp_path: Path, served: list[object]
 ) -> None:
-    path, env = _fresh_sqlite_env(tmp_path)
-    assert (await run_cli(env, "db", "upgrade")).exit_code == 0
-    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
-        connection.execute("UPDATE alembic_version SET version_num = '0099'")
+    env = await _migrated_by_a_newer_version(tmp_path)
     upgraded = await run_cli(env, "db", "upgrade")
     assert upgraded.exit_code == 0, upgraded.output
     assert "nothing to apply: the database is at revision 0099, newer than" in upgraded.stdout
