@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -17,9 +16,9 @@ from memberhub import __version__
 from memberhub.auth.roles import Role
 from memberhub.kit.actor import Actor
 from memberhub.kit.cache import STAMP_FILE, ProcessCache
-from memberhub.kit.db import Database
+from memberhub.kit.db import DATABASE_GONE, Database
 from memberhub.kit.errors import MemberhubError
-from memberhub.kit.migrate import current, head, schema_state, upgrade
+from memberhub.kit.migrate import SchemaState, current, head, schema_state, upgrade
 from memberhub.kit.startup import long_lived
 from memberhub.ops.tracking import configure_error_tracking
 from memberhub.settings import Environment, SecretKeyMissing, Settings
@@ -85,24 +84,10 @@ def main() -> None:
 def _environment_problem(exc: BaseException) -> str | None:
     """What went wrong outside the program, in a line; None for anything else."""
     from alembic.util import CommandError
-    from asyncpg.exceptions import (
-        CannotConnectNowError,
-        InvalidAuthorizationSpecificationError,
-        InvalidCatalogNameError,
-        TooManyConnectionsError,
-        UndefinedTableError,
-    )
+    from asyncpg.exceptions import UndefinedTableError
     from pydantic import ValidationError
 
-    refused = (
-        ConnectionError,
-        TimeoutError,
-        socket.gaierror,
-        CannotConnectNowError,
-        InvalidAuthorizationSpecificationError,
-        InvalidCatalogNameError,
-        TooManyConnectionsError,
-    )
+    refused = (*DATABASE_GONE, TimeoutError)  # a connection attempt timing out, too
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, refused) or (
@@ -185,7 +170,7 @@ def _require_schema(
     `upgrade_first` too: there is nothing this version could apply to it."""
     state = schema_state(settings.resolved_database_url)
     if upgrade_first and not state.unknown:
-        _apply_migrations(settings)
+        _apply_migrations(settings, state=state)
         return
     fix = "run `memberhub db upgrade` first" + (" (or start with --upgrade)" if can_upgrade else "")
     if state.never_migrated:
@@ -413,8 +398,11 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     _apply_migrations(_settings(), revision)
 
 
-def _apply_migrations(settings: Settings, revision: str = "head") -> None:
-    state = schema_state(settings.resolved_database_url)
+def _apply_migrations(
+    settings: Settings, revision: str = "head", *, state: SchemaState | None = None
+) -> None:
+    """`db upgrade`; `state`: the schema's, when the caller has just read it."""
+    state = state or schema_state(settings.resolved_database_url)
     if state.unknown:
         typer.echo(
             f"nothing to apply: the database is at revision {', '.join(state.unknown)}, "
@@ -459,18 +447,17 @@ def _seal_unkeyed_audit_entries() -> None:
 def db_current() -> None:
     """The revision the database is at, and the newest this version ships."""
     settings = _settings()
-    at = ", ".join(current(settings.resolved_database_url)) or "no revision (never migrated)"
-    newest = head()
-    typer.echo(f"database: {at}")
     state = schema_state(settings.resolved_database_url)
+    at = ", ".join(state.at) or "no revision (never migrated)"
+    typer.echo(f"database: {at}")
     note = (
         "  (the database is newer: a later version migrated it)"
         if state.unknown
         else "  (run `memberhub db upgrade`)"
-        if at != newest
+        if at != state.newest
         else ""
     )
-    typer.echo(f"newest:   {newest}{note}")
+    typer.echo(f"newest:   {state.newest}{note}")
 
 
 @apikey_app.command("create")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 import time
 import weakref
@@ -13,6 +14,13 @@ from functools import cache, partial
 from typing import Any, TypeVar
 
 import aiosqlite
+from asyncpg.exceptions import (
+    CannotConnectNowError,
+    ConnectionDoesNotExistError,
+    InvalidAuthorizationSpecificationError,
+    InvalidCatalogNameError,
+    TooManyConnectionsError,
+)
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -49,6 +57,30 @@ from sqlalchemy.sql import column as column_clause
 from sqlalchemy.sql.expression import UpdateBase
 from sqlalchemy.sql.selectable import TableValuedAlias
 from sqlalchemy.types import TypeDecorator
+
+# What asyncpg and the socket layer raise, outside SQLAlchemy's DBAPIError, when the
+# database cannot be reached or refuses the connection.
+DATABASE_GONE: tuple[type[Exception], ...] = (
+    ConnectionError,
+    socket.gaierror,
+    CannotConnectNowError,
+    ConnectionDoesNotExistError,
+    InvalidAuthorizationSpecificationError,
+    InvalidCatalogNameError,
+    TooManyConnectionsError,
+)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the database cannot be reached or refused the
+    connection, rather than that a statement failed."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, DATABASE_GONE):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import time
 import types
 import typing
@@ -14,13 +13,6 @@ from tempfile import SpooledTemporaryFile
 from typing import IO, Annotated, Any
 
 import structlog
-from asyncpg.exceptions import (
-    CannotConnectNowError,
-    ConnectionDoesNotExistError,
-    InvalidAuthorizationSpecificationError,
-    InvalidCatalogNameError,
-    TooManyConnectionsError,
-)
 from fastapi import Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +28,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from memberhub.idempotency import service as idempotency
+from memberhub.kit.db import DATABASE_GONE, database_unreachable
 from memberhub.kit.errors import MemberhubError, ValidationFailed
 from memberhub.ops.tracking import capture_exception
 
@@ -298,9 +291,12 @@ class CheckedRoute(APIRoute):
                 f"Unknown query parameters: {', '.join(unknown[:10])}.",
                 details={"unknown": unknown[:10], "known": sorted(self.query_names)},
             )
-        given = [name for name, _ in request.query_params.multi_items()]
-        repeated = sorted(
-            {name for name in given if given.count(name) > 1} & self.single_query_names
+        params = request.query_params
+        # More values than names: some name is repeated (the usual request has neither).
+        repeated = (
+            sorted(name for name in self.single_query_names if len(params.getlist(name)) > 1)
+            if len(params.multi_items()) > len(params)
+            else []
         )
         if repeated:
             # Nor may a second value of a one-value filter quietly replace the first.
@@ -421,30 +417,6 @@ def _internal_error(request: Request) -> Response:
     )
 
 
-# What asyncpg and the socket layer raise, outside SQLAlchemy's DBAPIError, when the
-# database cannot be reached or refuses the connection.
-_DATABASE_GONE: tuple[type[Exception], ...] = (
-    ConnectionError,
-    socket.gaierror,
-    CannotConnectNowError,
-    ConnectionDoesNotExistError,
-    InvalidAuthorizationSpecificationError,
-    InvalidCatalogNameError,
-    TooManyConnectionsError,
-)
-
-
-def database_unreachable(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) says the database cannot be reached or refused the
-    connection, rather than that a statement failed."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, _DATABASE_GONE):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MemberhubError)
     async def _memberhub_error(_request: Request, exc: MemberhubError) -> Response:
@@ -552,7 +524,7 @@ def install_error_handlers(app: FastAPI) -> None:
             503, "SERVICE_UNAVAILABLE", "The database is busy or unreachable.", retry_after=1
         )
 
-    for gone in _DATABASE_GONE:
+    for gone in DATABASE_GONE:
         app.add_exception_handler(gone, _database_gone)
 
     @app.exception_handler(Exception)
