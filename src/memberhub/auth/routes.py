@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.auth import service
@@ -44,7 +44,7 @@ async def _out(session: AsyncSession, api_key: ApiKey) -> ApiKeyOut:
 
 @router.post("", status_code=201)
 async def create_api_key(
-    payload: ApiKeyCreate, session: DbSession, principal: ApiKeysWriter
+    payload: ApiKeyCreate, session: DbSession, principal: ApiKeysWriter, response: Response
 ) -> ApiKeyCreated:
     """Issue a key; its secret is in this response only (only a digest is stored)."""
     await service.require_grantable(session, principal, payload.organisation_id)
@@ -58,6 +58,7 @@ async def create_api_key(
         rate_limit=payload.rate_limit,
     )
     out = await _out(session, issued.api_key)
+    response.headers["Location"] = f"/api/v1/api-keys/{out.id}"
     return ApiKeyCreated(**out.model_dump(), secret=issued.secret)
 
 

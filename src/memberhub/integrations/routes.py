@@ -157,13 +157,18 @@ async def list_providers(principal: IntegrationsReader) -> list[ProviderOut]:
 
 @router.post("/integrations", status_code=201)
 async def create_integration(
-    payload: IntegrationCreate, request: Request, session: DbSession, principal: IntegrationsWriter
+    payload: IntegrationCreate,
+    request: Request,
+    session: DbSession,
+    principal: IntegrationsWriter,
+    response: Response,
 ) -> IntegrationOut:
     """Connect a provider. Credentials are stored encrypted and shown only by their last
     four characters from now on."""
     integration = await service.create_integration(
         session, principal, payload, box=_box(request), policy=_policy(request)
     )
+    response.headers["Location"] = f"/api/v1/integrations/{integration.public_id}"
     return await _out(request, session, integration)
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, status
+from fastapi import APIRouter, Depends, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.auth.dependencies import (
@@ -45,9 +45,12 @@ router = APIRouter(
 
 
 @router.post("/plans", status_code=status.HTTP_201_CREATED, tags=["plans"])
-async def create_plan(payload: PlanCreate, session: DbSession, principal: PlansWriter) -> PlanOut:
+async def create_plan(
+    payload: PlanCreate, session: DbSession, principal: PlansWriter, response: Response
+) -> PlanOut:
     """Create a membership plan: price, currency, term, grace and renewal settings."""
     plan = await service.create_plan(session, principal, payload)
+    response.headers["Location"] = f"/api/v1/plans/{plan.public_id}"
     return (await service.plans_to_out(session, [plan]))[0]
 
 

@@ -109,15 +109,15 @@ async def list_templates(
 
 @router.post("/notification-templates", status_code=201)
 async def create_template(
-    payload: TemplateIn, session: DbSession, principal: NotificationsWriter
+    payload: TemplateIn, session: DbSession, principal: NotificationsWriter, response: Response
 ) -> TemplateOut:
     """A template for a message type, channel and locale. It is rendered against the
     message type's sample data before it is saved: one that does not parse, reads an
     unknown variable or a forbidden attribute is refused (422 INVALID_TEMPLATE with the
     part, line and reason)."""
-    return template_service.template_out(
-        await template_service.create_template(session, principal, payload)
-    )
+    template = await template_service.create_template(session, principal, payload)
+    response.headers["Location"] = f"/api/v1/notification-templates/{template.public_id}"
+    return template_service.template_out(template)
 
 
 @router.post("/notification-templates/preview")

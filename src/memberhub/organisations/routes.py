@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, status
+from fastapi import APIRouter, Depends, Response, status
 
 from memberhub.auth.dependencies import OrganisationsReader, OrganisationsWriter
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
@@ -25,9 +25,11 @@ async def create_organisation(
     payload: OrganisationCreate,
     session: DbSession,
     principal: OrganisationsWriter,
+    response: Response,
 ) -> OrganisationOut:
     """Create an organisation, optionally as a chapter of `parent_id`; the slug is unique."""
     org = await service.create_organisation(session, principal, payload)
+    response.headers["Location"] = f"/api/v1/organisations/{org.public_id}"
     return (await service.to_out(session, [org]))[0]
 
 

@@ -41,11 +41,12 @@ CLAIMED_OR_REPLAYED: dict[int | str, dict[str, Any]] = {
 
 @router.post("/rewards", status_code=status.HTTP_201_CREATED)
 async def create_reward(
-    payload: RewardCreate, session: DbSession, principal: RewardsWriter
+    payload: RewardCreate, session: DbSession, principal: RewardsWriter, response: Response
 ) -> RewardOut:
     """Add a reward to the catalog (installation-wide: keys bound to an organisation get
     403). Tier codes must name existing tiers."""
     reward = await service.create_reward(session, principal, payload)
+    response.headers["Location"] = f"/api/v1/rewards/{reward.public_id}"
     return (await service.rewards_to_out(session, [reward]))[0]
 
 

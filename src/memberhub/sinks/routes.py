@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, Request, Response, status
 
 from memberhub.auth.dependencies import IntegrationsReader, IntegrationsWriter
 from memberhub.events.sequencer import catch_up
@@ -39,12 +39,14 @@ outbound = APIRouter(
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def create_sink(
-    payload: SinkCreate, session: DbSession, principal: IntegrationsWriter
+    payload: SinkCreate, session: DbSession, principal: IntegrationsWriter, response: Response
 ) -> SinkOut:
     """Subscribe an analytics integration (Segment, GA4) to the event feed: the events of
     `event_types` committed from now on are sent, mapped to the vendor's names, for members
     who consent to the integration's purpose (`analytics`)."""
-    return await service.create_sink(session, principal, payload)
+    sink = await service.create_sink(session, principal, payload)
+    response.headers["Location"] = f"/api/v1/event-sinks/{sink.id}"
+    return sink
 
 
 @router.get("")

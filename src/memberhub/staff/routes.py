@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.auth.dependencies import StaffReader, StaffWriter
@@ -36,7 +36,7 @@ async def _out(session: AsyncSession, staff: StaffUser) -> StaffOut:
 
 @router.post("", status_code=201)
 async def create_staff(
-    payload: StaffCreate, session: DbSession, principal: StaffWriter
+    payload: StaffCreate, session: DbSession, principal: StaffWriter, response: Response
 ) -> StaffCreated:
     """A staff account for the console. Its role and organisation give it exactly the
     permissions of an API key with the same ones."""
@@ -50,6 +50,7 @@ async def create_staff(
         password=payload.password,
     )
     out = await _out(session, created.staff)
+    response.headers["Location"] = f"/api/v1/staff/{out.id}"
     return StaffCreated(**out.model_dump(), one_time_password=created.one_time_password)
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, Query, Response, status
 
 from memberhub.auth.dependencies import TiersAssigner, TiersReader, TiersWriter
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
@@ -25,9 +25,13 @@ router = APIRouter(
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-async def create_tier(payload: TierCreate, session: DbSession, principal: TiersWriter) -> TierOut:
+async def create_tier(
+    payload: TierCreate, session: DbSession, principal: TiersWriter, response: Response
+) -> TierOut:
     """Define a tier: its rank, threshold on a basis, downgrade policy, multiplier, benefits."""
-    return service.to_out(await service.create_tier(session, principal, payload))
+    tier = await service.create_tier(session, principal, payload)
+    response.headers["Location"] = f"/api/v1/tiers/{tier.public_id}"
+    return service.to_out(tier)
 
 
 @router.get("")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Query, Request, status
+from fastapi import APIRouter, Body, Depends, Query, Request, Response, status
 from pydantic import BaseModel
 
 from memberhub.auth.dependencies import EventsReader, WebhooksReader, WebhooksWriter
@@ -58,13 +58,19 @@ async def _out(session: DbSession, endpoint: WebhookEndpoint) -> EndpointOut:
 
 @router.post("/webhook-endpoints", status_code=201)
 async def create_endpoint(
-    payload: EndpointCreate, request: Request, session: DbSession, principal: WebhooksWriter
+    payload: EndpointCreate,
+    request: Request,
+    session: DbSession,
+    principal: WebhooksWriter,
+    response: Response,
 ) -> EndpointWithSecret:
     """Register an endpoint. The signing secret is in the response, and only there. The URL
     must resolve to public addresses (see MEMBERHUB_WEBHOOK_ALLOWED_NETWORKS)."""
-    return await service.create_endpoint(
+    created = await service.create_endpoint(
         session, principal, payload, policy=_policy(request), box=_box(request)
     )
+    response.headers["Location"] = f"/api/v1/webhook-endpoints/{created.id}"
+    return created
 
 
 @router.get("/webhook-endpoints")
