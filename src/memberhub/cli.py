@@ -990,6 +990,7 @@ def backup_restore(
     from memberhub.ops.backup import (
         BackupError,
         postgres_holds_data_query,
+        postgres_other_sessions_query,
         read_manifest,
         restore_backup,
     )
@@ -1005,14 +1006,18 @@ def backup_restore(
     if manifest.has_secret_key and settings.secret_key is None:
         passphrase = _passphrase(passphrase_file, confirm=False)
     holds_data = False
+    other_sessions: list[str] = []
     if not settings.is_sqlite:
         from sqlalchemy import text
 
-        async def count_tables(db: Database) -> int:
+        async def look(db: Database) -> tuple[int, list[str]]:
             async with db.transaction(read_only=True) as session:
-                return int((await session.execute(text(postgres_holds_data_query()))).scalar_one())
+                tables = (await session.execute(text(postgres_holds_data_query()))).scalar_one()
+                sessions = await session.scalars(text(postgres_other_sessions_query()))
+                return int(tables), list(sessions)
 
-        holds_data = _run(count_tables) > 0
+        tables, other_sessions = _run(look)
+        holds_data = tables > 0
     try:
         report = restore_backup(
             file,
@@ -1021,6 +1026,7 @@ def backup_restore(
             configured_secret=settings.secret_key,
             passphrase=passphrase,
             postgres_holds_data=holds_data,
+            postgres_other_sessions=other_sessions,
             force=force,
             head_revision=head(),
         )

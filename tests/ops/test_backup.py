@@ -4,6 +4,7 @@ an operator runs them, against a service that is writing while the backup is mad
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -65,7 +66,8 @@ def _fetch(url: str, query: str) -> list[tuple[object, ...]]:
 
         path = make_url(url).database
         assert path
-        with sqlite3.connect(path) as conn:
+        # Closed at once: to a restore, a connection left open looks like a running service.
+        with contextlib.closing(sqlite3.connect(path)) as conn:
             return [tuple(row) for row in conn.execute(query).fetchall()]
 
     async def run() -> list[tuple[object, ...]]:
@@ -230,8 +232,26 @@ def test_backup_of_a_running_service_restores_into_a_fresh_installation(
                 timeout=10,
             )
             assert accepted.status_code in (200, 202), accepted.text
+            # Replacing the database under the running service is refused, and changes
+            # nothing.
+            under_service = _cli(
+                restored_env,
+                "backup",
+                "restore",
+                str(backup),
+                "--passphrase-file",
+                str(passphrase_file),
+                "--force",
+            )
+            assert under_service.returncode == 1
+            assert "stop" in under_service.stderr
+            assert "memberhub" in under_service.stderr or "open" in under_service.stderr
         finally:
             _stop(again)
+        inbound = (
+            "SELECT count(*) FROM inbound_events WHERE provider_event_id = 'evt_after_restore'"
+        )
+        assert _fetch(restored_url, inbound) == [(1,)]
 
         # Restoring over an installation that holds data is refused without --force.
         twice = _cli(
@@ -244,6 +264,22 @@ def test_backup_of_a_running_service_restores_into_a_fresh_installation(
         )
         assert twice.returncode == 1
         assert "--force" in twice.stderr
+        # With the service stopped, --force puts back the backup's moment: what came after
+        # is gone, and the chain checks.
+        forced = _cli(
+            restored_env,
+            "backup",
+            "restore",
+            str(backup),
+            "--passphrase-file",
+            str(passphrase_file),
+            "--force",
+        )
+        assert forced.returncode == 0, forced.stderr
+        assert _fetch(restored_url, inbound) == [(0,)]
+        assert _fetch(restored_url, "SELECT current FROM point_accounts")[0] == (balance,)
+        verified = _cli(restored_env, "audit", "verify")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
     finally:
         if not database_url.startswith("sqlite"):
             _postgres(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -297,7 +297,13 @@ def create_engine(
         _configure_sqlite(engine.sync_engine, inline=inline)
         return engine
     engine = create_async_engine(
-        url, echo=echo, pool_size=pool_size, max_overflow=pool_size, hide_parameters=True
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        hide_parameters=True,
+        # Named in pg_stat_activity, so an operator (and `backup restore`) can tell them.
+        connect_args={"server_settings": {"application_name": "memberhub"}},
     )
     _ping_idle_connections(engine.sync_engine)
     return engine

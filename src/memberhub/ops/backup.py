@@ -28,7 +28,8 @@ import sqlite3
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -293,13 +294,33 @@ def _sqlite_holds_data(path: Path) -> bool:
     return bool(tables)
 
 
+def _sqlite_in_use(path: Path) -> bool:
+    """Whether another process has the database at `path` open. The service keeps it open
+    in WAL mode, and SQLite leaves WAL mode only for a connection that is alone with the
+    database; left, the database is about to be replaced anyway."""
+    with contextlib.closing(sqlite3.connect(path, timeout=0)) as conn:
+        try:
+            conn.execute("PRAGMA journal_mode=DELETE").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return True
+            raise
+    return False
+
+
 def _restore_sqlite(archive: tarfile.TarFile, database_url: str, *, force: bool) -> None:
     target = _sqlite_path(database_url)
-    if _sqlite_holds_data(target) and not force:
-        raise BackupError(
-            f"{target} already holds a database; restore into an empty data directory or "
-            "pass --force to replace it (stop the service first)"
-        )
+    if _sqlite_holds_data(target):
+        if not force:
+            raise BackupError(
+                f"{target} already holds a database; restore into an empty data directory or "
+                "pass --force to replace it (stop the service first)"
+            )
+        if _sqlite_in_use(target):
+            raise BackupError(
+                f"another process has {target} open (the service or a worker?): stop it "
+                "first; a restore would replace the database under it"
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".restore-") as work_dir:
         staged = Path(work_dir) / target.name
@@ -320,13 +341,37 @@ def postgres_holds_data_query() -> str:
     )
 
 
+def postgres_other_sessions_query() -> str:
+    """Who else is connected to the database: one row per session, named by its
+    application (the service's connections say `memberhub`)."""
+    return (
+        "SELECT coalesce(nullif(application_name, ''), 'unnamed') FROM pg_catalog.pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND backend_type = 'client backend'"
+    )
+
+
 def _restore_postgres(
-    archive: tarfile.TarFile, database_url: str, *, holds_data: bool, force: bool
+    archive: tarfile.TarFile,
+    database_url: str,
+    *,
+    holds_data: bool,
+    other_sessions: Sequence[str],
+    force: bool,
 ) -> None:
     if holds_data and not force:
         raise BackupError(
             "the database already holds tables; restore into an empty database or pass "
             "--force to replace what the backup has (stop the service first)"
+        )
+    if holds_data and other_sessions:
+        names = ", ".join(
+            f"{name} x{count}" if count > 1 else name
+            for name, count in sorted(Counter(other_sessions).items())
+        )
+        raise BackupError(
+            f"{len(other_sessions)} other sessions are connected to the database ({names}): "
+            "stop the service and its workers first; a restore would replace the data under them"
         )
     args, env = _libpq(database_url)
     with tempfile.TemporaryDirectory(prefix="memberhub-restore-") as work_dir:
@@ -347,6 +392,7 @@ def restore_backup(
     configured_secret: str | None,
     passphrase: str | None,
     postgres_holds_data: bool = False,
+    postgres_other_sessions: Sequence[str] = (),
     force: bool = False,
     head_revision: str | None = None,
 ) -> RestoreReport:
@@ -374,7 +420,13 @@ def restore_backup(
         if kind == "sqlite":
             _restore_sqlite(archive, database_url, force=force)
         else:
-            _restore_postgres(archive, database_url, holds_data=postgres_holds_data, force=force)
+            _restore_postgres(
+                archive,
+                database_url,
+                holds_data=postgres_holds_data,
+                other_sessions=postgres_other_sessions,
+                force=force,
+            )
     written = None
     if secret_to_write is not None:
         written = data_dir / "secret_key"
