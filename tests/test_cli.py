@@ -519,6 +519,27 @@ def test_an_unreachable_database_is_one_line_without_its_password(
     ]
 
 
+@pytest.mark.parametrize("command", [("db", "current"), SERVE], ids=" ".join)
+def test_a_sqlite_file_that_cannot_be_opened_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    command: tuple[str, ...],
+) -> None:
+    not_a_database = tmp_path / "notes.txt"
+    not_a_database.write_text("these are notes, not a database\n" * 100)
+    unopenable = tmp_path / "a-directory"
+    unopenable.mkdir()
+    for path, reason in ((not_a_database, "file is not a database"), (unopenable, "unable")):
+        url = f"sqlite+aiosqlite:///{path}"
+        env = {"MEMBERHUB_DATABASE_URL": url, "MEMBERHUB_DATA_DIR": str(tmp_path / "data")}
+        assert _main_exit(monkeypatch, env, *command) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        (line,) = err.splitlines()
+        assert line.startswith(f"error: cannot use the database at {url}: {reason}")
+
+
 def test_a_data_directory_that_cannot_be_made_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

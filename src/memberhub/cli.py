@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 from collections.abc import Awaitable, Callable
@@ -141,7 +142,26 @@ def _settings() -> Settings:
     settings = Settings()
     if settings.is_sqlite:
         settings.ensure_data_dir()
+        _require_openable_sqlite(settings.resolved_database_url)
     return settings
+
+
+def _require_openable_sqlite(url: str) -> None:
+    """Open a SQLite database file once with the standard library first: a path that
+    cannot be opened is then one line, before the async driver's thread fails on it."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    path = make_url(url).database
+    if not path or path == ":memory:":
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
+            conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as exc:
+        typer.echo(f"error: cannot use the database at {url}: {exc}", err=True)
+        raise typer.Exit(code=1) from None
 
 
 def _require_secret_key(settings: Settings) -> None:
