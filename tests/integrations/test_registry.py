@@ -93,6 +93,11 @@ async def test_patch_merges_credentials_and_validates_config(
     assert bad.status_code == 422
     fields = {f["field"] for f in bad.json()["error"]["details"]["fields"]}
     assert fields == {"config.grace_days", "config.surprise"}
+    # Each in the shape of every VALIDATION_ERROR: where, what and which rule.
+    by_place = {tuple(f["loc"]): f for f in bad.json()["error"]["details"]["fields"]}
+    assert set(by_place) == {("body", "config", "grace_days"), ("body", "config", "surprise")}
+    assert by_place["body", "config", "surprise"]["type"] == "extra_forbidden"
+    assert all(f["message"] for f in by_place.values())
 
 
 @pytest.mark.parametrize(

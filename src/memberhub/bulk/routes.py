@@ -207,7 +207,12 @@ def _import_options(
             "The import's options are not valid.",
             details={
                 "fields": [
-                    {"loc": list(error["loc"]), "message": error["msg"]} for error in exc.errors()
+                    {
+                        "loc": ["query", *(str(part) for part in error["loc"])],
+                        "message": error["msg"],
+                        "type": error["type"],
+                    }
+                    for error in exc.errors()
                 ]
             },
         ) from None

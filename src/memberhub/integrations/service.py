@@ -96,8 +96,16 @@ def _validated(
             parsed = model.model_validate(dict(value))
         except ValidationError as exc:
             for error in exc.errors(include_url=False, include_input=False):
-                location = ".".join(str(part) for part in (where, *error["loc"]))
-                errors.append({"field": location, "message": error["msg"]})
+                parts = [where, *(str(part) for part in error["loc"])]
+                # The shape of every VALIDATION_ERROR's fields, plus the dotted `field`.
+                errors.append(
+                    {
+                        "loc": ["body", *parts],
+                        "field": ".".join(parts),
+                        "message": error["msg"],
+                        "type": error["type"],
+                    }
+                )
             continue
         if where == "config":
             parsed_config = parsed
