@@ -25,6 +25,7 @@ from memberhub.members.models import Member
 from memberhub.members.service import get_member
 from memberhub.points import service as points
 from memberhub.points.models import PointTransaction, TxnType
+from memberhub.points.repository import PointsRepository
 from memberhub.points.schemas import DeductRequest
 from memberhub.program import service as program_service
 from memberhub.program.models import LoyaltyProgram
@@ -52,6 +53,52 @@ def deduct_needs_approval(principal: Principal, points_asked: int, program: Loya
     return limit is not None and points_asked > limit
 
 
+async def deduct(
+    session: AsyncSession, principal: Principal, member: Member, payload: DeductRequest
+) -> ApprovalRequest | points.LedgerResult:
+    """A deduction as the API and the console take it: held for approval above the
+    caller's limit or when asked, applied at once otherwise. A reference names one
+    deduction, held or applied: a direct deduction reusing a held one's reference is
+    refused, as is holding one whose reference an applied deduction carries (approving it
+    would only point at that one)."""
+    program = await program_service.get_program(session)
+    if payload.require_approval or deduct_needs_approval(principal, payload.points, program):
+        return await request_deduction(session, principal, member, payload)
+    if payload.reference_id is not None:
+        scope = points.reference_scope(member)
+        await points.lock_reference(session, TxnType.DEDUCT, scope, payload.reference_id)
+        held = await _held_with_reference(session, scope, payload.reference_id)
+        if held is not None:
+            details = {"reference_id": payload.reference_id}
+            if held.member_id == member.id:
+                details["approval_id"] = held.public_id
+            raise points.ReferenceReused(
+                f"reference_id '{payload.reference_id}' was used for a deduction held for "
+                "approval.",
+                details=details,
+            )
+    return await points.spend_points(
+        session,
+        principal.actor,
+        member,
+        TxnType.DEDUCT,
+        points=payload.points,
+        reason=payload.reason,
+        reference_id=payload.reference_id,
+    )
+
+
+async def _held_with_reference(
+    session: AsyncSession, scope: int, reference_id: str
+) -> ApprovalRequest | None:
+    return await session.scalar(
+        select(ApprovalRequest).where(
+            ApprovalRequest.reference_scope == scope,
+            ApprovalRequest.reference_id == reference_id,
+        )
+    )
+
+
 async def request_deduction(
     session: AsyncSession, principal: Principal, member: Member, payload: DeductRequest
 ) -> ApprovalRequest:
@@ -59,18 +106,23 @@ async def request_deduction(
     organisation returns it."""
     scope = points.reference_scope(member)
     if payload.reference_id is not None:
-        existing = await session.scalar(
-            select(ApprovalRequest).where(
-                ApprovalRequest.reference_scope == scope,
-                ApprovalRequest.reference_id == payload.reference_id,
-            )
-        )
+        await points.lock_reference(session, TxnType.DEDUCT, scope, payload.reference_id)
+        existing = await _held_with_reference(session, scope, payload.reference_id)
         if existing is not None:
-            if existing.member_id != member.id or existing.points != payload.points:
+            if (
+                existing.member_id != member.id
+                or existing.points != payload.points
+                or existing.reason != payload.reason
+            ):
                 raise points.ReferenceReused(
                     f"reference_id '{payload.reference_id}' was used for another deduction."
                 )
             return existing
+        applied = await PointsRepository(session).by_reference(
+            TxnType.DEDUCT, scope, payload.reference_id
+        )
+        if applied is not None:
+            raise points.reference_reused(TxnType.DEDUCT, payload.reference_id, applied, member)
     now = utcnow()
     approval = ApprovalRequest(
         public_id=new_public_id("apr"),

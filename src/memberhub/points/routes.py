@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response as StarletteResponse
 
 from memberhub.approvals import service as approvals
+from memberhub.approvals.models import ApprovalRequest
 from memberhub.approvals.schemas import ApprovalOut
 from memberhub.auth.dependencies import (
     PointsAwarder,
@@ -150,22 +151,14 @@ async def deduct(
     """Take points away. Above the caller's role limit, or with `require_approval`, the
     deduction becomes an approval request (202) applied when a manager approves it."""
     member = await get_member(session, principal, payload.member_id)
-    program = await program_service.get_program(session)
-    if payload.require_approval or approvals.deduct_needs_approval(
-        principal, payload.points, program
-    ):
-        approval = await approvals.request_deduction(session, principal, member, payload)
-        out = await approvals.to_out(session, approval)
-        return JSONResponse(out.model_dump(mode="json"), status_code=202)
-    result = await service.spend_points(
-        session,
-        principal.actor,
-        member,
-        TxnType.DEDUCT,
-        points=payload.points,
-        reason=payload.reason,
-        reference_id=payload.reference_id,
-    )
+    result = await approvals.deduct(session, principal, member, payload)
+    if isinstance(result, ApprovalRequest):
+        out = await approvals.to_out(session, result)
+        return JSONResponse(
+            out.model_dump(mode="json"),
+            status_code=202,
+            headers={"Location": f"/api/v1/approvals/{result.public_id}"},
+        )
     return await _result(session, member, result, response)
 
 

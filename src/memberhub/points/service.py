@@ -13,9 +13,10 @@ reference never names another member's transaction.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Table, insert
@@ -106,6 +107,22 @@ def reference_reused(
     )
 
 
+# Kept in a transaction's details for the ledger's own use, not shown by the API.
+PRIVATE_DETAILS = frozenset({"requested_points", "request"})
+
+
+def request_fingerprint(**asked: Any) -> str:
+    """What an operation carrying a reference asked for, as a digest kept with its
+    transaction: a repeat of the reference must ask for exactly the same (times compared as
+    instants, so an offset spelt otherwise is the same time)."""
+    canonical = {
+        name: value.astimezone(UTC).isoformat() if isinstance(value, datetime) else value
+        for name, value in asked.items()
+    }
+    encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(encoded.encode()).hexdigest()[:32]
+
+
 async def lock_reference(
     session: AsyncSession, txn_type: str, scope: int, reference_id: str
 ) -> None:
@@ -122,9 +139,11 @@ async def find_replay(
     *,
     member: Member,
     points: int | None = None,
+    request: str | None = None,
 ) -> PointTransaction | None:
     """The earlier transaction with this reference in the member's scope, after checking it
-    was the same request."""
+    was the same request: the same `request` fingerprint (see `request_fingerprint`), or,
+    for a transaction written before fingerprints were kept, the same points."""
     if reference_id is None:
         return None
     scope = reference_scope(member)
@@ -132,8 +151,12 @@ async def find_replay(
     existing = await PointsRepository(session).by_reference(txn_type, scope, reference_id)
     if existing is None:
         return None
-    requested = existing.details.get("requested_points")
-    if existing.member_id != member.id or (points is not None and requested != points):
+    kept = existing.details.get("request")
+    if kept is not None and request is not None:
+        same = kept == request
+    else:
+        same = points is None or existing.details.get("requested_points") == points
+    if existing.member_id != member.id or not same:
         raise reference_reused(txn_type, reference_id, existing, member)
     return existing
 
@@ -145,6 +168,7 @@ async def _open(
     member: Member,
     *,
     points: int | None = None,
+    request: str | None = None,
     account: PointAccount | None = None,
 ) -> tuple[PointAccount, PointTransaction | None]:
     """The start of every single-member operation: hold the reference (if any), lock the
@@ -154,7 +178,9 @@ async def _open(
         # The reference's lock is always taken before the account's.
         assert reference_id is None, "an operation with a reference locks the account itself"
         return account, None
-    replay = await find_replay(session, txn_type, reference_id, member=member, points=points)
+    replay = await find_replay(
+        session, txn_type, reference_id, member=member, points=points, request=request
+    )
     return await PointsRepository(session).lock_account(member.id), replay
 
 
@@ -584,14 +610,19 @@ async def earn_points(
             code="CURRENCY_MISMATCH",
             details={"program_currency": program.currency, "currency": currency},
         )
-    account, replay = await _open(session, TxnType.EARN, reference_id, member)
+    request = request_fingerprint(amount=amount, currency=currency, reason=reason)
+    account, replay = await _open(session, TxnType.EARN, reference_id, member, request=request)
     if replay is not None:
         if replay.amount != amount or replay.currency != currency:
             raise reference_reused(TxnType.EARN, reference_id, replay, member)
         return LedgerResult(replay, account, replayed=True)
     multiplier = await tiers.earn_multiplier_percent(session, account.tier_code)
     points = program_service.points_for_amount(program, amount, multiplier)
-    details: dict[str, Any] = {"multiplier_percent": multiplier, "requested_points": None}
+    details: dict[str, Any] = {
+        "multiplier_percent": multiplier,
+        "requested_points": None,
+        "request": request,
+    }
     return await _earn(
         session,
         actor,
@@ -876,14 +907,27 @@ async def award_points(
     """Manual points. `account`: the member's account, already locked (no reference id)."""
     now = now or utcnow()
     _require_future(expires_at, now)
+    request = None
+    if reference_id is not None:
+        request = request_fingerprint(
+            points=points, reason=reason, expires_at=expires_at, notify=notify
+        )
     account, replay = await _open(
-        session, TxnType.AWARD, reference_id, member, points=points, account=account
+        session,
+        TxnType.AWARD,
+        reference_id,
+        member,
+        points=points,
+        request=request,
+        account=account,
     )
     if replay is not None:
         return LedgerResult(replay, account, replayed=True)
     program = await program_service.get_program(session)
     expiry = expires_at if expires_at is not None else program_service.expiry_for(program, now)
     details: dict[str, Any] = {"requested_points": points, "notify": notify}
+    if request is not None:
+        details["request"] = request
 
     def awarded(txn: PointTransaction, _batch: PointBatch | None) -> PointsEarned:
         return PointsEarned(**event_fields(txn, member), expires_at=expiry, notify=notify)
@@ -957,7 +1001,12 @@ async def spend_points(
     """Redeem or deduct: take points from the soonest-expiring batches first."""
     assert txn_type in (TxnType.REDEEM, TxnType.DEDUCT)
     now = now or utcnow()
-    account, replay = await _open(session, txn_type, reference_id, member, points=points)
+    request = None
+    if reference_id is not None:
+        request = request_fingerprint(points=points, reason=reason)
+    account, replay = await _open(
+        session, txn_type, reference_id, member, points=points, request=request
+    )
     if replay is not None:
         return LedgerResult(replay, account, replayed=True)
     await _expire_due(session, member, account, now)
@@ -972,7 +1021,11 @@ async def spend_points(
         reason=reason,
         reference_id=reference_id,
         reference_scope=reference_scope(member),
-        details={"requested_points": points, **(details or {})},
+        details={
+            "requested_points": points,
+            **({"request": request} if request is not None else {}),
+            **(details or {}),
+        },
     )
     await session.flush()
     allocations = await _allocate(session, txn, taken)
@@ -1067,7 +1120,10 @@ async def reverse_earn(
             f"Transaction {earn.public_id} is not an earn of this member.",
             code="TRANSACTION_NOT_FOUND",
         )
-    account, replay = await _open(session, TxnType.REVERSE, reference_id, member, points=points)
+    request = request_fingerprint(earn=earn.public_id, points=points, reason=reason)
+    account, replay = await _open(
+        session, TxnType.REVERSE, reference_id, member, points=points, request=request
+    )
     repo = PointsRepository(session)
     if replay is not None:
         return LedgerResult(replay, account, replayed=True)
@@ -1135,6 +1191,7 @@ async def reverse_earn(
         batch=batch,
         details={
             "requested_points": points,
+            "request": request,
             "cancelled_unspent": cancel,
             "taken_from_balance": clawback - owed,
             "left_owing": owed,
@@ -1307,7 +1364,17 @@ async def recover_expired(
     """Give back expired points as a new batch with a new expiry."""
     now = now or utcnow()
     _require_future(expires_at, now)
-    account, replay = await _open(session, TxnType.RECOVER, reference_id, member, points=points)
+    request = None
+    if reference_id is not None:
+        request = request_fingerprint(
+            points=points,
+            expires_at=expires_at,
+            reason=reason,
+            batches=sorted(source.public_id for source in sources),
+        )
+    account, replay = await _open(
+        session, TxnType.RECOVER, reference_id, member, points=points, request=request
+    )
     if replay is not None:
         return LedgerResult(replay, account, replayed=True)
     locked = []
@@ -1335,7 +1402,11 @@ async def recover_expired(
         reason=reason,
         reference_id=reference_id,
         reference_scope=reference_scope(member),
-        details={"requested_points": points, "batches": [b.public_id for b in locked]},
+        details={
+            "requested_points": points,
+            "batches": [b.public_id for b in locked],
+            **({"request": request} if request is not None else {}),
+        },
     )
     await session.flush()
     left = wanted
@@ -1367,8 +1438,11 @@ async def transfer_points(
     now = now or utcnow()
     if source.id == target.id:
         raise ValidationFailed("A member cannot transfer points to themselves.")
+    request = None
+    if reference_id is not None:
+        request = request_fingerprint(points=points, reason=reason, to=target.public_id)
     replay = await find_replay(
-        session, TxnType.TRANSFER_OUT, reference_id, member=source, points=points
+        session, TxnType.TRANSFER_OUT, reference_id, member=source, points=points, request=request
     )
     repo = PointsRepository(session)
     # Lock both accounts in id order, so two opposite transfers cannot deadlock.
@@ -1399,7 +1473,11 @@ async def transfer_points(
         reason=reason,
         reference_id=reference_id,
         reference_scope=reference_scope(source),
-        details={"requested_points": points, "to_member_id": target.public_id},
+        details={
+            "requested_points": points,
+            "to_member_id": target.public_id,
+            **({"request": request} if request is not None else {}),
+        },
     )
     await session.flush()
     allocations = await _allocate(session, out_txn, taken)
@@ -1507,7 +1585,7 @@ def transaction_out(
         batch_id=batch_public_id,
         amount=txn.amount,
         currency=txn.currency,
-        details={k: v for k, v in txn.details.items() if k != "requested_points"},
+        details={k: v for k, v in txn.details.items() if k not in PRIVATE_DETAILS},
         actor=txn.actor,
         occurred_at=txn.occurred_at,
         allocations=[AllocationOut(batch_id=b, points=p) for b, p in allocations],

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from memberhub.approvals import service as approvals
+from memberhub.approvals.models import ApprovalRequest
 from memberhub.auth.principal import Principal
 from memberhub.auth.roles import Scope
 from memberhub.console.session import console_session
@@ -477,7 +478,6 @@ async def deduct(
     principal = signed_in.principal
     principal.require_scope(Scope.POINTS_DEDUCT)
     member = await get_member(session, principal, member_id)
-    program = await program_service.get_program(session)
     payload = DeductRequest(
         member_id=member.public_id,
         points=points_deducted,
@@ -485,28 +485,17 @@ async def deduct(
         reference_id=reference_id,
         require_approval=require_approval,
     )
-    if payload.require_approval or approvals.deduct_needs_approval(
-        principal, payload.points, program
-    ):
-        approval = await approvals.request_deduction(session, principal, member, payload)
+    result = await approvals.deduct(session, principal, member, payload)
+    if isinstance(result, ApprovalRequest):
         console_session(request).put_pending(
-            "sent_for_approval", {"id": approval.public_id, "member": member.public_id}
+            "sent_for_approval", {"id": result.public_id, "member": member.public_id}
         )
         return _done(
             request,
             member,
             f"Sent for approval: deducting {payload.points} points waits for a manager's "
-            f"or an admin's decision ({approval.public_id}).",
+            f"or an admin's decision ({result.public_id}).",
         )
-    result = await points.spend_points(
-        session,
-        principal.actor,
-        member,
-        TxnType.DEDUCT,
-        points=payload.points,
-        reason=payload.reason,
-        reference_id=payload.reference_id,
-    )
     return _done(request, member, _applied(result, f"Deducted {payload.points} points."))
 
 
