@@ -614,3 +614,17 @@ async def test_inconsistent_program_settings_are_refused(
     response = await api.patch("/api/v1/program", settings_patch)
     assert response.status_code == 422, response.text
     assert (await api.get("/api/v1/program")).json()["expiry_policy"] == "never"
+
+
+async def test_the_programs_time_of_change_moves_only_when_it_changes(api: ApiClient) -> None:
+    # The defaults were never saved: no time of change, however often they are read.
+    assert (await api.get("/api/v1/program")).json()["updated_at"] is None
+    assert (await api.get("/api/v1/program")).json()["updated_at"] is None
+    saved = await api.patch("/api/v1/program", {"earn_points": 2})
+    assert saved.status_code == 200, saved.text
+    changed_at = saved.json()["updated_at"]
+    assert changed_at is not None
+    assert (await api.get("/api/v1/program")).json()["updated_at"] == changed_at
+    assert (await api.patch("/api/v1/program", {"earn_points": 2})).json()["updated_at"] == (
+        changed_at
+    )

@@ -114,7 +114,10 @@ def check_expiry_fields(fields: ProgramFields) -> ProgramFields:
 
 
 class ProgramOut(ProgramFields):
-    updated_at: datetime
+    updated_at: datetime | None = Field(
+        description="When the settings last changed; null while they are the defaults, "
+        "never saved."
+    )
 
 
 class ProgramPatch(PatchInput):

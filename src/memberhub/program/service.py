@@ -47,7 +47,8 @@ def _defaults() -> LoyaltyProgram:
         role_limits=RoleLimits().model_dump(),
         alert_thresholds=AlertThresholds().model_dump(),
         unmatched_activity_leads=UnmatchedActivityLeads().model_dump(),
-        updated_at=utcnow(),
+        # Never saved: no time of change (set when it is first saved).
+        updated_at=None,
     )
 
 
