@@ -530,7 +530,14 @@ def test_a_sqlite_file_that_cannot_be_opened_is_one_line(
     not_a_database.write_text("these are notes, not a database\n" * 100)
     unopenable = tmp_path / "a-directory"
     unopenable.mkdir()
-    for path, reason in ((not_a_database, "file is not a database"), (unopenable, "unable")):
+    # Checking neither creates nor changes a file.
+    before = not_a_database.read_bytes()
+    cases = (
+        (not_a_database, "file is not a database"),
+        (unopenable, "it is a directory"),
+        (not_a_database / "memberhub.db", "unable to create it"),
+    )
+    for path, reason in cases:
         url = f"sqlite+aiosqlite:///{path}"
         env = {"MEMBERHUB_DATABASE_URL": url, "MEMBERHUB_DATA_DIR": str(tmp_path / "data")}
         assert _main_exit(monkeypatch, env, *command) == 1
@@ -538,6 +545,7 @@ def test_a_sqlite_file_that_cannot_be_opened_is_one_line(
         assert out == ""
         (line,) = err.splitlines()
         assert line.startswith(f"error: cannot use the database at {url}: {reason}")
+    assert not_a_database.read_bytes() == before
 
 
 def test_a_data_directory_that_cannot_be_made_is_one_line(

@@ -153,15 +153,26 @@ def _require_openable_sqlite(url: str) -> None:
 
     from sqlalchemy.engine import make_url
 
-    path = make_url(url).database
-    if not path or path == ":memory:":
+    name = make_url(url).database
+    if not name or name == ":memory:" or name.startswith("file:"):
         return
-    try:
-        with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
-            conn.execute("PRAGMA schema_version").fetchone()
-    except sqlite3.Error as exc:
-        typer.echo(f"error: cannot use the database at {url}: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+    path = Path(name)
+    problem = None
+    if path.is_dir():
+        problem = "it is a directory, not a database file"
+    elif path.exists():
+        # Read-only: checking creates and changes nothing.
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        try:
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+                conn.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.Error as exc:
+            problem = str(exc)
+    elif not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+        problem = f"unable to create it: {path.parent} is not a directory it can write in"
+    if problem is not None:
+        typer.echo(f"error: cannot use the database at {url}: {problem}", err=True)
+        raise typer.Exit(code=1)
 
 
 def _require_secret_key(settings: Settings) -> None:
