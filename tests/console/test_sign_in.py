@@ -62,13 +62,33 @@ async def test_an_award_from_the_console_is_recorded_as_the_staff_user(
     assert staff_id in {e["actor"] for e in audit if e["action"].startswith("points.")}
 
 
-async def test_signing_out_ends_the_session(browser: httpx.AsyncClient, db: Database) -> None:
+def _another_browser(app: object, cookies: dict[str, str] | None = None) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    return httpx.AsyncClient(transport=transport, base_url="https://testserver", cookies=cookies)
+
+
+async def test_signing_out_ends_the_session(
+    browser: httpx.AsyncClient, app: object, db: Database
+) -> None:
     await create_staff_user(db)
     await sign_in(browser)
     home = await browser.get("/console")
-    out = await browser.post("/console/sign-out", data={"csrf_token": csrf_of(home)})
-    assert out.status_code == 303
-    assert (await browser.get("/console")).status_code == 303
+    kept = browser.cookies["memberhub_console"]
+    # Another browser signed in to the same account keeps its own session.
+    elsewhere = _another_browser(app)
+    async with elsewhere:
+        await sign_in(elsewhere)
+        out = await browser.post("/console/sign-out", data={"csrf_token": csrf_of(home)})
+        assert out.status_code == 303
+        assert (await browser.get("/console")).status_code == 303
+        # A copy of the signed-out cookie, still signed and within its lifetime, signs
+        # no one in.
+        copied = _another_browser(app, cookies={"memberhub_console": kept})
+        async with copied:
+            replayed = await copied.get("/console/members")
+            assert replayed.status_code == 303
+            assert replayed.headers["location"].startswith("/console/sign-in")
+        assert (await elsewhere.get("/console")).status_code == 200
 
 
 async def test_the_password_can_be_changed_from_the_account_page(

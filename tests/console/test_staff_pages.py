@@ -124,6 +124,18 @@ async def test_an_admin_changes_role_organisation_and_active_flag(
         # A change of access ends the account's sessions.
         assert (await sams_browser.get("/console")).status_code == 303
 
+        # A new name changes no access: the session signed in after goes on.
+        await sign_in(sams_browser, "sam@example.org")
+        renamed = await submit(
+            browser,
+            page_url,
+            page_url,
+            {"name": "Sam P.", "role": "manager", "organisation_id": org, "active": "true"},
+        )
+        assert renamed.status_code == 303, renamed.text
+        assert (await staff_in_api(api))["sam@example.org"]["name"] == "Sam P."
+        assert (await sams_browser.get("/console")).status_code == 200
+
         # The form shows every field: an empty organisation makes the account
         # installation-wide, an unticked box deactivates it.
         deactivated = await submit(
@@ -132,6 +144,7 @@ async def test_an_admin_changes_role_organisation_and_active_flag(
         assert deactivated.status_code == 303
         sam = (await staff_in_api(api))["sam@example.org"]
         assert (sam["organisation_id"], sam["active"]) == (None, False)
+        assert (await sams_browser.get("/console")).status_code == 303
         assert (await sign_in(sams_browser, "sam@example.org")).status_code == 401
 
 

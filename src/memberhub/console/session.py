@@ -1,8 +1,9 @@
 """The console's session: a signed cookie, with idle and absolute expiry and a CSRF token.
 
 The cookie holds no secret, only who is signed in (the staff public id and the account's
-session version, so a password change or deactivation ends every session), when, and the
-CSRF token; it is signed (itsdangerous, with a key derived from the master secret) so it
+session version, so a password change or deactivation ends every session), the session's
+random id (signing out records it as ended, so a copy of the cookie signs no one in), when,
+and the CSRF token; it is signed (itsdangerous, with a key derived from the master secret) so it
 cannot be forged, and is sent HttpOnly, SameSite=Lax, and Secure outside development.
 """
 
@@ -66,6 +67,16 @@ class ConsoleSession:
         return value if isinstance(value, str) else None
 
     @property
+    def session_id(self) -> str | None:
+        value = self.data.get("sid")
+        return value if isinstance(value, str) else None
+
+    @property
+    def signed_in_at(self) -> int | None:
+        value = self.data.get("at")
+        return value if isinstance(value, int) else None
+
+    @property
     def version(self) -> int | None:
         value = self.data.get("ver")
         return value if isinstance(value, int) else None
@@ -76,6 +87,7 @@ class ConsoleSession:
         self.data = {
             "csrf": secrets.token_urlsafe(32),
             "stf": staff_id,
+            "sid": secrets.token_urlsafe(18),
             "ver": version,
             "at": now,
             "seen": now,
@@ -152,6 +164,11 @@ def load_session(settings: Settings, cookie: str | None, now: float) -> ConsoleS
             session.sign_out()
             session.expired = True
     return session
+
+
+def session_digest(session_id: str) -> str:
+    """How an ended session is recorded: never by its id itself."""
+    return hashlib.sha256(b"memberhub-console-session-id:" + session_id.encode()).hexdigest()
 
 
 def console_session(request: Request) -> ConsoleSession:

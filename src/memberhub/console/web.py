@@ -23,7 +23,7 @@ from starlette.types import Message
 
 from memberhub.auth.principal import Principal
 from memberhub.console.navigation import visible_navigation
-from memberhub.console.session import console_session, is_console_path
+from memberhub.console.session import console_session, is_console_path, session_digest
 from memberhub.kit.errors import Forbidden, MemberhubError, Unauthorized
 from memberhub.kit.http import SAFE_METHODS, read_body, spool_body, validation_fields
 from memberhub.staff import service as staff_service
@@ -165,7 +165,13 @@ async def signed_in_staff(request: Request) -> SignedIn:
     if state.staff_id is None:
         raise SignInRequired()
     staff = await StaffRepository(session).get_by_public_id(state.staff_id)
-    if staff is None or not staff.active or staff.session_version != state.version:
+    if (
+        staff is None
+        or not staff.active
+        or staff.session_version != state.version
+        or state.session_id is None
+        or await staff_service.session_ended(session, session_digest(state.session_id))
+    ):
         state.sign_out()
         raise SignInRequired()
     state.touch(int(time.time()))

@@ -115,8 +115,7 @@ def check_expiry_fields(fields: ProgramFields) -> ProgramFields:
 
 class ProgramOut(ProgramFields):
     updated_at: datetime | None = Field(
-        description="When the settings last changed; null while they are the defaults, "
-        "never saved."
+        description="When the settings last changed; null while they are the defaults, never saved."
     )
 
 

@@ -37,3 +37,17 @@ class StaffUser(IdMixin, Base):
     last_sign_in_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class EndedConsoleSession(Base):
+    """A console session signed out before it expired: its cookie, though still signed and
+    within its lifetime, no longer signs anyone in. Kept by a digest of the session's id
+    until the cookie would have expired anyway."""
+
+    __tablename__ = "console_sessions_ended"
+
+    session_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    staff_id: Mapped[int] = mapped_column(
+        BigIntId, ForeignKey("staff_users.id", ondelete="CASCADE"), index=True
+    )
+    expires_at: Mapped[datetime] = mapped_column(index=True)

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 import pyotp
 from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.service import record_write
@@ -31,7 +32,7 @@ from memberhub.organisations.models import Organisation
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.settings import Settings
 from memberhub.staff import passwords
-from memberhub.staff.models import StaffUser
+from memberhub.staff.models import EndedConsoleSession, StaffUser
 from memberhub.staff.repository import StaffRepository
 
 STAFF_ROLES = (Role.ADMIN, Role.MANAGER, Role.SUPPORT_AGENT)
@@ -166,9 +167,10 @@ async def update_staff(
             raise Conflict("You cannot deactivate your own account.", code="OWN_ACCOUNT")
         changes["active"] = {"before": staff.active, "after": active}
         staff.active = active
-    if changes:
-        # Access changed: sessions signed in before it end.
+    if changes.keys() & {"role", "organisation_id", "active"}:
+        # Access changed: sessions signed in before it end (a new name changes no access).
         staff.session_version += 1
+    if changes:
         record_write(
             session,
             principal.actor,
@@ -307,6 +309,38 @@ async def check_second_factor(
     ):
         return await _record_failure(session, staff, settings, now, actor)
     return SignInOutcome(SignInResult.SIGNED_IN, staff)
+
+
+async def end_session(
+    session: AsyncSession,
+    actor: Actor,
+    staff: StaffUser,
+    session_digest: str,
+    *,
+    expires_at: datetime,
+) -> None:
+    """Record a console session as signed out, so a copy of its cookie signs no one in
+    until it would have expired; sessions past that are forgotten meanwhile."""
+    now = utcnow()
+    await session.execute(delete(EndedConsoleSession).where(EndedConsoleSession.expires_at < now))
+    if expires_at > now and await session.get(EndedConsoleSession, session_digest) is None:
+        session.add(
+            EndedConsoleSession(
+                session_digest=session_digest, staff_id=staff.id, expires_at=expires_at
+            )
+        )
+    record_write(
+        session,
+        actor,
+        action="staff.sign_out",
+        object_type="staff",
+        object_id=staff.public_id,
+        changes={},
+    )
+
+
+async def session_ended(session: AsyncSession, session_digest: str) -> bool:
+    return await session.get(EndedConsoleSession, session_digest) is not None
 
 
 def record_sign_in(session: AsyncSession, actor: Actor, staff: StaffUser, method: str) -> None:
