@@ -111,10 +111,13 @@ async def test_totp_enrolment_then_sign_in_asks_for_a_code(
         "/console/account/totp/confirm", data={"csrf_token": csrf_of(started), "code": "000000"}
     )
     assert wrong.status_code == 422
+    # A mistyped code shows the same secret and the form again, to try the next code.
+    assert wrong.text.split('id="totp-secret">')[1].split("<")[0] == secret
+    assert 'action="/console/account/totp/confirm"' in wrong.text
     confirming_code = pyotp.TOTP(secret).now()
     confirmed = await browser.post(
         "/console/account/totp/confirm",
-        data={"csrf_token": csrf_of(started), "code": confirming_code},
+        data={"csrf_token": csrf_of(wrong), "code": confirming_code},
     )
     assert confirmed.status_code == 303, confirmed.text
     browser.cookies.clear()

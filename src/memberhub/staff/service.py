@@ -412,8 +412,20 @@ def start_totp(box: SecretBox, staff: StaffUser) -> tuple[str, str]:
         raise Conflict("Two-factor sign-in is already on.", code="TOTP_ENABLED")
     secret = pyotp.random_base32()
     staff.totp_pending_secret = box.encrypt(secret)
-    uri = pyotp.TOTP(secret).provisioning_uri(name=staff.email, issuer_name=TOTP_ISSUER)
-    return secret, uri
+    return secret, _provisioning_uri(staff, secret)
+
+
+def pending_totp(box: SecretBox, staff: StaffUser) -> tuple[str, str] | None:
+    """The secret being enrolled (with its URI), to show again after a mistyped code: a
+    new secret would break the entry already added to the authenticator."""
+    if staff.totp_secret is not None or staff.totp_pending_secret is None:
+        return None
+    secret = box.decrypt(staff.totp_pending_secret)
+    return secret, _provisioning_uri(staff, secret)
+
+
+def _provisioning_uri(staff: StaffUser, secret: str) -> str:
+    return pyotp.TOTP(secret).provisioning_uri(name=staff.email, issuer_name=TOTP_ISSUER)
 
 
 def confirm_totp(

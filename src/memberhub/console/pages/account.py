@@ -81,10 +81,16 @@ async def confirm_totp(
     signed_in: SignedInStaff,
     code: Annotated[str, Form(max_length=20)],
 ) -> Response:
+    box = request.app.state.secret_box
     try:
-        staff_service.confirm_totp(session, request.app.state.secret_box, signed_in.staff, code)
+        staff_service.confirm_totp(session, box, signed_in.staff, code)
     except MemberhubError as exc:
-        return _page(request, signed_in, error=exc.message, status_code=exc.status_code)
+        # The same secret again, to try the next code with.
+        pending = staff_service.pending_totp(box, signed_in.staff)
+        enrolment = {"secret": pending[0], "uri": pending[1]} if pending is not None else None
+        return _page(
+            request, signed_in, error=exc.message, status_code=exc.status_code, enrolment=enrolment
+        )
     await session.flush()
     console_session(request).set_version(signed_in.staff.session_version)
     console_session(request).flash("Two-factor sign-in is on: you will be asked for a code.")
