@@ -606,3 +606,20 @@ def test_a_new_expiry_date_ends_with_the_day_in_the_programs_time_zone() -> None
     ends = members_page._end_of_day("2030-06-01", Program())  # type: ignore[arg-type]
     # Midnight after 1 June in Kuala Lumpur (UTC+8).
     assert ends == datetime(2030, 6, 1, 16, 0, tzinfo=UTC)
+
+
+async def test_the_award_form_takes_what_the_api_takes(
+    browser: httpx.AsyncClient, api: ApiClient, db: Database
+) -> None:
+    await create_staff_user(db, role="admin")
+    member = await api.create_member()
+    await sign_in(browser)
+    page = f"/console/members/{member['id']}"
+    form = (await browser.get(page)).text
+    assert 'id="award-points" name="points" type="number" min="1" max="1000000000000"' in form
+    assert 'id="award-reason" name="reason" type="text" required maxlength="1000"' in form
+    reason = "r" * 1000
+    awarded = await submit(browser, page, f"{page}/award", {"points": "2000000", "reason": reason})
+    assert awarded.status_code == 303, awarded.text
+    history = (await api.get("/api/v1/points/transactions", {"member_id": member["id"]})).json()
+    assert [(t["points"], t["reason"]) for t in history["data"]] == [(2_000_000, reason)]

@@ -409,8 +409,8 @@ async def award(
     member_id: MemberId,
     session: ConsoleDb,
     signed_in: SignedInStaff,
-    points_awarded: Annotated[int, Form(alias="points", ge=1, le=1_000_000)],
-    reason: Annotated[str, Form(min_length=1, max_length=200, pattern=NO_NUL)],
+    points_awarded: PointsField,
+    reason: ReasonField,
     reference_id: FormReference = None,
 ) -> Response:
     """As `POST /api/v1/points/award`, acting as the signed-in staff user."""
