@@ -86,7 +86,9 @@ async def test_search_open_a_member_read_the_widget_and_act(
     assert await page.locator("#balance-value").inner_text() == "15.00 EUR"
     assert summary["balance_value"] == 1500
     assert await points_in(page, "expiring") == summary["expiring_balance"] == 1500
-    assert f"1500 points on {soon:%Y-%m-%d}" in await page.locator("#expiring").inner_text()
+    assert (
+        f"1500 points valid through {soon:%Y-%m-%d}" in await page.locator("#expiring").inner_text()
+    )
     assert await points_in(page, "lifetime-earned") == summary["lifetime_earned"]
     assert await points_in(page, "lifetime-redeemed") == summary["lifetime_redeemed"]
     assert await points_in(page, "lifetime-expired") == summary["lifetime_expired"]

@@ -178,7 +178,7 @@ async def test_the_points_widget_shows_the_numbers_the_api_gives(
     page = await browser.get(f"/console/members/{member['id']}")
     summary = await points_of(api, member["id"])
     assert shown_points(page, "expiring") == summary["expiring_balance"] == 80
-    assert f"80 points on {soon:%Y-%m-%d}" in shown(page, "expiring")
+    assert f"80 points valid through {soon:%Y-%m-%d}" in shown(page, "expiring")
 
 
 async def test_the_transaction_history_pages_newest_first_with_the_actor(
@@ -228,6 +228,9 @@ async def test_quick_actions_apply_as_the_staff_user(
     assert extended.status_code == 303, extended.text
     after = (await api.get(f"/api/v1/members/{member['id']}/points/batches")).json()["data"]
     assert after[0]["expires_at"].startswith((new_day + timedelta(days=1)).isoformat())
+    # The page names the day chosen: the last day the points can be used.
+    page = (await browser.get(f"/console/members/{member['id']}")).text
+    assert f"1000 points valid through {new_day.isoformat()} ({batch['id']})" in page
 
     redeemed = await post_form(
         browser, member["id"], "redeem", {"points": "100", "reason": "Voucher"}

@@ -7,9 +7,11 @@ import hmac
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 import structlog
 from fastapi import Depends, FastAPI, Request
@@ -33,6 +35,17 @@ from memberhub.staff.repository import StaffRepository
 log = structlog.get_logger("memberhub.console")
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+
+
+def last_day(expires_at: datetime, zone: str) -> str:
+    """The last day points expiring at `expires_at` can still be used, in the program's
+    time zone: an expiry at a day's first moment leaves them the day before (the form's
+    "new expiry date" is that day)."""
+    local = expires_at.astimezone(ZoneInfo(zone))
+    return (local - timedelta(microseconds=1)).date().isoformat()
+
+
+templates.env.filters["last_day"] = last_day
 CSRF_FIELD = "csrf_token"
 
 

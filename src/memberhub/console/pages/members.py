@@ -348,6 +348,7 @@ async def member_page(
     )
     context["first_page_url"] = base if cursor or status_cursor else None
     program = await program_service.get_program(session)
+    context["program_zone"] = program.timezone
     if context["can_deduct"]:
         context["deduct_limit"] = _deduct_limit(principal, program)
     if context["can_extend"]:
