@@ -81,6 +81,24 @@ async def test_a_one_value_filter_given_twice_is_refused_and_a_list_filter_is_no
     assert [txn["type"] for txn in both.json()["data"]] == ["award"]
 
 
+async def test_query_values_are_taken_as_typed(api: ApiClient) -> None:
+    for path, name, bad, good in (
+        ("/api/v1/members", "limit", "1.0", "1"),
+        ("/api/v1/members", "limit", "+1", "2"),
+        ("/api/v1/rewards", "active", "0", "false"),
+        ("/api/v1/rewards", "active", "yes", "true"),
+        ("/api/v1/earning-rules", "archived", "on", "true"),
+    ):
+        refused = await api.get(path, params={name: bad})
+        assert refused.status_code == 422, (path, name, bad, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "VALIDATION_ERROR"
+        (field,) = error["details"]["fields"]
+        assert field["loc"] == ["query", name]
+        assert field["type"] in ("bool_parsing", "int_parsing")
+        assert (await api.get(path, params={name: good})).status_code == 200
+
+
 async def test_members_are_found_by_external_id(api: ApiClient) -> None:
     ana = await api.create_member(external_ids={"crm": "42", "erp": "A-1"})
     await api.create_member(external_ids={"crm": "43"})
@@ -112,3 +130,22 @@ async def test_a_body_that_is_not_readable_json_is_one_422_shape(
     assert error["code"] == "VALIDATION_ERROR"
     [field] = error["details"]["fields"]
     assert (field["loc"][0], field["type"]) == ("body", "json_invalid")
+
+
+async def test_a_body_naming_a_key_twice_is_refused_and_changes_nothing(api: ApiClient) -> None:
+    headers = {"Authorization": f"Bearer {api.key}", "Content-Type": "application/json"}
+    for body in (
+        b'{"email": "d@example.com", "email": "e@example.com"}',
+        b'{"email": "d@example.com", "custom_fields": {"size": 1, "size": 2}}',
+    ):
+        refused = await api.http.post("/api/v1/members", content=body, headers=headers)
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "VALIDATION_ERROR"
+        assert [field["type"] for field in error["details"]["fields"]] == ["duplicate_key"]
+        assert error["details"]["fields"][0]["loc"][0] == "body"
+    assert (await api.get("/api/v1/members")).json()["data"] == []
+    once = b'{"email": "d@example.com", "custom_fields": {"size": 1}}'
+    assert (
+        await api.http.post("/api/v1/members", content=once, headers=headers)
+    ).status_code == 201

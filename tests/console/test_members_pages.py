@@ -229,8 +229,8 @@ async def test_quick_actions_apply_as_the_staff_user(
     after = (await api.get(f"/api/v1/members/{member['id']}/points/batches")).json()["data"]
     assert after[0]["expires_at"].startswith((new_day + timedelta(days=1)).isoformat())
     # The page names the day chosen: the last day the points can be used.
-    page = (await browser.get(f"/console/members/{member['id']}")).text
-    assert f"1000 points valid through {new_day.isoformat()} ({batch['id']})" in page
+    offered = (await browser.get(f"/console/members/{member['id']}")).text
+    assert f"1000 points valid through {new_day.isoformat()} ({batch['id']})" in offered
 
     redeemed = await post_form(
         browser, member["id"], "redeem", {"points": "100", "reason": "Voucher"}

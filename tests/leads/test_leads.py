@@ -102,8 +102,9 @@ async def test_enrolling_creates_the_member_joins_the_plan_and_emits_enrollment_
     assert enrolled["lead"]["status"] == "enrolled"
     assert enrolled["plan_id"] == plan["id"]
     assert enrolled["lead"]["member_id"] == enrolled["member_id"]
+    assert response.headers["Location"] == f"/api/v1/members/{enrolled['member_id']}"
 
-    member = (await api.get(f"/api/v1/members/{enrolled['member_id']}")).json()
+    member = (await api.get(response.headers["Location"])).json()
     assert member["email"] == "Lee.Tan@example.com"
     assert (member["first_name"], member["status"]) == ("Lee", "active")
     assert member["custom_fields"] == {"employer": "Acme"}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import types
 import typing
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from tempfile import SpooledTemporaryFile
@@ -238,6 +240,110 @@ def _single_query_names(dependant: Dependant) -> frozenset[str]:
     return frozenset(names)
 
 
+def _scalar(annotation: Any) -> Any:
+    """`bool` or `int` under Optional or Annotated; None for anything else."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _scalar(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        found = {_scalar(arg) for arg in typing.get_args(annotation) if arg is not type(None)}
+        return found.pop() if len(found) == 1 else None
+    return annotation if annotation in (bool, int) else None
+
+
+def _typed_query_names(dependant: Dependant) -> dict[str, Any]:
+    """The one-value query parameters that are booleans or integers, by name."""
+    typed = {
+        param.alias: kind
+        for param in dependant.query_params
+        if (kind := _scalar(param.field_info.annotation)) is not None
+    }
+    for dependency in dependant.dependencies:
+        typed |= _typed_query_names(dependency)
+    return typed
+
+
+_QUERY_INTEGER = re.compile(r"-?[0-9]{1,19}")
+
+
+def _mistyped_query(params: Any, typed: dict[str, Any]) -> list[dict[str, Any]]:
+    """Query values taken as typed, as body fields are: a boolean is `true` or `false` (not
+    `1`, `yes` or `on`), an integer is digits (not `1.0`)."""
+    fields = []
+    for name, kind in typed.items():
+        value = params.get(name)
+        if value is None:
+            continue
+        if kind is bool and value not in ("true", "false"):
+            fields.append(
+                {
+                    "loc": ["query", name],
+                    "message": "Input should be true or false",
+                    "type": "bool_parsing",
+                }
+            )
+        elif kind is int and _QUERY_INTEGER.fullmatch(value) is None:
+            fields.append(
+                {
+                    "loc": ["query", name],
+                    "message": "Input should be a whole number, in digits",
+                    "type": "int_parsing",
+                }
+            )
+    return fields
+
+
+def _json_declared(request: Request) -> bool:
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+class _DuplicateKeys(ValueError):
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(keys)
+        self.keys = keys
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        counted = Counter(key for key, _ in pairs)
+        raise _DuplicateKeys(sorted(key for key, times in counted.items() if times > 1))
+    return found
+
+
+def _parse_json_once(request: Request, body: bytes) -> None:
+    """Parse a JSON body here, refusing an object that names a key twice (whose first
+    value would quietly lose to the second), and keep the result where FastAPI looks for
+    it, so it is not parsed again. A body that is not JSON is left to FastAPI's error."""
+    try:
+        request._json = json.loads(body, object_pairs_hook=_unique_keys)
+    except _DuplicateKeys as exc:
+        names = ", ".join(key[:50] for key in exc.keys[:10])
+        raise ValidationFailed(
+            f"The body names a key more than once in an object: {names}.",
+            details={
+                "fields": [
+                    {
+                        "loc": ["body", key[:50]],
+                        "message": "This key appears more than once in an object",
+                        "type": "duplicate_key",
+                    }
+                    for key in exc.keys[:10]
+                ]
+            },
+        ) from None
+    except ValueError:  # not JSON (nor UTF-8): FastAPI answers it as it does
+        return
+    except RecursionError:
+        return
+
+
 def _authenticates_first(dependant: Dependant) -> bool:
     return any(
         getattr(dependency.call, "authenticates_first", False) or _authenticates_first(dependency)
@@ -257,6 +363,7 @@ class CheckedRoute(APIRoute):
         self.authenticates_first = _authenticates_first(self.dependant)
         self.query_names = _query_names(self.dependant)
         self.single_query_names = _single_query_names(self.dependant)
+        self.typed_query_names = _typed_query_names(self.dependant)
         self.body_limit_setting = getattr(self.endpoint, "body_limit_setting", "max_body_bytes")
 
     @property
@@ -305,6 +412,10 @@ class CheckedRoute(APIRoute):
                 "each takes one value.",
                 details={"repeated": repeated[:10]},
             )
+        if params and self.typed_query_names:
+            mistyped = _mistyped_query(params, self.typed_query_names)
+            if mistyped:
+                raise ValidationFailed("The request is not valid.", details={"fields": mistyped})
         if request.method not in SAFE_METHODS:
             # Received whole before any transaction: a slow upload holds no write slot.
             settings = request.app.state.settings
@@ -313,7 +424,9 @@ class CheckedRoute(APIRoute):
                 # In the data directory: a temporary directory is often held in memory.
                 request.state.spooled_body = await spool_body(request, limit, settings.data_dir)
             else:
-                await read_body(request, limit)
+                body = await read_body(request, limit)
+                if body and _json_declared(request):
+                    _parse_json_once(request, body)
 
 
 class UnitOfWorkRoute(CheckedRoute):

@@ -95,11 +95,14 @@ async def enroll_lead(
     session: DbSession,
     principal: LeadsWriter,
     _members: MembersWriter,
+    response: Response,
 ) -> EnrollmentOut:
     """Create the member from the lead (and join the plan given); emits
     `enrollment.completed`. Needs `members:write` as well as `leads:write`, and
-    `memberships:write` with a `plan_id`."""
-    return await service.enroll(session, principal, lead_id, payload)
+    `memberships:write` with a `plan_id`. `Location` is the new member."""
+    enrolled = await service.enroll(session, principal, lead_id, payload)
+    response.headers["Location"] = f"/api/v1/members/{enrolled.member_id}"
+    return enrolled
 
 
 @external.post("/leads/import")
