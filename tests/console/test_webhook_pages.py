@@ -180,19 +180,33 @@ async def test_a_url_reaching_a_private_network_is_refused_with_the_apis_message
     from_the_api = await api.post(ENDPOINTS, {"url": "https://10.0.0.1/", "event_types": ["*"]})
     assert from_the_api.status_code == 422
 
-    refused = await register(browser, url="https://10.0.0.1/", event_types="*")
+    typed = {"description": "CRM <sync>", "rate_limit": "7", "ordered": "true"}
+    refused = await register(browser, url="https://10.0.0.1/", event_types="member.*", **typed)
 
     assert refused.status_code == 422, refused.text
     message = from_the_api.json()["error"]["message"]
     assert "may not reach" in message
     assert message.replace("'", "&#39;") in refused.text
     assert await endpoint_count(db) == 0
+    # The form comes back as it was typed, to correct rather than retype.
+    for shown in (
+        'name="url" type="url"',
+        'value="https://10.0.0.1/"',
+        'value="member.*"',
+        'value="CRM &lt;sync&gt;"',
+        'value="7"',
+        'value="true" checked',
+    ):
+        assert shown in refused.text, shown
 
 
 @pytest.mark.parametrize(
     ("fields", "shown"),
     [
-        ({"url": "https://93.184.215.14/h", "event_types": "no.such.event"}, "match no event"),
+        (
+            {"url": "https://93.184.215.14/h", "event_types": "no.such.event, member.*"},
+            "match no event of the catalog: no.such.event (",
+        ),
         (
             {"url": "https://93.184.215.14/h", "event_types": " , "},
             "event_types: List should have at least 1",

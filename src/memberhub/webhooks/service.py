@@ -65,7 +65,8 @@ def _check_event_types(patterns: Sequence[str]) -> list[str]:
     unknown = unknown_patterns(patterns)
     if unknown:
         raise ValidationFailed(
-            "Some event types match no event of the catalog (see /api/v1/event-types).",
+            f"These event types match no event of the catalog: {', '.join(unknown[:10])} "
+            "(see /api/v1/event-types).",
             details={"field": "event_types", "unknown": unknown[:20]},
         )
     return sorted(set(patterns))

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Form, Query, Request
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from memberhub.auth.principal import Principal
@@ -23,7 +24,7 @@ from memberhub.auth.roles import Scope
 from memberhub.console.session import console_session
 from memberhub.console.web import ConsoleDb, ConsoleRoute, SignedInStaff, redirect, render
 from memberhub.kit.crypto import SecretBox
-from memberhub.kit.errors import ValidationFailed
+from memberhub.kit.errors import MemberhubError, ValidationFailed
 from memberhub.kit.pagination import build_page, cursor_after_id
 from memberhub.kit.types import IdPath
 from memberhub.webhooks import service
@@ -112,8 +113,22 @@ async def list_endpoints(
     request: Request, session: ConsoleDb, signed_in: SignedInStaff, cursor: Cursor = None
 ) -> Response:
     """As `GET /api/v1/webhook-endpoints`, with the registration form for writers."""
-    principal = signed_in.principal
-    principal.require_scope(Scope.WEBHOOKS_READ)
+    signed_in.principal.require_scope(Scope.WEBHOOKS_READ)
+    return await _list_page(request, session, signed_in.principal, cursor=cursor)
+
+
+async def _list_page(
+    request: Request,
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    cursor: str | None = None,
+    error: str | None = None,
+    form: dict[str, Any] | None = None,
+    status_code: int = 200,
+) -> Response:
+    """The list and the registration form; after a refused registration, the reason and
+    what was typed."""
     rows = await service.list_endpoints(
         session, principal, after_id=cursor_after_id(cursor), limit=ENDPOINTS_PER_PAGE
     )
@@ -131,7 +146,10 @@ async def list_endpoints(
             "can_write": Scope.WEBHOOKS_WRITE in principal.scopes,
             "bound": principal.organisation_id is not None,
             "max_rate_limit": MAX_RATE_LIMIT,
+            "error": error,
+            "form": form or {},
         },
+        status_code=status_code,
     )
 
 
@@ -150,20 +168,34 @@ async def create_endpoint(
     """As `POST /api/v1/webhook-endpoints`; the answer shows the signing secret, once."""
     principal = signed_in.principal
     principal.require_scope(Scope.WEBHOOKS_WRITE)
-    payload = _validated(
-        EndpointCreate,
-        {
+    try:
+        payload = _validated(
+            EndpointCreate,
+            {
+                "url": url,
+                "description": description,
+                "event_types": [p for p in _PATTERN_SEPARATORS.split(event_types) if p],
+                "organisation_id": organisation_id.strip() or None,
+                "ordered": ordered,
+                "rate_limit": rate_limit,
+            },
+        )
+        created = await service.create_endpoint(
+            session, principal, payload, policy=_policy(request), box=_box(request)
+        )
+    except MemberhubError as exc:
+        await session.rollback()
+        typed = {
             "url": url,
+            "event_types": event_types,
             "description": description,
-            "event_types": [p for p in _PATTERN_SEPARATORS.split(event_types) if p],
-            "organisation_id": organisation_id.strip() or None,
+            "organisation_id": organisation_id,
+            "rate_limit": "" if rate_limit is None else str(rate_limit),
             "ordered": ordered,
-            "rate_limit": rate_limit,
-        },
-    )
-    created = await service.create_endpoint(
-        session, principal, payload, policy=_policy(request), box=_box(request)
-    )
+        }
+        return await _list_page(
+            request, session, principal, error=exc.message, form=typed, status_code=exc.status_code
+        )
     return _shown_secret(request, created, rotated=False)
 
 
