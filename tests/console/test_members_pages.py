@@ -626,3 +626,25 @@ async def test_the_award_form_takes_what_the_api_takes(
     assert awarded.status_code == 303, awarded.text
     history = (await api.get("/api/v1/points/transactions", {"member_id": member["id"]})).json()
     assert [(t["points"], t["reason"]) for t in history["data"]] == [(2_000_000, reason)]
+
+
+async def test_a_refused_action_offers_the_way_back_to_its_page(
+    browser: httpx.AsyncClient, api: ApiClient, db: Database
+) -> None:
+    await create_staff_user(db, role="admin")
+    member = await api.create_member()
+    await sign_in(browser)
+    page = f"/console/members/{member['id']}"
+    token = csrf_of(await browser.get(page))
+    too_many = {"csrf_token": token, "points": "5", "reason": "Voucher"}
+    for referer, back in (
+        (f"https://testserver{page}", page),
+        (f"https://elsewhere.example{page}", None),
+        ("https://testserver/api/v1/members", None),
+    ):
+        refused = await browser.post(f"{page}/redeem", data=too_many, headers={"Referer": referer})
+        assert refused.status_code == 409, refused.text
+        assert "The member has 0 points; 5 are needed." in refused.text
+        shown = f'<a href="{back}">Back to the page</a>'
+        assert (shown in refused.text) is (back is not None), referer
+        assert '<a href="/console">Back to the console</a>' in refused.text

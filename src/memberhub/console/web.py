@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -291,12 +291,32 @@ def _console_aware(
         return render(
             request,
             "error.html",
-            {"title": _TITLES.get(status, "Error"), "message": message, "status": status},
+            {
+                "title": _TITLES.get(status, "Error"),
+                "message": message,
+                "status": status,
+                "back": _form_page(request),
+            },
             status_code=status,
             headers=headers,
         )
 
     return handle
+
+
+def _form_page(request: Request) -> str | None:
+    """The console page a refused form was sent from (its Referer, this site's only), to
+    go back to; None for anything else."""
+    if request.method in ("GET", "HEAD"):
+        return None
+    referer = request.headers.get("referer")
+    if not referer:
+        return None
+    sent_from = urlsplit(referer)
+    if sent_from.netloc and sent_from.netloc != request.url.netloc:
+        return None
+    page = sent_from.path + (f"?{sent_from.query}" if sent_from.query else "")
+    return page if safe_next(page) == page else None
 
 
 def _invalid_fields(exc: RequestValidationError) -> list[str]:
