@@ -125,7 +125,7 @@ async def check_ledger(db: Database, member_ids: list[str] | None = None) -> Non
 
             assert account.current == sum(t.points for t in txns)
             assert account.pending == sum(t.pending_points for t in txns)
-            earned = (TxnType.EARN, TxnType.AWARD, TxnType.TRANSFER_IN, TxnType.REVERSE)
+            earned = (TxnType.EARN, TxnType.AWARD, TxnType.REVERSE)
             assert account.lifetime_earned == _total(txns, earned, with_pending=True)
             assert account.lifetime_redeemed == -_total(
                 txns, (TxnType.REDEEM, TxnType.REDEEM_REFUND)

@@ -22,7 +22,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database, UTCDateTime
 from memberhub.kit.migrate import upgrade
 from memberhub.organisations.models import Organisation
-from memberhub.points.models import PointTransaction, TxnType
+from memberhub.points.models import PointAccount, PointTransaction, TxnType
 from tests.conftest import _create_pg_database, _drop_pg_database, issue_key
 from tests.points.conftest import POINTS, check_ledger
 from tests.support import ApiClient
@@ -402,3 +402,38 @@ async def test_held_deduction_references_are_kept_apart_per_organisation(
     assert response.json()["error"]["code"] == "REFERENCE_ID_REUSED"
     assert theirs["id"] not in response.text
     await check_ledger(db)
+
+
+async def test_the_migration_takes_received_transfers_out_of_lifetime_earned(
+    fresh_database_url: str,
+) -> None:
+    """Before 0027 an incoming transfer counted as earned: the accounts written then are
+    corrected by the transfers they received, and only those."""
+    await asyncio.to_thread(upgrade, fresh_database_url, "0026")
+    database = Database(fresh_database_url, pool_size=2)
+    try:
+        async with database.transaction() as session:
+            receiver = await session.scalar(_member_row("mem_r", None))
+            other = await session.scalar(_member_row("mem_o", None))
+            assert receiver is not None
+            assert other is not None
+            await session.execute(
+                insert(PointAccount).values(member_id=receiver, current=1000, lifetime_earned=1000)
+            )
+            await session.execute(
+                insert(PointAccount).values(member_id=other, current=50, lifetime_earned=50)
+            )
+            await session.execute(_ledger_row("txn_a", receiver, None, points=600))
+            transfer_in = _ledger_row("txn_t", receiver, None, points=400)
+            await session.execute(transfer_in.values(type=TxnType.TRANSFER_IN))
+            await session.execute(_ledger_row("txn_o", other, None, points=50))
+        await asyncio.to_thread(upgrade, fresh_database_url, "head")
+
+        async with database.transaction(read_only=True) as session:
+            rows = await session.execute(
+                select(PointAccount.member_id, PointAccount.lifetime_earned)
+            )
+            earned = {member_id: value for member_id, value in rows}
+        assert earned == {receiver: 600, other: 50}
+    finally:
+        await database.dispose()

@@ -16,6 +16,7 @@ from memberhub.points import service as points_service
 from memberhub.points.jobs import activate_pending_points
 from memberhub.points.repository import PointsRepository
 from memberhub.tiers import service as tiers_service
+from tests.points.conftest import check_ledger
 from tests.support import ApiClient, unique
 from tests.tiers.conftest import Review, award, create_tier, member_tier, redeem, tier_events
 
@@ -125,19 +126,36 @@ async def test_inactive_tiers_are_not_awarded(api: ApiClient) -> None:
     assert await member_tier(api, member["id"]) == "SILVER"
 
 
-async def test_transferred_points_count_for_the_receiver(api: ApiClient) -> None:
+async def test_transferred_points_earn_no_tier(api: ApiClient, db: Database) -> None:
+    """A transfer moves points another member earned: it earns nothing, so passing the same
+    points back and forth lifts neither member."""
     await create_tier(api, code="SILVER", threshold=100)
+    await create_tier(api, code="GOLD", rank=2, threshold=1000)
     giver = await api.create_member()
     receiver = await api.create_member()
-    await award(api, giver["id"], 100)
+    await award(api, giver["id"], 600)
 
-    response = await api.post(
+    for _ in range(2):
+        for source, target in ((giver, receiver), (receiver, giver)):
+            moved = await api.post(
+                "/api/v1/points/transfer",
+                {"from_member_id": source["id"], "to_member_id": target["id"], "points": 600},
+            )
+            assert moved.status_code == 201, moved.text
+    moved = await api.post(
         "/api/v1/points/transfer",
-        {"from_member_id": giver["id"], "to_member_id": receiver["id"], "points": 100},
+        {"from_member_id": giver["id"], "to_member_id": receiver["id"], "points": 600},
     )
+    assert moved.status_code == 201, moved.text
 
-    assert response.status_code == 201, response.text
-    assert await member_tier(api, receiver["id"]) == "SILVER"
+    earned = {
+        who: (await api.get(f"/api/v1/members/{m['id']}/points")).json()["lifetime_earned"]
+        for who, m in (("giver", giver), ("receiver", receiver))
+    }
+    assert earned == {"giver": 600, "receiver": 0}
+    assert await member_tier(api, giver["id"]) == "SILVER"
+    assert await member_tier(api, receiver["id"]) is None
+    await check_ledger(db)
 
 
 async def test_pending_points_count_only_once_they_become_active(

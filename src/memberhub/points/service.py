@@ -59,7 +59,9 @@ from memberhub.program.models import LoyaltyProgram, NegativeBalancePolicy
 from memberhub.tiers import service as tiers
 
 # Transaction types whose points count as earned (reversals subtract from it).
-EARNED_TYPES = (TxnType.EARN, TxnType.AWARD, TxnType.TRANSFER_IN, TxnType.REVERSE)
+# Points a member earned (lifetime_earned); a transfer moves points already earned by
+# another member and earns nothing, so it never lifts a tier.
+EARNED_TYPES = (TxnType.EARN, TxnType.AWARD, TxnType.REVERSE)
 REDEEMED_TYPES = (TxnType.REDEEM, TxnType.REDEEM_REFUND)
 EXPIRED_TYPES = (TxnType.EXPIRE, TxnType.RECOVER)
 

@@ -13,12 +13,11 @@ from memberhub.rewards.models import Reward
 from memberhub.tiers.models import Tier
 
 # Transactions whose `points` made earned points spendable: earns and awards credited at
-# once, incoming transfers, reversals (negative), and activations of pending earns. Their sum
-# over all time is `lifetime_earned - pending`.
+# once, reversals (negative), and activations of pending earns (not transfers: they earn
+# nothing). Their sum over all time is `lifetime_earned - pending`.
 ACTIVE_EARNED_TYPES = (
     TxnType.EARN,
     TxnType.AWARD,
-    TxnType.TRANSFER_IN,
     TxnType.REVERSE,
     TxnType.ACTIVATE,
 )
