@@ -329,3 +329,43 @@ async def test_imports_are_for_admins_and_apart_from_bulk_awards(
     assert (await api.get(f"/api/v1/points/bulk-awards/{job['id']}")).status_code == 404
     assert (await api.get("/api/v1/points/bulk-awards")).json()["data"] == []
     assert [j["id"] for j in (await api.get(IMPORTS)).json()["data"]] == [job["id"]]
+
+
+async def test_a_later_file_keeps_opening_balances_case_of_custom_keys_and_ended_memberships(
+    api: ApiClient, db: Database
+) -> None:
+    plan = await api.create_plan()
+    first = f"email,first_name,opening_points,plan_id\nbob@example.org,Bob,50,{plan['id']}\n"
+    job = await finished(api, db, (await post_import(api, first))["id"])
+    (row,) = await rows(api, job["id"])
+    bob = (await api.get(f"/api/v1/members/{row['member_id']}")).json()
+    assert bob["status"] == "active"
+    cancelled = await api.post(f"/api/v1/members/{bob['id']}/membership/cancel", {})
+    assert cancelled.status_code == 200, cancelled.text
+    before = await counts(db)
+
+    # Another opening balance in a later file: the profile change applies, the balance
+    # was given once and is not given again (nor does it fail the row); the membership
+    # cancelled since stays cancelled.
+    later = (
+        "email,first_name,opening_points,plan_id,custom.FavColour\n"
+        f"bob@example.org,Bobby,75,{plan['id']},Red\n"
+    )
+    job = await finished(api, db, (await post_import(api, later))["id"])
+    assert (job["changed_rows"], job["failed_rows"]) == (1, 0)
+    (row,) = await rows(api, job["id"])
+    assert (row["action"], row["opening_points"]) == ("updated", 50)
+    bob = (await api.get(f"/api/v1/members/{bob['id']}")).json()
+    assert bob["first_name"] == "Bobby"
+    assert bob["status"] == "cancelled"
+    # A custom field's key keeps its case, as the API's does.
+    assert bob["custom_fields"] == {"FavColour": "Red"}
+    points = (await api.get(f"/api/v1/members/{bob['id']}/points")).json()
+    assert points["current_balance"] == 50
+    assert (await counts(db))[1] == before[1]
+
+    # The same key in another case from the API is the same field, updated in place.
+    again = "email,custom.FavColour\nbob@example.org,Blue\n"
+    job = await finished(api, db, (await post_import(api, again))["id"])
+    bob = (await api.get(f"/api/v1/members/{bob['id']}")).json()
+    assert bob["custom_fields"] == {"FavColour": "Blue"}

@@ -58,6 +58,8 @@ from memberhub.members.repository import normalize_email
 from memberhub.members.schemas import MemberCreate, MemberPatch
 from memberhub.memberships import service as memberships
 from memberhub.points import service as points
+from memberhub.points.models import TxnType
+from memberhub.points.repository import PointsRepository
 from memberhub.points.schemas import MAX_POINTS
 
 JSONL_MEDIA_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
@@ -84,7 +86,7 @@ FIELDS = frozenset(
 )
 OPENING_BALANCE_REASON = "Opening balance (member import)"
 # Statuses from which a member joins a plan; an active member keeps the plan it holds.
-_JOINABLE = (MemberStatus.PENDING, MemberStatus.LAPSED, MemberStatus.CANCELLED)
+_ENDED = (MemberStatus.LAPSED, MemberStatus.CANCELLED)
 _TRUE = frozenset({"true", "yes", "y", "1"})
 _FALSE = frozenset({"false", "no", "n", "0"})
 _POINTS = re.compile(r"[0-9]{1,13}")
@@ -149,8 +151,16 @@ def _check_fields(names: list[str], line: int, *, header: bool) -> None:
 
 
 def _mapped(name: str, mapping: dict[str, str]) -> str:
+    """The field a column fills: by the mapping, else its own name, case aside (a custom
+    field's key keeps its case: `custom.FavColour` fills the key `FavColour`, as the API
+    would)."""
     stripped = name.strip()
-    return mapping.get(stripped) or mapping.get(stripped.lower()) or stripped.lower()
+    found = mapping.get(stripped) or mapping.get(stripped.lower())
+    if found:
+        return found
+    if stripped.lower().startswith(CUSTOM_PREFIX):
+        return CUSTOM_PREFIX + stripped[len(CUSTOM_PREFIX) :]
+    return stripped.lower()
 
 
 class MemberCsvUpload(CsvUpload):
@@ -425,19 +435,29 @@ async def apply_row(
             if row.plan_id is not None and await _join_plan(session, principal, member, row):
                 action = action if action == RowAction.CREATED else RowAction.UPDATED
             transaction_id = None
+            opening = row.opening_points or None
             if row.opening_points:
-                result = await points.award_points(
-                    session,
-                    principal.actor,
-                    member,
-                    points=row.opening_points,
-                    reason=OPENING_BALANCE_REASON,
-                    reference_id=f"opening-balance:{member.public_id}",
-                    now=now,
+                reference = f"opening-balance:{member.public_id}"
+                given = await PointsRepository(session).by_reference(
+                    TxnType.AWARD, points.reference_scope(member), reference
                 )
-                transaction_id = result.transaction.public_id
-                if not result.replayed and action == RowAction.UNCHANGED:
-                    action = RowAction.UPDATED
+                if given is not None:
+                    # Awarded once, by an earlier import: never again, whatever this row says
+                    # (the rest of the row applies all the same).
+                    transaction_id, opening = given.public_id, given.points
+                else:
+                    result = await points.award_points(
+                        session,
+                        principal.actor,
+                        member,
+                        points=row.opening_points,
+                        reason=OPENING_BALANCE_REASON,
+                        reference_id=reference,
+                        now=now,
+                    )
+                    transaction_id = result.transaction.public_id
+                    if action == RowAction.UNCHANGED:
+                        action = RowAction.UPDATED
         finder.remember(member)
     except (MemberhubError, DataError, IntegrityError) as exc:
         if member is not None and member in session and sa_inspect(member).expired_attributes:
@@ -453,7 +473,7 @@ async def apply_row(
         outcome=RowOutcome.DUPLICATE if action == RowAction.UNCHANGED else RowOutcome.APPLIED,
         action=action,
         member_id=member.public_id,
-        points=row.opening_points or None,
+        points=opening,
         transaction_id=transaction_id,
     )
 
@@ -461,19 +481,21 @@ async def apply_row(
 async def _join_plan(
     session: AsyncSession, principal: Principal, member: Member, row: ImportRow
 ) -> bool:
-    """Join the row's plan unless the member holds it; True when it joined."""
+    """Join the row's plan if the member never held a membership; True when it joined.
+    A membership that ended (cancelled, lapsed) is left ended: running an older file again
+    must not undo a cancellation (renew or join through the membership operations)."""
     assert row.plan_id is not None
     plan = await memberships.get_plan(session, principal, row.plan_id)
-    if member.plan_id == plan.id and member.status not in _JOINABLE:
+    if member.status == MemberStatus.PENDING:
+        await memberships.join(session, principal, member.public_id, plan.public_id, note=None)
+        return True
+    if member.plan_id == plan.id or member.status in _ENDED:
         return False
-    if member.status not in _JOINABLE:
-        raise Conflict(
-            f"The member is {member.status} on another plan; change plans with "
-            "the membership upgrade operation.",
-            code="PLAN_HELD",
-        )
-    await memberships.join(session, principal, member.public_id, plan.public_id, note=None)
-    return True
+    raise Conflict(
+        f"The member is {member.status} on another plan; change plans with "
+        "the membership upgrade operation.",
+        code="PLAN_HELD",
+    )
 
 
 def _record(

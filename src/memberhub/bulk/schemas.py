@@ -69,7 +69,10 @@ class ImportRowOut(BaseModel):
         "when the row failed."
     )
     member_id: str | None = Field(description="The member's id, or the email the row gave.")
-    opening_points: int | None
+    opening_points: int | None = Field(
+        description="The member's opening balance: awarded by this row, or by an earlier "
+        "import (then never again, whatever this row gives)."
+    )
     transaction_id: str | None = Field(description="The opening balance's transaction.")
     error: str | None = Field(description="Why the row was refused; nothing of it is written.")
 
