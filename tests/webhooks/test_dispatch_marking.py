@@ -67,3 +67,45 @@ async def test_an_event_numbered_while_every_endpoint_is_disabled_is_dispatched_
     event = await _numbered_event_of(db, await api.create_member())
     assert event.dispatched_at is not None
     assert await _fanned_out(db) == 0
+
+
+async def test_an_event_goes_where_the_endpoints_stood_when_it_was_committed(
+    api: ApiClient, db: Database, settings: Settings, receiver: WebhookReceiver
+) -> None:
+    """However far behind the worker is: an endpoint disabled when an event is committed
+    never gets it, one enabled then always does (failed, to recover, if it is disabled
+    before the worker gets there)."""
+    hooks = "/api/v1/webhook-endpoints"
+    first = await create_endpoint(api, receiver.url("first"), ["member.created"])
+    second = await create_endpoint(api, receiver.url("second"), ["member.created"])
+    receiver.set_secrets("first", first["secret"])
+    receiver.set_secrets("second", second["secret"])
+    off = {"enabled": False, "disabled_reason": "maintenance"}
+    assert (await api.patch(f"{hooks}/{first['id']}", off)).status_code == 200
+
+    # No worker runs meanwhile: nothing is numbered or fanned out but by the changes.
+    while_first_off = await api.create_member()
+    assert (await api.patch(f"{hooks}/{first['id']}", {"enabled": True})).status_code == 200
+    while_both_on = await api.create_member()
+    assert (await api.patch(f"{hooks}/{second['id']}", off)).status_code == 200
+    after = await api.create_member()
+    await delivery_loop(db, settings).run_until_idle()
+
+    def members_received(name: str) -> list[str]:
+        return [r.payload["data"]["member"]["id"] for r in receiver.received(name)]
+
+    assert members_received("first") == [while_both_on["id"], after["id"]]
+    assert members_received("second") == []
+    failed = (await api.get(f"{hooks}/{second['id']}/deliveries", {"status": "failed"})).json()
+    assert len(failed["data"]) == 2
+    assert all("disabled" in d["last_error"] for d in failed["data"])
+
+    # Enabled again, it gets back what was committed while it was on, and nothing else.
+    assert (await api.patch(f"{hooks}/{second['id']}", {"enabled": True})).status_code == 200
+    recovered = await api.post(f"{hooks}/{second['id']}/recover", {"since": "2020-01-01T00:00:00Z"})
+    assert recovered.status_code == 200, recovered.text
+    assert recovered.json()["requeued"] == 2
+    await delivery_loop(db, settings).run_until_idle()
+    assert sorted(members_received("second")) == sorted(
+        [while_first_off["id"], while_both_on["id"]]
+    )

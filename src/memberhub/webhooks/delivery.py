@@ -68,6 +68,7 @@ from memberhub.events.sequencer import sequence_pending, set_dispatch_wanted
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox, SecretUnreadable
 from memberhub.kit.db import Database, array_rows
+from memberhub.kit.errors import ServiceUnavailable
 from memberhub.kit.ids import new_public_id, new_public_ids
 from memberhub.ops.metrics import Metrics
 from memberhub.ops.tracing import work_span
@@ -134,6 +135,8 @@ JITTER = 0.2
 RETRY_AFTER_STATUSES = frozenset({429, 502, 503, 504})
 # An arbitrary constant naming the advisory lock held by the one worker fanning out.
 _FAN_OUT_LOCK = 7_320_114_101
+# Events a change to an endpoint fans out first, at most (`fan_out_before_change`).
+CHANGE_FAN_OUT_LIMIT = 50 * FAN_OUT_BATCH
 # Core tables: the loop's statements need none of the ORM's bookkeeping.
 _DELIVERIES = cast(Table, WebhookDelivery.__table__)
 _ATTEMPTS = cast(Table, WebhookAttempt.__table__)
@@ -194,10 +197,40 @@ class DeliveryConfig:
 # ---------------------------------------------------------------- fan-out
 
 
-async def fan_out(session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_BATCH) -> int:
-    """Turn up to `limit` undispatched events into deliveries; returns the events handled."""
+async def fan_out_before_change(session: AsyncSession, now: datetime) -> None:
+    """Before a change to which events an endpoint receives (enabling or disabling it, its
+    types, its organisation): fan out every event committed so far, to the endpoints as they
+    stand, so that an event goes where the endpoints stood when it was committed, however
+    far behind the worker is. Numbering is then held until the change commits (as when an
+    endpoint is created), so every later event meets the endpoint as changed.
+
+    Refused (503, to retry) when more than `CHANGE_FAN_OUT_LIMIT` events wait: the worker
+    is far behind, and the change would wait for all of them."""
+    await sequence_pending(session)
     postgres = session.get_bind().dialect.name == "postgresql"
     if postgres:
+        # Waited for: a fan-out running now finishes first.
+        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _FAN_OUT_LOCK})
+    waiting = await session.scalar(_WAITING_EVENTS)
+    if waiting and waiting > CHANGE_FAN_OUT_LIMIT:
+        raise ServiceUnavailable(
+            f"{waiting} events wait to be sent to the endpoints as they stand; the change "
+            "would wait for all of them. Retry once the worker has caught up.",
+            code="WEBHOOKS_BEHIND",
+            details={"waiting_events": waiting},
+            retry_after=30,
+        )
+    while await fan_out(session, now, locked=True):
+        pass
+
+
+async def fan_out(
+    session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_BATCH, locked: bool = False
+) -> int:
+    """Turn up to `limit` undispatched events into deliveries; returns the events handled.
+    `locked`: the caller holds the fan-out lock (PostgreSQL) already."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if postgres and not locked:
         got = await session.scalar(
             text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _FAN_OUT_LOCK}
         )
@@ -315,6 +348,11 @@ def _insert_deliveries_pg() -> Insert:
 
 
 _INSERT_DELIVERIES_PG = _insert_deliveries_pg()
+_WAITING_EVENTS = (
+    select(func.count())
+    .select_from(_EVENTS)
+    .where(_EVENTS.c.dispatched_at.is_(None), _EVENTS.c.position.is_not(None))
+)
 _MARK_DISPATCHED = _for_each_backend(
     lambda postgres: (
         update(_EVENTS)
