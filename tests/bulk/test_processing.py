@@ -99,7 +99,9 @@ async def test_each_row_gets_an_outcome_and_only_valid_rows_are_awarded(
     assert (first["member_id"], first["points"]) == (ana["id"], 100)
     assert first["reference_id"] == f"{job['id']}:1"
     assert first["transaction_id"].startswith("txn_")
-    assert (second["member_id"], second["reference_id"]) == ("BOB@example.COM", "ref-bob")
+    # Named by email, reported by the member credited; a failed row keeps what it gave.
+    assert (second["member_id"], second["reference_id"]) == (bob["id"], "ref-bob")
+    assert rows[11]["member_id"] == ana["id"]
     assert duplicate["transaction_id"] == second["transaction_id"]
     assert await balance(api, ana["id"]) == 100
     assert await balance(api, bob["id"]) == 40

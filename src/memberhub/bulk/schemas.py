@@ -36,7 +36,10 @@ class BulkJobOut(BaseModel):
 class BulkRowOut(BaseModel):
     row_number: int = Field(description="1 for the first row after the header.")
     outcome: str = Field(description="applied, duplicate or failed.")
-    member_id: str | None = Field(description="The member id or email the row gave.")
+    member_id: str | None = Field(
+        description="The member credited (`mem_…`, also for a row that gave an email); for a "
+        "failed row, the member id or email the row gave."
+    )
     points: int | None
     reference_id: str | None
     transaction_id: str | None

@@ -544,6 +544,8 @@ async def _apply_row(
         row_number,
         raw,
         outcome=RowOutcome.DUPLICATE if result.replayed else RowOutcome.APPLIED,
+        # The member credited, also for a row that named it by email.
+        member_id=row.member.public_id,
         reference_id=row.reference_id,
         transaction_id=result.transaction.public_id,
     )
