@@ -83,6 +83,8 @@ async def refused(
         ("https://[ff02::1]/", "ff02::1", "multicast"),
         ("https://240.0.0.1/", "240.0.0.1", "reserved"),
         ("https://192.0.2.1/", "192.0.2.1", "not globally routable"),
+        ("https://192.0.0.8/", "192.0.0.8", "not globally routable"),
+        ("https://192.0.0.170/", "192.0.0.170", "not globally routable"),
         ("https://[fe80::1]/", "fe80::1", "link-local"),
         ("https://[fc00::1]/", "fc00::1", "private"),
         ("https://[fec0::1]/", "fec0::1", "site-local"),
@@ -114,6 +116,8 @@ async def test_an_ip_literal_that_is_not_globally_routable_is_refused(
         PUBLIC_V6,
         f"::ffff:{PUBLIC_V4}",
         "64:ff9b::5db8:d70e",  # NAT64 of 93.184.215.14
+        "192.0.0.9",  # the two global anycast services among the protocol assignments
+        "192.0.0.10",
     ],
 )
 def test_a_globally_routable_address_has_no_refusal_reason(address: str) -> None:

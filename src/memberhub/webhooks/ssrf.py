@@ -56,6 +56,12 @@ _CARRIER_GRADE_NAT = ipaddress.IPv4Network("100.64.0.0/10")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 # RFC 8215 local-use NAT64 prefix: never a public destination.
 _NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
+# IETF protocol assignments (RFC 6890): not globally reachable but for two anycast services.
+# Python before 3.11.10 and 3.12.4 calls the whole block global.
+_PROTOCOL_ASSIGNMENTS = ipaddress.IPv4Network("192.0.0.0/24")
+_GLOBAL_PROTOCOL_ASSIGNMENTS = frozenset(
+    {ipaddress.IPv4Address("192.0.0.9"), ipaddress.IPv4Address("192.0.0.10")}
+)
 
 # Mirrors httpx's default (httpx._config.DEFAULT_LIMITS, which is not public).
 _DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
@@ -115,7 +121,15 @@ def _own_refusal_reason(ip: IPAddress) -> str | None:
         return "site-local"
     if ip.is_reserved:
         return "reserved"
-    if not ip.is_global or (isinstance(ip, ipaddress.IPv6Address) and ip in _NAT64_LOCAL_USE):
+    if (
+        not ip.is_global
+        or (isinstance(ip, ipaddress.IPv6Address) and ip in _NAT64_LOCAL_USE)
+        or (
+            isinstance(ip, ipaddress.IPv4Address)
+            and ip in _PROTOCOL_ASSIGNMENTS
+            and ip not in _GLOBAL_PROTOCOL_ASSIGNMENTS
+        )
+    ):
         return "not globally routable"
     return None
 
