@@ -136,6 +136,56 @@ async def test_member_delete_is_audited_without_repeating_personal_data(
     assert "Eve" not in str(entry["changes"])
 
 
+async def test_erasing_a_member_erases_its_personal_data_from_the_audit_log_too(
+    db: Database, api: ApiClient, database_url: str, tmp_path: Path
+) -> None:
+    """The chain cannot change an entry once linked: personal values are stored sealed with
+    the member's key, read opened, and unreadable once erasure deleted the key; the log
+    still verifies."""
+    member = await api.create_member(
+        email="erase-me@example.com", first_name="Eve", custom_fields={"note": "VIP"}
+    )
+    patched = await api.patch(f"{MEMBERS}/{member['id']}", {"phone": "+60 12-345 6789"})
+    assert patched.status_code == 200, patched.text
+    other = await api.create_member(email="keep-me@example.com")
+    await run_passes(db)
+
+    def stored_text(entries: list[AuditEntry]) -> str:
+        return " ".join(str(entry.changes) for entry in entries)
+
+    async def stored(object_id: str) -> list[AuditEntry]:
+        async with db.transaction(read_only=True) as session:
+            rows = await session.scalars(
+                select(AuditEntry).where(AuditEntry.object_id == object_id)
+            )
+            return list(rows.all())
+
+    # Read back opened; stored sealed, the changed fields' names readable.
+    [created] = await audit_for(api, object_id=member["id"], action="member.create")
+    [updated] = await audit_for(api, object_id=member["id"], action="member.update")
+    assert created["changes"]["email"] == {"before": None, "after": "erase-me@example.com"}
+    assert created["changes"]["custom_fields"] == {"before": None, "after": {"note": "VIP"}}
+    assert updated["changes"] == {"phone": {"before": None, "after": "+60 12-345 6789"}}
+    raw = stored_text(await stored(member["id"]))
+    for personal in ("erase-me@example.com", "Eve", "VIP", "345 6789"):
+        assert personal not in raw
+    assert "sealed" in raw
+
+    assert (await api.delete(f"{MEMBERS}/{member['id']}")).status_code == 204
+    created = (await audit_for(api, object_id=member["id"], action="member.create"))[0]
+    assert created["changes"]["email"] == {"erased": True}
+    assert created["changes"]["first_name"] == {"erased": True}
+    assert created["changes"]["consent_email"] == {"before": None, "after": False}
+    updated = (await audit_for(api, object_id=member["id"], action="member.update"))[0]
+    assert updated["changes"] == {"phone": {"erased": True}}
+    # Another member's entries read as before.
+    kept = (await audit_for(api, object_id=other["id"], action="member.create"))[0]
+    assert kept["changes"]["email"]["after"] == "keep-me@example.com"
+    # The entries changed by nothing: the chain verifies.
+    result = await run_verify(database_url, tmp_path)
+    assert result.exit_code == 0, result.output
+
+
 async def test_request_without_x_request_id_is_audited_with_the_generated_id(
     api: ApiClient,
 ) -> None:

@@ -34,6 +34,8 @@ import memberhub.models  # noqa: F401  (every table in the metadata)
 from memberhub.kit.db import Base, UTCDateTime
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
+# Kept out of every export: a member's data key must exist only where erasure deletes it.
+NOT_EXPORTED = frozenset({"data_key"})
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,10 @@ def arrow_type(column: Column[Any]) -> pa.DataType:
 def columns(spec: ExportTable) -> list[Column[Any]]:
     """Exported columns: the key first, then the table's columns in declared order."""
     table = spec.sql_table
-    return [table.c[spec.key], *(c for c in table.c if c.name != spec.key)]
+    return [
+        table.c[spec.key],
+        *(c for c in table.c if c.name != spec.key and c.name not in NOT_EXPORTED),
+    ]
 
 
 def arrow_schema(spec: ExportTable) -> pa.Schema:

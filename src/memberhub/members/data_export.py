@@ -29,6 +29,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Base
 from memberhub.members.consent import current_consent
 from memberhub.members.models import Member
+from memberhub.members.personal import open_personal
 from memberhub.members.service import get_member, to_out
 
 FORMAT_VERSION = 1
@@ -95,7 +96,9 @@ class MemberDataRepository:
             for event in events
         ]
 
-    async def audit_entries(self, member_public_id: str) -> list[dict[str, Any]]:
+    async def audit_entries(
+        self, member_public_id: str, data_key: str | None
+    ) -> list[dict[str, Any]]:
         entries = await self.session.scalars(
             select(AuditEntry)
             .where(AuditEntry.object_type == "member", AuditEntry.object_id == member_public_id)
@@ -106,7 +109,7 @@ class MemberDataRepository:
                 "occurred_at": _plain(entry.occurred_at),
                 "actor": entry.actor,
                 "action": entry.action,
-                "changes": entry.changes,
+                "changes": open_personal(entry.changes, data_key, member_public_id),
                 "client_ip": entry.client_ip,
             }
             for entry in entries
@@ -144,7 +147,7 @@ async def export_member_data(
         "consent": current_consent(member),
         "records": held,
         "events": await repository.events(member.public_id),
-        "audit_log": await repository.audit_entries(member.public_id),
+        "audit_log": await repository.audit_entries(member.public_id, member.data_key),
     }
     return document
 

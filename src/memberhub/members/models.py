@@ -77,6 +77,10 @@ class Member(IdMixin, Base):
     payment_status: Mapped[str | None] = mapped_column(String(20))
     payment_updated_at: Mapped[datetime | None] = mapped_column()
 
+    # Seals the member's personal data in its audit entries; erasing the member deletes it
+    # (see `members.personal`). None for a member erased, or created before keys existed.
+    data_key: Mapped[str | None] = mapped_column(String(64))
+
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

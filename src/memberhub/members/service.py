@@ -33,6 +33,7 @@ from memberhub.members.consent import (
     record_consent_changes,
 )
 from memberhub.members.models import Member
+from memberhub.members.personal import PERSONAL_FIELDS, new_data_key, seal_personal
 from memberhub.members.repository import MemberRepository, normalize_email
 from memberhub.members.schemas import (
     MAX_CUSTOM_FIELDS,
@@ -48,17 +49,6 @@ from memberhub.organisations.repository import OrganisationRepository
 from memberhub.organisations.service import get_visible as get_visible_organisation
 
 MEMBERS = cast(Table, Member.__table__)
-
-# Fields whose values are personal data: erased on delete, never repeated in its audit row.
-PERSONAL_FIELDS = (
-    "email",
-    "first_name",
-    "last_name",
-    "phone",
-    "date_of_birth",
-    "custom_fields",
-    "external_ids",
-)
 
 
 def to_out(member: Member) -> MemberOut:
@@ -211,6 +201,7 @@ async def create_member(
             "consent_marketing_email": payload.consent.marketing_email,
             "custom_fields": dict(payload.custom_fields),
             "external_ids": dict(payload.external_ids),
+            "data_key": new_data_key(),
             "created_at": now,
             "updated_at": now,
         },
@@ -231,7 +222,7 @@ async def create_member(
         | {"organisation": organisation, "plan": None},
     )
     event = MemberCreated(member=to_out(member))
-    changes = diff({}, snapshot(member))
+    changes = seal_personal(diff({}, snapshot(member)), row["m_data_key"], row["m_public_id"])
     dialect = session.get_bind().dialect.name
     # Activities waiting for a member with this email or these external ids.
     email, keys = row["m_email_normalized"], external_keys(member.external_ids)
@@ -416,6 +407,8 @@ async def update_member(
     changes = diff(before, snapshot(member))
     if not changes:
         return member
+    if member.data_key is None:  # created before members had keys: from now on
+        member.data_key = new_data_key()
     member.updated_at = utcnow()
     await session.flush()
     emit(
@@ -438,7 +431,7 @@ async def update_member(
         action="member.update",
         object_type="member",
         object_id=member.public_id,
-        changes=changes,
+        changes=seal_personal(changes, member.data_key, member.public_id),
     )
     return member
 
@@ -451,6 +444,8 @@ async def delete_member(session: AsyncSession, principal: Principal, public_id: 
     for field in PERSONAL_FIELDS:
         setattr(member, field, {} if field in ("custom_fields", "external_ids") else None)
     member.email_normalized = None
+    # What its audit entries hold of it can no longer be read.
+    member.data_key = None
     for purpose in PURPOSES:
         setattr(member, f"consent_{purpose}", False)
     member.deleted_at = now
