@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
+from sqlalchemy import delete
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -584,7 +585,7 @@ async def apply_next_chunk(
         return None
     chunk = await repo.next_chunk(job.id)
     if chunk is None:
-        _finish(job, now)
+        await _finish(session, job, now)
         return ChunkResult(rows=0, finished=True, lease=None)
     records = await _apply_chunk(session, job, chunk, now)
     await repo.insert_rows(records)
@@ -600,7 +601,7 @@ async def apply_next_chunk(
     if await repo.has_unprocessed_chunks(job.id):
         job.lease_expires_at = now + LEASE
         return ChunkResult(rows=len(records), finished=False, lease=job.lease_expires_at)
-    _finish(job, now)
+    await _finish(session, job, now)
     return ChunkResult(rows=len(records), finished=True, lease=None)
 
 
@@ -630,10 +631,17 @@ async def _apply_chunk(
     ]
 
 
-def _finish(job: BulkJob, now: datetime) -> None:
+async def _finish(session: AsyncSession, job: BulkJob, now: datetime) -> None:
     job.status = BulkJobStatus.COMPLETED
     job.finished_at = now
     job.lease_expires_at = None
+    await _forget_upload(session, job)
+
+
+async def _forget_upload(session: AsyncSession, job: BulkJob) -> None:
+    """The uploaded rows (personal data, for an import) once the job is done with them: the
+    report keeps each row's outcome."""
+    await session.execute(delete(BulkJobChunk).where(BulkJobChunk.job_id == job.id))
 
 
 async def release_job(session: AsyncSession, job_id: int, lease: datetime) -> None:
@@ -653,6 +661,7 @@ async def fail_job(
         job.error = message[:MAX_TEXT]
         job.finished_at = now
         job.lease_expires_at = None
+        await _forget_upload(session, job)
 
 
 # ---------------------------------------------------------------- report
