@@ -88,6 +88,7 @@ async def test_query_values_are_taken_as_typed(api: ApiClient) -> None:
         ("/api/v1/rewards", "active", "0", "false"),
         ("/api/v1/rewards", "active", "yes", "true"),
         ("/api/v1/earning-rules", "archived", "on", "true"),
+        ("/api/v1/earning-rules", "archived", "1", "True"),
     ):
         refused = await api.get(path, params={name: bad})
         assert refused.status_code == 422, (path, name, bad, refused.text)

@@ -267,14 +267,15 @@ _QUERY_INTEGER = re.compile(r"-?[0-9]{1,19}")
 
 
 def _mistyped_query(params: Any, typed: dict[str, Any]) -> list[dict[str, Any]]:
-    """Query values taken as typed, as body fields are: a boolean is `true` or `false` (not
-    `1`, `yes` or `on`), an integer is digits (not `1.0`)."""
+    """Query values taken as typed, as body fields are: a boolean is `true` or `false` (in
+    any case, as some clients write Python's `True`; not `1`, `yes` or `on`), an integer is
+    digits (not `1.0`)."""
     fields = []
     for name, kind in typed.items():
         value = params.get(name)
         if value is None:
             continue
-        if kind is bool and value not in ("true", "false"):
+        if kind is bool and value.lower() not in ("true", "false"):
             fields.append(
                 {
                     "loc": ["query", name],
