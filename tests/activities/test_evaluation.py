@@ -112,6 +112,47 @@ async def test_the_nth_activity_of_a_type_in_a_period_earns_the_bonus(api: ApiCl
     assert [sum(p for _, p in c) for c in bookings] == [0, 7, 0, 7, 0]
 
 
+async def test_an_nth_activity_bonus_is_paid_once_per_nth_whatever_order_they_come_in(
+    api: ApiClient,
+) -> None:
+    """Activities arriving out of the order they occurred in (late webhooks, imports) are
+    counted as recorded: the 2nd-visit bonus is paid once, not for every activity that was
+    2nd by time when it arrived; with `repeat`, once per nth."""
+    member = await api.create_member()
+    await create_rule(
+        api,
+        conditions=on_type("gym"),
+        effect={"type": "nth_activity_bonus", "points": 100, "nth": 2, "period": "all_time"},
+    )
+    await create_rule(
+        api,
+        conditions=on_type("pool"),
+        effect={
+            "type": "nth_activity_bonus",
+            "points": 7,
+            "nth": 2,
+            "period": "all_time",
+            "repeat": True,
+        },
+    )
+    moment = noon_yesterday()
+    order = (0, 2, 1, 5, 4, 3)  # hours before `moment`, as they arrive
+    gym = [
+        await _credits(
+            api, activity_body(member, type="gym", occurred_at=moment - timedelta(hours=h))
+        )
+        for h in order
+    ]
+    assert [sum(p for _, p in c) for c in gym] == [0, 100, 0, 0, 0, 0]
+    pool = [
+        await _credits(
+            api, activity_body(member, type="pool", occurred_at=moment - timedelta(hours=h))
+        )
+        for h in order
+    ]
+    assert [sum(p for _, p in c) for c in pool] == [0, 7, 0, 7, 0, 7]
+
+
 async def test_priority_orders_the_rules_and_stop_processing_ends_the_evaluation(
     api: ApiClient,
 ) -> None:

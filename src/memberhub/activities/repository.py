@@ -141,33 +141,21 @@ class ActivityRepository:
 
     # ------------------------------------------------------------ rules' counts
 
-    async def count_up_to(
+    async def count_in_period(
         self,
         member_id: int,
         activity_type: str,
         *,
         start: datetime | None,
         end: datetime | None,
-        occurred_at: datetime,
-        activity_id: int | None,
     ) -> int:
-        """The member's activities of `activity_type` in [start, end) up to and including
-        the one at `occurred_at` with id `activity_id` (by time, then id); with no id, those
-        up to `occurred_at` (an activity not recorded would come after them)."""
+        """The member's activities of `activity_type` recorded so far in [start, end) (all
+        of them without a period)."""
         assert (start is None) == (end is None), "a period has a start and an end"
-        params: dict[str, object] = {
-            "member_id": member_id,
-            "type": activity_type,
-            "occurred_at": occurred_at,
-        }
+        params: dict[str, object] = {"member_id": member_id, "type": activity_type}
         if start is not None:
             params |= {"start": start, "end": end}
-        if activity_id is not None:
-            params["activity_id"] = activity_id
-        query = _count_up_to(start is not None, activity_id is not None)
-        return int(await self.session.scalar(query, params) or 0)
-
-    # ------------------------------------------------------------ lists
+        return int(await self.session.scalar(_count_in_period(start is not None), params) or 0)
 
     def _listing(self) -> Select[Activity, str, int | None, str, str]:
         owner = aliased(Organisation)
@@ -248,10 +236,9 @@ class ActivityRepository:
 
 
 @functools.cache
-def _count_up_to(in_period: bool, recorded: bool) -> Select[int]:
+def _count_in_period(in_period: bool) -> Select[int]:
     """Built once per shape: an Nth-activity rule counts for every activity it meets."""
     occurred = Activity.occurred_at
-    at = bindparam("occurred_at", type_=occurred.type)
     query = select(func.count()).where(
         Activity.member_id == bindparam("member_id"), Activity.type == bindparam("type")
     )
@@ -260,11 +247,7 @@ def _count_up_to(in_period: bool, recorded: bool) -> Select[int]:
             occurred >= bindparam("start", type_=occurred.type),
             occurred < bindparam("end", type_=occurred.type),
         )
-    if not recorded:
-        return query.where(occurred <= at)
-    return query.where(
-        or_(occurred < at, and_(occurred == at, Activity.id <= bindparam("activity_id")))
-    )
+    return query
 
 
 def waiting_with_keys(

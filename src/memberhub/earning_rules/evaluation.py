@@ -193,7 +193,7 @@ async def evaluate(
     outcomes = []
     earned = 0
     for rule in reached:
-        computed = await _points_of(session, rule.effect, activity, attributes, earned, zone)
+        computed = await _points_of(session, rule, activity, attributes, earned, zone)
         moves: list[tuple[PointBatch, datetime]] = []
         if isinstance(rule.effect, ExtendExpiry):
             moves = await _extension(session, rule.effect, activity, program, zone, lock=lock)
@@ -210,13 +210,14 @@ async def evaluate(
 
 async def _points_of(
     session: AsyncSession,
-    effect: Effect,
+    rule: CompiledRule,
     activity: ActivityRef,
     attributes: dict[str, Any],
     earned: int,
     zone: ZoneInfo,
 ) -> int:
-    """What the effect credits before caps; `earned`: what earlier rules credited."""
+    """What the rule's effect credits before caps; `earned`: what earlier rules credited."""
+    effect = rule.effect
     if isinstance(effect, FixedPoints):
         return effect.points
     if isinstance(effect, PointsPerAmount):
@@ -229,19 +230,21 @@ async def _points_of(
         extra = earned * (effect.percent - 100) // 100
         return min(extra, cast(int, effect.max_points))
     if isinstance(effect, NthActivityBonus):
+        # Counted as recorded: the member's activities of the type in the activity's period
+        # so far, whatever order they occurred in, against the bonuses the rule already paid
+        # there. So a bonus is paid once for every nth (once in all without `repeat`), also
+        # when activities arrive out of order or are matched to the member later.
         start, end = period_bounds(activity.occurred_at, effect.period, zone)
-        count = await ActivityRepository(session).count_up_to(
-            activity.member_id,
-            activity.type,
-            start=start,
-            end=end,
-            occurred_at=activity.occurred_at,
-            activity_id=activity.id,
+        count = await ActivityRepository(session).count_in_period(
+            activity.member_id, activity.type, start=start, end=end
         )
         if activity.id is None:
             count += 1  # the activity itself, were it recorded
-        hit = count % effect.nth == 0 if effect.repeat else count == effect.nth
-        return effect.points if hit else 0
+        paid, _ = await EarningRuleRepository(session).award_usage(
+            rule.id, member_id=activity.member_id, start=start, end=end
+        )
+        due = count // effect.nth if effect.repeat else min(count // effect.nth, 1)
+        return effect.points if due > paid else 0
     return 0
 
 
