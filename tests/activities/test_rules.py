@@ -4,11 +4,13 @@ saved."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from memberhub.auth.roles import Role
+from memberhub.earning_rules.conditions import Facts, compile_tree
 from memberhub.kit.db import Database
 from tests.activities.conftest import (
     RULES,
@@ -201,3 +203,33 @@ async def test_an_effect_of_an_unknown_type_is_refused(api: ApiClient) -> None:
     response = await api.post(RULES, {"name": "x", "effect": {"type": "cashback", "points": 1}})
     assert response.status_code == 422, response.text
     assert response.json()["error"]["details"]["fields"][0]["loc"] == ["body", "effect"]
+
+
+def test_a_fact_no_item_or_tag_carries_does_not_exist() -> None:
+    """`exists` on an item part holds only when some item has it; an empty list of tags is
+    no tags."""
+
+    def facts(attributes: dict[str, Any]) -> Facts:
+        return Facts(
+            activity_type="order.paid",
+            source="shop",
+            occurred_at=datetime(2026, 12, 1, tzinfo=UTC),
+            attributes=attributes,
+            member_tier=None,
+            member_status="active",
+            member_organisation_id=None,
+        )
+
+    def holds(field: str, present: bool, attributes: dict[str, Any]) -> bool:
+        tree = {"field": f"activity.attributes.{field}", "op": "exists", "value": present}
+        return compile_tree(tree, {}).holds(facts(attributes))
+
+    no_sku = {"items": [{"name": "gift wrap"}]}
+    with_sku = {"items": [{"name": "gift wrap"}, {"sku": "SKU-1"}]}
+    assert not holds("items.sku", True, no_sku)
+    assert holds("items.sku", False, no_sku)
+    assert holds("items.sku", True, with_sku)
+    assert not holds("items.sku", False, with_sku)
+    assert not holds("tags", True, {"tags": []})
+    assert holds("tags", False, {"tags": []})
+    assert holds("tags", True, {"tags": ["vip"]})

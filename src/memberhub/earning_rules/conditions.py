@@ -369,6 +369,9 @@ class Compare:
 
     def holds(self, facts: Facts) -> bool:
         actual = facts.value(self.field)
+        if isinstance(actual, list) and not actual:
+            # No item has the part (or an empty list of tags): the activity lacks the fact.
+            actual = None
         if self.op == "exists":
             return (actual is not None) == self.value
         if actual is None:
