@@ -183,7 +183,9 @@ class Smtp(Provider):
                 request_summary=f"message {message.reference} to {message.to}",
             )
         except ExchangeRefused as exc:
-            raise SendRejected(str(exc), permanent=True) from None
+            # 4xx: this message, for now; retried on schedule.
+            permanent = exc.status is None or exc.status >= 500
+            raise SendRejected(str(exc), permanent=permanent) from None
         return SendResult(provider_message_id=message_id)
 
     def delivery_reports(self, event_type: str, body: bytes) -> list[DeliveryReport]:
@@ -353,9 +355,11 @@ async def _open(
 
 
 async def _deliver(client: aiosmtplib.SMTP, mail: Message) -> None:
-    """Send on an open session. A 5xx refusal raises ExchangeRefused; a 4xx one a plain
-    error (temporary, retried on schedule); a session found closed before MAIL FROM was
-    answered raises _Stale."""
+    """Send on an open session. The server refusing this message (its recipient or its
+    data) raises ExchangeRefused with the code: 5xx for good, 4xx for now (a greylisted or
+    full mailbox; retried on schedule), neither a fault of the server. A 4xx refusal of the
+    sender is the relay's own trouble: a plain error, counted against its health. A session
+    found closed before MAIL FROM was answered raises _Stale."""
     try:
         await client.send_message(mail)
     except aiosmtplib.SMTPRecipientsRefused as exc:
@@ -364,7 +368,7 @@ async def _deliver(client: aiosmtplib.SMTP, mail: Message) -> None:
         text = refusal.message if refusal is not None else str(exc)
         if code >= 500:
             raise ExchangeRefused(f"{code} {text}", status=code) from None
-        raise RuntimeError(f"recipient deferred: {code} {text}") from None
+        raise ExchangeRefused(f"recipient deferred: {code} {text}", status=code) from None
     except aiosmtplib.SMTPSenderRefused as exc:
         if exc.code >= 500:
             raise ExchangeRefused(f"{exc.code} {exc.message}", status=exc.code) from None
@@ -372,7 +376,9 @@ async def _deliver(client: aiosmtplib.SMTP, mail: Message) -> None:
     except aiosmtplib.SMTPDataError as exc:
         if exc.code >= 500:
             raise ExchangeRefused(f"{exc.code} {exc.message}", status=exc.code) from None
-        raise RuntimeError(f"message deferred: {exc.code} {exc.message}") from None
+        raise ExchangeRefused(
+            f"message deferred: {exc.code} {exc.message}", status=exc.code
+        ) from None
     except aiosmtplib.SMTPServerDisconnected as exc:
         raise _Stale(str(exc)) from None
     except aiosmtplib.SMTPResponseException as exc:
