@@ -372,3 +372,48 @@ async def test_push_goes_to_every_device_of_a_member_who_allowed_it(
         )
     finally:
         providers._PROVIDERS.pop(provider.name, None)
+
+
+async def test_push_deduplicates_per_member_and_honours_suppressed_tokens(
+    api: ApiClient, db: Database, app: Any, settings: Settings
+) -> None:
+    """Deduplication counts a member's messages per channel, not per device: each device
+    gets the push. A token on the suppression list gets none, planned or at send time."""
+    provider = RecordingPush()
+    providers.register(provider)
+    try:
+        created = await api.post(
+            "/api/v1/integrations", {"provider": provider.name, "name": "Push", "config": {}}
+        )
+        assert created.status_code == 201, created.text
+        window = await api.patch("/api/v1/notification-settings", {"dedup_window_minutes": 60})
+        assert window.status_code == 200, window.text
+        member = await api.create_member()
+        preferences = f"/api/v1/members/{member['id']}/notification-preferences"
+        assert (await api.patch(preferences, {"push": True})).status_code == 200
+        phone, tablet, old = ("phone-" + "a" * 20, "tablet-" + "b" * 20, "old-" + "c" * 20)
+        for token in (phone, tablet, old):
+            device = {"token": token, "platform": "android"}
+            assert (await api.post(f"/api/v1/members/{member['id']}/devices", device)).is_success
+        listed = await api.post(
+            "/api/v1/notification-suppressions", {"channel": "push", "address": old}
+        )
+        assert listed.status_code == 201, listed.text
+        noon = datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
+        await award(api, member["id"], 30, notify=True)
+        await deliver(db, app, settings, noon)
+
+        assert sorted(m.to for m in provider.sent) == [phone, tablet]
+        logged = await notifications(api, channel="push")
+        outcomes = sorted((n["recipient"], n["status"], n["reason"]) for n in logged)
+        assert outcomes == [
+            (old, "suppressed", "suppressed_address:manual"),
+            (phone, "sent", None),
+            (tablet, "sent", None),
+        ]
+        # A second award within the window: one message per channel, every device spared.
+        await award(api, member["id"], 5, notify=True)
+        await deliver(db, app, settings, noon)
+        assert len(provider.sent) == 2
+    finally:
+        providers._PROVIDERS.pop(provider.name, None)

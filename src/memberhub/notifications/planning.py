@@ -279,10 +279,11 @@ class _Planner:
                 emails.add(normalise_address("email", member.email))
             if member.phone:
                 phones.add(normalise_address("sms", member.phone))
+        tokens = {d.token for devices in planner.devices.values() for d in devices}
         planner.suppressed = {
             Channel.EMAIL: await repository.suppressed_addresses(Channel.EMAIL, emails),
             Channel.SMS: await repository.suppressed_addresses(Channel.SMS, phones),
-            Channel.PUSH: {},
+            Channel.PUSH: await repository.suppressed_addresses(Channel.PUSH, tokens),
         }
         return planner
 
@@ -388,6 +389,8 @@ class _Planner:
             self.settings.default_locale,
         ]
         for channel in self._channels(message):
+            # Deduplicated per member and channel: every device of the member gets a push.
+            queued_on_channel = False
             for recipient in self._recipients(member, channel):
                 row = self._row(
                     message, event, channel, recipient.address, recipient.key, member, locales[0]
@@ -425,9 +428,10 @@ class _Planner:
                     row["next_attempt_at"] = quiet_hours_end(
                         self.now, zone, *self.settings.quiet_hours.window()
                     )
-                if self._dedup_window(message.name) > 0:
-                    self.recent.add((member.id, message.name, channel))
+                queued_on_channel = True
                 rows.append(row)
+            if queued_on_channel and self._dedup_window(message.name) > 0:
+                self.recent.add((member.id, message.name, channel))
         return rows
 
     def _recipients(self, member: Member, channel: str) -> list[_Recipient]:
@@ -457,7 +461,9 @@ class _Planner:
             return withheld
         if recipient.address is None:
             return "no_address"
-        suppressed = self.suppressed[channel].get(recipient.key)
+        # A push is listed by its device token (its key names the device).
+        listed_as = recipient.address if channel == Channel.PUSH else recipient.key
+        suppressed = self.suppressed[channel].get(listed_as)
         if suppressed is not None:
             return f"suppressed_address:{suppressed}"
         if (member.id, message.name, channel) in self.recent:

@@ -291,6 +291,14 @@ class NotificationSender:
             await _update_claimed(session, claim, rows)
 
 
+def _listed_as(row: Any) -> str:
+    """How the suppression list names a notification's recipient: the normalised address or
+    number, or the device token (a push's key names the device, its token may change)."""
+    if row.channel == Channel.PUSH:
+        return str(row.recipient or "")
+    return str(row.recipient_key)
+
+
 async def _withhold(session: AsyncSession, rows: Sequence[Any], now: datetime) -> set[int]:
     """Check again, just before sending, what may have changed since a notification was
     planned: the member's consent and preferences (`no_consent`, `opted_out`,
@@ -316,9 +324,9 @@ async def _withhold(session: AsyncSession, rows: Sequence[Any], now: datetime) -
     repository = NotificationRepository(session)
     suppressed = {
         channel: await repository.suppressed_addresses(
-            channel, {row.recipient_key for row in rows if row.channel == channel}
+            channel, {_listed_as(row) for row in rows if row.channel == channel}
         )
-        for channel in (Channel.EMAIL, Channel.SMS)
+        for channel in (Channel.EMAIL, Channel.SMS, Channel.PUSH)
     }
     reasons: dict[int, str] = {}
     for row in rows:
@@ -332,7 +340,7 @@ async def _withhold(session: AsyncSession, rows: Sequence[Any], now: datetime) -
             if reason is not None:
                 reasons[row.id] = reason
                 continue
-        listed = suppressed.get(row.channel, {}).get(row.recipient_key)
+        listed = suppressed.get(row.channel, {}).get(_listed_as(row))
         if listed is not None:
             reasons[row.id] = f"suppressed_address:{listed}"[:100]
     deferred = await _quiet_until(
