@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 from sqlalchemy import func, select
 
 from memberhub.auth.roles import Role
-from memberhub.kit.clock import utcnow
+from memberhub.kit.clock import days_until, utcnow
 from memberhub.kit.db import Database
 from memberhub.notifications.models import Notification, NotificationFeedState
+from memberhub.notifications.templates import html_to_text
 from memberhub.points.jobs import notify_expiring_points
 from memberhub.settings import Settings
 from memberhub.worker.runner import Worker
@@ -273,3 +274,18 @@ async def test_the_log_is_paged_newest_first_and_scoped_to_the_keys_organisation
     assert [n["member_id"] for n in seen.json()["data"]] == [inside["id"]]
     bad_cursor = await api.get("/api/v1/notifications", {"cursor": "not-a-cursor"})
     assert bad_cursor.status_code == 422
+
+
+def test_the_text_part_decodes_the_html_once() -> None:
+    """A name that reads `Ana <b>&amp; Co</b>` (escaped once in the HTML) reads the same in
+    the text part, not decoded a second time."""
+    html = "<p>Hi Ana &lt;b&gt;&amp;amp; Co&lt;/b&gt;,</p><p>Fish &amp; chips</p>"
+    assert html_to_text(html) == "Hi Ana <b>&amp; Co</b>,\n\nFish & chips"
+
+
+def test_days_left_count_a_part_of_a_day_as_a_day() -> None:
+    now = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+    assert days_until(now + timedelta(days=9, hours=23), now) == 10
+    assert days_until(now + timedelta(days=10), now) == 10
+    assert days_until(now + timedelta(seconds=1), now) == 1
+    assert days_until(now - timedelta(hours=1), now) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import math
 from datetime import UTC, datetime
 
 
@@ -17,3 +18,10 @@ def add_months(moment: datetime, months: int) -> datetime:
     month = month_index % 12 + 1
     day = min(moment.day, calendar.monthrange(year, month)[1])
     return moment.replace(year=year, month=month, day=day)
+
+
+def days_until(moment: datetime, now: datetime) -> int:
+    """Whole days from `now` until `moment`, a part of a day counting as one ("in 10 days"
+    for 9 days and 23 hours), never below 0."""
+    seconds = (moment - now).total_seconds()
+    return max(0, math.ceil(seconds / 86400))

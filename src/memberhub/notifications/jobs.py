@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.events.catalog import MembershipRenewalDue
 from memberhub.events.service import emit
+from memberhub.kit.clock import days_until
 from memberhub.members.models import Member, MemberStatus
 from memberhub.memberships.models import MembershipPlan
 from memberhub.notifications import service
@@ -74,7 +75,7 @@ async def announce_renewals_due(session: AsyncSession, now: datetime) -> int:
                 organisation_id=organisation_public_id,
                 plan_id=plan_public_id,
                 term_ends_at=member.term_ends_at,
-                days_left=left.days,
+                days_left=days_until(member.term_ends_at, now),
                 occurred_at=now,
             ),
             organisation_id=member.organisation_id,

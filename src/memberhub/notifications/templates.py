@@ -11,7 +11,6 @@ HTML email bodies are autoescaped; their plain-text part is made from the render
 
 from __future__ import annotations
 
-import html as html_lib
 import re
 import sys
 from collections.abc import Mapping
@@ -163,5 +162,6 @@ def html_to_text(markup: str) -> str:
     parser.feed(markup)
     parser.close()
     text = "".join(parser.parts)
-    lines = [" ".join(line.split()) for line in html_lib.unescape(text).splitlines()]
+    # The parser decoded the character references once already (convert_charrefs).
+    lines = [" ".join(line.split()) for line in text.splitlines()]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()

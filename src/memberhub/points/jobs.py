@@ -19,6 +19,7 @@ from memberhub.alerts.models import AlertType
 from memberhub.audit.service import record_write
 from memberhub.events.catalog import PointsEarned, PointsExpiring
 from memberhub.events.service import emit
+from memberhub.kit.clock import days_until
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
 from memberhub.points import expiry, service
@@ -161,7 +162,7 @@ async def notify_expiring_points(session: AsyncSession, now: datetime) -> int:
         assert batch.expires_at is not None
         batch.expiring_notified_at = now
         member = members[batch.member_id]
-        days_left = max(0, (batch.expires_at - now).days)
+        days_left = days_until(batch.expires_at, now)
         emit(
             session,
             PointsExpiring(
