@@ -189,8 +189,10 @@ async def test_an_unregistered_device_is_a_permanent_refusal_named_unregistered(
         await fcm().send_message(connection, push("not-a-registration-token"))
 
     assert gone.value.permanent is True
+    assert gone.value.recipient_gone is True  # the sender forgets the token
     assert str(gone.value) == "UNREGISTERED: FCM answered 404: Requested entity was not found."
     assert unknown.value.permanent is True
+    assert unknown.value.recipient_gone is False
     assert str(unknown.value).startswith("INVALID_ARGUMENT: FCM answered 400: ")
     assert fake.sent == []
 

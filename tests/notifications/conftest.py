@@ -74,12 +74,16 @@ class RecordingSms(Provider):
     def __init__(self) -> None:
         self.sent: list[OutgoingMessage] = []
         self.refused: set[str] = set()
+        # Recipients the vendor says no longer exist (a push token of an app uninstalled).
+        self.gone: set[str] = set()
 
     async def send_message(self, connection: Connection, message: OutgoingMessage) -> SendResult:
         if message.to in self.refused:
             raise SendRejected(
                 "21211: The 'To' number is not a valid phone number.", permanent=True
             )
+        if message.to in self.gone:
+            raise SendRejected("UNREGISTERED: no such device", permanent=True, recipient_gone=True)
         self.sent.append(message)
         return SendResult(provider_message_id=f"SM{len(self.sent):032d}")
 

@@ -417,3 +417,43 @@ async def test_push_deduplicates_per_member_and_honours_suppressed_tokens(
         assert len(provider.sent) == 2
     finally:
         providers._PROVIDERS.pop(provider.name, None)
+
+
+async def test_a_token_moves_to_the_member_registering_it_and_a_gone_one_is_forgotten(
+    api: ApiClient, db: Database, app: Any, settings: Settings
+) -> None:
+    provider = RecordingPush()
+    providers.register(provider)
+    try:
+        created = await api.post(
+            "/api/v1/integrations", {"provider": provider.name, "name": "Push", "config": {}}
+        )
+        assert created.status_code == 201, created.text
+        dan, frank = await api.create_member(), await api.create_member()
+        shared, uninstalled = "phone-" + "d" * 20, "old-" + "e" * 20
+
+        def devices_of(member: dict[str, Any]) -> str:
+            return f"/api/v1/members/{member['id']}/devices"
+
+        for member, token in ((dan, shared), (frank, uninstalled)):
+            device = {"token": token, "platform": "android"}
+            assert (await api.post(devices_of(member), device)).status_code == 201
+        # The phone changed hands: registered for Frank, it is Dan's no more.
+        moved = await api.post(devices_of(frank), {"token": shared, "platform": "android"})
+        assert moved.status_code == 201, moved.text
+        assert (await api.get(devices_of(dan))).json() == []
+        assert {d["token"] for d in (await api.get(devices_of(frank))).json()} == {
+            shared,
+            uninstalled,
+        }
+
+        preferences = f"/api/v1/members/{frank['id']}/notification-preferences"
+        assert (await api.patch(preferences, {"push": True})).status_code == 200
+        provider.gone.add(uninstalled)
+        await award(api, frank["id"], 30, notify=True)
+        await deliver(db, app, settings, datetime(2027, 1, 15, 12, 0, tzinfo=UTC))
+        assert [m.to for m in provider.sent] == [shared]
+        # The vendor said the app is gone: the token is forgotten, nothing goes to it again.
+        assert [d["token"] for d in (await api.get(devices_of(frank))).json()] == [shared]
+    finally:
+        providers._PROVIDERS.pop(provider.name, None)

@@ -138,7 +138,12 @@ class DeviceToken(IdMixin, Base):
     """A push token of one of a member's devices."""
 
     __tablename__ = "device_tokens"
-    __table_args__ = (UniqueConstraint("member_id", "token"),)
+    __table_args__ = (
+        UniqueConstraint("member_id", "token"),
+        # A token is found by itself when it moves to another member or is forgotten; a
+        # hash index on PostgreSQL, which has no size limit on the long tokens.
+        Index("ix_device_tokens_token", "token", postgresql_using="hash"),
+    )
 
     public_id: Mapped[str] = mapped_column(String(32), unique=True)
     member_id: Mapped[int] = mapped_column(

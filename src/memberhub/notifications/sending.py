@@ -32,7 +32,7 @@ from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import Table, and_, bindparam, select, update
+from sqlalchemy import Table, and_, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.integrations.gateway import CircuitOpen, GatewayError
@@ -50,6 +50,7 @@ from memberhub.members.models import Member
 from memberhub.notifications import planning, service
 from memberhub.notifications.models import (
     Channel,
+    DeviceToken,
     Notification,
     NotificationPreference,
     NotificationStatus,
@@ -91,6 +92,8 @@ class _Outcome:
     integration_id: int | None = None
     error: str | None = None
     permanent: bool = False
+    # A push token the provider says no longer exists: forgotten with the outcome.
+    forget_token: str | None = None
 
 
 class NotificationSender:
@@ -244,12 +247,14 @@ class NotificationSender:
             connection = self.hub.connection(integration)
             result = await channel.send_message(connection, message)
         except SendRejected as exc:
+            gone = exc.recipient_gone and item.channel == Channel.PUSH and item.recipient
             return _Outcome(
                 item.id,
                 "failed" if exc.permanent else "retry",
                 integration_id=integration.id,
                 error=str(exc)[:ERROR_CHARS],
                 permanent=exc.permanent,
+                forget_token=item.recipient if gone else None,
             )
         except (GatewayError, CircuitOpen, UnknownProvider) as exc:
             return _Outcome(
@@ -289,6 +294,11 @@ class NotificationSender:
                 for outcome in outcomes
             ]
             await _update_claimed(session, claim, rows)
+            gone = sorted({o.forget_token for o in outcomes if o.forget_token})
+            if gone:
+                # The app was uninstalled: no push goes to the token again.
+                await session.execute(delete(DeviceToken).where(DeviceToken.token.in_(gone)))
+                log.info("device_tokens_forgotten", count=len(gone))
 
 
 def _listed_as(row: Any) -> str:

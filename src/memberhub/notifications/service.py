@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -199,11 +199,14 @@ async def register_device(
     session: AsyncSession, principal: Principal, member_public_id: str, payload: DeviceIn
 ) -> tuple[DeviceOut, bool]:
     """Register a push token; registering it again returns the first registration.
-    Returns the device and whether it was new."""
+    Returns the device and whether it was new. A token is one app on one phone: registered
+    for another member (the phone changed hands, another account signed in), it leaves
+    that member, so their pushes no longer reach it."""
     member = await get_member(session, principal, member_public_id, for_update=True)
     for device in await NotificationRepository(session).devices(member.id):
         if device.token == payload.token:
             return device_out(device, member), False
+    await session.execute(delete(DeviceToken).where(DeviceToken.token == payload.token))
     device = DeviceToken(
         public_id=new_public_id("dev"),
         member_id=member.id,

@@ -791,11 +791,13 @@ class SendResult:
 class SendRejected(Exception):
     """The provider refused a message. `permanent` says whether resending can ever work
     (4xx other than 408/429: bad address, unverified sender, invalid token); the message is
-    the provider's own words."""
+    the provider's own words. `recipient_gone`: the provider says the recipient no longer
+    exists (a push token of an app uninstalled), so nothing should be sent to it again."""
 
-    def __init__(self, message: str, *, permanent: bool) -> None:
+    def __init__(self, message: str, *, permanent: bool, recipient_gone: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.recipient_gone = recipient_gone
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,7 @@ class Fcm(Provider):
         raise SendRejected(
             f"{code}: FCM answered {response.status_code}: {text}",
             permanent=code in PERMANENT_ERRORS,
+            recipient_gone=code == "UNREGISTERED",
         )
 
     async def _token(self, connection: Connection, account: ServiceAccount, *, renew: bool) -> str:
