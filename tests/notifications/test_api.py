@@ -8,6 +8,9 @@ from typing import Any
 import pytest
 
 from memberhub.kit.db import Database
+from memberhub.notifications.catalog import MESSAGE_TYPES
+from memberhub.notifications.models import NotificationTemplate
+from memberhub.notifications.template_service import choose_template
 from memberhub.settings import Settings
 from tests.fakes.smtp_server import SmtpServer
 from tests.notifications.conftest import consenting_member, deliver
@@ -176,6 +179,22 @@ async def test_a_preview_renders_for_a_chosen_member_in_their_locale_with_fallba
     assert french.status_code == 200
     assert french.json()["subject"] == "You earned 120 points"
     assert french.json()["text"].startswith("Hello Siti,")
+    # A regional locale falls back to its language, and tags compare case aside.
+    for regional in ("ms-MY", "ms-my"):
+        preview = {"message_type": "points_earned", "channel": "email", "locale": regional}
+        shown = await api.post(f"{TEMPLATES}/preview", {**preview, "event": {"points": 5}})
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["subject"] == "Mata ganjaran: 5", regional
+    # A disabled template would send nothing: the preview says so rather than show it.
+    listed = (await api.get(TEMPLATES, {"include_defaults": "false"})).json()
+    (malay_template,) = [t for t in listed if t["locale"] == "ms"]
+    assert (await api.patch(f"{TEMPLATES}/{malay_template['id']}", {"enabled": False})).is_success
+    off = await api.post(
+        f"{TEMPLATES}/preview",
+        {"message_type": "points_earned", "channel": "email", "locale": "ms"},
+    )
+    assert off.status_code == 409, off.text
+    assert off.json()["error"]["code"] == "TEMPLATE_DISABLED"
 
     draft = await api.post(
         f"{TEMPLATES}/preview",
@@ -307,3 +326,29 @@ async def test_an_unsubscribe_link_that_is_not_ours_is_refused(api: ApiClient) -
     for token in ("abc", "bWVtX3g6ZW1haWw.AAAA", "a.b.c", "é.x"):
         response = await api.http.post(f"/api/v1/unsubscribe/{token}")
         assert response.status_code in (404, 422), (token, response.text)
+
+
+def test_the_template_sent_falls_back_from_a_region_to_its_language() -> None:
+    def template(locale: str) -> NotificationTemplate:
+        return NotificationTemplate(
+            message_type="points_earned",
+            channel="email",
+            locale=locale,
+            subject=f"subject {locale}",
+            body="body",
+            format="text",
+            enabled=True,
+        )
+
+    stored = {("points_earned", "email", t): template(t) for t in ("fr", "pt-BR")}
+    message = MESSAGE_TYPES["points_earned"]
+
+    def chosen(*locales: str | None) -> str | None:
+        picked = choose_template(stored, message, "email", locales)
+        assert picked is not None
+        return picked[3]
+
+    assert chosen("fr-CA", "en") == "fr"
+    assert chosen("pt-br", "en") == "pt-BR"
+    assert chosen("pt", "fr") == "fr"  # no Portuguese but Brazil's: the next locale
+    assert chosen("de", "en") is None  # the built-in default

@@ -298,6 +298,18 @@ async def delete_template(session: AsyncSession, principal: Principal, public_id
     )
 
 
+def locale_candidates(locales: Sequence[str | None]) -> list[str]:
+    """The locale tags to look for, in order and lower-cased: each locale, then its
+    language (`fr-CA`, then `fr`), before the next."""
+    wanted: list[str] = []
+    for locale in locales:
+        if locale:
+            for tag in (locale.lower(), locale.lower().split("-")[0]):
+                if tag not in wanted:
+                    wanted.append(tag)
+    return wanted
+
+
 def choose_template(
     stored: Mapping[tuple[str, str, str], NotificationTemplate],
     message: MessageType,
@@ -306,15 +318,19 @@ def choose_template(
 ) -> tuple[str | None, str, str, str | None] | None:
     """(subject, body, format, locale) of the template to send: the installation's in the
     first of `locales` it has, else the default; None when there is none or it is
-    disabled."""
-    for locale in locales:
-        if locale is None:
-            continue
-        template = stored.get((message.name, channel, locale))
+    disabled. Locales compare case aside, and a regional one falls back to its language
+    (`fr-CA` to `fr`) before the next locale is tried, as BCP 47 tags do."""
+    own = {
+        locale.lower(): template
+        for (name, on, locale), template in stored.items()
+        if name == message.name and on == channel
+    }
+    for tag in locale_candidates(locales):
+        template = own.get(tag)
         if template is not None:
             if not template.enabled:
                 return None
-            return template.subject, template.body, template.format, locale
+            return template.subject, template.body, template.format, template.locale
     default = message.defaults.get(channel)
     if default is None:
         return None
@@ -383,15 +399,16 @@ async def preview(
     else:
         settings = await get_settings(session)
         stored = {
-            (t.channel, t.locale): t
+            t.locale.lower(): t
             for t in await list_templates(
                 session, message_type=message.name, channel=payload.channel, defaults=False
             )
+            if t.locale is not None
         }
         chosen = [
-            stored[(payload.channel, locale)]
-            for locale in (payload.locale, settings.default_locale)
-            if locale is not None and (payload.channel, locale) in stored
+            stored[tag]
+            for tag in locale_candidates((payload.locale, settings.default_locale))
+            if tag in stored
         ] + default_templates(message.name, payload.channel)
         if not chosen:
             raise ValidationFailed(
@@ -400,6 +417,13 @@ async def preview(
                 code="NO_TEMPLATE",
             )
         template = chosen[0]
+        if not template.enabled:
+            raise Conflict(
+                f"The {template.locale} {payload.channel} template of {message.name} is "
+                "disabled: nothing would be sent (preview its subject and body as a draft).",
+                code="TEMPLATE_DISABLED",
+                details={"template_id": template.id},
+            )
     return await preview_template(
         session, principal, template, PreviewIn(member_id=payload.member_id, event=payload.event)
     )
