@@ -145,6 +145,29 @@ async def test_an_unmatched_activity_waits_and_earns_when_its_member_is_created(
     await check_ledger(db, [member["id"]])
 
 
+async def test_a_key_an_existing_member_gains_matches_the_activities_waiting_for_it(
+    api: ApiClient, db: Database
+) -> None:
+    await create_rule(api)
+    member = await api.create_member(email="first@example.com")
+    by_external = (await record(api, activity_body(external_id="pos:555")))["activity"]
+    by_email = (await record(api, activity_body(email="second@example.com")))["activity"]
+    assert by_external["status"] == by_email["status"] == "unmatched"
+
+    linked = await api.patch(f"/api/v1/members/{member['id']}", {"external_ids": {"pos": "555"}})
+    assert linked.status_code == 200, linked.text
+    matched = (await api.get(f"{ACTIVITIES}/{by_external['id']}")).json()
+    assert (matched["member_id"], matched["matched_by"]) == (member["id"], "external_id")
+    assert await balance(api, member["id"]) == 100
+
+    moved = await api.patch(f"/api/v1/members/{member['id']}", {"email": "second@example.com"})
+    assert moved.status_code == 200, moved.text
+    matched = (await api.get(f"{ACTIVITIES}/{by_email['id']}")).json()
+    assert (matched["member_id"], matched["matched_by"]) == (member["id"], "email")
+    assert await balance(api, member["id"]) == 200
+    await check_ledger(db, [member["id"]])
+
+
 async def test_an_external_id_of_a_new_member_matches_waiting_activities(api: ApiClient) -> None:
     await create_rule(api)
     waiting = (await record(api, activity_body(external_id="crm:77")))["activity"]

@@ -433,6 +433,12 @@ async def update_member(
         object_id=member.public_id,
         changes=seal_personal(changes, member.data_key, member.public_id),
     )
+    if changes.keys() & {"email", "external_ids", "organisation_id"}:
+        # A key the member gained (an email, a shop's customer id) matches the activities
+        # waiting for it, as when a member is created.
+        from memberhub.activities.service import match_waiting_activities
+
+        await match_waiting_activities(session, principal, member)
     return member
 
 
