@@ -213,6 +213,7 @@ async def test_a_refund_of_spent_points_follows_the_negative_balance_policy(
     assert refund_event["status"] == "failed"
     assert "150 spent points" in refund_event["error"]
     assert refund_event["result"]["error_details"]["negative_balance_policy"] == "forbid"
+    assert refund_event["result"]["error_code"] == "INSUFFICIENT_POINTS"
     assert await balance(api, member["id"]) == 50
 
     # Allowing reversals to leave a negative balance, the retried refund takes all 200:

@@ -303,7 +303,9 @@ async def process_one(db: Database, event_id: int, hub: IntegrationHub | None = 
     except MemberhubError as exc:
         # The data does not allow it (no such member, a transition not allowed): retrying
         # would give the same answer. Staff can retry once they fixed the data.
-        await _record_failure(db, event_id, exc.message, final=True, details=exc.details)
+        await _record_failure(
+            db, event_id, exc.message, final=True, code=exc.code, details=exc.details
+        )
         return 1
     except PaymentNotYetApplied as exc:
         log.info("inbound_event_waiting", inbound_event=event_id, reason=str(exc))
@@ -399,6 +401,7 @@ async def _record_failure(
     message: str,
     *,
     final: bool,
+    code: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> int:
     async with db.transaction() as session:
@@ -408,8 +411,13 @@ async def _record_failure(
         now = utcnow()
         event.attempts += 1
         event.error = message[:1000]
-        if details:
-            event.result = {"error_details": details}
+        if code or details:
+            # The refusal's code (INSUFFICIENT_POINTS, say) and details, for a client to
+            # key on.
+            event.result = {
+                **({"error_code": code} if code else {}),
+                **({"error_details": details} if details else {}),
+            }
         if final or event.attempts >= MAX_ATTEMPTS:
             event.status = InboundStatus.FAILED
             event.processed_at = now
