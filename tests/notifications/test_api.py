@@ -68,6 +68,13 @@ async def test_a_bad_subject_is_refused_and_an_email_template_needs_one(api: Api
     assert missing.json()["error"]["details"] == {"field": "subject"}
     html_sms = await api.post(TEMPLATES, _template(channel="sms", format="html"))
     assert html_sms.status_code == 422
+    # Staff get email only: a template for another channel would never be sent.
+    staff_sms = await api.post(
+        TEMPLATES,
+        _template(message_type="staff_alert_raised", channel="sms", subject=None, body="Alert"),
+    )
+    assert staff_sms.status_code == 422, staff_sms.text
+    assert staff_sms.json()["error"]["details"] == {"field": "channel"}
     assert await _stored_templates(api) == []
 
 

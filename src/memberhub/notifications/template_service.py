@@ -127,6 +127,13 @@ def check_template(
     """Refuse a template that cannot be sent: wrong parts for its channel, or one that
     does not parse or render against the message type's sample data (422, with the part,
     line and reason)."""
+    if message.audience == "staff" and channel != Channel.EMAIL:
+        raise ValidationFailed(
+            f"{message.name} goes to staff, who get email only: a {channel} template would "
+            "never be sent.",
+            details={"field": "channel"},
+            code="INVALID_TEMPLATE",
+        )
     if format == "html" and channel != Channel.EMAIL:
         raise ValidationFailed(
             "Only email templates may be html.",
