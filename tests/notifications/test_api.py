@@ -316,6 +316,18 @@ async def test_suppressions_are_added_listed_and_removed(api: ApiClient) -> None
     assert added.json()["address"] == "ann@example.com"
     bad = await api.post("/api/v1/notification-suppressions", {"channel": "fax", "address": "x@y"})
     assert bad.status_code == 422
+    # An address its channel could never send to would suppress nothing.
+    for channel, address in (("sms", "not a phone"), ("sms", "+1 2"), ("email", "nobody")):
+        refused = await api.post(
+            "/api/v1/notification-suppressions", {"channel": channel, "address": address}
+        )
+        assert refused.status_code == 422, (channel, address, refused.text)
+    number = await api.post(
+        "/api/v1/notification-suppressions", {"channel": "sms", "address": "+60 12-345 6789"}
+    )
+    assert number.status_code == 201, number.text
+    assert number.json()["address"] == "+60123456789"
+    assert (await api.delete(f"/api/v1/notification-suppressions/{number.json()['id']}")).is_success
     listed = (await api.get("/api/v1/notification-suppressions")).json()["data"]
     assert [s["id"] for s in listed] == [added.json()["id"]]
     removed = await api.delete(f"/api/v1/notification-suppressions/{added.json()['id']}")

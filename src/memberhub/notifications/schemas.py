@@ -11,6 +11,7 @@ from pydantic import (
     Field,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 from memberhub.kit.types import Input, Name, PatchInput
@@ -300,6 +301,19 @@ class SuppressionIn(Input):
     channel: ChannelName
     address: Annotated[str, StringConstraints(min_length=3, max_length=320, strip_whitespace=True)]
     reason: Literal["manual", "bounced", "spam_report", "unsubscribed", "dropped"] = "manual"
+
+    @model_validator(mode="after")
+    def _address_fits_channel(self) -> SuppressionIn:
+        """An address the channel could never send to would suppress nothing."""
+        if self.channel == "sms" and not _PHONE.fullmatch(normalise_address("sms", self.address)):
+            raise ValueError("an sms address is a phone number: digits, optionally after +")
+        if self.channel == "email" and "@" not in self.address:
+            raise ValueError("an email address has an @")
+        return self
+
+
+# A phone number as compared: optional +, then 6 to 15 digits (E.164 allows 15).
+_PHONE = re.compile(r"\+?[0-9]{6,15}")
 
 
 def normalise_address(channel: str, address: str) -> str:
