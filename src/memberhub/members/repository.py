@@ -107,7 +107,10 @@ def _member_by(column: str, for_update: bool) -> Select[Member]:
         .where(Member.deleted_at.is_(None), Member.__table__.c[column] == bindparam("key"))
         .options(selectinload(Member.organisation), selectinload(Member.plan))
     )
-    return query.with_for_update() if for_update else query
+    # FOR NO KEY UPDATE on PostgreSQL: a change to the member blocks other changes, not the
+    # inserts that refer to it (ledger rows check their member with FOR KEY SHARE), so a
+    # change that goes on to lock the member's account cannot deadlock with a points write.
+    return query.with_for_update(key_share=True) if for_update else query
 
 
 class ConsentChangeRepository:
