@@ -64,7 +64,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.events.catalog import WebhookTest
 from memberhub.events.models import Event
-from memberhub.events.sequencer import sequence_pending, set_dispatch_wanted
+from memberhub.events.sequencer import PASS_LIMIT, sequence_pending, set_dispatch_wanted
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox, SecretUnreadable
 from memberhub.kit.db import Database, array_rows
@@ -211,8 +211,10 @@ async def fan_out_before_change(session: AsyncSession, now: datetime) -> None:
     if postgres:
         # Waited for: a fan-out running now finishes first.
         await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _FAN_OUT_LOCK})
-    waiting = await session.scalar(_WAITING_EVENTS)
-    if waiting and waiting > CHANGE_FAN_OUT_LIMIT:
+    waiting = (await session.scalar(_WAITING_EVENTS) or 0) + (
+        await session.scalar(_UNNUMBERED_EVENTS) or 0
+    )
+    if waiting > CHANGE_FAN_OUT_LIMIT:
         raise ServiceUnavailable(
             f"{waiting} events wait to be sent to the endpoints as they stand; the change "
             "would wait for all of them. Retry once the worker has caught up.",
@@ -220,15 +222,27 @@ async def fan_out_before_change(session: AsyncSession, now: datetime) -> None:
             details={"waiting_events": waiting},
             retry_after=30,
         )
-    while await fan_out(session, now, locked=True):
+    # A pass numbers a batch at most: a full one may have left more behind. (Commits that
+    # come meanwhile are numbered after this change, as if they came after it.)
+    while (passed := await sequence_pending(session)) is not None and passed.events >= PASS_LIMIT:
         pass
+    up_to = await session.scalar(select(func.max(_EVENTS.c.position)))
+    if up_to is not None:
+        while await fan_out(session, now, locked=True, up_to=up_to):
+            pass
 
 
 async def fan_out(
-    session: AsyncSession, now: datetime, *, limit: int = FAN_OUT_BATCH, locked: bool = False
+    session: AsyncSession,
+    now: datetime,
+    *,
+    limit: int = FAN_OUT_BATCH,
+    locked: bool = False,
+    up_to: int | None = None,
 ) -> int:
     """Turn up to `limit` undispatched events into deliveries; returns the events handled.
-    `locked`: the caller holds the fan-out lock (PostgreSQL) already."""
+    `locked`: the caller holds the fan-out lock (PostgreSQL) and has numbered what it wants
+    handled, events up to position `up_to`."""
     postgres = session.get_bind().dialect.name == "postgresql"
     if postgres and not locked:
         got = await session.scalar(
@@ -236,17 +250,16 @@ async def fan_out(
         )
         if not got:
             return 0
-    # Fan-out takes events in feed order: number what has committed without waiting for the
-    # sequencer loop (a pass running elsewhere is left to it).
-    await sequence_pending(session, wait=False)
-    events = (
-        await session.execute(
-            select(Event.id, Event.position, Event.type, Event.organisation_id)
-            .where(Event.dispatched_at.is_(None), Event.position.is_not(None))
-            .order_by(Event.position)
-            .limit(limit)
-        )
-    ).all()
+    if not locked:
+        # Fan-out takes events in feed order: number what has committed without waiting for
+        # the sequencer loop (a pass running elsewhere is left to it).
+        await sequence_pending(session, wait=False)
+    waiting = select(Event.id, Event.position, Event.type, Event.organisation_id).where(
+        Event.dispatched_at.is_(None), Event.position.is_not(None)
+    )
+    if up_to is not None:
+        waiting = waiting.where(Event.position <= up_to)
+    events = (await session.execute(waiting.order_by(Event.position).limit(limit))).all()
     if not events:
         return 0
     # FOR SHARE: an endpoint being disabled is waited for, and then left out.
@@ -353,6 +366,7 @@ _WAITING_EVENTS = (
     .select_from(_EVENTS)
     .where(_EVENTS.c.dispatched_at.is_(None), _EVENTS.c.position.is_not(None))
 )
+_UNNUMBERED_EVENTS = select(func.count()).select_from(_EVENTS).where(_EVENTS.c.position.is_(None))
 _MARK_DISPATCHED = _for_each_backend(
     lambda postgres: (
         update(_EVENTS)

@@ -154,10 +154,10 @@ async def update_endpoint(
     if "event_types" in changes:
         changes["event_types"] = {"types": _check_event_types(changes["event_types"])}
     # Resolved before the endpoint is locked: a slow name server holds up nothing else.
-    current = await get_endpoint(session, principal, public_id)
+    await get_endpoint(session, principal, public_id)
     if "url" in changes:
         await ssrf.check_url(changes["url"], policy)
-    if _changes_reach(current, changes):
+    if changes.keys() & {"enabled", "event_types"}:
         # Events committed before the change go where the endpoint stood then. (Imported
         # here: the delivery loop uses this module.)
         from memberhub.webhooks.delivery import fan_out_before_change
@@ -192,14 +192,6 @@ async def update_endpoint(
             changes=changed,
         )
     return endpoint
-
-
-def _changes_reach(endpoint: WebhookEndpoint, changes: dict[str, Any]) -> bool:
-    """Whether a change alters which events the endpoint receives."""
-    enabled = changes.get("enabled")
-    return (enabled is not None and enabled != endpoint.enabled) or (
-        "event_types" in changes and changes["event_types"] != endpoint.event_types
-    )
 
 
 async def delete_endpoint(session: AsyncSession, principal: Principal, public_id: str) -> None:
