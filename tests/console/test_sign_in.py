@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
+import pytest
 
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
@@ -149,3 +152,31 @@ async def test_sign_in_only_returns_to_console_pages(
             },
         )
         assert answered.headers["location"] == landed
+
+
+async def test_a_session_expired_in_one_browser_ends_for_a_copy_kept_busy_elsewhere(
+    browser: httpx.AsyncClient, app: object, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle expiry reads the cookie's own time of last use: a copy used elsewhere stays
+    fresh. When the browser comes back with its expired copy, the session is ended for
+    every copy, as a sign-out would."""
+    await create_staff_user(db)
+    start = time.time()
+    await sign_in(browser)
+    copied = _another_browser(
+        app, cookies={"memberhub_console": browser.cookies["memberhub_console"]}
+    )
+    async with copied:
+        monkeypatch.setattr(time, "time", lambda: start + 20 * 60)
+        used = await copied.get("/console")
+        assert used.status_code == 200
+        refreshed = used.cookies.get("memberhub_console")
+        assert refreshed  # its time of last use moved on
+        copied.cookies.clear()
+        copied.cookies.set("memberhub_console", refreshed)
+        monkeypatch.setattr(time, "time", lambda: start + 40 * 60)
+        returned = await browser.get("/console")
+        assert returned.status_code == 303  # idle for 40 minutes: signed out
+        kept_busy = await copied.get("/console/members")
+        assert kept_busy.status_code == 303
+        assert kept_busy.headers["location"].startswith("/console/sign-in")

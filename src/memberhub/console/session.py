@@ -52,6 +52,9 @@ class ConsoleSession:
     changed: bool = False
     # Set when a signed-in session ended by expiry on this request (the sign-in page says so).
     expired: bool = False
+    # That session, (staff id, session id, signed in at), to record as ended: a copy of
+    # its cookie kept busy elsewhere would not have expired.
+    ended: tuple[str, str, int] | None = None
 
     @property
     def csrf_token(self) -> str:
@@ -161,6 +164,9 @@ def load_session(settings: Settings, cookie: str | None, now: float) -> ConsoleS
         idle = not isinstance(seen, int) or now - seen > settings.console_idle_minutes * 60
         too_old = not isinstance(at, int) or now - at > settings.console_session_hours * 3600
         if idle or too_old:
+            sid, at = session.session_id, session.signed_in_at
+            if sid is not None and at is not None and session.staff_id is not None:
+                session.ended = (session.staff_id, sid, at)
             session.sign_out()
             session.expired = True
     return session

@@ -7,7 +7,7 @@ import hmac
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
@@ -26,6 +26,7 @@ from starlette.types import Message
 from memberhub.auth.principal import Principal
 from memberhub.console.navigation import visible_navigation
 from memberhub.console.session import console_session, is_console_path, session_digest
+from memberhub.kit.actor import Actor
 from memberhub.kit.errors import Forbidden, MemberhubError, Unauthorized
 from memberhub.kit.http import SAFE_METHODS, read_body, spool_body, validation_fields
 from memberhub.staff import service as staff_service
@@ -175,6 +176,9 @@ class SignedIn:
 async def signed_in_staff(request: Request) -> SignedIn:
     session = db_session(request)
     state = console_session(request)
+    if state.ended is not None:
+        await _record_expired(request, state.ended)
+        state.ended = None
     if state.staff_id is None:
         raise SignInRequired()
     staff = await StaffRepository(session).get_by_public_id(state.staff_id)
@@ -196,6 +200,23 @@ async def signed_in_staff(request: Request) -> SignedIn:
     )
     request.state.console_principal = principal
     return SignedIn(staff=staff, principal=principal)
+
+
+async def _record_expired(request: Request, ended: tuple[str, str, int]) -> None:
+    """Record a session that expired by its cookie as ended, in a transaction of its own
+    (a page's may be read-only, or rolled back as it asks to sign in)."""
+    staff_id, session_id, signed_in_at = ended
+    lifetime = timedelta(hours=request.app.state.settings.console_session_hours)
+    async with request.app.state.db.transaction() as session:
+        staff = await StaffRepository(session).get_by_public_id(staff_id)
+        if staff is not None:
+            await staff_service.end_session(
+                session,
+                Actor(id="console", request_id=getattr(request.state, "request_id", None)),
+                staff,
+                session_digest(session_id),
+                expires_at=datetime.fromtimestamp(signed_in_at, UTC) + lifetime,
+            )
 
 
 SignedInStaff = Annotated[SignedIn, Depends(signed_in_staff)]

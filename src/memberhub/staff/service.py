@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 import pyotp
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.service import record_write
@@ -324,11 +325,15 @@ async def end_session(
     now = utcnow()
     await session.execute(delete(EndedConsoleSession).where(EndedConsoleSession.expires_at < now))
     if expires_at > now and await session.get(EndedConsoleSession, session_digest) is None:
-        session.add(
-            EndedConsoleSession(
-                session_digest=session_digest, staff_id=staff.id, expires_at=expires_at
-            )
-        )
+        try:
+            async with session.begin_nested():
+                session.add(
+                    EndedConsoleSession(
+                        session_digest=session_digest, staff_id=staff.id, expires_at=expires_at
+                    )
+                )
+        except IntegrityError:
+            pass  # ended at the same moment by another request (a second click)
     record_write(
         session,
         actor,
