@@ -442,6 +442,9 @@ async def test_a_token_moves_to_the_member_registering_it_and_a_gone_one_is_forg
         moved = await api.post(devices_of(frank), {"token": shared, "platform": "android"})
         assert moved.status_code == 201, moved.text
         assert (await api.get(devices_of(dan))).json() == []
+        audit = (await api.get("/api/v1/audit", {"object_id": dan["id"]})).json()["data"]
+        (move,) = [entry for entry in audit if entry["action"] == "device.moved"]
+        assert move["changes"]["to_member_id"] == frank["id"]
         assert {d["token"] for d in (await api.get(devices_of(frank))).json()} == {
             shared,
             uninstalled,

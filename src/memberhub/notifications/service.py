@@ -206,7 +206,26 @@ async def register_device(
     for device in await NotificationRepository(session).devices(member.id):
         if device.token == payload.token:
             return device_out(device, member), False
-    await session.execute(delete(DeviceToken).where(DeviceToken.token == payload.token))
+    others = (
+        await session.execute(
+            select(DeviceToken.id, DeviceToken.public_id, Member.public_id)
+            .join(Member, Member.id == DeviceToken.member_id)
+            .where(DeviceToken.token == payload.token)
+        )
+    ).all()
+    if others:
+        await session.execute(
+            delete(DeviceToken).where(DeviceToken.id.in_([row_id for row_id, _, _ in others]))
+        )
+        for _, device_id, other_member in others:
+            record_write(
+                session,
+                principal.actor,
+                action="device.moved",
+                object_type="member",
+                object_id=other_member,
+                changes={"device_id": device_id, "to_member_id": member.public_id},
+            )
     device = DeviceToken(
         public_id=new_public_id("dev"),
         member_id=member.id,
