@@ -211,11 +211,12 @@ async def received_body(request: Request) -> bytes | IO[bytes]:
     return await request.body()
 
 
-def _query_names(dependant: Dependant) -> frozenset[str]:
-    names = {param.alias for param in dependant.query_params}
+def _query_params(dependant: Dependant) -> list[Any]:
+    """The route's query parameters, its dependencies' included."""
+    params = list(dependant.query_params)
     for dependency in dependant.dependencies:
-        names |= _query_names(dependency)
-    return frozenset(names)
+        params += _query_params(dependency)
+    return params
 
 
 def _repeatable(annotation: Any) -> bool:
@@ -228,18 +229,6 @@ def _repeatable(annotation: Any) -> bool:
     return origin in (list, set, frozenset, tuple) or annotation in (list, set, frozenset, tuple)
 
 
-def _single_query_names(dependant: Dependant) -> frozenset[str]:
-    """The query parameters that take one value."""
-    names = {
-        param.alias
-        for param in dependant.query_params
-        if not _repeatable(param.field_info.annotation)
-    }
-    for dependency in dependant.dependencies:
-        names |= _single_query_names(dependency)
-    return frozenset(names)
-
-
 def _scalar(annotation: Any) -> Any:
     """`bool` or `int` under Optional or Annotated; None for anything else."""
     origin = typing.get_origin(annotation)
@@ -249,18 +238,6 @@ def _scalar(annotation: Any) -> Any:
         found = {_scalar(arg) for arg in typing.get_args(annotation) if arg is not type(None)}
         return found.pop() if len(found) == 1 else None
     return annotation if annotation in (bool, int) else None
-
-
-def _typed_query_names(dependant: Dependant) -> dict[str, Any]:
-    """The one-value query parameters that are booleans or integers, by name."""
-    typed = {
-        param.alias: kind
-        for param in dependant.query_params
-        if (kind := _scalar(param.field_info.annotation)) is not None
-    }
-    for dependency in dependant.dependencies:
-        typed |= _typed_query_names(dependency)
-    return typed
 
 
 _QUERY_INTEGER = re.compile(r"-?[0-9]{1,19}")
@@ -362,9 +339,17 @@ class CheckedRoute(APIRoute):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.authenticates_first = _authenticates_first(self.dependant)
-        self.query_names = _query_names(self.dependant)
-        self.single_query_names = _single_query_names(self.dependant)
-        self.typed_query_names = _typed_query_names(self.dependant)
+        params = _query_params(self.dependant)
+        self.query_names = frozenset(param.alias for param in params)
+        # Those that take one value, and those taken as booleans or integers.
+        self.single_query_names = frozenset(
+            param.alias for param in params if not _repeatable(param.field_info.annotation)
+        )
+        self.typed_query_names = {
+            param.alias: kind
+            for param in params
+            if (kind := _scalar(param.field_info.annotation)) is not None
+        }
         self.body_limit_setting = getattr(self.endpoint, "body_limit_setting", "max_body_bytes")
 
     @property
