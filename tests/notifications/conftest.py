@@ -4,8 +4,9 @@ channel registered for the test only, and the worker's planning and sending pass
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pytest
 from fastapi import FastAPI
@@ -91,19 +92,28 @@ class RecordingSms(Provider):
         return []
 
 
-@pytest.fixture
-async def sms(api: ApiClient) -> AsyncIterator[RecordingSms]:
-    """The test SMS channel, registered and configured as an integration for this test."""
-    provider = RecordingSms()
+P = TypeVar("P", bound=Provider)
+
+
+@asynccontextmanager
+async def registered(api: ApiClient, provider: P, name: str) -> AsyncIterator[P]:
+    """`provider` registered and configured as an integration while the block runs."""
     providers.register(provider)
     try:
         response = await api.post(
-            "/api/v1/integrations", {"provider": "test_sms", "name": "SMS", "config": {}}
+            "/api/v1/integrations", {"provider": provider.name, "name": name, "config": {}}
         )
         assert response.status_code == 201, response.text
         yield provider
     finally:
         providers._PROVIDERS.pop(provider.name, None)
+
+
+@pytest.fixture
+async def sms(api: ApiClient) -> AsyncIterator[RecordingSms]:
+    """The test SMS channel, registered and configured as an integration for this test."""
+    async with registered(api, RecordingSms(), "SMS") as provider:
+        yield provider
 
 
 def hub_of(app: Any) -> IntegrationHub:

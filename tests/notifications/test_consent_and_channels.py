@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
+import pytest
 from sqlalchemy import func, select
 
 from memberhub.integrations import providers
@@ -33,6 +34,7 @@ from tests.notifications.conftest import (
     consenting_member,
     deliver,
     notifications,
+    registered,
 )
 from tests.support import ApiClient
 
@@ -327,136 +329,115 @@ class RecordingPush(RecordingSms):
     message_channels: ClassVar[frozenset[str]] = frozenset({"push"})
 
 
+@pytest.fixture
+async def push(api: ApiClient) -> AsyncIterator[RecordingPush]:
+    async with registered(api, RecordingPush(), "Push") as provider:
+        yield provider
+
+
 async def test_push_goes_to_every_device_of_a_member_who_allowed_it(
-    api: ApiClient, db: Database, app: Any, settings: Settings
+    api: ApiClient, db: Database, app: Any, settings: Settings, push: RecordingPush
 ) -> None:
-    provider = RecordingPush()
-    providers.register(provider)
-    try:
-        created = await api.post(
-            "/api/v1/integrations", {"provider": provider.name, "name": "Push", "config": {}}
-        )
-        assert created.status_code == 201, created.text
-        allowed = await api.create_member()
-        refused = await api.create_member()
-        without_devices = await api.create_member()
-        for member in (allowed, without_devices):
-            preferences = f"/api/v1/members/{member['id']}/notification-preferences"
-            assert (await api.patch(preferences, {"push": True})).status_code == 200
-        for member, token in (
-            (allowed, "phone-" + "a" * 20),
-            (allowed, "tablet-" + "b" * 20),
-            (refused, "phone-" + "c" * 20),
-        ):
-            device = {"token": token, "platform": "android"}
-            assert (await api.post(f"/api/v1/members/{member['id']}/devices", device)).is_success
-        noon = datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
-        for member in (allowed, refused, without_devices):
-            await award(api, member["id"], 30, notify=True)
+    allowed = await api.create_member()
+    refused = await api.create_member()
+    without_devices = await api.create_member()
+    for member in (allowed, without_devices):
+        preferences = f"/api/v1/members/{member['id']}/notification-preferences"
+        assert (await api.patch(preferences, {"push": True})).status_code == 200
+    for member, token in (
+        (allowed, "phone-" + "a" * 20),
+        (allowed, "tablet-" + "b" * 20),
+        (refused, "phone-" + "c" * 20),
+    ):
+        device = {"token": token, "platform": "android"}
+        assert (await api.post(f"/api/v1/members/{member['id']}/devices", device)).is_success
+    noon = datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
+    for member in (allowed, refused, without_devices):
+        await award(api, member["id"], 30, notify=True)
 
-        await deliver(db, app, settings, noon)
+    await deliver(db, app, settings, noon)
 
-        assert sorted(m.to for m in provider.sent) == ["phone-" + "a" * 20, "tablet-" + "b" * 20]
-        (sent, _) = provider.sent
-        assert sent.subject == "You earned 30 points"
-        assert sent.data["message_type"] == "points_earned"
-        logged = await notifications(api, channel="push")
-        outcomes = sorted((n["member_id"], n["status"], n["reason"]) for n in logged)
-        assert outcomes == sorted(
-            [
-                (allowed["id"], "sent", None),
-                (allowed["id"], "sent", None),
-                (refused["id"], "suppressed", "no_consent"),
-                (without_devices["id"], "suppressed", "no_address"),
-            ]
-        )
-    finally:
-        providers._PROVIDERS.pop(provider.name, None)
+    assert sorted(m.to for m in push.sent) == ["phone-" + "a" * 20, "tablet-" + "b" * 20]
+    (sent, _) = push.sent
+    assert sent.subject == "You earned 30 points"
+    assert sent.data["message_type"] == "points_earned"
+    logged = await notifications(api, channel="push")
+    outcomes = sorted((n["member_id"], n["status"], n["reason"]) for n in logged)
+    assert outcomes == sorted(
+        [
+            (allowed["id"], "sent", None),
+            (allowed["id"], "sent", None),
+            (refused["id"], "suppressed", "no_consent"),
+            (without_devices["id"], "suppressed", "no_address"),
+        ]
+    )
 
 
 async def test_push_deduplicates_per_member_and_honours_suppressed_tokens(
-    api: ApiClient, db: Database, app: Any, settings: Settings
+    api: ApiClient, db: Database, app: Any, settings: Settings, push: RecordingPush
 ) -> None:
     """Deduplication counts a member's messages per channel, not per device: each device
     gets the push. A token on the suppression list gets none, planned or at send time."""
-    provider = RecordingPush()
-    providers.register(provider)
-    try:
-        created = await api.post(
-            "/api/v1/integrations", {"provider": provider.name, "name": "Push", "config": {}}
-        )
-        assert created.status_code == 201, created.text
-        window = await api.patch("/api/v1/notification-settings", {"dedup_window_minutes": 60})
-        assert window.status_code == 200, window.text
-        member = await api.create_member()
-        preferences = f"/api/v1/members/{member['id']}/notification-preferences"
-        assert (await api.patch(preferences, {"push": True})).status_code == 200
-        phone, tablet, old = ("phone-" + "a" * 20, "tablet-" + "b" * 20, "old-" + "c" * 20)
-        for token in (phone, tablet, old):
-            device = {"token": token, "platform": "android"}
-            assert (await api.post(f"/api/v1/members/{member['id']}/devices", device)).is_success
-        listed = await api.post(
-            "/api/v1/notification-suppressions", {"channel": "push", "address": old}
-        )
-        assert listed.status_code == 201, listed.text
-        noon = datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
-        await award(api, member["id"], 30, notify=True)
-        await deliver(db, app, settings, noon)
+    window = await api.patch("/api/v1/notification-settings", {"dedup_window_minutes": 60})
+    assert window.status_code == 200, window.text
+    member = await api.create_member()
+    preferences = f"/api/v1/members/{member['id']}/notification-preferences"
+    assert (await api.patch(preferences, {"push": True})).status_code == 200
+    phone, tablet, old = ("phone-" + "a" * 20, "tablet-" + "b" * 20, "old-" + "c" * 20)
+    for token in (phone, tablet, old):
+        device = {"token": token, "platform": "android"}
+        assert (await api.post(f"/api/v1/members/{member['id']}/devices", device)).is_success
+    listed = await api.post(
+        "/api/v1/notification-suppressions", {"channel": "push", "address": old}
+    )
+    assert listed.status_code == 201, listed.text
+    noon = datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
+    await award(api, member["id"], 30, notify=True)
+    await deliver(db, app, settings, noon)
 
-        assert sorted(m.to for m in provider.sent) == [phone, tablet]
-        logged = await notifications(api, channel="push")
-        outcomes = sorted((n["recipient"], n["status"], n["reason"]) for n in logged)
-        assert outcomes == [
-            (old, "suppressed", "suppressed_address:manual"),
-            (phone, "sent", None),
-            (tablet, "sent", None),
-        ]
-        # A second award within the window: one message per channel, every device spared.
-        await award(api, member["id"], 5, notify=True)
-        await deliver(db, app, settings, noon)
-        assert len(provider.sent) == 2
-    finally:
-        providers._PROVIDERS.pop(provider.name, None)
+    assert sorted(m.to for m in push.sent) == [phone, tablet]
+    logged = await notifications(api, channel="push")
+    outcomes = sorted((n["recipient"], n["status"], n["reason"]) for n in logged)
+    assert outcomes == [
+        (old, "suppressed", "suppressed_address:manual"),
+        (phone, "sent", None),
+        (tablet, "sent", None),
+    ]
+    # A second award within the window: one message per channel, every device spared.
+    await award(api, member["id"], 5, notify=True)
+    await deliver(db, app, settings, noon)
+    assert len(push.sent) == 2
 
 
 async def test_a_token_moves_to_the_member_registering_it_and_a_gone_one_is_forgotten(
-    api: ApiClient, db: Database, app: Any, settings: Settings
+    api: ApiClient, db: Database, app: Any, settings: Settings, push: RecordingPush
 ) -> None:
-    provider = RecordingPush()
-    providers.register(provider)
-    try:
-        created = await api.post(
-            "/api/v1/integrations", {"provider": provider.name, "name": "Push", "config": {}}
-        )
-        assert created.status_code == 201, created.text
-        dan, frank = await api.create_member(), await api.create_member()
-        shared, uninstalled = "phone-" + "d" * 20, "old-" + "e" * 20
+    dan, frank = await api.create_member(), await api.create_member()
+    shared, uninstalled = "phone-" + "d" * 20, "old-" + "e" * 20
 
-        def devices_of(member: dict[str, Any]) -> str:
-            return f"/api/v1/members/{member['id']}/devices"
+    def devices_of(member: dict[str, Any]) -> str:
+        return f"/api/v1/members/{member['id']}/devices"
 
-        for member, token in ((dan, shared), (frank, uninstalled)):
-            device = {"token": token, "platform": "android"}
-            assert (await api.post(devices_of(member), device)).status_code == 201
-        # The phone changed hands: registered for Frank, it is Dan's no more.
-        moved = await api.post(devices_of(frank), {"token": shared, "platform": "android"})
-        assert moved.status_code == 201, moved.text
-        assert (await api.get(devices_of(dan))).json() == []
-        audit = (await api.get("/api/v1/audit", {"object_id": dan["id"]})).json()["data"]
-        (move,) = [entry for entry in audit if entry["action"] == "device.moved"]
-        assert move["changes"]["to_member_id"] == frank["id"]
-        assert {d["token"] for d in (await api.get(devices_of(frank))).json()} == {
-            shared,
-            uninstalled,
-        }
+    for member, token in ((dan, shared), (frank, uninstalled)):
+        device = {"token": token, "platform": "android"}
+        assert (await api.post(devices_of(member), device)).status_code == 201
+    # The phone changed hands: registered for Frank, it is Dan's no more.
+    moved = await api.post(devices_of(frank), {"token": shared, "platform": "android"})
+    assert moved.status_code == 201, moved.text
+    assert (await api.get(devices_of(dan))).json() == []
+    audit = (await api.get("/api/v1/audit", {"object_id": dan["id"]})).json()["data"]
+    (move,) = [entry for entry in audit if entry["action"] == "device.moved"]
+    assert move["changes"]["to_member_id"] == frank["id"]
+    assert {d["token"] for d in (await api.get(devices_of(frank))).json()} == {
+        shared,
+        uninstalled,
+    }
 
-        preferences = f"/api/v1/members/{frank['id']}/notification-preferences"
-        assert (await api.patch(preferences, {"push": True})).status_code == 200
-        provider.gone.add(uninstalled)
-        await award(api, frank["id"], 30, notify=True)
-        await deliver(db, app, settings, datetime(2027, 1, 15, 12, 0, tzinfo=UTC))
-        assert [m.to for m in provider.sent] == [shared]
-        # The vendor said the app is gone: the token is forgotten, nothing goes to it again.
-        assert [d["token"] for d in (await api.get(devices_of(frank))).json()] == [shared]
-    finally:
-        providers._PROVIDERS.pop(provider.name, None)
+    preferences = f"/api/v1/members/{frank['id']}/notification-preferences"
+    assert (await api.patch(preferences, {"push": True})).status_code == 200
+    push.gone.add(uninstalled)
+    await award(api, frank["id"], 30, notify=True)
+    await deliver(db, app, settings, datetime(2027, 1, 15, 12, 0, tzinfo=UTC))
+    assert [m.to for m in push.sent] == [shared]
+    # The vendor said the app is gone: the token is forgotten, nothing goes to it again.
+    assert [d["token"] for d in (await api.get(devices_of(frank))).json()] == [shared]
