@@ -113,16 +113,23 @@ def reference_reused(
 PRIVATE_DETAILS = frozenset({"requested_points", "request"})
 
 
-def request_fingerprint(**asked: Any) -> str:
+def request_fingerprint(reference_id: str | None, **asked: Any) -> str | None:
     """What an operation carrying a reference asked for, as a digest kept with its
     transaction: a repeat of the reference must ask for exactly the same (times compared as
-    instants, so an offset spelt otherwise is the same time)."""
+    instants, so an offset spelt otherwise is the same time). None without a reference."""
+    if reference_id is None:
+        return None
     canonical = {
         name: value.astimezone(UTC).isoformat() if isinstance(value, datetime) else value
         for name, value in asked.items()
     }
     encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(encoded.encode()).hexdigest()[:32]
+
+
+def kept_request(request: str | None) -> dict[str, str]:
+    """The fingerprint's place in a transaction's details (none without a reference)."""
+    return {} if request is None else {"request": request}
 
 
 async def lock_reference(
@@ -612,7 +619,7 @@ async def earn_points(
             code="CURRENCY_MISMATCH",
             details={"program_currency": program.currency, "currency": currency},
         )
-    request = request_fingerprint(amount=amount, currency=currency, reason=reason)
+    request = request_fingerprint(reference_id, amount=amount, currency=currency, reason=reason)
     account, replay = await _open(session, TxnType.EARN, reference_id, member, request=request)
     if replay is not None:
         if replay.amount != amount or replay.currency != currency:
@@ -623,7 +630,7 @@ async def earn_points(
     details: dict[str, Any] = {
         "multiplier_percent": multiplier,
         "requested_points": None,
-        "request": request,
+        **kept_request(request),
     }
     return await _earn(
         session,
@@ -909,11 +916,9 @@ async def award_points(
     """Manual points. `account`: the member's account, already locked (no reference id)."""
     now = now or utcnow()
     _require_future(expires_at, now)
-    request = None
-    if reference_id is not None:
-        request = request_fingerprint(
-            points=points, reason=reason, expires_at=expires_at, notify=notify
-        )
+    request = request_fingerprint(
+        reference_id, points=points, reason=reason, expires_at=expires_at, notify=notify
+    )
     account, replay = await _open(
         session,
         TxnType.AWARD,
@@ -928,8 +933,7 @@ async def award_points(
     program = await program_service.get_program(session)
     expiry = expires_at if expires_at is not None else program_service.expiry_for(program, now)
     details: dict[str, Any] = {"requested_points": points, "notify": notify}
-    if request is not None:
-        details["request"] = request
+    details |= kept_request(request)
 
     def awarded(txn: PointTransaction, _batch: PointBatch | None) -> PointsEarned:
         return PointsEarned(**event_fields(txn, member), expires_at=expiry, notify=notify)
@@ -1003,9 +1007,7 @@ async def spend_points(
     """Redeem or deduct: take points from the soonest-expiring batches first."""
     assert txn_type in (TxnType.REDEEM, TxnType.DEDUCT)
     now = now or utcnow()
-    request = None
-    if reference_id is not None:
-        request = request_fingerprint(points=points, reason=reason)
+    request = request_fingerprint(reference_id, points=points, reason=reason)
     account, replay = await _open(
         session, txn_type, reference_id, member, points=points, request=request
     )
@@ -1025,7 +1027,7 @@ async def spend_points(
         reference_scope=reference_scope(member),
         details={
             "requested_points": points,
-            **({"request": request} if request is not None else {}),
+            **kept_request(request),
             **(details or {}),
         },
     )
@@ -1122,7 +1124,7 @@ async def reverse_earn(
             f"Transaction {earn.public_id} is not an earn of this member.",
             code="TRANSACTION_NOT_FOUND",
         )
-    request = request_fingerprint(earn=earn.public_id, points=points, reason=reason)
+    request = request_fingerprint(reference_id, earn=earn.public_id, points=points, reason=reason)
     account, replay = await _open(
         session, TxnType.REVERSE, reference_id, member, points=points, request=request
     )
@@ -1193,7 +1195,7 @@ async def reverse_earn(
         batch=batch,
         details={
             "requested_points": points,
-            "request": request,
+            **kept_request(request),
             "cancelled_unspent": cancel,
             "taken_from_balance": clawback - owed,
             "left_owing": owed,
@@ -1366,14 +1368,13 @@ async def recover_expired(
     """Give back expired points as a new batch with a new expiry."""
     now = now or utcnow()
     _require_future(expires_at, now)
-    request = None
-    if reference_id is not None:
-        request = request_fingerprint(
-            points=points,
-            expires_at=expires_at,
-            reason=reason,
-            batches=sorted(source.public_id for source in sources),
-        )
+    request = request_fingerprint(
+        reference_id,
+        points=points,
+        expires_at=expires_at,
+        reason=reason,
+        batches=sorted(source.public_id for source in sources),
+    )
     account, replay = await _open(
         session, TxnType.RECOVER, reference_id, member, points=points, request=request
     )
@@ -1407,7 +1408,7 @@ async def recover_expired(
         details={
             "requested_points": points,
             "batches": [b.public_id for b in locked],
-            **({"request": request} if request is not None else {}),
+            **kept_request(request),
         },
     )
     await session.flush()
@@ -1440,9 +1441,7 @@ async def transfer_points(
     now = now or utcnow()
     if source.id == target.id:
         raise ValidationFailed("A member cannot transfer points to themselves.")
-    request = None
-    if reference_id is not None:
-        request = request_fingerprint(points=points, reason=reason, to=target.public_id)
+    request = request_fingerprint(reference_id, points=points, reason=reason, to=target.public_id)
     replay = await find_replay(
         session, TxnType.TRANSFER_OUT, reference_id, member=source, points=points, request=request
     )
@@ -1478,7 +1477,7 @@ async def transfer_points(
         details={
             "requested_points": points,
             "to_member_id": target.public_id,
-            **({"request": request} if request is not None else {}),
+            **kept_request(request),
         },
     )
     await session.flush()
