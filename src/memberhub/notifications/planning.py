@@ -49,7 +49,11 @@ from memberhub.notifications.models import (
     NotificationTemplate,
 )
 from memberhub.notifications.repository import NotificationRepository
-from memberhub.notifications.schemas import NotificationSettings, normalise_address
+from memberhub.notifications.schemas import (
+    NotificationSettings,
+    listed_as,
+    normalise_address,
+)
 from memberhub.program import service as program_service
 from memberhub.tiers.models import Tier
 
@@ -461,9 +465,9 @@ class _Planner:
             return withheld
         if recipient.address is None:
             return "no_address"
-        # A push is listed by its device token (its key names the device).
-        listed_as = recipient.address if channel == Channel.PUSH else recipient.key
-        suppressed = self.suppressed[channel].get(listed_as)
+        suppressed = self.suppressed[channel].get(
+            listed_as(channel, recipient.address, recipient.key)
+        )
         if suppressed is not None:
             return f"suppressed_address:{suppressed}"
         if (member.id, message.name, channel) in self.recent:

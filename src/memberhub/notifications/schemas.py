@@ -316,6 +316,14 @@ class SuppressionIn(Input):
 _PHONE = re.compile(r"\+?[0-9]{6,15}")
 
 
+def listed_as(channel: str, recipient: str | None, recipient_key: str) -> str:
+    """How the suppression list names a recipient: its normalised address or number
+    (`recipient_key`), or for a push the device token (a push's key names the device)."""
+    if channel == "push":
+        return recipient or ""
+    return recipient_key
+
+
 def normalise_address(channel: str, address: str) -> str:
     """The form addresses are compared in: emails lower-cased, numbers without spacing."""
     address = address.strip()

@@ -56,6 +56,7 @@ from memberhub.notifications.models import (
     NotificationStatus,
 )
 from memberhub.notifications.repository import NotificationRepository
+from memberhub.notifications.schemas import listed_as
 from memberhub.program import service as program_service
 
 log = structlog.get_logger("memberhub.notifications.sending")
@@ -301,14 +302,6 @@ class NotificationSender:
                 log.info("device_tokens_forgotten", count=len(gone))
 
 
-def _listed_as(row: Any) -> str:
-    """How the suppression list names a notification's recipient: the normalised address or
-    number, or the device token (a push's key names the device, its token may change)."""
-    if row.channel == Channel.PUSH:
-        return str(row.recipient or "")
-    return str(row.recipient_key)
-
-
 async def _withhold(session: AsyncSession, rows: Sequence[Any], now: datetime) -> set[int]:
     """Check again, just before sending, what may have changed since a notification was
     planned: the member's consent and preferences (`no_consent`, `opted_out`,
@@ -334,7 +327,12 @@ async def _withhold(session: AsyncSession, rows: Sequence[Any], now: datetime) -
     repository = NotificationRepository(session)
     suppressed = {
         channel: await repository.suppressed_addresses(
-            channel, {_listed_as(row) for row in rows if row.channel == channel}
+            channel,
+            {
+                listed_as(row.channel, row.recipient, row.recipient_key)
+                for row in rows
+                if row.channel == channel
+            },
         )
         for channel in (Channel.EMAIL, Channel.SMS, Channel.PUSH)
     }
@@ -350,7 +348,9 @@ async def _withhold(session: AsyncSession, rows: Sequence[Any], now: datetime) -
             if reason is not None:
                 reasons[row.id] = reason
                 continue
-        listed = suppressed.get(row.channel, {}).get(_listed_as(row))
+        listed = suppressed.get(row.channel, {}).get(
+            listed_as(row.channel, row.recipient, row.recipient_key)
+        )
         if listed is not None:
             reasons[row.id] = f"suppressed_address:{listed}"[:100]
     deferred = await _quiet_until(
