@@ -80,6 +80,14 @@ class ConsoleSession:
         return value if isinstance(value, int) else None
 
     @property
+    def signed_in_as(self) -> tuple[str, str, int] | None:
+        """(staff id, session id, signed in at) of a signed-in session."""
+        staff_id, session_id, at = self.staff_id, self.session_id, self.signed_in_at
+        if staff_id is None or session_id is None or at is None:
+            return None
+        return staff_id, session_id, at
+
+    @property
     def version(self) -> int | None:
         value = self.data.get("ver")
         return value if isinstance(value, int) else None
@@ -164,9 +172,7 @@ def load_session(settings: Settings, cookie: str | None, now: float) -> ConsoleS
         idle = not isinstance(seen, int) or now - seen > settings.console_idle_minutes * 60
         too_old = not isinstance(at, int) or now - at > settings.console_session_hours * 3600
         if idle or too_old:
-            sid, at = session.session_id, session.signed_in_at
-            if sid is not None and at is not None and session.staff_id is not None:
-                session.ended = (session.staff_id, sid, at)
+            session.ended = session.signed_in_as
             session.sign_out()
             session.expired = True
     return session

@@ -205,18 +205,31 @@ async def signed_in_staff(request: Request) -> SignedIn:
 async def _record_expired(request: Request, ended: tuple[str, str, int]) -> None:
     """Record a session that expired by its cookie as ended, in a transaction of its own
     (a page's may be read-only, or rolled back as it asks to sign in)."""
-    staff_id, session_id, signed_in_at = ended
-    lifetime = timedelta(hours=request.app.state.settings.console_session_hours)
     async with request.app.state.db.transaction() as session:
-        staff = await StaffRepository(session).get_by_public_id(staff_id)
-        if staff is not None:
-            await staff_service.end_session(
-                session,
-                Actor(id="console", request_id=getattr(request.state, "request_id", None)),
-                staff,
-                session_digest(session_id),
-                expires_at=datetime.fromtimestamp(signed_in_at, UTC) + lifetime,
-            )
+        await end_console_session(request, session, ended)
+
+
+async def end_console_session(
+    request: Request, session: AsyncSession, signed_in_as: tuple[str, str, int]
+) -> None:
+    """Record the session (staff id, session id, signed in at) as ended until its cookie
+    would have expired: a copy of the cookie signs no one in."""
+    staff_id, session_id, signed_in_at = signed_in_as
+    staff = await StaffRepository(session).get_by_public_id(staff_id)
+    if staff is None:
+        return
+    lifetime = timedelta(hours=request.app.state.settings.console_session_hours)
+    await staff_service.end_session(
+        session,
+        Actor(
+            id="console",
+            request_id=getattr(request.state, "request_id", None),
+            client_ip=request.client.host if request.client else None,
+        ),
+        staff,
+        session_digest(session_id),
+        expires_at=datetime.fromtimestamp(signed_in_at, UTC) + lifetime,
+    )
 
 
 SignedInStaff = Annotated[SignedIn, Depends(signed_in_staff)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import structlog
@@ -10,10 +9,11 @@ from fastapi import APIRouter, Form, Query, Request
 from starlette.responses import Response
 
 from memberhub.console.oidc import OidcClient, SsoFailed
-from memberhub.console.session import console_session, session_digest
+from memberhub.console.session import console_session
 from memberhub.console.web import (
     ConsoleDb,
     ConsoleRoute,
+    end_console_session,
     redirect,
     render,
     safe_next,
@@ -187,18 +187,8 @@ async def sign_out(request: Request, session: ConsoleDb) -> Response:
     """End the session: the browser forgets its cookie, and the session is recorded as
     ended, so a copy of the cookie kept elsewhere signs no one in either."""
     state = console_session(request)
-    staff_id, session_id, signed_in_at = state.staff_id, state.session_id, state.signed_in_at
-    if staff_id is not None and session_id is not None and signed_in_at is not None:
-        staff = await StaffRepository(session).get_by_public_id(staff_id)
-        if staff is not None:
-            lifetime = timedelta(hours=request.app.state.settings.console_session_hours)
-            await staff_service.end_session(
-                session,
-                _actor(request),
-                staff,
-                session_digest(session_id),
-                expires_at=datetime.fromtimestamp(signed_in_at, UTC) + lifetime,
-            )
+    if state.signed_in_as is not None:
+        await end_console_session(request, session, state.signed_in_as)
     state.sign_out()
     state.flash("You are signed out.")
     return redirect("/console/sign-in")
