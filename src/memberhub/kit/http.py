@@ -18,6 +18,7 @@ import structlog
 from fastapi import Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
+from fastapi.params import Form as FormParam
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
@@ -351,6 +352,11 @@ class CheckedRoute(APIRoute):
             if (kind := _scalar(param.field_info.annotation)) is not None
         }
         self.body_limit_setting = getattr(self.endpoint, "body_limit_setting", "max_body_bytes")
+        # A body FastAPI reads as JSON (a model), not raw bytes a route reads itself (an
+        # inbound webhook, whose sender's bytes are taken as sent) nor a form.
+        self.reads_json_body = self.body_field is not None and not isinstance(
+            self.body_field.field_info, FormParam
+        )
 
     @property
     def spools_body(self) -> bool:
@@ -411,7 +417,7 @@ class CheckedRoute(APIRoute):
                 request.state.spooled_body = await spool_body(request, limit, settings.data_dir)
             else:
                 body = await read_body(request, limit)
-                if body and _json_declared(request):
+                if body and self.reads_json_body and _json_declared(request):
                     _parse_json_once(request, body)
 
 
