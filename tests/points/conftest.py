@@ -110,6 +110,11 @@ async def check_ledger(db: Database, member_ids: list[str] | None = None) -> Non
             pending = sum(b.remaining for b in batches if b.status == BatchStatus.PENDING)
             assert account.current == active, (account.member_id, account.current, active)
             assert account.pending == pending, (account.member_id, account.pending, pending)
+            # Points owed are paid by the first points to become active: a deficit and
+            # spendable points never stand side by side.
+            owing = [b for b in batches if b.status == BatchStatus.ACTIVE and b.remaining < 0]
+            spendable = [b for b in batches if b.status == BatchStatus.ACTIVE and b.remaining > 0]
+            assert not (owing and spendable), (account.member_id, owing, spendable)
             for batch in batches:
                 if batch.source != "deficit":
                     assert 0 <= batch.remaining <= batch.initial, batch.public_id

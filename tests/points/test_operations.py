@@ -6,11 +6,14 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from memberhub.auth.roles import Role
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.members.models import Member
 from memberhub.points.jobs import expire_points
+from memberhub.points.models import BatchStatus, PointBatch
 from tests.conftest import issue_key
 from tests.points.conftest import award, check_ledger, ledger_snapshot, op, set_program, summary
 from tests.support import ApiClient
@@ -380,6 +383,36 @@ async def test_reversal_may_leave_a_negative_balance_that_the_next_points_settle
     await award(api, member["id"], 100)
     assert (await summary(api, member["id"]))["current_balance"] == 20
     await op(api, "redeem", {"member_id": member["id"], "points": 20})
+    await check_ledger(db)
+
+
+async def test_a_deficit_is_paid_by_points_arriving_in_several_batches_at_once(
+    api: ApiClient, member: dict[str, Any], db: Database
+) -> None:
+    await set_program(api, negative_balance_policy="allow_for_reversals")
+    await _earn(api, member["id"], 2_000, "order-7")  # 10 points
+    await op(api, "redeem", {"member_id": member["id"], "points": 10})
+    body = {"member_id": member["id"], "earn_reference_id": "order-7", "reference_id": "refund-7"}
+    await op(api, "reverse", body)
+    assert (await summary(api, member["id"]))["current_balance"] == -10
+    giver = (await api.post("/api/v1/members", {"email": "giver@example.com"})).json()
+    soon, later = utcnow() + timedelta(days=10), utcnow() + timedelta(days=20)
+    await award(api, giver["id"], 30, expires_at=soon.isoformat())
+    await award(api, giver["id"], 30, expires_at=later.isoformat())
+    # The transfer lands as two batches (one per expiry): the first pays the deficit.
+    transfer = {"from_member_id": giver["id"], "to_member_id": member["id"], "points": 60}
+    await op(api, "transfer", transfer)
+    assert (await summary(api, member["id"]))["current_balance"] == 50
+    await check_ledger(db)
+    # Spending the 50 leaves nothing to expire later, and nothing owed.
+    await op(api, "redeem", {"member_id": member["id"], "points": 50})
+    async with db.transaction(read_only=True) as session:
+        left = await session.scalar(
+            select(func.sum(PointBatch.remaining))
+            .join(Member, Member.id == PointBatch.member_id)
+            .where(Member.public_id == member["id"], PointBatch.status == BatchStatus.ACTIVE)
+        )
+    assert (left or 0) == 0
     await check_ledger(db)
 
 

@@ -341,20 +341,24 @@ async def settle_into(
 ) -> list[tuple[PointBatch, int]]:
     """Let a batch that just became active pay any deficit, recorded under `txn`; returns
     what it paid (the batch and the points)."""
-    paid = await _settle_deficit(session, batch)
+    paid = await _settle_deficit(session, txn, batch)
     await _allocate(session, txn, paid)
     return paid
 
 
-async def _settle_deficit(session: AsyncSession, batch: PointBatch) -> list[tuple[PointBatch, int]]:
-    """Pay points owed (a deficit batch) from a batch that just became active."""
+async def _settle_deficit(
+    session: AsyncSession, txn: PointTransaction, batch: PointBatch
+) -> list[tuple[PointBatch, int]]:
+    """Pay points owed (a deficit batch) from a batch that just became active under `txn`,
+    which may credit several batches."""
     account = await session.get(PointAccount, batch.member_id)
-    # Points are owed only while the balance is negative (a deficit is settled by the first
-    # points to become active), and the balance already counts this batch.
-    if account is not None and account.current - batch.remaining >= 0:
+    # Points are owed only if the balance was negative before `txn` (a deficit is settled by
+    # the first points to become active, so none is left while the balance is positive);
+    # the balance already counts everything `txn` credits.
+    if account is not None and account.current - txn.points >= 0:
         return []
     deficit = await PointsRepository(session).deficit_batch(batch.member_id)
-    if deficit is None or batch.remaining <= 0:
+    if deficit is None or deficit.remaining >= 0 or batch.remaining <= 0:
         return []
     paid = min(batch.remaining, -deficit.remaining)
     batch.remaining -= paid
