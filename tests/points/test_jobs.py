@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,6 +15,7 @@ from memberhub.events.catalog import PointsExpired
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.kit.errors import Conflict, ValidationFailed
 from memberhub.members.models import Member
 from memberhub.points import jobs, service
 from memberhub.points.jobs import activate_pending_points, expire_points, notify_expiring_points
@@ -140,6 +141,47 @@ async def test_points_past_their_expiry_are_never_spent_before_the_job_runs(
         )
     assert kinds == ["award", "award", "expire", "redeem"], "the expiry comes before the spend"
     assert await expire_points(db, later) == 0, "nothing left for the job"
+    await check_ledger(db)
+
+
+async def test_points_past_their_expiry_are_not_extended_before_the_job_runs(
+    api: ApiClient, db: Database
+) -> None:
+    member = await api.create_member()
+    awarded = await award(api, member["id"], 30, expires_at=days(5))
+    later = utcnow() + timedelta(days=6)  # the batch is due; the job has not run
+
+    async def extend(expires_at: datetime) -> service.LedgerResult:
+        async with db.transaction() as session:
+            found = await session.scalar(select(Member).where(Member.public_id == member["id"]))
+            batch = await session.scalar(
+                select(PointBatch).where(PointBatch.public_id == awarded["transaction"]["batch_id"])
+            )
+            assert found is not None
+            assert batch is not None
+            return await service.extend_expiry(
+                session,
+                Actor.system("test"),
+                found,
+                batch,
+                expires_at=expires_at,
+                reason="goodwill",
+                now=later,
+            )
+
+    with pytest.raises(ValidationFailed):
+        await extend(later - timedelta(seconds=1))
+    with pytest.raises(Conflict) as refused:
+        await extend(later + timedelta(days=30))
+    assert refused.value.code == "BATCH_NOT_EXTENDABLE"
+    assert "expired" in refused.value.message
+    points = await summary(api, member["id"])
+    assert (points["current_balance"], points["lifetime_expired"]) == (30, 0), "unchanged"
+    assert await count_transactions(db, "extend") == 0
+    # A date in the past is refused through the API too.
+    body = {"batch_id": awarded["transaction"]["batch_id"], "reason": "x"}
+    past = (utcnow() - timedelta(minutes=1)).isoformat()
+    await op(api, "extend", {**body, "expires_at": past}, expect=422)
     await check_ledger(db)
 
 

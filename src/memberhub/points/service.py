@@ -1239,7 +1239,11 @@ async def extend_expiry(
     now: datetime | None = None,
 ) -> LedgerResult:
     now = now or utcnow()
+    _require_future(expires_at, now)
     account = await PointsRepository(session).lock_account(member.id)
+    # Points whose expiry has passed are expired, not extended (recovering them is another
+    # operation), even where the expiry job has not reached them yet.
+    await _expire_due(session, member, account, now)
     locked = await session.get(PointBatch, batch.id, with_for_update=True, populate_existing=True)
     assert locked is not None
     batch = locked
