@@ -321,6 +321,25 @@ async def test_the_add_mode_moves_each_active_batch_by_the_days_given(api: ApiCl
     assert await balance(api, member["id"]) == 30
 
 
+async def test_the_add_mode_leaves_an_expiry_at_the_end_of_the_calendar_where_it_is(
+    api: ApiClient,
+) -> None:
+    member = await api.create_member()
+    soon = utcnow().replace(microsecond=0) + timedelta(days=3)
+    await award(api, member["id"], 10, expires_at=iso(soon))
+    await award(api, member["id"], 10, expires_at="9999-12-31T00:00:00Z")
+    await create_rule(api, effect={"type": "extend_expiry", "mode": "add", "days": 30})
+    for _ in range(2):  # and the member's next activities are evaluated as well
+        await record(api, activity_body(member))
+    batches = (await api.get(f"/api/v1/members/{member['id']}/points/batches")).json()["data"]
+    assert [b["expires_at"] for b in batches] == [
+        iso(soon + timedelta(days=60)),
+        "9999-12-31T00:00:00Z",
+    ]
+    simulated = await api.post("/api/v1/earning-rules/simulate", activity_body(member))
+    assert simulated.status_code == 200, simulated.text
+
+
 async def test_an_extension_rule_with_nothing_to_extend_writes_nothing(api: ApiClient) -> None:
     member = await api.create_member()
     await create_rule(api, effect={"type": "extend_expiry", "mode": "add", "days": 30})

@@ -264,13 +264,23 @@ async def _extension(
     )
     if effect.mode == "add":
         days = timedelta(days=cast(int, effect.days))
-        return extension_moves(batches, lambda b: b.expires_at + days if b.expires_at else None)
+        return extension_moves(batches, lambda b: _later(b.expires_at, days))
     if effect.days is not None:
         day = activity.occurred_at.astimezone(zone).date() + timedelta(days=effect.days)
         renewed: datetime | None = _local_midnight(day + timedelta(days=1), zone)
     else:
         renewed = program_service.expiry_for(program, activity.occurred_at)
     return extension_moves(batches, lambda _batch: renewed)
+
+
+def _later(expires_at: datetime | None, days: timedelta) -> datetime | None:
+    """`days` after an expiry; one too near the end of the calendar stays where it is."""
+    if expires_at is None:
+        return None
+    try:
+        return expires_at + days
+    except OverflowError:
+        return expires_at
 
 
 async def _within_caps(
