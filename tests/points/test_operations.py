@@ -84,6 +84,21 @@ async def test_earn_in_another_currency_is_refused(
     assert (await ledger_snapshot(db, member["id"]))["transactions"] == 0
 
 
+async def test_earn_of_more_points_than_one_operation_credits_is_refused(
+    api: ApiClient, member: dict[str, Any], db: Database
+) -> None:
+    await set_program(api, earn_points=1_000_000, earn_per_amount=1)
+    body = {"member_id": member["id"], "amount": 10**14, "currency": "MYR", "reference_id": "o"}
+    before = await ledger_snapshot(db, member["id"])
+    error = await op(api, "earn", body, expect=422)
+    assert error["error"]["code"] == "TOO_MANY_POINTS"
+    assert error["error"]["details"]["max_points"] == 10**12
+    assert await ledger_snapshot(db, member["id"]) == before
+    # The most one earn credits is accepted.
+    result = await op(api, "earn", {**body, "amount": 10**6, "reference_id": "p"})
+    assert result["transaction"]["points"] == 10**12
+
+
 async def test_earn_is_pending_for_the_pending_period_then_activates(
     api: ApiClient, member: dict[str, Any], db: Database
 ) -> None:

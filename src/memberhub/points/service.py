@@ -52,7 +52,7 @@ from memberhub.points.models import (
     TxnType,
 )
 from memberhub.points.repository import PointsRepository
-from memberhub.points.schemas import AllocationOut, BalanceOut, TransactionOut
+from memberhub.points.schemas import MAX_POINTS, AllocationOut, BalanceOut, TransactionOut
 from memberhub.points.writes import write_credit, write_credits
 from memberhub.program import service as program_service
 from memberhub.program.models import LoyaltyProgram, NegativeBalancePolicy
@@ -631,6 +631,12 @@ async def earn_points(
         return LedgerResult(replay, account, replayed=True)
     multiplier = await tiers.earn_multiplier_percent(session, account.tier_code)
     points = program_service.points_for_amount(program, amount, multiplier)
+    if points > MAX_POINTS:
+        raise ValidationFailed(
+            f"This amount would earn {points} points; one earn credits at most {MAX_POINTS}.",
+            code="TOO_MANY_POINTS",
+            details={"field": "amount", "points": points, "max_points": MAX_POINTS},
+        )
     details: dict[str, Any] = {
         "multiplier_percent": multiplier,
         "requested_points": None,
