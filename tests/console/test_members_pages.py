@@ -310,8 +310,8 @@ async def test_membership_join_renew_and_cancel_from_the_console(
     renewed = await post_form(browser, member["id"], "membership/renew", {"plan_id": ""})
     assert renewed.status_code == 303, renewed.text
     terms = (await api.get(f"/api/v1/members/{member['id']}/membership/terms")).json()["data"]
-    assert [t["kind"] for t in terms] == ["join", "renew"]
-    assert terms[1]["starts_at"] == terms[0]["ends_at"]
+    assert [t["kind"] for t in terms] == ["renew", "join"]  # newest first
+    assert terms[0]["starts_at"] == terms[1]["ends_at"]
 
     cancelled = await post_form(browser, member["id"], "membership/cancel", {"note": "Moved away"})
     assert cancelled.status_code == 303, cancelled.text

@@ -594,6 +594,21 @@ async def test_a_cancelled_member_can_join_again_from_now(api: ApiClient) -> Non
     assert len(await terms(api, member["id"])) == 2
 
 
+async def test_terms_are_listed_newest_first_page_by_page(api: ApiClient) -> None:
+    plan = await api.create_plan(term_months=1, renewal_window_days=365)
+    member = await joined_member(api, plan)
+    for _ in range(2):
+        await ok(api, member["id"], "renew")
+    url = membership(member["id"], "terms")
+    first = (await api.get(url, params={"limit": 2})).json()
+    assert [t["kind"] for t in first["data"]] == ["renew", "renew"]
+    assert first["data"][0]["starts_at"] == first["data"][1]["ends_at"]
+    cursor = first["pagination"]["next_cursor"]
+    rest = (await api.get(url, params={"limit": 2, "cursor": cursor})).json()
+    assert [t["kind"] for t in rest["data"]] == ["join"]
+    assert rest["data"][0]["ends_at"] == first["data"][1]["starts_at"]
+
+
 # ---------------------------------------------------------------- after an early renewal
 
 
@@ -602,7 +617,7 @@ async def renewed_early(api: ApiClient) -> tuple[dict[str, Any], dict[str, Any],
     plan = await api.create_plan(term_months=1, renewal_window_days=60, grace_days=10)
     member = await joined_member(api, plan)
     await ok(api, member["id"], "renew")
-    running, prepaid = await terms(api, member["id"])
+    prepaid, running = await terms(api, member["id"])  # newest first
     assert ts(prepaid["starts_at"]) == ts(running["ends_at"]) > utcnow()
     return member, running, prepaid
 
@@ -623,7 +638,7 @@ async def test_lapse_and_cancel_end_the_running_term_and_void_prepaid_renewals(
     after = utcnow()
 
     assert result["term"]["id"] == running["id"]
-    ended_running, voided = await terms(api, member["id"])
+    voided, ended_running = await terms(api, member["id"])
     assert result["term"] == ended_running
     assert before <= ts(ended_running["ended_early_at"]) <= after
     assert voided["id"] == prepaid["id"]
@@ -638,7 +653,7 @@ async def test_upgrade_ends_the_running_term_and_voids_prepaid_renewals(api: Api
     result = await ok(api, member["id"], "upgrade", {"plan_id": premium["id"]})
     after = utcnow()
 
-    ended_running, voided, upgraded = await terms(api, member["id"])
+    upgraded, voided, ended_running = await terms(api, member["id"])
     assert (ended_running["id"], voided["id"]) == (running["id"], prepaid["id"])
     assert before <= ts(ended_running["ended_early_at"]) <= after
     assert voided["ended_early_at"] == ended_running["ended_early_at"]
@@ -793,7 +808,7 @@ async def test_upgrade_changes_the_plan_now_and_ends_the_old_term_early(api: Api
     assert state["membership"]["plan_id"] == premium["id"]
     assert ts(state["membership"]["grace_ends_at"]) == add_months(starts, 24) + timedelta(days=60)
 
-    old_term, upgraded = await terms(api, member["id"])
+    upgraded, old_term = await terms(api, member["id"])
     assert old_term["plan_id"] == standard["id"]
     assert before <= ts(old_term["ended_early_at"]) <= after
     assert upgraded == new_term

@@ -281,6 +281,20 @@ async def test_support_agent_deduction_always_needs_approval_and_can_be_rejected
     assert [a["id"] for a in listed.json()["data"]] == [held["id"]]
 
 
+async def test_approvals_are_listed_newest_first_page_by_page(
+    api: ApiClient, member: dict[str, Any]
+) -> None:
+    await award(api, member["id"], 100)
+    body = {"member_id": member["id"], "points": 1, "reason": "x", "require_approval": True}
+    held = [(await op(api, "deduct", body, 202))["id"] for _ in range(3)]
+    first = (await api.get("/api/v1/approvals", params={"limit": 2})).json()
+    assert [a["id"] for a in first["data"]] == [held[2], held[1]]
+    cursor = first["pagination"]["next_cursor"]
+    rest = (await api.get("/api/v1/approvals", params={"limit": 2, "cursor": cursor})).json()
+    assert [a["id"] for a in rest["data"]] == [held[0]]
+    assert rest["pagination"]["has_more"] is False
+
+
 async def test_require_approval_holds_even_an_admin_deduction(
     api: ApiClient, member: dict[str, Any], db: Database
 ) -> None:

@@ -265,10 +265,11 @@ async def list_approvals(
     after_id: int | None,
     limit: int,
 ) -> Sequence[ApprovalRequest]:
+    """Newest first, paged by id."""
     query = (
         select(ApprovalRequest)
         .join(Member, Member.id == ApprovalRequest.member_id)
-        .order_by(ApprovalRequest.id)
+        .order_by(ApprovalRequest.id.desc())
         .limit(limit + 1)
     )
     if principal.visible_organisation_ids is not None:
@@ -276,7 +277,7 @@ async def list_approvals(
     if status is not None:
         query = query.where(ApprovalRequest.status == status)
     if after_id is not None:
-        query = query.where(ApprovalRequest.id > after_id)
+        query = query.where(ApprovalRequest.id < after_id)
     return (await session.scalars(query)).all()
 
 

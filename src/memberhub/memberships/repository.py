@@ -82,14 +82,15 @@ class TermRepository:
     async def for_member(
         self, member_id: int, *, after_id: int | None, limit: int
     ) -> Sequence[MembershipTerm]:
+        """Newest first, paged by id."""
         query = (
             select(MembershipTerm)
             .where(MembershipTerm.member_id == member_id)
-            .order_by(MembershipTerm.id)
+            .order_by(MembershipTerm.id.desc())
             .limit(limit + 1)
         )
         if after_id is not None:
-            query = query.where(MembershipTerm.id > after_id)
+            query = query.where(MembershipTerm.id < after_id)
         return (await self.session.scalars(query)).all()
 
     async def plan_public_ids(self, plan_ids: set[int]) -> dict[int, str]:
