@@ -117,6 +117,15 @@ def test_a_patch_field_documented_as_nullable_takes_null_and_the_others_are_not(
     assert {"ProgramPatch", "RewardPatch", "EndpointPatch", "IntegrationPatch"} <= {
         model.__name__ for model in patches
     }
+    # Every PATCH body says which of its fields take null.
+    bodies = {
+        operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+        for path in _spec()["paths"].values()
+        for method, operation in path.items()
+        if method == "patch" and "requestBody" in operation
+    }
+    assert bodies
+    assert bodies <= {model.__name__ for model in patches}, bodies - {m.__name__ for m in patches}
     for model in patches:
         properties = components[model.__name__]["properties"]
         for name, schema in properties.items():

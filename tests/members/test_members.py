@@ -164,7 +164,8 @@ async def test_a_patch_that_changes_nothing_keeps_the_version_and_emits_nothing(
 async def test_email_cannot_be_removed_by_patch(api: ApiClient) -> None:
     member = await api.create_member()
     response = await api.patch(f"{MEMBERS}/{member['id']}", {"email": None})
-    assert response.status_code == 409
+    assert response.status_code == 422
+    assert "email cannot be null" in response.text
     assert (await api.get(f"{MEMBERS}/{member['id']}")).json()["email"] == member["email"]
 
 
@@ -542,11 +543,26 @@ async def test_consent_is_updated_partially(api: ApiClient) -> None:
     }
 
 
-async def test_a_null_consent_flag_leaves_it_unchanged(api: ApiClient) -> None:
+async def test_a_null_consent_flag_is_refused_and_changes_nothing(api: ApiClient) -> None:
     member = await api.create_member(consent={"email": True})
-    response = await api.patch(f"{MEMBERS}/{member['id']}", {"consent": {"email": None}})
-    assert response.status_code == 200
-    assert response.json()["consent"]["email"] is True
+    body = {"first_name": "Ana", "consent": {"email": None, "sms": True}}
+    response = await api.patch(f"{MEMBERS}/{member['id']}", body)
+    assert response.status_code == 422
+    assert "email cannot be null" in response.text
+    after = (await api.get(f"{MEMBERS}/{member['id']}")).json()
+    assert (after["first_name"], after["consent"]["email"], after["consent"]["sms"]) == (
+        member["first_name"],
+        True,
+        False,
+    )
+
+
+async def test_a_plan_setting_it_always_has_cannot_be_cleared(api: ApiClient) -> None:
+    plan = await api.create_plan()
+    response = await api.patch(f"/api/v1/plans/{plan['id']}", {"name": None, "active": None})
+    assert response.status_code == 422
+    assert "cannot be null" in response.text
+    assert (await api.get(f"/api/v1/plans/{plan['id']}")).json()["name"] == plan["name"]
 
 
 # ---------------------------------------------------------------- validation

@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from memberhub.kit.types import Input, LongText, ShortText
+from memberhub.kit.types import Input, LongText, PatchInput, ShortText
 from memberhub.memberships.schemas import Currency
 
 # Every effect credits a bounded number of points per activity.
@@ -181,13 +181,15 @@ class RuleCreate(Input):
     caps: Caps = Field(default_factory=Caps)
 
 
-class RulePatch(Input):
+class RulePatch(PatchInput):
     """Fields to change; any change saves a new version. `conditions` or `caps` null
     removes them (the rule then holds for every activity, or is not capped)."""
 
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"priority": 20, "caps": {"overall": {"points": 10000}}}]}
     )
+
+    not_nullable = ("name", "active", "priority", "stop_processing", "effect")
 
     name: RuleName | None = None
     description: LongText | None = None

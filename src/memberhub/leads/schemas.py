@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
 
-from memberhub.kit.types import Input, LongText, Name
+from memberhub.kit.types import Input, LongText, Name, PatchInput
 from memberhub.members.schemas import (
     MAX_EXTERNAL_IDS,
     CustomKey,
@@ -54,10 +54,12 @@ class LeadCreate(Input):
     _custom = field_validator("custom_fields")(check_custom_fields)
 
 
-class LeadPatch(Input):
+class LeadPatch(PatchInput):
     """Fields to change; for `custom_fields` and `external_ids` a null value removes a key.
     `status` moves the lead along new → contacted → qualified, or to lost (and a lost lead
     back to new); a lead becomes enrolled only through …/enroll."""
+
+    not_nullable = ("status", "custom_fields", "external_ids")
 
     email: EmailStr | None = Field(default=None, max_length=320)
     first_name: Name | None = None

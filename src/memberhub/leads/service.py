@@ -264,10 +264,7 @@ async def update_lead(
         lead.email = email
         lead.email_normalized = normalize_email(email) if email else None
     if "status" in fields:
-        status = fields.pop("status")
-        if status is None:
-            raise ValidationFailed("status cannot be null.", details={"field": "status"})
-        move(lead, status)
+        move(lead, fields.pop("status"))
     for name in ("custom_fields", "external_ids"):
         patch = fields.pop(name, None)
         if patch is not None:

@@ -13,7 +13,7 @@ from pydantic import (
     field_validator,
 )
 
-from memberhub.kit.types import Input, ISODate, LongText, Name
+from memberhub.kit.types import Input, ISODate, LongText, Name, PatchInput
 
 ExternalSystem = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
 ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
@@ -67,7 +67,9 @@ class Consent(Input):
     )
 
 
-class ConsentPatch(Input):
+class ConsentPatch(PatchInput):
+    not_nullable = ("email", "sms", "analytics", "profiling", "crm", "marketing_email")
+
     email: bool | None = None
     sms: bool | None = None
     analytics: bool | None = None
@@ -121,8 +123,10 @@ class MemberCreate(Input):
     _custom = field_validator("custom_fields")(check_custom_fields)
 
 
-class MemberPatch(Input):
+class MemberPatch(PatchInput):
     """Fields to change; for `custom_fields` and `external_ids` a null value removes a key."""
+
+    not_nullable = ("email", "consent", "custom_fields", "external_ids")
 
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"first_name": "Ana Maria", "consent": {"sms": True}}]}

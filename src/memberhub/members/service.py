@@ -381,9 +381,7 @@ async def update_member(
         member.organisation = organisation
         member.organisation_id = organisation.id if organisation else None
     if "email" in fields:
-        email = fields.pop("email")
-        if email is None:
-            raise Conflict("A member's email cannot be removed; delete the member instead.")
+        email = fields.pop("email")  # never null (MemberPatch)
         member.email = email
         member.email_normalized = normalize_email(email)
     if (

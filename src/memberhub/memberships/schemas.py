@@ -5,7 +5,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from memberhub.kit.types import Code, Input, LongText, ShortText
+from memberhub.kit.types import Code, Input, LongText, PatchInput, ShortText
 from memberhub.members.schemas import MemberOut
 
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
@@ -45,7 +45,17 @@ class PlanCreate(Input):
     organisation_id: ShortText | None = None
 
 
-class PlanPatch(Input):
+class PlanPatch(PatchInput):
+    not_nullable = (
+        "name",
+        "price_amount",
+        "currency",
+        "grace_days",
+        "renewal_window_days",
+        "auto_renew",
+        "active",
+    )
+
     name: PlanName | None = None
     price_amount: int | None = Field(default=None, ge=0, le=MAX_PRICE)
     currency: Currency | None = None

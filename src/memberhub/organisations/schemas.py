@@ -5,7 +5,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-from memberhub.kit.types import Input, ShortText
+from memberhub.kit.types import Input, PatchInput, ShortText
 
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,98}[a-z0-9])?$")]
 OrgName = Annotated[ShortText, StringConstraints(min_length=1)]
@@ -29,7 +29,9 @@ class OrganisationCreate(Input):
     parent_id: ShortText | None = None
 
 
-class OrganisationPatch(Input):
+class OrganisationPatch(PatchInput):
+    not_nullable = ("name", "slug")
+
     name: OrgName | None = None
     slug: Slug | None = None
 

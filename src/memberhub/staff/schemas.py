@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
 
-from memberhub.kit.types import Input, Name
+from memberhub.kit.types import Input, Name, PatchInput
 
 StaffRole = Literal["admin", "manager", "support_agent"]
 OrganisationRef = Annotated[str, StringConstraints(min_length=1, max_length=45)]
@@ -31,7 +31,9 @@ class StaffCreate(Input):
     )
 
 
-class StaffUpdate(Input):
+class StaffUpdate(PatchInput):
+    not_nullable = ("name", "role", "active")
+
     name: Name | None = None
     role: StaffRole | None = None
     organisation_id: OrganisationRef | None = Field(

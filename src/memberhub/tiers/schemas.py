@@ -5,7 +5,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from memberhub.kit.types import Code, Input, LongText, ShortText, UTCDatetime
+from memberhub.kit.types import Code, Input, LongText, PatchInput, ShortText, UTCDatetime
 from memberhub.tiers.models import TierBasis
 
 MAX_BENEFITS = 50
@@ -82,8 +82,19 @@ class TierCreate(Input):
         return self
 
 
-class TierPatch(Input):
+class TierPatch(PatchInput):
     """Fields to change; the code is the tier's identity on members and cannot change."""
+
+    not_nullable = (
+        "name",
+        "rank",
+        "threshold",
+        "basis",
+        "downgrade_policy",
+        "earn_multiplier_percent",
+        "benefits",
+        "active",
+    )
 
     name: TierName | None = None
     rank: Rank | None = None
