@@ -66,3 +66,23 @@ async def test_key_management_is_for_admins_only(api: ApiClient, db: Database) -
     manager = api.with_key(await issue_key(db, Role.MANAGER))
     assert (await manager.get(KEYS)).status_code == 403
     assert (await manager.post(KEYS, {"name": "x", "role": "admin"})).status_code == 403
+
+
+async def test_a_narrowed_key_hands_out_no_scope_it_does_not_hold(
+    api: ApiClient, db: Database
+) -> None:
+    keeper = api.with_key(await issue_key(db, Role.ADMIN, scopes=["api_keys:write"]))
+    assert (await keeper.get("/api/v1/audit")).status_code == 403
+    before = len((await api.get(KEYS, params={"limit": 200})).json()["data"])
+    for body in (
+        {"name": "everything", "role": "admin"},
+        {"name": "reader", "role": "admin", "scopes": ["audit:read", "api_keys:write"]},
+    ):
+        refused = await keeper.post(KEYS, body)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "SCOPES_NOT_HELD"
+        assert "audit:read" in refused.json()["error"]["details"]["scopes"]
+    assert len((await api.get(KEYS, params={"limit": 200})).json()["data"]) == before
+    # What it holds, it may hand on.
+    same = await keeper.post(KEYS, {"name": "same", "role": "admin", "scopes": ["api_keys:write"]})
+    assert same.status_code == 201, same.text

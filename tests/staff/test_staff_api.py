@@ -63,6 +63,23 @@ async def test_staff_management_is_for_admins_only(api: ApiClient, db: Database)
     assert (await manager.get(STAFF)).status_code == 403
 
 
+async def test_a_key_narrowed_to_staff_management_gives_no_role_more_than_it_holds(
+    api: ApiClient, db: Database
+) -> None:
+    narrowed = api.with_key(await issue_key(db, Role.ADMIN, scopes=["staff:write", "staff:read"]))
+    body = {"email": "boss@example.org", "name": "Boss", "role": "admin", "password": "x" * 16}
+    refused = await narrowed.post(STAFF, body)
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["code"] == "SCOPES_NOT_HELD"
+    assert (await api.get(STAFF)).json()["data"] == []
+    # Nor raise an account made by a full admin to a role above the key's scopes.
+    made = await api.post(STAFF, {**body, "role": "support_agent"})
+    assert made.status_code == 201, made.text
+    raised = await narrowed.patch(f"{STAFF}/{made.json()['id']}", {"role": "admin"})
+    assert raised.status_code == 403, raised.text
+    assert (await api.get(f"{STAFF}/{made.json()['id']}")).json()["role"] == "support_agent"
+
+
 async def test_an_org_bound_admin_manages_staff_of_its_organisations_only(
     api: ApiClient, db: Database
 ) -> None:

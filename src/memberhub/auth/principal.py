@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from memberhub.auth.roles import Role, Scope
@@ -61,3 +62,15 @@ class Principal:
     def require_organisation(self, organisation_id: int | None) -> None:
         if not self.can_see_organisation(organisation_id):
             raise Forbidden(f"{self._who} is limited to another organisation.")
+
+    def require_grantable(self, scopes: Iterable[Scope], granted_to: str) -> None:
+        """Access handed out (a key, a staff account) holds no scope its grantor lacks: a
+        key narrowed to managing keys cannot mint one that reads everything."""
+        missing = sorted(str(scope) for scope in set(scopes) - self.scopes)
+        if missing:
+            raise Forbidden(
+                f"{self._who} cannot give {granted_to} scopes it does not hold: "
+                f"{', '.join(missing[:10])}{', …' if len(missing) > 10 else ''}.",
+                code="SCOPES_NOT_HELD",
+                details={"scopes": missing},
+            )

@@ -47,7 +47,9 @@ async def create_api_key(
     payload: ApiKeyCreate, session: DbSession, principal: ApiKeysWriter, response: Response
 ) -> ApiKeyCreated:
     """Issue a key; its secret is in this response only (only a digest is stored)."""
-    await service.require_grantable(session, principal, payload.organisation_id)
+    await service.require_grantable(
+        session, principal, payload.organisation_id, role=Role(payload.role), scopes=payload.scopes
+    )
     issued = await service.create_api_key(
         session,
         principal.actor,

@@ -143,9 +143,18 @@ async def create_api_key(
 
 
 async def require_grantable(
-    session: AsyncSession, principal: Principal, organisation_public_id: str | None
+    session: AsyncSession,
+    principal: Principal,
+    organisation_public_id: str | None,
+    *,
+    role: Role,
+    scopes: Sequence[str] | None,
 ) -> None:
-    """An org-bound caller may only hand out access within its own organisations."""
+    """A caller hands out no scope it lacks (the scopes asked for, or all of the role's),
+    and an org-bound caller only access within its own organisations."""
+    known = {scope.value: scope for scope in Scope}
+    granted = ROLE_SCOPES[role] if scopes is None else [known[s] for s in scopes if s in known]
+    principal.require_grantable(granted, "a key")
     if organisation_public_id is None:
         principal.require_organisation(None)
         return

@@ -89,6 +89,7 @@ async def create_staff(
     password: str | None = None,
 ) -> CreatedStaff:
     staff_role = _staff_role(role)
+    principal.require_grantable(ROLE_SCOPES[staff_role], "a staff account")
     try:
         email = validate_email(email.strip(), check_deliverability=False).normalized.lower()
     except EmailNotValidError as exc:
@@ -153,6 +154,7 @@ async def update_staff(
         changes["name"] = {"before": staff.name, "after": name}
         staff.name = name
     if role is not None and role != staff.role:
+        principal.require_grantable(ROLE_SCOPES[_staff_role(role)], "a staff account")
         changes["role"] = {"before": staff.role, "after": _staff_role(role).value}
         staff.role = role
     if move_organisation:

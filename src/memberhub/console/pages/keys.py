@@ -112,7 +112,9 @@ async def create_key(
     try:
         if len(chosen) > len(Scope):
             raise ValidationFailed("Too many scopes.", details={"field": "scopes"})
-        await service.require_grantable(session, principal, organisation_id or None)
+        await service.require_grantable(
+            session, principal, organisation_id or None, role=Role(role), scopes=chosen or None
+        )
         issued = await service.create_api_key(
             session,
             principal.actor,
