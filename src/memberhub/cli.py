@@ -449,22 +449,40 @@ def _apply_migrations(
     typer.echo(f"database is at {', '.join(at) or 'no revision'}")
     from memberhub.audit.chain import KEYED_CHAIN_REVISION
 
-    # Whenever the database has the keyed chain, not only in the run that added it: a run
-    # that stopped before sealing (no key set) is finished by the next.
-    if any(revision >= KEYED_CHAIN_REVISION for revision in at):
+    # Only in the run that keys the chain are unkeyed entries the previous version's: later,
+    # an entry hashed without the key may be anyone's rewrite (whoever can write to the
+    # database can compute such a hash), so sealing it is the operator's call.
+    if any(revision == KEYED_CHAIN_REVISION for revision, _ in applied):
         _seal_unkeyed_audit_entries()
+    elif any(revision >= KEYED_CHAIN_REVISION for revision in at):
+        _warn_of_unkeyed_audit_entries()
 
 
-def _seal_unkeyed_audit_entries() -> None:
-    """After the revision that keys the audit chain: entries hashed the old way (without
-    the key) are checked that way and, if the whole chain checks, re-sealed with the key."""
+def _count_unkeyed_audit_entries() -> int:
     from memberhub.audit.repository import AuditRepository
 
     async def count(db: Database) -> int:
         async with db.transaction(read_only=True) as session:
             return await AuditRepository(session).count_unkeyed()
 
-    unkeyed = _run(count)
+    return _run(count)
+
+
+def _warn_of_unkeyed_audit_entries() -> None:
+    unkeyed = _count_unkeyed_audit_entries()
+    if unkeyed:
+        typer.echo(
+            f"audit log: {unkeyed} entries are hashed without the key and not re-sealed: "
+            "`memberhub audit verify` names them. If they are the ones the upgrade to the "
+            "keyed chain could not seal, seal them with `memberhub audit reseal "
+            "--expect-head H` (H: the head kept from before that upgrade)."
+        )
+
+
+def _seal_unkeyed_audit_entries() -> None:
+    """In the run that keys the audit chain: entries hashed the old way (without the key)
+    are checked that way and, if the whole chain checks, re-sealed with the key."""
+    unkeyed = _count_unkeyed_audit_entries()
     if not unkeyed:
         return
     typer.echo(

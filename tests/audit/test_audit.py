@@ -944,6 +944,33 @@ async def test_entries_hashed_before_the_chain_was_keyed_are_named_until_reseale
     assert "re-sealed: 0 entries" in again.output
 
 
+async def test_db_upgrade_does_not_reseal_a_chain_rewritten_without_the_key(
+    db: Database, five_entries: list[int], database_url: str, tmp_path: Path
+) -> None:
+    """Whoever can write to the database, without SECRET_KEY, edits an entry and re-hashes
+    the whole chain the old, unkeyed way: a routine upgrade must not make that pass."""
+    async with db.transaction() as session:
+        await session.execute(
+            update(AuditEntry).where(AuditEntry.id == five_entries[0]).values(actor="key_x")
+        )
+    await make_unkeyed(db)
+    env = {
+        "MEMBERHUB_DATABASE_URL": database_url,
+        "MEMBERHUB_DATA_DIR": str(tmp_path / "cli"),
+        "MEMBERHUB_SECRET_KEY": TEST_SECRET_KEY,
+    }
+    upgraded = await asyncio.to_thread(
+        lambda: CliRunner().invoke(cli_app, ["db", "upgrade"], env=env)
+    )
+    assert upgraded.exit_code == 0, upgraded.output
+    assert "5 entries are hashed without the key and not re-sealed" in upgraded.output
+    assert "audit log re-sealed" not in upgraded.output
+    assert all(entry.seal is None for entry in await entries_in_chain(db))
+    named = await run_verify(database_url, tmp_path)
+    assert named.exit_code == 1
+    assert len(tampered_lines(named)) == 5
+
+
 async def test_reseal_refuses_a_chain_that_does_not_check_and_changes_nothing(
     db: Database, five_entries: list[int], database_url: str, tmp_path: Path
 ) -> None:
@@ -1061,11 +1088,21 @@ async def test_db_upgrade_reseals_the_entries_hashed_before_the_chain_was_keyed(
     upgraded = await asyncio.to_thread(invoke, "db", "upgrade")
 
     assert upgraded.exit_code == 0, upgraded.output
-    if first_run_keyless:  # the second run finishes what the first could not
+    if first_run_keyless:
+        # A later run seals nothing by itself (the unkeyed entries might have been
+        # rewritten since) but says how to: the operator checks them against the head kept.
         assert "nothing to apply" in upgraded.output
+        assert "3 entries are hashed without the key and not re-sealed" in upgraded.output
+        assert "audit reseal --expect-head" in upgraded.output
+        unsealed = await asyncio.to_thread(invoke, "audit", "verify")
+        assert unsealed.exit_code != 0, unsealed.output
+        upgraded = await asyncio.to_thread(
+            invoke, "audit", "reseal", "--expect-head", f"3:{prev_hash}"
+        )
+        assert upgraded.exit_code == 0, upgraded.output
     else:
         assert f"applied {KEYED_CHAIN_REVISION}: " in upgraded.output
-    assert "audit log: 3 entries were hashed without a key" in upgraded.output
+        assert "audit log: 3 entries were hashed without a key" in upgraded.output
     assert f"re-sealed: 3 entries; head was 3:{prev_hash}" in upgraded.output
     verdict = await asyncio.to_thread(invoke, "audit", "verify")
     assert verdict.exit_code == 0, verdict.output
