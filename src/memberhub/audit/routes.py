@@ -49,7 +49,8 @@ async def list_audit_entries(
     occurred_from: UTCDatetime | None = None,
     occurred_to: UTCDatetime | None = None,
 ) -> Page[AuditEntryOut]:
-    """Audit entries, newest first: who did what to which object, with the changes."""
+    """Audit entries in chain order (oldest first): who did what to which object, with the
+    changes."""
     if principal.organisation_id is not None:
         # Entries span every organisation; a key limited to one must not read the others'.
         raise Forbidden(
