@@ -995,25 +995,34 @@ def export_duckdb(
     redeemed and expired, active members, members by status)."""
     import re
 
+    import duckdb
+
     from memberhub.exports import warehouse
 
-    if re.fullmatch(r"int_[0-9a-z]{1,40}", source):
-        root = file.with_name(file.name + ".files")
+    try:
+        if re.fullmatch(r"int_[0-9a-z]{1,40}", source):
+            root = file.with_name(file.name + ".files")
 
-        async def gather(db: Database) -> dict[str, warehouse.TableFiles]:
-            return await warehouse.from_integration(db, _settings(), source, root)
+            async def gather(db: Database) -> dict[str, warehouse.TableFiles]:
+                return await warehouse.from_integration(db, _settings(), source, root)
 
-        tables = _run(gather)
-    else:
-        root = Path(source)
-        if not root.is_dir():
-            typer.echo(f"error: {source} is neither an integration id nor a directory", err=True)
+            tables = _run(gather)
+        else:
+            root = Path(source)
+            if not root.is_dir():
+                typer.echo(
+                    f"error: {source} is neither an integration id nor a directory", err=True
+                )
+                raise typer.Exit(code=1)
+            tables = warehouse.table_files(warehouse.local_manifests(root))
+        if not tables:
+            typer.echo(f"error: no export manifests found in {source}", err=True)
             raise typer.Exit(code=1)
-        tables = warehouse.table_files(warehouse.local_manifests(root))
-    if not tables:
-        typer.echo(f"error: no export manifests found in {source}", err=True)
-        raise typer.Exit(code=1)
-    created = warehouse.build(file, tables, root.resolve())
+        created = warehouse.build(file, tables, root.resolve())
+    except (warehouse.ManifestError, MemberhubError, duckdb.Error) as exc:
+        message = exc.message if isinstance(exc, MemberhubError) else str(exc)
+        typer.echo(f"error: {message.strip().splitlines()[0]}", err=True)
+        raise typer.Exit(code=1) from None
     for entry in sorted(tables.values(), key=lambda t: t.table):
         typer.echo(f"{entry.table}: {entry.rows} rows in {len(entry.keys)} files")
     typer.echo(f"{file}: views {', '.join(created)}")

@@ -4,6 +4,7 @@ with the database."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
@@ -144,3 +146,84 @@ def test_a_source_that_is_neither_is_refused(tmp_path: Path) -> None:
         cli_app, ["export", "duckdb", str(tmp_path / "a.duckdb"), "--from", str(tmp_path / "no")]
     )
     assert result.exit_code == 1
+
+
+def _manifest_folder(tmp_path: Path, manifest: dict[str, Any] | str, table: str) -> Path:
+    root = tmp_path / "exports"
+    part = root / "leads" / "dt=2026-12-07" / "part-000001-00001.csv"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_text("id\nmem_1\n")
+    folder = root / table / "_manifests"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    (folder / "run-000001.json").write_text(text)
+    return root
+
+
+MANIFEST: dict[str, Any] = {
+    "table": "leads",
+    "sequence": 1,
+    "mode": "full",
+    "format": "csv",
+    "rows": 1,
+    "schema": [{"name": "id", "type": "string"}],
+    "files": [{"key": "leads/dt=2026-12-07/part-000001-00001.csv", "rows": 1}],
+}
+OUTSIDE = "COPY (SELECT 42 AS x) TO 'outside.csv'"
+
+
+@pytest.mark.parametrize(
+    ("table", "manifest", "reason"),
+    [
+        ("leads", {**MANIFEST, "table": f"z AS SELECT 1; {OUTSIDE}; CREATE VIEW w"}, "table"),
+        (f"z AS SELECT 1; {OUTSIDE}", {**MANIFEST, "table": f"z AS SELECT 1; {OUTSIDE}"}, "name"),
+        (
+            "leads",
+            {**MANIFEST, "schema": [{"name": f"id; {OUTSIDE}", "type": "string"}]},
+            "plain name",
+        ),
+        ("leads", {**MANIFEST, "files": [{"key": "leads/../../stolen.csv"}]}, "not a file"),
+        ("leads", {**MANIFEST, "files": [{"key": "/etc/passwd"}]}, "not a file"),
+        ("leads", {k: v for k, v in MANIFEST.items() if k != "sequence"}, "whole numbers"),
+        ("leads", {**MANIFEST, "format": "xlsx"}, "format"),
+        ("leads", "{", "not JSON"),
+        ("leads", "[]", "not a JSON object"),
+    ],
+)
+def test_a_manifest_this_version_did_not_write_is_refused_in_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    table: str,
+    manifest: dict[str, Any] | str,
+    reason: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    root = _manifest_folder(tmp_path, manifest, table)
+    database = tmp_path / "a.duckdb"
+    result = CliRunner().invoke(cli_app, ["export", "duckdb", str(database), "--from", str(root)])
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: "), line
+    assert "is not an export manifest" in line, line
+    assert reason in line
+    assert not (tmp_path / "outside.csv").exists()
+    assert not database.exists(), "nothing is built from a refused manifest"
+
+
+def test_the_manifest_those_cases_alter_builds(tmp_path: Path) -> None:
+    root = _manifest_folder(tmp_path, MANIFEST, "leads")
+    database = tmp_path / "a.duckdb"
+    result = CliRunner().invoke(cli_app, ["export", "duckdb", str(database), "--from", str(root)])
+    assert result.exit_code == 0, result.output
+    assert _query(database, "SELECT id FROM leads") == [("mem_1",)]
+
+
+def test_a_file_that_is_not_a_duckdb_database_is_refused_in_one_line(tmp_path: Path) -> None:
+    root = _manifest_folder(tmp_path, MANIFEST, "leads")
+    database = tmp_path / "notes.txt"
+    database.write_text("not a database\n" * 100)
+    result = CliRunner().invoke(cli_app, ["export", "duckdb", str(database), "--from", str(root)])
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ")
+    assert database.read_text() == "not a database\n" * 100

@@ -39,6 +39,15 @@ _DUCKDB_TYPES = {
     "timestamp[us, tz=UTC]": "TIMESTAMPTZ",
 }
 _EARNED = "('earn', 'award', 'activate')"
+# Names the manifests give tables and columns become identifiers in the database: only
+# plain ones are taken.
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_KEY_PART = re.compile(r"^[A-Za-z0-9_.=:-]{1,200}$")
+
+
+class ManifestError(ValueError):
+    """A manifest that is not one this version wrote: refused with where and why."""
+
 
 # Views for the usual questions, created when their tables were exported. Points are
 # signed as in the ledger: spends and expiries are negative.
@@ -82,6 +91,57 @@ class TableFiles:
     keys: list[str] = field(default_factory=list)
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def checked_manifest(raw: str, where: str, table: str) -> dict[str, Any]:
+    """The manifest at `where` (of `table`, as its location says), or ManifestError: the
+    names it gives become identifiers and its file keys paths, so nothing else is taken."""
+
+    def refuse(reason: str) -> ManifestError:
+        return ManifestError(f"{where} is not an export manifest: {reason}")
+
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise refuse(f"not JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise refuse("not a JSON object")
+    if manifest.get("table") != table:
+        raise refuse(f"its table is {str(manifest.get('table'))[:80]!r}, its location {table!r}")
+    if not _IDENTIFIER.match(table):
+        raise refuse(f"{table[:80]!r} is not a table name")
+    if not _whole(manifest.get("sequence")) or not _whole(manifest.get("rows")):
+        raise refuse("sequence and rows must be whole numbers")
+    if manifest.get("mode") not in ExportMode.ALL:
+        raise refuse(f"mode must be one of {', '.join(ExportMode.ALL)}")
+    if manifest.get("format") not in ExportFormat.ALL:
+        raise refuse(f"format must be one of {', '.join(ExportFormat.ALL)}")
+    schema = manifest.get("schema")
+    if not isinstance(schema, list) or not schema:
+        raise refuse("schema must list the columns")
+    for column in schema:
+        if not isinstance(column, dict) or not _IDENTIFIER.match(str(column.get("name"))):
+            raise refuse(f"{str(column)[:80]} is not a column with a plain name")
+        if column.get("type") not in _DUCKDB_TYPES:
+            raise refuse(f"column {column['name']} has an unknown type")
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        raise refuse("files must be a list")
+    for file in files:
+        key = file.get("key") if isinstance(file, dict) else None
+        parts = key.split("/") if isinstance(key, str) else []
+        # Under the table's own folder, no step out of it: keys become local paths.
+        if (
+            len(parts) < 2
+            or parts[0] != table
+            or any(part in (".", "..") or not _KEY_PART.match(part) for part in parts)
+        ):
+            raise refuse(f"{str(key)[:120]!r} is not a file of table {table}")
+    return manifest
+
+
 def table_files(manifests: list[dict[str, Any]]) -> dict[str, TableFiles]:
     """Per table, the files its views read, from its manifests in run order."""
     tables: dict[str, TableFiles] = {}
@@ -100,17 +160,21 @@ async def read_manifests(storage: ObjectStorage, connection: Connection) -> list
     manifests = []
     with tempfile.TemporaryDirectory(prefix="memberhub-manifests-") as directory:
         for stored in await storage.list_objects(connection, ""):
-            if not _MANIFEST.match(stored.key):
+            match = _MANIFEST.match(stored.key)
+            if not match:
                 continue
             path = Path(directory) / "manifest.json"
             await storage.download_file(connection, stored.key, path)
-            manifests.append(json.loads(path.read_text(encoding="utf-8")))
+            raw = path.read_text(encoding="utf-8", errors="replace")
+            manifests.append(checked_manifest(raw, stored.key, match["table"]))
     return manifests
 
 
 def local_manifests(directory: Path) -> list[dict[str, Any]]:
     return [
-        json.loads(path.read_text(encoding="utf-8"))
+        checked_manifest(
+            path.read_text(encoding="utf-8", errors="replace"), str(path), path.parent.parent.name
+        )
         for path in sorted(directory.glob("*/_manifests/run-*.json"))
     ]
 
