@@ -10,7 +10,14 @@ from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from tests.fakes.algolia import FakeAlgolia
-from tests.search.conftest import MEMBERS, REWARDS, create_algolia, status, tick
+from tests.search.conftest import (
+    MEMBERS,
+    REWARDS,
+    algolia_settings,
+    create_algolia,
+    status,
+    tick,
+)
 from tests.support import ApiClient
 
 
@@ -112,6 +119,36 @@ async def test_members_without_the_directory_consent_never_appear(
     )
     assert all("email" not in op["body"] for op in sent)  # only the chosen fields
     assert (await status(api, integration["id"]))["indices"] == [REWARDS, MEMBERS]
+
+
+async def test_an_organisations_directory_lists_its_own_members_only(
+    api: ApiClient, db: Database, hub: IntegrationHub, algolia: FakeAlgolia
+) -> None:
+    ours, theirs = await api.create_organisation(), await api.create_organisation()
+    consent = {"profiling": True}
+    before = await api.create_member(organisation_id=ours["id"], consent=consent)
+    others = [await api.create_member(organisation_id=theirs["id"], consent=consent)]
+    directory = {"index": MEMBERS, "consent": "profiling", "fields": ["email"]}
+    body = {**algolia_settings(algolia, member_directory=directory), "organisation_id": ours["id"]}
+    created = await api.post("/api/v1/integrations", body)
+    assert created.status_code == 201, created.text
+    await tick(db, hub)  # the first pass builds the directory from the database
+    assert set(algolia.records(MEMBERS)) == {before["id"]}
+
+    after = await api.create_member(organisation_id=ours["id"], consent=consent)
+    others.append(await api.create_member(organisation_id=theirs["id"], consent=consent))
+    moved = await api.patch(f"/api/v1/members/{before['id']}", {"organisation_id": theirs["id"]})
+    assert moved.status_code == 200, moved.text
+    await tick(db, hub)
+
+    assert set(algolia.records(MEMBERS)) == {after["id"]}, "the moved member is taken out"
+    saved = {
+        op["body"]["objectID"]
+        for batch in algolia.batches(MEMBERS)
+        for op in batch
+        if op["action"] != "deleteObject"
+    }
+    assert saved.isdisjoint(other["id"] for other in others), "no other organisation's member"
 
 
 async def test_a_full_reindex_leaves_exactly_the_databases_records(

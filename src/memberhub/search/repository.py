@@ -70,17 +70,32 @@ class SearchRepository:
         rows = await self.session.scalars(select(Member).where(Member.public_id.in_(public_ids)))
         return {member.public_id: member for member in rows}
 
-    async def listed_members(self, consent: str, *, after_id: int, limit: int) -> list[Member]:
-        """Members the directory may list: not deleted, with the named consent given."""
+    async def listed_members(
+        self,
+        consent: str,
+        *,
+        after_id: int,
+        limit: int,
+        organisation_ids: frozenset[int] | None,
+    ) -> list[Member]:
+        """Members the directory may list: not deleted, with the named consent given, in
+        `organisation_ids` (None: any)."""
         consent_column = getattr(Member, f"consent_{consent}")
-        return list(
-            await self.session.scalars(
-                select(Member)
-                .where(Member.deleted_at.is_(None), consent_column.is_(True), Member.id > after_id)
-                .order_by(Member.id)
-                .limit(limit)
-            )
+        query = (
+            select(Member)
+            .where(Member.deleted_at.is_(None), consent_column.is_(True), Member.id > after_id)
+            .order_by(Member.id)
+            .limit(limit)
         )
+        if organisation_ids is not None:
+            query = query.where(Member.organisation_id.in_(organisation_ids))
+        return list(await self.session.scalars(query))
+
+    async def scope(self, organisation_id: int | None) -> frozenset[int] | None:
+        """The organisations an integration serves: its own and its chapters; None: all."""
+        if organisation_id is None:
+            return None
+        return await OrganisationRepository(self.session).subtree_ids(organisation_id)
 
     async def organisation_public_ids(self, ids: set[int]) -> dict[int, str]:
         return await OrganisationRepository(self.session).public_ids(ids)

@@ -275,7 +275,8 @@ async def _catch_up(db: Database, connection: Connection, target: Target, positi
             events = await repo.events_after(position, EVENTS_PER_WINDOW)
             if not events:
                 break
-            changes = await _changes(repo, target.settings, events)
+            scope = await repo.scope(target.integration.organisation_id)
+            changes = await _changes(repo, target.settings, events, scope)
         await _send(connection, target.index, changes)
         position = events[-1].position
         last_window = len(events) < EVENTS_PER_WINDOW
@@ -302,9 +303,13 @@ async def _release(db: Database, integration_id: int) -> None:
 
 
 async def _changes(
-    repo: SearchRepository, settings: SearchSyncSettings, events: Sequence[FeedEvent]
+    repo: SearchRepository,
+    settings: SearchSyncSettings,
+    events: Sequence[FeedEvent],
+    scope: frozenset[int] | None,
 ) -> Changes:
-    """Each record the window touches once, as the database holds it now."""
+    """Each record the window touches once, as the database holds it now; members outside
+    `scope` (the integration's organisations; None: all) are not listed."""
     reward_ids: dict[str, None] = {}
     member_ids: dict[str, None] = {}
     directory = settings.member_directory
@@ -332,7 +337,8 @@ async def _changes(
         )
         for member_id in member_ids:
             member = members.get(member_id)
-            record = member_record(member, directory, organisations) if member else None
+            listed = member is not None and (scope is None or member.organisation_id in scope)
+            record = member_record(member, directory, organisations) if member and listed else None
             if record is None:
                 changes.delete(directory.index, member_id)
             else:
@@ -366,8 +372,10 @@ async def _reindex(db: Database, connection: Connection, target: Target, claim: 
         )
     if settings.member_directory is not None:
         directory = settings.member_directory
+        async with db.transaction(read_only=True) as session:
+            scope = await SearchRepository(session).scope(target.integration.organisation_id)
         written += await _rebuild(
-            connection, target.index, directory.index, _member_batches(db, directory, size)
+            connection, target.index, directory.index, _member_batches(db, directory, size, scope)
         )
     await _record_success(
         db,
@@ -413,13 +421,15 @@ async def _reward_batches(db: Database, size: int) -> AsyncIterator[Sequence[Sea
 
 
 async def _member_batches(
-    db: Database, directory: MemberDirectory, size: int
+    db: Database, directory: MemberDirectory, size: int, scope: frozenset[int] | None
 ) -> AsyncIterator[Sequence[SearchRecord]]:
     after_id = 0
     while True:
         async with db.transaction(read_only=True) as session:
             repo = SearchRepository(session)
-            members = await repo.listed_members(directory.consent, after_id=after_id, limit=size)
+            members = await repo.listed_members(
+                directory.consent, after_id=after_id, limit=size, organisation_ids=scope
+            )
             organisations = await repo.organisation_public_ids(
                 {m.organisation_id for m in members if m.organisation_id is not None}
             )
