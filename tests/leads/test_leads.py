@@ -121,6 +121,29 @@ async def test_enrolling_creates_the_member_joins_the_plan_and_emits_enrollment_
     assert again.json()["error"]["code"] == "LEAD_TRANSITION_REFUSED"
 
 
+async def test_erasing_an_enrolled_member_erases_the_lead_they_came_from(api: ApiClient) -> None:
+    lead = await create_lead(api, phone="+60123456789", custom_fields={"employer": "Acme"})
+    response = await api.post(f"{LEADS}/{lead['id']}/enroll", {})
+    assert response.status_code == 201, response.text
+    member_id = response.json()["member_id"]
+    other = await create_lead(api, email="kept@example.com")
+
+    assert (await api.delete(f"/api/v1/members/{member_id}")).status_code == 204
+
+    erased = (await api.get(f"{LEADS}/{lead['id']}")).json()
+    personal = ("email", "first_name", "last_name", "phone")
+    assert [erased[field] for field in personal] == [None] * 4
+    assert (erased["custom_fields"], erased["status"]) == ({}, "enrolled")
+    for event in [*await events_of(api, "lead.created"), *await events_of(api, "lead.updated")]:
+        if event["data"]["lead"]["id"] == lead["id"]:
+            assert "lee" not in str(event["data"]).lower(), event
+    assert (await api.get(f"{LEADS}/{other['id']}")).json()["email"] == "kept@example.com"
+    exported = await api.get("/api/v1/external/leads/export")
+    assert exported.status_code == 200, exported.text
+    assert "lee.tan@example.com" not in exported.text.lower()
+    assert "kept@example.com" in exported.text
+
+
 async def test_an_enrollment_that_cannot_complete_changes_nothing(api: ApiClient) -> None:
     taken = await api.create_member(email="taken@example.com")
     lead = await create_lead(api, email="TAKEN@example.com")

@@ -23,7 +23,7 @@ from memberhub.integrations.providers.base import (
 from memberhub.integrations.signatures import SignatureInvalid
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
-from memberhub.notifications.models import DeviceToken
+from memberhub.notifications.models import DeviceToken, Notification
 from memberhub.notifications.planning import LinkSettings, plan_notifications
 from memberhub.notifications.service import apply_delivery_reports
 from memberhub.settings import Settings
@@ -246,6 +246,8 @@ async def test_erasing_a_member_erases_their_notifications_and_sends_nothing_que
     assert logged["subject"] is None
     async with db.transaction(read_only=True) as session:
         assert await session.scalar(select(func.count()).select_from(DeviceToken)) == 0
+        keys = list(await session.scalars(select(Notification.recipient_key)))
+    assert keys == [f"erased:{logged['id']}"], "not even the normalised address is kept"
 
 
 class CallbackSms(RecordingSms):

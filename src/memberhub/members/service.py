@@ -440,6 +440,39 @@ async def update_member(
     return member
 
 
+async def _erase_enrolled_leads(session: AsyncSession, member: Member) -> None:
+    """The leads the member was enrolled from held the same personal data: erased from
+    them and from their earlier events too."""
+    from sqlalchemy.orm import selectinload
+
+    from memberhub.events.catalog import LeadCreated, LeadUpdated
+    from memberhub.events.models import Event
+    from memberhub.leads.models import Lead
+    from memberhub.leads.service import to_out as lead_out
+
+    leads = (
+        await session.scalars(
+            select(Lead)
+            .where(Lead.member_id == member.id)
+            .options(selectinload(Lead.organisation), selectinload(Lead.member))
+            .with_for_update()
+        )
+    ).all()
+    for lead in leads:
+        lead.email = lead.email_normalized = lead.first_name = lead.last_name = None
+        lead.phone = None
+        lead.custom_fields, lead.external_ids = {}, {}
+        erased = lead_out(lead).model_dump(mode="json")
+        past = await session.scalars(
+            select(Event).where(
+                Event.type.in_((LeadCreated.event_type, LeadUpdated.event_type)),
+                Event.data["lead"]["id"].as_string() == lead.public_id,
+            )
+        )
+        for event in past:
+            event.data = {**event.data, "lead": erased}
+
+
 async def delete_member(session: AsyncSession, principal: Principal, public_id: str) -> None:
     """Erase personal data; the row stays so that ledger and audit references hold."""
     member = await get_member(session, principal, public_id, for_update=True)
@@ -461,6 +494,7 @@ async def delete_member(session: AsyncSession, principal: Principal, public_id: 
         member.public_id, (MemberCreated.event_type, MemberUpdated.event_type)
     ):
         past.data = {**past.data, "member": erased}
+    await _erase_enrolled_leads(session, member)
     # Withdrawn before the deletion event, so consumers stop sending before they erase.
     record_consent_changes(
         session,

@@ -188,10 +188,19 @@ async def _forget_members(
             updated_at=now,
         )
     )
+    # The normalised address goes too: each row keeps a key of its own, unique as before.
     await session.execute(
         update(_NOTIFICATIONS)
         .where(_NOTIFICATIONS.c.member_id.in_(member_ids))
-        .values(recipient=None, subject=None, text="", html=None, headers={}, updated_at=now)
+        .values(
+            recipient=None,
+            recipient_key="erased:" + _NOTIFICATIONS.c.public_id,
+            subject=None,
+            text="",
+            html=None,
+            headers={},
+            updated_at=now,
+        )
     )
     await session.execute(delete(DeviceToken).where(DeviceToken.member_id.in_(member_ids)))
 
