@@ -154,6 +154,40 @@ async def test_sign_in_only_returns_to_console_pages(
         assert answered.headers["location"] == landed
 
 
+@pytest.mark.parametrize("form", ["/console/sign-out", "/console/account/password"])
+async def test_a_form_sent_after_the_session_expired_asks_to_sign_in_and_ends_it_everywhere(
+    browser: httpx.AsyncClient,
+    app: object,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    form: str,
+) -> None:
+    await create_staff_user(db)
+    start = time.time()
+    await sign_in(browser)
+    page = await browser.get("/console/account")
+    token = csrf_of(page)
+    copied = _another_browser(
+        app, cookies={"memberhub_console": browser.cookies["memberhub_console"]}
+    )
+    async with copied:
+        monkeypatch.setattr(time, "time", lambda: start + 20 * 60)
+        used = await copied.get("/console")
+        refreshed = used.cookies.get("memberhub_console")
+        assert refreshed
+        copied.cookies.clear()
+        copied.cookies.set("memberhub_console", refreshed)
+        monkeypatch.setattr(time, "time", lambda: start + 40 * 60)
+        # The page was left open; its form is sent after the idle time.
+        fields = {"csrf_token": token, "current_password": PASSWORD, "new_password": "y" * 16}
+        sent = await browser.post(form, data=fields)
+        assert sent.status_code == 303, sent.text
+        assert sent.headers["location"].startswith("/console/sign-in")
+        kept_busy = await copied.get("/console/members")
+        assert kept_busy.status_code == 303, "the copy is signed out too"
+    assert (await sign_in(browser)).status_code == 303, "the password did not change"
+
+
 async def test_a_session_expired_in_one_browser_ends_for_a_copy_kept_busy_elsewhere(
     browser: httpx.AsyncClient, app: object, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:

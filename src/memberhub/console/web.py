@@ -127,6 +127,16 @@ class ConsoleRoute(APIRoute):
 
         async def handle(request: Request) -> Response:
             read_only = request.method in SAFE_METHODS and not writes_on_get
+            state = console_session(request)
+            if state.ended is not None:
+                # The session expired with this request: ended for every copy of the
+                # cookie, whatever the page. A form sent now (sign-out included) carries the
+                # token that went with the session: it is asked to sign in, not refused as
+                # out of date.
+                await _record_expired(request, state.ended)
+                state.ended = None
+                if request.method not in SAFE_METHODS:
+                    raise SignInRequired()
             if request.method not in SAFE_METHODS:
                 if upload_limit is None:
                     await read_body(request, request.app.state.settings.max_body_bytes)
@@ -175,10 +185,7 @@ class SignedIn:
 
 async def signed_in_staff(request: Request) -> SignedIn:
     session = db_session(request)
-    state = console_session(request)
-    if state.ended is not None:
-        await _record_expired(request, state.ended)
-        state.ended = None
+    state = console_session(request)  # an expired one was recorded as ended (ConsoleRoute)
     if state.staff_id is None:
         raise SignInRequired()
     staff = await StaffRepository(session).get_by_public_id(state.staff_id)
