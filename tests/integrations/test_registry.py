@@ -114,6 +114,29 @@ async def test_patch_merges_credentials_and_validates_config(
             {"provider": "http", "name": "x", "config": {"base_url": "https://10.0.0.1/"}},
             "INTEGRATION_URL_REFUSED",
         ),
+        # URLs a provider posts secrets to besides its base URL follow the same rules.
+        (
+            {
+                "provider": "onedrive",
+                "name": "x",
+                "config": {"login_url": "https://10.1.2.3", "drive_id": "b!drive"},
+                "credentials": {
+                    "tenant_id": "contoso.onmicrosoft.com",
+                    "client_id": "00000000-0000-0000-0000-000000000001",
+                    "client_secret": "client-secret-1",
+                },
+            },
+            "INTEGRATION_URL_REFUSED",
+        ),
+        (
+            {
+                "provider": "segment",
+                "name": "x",
+                "config": {"public_api_url": "https://10.1.2.3"},
+                "credentials": {"write_key": "write-key-1", "public_api_token": "api-token-1"},
+            },
+            "INTEGRATION_URL_REFUSED",
+        ),
         ({"provider": "stripe", "name": "x", "config": {"rate_limit": "lots"}}, "VALIDATION_ERROR"),
         (
             {"provider": "stripe", "name": "x", "config": {"rate_limit": "0/second"}},

@@ -134,6 +134,7 @@ async def _check_urls(provider: Provider, config: BaseConfig, policy: ssrf.UrlPo
         "config.oauth.token_url": oauth.token_url if oauth else None,
         # Storage providers' own clients (the S3 SDK) call this endpoint.
         "config.endpoint_url": getattr(config, "endpoint_url", None),
+        **provider.outbound_urls(config),
     }
     for field, url in urls.items():
         if url is None:

@@ -195,6 +195,12 @@ class Provider:
     def validate(self, config: BaseConfig, credentials: BaseCredentials) -> None:
         """Check the settings together; raise ValueError with a message for the caller."""
 
+    def outbound_urls(self, config: BaseConfig) -> dict[str, str]:
+        """URLs the provider calls besides `base_url` and the OAuth token URL (a login or
+        second API host), by the config field naming them: checked against the outbound URL
+        policy when the integration is saved, as those are."""
+        return {}
+
     def outbound_hosts(self, config: BaseConfig) -> dict[str, tuple[str, int]]:
         """Hosts the provider connects to that are not URLs (an SMTP server), by the config
         field naming them, with their port: checked against the outbound URL policy when

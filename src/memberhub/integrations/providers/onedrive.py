@@ -177,6 +177,10 @@ class OneDrive(Provider):
         # Access tokens by integration and credentials: a changed secret gets a new token.
         self._tokens: dict[tuple[str, str], _Token] = {}
 
+    def outbound_urls(self, config: BaseConfig) -> dict[str, str]:
+        assert isinstance(config, OneDriveConfig)
+        return {"config.login_url": config.login_url}  # the client secret is posted there
+
     # ------------------------------------------------------------ authentication
 
     def _token_key(self, connection: Connection) -> tuple[str, str]:

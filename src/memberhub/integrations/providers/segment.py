@@ -118,6 +118,10 @@ class Segment(Provider):
         rate_limit="500 per second", max_attempts=2, timeout=15.0, backoff_max=2.0
     )
 
+    def outbound_urls(self, config: BaseConfig) -> dict[str, str]:
+        assert isinstance(config, SegmentConfig)
+        return {"config.public_api_url": config.public_api_url}  # with the API token
+
     def auth_headers(self, credentials: Mapping[str, Any]) -> dict[str, str]:
         write_key = credentials.get("write_key")
         if not write_key:
