@@ -11,8 +11,10 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from hubspot.utils.signature import Signature
 
+from memberhub.integrations import signatures
 from memberhub.kit.db import Database
 from tests.integrations.conftest import run_worker
 from tests.support import ApiClient
@@ -125,6 +127,38 @@ def hmac_headers(body: bytes, *, secret: str = HMAC_SECRET, age: int = 0) -> dic
         "X-Acme-Timestamp": timestamp,
         "Content-Type": "application/json",
     }
+
+
+async def test_a_standard_webhooks_secret_that_is_not_base64_is_refused_when_saved(
+    api: ApiClient, http: httpx.AsyncClient, db: Database
+) -> None:
+    body = {
+        "provider": "webhook",
+        "name": "Acme",
+        "config": {"scheme": "standard"},
+        "credentials": {"signing_secret": "my plain secret!"},
+    }
+    refused = await api.post("/api/v1/integrations", body)
+    assert refused.status_code == 422, refused.text
+    assert "base64" in refused.json()["error"]["message"]
+    # An HMAC scheme takes any secret; switching it to Standard Webhooks is checked too.
+    hmac_body = {**body, "config": {"scheme": "hmac"}}
+    created = await api.post("/api/v1/integrations", hmac_body)
+    assert created.status_code == 201, created.text
+    path = f"/api/v1/integrations/{created.json()['id']}"
+    switched = await api.patch(path, {"config": {"scheme": "standard"}})
+    assert switched.status_code == 422, switched.text
+    assert (await api.get(path)).json()["config"]["scheme"] == "hmac"
+
+
+def test_a_secret_that_is_not_base64_matches_no_signature() -> None:
+    with pytest.raises(signatures.SignatureInvalid):
+        signatures.verify_standard(
+            b"{}",
+            {"webhook-id": "m", "webhook-timestamp": "1", "webhook-signature": "v1,c2ln"},
+            "my plain secret!",
+            now=1.0,
+        )
 
 
 async def test_generic_hmac_webhooks_follow_the_configured_scheme(

@@ -379,6 +379,23 @@ async def test_a_callback_that_fails_verification_is_refused(
     assert response.json()["error"]["details"]["reason"] == reason
 
 
+@pytest.mark.parametrize("host", ["testserver:abc", "testserver:99999"])
+async def test_a_callback_with_a_host_whose_port_is_not_one_is_refused(
+    api: ApiClient, http: httpx.AsyncClient, fake: FakeTwilio, host: str
+) -> None:
+    integration = await make_integration(api, fake)
+    address = f"/api/v1/inbound/{integration['id']}"
+    headers = {"Host": host, "X-Twilio-Signature": "c2lnbmF0dXJl"}
+    body = urlencode({"MessageSid": "SM1", "MessageStatus": "delivered"})
+    response = await http.post(
+        address,
+        content=body,
+        headers={**headers, "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "SIGNATURE_INVALID"
+
+
 async def test_callbacks_behind_a_proxy_are_checked_against_the_configured_url(
     api: ApiClient, http: httpx.AsyncClient, fake: FakeTwilio
 ) -> None:

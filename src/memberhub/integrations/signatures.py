@@ -147,6 +147,16 @@ def verify_hubspot_v3(
         raise _no_match()
 
 
+def standard_secret_problem(secret: str) -> str | None:
+    """Why `secret` cannot be a Standard Webhooks signing secret (base64, optionally after
+    `whsec_`), or None."""
+    try:
+        Webhook(secret)
+    except ValueError:
+        return "a Standard Webhooks signing secret is base64, optionally after 'whsec_'"
+    return None
+
+
 def verify_standard(
     payload: bytes,
     headers: Mapping[str, str],
@@ -184,7 +194,13 @@ def verify_standard(
     except UnicodeDecodeError:
         raise SignatureInvalid(NO_MATCHING_SIGNATURE, "the payload is not valid UTF-8") from None
     signed_at = datetime.fromtimestamp(timestamp, tz=UTC)
-    expected_entry = Webhook(secret).sign(msg_id=msg_id, timestamp=signed_at, data=text)
+    try:
+        webhook = Webhook(secret)
+    except ValueError:  # binascii.Error: not base64, so nothing it signed can match
+        raise SignatureInvalid(
+            NO_MATCHING_SIGNATURE, "the signing secret is not a Standard Webhooks secret"
+        ) from None
+    expected_entry = webhook.sign(msg_id=msg_id, timestamp=signed_at, data=text)
     expected = base64.b64decode(expected_entry.partition(",")[2])
     if not _any_matches(expected, candidates):
         raise _no_match()
@@ -302,8 +318,12 @@ def _url_port_variants(url: str) -> list[str]:
     parts = urllib.parse.urlsplit(url)
     host = parts.netloc.rsplit("@", 1)[-1]
     userinfo = parts.netloc[: len(parts.netloc) - len(host)]
-    bare_host = host.split(":")[0] if parts.port is not None else host
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        given_port = parts.port
+    except ValueError:  # a Host header with a port that is not one: nothing was signed so
+        raise SignatureInvalid(MALFORMED_HEADER, "the request's Host has no valid port") from None
+    bare_host = host.split(":")[0] if given_port is not None else host
+    port = given_port or (443 if parts.scheme == "https" else 80)
     without = urllib.parse.urlunsplit(parts._replace(netloc=userinfo + bare_host))
     with_port = urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}{bare_host}:{port}"))
     return [without, with_port]

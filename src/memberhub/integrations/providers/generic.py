@@ -139,6 +139,14 @@ class GenericWebhook(Provider):
     config_model = WebhookConfig
     credentials_model = WebhookCredentials
 
+    def validate(self, config: BaseConfig, credentials: BaseCredentials) -> None:
+        assert isinstance(config, WebhookConfig)
+        assert isinstance(credentials, WebhookCredentials)
+        if config.scheme == "standard":
+            problem = signatures.standard_secret_problem(credentials.signing_secret)
+            if problem is not None:
+                raise ValueError(f"credentials.signing_secret: {problem}")
+
     def verify(
         self, request: InboundRequest, connection_secrets: Mapping[str, Any], config: BaseConfig
     ) -> None:
