@@ -8,7 +8,14 @@ import itertools
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
-from memberhub.webhooks.delivery import AttemptResult, fan_out, record
+from memberhub.webhooks.delivery import (
+    JITTER,
+    AttemptResult,
+    DeliveryConfig,
+    fan_out,
+    next_delay,
+    record,
+)
 from tests.fakes.webhook_receiver import Received, Reply, WebhookReceiver, fail_times, retry_after
 from tests.support import ApiClient
 from tests.webhooks.conftest import (
@@ -129,6 +136,18 @@ async def test_429_with_retry_after_waits_as_asked_within_bounds(
     assert [r.status for r in greedy] == [503, 200]
     assert 2.0 <= greedy[1].at - greedy[0].at < 3.0
     assert {r.webhook_id for r in busy + greedy} == {event_id}
+
+
+def test_retry_after_never_brings_an_attempt_before_the_schedule(settings: Settings) -> None:
+    config = DeliveryConfig.from_settings(settings)  # 5 s … 10 h, bound 1 h
+    low, high = 1 - JITTER, 1 + JITTER
+    for index, gap in enumerate(config.schedule):
+        for asked in (0.0, 30.0, 86_400.0):
+            delay = next_delay(config, index, asked)
+            # The receiver's wish within the bound, the schedule's gap at the least.
+            wish = min(asked, config.max_retry_after)
+            assert max(wish, gap * low) <= delay <= max(wish, gap * high), (index, asked)
+    assert config.schedule[-1] > config.max_retry_after  # the case that was cut short
 
 
 async def test_410_disables_the_endpoint(

@@ -1449,9 +1449,10 @@ def next_delay(config: DeliveryConfig, schedule_index: int, retry_after: float |
     (the first is 0, sent at once)."""
     scheduled = config.schedule[schedule_index] * random.uniform(1 - JITTER, 1 + JITTER)
     if retry_after is not None:
-        # Never sooner than the schedule (a receiver answering "0" would otherwise use up
-        # every attempt in seconds), never later than the bound.
-        return min(max(retry_after, scheduled), max(config.max_retry_after, 0.0))
+        # The receiver's wish, bounded, but never sooner than the schedule: a receiver
+        # answering "0" (or one asking for less than the schedule's later gaps) would
+        # otherwise use up every attempt early.
+        return max(min(retry_after, max(config.max_retry_after, 0.0)), scheduled)
     return scheduled
 
 
