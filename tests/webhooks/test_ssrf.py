@@ -124,6 +124,14 @@ def test_a_globally_routable_address_has_no_refusal_reason(address: str) -> None
     assert refusal_reason(ipaddress.ip_address(address), ()) is None
 
 
+@pytest.mark.parametrize("url", ["https://1.1.1.1:65536/", "https://hooks.example:0/x"])
+async def test_a_port_that_is_not_one_is_refused(url: str) -> None:
+    dns = FakeDns({"hooks.example": [PUBLIC_V4]})
+    error = await refused(url, dns=dns)
+    assert error.details["reason"] == "invalid port"
+    assert dns.calls == []
+
+
 def test_a_6to4_address_is_refused_even_when_it_embeds_a_public_address() -> None:
     # Deprecated (RFC 7526), and not global for newer Pythons: refused on every version.
     six_to_four = ipaddress.ip_address("2002:5db8:d70e::1")  # 6to4 of 93.184.215.14

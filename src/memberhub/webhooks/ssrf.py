@@ -309,6 +309,11 @@ async def check_url(url: str, policy: UrlPolicy, *, resolver: Resolver = resolve
             "credentials in URL",
         )
 
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise _refused(
+            f"The webhook URL's port {parsed.port} is not a port (1 to 65535).", "invalid port"
+        )
+
     literal = _ip_literal(host)
     if literal is not None:
         reason = refusal_reason(literal, policy.allowed_networks)
