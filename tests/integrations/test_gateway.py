@@ -506,6 +506,22 @@ def test_redact_masks_the_signatures_of_twilio_and_sendgrid_callbacks() -> None:
     }
 
 
+def test_redact_masks_any_header_named_as_a_signature_and_those_it_is_told_of() -> None:
+    headers = {
+        "X-Shopify-Hmac-Sha256": "0123456789abcdefXYZ=",
+        "X-Hub-Signature-256": "sha256=94fa0123456789651a",
+        "X-Acme-Digest": "c2lnbmF0dXJlLXZhbHVl",
+        "X-Acme-Timestamp": "1767000000",
+    }
+
+    assert redact(headers, also=["x-acme-digest"]) == {
+        "X-Shopify-Hmac-Sha256": "***XYZ=",
+        "X-Hub-Signature-256": "***651a",
+        "X-Acme-Digest": "***bHVl",
+        "X-Acme-Timestamp": "1767000000",
+    }
+
+
 def test_redact_body_masks_a_jwt_bearer_assertion() -> None:
     grant = "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer"
     form = f"{grant}&assertion=eyJhbGc.eyJpc3M.c2lnbmF0dXJl"

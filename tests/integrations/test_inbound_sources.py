@@ -129,6 +129,23 @@ def hmac_headers(body: bytes, *, secret: str = HMAC_SECRET, age: int = 0) -> dic
     }
 
 
+async def test_the_configured_signature_header_is_stored_masked(
+    api: ApiClient, http: httpx.AsyncClient
+) -> None:
+    config = {"scheme": "hmac", "signature_header": "X-Acme-Digest", "algorithm": "sha512"}
+    config |= {"encoding": "base64", "prefix": "sha512=", "timestamp_header": "X-Acme-Timestamp"}
+    integration = await create(api, "webhook", config, signing_secret=HMAC_SECRET)
+    body = json.dumps({"id": "acme-evt-9", "type": "order.created"}).encode()
+    headers = hmac_headers(body)
+    headers["X-Acme-Digest"] = headers.pop("X-Acme-Signature")
+    accepted = await http.post(f"/api/v1/inbound/{integration}", content=body, headers=headers)
+    assert accepted.status_code == 200, accepted.text
+    [event] = await arrived(api, integration)
+    shown = (await api.get(f"/api/v1/inbound-events/{event['id']}")).json()["headers"]
+    assert shown["x-acme-digest"] == "***" + headers["X-Acme-Digest"][-4:]
+    assert shown["x-acme-timestamp"] == headers["X-Acme-Timestamp"]
+
+
 async def test_a_standard_webhooks_secret_that_is_not_base64_is_refused_when_saved(
     api: ApiClient, http: httpx.AsyncClient, db: Database
 ) -> None:

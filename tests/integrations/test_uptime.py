@@ -50,7 +50,7 @@ async def test_health_reports_the_uptime_of_the_last_30_days(api: ApiClient, db:
             "provider": "webhook",
             "name": "Bookings",
             "config": {"scheme": "standard"},
-            "credentials": {"signing_secret": "whsec-0123456789abcdefWXYZ"},
+            "credentials": {"signing_secret": "whsec_MDEyMzQ1Njc4OWFiY2RlZldYWVo="},
         },
     )
     assert created.status_code == 201, created.text

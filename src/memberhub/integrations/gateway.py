@@ -34,7 +34,7 @@ import time
 import urllib.parse
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -842,20 +842,27 @@ SECRET_HEADERS = frozenset(
         "x-twilio-signature",
         "x-twilio-email-event-webhook-signature",
         "x-xero-signature",
+        "x-shopify-hmac-sha256",
     }
 )
+# Any other header whose name says it carries a signature or a secret (X-Hub-Signature-256,
+# a configured X-Acme-Signature).
+_SECRET_HEADER_NAME = re.compile(r"signature|hmac|secret|token|api-?key", re.IGNORECASE)
 _VISIBLE_TAIL = 4
 
 
-def redact(headers: Mapping[str, str]) -> dict[str, str]:
-    """A copy of `headers` for logs, secret values masked but for their last 4 characters.
+def redact(headers: Mapping[str, str], *, also: Iterable[str] = ()) -> dict[str, str]:
+    """A copy of `headers` for logs, secret values masked but for their last 4 characters;
+    `also` names more headers to mask (an integration's configured signature header).
 
     Values of 8 characters or fewer are masked entirely: their last 4 would be half the
     secret.
     """
+    extra = {name.lower() for name in also}
     redacted: dict[str, str] = {}
     for name, value in headers.items():
-        if name.lower() in SECRET_HEADERS:
+        lowered = name.lower()
+        if lowered in SECRET_HEADERS or lowered in extra or _SECRET_HEADER_NAME.search(lowered):
             tail = value[-_VISIBLE_TAIL:] if len(value) > 2 * _VISIBLE_TAIL else ""
             value = f"***{tail}"
         redacted[name] = value

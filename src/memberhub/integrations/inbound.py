@@ -202,6 +202,12 @@ async def check_url(
         ) from None
 
 
+def _signed_headers(integration: Integration) -> list[str]:
+    """The header an integration's configuration names for its signature, if any."""
+    name = (integration.config or {}).get("signature_header")
+    return [name] if isinstance(name, str) else []
+
+
 async def _store(
     db: Database,
     integration: Integration,
@@ -233,7 +239,7 @@ async def _store(
                     provider_event_id=identity.event_id,
                     event_type=identity.event_type,
                     body=body,
-                    headers=redact(dict(request.headers)),
+                    headers=redact(dict(request.headers), also=_signed_headers(integration)),
                     source_ip=source_ip,
                     status=InboundStatus.PENDING,
                     next_attempt_at=now,
