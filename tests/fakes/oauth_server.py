@@ -37,7 +37,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 from starlette.requests import Request
@@ -128,8 +128,11 @@ class FakeOAuthServer:
         rotate_refresh_tokens: bool = True,
         scopes: Iterable[str] = DEFAULT_SCOPES,
         user: Mapping[str, Any] | None = None,
+        client_auth: Literal["any", "basic"] = "any",
     ) -> None:
         self.url = url
+        # "basic": the client must authenticate by HTTP Basic, as Pipedrive's server asks.
+        self.client_auth = client_auth
         self.authorize_url = f"{url}/oauth/authorize"
         self.token_url = f"{url}/oauth/token"
         self.client_id = client_id
@@ -298,6 +301,8 @@ class FakeOAuthServer:
         basic = scheme.lower() == "basic"
         if basic and "client_secret" in form:
             raise OAuthError("invalid_request", "use one client authentication method")
+        if not basic and self.client_auth == "basic":
+            raise OAuthError("invalid_client", "authenticate the client by HTTP Basic", 401)
         if basic:
             try:
                 decoded = base64.b64decode(credentials, validate=True).decode()

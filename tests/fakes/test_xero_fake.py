@@ -85,16 +85,16 @@ async def test_tokens_last_thirty_minutes_and_refresh_tokens_rotate(xero: FakeXe
             f"{xero.url}/api.xro/2.0/Accounts", headers=headers(xero, body["access_token"])
         )
         assert expired.status_code == 401
-        form = {
-            "grant_type": "refresh_token",
-            "refresh_token": body["refresh_token"],
-            "client_id": xero.client_id,
-            "client_secret": xero.client_secret,
-        }
-        renewed = await client.post(xero.token_url, data=form)
+        form = {"grant_type": "refresh_token", "refresh_token": body["refresh_token"]}
+        in_form = {**form, "client_id": xero.client_id, "client_secret": xero.client_secret}
+        refused = await client.post(xero.token_url, data=in_form)  # the client by Basic only
+        assert refused.status_code == 400
+        assert refused.json() == {"error": "invalid_client"}
+        basic_auth = {"Authorization": f"Basic {basic}"}
+        renewed = await client.post(xero.token_url, data=form, headers=basic_auth)
         assert renewed.status_code == 200
         assert renewed.json()["refresh_token"] != body["refresh_token"]
-        spent = await client.post(xero.token_url, data=form)
+        spent = await client.post(xero.token_url, data=form, headers=basic_auth)
         assert spent.status_code == 400
         assert spent.json() == {"error": "invalid_grant"}
         # The code is single use too.

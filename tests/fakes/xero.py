@@ -11,7 +11,7 @@ Stripe fake), with Xero's shapes:
 
 Identity: `GET /identity/connect/authorize` answers 302 back to the redirect URI with a
 code; `POST /connect/token` takes `authorization_code` and `refresh_token` grants (client
-credentials by HTTP Basic or in the form), issues access tokens that expire after 30
+credentials by HTTP Basic), issues access tokens that expire after 30
 minutes and refresh tokens that rotate: each is spent by its use. `GET /connections` lists
 the tenants the token may reach.
 
@@ -483,11 +483,12 @@ class FakeXero:
 
     def _token(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         form = dict(parse_qsl(body.decode()))
-        client_id, client_secret = form.get("client_id"), form.get("client_secret")
+        # Xero takes the client by HTTP Basic only ("authorization: Basic base64(id:secret)").
         authorization = headers.get("authorization", "")
-        if authorization.startswith("Basic "):
-            decoded = base64.b64decode(authorization[6:]).decode()
-            client_id, _, client_secret = decoded.partition(":")
+        if not authorization.startswith("Basic "):
+            raise XeroFault(400, {"error": "invalid_client"})
+        decoded = base64.b64decode(authorization[6:]).decode()
+        client_id, _, client_secret = decoded.partition(":")
         if client_id != self.client_id or client_secret != self.client_secret:
             raise XeroFault(400, {"error": "invalid_client"})
         grant = form.get("grant_type")

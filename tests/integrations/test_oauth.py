@@ -9,8 +9,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from memberhub.integrations.hub import IntegrationHub
+from memberhub.integrations.models import Integration
+from memberhub.kit.crypto import SecretBox
 from memberhub.kit.db import Database
+from memberhub.settings import Settings
+from memberhub.webhooks.ssrf import UrlPolicy
 from tests.fakes.oauth_server import FakeOAuthServer, running_oauth_server
 from tests.integrations.test_registry import dump
 from tests.support import ApiClient
@@ -128,3 +134,57 @@ async def test_a_callback_is_single_use_and_needs_a_known_state(
     forged = await http.get(f"{back.path}?code=abc&state=forged")
     assert forged.status_code == 400
     assert oauth_server.token_requests == ["authorization_code"]
+
+
+async def test_a_provider_whose_server_wants_http_basic_authenticates_the_client_so(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, settings: Settings
+) -> None:
+    """Pipedrive's token endpoint takes the client id and secret by HTTP Basic only: the
+    code exchange and each refresh send them so, never in the form."""
+    async with running_oauth_server(client_auth="basic", scopes=["contacts:full"]) as server:
+        created = await api.post(
+            "/api/v1/integrations",
+            {
+                "provider": "pipedrive",
+                "name": "Pipedrive",
+                "config": {
+                    "base_url": server.url,
+                    "oauth": {"authorize_url": server.authorize_url, "token_url": server.token_url},
+                },
+                "credentials": {
+                    "client_id": server.client_id,
+                    "client_secret": server.client_secret,
+                },
+            },
+        )
+        assert created.status_code == 201, created.text
+        integration = created.json()
+        server.redirect_uris = (
+            f"http://127.0.0.1:8000/api/v1/integrations/{integration['id']}/oauth/callback",
+        )
+        callback = await connect(api, http, integration["id"])
+        assert callback.status_code == 200, callback.text
+        assert callback.json()["connected"] is True
+
+        hub = IntegrationHub(
+            db, SecretBox(settings.resolved_secret_key), UrlPolicy.from_settings(settings)
+        )
+        try:
+            async with db.transaction(read_only=True) as session:
+                row = await session.scalar(
+                    select(Integration).where(Integration.public_id == integration["id"])
+                )
+            assert row is not None
+            hub.connection(row)
+            server.expire_access_tokens()
+            assert await hub.refresh(row.id) is True
+        finally:
+            await hub.aclose()
+        # The server takes no other client authentication: both went by HTTP Basic.
+        assert server.token_requests == ["authorization_code", "refresh_token"]
+        calls = (await api.get(f"/api/v1/integrations/{integration['id']}/calls")).json()["data"]
+        token_calls = [c for c in calls if c["url"].endswith("/oauth/token")]
+        assert token_calls  # the exchange's, at least (the refresh was another process's)
+        for call in token_calls:
+            assert "client_secret" not in call["request_body"]
+            assert call["request_headers"]["authorization"].startswith("***")

@@ -9,6 +9,7 @@ seconds and on shutdown.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import time
 from collections import deque
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote_plus
 
 import httpx
 import structlog
@@ -192,8 +194,18 @@ class IntegrationHub:
     async def _token_request(entry: _Entry, form: Mapping[str, str]) -> httpx.Response | None:
         if entry.token_gateway is None or entry.token_url is None:
             return None
+        fields = dict(form)
+        headers = {}
+        if entry.provider.token_client_auth == "basic":
+            # RFC 6749 §2.3.1: each form-encoded, then joined and base64-encoded.
+            client = ":".join(
+                quote_plus(fields.pop(name, "")) for name in ("client_id", "client_secret")
+            )
+            headers["Authorization"] = "Basic " + base64.b64encode(client.encode()).decode()
         # An absolute URL: httpx would add a slash to a base URL ending in the endpoint.
-        return await entry.token_gateway.request("POST", entry.token_url, data=form)
+        return await entry.token_gateway.request(
+            "POST", entry.token_url, data=fields, headers=headers
+        )
 
     def _new_transport(self) -> httpx.AsyncBaseTransport:
         transport = self._transport

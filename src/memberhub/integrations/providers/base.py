@@ -150,6 +150,9 @@ class Provider:
     sandbox_url: ClassVar[str | None] = None
     policy: ClassVar[GatewayPolicy] = DEFAULT_POLICY
     oauth_defaults: ClassVar[OAuthSettings | None] = None
+    # How the client authenticates at the OAuth token endpoint: its id and secret in the
+    # form, or by HTTP Basic (RFC 6749 §2.3.1), which some authorization servers require.
+    token_client_auth: ClassVar[Literal["form", "basic"]] = "form"
 
     def resolve_base_url(self, config: BaseConfig) -> str | None:
         if config.base_url:

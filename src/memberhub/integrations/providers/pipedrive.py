@@ -93,6 +93,7 @@ class Pipedrive(Provider):
         token_url="https://oauth.pipedrive.com/oauth/token",
         scopes=["contacts:full"],
     )
+    token_client_auth = "basic"  # its token endpoint requires the Authorization header
     batch_size = 1
     consent_purpose = "crm"
     concurrency = 8
@@ -102,8 +103,11 @@ class Pipedrive(Provider):
         assert isinstance(credentials, PipedriveCredentials)
         if not config.base_url:
             raise ValueError("config.base_url must be the company domain's URL")
-        if not credentials.api_token and not credentials.access_token:
-            raise ValueError("set credentials.api_token, or connect OAuth")
+        oauth_client = credentials.client_id and credentials.client_secret
+        if not credentials.api_token and not credentials.access_token and not oauth_client:
+            raise ValueError(
+                "set credentials.api_token, or client_id and client_secret to connect by OAuth"
+            )
         for entity, spec in config.sync.objects():
             if spec.object != "persons":
                 raise ValueError(f"sync.{entity}.object must be persons")

@@ -149,6 +149,7 @@ class Xero(Provider):
             "accounting.settings.read",
         ],
     )
+    token_client_auth = "basic"  # Xero's token endpoint takes the client by HTTP Basic
 
     def auth_headers(self, credentials: Mapping[str, Any]) -> dict[str, str]:
         headers = super().auth_headers(credentials)
