@@ -37,6 +37,8 @@ def _definition(storage_id: str, **changes: Any) -> dict[str, Any]:
         ({"schedule": "every day"}, "VALIDATION_ERROR"),
         ({"schedule": "61 * * * *"}, "VALIDATION_ERROR"),
         ({"schedule": "0 0 * * * *"}, "VALIDATION_ERROR"),
+        ({"schedule": "0 0 30 2 *"}, "VALIDATION_ERROR"),
+        ({"schedule": "0 0 31 4 *"}, "VALIDATION_ERROR"),
         ({"storage_integration_id": "int_doesnotexist"}, "STORAGE_INTEGRATION_NOT_FOUND"),
         ({"storage_integration_id": "not an id"}, "VALIDATION_ERROR"),
         ({"unexpected": 1}, "VALIDATION_ERROR"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 MAX_FIELDS = 5
 
@@ -18,6 +18,12 @@ def validated(expression: str) -> str:
             f"{expression!r} is not a cron expression of five fields (minute hour "
             "day-of-month month day-of-week)"
         )
+    try:
+        croniter(normalised, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
+    except CroniterBadDateError:
+        raise ValueError(
+            f"{expression!r} names no date that exists (such as 30 February)"
+        ) from None
     return normalised
 
 
