@@ -12,7 +12,7 @@ from memberhub.auth.roles import Role
 from memberhub.kit.clock import days_until, utcnow
 from memberhub.kit.db import Database
 from memberhub.notifications.models import Notification, NotificationFeedState
-from memberhub.notifications.templates import html_to_text
+from memberhub.notifications.templates import html_to_text, render
 from memberhub.points.jobs import notify_expiring_points
 from memberhub.settings import Settings
 from memberhub.worker.runner import Worker
@@ -289,3 +289,13 @@ def test_days_left_count_a_part_of_a_day_as_a_day() -> None:
     assert days_until(now + timedelta(days=10), now) == 10
     assert days_until(now + timedelta(seconds=1), now) == 1
     assert days_until(now - timedelta(hours=1), now) == 0
+
+
+def test_the_date_filter_formats_as_asked_and_by_default_without_a_leading_zero() -> None:
+    body = (
+        "{{ event.at | date }}|{{ event.at | date('%H:%M') }}|"
+        "{{ event.at | date('%m/%d/%Y') }}|{{ event.late | date }}"
+    )
+    event = {"at": "2026-01-05T00:30:00Z", "late": "2026-12-25T10:00:00+00:00"}
+    rendered = render(subject=None, body=body, format="text", context={"event": event})
+    assert rendered.text == "5 January 2026|00:30|01/05/2026|25 December 2026"

@@ -26,15 +26,18 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 MAX_RENDERED_CHARS = 200_000
 
 
-def _date(value: Any, format: str = "%d %B %Y") -> str:
-    """An ISO 8601 time (as the event data has it) or a datetime, formatted."""
+def _date(value: Any, format: str | None = None) -> str:
+    """An ISO 8601 time (as the event data has it) or a datetime, formatted: by default as
+    "5 January 2027", else by the strftime `format` given, as written."""
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             return value
     if isinstance(value, datetime):
-        return value.strftime(format).lstrip("0")
+        if format is None:
+            return f"{value.day} {value:%B %Y}"
+        return value.strftime(format)
     return "" if value is None else str(value)
 
 
