@@ -10,7 +10,7 @@ import resource
 from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
@@ -124,6 +124,67 @@ async def test_a_refused_status_move_fails_only_that_record(api: ApiClient) -> N
     body = response.json()
     assert [r["outcome"] for r in body["results"]] == ["failed", "created"]
     assert "cannot become qualified" in body["results"][0]["errors"][0]["message"]
+
+
+async def test_imported_custom_fields_merge_as_a_patch_does_within_the_limit(
+    api: ApiClient,
+) -> None:
+    first = {f"a{n}": n for n in range(50)}
+    created = await api.post(
+        IMPORT, {"source": "hubspot", "leads": [record(1, custom_fields=first)]}
+    )
+    assert created.json()["results"][0]["outcome"] == "created", created.text
+    lead_id = created.json()["results"][0]["lead_id"]
+    more = {f"b{n}": n for n in range(50)}
+    over = await api.post(
+        IMPORT,
+        {"source": "hubspot", "leads": [record(1, custom_fields=more, first_name="Changed")]},
+    )
+    (result,) = over.json()["results"]
+    assert result["outcome"] == "failed"
+    assert "at most 50" in result["errors"][0]["message"]
+    lead = (await api.get(f"/api/v1/leads/{lead_id}")).json()
+    assert (lead["custom_fields"], lead["first_name"]) == (first, "Lead"), (
+        "the record changed nothing"
+    )
+    # A null removes a key, as in a PATCH, and the lead still becomes a member.
+    dropped = {"a0": None, "b0": 0}
+    again = await api.post(
+        IMPORT, {"source": "hubspot", "leads": [record(1, custom_fields=dropped)]}
+    )
+    assert again.json()["results"][0]["outcome"] == "updated", again.text
+    lead = (await api.get(f"/api/v1/leads/{lead_id}")).json()
+    assert "a0" not in lead["custom_fields"]
+    assert lead["custom_fields"]["b0"] == 0
+    assert len(lead["custom_fields"]) == 50
+    enrolled = await api.post(f"/api/v1/leads/{lead_id}/enroll", {})
+    assert enrolled.status_code == 201, enrolled.text
+
+
+async def test_a_lead_holding_what_a_member_may_not_is_refused_enrolment_clearly(
+    api: ApiClient, db: Database
+) -> None:
+    created = await api.post(IMPORT, {"source": "hubspot", "leads": [record(8)]})
+    lead_id = created.json()["results"][0]["lead_id"]
+    async with db.transaction() as session:  # as an earlier version could leave it
+        await session.execute(
+            update(Lead)
+            .where(Lead.public_id == lead_id)
+            .values(custom_fields={f"k{n}": n for n in range(60)})
+        )
+    refused = await api.post(f"/api/v1/leads/{lead_id}/enroll", {})
+    assert refused.status_code == 422, refused.text
+    assert "custom_fields" in refused.json()["error"]["message"]
+    assert (await api.get(f"/api/v1/leads/{lead_id}")).json()["status"] == "new"
+
+
+async def test_a_null_custom_field_on_a_new_lead_sets_nothing(api: ApiClient) -> None:
+    fields = {"kept": "yes", "empty": None}
+    created = await api.post(
+        IMPORT, {"source": "hubspot", "leads": [record(7, custom_fields=fields)]}
+    )
+    lead_id = created.json()["results"][0]["lead_id"]
+    assert (await api.get(f"/api/v1/leads/{lead_id}")).json()["custom_fields"] == {"kept": "yes"}
 
 
 async def test_an_empty_or_oversized_import_is_refused(api: ApiClient) -> None:

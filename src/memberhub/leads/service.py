@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -323,10 +324,8 @@ async def enroll(
             "A lead needs an email to become a member.", details={"field": "email"}
         )
     before = snapshot(lead)
-    member = await members.create_member(
-        session,
-        principal,
-        MemberCreate(
+    try:
+        profile = MemberCreate(
             email=lead.email,
             first_name=lead.first_name,
             last_name=lead.last_name,
@@ -334,8 +333,20 @@ async def enroll(
             organisation_id=lead.organisation.public_id if lead.organisation else None,
             custom_fields=dict(lead.custom_fields),
             external_ids=dict(lead.external_ids),
-        ),
-    )
+        )
+    except ValidationError as exc:
+        # What a lead may hold and a member may not (an address a member's check refuses):
+        # the lead is corrected first.
+        problems = [
+            {"field": ".".join(str(p) for p in error["loc"]), "message": error["msg"]}
+            for error in exc.errors()
+        ]
+        raise ValidationFailed(
+            "This lead cannot become a member as it is: "
+            + "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5]),
+            details={"fields": problems},
+        ) from None
+    member = await members.create_member(session, principal, profile)
     plan_id = None
     if payload.plan_id is not None:
         member, _term = await memberships.join(

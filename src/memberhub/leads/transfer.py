@@ -24,7 +24,7 @@ from memberhub.leads import service
 from memberhub.leads.models import Lead, LeadStatus
 from memberhub.leads.schemas import ImportResult, LeadImport, LeadImportOut, LeadImportRecord
 from memberhub.members.repository import normalize_email
-from memberhub.members.service import resolve_organisation
+from memberhub.members.service import merge_mapping, resolve_organisation
 from memberhub.organisations.models import Organisation
 
 EXPORT_PAGE = 1000
@@ -183,7 +183,8 @@ def _create(
         source=record.source or system,
         agent_id=record.agent_id,
         status=record.status or LeadStatus.NEW,
-        custom_fields=dict(record.custom_fields or {}),
+        # As a PATCH would: a null value sets nothing.
+        custom_fields={k: v for k, v in (record.custom_fields or {}).items() if v is not None},
         external_ids={system: record.external_id} if record.external_id else {},
     )
 
@@ -198,16 +199,23 @@ def _update(
 ) -> str:
     before = service.snapshot(lead)
     fields = _changes_for(record)
+    # As a PATCH merges them (a null value removes a key, within the limit); checked, as a
+    # refused move is, before anything changes, so a refused record changes nothing.
+    custom = (
+        merge_mapping(lead.custom_fields, record.custom_fields, "custom_fields", "lead")
+        if record.custom_fields
+        else None
+    )
     status = fields.pop("status", None)
     if status is not None:
-        service.move(lead, status)  # refused moves fail the record before anything changes
+        service.move(lead, status)
     if "email" in fields:
         lead.email = fields["email"]
         lead.email_normalized = normalize_email(fields.pop("email"))
     for name, value in fields.items():
         setattr(lead, name, value)
-    if record.custom_fields:
-        lead.custom_fields = {**lead.custom_fields, **record.custom_fields}
+    if custom is not None:
+        lead.custom_fields = custom
     if record.external_id and lead.external_ids.get(system) != record.external_id:
         lead.external_ids = {**lead.external_ids, system: record.external_id}
     changes = diff(before, service.snapshot(lead))
