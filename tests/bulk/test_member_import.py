@@ -290,6 +290,22 @@ async def test_json_lines_are_imported_too(api: ApiClient, db: Database) -> None
     assert "email" in failed[0]["error"]
 
 
+async def test_a_json_line_naming_a_key_twice_is_refused_with_its_line(
+    api: ApiClient, db: Database
+) -> None:
+    body = '{"email": "a@example.org"}\n{"email": "b@example.org", "email": "c@example.org"}\n'
+    response = await api.http.post(
+        IMPORTS,
+        content=body.encode(),
+        headers={"Authorization": f"Bearer {api.key}", "Content-Type": "application/x-ndjson"},
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["details"]["line"]) == ("MALFORMED_UPLOAD", 2)
+    assert "'email' is repeated" in error["message"]
+    assert (await api.get(IMPORTS)).json()["data"] == []
+
+
 @pytest.mark.parametrize(
     ("body", "params", "status", "code"),
     [

@@ -228,6 +228,13 @@ MALFORMED = [
     ("application/json", '{"rows": [{"points": 1}], "extra": 1}', 1, "unknown field"),
     ("application/json", '{"rows": [{"points": 1}]} trailing', 1, "after the JSON"),
     ("application/json", '{"reason": 5, "rows": [{"points": 1}]}', 1, "reason must be"),
+    (
+        "application/json",
+        '{"rows": [{"member_id": "mem_a", "points": 1},\n{"member_id": "mem_b", "points": 1, '
+        '"points": 100000}]}',
+        2,
+        "'points' is repeated",
+    ),
 ]
 
 

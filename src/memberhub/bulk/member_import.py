@@ -50,6 +50,7 @@ from memberhub.bulk.upload import (
     check_utf8,
 )
 from memberhub.kit.errors import Conflict, MemberhubError, ValidationFailed
+from memberhub.kit.http import DuplicateKeys, unique_keys
 from memberhub.kit.types import Input
 from memberhub.members import service as members
 from memberhub.members.consent import ConsentSource
@@ -201,7 +202,11 @@ class MemberJsonLinesUpload(Upload):
 
     def _row(self, line: str, line_number: int) -> dict[str, Any]:
         try:
-            value = json.loads(line)
+            value = json.loads(line, object_pairs_hook=unique_keys)
+        except DuplicateKeys as exc:
+            raise _malformed(
+                f"the key '{exc.keys[0][:50]}' is repeated in an object.", line_number
+            ) from None
         except (ValueError, RecursionError) as exc:
             raise _malformed("not valid JSON.", line_number) from exc
         if not isinstance(value, dict):

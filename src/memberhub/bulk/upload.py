@@ -19,6 +19,7 @@ from collections.abc import Generator, Iterator
 from typing import IO, Any
 
 from memberhub.kit.errors import MemberhubError, ValidationFailed
+from memberhub.kit.http import DuplicateKeys, unique_keys
 
 MAX_ROWS = 1_000_000
 
@@ -167,7 +168,7 @@ class JsonUpload(Upload):
     def __init__(self, text: str) -> None:
         super().__init__()
         self.text = text
-        self._decoder = json.JSONDecoder()
+        self._decoder = json.JSONDecoder(object_pairs_hook=unique_keys)
 
     def _line(self, position: int) -> int:
         return self.text.count("\n", 0, position) + 1
@@ -187,6 +188,11 @@ class JsonUpload(Upload):
             value, end = self._decoder.raw_decode(self.text, position)
         except json.JSONDecodeError as exc:
             raise _malformed(f"not valid JSON ({exc.msg}).", exc.lineno) from exc
+        except DuplicateKeys as exc:
+            # A row's second "points" would quietly win over its first.
+            raise _malformed(
+                f"the key '{exc.keys[0][:50]}' is repeated in an object.", self._line(position)
+            ) from None
         except (ValueError, RecursionError) as exc:
             # Integers past Python's digit limit, or nesting deeper than the parser goes.
             raise _malformed("a value cannot be read.", self._line(position)) from exc

@@ -282,17 +282,21 @@ def _json_declared(request: Request) -> bool:
     )
 
 
-class _DuplicateKeys(ValueError):
+class DuplicateKeys(ValueError):
+    """A JSON object naming a key more than once (`keys`, sorted)."""
+
     def __init__(self, keys: list[str]) -> None:
         super().__init__(keys)
         self.keys = keys
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An `object_pairs_hook` for `json`: the object, or DuplicateKeys when a key repeats
+    (whose first value would quietly lose to the second)."""
     found = dict(pairs)
     if len(found) != len(pairs):
         counted = Counter(key for key, _ in pairs)
-        raise _DuplicateKeys(sorted(key for key, times in counted.items() if times > 1))
+        raise DuplicateKeys(sorted(key for key, times in counted.items() if times > 1))
     return found
 
 
@@ -301,8 +305,8 @@ def _parse_json_once(request: Request, body: bytes) -> None:
     value would quietly lose to the second), and keep the result where FastAPI looks for
     it, so it is not parsed again. A body that is not JSON is left to FastAPI's error."""
     try:
-        request._json = json.loads(body, object_pairs_hook=_unique_keys)
-    except _DuplicateKeys as exc:
+        request._json = json.loads(body, object_pairs_hook=unique_keys)
+    except DuplicateKeys as exc:
         names = ", ".join(key[:50] for key in exc.keys[:10])
         raise ValidationFailed(
             f"The body names a key more than once in an object: {names}.",
