@@ -290,6 +290,21 @@ async def test_json_lines_are_imported_too(api: ApiClient, db: Database) -> None
     assert "email" in failed[0]["error"]
 
 
+async def test_a_rerun_with_a_key_bound_to_an_organisation_changes_nothing(
+    api: ApiClient, db: Database
+) -> None:
+    organisation = await api.create_organisation()
+    bound = api.with_key(await issue_key(db, Role.ADMIN, organisation=organisation["id"]))
+    body = "email,first_name\na@example.org,Ana\nb@example.org,Bo\n"
+    first = await finished(bound, db, (await post_import(bound, body))["id"])
+    assert (first["changed_rows"], first["failed_rows"]) == (2, 0)
+    again = await finished(bound, db, (await post_import(bound, body))["id"])
+    assert (again["changed_rows"], again["failed_rows"]) == (0, 0)
+    assert [row["action"] for row in await rows(bound, again["id"])] == ["unchanged"] * 2
+    listed = (await api.get("/api/v1/members", params={"email": "a@example.org"})).json()
+    assert [m["organisation_id"] for m in listed["data"]] == [organisation["id"]]
+
+
 async def test_a_json_line_naming_a_key_twice_is_refused_with_its_line(
     api: ApiClient, db: Database
 ) -> None:

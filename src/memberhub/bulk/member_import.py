@@ -394,7 +394,8 @@ async def _organisation_id(
 ) -> int | None:
     reference = row.create.organisation_id
     if reference is None:
-        return None
+        # Where the member would be created: the key's own organisation, if it has one.
+        return principal.organisation_id
     if reference not in cache:
         organisation = await members.resolve_organisation(session, principal, reference)
         cache[reference] = organisation.id if organisation else None
