@@ -6,9 +6,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
+
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.memberships.jobs import advance_membership_statuses
+from memberhub.notifications import jobs as notification_jobs
 from memberhub.notifications.jobs import announce_renewals_due
 from memberhub.settings import Settings
 from tests.fakes.smtp_server import SmtpServer
@@ -60,6 +63,24 @@ async def test_joining_and_the_renewal_reminders_once_per_notice_period(
     events = await api.get("/api/v1/events", {"type": "membership.renewal_due"})
     assert events.status_code == 200
     assert [e["data"]["member_id"] for e in events.json()["data"]] == [member["id"]] * 2
+
+
+async def test_every_member_due_is_announced_however_many_there_are(
+    api: ApiClient, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(notification_jobs, "RENEWAL_BATCH", 2)  # pages of 2 for 5 members
+    plan = await api.create_plan(term_months=1)
+    for _ in range(5):
+        member = await api.create_member()
+        joined = await api.post(
+            f"/api/v1/members/{member['id']}/membership/join", {"plan_id": plan["id"]}
+        )
+        assert joined.status_code == 200, joined.text
+    soon = utcnow() + timedelta(days=20)  # within the default 30-day notice
+    async with db.transaction() as session:
+        assert await announce_renewals_due(session, soon) == 5
+    async with db.transaction() as session:
+        assert await announce_renewals_due(session, soon + timedelta(days=1)) == 0
 
 
 async def test_a_tier_upgrade_and_a_reward_claim_are_told_to_the_member(

@@ -29,6 +29,18 @@ async def announce_renewals_due(session: AsyncSession, now: datetime) -> int:
     periods = sorted(settings.renewal_due_days)
     if not periods:
         return 0
+    count = 0
+    after_id = 0
+    # Every member due, a page at a time: the job runs once a day.
+    while page := await _renewals_page(session, now, periods, after_id):
+        count += await _announce(session, now, periods, page)
+        after_id = page[-1][0].id
+    return count
+
+
+async def _renewals_page(
+    session: AsyncSession, now: datetime, periods: list[int], after_id: int
+) -> list[tuple[Member, str | None, str | None]]:
     rows = (
         await session.execute(
             select(Member, MembershipPlan.public_id, Organisation.public_id)
@@ -40,13 +52,21 @@ async def announce_renewals_due(session: AsyncSession, now: datetime) -> int:
                 Member.cancel_at_period_end.is_(False),
                 Member.term_ends_at > now,
                 Member.term_ends_at <= now + timedelta(days=periods[-1]),
+                Member.id > after_id,
             )
             .order_by(Member.id)
             .limit(RENEWAL_BATCH)
         )
     ).all()
-    if not rows:
-        return 0
+    return [(member, plan, organisation) for member, plan, organisation in rows]
+
+
+async def _announce(
+    session: AsyncSession,
+    now: datetime,
+    periods: list[int],
+    rows: list[tuple[Member, str | None, str | None]],
+) -> int:
     announced = {
         (notice.member_id, notice.term_ends_at, notice.days_before)
         for notice in await session.scalars(
