@@ -271,6 +271,23 @@ async def test_bad_settings_are_refused_and_change_nothing(
     assert (await api.get("/api/v1/notification-settings")).json() == before
 
 
+async def test_one_end_of_the_quiet_hours_changes_alone(api: ApiClient) -> None:
+    path = "/api/v1/notification-settings"
+    first = await api.patch(path, {"quiet_hours": {"start": "22:00", "end": "07:00"}})
+    assert first.status_code == 200, first.text
+    later = await api.patch(path, {"quiet_hours": {"start": "23:00"}})
+    assert later.status_code == 200, later.text
+    assert later.json()["quiet_hours"] == {"start": "23:00", "end": "07:00"}
+
+
+async def test_a_refused_setting_is_named_in_the_error(api: ApiClient) -> None:
+    response = await api.patch("/api/v1/notification-settings", {"renewal_due_days": [0]})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["message"].startswith("renewal_due_days")
+    assert [f["field"] for f in error["details"]["fields"]] == ["renewal_due_days"]
+
+
 async def test_preferences_and_devices(api: ApiClient) -> None:
     member = await api.create_member(consent={"email": True})
     base = f"/api/v1/members/{member['id']}"

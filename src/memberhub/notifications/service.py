@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import structlog
+from pydantic import ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -92,10 +93,21 @@ async def update_settings(
             details={"unknown": sorted(set(unknown)), "known": sorted(MESSAGE_TYPES)},
             code="UNKNOWN_MESSAGE_TYPE",
         )
+    merged = current.model_dump()
+    if isinstance(changes.get("quiet_hours"), dict):
+        # The window's ends change one at a time: `{"start": "23:00"}` keeps the end.
+        changes["quiet_hours"] = {**merged["quiet_hours"], **changes["quiet_hours"]}
     try:
-        updated = NotificationSettings.model_validate({**current.model_dump(), **changes})
-    except ValueError as exc:
-        raise ValidationFailed(str(exc)) from None
+        updated = NotificationSettings.model_validate({**merged, **changes})
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in error["loc"]), "message": error["msg"]}
+            for error in exc.errors()
+        ]
+        raise ValidationFailed(
+            "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5]),
+            details={"fields": problems},
+        ) from None
     now = utcnow()
     stored = updated.model_dump(mode="json")
     if row is None:
