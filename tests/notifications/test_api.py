@@ -388,3 +388,24 @@ def test_the_template_sent_falls_back_from_a_region_to_its_language() -> None:
     assert chosen("pt-br", "en") == "pt-BR"
     assert chosen("pt", "fr") == "fr"  # no Portuguese but Brazil's: the next locale
     assert chosen("de", "en") is None  # the built-in default
+
+
+async def test_two_spellings_of_one_locale_are_one_template(api: ApiClient) -> None:
+    body = {
+        "message_type": "points_earned",
+        "channel": "email",
+        "format": "text",
+        "subject": "Points",
+        "body": "You have {{ event.points }} more points.",
+    }
+    created = await api.post("/api/v1/notification-templates", {**body, "locale": "pt-br"})
+    assert created.status_code == 201, created.text
+    assert created.json()["locale"] == "pt-BR"
+    again = await api.post("/api/v1/notification-templates", {**body, "locale": "PT-BR"})
+    assert again.status_code == 409, again.text
+    preference = await api.create_member()
+    patched = await api.patch(
+        f"/api/v1/members/{preference['id']}/notification-preferences", {"locale": "zh-hant-tw"}
+    )
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["locale"] == "zh-Hant-TW"

@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Row, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.integrations.models import Integration
@@ -101,11 +101,14 @@ class NotificationRepository:
         self, message_type: str, channel: str, locale: str
     ) -> NotificationTemplate | None:
         return await self.session.scalar(
-            select(NotificationTemplate).where(
+            select(NotificationTemplate)
+            .where(
                 NotificationTemplate.message_type == message_type,
                 NotificationTemplate.channel == channel,
-                NotificationTemplate.locale == locale,
+                # Tags compare case aside (BCP 47): pt-BR and pt-br are one locale.
+                func.lower(NotificationTemplate.locale) == locale.lower(),
             )
+            .limit(1)
         )
 
     async def devices(self, member_id: int) -> Sequence[DeviceToken]:

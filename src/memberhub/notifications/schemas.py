@@ -27,9 +27,26 @@ def _no_nul(value: str) -> str:
     return value
 
 
-# BCP 47 language tags as used in practice: "en", "en-GB", "pt-BR", "zh-Hant-TW".
+def _canonical_locale(tag: str) -> str:
+    """A BCP 47 tag in its usual case: "pt-br" is "pt-BR", "zh-hant-tw" is "zh-Hant-TW"."""
+    language, *subtags = tag.split("-")
+    shaped = [
+        part.upper()
+        if len(part) == 2 or (len(part) == 3 and part.isdigit())
+        else part.title()
+        if len(part) == 4 and part.isalpha()
+        else part.lower()
+        for part in subtags
+    ]
+    return "-".join([language.lower(), *shaped])
+
+
+# BCP 47 language tags as used in practice: "en", "en-GB", "pt-BR", "zh-Hant-TW"; kept in
+# their usual case, so two spellings of one tag are one locale.
 Locale = Annotated[
-    str, StringConstraints(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$", max_length=35)
+    str,
+    StringConstraints(pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$", max_length=35),
+    AfterValidator(_canonical_locale),
 ]
 TemplateSubject = Annotated[
     str, StringConstraints(min_length=1, max_length=998), AfterValidator(_no_nul)
