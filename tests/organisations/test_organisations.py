@@ -196,6 +196,19 @@ async def test_an_organisation_with_members_cannot_be_deleted(api: ApiClient) ->
     assert (await api.get(f"{ORGS}/{org['id']}")).status_code == 200
 
 
+async def test_an_organisation_with_leads_says_so_when_refused(api: ApiClient) -> None:
+    org = await api.create_organisation()
+    lead = await api.post("/api/v1/leads", {"email": "l@example.com", "organisation_id": org["id"]})
+    assert lead.status_code == 201, lead.text
+    response = await api.delete(f"{ORGS}/{org['id']}")
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "ORGANISATION_IN_USE"
+    assert error["details"]["leads"] == 1
+    assert "leads (1)" in error["message"]
+    assert (await api.get(f"{ORGS}/{org['id']}")).status_code == 200
+
+
 async def test_an_organisation_with_api_keys_cannot_be_deleted(
     api: ApiClient, db: Database
 ) -> None:

@@ -79,19 +79,29 @@ class OrganisationRepository:
         return (await self.session.scalars(query)).all()
 
     async def usage(self, org_id: int) -> dict[str, int]:
-        """What still refers to the organisation and stops it from being deleted."""
+        """What still refers to the organisation and stops it from being deleted, by kind:
+        everything whose reference the database keeps it from dropping."""
+        from memberhub.bulk.models import BulkJob
+        from memberhub.integrations.models import Integration
+        from memberhub.leads.models import Lead
+        from memberhub.staff.models import StaffUser
+        from memberhub.webhooks.models import WebhookEndpoint
+
         members = select(func.count(Member.id)).where(
             Member.organisation_id == org_id, Member.deleted_at.is_(None)
         )
-        plans = select(func.count(MembershipPlan.id)).where(
-            MembershipPlan.organisation_id == org_id
-        )
-        api_keys = select(func.count(ApiKey.id)).where(ApiKey.organisation_id == org_id)
-        return {
-            "members": await self.session.scalar(members) or 0,
-            "plans": await self.session.scalar(plans) or 0,
-            "api_keys": await self.session.scalar(api_keys) or 0,
-        }
+        counted = {"members": members}
+        for kind, model in (
+            ("plans", MembershipPlan),
+            ("api_keys", ApiKey),
+            ("staff", StaffUser),
+            ("leads", Lead),
+            ("integrations", Integration),
+            ("webhook_endpoints", WebhookEndpoint),
+            ("bulk_jobs", BulkJob),
+        ):
+            counted[kind] = select(func.count(model.id)).where(model.organisation_id == org_id)
+        return {kind: await self.session.scalar(query) or 0 for kind, query in counted.items()}
 
     async def detach_erased_members(self, org_id: int) -> None:
         await self.session.execute(

@@ -107,9 +107,12 @@ async def delete_organisation(session: AsyncSession, principal: Principal, publi
     if await repo.has_children(org.id):
         raise Conflict("Delete or move its chapters first.", code="ORGANISATION_HAS_CHAPTERS")
     usage = await repo.usage(org.id)
-    if any(usage.values()):
+    held = {kind: count for kind, count in usage.items() if count}
+    if held:
         raise Conflict(
-            "The organisation still has members, plans or API keys.",
+            "The organisation still has "
+            + ", ".join(f"{kind.replace('_', ' ')} ({count})" for kind, count in held.items())
+            + ": move or delete them first.",
             code="ORGANISATION_IN_USE",
             details=usage,
         )
