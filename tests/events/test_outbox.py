@@ -423,7 +423,10 @@ async def _emit_loyalty_events(api: ApiClient, db: Database) -> None:
     await ok("/api/v1/points/redeem", {"member_id": member["id"], "points": 20})
     await ok("/api/v1/points/deduct", {"member_id": member["id"], "points": 5, "reason": "fix"})
     body = {"member_id": member["id"], "points": 5, "reason": "fix", "require_approval": True}
-    await ok("/api/v1/points/deduct", body, 202)
+    held = await ok("/api/v1/points/deduct", body, 202)
+    decider = api.with_key(await issue_key(db, Role.MANAGER))  # not the requester
+    rejected = await decider.post(f"/api/v1/approvals/{held['id']}/reject", {"note": "no"})
+    assert rejected.status_code == 200, rejected.text
     later = (utcnow() + timedelta(days=4)).isoformat()
     batch = awarded["transaction"]["batch_id"]
     await ok("/api/v1/points/extend", {"batch_id": batch, "expires_at": later, "reason": "x"})

@@ -259,6 +259,18 @@ async def test_deduction_above_the_limit_waits_for_approval_by_someone_else(
     assert approved.status_code == 200, approved.text
     assert approved.json()["status"] == "approved"
     assert approved.json()["transaction_id"] is not None
+    (decided,) = await events(api, member["id"], "approval.decided")
+    assert decided["data"] | {"occurred_at": None, "decided_by": None} == {
+        "approval_id": held["id"],
+        "operation": "deduct",
+        "member_id": member["id"],
+        "points": 5000,
+        "decision": "approved",
+        "decided_by": None,
+        "note": "ok",
+        "transaction_id": approved.json()["transaction_id"],
+        "occurred_at": None,
+    }
     assert (await summary(api, member["id"]))["current_balance"] == 5000
     again = await other_manager.post(f"/api/v1/approvals/{held['id']}/approve")  # no body
     assert again.status_code == 409
@@ -279,6 +291,9 @@ async def test_support_agent_deduction_always_needs_approval_and_can_be_rejected
     assert (await summary(api, member["id"]))["current_balance"] == 100
     listed = await api.get("/api/v1/approvals", params={"status": "rejected"})
     assert [a["id"] for a in listed.json()["data"]] == [held["id"]]
+    (decided,) = await events(api, member["id"], "approval.decided")
+    assert (decided["data"]["decision"], decided["data"]["transaction_id"]) == ("rejected", None)
+    assert decided["data"]["approval_id"] == held["id"]
 
 
 async def test_approvals_are_listed_newest_first_page_by_page(

@@ -16,7 +16,7 @@ from memberhub.approvals.models import ApprovalRequest, ApprovalStatus
 from memberhub.approvals.schemas import ApprovalOut
 from memberhub.audit.service import record_write
 from memberhub.auth.principal import Principal
-from memberhub.events.catalog import ApprovalRequested
+from memberhub.events.catalog import ApprovalDecided, ApprovalRequested
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
 from memberhub.kit.errors import Conflict, Forbidden, NotFound
@@ -201,6 +201,30 @@ def _require_pending(approval: ApprovalRequest, principal: Principal) -> None:
         )
 
 
+def _decided(
+    session: AsyncSession, approval: ApprovalRequest, member: Member, *, transaction_id: str | None
+) -> None:
+    assert approval.decided_by is not None
+    assert approval.decided_at is not None
+    emit(
+        session,
+        ApprovalDecided(
+            approval_id=approval.public_id,
+            operation=approval.operation,
+            member_id=member.public_id,
+            points=approval.points,
+            decision="approved" if approval.status == ApprovalStatus.APPROVED else "rejected",
+            decided_by=approval.decided_by,
+            note=approval.decision_note,
+            transaction_id=transaction_id,
+            occurred_at=approval.decided_at,
+        ),
+        organisation_id=member.organisation_id,
+        member_public_id=member.public_id,
+        occurred_at=approval.decided_at,
+    )
+
+
 async def approve(
     session: AsyncSession, principal: Principal, public_id: str, note: str | None
 ) -> ApprovalRequest:
@@ -225,6 +249,7 @@ async def approve(
     approval.decision_note = note
     approval.transaction_id = result.transaction.id
     await session.flush()
+    _decided(session, approval, member, transaction_id=result.transaction.public_id)
     record_write(
         session,
         principal.actor,
@@ -239,13 +264,14 @@ async def approve(
 async def reject(
     session: AsyncSession, principal: Principal, public_id: str, note: str | None
 ) -> ApprovalRequest:
-    approval, _member = await get_approval(session, principal, public_id, for_update=True)
+    approval, member = await get_approval(session, principal, public_id, for_update=True)
     _require_pending(approval, principal)
     approval.status = ApprovalStatus.REJECTED
     approval.decided_by = principal.actor.id
     approval.decided_at = utcnow()
     approval.decision_note = note
     await session.flush()
+    _decided(session, approval, member, transaction_id=None)
     record_write(
         session,
         principal.actor,

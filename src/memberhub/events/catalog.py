@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -258,6 +258,23 @@ class ApprovalRequested(EventData):
     occurred_at: datetime
 
 
+class ApprovalDecided(EventData):
+    event_type = "approval.decided"
+    description = (
+        "A held points operation was approved (and applied: `transaction_id`) or rejected."
+    )
+
+    approval_id: str
+    operation: str
+    member_id: str
+    points: int
+    decision: Literal["approved", "rejected"]
+    decided_by: str
+    note: str | None
+    transaction_id: str | None
+    occurred_at: datetime
+
+
 class AlertRaised(EventData):
     event_type = "alert.raised"
     description = "An alert was raised (points expiring, large redemption, negative balance, "
@@ -405,6 +422,7 @@ CATALOG: dict[str, type[EventData]] = {
         RewardClaimed,
         RewardClaimCancelled,
         ApprovalRequested,
+        ApprovalDecided,
         AlertRaised,
         WebhookEndpointDisabled,
         IntegrationIncidentOpened,
