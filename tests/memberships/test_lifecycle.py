@@ -542,6 +542,11 @@ async def test_cancel_at_period_end_keeps_the_member_active_until_the_job_cancel
     assert result["member"]["membership"]["cancel_at_period_end"] is True
     assert result["term"]["ended_early_at"] is None
     await assert_changes(api, member["id"], [("pending", "active", "join")])
+    # Consumers hear of it now, as a change of the member's membership.
+    updated = await api.get("/api/v1/events", {"type": "member.updated"})
+    (scheduled,) = [e for e in updated.json()["data"] if e["member_id"] == member["id"]]
+    assert scheduled["data"]["changed_fields"] == ["membership.cancel_at_period_end"]
+    assert scheduled["data"]["member"]["membership"]["cancel_at_period_end"] is True
 
     again = await do(api, member["id"], "cancel", {"at_period_end": True})
     assert again.status_code == 409
@@ -644,6 +649,14 @@ async def test_lapse_and_cancel_end_the_running_term_and_void_prepaid_renewals(
     assert voided["id"] == prepaid["id"]
     assert voided["ended_early_at"] == ended_running["ended_early_at"]
     assert ts(voided["ended_early_at"]) < ts(voided["starts_at"])  # it never started
+    # The member's term ended then, not when the voided renewal would have.
+    ended = result["member"]["membership"]["term_ends_at"]
+    assert ts(ended) == ts(ended_running["ended_early_at"])
+    response = await api.get(
+        "/api/v1/events", params={"type": "member.status.changed", "member_id": member["id"]}
+    )
+    (event,) = [e["data"] for e in response.json()["data"] if e["data"]["reason"] == operation]
+    assert ts(event["term_ends_at"]) == ts(ended)
 
 
 async def test_upgrade_ends_the_running_term_and_voids_prepaid_renewals(api: ApiClient) -> None:

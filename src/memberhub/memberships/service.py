@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.service import diff, record_write
 from memberhub.auth.principal import Principal
-from memberhub.events.catalog import MemberStatusChanged
+from memberhub.events.catalog import MemberStatusChanged, MemberUpdated
 from memberhub.events.service import emit
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import add_months, utcnow
@@ -21,6 +21,7 @@ from memberhub.kit.errors import Conflict, Forbidden, InvalidTransition, NotFoun
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member, MemberStatus
 from memberhub.members.service import get_member
+from memberhub.members.service import to_out as member_out
 from memberhub.memberships.models import MembershipPlan, MembershipTerm, MemberStatusChange
 from memberhub.memberships.repository import PlanRepository, TermRepository
 from memberhub.memberships.schemas import PlanCreate, PlanOut, PlanPatch, TermOut
@@ -186,12 +187,15 @@ def _start_term(
 async def _end_open_terms(
     session: AsyncSession, member: Member, now: datetime
 ) -> MembershipTerm | None:
-    """End the running term now and void future (prepaid) ones; return the term in force."""
+    """End the running term now and void future (prepaid) ones; return the term in force.
+    The member's term then ends now, not when the voided ones would have."""
     running = None
     for term in await TermRepository(session).open_terms(member.id, now):
         term.ended_early_at = now
         if term.starts_at <= now:
             running = term
+    if member.term_ends_at is not None and member.term_ends_at > now:
+        member.term_ends_at = now
     if running is None:
         running = await TermRepository(session).current(member.id, now)
     return running
@@ -381,8 +385,21 @@ async def cancel(
             if member.cancel_at_period_end:
                 raise Conflict("Cancellation is already scheduled.", code="ALREADY_SCHEDULED")
             member.cancel_at_period_end = True
+            member.grace_ends_at = None  # no grace follows a term that is to end the member
             member.updated_at = now
             await session.flush()
+            # Not a status change yet (that comes at the term's end): what consumers of the
+            # member see is its membership saying so.
+            emit(
+                session,
+                MemberUpdated(
+                    member=member_out(member),
+                    changed_fields=["membership.cancel_at_period_end"],
+                ),
+                organisation_id=member.organisation_id,
+                member_public_id=member.public_id,
+                occurred_at=now,
+            )
             record_write(
                 session,
                 principal.actor,
