@@ -135,6 +135,32 @@ async def test_apikey_create_fails_cleanly_on_bad_input(
     assert "bad" not in listing.stdout
 
 
+@pytest.mark.parametrize("name", ["   ", "n" * 300, "a\x00b"])
+@pytest.mark.parametrize("command", ["apikey", "staff"])
+async def test_a_name_the_api_would_refuse_is_refused_in_one_line(
+    cli_env: dict[str, str | None], command: str, name: str
+) -> None:
+    extra = ["--role", "admin"] + (["--email", "n@example.org"] if command == "staff" else [])
+    result = await run_cli(cli_env, command, "create", "--name", name, *extra)
+    assert result.exit_code == 1, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: name:"), line
+    listing = await run_cli(cli_env, command, "list")
+    assert "n@example.org" not in listing.stdout
+    assert "nnnn" not in listing.stdout
+
+
+async def test_apikey_create_refuses_an_overlong_rate_limit_in_one_line(
+    cli_env: dict[str, str | None],
+) -> None:
+    result = await run_cli(
+        cli_env, "apikey", "create", "--name", "x", "--role", "admin", "--rate-limit", "9" * 60
+    )
+    assert result.exit_code == 1, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: rate_limit"), line
+
+
 async def test_apikey_create_rejects_an_unknown_role(cli_env: dict[str, str | None]) -> None:
     result = await run_cli(cli_env, "apikey", "create", "--name", "x", "--role", "owner")
     assert result.exit_code == 2

@@ -18,6 +18,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.errors import Conflict, NotFound, Unauthorized, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.kit.limits import parse_rate_limit
+from memberhub.kit.types import valid_name
 from memberhub.organisations.models import Organisation
 from memberhub.organisations.repository import OrganisationRepository
 
@@ -81,6 +82,12 @@ async def create_api_key(
     rate_limit: str | None = None,
 ) -> IssuedKey:
     """Issue a key; the secret is returned here once and only its digest is kept."""
+    name = valid_name(name)
+    if rate_limit is not None and len(rate_limit) > 50:
+        raise ValidationFailed(
+            "rate_limit: at most 50 characters, like '100/minute'.",
+            details={"field": "rate_limit"},
+        )
     allowed = ROLE_SCOPES[role]
     if scopes is not None:
         unknown = sorted(set(scopes) - {s.value for s in Scope})

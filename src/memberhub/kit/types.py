@@ -18,12 +18,16 @@ from pydantic import (
     ConfigDict,
     GetJsonSchemaHandler,
     StringConstraints,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
+
+from memberhub.kit.errors import ValidationFailed
 
 _JSON_NAMES = {bool: "boolean", int: "integer", float: "number"}
 
@@ -182,6 +186,20 @@ LongText = Annotated[
     AfterValidator(_no_control_chars),
     _NoNulDocumented(),
 ]
+_NAME = TypeAdapter(Name)
+
+
+def valid_name(value: str, field: str = "name") -> str:
+    """`value` checked as the API checks a `Name` (stripped, 1 to 100 characters, no NUL),
+    for callers that take one from elsewhere (the CLI); ValidationFailed names the field."""
+    try:
+        return _NAME.validate_python(value)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            f"{field}: {exc.errors()[0]['msg']}.", details={"field": field}
+        ) from None
+
+
 Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")]
 UTCDatetime = Annotated[datetime, BeforeValidator(_iso_only), AfterValidator(_as_utc)]
 ISODate = Annotated[date, BeforeValidator(_iso_only)]

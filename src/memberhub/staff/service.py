@@ -29,6 +29,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.kit.types import valid_name
 from memberhub.organisations.models import Organisation
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.settings import Settings
@@ -90,6 +91,7 @@ async def create_staff(
 ) -> CreatedStaff:
     staff_role = _staff_role(role)
     principal.require_grantable(ROLE_SCOPES[staff_role], "a staff account")
+    name = valid_name(name)
     try:
         email = validate_email(email.strip(), check_deliverability=False).normalized.lower()
     except EmailNotValidError as exc:
