@@ -65,6 +65,10 @@ async def test_an_org_bound_staff_user_cannot_open_another_organisations_member(
     assert (await api.get("/api/v1/points/transactions")).json()["data"] == []
 
 
+def _error(page: str) -> str:
+    return page.split('class="error"', 1)[1].split("</", 1)[0]
+
+
 async def test_a_locked_out_account_stays_locked_even_with_the_right_password(
     browser: httpx.AsyncClient, api: ApiClient, db: Database, app: object
 ) -> None:
@@ -73,18 +77,47 @@ async def test_a_locked_out_account_stays_locked_even_with_the_right_password(
     for _ in range(lockout - 1):
         assert (await sign_in(browser, password="wrong password")).status_code == 401
     locked = await sign_in(browser, password="wrong password")
-    assert locked.status_code == 403
-    assert "locked" in locked.text
+    assert locked.status_code == 401
     for _ in range(2):
         still = await sign_in(browser)
-        assert still.status_code == 403
-        assert "locked" in still.text
+        assert still.status_code == 401
+    # Told as an unknown email is: the answer says nothing of which emails have accounts.
+    unknown = await sign_in(browser, email="nobody@example.org", password="wrong password")
+    assert (unknown.status_code, _error(unknown.text)) == (401, _error(still.text))
+    assert "locked for" in _error(still.text)
     assert (await browser.get("/console")).status_code == 303
     shown = (await api.get(f"/api/v1/staff/{staff_id}")).json()
     assert shown["locked_until"] is not None
     unlocked = await api.post(f"/api/v1/staff/{staff_id}/unlock", {})
     assert unlocked.status_code == 200
     assert (await sign_in(browser)).status_code == 303
+
+
+async def test_the_current_password_cannot_be_guessed_from_a_signed_in_session(
+    browser: httpx.AsyncClient, api: ApiClient, db: Database, app: object
+) -> None:
+    staff_id = await create_staff_user(db)
+    await sign_in(browser)
+    lockout = app.state.settings.staff_lockout_attempts  # type: ignore[attr-defined]
+    for _ in range(lockout - 1):
+        wrong = await submit(
+            browser,
+            "/console/account",
+            "/console/account/password",
+            {"current_password": "a wrong guess", "new_password": "n" * 16},
+        )
+        assert wrong.status_code == 422
+    last = await submit(
+        browser,
+        "/console/account",
+        "/console/account/password",
+        {"current_password": "a wrong guess", "new_password": "n" * 16},
+    )
+    assert last.status_code == 303
+    assert last.headers["location"] == "/console/sign-in"
+    assert (await browser.get("/console")).status_code == 303, "signed out"
+    assert (await api.get(f"/api/v1/staff/{staff_id}")).json()["locked_until"] is not None
+    assert (await sign_in(browser)).status_code == 401, "locked, even with the right password"
 
 
 async def test_sign_in_attempts_are_limited_per_address(

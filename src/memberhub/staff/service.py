@@ -270,6 +270,20 @@ async def _record_failure(
     return SignInOutcome(SignInResult.INVALID, staff)
 
 
+async def record_wrong_password(
+    session: AsyncSession, settings: Settings, staff: StaffUser, now: datetime | None = None
+) -> bool:
+    """A wrong password given while signed in (to change it, or to turn off two-factor
+    sign-in) counts towards the lock as a failed sign-in does, so a session left open is no
+    way to guess it; a lock also ends every session of the account. True when it locked."""
+    actor = Actor(id=staff.public_id)
+    outcome = await _record_failure(session, staff, settings, now or utcnow(), actor)
+    if outcome.result is SignInResult.LOCKED:
+        staff.session_version += 1
+        return True
+    return False
+
+
 async def check_password(
     session: AsyncSession,
     settings: Settings,

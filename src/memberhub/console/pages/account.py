@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
+from memberhub.console.pages.auth import limit_attempts
 from memberhub.console.session import console_session
 from memberhub.console.web import ConsoleDb, ConsoleRoute, SignedIn, SignedInStaff, redirect, render
 from memberhub.kit.errors import MemberhubError
@@ -38,6 +40,24 @@ def _page(
     )
 
 
+async def _refused(
+    request: Request, session: AsyncSession, signed_in: SignedIn, exc: MemberhubError
+) -> Response:
+    """The page again with the error; a wrong password counts towards the account's lock,
+    and the lock signs this session out too."""
+    if exc.code == "WRONG_PASSWORD":
+        settings = request.app.state.settings
+        if await staff_service.record_wrong_password(session, settings, signed_in.staff):
+            state = console_session(request)
+            state.sign_out()
+            state.flash(
+                "Too many wrong passwords: the account is locked for a while and every "
+                "session of it is signed out."
+            )
+            return redirect("/console/sign-in")
+    return _page(request, signed_in, error=exc.message, status_code=exc.status_code)
+
+
 @router.get("")
 async def account(request: Request, signed_in: SignedInStaff) -> Response:
     return _page(request, signed_in)
@@ -51,12 +71,13 @@ async def change_password(
     current_password: Secret,
     new_password: Secret,
 ) -> Response:
+    await limit_attempts(request, signed_in.staff.email)
     try:
         await staff_service.change_password(
             session, signed_in.staff, current=current_password, new=new_password
         )
     except MemberhubError as exc:
-        return _page(request, signed_in, error=exc.message, status_code=exc.status_code)
+        return await _refused(request, session, signed_in, exc)
     await session.flush()
     # Other sessions of this account end; this one carries on.
     console_session(request).set_version(signed_in.staff.session_version)
@@ -101,10 +122,11 @@ async def confirm_totp(
 async def disable_totp(
     request: Request, session: ConsoleDb, signed_in: SignedInStaff, password: Secret
 ) -> Response:
+    await limit_attempts(request, signed_in.staff.email)
     try:
         staff_service.disable_totp(session, signed_in.staff, password=password)
     except MemberhubError as exc:
-        return _page(request, signed_in, error=exc.message, status_code=exc.status_code)
+        return await _refused(request, session, signed_in, exc)
     await session.flush()
     console_session(request).set_version(signed_in.staff.session_version)
     console_session(request).flash("Two-factor sign-in is off.")

@@ -54,7 +54,7 @@ def _oidc(request: Request) -> OidcClient | None:
     return client
 
 
-async def _limit_attempts(request: Request, account: str | None) -> None:
+async def limit_attempts(request: Request, account: str | None) -> None:
     """Sign-in attempts are counted per client address and per account (429 past either)."""
     limiter = request.app.state.rate_limiter
     limit = request.app.state.settings.sign_in_rate_limit
@@ -70,6 +70,7 @@ def _sign_in_page(
     error: str | None = None,
     status_code: int = 200,
     next_url: str = "/console",
+    email: str = "",
 ) -> Response:
     return render(
         request,
@@ -77,6 +78,7 @@ def _sign_in_page(
         {
             "title": "Sign in",
             "error": error,
+            "email": email,
             "next_url": next_url,
             "sso_enabled": request.app.state.settings.oidc_enabled,
             "expired": console_session(request).expired,
@@ -102,24 +104,24 @@ async def sign_in(
     password: Secret,
     next_url: Annotated[str | None, Form(max_length=500, alias="next")] = None,
 ) -> Response:
-    await _limit_attempts(request, email)
+    await limit_attempts(request, email)
     settings = request.app.state.settings
     target = safe_next(next_url)
     outcome = await staff_service.check_password(
         session, settings, _actor(request), email=email, password=password
     )
     state = console_session(request)
-    if outcome.result is SignInResult.LOCKED:
+    if outcome.result in (SignInResult.LOCKED, SignInResult.INVALID) or outcome.staff is None:
+        # One answer for an unknown email, a wrong password and a locked account: which
+        # emails have accounts is not for anyone who asks to learn.
         return _sign_in_page(
             request,
-            error="This account is locked after too many failed attempts; try again later "
-            "or ask an administrator to unlock it.",
-            status_code=403,
+            error="The email or password is not right. After "
+            f"{settings.staff_lockout_attempts} wrong passwords an account is locked for "
+            f"{settings.staff_lockout_minutes} minutes (an administrator can unlock it).",
+            status_code=401,
             next_url=target,
-        )
-    if outcome.result is SignInResult.INVALID or outcome.staff is None:
-        return _sign_in_page(
-            request, error="The email or password is not right.", status_code=401, next_url=target
+            email=email,
         )
     staff = outcome.staff
     if outcome.result is SignInResult.NEEDS_SECOND_FACTOR:
@@ -151,7 +153,7 @@ async def second_factor(
         state.take_pending(SECOND_FACTOR)
         state.flash("The sign-in took too long; start again.")
         return redirect("/console/sign-in")
-    await _limit_attempts(request, staff.email)
+    await limit_attempts(request, staff.email)
     outcome = await staff_service.check_second_factor(
         session,
         request.app.state.settings,
@@ -201,7 +203,7 @@ async def sso_start(
     client = _oidc(request)
     if client is None:
         return _sign_in_page(request, error="Single sign-on is not configured.", status_code=404)
-    await _limit_attempts(request, None)
+    await limit_attempts(request, None)
     started = await client.start()
     console_session(request).put_pending(
         SSO,
