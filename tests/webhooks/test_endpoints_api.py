@@ -1048,6 +1048,10 @@ async def test_a_410_disables_the_endpoint_fails_its_queue_and_raises_an_alert(
     [alert] = await alerts_of_type(api, "WEBHOOK_ENDPOINT_DISABLED")
     assert alert["data"]["endpoint_id"] == endpoint["id"]
     assert endpoint["id"] in alert["message"]
+    # Read by support agents, who may not read endpoints: the host, not the URL's path.
+    assert "url" not in alert["data"]
+    assert receiver.url("gone").startswith(alert["data"]["host"] + "/")
+    assert "/gone" not in str(alert)
 
     # While disabled it is sent nothing.
     await api.create_member()

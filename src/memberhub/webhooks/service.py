@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -286,8 +287,15 @@ async def disable_endpoint(
         dedupe_key=f"webhook-disabled:{endpoint.public_id}:{now.isoformat()}",
         message=f"Webhook endpoint {endpoint.public_id} was disabled: {reason}"[:1000],
         now=now,
-        data={"endpoint_id": endpoint.public_id, "url": endpoint.url, "reason": reason},
+        # Alerts are read by roles that may not read endpoints: the host only, not the
+        # URL, whose path often carries a token (a chat service's incoming webhook).
+        data={"endpoint_id": endpoint.public_id, "host": _origin(endpoint.url), "reason": reason},
     )
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 async def list_endpoints(
