@@ -54,6 +54,9 @@ async def test_bad_key_requests_are_refused_and_create_nothing(api: ApiClient) -
         {"name": "x", "role": "integration", "scopes": ["no:such"]},
         {"name": "x", "role": "integration", "rate_limit": "lots"},
         {"name": "x", "role": "integration", "rate_limit": "0/minute"},
+        # Only one limit is enforced; a window of no time is read as one unit.
+        {"name": "x", "role": "integration", "rate_limit": "1/minute;1/hour"},
+        {"name": "x", "role": "integration", "rate_limit": "1/0 second"},
         {"name": "", "role": "integration"},
     ):
         refused = await api.post(KEYS, payload)
