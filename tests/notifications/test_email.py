@@ -103,7 +103,7 @@ async def test_the_points_expiring_job_sends_one_email_per_expiring_batch(
     api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
 ) -> None:
     now = utcnow()
-    member = await consenting_member(api)
+    member = await consenting_member(api, consent={"email": True, "marketing_email": True})
     await award(api, member["id"], 100, expires_at=(now + timedelta(days=10)).isoformat())
     await award(api, member["id"], 200, expires_at=(now + timedelta(days=20)).isoformat())
     await award(api, member["id"], 300, expires_at=(now + timedelta(days=200)).isoformat())
@@ -139,6 +139,20 @@ async def test_the_points_expiring_job_sends_one_email_per_expiring_batch(
     assert clicked.json() == {"unsubscribed": True, "channel": "email"}
     preferences = await api.get(f"/api/v1/members/{member['id']}/notification-preferences")
     assert preferences.json()["marketing_email"] is False
+    # The member's consent to marketing email is withdrawn with it, for every connector.
+    shown = (await api.get(f"/api/v1/members/{member['id']}")).json()
+    assert shown["consent"] == {**shown["consent"], "email": True, "marketing_email": False}
+    history = (await api.get(f"/api/v1/members/{member['id']}/consent-history")).json()["data"]
+    assert [(c["purpose"], c["granted"], c["source"]) for c in history][-1] == (
+        "marketing_email",
+        False,
+        "unsubscribe_link",
+    )
+    again = await http.post(link, content=b"List-Unsubscribe=One-Click")
+    assert again.status_code == 200
+    assert len(
+        (await api.get(f"/api/v1/members/{member['id']}/consent-history")).json()["data"]
+    ) == len(history)
     tampered = link[:-3] + ("AAA" if not link.endswith("AAA") else "BBB")
     assert (await http.post(tampered)).status_code == 404
 

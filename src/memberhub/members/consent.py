@@ -46,11 +46,22 @@ class ConsentSource:
     IMPORT = "import"
     CRM = "crm"
     VENDOR_WEBHOOK = "vendor_webhook"
+    UNSUBSCRIBE_LINK = "unsubscribe_link"
     ERASURE = "erasure"
     MIGRATION = "migration"
     SYSTEM = "system"
 
-    ALL = (API, CONSOLE, IMPORT, CRM, VENDOR_WEBHOOK, ERASURE, MIGRATION, SYSTEM)
+    ALL = (
+        API,
+        CONSOLE,
+        IMPORT,
+        CRM,
+        VENDOR_WEBHOOK,
+        UNSUBSCRIBE_LINK,
+        ERASURE,
+        MIGRATION,
+        SYSTEM,
+    )
 
 
 def _check(purpose: str) -> Purpose:

@@ -28,6 +28,7 @@ from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.errors import NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.members.consent import ConsentSource, set_consent
 from memberhub.members.models import Member
 from memberhub.members.service import get_member
 from memberhub.notifications.catalog import MESSAGE_TYPES
@@ -512,7 +513,9 @@ def read_unsubscribe_token(secret: str, token: str) -> tuple[str, str]:
 
 async def unsubscribe(session: AsyncSession, secret: str, token: str, now: datetime) -> str:
     """Turn off marketing messages on the link's channel for its member; returns the
-    channel. Idempotent: a second click changes nothing."""
+    channel. From an email, the member's `marketing_email` consent is withdrawn too (with
+    its history and events), so every connector that sends marketing email stops as well.
+    Idempotent: a second click changes nothing."""
     member_public_id, channel = read_unsubscribe_token(secret, token)
     member = await session.scalar(select(Member).where(Member.public_id == member_public_id))
     if member is None:
@@ -533,5 +536,14 @@ async def unsubscribe(session: AsyncSession, secret: str, token: str, now: datet
             object_type="member",
             object_id=member.public_id,
             changes={field: False},
+        )
+    if channel == Channel.EMAIL:
+        await set_consent(
+            session,
+            Actor.system("system:unsubscribe"),
+            member,
+            "marketing_email",
+            False,
+            source=ConsentSource.UNSUBSCRIBE_LINK,
         )
     return channel
