@@ -92,7 +92,8 @@ async def test_an_organisation_with_plans_cannot_be_deleted(api: ApiClient) -> N
     assert response.status_code == 409
     error = response.json()["error"]
     assert error["code"] == "ORGANISATION_IN_USE"
-    assert error["details"] == {"members": 0, "plans": 1, "api_keys": 0}
+    assert {kind: count for kind, count in error["details"].items() if count} == {"plans": 1}
+    assert error["details"]["members"] == 0
 
 
 async def test_erased_members_do_not_keep_an_organisation_alive(api: ApiClient) -> None:

@@ -200,8 +200,9 @@ class Provider:
 
     def outbound_urls(self, config: BaseConfig) -> dict[str, str]:
         """URLs the provider calls besides `base_url` and the OAuth token URL (a login or
-        second API host), by the config field naming them: checked against the outbound URL
-        policy when the integration is saved, as those are."""
+        second API host) that the integration's settings changed from the vendor's own, by
+        the config field naming them: checked against the outbound URL policy when the
+        integration is saved, as those are."""
         return {}
 
     def outbound_hosts(self, config: BaseConfig) -> dict[str, tuple[str, int]]:

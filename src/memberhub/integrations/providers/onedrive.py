@@ -179,6 +179,8 @@ class OneDrive(Provider):
 
     def outbound_urls(self, config: BaseConfig) -> dict[str, str]:
         assert isinstance(config, OneDriveConfig)
+        if config.login_url == LOGIN_URL:  # Microsoft's own, as the base URL's default is
+            return {}
         return {"config.login_url": config.login_url}  # the client secret is posted there
 
     # ------------------------------------------------------------ authentication

@@ -68,9 +68,12 @@ DEFAULT_MAPPING: dict[str, str] = {
 }
 
 
+PUBLIC_API_URL = "https://api.segmentapis.com"
+
+
 class SegmentConfig(BaseConfig):
     public_api_url: str = Field(
-        default="https://api.segmentapis.com",
+        default=PUBLIC_API_URL,
         max_length=2048,
         description="The Public API, where deletion regulations are filed "
         "(https://eu1.api.segmentapis.com for EU workspaces).",
@@ -120,6 +123,8 @@ class Segment(Provider):
 
     def outbound_urls(self, config: BaseConfig) -> dict[str, str]:
         assert isinstance(config, SegmentConfig)
+        if config.public_api_url == PUBLIC_API_URL:  # Segment's own, as the base URL's is
+            return {}
         return {"config.public_api_url": config.public_api_url}  # with the API token
 
     def auth_headers(self, credentials: Mapping[str, Any]) -> dict[str, str]:
