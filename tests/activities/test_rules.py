@@ -117,6 +117,16 @@ def _amount_is(value: Any) -> dict[str, Any]:
             "operator",
         ),
         (
+            {"conditions": {"field": "activity.type", "op": ["eq"], "value": "x"}},
+            "$.conditions.op",
+            "operator",
+        ),
+        (
+            {"conditions": {"field": "activity.type", "op": {"a": 1}, "value": "x"}},
+            "$.conditions.op",
+            "operator",
+        ),
+        (
             {"conditions": {"field": "activity.occurred_at", "op": "gte", "value": "2026-01-01"}},
             "$.conditions.value",
             "type_mismatch",

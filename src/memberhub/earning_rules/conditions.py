@@ -195,7 +195,7 @@ def _check_comparison(node: dict[str, Any], path: Path, state: _Check) -> None:
         state.problem((*path, "field"), f"unknown field {name!r}{hint}", "unknown_field")
         return
     op = node.get("op")
-    if op not in OPERATORS[kind]:
+    if not isinstance(op, str) or op not in OPERATORS[kind]:
         allowed = ", ".join(sorted(OPERATORS[kind]))
         state.problem((*path, "op"), f"{name} ({kind}) takes the operators {allowed}", "operator")
         return
