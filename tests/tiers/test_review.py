@@ -7,13 +7,13 @@ import asyncio
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from memberhub.auth.roles import Role
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
-from memberhub.points.models import PointAccount
+from memberhub.points.models import PointAccount, PointTransaction
 from memberhub.tiers.jobs import run_review
 from memberhub.worker.runner import JOBS
 from tests.conftest import issue_key
@@ -192,6 +192,41 @@ async def test_old_points_leave_a_rolling_window(api: ApiClient, review: Review)
 
     assert await member_tier(api, member["id"]) is None
     assert await review_events(api, member["id"]) == [("SILVER", None)]
+
+
+async def test_reversing_an_earn_from_before_the_window_takes_nothing_from_it(
+    api: ApiClient, db: Database, review: Review
+) -> None:
+    await create_tier(
+        api,
+        code="SILVER",
+        threshold=100,
+        basis="rolling_earned",
+        window_days=30,
+        downgrade_policy="to_qualifying",
+    )
+    member = await api.create_member()
+
+    async def earn(amount: int, reference: str) -> None:
+        body = {"member_id": member["id"], "amount": amount, "currency": "MYR"}
+        answered = await api.post("/api/v1/points/earn", {**body, "reference_id": reference})
+        assert answered.status_code == 201, answered.text
+
+    await earn(20_000, "old-order")  # 100 points, made 40 days old below
+    async with db.transaction() as session:
+        await session.execute(
+            update(PointTransaction)
+            .where(PointTransaction.reference_id == "old-order")
+            .values(occurred_at=utcnow() - timedelta(days=40))
+        )
+    await earn(30_000, "new-order")  # 150 points inside the window
+    reverse = {"member_id": member["id"], "earn_reference_id": "old-order", "reference_id": "r"}
+    assert (await api.post("/api/v1/points/reverse", reverse)).status_code == 201
+
+    summary = (await api.get(f"/api/v1/members/{member['id']}/points")).json()
+    assert summary["current_balance"] == 150
+    await review(utcnow() + timedelta(hours=1))
+    assert await member_tier(api, member["id"]) == "SILVER", "150 earned in the window"
 
 
 # ---------------------------------------------------------------- running it

@@ -5,6 +5,7 @@ from datetime import datetime
 
 from sqlalchemy import Table, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from memberhub.kit.cache import detached
 from memberhub.members.models import Member
@@ -87,13 +88,20 @@ class TierRepository:
     async def active_earned_since(
         self, member_ids: Sequence[int], since: datetime
     ) -> dict[int, int]:
-        """Earned points that became active at or after `since`, per member."""
+        """Earned points that became active at or after `since`, per member. A reversal
+        takes back only what the window counted: one of an earn from before it does not."""
+        reversed_earn = aliased(PointTransaction)
         rows = await self.session.execute(
             select(PointTransaction.member_id, func.sum(PointTransaction.points))
+            .outerjoin(reversed_earn, reversed_earn.id == PointTransaction.related_transaction_id)
             .where(
                 PointTransaction.member_id.in_(member_ids),
                 PointTransaction.type.in_(ACTIVE_EARNED_TYPES),
                 PointTransaction.occurred_at >= since,
+                or_(
+                    PointTransaction.type != TxnType.REVERSE,
+                    reversed_earn.occurred_at >= since,
+                ),
             )
             .group_by(PointTransaction.member_id)
         )
