@@ -51,6 +51,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
 from memberhub.kit.errors import NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.kit.types import field_errors
 from memberhub.marketing.models import MarketingSyncState
 from memberhub.members.service import resolve_organisation
 from memberhub.organisations.repository import OrganisationRepository
@@ -95,17 +96,7 @@ def _validated(
         try:
             parsed = model.model_validate(dict(value))
         except ValidationError as exc:
-            for error in exc.errors(include_url=False, include_input=False):
-                parts = [where, *(str(part) for part in error["loc"])]
-                # The shape of every VALIDATION_ERROR's fields, plus the dotted `field`.
-                errors.append(
-                    {
-                        "loc": ["body", *parts],
-                        "field": ".".join(parts),
-                        "message": error["msg"],
-                        "type": error["type"],
-                    }
-                )
+            errors.extend(field_errors(exc, prefix=(where,)))
             continue
         if where == "config":
             parsed_config = parsed

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import types
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
@@ -186,6 +187,33 @@ LongText = Annotated[
     AfterValidator(_no_control_chars),
     _NoNulDocumented(),
 ]
+
+
+def field_errors(exc: ValidationError, *, prefix: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """A model's refusal in the shape of every VALIDATION_ERROR's `fields` (`loc`, `message`,
+    `type`), plus the dotted `field`; `prefix` is where the model sits in the body."""
+    found = []
+    for error in exc.errors(include_url=False, include_input=False):
+        parts = [*prefix, *(str(part) for part in error["loc"])]
+        found.append(
+            {
+                "loc": ["body", *parts],
+                "field": ".".join(parts),
+                "message": error["msg"],
+                "type": error["type"],
+            }
+        )
+    return found
+
+
+def refusal(exc: ValidationError, message: str = "") -> ValidationFailed:
+    """A model built by a service from what it holds, refused: `message`, then each field
+    and why (the first five), with every one in `details.fields`."""
+    fields = field_errors(exc)
+    said = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
+    return ValidationFailed(message + said, details={"fields": fields})
+
+
 _NAME = TypeAdapter(Name)
 
 

@@ -22,6 +22,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import advisory_xact_lock
 from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.kit.types import refusal
 from memberhub.leads.models import TRANSITIONS, Lead, LeadStatus
 from memberhub.leads.schemas import EnrollmentOut, LeadCreate, LeadEnroll, LeadOut, LeadPatch
 from memberhub.members import service as members
@@ -337,15 +338,7 @@ async def enroll(
     except ValidationError as exc:
         # What a lead may hold and a member may not (an address a member's check refuses):
         # the lead is corrected first.
-        problems = [
-            {"field": ".".join(str(p) for p in error["loc"]), "message": error["msg"]}
-            for error in exc.errors()
-        ]
-        raise ValidationFailed(
-            "This lead cannot become a member as it is: "
-            + "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5]),
-            details={"fields": problems},
-        ) from None
+        raise refusal(exc, "This lead cannot become a member as it is: ") from None
     member = await members.create_member(session, principal, profile)
     plan_id = None
     if payload.plan_id is not None:

@@ -28,6 +28,7 @@ from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.errors import NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.kit.types import refusal
 from memberhub.members.consent import ConsentSource, set_consent
 from memberhub.members.models import Member
 from memberhub.members.service import get_member
@@ -101,14 +102,7 @@ async def update_settings(
     try:
         updated = NotificationSettings.model_validate({**merged, **changes})
     except ValidationError as exc:
-        problems = [
-            {"field": ".".join(str(p) for p in error["loc"]), "message": error["msg"]}
-            for error in exc.errors()
-        ]
-        raise ValidationFailed(
-            "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5]),
-            details={"fields": problems},
-        ) from None
+        raise refusal(exc) from None
     now = utcnow()
     stored = updated.model_dump(mode="json")
     if row is None:
