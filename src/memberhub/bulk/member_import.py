@@ -48,6 +48,7 @@ from memberhub.bulk.upload import (
     Upload,
     _malformed,
     check_utf8,
+    repeated_key,
 )
 from memberhub.kit.errors import Conflict, MemberhubError, ValidationFailed
 from memberhub.kit.http import DuplicateKeys, unique_keys
@@ -204,9 +205,7 @@ class MemberJsonLinesUpload(Upload):
         try:
             value = json.loads(line, object_pairs_hook=unique_keys)
         except DuplicateKeys as exc:
-            raise _malformed(
-                f"the key '{exc.keys[0][:50]}' is repeated in an object.", line_number
-            ) from None
+            raise repeated_key(exc, line_number) from None
         except (ValueError, RecursionError) as exc:
             raise _malformed("not valid JSON.", line_number) from exc
         if not isinstance(value, dict):

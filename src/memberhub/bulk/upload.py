@@ -48,6 +48,11 @@ class UnsupportedMediaType(MemberhubError):
     default_message = f"Send the rows as {CSV_MEDIA_TYPE} or {JSON_MEDIA_TYPE}."
 
 
+def repeated_key(exc: DuplicateKeys, line: int) -> MalformedUpload:
+    """A row naming a key twice: its second value (a second "points") would quietly win."""
+    return _malformed(f"the key '{exc.keys[0][:50]}' is repeated in an object.", line)
+
+
 def _malformed(message: str, line: int, **details: Any) -> MalformedUpload:
     return MalformedUpload(f"Line {line}: {message}", details={"line": line, **details})
 
@@ -189,10 +194,7 @@ class JsonUpload(Upload):
         except json.JSONDecodeError as exc:
             raise _malformed(f"not valid JSON ({exc.msg}).", exc.lineno) from exc
         except DuplicateKeys as exc:
-            # A row's second "points" would quietly win over its first.
-            raise _malformed(
-                f"the key '{exc.keys[0][:50]}' is repeated in an object.", self._line(position)
-            ) from None
+            raise repeated_key(exc, self._line(position)) from None
         except (ValueError, RecursionError) as exc:
             # Integers past Python's digit limit, or nesting deeper than the parser goes.
             raise _malformed("a value cannot be read.", self._line(position)) from exc
