@@ -173,7 +173,8 @@ async def test_members_of_a_deactivated_tier_move_to_their_qualifying_tier(
     assert await member_tier(api, member["id"]) == "SILVER"
 
 
-async def test_old_points_leave_a_rolling_window(api: ApiClient, review: Review) -> None:
+async def rolling_silver(api: ApiClient) -> None:
+    """SILVER for 100 points earned in the last 30 days."""
     await create_tier(
         api,
         code="SILVER",
@@ -182,6 +183,10 @@ async def test_old_points_leave_a_rolling_window(api: ApiClient, review: Review)
         window_days=30,
         downgrade_policy="to_qualifying",
     )
+
+
+async def test_old_points_leave_a_rolling_window(api: ApiClient, review: Review) -> None:
+    await rolling_silver(api)
     member = await api.create_member()
     await award(api, member["id"], 100)
     assert await member_tier(api, member["id"]) == "SILVER"
@@ -197,14 +202,7 @@ async def test_old_points_leave_a_rolling_window(api: ApiClient, review: Review)
 async def test_reversing_an_earn_from_before_the_window_takes_nothing_from_it(
     api: ApiClient, db: Database, review: Review
 ) -> None:
-    await create_tier(
-        api,
-        code="SILVER",
-        threshold=100,
-        basis="rolling_earned",
-        window_days=30,
-        downgrade_policy="to_qualifying",
-    )
+    await rolling_silver(api)
     member = await api.create_member()
 
     async def earn(amount: int, reference: str) -> None:
