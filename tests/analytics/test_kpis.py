@@ -219,6 +219,15 @@ async def test_as_of_must_be_a_valid_moment_not_in_the_future(api: ApiClient) ->
         assert response.json()["error"]["code"] == "VALIDATION_ERROR"
 
 
+async def test_as_of_before_the_earliest_moment_says_so(api: ApiClient) -> None:
+    response = await api.get(KPIS, {"as_of": "1960-01-01T00:00:00Z"})
+
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["message"] == "as_of must be on or after 1970-01-31."
+    assert error["details"]["field"] == "as_of"
+
+
 async def test_kpis_need_the_analytics_scope(api: ApiClient, db: Database) -> None:
     integration = api.with_key(await issue_key(db, Role.INTEGRATION))
 

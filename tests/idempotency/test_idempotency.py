@@ -119,6 +119,19 @@ async def test_the_same_json_written_otherwise_is_the_same_request(
     assert await count_rows(db, Member) == 1
 
 
+async def test_a_keyed_body_with_a_lone_surrogate_is_refused_like_an_unkeyed_one(
+    db: Database, api: ApiClient
+) -> None:
+    # JSON may escape half a surrogate pair; it parses, but is no text: 422, not a 500.
+    body = b'{"email": "ed@example.com", "first_name": "a\\ud800b"}'
+    headers = {"Authorization": f"Bearer {api.key}", "Content-Type": "application/json"}
+    for extra in ({}, keyed("surrogate"), keyed("surrogate")):
+        response = await api.http.post(MEMBERS, content=body, headers=headers | extra)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "VALIDATION_ERROR"
+    assert await count_rows(db, Member) == 0
+
+
 async def test_same_key_on_a_different_endpoint_is_422_idempotency_key_reused(
     api: ApiClient,
 ) -> None:

@@ -680,6 +680,11 @@ async def test_organisation_key_sees_only_its_members_points(api: ApiClient, db:
         {"expiry_policy": "days_after_earn"},
         {"expiry_policy": "fixed_date", "expiry_fixed_month": 2, "expiry_fixed_day": 30},
         {"timezone": "Mars/Olympus"},
+        # Zone files a host may hold that are no portable zone: the host's own setting, none.
+        {"timezone": "localtime"},
+        {"timezone": "Factory"},
+        {"timezone": "posixrules"},
+        {"timezone": "right/UTC"},
         {"earn_per_amount": 0},
         {},
         {"unknown": 1},

@@ -29,10 +29,15 @@ async def kpis(
     active points users and average balance, at `as_of` (default now). A key bound to an
     organisation gets the figures of its members only."""
     now = utcnow()
-    if as_of is not None and not EARLIEST_AS_OF <= as_of <= now:
+    if as_of is not None and as_of > now:
         raise ValidationFailed(
             "as_of must be a past moment, not in the future.",
             details={"field": "as_of", "now": now.isoformat()},
+        )
+    if as_of is not None and as_of < EARLIEST_AS_OF:
+        raise ValidationFailed(
+            f"as_of must be on or after {EARLIEST_AS_OF.date().isoformat()}.",
+            details={"field": "as_of", "earliest": EARLIEST_AS_OF.isoformat()},
         )
     return await service.kpis(session, principal.visible_organisation_ids, as_of=as_of, now=now)
 

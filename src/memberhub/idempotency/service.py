@@ -51,9 +51,13 @@ def canonical_body(body: bytes | IO[bytes], content_type: str | None) -> bytes |
         return body
     try:
         content = json.loads(body)
+        # A lone surrogate ("\ud800") parses but has no UTF-8 form: such a body is taken as
+        # its bytes (validation refuses it later).
+        return json.dumps(
+            content, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode()
     except ValueError:
         return body
-    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def fingerprint(method: str, path: str, query: str, body: bytes | IO[bytes]) -> str:

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import cache
 from typing import Annotated, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import available_timezones
 
 from pydantic import (
     AfterValidator,
@@ -19,11 +20,17 @@ from memberhub.memberships.schemas import Currency
 MAX_POINTS = 10**12
 
 
+@cache
+def _portable_zones() -> frozenset[str]:
+    """The IANA zone names, less those that mean something else on each host: "localtime"
+    (whatever zone the host is set to) and "Factory" (no zone at all). Names such as
+    "posixrules" or "right/UTC", which a host's zone files may hold, are not among them."""
+    return frozenset(available_timezones()) - {"localtime", "Factory"}
+
+
 def _known_zone(value: str) -> str:
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ValueError(f"'{value}' is not an IANA time zone such as 'Asia/Kuala_Lumpur'") from exc
+    if value not in _portable_zones():
+        raise ValueError(f"'{value}' is not an IANA time zone such as 'Asia/Kuala_Lumpur'")
     return value
 
 
