@@ -13,7 +13,11 @@ from urllib.parse import parse_qsl, urlencode
 
 import httpx
 import pytest
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import (
+    SIGNATURE_SETTINGS_HEADER,
+    RequestValidator,
+    get_signature_algorithm,
+)
 
 from memberhub.integrations import signatures
 from memberhub.integrations.gateway import GatewayError
@@ -440,6 +444,51 @@ async def test_the_secondary_auth_token_is_accepted_while_it_is_promoted(
     )
 
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("algorithm", ["HMAC_SHA1", "HMAC_SHA256"])
+async def test_callbacks_signed_by_a_webhooks_rule_are_checked_with_its_shared_key(
+    api: ApiClient, http: httpx.AsyncClient, fake: FakeTwilio, algorithm: str
+) -> None:
+    integration = await make_integration(api, fake)
+    url = f"/api/v1/integrations/{integration['id']}"
+    shared_key_secret = "s" * 32
+    params = {"MessageSid": "SM" + "3" * 32, "MessageStatus": "sent"}
+    settings = f"key=webhooks_sharedkey_{'4' * 32},algorithm={algorithm}"
+    rule = RequestValidator(shared_key_secret)
+    headers = {
+        "X-Twilio-Signature": rule.compute_signature(
+            integration["inbound_url"], params, get_signature_algorithm(settings)
+        ),
+        SIGNATURE_SETTINGS_HEADER: settings,
+    }
+    assert rule.validate(
+        integration["inbound_url"], params, headers["X-Twilio-Signature"], algorithm
+    )
+
+    async def deliver() -> httpx.Response:
+        body = urlencode(params).encode()
+        return await http.post(integration["inbound_url"], content=body, headers=headers)
+
+    # Without the SharedKey secret the Auth Token cannot verify it: refused, saying why.
+    refused = await deliver()
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["code"] == "SIGNATURE_INVALID"
+    assert "webhook_shared_key_secret" in refused.json()["error"]["message"]
+    saved = await api.patch(url, {"credentials": {"webhook_shared_key_secret": shared_key_secret}})
+    assert saved.status_code == 200, saved.text
+    assert shared_key_secret not in saved.text
+
+    accepted = await deliver()
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["status"] == "accepted"
+    # The SharedKey secret verifies only what a rule signed: not an Auth Token signature.
+    del headers[SIGNATURE_SETTINGS_HEADER]
+    params["MessageStatus"] = "delivered"
+    headers["X-Twilio-Signature"] = RequestValidator(shared_key_secret).compute_signature(
+        integration["inbound_url"], params
+    )
+    assert (await deliver()).json()["error"]["code"] == "SIGNATURE_INVALID"
 
 
 async def test_a_callback_without_a_message_sid_is_not_understood(

@@ -113,6 +113,12 @@ class TwilioCredentials(BaseCredentials):
     )
     api_key_sid: ApiKeySid | None = Field(default=None, description="An API key's SID (SK…).")
     api_key_secret: Token | None = None
+    webhook_shared_key_secret: Token | None = Field(
+        default=None,
+        description="The secret of the SharedKey a Webhooks Rule signs the callback URL with: "
+        "callbacks that carry X-Twilio-Webhooks-Signature-Settings are verified with it "
+        "instead of the Auth Token.",
+    )
 
 
 class Twilio(Provider):
@@ -224,26 +230,30 @@ class Twilio(Provider):
         self, request: InboundRequest, connection_secrets: Mapping[str, Any], config: BaseConfig
     ) -> None:
         assert isinstance(config, TwilioConfig)
-        tokens = [
-            str(token)
-            for token in (
-                connection_secrets.get("auth_token"),
-                connection_secrets.get("previous_auth_token"),
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        settings = headers.get(SIGNATURE_SETTINGS_HEADER)
+        # A Webhooks Rule signs with its SharedKey's secret (and names the key and the
+        # algorithm in the settings header); without one, Twilio signs with the Auth Token.
+        if settings is not None:
+            names = ("webhook_shared_key_secret",)
+            missing = (
+                "credentials.webhook_shared_key_secret (the callback is signed by a Webhooks Rule)"
             )
-            if token
-        ]
-        if not tokens:
+        else:
+            names = ("auth_token", "previous_auth_token")
+            missing = "credentials.auth_token"
+        secrets = [str(connection_secrets[name]) for name in names if connection_secrets.get(name)]
+        if not secrets:
             raise signatures.SignatureInvalid(
                 signatures.NO_MATCHING_SIGNATURE,
-                "the integration has no credentials.auth_token to verify with",
+                f"the integration has no {missing} to verify with",
             )
-        headers = {name.lower(): value for name, value in request.headers.items()}
         signatures.verify_twilio(
             url=_signed_url(config.status_callback_url, request.url),
             body=request.body,
             signature=headers.get(SIGNATURE_HEADER),
-            secrets=tokens,
-            algorithm=_algorithm(headers.get(SIGNATURE_SETTINGS_HEADER)),
+            secrets=secrets,
+            algorithm=_algorithm(settings),
         )
 
     def identify(self, request: InboundRequest) -> InboundIdentity:
