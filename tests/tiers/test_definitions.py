@@ -8,6 +8,7 @@ import pytest
 
 from memberhub.auth.roles import Role
 from memberhub.kit.db import Database
+from memberhub.tiers import service as tiers_service
 from tests.conftest import issue_key
 from tests.support import ApiClient
 from tests.tiers.conftest import TIERS, assign, create_tier, tier_body
@@ -116,6 +117,28 @@ async def test_codes_and_ranks_are_unique(api: ApiClient) -> None:
     assert moved_onto_silver.status_code == 409
     assert moved_onto_silver.json()["error"]["code"] == "DUPLICATE_TIER_RANK"
     assert await tier_codes(api) == ["SILVER", "GOLD"]
+
+
+async def test_a_rank_taken_between_the_check_and_the_insert_is_named(
+    api: ApiClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two creates at once both pass the service's own check; the database's constraint
+    # refuses the second, and the answer still names what conflicts.
+    await create_tier(api, code="GOLD", rank=30)
+
+    async def no_check(*_args: object, **_kwargs: object) -> None:
+        return None
+
+    monkeypatch.setattr(tiers_service, "_check_rank_free", no_check)
+    monkeypatch.setattr(tiers_service.TierRepository, "get_by_code", no_check)
+    same_rank = await api.post(TIERS, tier_body(code="PLATINUM", rank=30))
+    same_code = await api.post(TIERS, tier_body(code="GOLD", rank=40))
+
+    assert same_rank.status_code == 409, same_rank.text
+    assert same_rank.json()["error"]["code"] == "DUPLICATE_TIER_RANK"
+    assert same_code.status_code == 409, same_code.text
+    assert same_code.json()["error"]["code"] == "DUPLICATE_TIER_CODE"
+    assert await tier_codes(api) == ["GOLD"]
 
 
 @pytest.mark.parametrize(

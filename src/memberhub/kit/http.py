@@ -481,6 +481,14 @@ _UNIQUE_CONSTRAINTS = {
     "uq_tiers_rank": ("DUPLICATE_TIER_RANK", "A tier with this rank exists."),
     "uq_rewards_code": ("DUPLICATE_REWARD_CODE", "A reward with this code exists."),
 }
+# SQLite names a column's unique constraint by its columns, not its name.
+_SQLITE_UNIQUE_COLUMNS = {
+    "UNIQUE constraint failed: organisations.slug": "uq_organisations_slug",
+    "UNIQUE constraint failed: membership_plans.code": "uq_membership_plans_code",
+    "UNIQUE constraint failed: tiers.code": "uq_tiers_code",
+    "UNIQUE constraint failed: tiers.rank": "uq_tiers_rank",
+    "UNIQUE constraint failed: rewards.code": "uq_rewards_code",
+}
 
 _STATUS_CODES = {
     400: "BAD_REQUEST",
@@ -583,6 +591,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _integrity_error(_request: Request, exc: IntegrityError) -> Response:
         # A race that slipped past a service's own check (two requests at once) lands here.
         message = str(exc.orig)
+        for columns, constraint in _SQLITE_UNIQUE_COLUMNS.items():
+            if message == columns:
+                message = constraint
         for constraint, (code, text) in _UNIQUE_CONSTRAINTS.items():
             if constraint in message:
                 return error_response(409, code, text)
