@@ -423,10 +423,18 @@ def _fresh_sqlite_env(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
 
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """What `serve` would have served: uvicorn.run records its app instead of running it."""
+    """What `serve` would have served: uvicorn.run records its app instead of running it
+    (and the address, port 1 in SERVE, is not tried)."""
     apps: list[object] = []
     monkeypatch.setattr("uvicorn.run", lambda application, **options: apps.append(application))
+    monkeypatch.setattr("memberhub.cli._require_listenable", lambda host, port: None)
     return apps
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 SERVE = ("serve", "--processes", "1", "--port", "1")
@@ -501,12 +509,6 @@ async def test_serve_runs_on_a_database_a_newer_version_migrated_with_a_warning(
         in result.stderr
     )
     assert len(served) == 1
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _main_exit(
@@ -609,8 +611,45 @@ def test_a_data_directory_that_cannot_be_made_is_one_line(
             ("db", "current"),
             "error: MEMBERHUB_REDIS_URL: Value error, must start with redis://, rediss://",
         ),
+        (
+            {"MEMBERHUB_LOG_LEVEL": "verbose"},
+            ("db", "current"),
+            "error: MEMBERHUB_LOG_LEVEL: Value error, must be one of DEBUG, INFO, WARNING,",
+        ),
+        (
+            {"MEMBERHUB_WORKER_INTERVAL_SECONDS": "-5"},
+            ("worker",),
+            "error: MEMBERHUB_WORKER_INTERVAL_SECONDS: Input should be greater than or equal",
+        ),
+        (
+            {"MEMBERHUB_DATABASE_POOL_SIZE": "0"},
+            ("db", "current"),
+            "error: MEMBERHUB_DATABASE_POOL_SIZE: Input should be greater than or equal to 1",
+        ),
+        (
+            {"MEMBERHUB_DATABASE_URL": "postgresql://u:pw-not-shown@127.0.0.1:99999/m"},
+            ("db", "current"),
+            "error: MEMBERHUB_DATABASE_URL: Value error, names a port outside 1 to 65535",
+        ),
+        (
+            {"MEMBERHUB_DATABASE_URL": "postgresql://u@h/m?sslmode=require&ssl=disable"},
+            ("db", "current"),
+            "error: MEMBERHUB_DATABASE_URL: Value error, sets both ssl and sslmode",
+        ),
     ],
-    ids=["bad-setting", "other-driver", "no-schema", "unknown-revision", "short-key", "redis"],
+    ids=[
+        "bad-setting",
+        "other-driver",
+        "no-schema",
+        "unknown-revision",
+        "short-key",
+        "redis",
+        "log-level",
+        "negative-interval",
+        "no-pool",
+        "port",
+        "ssl-twice",
+    ],
 )
 def test_a_mistake_of_the_operator_is_one_line(
     monkeypatch: pytest.MonkeyPatch,
@@ -637,6 +676,79 @@ def test_a_plain_postgresql_url_means_the_async_driver(monkeypatch: pytest.Monke
     assert Settings().resolved_database_url == "postgresql+asyncpg://u@db.example/m"
     monkeypatch.setenv("MEMBERHUB_DATABASE_URL", "postgres://u@db.example/m")
     assert Settings().resolved_database_url == "postgresql+asyncpg://u@db.example/m"
+    # libpq's sslmode is asyncpg's ssl, with the same values; the rest of the URL is kept.
+    monkeypatch.setenv(
+        "MEMBERHUB_DATABASE_URL",
+        "postgresql://u:p%40ss@db.example:6432/m?sslmode=verify-full&application_name=a",
+    )
+    assert Settings().resolved_database_url == (
+        "postgresql+asyncpg://u:p%40ss@db.example:6432/m?application_name=a&ssl=verify-full"
+    )
+
+
+def test_commands_on_a_database_a_version_behind_say_to_upgrade_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Between installing a version and running `db upgrade`, tables lack their new columns.
+    _, env = _fresh_sqlite_env(tmp_path)
+    settings = {name: value for name, value in env.items() if value is not None}
+    assert _main_exit(monkeypatch, settings, "db", "upgrade", "0001") in (0, None)
+    capsys.readouterr()
+    for command in (
+        ("apikey", "create", "--name", "ops", "--role", "admin"),
+        ("apikey", "ensure-admin"),
+        ("audit", "verify"),
+    ):
+        assert _main_exit(monkeypatch, settings, *command) == 1
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("error: the database at sqlite+aiosqlite:///"), line
+        assert line.endswith("run `memberhub db upgrade` first"), line
+
+
+def test_postgresqls_missing_column_is_named_as_a_schema_behind() -> None:
+    from asyncpg.exceptions import UndefinedColumnError
+
+    from memberhub.cli import _environment_problem
+
+    problem = _environment_problem(UndefinedColumnError('column "chain_position" does not exist'))
+    assert problem is not None
+    assert problem.endswith("run `memberhub db upgrade` first")
+
+
+def test_a_read_only_sqlite_database_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path, env = _fresh_sqlite_env(tmp_path)
+    settings = {name: value for name, value in env.items() if value is not None}
+    assert _main_exit(monkeypatch, settings, "db", "upgrade") in (0, None)
+    capsys.readouterr()
+    read_only = f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true"
+    settings["MEMBERHUB_DATABASE_URL"] = read_only
+    assert _main_exit(monkeypatch, settings, "apikey", "ensure-admin") == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: cannot use the database at sqlite+aiosqlite:///file"), line
+    assert line.endswith(f"{path}?mode=ro&uri=true: attempt to write a readonly database"), line
+
+
+async def test_serve_on_an_address_in_use_is_one_line_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served: list[object] = []
+    monkeypatch.setattr("uvicorn.run", lambda application, **options: served.append(application))
+    _, env = _fresh_sqlite_env(tmp_path)
+    migrated = await run_cli(env, "db", "upgrade")
+    assert migrated.exit_code == 0, migrated.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = await run_cli(env, "serve", "--processes", "1", "--port", str(port))
+    assert result.exit_code == 1, result.output
+    assert "listening" not in result.stdout
+    assert result.stderr.splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+    assert served == []
 
 
 async def test_a_database_a_newer_version_migrated_is_left_as_it_is(

@@ -85,19 +85,22 @@ def main() -> None:
 def _environment_problem(exc: BaseException) -> str | None:
     """What went wrong outside the program, in a line; None for anything else."""
     from alembic.util import CommandError
-    from asyncpg.exceptions import UndefinedTableError
+    from asyncpg.exceptions import UndefinedColumnError, UndefinedTableError
     from pydantic import ValidationError
 
     refused = (*DATABASE_GONE, TimeoutError)  # a connection attempt timing out, too
     cause: BaseException | None = exc
     while cause is not None:
-        if isinstance(cause, refused) or (
-            isinstance(cause, sqlalchemy.exc.OperationalError)
-            and "unable to open database file" in str(cause)
+        sqlite_says = str(cause) if isinstance(cause, sqlalchemy.exc.OperationalError) else ""
+        if isinstance(cause, refused) or any(
+            problem in sqlite_says
+            for problem in ("unable to open database file", "attempt to write a readonly database")
         ):
             return f"cannot use the database at {_database_shown()}: {_reason(cause)}"
-        if isinstance(cause, UndefinedTableError) or (
-            isinstance(cause, sqlalchemy.exc.OperationalError) and "no such table" in str(cause)
+        # A database a version behind (`db upgrade` not run yet) lacks tables or columns.
+        if isinstance(cause, UndefinedTableError | UndefinedColumnError) or any(
+            problem in sqlite_says
+            for problem in ("no such table", "no such column", "has no column")
         ):
             return (
                 f"the database at {_database_shown()} lacks this version's tables "
@@ -325,6 +328,7 @@ def serve(
     _require_secret_key(settings)
     _require_schema(settings, upgrade_first=upgrade_first, can_upgrade=True)
     _require_readable_secrets(settings)
+    _require_listenable(host, port)
     count = settings.serve_processes if processes is None else processes
     if count == 0:
         # SQLite takes one writer at a time: processes would only wait on each other's locks.
@@ -362,11 +366,34 @@ def serve(
         raise typer.Exit(exit_code)
 
 
+def _require_listenable(host: str, port: int) -> None:
+    """Bind the address once, as the server will (address reuse on, as uvicorn sets it),
+    so that one in use or not this machine's is one line and exit 1, before anything
+    starts or says it is listening."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        typer.echo(f"error: cannot listen on {host}:{port}: {reason}", err=True)
+        raise typer.Exit(code=1) from None
+
+
 @app.command()
 def worker(
     metrics_port: Annotated[
         int | None,
-        typer.Option(help="Serve this worker's Prometheus metrics on this port (127.0.0.1)."),
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve this worker's Prometheus metrics on this port (127.0.0.1).",
+        ),
     ] = None,
 ) -> None:
     """Run the worker: scheduled jobs and webhook deliveries (on a database with this

@@ -16,6 +16,7 @@ from memberhub.kit.limits import parse_rate_limit
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def parse_durations(value: str) -> tuple[float, ...]:
@@ -60,7 +61,9 @@ class Settings(BaseSettings):
         "(otherwise given by file or asked for at a terminal).",
     )
     redis_url: str | None = None
-    log_level: str = "INFO"
+    log_level: str = Field(
+        default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."
+    )
     log_json: bool = True
 
     rate_limit: str = Field(
@@ -71,7 +74,7 @@ class Settings(BaseSettings):
         default="100/15 minutes",
         description="Requests without a valid API key allowed per client address.",
     )
-    idempotency_ttl_hours: int = 24
+    idempotency_ttl_hours: int = Field(default=24, ge=1)
     max_body_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,
@@ -84,8 +87,8 @@ class Settings(BaseSettings):
         description="Largest bulk award upload; more is refused with 413 as it streams in. "
         "Past its first MiB, an upload is received into an unnamed temporary file in DATA_DIR.",
     )
-    worker_interval_seconds: float = 5.0
-    database_pool_size: int = 10
+    worker_interval_seconds: float = Field(default=5.0, ge=0.01)
+    database_pool_size: int = Field(default=10, ge=1)
 
     # Outbound webhooks.
     webhook_allowed_networks: str = Field(
@@ -101,13 +104,15 @@ class Settings(BaseSettings):
         description="Delays between attempts after the first, immediate one; each ±20% jitter.",
     )
     webhook_timeout_seconds: float = Field(default=15.0, gt=0)
-    webhook_max_payload_bytes: int = 256 * 1024
+    webhook_max_payload_bytes: int = Field(default=256 * 1024, ge=1024)
     webhook_max_retry_after_seconds: float = Field(
         default=3600.0,
+        ge=0,
         description="Upper bound on a receiver's Retry-After (429, 502, 503, 504).",
     )
     webhook_disable_after_seconds: float = Field(
         default=5 * 86400.0,
+        gt=0,
         description="Disable an endpoint failing for this long without a single success.",
     )
     webhook_concurrency: int = Field(default=64, ge=1, description="Deliveries in flight.")
@@ -116,8 +121,9 @@ class Settings(BaseSettings):
     )
     webhook_lease_seconds: float = Field(
         default=60.0,
+        gt=0,
         description="How long a worker owns a claimed delivery; a dead worker's claims are "
-        "taken over after it. Must exceed the request timeout.",
+        "taken over after it. At least the request timeout and 5 s more is used.",
     )
     webhook_poll_seconds: float = Field(
         default=0.5, ge=0.01, description="How often an idle delivery loop looks for new work."
@@ -318,12 +324,18 @@ class Settings(BaseSettings):
                 f"the scheme {scheme[:30]!r} is not one memberhub runs on: use "
                 "postgresql+asyncpg://… (or postgresql://…) or sqlite+aiosqlite:///…"
             )
-        return f"{drivers[scheme.lower()]}://{rest}"
+        driver = drivers[scheme.lower()]
+        if driver == "postgresql+asyncpg":
+            return _asyncpg_url(f"{driver}://{rest}")
+        return f"{driver}://{rest}"
 
     @field_validator("log_level")
     @classmethod
-    def _upper_level(cls, value: str) -> str:
-        return value.upper()
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("otel_exporter_otlp_endpoint", mode="before")
     @classmethod
@@ -416,3 +428,26 @@ class Settings(BaseSettings):
         key_file.touch(mode=0o600)
         key_file.write_text(generated)
         return generated
+
+
+def _asyncpg_url(value: str) -> str:
+    """A PostgreSQL URL as asyncpg takes it: libpq's `sslmode` (which asyncpg does not know)
+    becomes `ssl`, its name there for the same values; a port must be one. Nothing of the
+    URL is echoed (it may hold a password)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):
+        raise ValueError("is not a URL such as postgresql+asyncpg://user@host/db") from None
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError("names a port outside 1 to 65535")
+    if "sslmode" not in url.query:
+        return value
+    if "ssl" in url.query:
+        raise ValueError("sets both ssl and sslmode: keep one")
+    sslmode = url.query["sslmode"]
+    query = {key: item for key, item in url.query.items() if key != "sslmode"}
+    url = url.set(query={**query, "ssl": sslmode})
+    return url.render_as_string(hide_password=False)

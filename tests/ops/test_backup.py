@@ -329,6 +329,16 @@ def test_a_backup_without_its_secret_key_restores_only_where_the_key_is(
         str(tmp_path / "key.sealed"),
     )
     assert imported.returncode == 0, imported.stderr
+    # A copy cut short (an interrupted transfer) is refused as such, and nothing is made.
+    whole = (tmp_path / "plain.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(whole[: len(whole) * 3 // 5])
+    cut = _cli(fresh_env, "backup", "restore", str(tmp_path / "cut.tar.gz"))
+    assert cut.returncode == 1
+    assert cut.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'cut.tar.gz'} is truncated or damaged: "
+        "Compressed file ended before the end-of-stream marker was reached"
+    ]
+    assert not (fresh / "memberhub.db").exists()
     restored = _cli(fresh_env, "backup", "restore", str(tmp_path / "plain.tar.gz"))
     assert restored.returncode == 0, restored.stderr
     verified = _cli(fresh_env, "audit", "verify")

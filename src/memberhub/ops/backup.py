@@ -20,6 +20,7 @@ moved in.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -28,6 +29,7 @@ import sqlite3
 import subprocess
 import tarfile
 import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -247,7 +249,12 @@ def _opened(source: Path) -> Iterator[tarfile.TarFile]:
     except (tarfile.TarError, OSError) as exc:
         raise BackupError(f"{source} is not a memberhub backup: {exc}") from None
     with archive:
-        yield archive
+        try:
+            yield archive
+        except (EOFError, zlib.error, gzip.BadGzipFile, tarfile.TarError) as exc:
+            # Members are read (and staged) before anything is replaced: a file cut short
+            # or damaged past its first blocks changes nothing.
+            raise BackupError(f"{source} is truncated or damaged: {exc}") from None
 
 
 def _read_member(archive: tarfile.TarFile, name: str) -> bytes | None:

@@ -234,6 +234,7 @@ class Twilio(Provider):
         settings = headers.get(SIGNATURE_SETTINGS_HEADER)
         # A Webhooks Rule signs with its SharedKey's secret (and names the key and the
         # algorithm in the settings header); without one, Twilio signs with the Auth Token.
+        names: tuple[str, ...]
         if settings is not None:
             names = ("webhook_shared_key_secret",)
             missing = (
