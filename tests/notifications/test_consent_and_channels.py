@@ -375,6 +375,43 @@ async def test_push_goes_to_every_device_of_a_member_who_allowed_it(
     )
 
 
+@pytest.mark.parametrize("how", ["moved", "forgotten"])
+async def test_a_waiting_push_goes_only_to_a_device_still_the_members(
+    api: ApiClient, db: Database, app: Any, settings: Settings, push: RecordingPush, how: str
+) -> None:
+    """A push waits out the quiet hours; meanwhile its device is forgotten, or its token is
+    registered by another member (the phone changed hands). It is not sent to it."""
+    dan, frank = await api.create_member(), await api.create_member()
+    phone, tablet = "phone-" + "d" * 20, "tablet-" + "e" * 20
+    preferences = f"/api/v1/members/{dan['id']}/notification-preferences"
+    assert (await api.patch(preferences, {"push": True, "timezone": "UTC"})).status_code == 200
+    devices = f"/api/v1/members/{dan['id']}/devices"
+    registered_phone = await api.post(devices, {"token": phone, "platform": "android"})
+    assert registered_phone.status_code == 201, registered_phone.text
+    assert (await api.post(devices, {"token": tablet, "platform": "ios"})).status_code == 201
+    await award(api, dan["id"], 30, notify=True)
+    night = datetime(2027, 1, 15, 23, 0, tzinfo=UTC)
+    await deliver(db, app, settings, night)
+    assert push.sent == []  # held until the quiet hours end
+    if how == "moved":
+        moved = await api.post(
+            f"/api/v1/members/{frank['id']}/devices", {"token": phone, "platform": "android"}
+        )
+        assert moved.status_code == 201, moved.text
+    else:
+        forgotten = await api.delete(f"{devices}/{registered_phone.json()['id']}")
+        assert forgotten.status_code == 204, forgotten.text
+
+    await deliver(db, app, settings, night + timedelta(hours=10))
+
+    assert [m.to for m in push.sent] == [tablet]
+    logged = await notifications(api, channel="push")
+    assert sorted((n["status"], n["reason"]) for n in logged) == [
+        ("sent", None),
+        ("suppressed", "no_address"),
+    ]
+
+
 async def test_push_deduplicates_per_member_and_honours_suppressed_tokens(
     api: ApiClient, db: Database, app: Any, settings: Settings, push: RecordingPush
 ) -> None:

@@ -305,7 +305,8 @@ class NotificationSender:
 async def _withhold(session: AsyncSession, rows: Sequence[Any], now: datetime) -> set[int]:
     """Check again, just before sending, what may have changed since a notification was
     planned: the member's consent and preferences (`no_consent`, `opted_out`,
-    `member_deleted`) and the suppression list (`suppressed_address:<why>`), which mark it
+    `member_deleted`), a push's device (`no_address` once forgotten or registered to another
+    member) and the suppression list (`suppressed_address:<why>`), which mark it
     suppressed with the reason; and for SMS and push the quiet hours, which move it to
     their end without counting an attempt (a retry may fall due at night). Returns the
     ids of the rows settled here, which are not sent."""
@@ -336,6 +337,7 @@ async def _withhold(session: AsyncSession, rows: Sequence[Any], now: datetime) -
         )
         for channel in (Channel.EMAIL, Channel.SMS, Channel.PUSH)
     }
+    devices = await _devices_held(session, rows)
     reasons: dict[int, str] = {}
     for row in rows:
         if row.audience == "member":
@@ -348,6 +350,11 @@ async def _withhold(session: AsyncSession, rows: Sequence[Any], now: datetime) -
             if reason is not None:
                 reasons[row.id] = reason
                 continue
+        if row.channel == Channel.PUSH and (row.member_id, row.recipient) not in devices:
+            # The device was forgotten, or its token moved to another member (the phone
+            # changed hands) while the push waited: it has no address of the member's now.
+            reasons[row.id] = "no_address"
+            continue
         listed = suppressed.get(row.channel, {}).get(
             listed_as(row.channel, row.recipient, row.recipient_key)
         )
@@ -382,6 +389,21 @@ async def _withhold(session: AsyncSession, rows: Sequence[Any], now: datetime) -
             [{"row_id": row_id, "v_due": due} for row_id, due in deferred.items()],
         )
     return set(reasons) | set(deferred)
+
+
+async def _devices_held(session: AsyncSession, rows: Sequence[Any]) -> set[tuple[int, str]]:
+    """(member id, token) of the devices that the push `rows` go to and that are still
+    registered to their member."""
+    pushes = [row for row in rows if row.channel == Channel.PUSH and row.member_id is not None]
+    if not pushes:
+        return set()
+    held = await session.execute(
+        select(DeviceToken.member_id, DeviceToken.token).where(
+            DeviceToken.member_id.in_({row.member_id for row in pushes}),
+            DeviceToken.token.in_({row.recipient for row in pushes}),
+        )
+    )
+    return {(member_id, token) for member_id, token in held.all()}
 
 
 async def _quiet_until(
