@@ -828,6 +828,12 @@ async def test_upgrade_changes_the_plan_now_and_ends_the_old_term_early(api: Api
     await assert_changes(
         api, member["id"], [("pending", "active", "join"), ("active", "active", "upgrade")]
     )
+    # The audit entry records the term end the member had, not the moment it was cut.
+    audit = (await api.get("/api/v1/audit", {"action": "membership.upgrade"})).json()["data"]
+    (entry,) = audit
+    ended = entry["changes"]["term_ends_at"]
+    assert ts(ended["before"]) == ts(member["membership"]["term_ends_at"])
+    assert ts(ended["after"]) == add_months(starts, 24)
 
 
 async def test_upgrade_to_the_current_plan_is_409(api: ApiClient) -> None:

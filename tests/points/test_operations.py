@@ -126,6 +126,11 @@ async def test_earn_is_pending_for_the_pending_period_then_activates(
     points = await summary(api, member["id"])
     assert (points["current_balance"], points["pending_balance"]) == (100, 0)
     await check_ledger(db)
+    # The activation is audited, as every change is (one entry for the run's chunk).
+    audit = (await api.get("/api/v1/audit", {"action": "points.activate"})).json()["data"]
+    assert [(e["action"], e["changes"]) for e in audit] == [
+        ("points.activate", {"members": 1, "batches": 1, "points": 100})
+    ]
 
 
 async def test_earn_validates_its_input(api: ApiClient, member: dict[str, Any]) -> None:

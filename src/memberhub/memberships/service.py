@@ -342,8 +342,8 @@ async def upgrade(
     if member.plan_id == plan.id:
         raise Conflict("The member is already on this plan.", code="SAME_PLAN")
     now = utcnow()
-    await _end_open_terms(session, member, now)
     before = _membership_snapshot(member)
+    await _end_open_terms(session, member, now)
     term = _start_term(session, member, plan, "upgrade", now)
     await _record_change(
         session, principal.actor, member,

@@ -100,13 +100,37 @@ async def activate_pending_points(session: AsyncSession, now: datetime) -> int:
         # Members another worker holds are skipped; the next run takes them.
         accounts = await repo.lock_accounts_skip_locked(member_ids)
         members = await _members(session, [a.member_id for a in accounts])
+        chunk_members = chunk_batches = chunk_points = 0
         for account in accounts:
-            activated += await _activate_member(session, account, members[account.member_id], now)
+            batches, points = await _activate_member(
+                session, account, members[account.member_id], now
+            )
+            if batches:
+                chunk_members += 1
+                chunk_batches += batches
+                chunk_points += points
+        if chunk_members:
+            # One audit entry for the chunk, as for expiry; each member's transaction and
+            # event name the batches.
+            record_write(
+                session,
+                SCHEDULER,
+                action="points.activate",
+                object_type="job",
+                object_id="points.activate",
+                changes={
+                    "members": chunk_members,
+                    "batches": chunk_batches,
+                    "points": chunk_points,
+                },
+            )
+        activated += chunk_batches
 
 
 async def _activate_member(
     session: AsyncSession, account: PointAccount, member: Member, now: datetime
-) -> int:
+) -> tuple[int, int]:
+    """Activate the member's due pending batches: (batches, points) activated."""
     batches = (
         await session.scalars(
             select(PointBatch)
@@ -120,7 +144,7 @@ async def _activate_member(
         )
     ).all()
     if not batches:
-        return 0
+        return 0, 0
     points = sum(b.remaining for b in batches)
     for batch in batches:
         batch.status = BatchStatus.ACTIVE if batch.remaining > 0 else BatchStatus.SPENT
@@ -146,7 +170,7 @@ async def _activate_member(
         occurred_at=now,
     )
     await tiers.after_ledger_change(session, SCHEDULER, member, account, now)
-    return len(batches)
+    return len(batches), points
 
 
 async def notify_expiring_points(session: AsyncSession, now: datetime) -> int:
