@@ -10,9 +10,12 @@ import pytest
 from sqlalchemy import select, update
 
 from memberhub.auth.roles import Role
+from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
+from memberhub.points import service as points_service
+from memberhub.points.jobs import activate_pending_points
 from memberhub.points.models import PointAccount, PointTransaction
 from memberhub.tiers.jobs import run_review
 from memberhub.worker.runner import JOBS
@@ -225,6 +228,46 @@ async def test_reversing_an_earn_from_before_the_window_takes_nothing_from_it(
     assert summary["current_balance"] == 150
     await review(utcnow() + timedelta(hours=1))
     assert await member_tier(api, member["id"]) == "SILVER", "150 earned in the window"
+
+
+async def test_a_purchase_earned_before_the_window_activated_in_it_then_refunded_counts_nothing(
+    api: ApiClient, db: Database, review: Review
+) -> None:
+    # Pending points count when they activate: day 15 here, inside the window that a
+    # review on day 40 looks at (days 10 to 40), although the purchase was on day 0.
+    pending = await api.patch("/api/v1/program", {"pending_days": 14})
+    assert pending.status_code == 200, pending.text
+    await rolling_silver(api)
+    member = await api.create_member()
+    start = utcnow()
+    body = {"member_id": member["id"], "amount": 20_000, "currency": "MYR"}
+    earned = await api.post("/api/v1/points/earn", {**body, "reference_id": "order"})
+    assert earned.status_code == 201, earned.text
+    async with db.transaction() as session:
+        await activate_pending_points(session, start + timedelta(days=15))
+    assert await member_tier(api, member["id"]) == "SILVER"
+    # Refunded in full on day 20: the activation the window counts is taken back with it.
+    async with db.transaction() as session:
+        buyer = await session.scalar(select(Member).where(Member.public_id == member["id"]))
+        purchase = await session.scalar(
+            select(PointTransaction).where(PointTransaction.reference_id == "order")
+        )
+        assert buyer is not None
+        assert purchase is not None
+        await points_service.reverse_earn(
+            session,
+            Actor.system("refunds"),
+            buyer,
+            earn=purchase,
+            points=None,
+            reason="refund",
+            reference_id="refund",
+            now=start + timedelta(days=20),
+        )
+
+    await review(start + timedelta(days=40))
+
+    assert await member_tier(api, member["id"]) is None
 
 
 # ---------------------------------------------------------------- running it

@@ -9,7 +9,7 @@ from sqlalchemy.orm import aliased
 
 from memberhub.kit.cache import detached
 from memberhub.members.models import Member
-from memberhub.points.models import PointAccount, PointTransaction, TxnType
+from memberhub.points.models import PointAccount, PointBatch, PointTransaction, TxnType
 from memberhub.rewards.models import Reward
 from memberhub.tiers.models import Tier
 
@@ -89,8 +89,17 @@ class TierRepository:
         self, member_ids: Sequence[int], since: datetime
     ) -> dict[int, int]:
         """Earned points that became active at or after `since`, per member. A reversal
-        takes back only what the window counted: one of an earn from before it does not."""
+        takes back only what the window counted: one of an earn whose points became active
+        before it does not. A pending earn's points became active with its activation (its
+        batch's `activates_at`, which the activation job follows within a tick), not when
+        it was earned: so an earn from before the window, activated inside it and then
+        refunded, counts for nothing."""
         reversed_earn = aliased(PointTransaction)
+        earn_activated = (
+            select(func.max(PointBatch.activates_at))
+            .where(PointBatch.transaction_id == reversed_earn.id)
+            .scalar_subquery()
+        )
         rows = await self.session.execute(
             select(PointTransaction.member_id, func.sum(PointTransaction.points))
             .outerjoin(reversed_earn, reversed_earn.id == PointTransaction.related_transaction_id)
@@ -100,7 +109,7 @@ class TierRepository:
                 PointTransaction.occurred_at >= since,
                 or_(
                     PointTransaction.type != TxnType.REVERSE,
-                    reversed_earn.occurred_at >= since,
+                    func.coalesce(earn_activated, reversed_earn.occurred_at) >= since,
                 ),
             )
             .group_by(PointTransaction.member_id)
