@@ -19,6 +19,7 @@ from memberhub.kit.clock import add_months, utcnow
 from memberhub.kit.db import Database
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
+from memberhub.memberships import service as membership_service
 from memberhub.memberships.jobs import advance_membership_statuses
 from memberhub.memberships.models import MembershipPlan
 from memberhub.worker.models import WorkerHeartbeat
@@ -377,16 +378,46 @@ async def test_renewal_inside_the_window_extends_from_the_previous_terms_end(
     term = result["term"]
     assert term["kind"] == "renew"
     assert ts(term["starts_at"]) == previous_end  # not today
-    assert ts(term["ends_at"]) == add_months(previous_end, 1)
+    # A month after the previous end, on the day of the month the member joined.
+    ends = add_months(previous_end, 1, anchor_day=ts(member["membership"]["member_since"]).day)
+    assert ts(term["ends_at"]) == ends
     state = result["member"]["membership"]
     assert result["member"]["status"] == "active"
-    assert ts(state["term_ends_at"]) == add_months(previous_end, 1)
-    assert ts(state["grace_ends_at"]) == add_months(previous_end, 1) + timedelta(days=10)
+    assert ts(state["term_ends_at"]) == ends
+    assert ts(state["grace_ends_at"]) == ends + timedelta(days=10)
     assert ts(state["member_since"]) == ts(member["membership"]["member_since"])
     assert len(await terms(api, member["id"])) == 2
     await assert_changes(
         api, member["id"], [("pending", "active", "join"), ("active", "active", "renew")]
     )
+
+
+@pytest.mark.parametrize(
+    ("joined", "term_months", "ends"),
+    [
+        # Monthly from 31 January (a leap year): each end keeps the 31st where the month has it.
+        ("2024-01-31", 1, ["2024-02-29", "2024-03-31", "2024-04-30", "2024-05-31"]),
+        # Yearly from 29 February: 28 February in common years, the 29th again in leap ones.
+        ("2024-02-29", 12, ["2025-02-28", "2026-02-28", "2027-02-28", "2028-02-29"]),
+        ("2024-01-15", 1, ["2024-02-15", "2024-03-15", "2024-04-15", "2024-05-15"]),
+    ],
+)
+async def test_back_to_back_renewals_keep_the_day_of_the_month_the_member_joined_on(
+    api: ApiClient, monkeypatch: pytest.MonkeyPatch, joined: str, term_months: int, ends: list[str]
+) -> None:
+    plan = await api.create_plan(term_months=term_months, renewal_window_days=7)
+    member = await api.create_member()
+    clock = [datetime.fromisoformat(f"{joined}T09:30:00+00:00")]
+    monkeypatch.setattr(membership_service, "utcnow", lambda: clock[0])
+    joined_term = (await ok(api, member["id"], "join", {"plan_id": plan["id"]}))["term"]
+    term_ends = [joined_term["ends_at"]]
+    for _ in ends[1:]:
+        clock[0] = ts(term_ends[-1]) - timedelta(days=2)  # inside the renewal window
+        term_ends.append((await ok(api, member["id"], "renew", {}))["term"]["ends_at"])
+
+    assert [ts(end) for end in term_ends] == [
+        datetime.fromisoformat(f"{day}T09:30:00+00:00") for day in ends
+    ]
 
 
 async def test_renewal_before_the_window_opens_is_409_and_changes_nothing(

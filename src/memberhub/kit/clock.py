@@ -11,12 +11,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def add_months(moment: datetime, months: int) -> datetime:
-    """Calendar months; the day is clamped to the target month (31 Jan + 1 month = 28/29 Feb)."""
+def add_months(moment: datetime, months: int, *, anchor_day: int | None = None) -> datetime:
+    """Calendar months; the day is clamped to the target month (31 Jan + 1 month = 28/29 Feb).
+    `anchor_day`: the day to land on instead of `moment`'s (still clamped), so that a date
+    already clamped finds its day again (29 Feb + 1 month, anchored on the 31st = 31 Mar)."""
     month_index = moment.month - 1 + months
     year = moment.year + month_index // 12
     month = month_index % 12 + 1
-    day = min(moment.day, calendar.monthrange(year, month)[1])
+    day = min(anchor_day or moment.day, calendar.monthrange(year, month)[1])
     return moment.replace(year=year, month=month, day=day)
 
 

@@ -65,6 +65,26 @@ class TermRepository:
         )
         return running if running is not None else await self.session.scalar(started)
 
+    async def run_start(self, member_id: int, ends_at: datetime) -> datetime | None:
+        """When the run of back-to-back terms (each starting as the one before ends) that
+        ends at `ends_at` began: the start of its first term. None when no term ends then."""
+        terms = (
+            await self.session.scalars(
+                select(MembershipTerm).where(
+                    MembershipTerm.member_id == member_id,
+                    MembershipTerm.ended_early_at.is_(None),
+                    MembershipTerm.ends_at <= ends_at,
+                )
+            )
+        ).all()
+        by_end = {term.ends_at: term for term in terms}
+        start = None
+        term = by_end.pop(ends_at, None)
+        while term is not None:
+            start = term.starts_at
+            term = by_end.pop(term.starts_at, None)
+        return start
+
     async def open_terms(self, member_id: int, now: datetime) -> Sequence[MembershipTerm]:
         """Terms not over at `now`: the running one and any future (prepaid) ones."""
         return (

@@ -162,9 +162,19 @@ async def _usable_plan(
 
 
 def _start_term(
-    session: AsyncSession, member: Member, plan: MembershipPlan, kind: str, starts_at: datetime
+    session: AsyncSession,
+    member: Member,
+    plan: MembershipPlan,
+    kind: str,
+    starts_at: datetime,
+    *,
+    anchor: datetime | None = None,
 ) -> MembershipTerm:
-    ends_at = add_months(starts_at, plan.term_months)
+    """A term of `plan` from `starts_at`. `anchor`: when the run of terms it continues began,
+    whose day of the month its end keeps (joined 31 Jan, monthly: 29 Feb, then 31 Mar)."""
+    ends_at = add_months(
+        starts_at, plan.term_months, anchor_day=anchor.day if anchor is not None else None
+    )
     term = MembershipTerm(
         public_id=new_public_id("trm"),
         member_id=member.id,
@@ -324,8 +334,12 @@ async def renew(
         starts_at = member.term_ends_at
     else:
         starts_at = now
+    anchor = None
+    if starts_at == member.term_ends_at:
+        # Back to back with the term before: the run keeps the day it started on.
+        anchor = await TermRepository(session).run_start(member.id, starts_at)
     before = _membership_snapshot(member)
-    term = _start_term(session, member, plan, "renew", starts_at)
+    term = _start_term(session, member, plan, "renew", starts_at, anchor=anchor)
     await _record_change(
         session, principal.actor, member,
         before=before, to_status=S.ACTIVE, reason="renew", note=note, now=now,
