@@ -189,6 +189,27 @@ async def test_a_bounce_report_suppresses_the_address(
     assert len(smtp.received()) == 1
 
 
+async def test_a_report_counts_only_from_the_integration_the_message_went_through(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    await consenting_member(api)
+    await deliver(db, app, settings)
+    (welcome,) = await notifications(api)
+    report = DeliveryReport(
+        status="delivered", provider_message_id=None, recipient=None, reference=welcome["id"]
+    )
+
+    async with db.transaction() as session:
+        integration_id = await _integration_row_id(session, mail["id"])
+        elsewhere = await apply_delivery_reports(session, integration_id + 1, [report])
+    assert elsewhere == {"updated": 0, "suppressed": 0, "unmatched": 1}
+    assert (await notifications(api))[0]["status"] == "sent"
+    async with db.transaction() as session:
+        through_it = await apply_delivery_reports(session, integration_id, [report])
+    assert through_it == {"updated": 1, "suppressed": 0, "unmatched": 0}
+    assert (await notifications(api))[0]["status"] == "delivered"
+
+
 async def test_the_dedup_window_sends_one_message_of_a_type_per_member(
     api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
 ) -> None:

@@ -64,9 +64,15 @@ class NotificationRepository:
     async def by_reference_or_message_id(
         self, integration_id: int, reference: str | None, provider_message_id: str | None
     ) -> Notification | None:
+        # Only the integration a notification went through reports on it.
         if reference:
             found = await self.session.scalar(
-                select(Notification).where(Notification.public_id == reference).with_for_update()
+                select(Notification)
+                .where(
+                    Notification.public_id == reference,
+                    Notification.integration_id == integration_id,
+                )
+                .with_for_update()
             )
             if found is not None:
                 return found
