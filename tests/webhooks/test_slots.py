@@ -132,6 +132,25 @@ async def test_a_finished_send_is_followed_at_once_by_the_next_claimed_ahead(
         assert loop._results.qsize() == 5
 
 
+async def test_nothing_claimed_ahead_is_sent_once_the_endpoint_is_disabled(
+    slots: tuple[DeliveryLoop, EndpointState, GatedSends],
+) -> None:
+    loop, endpoint, sends = slots
+    async with loop._closing_transports():
+        loop._start_all_ready()
+        await settle(lambda: sends.started == [0, 1])
+        # The refresh saw the endpoint disabled: the sends under way finish, no other starts.
+        endpoint.enabled = False
+        sends.finish(0)
+        sends.finish(1)
+        await settle(lambda: endpoint.in_flight == 0 and not loop._tasks)
+        loop._start_all_ready()
+
+    assert sends.started == [0, 1]
+    assert endpoint.ready == type(endpoint.ready)()
+    assert sorted(item.delivery_id for item in loop._unsent) == [2, 3, 4]  # handed back
+
+
 async def test_the_recorder_gathers_results_while_sends_are_in_flight_and_no_longer(
     slots: tuple[DeliveryLoop, EndpointState, GatedSends],
 ) -> None:

@@ -1161,6 +1161,9 @@ class DeliveryLoop:
     def _next_ready(self, endpoint: EndpointState) -> Claimed | None:
         """What the slot of `endpoint` that just finished a send sends next, if it may go on
         (its cap can have shrunk meanwhile, the endpoint failing)."""
+        if not endpoint.enabled:
+            self._hand_back_ready(endpoint)
+            return None
         while (
             endpoint.ready
             and not self._stopping
@@ -1215,12 +1218,21 @@ class DeliveryLoop:
         whole attempt (one that does not is left to be claimed again when it runs out)."""
         if self._stopping:
             return
+        if not endpoint.enabled:
+            self._hand_back_ready(endpoint)
+            return
         while endpoint.ready and endpoint.in_flight < self._cap(endpoint):
             if self._in_flight >= self.config.concurrency:
                 return
             item = endpoint.ready.popleft()
             if self._sendable(item):
                 self._start(item)
+
+    def _hand_back_ready(self, endpoint: EndpointState) -> None:
+        """The endpoint was disabled (or deleted) since its deliveries were claimed ahead:
+        none of them is sent; they are handed back unsent, for the disabling to settle."""
+        self._unsent.extend(endpoint.ready)
+        endpoint.ready.clear()
 
     async def _release_ready(self, *, everything: bool = True) -> None:
         """Hand back what was claimed ahead and not sent (with `everything`, also what is
