@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from memberhub.auth.roles import Role
 from memberhub.bulk import service as bulk_service
-from memberhub.bulk.models import BulkJobChunk
+from memberhub.bulk.models import BulkJobChunk, BulkJobRow
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
 from memberhub.points.models import PointTransaction
@@ -403,3 +403,24 @@ async def test_a_later_file_keeps_opening_balances_case_of_custom_keys_and_ended
     job = await finished(api, db, (await post_import(api, again))["id"])
     bob = (await api.get(f"/api/v1/members/{bob['id']}")).json()
     assert bob["custom_fields"] == {"FavColour": "Blue"}
+
+
+async def test_erasing_a_member_erases_their_email_from_import_reports(
+    api: ApiClient, db: Database
+) -> None:
+    member = await api.create_member(email="kim.private@example.com", first_name="Kim")
+    # A dry run keeps its match key; a failed row names its member by the email it gave.
+    dry = await post_import(
+        api, "email,first_name\nkim.private@example.com,Kimberly\n", dry_run="true"
+    )
+    await finished(api, db, dry["id"])
+    bad = await post_import(api, "email,date_of_birth\nKim.Private@example.com,not-a-date\n")
+    await finished(api, db, bad["id"])
+
+    assert (await api.delete(f"/api/v1/members/{member['id']}")).status_code == 204
+
+    async with db.transaction(read_only=True) as session:
+        rows = (await session.execute(select(BulkJobRow.member_id, BulkJobRow.match_email))).all()
+    assert "kim.private" not in str(rows).lower()
+    report = await api.get(f"{IMPORTS}/{bad['id']}/rows")
+    assert [(r["member_id"], r["action"]) for r in report.json()["data"]] == [(member["id"], None)]

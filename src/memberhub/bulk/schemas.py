@@ -71,7 +71,10 @@ class ImportRowOut(BaseModel):
         description="created, updated or unchanged (what it would do, in a dry run); null "
         "when the row failed."
     )
-    member_id: str | None = Field(description="The member's id, or the email the row gave.")
+    member_id: str | None = Field(
+        description="The member's id, or the email the row gave (the member's id once that "
+        "member is erased)."
+    )
     opening_points: int | None = Field(
         description="The member's opening balance: awarded by this row, or by an earlier "
         "import (then never again, whatever this row gives)."
