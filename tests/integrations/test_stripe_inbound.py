@@ -17,6 +17,7 @@ from memberhub.kit.db import Database
 from memberhub.members.models import Member
 from memberhub.memberships.jobs import advance_membership_statuses
 from memberhub.memberships.models import MembershipTerm
+from memberhub.points.jobs import expire_points
 from tests.integrations.conftest import (
     create_stripe_integration,
     run_worker,
@@ -408,6 +409,55 @@ async def test_a_refund_reverses_the_points_the_payment_earned(
     await run_worker(db)
     assert await balance_of(api, member["id"]) == 0
     assert (await member_of(api, member["id"]))["membership"]["payment_status"] == "refunded"
+
+
+async def test_a_full_refund_takes_back_the_spent_points_not_those_that_expired(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    program = {
+        "expiry_policy": "days_after_earn",
+        "expiry_days": 5,
+        "negative_balance_policy": "allow_for_reversals",
+    }
+    assert (await api.patch("/api/v1/program", program)).status_code == 200
+    plan = await api.create_plan(price_amount=20000)
+    member = await api.create_member()
+    payment_intent = stripe_id("pi")
+    await send(
+        http,
+        stripe_integration["id"],
+        checkout_completed(member, plan, payment_intent=payment_intent, invoice=None),
+    )
+    await run_worker(db)
+    assert await balance_of(api, member["id"]) == 100
+    redeem = {"member_id": member["id"], "points": 40, "reason": "voucher"}
+    assert (await api.post("/api/v1/points/redeem", redeem)).status_code == 201
+    later = utcnow() + timedelta(days=10)
+    await expire_points(db, later)  # the 60 unspent points expire
+
+    refund = {
+        "id": stripe_id("ch"),
+        "object": "charge",
+        "amount": 20000,
+        "amount_refunded": 20000,
+        "refunded": True,
+        "currency": "myr",
+        "payment_intent": payment_intent,
+    }
+    await send(http, stripe_integration["id"], stripe_event("charge.refunded", refund))
+    await process_inbound(db, later)
+
+    (applied,) = [
+        e
+        for e in await inbound_events(api, stripe_integration["id"])
+        if "refund" in e["event_type"]
+    ]
+    assert applied["result"]["points"] == 40
+    assert await balance_of(api, member["id"]) == -40  # the spent points, owed
+    batches = (await api.get(f"/api/v1/members/{member['id']}/points/batches")).json()["data"]
+    assert [
+        (b["reversed_points"], b["expired_points"]) for b in batches if b["source"] == "earn"
+    ] == [(40, 60)]
 
 
 async def test_a_refund_arriving_before_its_payment_waits_for_it(

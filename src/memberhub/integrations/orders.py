@@ -260,10 +260,7 @@ async def _reverse_share(
     if batch is None or wanted <= 0:
         return 0
     # Points of the earn that expired meanwhile are not taken again.
-    reversible = (
-        batch.initial - batch.reversed_points - (batch.expired_points - batch.recovered_points)
-    )
-    wanted = min(wanted, reversible)
+    wanted = min(wanted, points.reversible_points(batch))
     if wanted <= 0:
         return 0
     await points.reverse_earn(

@@ -475,26 +475,35 @@ async def _reverse(
     total = max(record.amount, 1)
     target = earned if full else earned * notice.amount_refunded // total
     batch = await PointsRepository(session).batch_for_transaction(earn.id)
-    already = batch.reversed_points if batch is not None else 0
-    wanted = target - already
-    if wanted <= 0:
+    if batch is None:
         return 0
-    try:
-        await points.reverse_earn(
-            session,
-            principal.actor,
-            member,
-            earn=earn,
-            points=wanted,
-            reason="refund",
-            reference_id=f"{integration.public_id}:refund:{record.payment_key}:{target}",
-            now=now,
-        )
-    except Conflict as exc:
-        if exc.code not in ("NOTHING_TO_REVERSE", "EXCEEDS_REVERSIBLE"):
-            raise
-        return 0
-    return wanted
+    # Points of the earn that expired meanwhile are not taken again; the rest (spent or
+    # not) is.
+    wanted = min(target - batch.reversed_points, points.reversible_points(batch))
+    for _ in range(2):
+        if wanted <= 0:
+            return 0
+        try:
+            await points.reverse_earn(
+                session,
+                principal.actor,
+                member,
+                earn=earn,
+                points=wanted,
+                reason="refund",
+                reference_id=f"{integration.public_id}:refund:{record.payment_key}:{target}",
+                now=now,
+            )
+        except Conflict as exc:
+            if exc.code == "NOTHING_TO_REVERSE":
+                return 0
+            if exc.code != "EXCEEDS_REVERSIBLE":
+                raise
+            # More of it expired as the reversal brought the member's expiry up to date.
+            wanted = min(wanted, int(exc.details["reversible"]))
+            continue
+        return wanted
+    return 0
 
 
 # ---------------------------------------------------------------- helpers

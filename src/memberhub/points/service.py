@@ -1113,6 +1113,12 @@ async def refund_redemption(
     return LedgerResult(txn, account)
 
 
+def reversible_points(batch: PointBatch) -> int:
+    """What a reversal may still take of an earn's batch: not what earlier reversals took,
+    nor what expired (and was not recovered)."""
+    return batch.initial - batch.reversed_points - (batch.expired_points - batch.recovered_points)
+
+
 async def reverse_earn(
     session: AsyncSession,
     actor: Actor,
@@ -1143,11 +1149,7 @@ async def reverse_earn(
         return LedgerResult(replay, account, replayed=True)
     await _expire_due(session, member, account, now)
     batch = await repo.batch_for_transaction(earn.id)
-    reversible = (
-        0
-        if batch is None
-        else batch.initial - batch.reversed_points - (batch.expired_points - batch.recovered_points)
-    )
+    reversible = 0 if batch is None else reversible_points(batch)
     requested = points if points is not None else reversible
     if batch is None or reversible <= 0:
         raise Conflict(
