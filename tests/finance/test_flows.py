@@ -68,6 +68,24 @@ async def test_a_paid_checkout_becomes_a_contact_an_invoice_and_a_payment(
             assert request.headers.get("idempotency-key")
 
 
+async def test_a_checkout_paid_in_full_by_a_coupon_books_nothing(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, hub: IntegrationHub, xero: FakeXero
+) -> None:
+    plan = await api.create_plan(price_amount=4500, currency="GBP")
+    stripe = await create_stripe_integration(api)
+    integration = await connected_xero(api, http, xero, plan)
+    member = await api.create_member()
+
+    free = checkout_event(member, plan, amount_total=0)
+    assert (await send(http, stripe["id"], free)).status_code == 200
+    await work(db, hub)
+
+    # The member joined; no money moved, so no invoice owes the plan's price.
+    assert (await api.get(f"/api/v1/members/{member['id']}")).json()["status"] == "active"
+    assert xero.invoices == []
+    assert await entries(api, integration["id"]) == []
+
+
 async def test_a_hundred_checkouts_are_booked_once_each_through_faults_and_a_token_refresh(
     api: ApiClient, http: httpx.AsyncClient, db: Database, hub: IntegrationHub, xero: FakeXero
 ) -> None:

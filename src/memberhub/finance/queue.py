@@ -51,7 +51,11 @@ async def record_payment_notice(
     occurred_at = notice.occurred_at or now
     written: list[FinanceEntry] = []
     for book in books:
-        if notice.kind == "paid":
+        if notice.kind == "paid" and notice.amount == 0:
+            # Paid in full by a coupon: no money to book (the term shows in reconciliation
+            # as one joined without a payment, as a complimentary one does).
+            entry = None
+        elif notice.kind == "paid":
             entry = await _sale(session, book, integration, notice, member_id, plan_id, now)
         elif notice.kind == "failed":
             entry = await _unpaid(session, book, integration, notice, member_id, now)
