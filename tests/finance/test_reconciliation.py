@@ -186,6 +186,30 @@ async def test_bad_reconciliation_requests_are_refused(
     assert bad.status_code == 422
 
 
+async def test_a_renewal_paid_before_its_term_starts_is_the_charges_membership_change(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    hub: IntegrationHub,
+    xero: FakeXero,
+    stripe_api: FakeStripe,
+) -> None:
+    plan = await api.create_plan(price_amount=2500, currency="GBP", term_months=1)
+    stripe = await create_stripe_integration(api, base_url=stripe_api.url)
+    integration = await connected_xero(api, http, xero, plan)
+    member = await api.create_member()
+    await pay(api, http, stripe, stripe_api, member, plan)  # joins
+    await pay(api, http, stripe, stripe_api, member, plan)  # renews: the term starts in a month
+    await work(db, hub)
+    terms = (await api.get(f"/api/v1/members/{member['id']}/membership/terms")).json()["data"]
+    assert sorted(t["kind"] for t in terms) == ["join", "renew"]
+
+    report = await reconcile(api, db, hub, integration["id"])
+
+    assert report["mismatches"] == []
+    assert report["summary"]["matched"] == 2
+
+
 async def test_a_discounted_payment_is_invoiced_at_the_plan_price_and_reported(
     api: ApiClient,
     http: httpx.AsyncClient,

@@ -54,7 +54,8 @@ from memberhub.memberships.models import MembershipTerm
 
 log = structlog.get_logger("memberhub.finance.reconciliation")
 
-# A term started this close to a charge counts as the charge's membership change.
+# A term made (joined or renewed) this close to a charge counts as the charge's membership
+# change: when it was made, not when it starts (a renewal starts as the term before ends).
 TERM_SLACK = timedelta(days=2)
 PAYOUT_ARRIVAL_SLACK = timedelta(days=15)
 MAX_ATTEMPTS = 5
@@ -216,9 +217,9 @@ async def _payment_records(
 async def _terms(
     session: AsyncSession, since: datetime, until: datetime
 ) -> list[tuple[str, int, str, datetime]]:
-    """(term id, member row id, member public id, starts_at) of terms joined or renewed."""
+    """(term id, member row id, member public id, created_at) of terms joined or renewed."""
     rows = await session.execute(
-        select(MembershipTerm.public_id, Member.id, Member.public_id, MembershipTerm.starts_at)
+        select(MembershipTerm.public_id, Member.id, Member.public_id, MembershipTerm.created_at)
         .join(Member, Member.id == MembershipTerm.member_id)
         .where(
             MembershipTerm.created_at >= since,
@@ -227,7 +228,7 @@ async def _terms(
         )
         .order_by(MembershipTerm.id)
     )
-    return [(term, member, public, starts) for term, member, public, starts in rows]
+    return [(term, member, public, made) for term, member, public, made in rows]
 
 
 async def _member_ids(session: AsyncSession, public_ids: set[str | None]) -> dict[str, int]:
@@ -257,9 +258,9 @@ def _match(
             invoices_by_ref.setdefault(document.reference, document)
     public_of = {row_id: public for public, row_id in members.items()}
     terms_by_member: dict[int, list[datetime]] = defaultdict(list)
-    for _term, term_member, public, starts in terms:
+    for _term, term_member, public, made in terms:
         public_of[term_member] = public
-        terms_by_member[term_member].append(starts)
+        terms_by_member[term_member].append(made)
     found = MismatchList()
     add = found.add
     matched = 0
@@ -340,9 +341,9 @@ def _match(
             )
         # Each term answers for one charge: the nearest one not yet claimed.
         member_terms = terms_by_member[member_row] if member_row is not None else []
-        candidates = [s for s in member_terms if abs(s - charge.created_at) <= TERM_SLACK]
+        candidates = [m for m in member_terms if abs(m - charge.created_at) <= TERM_SLACK]
         if candidates:
-            nearest = min(candidates, key=lambda starts: abs(starts - charge.created_at))
+            nearest = min(candidates, key=lambda made: abs(made - charge.created_at))
             member_terms.remove(nearest)
         else:
             fine = False
@@ -355,13 +356,13 @@ def _match(
                 **money_fields,
             )
         matched += fine
-    for term, member_row, public, starts in terms:
-        if not start <= starts < end or member_row in paying_members:
+    for term, member_row, public, made in terms:
+        if not start <= made < end or member_row in paying_members:
             continue
         add(
             "membership_active_without_payment",
-            f"Membership term {term} of {public} started {starts.date().isoformat()} with no "
-            "Stripe payment in the period.",
+            f"Membership term {term} of {public} was joined or renewed "
+            f"{made.date().isoformat()} with no Stripe payment in the period.",
             None,
             "Take the payment (a checkout), or record why the membership is free.",
             member_id=public,
