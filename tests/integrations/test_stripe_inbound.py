@@ -460,6 +460,67 @@ async def test_a_full_refund_takes_back_the_spent_points_not_those_that_expired(
     ] == [(40, 60)]
 
 
+async def test_a_refund_of_an_invoice_paid_under_basil_finds_it_through_its_invoice_payment(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    """From API version 2025-03-31.basil an invoice names neither the payment intent nor the
+    charge that paid it, and a charge not its invoice: `invoice_payment.paid` links them."""
+    plan = await api.create_plan(price_amount=12000)
+    member = await api.create_member()
+    invoice, intent, charge = stripe_id("in"), stripe_id("pi"), stripe_id("ch")
+    paid = invoice_event(
+        "invoice.paid",
+        id=invoice,
+        metadata={"member_id": member["id"], "plan_id": plan["id"]},
+    )
+    for removed in ("payment_intent", "charge", "subscription", "subscription_details"):
+        del paid["data"]["object"][removed]
+    paid["data"]["object"]["parent"] = {
+        "type": "subscription_details",
+        "subscription_details": {
+            "subscription": stripe_id("sub"),
+            "metadata": {"member_id": member["id"], "plan_id": plan["id"]},
+        },
+    }
+    await send(http, stripe_integration["id"], paid)
+    await run_worker(db)
+    earned = await balance_of(api, member["id"])
+    assert earned > 0
+    refund = {
+        "id": charge,
+        "object": "charge",
+        "amount": 12000,
+        "amount_refunded": 12000,
+        "refunded": True,
+        "currency": "myr",
+        "payment_intent": intent,
+    }
+    # The refund comes first: no payment is known by its ids yet, so it waits.
+    await send(http, stripe_integration["id"], stripe_event("charge.refunded", refund))
+    await run_worker(db)
+    assert await balance_of(api, member["id"]) == earned
+    link = {
+        "id": stripe_id("inpay"),
+        "object": "invoice_payment",
+        "invoice": invoice,
+        "amount_paid": 12000,
+        "currency": "myr",
+        "status": "paid",
+        "payment": {"type": "payment_intent", "payment_intent": intent},
+    }
+    await send(http, stripe_integration["id"], stripe_event("invoice_payment.paid", link))
+    await run_worker(db)
+    await process_inbound(db, utcnow() + timedelta(minutes=5))  # the refund's retry
+
+    assert await balance_of(api, member["id"]) == 0
+    results = {
+        e["event_type"]: e["result"] for e in await inbound_events(api, stripe_integration["id"])
+    }
+    assert results["invoice_payment.paid"]["action"] == "linked"
+    assert results["invoice_payment.paid"]["references"] == [intent]
+    assert results["charge.refunded"]["action"] == "refund"
+
+
 async def test_a_refund_arriving_before_its_payment_waits_for_it(
     api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
 ) -> None:

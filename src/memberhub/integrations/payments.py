@@ -83,6 +83,8 @@ async def apply_notice(
         return await _paid(session, integration, settings, notice, principal, now)
     if notice.kind == "refunded":
         return await _refunded(session, integration, notice, principal, now)
+    if notice.kind == "linked":
+        return await _linked(session, integration, notice, now)
     member = await _find_member(session, integration, notice)
     if notice.kind == "failed":
         return await _failed(session, integration, settings, notice, member, principal, now)
@@ -423,6 +425,36 @@ async def _subscription_ended(
         result["action"] = "cancel"
     _set_payment_status(session, integration, member, "cancelled", notice, now)
     return result
+
+
+async def _linked(
+    session: AsyncSession, integration: Integration, notice: PaymentNotice, now: datetime
+) -> dict[str, Any]:
+    """Remember the payment's other ids, so that a notice naming only those (a refund of
+    the charge) finds it."""
+    records = await _records(session, integration, notice.references)
+    if not records:
+        if now - (notice.occurred_at or now) < REFUND_WAIT:
+            raise PaymentNotYetApplied(
+                "No payment on record with these ids yet; trying again shortly."
+            )
+        return {"action": "ignored", "reason": "no payment on record with these ids"}
+    record = records[0]
+    known = [r.reference for r in records]
+    added = [reference for reference in notice.references if reference not in known]
+    member = await _member_by_id(session, record.member_id)
+    _remember(
+        session,
+        integration,
+        added,
+        known=known,
+        payment_key=record.payment_key,
+        member=member,
+        amount=record.amount,
+        currency=record.currency,
+        earn_id=record.earn_transaction_id,
+    )
+    return {"member_id": member.public_id, "action": "linked", "references": added}
 
 
 async def _refunded(

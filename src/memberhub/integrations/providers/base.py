@@ -232,7 +232,9 @@ class EventsSource(Protocol):
 class PaymentNotice:
     """A payment provider's event, in memberhub's terms."""
 
-    kind: Literal["paid", "failed", "subscription_ended", "refunded"]
+    # "linked": more ids of a payment already noticed (Stripe's invoice payment naming the
+    # payment intent that paid an invoice).
+    kind: Literal["paid", "failed", "subscription_ended", "refunded", "linked"]
     # Every id the provider knows this payment by (invoice, payment intent, charge, …).
     references: tuple[str, ...]
     member_id: str | None = None

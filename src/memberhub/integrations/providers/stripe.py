@@ -240,6 +240,20 @@ class Stripe(Provider):
                 occurred_at=occurred_at,
                 details={"subscription": obj.get("id")},
             )
+        if event_type == "invoice_payment.paid":
+            # From API version 2025-03-31.basil an invoice no longer names the payment intent
+            # or charge that paid it (nor a charge its invoice): this event links them, so
+            # that a refund of the charge finds the invoice's payment.
+            return PaymentNotice(
+                kind="linked",
+                references=_ids(
+                    obj.get("invoice"),
+                    _dig(obj, "payment", "payment_intent"),
+                    _dig(obj, "payment", "charge"),
+                ),
+                occurred_at=occurred_at,
+                details={"invoice_payment": obj.get("id")},
+            )
         if event_type == "charge.refunded":
             return PaymentNotice(
                 kind="refunded",
