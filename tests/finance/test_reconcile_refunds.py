@@ -176,6 +176,33 @@ async def test_refunds_match_their_credit_notes_and_each_gap_is_reported_and_fix
     assert after["summary"]["refunds_matched"] == 3
 
 
+async def test_one_credit_note_booked_for_refunds_whose_first_notice_was_lost_matches_both(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    hub: IntegrationHub,
+    xero: FakeXero,
+    stripe_api: FakeStripe,
+) -> None:
+    plan = await api.create_plan(price_amount=2500, currency="GBP")
+    stripe = await create_stripe_integration(api, base_url=stripe_api.url)
+    integration = await connected_xero(api, http, xero, plan)
+    member = await api.create_member()
+    charge = await paid(http, stripe, stripe_api, member, plan)
+    await work(db, hub)
+    stripe_api.add_refund(charge["id"], 1000)
+    stripe_api.add_refund(charge["id"], 1000)
+    # Only the second notice (20.00 refunded so far) reaches us: one credit note of 20.00.
+    await notify_refunded(http, stripe, charge, member, 2000)
+    await work(db, hub)
+    assert [n["Total"] for n in notes_of(xero, charge["id"])] == [20.0]
+
+    report = await reconcile(api, db, hub, integration["id"])
+
+    assert report["mismatches"] == []
+    assert report["summary"]["refunds_matched"] == 2
+
+
 async def test_a_refunds_fix_waits_for_the_refunded_payment_to_be_booked(
     api: ApiClient,
     http: httpx.AsyncClient,

@@ -6,8 +6,10 @@ source — `<charge>:refunded:<refunded so far>` when a `charge.refunded` notice
 the refund's own id when a reconciliation's fix did. So a refund's credit notes are those
 whose reference is the refund's id or names one of the refund's payment ids.
 
-Refunds are paired with credit notes of the same amount and currency first, then with
-whatever credit note of the same payment is left (`refund_amount_differs`); a refund left
+Refunds are paired with credit notes of the same amount and currency first, then a credit
+note with the run of the payment's refunds (in order) it adds up to (a lost or late notice
+books the refunds so far at once), then with whatever credit note of the same payment is
+left (`refund_amount_differs`); a refund left
 alone is `refund_without_credit_note` (fix: `create_missing_credit_note`, queued through
 the refund flow), a credit note whose money was not paid back in Xero is
 `credit_note_not_refunded` (fix: `link_refund`), and a credit note of the period no refund
@@ -69,9 +71,33 @@ def match_refunds(
         ]
         if same:
             pair(refund, same[0])
+    # A notice lost or overtaken books what was refunded so far in one credit note: it
+    # answers for the payment's refunds not yet paired, in order, that add up to it.
+    for booked in notes:
+        if booked.id in claimed:
+            continue
+        run: list[MoneyRecord] = []
+        for refund in ordered:
+            if refund.id in paired or booked not in unclaimed(refund):
+                continue
+            if refund.currency != booked.currency:
+                break
+            run.append(refund)
+            if sum(r.amount for r in run) >= booked.total:
+                break
+        if len(run) > 1 and sum(r.amount for r in run) == booked.total:
+            for refund in run:
+                paired[refund.id] = booked
+            claimed.add(booked.id)
     for refund in ordered:
         if refund.id not in paired and (left := unclaimed(refund)):
             pair(refund, left[0])
+    # What each credit note answers for: the refunds paired with it.
+    covers: dict[str, int] = {}
+    for refund in ordered:
+        if refund.id in paired:
+            note_id = paired[refund.id].id
+            covers[note_id] = covers.get(note_id, 0) + refund.amount
 
     matched = 0
     for refund in ordered:
@@ -109,7 +135,7 @@ def match_refunds(
             "xero_amount": note.total,
             "xero_currency": note.currency,
         }
-        if note.total != refund.amount or note.currency != refund.currency:
+        if note.total != covers[note.id] or note.currency != refund.currency:
             mismatches.add(
                 "refund_amount_differs",
                 f"Stripe refund {refund.id} is {money(refund.amount, refund.currency)}; Xero "
