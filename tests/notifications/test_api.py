@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 
+from memberhub.auth.roles import Role
 from memberhub.kit.db import Database
 from memberhub.notifications.catalog import MESSAGE_TYPES
 from memberhub.notifications.models import NotificationTemplate
 from memberhub.notifications.template_service import choose_template
 from memberhub.settings import Settings
+from tests.conftest import issue_key
 from tests.fakes.smtp_server import SmtpServer
 from tests.notifications.conftest import consenting_member, deliver
 from tests.support import ApiClient
@@ -410,3 +413,51 @@ async def test_two_spellings_of_one_locale_are_one_template(api: ApiClient) -> N
     )
     assert patched.status_code == 200, patched.text
     assert patched.json()["locale"] == "zh-Hant-TW"
+
+
+async def test_a_key_bound_to_an_organisation_cannot_touch_what_every_organisation_shares(
+    api: ApiClient, http: httpx.AsyncClient, db: Database
+) -> None:
+    a = await api.create_organisation()
+    b = await api.create_organisation()
+    await api.create_member(organisation_id=b["id"], email="bob-of-b@example.com")
+    listed = {"channel": "email", "address": "bob-of-b@example.com", "reason": "unsubscribed"}
+    suppression = await api.post("/api/v1/notification-suppressions", listed)
+    assert suppression.status_code == 201, suppression.text
+    template = {
+        "message_type": "member_welcome",
+        "channel": "email",
+        "locale": "en",
+        "subject": "Welcome",
+        "body": "Hello {{ member.first_name }}",
+    }
+    created = await api.post("/api/v1/notification-templates", template)
+    assert created.status_code == 201, created.text
+    bound_admin = ApiClient(http, await issue_key(db, Role.ADMIN, organisation=a["id"]))
+    bound_manager = ApiClient(http, await issue_key(db, Role.MANAGER, organisation=a["id"]))
+    settings_before = (await api.get("/api/v1/notification-settings")).json()
+
+    refused = [
+        await bound_manager.get("/api/v1/notification-suppressions"),
+        await bound_admin.get("/api/v1/notification-suppressions"),
+        await bound_admin.post("/api/v1/notification-suppressions", {**listed, "address": "x@y.z"}),
+        await bound_admin.delete(f"/api/v1/notification-suppressions/{suppression.json()['id']}"),
+        await bound_admin.post("/api/v1/notification-templates", {**template, "locale": "fr"}),
+        await bound_admin.patch(
+            f"/api/v1/notification-templates/{created.json()['id']}", {"subject": "Hi"}
+        ),
+        await bound_admin.delete(f"/api/v1/notification-templates/{created.json()['id']}"),
+        await bound_admin.patch(
+            "/api/v1/notification-settings",
+            {"staff": [{"email": "someone@a.example", "roles": ["admin"]}]},
+        ),
+    ]
+
+    assert [r.status_code for r in refused] == [403] * len(refused), [r.text for r in refused]
+    assert {r.json()["error"]["code"] for r in refused} == {"FORBIDDEN"}
+    kept = (await api.get("/api/v1/notification-suppressions")).json()["data"]
+    assert [s["address"] for s in kept] == ["bob-of-b@example.com"]
+    templates = (await api.get("/api/v1/notification-templates")).json()
+    saved = [(t["locale"], t["subject"]) for t in templates if t["locale"] in ("en", "fr")]
+    assert saved == [("en", "Welcome")]  # the built-in ones have no locale
+    assert (await api.get("/api/v1/notification-settings")).json() == settings_before

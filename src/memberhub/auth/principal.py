@@ -63,6 +63,15 @@ class Principal:
         if not self.can_see_organisation(organisation_id):
             raise Forbidden(f"{self._who} is limited to another organisation.")
 
+    def require_installation_wide(self, what: str) -> None:
+        """`what` (settings, a catalogue) is shared by the whole installation: a key or staff
+        account bound to an organisation may not change it (nor read what holds other
+        organisations' data)."""
+        if self.organisation_id is not None:
+            raise Forbidden(
+                f"{what} are installation-wide; a key bound to an organisation may not use them."
+            )
+
     def require_grantable(self, scopes: Iterable[Scope], granted_to: str) -> None:
         """Access handed out (a key, a staff account) holds no scope its grantor lacks: a
         key narrowed to managing keys cannot mint one that reads everything."""

@@ -31,7 +31,7 @@ from memberhub.earning_rules.schemas import (
     RuleVersionOut,
 )
 from memberhub.kit.clock import utcnow
-from memberhub.kit.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 
 # What a version records: everything evaluation reads, and the rule's name.
@@ -50,14 +50,6 @@ DEFINITION_FIELDS = (
 class RuleNotFound(NotFound):
     code = "EARNING_RULE_NOT_FOUND"
     default_message = "The earning rule does not exist."
-
-
-def require_installation_key(principal: Principal) -> None:
-    if principal.organisation_id is not None:
-        raise Forbidden(
-            "Earning rules are installation-wide; a key bound to an organisation may not "
-            "change them."
-        )
 
 
 def to_out(rule: EarningRule) -> RuleOut:
@@ -189,7 +181,7 @@ def _save_version(session: AsyncSession, principal: Principal, rule: EarningRule
 async def create_rule(
     session: AsyncSession, principal: Principal, payload: RuleCreate
 ) -> EarningRule:
-    require_installation_key(principal)
+    principal.require_installation_wide("Earning rules")
     await check_definition(session, payload.conditions, payload.effect, payload.caps)
     now = utcnow()
     rule = EarningRule(
@@ -243,7 +235,7 @@ async def update_rule(
 ) -> EarningRule:
     """Apply the fields sent; the rule as a whole is checked again, and any change saves a
     new version (activities evaluated from now on name it)."""
-    require_installation_key(principal)
+    principal.require_installation_wide("Earning rules")
     rule = await get_rule(session, public_id, for_update=True)
     _refuse_archived(rule)
     fields = payload.model_dump(exclude_unset=True)
@@ -288,7 +280,7 @@ async def update_rule(
 
 async def archive_rule(session: AsyncSession, principal: Principal, public_id: str) -> None:
     """Stop evaluating the rule for good; it stays readable with its versions."""
-    require_installation_key(principal)
+    principal.require_installation_wide("Earning rules")
     rule = await get_rule(session, public_id, for_update=True)
     if rule.archived_at is not None:
         return

@@ -78,7 +78,8 @@ async def get_notification_settings(
 async def update_notification_settings(
     payload: NotificationSettingsPatch, session: DbSession, principal: NotificationsWriter
 ) -> NotificationSettingsOut:
-    """Change the fields given."""
+    """Change the fields given (with a key bound to no organisation: they are the whole
+    installation's)."""
     return await service.update_settings(session, principal, payload)
 
 
@@ -287,9 +288,10 @@ async def list_suppressions(
     channel: ChannelFilter = None,
 ) -> Page[SuppressionOut]:
     """Addresses nothing is sent to: bounced, dropped, reported spam, unsubscribed at the
-    provider, or added by staff. Newest first."""
+    provider, or added by staff. Newest first. Installation-wide: not for a key bound to
+    an organisation (they hold every organisation's addresses)."""
     rows = await service.list_suppressions(
-        session, channel=channel, after_id=page.after_id, limit=page.limit
+        session, principal, channel=channel, after_id=page.after_id, limit=page.limit
     )
     items, pagination = build_page(rows, page.limit)
     return Page(data=[service.suppression_out(s) for s in items], pagination=pagination)

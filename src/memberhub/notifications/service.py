@@ -81,6 +81,7 @@ async def settings_out(session: AsyncSession) -> NotificationSettingsOut:
 async def update_settings(
     session: AsyncSession, principal: Principal, patch: NotificationSettingsPatch
 ) -> NotificationSettingsOut:
+    principal.require_installation_wide("Notification settings")
     row = await session.get(NotificationSettingsRow, SETTINGS_ROW_ID, with_for_update=True)
     current = NotificationSettings.model_validate(row.settings if row is not None else {})
     changes = patch.model_dump(exclude_unset=True)
@@ -363,8 +364,15 @@ async def suppress(
 
 
 async def list_suppressions(
-    session: AsyncSession, *, channel: str | None, after_id: int | None, limit: int
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    channel: str | None,
+    after_id: int | None,
+    limit: int,
 ) -> Sequence[Suppression]:
+    # Addresses of every organisation's members.
+    principal.require_installation_wide("Suppression lists")
     return await NotificationRepository(session).suppressions(
         channel=channel, after_id=after_id, limit=limit
     )
@@ -373,6 +381,7 @@ async def list_suppressions(
 async def add_suppression(
     session: AsyncSession, principal: Principal, payload: SuppressionIn
 ) -> Suppression:
+    principal.require_installation_wide("Suppression lists")
     suppression = await suppress(
         session, payload.channel, payload.address, payload.reason, f"api:{principal.actor.id}"
     )
@@ -388,6 +397,7 @@ async def add_suppression(
 
 
 async def delete_suppression(session: AsyncSession, principal: Principal, public_id: str) -> None:
+    principal.require_installation_wide("Suppression lists")
     suppression = await session.scalar(
         select(Suppression).where(Suppression.public_id == public_id)
     )

@@ -229,6 +229,7 @@ async def get_template(session: AsyncSession, public_id: str) -> NotificationTem
 async def create_template(
     session: AsyncSession, principal: Principal, payload: TemplateIn
 ) -> NotificationTemplate:
+    principal.require_installation_wide("Notification templates")
     message = _message_type(payload.message_type)
     check_template(message, payload.channel, payload.subject, payload.body, payload.format)
     repository = NotificationRepository(session)
@@ -270,6 +271,7 @@ async def create_template(
 async def update_template(
     session: AsyncSession, principal: Principal, public_id: str, patch: TemplatePatch
 ) -> NotificationTemplate:
+    principal.require_installation_wide("Notification templates")
     template = await get_template(session, public_id)
     changes = patch.model_dump(exclude_unset=True)
     subject = changes.get("subject", template.subject)
@@ -292,6 +294,7 @@ async def update_template(
 
 
 async def delete_template(session: AsyncSession, principal: Principal, public_id: str) -> None:
+    principal.require_installation_wide("Notification templates")
     template = await get_template(session, public_id)
     await session.delete(template)
     await session.flush()

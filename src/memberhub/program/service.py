@@ -16,7 +16,7 @@ from memberhub.audit.service import diff, record_write
 from memberhub.auth.principal import Principal
 from memberhub.kit.cache import ProcessCache, detached
 from memberhub.kit.clock import utcnow
-from memberhub.kit.errors import Forbidden, ValidationFailed
+from memberhub.kit.errors import ValidationFailed
 from memberhub.program.models import ExpiryPolicy, LoyaltyProgram
 from memberhub.program.schemas import (
     AlertThresholds,
@@ -136,8 +136,7 @@ def makes_lead(program: LoyaltyProgram, source: str) -> bool:
 async def update_program(
     session: AsyncSession, principal: Principal, payload: ProgramPatch
 ) -> LoyaltyProgram:
-    if principal.organisation_id is not None:
-        raise Forbidden("Program settings are installation-wide; use a key without organisation.")
+    principal.require_installation_wide("Program settings")
     stored = await session.scalar(
         select(LoyaltyProgram).where(LoyaltyProgram.id == PROGRAM_ID).with_for_update()
     )

@@ -29,7 +29,7 @@ from memberhub.events.catalog import (
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import advisory_xact_lock
-from memberhub.kit.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
 from memberhub.members.service import get_member
@@ -136,15 +136,6 @@ async def get_reward(session: AsyncSession, public_id: str) -> Reward:
     return reward
 
 
-def _require_installation_key(principal: Principal) -> None:
-    """The catalog is shared by the whole installation: only keys bound to no organisation
-    may change it."""
-    if principal.organisation_id is not None:
-        raise Forbidden(
-            "Rewards are installation-wide; a key bound to an organisation may not change them."
-        )
-
-
 async def _checked_tier_codes(session: AsyncSession, codes: Sequence[str]) -> list[str]:
     wanted = list(dict.fromkeys(codes))
     unknown = sorted(set(wanted) - await RewardRepository(session).known_tier_codes(wanted))
@@ -160,7 +151,7 @@ async def _checked_tier_codes(session: AsyncSession, codes: Sequence[str]) -> li
 async def create_reward(
     session: AsyncSession, principal: Principal, payload: RewardCreate
 ) -> Reward:
-    _require_installation_key(principal)
+    principal.require_installation_wide("Rewards")
     tier_codes = await _checked_tier_codes(session, payload.tier_codes)
     repo = RewardRepository(session)
     duplicate = DuplicateRewardCode(
@@ -208,7 +199,7 @@ async def create_reward(
 async def update_reward(
     session: AsyncSession, principal: Principal, public_id: str, payload: RewardPatch
 ) -> Reward:
-    _require_installation_key(principal)
+    principal.require_installation_wide("Rewards")
     # Locked, so a new absolute stock cannot interleave with a claim taking a unit.
     reward = await RewardRepository(session).get_by_public_id(public_id, for_update=True)
     if reward is None:

@@ -28,7 +28,7 @@ from memberhub.events.service import emit
 from memberhub.kit.actor import Actor
 from memberhub.kit.cache import ProcessCache
 from memberhub.kit.clock import utcnow
-from memberhub.kit.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
 from memberhub.points.models import PointAccount
@@ -349,11 +349,6 @@ def _snapshot(tier: Tier) -> dict[str, Any]:
     }
 
 
-def _require_installation_key(principal: Principal) -> None:
-    if principal.organisation_id is not None:
-        raise Forbidden("Tiers are installation-wide; use a key without organisation.")
-
-
 async def get_tier(session: AsyncSession, public_id: str) -> Tier:
     tier = await TierRepository(session).get_by_public_id(public_id)
     if tier is None:
@@ -369,7 +364,7 @@ async def _check_rank_free(session: AsyncSession, rank: int, exclude_id: int | N
 
 
 async def create_tier(session: AsyncSession, principal: Principal, payload: TierCreate) -> Tier:
-    _require_installation_key(principal)
+    principal.require_installation_wide("Tiers")
     if await TierRepository(session).get_by_code(payload.code) is not None:
         raise Conflict(
             f"A tier with code '{payload.code}' exists.",
@@ -402,7 +397,7 @@ async def create_tier(session: AsyncSession, principal: Principal, payload: Tier
 async def update_tier(
     session: AsyncSession, principal: Principal, public_id: str, payload: TierPatch
 ) -> Tier:
-    _require_installation_key(principal)
+    principal.require_installation_wide("Tiers")
     tier = await get_tier(session, public_id)
     given = payload.model_dump(exclude_unset=True)
     # null means "unchanged", except for window_days, where it drops the window.
@@ -443,7 +438,7 @@ async def update_tier(
 
 async def delete_tier(session: AsyncSession, principal: Principal, public_id: str) -> None:
     """Delete a tier nobody holds; a tier members hold is deactivated instead."""
-    _require_installation_key(principal)
+    principal.require_installation_wide("Tiers")
     tier = await get_tier(session, public_id)
     repo = TierRepository(session)
     if await repo.is_held(tier.code):
