@@ -166,6 +166,7 @@ async def test_a_signed_event_records_an_activity_that_earns_by_the_rules_once(
     detail = await event_detail(api, replayed[0]["id"])
     assert detail["status"] == "processed"
     assert detail["result"]["replayed"] is True
+    assert detail["result"]["points"] == 0  # what this delivery earned
     assert detail["result"]["activity_id"] == result["activity_id"]
     assert await balance(api, member["id"]) == 250
 

@@ -145,6 +145,7 @@ async def test_a_paid_order_earns_by_the_rule_once_for_the_member_with_its_email
     assert await balance(api, member["id"]) == 250
     latest = (await inbound_events(api, shopify["id"]))[0]
     assert latest["result"]["action"] == "replayed"
+    assert latest["result"]["points"] == 0  # what this notice earned
 
 
 async def test_partial_refunds_reverse_in_proportion_and_the_last_one_takes_the_rest(

@@ -79,7 +79,7 @@ async def record_mapped_activity(
         "member_id": out.member_id,
         "status": out.status,
         "replayed": recorded.replayed,
-        "points": sum(credit.points for credit in out.credits),
+        "points": 0 if recorded.replayed else sum(credit.points for credit in out.credits),
     }
 
 

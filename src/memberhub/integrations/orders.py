@@ -119,7 +119,8 @@ async def _paid(
         "activity_id": activity.id,
         "member_id": activity.member_id,
         "activity_status": activity.status,
-        "points": sum(credit.points for credit in activity.credits),
+        # What this notice earned: a replay earns nothing (the credits are the first one's).
+        "points": 0 if recorded.replayed else sum(credit.points for credit in activity.credits),
     }
 
 
