@@ -367,18 +367,16 @@ def serve(
 
 
 def _require_listenable(host: str, port: int) -> None:
-    """Bind the address once, as the server will (address reuse on, as uvicorn sets it),
-    so that one in use or not this machine's is one line and exit 1, before anything
-    starts or says it is listening."""
+    """Bind the address once, as the server will (uvicorn's way: IPv6 for a host with a
+    colon, else IPv4, address reuse on), so that one in use or not this machine's is one
+    line and exit 1, before anything starts or says it is listening."""
     import socket
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        with socket.socket(family, kind, proto) as probe:
+        with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
+            probe.bind((host, port))
     except OSError as exc:
         reason = exc.strerror or str(exc)
         typer.echo(f"error: cannot listen on {host}:{port}: {reason}", err=True)
