@@ -98,6 +98,52 @@ async def test_withdrawing_consent_stops_events_and_files_a_deletion(
     assert regulation["subjectType"] == "USER_ID"
 
 
+async def test_a_deletion_refused_for_good_is_logged_and_holds_nothing_up(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment
+) -> None:
+    integration = await segment_integration(api, segment)
+    await create_sink(api, integration["id"])
+    leaving = await api.create_member(consent=ANALYTICS)
+    staying = await api.create_member(consent=ANALYTICS)
+    await forward(db, hub)
+    withdrawn = await api.patch(
+        f"/api/v1/members/{leaving['id']}", {"consent": {"analytics": False}}
+    )
+    assert withdrawn.status_code == 200, withdrawn.text
+    await award(api, staying["id"], 10)
+    before = len(segment.calls_for(staying["id"]))
+
+    segment.answer_next(None, 400)  # the batch goes; the regulation is refused as a request
+    await forward(db, hub)
+
+    assert len(segment.calls_for(staying["id"])) > before
+    assert segment.regulations == []
+    sink = (await api.get("/api/v1/event-sinks")).json()["data"][0]
+    assert (sink["lag"], sink["failures"], sink["deletions_requested"]) == (0, 0, 0)
+
+
+async def test_a_deletion_refused_for_its_credentials_is_tried_again(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment
+) -> None:
+    # A token without the scope may be fixed: nothing is dropped meanwhile.
+    integration = await segment_integration(api, segment)
+    await create_sink(api, integration["id"])
+    leaving = await api.create_member(consent=ANALYTICS)
+    await forward(db, hub)
+    withdrawn = await api.patch(
+        f"/api/v1/members/{leaving['id']}", {"consent": {"analytics": False}}
+    )
+    assert withdrawn.status_code == 200, withdrawn.text
+
+    segment.answer_next(403)
+    await forward(db, hub)
+
+    sink = (await api.get("/api/v1/event-sinks")).json()["data"][0]
+    assert sink["failures"] == 1
+    assert "403" in sink["last_error"]
+    assert segment.regulations == []
+
+
 async def test_without_a_public_api_token_no_deletion_is_asked(
     api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment
 ) -> None:

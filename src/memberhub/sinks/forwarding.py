@@ -333,8 +333,19 @@ async def _send_window(
         for request in requests:
             await _send_request(connection, target, metrics, outcome, request)
         for member_id in window.withdrawn:
-            if await target.provider.request_deletion(connection, member_id):
-                outcome.deletions += 1
+            try:
+                if await target.provider.request_deletion(connection, member_id):
+                    outcome.deletions += 1
+            except SinkRefused as exc:
+                # Refused for good (not for credentials, which may be fixed): sending it
+                # again cannot help, and the sink's other events must not wait on it.
+                metrics.requests.labels(target.public_id, "refused").inc()
+                log.warning(
+                    "event_sink_deletion_refused",
+                    sink=target.public_id,
+                    member=member_id,
+                    reason=str(exc)[:300],
+                )
     except TRANSIENT as exc:
         metrics.requests.labels(target.public_id, "failed").inc()
         outcome.error = exc

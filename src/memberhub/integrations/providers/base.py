@@ -540,7 +540,8 @@ class AnalyticsSink(Protocol):
     are dropped and logged), `SinkUnavailable`, `GatewayError` or `CircuitOpen` (it may,
     later). `request_deletion` asks the vendor to
     delete what it holds about a member: False when the vendor has no API for it (or it is
-    not configured).
+    not configured); it raises `SinkRefused` when the vendor refuses the request itself (it
+    is logged and the sink goes on), the others as `send` does.
     """
 
     consent_purpose: str

@@ -270,6 +270,12 @@ class Segment(Provider):
             },
             retry_safe=True,
         )
+        if response.status_code in (400, 404, 422):
+            # The request itself is refused: filing it again cannot change that.
+            raise SinkRefused(
+                f"Segment's Public API refused the deletion ({response.status_code}): "
+                f"{_error(response)}"
+            )
         if response.status_code >= 300:
             raise SinkUnavailable(
                 f"Segment's Public API refused the deletion ({response.status_code}): "
