@@ -10,7 +10,16 @@ from memberhub.crm import sync as crm_sync
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
-from tests.crm.conftest import Crm, create_integration, last_changes_run, seed_members, sync, tick
+from tests.crm.conftest import (
+    CRM_CONSENT,
+    Crm,
+    create_integration,
+    last_changes_run,
+    seed_members,
+    sync,
+    tick,
+)
+from tests.fakes.pipedrive import FakePipedrive
 from tests.support import ApiClient
 
 # Our members are read 1,000 a page; the test reads them 200 a page, so that a few hundred
@@ -161,3 +170,27 @@ async def test_a_first_push_links_what_the_crm_has_and_creates_the_rest_one_requ
     }
     # One write per record, plus the listing's single page.
     assert requests_received(crm) - before == 300 + 1
+
+
+async def test_a_pipedrive_person_holding_the_email_as_another_address_is_linked_not_duplicated(
+    api: ApiClient, db: Database, hub: IntegrationHub, pipedrive: FakePipedrive
+) -> None:
+    person_id = pipedrive.add_person("Ana Lim", "ana.work@example.com")
+    pipedrive.update_person(
+        person_id,
+        {
+            "emails": [
+                {"value": "ana.work@example.com", "primary": True},
+                {"value": "Ana@Example.com", "primary": False},
+            ]
+        },
+    )
+    await api.create_member(first_name="Ana", email="ana@example.com", consent=CRM_CONSENT)
+    integration = await create_integration(
+        api, Crm("pipedrive", pipedrive).integration_body(pull=False)
+    )
+
+    run = await sync(api, db, hub, integration["id"], mode="push")
+
+    assert (run["created"], run["failed"]) == (1, 0), run  # newly linked, as the test above
+    assert list(pipedrive.persons) == [person_id]  # the same person: no second one

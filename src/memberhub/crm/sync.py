@@ -215,8 +215,9 @@ async def _match_unlinked(
         counts.requests += 1
         index.pages_read += 1
         for remote in page.records:
-            if remote.email:
-                index.by_email.setdefault(remote.email.lower(), remote.external_id)
+            for address in (remote.email, *remote.other_emails):
+                if address:
+                    index.by_email.setdefault(address.lower(), remote.external_id)
         index.next_page = page.next_page
         index.complete = page.next_page is None
     matched = []

@@ -350,6 +350,9 @@ class RemoteRecord:
     email: str | None
     properties: Mapping[str, Any]
     modified_at: datetime | None
+    # Every address the record holds, where the CRM keeps several (Pipedrive): a member
+    # whose email is any of them is this record. Empty: only `email`.
+    other_emails: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -253,11 +253,17 @@ def _remote(person: Mapping[str, Any], wanted: Sequence[str]) -> RemoteRecord:
         **(person.get("custom_fields") or {}),
     }
     modified_at = aware_time(person.get("update_time"))
+    addresses = [
+        str(entry.get("value") if isinstance(entry, dict) else entry)
+        for entry in person.get("emails") or []
+        if (entry.get("value") if isinstance(entry, dict) else entry)
+    ]
     return RemoteRecord(
         external_id=str(person.get("id")),
         email=flat["email"],
         properties={name: flat.get(name) for name in wanted},
         modified_at=modified_at,
+        other_emails=tuple(a for a in addresses if a != flat["email"]),
     )
 
 
