@@ -416,11 +416,20 @@ async def test_erasing_a_member_erases_their_email_from_import_reports(
     await finished(api, db, dry["id"])
     bad = await post_import(api, "email,date_of_birth\nKim.Private@example.com,not-a-date\n")
     await finished(api, db, bad["id"])
+    # Another organisation's import naming the same address is about its own member.
+    other = await api.create_organisation()
+    theirs = api.with_key(await issue_key(db, Role.ADMIN, organisation=other["id"]))
+    their_job = await post_import(
+        theirs, "email,date_of_birth\nkim.private@example.com,not-a-date\n"
+    )
+    await finished(theirs, db, their_job["id"])
 
     assert (await api.delete(f"/api/v1/members/{member['id']}")).status_code == 204
 
+    report = await api.get(f"{IMPORTS}/{bad['id']}/rows")
+    assert [(r["member_id"], r["action"]) for r in report.json()["data"]] == [("erased", None)]
     async with db.transaction(read_only=True) as session:
         rows = (await session.execute(select(BulkJobRow.member_id, BulkJobRow.match_email))).all()
-    assert "kim.private" not in str(rows).lower()
-    report = await api.get(f"{IMPORTS}/{bad['id']}/rows")
-    assert [(r["member_id"], r["action"]) for r in report.json()["data"]] == [(member["id"], None)]
+    assert [row for row in rows if "kim.private" in str(row).lower()] == [
+        ("kim.private@example.com", None)  # the other organisation's row
+    ]

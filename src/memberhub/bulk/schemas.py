@@ -72,8 +72,8 @@ class ImportRowOut(BaseModel):
         "when the row failed."
     )
     member_id: str | None = Field(
-        description="The member's id, or the email the row gave (the member's id once that "
-        "member is erased)."
+        description="The member's id, or the email the row gave (`erased` once that member "
+        "is erased)."
     )
     opening_points: int | None = Field(
         description="The member's opening balance: awarded by this row, or by an earlier "

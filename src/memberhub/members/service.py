@@ -4,7 +4,7 @@ import functools
 import re
 from typing import Any, cast
 
-from sqlalchemy import Insert, Select, Table, and_, exists, false, func, or_, select, update
+from sqlalchemy import Insert, Select, Table, exists, false, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -475,32 +475,32 @@ async def _erase_enrolled_leads(session: AsyncSession, member: Member) -> None:
 
 # How many ids one statement names, when erasure rewrites a member's activity events.
 ERASE_IDS_PER_STATEMENT = 500
+# What a bulk report row that named an erased member by email names instead.
+ERASED_ROW_MEMBER = "erased"
 
 
-async def _erase_activity_keys(session: AsyncSession, member: Member, email: str | None) -> None:
-    """An activity recorded before it matched the member carried their email (or external
-    id) as its key, and its `activity.recorded` event still does: erased there, and from
-    activities still waiting with the member's email (which would otherwise match nobody
-    by a key that is personal data)."""
+async def _erase_activity_keys(session: AsyncSession, member: Member) -> None:
+    """An activity recorded before it matched the member waited with their email (or
+    external id) as its key, and its `activity.recorded` event still holds it: erased there.
+    Only those that waited (matched after they were recorded) are looked for."""
     from memberhub.activities.models import Activity
-    from memberhub.events.catalog import ActivityMatched, ActivityRecorded
+    from memberhub.events.catalog import ActivityRecorded
     from memberhub.events.models import Event
 
-    whose = [Activity.member_id == member.id]
-    if email:
-        whose.append(and_(Activity.member_id.is_(None), Activity.email_normalized == email))
-    activities = (await session.scalars(select(Activity).where(or_(*whose)))).all()
-    for activity in activities:
-        if activity.member_id is None:
-            activity.email_normalized = None
-    ids = [activity.public_id for activity in activities]
-    for start in range(0, len(ids), ERASE_IDS_PER_STATEMENT):
+    waited = (
+        await session.scalars(
+            select(Activity.public_id).where(
+                Activity.member_id == member.id, Activity.matched_at > Activity.recorded_at
+            )
+        )
+    ).all()
+    for start in range(0, len(waited), ERASE_IDS_PER_STATEMENT):
         past = await session.scalars(
             select(Event).where(
-                Event.type.in_((ActivityRecorded.event_type, ActivityMatched.event_type)),
+                Event.type == ActivityRecorded.event_type,
                 Event.data["activity"]["id"]
                 .as_string()
-                .in_(ids[start : start + ERASE_IDS_PER_STATEMENT]),
+                .in_(waited[start : start + ERASE_IDS_PER_STATEMENT]),
             )
         )
         for event in past:
@@ -513,18 +513,24 @@ async def _erase_activity_keys(session: AsyncSession, member: Member, email: str
 async def _erase_bulk_rows(session: AsyncSession, member: Member, email: str | None) -> None:
     """The report rows of bulk awards and member imports name a row's member by the email
     it gave where it had no member id (a failed row), and a dry run keeps its match key:
-    the member's id takes the email's place."""
-    from memberhub.bulk.models import BulkJobRow
+    erased from the jobs of the member's organisation and the installation-wide ones (an
+    email is unique only within an organisation: another one's jobs are of its members)."""
+    from memberhub.bulk.models import BulkJob, BulkJobRow
 
     if not email:
         return
-    await session.execute(
-        update(BulkJobRow)
-        .where(func.lower(BulkJobRow.member_id) == email)
-        .values(member_id=member.public_id)
+    jobs = select(BulkJob.id).where(
+        or_(BulkJob.organisation_id.is_(None), BulkJob.organisation_id == member.organisation_id)
     )
     await session.execute(
-        update(BulkJobRow).where(BulkJobRow.match_email == email).values(match_email=None)
+        update(BulkJobRow)
+        .where(BulkJobRow.job_id.in_(jobs), func.lower(BulkJobRow.member_id) == email)
+        .values(member_id=ERASED_ROW_MEMBER)
+    )
+    await session.execute(
+        update(BulkJobRow)
+        .where(BulkJobRow.job_id.in_(jobs), BulkJobRow.match_email == email)
+        .values(match_email=None)
     )
 
 
@@ -551,7 +557,7 @@ async def delete_member(session: AsyncSession, principal: Principal, public_id: 
     ):
         past.data = {**past.data, "member": erased}
     await _erase_enrolled_leads(session, member)
-    await _erase_activity_keys(session, member, email)
+    await _erase_activity_keys(session, member)
     await _erase_bulk_rows(session, member, email)
     # Withdrawn before the deletion event, so consumers stop sending before they erase.
     record_consent_changes(
