@@ -52,12 +52,31 @@ def match_refunds(
     )
     claimed: set[str] = set()
     paired: dict[str, LedgerDocument] = {}
+    # Each refund's credit notes, found once: those naming the refund, then those naming one
+    # of its payment's ids (each in the order of `notes`).
+    position = {note.id: index for index, note in enumerate(notes)}
+    by_reference: dict[str, list[LedgerDocument]] = {}
+    by_payment: dict[str, list[LedgerDocument]] = {}
+    for document in notes:
+        by_reference.setdefault(document.reference or "", []).append(document)
+        by_payment.setdefault(_payment_of(document), []).append(document)
+    candidates: dict[str, list[LedgerDocument]] = {}
+    refunds_of: dict[str, list[MoneyRecord]] = {}
+    for refund in ordered:
+        direct = by_reference.get(refund.id, [])
+        via_payment = {
+            document.id: document
+            for key in {refund.id, *refund.references}
+            for document in by_payment.get(key, [])
+            if document.reference != refund.id
+        }
+        found = [*direct, *sorted(via_payment.values(), key=lambda n: position[n.id])]
+        candidates[refund.id] = found
+        for document in found:
+            refunds_of.setdefault(document.id, []).append(refund)
 
     def unclaimed(refund: MoneyRecord) -> list[LedgerDocument]:
-        ids = {refund.id, *refund.references}
-        direct = [n for n in notes if n.reference == refund.id]
-        by_payment = [n for n in notes if n.reference != refund.id and _payment_of(n) in ids]
-        return [n for n in (*direct, *by_payment) if n.id not in claimed]
+        return [n for n in candidates[refund.id] if n.id not in claimed]
 
     def pair(refund: MoneyRecord, note: LedgerDocument) -> None:
         paired[refund.id] = note
@@ -77,8 +96,8 @@ def match_refunds(
         if booked.id in claimed:
             continue
         run: list[MoneyRecord] = []
-        for refund in ordered:
-            if refund.id in paired or booked not in unclaimed(refund):
+        for refund in refunds_of.get(booked.id, []):
+            if refund.id in paired:
                 continue
             if refund.currency != booked.currency:
                 break
