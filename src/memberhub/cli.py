@@ -325,10 +325,10 @@ def serve(
     from memberhub.ops.serving import SERVE_WORKER_ENV, serve_balanced
 
     settings = _settings()
+    _require_listenable(host, port)
     _require_secret_key(settings)
     _require_schema(settings, upgrade_first=upgrade_first, can_upgrade=True)
     _require_readable_secrets(settings)
-    _require_listenable(host, port)
     count = settings.serve_processes if processes is None else processes
     if count == 0:
         # SQLite takes one writer at a time: processes would only wait on each other's locks.
@@ -372,14 +372,20 @@ def _require_listenable(host: str, port: int) -> None:
     line and exit 1, before anything starts or says it is listening."""
     import socket
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ipv6 = ":" in host
     try:
-        with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as probe:
+        with socket.socket(
+            socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        ) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if ipv6:
+                # IPv6 alone, as asyncio listens: an IPv4 listener on the port is no clash.
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             probe.bind((host, port))
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        typer.echo(f"error: cannot listen on {host}:{port}: {reason}", err=True)
+        shown = f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
+        typer.echo(f"error: cannot listen on {shown}: {reason}", err=True)
         raise typer.Exit(code=1) from None
 
 
