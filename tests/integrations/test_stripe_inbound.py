@@ -460,6 +460,48 @@ async def test_a_full_refund_takes_back_the_spent_points_not_those_that_expired(
     ] == [(40, 60)]
 
 
+async def test_a_refund_under_a_policy_forbidding_negative_balances_takes_what_it_may(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    assert (await api.patch("/api/v1/program", {"negative_balance_policy": "forbid"})).is_success
+    plan = await api.create_plan(price_amount=20000)
+    member = await api.create_member()
+    payment_intent = stripe_id("pi")
+    await send(
+        http,
+        stripe_integration["id"],
+        checkout_completed(member, plan, payment_intent=payment_intent, invoice=None),
+    )
+    await run_worker(db)
+    redeem = {"member_id": member["id"], "points": 40, "reason": "voucher"}
+    assert (await api.post("/api/v1/points/redeem", redeem)).status_code == 201
+    refund = {
+        "id": stripe_id("ch"),
+        "object": "charge",
+        "amount": 20000,
+        "amount_refunded": 20000,
+        "refunded": True,
+        "currency": "myr",
+        "payment_intent": payment_intent,
+    }
+
+    await send(http, stripe_integration["id"], stripe_event("charge.refunded", refund))
+    await run_worker(db)
+
+    # The 60 unspent points are cancelled; the 40 spent cannot be taken below zero. The
+    # refund is applied all the same, and the result says what was not taken.
+    (applied,) = [
+        e
+        for e in await inbound_events(api, stripe_integration["id"])
+        if "refund" in e["event_type"]
+    ]
+    assert applied["status"] == "processed", applied
+    assert applied["result"]["points"] == 60
+    assert applied["result"]["points_reason"].startswith("40 spent points not taken back")
+    assert await balance_of(api, member["id"]) == 0
+    assert (await member_of(api, member["id"]))["membership"]["payment_status"] == "refunded"
+
+
 async def test_a_refund_of_an_invoice_paid_under_basil_finds_it_through_its_invoice_payment(
     api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
 ) -> None:

@@ -37,13 +37,15 @@ from memberhub.memberships import service as memberships
 from memberhub.memberships.models import MembershipPlan
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.points import service as points
-from memberhub.points.models import PointTransaction
+from memberhub.points.models import BatchStatus, PointTransaction
 from memberhub.points.repository import PointsRepository
 from memberhub.points.schemas import MAX_AMOUNT
 from memberhub.program import service as program_service
 
 S = MemberStatus
 DEFAULT_GRACE_DAYS = 14
+# Batches whose points are still the member's to spend (a reversal cancels those).
+LIVE_BATCH = (BatchStatus.ACTIVE, BatchStatus.PENDING)
 
 
 class PaymentUnmatched(Conflict):
@@ -479,9 +481,11 @@ async def _refunded(
     full = notice.amount_refunded >= record.amount or notice.amount_refunded >= notice.amount
     result: dict[str, Any] = {"member_id": member.public_id, "action": "refund", "points": 0}
     if record.earn_transaction_id is not None:
-        result["points"] = await _reverse(
+        result["points"], shortfall = await _reverse(
             session, integration, notice, record, member, principal, now, full=full
         )
+        if shortfall:
+            result["points_reason"] = shortfall
     status = "refunded" if full else "partially_refunded"
     _set_payment_status(session, integration, member, status, notice, now)
     return result
@@ -497,24 +501,29 @@ async def _reverse(
     now: datetime,
     *,
     full: bool,
-) -> int:
+) -> tuple[int, str | None]:
     """Take back the share of the payment's points that was refunded, so far: a second
-    partial refund reverses only what the first did not."""
+    partial refund reverses only what the first did not. Points of the earn that expired
+    are not taken again; spent ones are, as far as the negative-balance policy lets (what
+    it does not is said: the refund itself is applied whatever the points)."""
     earn = await session.get(PointTransaction, record.earn_transaction_id)
     if earn is None:
-        return 0
+        return 0, None
     earned = earn.points + earn.pending_points
     total = max(record.amount, 1)
     target = earned if full else earned * notice.amount_refunded // total
     batch = await PointsRepository(session).batch_for_transaction(earn.id)
     if batch is None:
-        return 0
-    # Points of the earn that expired meanwhile are not taken again; the rest (spent or
-    # not) is.
+        return 0, None
     wanted = min(target - batch.reversed_points, points.reversible_points(batch))
-    for _ in range(2):
+    # One reversal per state of the earn: the same notice again is the same reversal.
+    reference = (
+        f"{integration.public_id}:refund:{record.payment_key}:{target}:{batch.reversed_points}"
+    )
+    shortfall = None
+    for _ in range(3):
         if wanted <= 0:
-            return 0
+            return 0, shortfall
         try:
             await points.reverse_earn(
                 session,
@@ -523,19 +532,31 @@ async def _reverse(
                 earn=earn,
                 points=wanted,
                 reason="refund",
-                reference_id=f"{integration.public_id}:refund:{record.payment_key}:{target}",
+                reference_id=reference,
                 now=now,
             )
+        except points.InsufficientPoints:
+            # The spent part would take the balance below what the policy allows: the
+            # unspent part is cancelled alone.
+            unspent = batch.remaining if batch.status in LIVE_BATCH else 0
+            if unspent >= wanted:
+                raise
+            shortfall = (
+                f"{wanted - unspent} spent points not taken back: the balance may not go "
+                "negative (negative_balance_policy)"
+            )
+            wanted = unspent
+            continue
         except Conflict as exc:
             if exc.code == "NOTHING_TO_REVERSE":
-                return 0
+                return 0, shortfall
             if exc.code != "EXCEEDS_REVERSIBLE":
                 raise
             # More of it expired as the reversal brought the member's expiry up to date.
             wanted = min(wanted, int(exc.details["reversible"]))
             continue
-        return wanted
-    return 0
+        return wanted, shortfall
+    return 0, shortfall
 
 
 # ---------------------------------------------------------------- helpers
