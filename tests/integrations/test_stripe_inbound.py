@@ -460,7 +460,7 @@ async def test_a_full_refund_takes_back_the_spent_points_not_those_that_expired(
     ] == [(40, 60)]
 
 
-async def test_a_refund_under_a_policy_forbidding_negative_balances_takes_what_it_may(
+async def test_a_refund_of_spent_points_under_forbid_waits_for_staff_then_applies_once(
     api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
 ) -> None:
     assert (await api.patch("/api/v1/program", {"negative_balance_policy": "forbid"})).is_success
@@ -488,17 +488,28 @@ async def test_a_refund_under_a_policy_forbidding_negative_balances_takes_what_i
     await send(http, stripe_integration["id"], stripe_event("charge.refunded", refund))
     await run_worker(db)
 
-    # The 60 unspent points are cancelled; the 40 spent cannot be taken below zero. The
-    # refund is applied all the same, and the result says what was not taken.
+    # The 40 spent points cannot be taken below zero: the event fails as a whole, as a
+    # Shopify refund does, and waits for staff.
+    (failed,) = [
+        e
+        for e in await inbound_events(api, stripe_integration["id"])
+        if "refund" in e["event_type"]
+    ]
+    assert failed["status"] == "failed", failed
+    assert failed["result"]["error_code"] == "INSUFFICIENT_POINTS"
+    assert await balance_of(api, member["id"]) == 60
+    changed = await api.patch("/api/v1/program", {"negative_balance_policy": "allow_for_reversals"})
+    assert changed.status_code == 200, changed.text
+    retried = await api.post(f"/api/v1/inbound-events/{failed['id']}/retry")
+    assert retried.status_code in (200, 202), retried.text
+    await run_worker(db)
     (applied,) = [
         e
         for e in await inbound_events(api, stripe_integration["id"])
         if "refund" in e["event_type"]
     ]
-    assert applied["status"] == "processed", applied
-    assert applied["result"]["points"] == 60
-    assert applied["result"]["points_reason"].startswith("40 spent points not taken back")
-    assert await balance_of(api, member["id"]) == 0
+    assert (applied["status"], applied["result"]["points"]) == ("processed", 100)
+    assert await balance_of(api, member["id"]) == -40
     assert (await member_of(api, member["id"]))["membership"]["payment_status"] == "refunded"
 
 

@@ -250,6 +250,7 @@ async def _reverse_share(
     after: int,
     now: datetime,
 ) -> int:
+    """The points of `earn` this refund takes back (0 when it was applied already)."""
     existing = await PointsRepository(session).by_reference(
         TxnType.REVERSE, points.reference_scope(member), reference_id
     )
@@ -260,21 +261,17 @@ async def _reverse_share(
     batch = await PointsRepository(session).batch_for_transaction(earn.id)
     if batch is None or wanted <= 0:
         return 0
-    # Points of the earn that expired meanwhile are not taken again.
-    wanted = min(wanted, points.reversible_points(batch))
-    if wanted <= 0:
-        return 0
-    await points.reverse_earn(
+    return await points.reverse_for_refund(
         session,
         principal.actor,
         member,
         earn=earn,
+        batch=batch,
         points=wanted,
         reason=f"refund {refund_id}",
         reference_id=reference_id,
         now=now,
     )
-    return wanted
 
 
 __all__ = ["ORDER_PAID", "apply_order_notice", "share"]

@@ -37,15 +37,13 @@ from memberhub.memberships import service as memberships
 from memberhub.memberships.models import MembershipPlan
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.points import service as points
-from memberhub.points.models import BatchStatus, PointTransaction
+from memberhub.points.models import PointTransaction
 from memberhub.points.repository import PointsRepository
 from memberhub.points.schemas import MAX_AMOUNT
 from memberhub.program import service as program_service
 
 S = MemberStatus
 DEFAULT_GRACE_DAYS = 14
-# Batches whose points are still the member's to spend (a reversal cancels those).
-LIVE_BATCH = (BatchStatus.ACTIVE, BatchStatus.PENDING)
 
 
 class PaymentUnmatched(Conflict):
@@ -481,11 +479,9 @@ async def _refunded(
     full = notice.amount_refunded >= record.amount or notice.amount_refunded >= notice.amount
     result: dict[str, Any] = {"member_id": member.public_id, "action": "refund", "points": 0}
     if record.earn_transaction_id is not None:
-        result["points"], shortfall = await _reverse(
+        result["points"] = await _reverse(
             session, integration, notice, record, member, principal, now, full=full
         )
-        if shortfall:
-            result["points_reason"] = shortfall
     status = "refunded" if full else "partially_refunded"
     _set_payment_status(session, integration, member, status, notice, now)
     return result
@@ -501,62 +497,33 @@ async def _reverse(
     now: datetime,
     *,
     full: bool,
-) -> tuple[int, str | None]:
+) -> int:
     """Take back the share of the payment's points that was refunded, so far: a second
-    partial refund reverses only what the first did not. Points of the earn that expired
-    are not taken again; spent ones are, as far as the negative-balance policy lets (what
-    it does not is said: the refund itself is applied whatever the points)."""
+    partial refund reverses only what the first did not (`points.reverse_for_refund`)."""
     earn = await session.get(PointTransaction, record.earn_transaction_id)
     if earn is None:
-        return 0, None
+        return 0
     earned = earn.points + earn.pending_points
     total = max(record.amount, 1)
     target = earned if full else earned * notice.amount_refunded // total
     batch = await PointsRepository(session).batch_for_transaction(earn.id)
     if batch is None:
-        return 0, None
-    wanted = min(target - batch.reversed_points, points.reversible_points(batch))
+        return 0
     # One reversal per state of the earn: the same notice again is the same reversal.
     reference = (
         f"{integration.public_id}:refund:{record.payment_key}:{target}:{batch.reversed_points}"
     )
-    shortfall = None
-    for _ in range(3):
-        if wanted <= 0:
-            return 0, shortfall
-        try:
-            await points.reverse_earn(
-                session,
-                principal.actor,
-                member,
-                earn=earn,
-                points=wanted,
-                reason="refund",
-                reference_id=reference,
-                now=now,
-            )
-        except points.InsufficientPoints:
-            # The spent part would take the balance below what the policy allows: the
-            # unspent part is cancelled alone.
-            unspent = batch.remaining if batch.status in LIVE_BATCH else 0
-            if unspent >= wanted:
-                raise
-            shortfall = (
-                f"{wanted - unspent} spent points not taken back: the balance may not go "
-                "negative (negative_balance_policy)"
-            )
-            wanted = unspent
-            continue
-        except Conflict as exc:
-            if exc.code == "NOTHING_TO_REVERSE":
-                return 0, shortfall
-            if exc.code != "EXCEEDS_REVERSIBLE":
-                raise
-            # More of it expired as the reversal brought the member's expiry up to date.
-            wanted = min(wanted, int(exc.details["reversible"]))
-            continue
-        return wanted, shortfall
-    return 0, shortfall
+    return await points.reverse_for_refund(
+        session,
+        principal.actor,
+        member,
+        earn=earn,
+        batch=batch,
+        points=target - batch.reversed_points,
+        reason="refund",
+        reference_id=reference,
+        now=now,
+    )
 
 
 # ---------------------------------------------------------------- helpers

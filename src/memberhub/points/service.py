@@ -64,6 +64,8 @@ from memberhub.tiers import service as tiers
 EARNED_TYPES = (TxnType.EARN, TxnType.AWARD, TxnType.REVERSE)
 REDEEMED_TYPES = (TxnType.REDEEM, TxnType.REDEEM_REFUND)
 EXPIRED_TYPES = (TxnType.EXPIRE, TxnType.RECOVER)
+# Batches whose points are still the member's to spend: a reversal cancels those first.
+LIVE_STATUSES = (BatchStatus.ACTIVE, BatchStatus.PENDING)
 
 
 class InsufficientPoints(Conflict):
@@ -1119,6 +1121,49 @@ def reversible_points(batch: PointBatch) -> int:
     return batch.initial - batch.reversed_points - (batch.expired_points - batch.recovered_points)
 
 
+async def reverse_for_refund(
+    session: AsyncSession,
+    actor: Actor,
+    member: Member,
+    *,
+    earn: PointTransaction,
+    batch: PointBatch,
+    points: int,
+    reason: str,
+    reference_id: str,
+    now: datetime,
+) -> int:
+    """Reverse up to `points` of an earn for a refund a vendor has made: not points of the
+    earn that expired (they are not taken again); spent ones as the negative-balance policy
+    says (INSUFFICIENT_POINTS under `forbid`, for staff to settle). Returns the points
+    reversed."""
+    wanted = min(points, reversible_points(batch))
+    for _ in range(2):
+        if wanted <= 0:
+            return 0
+        try:
+            await reverse_earn(
+                session,
+                actor,
+                member,
+                earn=earn,
+                points=wanted,
+                reason=reason,
+                reference_id=reference_id,
+                now=now,
+            )
+        except Conflict as exc:
+            if exc.code == "NOTHING_TO_REVERSE":
+                return 0
+            if exc.code != "EXCEEDS_REVERSIBLE":
+                raise
+            # More of it expired as the reversal brought the member's expiry up to date.
+            wanted = min(wanted, int(exc.details["reversible"]))
+            continue
+        return wanted
+    return 0
+
+
 async def reverse_earn(
     session: AsyncSession,
     actor: Actor,
@@ -1164,7 +1209,7 @@ async def reverse_earn(
             details={"reversible": reversible, "requested": requested},
         )
     was_pending = batch.status == BatchStatus.PENDING
-    unspent = batch.remaining if batch.status in (BatchStatus.ACTIVE, BatchStatus.PENDING) else 0
+    unspent = batch.remaining if batch.status in LIVE_STATUSES else 0
     cancel = min(requested, unspent)
     clawback = requested - cancel
     program: LoyaltyProgram = await program_service.get_program(session)
@@ -1183,7 +1228,7 @@ async def reverse_earn(
     batch.remaining -= cancel
     batch.cancelled_points += cancel
     batch.reversed_points += requested
-    if batch.remaining == 0 and batch.status in (BatchStatus.ACTIVE, BatchStatus.PENDING):
+    if batch.remaining == 0 and batch.status in LIVE_STATUSES:
         batch.status = (
             BatchStatus.CANCELLED if batch.cancelled_points == batch.initial else BatchStatus.SPENT
         )
@@ -1255,7 +1300,7 @@ async def extend_expiry(
     locked = await session.get(PointBatch, batch.id, with_for_update=True, populate_existing=True)
     assert locked is not None
     batch = locked
-    if batch.status not in (BatchStatus.ACTIVE, BatchStatus.PENDING) or batch.remaining <= 0:
+    if batch.status not in LIVE_STATUSES or batch.remaining <= 0:
         raise Conflict(
             f"Batch {batch.public_id} has no points left to extend (status {batch.status}).",
             code="BATCH_NOT_EXTENDABLE",
