@@ -140,3 +140,49 @@ async def test_s3_credentials_are_never_shown(api: ApiClient, s3_endpoint: str) 
     shown = (await api.get(f"/api/v1/integrations/{integration}")).json()
     assert shown["credentials"]["secret_access_key"].startswith("…")
     assert "exports-test-secret" not in str(shown)
+
+
+@pytest.mark.parametrize("path_style", [True, False])
+async def test_s3_requests_go_only_where_the_url_policy_lets_them(
+    monkeypatch: pytest.MonkeyPatch, s3_endpoint: str, path_style: bool
+) -> None:
+    """The AWS SDK connects by itself: each request's host is checked before it is sent,
+    the bucket's own host name included (virtual-host addressing), which no saved URL
+    names: a wildcard record pointing it inside is refused, not reached."""
+    from urllib.parse import urlsplit
+
+    from memberhub.integrations.gateway import Gateway, GatewayPolicy
+    from memberhub.integrations.providers import s3 as s3_provider
+    from memberhub.integrations.providers.base import ConnectionFailed
+    from memberhub.webhooks import ssrf
+
+    port = urlsplit(s3_endpoint).port
+    real_lookup = ssrf._lookup
+
+    def lookup(host: str, port: int) -> list[str]:
+        if host == "store.example.net":
+            return ["93.184.216.34"]  # the endpoint itself: a public address
+        if host.endswith(".store.example.net"):
+            return ["127.0.0.1"]  # the bucket's name, under a wildcard record
+        return real_lookup(host, port)
+
+    monkeypatch.setattr(ssrf, "_lookup", lookup)
+    config = s3_provider.S3Config(
+        bucket=BUCKET,
+        endpoint_url=f"http://store.example.net:{port}" if not path_style else s3_endpoint,
+        path_style=path_style,
+    )
+    gateway = Gateway("int_policy", "https://unused.example", policy=GatewayPolicy(rate_limit=None))
+    try:
+        connection = Connection(
+            integration_id="int_policy",
+            config=config,
+            credentials={"access_key_id": "testing", "secret_access_key": "testing"},
+            gateway=gateway,
+            url_policy=ssrf.UrlPolicy(allow_http=True, allowed_networks=()),
+        )
+        with pytest.raises(ConnectionFailed, match="address is refused"):
+            await s3_provider.S3().check_connection(connection)
+    finally:
+        s3_provider._clients.clear()
+        await gateway.aclose()

@@ -438,6 +438,22 @@ async def allowed_addresses(
     return addresses
 
 
+def check_destination_now(host: str, port: int, policy: UrlPolicy) -> None:
+    """`allowed_addresses` for a client that runs in a thread and resolves the name again
+    itself (the AWS SDK), called just before it connects: the host it is about to reach
+    (a bucket's own host name included) is checked, though a DNS answer changing in between
+    cannot be ruled out as it is where the client connects to the checked address. Raises
+    DestinationRefused, or OSError when the name does not resolve."""
+    literal = _ip_literal(host.strip("[]"))
+    addresses = [str(literal)] if literal is not None else _lookup(host, port)
+    if not addresses:
+        raise OSError(f"Could not resolve {host!r}: no addresses.")
+    refusal = _first_refusal(addresses, policy.allowed_networks)
+    if refusal is not None:
+        address, reason = refusal
+        raise DestinationRefused(host, reason, None if address == host else address)
+
+
 class DestinationRefused(Exception):
     """Raised at connect time when the destination resolves to a refused address.
 

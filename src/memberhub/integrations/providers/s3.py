@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, StringConstraints
 
@@ -30,6 +32,7 @@ from memberhub.integrations.providers.base import (
     StoredObject,
 )
 from memberhub.integrations.providers.local_storage import safe_parts
+from memberhub.webhooks.ssrf import DestinationRefused, UrlPolicy, check_destination_now
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -90,6 +93,7 @@ def _client(connection: Connection) -> S3Client:
     assert isinstance(config, S3Config)
     access_key = str(connection.credentials.get("access_key_id", ""))
     secret = str(connection.credentials.get("secret_access_key", ""))
+    policy = connection.url_policy
     fingerprint = hashlib.sha256(
         "\x00".join(
             (
@@ -99,6 +103,7 @@ def _client(connection: Connection) -> S3Client:
                 str(config.path_style),
                 access_key,
                 secret,
+                repr(policy.allowed_networks) if policy is not None else "",
             )
         ).encode()
     ).hexdigest()
@@ -118,8 +123,23 @@ def _client(connection: Connection) -> S3Client:
                     read_timeout=READ_TIMEOUT_SECONDS,
                 ),
             )
+            if policy is not None:
+                client.meta.events.register("before-send.s3", _destination_guard(policy))
             _clients[fingerprint] = client
     return client
+
+
+def _destination_guard(policy: UrlPolicy) -> Callable[..., None]:
+    """Checks each request's host (the endpoint's, or the bucket's own host name in
+    virtual-host addressing, which the saved URL does not name) against the URL policy
+    just before the SDK sends it, as other connectors' connections are."""
+
+    def guard(request: Any, **_kwargs: Any) -> None:
+        parts = urlsplit(request.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        check_destination_now(parts.hostname or "", port, policy)
+
+    return guard
 
 
 def _settings(connection: Connection) -> S3Config:
@@ -161,6 +181,8 @@ class S3(Provider):
             ) from None
         except BotoCoreError as exc:
             raise ConnectionFailed(f"The store could not be reached: {exc}") from None
+        except DestinationRefused as exc:
+            raise ConnectionFailed(f"The store's address is refused: {exc}") from None
         return f"The bucket {config.bucket!r} is reachable with these credentials."
 
     async def upload_file(
