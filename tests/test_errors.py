@@ -151,6 +151,36 @@ async def test_a_client_gone_before_its_body_arrived_is_a_499_not_a_server_error
     assert "unhandled_error" not in events
 
 
+@pytest.mark.parametrize("sqlstate", ["40P01", "40001"])
+async def test_a_deadlock_or_serialization_failure_is_a_503_to_send_again(
+    tolerant_http: httpx.AsyncClient,
+    admin_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    sqlstate: str,
+) -> None:
+    """PostgreSQL rolls one transaction back to break a deadlock (40P01) or when it cannot
+    serialise it (40001): nothing was written and the request may be sent again."""
+    from sqlalchemy.exc import DBAPIError
+
+    class RolledBack(Exception):
+        def __init__(self) -> None:
+            super().__init__("deadlock detected")
+            self.sqlstate = sqlstate
+
+    def conflict(*_args: object, **_kwargs: object) -> None:
+        raise DBAPIError("UPDATE point_accounts ...", {}, RolledBack())
+
+    monkeypatch.setattr("memberhub.members.service.record_consent_changes", conflict)
+    response = await tolerant_http.post(
+        "/api/v1/members",
+        json={"email": "again@example.com"},
+        headers={"Authorization": f"Bearer {admin_key}"},
+    )
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "CONCURRENT_UPDATE"
+    assert response.headers["Retry-After"] == "1"
+
+
 async def test_a_database_gone_away_is_a_503_to_retry_not_a_500(
     tolerant_http: httpx.AsyncClient, admin_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,12 +8,21 @@ from collections import Counter
 from typing import Any
 
 import httpx
+import pytest
+from sqlalchemy import select
 
+from memberhub.auth.principal import Principal
 from memberhub.auth.roles import Role
+from memberhub.integrations import orders
+from memberhub.kit.actor import Actor
+from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.members.models import Member
+from memberhub.points.models import PointTransaction
+from memberhub.points.repository import PointsRepository
 from memberhub.settings import Settings
 from tests.conftest import issue_key
-from tests.points.conftest import award, check_ledger, summary
+from tests.points.conftest import award, check_ledger, op, summary
 from tests.support import ApiClient
 from tests.support_server import running_server
 
@@ -117,3 +126,74 @@ async def test_opposite_concurrent_transfers_neither_deadlock_nor_lose_points(
     balances = [(await summary(api, m["id"]))["current_balance"] for m in (first, second)]
     assert balances == [1000 - 15 * 30 + 15 * 20, 1000 + 15 * 30 - 15 * 20]
     await check_ledger(db, [first["id"], second["id"]])
+
+
+async def test_a_refund_reversal_and_a_redeem_of_the_member_at_once_both_go_through(
+    api: ApiClient,
+    admin_key: str,
+    settings: Settings,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refund's reversal locks the member's account before the earn's batch, as a spend
+    does: the other order deadlocked with a redeem (PostgreSQL rolled one back, a 500).
+    The reversal is held once it has locked the batch, to make the overlap certain."""
+    member = await api.create_member()
+    earned = await op(
+        api,
+        "earn",
+        {"member_id": member["id"], "amount": 20_000, "currency": "MYR", "reference_id": "e-1"},
+    )
+    started = asyncio.Event()
+    lock_batch = PointsRepository.batch_for_transaction
+
+    async def lock_then_wait(self: PointsRepository, transaction_id: int) -> Any:
+        batch = await lock_batch(self, transaction_id)
+        started.set()
+        await asyncio.sleep(0.3)  # the redeem arrives meanwhile
+        return batch
+
+    monkeypatch.setattr(PointsRepository, "batch_for_transaction", lock_then_wait)
+    principal = Principal.system(Actor.system("integration:int_orders"))
+
+    async def refund() -> int:
+        async with db.transaction() as session:
+            buyer = await session.scalar(select(Member).where(Member.public_id == member["id"]))
+            earn = await session.scalar(
+                select(PointTransaction).where(
+                    PointTransaction.public_id == earned["transaction"]["id"]
+                )
+            )
+            assert buyer is not None
+            assert earn is not None
+            return await orders._reverse_share(
+                session,
+                principal,
+                buyer,
+                earn,
+                reference_id=f"int_orders:refund:r1:{earn.public_id}",
+                refund_id="r1",
+                order_amount=20_000,
+                before=0,
+                after=10_000,
+                now=utcnow(),
+            )
+
+    async with (
+        running_server(settings) as base_url,
+        httpx.AsyncClient(base_url=base_url, timeout=60) as client,
+    ):
+
+        async def redeem() -> httpx.Response:
+            await started.wait()
+            return await client.post(
+                "/api/v1/points/redeem",
+                json={"member_id": member["id"], "points": 10},
+                headers={"Authorization": f"Bearer {admin_key}"},
+            )
+
+        reversed_points, redeemed = await asyncio.gather(refund(), redeem())
+
+    assert reversed_points == 50
+    assert redeemed.status_code == 201, redeemed.text
+    await check_ledger(db, [member["id"]])

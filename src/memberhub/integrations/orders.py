@@ -258,7 +258,11 @@ async def _reverse_share(
         return 0  # this refund was applied to this earn already
     earned = earn.points + earn.pending_points
     wanted = share(earned, after, order_amount) - share(earned, before, order_amount)
-    batch = await PointsRepository(session).batch_for_transaction(earn.id)
+    # The account first, then the batch, as every ledger operation locks them: the other
+    # order deadlocks with a spend of the member's.
+    repository = PointsRepository(session)
+    await repository.lock_account(member.id)
+    batch = await repository.batch_for_transaction(earn.id)
     if batch is None or wanted <= 0:
         return 0
     return await points.reverse_for_refund(

@@ -506,7 +506,11 @@ async def _reverse(
     earned = earn.points + earn.pending_points
     total = max(record.amount, 1)
     target = earned if full else earned * notice.amount_refunded // total
-    batch = await PointsRepository(session).batch_for_transaction(earn.id)
+    # The account first, then the batch, as every ledger operation locks them: the other
+    # order deadlocks with a spend of the member's.
+    repository = PointsRepository(session)
+    await repository.lock_account(member.id)
+    batch = await repository.batch_for_transaction(earn.id)
     if batch is None:
         return 0
     # One reversal per state of the earn: the same notice again is the same reversal.

@@ -490,6 +490,10 @@ _SQLITE_UNIQUE_COLUMNS = {
     "UNIQUE constraint failed: rewards.code": "uq_rewards_code",
 }
 
+# Deadlock detected, serialization failure: the transaction was rolled back, and the same
+# request again succeeds.
+TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+
 _STATUS_CODES = {
     400: "BAD_REQUEST",
     401: "UNAUTHORIZED",
@@ -611,6 +615,16 @@ def install_error_handlers(app: FastAPI) -> None:
                 retry_after=1,
             )
         sqlstate = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", ""))
+        if sqlstate in TRANSIENT_SQLSTATES:
+            # PostgreSQL ended the transaction to break a deadlock, or because it could not
+            # serialise it: nothing was written, and the same request again will go through.
+            log.warning("database_conflict_retry", sqlstate=sqlstate)
+            return error_response(
+                503,
+                "CONCURRENT_UPDATE",
+                "The request met a concurrent change and was rolled back; send it again.",
+                retry_after=1,
+            )
         if isinstance(exc, DataError) or sqlstate.startswith("22"):
             # SQLSTATE class 22: a value the column cannot hold. Schemas should catch these
             # first; this keeps a missed case a client error rather than a crash.
