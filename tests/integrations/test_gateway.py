@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -13,8 +14,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from memberhub.integrations.gateway import (
+    LOGGED_BODY_CHARS,
     VENDOR_POLICIES,
     BreakerState,
+    CallRecord,
     CircuitBreaker,
     CircuitOpen,
     Gateway,
@@ -520,6 +523,35 @@ def test_redact_masks_any_header_named_as_a_signature_and_those_it_is_told_of() 
         "X-Acme-Digest": "***bHVl",
         "X-Acme-Timestamp": "1767000000",
     }
+
+
+async def test_a_secret_where_the_logged_body_is_cut_is_masked_not_kept_in_part() -> None:
+    token = "SECRETTOKEN" * 20
+    padding = "p" * (LOGGED_BODY_CHARS - 150)  # the token straddles the cut
+    body = json.dumps({"padding": padding, "access_token": token})
+    records: list[CallRecord] = []
+    transport = httpx.MockTransport(
+        lambda _request: httpx.Response(
+            200, content=body.encode(), headers={"content-type": "application/json"}
+        )
+    )
+    policy = GatewayPolicy(rate_limit=None, max_attempts=1)
+    async with Gateway(
+        "crm",
+        "https://api.example.com",
+        policy=policy,
+        transport=transport,
+        observer=records.append,
+    ) as gateway:
+        await gateway.request(
+            "POST", "/oauth/token", json={"padding": padding, "client_secret": token}
+        )
+
+    [record] = records
+    for logged in (record.request_body, record.response_body):
+        assert len(logged) <= LOGGED_BODY_CHARS
+        assert "SECRETTOKEN" not in logged
+        assert logged.startswith('{"padding":')
 
 
 def test_redact_body_masks_a_jwt_bearer_assertion() -> None:

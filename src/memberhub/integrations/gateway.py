@@ -60,6 +60,9 @@ NON_IDEMPOTENT_METHODS = frozenset({"POST", "PATCH"})
 BODY_EXCERPT_CHARS = 500
 # What the payload log keeps of each request and response body.
 LOGGED_BODY_CHARS = 4000
+# How much of a body is redacted before it is cut to what is kept: a secret is masked
+# whole, never cut at the limit (where its pattern would no longer match) and kept in part.
+REDACTED_WINDOW_CHARS = 1024 * 1024
 # Above this, a reset header is a Unix timestamp rather than a number of seconds.
 _EPOCH_THRESHOLD = 1_000_000_000
 
@@ -600,7 +603,7 @@ class Gateway:
                 started_at=call.started_at,
                 duration_ms=round((time.perf_counter() - call.started) * 1000),
                 request_headers=redact(dict(headers or {})),
-                request_body=redact_body(summary[:LOGGED_BODY_CHARS]),
+                request_body=_logged(summary, LOGGED_BODY_CHARS),
                 response_body="",
                 error=error,
             )
@@ -662,13 +665,13 @@ class Gateway:
             retryable = status == 429 or may_retry_failures
             if not retryable or attempt >= self.policy.max_attempts:
                 call.outcome = "failed"
-                call.response_excerpt = response.text[:BODY_EXCERPT_CHARS]
+                call.response_excerpt = _logged(response.text, BODY_EXCERPT_CHARS)
                 self._count_call("failed")
                 raise GatewayError(
                     self.integration,
                     f"{method} {path} answered {status}",
                     status=status,
-                    body_excerpt=response.text[:BODY_EXCERPT_CHARS],
+                    body_excerpt=_logged(response.text, BODY_EXCERPT_CHARS),
                     attempts=attempt,
                 )
             await self._sleep(self._wait_before_retry(response, attempt))
@@ -686,7 +689,7 @@ class Gateway:
             return
         response_body = call.response_excerpt
         if response is not None:
-            response_body = redact_body(response.text[:LOGGED_BODY_CHARS])
+            response_body = _logged(response.text, LOGGED_BODY_CHARS)
         self._observer(
             CallRecord(
                 integration=self.integration,
@@ -699,7 +702,7 @@ class Gateway:
                 duration_ms=round((time.perf_counter() - call.started) * 1000),
                 request_headers=redact(dict(request.headers)),
                 request_body=_logged_request_body(request),
-                response_body=redact_body(response_body),
+                response_body=response_body,
                 error=error,
             )
         )
@@ -774,7 +777,14 @@ def _logged_request_body(request: httpx.Request) -> str:
     ):
         # A file's bytes: their size says all the log needs.
         return f"<{len(request.content)} bytes>"
-    return redact_body(request.content[:LOGGED_BODY_CHARS].decode(errors="replace"))
+    return _logged(
+        request.content[:REDACTED_WINDOW_CHARS].decode(errors="replace"), LOGGED_BODY_CHARS
+    )
+
+
+def _logged(text: str, limit: int) -> str:
+    """`text` as it may be kept: secrets masked first, then cut to `limit`."""
+    return redact_body(text[:REDACTED_WINDOW_CHARS])[:limit]
 
 
 def requested_wait(headers: httpx.Headers) -> float | None:
