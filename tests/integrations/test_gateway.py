@@ -525,6 +525,49 @@ def test_redact_masks_any_header_named_as_a_signature_and_those_it_is_told_of() 
     }
 
 
+async def test_an_answer_larger_than_the_policy_reads_fails_unread_and_is_not_retried() -> None:
+    produced = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal produced
+        while True:
+            produced += 1
+            yield b"x" * 1024
+
+    transport = httpx.MockTransport(lambda _request: httpx.Response(200, content=endless()))
+    policy = GatewayPolicy(rate_limit=None, max_response_bytes=64 * 1024)
+    async with Gateway("crm", "https://api.example.com", policy=policy, transport=transport) as gw:
+        with pytest.raises(GatewayError, match="larger than 65536 bytes") as failed:
+            await gw.request("GET", "/contacts")
+
+    assert failed.value.attempts == 1
+    assert produced <= 65  # read up to the limit, no further
+
+
+async def test_the_timeout_bounds_the_whole_answer_not_each_read() -> None:
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")
+        try:
+            for _ in range(50):  # a byte every 0.1 s: each read well within the timeout
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(drip, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    policy = GatewayPolicy(rate_limit=None, timeout=0.5, max_attempts=1)
+    try:
+        async with Gateway("crm", f"http://127.0.0.1:{port}", policy=policy) as gateway:
+            with pytest.raises(GatewayError, match=r"no whole answer within 0\.5 s"):
+                await gateway.request("GET", "/")
+    finally:
+        server.close()
+
+
 async def test_a_secret_where_the_logged_body_is_cut_is_masked_not_kept_in_part() -> None:
     token = "SECRETTOKEN" * 20
     padding = "p" * (LOGGED_BODY_CHARS - 150)  # the token straddles the cut

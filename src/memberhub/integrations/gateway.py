@@ -67,11 +67,18 @@ REDACTED_WINDOW_CHARS = 1024 * 1024
 _EPOCH_THRESHOLD = 1_000_000_000
 
 
+class ResponseTooLarge(httpx.TransportError):
+    """The vendor's answer is larger than the policy reads."""
+
+
 @dataclass(frozen=True)
 class GatewayPolicy:
     """How one integration's calls are timed, retried, rate-limited and cut off."""
 
+    # Each attempt's whole exchange, connection to last byte.
     timeout: float = 30.0
+    # The largest answer read: a larger (or endless) one fails the call, unread.
+    max_response_bytes: int = 64 * 1024 * 1024
     max_attempts: int = 5
     backoff_base: float = 0.5
     backoff_max: float = 30.0
@@ -637,6 +644,8 @@ class Gateway:
                 retryable = may_retry_failures or isinstance(
                     exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
                 )
+                if isinstance(exc, ResponseTooLarge):
+                    retryable = False  # it would be as large again
                 if not retryable or attempt >= self.policy.max_attempts:
                     call.outcome = "failed"
                     self._count_call("failed")
@@ -725,8 +734,7 @@ class Gateway:
         outcome_recorded = False
         try:
             try:
-                response = await self._client.send(request)
-                await response.aread()
+                response = await self._whole_answer(request)
             except httpx.TransportError:
                 self._count_attempt("network_error", started)
                 self.breaker.record_failure()
@@ -747,6 +755,31 @@ class Gateway:
                 # Cancelled or broken mid-attempt: free a half-open probe slot.
                 self.breaker.record_inconclusive()
             self._show_breaker_state()
+
+    async def _whole_answer(self, request: httpx.Request) -> httpx.Response:
+        """Send and read the answer within the policy's timeout (httpx's own bounds each
+        step: a server sending a byte at a time would outlast it) and size."""
+        limit = self.policy.max_response_bytes
+        try:
+            async with asyncio.timeout(self.policy.timeout):
+                response = await self._client.send(request, stream=True)
+                try:
+                    chunks, size = [], 0
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
+                        if size > limit:
+                            raise ResponseTooLarge(
+                                f"the answer is larger than {limit} bytes", request=request
+                            )
+                        chunks.append(chunk)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise httpx.ReadTimeout(
+                f"no whole answer within {self.policy.timeout:g} s", request=request
+            ) from None
+        response._content = b"".join(chunks)  # as `aread` keeps what it read
+        return response
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform between 0 and the exponential ceiling of this attempt."""
