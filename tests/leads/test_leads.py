@@ -62,6 +62,10 @@ async def test_the_pipeline_moves_forward_to_lost_and_back_but_never_skips_enrol
     assert contacted.json()["status"] == "contacted"
     assert (await api.patch(path, {"status": "qualified"})).json()["status"] == "qualified"
 
+    unexplained = await api.patch(path, {"status": "lost"})
+    assert unexplained.status_code == 422, unexplained.text
+    assert unexplained.json()["error"]["details"] == {"field": "lost_reason"}
+    assert (await api.get(path)).json()["status"] == "qualified"
     lost = await api.patch(path, {"status": "lost", "lost_reason": "chose another provider"})
     assert (lost.json()["status"], lost.json()["lost_reason"]) == (
         "lost",

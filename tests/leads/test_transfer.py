@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import gc
 import io
@@ -124,6 +125,47 @@ async def test_a_refused_status_move_fails_only_that_record(api: ApiClient) -> N
     body = response.json()
     assert [r["outcome"] for r in body["results"]] == ["failed", "created"]
     assert "cannot become qualified" in body["results"][0]["errors"][0]["message"]
+
+
+async def test_imports_at_once_naming_one_email_make_one_lead(api: ApiClient) -> None:
+    for round_number in range(3):
+        email = f"dup{round_number}@example.com"
+        bodies = [
+            {"source": "sf", "leads": [{"email": email.upper() if index % 2 else email}]}
+            for index in range(4)
+        ]
+
+        answers = await asyncio.gather(*(api.post(IMPORT, body) for body in bodies))
+
+        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+        assert sorted(a.json()["created"] for a in answers) == [0, 0, 0, 1]
+        leads = (await api.get("/api/v1/leads", params={"email": email})).json()["data"]
+        assert len(leads) == 1
+
+
+async def test_a_record_matches_by_the_email_a_lead_has_not_one_it_had(api: ApiClient) -> None:
+    first = await api.post(
+        IMPORT, {"source": "sf", "leads": [{"external_id": "1", "email": "old@example.com"}]}
+    )
+    assert first.json()["created"] == 1
+    # One batch: the lead moves to a new address, then another record gives the old one.
+    moved = await api.post(
+        IMPORT,
+        {
+            "source": "sf",
+            "leads": [
+                {"external_id": "1", "email": "new@example.com"},
+                {"email": "old@example.com", "first_name": "Other"},
+            ],
+        },
+    )
+
+    assert [r["outcome"] for r in moved.json()["results"]] == ["updated", "created"]
+    leads = (await api.get("/api/v1/leads")).json()["data"]
+    assert sorted((lead["email"], lead["first_name"]) for lead in leads) == [
+        ("new@example.com", None),
+        ("old@example.com", "Other"),
+    ]
 
 
 async def test_imported_custom_fields_merge_as_a_patch_does_within_the_limit(

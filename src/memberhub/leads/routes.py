@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from memberhub.auth.dependencies import LeadsReader, LeadsWriter, MembersWriter
+from memberhub.kit.errors import ValidationFailed
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath, ISODate, SafeQuery, UTCDatetime
@@ -84,8 +85,14 @@ async def get_lead(lead_id: IdPath, session: DbSession, principal: LeadsReader) 
 async def update_lead(
     lead_id: IdPath, payload: LeadPatch, session: DbSession, principal: LeadsWriter
 ) -> LeadOut:
-    """Change a lead or move it along the pipeline (enrolling is `POST .../enroll`)."""
-    return service.to_out(await service.update_lead(session, principal, lead_id, payload))
+    """Change a lead or move it along the pipeline (enrolling is `POST .../enroll`); a move
+    to `lost` needs a `lost_reason` (422 otherwise)."""
+    lead = await service.update_lead(session, principal, lead_id, payload)
+    if lead.status == LeadStatus.LOST and not lead.lost_reason:
+        raise ValidationFailed(
+            "A lead marked lost needs a lost_reason.", details={"field": "lost_reason"}
+        )
+    return service.to_out(lead)
 
 
 @router.post("/{lead_id}/enroll", status_code=status.HTTP_201_CREATED)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -187,6 +187,33 @@ async def create_lead(session: AsyncSession, principal: Principal, payload: Lead
     return lead
 
 
+# Leads are matched by email (and by an external id) within an organisation, and nothing
+# unique enforces it: a writer that matches or makes leads by a key holds the key's lock
+# until its transaction ends. Keys share LEAD_LOCK_SLOTS locks per organisation, so that a
+# batch holds at most that many; they are taken in order, so batches never deadlock.
+LEAD_LOCK_SLOTS = 256
+
+
+def email_key(email_normalized: str) -> str:
+    return f"email:{email_normalized}"
+
+
+def external_key(system: str, external_id: str) -> str:
+    return f"external:{system}:{external_id}"
+
+
+async def lock_lead_keys(
+    session: AsyncSession, organisation_id: int | None, keys: Iterable[str]
+) -> None:
+    slots = {
+        int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % LEAD_LOCK_SLOTS
+        for key in keys
+    }
+    for slot in sorted(slots):
+        digest = hashlib.sha256(f"lead:{organisation_id or 0}:{slot}".encode()).digest()
+        await session.run_sync(advisory_xact_lock, int.from_bytes(digest[:8], "big", signed=True))
+
+
 async def lead_for_activity(
     session: AsyncSession,
     principal: Principal,
@@ -207,8 +234,7 @@ async def lead_for_activity(
     """
     email_normalized = normalize_email(email)
     organisation_id = organisation.id if organisation is not None else None
-    digest = hashlib.sha256(f"lead:{organisation_id or 0}:{email_normalized}".encode()).digest()
-    await session.run_sync(advisory_xact_lock, int.from_bytes(digest[:8], "big", signed=True))
+    await lock_lead_keys(session, organisation_id, [email_key(email_normalized)])
     in_organisation = (
         Lead.organisation_id.is_(None)
         if organisation_id is None

@@ -23,6 +23,7 @@ from memberhub.kit.errors import MemberhubError
 from memberhub.leads import service
 from memberhub.leads.models import Lead, LeadStatus
 from memberhub.leads.schemas import ImportResult, LeadImport, LeadImportOut, LeadImportRecord
+from memberhub.leads.service import email_key, external_key, lock_lead_keys
 from memberhub.members.repository import normalize_email
 from memberhub.members.service import merge_mapping, resolve_organisation
 from memberhub.organisations.models import Organisation
@@ -112,6 +113,13 @@ async def import_leads(
             continue
         valid.append((index, record))
 
+    # Another import (or an activity's lead) at once must not make a second lead of a key.
+    await lock_lead_keys(
+        session,
+        organisation_id,
+        [email_key(normalize_email(r.email)) for _, r in valid if r.email]
+        + [external_key(system, r.external_id) for _, r in valid if r.external_id],
+    )
     existing = await _existing(
         session,
         organisation_id,
@@ -135,6 +143,7 @@ async def import_leads(
             if lead is not None and record.external_id and lead.external_ids.get(system):
                 # Another record of that system holds this email: a lead of its own.
                 lead = None
+        previous_email = lead.email_normalized if lead is not None else None
         try:
             if lead is None:
                 lead = _create(session, principal, organisation, system, record, now)
@@ -151,6 +160,8 @@ async def import_leads(
             continue
         if record.external_id:
             by_external[record.external_id] = lead
+        if previous_email != lead.email_normalized and by_email.get(previous_email or "") is lead:
+            del by_email[previous_email or ""]  # the lead no longer has that email
         if lead.email_normalized:
             by_email[lead.email_normalized] = lead
         results[index] = ImportResult(index=index, outcome=outcome, lead_id=lead.public_id)
