@@ -128,3 +128,51 @@ async def test_a_deduction_reference_names_one_deduction_held_or_applied(
     assert decided.status_code == 200, decided.text
     assert (await summary(api, member["id"]))["current_balance"] == 80
     await check_ledger(db)
+
+
+async def test_a_held_deduction_approved_after_its_member_moved_deducts_under_its_reference(
+    api: ApiClient, db: Database
+) -> None:
+    """A held deduction's reference was taken in the member's organisation of the time;
+    after a move, a deduction with the same reference in the new organisation is another
+    one: approving the held one deducts it, never replays the other."""
+    first = await api.create_organisation()
+    second = await api.create_organisation()
+    member = await api.create_member(organisation_id=first["id"])
+    await award(api, member["id"], 1000)
+    body = {"member_id": member["id"], "points": 300, "reason": "fix", "reference_id": "R"}
+    held = await op(api, "deduct", {**body, "require_approval": True}, expect=202)
+    moved = await api.patch(f"/api/v1/members/{member['id']}", {"organisation_id": second["id"]})
+    assert moved.status_code == 200, moved.text
+    direct = await op(api, "deduct", body)
+    assert direct["balance"]["current_balance"] == 700
+
+    manager = api.with_key(await issue_key(db, Role.MANAGER))
+    decided = await manager.post(f"/api/v1/approvals/{held['id']}/approve", {})
+
+    assert decided.status_code == 200, decided.text
+    assert decided.json()["transaction_id"] != direct["transaction"]["id"]
+    assert (await summary(api, member["id"]))["current_balance"] == 400
+    await check_ledger(db)
+
+
+async def test_the_held_deductions_of_an_erased_member_are_gone_with_it(
+    api: ApiClient, db: Database, member: dict[str, Any]
+) -> None:
+    await award(api, member["id"], 100)
+    body = {"member_id": member["id"], "points": 10, "reason": "fix", "require_approval": True}
+    held = [await op(api, "deduct", {**body, "reference_id": f"h-{n}"}, expect=202) for n in (1, 2)]
+    assert (await api.delete(f"/api/v1/members/{member['id']}")).status_code == 204
+
+    manager = api.with_key(await issue_key(db, Role.MANAGER))
+    answers = [
+        await manager.get(f"/api/v1/approvals/{held[0]['id']}"),
+        await manager.post(f"/api/v1/approvals/{held[0]['id']}/reject", {}),
+        await manager.post(f"/api/v1/approvals/{held[1]['id']}/approve", {}),
+    ]
+
+    assert [a.status_code for a in answers] == [404, 404, 404], [a.text for a in answers]
+    assert {a.json()["error"]["code"] for a in answers} == {"APPROVAL_NOT_FOUND"}
+    assert (await manager.get("/api/v1/approvals", params={"status": "pending"})).json()[
+        "data"
+    ] == []

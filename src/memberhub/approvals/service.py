@@ -181,6 +181,7 @@ async def get_approval(
     if (
         approval is None
         or member is None
+        or member.deleted_at is not None  # erased: nothing is left to decide on
         or not principal.can_see_organisation(member.organisation_id)
     ):
         raise NotFound(f"Approval request {public_id} does not exist.", code="APPROVAL_NOT_FOUND")
@@ -242,6 +243,9 @@ async def approve(
         reason=approval.reason,
         reference_id=approval.reference_id,
         details={"approval_id": approval.public_id, "requested_by": approval.requested_by},
+        # The reference was taken when the deduction was held, in the organisation the
+        # member was in then: a deduction with it in another one since is not this one.
+        scope=approval.reference_scope,
     )
     approval.status = ApprovalStatus.APPROVED
     approval.decided_by = principal.actor.id
@@ -291,10 +295,11 @@ async def list_approvals(
     after_id: int | None,
     limit: int,
 ) -> Sequence[ApprovalRequest]:
-    """Newest first, paged by id."""
+    """Newest first, paged by id; not those of erased members (gone, as they are)."""
     query = (
         select(ApprovalRequest)
         .join(Member, Member.id == ApprovalRequest.member_id)
+        .where(Member.deleted_at.is_(None))
         .order_by(ApprovalRequest.id.desc())
         .limit(limit + 1)
     )

@@ -151,13 +151,16 @@ async def find_replay(
     member: Member,
     points: int | None = None,
     request: str | None = None,
+    scope: int | None = None,
 ) -> PointTransaction | None:
-    """The earlier transaction with this reference in the member's scope, after checking it
-    was the same request: the same `request` fingerprint (see `request_fingerprint`), or,
-    for a transaction written before fingerprints were kept, the same points."""
+    """The earlier transaction with this reference in the member's scope (or `scope`, where
+    the reference was taken earlier, in the organisation the member was in then), after
+    checking it was the same request: the same `request` fingerprint (see
+    `request_fingerprint`), or, for a transaction written before fingerprints were kept,
+    the same points."""
     if reference_id is None:
         return None
-    scope = reference_scope(member)
+    scope = reference_scope(member) if scope is None else scope
     await lock_reference(session, txn_type, scope, reference_id)
     existing = await PointsRepository(session).by_reference(txn_type, scope, reference_id)
     if existing is None:
@@ -181,6 +184,7 @@ async def _open(
     points: int | None = None,
     request: str | None = None,
     account: PointAccount | None = None,
+    scope: int | None = None,
 ) -> tuple[PointAccount, PointTransaction | None]:
     """The start of every single-member operation: hold the reference (if any), lock the
     member's account (unless given, already locked: see `member_and_account`), and return
@@ -190,7 +194,7 @@ async def _open(
         assert reference_id is None, "an operation with a reference locks the account itself"
         return account, None
     replay = await find_replay(
-        session, txn_type, reference_id, member=member, points=points, request=request
+        session, txn_type, reference_id, member=member, points=points, request=request, scope=scope
     )
     return await PointsRepository(session).lock_account(member.id), replay
 
@@ -1015,13 +1019,15 @@ async def spend_points(
     reference_id: str | None,
     now: datetime | None = None,
     details: dict[str, Any] | None = None,
+    scope: int | None = None,
 ) -> LedgerResult:
-    """Redeem or deduct: take points from the soonest-expiring batches first."""
+    """Redeem or deduct: take points from the soonest-expiring batches first. `scope`: the
+    reference's, where it was taken earlier than now (a held deduction's)."""
     assert txn_type in (TxnType.REDEEM, TxnType.DEDUCT)
     now = now or utcnow()
     request = request_fingerprint(reference_id, points=points, reason=reason)
     account, replay = await _open(
-        session, txn_type, reference_id, member, points=points, request=request
+        session, txn_type, reference_id, member, points=points, request=request, scope=scope
     )
     if replay is not None:
         return LedgerResult(replay, account, replayed=True)
@@ -1036,7 +1042,7 @@ async def spend_points(
         points=-points,
         reason=reason,
         reference_id=reference_id,
-        reference_scope=reference_scope(member),
+        reference_scope=reference_scope(member) if scope is None else scope,
         details={
             "requested_points": points,
             **kept_request(request),
