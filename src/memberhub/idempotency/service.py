@@ -20,7 +20,7 @@ from starlette.responses import Response
 from memberhub.idempotency.models import IdempotencyRecord
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
-from memberhub.kit.db import advisory_xact_lock
+from memberhub.kit.db import named_xact_lock
 
 REPLAYED_HEADERS = ("content-type", "etag", "location")
 MAX_KEY_LENGTH = 255
@@ -85,8 +85,7 @@ async def lock(session: AsyncSession, api_key_id: int, key: str) -> None:
     Without it, concurrent retries on PostgreSQL all miss the not yet committed record, run
     the operation, and fail on its side effects (409) instead of replaying the first response.
     """
-    digest = hashlib.sha256(f"{api_key_id}:{key}".encode()).digest()
-    await session.run_sync(advisory_xact_lock, int.from_bytes(digest[:8], "big", signed=True))
+    await session.run_sync(named_xact_lock, f"{api_key_id}:{key}")
 
 
 async def find(session: AsyncSession, api_key_id: int, key: str) -> IdempotencyRecord | None:

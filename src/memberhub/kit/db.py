@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import sqlite3
 import time
@@ -435,6 +436,14 @@ def advisory_xact_lock(session: Session, lock_id: int) -> None:
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": lock_id})
+
+
+def named_xact_lock(session: Session, *names: str) -> None:
+    """`advisory_xact_lock` on each name's lock (64 bits of the name's SHA-256), in the
+    order given: a caller taking several gives them in one order, so that none deadlock."""
+    for name in names:
+        digest = hashlib.sha256(name.encode()).digest()
+        advisory_xact_lock(session, int.from_bytes(digest[:8], "big", signed=True))
 
 
 def try_advisory_xact_lock(session: Session, lock_id: int) -> bool:

@@ -19,7 +19,7 @@ from memberhub.auth.roles import Scope
 from memberhub.events.catalog import EnrollmentCompleted, LeadCreated, LeadUpdated
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
-from memberhub.kit.db import advisory_xact_lock
+from memberhub.kit.db import named_xact_lock
 from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.kit.types import refusal
@@ -209,9 +209,8 @@ async def lock_lead_keys(
         int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % LEAD_LOCK_SLOTS
         for key in keys
     }
-    for slot in sorted(slots):
-        digest = hashlib.sha256(f"lead:{organisation_id or 0}:{slot}".encode()).digest()
-        await session.run_sync(advisory_xact_lock, int.from_bytes(digest[:8], "big", signed=True))
+    names = [f"lead:{organisation_id or 0}:{slot}" for slot in sorted(slots)]
+    await session.run_sync(named_xact_lock, *names)
 
 
 async def lead_for_activity(

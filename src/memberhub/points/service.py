@@ -36,7 +36,7 @@ from memberhub.events.catalog import (
 from memberhub.events.service import event_row
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
-from memberhub.kit.db import advisory_xact_lock
+from memberhub.kit.db import named_xact_lock
 from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
@@ -139,8 +139,7 @@ async def lock_reference(
 ) -> None:
     """Serialise operations carrying the same reference in one scope until the first one
     commits, so a concurrent repeat finds the first transaction instead of applying again."""
-    digest = hashlib.sha256(f"points:{txn_type}:{scope}:{reference_id}".encode()).digest()
-    await session.run_sync(advisory_xact_lock, int.from_bytes(digest[:8], "big", signed=True))
+    await session.run_sync(named_xact_lock, f"points:{txn_type}:{scope}:{reference_id}")
 
 
 async def find_replay(

@@ -9,7 +9,6 @@ claims, which keeps the per-member limit exact; the reward row lock serialises t
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,7 +27,7 @@ from memberhub.events.catalog import (
 )
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
-from memberhub.kit.db import advisory_xact_lock
+from memberhub.kit.db import named_xact_lock
 from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
@@ -280,8 +279,7 @@ async def claimable_rewards(
 async def _lock_claim_reference(session: AsyncSession, scope: int, reference_id: str) -> None:
     """Serialise claims carrying the same reference in one organisation until the first
     commits, so a repeat finds the first claim (on SQLite the write lock already does this)."""
-    digest = hashlib.sha256(f"rewards:claim:{scope}:{reference_id}".encode()).digest()
-    await session.run_sync(advisory_xact_lock, int.from_bytes(digest[:8], "big", signed=True))
+    await session.run_sync(named_xact_lock, f"rewards:claim:{scope}:{reference_id}")
 
 
 def _check_available(reward: Reward, now: datetime) -> None:
