@@ -258,11 +258,7 @@ async def _reverse_share(
         return 0  # this refund was applied to this earn already
     earned = earn.points + earn.pending_points
     wanted = share(earned, after, order_amount) - share(earned, before, order_amount)
-    # The account first, then the batch, as every ledger operation locks them: the other
-    # order deadlocks with a spend of the member's.
-    repository = PointsRepository(session)
-    await repository.lock_account(member.id)
-    batch = await repository.batch_for_transaction(earn.id)
+    batch = await points.locked_earn_batch(session, member, earn)
     if batch is None or wanted <= 0:
         return 0
     return await points.reverse_for_refund(

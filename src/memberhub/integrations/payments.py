@@ -38,7 +38,6 @@ from memberhub.memberships.models import MembershipPlan
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.points import service as points
 from memberhub.points.models import PointTransaction
-from memberhub.points.repository import PointsRepository
 from memberhub.points.schemas import MAX_AMOUNT
 from memberhub.program import service as program_service
 
@@ -506,11 +505,7 @@ async def _reverse(
     earned = earn.points + earn.pending_points
     total = max(record.amount, 1)
     target = earned if full else earned * notice.amount_refunded // total
-    # The account first, then the batch, as every ledger operation locks them: the other
-    # order deadlocks with a spend of the member's.
-    repository = PointsRepository(session)
-    await repository.lock_account(member.id)
-    batch = await repository.batch_for_transaction(earn.id)
+    batch = await points.locked_earn_batch(session, member, earn)
     if batch is None:
         return 0
     # One reversal per state of the earn: the same notice again is the same reversal.

@@ -1126,6 +1126,16 @@ def reversible_points(batch: PointBatch) -> int:
     return batch.initial - batch.reversed_points - (batch.expired_points - batch.recovered_points)
 
 
+async def locked_earn_batch(
+    session: AsyncSession, member: Member, earn: PointTransaction
+) -> PointBatch | None:
+    """The earn's batch, locked after the member's account, as every ledger operation locks
+    them (a refund locking the batch first deadlocked with a spend of the member's)."""
+    repository = PointsRepository(session)
+    await repository.lock_account(member.id)
+    return await repository.batch_for_transaction(earn.id)
+
+
 async def reverse_for_refund(
     session: AsyncSession,
     actor: Actor,
