@@ -429,12 +429,7 @@ async def allowed_addresses(
             addresses = await (resolver or resolve)(host, port)
         except UnicodeError as exc:
             raise OSError(f"Could not resolve {host!r}: {exc}") from None
-        if not addresses:
-            raise OSError(f"Could not resolve {host!r}: no addresses.")
-    refusal = _first_refusal(addresses, policy.allowed_networks)
-    if refusal is not None:
-        address, reason = refusal
-        raise DestinationRefused(host, reason, None if address == host else address)
+    _require_allowed(host, addresses, policy)
     return addresses
 
 
@@ -445,7 +440,11 @@ def check_destination_now(host: str, port: int, policy: UrlPolicy) -> None:
     cannot be ruled out as it is where the client connects to the checked address. Raises
     DestinationRefused, or OSError when the name does not resolve."""
     literal = _ip_literal(host.strip("[]"))
-    addresses = [str(literal)] if literal is not None else _lookup(host, port)
+    _require_allowed(host, [str(literal)] if literal is not None else _lookup(host, port), policy)
+
+
+def _require_allowed(host: str, addresses: Sequence[str], policy: UrlPolicy) -> None:
+    """Raise unless `host` resolved, to addresses the policy allows every one of."""
     if not addresses:
         raise OSError(f"Could not resolve {host!r}: no addresses.")
     refusal = _first_refusal(addresses, policy.allowed_networks)
