@@ -270,14 +270,11 @@ class Segment(Provider):
             },
             retry_safe=True,
         )
-        if response.status_code in (400, 404, 422):
-            # The request itself is refused: filing it again cannot change that.
-            raise SinkRefused(
-                f"Segment's Public API refused the deletion ({response.status_code}): "
-                f"{_error(response)}"
-            )
         if response.status_code >= 300:
-            raise SinkUnavailable(
+            # The request itself refused (400, 404, 422): filing it again cannot change that;
+            # the token refused, or no answer: it may be fixed, and is tried again.
+            refused = SinkRefused if response.status_code in (400, 404, 422) else SinkUnavailable
+            raise refused(
                 f"Segment's Public API refused the deletion ({response.status_code}): "
                 f"{_error(response)}"
             )
