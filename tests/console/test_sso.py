@@ -69,7 +69,27 @@ async def test_a_staff_user_signs_in_with_sso(
     assert [e["object_id"] for e in sign_ins] == [staff_id]
 
 
-@pytest.mark.parametrize("tamper", ["signature", "nonce", "audience", "issuer", "expired"])
+@pytest.mark.parametrize("configured_with_slash", [True, False])
+async def test_an_issuer_published_with_a_trailing_slash_signs_in(
+    browser: httpx.AsyncClient,
+    provider: FakeOidcProvider,
+    settings: Settings,
+    db: Database,
+    configured_with_slash: bool,
+) -> None:
+    """Auth0's issuer is `https://TENANT.auth0.com/`; the ID token's `iss` must equal it
+    exactly, whether or not the setting was written with the slash."""
+    provider.issuer_slash = True
+    settings.oidc_issuer = provider.url + ("/" if configured_with_slash else "")
+    await create_staff_user(db)
+    back = await sso(browser)
+    assert back.status_code == 303, back.text
+    assert (await browser.get("/console")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "tamper", ["signature", "nonce", "audience", "issuer", "issuer-slash", "expired"]
+)
 async def test_an_id_token_that_fails_a_check_signs_no_one_in(
     browser: httpx.AsyncClient, provider: FakeOidcProvider, db: Database, tamper: str
 ) -> None:

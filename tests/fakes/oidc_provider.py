@@ -65,6 +65,8 @@ class FakeOidcProvider:
         }
     )
     tamper: str | None = None
+    # Auth0 publishes its issuer with a trailing "/", in discovery and in every ID token.
+    issuer_slash: bool = False
     key: RSAKey = field(default_factory=lambda: _key("fake-1"))
     # Signs tokens the JWKS does not publish (same kid: only the signature is wrong).
     impostor_key: RSAKey = field(default_factory=lambda: _key("fake-1"))
@@ -72,12 +74,16 @@ class FakeOidcProvider:
     authorize_requests: list[dict[str, str]] = field(default_factory=list)
     token_requests: int = 0
 
+    @property
+    def issuer(self) -> str:
+        return self.url + "/" if self.issuer_slash else self.url
+
     # --- the endpoints ---------------------------------------------------------------
 
     async def discovery(self, _request: Request) -> Response:
         return JSONResponse(
             {
-                "issuer": self.url,
+                "issuer": self.issuer,
                 "authorization_endpoint": f"{self.url}/authorize",
                 "token_endpoint": f"{self.url}/token",
                 "jwks_uri": f"{self.url}/jwks",
@@ -167,7 +173,7 @@ class FakeOidcProvider:
     def id_token(self, user: dict[str, Any], nonce: str) -> str:
         now = int(time.time())
         claims: dict[str, Any] = {
-            "iss": self.url,
+            "iss": self.issuer,
             "aud": self.client_id,
             "iat": now,
             "exp": now + ID_TOKEN_TTL_SECONDS,
@@ -183,6 +189,8 @@ class FakeOidcProvider:
             claims["aud"] = "another-client"
         elif self.tamper == "issuer":
             claims["iss"] = "https://impostor.example"
+        elif self.tamper == "issuer-slash":
+            claims["iss"] = self.issuer.rstrip("/") if self.issuer_slash else self.issuer + "/"
         elif self.tamper == "expired":
             claims["exp"] = now - 3600
         return jwt.encode({"alg": "RS256", "kid": key.kid or ""}, claims, key)

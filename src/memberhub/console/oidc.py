@@ -91,7 +91,9 @@ class OidcClient:
         document = await self._get_json(f"{self.issuer}/.well-known/openid-configuration")
         try:
             metadata = ProviderMetadata(
-                issuer=str(document["issuer"]).rstrip("/"),
+                # Kept exactly as published: the ID token's `iss` must equal it (Auth0's
+                # ends with "/"); only the comparison with the setting ignores the slash.
+                issuer=str(document["issuer"]),
                 authorization_endpoint=str(document["authorization_endpoint"]),
                 token_endpoint=str(document["token_endpoint"]),
                 jwks_uri=str(document["jwks_uri"]),
@@ -99,7 +101,7 @@ class OidcClient:
         except KeyError as exc:
             log.warning("oidc_discovery_incomplete", missing=str(exc))
             raise SsoFailed() from exc
-        if metadata.issuer != self.issuer:
+        if metadata.issuer.rstrip("/") != self.issuer:
             log.warning("oidc_issuer_mismatch", configured=self.issuer, found=metadata.issuer)
             raise SsoFailed()
         self._metadata = (time.monotonic(), metadata)
