@@ -15,10 +15,13 @@ class StaffRepository:
     async def get_by_public_id(self, public_id: str) -> StaffUser | None:
         return await self.session.scalar(select(StaffUser).where(StaffUser.public_id == public_id))
 
-    async def get_by_email(self, email: str) -> StaffUser | None:
-        return await self.session.scalar(
-            select(StaffUser).where(StaffUser.email == email.strip().lower())
-        )
+    async def get_by_email(self, email: str, *, for_update: bool = False) -> StaffUser | None:
+        """`for_update` locks the row (and reloads it) until the transaction ends: sign-in
+        attempts on one account then count one after another, none lost to a race."""
+        query = select(StaffUser).where(StaffUser.email == email.strip().lower())
+        if for_update:
+            query = query.with_for_update().execution_options(populate_existing=True)
+        return await self.session.scalar(query)
 
     async def list(
         self, *, organisation_ids: frozenset[int] | None, after_id: int | None, limit: int

@@ -277,6 +277,7 @@ async def record_wrong_password(
     sign-in) counts towards the lock as a failed sign-in does, so a session left open is no
     way to guess it; a lock also ends every session of the account. True when it locked."""
     actor = Actor(id=staff.public_id)
+    await session.refresh(staff, with_for_update=True)
     outcome = await _record_failure(session, staff, settings, now or utcnow(), actor)
     if outcome.result is SignInResult.LOCKED:
         staff.session_version += 1
@@ -296,7 +297,7 @@ async def check_password(
     """The first step of a password sign-in. A locked account is refused whatever the
     password, and a wrong password counts towards its lock."""
     now = now or utcnow()
-    staff = await StaffRepository(session).get_by_email(email)
+    staff = await StaffRepository(session).get_by_email(email, for_update=True)
     valid = passwords.verify_password(staff.password_hash if staff else None, password)
     if staff is None or not staff.active:
         return SignInOutcome(SignInResult.INVALID)
@@ -319,6 +320,9 @@ async def check_second_factor(
     now: datetime | None = None,
 ) -> SignInOutcome:
     now = now or utcnow()
+    # Locked and reloaded: two attempts at once can neither both use one code nor lose a
+    # failure from the count towards the lock.
+    await session.refresh(staff, with_for_update=True)
     if not staff.active:
         return SignInOutcome(SignInResult.INVALID)
     if is_locked(staff, now):
