@@ -389,7 +389,9 @@ class _Planner:
                 event=data,
                 recipient={"email": staff.email, "name": staff.name, "roles": list(staff.roles)},
             )
-            rows.append(self._rendered(row, message, Channel.EMAIL, locales, context))
+            rows.append(
+                self._rendered(row, message, Channel.EMAIL, locales, context, self.program_zone)
+            )
         return rows
 
     def _member_rows(
@@ -401,6 +403,9 @@ class _Planner:
             preference.locale if preference is not None else None,
             self.settings.default_locale,
         ]
+        zone = self.program_zone
+        if preference is not None and preference.timezone:
+            zone = ZoneInfo(preference.timezone)
         for channel in self._channels(message):
             # Deduplicated per member and channel: every device of the member gets a push.
             queued_on_channel = False
@@ -425,7 +430,7 @@ class _Planner:
                     member=template_service.member_context(member),
                     unsubscribe_url=unsubscribe_url,
                 )
-                row = self._rendered(row, message, channel, locales, context)
+                row = self._rendered(row, message, channel, locales, context, zone)
                 if row["status"] != NotificationStatus.QUEUED:
                     rows.append(row)
                     continue
@@ -435,9 +440,6 @@ class _Planner:
                         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
                     }
                 if channel in (Channel.SMS, Channel.PUSH):
-                    zone = self.program_zone
-                    if preference is not None and preference.timezone:
-                        zone = ZoneInfo(preference.timezone)
                     row["next_attempt_at"] = quiet_hours_end(
                         self.now, zone, *self.settings.quiet_hours.window()
                     )
@@ -536,13 +538,16 @@ class _Planner:
         channel: str,
         locales: list[str | None],
         context: dict[str, Any],
+        zone: ZoneInfo,
     ) -> dict[str, Any]:
         chosen = template_service.choose_template(self.templates, message, channel, locales)
         if chosen is None:
             return self._suppressed(row, "template_disabled")
         subject, body, format, locale = chosen
         try:
-            rendered = templates.render(subject=subject, body=body, format=format, context=context)
+            rendered = templates.render(
+                subject=subject, body=body, format=format, context=context, zone=zone
+            )
         except templates.TemplateInvalid as exc:
             row.update(
                 status=NotificationStatus.FAILED,

@@ -125,15 +125,42 @@ class NotificationSender:
                 break
             integrations = await self._integrations()
             # Recorded a round of sends at a time: what a crash leaves sent but unrecorded
-            # (and so sends again after the lease) is at most one round in flight.
+            # (and so sends again after the lease) is at most one round in flight. Each
+            # later round renews the lease of its rows first, and drops any another worker
+            # took over meanwhile (this one outlived its lease: a slow vendor, a long wait).
             for start in range(0, len(claimed), self.concurrency):
                 round_ = claimed[start : start + self.concurrency]
+                if start:
+                    round_ = await self._renew(claim, round_, now or utcnow())
+                    if not round_:
+                        continue
                 outcomes = await asyncio.gather(
                     *(self._send_one(item, integrations) for item in round_)
                 )
                 await self._record(claim, outcomes)
             handled += len(claimed)
         return handled
+
+    async def _renew(self, claim: str, round_: list[_Claimed], now: datetime) -> list[_Claimed]:
+        """The rows of `round_` still held by `claim`, their lease renewed from `now`."""
+        async with self.db.transaction() as session:
+            held = set(
+                (
+                    await session.execute(
+                        update(_NOTIFICATIONS)
+                        .where(
+                            _NOTIFICATIONS.c.id.in_([item.id for item in round_]),
+                            _NOTIFICATIONS.c.claim == claim,
+                            _NOTIFICATIONS.c.status == NotificationStatus.QUEUED,
+                        )
+                        .values(next_attempt_at=now + self.lease)
+                        .returning(_NOTIFICATIONS.c.id)
+                    )
+                ).scalars()
+            )
+        if len(held) < len(round_):
+            log.warning("notification_lease_lost", count=len(round_) - len(held))
+        return [item for item in round_ if item.id in held]
 
     async def _claim(self, now: datetime) -> tuple[str, list[_Claimed], int]:
         """Lease a batch of due notifications; those that may no longer go out (see

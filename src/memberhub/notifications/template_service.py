@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,7 +24,7 @@ from memberhub.members.models import Member
 from memberhub.members.service import get_member
 from memberhub.notifications import catalog, templates
 from memberhub.notifications.catalog import MESSAGE_TYPES, MessageType
-from memberhub.notifications.models import Channel, NotificationTemplate
+from memberhub.notifications.models import Channel, NotificationPreference, NotificationTemplate
 from memberhub.notifications.repository import NotificationRepository
 from memberhub.notifications.schemas import (
     MessageTypeOut,
@@ -309,14 +310,20 @@ async def delete_template(session: AsyncSession, principal: Principal, public_id
 
 
 def locale_candidates(locales: Sequence[str | None]) -> list[str]:
-    """The locale tags to look for, in order and lower-cased: each locale, then its
-    language (`fr-CA`, then `fr`), before the next."""
+    """The locale tags to look for, in order and lower-cased: each locale, then the tag cut
+    back a subtag at a time (`zh-Hant-TW`, `zh-Hant`, `zh`), before the next: RFC 4647's
+    lookup, which also drops a single-letter subtag left at the end (`x` of `de-x-foo`)."""
     wanted: list[str] = []
     for locale in locales:
-        if locale:
-            for tag in (locale.lower(), locale.lower().split("-")[0]):
-                if tag not in wanted:
-                    wanted.append(tag)
+        if not locale:
+            continue
+        subtags = locale.lower().split("-")
+        for end in range(len(subtags), 0, -1):
+            if end < len(subtags) and len(subtags[end - 1]) == 1:
+                continue
+            tag = "-".join(subtags[:end])
+            if tag not in wanted:
+                wanted.append(tag)
     return wanted
 
 
@@ -328,8 +335,8 @@ def choose_template(
 ) -> tuple[str | None, str, str, str | None] | None:
     """(subject, body, format, locale) of the template to send: the installation's in the
     first of `locales` it has, else the default; None when there is none or it is
-    disabled. Locales compare case aside, and a regional one falls back to its language
-    (`fr-CA` to `fr`) before the next locale is tried, as BCP 47 tags do."""
+    disabled. Locales compare case aside, and a tag falls back subtag by subtag
+    (`zh-Hant-TW` to `zh-Hant` to `zh`) before the next locale is tried, as BCP 47 tags do."""
     own = {
         locale.lower(): template
         for (name, on, locale), template in stored.items()
@@ -354,6 +361,7 @@ async def preview_template(
     settings = await get_settings(session)
     program = await program_service.get_program(session)
     member = None
+    zone = ZoneInfo(program.timezone)
     if payload.member_id is not None:
         if message.audience != "member":
             raise ValidationFailed(
@@ -361,7 +369,11 @@ async def preview_template(
                 details={"field": "member_id"},
                 code="NOT_A_MEMBER_MESSAGE",
             )
-        member = member_context(await get_member(session, principal, payload.member_id))
+        chosen = await get_member(session, principal, payload.member_id)
+        member = member_context(chosen)
+        preference = await session.get(NotificationPreference, chosen.id)
+        if preference is not None and preference.timezone:
+            zone = ZoneInfo(preference.timezone)
     event = catalog.sample_event(message)
     if payload.event is not None:
         event.update(payload.event)
@@ -374,7 +386,11 @@ async def preview_template(
     )
     try:
         rendered = templates.render(
-            subject=template.subject, body=template.body, format=template.format, context=context
+            subject=template.subject,
+            body=template.body,
+            format=template.format,
+            context=context,
+            zone=zone,
         )
     except templates.TemplateInvalid as exc:
         raise ValidationFailed(

@@ -1,0 +1,156 @@
+"""What a template renders: times in the recipient's zone, values it may not build, the
+plain-text part of HTML email and the locale a member gets."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+
+from memberhub.kit.clock import utcnow
+from memberhub.kit.db import Database
+from memberhub.points.jobs import notify_expiring_points
+from memberhub.settings import Settings
+from tests.fakes.smtp_server import SmtpServer
+from tests.notifications.conftest import award, consenting_member, deliver
+from tests.support import ApiClient
+
+TEMPLATES = "/api/v1/notification-templates"
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+async def test_an_expiry_date_is_the_day_where_the_member_is(
+    api: ApiClient,
+    db: Database,
+    app: Any,
+    settings: Settings,
+    smtp: SmtpServer,
+    mail: dict[str, Any],
+) -> None:
+    assert (await api.patch("/api/v1/program", {"timezone": "America/New_York"})).is_success
+    now = utcnow()
+    in_program_zone = await consenting_member(api, email="ny@example.com")
+    in_tokyo = await consenting_member(api, email="tokyo@example.com")
+    prefs = await api.patch(
+        f"/api/v1/members/{in_tokyo['id']}/notification-preferences", {"timezone": "Asia/Tokyo"}
+    )
+    assert prefs.status_code == 200, prefs.text
+    # 23:30 on a day in New York is 04:30 UTC and 13:30 in Tokyo, both the next day.
+    day = (now + timedelta(days=10)).astimezone(NEW_YORK).date()
+    expires = datetime.combine(day, time(23, 30), tzinfo=NEW_YORK)
+    for member in (in_program_zone, in_tokyo):
+        await award(api, member["id"], 100, expires_at=expires.isoformat())
+    async with db.transaction() as session:
+        assert await notify_expiring_points(session, now) == 2
+    await deliver(db, app, settings, now)
+    subjects = {
+        m.recipients[0]: str(m.message["Subject"])
+        for m in smtp.received()
+        if "expire" in str(m.message["Subject"])
+    }
+    next_day = day + timedelta(days=1)
+    assert subjects == {
+        "ny@example.com": f"100 points expire on {day.day} {day:%B %Y}",
+        "tokyo@example.com": f"100 points expire on {next_day.day} {next_day:%B %Y}",
+    }, subjects
+
+
+async def test_a_preview_for_a_member_shows_times_in_their_zone(api: ApiClient) -> None:
+    member = await api.create_member()
+    await api.patch(
+        f"/api/v1/members/{member['id']}/notification-preferences", {"timezone": "Asia/Tokyo"}
+    )
+    draft = {
+        "message_type": "points_expiring",
+        "channel": "sms",
+        "body": "{{ event.expires_at | date('%d %H:%M') }}",
+        "event": {"expires_at": "2027-01-05T16:30:00Z"},
+    }
+    shown = await api.post(f"{TEMPLATES}/preview", {**draft, "member_id": member["id"]})
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["text"] == "06 01:30"
+    # Without a member: the program's time zone (UTC by default).
+    assert (await api.post(f"{TEMPLATES}/preview", draft)).json()["text"] == "05 16:30"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "{{ 'a' * 2**62 }}",
+        "{{ 'a' * 10**9 }}",
+        "{{ ['a'] * 10**8 }}",
+        "{{ 7 ** 1000000 }}",
+        "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
+    ],
+)
+async def test_a_template_that_builds_a_huge_value_is_refused_not_a_500(
+    app: Any, admin_key: str, api: ApiClient, body: str
+) -> None:
+    # A client that sees what the server answers, a 500 included.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        response = await http.post(
+            TEMPLATES,
+            headers={"Authorization": f"Bearer {admin_key}"},
+            json={
+                "message_type": "member_welcome",
+                "channel": "email",
+                "locale": "en",
+                "subject": "Hi",
+                "body": body,
+            },
+        )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "INVALID_TEMPLATE"
+    assert (await api.get(TEMPLATES, {"include_defaults": "false"})).json() == []
+
+
+async def test_the_plain_text_part_keeps_cells_headings_and_line_breaks(api: ApiClient) -> None:
+    preview = await api.post(
+        f"{TEMPLATES}/preview",
+        {
+            "message_type": "points_earned",
+            "channel": "email",
+            "format": "html",
+            "subject": "Points",
+            "body": "<table><tr><td>Points</td><td>{{ event.points }}</td></tr>"
+            "<tr><th>Balance</th><td>{{ event.balance_after }}</td></tr></table>"
+            "<h5>Thanks</h5><h6>The club</h6><p>Line one<br/>Line two</p>",
+        },
+    )
+    assert preview.status_code == 200, preview.text
+    text = preview.json()["text"]
+    assert re.search(r"^Points \d+$", text, re.M), text
+    assert re.search(r"^Balance \d+$", text, re.M), text
+    assert "\nThanks\n\nThe club\n" in text, text
+    assert text.endswith("Line one\nLine two"), text
+
+
+async def test_a_locale_falls_back_a_subtag_at_a_time(api: ApiClient) -> None:
+    for locale, subject in (("zh-Hant", "繁體 welcome"), ("zh", "简体 welcome")):
+        created = await api.post(
+            TEMPLATES,
+            {
+                "message_type": "member_welcome",
+                "channel": "email",
+                "locale": locale,
+                "subject": subject,
+                "body": "Hi {{ member.first_name }}",
+            },
+        )
+        assert created.status_code == 201, created.text
+    for asked, subject in (
+        ("zh-Hant-TW", "繁體 welcome"),
+        ("zh-Hans-CN", "简体 welcome"),
+        ("zh-TW", "简体 welcome"),
+    ):
+        preview = await api.post(
+            f"{TEMPLATES}/preview",
+            {"message_type": "member_welcome", "channel": "email", "locale": asked},
+        )
+        assert preview.status_code == 200, preview.text
+        assert preview.json()["subject"] == subject, asked
