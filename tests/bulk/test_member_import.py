@@ -7,6 +7,7 @@ import io
 import json
 import os
 import time
+import unicodedata
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from memberhub.bulk.models import BulkJobChunk, BulkJobRow
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
 from memberhub.points.models import PointTransaction
-from tests.bulk.conftest import run_worker
+from tests.bulk.conftest import balance, run_worker
 from tests.conftest import issue_key
 from tests.support import ApiClient
 
@@ -164,8 +165,8 @@ async def test_a_dry_run_then_the_import_then_a_rerun_that_changes_nothing(
     member = (await api.get(f"/api/v1/members/{ada['member_id']}")).json()
     assert (member["first_name"], member["last_name"]) == ("Given3", "Family")
     assert member["consent"]["sms"] is False
-    balance = (await api.get(f"/api/v1/members/{ada['member_id']}/points")).json()
-    assert balance["current_balance"] == 30
+    shown = (await api.get(f"/api/v1/members/{ada['member_id']}/points")).json()
+    assert shown["current_balance"] == 30
     audit = (await api.get("/api/v1/audit", params={"object_id": ada["member_id"]})).json()
     awards = [entry for entry in audit["data"] if entry["action"].startswith("points.")]
     assert len(awards) == 1, audit
@@ -433,3 +434,43 @@ async def test_erasing_a_member_erases_their_email_from_import_reports(
     assert [row for row in rows if "kim.private" in str(row).lower()] == [
         ("kim.private@example.com", None)  # the other organisation's row
     ]
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        "Alice Example <alice@example.com>",  # a display name, which the email check reads
+        unicodedata.normalize("NFD", "josé@example.com"),  # accents as macOS writes them
+    ],
+)
+async def test_an_email_written_another_way_finds_its_member_on_a_second_run(
+    api: ApiClient, db: Database, email: str
+) -> None:
+    body = f"email,first_name\n{email},Alice\n"
+    first = await post_import(api, body)
+    await finished(api, db, first["id"])
+    assert (await rows(api, first["id"]))[0]["action"] == "created"
+    again = await post_import(api, body)
+    await finished(api, db, again["id"])
+    report = await rows(api, again["id"])
+    assert report[0]["action"] == "unchanged", report
+    assert report[0]["member_id"] == (await rows(api, first["id"]))[0]["member_id"]
+
+
+async def test_an_opening_balance_is_not_given_again_after_the_member_moved_organisation(
+    api: ApiClient, db: Database
+) -> None:
+    first_org = await api.create_organisation()
+    second_org = await api.create_organisation()
+    body = "email,opening_points,external_id\nmover@example.com,100,crm:42\n"
+    first = await post_import(api, body, organisation_id=first_org["id"])
+    await finished(api, db, first["id"])
+    member_id = (await rows(api, first["id"]))[0]["member_id"]
+    moved = await api.patch(f"/api/v1/members/{member_id}", {"organisation_id": second_org["id"]})
+    assert moved.status_code == 200, moved.text
+    again = await post_import(api, body, match_by="external_id")
+    await finished(api, db, again["id"])
+    report = await rows(api, again["id"])
+    assert report[0]["member_id"] == member_id, report
+    assert report[0]["action"] == "unchanged", report
+    assert await balance(api, member_id) == 100

@@ -32,6 +32,7 @@ from datetime import datetime
 from typing import IO, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
+from pydantic.networks import validate_email
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select
 from sqlalchemy.exc import DataError, IntegrityError
@@ -344,6 +345,15 @@ def _patch(member: Member, row: ImportRow) -> MemberPatch | None:
     return MemberPatch.model_validate(changes) if changes else None
 
 
+def _email_key(raw: object) -> str | None:
+    """The email a row's cell names, as validation reads it (`Ana <ana@example.org>` is
+    ana@example.org, accents composed) and members are looked up by; None if invalid."""
+    try:
+        return normalize_email(validate_email(str(raw))[1])
+    except ValueError:
+        return None
+
+
 class MemberFinder:
     """Finds the member a row names, reading a chunk's emails in one query."""
 
@@ -356,7 +366,7 @@ class MemberFinder:
     async def preload(self, rows: list[dict[str, Any]]) -> None:
         if self.options.match_by != "email":
             return
-        emails = {normalize_email(str(raw["email"])) for raw in rows if raw.get("email")}
+        emails = {key for raw in rows if raw.get("email") and (key := _email_key(raw["email"]))}
         if not emails:
             return
         query = select(Member).where(
@@ -443,8 +453,10 @@ async def apply_row(
             opening = row.opening_points or None
             if row.opening_points:
                 reference = f"opening-balance:{member.public_id}"
-                given = await PointsRepository(session).by_reference(
-                    TxnType.AWARD, points.reference_scope(member), reference
+                # Looked up by member, not by the reference's scope: a member moved to
+                # another organisation since keeps the award it was given.
+                given = await PointsRepository(session).member_transaction_by_reference(
+                    member.id, TxnType.AWARD, reference
                 )
                 if given is not None:
                     # Awarded once, by an earlier import: never again, whatever this row says

@@ -88,6 +88,21 @@ class PointsRepository:
             _BY_REFERENCE, {"scope": scope, "type": txn_type, "reference_id": reference_id}
         )
 
+    async def member_transaction_by_reference(
+        self, member_id: int, txn_type: str, reference_id: str
+    ) -> PointTransaction | None:
+        """The member's transaction of `txn_type` with this reference, whatever scope it
+        was written under (the member may have moved organisation since)."""
+        return await self.session.scalar(
+            select(PointTransaction)
+            .where(
+                PointTransaction.member_id == member_id,
+                PointTransaction.type == txn_type,
+                PointTransaction.reference_id == reference_id,
+            )
+            .limit(1)
+        )
+
     async def transfer_in_of(self, transfer_out_id: int) -> PointTransaction | None:
         """The incoming side of a transfer, by its outgoing transaction."""
         return await self.session.scalar(
