@@ -3,16 +3,20 @@ nothing."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from memberhub.auth.roles import Role
+from memberhub.exports import schedule
 from memberhub.kit.db import Database
 from tests.conftest import issue_key
 from tests.exports.conftest import create_local_integration
 from tests.support import ApiClient
+
+BERLIN = "Europe/Berlin"
 
 
 @pytest.fixture
@@ -99,6 +103,57 @@ async def test_a_schedule_is_read_in_the_programs_time_zone(
     assert export.status_code == 201, export.text
     assert export.json()["schedule"] == "30 2 * * *"
     assert export.json()["next_run_at"].endswith("17:30:00Z")
+
+
+async def test_a_change_of_the_programs_time_zone_moves_the_next_run(
+    api: ApiClient, storage_id: str
+) -> None:
+    export = await api.post("/api/v1/exports", _definition(storage_id, schedule="30 2 * * *"))
+    assert export.json()["next_run_at"].endswith("02:30:00Z")
+    assert (await api.patch("/api/v1/program", {"timezone": "Asia/Tokyo"})).is_success
+    shown = (await api.get(f"/api/v1/exports/{export.json()['id']}")).json()
+    assert shown["next_run_at"].endswith("17:30:00Z"), shown
+
+
+def _occasions(expression: str, after: datetime, zone: str, count: int) -> list[str]:
+    found = []
+    for _ in range(count):
+        after = schedule.next_run(expression, after, zone)
+        found.append(after.strftime("%Y-%m-%d %H:%M"))
+    return found
+
+
+def test_a_fixed_time_runs_once_on_the_night_the_clocks_go_back() -> None:
+    # Berlin, 25 October 2026: 02:30 comes twice (CEST, then CET); cron runs it once.
+    assert _occasions("30 2 * * *", datetime(2026, 10, 24, 1, 0, tzinfo=UTC), BERLIN, 3) == [
+        "2026-10-25 00:30",
+        "2026-10-26 01:30",
+        "2026-10-27 01:30",
+    ]
+
+
+def test_an_hourly_schedule_runs_in_both_passes_of_the_repeated_hour() -> None:
+    assert _occasions("0 * * * *", datetime(2026, 10, 24, 23, 10, tzinfo=UTC), BERLIN, 4) == [
+        "2026-10-25 00:00",  # 02:00 CEST
+        "2026-10-25 01:00",  # 02:00 CET
+        "2026-10-25 02:00",  # 03:00 CET
+        "2026-10-25 03:00",
+    ]
+
+
+def test_a_time_the_clocks_skip_runs_once_they_moved_on() -> None:
+    # Berlin, 29 March 2026: 02:00 to 03:00 does not exist; 02:30 runs at 03:30 CEST.
+    assert _occasions("30 2 * * *", datetime(2026, 3, 28, 1, 0, tzinfo=UTC), BERLIN, 3) == [
+        "2026-03-28 01:30",
+        "2026-03-29 01:30",
+        "2026-03-30 00:30",
+    ]
+    assert _occasions("*/30 * * * *", datetime(2026, 3, 29, 0, 10, tzinfo=UTC), BERLIN, 4) == [
+        "2026-03-29 00:30",  # 01:30 CET
+        "2026-03-29 01:00",  # 03:00 CEST
+        "2026-03-29 01:30",
+        "2026-03-29 02:00",
+    ]
 
 
 async def test_organisation_keys_may_not_export(

@@ -213,6 +213,7 @@ async def _work(
     """Plan the run if new, then write parts until it is done or the time budget is
     spent; (rows written, whether the run finished)."""
     rows = 0
+    context: _Context | None = None
     try:
         context = await _context(db, hub, run_id)
         if context.run.watermark_to is None:
@@ -240,8 +241,10 @@ async def _work(
             return rows, False
         raise
     except Exception as exc:
-        await _fail_attempt(db, run_id, lease, exc, clock())
+        failed_for_good = await _fail_attempt(db, run_id, lease, exc, clock())
         log.warning("export_run_failed", run_id=run_id, error_type=type(exc).__name__)
+        if failed_for_good and context is not None:
+            await _remove_files(db, context, context.run)
         return rows, False
 
 
@@ -437,8 +440,23 @@ async def _finish(db: Database, context: _Context, lease: datetime, now: datetim
         for previous in earlier:
             for part in await ExportRepository(session).parts(previous.id):
                 superseded.extend(str(f["key"]) for f in part.files)
-    # A full run replaces the previous full runs' files: the folder holds the table once.
-    for stale in superseded:
+    # A full run replaces the previous full runs' files (and a failed one's, should their
+    # removal have failed too): the folder holds the table once.
+    await _delete_objects(context, superseded)
+
+
+async def _remove_files(db: Database, context: _Context, run: ExportRun) -> None:
+    """A run failed for good: the parts (and a manifest) it uploaded are removed, so the
+    folder holds no rows the next run writes again. Best effort: what cannot be removed
+    now is removed by the next full run."""
+    async with db.transaction(read_only=True) as session:
+        parts = await ExportRepository(session).parts(run.id)
+    keys = [str(f["key"]) for part in parts for f in part.files]
+    await _delete_objects(context, [*keys, manifest_key(context.spec.name, run.sequence)])
+
+
+async def _delete_objects(context: _Context, keys: list[str]) -> None:
+    for stale in keys:
         try:
             await context.storage.delete_object(context.connection, stale)
         except Exception:
@@ -456,17 +474,20 @@ async def _release(db: Database, run_id: int, lease: datetime) -> None:
 
 async def _fail_attempt(
     db: Database, run_id: int, lease: datetime, exc: Exception, now: datetime
-) -> None:
-    """An attempt stopped on an error: try again next time, or fail after a few."""
+) -> bool:
+    """An attempt stopped on an error: try again next time, or fail after a few. True
+    when the run failed for good."""
     message = f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]
     async with db.transaction() as session:
         try:
             run = await _locked_run(session, run_id, lease)
         except RunLost:
-            return
+            return False
         run.failures += 1
         run.error = message
         run.lease_expires_at = None
         if run.failures >= MAX_FAILURES:
             run.status = RunStatus.FAILED
             run.finished_at = now
+            return True
+        return False

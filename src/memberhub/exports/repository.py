@@ -119,7 +119,7 @@ class ExportRepository:
                     ExportRun.export_id == export_id,
                     ExportRun.sequence < sequence,
                     ExportRun.mode == "full",
-                    ExportRun.status == RunStatus.COMPLETED,
+                    ExportRun.status.in_((RunStatus.COMPLETED, RunStatus.FAILED)),
                 )
             )
         ).all()

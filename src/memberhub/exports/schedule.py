@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadDateError, croniter
 
 MAX_FIELDS = 5
+MAX_CLOCK_CHANGE = timedelta(hours=2)
 
 
 def validated(expression: str) -> str:
@@ -28,8 +29,29 @@ def validated(expression: str) -> str:
 
 
 def next_run(expression: str, after: datetime, timezone: str) -> datetime:
-    """The first time after `after` the expression names, in `timezone`; returned in UTC."""
-    local = after.astimezone(ZoneInfo(timezone))
-    following = croniter(expression, local).get_next(datetime)
-    assert isinstance(following, datetime)
-    return following.astimezone(UTC)
+    """The first time after `after` the expression names on the wall clock of `timezone`;
+    returned in UTC. Across daylight saving, as cron does: when the clocks go back, a
+    schedule with a fixed hour runs once, at the first pass of the repeated time, and one
+    whose hour is `*` runs in both passes; a time the clocks skip (they go forward) runs
+    when they have moved on, as far past the change as it was meant to be."""
+    zone = ZoneInfo(timezone)
+    every_hour = expression.split(" ")[1].startswith("*")
+    # A wall time up to a clock change before `after`'s may still come after it.
+    start = (after.astimezone(zone).replace(tzinfo=None)) - MAX_CLOCK_CHANGE
+    occasions = croniter(expression, start)
+    best: datetime | None = None
+    while True:
+        wall = occasions.get_next(datetime)
+        assert isinstance(wall, datetime)
+        first = wall.replace(tzinfo=zone).astimezone(UTC)
+        times = [first]
+        if every_hour:
+            second = wall.replace(tzinfo=zone, fold=1).astimezone(UTC)
+            if second != first and second.astimezone(zone).replace(tzinfo=None) == wall:
+                times.append(second)  # the repeated time's second pass
+        for at in times:
+            if at > after and (best is None or at < best):
+                best = at
+        # Later wall times come later in UTC too, give or take one clock change.
+        if best is not None and first - MAX_CLOCK_CHANGE > best:
+            return best

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.service import diff, record_write
@@ -63,6 +64,20 @@ async def storage_integration(
             code="NOT_A_STORAGE_INTEGRATION",
         )
     return integration
+
+
+async def reschedule_all(session: AsyncSession, timezone: str) -> int:
+    """The program's time zone changed: every scheduled export's next run is read again
+    on the new wall clock (`30 2 * * *` is 02:30 wherever the program now is)."""
+    now = utcnow()
+    scheduled = (
+        await session.scalars(select(Export).where(Export.schedule.is_not(None)).with_for_update())
+    ).all()
+    for export in scheduled:
+        assert export.schedule is not None
+        export.next_run_at = schedule.next_run(export.schedule, now, timezone)
+        export.updated_at = now
+    return len(scheduled)
 
 
 async def create_export(
