@@ -715,3 +715,36 @@ async def test_the_programs_time_of_change_moves_only_when_it_changes(api: ApiCl
     assert (await api.patch("/api/v1/program", {"earn_points": 2})).json()["updated_at"] == (
         changed_at
     )
+
+
+async def test_a_patch_of_one_role_limit_keeps_every_other_limit(
+    api: ApiClient, db: Database
+) -> None:
+    await set_program(
+        api,
+        role_limits={
+            "manager": {"award": 1000, "deduct": 4999},
+            "support_agent": {"award": 50, "deduct": 0},
+        },
+        alert_thresholds={"large_redemption_points": 50},
+    )
+    after = await set_program(
+        api,
+        role_limits={"manager": {"deduct": 100}},
+        alert_thresholds={"points_expiring_days": 7},
+    )
+    assert after["role_limits"]["manager"] == {"award": 1000, "deduct": 100}
+    assert after["role_limits"]["support_agent"] == {"award": 50, "deduct": 0}
+    assert after["alert_thresholds"]["points_expiring_days"] == 7
+    assert after["alert_thresholds"]["large_redemption_points"] == 50
+    # null is a value: no limit, for that one field.
+    cleared = await set_program(api, role_limits={"support_agent": {"award": None}})
+    assert cleared["role_limits"]["support_agent"] == {"award": None, "deduct": 0}
+    assert cleared["role_limits"]["manager"] == {"award": 1000, "deduct": 100}
+    manager = api.with_key(await issue_key(db, Role.MANAGER))
+    member = await api.create_member()
+    refused = await manager.post(
+        "/api/v1/points/award", {"member_id": member["id"], "points": 1001, "reason": "x"}
+    )
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["code"] == "LIMIT_EXCEEDED"

@@ -133,6 +133,16 @@ def makes_lead(program: LoyaltyProgram, source: str) -> bool:
     return sources is None or source in sources
 
 
+_NESTED_PATCHES = frozenset({"role_limits", "alert_thresholds"})
+
+
+def _merged(stored: Any, sent: Any) -> Any:
+    """`sent` over `stored`, object by object: what `sent` leaves out keeps its value."""
+    if isinstance(stored, dict) and isinstance(sent, dict):
+        return {**stored, **{key: _merged(stored.get(key), value) for key, value in sent.items()}}
+    return sent
+
+
 async def update_program(
     session: AsyncSession, principal: Principal, payload: ProgramPatch
 ) -> LoyaltyProgram:
@@ -142,7 +152,11 @@ async def update_program(
     )
     program = stored if stored is not None else _defaults()
     before = to_fields(program).model_dump(mode="json")
-    merged: dict[str, Any] = {**before, **payload.model_dump(exclude_unset=True, mode="json")}
+    merged: dict[str, Any] = {**before}
+    for key, value in payload.model_dump(exclude_unset=True, mode="json").items():
+        # A PATCH changes only what it sends, within role_limits and alert_thresholds too
+        # (one role's one limit); unmatched_activity_leads is set whole, as documented.
+        merged[key] = _merged(before[key], value) if key in _NESTED_PATCHES else value
     try:
         fields = check_expiry_fields(ProgramFields.model_validate(merged))
     except (ValidationError, ValueError) as exc:
