@@ -462,6 +462,27 @@ async def test_renewal_in_grace_extends_from_the_previous_terms_end(
     )
 
 
+async def test_renewal_in_a_grace_longer_than_the_term_starts_today(
+    api: ApiClient, set_term_dates: SetTermDates, run_job: RunJob
+) -> None:
+    # A monthly plan with 60 days of grace; the term ended 40 days ago: a term back to back
+    # with it would be over already.
+    plan = await api.create_plan(term_months=1, grace_days=60)
+    member = await joined_member(api, plan)
+    ended = utcnow() - timedelta(days=40)
+    await set_term_dates(member["id"], ended, ended + timedelta(days=60))
+    assert await run_job(utcnow()) == 1
+    before = utcnow()
+    result = await ok(api, member["id"], "renew")
+    assert result["member"]["status"] == "active"
+    starts = ts(result["term"]["starts_at"])
+    assert before <= starts <= utcnow()
+    assert ts(result["term"]["ends_at"]) == add_months(starts, 1)
+    # The member who just renewed stays active.
+    assert await run_job(utcnow()) == 0
+    assert (await get_member(api, member["id"]))["status"] == "active"
+
+
 async def test_renewal_after_lapsing_starts_now(
     api: ApiClient, set_term_dates: SetTermDates, run_job: RunJob
 ) -> None:

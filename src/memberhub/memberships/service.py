@@ -338,6 +338,13 @@ async def renew(
     if starts_at == member.term_ends_at:
         # Back to back with the term before: the run keeps the day it started on.
         anchor = await TermRepository(session).run_start(member.id, starts_at)
+        ends_at = add_months(
+            starts_at, plan.term_months, anchor_day=anchor.day if anchor is not None else None
+        )
+        if ends_at <= now:
+            # A grace longer than the term: back to back, the new term would be over
+            # already (an active member with nothing to use). It starts today instead.
+            starts_at, anchor = now, None
     before = _membership_snapshot(member)
     term = _start_term(session, member, plan, "renew", starts_at, anchor=anchor)
     await _record_change(
