@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import select
 
 from memberhub.integrations.hub import IntegrationHub
@@ -96,6 +97,48 @@ async def test_withdrawing_consent_stops_events_and_files_a_deletion(
     assert regulation["subjectIds"] == [member["id"]]
     assert regulation["regulationType"] == "SUPPRESS_WITH_DELETE"
     assert regulation["subjectType"] == "USER_ID"
+
+
+@pytest.mark.parametrize("forwarded_between", [False, True])
+async def test_an_event_from_while_consent_was_withdrawn_is_never_sent(
+    api: ApiClient,
+    db: Database,
+    hub: IntegrationHub,
+    segment: FakeSegment,
+    forwarded_between: bool,
+) -> None:
+    integration = await segment_integration(api, segment, deletion=False)
+    await create_sink(api, integration["id"])
+    member = await api.create_member(consent=ANALYTICS)
+    assert await forward(db, hub) >= 1
+    path = f"/api/v1/members/{member['id']}"
+    assert (await api.patch(path, {"consent": {"analytics": False}})).status_code == 200
+    await award(api, member["id"], 77, reason="earned while analytics was withdrawn")
+    if forwarded_between:  # the withdrawal and the event in one window, the grant in the next
+        await forward(db, hub)
+    assert (await api.patch(path, {"consent": {"analytics": True}})).status_code == 200
+    await award(api, member["id"], 5, reason="earned with consent again")
+    await forward(db, hub)
+    withdrawn_period, consented_again = await event_ids(api, member["id"], "points.earned")
+    sent = {call["messageId"] for call in segment.calls_for(member["id"])}
+    assert withdrawn_period not in sent
+    assert consented_again in sent
+
+
+async def test_an_event_before_a_withdrawal_is_not_sent_after_it(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment
+) -> None:
+    integration = await segment_integration(api, segment, deletion=False)
+    await create_sink(api, integration["id"])
+    member = await api.create_member(consent=ANALYTICS)
+    await award(api, member["id"], 10)
+    path = f"/api/v1/members/{member['id']}"
+    # Withdrawn, then given again, before the worker forwarded the first earning.
+    assert (await api.patch(path, {"consent": {"analytics": False}})).status_code == 200
+    assert (await api.patch(path, {"consent": {"analytics": True}})).status_code == 200
+    await forward(db, hub)
+    [earned] = await event_ids(api, member["id"], "points.earned")
+    assert earned not in {call["messageId"] for call in segment.calls_for(member["id"])}
 
 
 async def test_a_deletion_refused_for_good_is_logged_and_holds_nothing_up(

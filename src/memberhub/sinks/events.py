@@ -3,6 +3,7 @@ only about members who consent to the sink's purpose."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -133,7 +134,9 @@ async def build_window(
     *,
     already_sent: frozenset[str] = frozenset(),
 ) -> Window:
-    """The window's events for the sink, read with the members as they are now."""
+    """The window's events for the sink, read with the members as they are now; an event
+    goes out only if the member consented to the sink's purpose when it happened and has
+    not withdrawn since."""
     window = Window(feed[0].position, feed[-1].position)
     matcher = TypeMatcher(settings.event_types)
     wanted = [
@@ -142,11 +145,9 @@ async def build_window(
         if event.member_public_id is not None
         and (settings.scope is None or event.organisation_id in settings.scope)
     ]
-    members = await _members(
-        session,
-        {e.member_public_id for e in wanted if e.member_public_id},
-        client_ids=settings.client_id_key is not None,
-    )
+    member_ids = {e.member_public_id for e in wanted if e.member_public_id}
+    members = await _members(session, member_ids, client_ids=settings.client_id_key is not None)
+    consent = await ConsentTimeline.load(session, member_ids, settings.purpose)
     identified: set[str] = set()
     for event in wanted:
         member_id = event.member_public_id
@@ -162,7 +163,11 @@ async def build_window(
         if not matcher(event.type) or event.public_id in already_sent:
             continue
         member = members.get(member_id)
-        if member is None or member.deleted or not member.consent.get(settings.purpose):
+        if (
+            member is None
+            or member.deleted
+            or not consent.allows(member_id, event.position, member.consent.get(settings.purpose))
+        ):
             window.skipped += 1
             continue
         identify = event.type in TRAIT_EVENTS and member_id not in identified
@@ -187,6 +192,49 @@ async def build_window(
             )
         )
     return window
+
+
+class ConsentTimeline:
+    """Each member's changes of one purpose's consent, in commit order (the
+    `member.consent_changed` events, those not yet sequenced last): whether an event may
+    go out depends on the consent when it happened, not only on the consent now."""
+
+    def __init__(self, changes: dict[str, list[tuple[float, bool]]]) -> None:
+        self.changes = changes
+
+    @classmethod
+    async def load(
+        cls, session: AsyncSession, member_ids: set[str], purpose: str
+    ) -> ConsentTimeline:
+        changes: dict[str, list[tuple[float, int, bool]]] = {}
+        if member_ids:
+            connection = await session.connection()
+            rows = await connection.execute(
+                select(Event.position, Event.id, Event.member_public_id, Event.data).where(
+                    Event.type == CONSENT_CHANGED, Event.member_public_id.in_(member_ids)
+                )
+            )
+            for position, id_, member_id, data in rows:
+                if isinstance(data, dict) and data.get("purpose") == purpose:
+                    at = float(position) if position is not None else math.inf
+                    changes.setdefault(member_id, []).append((at, id_, data.get("granted") is True))
+        return cls(
+            {
+                member: [(at, granted) for at, _, granted in sorted(found)]
+                for member, found in changes.items()
+            }
+        )
+
+    def allows(self, member_id: str, position: int, now: bool | None) -> bool:
+        """Whether the member consented when the event at `position` committed, and has
+        not withdrawn since (a withdrawal stops every event not yet sent)."""
+        changes = self.changes.get(member_id)
+        if not changes:
+            return bool(now)  # never changed since the member was created
+        before = [granted for at, granted in changes if at <= position]
+        after = [granted for at, granted in changes if at > position]
+        then = before[-1] if before else not after[0]
+        return then and all(after)
 
 
 @dataclass(frozen=True)
