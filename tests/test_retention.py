@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, insert, select, update
 
 from memberhub.audit.models import AuditEntry
 from memberhub.crm.models import SyncRun, SyncRunRecord
@@ -21,6 +21,7 @@ from memberhub.members.models import Member
 from memberhub.notifications.models import Notification, Suppression
 from memberhub.ops.retention import purge_expired_history
 from memberhub.settings import Settings
+from memberhub.webhooks.delivery import fan_out
 from memberhub.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from tests.support import ApiClient
 
@@ -154,6 +155,35 @@ async def test_old_finished_history_goes_and_everything_else_stays(
     assert await purge_expired_history(db, older_than=now - timedelta(days=90)) == dict.fromkeys(
         deleted, 0
     )
+
+
+async def test_a_feed_cursor_and_an_endpoint_get_new_events_after_all_history_was_purged(
+    api: ApiClient, db: Database
+) -> None:
+    for _ in range(3):
+        await api.create_member()
+    first = (await api.get("/api/v1/events")).json()
+    assert len(first["data"]) == 3
+    cursor = first["pagination"]["next_cursor"]
+    endpoint = await api.post(
+        "/api/v1/webhook-endpoints", {"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}
+    )
+    assert endpoint.status_code == 201, endpoint.text
+    # A quiet installation: 91 days on, the purge finds the whole feed finished and old.
+    async with db.transaction() as session:
+        await session.execute(
+            update(Event).values(occurred_at=utcnow() - timedelta(days=91), dispatched_at=utcnow())
+        )
+    deleted = await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
+    # All but the newest: the sequencer numbers new events after it.
+    assert deleted["events"] == 2
+    new = await api.create_member()
+    polled = (await api.get("/api/v1/events", params={"cursor": cursor})).json()
+    assert [e["member_id"] for e in polled["data"]] == [new["id"]]
+    async with db.transaction() as session:
+        await fan_out(session, utcnow())
+    deliveries = await api.get(f"/api/v1/webhook-endpoints/{endpoint.json()['id']}/deliveries")
+    assert [d["event_id"] for d in deliveries.json()["data"]] == [polled["data"][0]["id"]]
 
 
 async def test_settled_notifications_go_after_their_own_retention_and_queued_ones_stay(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, and_, delete, exists, select
+from sqlalchemy import ColumnElement, Table, and_, delete, exists, func, select
 
 from memberhub.crm.models import RunStatus, SyncRun, SyncRunRecord
 from memberhub.events.models import Event
@@ -33,6 +33,7 @@ BATCH_ROWS = 500
 _DELIVERIES = cast(Table, WebhookDelivery.__table__)
 _ATTEMPTS = cast(Table, WebhookAttempt.__table__)
 _EVENTS = cast(Table, Event.__table__)
+_HIGHEST = _EVENTS.alias("highest")
 _INBOUND = cast(Table, InboundEvent.__table__)
 _RUNS = cast(Table, SyncRun.__table__)
 _RUN_RECORDS = cast(Table, SyncRunRecord.__table__)
@@ -57,9 +58,14 @@ def _kinds() -> tuple[_Kind, ...]:
         )
 
     def events(cutoff: datetime) -> ColumnElement[bool]:
+        # The event with the highest position is kept, whatever its age: the sequencer
+        # numbers new events from it, and without it positions would be handed out again
+        # (a feed cursor, an endpoint or a sink past them would skip the new events).
+        highest = select(func.max(_HIGHEST.c.position)).scalar_subquery()
         return and_(
             _EVENTS.c.occurred_at < cutoff,
             _EVENTS.c.position.is_not(None),
+            _EVENTS.c.position < highest,
             _EVENTS.c.dispatched_at.is_not(None),
             ~exists().where(_DELIVERIES.c.event_id == _EVENTS.c.id),
         )
