@@ -134,6 +134,48 @@ async def test_a_failure_in_flight_while_the_endpoint_was_disabled_ends_failed(
     assert "disabled" in delivery["last_error"]
 
 
+async def test_a_success_in_flight_while_the_endpoint_was_disabled_ends_succeeded(
+    api: ApiClient, db: Database, settings: Settings
+) -> None:
+    endpoint = await create_endpoint(api, "http://127.0.0.1:9/paused")
+    [event_id] = await emit_alerts(db, 1)
+    async with db.transaction() as session:
+        await fan_out(session, utcnow())
+    loop = delivery_loop(db, settings)
+    [claimed] = await loop.claim()  # being sent...
+    path = f"/api/v1/webhook-endpoints/{endpoint['id']}"
+    assert (await api.patch(path, {"enabled": False})).status_code == 200
+    # ...and the receiver accepts it.
+    result = AttemptResult(claimed, utcnow(), 0.01, 200, "ok", None)
+    assert await record(db, [result], loop.config, worker_id="test") == ["succeeded"]
+    [delivery] = (await api.get(f"/api/v1/events/{event_id}/deliveries")).json()["data"]
+    assert delivery["status"] == "succeeded", delivery
+    assert [a["succeeded"] for a in delivery["attempts"]] == [True]
+    # The receiver has it: nothing for `recover` to send again.
+    assert (await api.patch(path, {"enabled": True})).status_code == 200
+    recovered = await api.post(f"{path}/recover", {"since": "2000-01-01T00:00:00Z"})
+    assert recovered.json() == {"requeued": 0}
+
+
+async def test_events_waiting_when_a_410_disables_the_endpoint_stay_recoverable(
+    api: ApiClient, db: Database, settings: Settings, receiver: WebhookReceiver
+) -> None:
+    endpoint = await create_endpoint(api, receiver.url("gone"), ["alert.raised"])
+    path = f"/api/v1/webhook-endpoints/{endpoint['id']}"
+    receiver.set_handler("gone", always(Reply(status=410, body="gone")))
+    # A backlog committed while the endpoint was enabled, larger than one fan-out batch.
+    await emit_alerts(db, 100)
+    await delivery_loop(db, settings, webhook_endpoint_concurrency=1).run_until_idle(within=30)
+    assert (await api.get(path)).json()["enabled"] is False
+    page = (await api.get(f"{path}/deliveries", params={"limit": 500})).json()["data"]
+    assert len(page) == 100
+    assert {d["status"] for d in page} == {"failed"}
+    receiver.set_handler("gone", always(Reply(status=200, body="ok")))
+    assert (await api.patch(path, {"enabled": True})).status_code == 200
+    recovered = await api.post(f"{path}/recover", {"since": "2000-01-01T00:00:00Z"})
+    assert recovered.json() == {"requeued": 100}
+
+
 async def test_the_worker_counts_attempts_deliveries_and_latency(
     api: ApiClient, db: Database, settings: Settings, receiver: WebhookReceiver
 ) -> None:

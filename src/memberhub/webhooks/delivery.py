@@ -1581,8 +1581,25 @@ async def record(
             )
         if others:
             await session.execute(_RECORD_RESULTS, others)
-        await _update_health(session, endpoints, batch, config, now)
+        disable = await _update_health(session, endpoints, batch, config, now)
+    for endpoint_id, reason in disable:  # rare
+        await _disable(db, endpoint_id, reason, now)
     return finals
+
+
+async def _disable(db: Database, endpoint_id: int, reason: str, now: datetime) -> None:
+    """Disable an endpoint that answered 410 or failed for too long, as a PATCH would: the
+    events committed so far are fanned out first, so each becomes a delivery (failed by
+    the disabling, there to `recover`) rather than being skipped."""
+    try:
+        async with db.transaction() as session:
+            await fan_out_before_change(session, now)
+            row = await session.get(WebhookEndpoint, endpoint_id, with_for_update=True)
+            if row is not None and row.enabled:
+                await service.disable_endpoint(session, row, reason, now=now)
+    except ServiceUnavailable:
+        # Far behind: disabled at a later batch's results, once fan-out has caught up.
+        log.warning("webhook_endpoint_disable_deferred", endpoint_id=endpoint_id)
 
 
 # The recorder's statements, built once: a batch only binds its values to them, where
@@ -1684,9 +1701,9 @@ async def _update_health(
     batch: Sequence[AttemptResult],
     config: DeliveryConfig,
     now: datetime,
-) -> None:
-    """The endpoints' health after the batch, in one statement; an endpoint answering 410
-    or failing for too long is disabled."""
+) -> list[tuple[int, str]]:
+    """The endpoints' health after the batch, in one statement; returns the endpoints to
+    disable (answering 410 or failing for too long), with why."""
     changed = []
     disable: list[tuple[int, str]] = []
     by_endpoint: dict[int, list[AttemptResult]] = {}
@@ -1723,11 +1740,7 @@ async def _update_health(
             disable.append((endpoint_id, f"No successful delivery since {since}."))
     if changed:
         await session.execute(_UPDATE_HEALTH, changed)
-    for endpoint_id, reason in disable:  # rare: the whole row, for the service
-        row = await session.get(WebhookEndpoint, endpoint_id)
-        if row is not None:
-            await service.disable_endpoint(session, row, reason, now=now)
-    await session.flush()
+    return disable
 
 
 async def queue_stats(session: AsyncSession) -> list[tuple[str, int, datetime | None]]:

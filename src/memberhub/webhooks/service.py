@@ -252,7 +252,9 @@ async def disable_endpoint(
     session: AsyncSession, endpoint: WebhookEndpoint, reason: str, *, now: datetime
 ) -> None:
     """Disable, fail what is waiting for it (recoverable later), emit
-    `webhook.endpoint.disabled` and raise an alert."""
+    `webhook.endpoint.disabled` and raise an alert. A delivery being sent right now keeps
+    its claim: if the receiver accepts it, the worker records it as succeeded (not as a
+    failure for `recover` to send again)."""
     endpoint.enabled = False
     endpoint.disabled_reason = reason[:500]
     endpoint.disabled_at = now
@@ -266,8 +268,6 @@ async def disable_endpoint(
         .values(
             status=DeliveryStatus.FAILED,
             next_attempt_at=None,
-            claimed_by=None,
-            claim_token=None,
             completed_at=now,
             last_error=f"The endpoint was disabled: {reason}"[:500],
         )
