@@ -245,6 +245,13 @@ class FakeMailchimp:
                     return {lst.members[h].email_address.lower() for h in segment.members}
         return None
 
+    def delete_segment(self, list_id: str, name: str) -> None:
+        """Delete the segment called `name`, as someone in Mailchimp's own app may."""
+        with self._lock:
+            segments = self._lists[list_id].segments
+            for segment_id in [k for k, s in segments.items() if s.name == name]:
+                del segments[segment_id]
+
     @property
     def triggers(self) -> list[JourneyTrigger]:
         with self._lock:

@@ -183,6 +183,42 @@ async def assign(api: ApiClient, member_id: str, tier: str) -> None:
     assert response.status_code == 200, response.text
 
 
+async def test_a_segment_deleted_in_mailchimp_is_made_again_and_holds_no_journey_up(
+    api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
+) -> None:
+    list_id = mailchimp.add_list()
+    mailchimp.add_journey(77, list_id, {5})
+    await make_tiers(api)
+    first = await api.create_member(consent={"marketing_email": True})
+    await create_mailchimp(
+        api,
+        mailchimp,
+        list_id,
+        segments=[{"key": "everyone", "name": "Everyone", "conditions": {}}],
+        journeys=[
+            {
+                "key": "gold-welcome",
+                "trigger": "tier_reached",
+                "tier": "gold",
+                "journey_id": "77",
+                "step_id": "5",
+            }
+        ],
+    )
+    start = utcnow()
+    await tick(db, hub, now=start)
+    assert mailchimp.segment_members(list_id, "Everyone") == {first["email"].lower()}
+    mailchimp.delete_segment(list_id, "Everyone")
+    second = await api.create_member(consent={"marketing_email": True})
+    await assign(api, first["id"], "gold")
+    await tick(db, hub, now=start + timedelta(hours=1))
+    assert [t.email_address for t in mailchimp.triggers] == [first["email"]]
+    assert mailchimp.segment_members(list_id, "Everyone") == {
+        first["email"].lower(),
+        second["email"].lower(),
+    }
+
+
 async def test_a_tier_upgrade_journey_fires_once_per_member(
     api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
 ) -> None:

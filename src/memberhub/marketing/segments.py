@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from memberhub.integrations.providers.base import Connection
+import structlog
+
+from memberhub.integrations.providers.base import Connection, SegmentMissing
 from memberhub.kit.db import Database
 from memberhub.marketing.models import MarketingSegment
 from memberhub.marketing.repository import MarketingRepository
 from memberhub.marketing.targets import Tally, Target
+
+log = structlog.get_logger("memberhub.marketing")
 
 
 async def plan_segments(
@@ -26,28 +30,47 @@ async def plan_segments(
     return plans
 
 
+async def _change(
+    connection: Connection,
+    target: Target,
+    tally: Tally,
+    remote_id: str,
+    adds: list[str],
+    removes: list[str],
+) -> None:
+    size = max(1, target.audience.segment_batch_size)
+    for start in range(0, max(len(adds), len(removes)), size):
+        tally.requests += 1
+        await target.audience.change_segment(
+            connection,
+            target.settings.list_id,
+            remote_id,
+            add=adds[start : start + size],
+            remove=removes[start : start + size],
+        )
+
+
 async def sync_segments(
     db: Database, connection: Connection, target: Target, tally: Tally, now: datetime
 ) -> None:
     async with db.transaction(read_only=True) as session:
         plans = await plan_segments(MarketingRepository(session), target, now)
-    size = max(1, target.audience.segment_batch_size)
     list_id = target.settings.list_id
     for key, name, add, remove, row in plans:
         remote_id = row.remote_id if row is not None else None
         if remote_id is None:
             tally.requests += 1
             remote_id = await target.audience.create_static_segment(connection, list_id, name)
-        adds, removes = sorted(add), sorted(remove)
-        for start in range(0, max(len(adds), len(removes)), size):
+        try:
+            await _change(connection, target, tally, remote_id, sorted(add), sorted(remove))
+        except SegmentMissing:
+            # Deleted in Mailchimp meanwhile: made again, with every member it should hold.
+            log.warning("marketing_segment_recreated", segment=key)
+            wanted = (set(row.emails) if row is not None else set()) | add
+            add, remove = wanted - remove, set()
             tally.requests += 1
-            await target.audience.change_segment(
-                connection,
-                list_id,
-                remote_id,
-                add=adds[start : start + size],
-                remove=removes[start : start + size],
-            )
+            remote_id = await target.audience.create_static_segment(connection, list_id, name)
+            await _change(connection, target, tally, remote_id, sorted(add), [])
         async with db.transaction() as session:
             rows = await MarketingRepository(session).segment_rows(target.integration.id)
             stored = rows.get(key)

@@ -127,9 +127,10 @@ async def sync_integration(
             or claim.segments_fingerprint != fingerprint
             or _due(claim.last_segments_at, target.settings.segment_minutes * 60, now)
         )
+        # Journeys before segments: a segment the vendor refuses holds no journey up.
+        await fire_journeys(db, connection, target, tally, now)
         if segments_due and target.settings.segments:
             await sync_segments(db, connection, target, tally, now)
-        await fire_journeys(db, connection, target, tally, now)
         await _record_success(
             db,
             integration_id,

@@ -452,6 +452,10 @@ class MarketingListError(Exception):
     it): the message is the vendor's own words."""
 
 
+class SegmentMissing(MarketingListError):
+    """The segment is gone from the list (deleted in the vendor's own app)."""
+
+
 @runtime_checkable
 class MarketingList(Protocol):
     """An audience that members subscribe to, honouring their email-marketing consent;

@@ -55,6 +55,7 @@ from memberhub.integrations.providers.base import (
     MarketingListError,
     OAuthSettings,
     Provider,
+    SegmentMissing,
     WriteResult,
 )
 from memberhub.marketing.settings import MarketingSyncSettings
@@ -281,6 +282,8 @@ class Mailchimp(Provider):
             json=body,
             retry_safe=True,
         )
+        if response.status_code == 404:
+            raise SegmentMissing(f"Mailchimp answered 404: {_detail(response)}")
         _json(response)
 
     async def trigger_journey(
