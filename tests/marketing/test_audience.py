@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 import os
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
@@ -345,3 +345,23 @@ async def test_connections_refused_for_crowding_are_retried_until_every_member_i
     assert any(r.status == 429 for r in mailchimp.requests)
     assert len(mailchimp.members(list_id)) == 3 * BATCH
     assert (await status(api, integration["id"]))["failures"] == 0
+
+
+async def test_the_term_end_merge_field_is_the_date_in_the_programs_time_zone(
+    api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
+) -> None:
+    zoned = await api.patch("/api/v1/program", {"timezone": "Pacific/Auckland"})
+    assert zoned.status_code == 200, zoned.text
+    list_id = mailchimp.add_list()
+    member = await api.create_member(consent={"marketing_email": True})
+    async with db.transaction() as session:  # 20:00 UTC is 09:00 the next day in Auckland
+        await session.execute(
+            update(Member)
+            .where(Member.public_id == member["id"])
+            .values(term_ends_at=datetime(2027, 1, 5, 20, 0, tzinfo=UTC))
+        )
+    await create_mailchimp(api, mailchimp, list_id)
+    await tick(db, hub)
+    held = mailchimp.member(list_id, member["email"])
+    assert held is not None
+    assert held["merge_fields"]["TERMEND"] == "2027-01-06"

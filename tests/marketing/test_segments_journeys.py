@@ -219,6 +219,37 @@ async def test_a_segment_deleted_in_mailchimp_is_made_again_and_holds_no_journey
     }
 
 
+async def test_a_tier_journey_does_not_start_for_a_member_no_longer_in_the_tier(
+    api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
+) -> None:
+    list_id = mailchimp.add_list()
+    mailchimp.add_journey(77, list_id, {5})
+    await make_tiers(api)
+    member = await api.create_member(consent={"marketing_email": True})
+    await create_mailchimp(
+        api,
+        mailchimp,
+        list_id,
+        journeys=[
+            {
+                "key": "gold-welcome",
+                "trigger": "tier_reached",
+                "tier": "gold",
+                "journey_id": "77",
+                "step_id": "5",
+            }
+        ],
+    )
+    await tick(db, hub)
+    await assign(api, member["id"], "gold")  # by mistake...
+    await assign(api, member["id"], "silver")  # ...put right before the worker's pass
+    await tick(db, hub)
+    assert mailchimp.triggers == []
+    await assign(api, member["id"], "gold")  # reached for real: the rule fires now
+    await tick(db, hub)
+    assert [t.email_address for t in mailchimp.triggers] == [member["email"]]
+
+
 async def test_a_tier_upgrade_journey_fires_once_per_member(
     api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
 ) -> None:

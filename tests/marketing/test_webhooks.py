@@ -95,6 +95,39 @@ async def test_a_cleaned_address_is_never_written_again_even_with_consent_given_
     assert (await status(api, integration["id"]))["contacts"] == {"cleaned": 1}
 
 
+async def test_a_member_whose_address_was_cleaned_is_subscribed_at_a_new_one(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    hub: IntegrationHub,
+    mailchimp: FakeMailchimp,
+) -> None:
+    list_id = mailchimp.add_list()
+    member = await api.create_member(
+        email="bouncing@example.com", consent={"marketing_email": True}
+    )
+    integration = await create_mailchimp(api, mailchimp, list_id)
+    await tick(db, hub)
+    mailchimp.set_status(list_id, "bouncing@example.com", "cleaned")
+    received = await post_webhook(
+        http, integration["id"], mailchimp.webhook_body("cleaned", list_id, "bouncing@example.com")
+    )
+    assert received.status_code == 200, received.text
+    await tick(db, hub)
+    fixed = await api.patch(
+        f"/api/v1/members/{member['id']}",
+        {"email": "working@example.com", "consent": {"marketing_email": True}},
+    )
+    assert fixed.status_code == 200, fixed.text
+    await tick(db, hub)
+    held = mailchimp.member(list_id, "working@example.com")
+    assert held is not None
+    assert held["status"] == "subscribed"
+    cleaned = mailchimp.member(list_id, "bouncing@example.com")
+    assert cleaned is not None
+    assert cleaned["status"] == "cleaned"  # the bounced address is left alone
+
+
 async def test_a_profile_update_brings_the_names_back(
     api: ApiClient,
     http: httpx.AsyncClient,

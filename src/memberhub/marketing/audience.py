@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, tzinfo
 from typing import Any
 
 from memberhub.integrations.providers.base import AudienceMember
@@ -41,16 +42,22 @@ class Write:
 
 
 def merge_fields(
-    settings: MarketingSyncSettings, member: Member, account: PointAccount | None
+    settings: MarketingSyncSettings,
+    member: Member,
+    account: PointAccount | None,
+    zone: tzinfo = UTC,
 ) -> dict[str, Any]:
+    """The merge fields of a member; the term's end as the date it is in `zone` (the
+    program's), as the member's own notifications name it."""
     tags = settings.merge_fields
+    term_end = member.term_ends_at.astimezone(zone).date() if member.term_ends_at else None
     values: dict[str | None, Any] = {
         tags.first_name: member.first_name or "",
         tags.last_name: member.last_name or "",
         tags.tier: member.tier or "",
         tags.points_balance: account.current if account is not None else 0,
         tags.status: member.status,
-        tags.term_end: member.term_ends_at.date().isoformat() if member.term_ends_at else "",
+        tags.term_end: term_end.isoformat() if term_end else "",
     }
     return {tag: value for tag, value in values.items() if tag}
 
@@ -79,13 +86,19 @@ def plan_writes(
     contact: MarketingContact | None,
     *,
     in_scope: bool,
+    zone: tzinfo = UTC,
 ) -> list[Write]:
     """What to write for the member: nothing when the audience already holds it (or must
     never hear of them); two writes when a subscribed member's address changed, the old
-    address unsubscribed before the new one is subscribed."""
-    if contact is not None and contact.status == ContactStatus.CLEANED:
-        return []
+    address unsubscribed before the new one is subscribed. A cleaned address (it bounced)
+    is never written again; a member who has another one now is written at it."""
     email = (member.email or "").strip()
+    if (
+        contact is not None
+        and contact.status == ContactStatus.CLEANED
+        and contact.email == email.lower()
+    ):
+        return []
     wanted = in_scope and bool(email) and has_marketing_consent(member)
     on_list = contact is not None and contact.status == ContactStatus.SUBSCRIBED
     subscribed_at = contact.email if contact is not None and on_list else None
@@ -98,7 +111,7 @@ def plan_writes(
         key=member.public_id,
         email=email,
         status="subscribed",
-        merge_fields=merge_fields(settings, member, account),
+        merge_fields=merge_fields(settings, member, account, zone),
         tags=member_tags(settings, member),
     )
     digest = content_hash(audience)

@@ -19,6 +19,7 @@ from memberhub.marketing.models import ContactStatus, FiringStatus, JourneyFirin
 from memberhub.marketing.repository import MarketingRepository
 from memberhub.marketing.settings import JourneyRule
 from memberhub.marketing.targets import Tally, Target
+from memberhub.members.models import Member
 
 JOURNEY_ATTEMPTS = 5
 FIRINGS_PER_TICK = 500
@@ -87,6 +88,17 @@ def _reached(rule: JourneyRule, data: dict[str, Any], ranks: dict[str, int]) -> 
     return old_rank is None or new_rank is None or old_rank < new_rank
 
 
+async def _still_matches(
+    repo: MarketingRepository, rule: JourneyRule, member: Member, now: datetime
+) -> bool:
+    if rule.trigger == "tier_reached":
+        return (member.tier or "").lower() == (rule.tier or "").lower()
+    if rule.trigger == "points_expiring":
+        expiring = await repo.points_expiring(member.id, now=now, within_days=rule.within_days)
+        return expiring >= rule.min_points
+    return True
+
+
 async def fire_journeys(
     db: Database, connection: Connection, target: Target, tally: Tally, now: datetime
 ) -> None:
@@ -100,12 +112,23 @@ async def fire_journeys(
             m.id: m for m, _ in await repo.members_with_accounts([f.member_id for f in firings])
         }
         contacts = await repo.contacts(target.integration.id, [f.member_id for f in firings])
+        # Matched when its event came, checked again now: a tier corrected back, points
+        # spent meanwhile. Such a firing is dropped, free to match a later event.
+        stale = {
+            firing.id
+            for firing in firings
+            if (rule := rules.get(firing.rule_key)) is not None
+            and (member := members.get(firing.member_id)) is not None
+            and not await _still_matches(repo, rule, member, now)
+        }
     outcomes: dict[int, tuple[str, str | None]] = {}
     sends: list[tuple[int, JourneyRule, str]] = []
     for firing in firings:
         rule = rules.get(firing.rule_key)
         member = members.get(firing.member_id)
         contact = contacts.get(firing.member_id)
+        if firing.id in stale:
+            continue
         if rule is None:
             outcomes[firing.id] = (FiringStatus.SKIPPED, "the rule is no longer configured")
         elif (
@@ -138,6 +161,9 @@ async def fire_journeys(
     async with db.transaction() as session:
         for firing in firings:
             stored = await session.get(JourneyFiring, firing.id)
+            if stored is not None and firing.id in stale:
+                await session.delete(stored)
+                continue
             if stored is None or firing.id not in outcomes:
                 continue
             status, error = outcomes[firing.id]

@@ -31,6 +31,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import structlog
 
@@ -51,6 +52,7 @@ from memberhub.marketing.repository import MarketingRepository
 from memberhub.marketing.segments import sync_segments
 from memberhub.marketing.settings import MarketingSyncSettings
 from memberhub.marketing.targets import Tally, Target, marketing_providers, marketing_target
+from memberhub.program.service import get_program
 
 log = structlog.get_logger("memberhub.marketing")
 
@@ -256,12 +258,18 @@ async def plan_members(
     scope = await repo.scope(target.integration.organisation_id)
     rows = await repo.members_with_accounts(member_ids)
     contacts = await repo.contacts(target.integration.id, [m.id for m, _ in rows])
+    zone = ZoneInfo((await get_program(repo.session)).timezone)
     writes = []
     for member, account in rows:
         in_scope = scope is None or member.organisation_id in scope
         writes.extend(
             plan_writes(
-                target.settings, member, account, contacts.get(member.id), in_scope=in_scope
+                target.settings,
+                member,
+                account,
+                contacts.get(member.id),
+                in_scope=in_scope,
+                zone=zone,
             )
         )
     return writes
