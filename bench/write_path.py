@@ -13,8 +13,9 @@ postgresql+asyncpg://postgres@127.0.0.1:5432/postgres):
 - raw: the same rows written with nothing in between, on a copy of the same database:
   bare asyncpg (no pool, no pre-ping; BEGIN, resolve and lock the account, insert the
   transaction and its batch, add to the account, insert the event and the audit entry,
-  COMMIT; for a member: insert it, look up the unmatched activities waiting for its email,
-  insert the event and the audit entry) from as many connections, and pgbench running the
+  COMMIT; for a member: take its email's advisory lock, insert it, look up the unmatched
+  activities waiting for its email, insert the event and the audit entry) from as many
+  connections, and pgbench running the
   award's statements; on SQLite the standard library's sqlite3 with the same WAL and
   synchronous=NORMAL settings, one writer.
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -295,6 +297,9 @@ MATCH_SQL = (
     "SELECT id FROM activities WHERE member_id IS NULL AND email_normalized = {p1}"
     " ORDER BY id LIMIT 100"
 )
+# ...and takes its email's lock first, so that an activity recorded at the same moment
+# either sees the member or is seen by it (PostgreSQL).
+KEY_LOCK_SQL = "SELECT pg_advisory_xact_lock($1)"
 MEMBER_SQL = (
     "INSERT INTO members (public_id, email, email_normalized, first_name, status,"
     " consent_email, consent_sms, consent_analytics, consent_profiling, custom_fields,"
@@ -368,7 +373,9 @@ class RawPostgres:
             conn = self.connections[worker]
             public_id, now = new_public_id("mem"), utcnow()
             email = f"{tag}-{worker}-{n}@bench.example"
+            key_lock = int.from_bytes(hashlib.sha256(email.encode()).digest()[:8], "big") >> 1
             async with conn.transaction():
+                await conn.execute(KEY_LOCK_SQL, key_lock)
                 await conn.execute(member, public_id, email, "{}", now)
                 await conn.fetch(match, email)
                 await conn.execute(evt, new_public_id("evt"), now, public_id, "{}")

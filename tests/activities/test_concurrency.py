@@ -8,8 +8,16 @@ from collections import Counter
 from typing import Any
 
 import httpx
+import pytest
+from sqlalchemy import text
 
+from memberhub.activities.schemas import ActivityIn
+from memberhub.activities.service import MATCH_BATCH, record_activity
+from memberhub.auth.principal import Principal
+from memberhub.kit.actor import Actor
 from memberhub.kit.db import Database
+from memberhub.members.schemas import MemberCreate
+from memberhub.members.service import create_member
 from memberhub.settings import Settings
 from tests.activities.conftest import (
     ACTIVITIES,
@@ -18,6 +26,7 @@ from tests.activities.conftest import (
     balance,
     create_rule,
     noon_yesterday,
+    record,
 )
 from tests.points.conftest import check_ledger
 from tests.support import ApiClient
@@ -86,3 +95,70 @@ async def test_an_overall_cap_holds_across_members_at_once(
     )
     assert points == [50, 100, 100]
     await check_ledger(db, [m["id"] for m in members])
+
+
+async def _done_or_waiting(db: Database, task: asyncio.Task[Any], is_postgres: bool) -> None:
+    if not is_postgres:  # writers take turns: the second waits for the first's commit
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return
+    while not task.done():
+        async with db.transaction(read_only=True) as session:
+            if await session.scalar(
+                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            ):
+                return
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("first", ["member", "activity"])
+async def test_an_activity_recorded_as_its_member_is_created_is_matched(
+    api: ApiClient, db: Database, is_postgres: bool, first: str
+) -> None:
+    """A signup creating the member while the shop's webhook records the member's order,
+    both in flight at once: whichever transaction commits first, the activity is matched."""
+    await create_rule(api)  # 100 points for every activity
+    principal = Principal.system(Actor.system("test"))
+    email = "race@example.com"
+    started, go_on = asyncio.Event(), asyncio.Event()
+    created: list[str] = []
+
+    async def signup() -> None:
+        async with db.transaction() as session:
+            member = await create_member(session, principal, MemberCreate(email=email))
+            created.append(member.public_id)
+            if first == "member":
+                started.set()
+                await go_on.wait()  # committed only once the webhook is under way
+
+    async def webhook() -> str:
+        async with db.transaction() as session:
+            body = activity_body(email=email, source="shop", source_id="O-1")
+            recorded = await record_activity(session, principal, ActivityIn.model_validate(body))
+            if first == "activity":
+                started.set()
+                await go_on.wait()
+            return recorded.activity.id
+
+    leading = asyncio.create_task(signup() if first == "member" else webhook())
+    await asyncio.wait_for(started.wait(), 10)
+    following = asyncio.create_task(webhook() if first == "member" else signup())
+    # The second transaction runs until it is done or waits for the first's lock.
+    await asyncio.wait_for(_done_or_waiting(db, following, is_postgres), 10)
+    go_on.set()
+    results = await asyncio.wait_for(asyncio.gather(leading, following), 20)
+    activity_id = next(r for r in results if isinstance(r, str))
+    activity = (await api.get(f"{ACTIVITIES}/{activity_id}")).json()
+    assert (activity["status"], activity["member_id"]) == ("matched", created[0]), activity
+    assert await balance(api, created[0]) == 100
+
+
+async def test_every_activity_waiting_for_a_new_member_is_matched(api: ApiClient) -> None:
+    await create_rule(api, effect={"type": "fixed_points", "points": 1})
+    for _ in range(MATCH_BATCH + 1):
+        out = await record(api, activity_body(email="many@example.com"))
+        assert out["activity"]["status"] == "unmatched"
+    member = await api.create_member(email="many@example.com")
+    waiting = (await api.get(ACTIVITIES, {"status": "unmatched"})).json()["data"]
+    assert waiting == []
+    assert await balance(api, member["id"]) == MATCH_BATCH + 1

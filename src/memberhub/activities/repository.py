@@ -115,14 +115,19 @@ class ActivityRepository:
         return (await self.session.scalars(query)).all()
 
     async def unmatched_with_keys(
-        self, email_normalized: str | None, external_keys: Sequence[str], *, limit: int
+        self,
+        email_normalized: str | None,
+        external_keys: Sequence[str],
+        *,
+        limit: int,
+        after_id: int = 0,
     ) -> Sequence[Activity]:
         """Unmatched activities waiting with one of these keys, oldest first, locked. Every
         member created asks, and almost always none waits: the ids are looked up with a
         statement built once, and the activities loaded only when there are some."""
         if email_normalized is None and not external_keys:
             return []
-        params: dict[str, Any] = {"limit": limit}
+        params: dict[str, Any] = {"limit": limit, "after_id": after_id}
         if email_normalized is not None:
             params["email"] = email_normalized
         if external_keys:
@@ -266,10 +271,13 @@ def waiting_with_keys(
 @functools.cache
 def _waiting_ids(by_email: bool, by_external_key: bool) -> Select[tuple[int]]:
     """The ids of the unmatched activities waiting with an email (`email`) and/or one of
-    some external keys (`keys`), oldest first, at most `limit`, locked."""
+    some external keys (`keys`), after `after_id`, oldest first, at most `limit`, locked."""
     return (
         select(ACTIVITIES.c.id)
-        .where(waiting_with_keys(by_email, by_external_key))
+        .where(
+            waiting_with_keys(by_email, by_external_key),
+            ACTIVITIES.c.id > bindparam("after_id"),
+        )
         .order_by(ACTIVITIES.c.id)
         .limit(bindparam("limit"))
         .with_for_update()

@@ -52,7 +52,12 @@ from memberhub.leads.models import Lead
 from memberhub.leads.service import lead_for_activity
 from memberhub.members.models import Member
 from memberhub.members.repository import normalize_email
-from memberhub.members.service import external_keys, get_member, resolve_organisation
+from memberhub.members.service import (
+    external_keys,
+    get_member,
+    lock_member_keys,
+    resolve_organisation,
+)
 from memberhub.organisations.models import Organisation
 from memberhub.points import service as points
 from memberhub.points.models import PointAccount, PointTransaction
@@ -67,7 +72,7 @@ CLOCK_SKEW = timedelta(minutes=5)
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 # Waiting activities matched in the transaction that creates their member; more stay
 # unmatched until `POST /activities/{id}/match`.
-MATCH_ON_CREATE_LIMIT = 100
+MATCH_BATCH = 100
 
 
 class ActivityNotFound(NotFound):
@@ -119,7 +124,12 @@ async def _member_for(
         await require_within(session, member, organisation_id)
         return member, MatchedBy.MEMBER_ID, account
     organisations = await scope_organisations(session, organisation_id, principal)
-    found, matched_by = await find_member(session, _key_of(payload), organisations)
+    key = _key_of(payload)
+    # Before looking: a member being given this key meanwhile is seen once it commits.
+    await lock_member_keys(
+        session, key.email_normalized, [key.external_key] if key.external_key else []
+    )
+    found, matched_by = await find_member(session, key, organisations)
     if found is None or not lock:
         return found, matched_by, None
     return found, matched_by, await PointsRepository(session).lock_account(found.id)
@@ -548,23 +558,29 @@ async def match_waiting_activities(
     (the member's creation calls this, in its transaction), evaluating the rules for each.
     An activity matches only if the member is the one its key now fits in its scope."""
     keys = external_keys(member.external_ids)
+    await lock_member_keys(session, member.email_normalized, keys)
     repo = ActivityRepository(session)
-    waiting = await repo.unmatched_with_keys(
-        member.email_normalized, keys, limit=MATCH_ON_CREATE_LIMIT
-    )
     now = utcnow()
     scopes: dict[int | None, frozenset[int] | None] = {}
-    for activity in waiting:
-        if activity.organisation_id not in scopes:
-            scopes[activity.organisation_id] = await scope_organisations(
-                session, activity.organisation_id
-            )
-        organisations = scopes[activity.organisation_id]
-        if organisations is not None and member.organisation_id not in organisations:
-            continue
-        found, matched_by = await find_member(session, MemberKey.of(activity), organisations)
-        if found is not None and found.id == member.id and matched_by is not None:
-            await _attach(session, principal.actor, activity, member, matched_by, now)
+    after_id = 0
+    while True:  # every one of them, a batch at a time
+        waiting = await repo.unmatched_with_keys(
+            member.email_normalized, keys, limit=MATCH_BATCH, after_id=after_id
+        )
+        for activity in waiting:
+            if activity.organisation_id not in scopes:
+                scopes[activity.organisation_id] = await scope_organisations(
+                    session, activity.organisation_id
+                )
+            organisations = scopes[activity.organisation_id]
+            if organisations is not None and member.organisation_id not in organisations:
+                continue
+            found, matched_by = await find_member(session, MemberKey.of(activity), organisations)
+            if found is not None and found.id == member.id and matched_by is not None:
+                await _attach(session, principal.actor, activity, member, matched_by, now)
+        if len(waiting) < MATCH_BATCH:
+            return
+        after_id = waiting[-1].id
 
 
 async def _attach(

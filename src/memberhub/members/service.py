@@ -1,10 +1,24 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import Insert, Select, Table, exists, false, func, or_, select, update
+from sqlalchemy import (
+    Insert,
+    Select,
+    Table,
+    TextClause,
+    exists,
+    false,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -228,6 +242,8 @@ async def create_member(
     email, keys = row["m_email_normalized"], external_keys(member.external_ids)
     waiting = email is not None or bool(keys)
     if dialect == "postgresql":
+        if waiting:
+            await lock_member_keys(session, email, keys)
         # The member, its event and its audit entry in one statement; on a taken email the
         # insert returns no row, and neither is written. It also tells whether activities
         # wait for the member: almost always none, and then nothing more is asked.
@@ -277,6 +293,45 @@ async def create_member(
 def external_keys(external_ids: dict[str, str]) -> list[str]:
     """A member's external ids as activities name them (`SYSTEM:ID`)."""
     return [f"{system}:{value}" for system, value in external_ids.items()]
+
+
+MEMBER_KEY_LOCK_SLOTS = 1024
+
+
+@functools.cache
+def _key_lock_statement(count: int) -> TextClause:
+    return text("SELECT " + ", ".join(f"pg_advisory_xact_lock(:lock{i})" for i in range(count)))
+
+
+async def lock_member_keys(
+    session: AsyncSession, email_normalized: str | None, keys: Sequence[str]
+) -> None:
+    """Take, until the transaction ends, the locks of an email and external keys
+    (`SYSTEM:ID`), in one statement and in one order (PostgreSQL; on SQLite writing
+    transactions run one at a time already). A transaction that looks for a member by a
+    key (an activity recorded) and one that gives a member the key (created, or changed)
+    take it before they look: one waits for the other's commit and then sees its row, so
+    an activity recorded as its member is created is never left unmatched by both."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    names = [f"email:{email_normalized}"] if email_normalized else []
+    names += [f"external:{key}" for key in keys]
+    if not names:
+        return
+    slots = sorted(
+        {
+            int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+            % MEMBER_KEY_LOCK_SLOTS
+            for name in names
+        }
+    )
+    locks = {
+        f"lock{i}": int.from_bytes(
+            hashlib.sha256(f"member-key:{slot}".encode()).digest()[:8], "big", signed=True
+        )
+        for i, slot in enumerate(slots)
+    }
+    await session.execute(_key_lock_statement(len(locks)), locks)
 
 
 @functools.cache
