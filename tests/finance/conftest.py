@@ -64,12 +64,15 @@ async def put(api: ApiClient, path: str, body: Any) -> httpx.Response:
     return await api.http.put(path, json=body, headers=api._headers(None))
 
 
-async def create_xero_integration(api: ApiClient, xero: FakeXero) -> dict[str, Any]:
+async def create_xero_integration(
+    api: ApiClient, xero: FakeXero, *, organisation_id: str | None = None
+) -> dict[str, Any]:
     response = await api.post(
         "/api/v1/integrations",
         {
             "provider": "xero",
             "name": "Xero",
+            "organisation_id": organisation_id,
             "config": {
                 "base_url": xero.url,
                 "rate_limit": CLIENT_RATE,

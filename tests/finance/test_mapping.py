@@ -6,9 +6,20 @@ from typing import Any
 
 import httpx
 
+from memberhub.auth.roles import Role
+from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.db import Database
+from tests.conftest import issue_key
 from tests.fakes.xero import FakeXero
-from tests.finance.conftest import connect, create_xero_integration, mapping_body, put
+from tests.finance.conftest import (
+    checkout_event,
+    connect,
+    create_xero_integration,
+    mapping_body,
+    put,
+    work,
+)
+from tests.integrations.conftest import create_stripe_integration, send
 from tests.support import ApiClient
 
 
@@ -108,3 +119,35 @@ async def test_the_tenant_is_chosen_from_the_connections(
     audited = await api.get("/api/v1/audit", {"action": "finance.mapping.save"})
     [entry] = audited.json()["data"]
     assert entry["object_id"] == integration["id"]
+
+
+async def test_an_organisations_xero_books_only_its_own_organisations_stripe(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, hub: IntegrationHub, xero: FakeXero
+) -> None:
+    north = await api.create_organisation()
+    south = await api.create_organisation()
+    plan = await api.create_plan(price_amount=1000, currency="GBP")
+    south_stripe = await create_stripe_integration(api, organisation_id=south["id"])
+    north_xero = await create_xero_integration(api, xero, organisation_id=north["id"])
+    await connect(api, http, north_xero["id"])
+    saved = await put(
+        api, f"/api/v1/integrations/{north_xero['id']}/accounting-mapping", mapping_body(plan)
+    )
+    assert saved.status_code == 200, saved.text
+    south_member = await api.create_member(organisation_id=south["id"])
+    assert (await send(http, south_stripe["id"], checkout_event(south_member, plan))).is_success
+    await work(db, hub, rounds=2)
+    assert xero.invoices == []
+    north_key = api.with_key(await issue_key(db, Role.ADMIN, organisation=north["id"]))
+    listed = await north_key.get(f"/api/v1/integrations/{north_xero['id']}/finance-entries")
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["data"] == []
+    # Its own chapter's Stripe is its business; with two candidates, the mapping names one.
+    chapter = await api.create_organisation(parent_id=north["id"])
+    await create_stripe_integration(api, organisation_id=chapter["id"])
+    await create_stripe_integration(api, organisation_id=north["id"])
+    refused = await put(
+        api, f"/api/v1/integrations/{north_xero['id']}/accounting-mapping", mapping_body(plan)
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["details"]["field"] == "payments_integration_id"

@@ -46,12 +46,15 @@ def signed(
     return body.encode(), {"Stripe-Signature": header, "Content-Type": "application/json"}
 
 
-async def create_stripe_integration(api: ApiClient, **config: Any) -> dict[str, Any]:
+async def create_stripe_integration(
+    api: ApiClient, *, organisation_id: str | None = None, **config: Any
+) -> dict[str, Any]:
     response = await api.post(
         "/api/v1/integrations",
         {
             "provider": "stripe",
             "name": "Stripe",
+            "organisation_id": organisation_id,
             "config": config,
             "credentials": {"api_key": API_KEY, "webhook_secret": WEBHOOK_SECRET},
         },

@@ -25,6 +25,7 @@ from memberhub.integrations.providers.base import PaymentNotice, PayoutNotice
 from memberhub.kit.ids import new_public_id
 from memberhub.members.models import Member
 from memberhub.memberships.models import MembershipPlan
+from memberhub.organisations.repository import OrganisationRepository
 
 # Actions of `apply_notice` that applied nothing new.
 _NOTHING_APPLIED = frozenset({"already_applied", "ignored"})
@@ -99,21 +100,47 @@ async def record_payout(
 async def _booking_integrations(
     session: AsyncSession, payments_integration_id: int, *, needs_payouts: bool = False
 ) -> list[int]:
-    """Enabled accounting integrations with a mapping that takes this integration's money
-    (the mapping names it, or names none)."""
+    """Enabled accounting integrations with a mapping that takes this integration's money:
+    the mapping names it, or names none and the payments integration is within the
+    accounting integration's organisation (see `takes_money_of`)."""
     rows = await session.execute(
-        select(AccountingMapping.integration_id, AccountingMapping.mapping)
+        select(
+            AccountingMapping.integration_id,
+            AccountingMapping.mapping,
+            Integration.organisation_id,
+        )
         .join(Integration, Integration.id == AccountingMapping.integration_id)
         .where(Integration.enabled.is_(True))
     )
+    payments = await session.get(Integration, payments_integration_id)
     wanted = []
-    for integration_id, mapping in rows:
+    for integration_id, mapping, organisation_id in rows:
         source = (mapping or {}).get("payments_integration_db_id")
         if needs_payouts and not (mapping or {}).get("payouts_bank_account_code"):
             continue
-        if source is None or source == payments_integration_id:
+        if source == payments_integration_id or (
+            source is None
+            and payments is not None
+            and await takes_money_of(session, organisation_id, payments.organisation_id)
+        ):
             wanted.append(integration_id)
     return wanted
+
+
+async def takes_money_of(
+    session: AsyncSession,
+    accounting_organisation_id: int | None,
+    payments_organisation_id: int | None,
+) -> bool:
+    """Whether an accounting integration whose mapping names no payments integration books
+    the money of one: an installation-wide one books any; an organisation's books only
+    its own and its chapters' (another organisation's takings are not its business)."""
+    if accounting_organisation_id is None:
+        return True
+    if payments_organisation_id is None:
+        return False
+    subtree = await OrganisationRepository(session).subtree_ids(accounting_organisation_id)
+    return payments_organisation_id in subtree
 
 
 async def _member_id(session: AsyncSession, public_id: Any) -> int | None:

@@ -24,6 +24,7 @@ from memberhub.finance.models import (
     Reconciliation,
     ReconciliationStatus,
 )
+from memberhub.finance.queue import takes_money_of
 from memberhub.finance.schemas import (
     EntryLog,
     FinanceEntryOut,
@@ -102,7 +103,9 @@ async def save_mapping(
 ) -> MappingOut:
     """Choose the tenant, check every code against the organisation, keep the mapping."""
     accounting = accounting_of(integration)
-    payments_db_id = await _payments_integration(db, principal, body.payments_integration_id)
+    payments_db_id = await _payments_integration(
+        db, principal, body.payments_integration_id, integration
+    )
     missing_plans = await _unknown_plans(db, list(body.plans))
     if missing_plans:
         raise MappingRefused(
@@ -151,10 +154,32 @@ async def save_mapping(
         return mapping_out(integration, row)
 
 
+async def _payments_candidates(
+    session: AsyncSession, accounting_organisation_id: int | None
+) -> list[int]:
+    """The enabled payments integrations an accounting integration of this organisation
+    books when its mapping names none."""
+    return [
+        i.id
+        for i in await session.scalars(select(Integration).where(Integration.enabled.is_(True)))
+        if (p := get_provider(i.provider)) is not None
+        and as_payments(p) is not None
+        and await takes_money_of(session, accounting_organisation_id, i.organisation_id)
+    ]
+
+
 async def _payments_integration(
-    db: Database, principal: Principal, public_id: str | None
+    db: Database, principal: Principal, public_id: str | None, integration: Integration
 ) -> int | None:
     if public_id is None:
+        async with db.transaction(read_only=True) as session:
+            candidates = await _payments_candidates(session, integration.organisation_id)
+        if len(candidates) > 1:
+            raise MappingRefused(
+                "Several payments integrations could take this organisation's money: "
+                "name one (payments_integration_id).",
+                details={"field": "payments_integration_id"},
+            )
         return None
     async with db.transaction(read_only=True) as session:
         found = await integrations.get_integration(session, principal, public_id)
@@ -428,13 +453,7 @@ async def request_reconciliation(
         if source_id is not None and await session.get(Integration, source_id) is None:
             source_id = None  # the mapping's payments integration was deleted since
         if source_id is None:
-            candidates = [
-                i.id
-                for i in await session.scalars(
-                    select(Integration).where(Integration.enabled.is_(True))
-                )
-                if (p := get_provider(i.provider)) is not None and as_payments(p) is not None
-            ]
+            candidates = await _payments_candidates(session, integration.organisation_id)
             if len(candidates) != 1:
                 raise ValidationFailed(
                     "Name the payments integration to reconcile (payments_integration_id).",
