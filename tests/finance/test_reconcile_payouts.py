@@ -133,6 +133,36 @@ async def test_a_payout_whose_transfer_was_deleted_is_transferred_again_once(
     assert (await reconcile(api, db, hub, integration["id"]))["mismatches"] == []
 
 
+async def test_one_missing_payout_fixed_from_two_reports_is_transferred_once(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    hub: IntegrationHub,
+    xero: FakeXero,
+    stripe_api: FakeStripe,
+) -> None:
+    plan = await api.create_plan(currency="GBP")
+    await create_stripe_integration(api, base_url=stripe_api.url)
+    integration = await connected_xero(api, http, xero, plan)
+    stripe_api.add_charge(50000, "gbp", fee=1480, created=before_the_period())
+    missing = stripe_api.add_payout(48520, "gbp")  # its payout.paid never came
+    # The month run twice (or a month and its quarter) before anything was fixed.
+    first = await reconcile(api, db, hub, integration["id"])
+    second = await reconcile(api, db, hub, integration["id"])
+    [in_first] = [m for m in first["mismatches"] if m["kind"] == "payout_not_in_xero"]
+    [in_second] = [m for m in second["mismatches"] if m["kind"] == "payout_not_in_xero"]
+    fix = "/api/v1/reconciliations/{}/mismatches/{}/fix"
+    fixed = await api.post(fix.format(first["id"], in_first["id"]))
+    assert fixed.status_code == 200, fixed.text
+    # Again from the other report, while it is being booked and once it is booked.
+    for _ in range(2):
+        again = await api.post(fix.format(second["id"], in_second["id"]))
+        assert again.status_code == 409, again.text
+        assert again.json()["error"]["code"] == "ALREADY_BOOKED"
+        await work(db, hub)
+    assert [t["Reference"] for t in xero.bank_transfers] == [missing["id"]]
+
+
 async def test_without_a_payouts_bank_only_stripes_own_sums_are_checked(
     api: ApiClient,
     http: httpx.AsyncClient,

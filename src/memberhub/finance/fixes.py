@@ -129,6 +129,22 @@ def _not_twice(entry: FinanceEntry, what: str) -> None:
         )
 
 
+def _booked_before(found: Reconciliation, entry: FinanceEntry, what: str) -> None:
+    """A fix that books an entry again (its record was removed in the accounting system)
+    only for an entry the report saw settled: one booked, or being booked, since the report
+    was made (by another report's fix, say) is booked once, not again."""
+    if entry.status == EntryStatus.PENDING or (
+        entry.status == EntryStatus.DONE
+        and entry.completed_at is not None
+        and (found.started_at is None or entry.completed_at >= found.started_at)
+    ):
+        raise Conflict(
+            f"The {what} was booked, or is being booked, since this report was made; run the "
+            "reconciliation again.",
+            code="ALREADY_BOOKED",
+        )
+
+
 async def _sale(
     session: AsyncSession, found: Reconciliation, fix: str, plan: dict[str, Any], now: datetime
 ) -> FinanceEntry:
@@ -146,6 +162,8 @@ async def _sale(
         entry.occurred_at = datetime.fromisoformat(plan["occurred_at"])
         session.add(entry)
     if fix == "link_payment":
+        if entry.kind == EntryKind.SALE:
+            _booked_before(found, entry, "payment")
         entry.invoice_id = plan.get("invoice_id")
         entry.contact_id = entry.contact_id or plan.get("contact_id")
         entry.payment_id = None
@@ -225,6 +243,8 @@ async def _refund_of_credit_note(
         entry.currency = str(plan["currency"])
         entry.occurred_at = datetime.fromisoformat(plan["occurred_at"])
         session.add(entry)
+    else:
+        _booked_before(found, entry, "refund")
     entry.credit_note_id = str(plan["credit_note_id"])
     entry.refund_id = None
     return entry
@@ -242,6 +262,8 @@ async def _payout(
         entry.currency = str(plan["currency"])
         entry.occurred_at = datetime.fromisoformat(plan["occurred_at"])
         session.add(entry)
+    else:
+        _booked_before(found, entry, "payout")
     # Booked before and its transfer since removed in Xero: transferred again (the fees
     # it booked stay booked).
     entry.transfer_id = None
