@@ -151,3 +151,23 @@ async def test_an_organisations_xero_books_only_its_own_organisations_stripe(
     )
     assert refused.status_code == 422, refused.text
     assert refused.json()["error"]["details"]["field"] == "payments_integration_id"
+
+
+async def test_a_mapping_saved_after_the_access_token_expired_keeps_the_rotated_token(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, hub: IntegrationHub, xero: FakeXero
+) -> None:
+    plan = await api.create_plan(price_amount=1000, currency="GBP")
+    stripe = await create_stripe_integration(api)
+    integration = await create_xero_integration(api, xero)
+    await connect(api, http, integration["id"])
+    xero.expire_access_tokens()  # saved more than 30 minutes after connecting
+    saved = await put(
+        api, f"/api/v1/integrations/{integration['id']}/accounting-mapping", mapping_body(plan)
+    )
+    assert saved.status_code == 200, saved.text
+    assert xero.token_grants.count("refresh_token") == 1
+    member = await api.create_member()
+    assert (await send(http, stripe["id"], checkout_event(member, plan))).is_success
+    await work(db, hub, rounds=2)
+    assert len(xero.invoices) == 1
+    assert xero.token_grants.count("refresh_token") == 1  # the rotated token still works

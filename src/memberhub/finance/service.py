@@ -226,9 +226,7 @@ async def _choose_tenant(
         )
     tenant_id, tenant_name = chosen[0]
     if connection.credentials.get("tenant_id") != tenant_id:
-        await hub.store_credentials(
-            integration.id, {**connection.credentials, "tenant_id": tenant_id}
-        )
+        await hub.merge_credentials(integration.id, {"tenant_id": tenant_id})
     return tenant_id, tenant_name or None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import time
 from collections import deque
@@ -286,6 +287,21 @@ class IntegrationHub:
         entry = self._entries.get(integration_id)
         if entry is not None:
             entry.credentials = credentials
+
+    async def merge_credentials(self, integration_id: int, changes: dict[str, Any]) -> None:
+        """Set some credential fields, keeping the others as stored now: never a copy read
+        earlier, whose refresh token a refresh since may have spent (it rotates)."""
+        entry = self._entries.get(integration_id)
+        async with entry.lock if entry is not None else contextlib.nullcontext():
+            async with self.db.transaction() as session:
+                integration = await session.get(Integration, integration_id, with_for_update=True)
+                if integration is None:
+                    return
+                credentials = {**vault.unseal(self.box, integration.credentials), **changes}
+                integration.credentials = vault.seal(self.box, credentials)
+                integration.credential_hints = vault.hints(credentials)
+            if entry is not None:
+                entry.credentials = credentials
 
     async def aclose(self) -> None:
         entries, self._entries = list(self._entries.values()), {}
