@@ -255,6 +255,13 @@ async def test_q_searches_first_name_last_name_and_email_case_insensitively(
     assert await list_ids(api, q="nobody") == []
 
 
+@pytest.mark.parametrize("q", ["Élodie", "élodie", "ÉLODIE", "MÜLLER", "müller", "łukasz"])
+async def test_q_folds_the_case_of_every_script(api: ApiClient, q: str) -> None:
+    member = await api.create_member(first_name="Élodie", last_name="Müller Łukasz")
+    await api.create_member(first_name="Elodie", last_name="Muller")
+    assert await list_ids(api, q=q) == [member["id"]]
+
+
 async def test_q_treats_percent_and_underscore_literally(api: ApiClient) -> None:
     percent = await api.create_member(first_name="100%", email="p@x.com")
     hundred = await api.create_member(first_name="1000", email="q@x.com")

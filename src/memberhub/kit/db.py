@@ -401,6 +401,10 @@ async def _connect_inline(path: str) -> aiosqlite.Connection:
 BUSY_TIMEOUT_MS = 30_000
 
 
+def _unicode_lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
 def _configure_sqlite(engine: Engine, *, inline: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -416,6 +420,9 @@ def _configure_sqlite(engine: Engine, *, inline: bool) -> None:
         else:
             cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.close()
+        # SQLite's own lower() folds ASCII only ("É" stays "É"): searches that lower both
+        # sides would never find Élodie. Python's folds every script, as PostgreSQL's does.
+        dbapi_connection.create_function("lower", 1, _unicode_lower, deterministic=True)
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
