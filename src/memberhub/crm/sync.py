@@ -467,7 +467,8 @@ async def _record_push(
                     error=result.error,
                 )
                 continue
-            created = link.external_id is None
+            # As the CRM says: a record it already had (matched by email) is updated.
+            created = result.created
             if result.external_id:
                 link.external_id = result.external_id
             link.synced = {**link.synced, **item.record.properties}
