@@ -9,7 +9,7 @@ from typing import Any
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
-from tests.crm.conftest import Crm, create_integration, seed_members, sync
+from tests.crm.conftest import CRM_CONSENT, Crm, create_integration, seed_members, sync
 from tests.fakes.hubspot import FakeHubSpot
 from tests.support import ApiClient
 
@@ -183,3 +183,40 @@ async def test_the_lookback_finds_what_hubspots_search_indexed_late(
     assert (third["created"], third["failed"]) == (1, 0), third
     emails = sorted(lead["email"] for lead in await all_leads(api))
     assert emails == ["lead.0@example.com", "lead.1@example.com", "lead.2@example.com"]
+
+
+async def test_a_boolean_or_number_pulled_from_hubspot_keeps_its_type(
+    api: ApiClient, db: Database, hub: IntegrationHub, hubspot: FakeHubSpot
+) -> None:
+    fields = [
+        {"source": "email", "target": "email"},
+        {"source": "first_name", "target": "firstname"},
+        {"source": "custom.vip", "target": "vip"},
+        {"source": "custom.seats", "target": "seats"},
+        {"source": "custom.note", "target": "note"},
+    ]
+    for name in ("vip", "seats", "note"):
+        hubspot.add_property(name)
+    member = await api.create_member(
+        first_name="Ana",
+        consent=CRM_CONSENT,
+        custom_fields={"vip": True, "seats": 2, "note": "first"},
+    )
+    integration = await create_integration(
+        api,
+        Crm("hubspot", hubspot).integration_body(
+            members={"object": "contacts", "fields": fields}, leads=None
+        ),
+    )
+    assert (await sync(api, db, hub, integration["id"], mode="push"))["created"] == 1
+    [contact_id] = list(hubspot.contacts)
+    # HubSpot answers every property as a string, a checkbox's "false" included.
+    hubspot.update_contact(
+        contact_id,
+        {"vip": "false", "seats": "5", "note": "12"},
+        modified_at=utcnow() + timedelta(seconds=1),
+    )
+    pulled = await sync(api, db, hub, integration["id"], mode="pull")
+    assert (pulled["updated"], pulled["failed"]) == (1, 0), pulled
+    custom = (await api.get(f"/api/v1/members/{member['id']}")).json()["custom_fields"]
+    assert custom == {"vip": False, "seats": 5, "note": "12"}

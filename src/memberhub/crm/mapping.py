@@ -274,6 +274,26 @@ def inbound_value(field: FieldMap, value: Any) -> Scalar:
     return value
 
 
+def like_local(value: Scalar, local: Any) -> Scalar:
+    """A CRM's value (most answer strings for every type: HubSpot's checkbox is "false")
+    read as the type our current value has: a bool, an integer or a number stays one. A
+    string that does not read as that type stays a string (and changes the type)."""
+    if not isinstance(value, str) or local is None or isinstance(local, str):
+        return value
+    text = value.strip()
+    if isinstance(local, bool):
+        lowered = text.lower()
+        return True if lowered == "true" else False if lowered == "false" else value
+    try:
+        if isinstance(local, int):
+            return int(text)
+        if isinstance(local, float):
+            return float(text)
+    except ValueError:
+        return value
+    return value
+
+
 def desired_properties(
     entity: EntityType, spec: ObjectSync, values: Mapping[str, Any]
 ) -> dict[str, Scalar]:

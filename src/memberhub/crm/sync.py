@@ -36,6 +36,7 @@ from memberhub.crm.mapping import (
     desired_properties,
     email_target,
     inbound_value,
+    like_local,
     outbound_value,
     pulled_properties,
     pulls,
@@ -838,7 +839,10 @@ async def _apply_one(
     custom: dict[str, Any] = {}
     for name in taken:
         field_map = next(f for f in spec.fields if f.target == name)
-        value = inbound_value(field_map, record.properties.get(name))
+        value = like_local(
+            inbound_value(field_map, record.properties.get(name)),
+            values.values.get(field_map.source),
+        )
         if field_map.source.startswith("custom."):
             custom[field_map.source.removeprefix("custom.")] = value
         else:
