@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import io
+import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -208,6 +210,49 @@ async def test_a_renewal_paid_before_its_term_starts_is_the_charges_membership_c
 
     assert report["mismatches"] == []
     assert report["summary"]["matched"] == 2
+
+
+async def test_a_payment_just_before_a_period_answers_for_the_term_made_just_after(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    hub: IntegrationHub,
+    xero: FakeXero,
+    stripe_api: FakeStripe,
+) -> None:
+    plan = await api.create_plan(price_amount=2500, currency="GBP")
+    stripe = await create_stripe_integration(api, base_url=stripe_api.url)
+    integration = await connected_xero(api, http, xero, plan)
+    member = await api.create_member()
+    # Paid two minutes ago; the periods' boundary falls between the charge and the term
+    # its webhook made (as at 23:58 and 00:01).
+    paid_at = int(time.time()) - 120
+    intent = stripe_id("pi")
+    stripe_api.add_charge(
+        2500, "gbp", payment_intent=intent, metadata={"member_id": member["id"]}, created=paid_at
+    )
+    event = checkout_event(member, plan, payment_intent=intent, currency="gbp")
+    event["created"] = paid_at
+    assert (await send(http, stripe["id"], event)).status_code == 200
+    await work(db, hub)
+    boundary = datetime.fromtimestamp(paid_at + 60, UTC)
+    for start, end in (
+        (boundary - timedelta(days=1), boundary),
+        (boundary, boundary + timedelta(days=1)),
+    ):
+        created = await api.post(
+            "/api/v1/reconciliations",
+            {
+                "integration_id": integration["id"],
+                "period_start": start.isoformat(),
+                "period_end": end.isoformat(),
+            },
+        )
+        assert created.status_code == 202, created.text
+        await work(db, hub)
+        report = (await api.get(f"/api/v1/reconciliations/{created.json()['id']}")).json()
+        assert report["status"] == "completed", report
+        assert report["mismatches"] == [], (start, report["mismatches"])
 
 
 async def test_a_discounted_payment_is_invoiced_at_the_plan_price_and_reported(

@@ -24,6 +24,7 @@ Each mismatch carries a suggested fix, applied through the API where one can be
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -165,12 +166,21 @@ async def _compare(
     )
     charges = [m for m in movements if m.kind == "charge" and m.status == "succeeded"]
     refunds = [m for m in movements if m.kind == "refund"]
-    all_ids = {i for c in (*charges, *refunds) for i in (c.id, *c.references)}
+    # Charges just before the period: a term made in it may be theirs (paid at 23:58, the
+    # webhook applied after midnight). They answer for such terms, nothing more.
+    earlier = [
+        m
+        for m in await payments_provider.money_movements(
+            hub.connection(source), since=start - TERM_SLACK, until=start
+        )
+        if m.kind == "charge" and m.status == "succeeded"
+    ]
+    all_ids = {i for c in (*charges, *refunds, *earlier) for i in (c.id, *c.references)}
     async with db.transaction(read_only=True) as session:
         records = await _payment_records(session, source.id, all_ids)
         terms = await _terms(session, start - TERM_SLACK, end + TERM_SLACK)
         members = await _member_ids(
-            session, {c.member_id for c in (*charges, *refunds) if c.member_id}
+            session, {c.member_id for c in (*charges, *refunds, *earlier) if c.member_id}
         )
         mapping = await session.get(AccountingMapping, integration.id)
         bank = (mapping.mapping if mapping else {}).get("payouts_bank_account_code")
@@ -187,7 +197,15 @@ async def _compare(
             since=start.date(),
             until=(end + PAYOUT_ARRIVAL_SLACK).date(),
         )
-    return _match(charges, movements, documents, books, records, terms, members, start, end)
+    paid_before: dict[int, list[datetime]] = defaultdict(list)
+    for charge in earlier:
+        record = next((records[i] for i in (charge.id, *charge.references) if i in records), None)
+        member_row = record[1] if record else members.get(charge.member_id or "")
+        if member_row is not None:
+            paid_before[member_row].append(charge.created_at)
+    return _match(
+        charges, movements, documents, books, records, terms, members, start, end, paid_before
+    )
 
 
 @dataclass
@@ -251,6 +269,7 @@ def _match(
     members: dict[str, int],
     start: datetime,
     end: datetime,
+    paid_before: Mapping[int, list[datetime]],
 ) -> dict[str, Any]:
     invoices_by_ref: dict[str, LedgerDocument] = {}
     for document in documents:
@@ -359,6 +378,8 @@ def _match(
     for term, member_row, public, made in terms:
         if not start <= made < end or member_row in paying_members:
             continue
+        if any(abs(made - paid) <= TERM_SLACK for paid in paid_before.get(member_row, ())):
+            continue  # paid just before the period began
         add(
             "membership_active_without_payment",
             f"Membership term {term} of {public} was joined or renewed "
