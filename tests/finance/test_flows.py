@@ -3,9 +3,12 @@ webhooks through the inbound endpoint, the worker booking them in the Xero fake.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import httpx
 
 from memberhub.integrations.hub import IntegrationHub
+from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from tests.fakes.stripe import running_fake_stripe
 from tests.fakes.xero import FakeXero
@@ -285,3 +288,24 @@ async def test_a_payout_books_stripes_fees_and_a_transfer_to_the_bank(
         "transfer",
         "done",
     ]
+
+
+async def test_a_day_of_calls_spent_waits_what_xero_asks_without_spending_attempts(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, hub: IntegrationHub, xero: FakeXero
+) -> None:
+    plan = await api.create_plan(price_amount=1000, currency="GBP")
+    stripe = await create_stripe_integration(api)
+    integration = await connected_xero(api, http, xero, plan)
+    member = await api.create_member()
+    assert (await send(http, stripe["id"], checkout_event(member, plan))).is_success
+    # The day's calls are spent: 429 with X-Rate-Limit-Problem: day and a long Retry-After.
+    xero.set_limits(per_minute=100_000, per_day=0, concurrent=5)
+    before = len(xero.requests)
+    started = utcnow()
+    await work(db, hub, rounds=0)  # one worker pass, now
+    sent = [r for r in xero.requests[before:] if r.path.startswith("/api.xro/")]
+    assert len(sent) == 1, [r.path for r in sent]  # not sent again within minutes
+    [entry] = await entries(api, integration["id"])
+    assert entry["status"] == "pending", entry
+    assert entry["attempts"] == 0, entry
+    assert datetime.fromisoformat(entry["next_attempt_at"]) >= started + timedelta(hours=1)

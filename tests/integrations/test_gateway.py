@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -167,6 +168,21 @@ async def test_vendor_wait_is_bounded_by_max_retry_after(
     await gateway.request("GET", "/contacts")
 
     assert sleep.waits == [POLICY.max_retry_after]
+
+
+async def test_a_longer_wait_goes_to_the_caller_where_the_policy_says_so(
+    api: FlakyApi, gateway: Gateway, sleep: RecordingSleep
+) -> None:
+    gateway.policy = dataclasses.replace(POLICY, longer_waits_to_caller=True)
+    api.fail_next(1, status=429, headers={"Retry-After": "3600"})
+
+    with pytest.raises(GatewayError) as caught:
+        await gateway.request("GET", "/contacts")
+
+    # Not sent again within the call, an hour early: the caller waits, as asked.
+    assert (caught.value.status, caught.value.retry_after) == (429, 3600.0)
+    assert sleep.waits == []
+    assert api.count("/contacts") == 1
 
 
 def test_requested_wait_reads_retry_after_dates_and_vendor_reset_headers() -> None:

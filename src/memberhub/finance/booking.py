@@ -139,7 +139,9 @@ async def book_entry(db: Database, hub: IntegrationHub, entry_id: int, now: date
         return 1
     except NotYet as exc:
         return await _retry_later(db, work.entry_id, str(exc))
-    except (GatewayError, CircuitOpen, ConnectionFailed) as exc:
+    except GatewayError as exc:
+        return await _retry_later(db, work.entry_id, str(exc), wait=exc.retry_after)
+    except (CircuitOpen, ConnectionFailed) as exc:
         return await _retry_later(db, work.entry_id, str(exc))
     except Exception as exc:
         log.exception("finance_entry_failed", entry=work.public_id)
@@ -442,7 +444,12 @@ async def _finish(db: Database, entry_id: int, *, failed: str | None = None) -> 
         entry.log = [*entry.log, step]
 
 
-async def _retry_later(db: Database, entry_id: int, message: str) -> int:
+async def _retry_later(
+    db: Database, entry_id: int, message: str, *, wait: float | None = None
+) -> int:
+    """Try the entry again later: after the backoff, counting the attempt; or, when the
+    accounting system asked for a `wait` (its day's calls spent), after that wait, which
+    spends none of the entry's attempts."""
     async with db.transaction() as session:
         entry = await session.get(FinanceEntry, entry_id, with_for_update=True)
         if entry is None or entry.status != EntryStatus.PENDING:
@@ -450,6 +457,19 @@ async def _retry_later(db: Database, entry_id: int, message: str) -> int:
         now = utcnow()
         entry.last_error = message[:1000]
         entry.updated_at = now
+        if wait is not None:
+            entry.attempts = max(0, entry.attempts - 1)
+            entry.next_attempt_at = now + timedelta(seconds=wait)
+            entry.log = [
+                *entry.log,
+                {
+                    "at": now.isoformat(),
+                    "step": "attempt",
+                    "outcome": "wait",
+                    "message": message[:500],
+                },
+            ]
+            return 0
         final = entry.attempts >= MAX_ATTEMPTS
         entry.log = [
             *entry.log,

@@ -84,6 +84,10 @@ class GatewayPolicy:
     backoff_max: float = 30.0
     # The longest wait a vendor's Retry-After or reset header may impose on one retry.
     max_retry_after: float = 60.0
+    # A longer wait asked for: False, wait max_retry_after and try again; True, give up
+    # the call at once (GatewayError.retry_after) for the caller to try again when asked
+    # (Xero's day limit asks for hours: tries every 2 minutes would spend the entry's).
+    longer_waits_to_caller: bool = False
     breaker_window: float = 60.0
     breaker_min_calls: int = 10
     breaker_failure_ratio: float = 0.5
@@ -124,6 +128,7 @@ VENDOR_POLICIES: dict[str, GatewayPolicy] = {
         also_limited_to=("5000 per day",),
         max_concurrent=5,
         max_retry_after=120.0,
+        longer_waits_to_caller=True,
     ),
     # No published request rate; 10 connections at once per API key (one more is a 429),
     # and calls time out after 120 seconds.
@@ -153,6 +158,7 @@ class GatewayError(Exception):
         body_excerpt: str = "",
         error: BaseException | None = None,
         attempts: int = 1,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(f"{integration}: {message}")
         self.integration = integration
@@ -160,6 +166,9 @@ class GatewayError(Exception):
         self.body_excerpt = body_excerpt
         self.error = error
         self.attempts = attempts
+        # The vendor asked for a wait longer than the policy waits within a call (a
+        # day's limit spent): seconds to wait before the next try, for the caller.
+        self.retry_after = retry_after
 
 
 class ExchangeRefused(Exception):
@@ -672,16 +681,26 @@ class Gateway:
                 self._count_call(call.outcome)
                 return response
             retryable = status == 429 or may_retry_failures
-            if not retryable or attempt >= self.policy.max_attempts:
+            asked = requested_wait(response.headers)
+            too_long = (
+                self.policy.longer_waits_to_caller
+                and asked is not None
+                and asked > self.policy.max_retry_after
+            )
+            if not retryable or attempt >= self.policy.max_attempts or too_long:
+                # A wait longer than a call may take is not cut short and tried early:
+                # the caller is told how long (`retry_after`) and tries again then.
                 call.outcome = "failed"
                 call.response_excerpt = _logged(response.text, BODY_EXCERPT_CHARS)
                 self._count_call("failed")
                 raise GatewayError(
                     self.integration,
-                    f"{method} {path} answered {status}",
+                    f"{method} {path} answered {status}"
+                    + (f"; retry after {asked:g} s" if too_long and asked is not None else ""),
                     status=status,
                     body_excerpt=_logged(response.text, BODY_EXCERPT_CHARS),
                     attempts=attempt,
+                    retry_after=asked if retryable and too_long else None,
                 )
             await self._sleep(self._wait_before_retry(response, attempt))
 
