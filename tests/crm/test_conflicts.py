@@ -119,6 +119,33 @@ async def test_manual_review_holds_both_values_until_resolved(
 
 
 @pytest.mark.parametrize("linked", ["manual"], indirect=True)
+async def test_keeping_the_crms_value_takes_its_newest_value(
+    api: ApiClient,
+    db: Database,
+    hub: IntegrationHub,
+    hubspot: FakeHubSpot,
+    linked: dict[str, Any],
+) -> None:
+    integration_id, member_id = linked["integration"]["id"], linked["member"]["id"]
+    await edit_both_sides(api, hubspot, linked, crm_offset=timedelta(0))
+    assert (await sync(api, db, hub, integration_id, mode="pull"))["conflicts"] == 1
+    # Changed again in the CRM while the conflict waits for review.
+    hubspot.update_contact(
+        linked["contact_id"], {"firstname": "Crm2"}, modified_at=utcnow() + timedelta(seconds=5)
+    )
+    await sync(api, db, hub, integration_id, mode="pull")
+    [conflict] = (await api.get(f"/api/v1/integrations/{integration_id}/conflicts")).json()["data"]
+    assert conflict["crm_value"] == "Crm2"
+    resolved = await api.post(f"/api/v1/crm-conflicts/{conflict['id']}/resolve", {"keep": "crm"})
+    assert resolved.status_code == 200, resolved.text
+    await tick(db, hub)
+    await sync(api, db, hub, integration_id, mode="pull")
+    await tick(db, hub)
+    assert await first_name(api, member_id) == "Crm2"
+    assert hubspot.contacts[linked["contact_id"]]["firstname"] == "Crm2"
+
+
+@pytest.mark.parametrize("linked", ["manual"], indirect=True)
 async def test_keeping_memberhubs_value_sends_it_to_the_crm(
     api: ApiClient,
     db: Database,

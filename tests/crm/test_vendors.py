@@ -137,3 +137,21 @@ async def test_an_enrolment_sends_the_leads_new_status(
     await tick(db, hub)
     assert list(hubspot.contacts) == [contact_id]  # the member is the same contact
     assert hubspot.contacts[contact_id]["hs_lead_status"] == "OPEN_DEAL"
+
+
+async def test_salesforces_request_limit_fails_a_batch_without_splitting_it(
+    api: ApiClient, db: Database, hub: IntegrationHub, salesforce: FakeSalesforce
+) -> None:
+    await seed_members(db, 200, prefix="limit")
+    integration = await create_integration(
+        api, Crm("salesforce", salesforce).integration_body(pull=False)
+    )
+    salesforce.set_daily_limit(0)  # 403 REQUEST_LIMIT_EXCEEDED to every call
+    run = await sync(api, db, hub, integration["id"], mode="push")
+    assert run["failed"] == 200, run
+    # One refused write per batch of 200, not 2n - 1 of them to find a record at fault.
+    assert salesforce.count_all() <= 2, salesforce.count_all()
+    records = (
+        await api.get(f"/api/v1/sync-runs/{run['id']}/records", {"outcome": "failed", "limit": 1})
+    ).json()["data"]
+    assert "REQUEST_LIMIT_EXCEEDED" in records[0]["error"]

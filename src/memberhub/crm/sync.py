@@ -43,6 +43,7 @@ from memberhub.crm.mapping import (
     same,
 )
 from memberhub.crm.models import (
+    ConflictStatus,
     CrmConflict,
     CrmLink,
     CrmSyncState,
@@ -62,6 +63,7 @@ from memberhub.integrations.providers.base import (
     Connection,
     ContactRecord,
     CrmError,
+    CrmRefusedEverything,
     RemoteRecord,
     WriteResult,
     aware_time,
@@ -349,6 +351,8 @@ async def _send(
             try:
                 counts.requests += 1
                 answers = await ctx.crm.upsert_contacts(ctx.vendor, object_name, batch)
+            except CrmRefusedEverything as exc:
+                answers = [WriteResult(r.key, None, error=str(exc)) for r in batch]
             except CrmError as exc:
                 if len(batch) == 1:
                     answers = [WriteResult(batch[0].key, None, error=str(exc))]
@@ -823,6 +827,8 @@ async def _apply_one(
         counts.add("skipped", entity, None, record.external_id)
         return
     taken, kept, conflicts = _decide(ctx, entity, spec, link, values, record, now)
+    if not dry_run:
+        await _refresh_held(session, link, spec, record)
     if dry_run:
         if taken or conflicts:
             counts.add(
@@ -893,6 +899,26 @@ def _nothing_new(link: CrmLink, record: RemoteRecord, now: datetime) -> bool:
         same(value, link.synced.get(name)) or value_hash(value) in echoes.get(name, ())
         for name, value in record.properties.items()
     )
+
+
+async def _refresh_held(
+    session: AsyncSession, link: CrmLink, spec: ObjectSync, record: RemoteRecord
+) -> None:
+    """A property held for review that the CRM changed again: its open conflict shows the
+    CRM's newest value, which `keep: crm` then takes (not the one first seen)."""
+    for field_map in spec.fields:
+        conflict_id = link.held.get(field_map.target)
+        if conflict_id is None or field_map.target not in record.properties:
+            continue
+        remote = record.properties[field_map.target]
+        conflict = await session.scalar(
+            select(CrmConflict).where(
+                CrmConflict.public_id == conflict_id, CrmConflict.status == ConflictStatus.OPEN
+            )
+        )
+        if conflict is not None and not same(conflict.values.get("crm"), remote):
+            conflict.values = {**conflict.values, "crm": remote}
+            conflict.crm_modified_at = record.modified_at
 
 
 def _decide(

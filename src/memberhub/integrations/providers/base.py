@@ -423,6 +423,17 @@ class CrmError(Exception):
     """A CRM refused a request as a whole (bad settings, unknown field): the message says why."""
 
 
+class CrmRefusedEverything(CrmError):
+    """A refusal that is about no record in the request (the API's request limit is spent,
+    the credentials are refused): a smaller request would be refused alike, so a batch is
+    not split to find the records at fault."""
+
+
+def refuses_everything(status_code: int) -> bool:
+    """Whether a CRM's HTTP status refuses whatever the request holds."""
+    return status_code in (401, 403)
+
+
 @dataclass(frozen=True)
 class AudienceMember:
     """A member as a marketing list holds them: subscribed only with email-marketing

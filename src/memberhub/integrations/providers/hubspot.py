@@ -36,6 +36,7 @@ from memberhub.integrations.providers.base import (
     ConnectionFailed,
     ContactRecord,
     CrmError,
+    CrmRefusedEverything,
     InboundIdentity,
     InboundRequest,
     OAuthSettings,
@@ -43,6 +44,7 @@ from memberhub.integrations.providers.base import (
     RemoteRecord,
     WriteResult,
     aware_time,
+    refuses_everything,
 )
 
 Secret = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
@@ -347,7 +349,10 @@ def _json(response: Any) -> dict[str, Any]:
         answer = None
     if response.status_code >= 400 or not isinstance(answer, dict):
         message = answer.get("message") if isinstance(answer, dict) else None
-        raise CrmError(f"HubSpot answered {response.status_code}: {message or response.text[:300]}")
+        text = f"HubSpot answered {response.status_code}: {message or response.text[:300]}"
+        if refuses_everything(response.status_code):
+            raise CrmRefusedEverything(text)
+        raise CrmError(text)
     return answer
 
 

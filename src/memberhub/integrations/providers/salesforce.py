@@ -34,11 +34,13 @@ from memberhub.integrations.providers.base import (
     ConnectionFailed,
     ContactRecord,
     CrmError,
+    CrmRefusedEverything,
     OAuthSettings,
     Provider,
     RemoteRecord,
     WriteResult,
     aware_time,
+    refuses_everything,
 )
 
 Secret = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)]
@@ -271,7 +273,11 @@ def _answer(response: Any) -> Any:
     except ValueError:
         answer = None
     if response.status_code >= 400:
-        raise CrmError(f"Salesforce answered {response.status_code}: {_errors(answer)}")
+        message = f"Salesforce answered {response.status_code}: {_errors(answer)}"
+        # REQUEST_LIMIT_EXCEEDED (the org's daily API requests) comes with 403.
+        if refuses_everything(response.status_code) or "REQUEST_LIMIT_EXCEEDED" in message:
+            raise CrmRefusedEverything(message)
+        raise CrmError(message)
     return answer
 
 
