@@ -762,8 +762,12 @@ class DeliveryLoop:
         """One batch of events into deliveries, when there may be some: the events handled
         (`_fan_out_backlog` tells whether more are waiting)."""
         dispatched = 0
-        due = time.monotonic() >= self._fan_out_due
-        if due and (endpoints := await self._undispatched()) is not None:
+        if time.monotonic() < self._fan_out_due:
+            # Looked a moment ago: not again yet (and the moment is not put off, or calls
+            # more often than FAN_OUT_CHECK_SECONDS would never look again).
+            self._fan_out_backlog = False
+            return 0
+        if (endpoints := await self._undispatched()) is not None:
             # With no endpoint, fan-out only marks events dispatched: short, so on SQLite it
             # runs on the loop's thread. Creating deliveries (up to FAN_OUT_BATCH for each
             # endpoint) runs in a connection's thread, beside the sends.
