@@ -21,6 +21,14 @@ from tests.marketing.conftest import create_mailchimp, status, tick
 from tests.support import ApiClient
 
 LAPSING = "Points 500+, inactive 60 days"
+# A rule: the Customer Journey step 77/5 when a member reaches gold.
+GOLD_WELCOME = {
+    "key": "gold-welcome",
+    "trigger": "tier_reached",
+    "tier": "gold",
+    "journey_id": "77",
+    "step_id": "5",
+}
 
 
 async def seed_members(db: Database, now: datetime) -> None:
@@ -195,15 +203,7 @@ async def test_a_segment_deleted_in_mailchimp_is_made_again_and_holds_no_journey
         mailchimp,
         list_id,
         segments=[{"key": "everyone", "name": "Everyone", "conditions": {}}],
-        journeys=[
-            {
-                "key": "gold-welcome",
-                "trigger": "tier_reached",
-                "tier": "gold",
-                "journey_id": "77",
-                "step_id": "5",
-            }
-        ],
+        journeys=[GOLD_WELCOME],
     )
     start = utcnow()
     await tick(db, hub, now=start)
@@ -230,15 +230,7 @@ async def test_a_tier_journey_does_not_start_for_a_member_no_longer_in_the_tier(
         api,
         mailchimp,
         list_id,
-        journeys=[
-            {
-                "key": "gold-welcome",
-                "trigger": "tier_reached",
-                "tier": "gold",
-                "journey_id": "77",
-                "step_id": "5",
-            }
-        ],
+        journeys=[GOLD_WELCOME],
     )
     await tick(db, hub)
     await assign(api, member["id"], "gold")  # by mistake...
@@ -262,15 +254,7 @@ async def test_a_tier_upgrade_journey_fires_once_per_member(
         api,
         mailchimp,
         list_id,
-        journeys=[
-            {
-                "key": "gold-welcome",
-                "trigger": "tier_reached",
-                "tier": "gold",
-                "journey_id": "77",
-                "step_id": "5",
-            }
-        ],
+        journeys=[GOLD_WELCOME],
     )
     await tick(db, hub)
     await assign(api, keen["id"], "silver")
