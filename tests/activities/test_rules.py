@@ -117,6 +117,11 @@ def _amount_is(value: Any) -> dict[str, Any]:
             "operator",
         ),
         (
+            {"conditions": {"field": "activity.attributes.custom.vip", "op": "gt", "value": True}},
+            "$.conditions.value",
+            "type_mismatch",
+        ),
+        (
             {"conditions": {"field": "activity.type", "op": ["eq"], "value": "x"}},
             "$.conditions.op",
             "operator",

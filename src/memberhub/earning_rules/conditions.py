@@ -216,6 +216,15 @@ def _check_comparison(node: dict[str, Any], path: Path, state: _Check) -> None:
         for index, item in enumerate(value):
             _check_value(name, kind, item, (*path, "value", index), state)
         return
+    if op in _ORDER and isinstance(value, bool):
+        # A custom attribute may hold true or false, but nothing is more or less than one:
+        # saved, the comparison could never hold.
+        state.problem(
+            (*path, "value"),
+            f"`{op}` compares numbers or text, not {_json_name(value)}",
+            "type_mismatch",
+        )
+        return
     _check_value(name, kind, value, (*path, "value"), state)
 
 
