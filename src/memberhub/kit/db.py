@@ -8,7 +8,7 @@ import socket
 import sqlite3
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import cache, partial
@@ -32,6 +32,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Table,
+    TextClause,
     bindparam,
     event,
     func,
@@ -451,6 +452,34 @@ def named_xact_lock(session: Session, *names: str) -> None:
     for name in names:
         digest = hashlib.sha256(name.encode()).digest()
         advisory_xact_lock(session, int.from_bytes(digest[:8], "big", signed=True))
+
+
+@cache
+def _locks_statement(count: int) -> TextClause:
+    return text("SELECT " + ", ".join(f"pg_advisory_xact_lock(:lock{i})" for i in range(count)))
+
+
+async def lock_key_slots(
+    session: AsyncSession, namespace: str, keys: Iterable[str], slots: int
+) -> None:
+    """Hold, until the transaction ends, the locks of `keys` (PostgreSQL; a no-op on SQLite,
+    as for `advisory_xact_lock`). Keys share `slots` locks per namespace, so that a batch
+    holds at most that many; they are taken in one statement, in slot order, so that two
+    writers taking several never deadlock."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    numbers = sorted(
+        {int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % slots for key in keys}
+    )
+    if not numbers:
+        return
+    locks = {
+        f"lock{i}": int.from_bytes(
+            hashlib.sha256(f"{namespace}:{number}".encode()).digest()[:8], "big", signed=True
+        )
+        for i, number in enumerate(numbers)
+    }
+    await session.execute(_locks_statement(len(locks)), locks)
 
 
 def try_advisory_xact_lock(session: Session, lock_id: int) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +18,7 @@ from memberhub.auth.roles import Scope
 from memberhub.events.catalog import EnrollmentCompleted, LeadCreated, LeadUpdated
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
-from memberhub.kit.db import named_xact_lock
+from memberhub.kit.db import lock_key_slots
 from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.kit.types import refusal
@@ -205,12 +204,7 @@ def external_key(system: str, external_id: str) -> str:
 async def lock_lead_keys(
     session: AsyncSession, organisation_id: int | None, keys: Iterable[str]
 ) -> None:
-    slots = {
-        int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % LEAD_LOCK_SLOTS
-        for key in keys
-    }
-    names = [f"lead:{organisation_id or 0}:{slot}" for slot in sorted(slots)]
-    await session.run_sync(named_xact_lock, *names)
+    await lock_key_slots(session, f"lead:{organisation_id or 0}", keys, LEAD_LOCK_SLOTS)
 
 
 async def lead_for_activity(

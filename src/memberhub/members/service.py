@@ -1,24 +1,11 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import (
-    Insert,
-    Select,
-    Table,
-    TextClause,
-    exists,
-    false,
-    func,
-    or_,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import Insert, Select, Table, exists, false, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -37,7 +24,7 @@ from memberhub.events.repository import EventRepository
 from memberhub.events.sequencer import mark_for_sequencing
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
-from memberhub.kit.db import column_binds, column_values, orm_object
+from memberhub.kit.db import column_binds, column_values, lock_key_slots, orm_object
 from memberhub.kit.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.members.consent import (
@@ -298,40 +285,17 @@ def external_keys(external_ids: dict[str, str]) -> list[str]:
 MEMBER_KEY_LOCK_SLOTS = 1024
 
 
-@functools.cache
-def _key_lock_statement(count: int) -> TextClause:
-    return text("SELECT " + ", ".join(f"pg_advisory_xact_lock(:lock{i})" for i in range(count)))
-
-
 async def lock_member_keys(
     session: AsyncSession, email_normalized: str | None, keys: Sequence[str]
 ) -> None:
     """Take, until the transaction ends, the locks of an email and external keys
-    (`SYSTEM:ID`), in one statement and in one order (PostgreSQL; on SQLite writing
-    transactions run one at a time already). A transaction that looks for a member by a
-    key (an activity recorded) and one that gives a member the key (created, or changed)
-    take it before they look: one waits for the other's commit and then sees its row, so
-    an activity recorded as its member is created is never left unmatched by both."""
-    if session.get_bind().dialect.name != "postgresql":
-        return
+    (`SYSTEM:ID`), in one statement (see `lock_key_slots`). A transaction that looks for a
+    member by a key (an activity recorded) and one that gives a member the key (created,
+    or changed) take it before they look: one waits for the other's commit and then sees
+    its row, so an activity recorded as its member is created is never left unmatched."""
     names = [f"email:{email_normalized}"] if email_normalized else []
     names += [f"external:{key}" for key in keys]
-    if not names:
-        return
-    slots = sorted(
-        {
-            int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
-            % MEMBER_KEY_LOCK_SLOTS
-            for name in names
-        }
-    )
-    locks = {
-        f"lock{i}": int.from_bytes(
-            hashlib.sha256(f"member-key:{slot}".encode()).digest()[:8], "big", signed=True
-        )
-        for i, slot in enumerate(slots)
-    }
-    await session.execute(_key_lock_statement(len(locks)), locks)
+    await lock_key_slots(session, "member-key", names, MEMBER_KEY_LOCK_SLOTS)
 
 
 @functools.cache
