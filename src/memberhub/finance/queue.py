@@ -12,7 +12,7 @@ applied nothing (a second notice of one payment) leaves nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -103,16 +103,19 @@ async def _booking_integrations(
     """Enabled accounting integrations with a mapping that takes this integration's money:
     the mapping names it, or names none and the payments integration is within the
     accounting integration's organisation (see `takes_money_of`)."""
-    rows = await session.execute(
-        select(
-            AccountingMapping.integration_id,
-            AccountingMapping.mapping,
-            Integration.organisation_id,
+    rows = (
+        await session.execute(
+            select(
+                AccountingMapping.integration_id,
+                AccountingMapping.mapping,
+                Integration.organisation_id,
+            )
+            .join(Integration, Integration.id == AccountingMapping.integration_id)
+            .where(Integration.enabled.is_(True))
         )
-        .join(Integration, Integration.id == AccountingMapping.integration_id)
-        .where(Integration.enabled.is_(True))
-    )
+    ).all()
     payments = await session.get(Integration, payments_integration_id)
+    scopes = await money_scopes(session, {organisation_id for _, _, organisation_id in rows})
     wanted = []
     for integration_id, mapping, organisation_id in rows:
         source = (mapping or {}).get("payments_integration_db_id")
@@ -121,26 +124,28 @@ async def _booking_integrations(
         if source == payments_integration_id or (
             source is None
             and payments is not None
-            and await takes_money_of(session, organisation_id, payments.organisation_id)
+            and takes_money_of(scopes[organisation_id], payments.organisation_id)
         ):
             wanted.append(integration_id)
     return wanted
 
 
-async def takes_money_of(
-    session: AsyncSession,
-    accounting_organisation_id: int | None,
-    payments_organisation_id: int | None,
-) -> bool:
-    """Whether an accounting integration whose mapping names no payments integration books
-    the money of one: an installation-wide one books any; an organisation's books only
-    its own and its chapters' (another organisation's takings are not its business)."""
-    if accounting_organisation_id is None:
-        return True
-    if payments_organisation_id is None:
-        return False
-    subtree = await OrganisationRepository(session).subtree_ids(accounting_organisation_id)
-    return payments_organisation_id in subtree
+async def money_scopes(
+    session: AsyncSession, organisation_ids: Iterable[int | None]
+) -> dict[int | None, frozenset[int] | None]:
+    """Whose money an accounting integration of each organisation books when its mapping
+    names no payments integration: an installation-wide one anyone's (None); an
+    organisation's only its own and its chapters' (another's takings are not its
+    business). The hierarchy is read once for all of them."""
+    wanted = {o for o in organisation_ids if o is not None}
+    subtrees = await OrganisationRepository(session).subtrees(wanted) if wanted else {}
+    return {None: None, **{o: subtrees[o] for o in wanted}}
+
+
+def takes_money_of(scope: frozenset[int] | None, payments_organisation_id: int | None) -> bool:
+    return scope is None or (
+        payments_organisation_id is not None and payments_organisation_id in scope
+    )
 
 
 async def _member_id(session: AsyncSession, public_id: Any) -> int | None:

@@ -156,9 +156,12 @@ async def _compare(
         raise ReconciliationFailed(
             f"{source.provider} cannot list its money, or {integration.provider} its books"
         )
-    movements = await payments_provider.money_movements(
-        hub.connection(source), since=start, until=end
+    # Read from TERM_SLACK before the period: a charge just before it may answer for a
+    # term made in it (paid at 23:58, the webhook applied after midnight), nothing more.
+    listed = await payments_provider.money_movements(
+        hub.connection(source), since=start - TERM_SLACK, until=end
     )
+    movements = [m for m in listed if m.created_at >= start]
     documents = await accounting.documents(
         hub.connection(integration),
         since=start.date(),
@@ -166,14 +169,10 @@ async def _compare(
     )
     charges = [m for m in movements if m.kind == "charge" and m.status == "succeeded"]
     refunds = [m for m in movements if m.kind == "refund"]
-    # Charges just before the period: a term made in it may be theirs (paid at 23:58, the
-    # webhook applied after midnight). They answer for such terms, nothing more.
     earlier = [
         m
-        for m in await payments_provider.money_movements(
-            hub.connection(source), since=start - TERM_SLACK, until=start
-        )
-        if m.kind == "charge" and m.status == "succeeded"
+        for m in listed
+        if m.created_at < start and m.kind == "charge" and m.status == "succeeded"
     ]
     all_ids = {i for c in (*charges, *refunds, *earlier) for i in (c.id, *c.references)}
     async with db.transaction(read_only=True) as session:

@@ -24,7 +24,7 @@ from memberhub.finance.models import (
     Reconciliation,
     ReconciliationStatus,
 )
-from memberhub.finance.queue import takes_money_of
+from memberhub.finance.queue import money_scopes, takes_money_of
 from memberhub.finance.schemas import (
     EntryLog,
     FinanceEntryOut,
@@ -159,12 +159,13 @@ async def _payments_candidates(
 ) -> list[int]:
     """The enabled payments integrations an accounting integration of this organisation
     books when its mapping names none."""
+    scope = (await money_scopes(session, [accounting_organisation_id]))[accounting_organisation_id]
     return [
         i.id
         for i in await session.scalars(select(Integration).where(Integration.enabled.is_(True)))
         if (p := get_provider(i.provider)) is not None
         and as_payments(p) is not None
-        and await takes_money_of(session, accounting_organisation_id, i.organisation_id)
+        and takes_money_of(scope, i.organisation_id)
     ]
 
 
