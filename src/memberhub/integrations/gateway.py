@@ -702,7 +702,7 @@ class Gateway:
                     attempts=attempt,
                     retry_after=asked if retryable and too_long else None,
                 )
-            await self._sleep(self._wait_before_retry(response, attempt))
+            await self._sleep(self._wait_before_retry(asked, attempt))
 
     def _observe(
         self,
@@ -805,8 +805,8 @@ class Gateway:
         ceiling = min(self.policy.backoff_max, self.policy.backoff_base * 2 ** (attempt - 1))
         return random.uniform(0, ceiling)
 
-    def _wait_before_retry(self, response: httpx.Response, attempt: int) -> float:
-        asked = requested_wait(response.headers)
+    def _wait_before_retry(self, asked: float | None, attempt: int) -> float:
+        """The vendor's wait (`requested_wait`), at most max_retry_after; else a backoff."""
         if asked is None:
             return self._backoff(attempt)
         return min(asked, self.policy.max_retry_after)
