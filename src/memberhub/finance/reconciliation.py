@@ -170,9 +170,7 @@ async def _compare(
     charges = [m for m in movements if m.kind == "charge" and m.status == "succeeded"]
     refunds = [m for m in movements if m.kind == "refund"]
     earlier = [
-        m
-        for m in listed
-        if m.created_at < start and m.kind == "charge" and m.status == "succeeded"
+        m for m in listed if m.created_at < start and m.kind == "charge" and m.status == "succeeded"
     ]
     all_ids = {i for c in (*charges, *refunds, *earlier) for i in (c.id, *c.references)}
     async with db.transaction(read_only=True) as session:
