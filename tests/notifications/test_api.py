@@ -3,6 +3,7 @@ devices and suppressions; bad input is refused and changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -461,3 +462,22 @@ async def test_a_key_bound_to_an_organisation_cannot_touch_what_every_organisati
     saved = [(t["locale"], t["subject"]) for t in templates if t["locale"] in ("en", "fr")]
     assert saved == [("en", "Welcome")]  # the built-in ones have no locale
     assert (await api.get("/api/v1/notification-settings")).json() == settings_before
+
+
+async def test_a_token_registered_for_two_members_at_once_ends_with_one_of_them(
+    api: ApiClient, is_postgres: bool
+) -> None:
+    """The phone changed hands while both accounts signed in at the same moment: the token
+    is one app on one phone, so it ends registered for exactly one of the members (the
+    last), never both (both would get each other's pushes)."""
+    token = {"token": "fcm-token-" + "r" * 40, "platform": "ios"}
+    for round_ in range(5 if is_postgres else 2):
+        members = [await api.create_member() for _ in range(4)]
+        answers = await asyncio.gather(
+            *(api.post(f"/api/v1/members/{m['id']}/devices", token) for m in members)
+        )
+        assert [a.status_code for a in answers] == [201] * 4, [a.text for a in answers]
+        holding = [
+            m["id"] for m in members if (await api.get(f"/api/v1/members/{m['id']}/devices")).json()
+        ]
+        assert len(holding) == 1, (round_, holding)

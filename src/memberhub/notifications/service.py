@@ -26,6 +26,7 @@ from memberhub.auth.principal import Principal
 from memberhub.integrations.providers.base import DeliveryReport
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
+from memberhub.kit.db import lock_key_slots
 from memberhub.kit.errors import NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.kit.types import refusal
@@ -60,6 +61,8 @@ from memberhub.notifications.schemas import (
 log = structlog.get_logger("memberhub.notifications")
 
 SETTINGS_ROW_ID = 1
+# Push tokens share this many locks (see `lock_key_slots`).
+DEVICE_TOKEN_LOCK_SLOTS = 1024
 
 
 # ---------------------------------------------------------------- settings
@@ -211,6 +214,9 @@ async def register_device(
     for another member (the phone changed hands, another account signed in), it leaves
     that member, so their pushes no longer reach it."""
     member = await get_member(session, principal, member_public_id, for_update=True)
+    # Two members registering the token at once would each find it nowhere else and both
+    # keep it: the token's lock makes the second see the first's registration and move it.
+    await lock_key_slots(session, "device-token", [payload.token], DEVICE_TOKEN_LOCK_SLOTS)
     for device in await NotificationRepository(session).devices(member.id):
         if device.token == payload.token:
             return device_out(device, member), False
