@@ -19,7 +19,7 @@ from memberhub.kit.actor import Actor
 from memberhub.kit.cache import STAMP_FILE, ProcessCache
 from memberhub.kit.db import DATABASE_GONE, Database
 from memberhub.kit.errors import MemberhubError
-from memberhub.kit.migrate import SchemaState, current, head, schema_state, upgrade
+from memberhub.kit.migrate import SchemaState, current, head, schema_state, shipped, upgrade
 from memberhub.kit.startup import long_lived
 from memberhub.ops.tracking import configure_error_tracking
 from memberhub.settings import Environment, SecretKeyMissing, Settings
@@ -1091,6 +1091,15 @@ def backup_restore(
     except BackupError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
+    if manifest.schema_revision is not None and manifest.schema_revision not in shipped():
+        # Its schema is one this version cannot read or migrate back.
+        typer.echo(
+            f"error: the backup was made by a newer version of memberhub (schema revision "
+            f"{manifest.schema_revision}; this version's newest is {head()}): restore it with "
+            "that version or a later one",
+            err=True,
+        )
+        raise typer.Exit(code=1)
     passphrase = None
     if manifest.has_secret_key and settings.secret_key is None:
         passphrase = _passphrase(passphrase_file, confirm=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -370,3 +371,81 @@ def test_a_sealed_secret_opens_only_with_its_passphrase_and_unaltered() -> None:
         open_secret(b"[]", PASSPHRASE)
     with pytest.raises(SealError, match="at least"):
         seal_secret("x", "short")
+
+
+def _execute(url: str, *statements: str) -> None:
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        path = make_url(url).database
+        assert path
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            for statement in statements:
+                conn.execute(statement)
+            conn.commit()
+        return
+    for statement in statements:
+        _postgres(url, statement)
+
+
+def test_a_forced_restore_leaves_nothing_the_backup_does_not_have(
+    process_env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    """--force replaces what is there: a table made after the backup (a newer version's
+    migration, one that refers to the members) is gone, so `db upgrade` makes it again."""
+    data = tmp_path / "installation"
+    url = f"sqlite+aiosqlite:///{data / 'memberhub.db'}"
+    name = None
+    if not database_url.startswith("sqlite"):
+        name = f"mh_force_{uuid.uuid4().hex[:12]}"
+        _postgres(database_url, f'CREATE DATABASE "{name}"')
+        url = make_url(database_url).set(database=name).render_as_string(False)
+    env = {**process_env, "MEMBERHUB_DATA_DIR": str(data), "MEMBERHUB_DATABASE_URL": url}
+    try:
+        assert _cli(env, "db", "upgrade").returncode == 0
+        backup = tmp_path / "plain.tar.gz"
+        made = _cli(env, "backup", "create", str(backup), "--without-secret-key")
+        assert made.returncode == 0, made.stderr
+        _execute(
+            url,
+            "CREATE TABLE later_feature (id integer PRIMARY KEY, "
+            "member_id bigint REFERENCES members(id))",
+            "INSERT INTO later_feature (id) VALUES (7)",
+        )
+
+        forced = _cli(env, "backup", "restore", str(backup), "--force")
+        assert forced.returncode == 0, forced.stderr
+
+        tables = (
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+            if name is None
+            else "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        )
+        held = {row[0] for row in _fetch(url, tables)}
+        assert "later_feature" not in held
+        assert {"members", "point_transactions", "alembic_version"} <= held
+        upgraded = _cli(env, "db", "upgrade")
+        assert upgraded.returncode == 0, upgraded.stderr
+
+        # A backup a newer version made (a schema this one does not know) is refused before
+        # anything is touched.
+        newer = tmp_path / "newer.tar.gz"
+        with tarfile.open(backup) as source, tarfile.open(newer, "w:gz") as target:
+            for member in source.getmembers():
+                content = source.extractfile(member)
+                assert content is not None
+                raw = content.read()
+                if member.name == "manifest.json":
+                    manifest = json.loads(raw)
+                    manifest["schema_revision"] = "f0f0f0f0f0f0"
+                    raw = json.dumps(manifest).encode()
+                    member.size = len(raw)
+                target.addfile(member, io.BytesIO(raw))
+        refused = _cli(env, "backup", "restore", str(newer), "--force")
+        assert refused.returncode == 1
+        assert "made by a newer version of memberhub" in refused.stderr
+        assert "f0f0f0f0f0f0" in refused.stderr
+        assert {"members", "alembic_version"} <= {row[0] for row in _fetch(url, tables)}
+    finally:
+        if name is not None:
+            _postgres(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -71,14 +71,20 @@ class SchemaState:
         return bool(self.at) and not self.unknown and self.newest not in self.at
 
 
+def shipped() -> frozenset[str]:
+    """Every revision the package ships."""
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return frozenset(revision.revision for revision in script.walk_revisions())
+
+
 def schema_state(database_url: str) -> SchemaState:
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    shipped = {revision.revision for revision in script.walk_revisions()}
+    known = shipped()
     at = tuple(current(database_url))
     return SchemaState(
         at=at,
         newest=", ".join(script.get_heads()),
-        unknown=tuple(revision for revision in at if revision not in shipped),
+        unknown=tuple(revision for revision in at if revision not in known),
     )
 
 

@@ -384,11 +384,53 @@ def _restore_postgres(
     with tempfile.TemporaryDirectory(prefix="memberhub-restore-") as work_dir:
         dump = Path(work_dir) / POSTGRES_MEMBER
         _copy_member(archive, POSTGRES_MEMBER, dump)
-        command = ["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error"]
-        command += ["--single-transaction"]
-        if holds_data:
-            command += ["--clean", "--if-exists"]
-        _run_tool([*command, *args, str(dump)], env)
+        if not holds_data:
+            command = ["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error"]
+            _run_tool([*command, "--single-transaction", *args, str(dump)], env)
+            return
+        # --force replaces everything: what the database holds is dropped (tables a newer
+        # migration made included, whatever refers to what) and the backup loaded, in one
+        # transaction, so a restore that fails leaves the database as it was. pg_restore
+        # cannot run a statement of its own first: its script runs through psql, after one.
+        script = Path(work_dir) / "restore.sql"
+        _run_tool(
+            ["pg_restore", "--no-owner", "--no-privileges", "--file", str(script), str(dump)],
+            env,
+        )
+        _run_tool(
+            [
+                "psql",
+                "--no-psqlrc",
+                "--quiet",
+                "--single-transaction",
+                "--set",
+                "ON_ERROR_STOP=1",
+                "--command",
+                _DROP_EVERYTHING,
+                "--file",
+                str(script),
+                *args,
+            ],
+            env,
+        )
+
+
+# Every schema of the database's own (not PostgreSQL's) dropped with what it holds; the
+# public schema, which a dump assumes, made again.
+_DROP_EVERYTHING = """
+DO $$
+DECLARE
+    name text;
+BEGIN
+    FOR name IN
+        SELECT nspname FROM pg_catalog.pg_namespace
+        WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'
+    LOOP
+        EXECUTE format('DROP SCHEMA %I CASCADE', name);
+    END LOOP;
+END $$;
+CREATE SCHEMA public;
+"""
 
 
 def restore_backup(
