@@ -12,7 +12,7 @@ from pydantic import SecretStr
 
 from memberhub.kit.db import Database
 from memberhub.settings import Settings
-from tests.console.support import create_staff_user
+from tests.console.support import create_staff_user, sign_in
 from tests.fakes.oidc_provider import FakeOidcProvider, running_oidc_provider
 from tests.support import ApiClient
 
@@ -110,6 +110,26 @@ async def test_an_unverified_or_unknown_email_signs_no_one_in(
     provider.user = {"sub": "u", "email": "stranger@example.org", "email_verified": True}
     assert (await sso(browser)).status_code == 401
     assert (await browser.get("/console")).status_code == 303
+
+
+async def test_a_locked_account_stays_locked_for_sso(
+    browser: httpx.AsyncClient, db: Database, api: ApiClient, settings: Settings
+) -> None:
+    """The lock holds whatever is tried meanwhile: SSO neither signs the account in nor
+    lifts the lock; an admin's unlock does."""
+    staff_id = await create_staff_user(db)
+    for _ in range(settings.staff_lockout_attempts):
+        assert (await sign_in(browser, password="wrong password")).status_code == 401
+    locked = await sso(browser)
+    assert locked.status_code == 401, locked.headers
+    assert "locked" in locked.text
+    assert (await browser.get("/console")).status_code == 303
+    account = (await api.get(f"/api/v1/staff/{staff_id}")).json()
+    assert account["locked_until"] is not None
+    assert (await sign_in(browser)).status_code == 401
+    assert (await api.post(f"/api/v1/staff/{staff_id}/unlock", {})).status_code == 200
+    assert (await sso(browser)).status_code == 303
+    assert (await browser.get("/console")).status_code == 200
 
 
 async def test_a_callback_with_another_state_or_replayed_is_refused(

@@ -20,6 +20,7 @@ from memberhub.console.web import (
     writes_on_get,
 )
 from memberhub.kit.actor import Actor
+from memberhub.kit.clock import utcnow
 from memberhub.staff import service as staff_service
 from memberhub.staff.repository import StaffRepository
 from memberhub.staff.service import SignInResult
@@ -241,6 +242,14 @@ async def sso_callback(
     if staff is None:
         log.info("sso_email_not_allowed")
         raise SsoFailed("No active staff account matches your email address.")
+    if staff_service.is_locked(staff, utcnow()):
+        # The lock holds whatever is tried meanwhile: single sign-on neither passes it nor
+        # lifts it. The provider proved who this is, so the answer may say why.
+        log.info("sso_account_locked")
+        raise SsoFailed(
+            "This account is locked after repeated failed sign-ins; try again later, or ask "
+            "an admin to unlock it."
+        )
     staff_service.record_sign_in(session, _actor(request), staff, "oidc")
     await session.flush()
     console_session(request).sign_in(staff.public_id, staff.session_version)
