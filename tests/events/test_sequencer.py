@@ -10,10 +10,11 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from memberhub.audit.models import AuditEntry
 from memberhub.audit.service import record_write, verify_chain
+from memberhub.auth.principal import Principal
 from memberhub.events import sequencer
 from memberhub.events.catalog import AlertRaised
 from memberhub.events.models import Event
@@ -22,6 +23,8 @@ from memberhub.events.service import emit
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.members.service import delete_member, get_member
+from memberhub.points.service import award_points
 from tests.support import ApiClient
 
 EVENTS = "/api/v1/events"
@@ -277,3 +280,89 @@ async def test_a_failing_pass_is_retried_ever_less_often(
     assert 3 <= len(tries) <= 10, len(tries)
     assert len(waits) == len(tries)
     assert all(later == 2 * earlier for earlier, later in itertools.pairwise(waits)), waits
+
+
+async def _until_a_lock_is_awaited(db: Database) -> None:
+    """Return once some session of this database waits for a row lock."""
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        async with db.transaction(read_only=True) as session:
+            if await session.scalar(text(waiting)):
+                return
+        await asyncio.sleep(0.005)
+    raise AssertionError("nothing came to wait for the lock")
+
+
+async def test_points_and_an_erasure_of_one_member_follow_one_another(
+    db: Database, api: ApiClient, is_postgres: bool
+) -> None:
+    """A member's events keep the order of its changes: an award arriving while the member
+    is being erased waits for the erasure (points lock the member's row as profile changes
+    do), then finds no member, so nothing is fed after `member.deleted`."""
+    if not is_postgres:
+        pytest.skip("SQLite runs one writer at a time: the order holds by construction")
+    member = await api.create_member()
+    award = {"member_id": member["id"], "points": 10, "reason": "r"}
+    assert (await api.post("/api/v1/points/award", award)).status_code == 201
+    erasing, release = asyncio.Event(), asyncio.Event()
+
+    async def erase() -> None:
+        async with db.transaction() as session:
+            await delete_member(session, Principal.system(Actor.system("t")), member["id"])
+            await session.flush()
+            erasing.set()
+            await release.wait()
+
+    holder = asyncio.create_task(erase())
+    await erasing.wait()
+    awarding = asyncio.create_task(api.post("/api/v1/points/award", award))
+    try:
+        await _until_a_lock_is_awaited(db)
+        assert not awarding.done()
+    finally:
+        release.set()
+        await holder
+    assert (await awarding).status_code == 404
+
+    feed = await api.get(EVENTS, params={"member_id": member["id"]})
+    types = [e["type"] for e in feed.json()["data"]]
+    assert types == ["member.created", "points.earned", "member.deleted"], types
+
+
+async def test_a_profile_change_waits_for_a_points_change_of_the_member_under_way(
+    db: Database, api: ApiClient, is_postgres: bool
+) -> None:
+    if not is_postgres:
+        pytest.skip("SQLite runs one writer at a time: the order holds by construction")
+    member = await api.create_member()
+    awarding, release = asyncio.Event(), asyncio.Event()
+
+    async def award() -> None:
+        async with db.transaction() as session:
+            system = Principal.system(Actor.system("t"))
+            held = await get_member(session, system, member["id"])
+            await award_points(session, system.actor, held, points=5, reason="held")
+            await session.flush()
+            awarding.set()
+            await release.wait()
+
+    holder = asyncio.create_task(award())
+    await awarding.wait()
+    patching = asyncio.create_task(
+        api.patch(f"/api/v1/members/{member['id']}", {"first_name": "Later"})
+    )
+    try:
+        await _until_a_lock_is_awaited(db)
+        assert not patching.done()
+    finally:
+        release.set()
+        await holder
+    assert (await patching).status_code == 200
+
+    feed = await api.get(EVENTS, params={"member_id": member["id"]})
+    types = [e["type"] for e in feed.json()["data"]]
+    assert types == ["member.created", "points.earned", "member.updated"], types

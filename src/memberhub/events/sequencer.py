@@ -16,7 +16,8 @@ out before, so a reader that already passed those positions still receives them 
 
 Order: events are numbered in the order they became visible; those that became visible
 between two passes in the order they were written. Changes to one member are serialised by
-its row lock, so one member's events always keep the order of its changes.
+its row lock (points changes lock it with the account: points/repository.py), so one
+member's events always keep the order of its changes.
 
 Sealing the audit chain takes the key derived from the master secret, which the session's
 database carries (`audit/chain.py`). A database opened without it (a script's, say) numbers

@@ -22,12 +22,17 @@ from memberhub.points.models import (
 )
 
 # Built once: an award sends it on every request. Its member's organisation and plan are
-# not loaded (a credit needs only the member's own columns).
+# not loaded (a credit needs only the member's own columns). The member's row is locked
+# with its account (member first, as everywhere), in the mode a change to the member's
+# profile takes (FOR NO KEY UPDATE, which rows referring to the member do not wait for):
+# a points change and a profile change or erasure of the same member then follow one
+# another, so the member's events are numbered in the order of its changes, and no points
+# land on a member whose erasure is under way.
 _MEMBER_WITH_ACCOUNT = (
     select(Member, PointAccount)
     .join(PointAccount, PointAccount.member_id == Member.id)
     .where(Member.public_id == bindparam("public_id"), Member.deleted_at.is_(None))
-    .with_for_update(of=PointAccount)
+    .with_for_update(of=(Member, PointAccount), key_share=True)
     .execution_options(populate_existing=True)
 )
 
@@ -392,9 +397,10 @@ class PointsRepository:
         """Lock the accounts nobody else holds; another worker has the rest."""
         query = (
             select(PointAccount)
+            .join(Member, Member.id == PointAccount.member_id)
             .where(PointAccount.member_id.in_(member_ids))
             .order_by(PointAccount.member_id)
-            .with_for_update(skip_locked=True)
+            .with_for_update(of=(Member, PointAccount), key_share=True, skip_locked=True)
             .execution_options(populate_existing=True)
         )
         return list((await self.session.scalars(query)).all())
@@ -436,8 +442,9 @@ class PointsRepository:
 # Built once: every operation on a member's points runs these.
 _LOCK_ACCOUNT = (
     select(PointAccount)
+    .join(Member, Member.id == PointAccount.member_id)
     .where(PointAccount.member_id == bindparam("member_id"))
-    .with_for_update()
+    .with_for_update(of=(Member, PointAccount), key_share=True)
     .execution_options(populate_existing=True)
 )
 _BY_REFERENCE = select(PointTransaction).where(

@@ -152,11 +152,13 @@ class TierRepository:
     ) -> list[PointAccount]:
         """Lock the accounts in member id order; with `skip_locked`, only those nobody else
         holds (another transaction has the rest)."""
+        # With their members' rows, as every points change locks them (points/repository.py).
         query = (
             select(PointAccount)
+            .join(Member, Member.id == PointAccount.member_id)
             .where(PointAccount.member_id.in_(member_ids))
             .order_by(PointAccount.member_id)
-            .with_for_update(skip_locked=skip_locked)
+            .with_for_update(of=(Member, PointAccount), key_share=True, skip_locked=skip_locked)
             .execution_options(populate_existing=True)
         )
         return list((await self.session.scalars(query)).all())
