@@ -182,6 +182,36 @@ async def test_a_bad_rule_is_refused_with_the_path_of_the_problem(
     assert (await api.get(RULES)).json()["data"] == []
 
 
+@pytest.mark.parametrize(
+    ("condition", "path"),
+    [
+        ('{"field": "activity.type", "op": "eq", "value": "\\ud800"}', "$.conditions.value"),
+        (
+            '{"field": "activity.type", "op": "in", "value": ["a", "b\\udfff"]}',
+            "$.conditions.value[1]",
+        ),
+    ],
+)
+async def test_a_lone_surrogate_in_a_condition_is_refused(
+    api: ApiClient, condition: str, path: str
+) -> None:
+    """JSON's `\\ud800` escape parses to text no database can hold: refused like any
+    other value of the wrong type, not a server error."""
+    body = (
+        f'{{"name": "r", "conditions": {condition}, '
+        '"effect": {"type": "fixed_points", "points": 1}}'
+    )
+    response = await api.http.post(
+        RULES,
+        content=body.encode(),
+        headers={"Authorization": f"Bearer {api.key}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    fields = response.json()["error"]["details"]["fields"]
+    assert [(f["path"], f["type"]) for f in fields] == [(path, "type_mismatch")]
+    assert (await api.get(RULES)).json()["data"] == []
+
+
 async def test_every_problem_of_a_rule_is_named_at_once(api: ApiClient) -> None:
     conditions = {
         "all": [

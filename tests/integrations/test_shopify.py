@@ -337,7 +337,10 @@ def test_shopify_prices_become_minor_units_of_their_currency(
     assert minor_units(value, currency) == expected
 
 
-@pytest.mark.parametrize(("value", "currency"), [("1.5", "JPY"), ("abc", "MYR"), ("-1.00", "MYR")])
+@pytest.mark.parametrize(
+    ("value", "currency"),
+    [("1.5", "JPY"), ("abc", "MYR"), ("-1.00", "MYR"), ("1E+999999", "MYR"), ("NaN", "USD")],
+)
 def test_amounts_a_currency_cannot_hold_are_refused(value: str, currency: str) -> None:
     with pytest.raises(ValueError, match="amount"):
         minor_units(value, currency)

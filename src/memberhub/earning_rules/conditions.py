@@ -237,10 +237,22 @@ def _check_value(name: str, kind: Kind, value: Any, path: Path, state: _Check) -
         state.organisations.add(value)
 
 
+def _holdable(text: str) -> bool:
+    """Text both databases can store: no NUL, and valid Unicode (no lone surrogate, which
+    a JSON `\\ud800` escape makes)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _problem_with(kind: Kind, value: Any) -> str | None:
     """What `value` should have been for `kind`, or None when it is fine."""
     if kind in (Kind.TEXT, Kind.TEXT_LIST):
-        ok = isinstance(value, str) and 1 <= len(value) <= MAX_TEXT and "\x00" not in value
+        ok = isinstance(value, str) and 1 <= len(value) <= MAX_TEXT and _holdable(value)
         return None if ok else f"text (1 to {MAX_TEXT} characters)"
     if kind == Kind.CURRENCY:
         return None if isinstance(value, str) and _CURRENCY.match(value) else "an ISO currency code"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, StringConstraints
@@ -82,7 +82,7 @@ def minor_units(value: Any, currency: str) -> int:
         raise ValueError(f"{value!r} is not an amount")
     try:
         amount = Decimal(str(value).strip()).scaleb(money.minor_unit_digits(currency))
-    except InvalidOperation:
+    except ArithmeticError:  # not a number (InvalidOperation), or beyond any (Overflow)
         raise ValueError(f"{value!r} is not an amount") from None
     if not amount.is_finite() or amount != amount.to_integral_value() or amount < 0:
         raise ValueError(f"{value!r} is not an amount of {currency}")
