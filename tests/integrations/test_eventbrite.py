@@ -220,6 +220,14 @@ async def test_a_notification_pointing_anywhere_but_the_eventbrite_api_is_refuse
         assert response.json()["error"]["details"] == {"reason": "untrusted_api_url"}
     response = await http.post(f"/api/v1/inbound/{integration['id']}", json={"api_url": 1})
     assert response.status_code == 422
+    # Unsigned, so anyone may post: a body nested deeper than a parser goes is refused too.
+    deep = b"[" * 5000 + b"]" * 5000
+    response = await http.post(
+        f"/api/v1/inbound/{integration['id']}",
+        content=deep,
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
     assert await inbound_events(api, integration["id"]) == []
     assert eventbrite.requests == []
 

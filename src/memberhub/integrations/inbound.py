@@ -162,7 +162,7 @@ async def receive(
         ) from None
     try:
         identity = source.identify(request)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ValidationFailed(f"The webhook body was not understood: {exc}.") from None
     received = await _store(db, integration, identity, request, source_ip=source_ip)
     if getattr(provider, "bare_inbound_replies", False):

@@ -119,7 +119,10 @@ def api_path(api_url: str, base_url: str) -> str:
 
 def _notification(body: bytes) -> tuple[str, str]:
     """The action and api_url of a webhook body; ValueError if it is not one."""
-    payload = json.loads(body)
+    try:
+        payload = json.loads(body)
+    except RecursionError:  # nested deeper than any parser goes: no webhook
+        raise ValueError("the body is not an Eventbrite webhook (nested too deep)") from None
     config = payload.get("config") if isinstance(payload, dict) else None
     action = config.get("action") if isinstance(config, dict) else None
     api_url = payload.get("api_url") if isinstance(payload, dict) else None
