@@ -6,9 +6,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import update
+
+from memberhub.events.models import Event
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.ops.retention import purge_expired_history
 from tests.fakes.algolia import FakeAlgolia
 from tests.search.conftest import (
     MEMBERS,
@@ -258,3 +262,32 @@ async def test_changed_index_settings_rebuild_the_indices(
     assert algolia.records(MEMBERS) == {
         member["id"]: {"objectID": member["id"], "first_name": "Di"}
     }
+
+
+async def test_an_index_behind_events_the_retention_purged_is_rebuilt(
+    api: ApiClient, db: Database, hub: IntegrationHub, algolia: FakeAlgolia
+) -> None:
+    """Algolia unreachable longer than RETENTION_DAYS: the events behind the sync's position
+    (an erasure among them) are purged meanwhile. The gap they leave makes the sync rebuild
+    the directory, so the erased member does not stay listed."""
+    directory = {"index": MEMBERS, "consent": "profiling", "fields": ["first_name"]}
+    integration = await create_algolia(api, algolia, member_directory=directory)
+    erased = await api.create_member(first_name="Ana", consent={"profiling": True})
+    await tick(db, hub)
+    assert set(algolia.records(MEMBERS)) == {erased["id"]}
+
+    algolia.go_down()
+    assert (await api.delete(f"/api/v1/members/{erased['id']}")).status_code == 204
+    later = await api.create_member(first_name="Lia", consent={"profiling": True})
+    await tick(db, hub)
+    assert (await status(api, integration["id"]))["failures"] == 1
+    async with db.transaction() as session:
+        await session.execute(
+            update(Event).values(occurred_at=utcnow() - timedelta(days=91), dispatched_at=utcnow())
+        )
+    purged = await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
+    assert purged["events"] >= 3
+
+    algolia.come_back()
+    await tick(db, hub, utcnow() + timedelta(hours=1))  # past the failure's backoff
+    assert set(algolia.records(MEMBERS)) == {later["id"]}

@@ -12,7 +12,8 @@ Every worker tick, for each enabled integration whose provider is a search index
 3. Otherwise the committed event feed is read after the position, one window at a time.
    The rewards and members a window's events name are read as they are now and saved or
    deleted in batches; only once the vendor has accepted them does a second transaction
-   move the position past the window.
+   move the position past the window. Events purged (RETENTION_DAYS) before the index took
+   them leave a gap after the position: then the index is rebuilt whole, as in 2.
 
 A failure leaves the position where it was and records the error: the next attempt (after
 a backoff) reads the same window again, so no change is lost and windows reach the index in
@@ -269,11 +270,18 @@ async def _record_success(
 
 async def _catch_up(db: Database, connection: Connection, target: Target, position: int) -> int:
     written = 0
+    purged = False
     for _ in range(WINDOWS_PER_TICK):
         async with db.transaction(read_only=True) as session:
             repo = SearchRepository(session)
             events = await repo.events_after(position, EVENTS_PER_WINDOW)
             if not events:
+                break
+            if events[0].position != position + 1:
+                # Positions run without a gap, so the events after the position were purged
+                # (RETENTION_DAYS) while the index could not be written: what they changed
+                # (an erasure, a consent withdrawn) is unknown, and the index is rebuilt.
+                purged = True
                 break
             scope = await repo.scope(target.integration.organisation_id)
             changes = await _changes(repo, target.settings, events, scope)
@@ -291,8 +299,21 @@ async def _catch_up(db: Database, connection: Connection, target: Target, positi
         written += changes.saved + changes.deleted
         if last_window:
             return written
+    if purged:
+        claim = await _ask_reindex(db, target.integration.id, position)
+        return written + await _reindex(db, connection, target, claim)
     await _release(db, target.integration.id)
     return written
+
+
+async def _ask_reindex(db: Database, integration_id: int, position: int) -> Claim:
+    async with db.transaction() as session:
+        state = await SearchRepository(session).state(integration_id, for_update=True)
+        assert state is not None
+        if state.reindex_requested_at is None:
+            state.reindex_requested_at = utcnow()
+        log.warning("search_feed_purged_behind_position", integration_id=integration_id)
+        return Claim(position, state.reindex_requested_at)
 
 
 async def _release(db: Database, integration_id: int) -> None:
