@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from memberhub.auth.roles import Role
+from memberhub.crm.models import CrmConflict, CrmLink, SyncRun, SyncRunRecord
+from memberhub.integrations.models import Integration
 from memberhub.kit.db import Base, Database
-from memberhub.members.data_export import _member_keyed_columns
+from memberhub.members.data_export import NAMED_TABLES, _member_keyed_columns
+from memberhub.members.models import Member
 from tests.activities.conftest import activity_body, record
+from tests.bulk.conftest import csv_body
+from tests.bulk.conftest import run_worker as run_bulk
+from tests.bulk.conftest import upload as bulk_upload
 from tests.conftest import issue_key
 from tests.support import ApiClient
 
@@ -99,3 +108,117 @@ async def test_a_member_outside_the_keys_organisation_is_not_found(
     response = await bound.get(f"/api/v1/members/{outside['id']}/export")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "MEMBER_NOT_FOUND"
+
+
+async def test_the_export_holds_what_names_the_member_without_a_key(
+    api: ApiClient, db: Database, tmp_path: Path
+) -> None:
+    """CRM conflicts and sync records about the member (they hold the CRM's copy of its
+    fields), the bulk report rows that named it by id or email, and the suppressions of
+    its addresses: all held about the member, none of another's."""
+    member = await api.create_member(email="Ada@Example.com", phone="+60 12-345 6789")
+    other = await api.create_member(email="bob@example.com")
+    created = await api.post(
+        "/api/v1/integrations",
+        {"provider": "local_storage", "name": "Dir", "config": {"directory": str(tmp_path)}},
+    )
+    assert created.status_code == 201, created.text
+    for channel, address in (("email", "ada@example.com"), ("sms", "+60123456789")):
+        body = {"channel": channel, "address": address}
+        assert (await api.post("/api/v1/notification-suppressions", body)).is_success
+    body = {"channel": "email", "address": "bob@example.com"}
+    assert (await api.post("/api/v1/notification-suppressions", body)).is_success
+    upload = await bulk_upload(
+        api, csv_body("email,points", "ADA@example.com,5", "bob@example.com,7"), reason="promo"
+    )
+    await run_bulk(db)
+    assert (await api.get(f"/api/v1/points/bulk-awards/{upload['id']}")).is_success
+    async with db.transaction() as session:
+        integration_id = await session.scalar(
+            select(Integration.id).where(Integration.public_id == created.json()["id"])
+        )
+        assert integration_id is not None
+        for held in (member, other):
+            member_id = await session.scalar(
+                select(Member.id).where(Member.public_id == held["id"])
+            )
+            link = CrmLink(
+                integration_id=integration_id,
+                entity_type="members",
+                entity_id=member_id,
+                external_id=f"hs-{held['id']}",
+                synced={},
+                written={},
+                held={},
+            )
+            session.add(link)
+            await session.flush()
+            session.add(
+                CrmConflict(
+                    public_id=f"cfl_{held['id'][-8:]}",
+                    integration_id=integration_id,
+                    link_id=link.id,
+                    entity_type="members",
+                    entity_public_id=held["id"],
+                    external_id=link.external_id,
+                    field="phone",
+                    property="phone",
+                    values={"memberhub": "+1", "crm": f"crm-phone-of-{held['id']}"},
+                )
+            )
+            run = SyncRun(
+                public_id=f"run_{held['id'][-8:]}",
+                integration_id=integration_id,
+                mode="pull",
+                trigger="manual",
+                requested_by="test",
+            )
+            session.add(run)
+            await session.flush()
+            session.add(
+                SyncRunRecord(
+                    run_id=run.id,
+                    entity_type="members",
+                    entity_public_id=held["id"],
+                    external_id=link.external_id,
+                    outcome="updated",
+                    changes={"last_name": f"crm-name-of-{held['id']}"},
+                )
+            )
+
+    records = (await _export(api, member["id"]))["records"]
+    assert [c["values"]["crm"] for c in records["crm_conflicts"]] == [
+        f"crm-phone-of-{member['id']}"
+    ]
+    assert [r["changes"] for r in records["crm_sync_run_records"]] == [
+        {"last_name": f"crm-name-of-{member['id']}"}
+    ]
+    assert [(r["member_id"], r["points"]) for r in records["bulk_job_rows"]] == [(member["id"], 5)]
+    assert sorted(s["address"] for s in records["notification_suppressions"]) == [
+        "+60123456789",
+        "ada@example.com",
+    ]
+    assert other["id"] not in str(records)
+    assert "bob@example.com" not in str(records)
+
+
+def test_every_table_naming_a_member_other_than_by_key_is_in_the_export() -> None:
+    """A column that can name a member without a foreign key (its public id, a polymorphic
+    id, an email it was matched by) puts its table on the export's list."""
+    naming_columns = {
+        "entity_public_id",
+        "member_public_id",
+        "object_id",
+        "entity_id",
+        "member_id",
+        "match_email",
+    }
+    naming = {
+        table.name
+        for table in Base.metadata.sorted_tables
+        for column in table.c
+        if column.name in naming_columns
+        and not any(fk.column.table.name == "members" for fk in column.foreign_keys)
+    }
+    assert naming <= NAMED_TABLES, naming - NAMED_TABLES
+    assert {"crm_conflicts", "crm_sync_run_records", "bulk_job_rows"} <= naming

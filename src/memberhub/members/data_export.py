@@ -5,7 +5,10 @@ about one member, as one JSON document.
 foreign key to `members` contributes the member's rows, so a table added later is in the
 export without anyone remembering to add it. Besides those, the records that name the
 member by public id rather than by key: the events about the member, the audit entries of
-changes to the member, and the member's links to CRM records.
+changes to the member, the member's links to CRM records, the CRM conflicts and sync
+records about it, the rows of bulk reports that named it (by id or email), and the
+suppressions of its addresses (`NAMED_TABLES`; a test holds every column that can name a
+member to that list).
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Column, Table, select
+from sqlalchemy import Column, Table, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import memberhub.models  # noqa: F401 - every table in the metadata, for the foreign-key walk
 from memberhub.audit.models import AuditEntry
 from memberhub.audit.service import record_write
 from memberhub.auth.principal import Principal
-from memberhub.crm.models import CrmLink
+from memberhub.bulk.models import BulkJobRow
+from memberhub.crm.models import CrmConflict, CrmLink, SyncRunRecord
 from memberhub.events.models import Event
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Base
@@ -31,6 +35,8 @@ from memberhub.members.consent import current_consent
 from memberhub.members.models import Member
 from memberhub.members.personal import open_personal
 from memberhub.members.service import get_member, to_out
+from memberhub.notifications.models import Suppression
+from memberhub.notifications.schemas import normalise_address
 
 FORMAT_VERSION = 1
 _MEMBERS = "members"
@@ -123,6 +129,75 @@ class MemberDataRepository:
         )
         return [_row(row, frozenset({"entity_type", "entity_id"})) for row in links]
 
+    async def named_rows(self, member: Member) -> dict[str, list[dict[str, Any]]]:
+        """The rows of `NAMED_TABLES` about the member, by table."""
+        crm = {
+            "crm_conflicts": CrmConflict.__table__,
+            "crm_sync_run_records": SyncRunRecord.__table__,
+        }
+        found: dict[str, list[dict[str, Any]]] = {}
+        for name, table in crm.items():
+            query = (
+                select(table)
+                .where(table.c.entity_type == "members")
+                .where(table.c.entity_public_id == member.public_id)
+                .order_by(table.c.id)
+            )
+            found[name] = [_row(row, frozenset()) for row in await self.session.execute(query)]
+        rows = BulkJobRow.__table__
+        named = [rows.c.member_id == member.public_id]
+        if member.email_normalized:
+            named += [
+                func.lower(rows.c.member_id) == member.email_normalized,
+                func.lower(rows.c.match_email) == member.email_normalized,
+            ]
+        query = select(rows).where(or_(*named)).order_by(rows.c.id)
+        found["bulk_job_rows"] = [
+            _row(row, frozenset()) for row in await self.session.execute(query)
+        ]
+        addresses = [
+            (channel, normalise_address(channel, address))
+            for channel, address in (("email", member.email), ("sms", member.phone))
+            if address
+        ]
+        suppressions = Suppression.__table__
+        found["notification_suppressions"] = (
+            [
+                _row(row, frozenset())
+                for row in await self.session.execute(
+                    select(suppressions)
+                    .where(
+                        or_(
+                            *(
+                                (suppressions.c.channel == channel)
+                                & (suppressions.c.address == address)
+                                for channel, address in addresses
+                            )
+                        )
+                    )
+                    .order_by(suppressions.c.id)
+                )
+            ]
+            if addresses
+            else []
+        )
+        return {name: held for name, held in found.items() if held}
+
+
+# Tables that name a member other than by a foreign key to members.id (see `named_rows`,
+# and the events, audit entries and CRM links read on their own).
+NAMED_TABLES = frozenset(
+    {
+        "events",
+        "audit_log",
+        "crm_links",
+        "crm_conflicts",
+        "crm_sync_run_records",
+        "bulk_job_rows",
+        "notification_suppressions",
+    }
+)
+
 
 async def export_member_data(
     session: AsyncSession, principal: Principal, public_id: str
@@ -138,6 +213,7 @@ async def export_member_data(
     links = await repository.crm_links(member.id)
     if links:
         held["crm_links"] = links
+    held.update(await repository.named_rows(member))
     exported_at = utcnow()
     document = {
         "format": "memberhub-member-export",
