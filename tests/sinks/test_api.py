@@ -7,7 +7,9 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
+from memberhub.events.models import Event
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
@@ -144,6 +146,43 @@ async def test_a_replay_sends_a_past_range_again_and_segment_deduplicates_it(
     assert log[0]["replay"] is True
     assert log[0]["events_sent"] == 3
     assert log[1]["replay"] is False
+
+
+async def test_a_replay_never_reaches_before_the_sink_was_created(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment
+) -> None:
+    """A replay sends again what the sink passed: events committed before it was created
+    were never its to send, whatever range is asked for."""
+    member = await api.create_member(consent=ANALYTICS)
+    since = utcnow() - timedelta(seconds=1)
+    await award(api, member["id"], 10)  # before the sink
+    integration = await segment_integration(api, segment)
+    sink = await create_sink(api, integration["id"], ["points.earned"])
+    await award(api, member["id"], 5)
+    await forward(db, hub)
+    assert [c["properties"]["points"] for c in segment.tracks()] == [5]
+
+    until = utcnow() + timedelta(seconds=1)
+    body = {"since": since.isoformat(), "until": until.isoformat()}
+    replay = await api.post(f"{SINKS}/{sink['id']}/replay", body)
+    assert replay.status_code == 202, replay.text
+    accepted = len(segment.accepted)
+    assert await forward(db, hub) == 1
+    # The 5 again (Segment deduplicates it), never the 10.
+    assert len(segment.accepted) == accepted
+    assert [c["properties"]["points"] for c in segment.tracks()] == [5]
+
+    # A range wholly before the sink: refused, with the reason.
+    before = {"since": since.isoformat(), "until": (since + timedelta(microseconds=1)).isoformat()}
+    async with db.transaction() as session:
+        await session.execute(
+            update(Event)
+            .where(Event.type == "points.earned", Event.data["points"].as_integer() == 10)
+            .values(occurred_at=since)
+        )
+    refused = await api.post(f"{SINKS}/{sink['id']}/replay", before)
+    assert refused.status_code == 422, refused.text
+    assert "before the sink was created" in refused.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

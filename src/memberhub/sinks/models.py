@@ -34,6 +34,8 @@ class EventSink(IdMixin, Base):
     request_deletion: Mapped[bool] = mapped_column(Boolean, default=True)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     event_position: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Where the feed stood when the sink was made: a replay never reaches before it.
+    start_position: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     window_sent: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"ids": [...]}
     replay_from: Mapped[int | None] = mapped_column(BigInteger)
     replay_to: Mapped[int | None] = mapped_column(BigInteger)

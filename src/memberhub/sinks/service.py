@@ -164,6 +164,7 @@ async def create_sink(session: AsyncSession, principal: Principal, payload: Sink
         enabled=payload.enabled,
         # Events committed from now on.
         event_position=latest,
+        start_position=latest,
         window_sent={},
         failures=0,
         events_sent=0,
@@ -285,8 +286,15 @@ async def request_replay(
             "No event occurred in that range.",
             details={"since": payload.since.isoformat(), "until": payload.until.isoformat()},
         )
-    # Only what the sink has already passed: the rest it sends anyway.
-    first, last = found[0], min(found[1], sink.event_position)
+    # Only what the sink has already passed, since it was made: the rest it sends anyway,
+    # and what came before it was never the sink's to send.
+    first = max(found[0], sink.start_position + 1)
+    last = min(found[1], sink.event_position)
+    if found[1] <= sink.start_position:
+        raise ValidationFailed(
+            "That range ends before the sink was created: it never had those events to send.",
+            details={"start_position": sink.start_position},
+        )
     if first > last:
         raise ValidationFailed(
             "The sink has not reached that range yet: it will send it without a replay.",
