@@ -11,6 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from memberhub.auth.roles import Role
 from memberhub.integrations.inbound import process_inbound
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
@@ -18,6 +19,7 @@ from memberhub.members.models import Member
 from memberhub.memberships.jobs import advance_membership_statuses
 from memberhub.memberships.models import MembershipTerm
 from memberhub.points.jobs import expire_points
+from tests.conftest import issue_key
 from tests.integrations.conftest import (
     create_stripe_integration,
     run_worker,
@@ -823,3 +825,33 @@ async def test_exchange_rates_are_checked_when_saved(api: ApiClient) -> None:
         assert response.status_code == 422, (rates, response.text)
     accepted = await create_stripe_integration(api, exchange_rates={"EUR": 1.08, "JPY": 0.0067})
     assert accepted["config"]["exchange_rates"] == {"EUR": 1.08, "JPY": 0.0067}
+
+
+async def test_a_chapters_payments_join_only_plans_its_keys_see(
+    api: ApiClient, http: httpx.AsyncClient, db: Database
+) -> None:
+    """A chapter's Stripe sells installation-wide plans and its own, never another
+    chapter's (its keys get 404 for those): such a payment fails with its reason."""
+    hq = await api.create_organisation()
+    ours = await api.create_organisation(parent_id=hq["id"])
+    theirs = await api.create_organisation(parent_id=hq["id"])
+    their_plan = await api.create_plan(organisation_id=theirs["id"])
+    our_plan = await api.create_plan(organisation_id=ours["id"])
+    member = await api.create_member(organisation_id=ours["id"])
+    chapter_admin = api.with_key(await issue_key(db, Role.ADMIN, organisation=ours["id"]))
+    assert (await chapter_admin.get(f"/api/v1/plans/{their_plan['id']}")).status_code == 404
+    integration = await create_stripe_integration(chapter_admin, organisation_id=ours["id"])
+
+    refused = checkout_completed(member, their_plan)
+    assert (await send(http, integration["id"], refused)).status_code == 200
+    await run_worker(db)
+    [failed] = await inbound_events(api, integration["id"])
+    assert failed["status"] == "failed"
+    assert "does not exist" in failed["error"]
+    assert (await member_of(api, member["id"]))["status"] == "pending"
+
+    assert (await send(http, integration["id"], checkout_completed(member, our_plan))).is_success
+    await run_worker(db)
+    joined = await member_of(api, member["id"])
+    assert joined["status"] == "active"
+    assert joined["membership"]["plan_id"] == our_plan["id"]

@@ -150,7 +150,11 @@ def _within(member: Member, visible: frozenset[int] | None) -> bool:
 
 
 async def _plan_for(
-    session: AsyncSession, settings: PaymentSettings, notice: PaymentNotice, member: Member
+    session: AsyncSession,
+    integration: Integration,
+    settings: PaymentSettings,
+    notice: PaymentNotice,
+    member: Member,
 ) -> MembershipPlan:
     wanted = notice.plan
     if wanted is None:
@@ -158,11 +162,18 @@ async def _plan_for(
             (settings.price_plans[p] for p in notice.price_ids if p in settings.price_plans), None
         )
     if wanted is not None:
-        plan = await session.scalar(
-            select(MembershipPlan).where(
-                (MembershipPlan.public_id == wanted) | (MembershipPlan.code == wanted)
-            )
+        query = select(MembershipPlan).where(
+            (MembershipPlan.public_id == wanted) | (MembershipPlan.code == wanted)
         )
+        # An organisation's integration sells the plans its keys see: installation-wide
+        # ones and those of its own tree, never another organisation's.
+        visible = await _visible_organisations(session, integration)
+        if visible is not None:
+            query = query.where(
+                MembershipPlan.organisation_id.is_(None)
+                | MembershipPlan.organisation_id.in_(visible)
+            )
+        plan = await session.scalar(query)
         if plan is None:
             raise PaymentUnmatched(
                 f"The payment names plan {wanted!r}, which does not exist.",
@@ -248,7 +259,7 @@ async def _paid(
         )
         return {"action": "already_applied", "payment": first.payment_key}
     member = await _find_member(session, integration, notice)
-    plan = await _plan_for(session, settings, notice, member)
+    plan = await _plan_for(session, integration, settings, notice, member)
     result: dict[str, Any] = {"member_id": member.public_id, "plan_id": plan.public_id}
     if member.status in (S.PENDING, S.LAPSED, S.CANCELLED):
         await memberships.join(session, principal, member.public_id, plan.public_id, _note(notice))
