@@ -474,3 +474,28 @@ async def test_an_opening_balance_is_not_given_again_after_the_member_moved_orga
     assert report[0]["member_id"] == member_id, report
     assert report[0]["action"] == "unchanged", report
     assert await balance(api, member_id) == 100
+
+
+async def test_matching_by_external_id_sees_only_the_keys_organisations(
+    api: ApiClient, db: Database
+) -> None:
+    """Another chapter's member with the same external id is invisible to a chapter's
+    key: the chapter's own member is matched and updated, and nothing tells the other
+    exists."""
+    hq = await api.create_organisation()
+    ours = await api.create_organisation(parent_id=hq["id"])
+    theirs = await api.create_organisation(parent_id=hq["id"])
+    mine = await api.create_member(
+        email="a@a.example", organisation_id=ours["id"], external_ids={"crm": "77"}
+    )
+    await api.create_member(
+        email="b@b.example", organisation_id=theirs["id"], external_ids={"crm": "77"}
+    )
+    bound = api.with_key(await issue_key(db, Role.ADMIN, organisation=ours["id"]))
+
+    body = "external_id,email,first_name\ncrm:77,a@a.example,Ana\n"
+    job = await finished(bound, db, (await post_import(bound, body, match_by="external_id"))["id"])
+    report = await rows(bound, job["id"])
+    assert (job["changed_rows"], job["failed_rows"]) == (1, 0), report
+    assert report[0]["member_id"] == mine["id"]
+    assert (await api.get(f"/api/v1/members/{mine['id']}")).json()["first_name"] == "Ana"

@@ -383,6 +383,11 @@ class MemberFinder:
             query = select(Member).where(
                 Member.external_ids[system].as_string() == value, Member.deleted_at.is_(None)
             )
+            visible = self.principal.visible_organisation_ids
+            if visible is not None:
+                # Members the key cannot see play no part: neither matched nor counted
+                # (a "more than one" would tell that another organisation holds the id).
+                query = query.where(Member.organisation_id.in_(visible))
             found = (await self.session.scalars(query.limit(2))).all()
             if len(found) > 1:
                 raise Conflict(f"More than one member has the external id {system}:{value}.")
