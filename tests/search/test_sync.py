@@ -291,3 +291,32 @@ async def test_an_index_behind_events_the_retention_purged_is_rebuilt(
     algolia.come_back()
     await tick(db, hub, utcnow() + timedelta(hours=1))  # past the failure's backoff
     assert set(algolia.records(MEMBERS)) == {later["id"]}
+
+
+async def test_an_organisations_directory_never_hears_of_other_organisations_members(
+    api: ApiClient, db: Database, hub: IntegrationHub, algolia: FakeAlgolia
+) -> None:
+    """Not even in a delete: another organisation's members are never named to the
+    vendor; one moving out of the organisation is taken out of its directory."""
+    ours, theirs = await api.create_organisation(), await api.create_organisation()
+    consent = {"profiling": True}
+    directory = {"index": MEMBERS, "consent": "profiling", "fields": ["email"]}
+    body = {**algolia_settings(algolia, member_directory=directory), "organisation_id": ours["id"]}
+    created = await api.post("/api/v1/integrations", body)
+    assert created.status_code == 201, created.text
+    await tick(db, hub)
+
+    stranger = await api.create_member(organisation_id=theirs["id"], consent=consent)
+    leaving = await api.create_member(organisation_id=ours["id"], consent=consent)
+    await tick(db, hub)
+    assert set(algolia.records(MEMBERS)) == {leaving["id"]}
+    moved = await api.patch(f"/api/v1/members/{stranger['id']}", {"first_name": "Still theirs"})
+    assert moved.status_code == 200
+    moved = await api.patch(f"/api/v1/members/{leaving['id']}", {"organisation_id": theirs["id"]})
+    assert moved.status_code == 200, moved.text
+    await tick(db, hub)
+
+    sent = [op for batch in algolia.batches(MEMBERS) for op in batch]
+    named = {op.get("body", {}).get("objectID") for op in sent}
+    assert stranger["id"] not in named, sent
+    assert algolia.records(MEMBERS) == {}

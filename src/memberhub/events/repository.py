@@ -28,6 +28,8 @@ class FeedEvent:
     type: str
     member_public_id: str | None
     data: dict[str, Any]
+    # The organisation the event belongs to (a member's, when it committed).
+    organisation_id: int | None = None
 
 
 class EventRepository:
@@ -41,7 +43,13 @@ class EventRepository:
     async def feed_after(self, position: int, limit: int) -> list[FeedEvent]:
         """Up to `limit` sequenced events after `position`, in feed order."""
         rows = await self.session.execute(
-            select(Event.position, Event.type, Event.member_public_id, Event.data)
+            select(
+                Event.position,
+                Event.type,
+                Event.member_public_id,
+                Event.data,
+                Event.organisation_id,
+            )
             .where(Event.position > position)
             .order_by(Event.position)
             .limit(limit)
@@ -52,6 +60,7 @@ class EventRepository:
                 type=row.type,
                 member_public_id=row.member_public_id,
                 data=row.data if isinstance(row.data, dict) else {},
+                organisation_id=row.organisation_id,
             )
             for row in rows
         ]

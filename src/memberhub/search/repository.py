@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from memberhub.events.models import Event
 from memberhub.events.repository import EventRepository, FeedEvent
 from memberhub.integrations.models import Integration
 from memberhub.members.models import Member
@@ -96,6 +97,21 @@ class SearchRepository:
         if organisation_id is None:
             return None
         return await OrganisationRepository(self.session).subtree_ids(organisation_id)
+
+    async def organisation_before(
+        self, member_public_id: str, position: int
+    ) -> tuple[bool, int | None]:
+        """The organisation of the member's last event before `position`: (found, id);
+        not found when no earlier event is kept."""
+        row = (
+            await self.session.execute(
+                select(Event.organisation_id)
+                .where(Event.member_public_id == member_public_id, Event.position < position)
+                .order_by(Event.position.desc())
+                .limit(1)
+            )
+        ).first()
+        return (False, None) if row is None else (True, row[0])
 
     async def organisation_public_ids(self, ids: set[int]) -> dict[int, str]:
         return await OrganisationRepository(self.session).public_ids(ids)

@@ -339,7 +339,12 @@ async def _changes(
             reward_id = event.data.get("reward_id")
             if isinstance(reward_id, str):
                 reward_ids[reward_id] = None
-        elif event.type in MEMBER_EVENTS and directory is not None and event.member_public_id:
+        elif (
+            event.type in MEMBER_EVENTS
+            and directory is not None
+            and event.member_public_id
+            and await _concerns(repo, event, scope)
+        ):
             member_ids[event.member_public_id] = None
     changes = Changes()
     if reward_ids and settings.rewards_index:
@@ -365,6 +370,23 @@ async def _changes(
             else:
                 changes.save(directory.index, record)
     return changes
+
+
+async def _concerns(repo: SearchRepository, event: FeedEvent, scope: frozenset[int] | None) -> bool:
+    """Whether a member's event is the integration's to act on: one of its organisations'
+    members, or one that just moved out of them (to be taken out of the directory). Other
+    organisations' members are never named to the vendor, not even in a delete."""
+    if scope is None or event.organisation_id in scope:
+        return True
+    changed = event.data.get("changed_fields")
+    if event.type != "member.updated" or not (
+        isinstance(changed, list) and "organisation_id" in changed
+    ):
+        return False
+    assert event.member_public_id is not None
+    found, before = await repo.organisation_before(event.member_public_id, event.position)
+    # With the earlier events purged, where it was is unknown: take it out to be sure.
+    return not found or before in scope
 
 
 async def _send(connection: Connection, index: SearchIndex, changes: Changes) -> None:
