@@ -4,17 +4,21 @@ event exactly once, in commit order, with no gap, however late a transaction com
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import random
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import func, select, text
 
 from memberhub.audit.models import AuditEntry
 from memberhub.audit.service import record_write, verify_chain
 from memberhub.auth.principal import Principal
+from memberhub.auth.roles import Role
 from memberhub.events import sequencer
 from memberhub.events.catalog import AlertRaised
 from memberhub.events.models import Event
@@ -25,6 +29,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.members.service import delete_member, get_member
 from memberhub.points.service import award_points
+from tests.conftest import issue_key
 from tests.support import ApiClient
 
 EVENTS = "/api/v1/events"
@@ -308,25 +313,8 @@ async def test_points_and_an_erasure_of_one_member_follow_one_another(
     member = await api.create_member()
     award = {"member_id": member["id"], "points": 10, "reason": "r"}
     assert (await api.post("/api/v1/points/award", award)).status_code == 201
-    erasing, release = asyncio.Event(), asyncio.Event()
-
-    async def erase() -> None:
-        async with db.transaction() as session:
-            await delete_member(session, Principal.system(Actor.system("t")), member["id"])
-            await session.flush()
-            erasing.set()
-            await release.wait()
-
-    holder = asyncio.create_task(erase())
-    await erasing.wait()
-    awarding = asyncio.create_task(api.post("/api/v1/points/award", award))
-    try:
-        await _until_a_lock_is_awaited(db)
-        assert not awarding.done()
-    finally:
-        release.set()
-        await holder
-    assert (await awarding).status_code == 404
+    awarding = functools.partial(api.post, "/api/v1/points/award", award)
+    assert (await _during_erasure(db, member["id"], awarding)).status_code == 404
 
     feed = await api.get(EVENTS, params={"member_id": member["id"]})
     types = [e["type"] for e in feed.json()["data"]]
@@ -366,3 +354,66 @@ async def test_a_profile_change_waits_for_a_points_change_of_the_member_under_wa
     feed = await api.get(EVENTS, params={"member_id": member["id"]})
     types = [e["type"] for e in feed.json()["data"]]
     assert types == ["member.created", "points.earned", "member.updated"], types
+
+
+async def _during_erasure(
+    db: Database, member_id: str, call: Callable[[], Coroutine[Any, Any, httpx.Response]]
+) -> httpx.Response:
+    """Run `call` while the member's erasure is under way; answer what it answered once the
+    erasure committed."""
+    erasing, release = asyncio.Event(), asyncio.Event()
+
+    async def erase() -> None:
+        async with db.transaction() as session:
+            await delete_member(session, Principal.system(Actor.system("t")), member_id)
+            await session.flush()
+            erasing.set()
+            await release.wait()
+
+    holder = asyncio.create_task(erase())
+    await erasing.wait()
+    pending = asyncio.create_task(call())
+    try:
+        await _until_a_lock_is_awaited(db)
+        assert not pending.done()
+    finally:
+        release.set()
+        await holder
+    return await pending
+
+
+@pytest.mark.parametrize("operation", ["redeem", "claim", "approve"])
+async def test_what_waits_for_a_members_erasure_finds_no_member(
+    db: Database, api: ApiClient, is_postgres: bool, operation: str
+) -> None:
+    """A redeem, a reward claim or an approval arriving while the member is being erased
+    finds the member gone (404) and writes nothing after `member.deleted`."""
+    if not is_postgres:
+        pytest.skip("SQLite runs one writer at a time: the order holds by construction")
+    member = await api.create_member()
+    award = {"member_id": member["id"], "points": 100, "reason": "r"}
+    assert (await api.post("/api/v1/points/award", award)).status_code == 201
+    if operation == "redeem":
+        body = {"member_id": member["id"], "points": 40}
+        call = functools.partial(api.post, "/api/v1/points/redeem", body)
+    elif operation == "claim":
+        reward = await api.post(
+            "/api/v1/rewards", {"code": "ERASE1", "name": "x", "points_cost": 10, "stock": 5}
+        )
+        assert reward.status_code == 201, reward.text
+        path = f"/api/v1/rewards/{reward.json()['id']}/claim"
+        call = functools.partial(api.post, path, {"member_id": member["id"]})
+    else:
+        body = {"member_id": member["id"], "points": 30, "reason": "fix", "require_approval": True}
+        held = await api.post("/api/v1/points/deduct", body)
+        assert held.status_code == 202, held.text
+        manager = api.with_key(await issue_key(db, Role.MANAGER))
+        call = functools.partial(manager.post, f"/api/v1/approvals/{held.json()['id']}/approve", {})
+
+    answer = await _during_erasure(db, member["id"], call)
+
+    assert answer.status_code == 404, answer.text
+    feed = await api.get(EVENTS, params={"member_id": member["id"]})
+    assert feed.json()["data"][-1]["type"] == "member.deleted"
+    if operation == "claim":
+        assert (await api.get(f"/api/v1/rewards/{reward.json()['id']}")).json()["stock"] == 5

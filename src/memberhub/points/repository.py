@@ -10,6 +10,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.kit.clock import utcnow
+from memberhub.kit.errors import NotFound
 from memberhub.members.models import Member
 from memberhub.points.models import (
     BatchSource,
@@ -54,7 +55,8 @@ class PointsRepository:
     # ------------------------------------------------------------ accounts
 
     async def lock_account(self, member_id: int) -> PointAccount:
-        """The member's account, created on first use, locked until the transaction ends."""
+        """The member's account, created on first use, locked until the transaction ends;
+        NotFound when the member is erased (meanwhile, too)."""
         account = await self.session.scalar(_LOCK_ACCOUNT, {"member_id": member_id})
         if account is not None:
             return account
@@ -68,7 +70,8 @@ class PointsRepository:
             .on_conflict_do_nothing(index_elements=["member_id"])
         )
         account = await self.session.scalar(_LOCK_ACCOUNT, {"member_id": member_id})
-        assert account is not None
+        if account is None:
+            raise NotFound("The member does not exist.", code="MEMBER_NOT_FOUND")
         return account
 
     async def member_with_locked_account(
@@ -440,10 +443,12 @@ class PointsRepository:
 
 
 # Built once: every operation on a member's points runs these.
+# Of a member not erased: one erased while this waited for the lock is found gone (the
+# condition is checked again on the row as the erasure left it).
 _LOCK_ACCOUNT = (
     select(PointAccount)
     .join(Member, Member.id == PointAccount.member_id)
-    .where(PointAccount.member_id == bindparam("member_id"))
+    .where(PointAccount.member_id == bindparam("member_id"), Member.deleted_at.is_(None))
     .with_for_update(of=(Member, PointAccount), key_share=True)
     .execution_options(populate_existing=True)
 )
