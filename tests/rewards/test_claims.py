@@ -339,6 +339,21 @@ async def test_cancelling_keeps_unlimited_stock_unlimited(
     assert (await get_reward(api, reward["id"]))["stock"] is None
 
 
+async def test_cancelling_keeps_the_stock_within_what_a_reward_holds(
+    api: ApiClient, member: dict[str, Any]
+) -> None:
+    """Staff set the stock to the most a reward holds after the claim: the cancel refunds
+    and leaves the stock there, not one past it (a server error on PostgreSQL)."""
+    most = 2**31 - 1
+    reward = await create_reward(api, points_cost=10, stock=most)
+    made = (await claim(api, reward["id"], member["id"]))["claim"]
+    patched = await api.patch(f"{REWARDS}/{reward['id']}", {"stock": most})
+    assert patched.status_code == 200, patched.text
+    await cancel(api, made["id"])
+    assert (await get_reward(api, reward["id"]))["stock"] == most
+    assert await balance(api, member["id"]) == 1000
+
+
 async def test_a_claim_of_a_reward_withdrawn_since_can_still_be_cancelled(
     api: ApiClient, member: dict[str, Any]
 ) -> None:

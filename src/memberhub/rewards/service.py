@@ -37,7 +37,13 @@ from memberhub.points.models import PointAccount, PointTransaction, TxnType
 from memberhub.points.repository import PointsRepository
 from memberhub.rewards.models import ClaimStatus, Reward, RewardClaim
 from memberhub.rewards.repository import RewardRepository
-from memberhub.rewards.schemas import ClaimOut, RewardCreate, RewardOut, RewardPatch
+from memberhub.rewards.schemas import (
+    MAX_COUNT,
+    ClaimOut,
+    RewardCreate,
+    RewardOut,
+    RewardPatch,
+)
 
 # Rewards read per query while filtering the catalog by the member's tier in Python.
 _AVAILABLE_CHUNK = 200
@@ -457,7 +463,8 @@ async def cancel_claim(
     reward = await repo.lock(claim.reward_id)
     stock_before = reward.stock
     if reward.stock is not None:
-        reward.stock += 1
+        # Never past the most a reward can hold (staff may have set the stock to it since).
+        reward.stock = min(reward.stock + 1, MAX_COUNT)
     claim.status = ClaimStatus.CANCELLED
     claim.cancelled_at = now
     claim.cancel_reason = reason
