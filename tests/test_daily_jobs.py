@@ -27,6 +27,22 @@ def test_the_last_scheduled_moment_follows_the_zone_and_its_daylight_saving() ->
     assert last_scheduled(at("2026-12-10T01:30:00"), time(3), paris) == at("2026-12-09T02:00:00")
 
 
+def test_a_time_the_clock_skips_or_reads_twice_is_scheduled_once() -> None:
+    new_york = ZoneInfo("America/New_York")
+    # 8 March 2026: 02:00 EST jumps to 03:00 EDT (07:00 UTC); 02:30 never shows, and is
+    # taken as 03:30 EDT. At 03:10 EDT the last run due is still the day before's.
+    skipped = time(2, 30)
+    assert last_scheduled(at("2026-03-08T07:10:00"), skipped, new_york) == at("2026-03-07T07:30:00")
+    assert last_scheduled(at("2026-03-08T07:40:00"), skipped, new_york) == at("2026-03-08T07:30:00")
+    # 1 November 2026: 01:30 shows twice (EDT, then EST); the first is the day's.
+    twice = time(1, 30)
+    first = at("2026-11-01T05:30:00")
+    assert last_scheduled(at("2026-11-01T05:45:00"), twice, new_york) == first
+    assert last_scheduled(at("2026-11-01T06:45:00"), twice, new_york) == first
+    for moment in ("2026-03-08T07:10:00", "2026-03-08T07:40:00", "2026-11-01T06:45:00"):
+        assert last_scheduled(at(moment), skipped, new_york) <= at(moment)
+
+
 async def test_a_daily_job_runs_once_a_day_at_its_time_in_the_programs_zone(
     api: ApiClient, db: Database, settings: Settings
 ) -> None:

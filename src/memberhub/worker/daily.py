@@ -3,7 +3,7 @@ worker gets there first, and once at start when the last scheduled run was misse
 
 from __future__ import annotations
 
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import or_, update
@@ -16,12 +16,14 @@ from memberhub.worker.models import DailyJobRun
 
 
 def last_scheduled(now: datetime, at: time, zone: ZoneInfo) -> datetime:
-    """The most recent moment, at or before `now`, when the clock in `zone` read `at`."""
+    """The most recent moment, at or before `now`, when the clock in `zone` read `at`.
+    Compared as instants: two times of one zone compare by their wall clocks, and a time
+    the clock skips (02:30 on a spring-forward day) lies an hour later than it reads. Such
+    a time is taken an hour on (03:30), once; a time the clock reads twice, at the first."""
     local = now.astimezone(zone)
-    today = datetime.combine(local.date(), at, zone)
-    scheduled = (
-        today if today <= local else datetime.combine(local.date() - timedelta(days=1), at, zone)
-    )
+    scheduled = datetime.combine(local.date(), at, zone).astimezone(UTC)
+    if scheduled > now:
+        scheduled = datetime.combine(local.date() - timedelta(days=1), at, zone).astimezone(UTC)
     return scheduled.astimezone(now.tzinfo)
 
 
