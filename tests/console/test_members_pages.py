@@ -181,6 +181,21 @@ async def test_the_points_widget_shows_the_numbers_the_api_gives(
     assert f"80 points valid through {soon:%Y-%m-%d}" in shown(page, "expiring")
 
 
+async def test_points_expiring_at_the_calendars_end_show_east_of_utc(
+    browser: httpx.AsyncClient, api: ApiClient, db: Database
+) -> None:
+    """An expiry the API accepts (9999-12-31 23:00 UTC) lies past the calendar's end in
+    UTC+14: the member's page still opens, and shows its last day."""
+    assert (await api.patch("/api/v1/program", {"timezone": "Pacific/Kiritimati"})).is_success
+    member = await api.create_member()
+    await award(api, member["id"], 10, expires_at="9999-12-31T23:00:00Z")
+    await create_staff_user(db)
+    await sign_in(browser)
+    page = await browser.get(f"/console/members/{member['id']}")
+    assert page.status_code == 200, page.text[:300]
+    assert "9999-12-31" in page.text
+
+
 async def test_the_transaction_history_pages_newest_first_with_the_actor(
     browser: httpx.AsyncClient, api: ApiClient, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:

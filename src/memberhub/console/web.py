@@ -42,7 +42,10 @@ def last_day(expires_at: datetime, zone: str) -> str:
     """The last day points expiring at `expires_at` can still be used, in the program's
     time zone: an expiry at a day's first moment leaves them the day before (the form's
     "new expiry date" is that day)."""
-    local = expires_at.astimezone(ZoneInfo(zone))
+    try:
+        local = expires_at.astimezone(ZoneInfo(zone))
+    except OverflowError:  # past the calendar's end there (9999-12-31 east of UTC)
+        local = expires_at
     return (local - timedelta(microseconds=1)).date().isoformat()
 
 
