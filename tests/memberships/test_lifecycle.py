@@ -420,6 +420,38 @@ async def test_back_to_back_renewals_keep_the_day_of_the_month_the_member_joined
     ]
 
 
+@pytest.mark.parametrize(
+    ("zone", "joined", "ends"),
+    [
+        # 1 March in Auckland is still 28 February in UTC: a month runs to 1 April there.
+        (
+            "Pacific/Auckland",
+            "2025-03-01T10:00:00+13:00",
+            ["2025-04-01T10:00:00+13:00", "2025-05-01T10:00:00+12:00"],
+        ),
+        # 30 January evening in Los Angeles is the 31st in UTC: to 28 February, then the
+        # 30th again; the wall clock kept across the change to daylight saving time.
+        (
+            "America/Los_Angeles",
+            "2025-01-30T17:00:00-08:00",
+            ["2025-02-28T17:00:00-08:00", "2025-03-30T17:00:00-07:00"],
+        ),
+    ],
+)
+async def test_terms_count_calendar_months_of_the_programs_zone(
+    api: ApiClient, monkeypatch: pytest.MonkeyPatch, zone: str, joined: str, ends: list[str]
+) -> None:
+    assert (await api.patch("/api/v1/program", {"timezone": zone})).status_code == 200
+    plan = await api.create_plan(term_months=1, renewal_window_days=7)
+    member = await api.create_member()
+    clock = [datetime.fromisoformat(joined)]
+    monkeypatch.setattr(membership_service, "utcnow", lambda: clock[0])
+    term_ends = [(await ok(api, member["id"], "join", {"plan_id": plan["id"]}))["term"]["ends_at"]]
+    clock[0] = ts(term_ends[-1]) - timedelta(days=2)
+    term_ends.append((await ok(api, member["id"], "renew", {}))["term"]["ends_at"])
+    assert [ts(end) for end in term_ends] == [datetime.fromisoformat(end) for end in ends]
+
+
 async def test_renewal_before_the_window_opens_is_409_and_changes_nothing(
     api: ApiClient,
 ) -> None:

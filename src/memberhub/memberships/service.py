@@ -6,8 +6,9 @@ previous term's end while the member is inside the renewal window or the grace p
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,6 +28,7 @@ from memberhub.memberships.repository import PlanRepository, TermRepository
 from memberhub.memberships.schemas import PlanCreate, PlanOut, PlanPatch, TermOut
 from memberhub.organisations.repository import OrganisationRepository
 from memberhub.organisations.service import get_visible as get_visible_organisation
+from memberhub.program import service as program_service
 
 S = MemberStatus
 
@@ -161,7 +163,21 @@ async def _usable_plan(
     return plan
 
 
-def _start_term(
+async def _term_end(
+    session: AsyncSession, starts_at: datetime, months: int, anchor: datetime | None
+) -> datetime:
+    """`months` calendar months after `starts_at`, counted on the program's calendar: joined
+    1 March at 10:00 in Auckland (28 February in UTC), a month ends 1 April at 10:00 there,
+    not 29 March. `anchor`: when the run of terms began, whose day of the month the end
+    keeps (joined 31 Jan, monthly: 29 Feb, then 31 Mar)."""
+    zone = ZoneInfo((await program_service.get_program(session)).timezone)
+    local = starts_at.astimezone(zone).replace(tzinfo=None)
+    anchor_day = anchor.astimezone(zone).day if anchor is not None else None
+    ended = add_months(local, months, anchor_day=anchor_day)
+    return ended.replace(tzinfo=zone).astimezone(UTC)
+
+
+async def _start_term(
     session: AsyncSession,
     member: Member,
     plan: MembershipPlan,
@@ -170,11 +186,9 @@ def _start_term(
     *,
     anchor: datetime | None = None,
 ) -> MembershipTerm:
-    """A term of `plan` from `starts_at`. `anchor`: when the run of terms it continues began,
-    whose day of the month its end keeps (joined 31 Jan, monthly: 29 Feb, then 31 Mar)."""
-    ends_at = add_months(
-        starts_at, plan.term_months, anchor_day=anchor.day if anchor is not None else None
-    )
+    """A term of `plan` from `starts_at`, continuing the run that began at `anchor` (see
+    `_term_end`)."""
+    ends_at = await _term_end(session, starts_at, plan.term_months, anchor)
     term = MembershipTerm(
         public_id=new_public_id("trm"),
         member_id=member.id,
@@ -283,7 +297,7 @@ async def join(
     plan = await _usable_plan(session, principal, plan_id)
     now = utcnow()
     before = _membership_snapshot(member)
-    term = _start_term(session, member, plan, "join", now)
+    term = await _start_term(session, member, plan, "join", now)
     await _record_change(
         session, principal.actor, member,
         before=before, to_status=S.ACTIVE, reason="join", note=note, now=now,
@@ -338,15 +352,13 @@ async def renew(
     if starts_at == member.term_ends_at:
         # Back to back with the term before: the run keeps the day it started on.
         anchor = await TermRepository(session).run_start(member.id, starts_at)
-        ends_at = add_months(
-            starts_at, plan.term_months, anchor_day=anchor.day if anchor is not None else None
-        )
+        ends_at = await _term_end(session, starts_at, plan.term_months, anchor)
         if ends_at <= now:
             # A grace longer than the term: back to back, the new term would be over
             # already (an active member with nothing to use). It starts today instead.
             starts_at, anchor = now, None
     before = _membership_snapshot(member)
-    term = _start_term(session, member, plan, "renew", starts_at, anchor=anchor)
+    term = await _start_term(session, member, plan, "renew", starts_at, anchor=anchor)
     await _record_change(
         session, principal.actor, member,
         before=before, to_status=S.ACTIVE, reason="renew", note=note, now=now,
@@ -365,7 +377,7 @@ async def upgrade(
     now = utcnow()
     before = _membership_snapshot(member)
     await _end_open_terms(session, member, now)
-    term = _start_term(session, member, plan, "upgrade", now)
+    term = await _start_term(session, member, plan, "upgrade", now)
     await _record_change(
         session, principal.actor, member,
         before=before, to_status=S.ACTIVE, reason="upgrade", note=note, now=now,
