@@ -80,9 +80,17 @@ def _now() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
-def _money(amount: Decimal, currency: str) -> dict[str, Any]:
+def _money(
+    amount: Decimal, currency: str, presented: tuple[Decimal, str] | None = None
+) -> dict[str, Any]:
+    """A MoneyBag: the shop's money, and the customer's (the same unless `presented`)."""
     money = {"amount": f"{amount:.2f}", "currency_code": currency}
-    return {"shop_money": money, "presentment_money": dict(money)}
+    shown = (
+        money
+        if presented is None
+        else {"amount": f"{presented[0]:.2f}", "currency_code": presented[1]}
+    )
+    return {"shop_money": money, "presentment_money": dict(shown)}
 
 
 @dataclass
@@ -163,8 +171,11 @@ class FakeShopify:
         lines: list[tuple[str, str | None, str, int]],
         *,
         email: str | None = None,
+        paid_in: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
-        """An order awaiting payment; `lines` are (title, sku, unit price, quantity)."""
+        """An order awaiting payment; `lines` are (title, sku, unit price, quantity).
+        `paid_in`: the customer's currency and its units per unit of the shop's (Shopify
+        Markets: the customer pays, and is refunded, in that currency)."""
         order_id = shopify_id()
         line_items = []
         for title, sku, price, quantity in lines:
@@ -189,6 +200,9 @@ class FakeShopify:
                 }
             )
         total = sum((Decimal(p) * q for _, _, p, q in lines), Decimal(0))
+        presented = None
+        if paid_in is not None:
+            presented = ((total * Decimal(paid_in[1])).quantize(Decimal("0.01")), paid_in[0])
         number = len(self.orders) + 1001
         order = {
             "id": order_id,
@@ -201,7 +215,7 @@ class FakeShopify:
             "updated_at": _now(),
             "processed_at": _now(),
             "currency": self.currency,
-            "presentment_currency": self.currency,
+            "presentment_currency": paid_in[0] if paid_in is not None else self.currency,
             "financial_status": "pending",
             "fulfillment_status": None,
             "test": True,
@@ -212,8 +226,8 @@ class FakeShopify:
             "total_discounts": "0.00",
             "current_subtotal_price": f"{total:.2f}",
             "current_total_price": f"{total:.2f}",
-            "total_price_set": _money(total, self.currency),
-            "current_total_price_set": _money(total, self.currency),
+            "total_price_set": _money(total, self.currency, presented),
+            "current_total_price_set": _money(total, self.currency, presented),
             "customer": copy.deepcopy(customer),
             "line_items": line_items,
             "refunds": [],
@@ -231,10 +245,11 @@ class FakeShopify:
     async def refund(
         self, order_id: int, amount: str, *, via: httpx.AsyncClient
     ) -> list[httpx.Response]:
-        """Return `amount` of the order's money (a decimal string, at most what is left),
-        and send `refunds/create` to its subscribers."""
+        """Return `amount` of the order's money (a decimal string, at most what is left, in
+        the currency the customer paid in), and send `refunds/create` to its subscribers."""
         order = self.orders[order_id]
-        left = Decimal(order["current_total_price"])
+        customer_money = order["current_total_price_set"]["presentment_money"]
+        left = Decimal(customer_money["amount"])
         returned = Decimal(amount)
         if returned <= 0 or returned > left:
             raise ValueError(f"cannot refund {amount} of an order with {left} left")
@@ -267,15 +282,22 @@ class FakeShopify:
                     "authorization": None,
                     "parent_id": shopify_id(),
                     "amount": f"{returned:.2f}",
-                    "currency": order["currency"],
+                    "currency": order["presentment_currency"],
                     "source_name": "web",
                 }
             ],
         }
         order["refunds"].append(refund)
         remaining = left - returned
-        order["current_total_price"] = f"{remaining:.2f}"
-        order["current_total_price_set"] = _money(remaining, order["currency"])
+        shop_left = (
+            Decimal(order["total_price"])
+            * remaining
+            / Decimal(order["total_price_set"]["presentment_money"]["amount"])
+        ).quantize(Decimal("0.01"))
+        order["current_total_price"] = f"{shop_left:.2f}"
+        order["current_total_price_set"] = _money(
+            shop_left, order["currency"], (remaining, order["presentment_currency"])
+        )
         order["financial_status"] = "refunded" if remaining == 0 else "partially_refunded"
         order["updated_at"] = _now()
         return await self.deliver("refunds/create", refund, via=via)

@@ -279,6 +279,8 @@ async def test_the_test_endpoint_shows_the_activity_or_the_problems_and_writes_n
             "attributes": {
                 "amount": 25000,
                 "currency": "MYR",
+                "paid_amount": None,
+                "paid_currency": None,
                 "quantity": None,
                 "items": None,
                 "event_id": None,

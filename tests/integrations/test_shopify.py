@@ -190,6 +190,42 @@ async def test_partial_refunds_reverse_in_proportion_and_the_last_one_takes_the_
     assert all(t["reference_id"].startswith(f"{shopify['id']}:refund:") for t in reversals)
 
 
+async def test_refunds_of_an_order_paid_in_the_customers_currency_take_their_share(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    shop: FakeShopify,
+    shopify: dict[str, Any],
+) -> None:
+    """A shop in MYR selling to a customer in SGD (Shopify Markets): the order earns on the
+    shop's total, and its refunds, which Shopify makes in the customer's currency, take
+    back their share of the SGD paid."""
+    await order_rule(api)
+    member = await api.create_member(email="sg@example.com")
+    customer = shop.add_customer("sg@example.com")
+    order = shop.create_order(customer, [("Jacket", "J-1", "100.00", 1)], paid_in=("SGD", "0.3"))
+    await shop.pay_order(order["id"], via=http)
+    await run_worker(db)
+    assert await balance(api, member["id"]) == 100
+    [activity] = (await api.get(f"/api/v1/members/{member['id']}/activities")).json()["data"]
+    assert activity["attributes"]["paid_amount"] == 3000
+    assert activity["attributes"]["paid_currency"] == "SGD"
+
+    await shop.refund(order["id"], "12.00", via=http)  # 40% of the SGD 30.00
+    await run_worker(db)
+    assert await balance(api, member["id"]) == 60
+    await shop.refund(order["id"], "18.00", via=http)
+    await run_worker(db)
+    assert await balance(api, member["id"]) == 0
+    refunds = [
+        e for e in await inbound_events(api, shopify["id"]) if e["event_type"] == "refunds/create"
+    ]
+    assert sorted((e["result"]["points"], e["result"]["refunded_currency"]) for e in refunds) == [
+        (40, "SGD"),
+        (60, "SGD"),
+    ]
+
+
 async def test_a_refund_of_spent_points_follows_the_negative_balance_policy(
     api: ApiClient,
     http: httpx.AsyncClient,

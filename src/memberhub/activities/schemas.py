@@ -53,6 +53,10 @@ class ActivityAttributes(Input):
 
     amount: Amount | None = None
     currency: Currency | None = None
+    # What the customer paid, when in another currency than `currency` (an order of a shop
+    # selling in several currencies); refunds in that currency are measured against it.
+    paid_amount: Amount | None = None
+    paid_currency: Currency | None = None
     quantity: int | None = Field(default=None, ge=1, le=1_000_000)
     items: list[ActivityItem] | None = Field(default=None, max_length=MAX_ITEMS)
     event_id: Label | None = None
@@ -71,6 +75,8 @@ class ActivityAttributes(Input):
     def _amount_with_currency(self) -> Self:
         if (self.amount is None) != (self.currency is None):
             raise ValueError("amount and currency are given together")
+        if (self.paid_amount is None) != (self.paid_currency is None):
+            raise ValueError("paid_amount and paid_currency are given together")
         for key, value in (self.custom or {}).items():
             if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_AMOUNT:
                 raise ValueError(f"custom attribute {key!r} is outside the safe integer range")

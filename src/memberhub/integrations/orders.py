@@ -94,6 +94,8 @@ async def _paid(
             attributes=ActivityAttributes(
                 amount=notice.amount,
                 currency=notice.currency,
+                paid_amount=notice.paid_amount,
+                paid_currency=notice.paid_currency,
                 order_id=notice.order_id,
                 items=[
                     ActivityItem(
@@ -154,20 +156,30 @@ async def _refunded(
     activity = await repo.get_by_public_id(found.public_id, for_update=True)
     assert activity is not None
     result["activity_id"] = activity.public_id
-    order_amount = activity.attributes.get("amount")
+    result["refunded_currency"] = notice.currency
+    attributes = activity.attributes
     if notice.amount == 0:
         return {**result, "action": "ignored", "reason": "the refund returned no money"}
-    if notice.currency != activity.attributes.get("currency") or not order_amount:
+    # A refund's share of the order is measured in its own currency: the shop's, or the
+    # one the customer paid in (in which a shop selling in several currencies refunds).
+    totals = {
+        attributes.get("currency"): attributes.get("amount"),
+        attributes.get("paid_currency"): attributes.get("paid_amount"),
+    }
+    order_amount = totals.get(notice.currency)
+    if not isinstance(order_amount, int) or not order_amount:
+        paid_in = " or ".join(str(c) for c in totals if c is not None)
         return {
             **result,
             "action": "ignored",
-            "reason": f"the refund is in {notice.currency}, the order was paid in "
-            f"{activity.attributes.get('currency')}",
+            "reason": f"the refund is in {notice.currency}, the order was paid in {paid_in}",
         }
     if activity.member_id is None:
         return {**result, "action": "ignored", "reason": "the order matched no member"}
     member = await _member(session, activity.member_id)
-    before = await _refunded_before(session, integration, event_type, notice)
+    before = await _refunded_before(
+        session, integration, event_type, notice, order_currency=attributes.get("currency")
+    )
     reversals = []
     for earn in await _earns_of(session, activity):
         reversed_points = await _reverse_share(
@@ -199,9 +211,16 @@ async def _member(session: AsyncSession, member_id: int) -> Member:
 
 
 async def _refunded_before(
-    session: AsyncSession, integration: Integration, event_type: str, notice: OrderNotice
+    session: AsyncSession,
+    integration: Integration,
+    event_type: str,
+    notice: OrderNotice,
+    *,
+    order_currency: Any,
 ) -> int:
-    """What the refunds of the order already applied returned, each refund counted once."""
+    """What the refunds of the order already applied returned in the notice's currency,
+    each refund counted once (results written before refunds named their currency were in
+    the order's)."""
     rows = await session.scalars(
         select(InboundEvent.result).where(
             InboundEvent.integration_id == integration.id,
@@ -213,7 +232,12 @@ async def _refunded_before(
     amounts: dict[str, int] = {}
     for row in rows:
         refund_id = row.get("refund_id")
-        if refund_id != notice.refund_id and isinstance(row.get("refunded_amount"), int):
+        currency = row.get("refunded_currency", order_currency)
+        if (
+            refund_id != notice.refund_id
+            and currency == notice.currency
+            and isinstance(row.get("refunded_amount"), int)
+        ):
             amounts[refund_id] = row["refunded_amount"]
     return sum(amounts.values())
 

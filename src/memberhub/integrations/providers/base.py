@@ -306,6 +306,10 @@ class OrderNotice:
     currency: str
     amount: int  # minor units: the order's total when paid, the money returned when refunded
     refund_id: str | None = None
+    # A paid order's total in the currency the customer paid in, when not `currency` (a
+    # shop selling in several): refunds come in that currency.
+    paid_amount: int | None = None
+    paid_currency: str | None = None
     email: str | None = None
     customer_id: str | None = None
     items: tuple[OrderItem, ...] = ()

@@ -220,11 +220,14 @@ def _paid(order: Mapping[str, Any]) -> OrderNotice:
     currency = _currency(order.get("currency"))
     customer = order.get("customer") if isinstance(order.get("customer"), Mapping) else {}
     assert isinstance(customer, Mapping)
+    paid_amount, paid_currency = _presentment_total(order, currency)
     return OrderNotice(
         kind="paid",
         order_id=order_id,
         currency=currency,
         amount=minor_units(order.get("total_price"), currency),
+        paid_amount=paid_amount,
+        paid_currency=paid_currency,
         email=_text(order.get("email"), 320)
         or _text(order.get("contact_email"), 320)
         or _text(customer.get("email"), 320),
@@ -232,6 +235,19 @@ def _paid(order: Mapping[str, Any]) -> OrderNotice:
         items=_items(order.get("line_items"), currency),
         occurred_at=aware_time(order.get("processed_at")) or aware_time(order.get("created_at")),
     )
+
+
+def _presentment_total(order: Mapping[str, Any], currency: str) -> tuple[int | None, str | None]:
+    """The order's total in the customer's currency (`total_price_set.presentment_money`),
+    when that is not the shop's: Shopify refunds such an order in the customer's currency."""
+    prices = order.get("total_price_set")
+    money = prices.get("presentment_money") if isinstance(prices, Mapping) else None
+    if not isinstance(money, Mapping):
+        return None, None
+    paid_currency = _currency(money.get("currency_code"))
+    if paid_currency == currency:
+        return None, None
+    return minor_units(money.get("amount"), paid_currency), paid_currency
 
 
 def _refund(refund: Mapping[str, Any]) -> OrderNotice:
