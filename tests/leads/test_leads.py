@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import select
+
+from memberhub.audit.models import AuditEntry
+from memberhub.audit.service import verify_chain
 from memberhub.auth.roles import Role
+from memberhub.events.sequencer import run_passes
 from memberhub.kit.db import Database
 from tests.conftest import issue_key
 from tests.support import ApiClient
@@ -186,3 +191,42 @@ async def test_leads_are_scoped_to_the_keys_organisation(api: ApiClient, db: Dat
 
     support = api.with_key(await issue_key(db, Role.SUPPORT_AGENT))
     assert (await support.get(LEADS)).status_code == 200
+
+
+async def test_a_leads_audit_entries_are_sealed_and_erased_with_the_member_it_became(
+    api: ApiClient, db: Database
+) -> None:
+    """A lead's personal values in its audit entries are sealed with the lead's key, shown
+    opened, and unreadable once the member it was enrolled as is erased (the chain keeps
+    the entries, and they still verify)."""
+    created = await api.post(
+        LEADS,
+        {"email": "Secret.Person@example.com", "first_name": "Zorblax", "phone": "+60123456789"},
+    )
+    assert created.status_code == 201, created.text
+    lead = created.json()
+    assert (await api.patch(f"{LEADS}/{lead['id']}", {"last_name": "Quuxley"})).status_code == 200
+    async with db.transaction(read_only=True) as session:
+        stored = await session.scalars(
+            select(AuditEntry.changes).where(AuditEntry.object_id == lead["id"])
+        )
+        assert "zorblax" not in str(list(stored)).lower()
+    shown = await api.get("/api/v1/audit", params={"object_id": lead["id"]})
+    assert "Zorblax" in shown.text
+    assert "Quuxley" in shown.text
+
+    enrolled = await api.post(f"{LEADS}/{lead['id']}/enroll", {})
+    assert enrolled.status_code == 201, enrolled.text
+    erased = await api.delete(f"/api/v1/members/{enrolled.json()['member_id']}")
+    assert erased.status_code == 204
+
+    audit = await api.get("/api/v1/audit", params={"object_id": lead["id"], "limit": 500})
+    assert audit.status_code == 200, audit.text
+    text = audit.text.lower()
+    for personal in ("secret.person@example.com", "zorblax", "quuxley", "+60123456789"):
+        assert personal not in text, f"{personal} still in the lead's audit entries"
+    created_entry = next(e for e in audit.json()["data"] if e["action"] == "lead.create")
+    assert created_entry["changes"]["first_name"] == {"erased": True}
+    await run_passes(db)
+    async with db.transaction(read_only=True) as session:
+        assert (await verify_chain(session)).intact

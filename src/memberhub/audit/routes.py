@@ -14,8 +14,9 @@ from memberhub.kit.errors import Forbidden
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import SafeQuery, UTCDatetime
+from memberhub.leads.models import Lead
 from memberhub.members.models import Member
-from memberhub.members.personal import member_ids_with_sealed, open_personal
+from memberhub.members.personal import ids_with_sealed, open_personal
 
 router = APIRouter(
     prefix="/api/v1/audit", tags=["audit"], route_class=UnitOfWorkRoute, responses=ERROR_RESPONSES
@@ -70,19 +71,23 @@ async def list_audit_entries(
         filters, after_position=page.after_id, limit=page.limit
     )
     items, pagination = build_page(rows, page.limit, key="chain_position")
-    # Members' personal values are sealed with their keys (`members.personal`).
-    sealed_for = member_ids_with_sealed(items)
-    keys: dict[str, str | None] = {}
-    if sealed_for:
-        found = await session.execute(
-            select(Member.public_id, Member.data_key).where(Member.public_id.in_(sealed_for))
-        )
-        keys = {public_id: key for public_id, key in found}
+    # Members' and leads' personal values are sealed with their keys (`members.personal`).
+    sealed_for = ids_with_sealed(items)
+    keys: dict[tuple[str, str], str | None] = {}
+    for object_type, model in (("member", Member), ("lead", Lead)):
+        if object_type in sealed_for:
+            found = await session.execute(
+                select(model.public_id, model.data_key).where(
+                    model.public_id.in_(sealed_for[object_type])
+                )
+            )
+            keys.update({(object_type, public_id): key for public_id, key in found})
     out = []
     for entry in items:
         shown = AuditEntryOut.model_validate(entry, from_attributes=True)
-        if entry.object_id in sealed_for and entry.object_type == "member":
-            changes = open_personal(entry.changes, keys.get(entry.object_id), entry.object_id)
+        if entry.object_id in sealed_for.get(entry.object_type, ()):
+            key = keys.get((entry.object_type, entry.object_id))
+            changes = open_personal(entry.changes, key, entry.object_id)
             shown = shown.model_copy(update={"changes": changes})
         out.append(shown)
     return Page(data=out, pagination=pagination)

@@ -60,6 +60,9 @@ class Lead(IdMixin, Base):
         BigIntId, ForeignKey("members.id", ondelete="SET NULL")
     )
     version: Mapped[int] = mapped_column(Integer, default=1)
+    # Seals the lead's personal values in its audit entries (`members/personal.py`);
+    # deleted when the member it was enrolled as is erased.
+    data_key: Mapped[str | None] = mapped_column(String(64))
     status_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

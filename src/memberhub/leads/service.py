@@ -25,6 +25,7 @@ from memberhub.kit.types import refusal
 from memberhub.leads.models import TRANSITIONS, Lead, LeadStatus
 from memberhub.leads.schemas import EnrollmentOut, LeadCreate, LeadEnroll, LeadOut, LeadPatch
 from memberhub.members import service as members
+from memberhub.members.personal import new_data_key, seal_personal
 from memberhub.members.repository import normalize_email
 from memberhub.members.schemas import MemberCreate
 from memberhub.memberships import service as memberships
@@ -146,6 +147,7 @@ def add_lead(
         email_normalized=normalize_email(email) if email else None,
         member=None,
         version=1,
+        data_key=new_data_key(),
         status_changed_at=now,
         created_at=now,
         updated_at=now,
@@ -159,9 +161,17 @@ def add_lead(
         action=action,
         object_type="lead",
         object_id=lead.public_id,
-        changes=diff({}, snapshot(lead)),
+        changes=_sealed(lead, diff({}, snapshot(lead))),
     )
     return lead
+
+
+def _sealed(lead: Lead, changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` with the lead's personal values sealed with its key (made now for a lead
+    from before leads had keys), as a member's are."""
+    if lead.data_key is None:
+        lead.data_key = new_data_key()
+    return seal_personal(changes, lead.data_key, lead.public_id)
 
 
 async def create_lead(session: AsyncSession, principal: Principal, payload: LeadCreate) -> Lead:
@@ -320,7 +330,7 @@ def changed(
         action="lead.update",
         object_type="lead",
         object_id=lead.public_id,
-        changes=changes,
+        changes=_sealed(lead, changes),
     )
 
 

@@ -90,10 +90,15 @@ def open_personal(changes: dict[str, Any], key: str | None, object_id: str) -> d
     return opened
 
 
-def member_ids_with_sealed(entries: Iterable[Any]) -> set[str]:
-    """The members whose keys are needed to open `entries` (audit entries)."""
-    return {
-        entry.object_id
-        for entry in entries
-        if entry.object_type == "member" and is_sealed(entry.changes)
-    }
+# The kinds of audit objects whose personal values are sealed with a key of their own:
+# members, and leads (which hold the same personal data before they are enrolled).
+SEALING_OBJECTS = ("member", "lead")
+
+
+def ids_with_sealed(entries: Iterable[Any]) -> dict[str, set[str]]:
+    """By object type, the ids whose keys are needed to open `entries` (audit entries)."""
+    wanted: dict[str, set[str]] = {}
+    for entry in entries:
+        if entry.object_type in SEALING_OBJECTS and is_sealed(entry.changes):
+            wanted.setdefault(entry.object_type, set()).add(entry.object_id)
+    return wanted

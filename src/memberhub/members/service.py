@@ -481,6 +481,8 @@ async def _erase_enrolled_leads(session: AsyncSession, member: Member) -> None:
         lead.email = lead.email_normalized = lead.first_name = lead.last_name = None
         lead.phone = None
         lead.custom_fields, lead.external_ids = {}, {}
+        # Its audit entries' sealed values can no longer be opened.
+        lead.data_key = None
         erased = lead_out(lead).model_dump(mode="json")
         past = await session.scalars(
             select(Event).where(
