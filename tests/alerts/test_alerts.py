@@ -112,6 +112,26 @@ async def test_points_expiring_within_the_alert_window_raise_one_alert_per_batch
     assert alert["data"]["batch_id"] == awarded["transaction"]["batch_id"]
 
 
+async def test_a_batch_noticed_before_the_alert_window_raises_its_alert_on_entering_it(
+    api: ApiClient, run_job: RunJob
+) -> None:
+    """Notices go 30 days ahead (the default), alerts are for batches expiring within 7:
+    the batch is noticed 20 days out, and its alert comes once it is 7 days out."""
+    await set_program(api, alert_thresholds={"points_expiring_days": 7})
+    now = utcnow()
+    member = await api.create_member()
+    awarded = await award(api, member["id"], 500, expires_at=now + timedelta(days=20))
+
+    assert await run_job(notify_expiring_points, now) == 1
+    assert await alerts(api) == []
+    await run_job(notify_expiring_points, now + timedelta(days=12, hours=23))
+    assert await alerts(api) == []
+    for hours in range(13 * 24 + 1, 13 * 24 + 4):
+        assert await run_job(notify_expiring_points, now + timedelta(hours=hours)) == 0
+    found = await alerts(api, type="POINTS_EXPIRING")
+    assert [a["data"]["batch_id"] for a in found] == [awarded["transaction"]["batch_id"]]
+
+
 async def test_points_expiring_below_the_minimum_or_beyond_the_alert_days_raise_nothing(
     api: ApiClient, run_job: RunJob
 ) -> None:

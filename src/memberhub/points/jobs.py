@@ -174,19 +174,27 @@ async def _activate_member(
 
 
 async def notify_expiring_points(session: AsyncSession, now: datetime) -> int:
-    """`points.expiring` once per batch, the program's notice period before it expires."""
+    """`points.expiring` once per batch, the program's notice period before it expires; and
+    POINTS_EXPIRING once per batch of enough points, once it expires within the alert
+    window (checked apart: the notice may go out before or after the batch enters it)."""
     program = await program_service.get_program(session)
     thresholds = program_service.alert_thresholds(program)
     horizon = now + timedelta(days=program.expiring_notice_days)
-    batches = await PointsRepository(session).batches_due_notice(now, horizon, 5000)
-    if not batches:
+    repo = PointsRepository(session)
+    batches = await repo.batches_due_notice(now, horizon, 5000)
+    alerting = await repo.batches_due_expiring_alert(
+        now,
+        now + timedelta(days=thresholds.points_expiring_days),
+        thresholds.points_expiring_min_points,
+        5000,
+    )
+    if not batches and not alerting:
         return 0
-    members = await _members(session, list({b.member_id for b in batches}))
+    members = await _members(session, list({b.member_id for b in (*batches, *alerting)}))
     for batch in batches:
         assert batch.expires_at is not None
         batch.expiring_notified_at = now
         member = members[batch.member_id]
-        days_left = days_until(batch.expires_at, now)
         emit(
             session,
             PointsExpiring(
@@ -194,29 +202,30 @@ async def notify_expiring_points(session: AsyncSession, now: datetime) -> int:
                 batch_id=batch.public_id,
                 points=batch.remaining,
                 expires_at=batch.expires_at,
-                days_left=days_left,
+                days_left=days_until(batch.expires_at, now),
             ),
             organisation_id=member.organisation_id,
             member_public_id=member.public_id,
             occurred_at=now,
         )
-        if (
-            batch.remaining >= thresholds.points_expiring_min_points
-            and batch.expires_at <= now + timedelta(days=thresholds.points_expiring_days)
-        ):
-            await alerts.raise_alert(
-                session,
-                AlertType.POINTS_EXPIRING,
-                member=member,
-                dedupe_key=(
-                    f"{AlertType.POINTS_EXPIRING}:{batch.public_id}:{batch.expires_at.isoformat()}"
-                ),
-                message=(
-                    f"{batch.remaining} points of {member.public_id} expire in {days_left} days."
-                ),
-                points=batch.remaining,
-                data={"batch_id": batch.public_id, "expires_at": batch.expires_at.isoformat()},
-                now=now,
-            )
+    for batch in alerting:
+        assert batch.expires_at is not None
+        batch.expiring_alerted_at = now
+        member = members[batch.member_id]
+        await alerts.raise_alert(
+            session,
+            AlertType.POINTS_EXPIRING,
+            member=member,
+            dedupe_key=(
+                f"{AlertType.POINTS_EXPIRING}:{batch.public_id}:{batch.expires_at.isoformat()}"
+            ),
+            message=(
+                f"{batch.remaining} points of {member.public_id} expire in "
+                f"{days_until(batch.expires_at, now)} days."
+            ),
+            points=batch.remaining,
+            data={"batch_id": batch.public_id, "expires_at": batch.expires_at.isoformat()},
+            now=now,
+        )
     await session.flush()
     return len(batches)

@@ -159,6 +159,8 @@ class PointBatch(IdMixin, Base):
     activates_at: Mapped[datetime | None] = mapped_column()
     expires_at: Mapped[datetime | None] = mapped_column()
     expiring_notified_at: Mapped[datetime | None] = mapped_column()
+    # When its POINTS_EXPIRING alert was raised (checked apart from the notice).
+    expiring_alerted_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -441,6 +441,27 @@ class PointsRepository:
             )
         ).all()
 
+    async def batches_due_expiring_alert(
+        self, now: datetime, horizon: datetime, min_points: int, limit: int
+    ) -> Sequence[PointBatch]:
+        """Active batches of at least `min_points` expiring by `horizon` whose
+        POINTS_EXPIRING alert was not raised yet."""
+        return (
+            await self.session.scalars(
+                select(PointBatch)
+                .where(
+                    PointBatch.status == BatchStatus.ACTIVE,
+                    PointBatch.remaining >= max(min_points, 1),
+                    PointBatch.expiring_alerted_at.is_(None),
+                    PointBatch.expires_at.is_not(None),
+                    and_(PointBatch.expires_at > now, PointBatch.expires_at <= horizon),
+                )
+                .order_by(PointBatch.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        ).all()
+
 
 # Built once: every operation on a member's points runs these.
 # Of a member not erased: one erased while this waited for the lock is found gone (the

@@ -1330,6 +1330,7 @@ async def extend_expiry(
     previous = batch.expires_at
     batch.expires_at = expires_at
     batch.expiring_notified_at = None
+    batch.expiring_alerted_at = None
     txn = record_transaction(
         session,
         account,
@@ -1404,6 +1405,7 @@ async def extend_batches(
         )
         batch.expires_at = expires_at
         batch.expiring_notified_at = None
+        batch.expiring_alerted_at = None
     txn = record_transaction(
         session,
         account,
