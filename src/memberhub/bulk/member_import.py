@@ -50,6 +50,7 @@ from memberhub.bulk.upload import (
     _malformed,
     check_utf8,
     repeated_key,
+    report_text,
 )
 from memberhub.kit.errors import Conflict, MemberhubError, ValidationFailed
 from memberhub.kit.http import DuplicateKeys, unique_keys
@@ -541,7 +542,8 @@ def _record(
         "row_number": row_number,
         "outcome": outcome,
         "action": action,
-        "member_id": member_id or (str(email)[:320] if email is not None else None),
+        # As the row gave it, made storable (a lone surrogate or NUL would fail the chunk).
+        "member_id": member_id or report_text(email, 320),
         "points": points,
         "reference_id": None,
         "transaction_id": transaction_id,

@@ -25,10 +25,12 @@ from memberhub.kit.errors import ValidationFailed
 from memberhub.kit.http import (
     ERROR_RESPONSES,
     DbSession,
+    DuplicateKeys,
     UnitOfWorkRoute,
     body_limit,
     error_doc,
     spooled_body,
+    unique_keys,
 )
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
 from memberhub.kit.types import IdPath
@@ -187,8 +189,13 @@ def _import_options(
     match_by: str, organisation_id: str | None, plan_id: str | None, mapping: str | None
 ) -> ImportOptions:
     try:
-        parsed_mapping = json.loads(mapping) if mapping else {}
-    except ValueError:
+        parsed_mapping = json.loads(mapping, object_pairs_hook=unique_keys) if mapping else {}
+    except DuplicateKeys as exc:
+        raise ValidationFailed(
+            f"mapping names a column twice: {exc}.",
+            details={"field": "mapping", "type": "duplicate_key"},
+        ) from None
+    except (ValueError, RecursionError):
         raise ValidationFailed(
             'mapping must be a JSON object such as {"E-mail": "email"}.',
             details={"field": "mapping"},

@@ -49,7 +49,7 @@ from memberhub.bulk.schemas import (
     ImportRowOut,
     MemberImportOut,
 )
-from memberhub.bulk.upload import Upload, open_upload
+from memberhub.bulk.upload import Upload, open_upload, report_text
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
@@ -346,15 +346,6 @@ class AwardRow:
     expires_at: datetime | None
 
 
-def _text(value: Any, limit: int) -> str | None:
-    """A row's value as it can be shown in the report."""
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else json.dumps(value)
-    text = text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
-    return text[:limit]
-
-
 def _points(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -453,14 +444,14 @@ class _Members:
         if field == "member_id":
             member = self.by_public_id.get(value)
             if member is None:
-                raise RowRejected(f"Member {_text(value, 64)} does not exist.")
+                raise RowRejected(f"Member {report_text(value, 64)} does not exist.")
             return member
         matches = self.by_email.get(normalize_email(value), []) if _storable(value) else []
         if not matches:
-            raise RowRejected(f"No member has the email {_text(value, 320)}.")
+            raise RowRejected(f"No member has the email {report_text(value, 320)}.")
         if len(matches) > 1:
             raise RowRejected(
-                f"{len(matches)} members have the email {_text(value, 320)}; give member_id."
+                f"{len(matches)} members have the email {report_text(value, 320)}; give member_id."
             )
         return matches[0]
 
@@ -494,9 +485,9 @@ def _outcome_record(
     return {
         "job_id": job.id,
         "row_number": row_number,
-        "member_id": _text(raw.get("member_id", raw.get("email")), 320),
+        "member_id": report_text(raw.get("member_id", raw.get("email")), 320),
         "points": _points(raw.get("points")),
-        "reference_id": _text(reference, 200) if reference not in (None, "") else None,
+        "reference_id": report_text(reference, 200) if reference not in (None, "") else None,
         "transaction_id": None,
         "error": None,
         **fields,

@@ -68,7 +68,17 @@ def error_response(
     if retry_after is not None:
         body["retry_after"] = retry_after
         all_headers["Retry-After"] = str(retry_after)
-    return JSONResponse({"error": body}, status_code=status_code, headers=all_headers)
+    try:
+        return JSONResponse({"error": body}, status_code=status_code, headers=all_headers)
+    except UnicodeEncodeError:
+        # An error that repeats the input (a key given twice, an unknown column) may hold
+        # a lone surrogate, which has no UTF-8 form: escaped, as JSON allows.
+        return _AsciiJSONResponse({"error": body}, status_code=status_code, headers=all_headers)
+
+
+class _AsciiJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}

@@ -230,7 +230,19 @@ def valid_name(value: str, field: str = "name") -> str:
 
 Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")]
 UTCDatetime = Annotated[datetime, BeforeValidator(_iso_only), AfterValidator(_as_utc)]
-ISODate = Annotated[date, BeforeValidator(_iso_only)]
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _date_only(value: Any) -> Any:
+    """A day as `YYYY-MM-DD`, nothing more: pydantic would also take a date-time at
+    midnight, and drop its time and zone."""
+    value = _iso_only(value)
+    if isinstance(value, str) and not _DATE.match(value.strip()):
+        raise PydanticCustomError("iso_date", "must be a date, YYYY-MM-DD")
+    return value
+
+
+ISODate = Annotated[date, BeforeValidator(_date_only)]
 
 # A path segment holding a public id; malformed ids are rejected before any lookup.
 IdPath = Annotated[str, Path(pattern=r"^[a-z]{2,4}_[0-9a-z]{1,40}$", max_length=45)]

@@ -17,7 +17,8 @@ from memberhub.members.schemas import (
     check_custom_fields,
 )
 
-Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+# A lead's source or agent: 1 to 100 characters, no control characters (as a name).
+Label = Name
 PlanRef = Annotated[str, StringConstraints(min_length=1, max_length=45)]
 UpdatableStatus = Literal["new", "contacted", "qualified", "lost"]
 
