@@ -15,12 +15,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from memberhub.alerts.jobs import check_rates
 from memberhub.auth.roles import Role
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.members.models import Member
 from memberhub.points.jobs import expire_points
+from memberhub.points.models import PointTransaction
 from tests.alerts.conftest import alerts, award, earn, redeem, reverse, set_program
 from tests.analytics.conftest import MoveIntoPast
 from tests.conftest import issue_key
@@ -134,6 +137,55 @@ async def test_kpis_as_of_now_from_the_log_agree_with_the_accounts(
 
     assert from_log["points_liability"] == from_accounts["points_liability"]
     assert from_log["active_points_users"] == from_accounts["active_points_users"]
+
+
+async def test_an_erased_members_points_are_no_liability_from_its_erasure_on(
+    api: ApiClient,
+) -> None:
+    """No one can use an erased member's points: from the erasure on they are in no
+    figure (as the member is in no `members_count`); before it, they were."""
+    kept, erased = await api.create_member(), await api.create_member()
+    await award(api, kept["id"], 50)
+    await award(api, erased["id"], 100)
+    before = utcnow()
+    assert (await api.delete(f"/api/v1/members/{erased['id']}")).status_code == 204
+
+    for body in (await kpis(api), await kpis(api, as_of=utcnow().isoformat())):
+        assert body["members_count"] == 1
+        assert body["active_points_users"] == 1
+        assert body["points_liability"]["total"] == 50
+    earlier = await kpis(api, as_of=before.isoformat())
+    assert (earlier["members_count"], earlier["points_liability"]["total"]) == (2, 150)
+
+
+async def test_the_series_counts_an_erased_members_points_until_its_erasure(
+    api: ApiClient, db: Database
+) -> None:
+    kept, erased = await api.create_member(), await api.create_member()
+    await award(api, kept["id"], 50)
+    await award(api, erased["id"], 100)
+    assert (await api.delete(f"/api/v1/members/{erased['id']}")).status_code == 204
+    now = utcnow()
+    erased_at = now - timedelta(days=40)
+    async with db.transaction() as session:
+        await session.execute(
+            update(PointTransaction).values(occurred_at=now - timedelta(days=100))
+        )
+        await session.execute(
+            update(Member).where(Member.public_id == erased["id"]).values(deleted_at=erased_at)
+        )
+
+    response = await api.get("/api/v1/analytics/kpis/series", {"months": 4})
+    assert response.status_code == 200, response.text
+    points = response.json()["points"]
+    totals = {datetime.fromisoformat(p["as_of"]) < erased_at for p in points}
+    assert totals == {True, False}  # month ends on both sides of the erasure
+    for point in points:
+        expected = 150 if datetime.fromisoformat(point["as_of"]) < erased_at else 50
+        assert point["points_liability"]["total"] == expected, point["as_of"]
+        single = await kpis(api, as_of=point["as_of"])
+        assert single["points_liability"] == point["points_liability"]
+        assert single["active_points_users"] == point["active_points_users"]
 
 
 async def test_an_organisation_bound_key_gets_the_kpis_of_its_members_only(

@@ -9,9 +9,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, case, func, literal, or_, select, union_all
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    case,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.orm import InstrumentedAttribute, aliased
 
 from memberhub.kit.db import UTCDateTime
 from memberhub.members.models import Member
@@ -53,6 +64,27 @@ def _scoped(query: QueryT, member_id: Column, organisation_ids: frozenset[int] |
     )
 
 
+# Members erased by a moment (a copy of the table of its own, whatever else is joined).
+_ERASED = aliased(Member)
+
+
+def _held(
+    query: QueryT,
+    member_id: Column,
+    organisation_ids: frozenset[int] | None,
+    moment: datetime | None,
+) -> QueryT:
+    """`query` over the balances members held at `moment` (None: now): `_scoped`, and only
+    members not erased by then. An erased member's points can no longer be used by anyone:
+    they are no liability, and the member is counted in no figure, as in `members_count`."""
+    query = query.join(Member, Member.id == member_id)
+    if organisation_ids is not None:
+        query = query.where(Member.organisation_id.in_(organisation_ids))
+    if moment is None:
+        return query.where(Member.deleted_at.is_(None))
+    return query.where(or_(Member.deleted_at.is_(None), Member.deleted_at > moment))
+
+
 def _liability_columns(balance: Column, pending: Column) -> tuple[ColumnElement[Any], ...]:
     return (
         func.coalesce(func.sum(case((balance > 0, 1), else_=0)), 0),
@@ -72,7 +104,9 @@ class AnalyticsRepository:
     async def liability_now(self, organisation_ids: frozenset[int] | None) -> Liability:
         """From the accounts, which the ledger keeps current."""
         query = select(*_liability_columns(PointAccount.current, PointAccount.pending))
-        query = _scoped(query.select_from(PointAccount), PointAccount.member_id, organisation_ids)
+        query = _held(
+            query.select_from(PointAccount), PointAccount.member_id, organisation_ids, None
+        )
         return await self._liability(query)
 
     async def liability_at(
@@ -90,7 +124,7 @@ class AnalyticsRepository:
             )
             .label("position"),
         ).where(PointTransaction.occurred_at <= moment)
-        latest = _scoped(ranked, PointTransaction.member_id, organisation_ids).subquery()
+        latest = _held(ranked, PointTransaction.member_id, organisation_ids, moment).subquery()
         query = select(*_liability_columns(latest.c.balance, latest.c.pending)).where(
             latest.c.position == 1
         )
@@ -120,13 +154,21 @@ class AnalyticsRepository:
             .correlate(PointAccount, points)
             .scalar_subquery()
         )
-        latest = _scoped(
-            select(points.c.at, last.label("txn_id"))
-            .select_from(PointAccount)
-            .join(points, literal(True)),
-            PointAccount.member_id,
-            organisation_ids,
-        ).subquery("latest")
+        latest = (
+            _scoped(
+                select(points.c.at, last.label("txn_id"))
+                .select_from(PointAccount)
+                .join(points, literal(True)),
+                PointAccount.member_id,
+                organisation_ids,
+            )
+            .where(
+                ~exists().where(
+                    _ERASED.id == PointAccount.member_id, _ERASED.deleted_at <= points.c.at
+                )
+            )
+            .subquery("latest")
+        )
         query = (
             select(
                 latest.c.at,
