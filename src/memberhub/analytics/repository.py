@@ -64,10 +64,6 @@ def _scoped(query: QueryT, member_id: Column, organisation_ids: frozenset[int] |
     )
 
 
-# Members erased by a moment (a copy of the table of its own, whatever else is joined).
-_ERASED = aliased(Member)
-
-
 def _held(
     query: QueryT,
     member_id: Column,
@@ -140,6 +136,8 @@ class AnalyticsRepository:
         distinct = sorted(set(moments))
         if not distinct:
             return {}
+        # Members erased by a moment (a copy of the table of its own, whatever is joined).
+        erased = aliased(Member)
         points = union_all(
             *(select(literal(moment, UTCDateTime()).label("at")) for moment in distinct)
         ).subquery("moments")
@@ -164,7 +162,7 @@ class AnalyticsRepository:
             )
             .where(
                 ~exists().where(
-                    _ERASED.id == PointAccount.member_id, _ERASED.deleted_at <= points.c.at
+                    erased.id == PointAccount.member_id, erased.deleted_at <= points.c.at
                 )
             )
             .subquery("latest")
