@@ -236,6 +236,37 @@ async def test_a_plan_of_one_organisation_is_invisible_to_keys_of_another(
     assert [p["id"] for p in listed] == [shared_plan["id"]]
 
 
+async def test_a_member_holds_only_plans_of_its_organisation_or_those_above_it(
+    api: ApiClient,
+) -> None:
+    """An HQ's plans are its chapters' members' too; another organisation's never, even
+    through a key that sees both (it would be an organisation's member paying another's
+    plan), nor an organisation's plan for a member of none."""
+    hq = await api.create_organisation()
+    chapter = await api.create_organisation(parent_id=hq["id"])
+    other = await api.create_organisation()
+    member = await api.create_member(organisation_id=chapter["id"])
+    loner = await api.create_member()
+    other_plan = await api.create_plan(organisation_id=other["id"])
+    hq_plan = await api.create_plan(organisation_id=hq["id"])
+    chapter_plan = await api.create_plan(organisation_id=chapter["id"])
+    shared_plan = await api.create_plan()
+
+    for who, plan in ((member, other_plan), (loner, hq_plan)):
+        refused = await do(api, who["id"], "join", {"plan_id": plan["id"]})
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "PLAN_OF_ANOTHER_ORGANISATION"
+        assert (await get_member(api, who["id"]))["status"] == "pending"
+    joined = await ok(api, loner["id"], "join", {"plan_id": shared_plan["id"]})
+    assert joined["member"]["status"] == "active"
+    joined = await ok(api, member["id"], "join", {"plan_id": hq_plan["id"]})
+    assert joined["member"]["membership"]["plan_id"] == hq_plan["id"]
+    changed = await do(api, member["id"], "upgrade", {"plan_id": other_plan["id"]})
+    assert changed.status_code == 409, changed.text
+    upgraded = await ok(api, member["id"], "upgrade", {"plan_id": chapter_plan["id"]})
+    assert upgraded["member"]["membership"]["plan_id"] == chapter_plan["id"]
+
+
 async def test_only_admins_write_plans(
     api: ApiClient, http: httpx.AsyncClient, db: Database
 ) -> None:

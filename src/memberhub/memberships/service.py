@@ -155,11 +155,24 @@ def _require_status(member: Member, operation: str, allowed: tuple[str, ...]) ->
 
 
 async def _usable_plan(
-    session: AsyncSession, principal: Principal, public_id: str
+    session: AsyncSession, principal: Principal, public_id: str, member: Member
 ) -> MembershipPlan:
+    """A plan the member may hold: offered, and installation-wide or of the member's
+    organisation or one above it (a chapter's member may hold its HQ's plans, never
+    another chapter's)."""
     plan = await get_plan(session, principal, public_id)
     if not plan.active:
         raise Conflict(f"Plan {public_id} is no longer offered.", code="PLAN_INACTIVE")
+    if plan.organisation_id is not None and (
+        member.organisation_id is None
+        or member.organisation_id
+        not in await OrganisationRepository(session).subtree_ids(plan.organisation_id)
+    ):
+        raise Conflict(
+            f"Plan {public_id} is an organisation's own, and member {member.public_id} is "
+            "not of that organisation or its chapters.",
+            code="PLAN_OF_ANOTHER_ORGANISATION",
+        )
     return plan
 
 
@@ -294,7 +307,7 @@ async def join(
 ) -> tuple[Member, MembershipTerm]:
     member = await get_member(session, principal, member_id, for_update=True)
     _require_status(member, "join", (S.PENDING, S.LAPSED, S.CANCELLED))
-    plan = await _usable_plan(session, principal, plan_id)
+    plan = await _usable_plan(session, principal, plan_id, member)
     now = utcnow()
     before = _membership_snapshot(member)
     term = await _start_term(session, member, plan, "join", now)
@@ -321,7 +334,7 @@ async def renew(
     _require_status(member, "renew", (S.ACTIVE, S.GRACE, S.LAPSED))
     now = now or utcnow()
     if plan_id is not None:
-        plan = await _usable_plan(session, principal, plan_id)
+        plan = await _usable_plan(session, principal, plan_id, member)
     elif member.plan is not None:
         plan = member.plan
         if not plan.active:
@@ -371,7 +384,7 @@ async def upgrade(
 ) -> tuple[Member, MembershipTerm]:
     member = await get_member(session, principal, member_id, for_update=True)
     _require_status(member, "change the plan of", (S.ACTIVE, S.GRACE))
-    plan = await _usable_plan(session, principal, plan_id)
+    plan = await _usable_plan(session, principal, plan_id, member)
     if member.plan_id == plan.id:
         raise Conflict("The member is already on this plan.", code="SAME_PLAN")
     now = utcnow()
