@@ -133,58 +133,7 @@ async def test_the_export_holds_what_names_the_member_without_a_key(
     )
     await run_bulk(db)
     assert (await api.get(f"/api/v1/points/bulk-awards/{upload['id']}")).is_success
-    async with db.transaction() as session:
-        integration_id = await session.scalar(
-            select(Integration.id).where(Integration.public_id == created.json()["id"])
-        )
-        assert integration_id is not None
-        for held in (member, other):
-            member_id = await session.scalar(
-                select(Member.id).where(Member.public_id == held["id"])
-            )
-            link = CrmLink(
-                integration_id=integration_id,
-                entity_type="members",
-                entity_id=member_id,
-                external_id=f"hs-{held['id']}",
-                synced={},
-                written={},
-                held={},
-            )
-            session.add(link)
-            await session.flush()
-            session.add(
-                CrmConflict(
-                    public_id=f"cfl_{held['id'][-8:]}",
-                    integration_id=integration_id,
-                    link_id=link.id,
-                    entity_type="members",
-                    entity_public_id=held["id"],
-                    external_id=link.external_id,
-                    field="phone",
-                    property="phone",
-                    values={"memberhub": "+1", "crm": f"crm-phone-of-{held['id']}"},
-                )
-            )
-            run = SyncRun(
-                public_id=f"run_{held['id'][-8:]}",
-                integration_id=integration_id,
-                mode="pull",
-                trigger="manual",
-                requested_by="test",
-            )
-            session.add(run)
-            await session.flush()
-            session.add(
-                SyncRunRecord(
-                    run_id=run.id,
-                    entity_type="members",
-                    entity_public_id=held["id"],
-                    external_id=link.external_id,
-                    outcome="updated",
-                    changes={"last_name": f"crm-name-of-{held['id']}"},
-                )
-            )
+    await crm_copies(db, created.json()["id"], member, other)
 
     records = (await _export(api, member["id"]))["records"]
     assert [c["values"]["crm"] for c in records["crm_conflicts"]] == [
@@ -222,3 +171,89 @@ def test_every_table_naming_a_member_other_than_by_key_is_in_the_export() -> Non
     }
     assert naming <= NAMED_TABLES, naming - NAMED_TABLES
     assert {"crm_conflicts", "crm_sync_run_records", "bulk_job_rows"} <= naming
+
+
+async def crm_copies(db: Database, integration: str, *members: dict[str, Any]) -> None:
+    """For each member, what a CRM sync keeps of it: a link, a conflict holding both sides'
+    phone, and a pull's record of a changed last name."""
+    async with db.transaction() as session:
+        integration_id = await session.scalar(
+            select(Integration.id).where(Integration.public_id == integration)
+        )
+        assert integration_id is not None
+        for held in members:
+            member_id = await session.scalar(
+                select(Member.id).where(Member.public_id == held["id"])
+            )
+            link = CrmLink(
+                integration_id=integration_id,
+                entity_type="members",
+                entity_id=member_id,
+                external_id=f"hs-{held['id']}",
+                synced={"phone": "+1"},
+                written={},
+                held={"phone": f"cfl_{held['id'][-8:]}"},
+            )
+            session.add(link)
+            await session.flush()
+            session.add(
+                CrmConflict(
+                    public_id=f"cfl_{held['id'][-8:]}",
+                    integration_id=integration_id,
+                    link_id=link.id,
+                    entity_type="members",
+                    entity_public_id=held["id"],
+                    external_id=link.external_id,
+                    field="phone",
+                    property="phone",
+                    values={"memberhub": "+1", "crm": f"crm-phone-of-{held['id']}"},
+                )
+            )
+            run = SyncRun(
+                public_id=f"run_{held['id'][-8:]}",
+                integration_id=integration_id,
+                mode="pull",
+                trigger="manual",
+                requested_by="test",
+            )
+            session.add(run)
+            await session.flush()
+            session.add(
+                SyncRunRecord(
+                    run_id=run.id,
+                    entity_type="members",
+                    entity_public_id=held["id"],
+                    external_id=link.external_id,
+                    outcome="updated",
+                    changes={"last_name": f"crm-name-of-{held['id']}"},
+                )
+            )
+
+
+async def test_erasure_takes_the_members_values_out_of_what_crm_syncs_kept(
+    api: ApiClient, db: Database, tmp_path: Path
+) -> None:
+    """The CRM's copy of an erased member's fields is erased too: its conflicts (closed,
+    nothing is left to settle), its sync records' changes and its link's agreed values;
+    another member's stay."""
+    member, other = await api.create_member(), await api.create_member()
+    created = await api.post(
+        "/api/v1/integrations",
+        {"provider": "local_storage", "name": "Dir", "config": {"directory": str(tmp_path)}},
+    )
+    assert created.status_code == 201, created.text
+    await crm_copies(db, created.json()["id"], member, other)
+    assert (await api.delete(f"/api/v1/members/{member['id']}")).status_code == 204
+
+    async with db.transaction(read_only=True) as session:
+        conflicts = {c.entity_public_id: c for c in await session.scalars(select(CrmConflict))}
+        records = {r.entity_public_id: r for r in await session.scalars(select(SyncRunRecord))}
+        links = {link.external_id: link for link in await session.scalars(select(CrmLink))}
+    erased = conflicts[member["id"]]
+    assert erased.values == {"memberhub": {"erased": True}, "crm": {"erased": True}}
+    assert (erased.status, erased.resolution) == ("resolved", "erased")
+    assert records[member["id"]].changes == {"last_name": {"erased": True}}
+    assert (links[f"hs-{member['id']}"].synced, links[f"hs-{member['id']}"].held) == ({}, {})
+    kept = conflicts[other["id"]]
+    assert (kept.status, kept.values["crm"]) == ("open", f"crm-phone-of-{other['id']}")
+    assert records[other["id"]].changes == {"last_name": f"crm-name-of-{other['id']}"}

@@ -3,6 +3,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Insert, Select, Table, exists, false, func, or_, select, update
@@ -23,6 +24,7 @@ from memberhub.events.catalog import MemberCreated, MemberDeleted, MemberUpdated
 from memberhub.events.repository import EventRepository
 from memberhub.events.sequencer import mark_for_sequencing
 from memberhub.events.service import emit
+from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import column_binds, column_values, lock_key_slots, orm_object
 from memberhub.kit.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
@@ -34,7 +36,7 @@ from memberhub.members.consent import (
     record_consent_changes,
 )
 from memberhub.members.models import Member
-from memberhub.members.personal import PERSONAL_FIELDS, new_data_key, seal_personal
+from memberhub.members.personal import ERASED, PERSONAL_FIELDS, new_data_key, seal_personal
 from memberhub.members.repository import MemberRepository, normalize_email
 from memberhub.members.schemas import (
     MAX_CUSTOM_FIELDS,
@@ -555,6 +557,38 @@ async def _erase_bulk_rows(session: AsyncSession, member: Member, email: str | N
     )
 
 
+async def _erase_crm_copies(
+    session: AsyncSession, member: Member, actor: Actor, now: datetime
+) -> None:
+    """What CRM syncs kept of the member's values: its links' agreed values, the conflicts
+    about it (both sides' values; an open one is closed, nothing is left to settle) and the
+    changes its sync records show. The property names stay, as in the audit log."""
+    from memberhub.crm.models import CrmConflict, CrmLink, SyncRunRecord
+
+    await session.execute(
+        update(CrmLink)
+        .where(CrmLink.entity_type == "members", CrmLink.entity_id == member.id)
+        .values(synced={}, held={})
+    )
+    about = (CrmConflict.entity_type == "members", CrmConflict.entity_public_id == member.public_id)
+    await session.execute(
+        update(CrmConflict)
+        .where(*about, CrmConflict.status == "open")
+        .values(status="resolved", resolution="erased", resolved_by=actor.id, resolved_at=now)
+    )
+    await session.execute(
+        update(CrmConflict).where(*about).values(values={"memberhub": ERASED, "crm": ERASED})
+    )
+    records = await session.scalars(
+        select(SyncRunRecord).where(
+            SyncRunRecord.entity_type == "members",
+            SyncRunRecord.entity_public_id == member.public_id,
+        )
+    )
+    for record in records:
+        record.changes = dict.fromkeys(record.changes or {}, ERASED)
+
+
 async def delete_member(session: AsyncSession, principal: Principal, public_id: str) -> None:
     """Erase personal data; the row stays so that ledger and audit references hold."""
     member = await get_member(session, principal, public_id, for_update=True)
@@ -580,6 +614,7 @@ async def delete_member(session: AsyncSession, principal: Principal, public_id: 
     await _erase_enrolled_leads(session, member)
     await _erase_activity_keys(session, member)
     await _erase_bulk_rows(session, member, email)
+    await _erase_crm_copies(session, member, principal.actor, now)
     # Withdrawn before the deletion event, so consumers stop sending before they erase.
     record_consent_changes(
         session,
