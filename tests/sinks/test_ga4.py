@@ -4,6 +4,8 @@ server behind the connection test and dry runs."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from sqlalchemy import update
 
 from memberhub.integrations.hub import IntegrationHub
@@ -77,6 +79,23 @@ async def test_a_member_with_many_events_gets_requests_of_at_most_25(
     assert [len(body["events"]) for body in ga4.collected] == [25, 25, 10]
     values = [e["params"]["value"] for e in ga4.events_for(member["id"])]
     assert values == list(range(1, 61))
+
+
+async def test_events_older_than_ga4_takes_are_refused_not_sent_to_be_dropped(
+    api: ApiClient, db: Database, hub: IntegrationHub, ga4: FakeGa4
+) -> None:
+    """GA4 silently drops events dated more than 72 hours back (a sink that was down, or
+    a replay): they are refused, and the delivery log says so."""
+    integration = await ga4_integration(api, ga4)
+    sink = await create_sink(api, integration["id"], ["points.earned"])
+    member = await api.create_member(consent=ANALYTICS)
+    await emit_earnings(db, member["id"], 2, utcnow() - timedelta(hours=73))
+    await emit_earnings(db, member["id"], 1, utcnow() - timedelta(hours=70))
+    assert await forward(db, hub) == 1
+    [body] = ga4.collected
+    assert len(body["events"]) == 1
+    [window] = (await api.get(f"/api/v1/event-sinks/{sink['id']}/deliveries")).json()["data"]
+    assert (window["events_sent"], window["events_refused"]) == (1, 2)
 
 
 async def test_members_without_analytics_consent_produce_no_ga4_request(

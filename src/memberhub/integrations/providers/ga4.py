@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC
+from datetime import UTC, timedelta
 from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, StringConstraints
@@ -45,6 +45,7 @@ from memberhub.integrations.providers.base import (
     SinkRequest,
     SinkUnavailable,
 )
+from memberhub.kit.clock import utcnow
 
 MeasurementId = Annotated[
     str, StringConstraints(strip_whitespace=True, pattern=r"^G-[A-Z0-9]{4,20}$")
@@ -60,6 +61,10 @@ MAX_PARAM_VALUE_CHARS = 100
 MAX_USER_PROPERTY_NAME_CHARS = 24
 MAX_USER_PROPERTY_VALUE_CHARS = 36
 MAX_BODY_BYTES = 130_000
+# GA4 takes events dated up to 72 hours back (`timestamp_micros`) and silently drops older
+# ones: those are refused here, where the delivery log shows them, a few minutes early so
+# that a request on its way does not cross the line.
+MAX_EVENT_AGE = timedelta(hours=72) - timedelta(minutes=5)
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}$")
 RESERVED_NAMES = frozenset(
     {
@@ -271,11 +276,14 @@ class Ga4(Provider):
         self, config: BaseConfig, events: Sequence[SinkEvent]
     ) -> tuple[list[SinkRequest], list[tuple[SinkEvent, str]]]:
         refused: list[tuple[SinkEvent, str]] = []
+        oldest = utcnow() - MAX_EVENT_AGE
         # One open request per member; a request is placed where its first event was.
         groups: list[list[SinkEvent]] = []
         open_group: dict[str, list[SinkEvent]] = {}
         for event in events:
             problem = name_problem(event.name)
+            if problem is None and event.occurred_at < oldest:
+                problem = "GA4 takes events up to 72 hours old; this one is older"
             if problem is not None:
                 refused.append((event, problem))
                 continue
