@@ -11,9 +11,9 @@ postgresql+asyncpg://postgres@127.0.0.1:5432/postgres):
   millisecond of the machine's CPU per request away from the server) sending
   `POST /api/v1/points/award` (to distinct members) or `POST /api/v1/members`;
 - raw: the same rows written with nothing in between, on a copy of the same database:
-  bare asyncpg (no pool, no pre-ping; BEGIN, resolve and lock the account, insert the
-  transaction and its batch, add to the account, insert the event and the audit entry,
-  COMMIT; for a member: take its email's advisory lock, insert it, look up the unmatched
+  bare asyncpg (no pool, no pre-ping; BEGIN, resolve and lock the member and its account,
+  insert the transaction and its batch, add to the account, insert the event and the audit
+  entry, COMMIT; for a member: take its email's advisory lock, insert it, look up the unmatched
   activities waiting for its email, insert the event and the audit entry) from as many
   connections, and pgbench running the
   award's statements; on SQLite the standard library's sqlite3 with the same WAL and
@@ -275,7 +275,7 @@ def http_member_create(pool: LeanPool, tag: str) -> Operation:
 # The essential writes of an award and of a member create, as plain SQL for each driver.
 AWARD_SQL = (
     "SELECT a.member_id, a.current FROM point_accounts a JOIN members m ON m.id = a.member_id"
-    " WHERE m.public_id = {p1} FOR UPDATE OF a",
+    " WHERE m.public_id = {p1} FOR NO KEY UPDATE OF m, a",
     "INSERT INTO point_transactions (public_id, member_id, type, points, pending_points,"
     " balance_after, pending_after, reason, details, actor, occurred_at)"
     " VALUES ({p1}, {p2}, 'award', {p3}, 0, {p4}, 0, 'bench', {p5}, 'system:bench', {p6})"
@@ -318,7 +318,9 @@ def _pg(sql: str) -> str:
 
 
 def _lite(sql: str) -> str:
-    return sql.replace("FOR UPDATE OF a", "").format(**{f"p{n}": f":p{n}" for n in range(1, 8)})
+    return sql.replace("FOR NO KEY UPDATE OF m, a", "").format(
+        **{f"p{n}": f":p{n}" for n in range(1, 8)}
+    )
 
 
 class RawPostgres:
@@ -387,7 +389,7 @@ class RawPostgres:
 PGBENCH_AWARD = """\\set n random(1, {members})
 BEGIN;
 SELECT a.member_id, a.current FROM point_accounts a JOIN members m ON m.id = a.member_id
-  WHERE m.public_id = 'pgb' || :n FOR UPDATE OF a \\gset
+  WHERE m.public_id = 'pgb' || :n FOR NO KEY UPDATE OF m, a \\gset
 INSERT INTO point_transactions (public_id, member_id, type, points, pending_points,
   balance_after, pending_after, reason, details, actor, occurred_at)
   VALUES (md5(random()::text), :member_id, 'award', 10, 0, :current + 10, 0, 'bench',
