@@ -8,7 +8,8 @@ import httpx
 import pytest
 
 from memberhub.auth.roles import Role
-from memberhub.kit.db import Database
+from memberhub.kit.db import Base, Database
+from memberhub.organisations.service import ID_COPIES
 from tests.conftest import issue_key
 from tests.support import ApiClient
 
@@ -289,3 +290,42 @@ async def test_only_admins_write_organisations(
     assert (await client.post(ORGS, {"name": "X", "slug": "x"})).status_code == 403
     assert (await client.patch(f"{ORGS}/{org['id']}", {"name": "X"})).status_code == 403
     assert (await client.delete(f"{ORGS}/{org['id']}")).status_code == 403
+
+
+async def test_a_new_organisation_never_takes_a_deleted_ones_events_or_reference_ids(
+    api: ApiClient, db: Database
+) -> None:
+    """The newest organisation deleted, the next one made (SQLite would give it the same
+    id) starts clean: the old one's events and reference ids, kept without a key to it, are
+    not the new one's."""
+    old = await api.create_organisation()
+    member = await api.create_member(organisation_id=old["id"])
+    earn = {"member_id": member["id"], "amount": 1000, "currency": "MYR", "reference_id": "O-1"}
+    assert (await api.post("/api/v1/points/earn", earn)).status_code == 201
+    assert (await api.delete(f"/api/v1/members/{member['id']}")).status_code == 204
+    assert (await api.delete(f"/api/v1/organisations/{old['id']}")).status_code == 204
+
+    new = await api.create_organisation()
+    newcomer = await api.create_member(organisation_id=new["id"])
+    own = await api.post("/api/v1/points/earn", {**earn, "member_id": newcomer["id"]})
+    assert own.status_code == 201, own.text
+    bound = api.with_key(await issue_key(db, Role.ADMIN, organisation=new["id"]))
+    events = await bound.get("/api/v1/events", {"limit": 500})
+    assert events.status_code == 200, events.text
+    assert member["id"] not in events.text
+    assert newcomer["id"] in events.text
+
+
+def test_every_column_keeping_an_organisation_id_without_a_key_is_known() -> None:
+    """A column holding an organisation's id with no foreign key to it outlives the
+    organisation: each is on the list an unused id is chosen against."""
+    import memberhub.models  # noqa: F401 - every table in the metadata
+
+    copies = {
+        (table.name, column.name)
+        for table in Base.metadata.sorted_tables
+        for column in table.c
+        if (column.name == "organisation_id" or column.name == "reference_scope")
+        and not any(fk.column.table.name == "organisations" for fk in column.foreign_keys)
+    }
+    assert copies == set(ID_COPIES)

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.service import diff, record_write
 from memberhub.auth.principal import Principal
+from memberhub.kit.db import Base
 from memberhub.kit.errors import Conflict, Forbidden, NotFound
 from memberhub.kit.ids import new_public_id
 from memberhub.organisations.models import Organisation
@@ -60,6 +62,8 @@ async def create_organisation(
         parent_id=parent.id if parent else None,
         kind="chapter" if parent else "hq",
     )
+    if session.get_bind().dialect.name == "sqlite":
+        org.id = await _id_never_used(session)
     session.add(org)
     await session.flush()
     record_write(
@@ -71,6 +75,31 @@ async def create_organisation(
         changes=diff({}, {**_snapshot(org), "parent_id": payload.parent_id}),
     )
     return org
+
+
+# Columns that keep an organisation's id without a foreign key to it: the events and
+# notifications of its members, and the scope of its reference ids. They outlive the
+# organisation, so its id must never be another's.
+ID_COPIES = (
+    ("events", "organisation_id"),
+    ("notifications", "organisation_id"),
+    ("point_transactions", "reference_scope"),
+    ("approval_requests", "reference_scope"),
+    ("reward_claims", "reference_scope"),
+)
+
+
+async def _id_never_used(session: AsyncSession) -> int:
+    """An id no organisation ever had. PostgreSQL's sequences never hand one out twice;
+    SQLite gives the highest id again once that row is deleted, so a new organisation
+    after the newest one was deleted would take over its events and reference ids."""
+    import memberhub.models  # noqa: F401 - every table in the metadata
+
+    tables = Base.metadata.tables
+    highest = [select(func.max(tables["organisations"].c.id))]
+    highest += [select(func.max(tables[table].c[column])) for table, column in ID_COPIES]
+    used = [await session.scalar(query) for query in highest]
+    return 1 + max((int(value) for value in used if value is not None), default=0)
 
 
 async def update_organisation(
