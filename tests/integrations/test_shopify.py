@@ -86,9 +86,11 @@ async def paid_order(
     shop: FakeShopify,
     email: str,
     lines: list[tuple[str, str | None, str, int]],
+    *,
+    paid_in: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     customer = shop.add_customer(email)
-    order = shop.create_order(customer, lines)
+    order = shop.create_order(customer, lines, paid_in=paid_in)
     [response] = await shop.pay_order(order["id"], via=http)
     assert response.status_code == 200, response.text
     await run_worker(db)
@@ -202,10 +204,8 @@ async def test_refunds_of_an_order_paid_in_the_customers_currency_take_their_sha
     back their share of the SGD paid."""
     await order_rule(api)
     member = await api.create_member(email="sg@example.com")
-    customer = shop.add_customer("sg@example.com")
-    order = shop.create_order(customer, [("Jacket", "J-1", "100.00", 1)], paid_in=("SGD", "0.3"))
-    await shop.pay_order(order["id"], via=http)
-    await run_worker(db)
+    lines: list[tuple[str, str | None, str, int]] = [("Jacket", "J-1", "100.00", 1)]
+    order = await paid_order(api, http, db, shop, "sg@example.com", lines, paid_in=("SGD", "0.3"))
     assert await balance(api, member["id"]) == 100
     [activity] = (await api.get(f"/api/v1/members/{member['id']}/activities")).json()["data"]
     assert activity["attributes"]["paid_amount"] == 3000

@@ -21,17 +21,6 @@ from typing import IO, Any
 from memberhub.kit.errors import MemberhubError, ValidationFailed
 from memberhub.kit.http import DuplicateKeys, unique_keys
 
-
-def report_text(value: Any, limit: int) -> str | None:
-    """A row's value as it can be shown in the report and stored: NUL dropped, text with no
-    UTF-8 form (a lone surrogate) replaced."""
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else json.dumps(value)
-    text = text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
-    return text[:limit]
-
-
 MAX_ROWS = 1_000_000
 
 COLUMNS = frozenset({"member_id", "email", "points", "reason", "reference_id", "expires_at"})
@@ -57,6 +46,16 @@ class UnsupportedMediaType(MemberhubError):
     code = "UNSUPPORTED_MEDIA_TYPE"
     status_code = 415
     default_message = f"Send the rows as {CSV_MEDIA_TYPE} or {JSON_MEDIA_TYPE}."
+
+
+def report_text(value: Any, limit: int) -> str | None:
+    """A row's value as it can be shown in the report and stored: NUL dropped, text with no
+    UTF-8 form (a lone surrogate) replaced."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value)
+    text = text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    return text[:limit]
 
 
 def repeated_key(exc: DuplicateKeys, line: int) -> MalformedUpload:

@@ -160,27 +160,24 @@ class MemberDataRepository:
             for channel, address in (("email", member.email), ("sms", member.phone))
             if address
         ]
-        suppressions = Suppression.__table__
-        found["notification_suppressions"] = (
-            [
-                _row(row, frozenset())
-                for row in await self.session.execute(
-                    select(suppressions)
-                    .where(
-                        or_(
-                            *(
-                                (suppressions.c.channel == channel)
-                                & (suppressions.c.address == address)
-                                for channel, address in addresses
-                            )
+        if addresses:
+            suppressions = Suppression.__table__
+            query = (
+                select(suppressions)
+                .where(
+                    or_(
+                        *(
+                            (suppressions.c.channel == channel)
+                            & (suppressions.c.address == address)
+                            for channel, address in addresses
                         )
                     )
-                    .order_by(suppressions.c.id)
                 )
+                .order_by(suppressions.c.id)
+            )
+            found["notification_suppressions"] = [
+                _row(row, frozenset()) for row in await self.session.execute(query)
             ]
-            if addresses
-            else []
-        )
         return {name: held for name, held in found.items() if held}
 
 

@@ -96,9 +96,10 @@ async def _id_never_used(session: AsyncSession) -> int:
     import memberhub.models  # noqa: F401 - every table in the metadata
 
     tables = Base.metadata.tables
-    highest = [select(func.max(tables["organisations"].c.id))]
-    highest += [select(func.max(tables[table].c[column])) for table, column in ID_COPIES]
-    used = [await session.scalar(query) for query in highest]
+    columns = [tables["organisations"].c.id]
+    columns += [tables[table].c[column] for table, column in ID_COPIES]
+    highest = select(*(select(func.max(column)).scalar_subquery() for column in columns))
+    used = (await session.execute(highest)).one()
     return 1 + max((int(value) for value in used if value is not None), default=0)
 
 

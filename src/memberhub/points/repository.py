@@ -4,7 +4,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Row, and_, bindparam, func, select
+from sqlalchemy import ColumnElement, Row, and_, bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -425,36 +425,37 @@ class PointsRepository:
     async def batches_due_notice(
         self, now: datetime, horizon: datetime, limit: int
     ) -> Sequence[PointBatch]:
-        return (
-            await self.session.scalars(
-                select(PointBatch)
-                .where(
-                    PointBatch.status == BatchStatus.ACTIVE,
-                    PointBatch.remaining > 0,
-                    PointBatch.expiring_notified_at.is_(None),
-                    PointBatch.expires_at.is_not(None),
-                    and_(PointBatch.expires_at > now, PointBatch.expires_at <= horizon),
-                )
-                .order_by(PointBatch.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-        ).all()
+        """Active batches expiring by `horizon` whose `points.expiring` notice is not sent."""
+        return await self._expiring_by(
+            now, horizon, limit, PointBatch.remaining > 0, PointBatch.expiring_notified_at.is_(None)
+        )
 
     async def batches_due_expiring_alert(
         self, now: datetime, horizon: datetime, min_points: int, limit: int
     ) -> Sequence[PointBatch]:
         """Active batches of at least `min_points` expiring by `horizon` whose
         POINTS_EXPIRING alert was not raised yet."""
+        return await self._expiring_by(
+            now,
+            horizon,
+            limit,
+            PointBatch.remaining >= max(min_points, 1),
+            PointBatch.expiring_alerted_at.is_(None),
+        )
+
+    async def _expiring_by(
+        self, now: datetime, horizon: datetime, limit: int, *conditions: ColumnElement[bool]
+    ) -> Sequence[PointBatch]:
+        """Active batches expiring after `now` and by `horizon` that meet `conditions`,
+        locked (those another worker holds are left to it)."""
         return (
             await self.session.scalars(
                 select(PointBatch)
                 .where(
                     PointBatch.status == BatchStatus.ACTIVE,
-                    PointBatch.remaining >= max(min_points, 1),
-                    PointBatch.expiring_alerted_at.is_(None),
                     PointBatch.expires_at.is_not(None),
                     and_(PointBatch.expires_at > now, PointBatch.expires_at <= horizon),
+                    *conditions,
                 )
                 .order_by(PointBatch.id)
                 .limit(limit)
