@@ -396,11 +396,18 @@ def test_serve_starts_a_process_again_when_one_dies(
 
 
 def _children(pid: int) -> list[int]:
-    """The API processes of a `serve` (its children but multiprocessing's resource tracker)."""
+    """The API processes of a `serve`: the children of the fork server it starts them from
+    (multiprocessing's resource tracker, its other child, is not one)."""
     found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            command = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"resource_tracker" not in command:
-                found.append(int(child))
+    for child in _direct_children(pid):
+        if b"forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
+            found.extend(_direct_children(child))
     return sorted(found)
+
+
+def _direct_children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
