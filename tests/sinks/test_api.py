@@ -55,6 +55,7 @@ async def test_a_sink_is_created_shown_changed_and_deleted(
         {"name": "", "event_types": ["points.*"]},
         {"name": "x", "event_types": []},
         {"name": "x", "event_types": ["Points!"]},
+        {"name": "x", "event_types": ["points.*", "points.earnd"]},
         {"name": "x", "event_types": ["*"], "mapping": {"no.such_event": "X"}},
         {"name": "x", "event_types": ["*"], "mapping": {"points.earned": ""}},
         {"name": "x", "event_types": ["*"], "request_deletion": "yes"},
@@ -65,6 +66,7 @@ async def test_a_sink_is_created_shown_changed_and_deleted(
         "empty-name",
         "no-types",
         "bad-type",
+        "type-of-no-event",
         "unknown-mapped-type",
         "empty-vendor-name",
         "non-bool",
@@ -82,6 +84,22 @@ async def test_bad_input_is_refused_and_creates_nothing(
     assert response.status_code == 422, response.text
     assert "error" in response.json()
     assert (await api.get(SINKS)).json()["data"] == []
+
+
+async def test_a_change_to_event_types_matching_no_event_is_refused_and_changes_nothing(
+    api: ApiClient, segment: FakeSegment
+) -> None:
+    integration = await segment_integration(api, segment)
+    sink = await create_sink(api, integration["id"], ["points.*", "member.*", "points.*"])
+    assert sink["event_types"] == ["member.*", "points.*"]
+    # A misspelt name would never match an event: the sink would silently send nothing.
+    refused = await api.patch(f"{SINKS}/{sink['id']}", {"event_types": ["points.earnd"]})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["details"]["unknown"] == ["points.earnd"]
+    assert (await api.get(f"{SINKS}/{sink['id']}")).json()["event_types"] == [
+        "member.*",
+        "points.*",
+    ]
 
 
 async def test_an_integration_that_receives_no_events_cannot_have_a_sink(api: ApiClient) -> None:

@@ -8,6 +8,8 @@ import json
 import pytest
 from sqlalchemy import select
 
+from memberhub.alerts.models import AlertType
+from memberhub.alerts.service import raise_alert
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.providers.segment import MAX_BATCH_BYTES, MAX_CALL_BYTES
 from memberhub.kit.clock import utcnow
@@ -56,6 +58,31 @@ async def test_a_members_events_arrive_as_identify_and_track_with_our_event_ids(
     assert member["email"] not in sent
     assert "Ana" not in sent
     assert segment.dropped == []
+
+
+async def test_an_alert_about_a_member_is_never_sent(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment
+) -> None:
+    integration = await segment_integration(api, segment)
+    await create_sink(api, integration["id"], ["*"])
+    member = await api.create_member(consent=ANALYTICS)
+    await forward(db, hub)
+    before = len(segment.tracks())
+    async with db.transaction() as session:
+        row = await session.scalar(select(Member).where(Member.public_id == member["id"]))
+        assert row is not None
+        await raise_alert(
+            session,
+            AlertType.LARGE_REDEMPTION,
+            member=row,
+            dedupe_key="large",
+            message=f"{member['id']} redeemed 5000 points (over 1000).",
+            now=utcnow(),
+        )
+    await award(api, member["id"], 10)
+    await forward(db, hub)
+    # The alert is a staff notice (its text is for staff): only the member's own doing goes.
+    assert [call["event"] for call in segment.tracks()[before:]] == ["Points Earned"]
 
 
 async def test_members_without_analytics_consent_produce_no_request(

@@ -35,6 +35,9 @@ TRAIT_EVENTS = frozenset(
         "points.expired",
     }
 )
+# Staff notices, never a member's doing: an alert about a member (a large redemption, a
+# failed payment) names the member but carries staff-facing text. Never sent.
+STAFF_NOTICES = frozenset({"alert.raised"})
 # Event fields that name the member or organisation (sent as the user) or carry a whole
 # profile (personal data a sink has no use for).
 _LEFT_OUT = frozenset({"member_id", "organisation_id", "member", "occurred_at"})
@@ -143,6 +146,7 @@ async def build_window(
         event
         for event in feed
         if event.member_public_id is not None
+        and event.type not in STAFF_NOTICES
         and (settings.scope is None or event.organisation_id in settings.scope)
     ]
     member_ids = {e.member_public_id for e in wanted if e.member_public_id}

@@ -41,6 +41,7 @@ from memberhub.sinks.schemas import (
     SinkPatch,
     SinkStatus,
 )
+from memberhub.webhooks.signing import checked_event_types
 
 
 class SinkNotFound(NotFound):
@@ -158,7 +159,7 @@ async def create_sink(session: AsyncSession, principal: Principal, payload: Sink
         public_id=new_public_id("snk"),
         integration_id=integration.id,
         name=payload.name,
-        event_types={"types": list(payload.event_types)},
+        event_types={"types": checked_event_types(payload.event_types)},
         mapping=dict(payload.mapping),
         request_deletion=payload.request_deletion,
         enabled=payload.enabled,
@@ -220,7 +221,7 @@ async def update_sink(
         _check_mapping(integration, fields["mapping"])
         sink.mapping = dict(fields["mapping"])
     if "event_types" in fields:
-        sink.event_types = {"types": list(fields["event_types"])}
+        sink.event_types = {"types": checked_event_types(fields["event_types"])}
     for name in ("name", "request_deletion", "enabled"):
         if name in fields:
             setattr(sink, name, fields[name])

@@ -20,7 +20,7 @@ from memberhub.events.sequencer import sequence_pending
 from memberhub.events.service import emit
 from memberhub.kit.clock import utcnow
 from memberhub.kit.crypto import SecretBox
-from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
+from memberhub.kit.errors import Conflict, NotFound
 from memberhub.kit.ids import new_public_id
 from memberhub.kit.pagination import Page, build_page
 from memberhub.members.service import resolve_organisation
@@ -41,7 +41,7 @@ from memberhub.webhooks.schemas import (
     EndpointPatch,
     EndpointWithSecret,
 )
-from memberhub.webhooks.signing import new_secret, unknown_patterns
+from memberhub.webhooks.signing import checked_event_types, new_secret
 
 ROTATION_OVERLAP = timedelta(hours=24)
 
@@ -60,17 +60,6 @@ class EndpointDisabled(Conflict):
 
 
 # ---------------------------------------------------------------- endpoints
-
-
-def _check_event_types(patterns: Sequence[str]) -> list[str]:
-    unknown = unknown_patterns(patterns)
-    if unknown:
-        raise ValidationFailed(
-            f"These event types match no event of the catalog: {', '.join(unknown[:10])} "
-            "(see /api/v1/event-types).",
-            details={"field": "event_types", "unknown": unknown[:20]},
-        )
-    return sorted(set(patterns))
 
 
 async def get_endpoint(
@@ -93,7 +82,7 @@ async def create_endpoint(
     policy: ssrf.UrlPolicy,
     box: SecretBox,
 ) -> EndpointWithSecret:
-    event_types = _check_event_types(payload.event_types)
+    event_types = checked_event_types(payload.event_types)
     organisation = await resolve_organisation(session, principal, payload.organisation_id)
     await ssrf.check_url(payload.url, policy)
     secret = new_secret()
@@ -153,7 +142,7 @@ async def update_endpoint(
 ) -> WebhookEndpoint:
     changes = payload.model_dump(exclude_unset=True)
     if "event_types" in changes:
-        changes["event_types"] = {"types": _check_event_types(changes["event_types"])}
+        changes["event_types"] = {"types": checked_event_types(changes["event_types"])}
     # Resolved before the endpoint is locked: a slow name server holds up nothing else.
     await get_endpoint(session, principal, public_id)
     if "url" in changes:

@@ -11,6 +11,7 @@ from functools import lru_cache
 from standardwebhooks import Webhook
 
 from memberhub.events.catalog import CATALOG
+from memberhub.kit.errors import ValidationFailed
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
@@ -33,6 +34,20 @@ def signature_header(secrets_: Sequence[str], msg_id: str, timestamp: datetime, 
 def unknown_patterns(patterns: Iterable[str]) -> list[str]:
     """Patterns matching no event type of the catalog."""
     return [p for p in patterns if not any(matches(p, name) for name in CATALOG)]
+
+
+def checked_event_types(patterns: Sequence[str]) -> list[str]:
+    """The patterns of a webhook endpoint or an event sink, sorted and without repeats; one
+    matching no event of the catalog (a misspelt name would never match anything) is
+    refused."""
+    unknown = unknown_patterns(patterns)
+    if unknown:
+        raise ValidationFailed(
+            f"These event types match no event of the catalog: {', '.join(unknown[:10])} "
+            "(see /api/v1/event-types).",
+            details={"field": "event_types", "unknown": unknown[:20]},
+        )
+    return sorted(set(patterns))
 
 
 def matches(pattern: str, event_type: str) -> bool:
