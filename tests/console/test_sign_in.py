@@ -188,6 +188,45 @@ async def test_a_form_sent_after_the_session_expired_asks_to_sign_in_and_ends_it
     assert (await sign_in(browser)).status_code == 303, "the password did not change"
 
 
+async def test_a_form_sent_after_expiry_leads_back_to_its_page_and_the_page_says_why(
+    browser: httpx.AsyncClient, api: ApiClient, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await create_staff_user(db)
+    member = await api.create_member()
+    member_page = f"/console/members/{member['id']}"
+    start = time.time()
+    await sign_in(browser)
+    token = csrf_of(await browser.get(member_page))
+    monkeypatch.setattr(time, "time", lambda: start + 40 * 60)  # past CONSOLE_IDLE_MINUTES
+    sent = await browser.post(
+        f"{member_page}/award",
+        data={"csrf_token": token, "points": "5", "reason": "left open"},
+        headers={"referer": f"http://testserver{member_page}"},
+    )
+    assert sent.status_code == 303, sent.text
+    asked = await browser.get(sent.headers["location"])
+    # The redirect that followed the expiry did not hide it: the sign-in page says so, once.
+    assert "Your session expired" in asked.text
+    assert "Your session expired" not in (await browser.get("/console/sign-in")).text
+    # Signed in again, back on the page the form was on (its POST-only action answers no
+    # GET); nothing was awarded.
+    next_url = asked.text.split('name="next" value="')[1].split('"')[0]
+    assert next_url == member_page
+    again = await browser.post(
+        "/console/sign-in",
+        data={
+            "csrf_token": csrf_of(asked),
+            "email": "ana@example.org",
+            "password": PASSWORD,
+            "next": next_url,
+        },
+    )
+    assert again.headers["location"] == member_page
+    assert (await browser.get(member_page)).status_code == 200
+    points = (await api.get(f"/api/v1/members/{member['id']}/points")).json()
+    assert points["current_balance"] == 0, points
+
+
 async def test_a_session_expired_in_one_browser_ends_for_a_copy_kept_busy_elsewhere(
     browser: httpx.AsyncClient, app: object, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:

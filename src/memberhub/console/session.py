@@ -50,7 +50,8 @@ def _serializer(settings: Settings) -> URLSafeTimedSerializer:
 class ConsoleSession:
     data: dict[str, Any] = field(default_factory=dict)
     changed: bool = False
-    # Set when a signed-in session ended by expiry on this request (the sign-in page says so).
+    # Set when a signed-in session ended by expiry on this request; the anonymous session
+    # that follows remembers it until the sign-in page has said so (`take_expired`).
     expired: bool = False
     # That session, (staff id, session id, signed in at), to record as ended: a copy of
     # its cookie kept busy elsewhere would not have expired.
@@ -148,6 +149,14 @@ class ConsoleSession:
         self.data["flash"] = message[:300]
         self.changed = True
 
+    def take_expired(self) -> bool:
+        """Whether a session ended by expiry since the sign-in page last showed; asked once
+        (the request that found it expired is usually redirected to that page)."""
+        noted = self.data.pop("expired", None) is not None
+        if noted:
+            self.changed = True
+        return noted or self.expired
+
     def take_flash(self) -> str | None:
         message = self.data.pop("flash", None)
         if message is not None:
@@ -175,6 +184,7 @@ def load_session(settings: Settings, cookie: str | None, now: float) -> ConsoleS
             session.ended = session.signed_in_as
             session.sign_out()
             session.expired = True
+            session.data["expired"] = 1
     return session
 
 

@@ -313,9 +313,14 @@ def _console_aware(
             answered: Response = await handler(request, exc)
             return answered
         if isinstance(exc, SignInRequired):
-            target = request.url.path
-            if request.url.query and request.method == "GET":
-                target += "?" + request.url.query
+            # Back to the page asked for after signing in again; for a form sent (its
+            # action answers no GET), to the page it was sent from.
+            if request.method in ("GET", "HEAD"):
+                target = request.url.path
+                if request.url.query:
+                    target += "?" + request.url.query
+            else:
+                target = _form_page(request) or "/console"
             return redirect("/console/sign-in?next=" + quote(safe_next(target), safe=""))
         answered = await handler(request, exc)
         status = answered.status_code

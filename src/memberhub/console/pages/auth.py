@@ -82,7 +82,7 @@ def _sign_in_page(
             "email": email,
             "next_url": next_url,
             "sso_enabled": request.app.state.settings.oidc_enabled,
-            "expired": console_session(request).expired,
+            "expired": console_session(request).take_expired(),
         },
         status_code=status_code,
     )
