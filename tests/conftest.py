@@ -10,6 +10,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import httpx
@@ -18,19 +19,14 @@ from argon2 import PasswordHasher
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from memberhub.app import create_app
-from memberhub.audit.chain import ChainKey
-from memberhub.audit.chain import session_info as chain_session_info
-from memberhub.auth.roles import Role
-from memberhub.auth.service import create_api_key
-from memberhub.kit.actor import Actor
-from memberhub.kit.cache import ProcessCache
-from memberhub.kit.db import Database
-from memberhub.kit.migrate import upgrade
-from memberhub.models import Base
-from memberhub.settings import Settings
-from memberhub.staff import passwords
-from tests.support import ApiClient, shortened_sleep
+# The application is imported by the fixtures that use it, not here: pytest-xdist's
+# controlling process loads this module too, and never runs a test (importing it there cost
+# seconds before the test processes started).
+if TYPE_CHECKING:
+    from memberhub.auth.roles import Role
+    from memberhub.kit.db import Database
+    from memberhub.settings import Settings
+    from tests.support import ApiClient
 
 TEST_DATABASE_URL = os.environ.get("MEMBERHUB_TEST_DATABASE_URL")
 
@@ -125,6 +121,8 @@ def fast_password_hashing() -> Iterator[None]:
     second, a minute or more of every run. Hashes carry their parameters, so every code
     path is the same; the product's own parameters are tested with `real_password_hashing`,
     and processes the tests start (the CLI, `serve`) use them."""
+    from memberhub.staff import passwords
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
             passwords, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -137,6 +135,8 @@ def fast_password_hashing() -> Iterator[None]:
 @pytest.fixture
 def real_password_hashing() -> Iterator[None]:
     """The product's password hashing, for the test that asks for it."""
+    from memberhub.staff import passwords
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(passwords, "_HASHER", PasswordHasher.from_parameters(passwords.PARAMETERS))
         passwords.decoy_hash.cache_clear()
@@ -146,6 +146,8 @@ def real_password_hashing() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from memberhub.kit.migrate import upgrade
+
     if TEST_DATABASE_URL:
         name = f"memberhub_test_{uuid.uuid4().hex[:12]}"
         asyncio.run(_create_pg_database(TEST_DATABASE_URL, name))
@@ -169,6 +171,8 @@ def is_postgres(database_url: str) -> bool:
 
 @functools.cache
 def _all_tables() -> tuple[str, ...]:
+    from memberhub.models import Base
+
     # Children first, so no foreign key is left dangling whatever the delete order.
     return tuple(t.name for t in reversed(Base.metadata.sorted_tables))
 
@@ -234,6 +238,8 @@ TEST_SECRET_KEY = "test-secret-key-not-for-production"
 
 @pytest.fixture(scope="session")
 def base_settings(database_url: str) -> Settings:
+    from memberhub.settings import Settings
+
     return Settings(
         database_url=database_url,
         secret_key=TEST_SECRET_KEY,
@@ -256,6 +262,10 @@ def settings(base_settings: Settings, tmp_path: Path) -> Settings:
 
 @pytest.fixture(scope="session")
 async def shared_db(database_url: str) -> AsyncIterator[Database]:
+    from memberhub.audit.chain import ChainKey
+    from memberhub.audit.chain import session_info as chain_session_info
+    from memberhub.kit.db import Database
+
     """One pool per test process, shared by the tests and their applications: opening
     connections for every test cost more than most tests. Its sessions seal the audit chain
     with the key of `settings`' secret, as the application's would."""
@@ -268,6 +278,8 @@ async def shared_db(database_url: str) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def db(shared_db: Database) -> AsyncIterator[Database]:
+    from memberhub.kit.cache import ProcessCache
+
     await _empty_all_tables(shared_db)
     # The tables were emptied behind the application's back: drop what it kept of them.
     ProcessCache.clear_all()
@@ -283,6 +295,9 @@ async def db(shared_db: Database) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def app(settings: Settings, db: Database) -> object:
+    from memberhub.app import create_app
+    from tests.support import shortened_sleep
+
     app = create_app(settings, db=db)
     app.state.integrations.retry_sleep = shortened_sleep
     return app
@@ -296,8 +311,14 @@ async def http(app: object) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def issue_key(
-    db: Database, role: Role = Role.ADMIN, *, organisation: str | None = None, **kwargs: object
+    db: Database, role: Role | None = None, *, organisation: str | None = None, **kwargs: object
 ) -> str:
+    """A new key's secret: an installation-wide admin's unless `role` says otherwise."""
+    from memberhub.auth.roles import Role
+    from memberhub.auth.service import create_api_key
+    from memberhub.kit.actor import Actor
+
+    role = role or Role.ADMIN
     async with db.transaction() as session:
         issued = await create_api_key(
             session,
@@ -312,7 +333,7 @@ async def issue_key(
 
 @pytest.fixture
 async def admin_key(db: Database) -> str:
-    return await issue_key(db, Role.ADMIN)
+    return await issue_key(db)
 
 
 @pytest.fixture
@@ -332,4 +353,6 @@ def process_env(database_url: str, tmp_path: Path, db: object) -> dict[str, str]
 @pytest.fixture
 def api(http: httpx.AsyncClient, admin_key: str) -> ApiClient:
     """An HTTP client authenticated as an installation-wide admin."""
+    from tests.support import ApiClient
+
     return ApiClient(http, admin_key)
