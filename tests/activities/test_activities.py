@@ -326,3 +326,17 @@ async def test_the_members_history_is_paged_newest_first_and_sets_last_activity(
         ACTIVITIES, {"member_id": member["id"], "date_from": iso(start + timedelta(minutes=3))}
     )
     assert [a["id"] for a in filtered.json()["data"]] == ids[:2:-1]
+
+
+async def test_a_replay_is_answered_as_a_replay_after_its_member_is_erased(
+    api: ApiClient,
+) -> None:
+    member = await api.create_member()
+    await create_rule(api)
+    body = activity_body(member)
+    first = (await record(api, body))["activity"]
+    assert (await api.delete(f"/api/v1/members/{member['id']}")).status_code == 204
+    response = await api.post(ACTIVITIES, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["replayed"] is True
+    assert response.json()["activity"]["id"] == first["id"]

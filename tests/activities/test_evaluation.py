@@ -346,3 +346,55 @@ async def test_an_extension_rule_with_nothing_to_extend_writes_nothing(api: ApiC
     activity = (await record(api, activity_body(member)))["activity"]
     assert activity["credits"] == []
     assert await transactions(api, member["id"]) == []
+
+
+async def test_a_new_repeating_nth_bonus_is_paid_on_every_nth_activity_only(
+    api: ApiClient,
+) -> None:
+    member = await api.create_member()
+    moment = noon_yesterday()
+    for s in range(4):  # history before the rule exists
+        await record(
+            api, activity_body(member, type="gym", occurred_at=moment + timedelta(seconds=s))
+        )
+    await create_rule(
+        api,
+        conditions=on_type("gym"),
+        effect={
+            "type": "nth_activity_bonus",
+            "points": 7,
+            "nth": 2,
+            "period": "all_time",
+            "repeat": True,
+        },
+    )
+    got = []
+    for s in range(6):  # the member's 5th .. 10th gym visits
+        body = activity_body(member, type="gym", occurred_at=moment + timedelta(seconds=10 + s))
+        got.append(sum(c["points"] for c in (await record(api, body))["activity"]["credits"]))
+    assert got == [0, 7, 0, 7, 0, 7]  # the 6th, 8th and 10th
+
+
+async def test_an_nth_bonus_its_daily_cap_cut_is_not_paid_on_the_next_days_first_activity(
+    api: ApiClient,
+) -> None:
+    member = await api.create_member()
+    await create_rule(
+        api,
+        conditions=on_type("gym"),
+        effect={
+            "type": "nth_activity_bonus",
+            "points": 7,
+            "nth": 2,
+            "period": "all_time",
+            "repeat": True,
+        },
+        caps={"per_member_per_day": {"awards": 1}},
+    )
+    day = noon_yesterday() - timedelta(days=1)
+    points = []
+    for moment in [day + timedelta(seconds=s) for s in range(4)] + [day + timedelta(days=1)]:
+        body = activity_body(member, type="gym", occurred_at=moment)
+        points.append(sum(c["points"] for c in (await record(api, body))["activity"]["credits"]))
+    # 2nd pays; the 4th is cut by the daily cap; the 5th is not an nth activity.
+    assert points == [0, 7, 0, 0, 0]

@@ -46,7 +46,7 @@ from memberhub.events.service import event_row
 from memberhub.kit.actor import Actor
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import column_values, orm_object
-from memberhub.kit.errors import Conflict, NotFound, ValidationFailed
+from memberhub.kit.errors import Conflict, MemberhubError, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
 from memberhub.leads.models import Lead
 from memberhub.leads.service import lead_for_activity
@@ -184,9 +184,17 @@ async def record_activity(
     _check_time(payload.occurred_at, now)
     organisation = await resolve_organisation(session, principal, payload.organisation_id)
     organisation_id = organisation.id if organisation is not None else None
-    member, matched_by, account = await _member_for(
-        session, principal, payload, organisation_id, lock=True
-    )
+    repo = ActivityRepository(session)
+    try:
+        member, matched_by, account = await _member_for(
+            session, principal, payload, organisation_id, lock=True
+        )
+    except MemberhubError:
+        # A repeat is a replay whatever became of its member since (erased, moved to
+        # another organisation): a vendor retrying its webhook must not be refused.
+        if (replayed := await _replay(session, repo, organisation_id, payload)) is not None:
+            return replayed
+        raise
     key = _key_of(payload)
     values = {
         "public_id": new_public_id("act"),
@@ -206,14 +214,11 @@ async def record_activity(
         "actor": principal.actor.id,
         "recorded_at": now,
     }
-    repo = ActivityRepository(session)
     activity_id = await repo.insert(column_values(ACTIVITIES, values, "a", ("id",)))
     if activity_id is None:
-        existing = await repo.by_source(organisation_id or 0, payload.source, payload.source_id)
-        assert existing is not None, "the source id's row conflicted, so it exists"
-        listed = await repo.listed(existing.public_id)
-        assert listed is not None
-        return Recorded((await activities_out(session, [listed]))[0], replayed=True)
+        replayed = await _replay(session, repo, organisation_id, payload)
+        assert replayed is not None, "the source id's row conflicted, so it exists"
+        return replayed
     activity = orm_object(Activity, {"id": activity_id, **values})
     # Written already: the object joins the session as if loaded (later changes update it).
     make_transient_to_detached(activity)
@@ -634,6 +639,21 @@ async def _attach(
 # ---------------------------------------------------------------- simulation
 
 
+async def _replay(
+    session: AsyncSession,
+    repo: ActivityRepository,
+    organisation_id: int | None,
+    payload: ActivityIn,
+) -> Recorded | None:
+    """The activity recorded first with `payload`'s source id, as a replay; None if none."""
+    existing = await repo.by_source(organisation_id or 0, payload.source, payload.source_id)
+    if existing is None:
+        return None
+    listed = await repo.listed(existing.public_id)
+    assert listed is not None
+    return Recorded((await activities_out(session, [listed]))[0], replayed=True)
+
+
 async def simulate_activity(
     session: AsyncSession,
     principal: Principal,
@@ -647,12 +667,18 @@ async def simulate_activity(
     _check_time(payload.occurred_at, now)
     organisation = await resolve_organisation(session, principal, payload.organisation_id)
     organisation_id = organisation.id if organisation is not None else None
-    member, matched_by, _ = await _member_for(
-        session, principal, payload, organisation_id, lock=False
-    )
     existing = await ActivityRepository(session).by_source(
         organisation_id or 0, payload.source, payload.source_id
     )
+    try:
+        member, matched_by, _ = await _member_for(
+            session, principal, payload, organisation_id, lock=False
+        )
+    except MemberhubError:
+        if existing is None:
+            raise
+        # A replay, whatever became of its member since: recording it would credit nothing.
+        member, matched_by = None, None
     result = SimulationOut(
         member_id=member.public_id if member is not None else None,
         matched_by=matched_by,

@@ -275,7 +275,10 @@ def _problem_with(kind: Kind, value: Any) -> str | None:
 def _is_number(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    return math.isfinite(value) and abs(value) <= _SAFE_INT
+    # An int is compared as it is (one too large for a float would overflow isfinite).
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return abs(value) <= _SAFE_INT
 
 
 def _datetime(value: Any) -> datetime | None:

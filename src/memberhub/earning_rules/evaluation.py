@@ -233,7 +233,9 @@ async def _points_of(
         # Counted as recorded: the member's activities of the type in the activity's period
         # so far, whatever order they occurred in, against the bonuses the rule already paid
         # there. So a bonus is paid once for every nth (once in all without `repeat`), also
-        # when activities arrive out of order or are matched to the member later.
+        # when activities arrive out of order or are matched to the member later; and only
+        # on an nth: not on those that follow a bonus a cap cut, nor on every activity
+        # after a new rule finds earlier ones it paid nothing for.
         start, end = period_bounds(activity.occurred_at, effect.period, zone)
         count = await ActivityRepository(session).count_in_period(
             activity.member_id, activity.type, start=start, end=end
@@ -243,8 +245,9 @@ async def _points_of(
         paid, _ = await EarningRuleRepository(session).award_usage(
             rule.id, member_id=activity.member_id, start=start, end=end
         )
+        nth = count % effect.nth == 0 and (effect.repeat or count == effect.nth)
         due = count // effect.nth if effect.repeat else min(count // effect.nth, 1)
-        return effect.points if due > paid else 0
+        return effect.points if nth and due > paid else 0
     return 0
 
 
