@@ -17,7 +17,7 @@ from memberhub.notifications.template_service import choose_template
 from memberhub.settings import Settings
 from tests.conftest import issue_key
 from tests.fakes.smtp_server import SmtpServer
-from tests.notifications.conftest import consenting_member, deliver
+from tests.notifications.conftest import award, consenting_member, deliver, notifications
 from tests.support import ApiClient
 
 TEMPLATES = "/api/v1/notification-templates"
@@ -386,7 +386,7 @@ def test_the_template_sent_falls_back_from_a_region_to_its_language() -> None:
 
     def chosen(*locales: str | None) -> str | None:
         picked = choose_template(stored, message, "email", locales)
-        assert picked is not None
+        assert not isinstance(picked, str), picked
         return picked[3]
 
     assert chosen("fr-CA", "en") == "fr"
@@ -481,3 +481,78 @@ async def test_a_token_registered_for_two_members_at_once_ends_with_one_of_them(
             m["id"] for m in members if (await api.get(f"/api/v1/members/{m['id']}/devices")).json()
         ]
         assert len(holding) == 1, (round_, holding)
+
+
+async def test_a_key_bound_to_an_organisation_sees_no_staff_notifications(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    staff = [{"email": "maya@club.example", "roles": ["manager"]}]
+    assert (await api.patch("/api/v1/notification-settings", {"staff": staff})).is_success
+    chapter = await api.create_organisation()
+    member = await api.create_member(organisation_id=chapter["id"])
+    await award(api, member["id"], 100)
+    body = {"member_id": member["id"], "points": 5, "reason": "fix", "require_approval": True}
+    assert (await api.post("/api/v1/points/deduct", body)).status_code == 202
+    await deliver(db, app, settings)
+    assert [message.recipients for message in smtp.received()] == [["maya@club.example"]]
+    # The installation's staff list is no organisation's: its messages (and addresses)
+    # are not shown to a key bound to the organisation the event was in.
+    scoped = api.with_key(await issue_key(db, Role.MANAGER, organisation=chapter["id"]))
+    seen = await scoped.get("/api/v1/notifications")
+    assert seen.status_code == 200, seen.text
+    assert {n["audience"] for n in seen.json()["data"]} <= {"member"}
+    everything = (await api.get("/api/v1/notifications")).json()["data"]
+    assert [n["recipient"] for n in everything if n["audience"] == "staff"] == ["maya@club.example"]
+
+
+async def test_a_preview_for_a_member_shows_the_template_in_their_locale(
+    api: ApiClient, db: Database
+) -> None:
+    welcome = {
+        "message_type": "member_welcome",
+        "channel": "email",
+        "locale": "ms",
+        "subject": "Selamat datang",
+        "body": "Hai {{ member.first_name }}",
+    }
+    assert (await api.post(TEMPLATES, welcome)).status_code == 201
+    member = await api.create_member(first_name="Siti")
+    preferences = f"/api/v1/members/{member['id']}/notification-preferences"
+    assert (await api.patch(preferences, {"locale": "ms"})).status_code == 200
+    ask = {"message_type": "member_welcome", "channel": "email", "member_id": member["id"]}
+    preview = await api.post(f"{TEMPLATES}/preview", ask)
+    assert preview.status_code == 200, preview.text
+    assert (preview.json()["subject"], preview.json()["text"]) == ("Selamat datang", "Hai Siti")
+    # A locale asked for wins; without a member, the default locale's (the built-in one).
+    english = await api.post(f"{TEMPLATES}/preview", {**ask, "locale": "en"})
+    assert english.json()["subject"] != "Selamat datang"
+    del ask["member_id"]
+    assert (await api.post(f"{TEMPLATES}/preview", ask)).json()["subject"] != "Selamat datang"
+    # A member the key cannot see is not found, whatever their locale.
+    chapter = await api.create_organisation()
+    scoped = api.with_key(await issue_key(db, Role.MANAGER, organisation=chapter["id"]))
+    hidden = await scoped.post(f"{TEMPLATES}/preview", {**ask, "member_id": member["id"]})
+    assert hidden.status_code == 404, hidden.text
+
+
+async def test_a_type_without_a_template_for_the_channel_is_logged_as_having_none(
+    api: ApiClient,
+    db: Database,
+    app: Any,
+    settings: Settings,
+    smtp: SmtpServer,
+    mail: Any,
+    sms: Any,
+) -> None:
+    only_malay = {
+        "message_type": "member_welcome",
+        "channel": "sms",
+        "locale": "ms",
+        "body": "Selamat datang",
+    }
+    assert (await api.post(TEMPLATES, only_malay)).status_code == 201
+    member = await api.create_member(consent={"sms": True}, phone="+60123456780")
+    await deliver(db, app, settings)
+    logged = await notifications(api, member_id=member["id"], channel="sms")
+    # No template was disabled: there is none in the member's locales, nor a built-in one.
+    assert [(n["status"], n["reason"]) for n in logged] == [("suppressed", "no_template")]

@@ -16,7 +16,7 @@ from memberhub.kit.db import Database
 from memberhub.points.jobs import notify_expiring_points
 from memberhub.settings import Settings
 from tests.fakes.smtp_server import SmtpServer
-from tests.notifications.conftest import award, consenting_member, deliver
+from tests.notifications.conftest import award, consenting_member, deliver, notifications
 from tests.support import ApiClient
 
 TEMPLATES = "/api/v1/notification-templates"
@@ -85,6 +85,22 @@ async def test_a_preview_for_a_member_shows_times_in_their_zone(api: ApiClient) 
         "{{ ['a'] * 10**8 }}",
         "{{ 7 ** 1000000 }}",
         "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
+        # Built, not printed: refused as it is made, whichever way it is made.
+        "{% set s = 'a' * 200000 %}{% set t = s ~ s %}ok",
+        "{% set t = '%-300000000s' % 'a' %}ok",
+        "{% set t = '%-*s' % (300000000, 'a') %}ok",
+        "{% set t = 'a' | center(300000000) %}ok",
+        "{% set t = 'a'.ljust(300000000) %}ok",
+        "{% set t = '{:>300000000}'.format('a') %}ok",
+        "{% set x = (7 ** 1000) ** 1000 %}ok",
+        "{% set ns = namespace(x=10 ** 1000) %}"
+        "{% for i in range(20) %}{% set ns.x = ns.x * ns.x %}{% endfor %}ok",
+        "{% set s = 'a' * 100000 %}{% set t = s | replace('a', s) %}ok",
+        "{% set s = 'a' * 100000 %}{% set t = s.replace('a', s) %}ok",
+        "{% set t = (['a' * 100000] * 1000) | join %}ok",
+        "{% set t = ''.join(['a' * 100000] * 1000) %}ok",
+        "{{ ['a' * 100000] * 1000 }}",
+        "{% set t = ('a\n' * 50000) | indent(100000) %}ok",
     ],
 )
 async def test_a_template_that_builds_a_huge_value_is_refused_not_a_500(
@@ -154,3 +170,53 @@ async def test_a_locale_falls_back_a_subtag_at_a_time(api: ApiClient) -> None:
         )
         assert preview.status_code == 200, preview.text
         assert preview.json()["subject"] == subject, asked
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "Hello\n{{ member.first_name | truncate(-1) }}",
+        "Hello\n{{ member.first_name | xmlattr }}",
+        "Hello\n{{ cycler().next() }}",
+    ],
+)
+async def test_a_template_a_filter_fails_in_is_refused_with_its_line_not_a_500(
+    app: Any, admin_key: str, api: ApiClient, body: str
+) -> None:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        response = await http.post(
+            TEMPLATES,
+            headers={"Authorization": f"Bearer {admin_key}"},
+            json={
+                "message_type": "member_welcome",
+                "channel": "email",
+                "locale": "en",
+                "subject": "Hi",
+                "body": body,
+            },
+        )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "INVALID_TEMPLATE"
+    assert response.json()["error"]["details"]["line"] == 2
+
+
+async def test_a_template_failing_on_one_members_data_fails_only_their_notification(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    # Renders for the sample member (Alex) when saved; fails for a two-letter name.
+    welcome = {
+        "message_type": "member_welcome",
+        "channel": "email",
+        "locale": "en",
+        "subject": "Welcome",
+        "body": "Hi {{ member.first_name | truncate(member.first_name | length) }}",
+    }
+    assert (await api.post(TEMPLATES, welcome)).status_code == 201
+    short = await consenting_member(api, first_name="Al")
+    other = await consenting_member(api, first_name="Johanna")
+    await deliver(db, app, settings)
+    assert [message.recipients for message in smtp.received()] == [[other["email"]]]
+    (failed,) = await notifications(api, member_id=short["id"])
+    assert (failed["status"], failed["reason"]) == ("failed", "render_failed")
+    assert "line 1" in failed["error"]

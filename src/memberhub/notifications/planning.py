@@ -541,8 +541,8 @@ class _Planner:
         zone: ZoneInfo,
     ) -> dict[str, Any]:
         chosen = template_service.choose_template(self.templates, message, channel, locales)
-        if chosen is None:
-            return self._suppressed(row, "template_disabled")
+        if isinstance(chosen, str):  # nothing to send: why
+            return self._suppressed(row, chosen)
         subject, body, format, locale = chosen
         try:
             rendered = templates.render(

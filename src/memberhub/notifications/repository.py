@@ -46,7 +46,12 @@ class NotificationRepository:
             .limit(limit + 1)
         )
         if filters.organisation_ids is not None:
-            query = query.where(Notification.organisation_id.in_(filters.organisation_ids))
+            # Members' notifications only: those to staff (whose list is the
+            # installation's) carry the organisation of the event, not of a member.
+            query = query.where(
+                Notification.organisation_id.in_(filters.organisation_ids),
+                Notification.audience == "member",
+            )
         if after_id is not None:
             query = query.where(Notification.id < after_id)
         if filters.member_id is not None:

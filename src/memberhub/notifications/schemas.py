@@ -204,8 +204,9 @@ class PreviewRequest(Input):
     channel: ChannelName
     locale: Locale | None = Field(
         default=None,
-        description="Which template: the installation's in this locale, "
-        "else in the default locale, else the built-in one.",
+        description="Which template: the installation's in this locale (by default, with "
+        "a member_id, the member's own, as sending does), else in the default locale, else "
+        "the built-in one.",
     )
     subject: TemplateSubject | None = Field(default=None, description="A draft to render.")
     body: TemplateBody | None = Field(

@@ -327,16 +327,22 @@ def locale_candidates(locales: Sequence[str | None]) -> list[str]:
     return wanted
 
 
+TEMPLATE_DISABLED = "template_disabled"
+NO_TEMPLATE = "no_template"
+
+
 def choose_template(
     stored: Mapping[tuple[str, str, str], NotificationTemplate],
     message: MessageType,
     channel: str,
     locales: Sequence[str | None],
-) -> tuple[str | None, str, str, str | None] | None:
+) -> tuple[str | None, str, str, str | None] | str:
     """(subject, body, format, locale) of the template to send: the installation's in the
-    first of `locales` it has, else the default; None when there is none or it is
-    disabled. Locales compare case aside, and a tag falls back subtag by subtag
-    (`zh-Hant-TW` to `zh-Hant` to `zh`) before the next locale is tried, as BCP 47 tags do."""
+    first of `locales` it has, else the default; else why nothing is sent, the reason a
+    notification is logged with: TEMPLATE_DISABLED (the one found is disabled) or
+    NO_TEMPLATE (none in those locales, and no built-in one for the channel). Locales
+    compare case aside, and a tag falls back subtag by subtag (`zh-Hant-TW` to `zh-Hant`
+    to `zh`) before the next locale is tried, as BCP 47 tags do."""
     own = {
         locale.lower(): template
         for (name, on, locale), template in stored.items()
@@ -346,11 +352,11 @@ def choose_template(
         template = own.get(tag)
         if template is not None:
             if not template.enabled:
-                return None
+                return TEMPLATE_DISABLED
             return template.subject, template.body, template.format, template.locale
     default = message.defaults.get(channel)
     if default is None:
-        return None
+        return NO_TEMPLATE
     return default.subject, default.body, default.format, None
 
 
@@ -405,8 +411,16 @@ async def preview(
     session: AsyncSession, principal: Principal, payload: PreviewRequest
 ) -> PreviewOut:
     """Render a draft (`body` given, checked as a new template is) or the template that
-    would be sent in `locale` (else the default locale, else the built-in one)."""
+    would be sent in `locale` (with a member and no `locale`, the member's own, as sending
+    does; else the default locale, else the built-in one)."""
     message = _message_type(payload.message_type)
+    locale = payload.locale
+    if locale is None and payload.member_id is not None and message.audience == "member":
+        # The member is looked up as the preview will (a member the key cannot see is a
+        # 404 before anything of it shows).
+        member = await get_member(session, principal, payload.member_id)
+        preference = await session.get(NotificationPreference, member.id)
+        locale = preference.locale if preference is not None else None
     if payload.body is not None:
         check_template(message, payload.channel, payload.subject, payload.body, payload.format)
         template = TemplateOut(
@@ -433,7 +447,7 @@ async def preview(
         }
         chosen = [
             stored[tag]
-            for tag in locale_candidates((payload.locale, settings.default_locale))
+            for tag in locale_candidates((locale, settings.default_locale))
             if tag in stored
         ] + default_templates(message.name, payload.channel)
         if not chosen:

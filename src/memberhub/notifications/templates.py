@@ -7,13 +7,15 @@ empty string: a typo is refused at save time, when the template is rendered agai
 message type's sample data, rather than sent as a blank to every member.
 
 HTML email bodies are autoescaped; their plain-text part is made from the rendered HTML.
-What a template may build is bounded: a string or list multiplied or added past the
-rendered limit, a huge power, or output past the limit is refused as it is made, not after
-the memory is spent.
+What a template may build is bounded (`_Sandbox`): a value past the rendered limit is
+refused as it is made (a string or list repeated or joined, a power, a width, a
+replacement), not after the memory is spent, and any other error a template meets (a
+filter given what it cannot take) is the template's, reported with its line.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from collections.abc import Mapping
@@ -24,7 +26,10 @@ from html.parser import HTMLParser
 from types import TracebackType
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
+from jinja2 import Environment, StrictUndefined, TemplateError, TemplateSyntaxError, nodes
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 MAX_RENDERED_CHARS = 200_000
@@ -53,38 +58,200 @@ def _date(value: Any, format: str | None = None) -> str:
     return "" if value is None else str(value)
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, with the operators that can build a huge value bounded."""
+# An integer with more bits than this has more digits than a template may render.
+MAX_VALUE_BITS = MAX_RENDERED_CHARS * 4
+# A width in a format ("%-9999999s", "{:>9999999}") past what a template may render.
+_HUGE_WIDTH = re.compile(r"\d{7,}")
+# Methods and filters whose output grows with a number they are given.
+_WIDTH_METHODS = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs"})
+_WIDTH_FILTERS = frozenset({"center", "indent", "format"})
+_DEEPEST = 50
 
-    intercepted_binops = frozenset({"*", "**", "+"})
+
+def _too_long() -> SecurityError:
+    return SecurityError(f"a value longer than {MAX_RENDERED_CHARS} characters")
+
+
+def _size(value: Any, depth: int = 0) -> int:
+    """About how many characters `value` takes when shown: a string its length, an integer
+    its digits, a list or mapping its items each time they appear (a list of one long
+    string repeated is as long as all of them)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, bool) or value is None:
+        return 5
+    if isinstance(value, int):
+        return value.bit_length() * 3 // 10 + 1
+    if isinstance(value, list | tuple | set | frozenset | dict):
+        if depth > _DEEPEST:
+            return MAX_RENDERED_CHARS + 1
+        items = (
+            (item for pair in value.items() for item in pair)
+            if isinstance(value, dict)
+            else iter(value)
+        )
+        total = 2 * len(value)
+        for item in items:
+            total += _size(item, depth + 1)
+            if total > MAX_RENDERED_CHARS:
+                return total
+        return total
+    return 16
+
+
+def _bounded(value: Any) -> Any:
+    if _size(value) > MAX_RENDERED_CHARS:
+        raise _too_long()
+    return value
+
+
+def _no_huge_number(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, int) and not isinstance(arg, bool) and abs(arg) > MAX_RENDERED_CHARS:
+            raise _too_long()
+
+
+def _check_format(text: str, args: Any) -> None:
+    """A %-format or str.format string whose widths would build a huge value."""
+    if _HUGE_WIDTH.search(text):
+        raise _too_long()
+    if "*" in text or "{" in text:  # widths taken from the arguments
+        values = args if isinstance(args, tuple) else (args,)
+        _no_huge_number(values, args if isinstance(args, dict) else {})
+
+
+def _check_growth(name: str, target: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Refuse, before it is built, what a string method or filter named `name` would make
+    past the limit from a value that is itself within it."""
+    if name in _WIDTH_METHODS or name in _WIDTH_FILTERS:
+        _no_huge_number(args, kwargs)
+    if not isinstance(target, str):
+        if name == "join" and isinstance(target, list | tuple):
+            _bounded(target)
+        return
+    if name == "indent":
+        width = args[0] if args else kwargs.get("width", 4)
+        if isinstance(width, int) and (target.count("\n") + 1) * width > MAX_RENDERED_CHARS:
+            raise _too_long()
+    elif name == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        if isinstance(size, int) and target.count("\t") * size > MAX_RENDERED_CHARS:
+            raise _too_long()
+    elif name == "replace" and len(args) >= 2:
+        old, new = str(args[0]), str(args[1])
+        times = target.count(old) if old else len(target) + 1
+        if len(target) + times * (len(new) - len(old)) > MAX_RENDERED_CHARS:
+            raise _too_long()
+    elif name == "join" and args:
+        parts = args[0]
+        if isinstance(parts, list | tuple):
+            _bounded(parts)
+            if len(target) * len(parts) > MAX_RENDERED_CHARS:
+                raise _too_long()
+    elif name == "format":
+        _check_format(target, args or kwargs)
+
+
+class _Generator(CodeGenerator):
+    """Jinja's code generator, but `a ~ b` joins through the environment (bounded)."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        if frame.eval_ctx.volatile:
+            join = "(markup_join if context.eval_ctx.volatile else str_join)"
+        elif frame.eval_ctx.autoescape:
+            join = "markup_join"
+        else:
+            join = "str_join"
+        self.write(f"environment.bounded_join({join}, (")
+        for argument in node.nodes:
+            self.visit(argument, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, in which nothing a template builds grows past
+    MAX_RENDERED_CHARS: what would (a string repeated, a power, a width, a replacement, a
+    join) is refused before it is made, and every value an operator, a call, a filter or
+    `~` makes, and every value output, is measured."""
+
+    code_generator_class = _Generator
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(finalize=_bounded, **options)
+        self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in (left, right))
         if operator == "**":
             if isinstance(right, int) and abs(right) > MAX_EXPONENT and left not in (0, 1, -1):
                 raise SecurityError(f"a power above {MAX_EXPONENT}")
+            if numbers and right > 0 and abs(left).bit_length() * right > MAX_VALUE_BITS:
+                raise _too_long()
         elif operator == "*":
+            if numbers and left.bit_length() + right.bit_length() > MAX_VALUE_BITS:
+                raise _too_long()
             for sequence, times in ((left, right), (right, left)):
                 if (
                     isinstance(sequence, str | list | tuple)
                     and isinstance(times, int)
-                    and len(sequence) * times > MAX_RENDERED_CHARS
+                    and _size(sequence) * times > MAX_RENDERED_CHARS
                 ):
-                    raise SecurityError(f"a value longer than {MAX_RENDERED_CHARS}")
-        elif (
-            operator == "+"
-            and isinstance(left, str | list | tuple)
-            and isinstance(right, str | list | tuple)
-            and len(left) + len(right) > MAX_RENDERED_CHARS
-        ):
-            raise SecurityError(f"a value longer than {MAX_RENDERED_CHARS}")
-        return super().call_binop(context, operator, left, right)
+                    raise _too_long()
+        elif operator == "+":
+            if _size(left) + _size(right) > MAX_RENDERED_CHARS:
+                raise _too_long()
+        elif operator == "%" and isinstance(left, str):
+            _check_format(left, right)
+        return _bounded(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        target = getattr(__obj, "__self__", None)
+        name = getattr(__obj, "__name__", "")
+        if isinstance(target, str | list | tuple):
+            _check_growth(name, target, args, kwargs)
+        return _bounded(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value: Any) -> Any:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        text = value.__self__
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            _check_format(text, args or kwargs)
+            return str(_bounded(wrapped(*args, **kwargs)))
+
+        return checked
+
+    def bounded_join(self, join: Any, parts: tuple[Any, ...]) -> Any:
+        if sum(_size(part) for part in parts) > MAX_RENDERED_CHARS:
+            raise _too_long()
+        return join(parts)
+
+
+def _bounded_filter(name: str, filter_: Any) -> Any:
+    """`filter_`, refusing what it would build past the limit (before, where its arguments
+    say so; after, measured)."""
+
+    @functools.wraps(filter_)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        # The filtered value is the first argument after the context or environment a
+        # filter may take.
+        values = [a for a in args if not isinstance(a, Context | Environment | EvalContext)]
+        if values:
+            _check_growth(name, values[0], tuple(values[1:]), kwargs)
+        return _bounded(filter_(*args, **kwargs))
+
+    return bounded
 
 
 def _environment(*, autoescape: bool) -> ImmutableSandboxedEnvironment:
     environment = _Sandbox(
         undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=False
     )
-    environment.filters["date"] = _date
+    environment.filters["date"] = _bounded_filter("date", _date)
     return environment
 
 
@@ -164,10 +331,10 @@ def _render(
         raise TemplateInvalid(part, _template_line(), f"not allowed: {exc}") from None
     except TemplateError as exc:
         raise TemplateInvalid(part, _template_line(), exc.message or str(exc)) from None
-    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:
-        raise TemplateInvalid(part, _template_line(), f"{type(exc).__name__}: {exc}") from None
     except MemoryError:
         raise TemplateInvalid(part, _template_line(), "needs too much memory") from None
+    except Exception as exc:  # whatever a filter or method raises on what it is given
+        raise TemplateInvalid(part, _template_line(), f"{type(exc).__name__}: {exc}") from None
     return "".join(chunks)
 
 
