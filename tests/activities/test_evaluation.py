@@ -348,6 +348,15 @@ async def test_an_extension_rule_with_nothing_to_extend_writes_nothing(api: ApiC
     assert await transactions(api, member["id"]) == []
 
 
+EVERY_SECOND_VISIT = {
+    "type": "nth_activity_bonus",
+    "points": 7,
+    "nth": 2,
+    "period": "all_time",
+    "repeat": True,
+}
+
+
 async def test_a_new_repeating_nth_bonus_is_paid_on_every_nth_activity_only(
     api: ApiClient,
 ) -> None:
@@ -357,17 +366,7 @@ async def test_a_new_repeating_nth_bonus_is_paid_on_every_nth_activity_only(
         await record(
             api, activity_body(member, type="gym", occurred_at=moment + timedelta(seconds=s))
         )
-    await create_rule(
-        api,
-        conditions=on_type("gym"),
-        effect={
-            "type": "nth_activity_bonus",
-            "points": 7,
-            "nth": 2,
-            "period": "all_time",
-            "repeat": True,
-        },
-    )
+    await create_rule(api, conditions=on_type("gym"), effect=EVERY_SECOND_VISIT)
     got = []
     for s in range(6):  # the member's 5th .. 10th gym visits
         body = activity_body(member, type="gym", occurred_at=moment + timedelta(seconds=10 + s))
@@ -382,13 +381,7 @@ async def test_an_nth_bonus_its_daily_cap_cut_is_not_paid_on_the_next_days_first
     await create_rule(
         api,
         conditions=on_type("gym"),
-        effect={
-            "type": "nth_activity_bonus",
-            "points": 7,
-            "nth": 2,
-            "period": "all_time",
-            "repeat": True,
-        },
+        effect=EVERY_SECOND_VISIT,
         caps={"per_member_per_day": {"awards": 1}},
     )
     day = noon_yesterday() - timedelta(days=1)

@@ -77,6 +77,24 @@ async def test_a_preview_for_a_member_shows_times_in_their_zone(api: ApiClient) 
     assert (await api.post(f"{TEMPLATES}/preview", draft)).json()["text"] == "05 16:30"
 
 
+async def _save_seeing_errors(app: Any, admin_key: str, body: str) -> httpx.Response:
+    """A welcome email template with `body` saved by a client that sees what the server
+    answers, a 500 included."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        return await http.post(
+            TEMPLATES,
+            headers={"Authorization": f"Bearer {admin_key}"},
+            json={
+                "message_type": "member_welcome",
+                "channel": "email",
+                "locale": "en",
+                "subject": "Hi",
+                "body": body,
+            },
+        )
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -106,20 +124,7 @@ async def test_a_preview_for_a_member_shows_times_in_their_zone(api: ApiClient) 
 async def test_a_template_that_builds_a_huge_value_is_refused_not_a_500(
     app: Any, admin_key: str, api: ApiClient, body: str
 ) -> None:
-    # A client that sees what the server answers, a 500 included.
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
-        response = await http.post(
-            TEMPLATES,
-            headers={"Authorization": f"Bearer {admin_key}"},
-            json={
-                "message_type": "member_welcome",
-                "channel": "email",
-                "locale": "en",
-                "subject": "Hi",
-                "body": body,
-            },
-        )
+    response = await _save_seeing_errors(app, admin_key, body)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "INVALID_TEMPLATE"
     assert (await api.get(TEMPLATES, {"include_defaults": "false"})).json() == []
@@ -183,19 +188,7 @@ async def test_a_locale_falls_back_a_subtag_at_a_time(api: ApiClient) -> None:
 async def test_a_template_a_filter_fails_in_is_refused_with_its_line_not_a_500(
     app: Any, admin_key: str, api: ApiClient, body: str
 ) -> None:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
-        response = await http.post(
-            TEMPLATES,
-            headers={"Authorization": f"Bearer {admin_key}"},
-            json={
-                "message_type": "member_welcome",
-                "channel": "email",
-                "locale": "en",
-                "subject": "Hi",
-                "body": body,
-            },
-        )
+    response = await _save_seeing_errors(app, admin_key, body)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "INVALID_TEMPLATE"
     assert response.json()["error"]["details"]["line"] == 2
