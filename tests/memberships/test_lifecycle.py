@@ -267,6 +267,30 @@ async def test_a_member_holds_only_plans_of_its_organisation_or_those_above_it(
     assert upgraded["member"]["membership"]["plan_id"] == chapter_plan["id"]
 
 
+async def test_renewing_onto_the_plan_of_an_organisation_the_member_left_is_refused(
+    api: ApiClient,
+) -> None:
+    north = await api.create_organisation()
+    south = await api.create_organisation()
+    north_plan = await api.create_plan(
+        organisation_id=north["id"], term_months=1, renewal_window_days=365
+    )
+    member = await api.create_member(organisation_id=north["id"])
+    joined = await ok(api, member["id"], "join", {"plan_id": north_plan["id"]})
+    moved = await api.patch(f"/api/v1/members/{member['id']}", {"organisation_id": south["id"]})
+    assert moved.status_code == 200, moved.text
+    # No plan_id: the member's own plan, which is north's, a member of south may not hold.
+    refused = await do(api, member["id"], "renew", {})
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "PLAN_OF_ANOTHER_ORGANISATION"
+    after = await get_member(api, member["id"])
+    assert after["membership"]["term_ends_at"] == joined["member"]["membership"]["term_ends_at"]
+    # Onto a plan the member may hold, it renews.
+    shared_plan = await api.create_plan(term_months=1)
+    renewed = await ok(api, member["id"], "renew", {"plan_id": shared_plan["id"]})
+    assert renewed["member"]["membership"]["plan_id"] == shared_plan["id"]
+
+
 async def test_only_admins_write_plans(
     api: ApiClient, http: httpx.AsyncClient, db: Database
 ) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import httpx
 import pytest
+from sqlalchemy import text
 
 from memberhub.auth.roles import Role
 from memberhub.kit.db import Database
 from memberhub.tiers import service as tiers_service
+from memberhub.tiers.repository import TierRepository
 from tests.conftest import issue_key
 from tests.support import ApiClient
 from tests.tiers.conftest import TIERS, assign, create_tier, tier_body
@@ -264,6 +268,42 @@ async def test_a_tier_a_reward_is_limited_to_is_not_deleted(api: ApiClient) -> N
     freed = await api.patch(f"/api/v1/rewards/{created.json()['id']}", {"tier_codes": []})
     assert freed.status_code == 200, freed.text
     assert (await api.delete(f"{TIERS}/{tier['id']}")).status_code == 204
+
+
+async def test_a_reward_limited_to_a_tier_being_deleted_never_outlives_it(
+    api: ApiClient, db: Database, is_postgres: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reward is created between the deletion's check for rewards limited to the tier
+    and its delete: it waits for the deletion, then finds the tier gone."""
+    if not is_postgres:
+        pytest.skip("SQLite runs one writer at a time: nothing comes between")
+    tier = await create_tier(api, code="GOLD")
+    checked = TierRepository.rewards_limited_to
+    creating: list[asyncio.Task[httpx.Response]] = []
+
+    async def create_meanwhile(self: TierRepository, code: str) -> list[str]:
+        found = await checked(self, code)
+        body = {"code": "LOUNGE", "name": "Lounge", "points_cost": 100, "tier_codes": ["GOLD"]}
+        creating.append(asyncio.create_task(api.post("/api/v1/rewards", body)))
+        # On until the creation is done, or waits on a lock (the deletion's).
+        while not creating[0].done():
+            if await _someone_waits(db):  # (a query: the creation runs meanwhile)
+                break
+        return found
+
+    monkeypatch.setattr(TierRepository, "rewards_limited_to", create_meanwhile)
+    deleted = await api.delete(f"{TIERS}/{tier['id']}")
+    created = await creating[0]
+    outcome = (deleted.status_code, created.status_code)
+    assert outcome in ((204, 422), (409, 201)), (outcome, created.text)
+    if deleted.status_code == 204:
+        assert created.json()["error"]["code"] == "UNKNOWN_TIER_CODES"
+        assert (await api.get("/api/v1/rewards")).json()["data"] == []
+
+
+async def _someone_waits(db: Database) -> bool:
+    async with db.transaction(read_only=True) as session:
+        return bool(await session.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
 
 
 async def test_every_write_is_audited(api: ApiClient) -> None:

@@ -163,17 +163,25 @@ async def _usable_plan(
     plan = await get_plan(session, principal, public_id)
     if not plan.active:
         raise Conflict(f"Plan {public_id} is no longer offered.", code="PLAN_INACTIVE")
+    await _check_plan_organisation(session, plan, member)
+    return plan
+
+
+async def _check_plan_organisation(
+    session: AsyncSession, plan: MembershipPlan, member: Member
+) -> None:
+    """Refuse a plan of an organisation the member is not of (nor of one of its chapters):
+    one the member was given before moving to another organisation too."""
     if plan.organisation_id is not None and (
         member.organisation_id is None
         or member.organisation_id
         not in await OrganisationRepository(session).subtree_ids(plan.organisation_id)
     ):
         raise Conflict(
-            f"Plan {public_id} is an organisation's own, and member {member.public_id} is "
-            "not of that organisation or its chapters.",
+            f"Plan {plan.public_id} is an organisation's own, and member {member.public_id} "
+            "is not of that organisation or its chapters.",
             code="PLAN_OF_ANOTHER_ORGANISATION",
         )
-    return plan
 
 
 async def _term_end(
@@ -342,6 +350,7 @@ async def renew(
                 "The member's plan is no longer offered; renew onto another plan_id.",
                 code="PLAN_INACTIVE",
             )
+        await _check_plan_organisation(session, plan, member)
     else:
         raise Conflict("The member has no plan to renew; give a plan_id.", code="NO_PLAN")
     assert member.term_ends_at is not None or member.status == S.LAPSED

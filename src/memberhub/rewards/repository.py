@@ -101,9 +101,10 @@ class RewardRepository:
         wanted = set(codes)
         if not wanted:
             return set()
-        return set(
-            (await self.session.scalars(select(Tier.code).where(Tier.code.in_(wanted)))).all()
-        )
+        # FOR SHARE: the tiers cannot be deleted until the reward naming them has committed
+        # (a deletion checks for rewards limited to the tier after locking it).
+        query = select(Tier.code).where(Tier.code.in_(wanted)).with_for_update(read=True)
+        return set((await self.session.scalars(query)).all())
 
     # ------------------------------------------------------------ claims
 

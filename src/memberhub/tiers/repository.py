@@ -40,8 +40,11 @@ class TierRepository:
         rows = await self.session.execute(select(table).order_by(table.c.rank))
         return [detached(Tier, row) for row in rows]
 
-    async def get_by_public_id(self, public_id: str) -> Tier | None:
-        return await self.session.scalar(select(Tier).where(Tier.public_id == public_id))
+    async def get_by_public_id(self, public_id: str, *, for_update: bool = False) -> Tier | None:
+        query = select(Tier).where(Tier.public_id == public_id)
+        if for_update:
+            query = query.with_for_update().execution_options(populate_existing=True)
+        return await self.session.scalar(query)
 
     async def get_by_code(self, code: str) -> Tier | None:
         return await self.session.scalar(select(Tier).where(Tier.code == code))

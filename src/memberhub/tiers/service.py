@@ -349,8 +349,8 @@ def _snapshot(tier: Tier) -> dict[str, Any]:
     }
 
 
-async def get_tier(session: AsyncSession, public_id: str) -> Tier:
-    tier = await TierRepository(session).get_by_public_id(public_id)
+async def get_tier(session: AsyncSession, public_id: str, *, for_update: bool = False) -> Tier:
+    tier = await TierRepository(session).get_by_public_id(public_id, for_update=for_update)
     if tier is None:
         raise NotFound(f"Tier {public_id} does not exist.", code="TIER_NOT_FOUND")
     return tier
@@ -439,7 +439,9 @@ async def update_tier(
 async def delete_tier(session: AsyncSession, principal: Principal, public_id: str) -> None:
     """Delete a tier nobody holds; a tier members hold is deactivated instead."""
     principal.require_installation_wide("Tiers")
-    tier = await get_tier(session, public_id)
+    # Locked: a reward being limited to it meanwhile (which reads its tiers FOR SHARE)
+    # either commits first, and is seen below, or waits and finds the tier gone.
+    tier = await get_tier(session, public_id, for_update=True)
     repo = TierRepository(session)
     if await repo.is_held(tier.code):
         raise Conflict(
