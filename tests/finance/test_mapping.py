@@ -63,6 +63,32 @@ async def test_payments_need_a_bank_account_and_tracking_must_exist(
     assert fields == [f"plans.{plan['id']}.tracking.0", "payments_account_code"]
 
 
+async def test_payouts_are_booked_between_bank_accounts_only(
+    api: ApiClient, http: httpx.AsyncClient, xero: FakeXero
+) -> None:
+    plan = await api.create_plan(currency="GBP")
+    xero.add_account("800", "Stripe receivable", "CURRENT", payments=True)
+    integration = await create_xero_integration(api, xero)
+    await connect(api, http, integration["id"])
+    url = f"/api/v1/integrations/{integration['id']}/accounting-mapping"
+
+    for changes, field in (
+        ({"payouts_bank_account_code": "800"}, "payouts_bank_account_code"),
+        ({"payments_account_code": "800"}, "payments_account_code"),
+    ):
+        refused = await put(api, url, mapping_body(plan, **changes))
+        assert refused.status_code == 422, refused.text
+        assert [e["field"] for e in refused.json()["error"]["details"]["errors"]] == [field]
+        assert "BANK" in refused.json()["error"]["message"]
+    # Without payouts booked, an account with payments enabled takes the takings.
+    saved = await put(
+        api,
+        url,
+        mapping_body(plan, payments_account_code="800", payouts_bank_account_code=None),
+    )
+    assert saved.status_code == 200, saved.text
+
+
 async def test_bad_mapping_input_is_a_clear_4xx(
     api: ApiClient, http: httpx.AsyncClient, xero: FakeXero
 ) -> None:

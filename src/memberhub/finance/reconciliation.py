@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from memberhub.finance.match_payouts import match_payouts
 from memberhub.finance.match_refunds import match_refunds
 from memberhub.finance.models import AccountingMapping, Reconciliation, ReconciliationStatus
+from memberhub.finance.queue import money_scopes
 from memberhub.finance.report import MismatchList, money
 from memberhub.integrations.gateway import CircuitOpen, GatewayError
 from memberhub.integrations.hub import IntegrationHub
@@ -175,7 +176,11 @@ async def _compare(
     all_ids = {i for c in (*charges, *refunds, *earlier) for i in (c.id, *c.references)}
     async with db.transaction(read_only=True) as session:
         records = await _payment_records(session, source.id, all_ids)
-        terms = await _terms(session, start - TERM_SLACK, end + TERM_SLACK)
+        # The terms of the members whose money these books take, paid through this source:
+        # an organisation's integrations answer for its members and its chapters' only.
+        scopes = await money_scopes(session, {integration.organisation_id, source.organisation_id})
+        scope = _within(scopes[integration.organisation_id], scopes[source.organisation_id])
+        terms = await _terms(session, start - TERM_SLACK, end + TERM_SLACK, scope)
         members = await _member_ids(
             session, {c.member_id for c in (*charges, *refunds, *earlier) if c.member_id}
         )
@@ -229,11 +234,18 @@ async def _payment_records(
     return {reference: (key, member) for reference, key, member in rows}
 
 
+def _within(*scopes: frozenset[int] | None) -> frozenset[int] | None:
+    """The organisations in every one of `scopes` (None: every organisation)."""
+    bounded = [scope for scope in scopes if scope is not None]
+    return frozenset.intersection(*bounded) if bounded else None
+
+
 async def _terms(
-    session: AsyncSession, since: datetime, until: datetime
+    session: AsyncSession, since: datetime, until: datetime, scope: frozenset[int] | None
 ) -> list[tuple[str, int, str, datetime]]:
-    """(term id, member row id, member public id, created_at) of terms joined or renewed."""
-    rows = await session.execute(
+    """(term id, member row id, member public id, created_at) of terms joined or renewed
+    by members of the organisations of `scope` (None: every member)."""
+    query = (
         select(MembershipTerm.public_id, Member.id, Member.public_id, MembershipTerm.created_at)
         .join(Member, Member.id == MembershipTerm.member_id)
         .where(
@@ -243,6 +255,9 @@ async def _terms(
         )
         .order_by(MembershipTerm.id)
     )
+    if scope is not None:
+        query = query.where(Member.organisation_id.in_(scope))
+    rows = await session.execute(query)
     return [(term, member, public, made) for term, member, public, made in rows]
 
 

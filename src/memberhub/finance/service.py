@@ -243,17 +243,26 @@ def _invalid_code(code: str) -> str:
     return f"Account code '{code}' is not a valid code for this document."
 
 
+def _not_a_bank(code: str, kind: str) -> str:
+    return (
+        f"'{code}' is a {kind} account; a payout is booked as a bank transfer, between BANK "
+        "accounts only (the payments account and the one Stripe pays out to)."
+    )
+
+
 def _check_accounts(
     body: MappingIn, accounts: dict[str, LedgerAccount], categories: dict[str, tuple[str, ...]]
 ) -> None:
     problems: list[dict[str, str]] = []
 
-    def need(field: str, code: str | None, *, payments: bool = False) -> None:
+    def need(field: str, code: str | None, *, payments: bool = False, bank: bool = False) -> None:
         if code is None:
             return
         account = accounts.get(code)
         if account is None or account.status != "ACTIVE":
             problems.append({"field": field, "message": _invalid_code(code)})
+        elif bank and account.type != "BANK":
+            problems.append({"field": field, "message": _not_a_bank(code, account.type)})
         elif payments and not account.takes_payments:
             problems.append(
                 {
@@ -278,8 +287,11 @@ def _check_accounts(
                         f"'{choice.category}' does not exist in the organisation.",
                     }
                 )
-    need("payments_account_code", body.payments_account_code, payments=True)
-    need("payouts_bank_account_code", body.payouts_bank_account_code, payments=True)
+    # A payout is booked as a transfer between two bank accounts, and Stripe's fees as money
+    # spent from one: with payouts booked, the payments account must be a bank account too.
+    payouts = body.payouts_bank_account_code is not None
+    need("payments_account_code", body.payments_account_code, payments=True, bank=payouts)
+    need("payouts_bank_account_code", body.payouts_bank_account_code, bank=True)
     need("fees_account_code", body.fees_account_code)
     if problems:
         raise MappingRefused(

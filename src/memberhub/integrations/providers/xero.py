@@ -53,6 +53,8 @@ SIGNATURE = signatures.HmacScheme(header="x-xero-signature", encoding="base64")
 # Xero's where-clause strings are double-quoted; these never appear in our ids or emails.
 _UNQUOTABLE = frozenset('"\\')
 MAX_EVENT_ID_CHARS = 255
+# How a member id, the ContactNumber of a member's contact, begins.
+MEMBER_ID_PREFIX = "mem_"
 
 
 class XeroConfig(BaseConfig):
@@ -251,7 +253,14 @@ class Xero(Provider):
         if contact.email:
             where += f" OR EmailAddress=={_quoted(contact.email.lower())}"
         found = await self._get(connection, "/Contacts", {"where": where})
-        rows = [row for row in found.get("Contacts") or [] if isinstance(row, Mapping)]
+        rows = [
+            row
+            for row in found.get("Contacts") or []
+            if isinstance(row, Mapping)
+            # Not another member's (two members may share an address, in two
+            # organisations say): theirs is made for them, with their own id.
+            and not _another_members(row.get("ContactNumber"), contact.key)
+        ]
         # Our id first: an email may have been shared by another contact before.
         rows.sort(key=lambda row: row.get("ContactNumber") != contact.key)
         if rows:
@@ -500,3 +509,9 @@ def _ledger_document(row: Mapping[str, Any], kind: str) -> LedgerDocument:
             str(p.get("PaymentID")) for p in row.get("Payments") or [] if isinstance(p, Mapping)
         ),
     )
+
+
+def _another_members(number: Any, key: str) -> bool:
+    """Whether a contact's ContactNumber is another member's id (not `key`, the member's
+    own; a number of the organisation's own numbering is not a member's)."""
+    return isinstance(number, str) and number.startswith(MEMBER_ID_PREFIX) and number != key
