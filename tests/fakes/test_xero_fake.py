@@ -123,6 +123,7 @@ async def test_validation_errors_come_in_xeros_format(xero: FakeXero) -> None:
         contact_id = await contact(client, xero, token)
         body = invoice(contact_id, CurrencyCode="JPY")
         body["Invoices"][0]["LineItems"][0]["AccountCode"] = "999"
+        body["Invoices"][0]["LineItems"][0]["TaxType"] = "INPUT2"  # for purchases only
         refused = await client.post(
             f"{xero.url}/api.xro/2.0/Invoices", json=body, headers=headers(xero, token)
         )
@@ -134,8 +135,20 @@ async def test_validation_errors_come_in_xeros_format(xero: FakeXero) -> None:
     assert [v["Message"] for v in error["Elements"][0]["ValidationErrors"]] == [
         "Organisation is not subscribed to currency JPY",
         "Account code '999' is not a valid code for this document.",
+        "The TaxType code 'INPUT2' does not exist or cannot be used with this type of transaction.",
     ]
     assert xero.invoices == []
+
+
+async def test_tax_rates_are_listed_as_xero_lists_them(xero: FakeXero) -> None:
+    token = xero.issue_tokens()["access_token"]
+    async with httpx.AsyncClient() as client:
+        listed = await client.get(f"{xero.url}/api.xro/2.0/TaxRates", headers=headers(xero, token))
+    assert listed.status_code == 200, listed.text
+    rates = {rate["TaxType"]: rate for rate in listed.json()["TaxRates"]}
+    assert rates["OUTPUT2"]["CanApplyToRevenue"] is True
+    assert rates["INPUT2"]["CanApplyToRevenue"] is False
+    assert {rate["Status"] for rate in rates.values()} == {"ACTIVE"}
 
 
 async def test_an_idempotency_key_answers_the_first_create_again(xero: FakeXero) -> None:

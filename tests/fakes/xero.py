@@ -16,7 +16,7 @@ minutes and refresh tokens that rotate: each is spent by its use. `GET /connecti
 the tenants the token may reach.
 
 Accounting API (`/api.xro/2.0/…`, Bearer token and `xero-tenant-id` required): Accounts,
-TrackingCategories, Currencies, Organisation (GET); Contacts, Invoices, CreditNotes,
+TrackingCategories, TaxRates, Currencies, Organisation (GET); Contacts, Invoices, CreditNotes,
 Payments, BankTransfers, BankTransactions (GET with `where` and `page`, POST to create).
 Creates are validated as Xero does and refused with its validation format (HTTP 400,
 `ValidationException`, the messages under `Elements[].ValidationErrors[]`). An
@@ -106,6 +106,35 @@ def _decimal(value: Any) -> Decimal | None:
         return None
 
 
+def tax_rate(tax_type: str, name: str, rate: float, *, revenue: bool) -> dict[str, Any]:
+    """A tax rate as `GET /TaxRates` lists it."""
+    return {
+        "Name": name,
+        "TaxType": tax_type,
+        "ReportTaxType": "OUTPUT" if revenue else "INPUT",
+        "CanApplyToAssets": True,
+        "CanApplyToEquity": True,
+        "CanApplyToExpenses": not revenue,
+        "CanApplyToLiabilities": True,
+        "CanApplyToRevenue": revenue,
+        "DisplayTaxRate": rate,
+        "EffectiveRate": rate,
+        "Status": "ACTIVE",
+        "TaxComponents": [{"Name": "VAT", "Rate": rate, "IsCompound": False}],
+    }
+
+
+def _default_tax_rates() -> dict[str, dict[str, Any]]:
+    """A UK organisation's usual rates (Xero makes them with the organisation)."""
+    rates = (
+        tax_rate("NONE", "No VAT", 0.0, revenue=True),
+        tax_rate("OUTPUT2", "20% (VAT on Income)", 20.0, revenue=True),
+        tax_rate("EXEMPTOUTPUT", "Exempt Income", 0.0, revenue=True),
+        tax_rate("INPUT2", "20% (VAT on Expenses)", 20.0, revenue=False),
+    )
+    return {rate["TaxType"]: rate for rate in rates}
+
+
 @dataclass
 class Tenant:
     tenant_id: str
@@ -114,6 +143,7 @@ class Tenant:
     currencies: set[str] = field(default_factory=lambda: set(DEFAULT_CURRENCIES))
     accounts: dict[str, dict[str, Any]] = field(default_factory=dict)  # by code
     tracking: dict[str, list[str]] = field(default_factory=dict)
+    tax_rates: dict[str, dict[str, Any]] = field(default_factory=_default_tax_rates)  # by type
     contacts: dict[str, dict[str, Any]] = field(default_factory=dict)
     invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
     credit_notes: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -695,6 +725,8 @@ class FakeXero:
                 }
                 for name, options in tenant.tracking.items()
             ]
+        elif resource == "TaxRates":
+            rows = list(tenant.tax_rates.values())
         elif resource == "Currencies":
             rows = [{"Code": c, "Description": c} for c in sorted(tenant.currencies)]
         elif resource == "Organisation":
@@ -853,6 +885,15 @@ class FakeXero:
             code = line.get("AccountCode")
             if code not in tenant.accounts:
                 problems.append(f"Account code '{code}' is not a valid code for this document.")
+            tax_type = line.get("TaxType")
+            rate = tenant.tax_rates.get(tax_type) if tax_type is not None else None
+            if tax_type is not None and (
+                rate is None or rate["Status"] != "ACTIVE" or not rate["CanApplyToRevenue"]
+            ):
+                problems.append(
+                    f"The TaxType code '{tax_type}' does not exist or cannot be used with "
+                    "this type of transaction."
+                )
             for choice in line.get("Tracking") or []:
                 if choice.get("Option") not in tenant.tracking.get(choice.get("Name"), []):
                     problems.append(f"The TrackingOption '{choice.get('Option')}' does not exist.")

@@ -89,6 +89,27 @@ async def test_payouts_are_booked_between_bank_accounts_only(
     assert saved.status_code == 200, saved.text
 
 
+async def test_a_tax_type_the_organisation_cannot_charge_on_sales_is_refused(
+    api: ApiClient, http: httpx.AsyncClient, xero: FakeXero
+) -> None:
+    plan = await api.create_plan(currency="GBP")
+    integration = await create_xero_integration(api, xero)
+    await connect(api, http, integration["id"])
+    url = f"/api/v1/integrations/{integration['id']}/accounting-mapping"
+    # One Xero does not have, and one it has for purchases only.
+    for tax_type in ("NOSUCHTAX", "INPUT2"):
+        body = mapping_body(plan)
+        body["plans"][plan["id"]]["tax_type"] = tax_type
+        refused = await put(api, url, body)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["code"] == "MAPPING_REFUSED"
+        fields = [e["field"] for e in refused.json()["error"]["details"]["errors"]]
+        assert fields == [f"plans.{plan['id']}.tax_type"]
+    body = mapping_body(plan)
+    body["plans"][plan["id"]]["tax_type"] = "OUTPUT2"
+    assert (await put(api, url, body)).status_code == 200
+
+
 async def test_bad_mapping_input_is_a_clear_4xx(
     api: ApiClient, http: httpx.AsyncClient, xero: FakeXero
 ) -> None:

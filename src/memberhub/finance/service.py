@@ -45,6 +45,7 @@ from memberhub.integrations.providers.base import (
     AccountingRejected,
     ConnectionFailed,
     LedgerAccount,
+    TaxRate,
 )
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
@@ -121,13 +122,18 @@ async def save_mapping(
             if tracking_used
             else {}
         )
+        tax_rates = (
+            {rate.tax_type: rate for rate in await accounting.tax_rates(connection)}
+            if any(revenue.tax_type for revenue in _revenues(body))
+            else {}
+        )
     except AccountingRejected as exc:
         raise MappingRefused(str(exc)) from None
     except ConnectionFailed as exc:
         raise AccountingError(f"Xero refused the call: {exc}") from None
     except (GatewayError, CircuitOpen) as exc:
         raise AccountingUnavailable(f"The accounting system could not be reached: {exc}") from None
-    _check_accounts(body, accounts, categories)
+    _check_accounts(body, accounts, categories, tax_rates)
     mapping: dict[str, Any] = body.model_dump(mode="json")
     mapping["payments_integration_db_id"] = payments_db_id
     now = utcnow()
@@ -251,7 +257,10 @@ def _not_a_bank(code: str, kind: str) -> str:
 
 
 def _check_accounts(
-    body: MappingIn, accounts: dict[str, LedgerAccount], categories: dict[str, tuple[str, ...]]
+    body: MappingIn,
+    accounts: dict[str, LedgerAccount],
+    categories: dict[str, tuple[str, ...]],
+    tax_rates: dict[str, TaxRate],
 ) -> None:
     problems: list[dict[str, str]] = []
 
@@ -277,6 +286,15 @@ def _check_accounts(
         revenue_fields.append(("default_revenue", body.default_revenue))
     for field, revenue in revenue_fields:
         need(f"{field}.account_code", revenue.account_code)
+        rate = tax_rates.get(revenue.tax_type) if revenue.tax_type else None
+        if revenue.tax_type and (rate is None or rate.status != "ACTIVE" or not rate.revenue):
+            problems.append(
+                {
+                    "field": f"{field}.tax_type",
+                    "message": f"Tax type '{revenue.tax_type}' is not one of the "
+                    "organisation's active tax rates for sales.",
+                }
+            )
         for index, choice in enumerate(revenue.tracking):
             options = categories.get(choice.category)
             if options is None or choice.option not in options:

@@ -599,6 +599,14 @@ class LedgerAccount:
 
 
 @dataclass(frozen=True)
+class TaxRate:
+    tax_type: str
+    name: str
+    status: str = "ACTIVE"
+    revenue: bool = True  # may be applied to sales
+
+
+@dataclass(frozen=True)
 class TrackingCategory:
     name: str
     options: tuple[str, ...]
@@ -703,6 +711,9 @@ class Accounting(Protocol):
         """The chart of accounts."""
 
     async def tracking_categories(self, connection: Connection) -> list[TrackingCategory]: ...
+
+    async def tax_rates(self, connection: Connection) -> list[TaxRate]:
+        """The organisation's tax rates (the tax types a sale's line may name)."""
 
     async def find_or_create_contact(self, connection: Connection, contact: LedgerContact) -> str:
         """The vendor's id of the member's contact, created only when none matches."""

@@ -42,6 +42,7 @@ from memberhub.integrations.providers.base import (
     PaymentNotice,
     Provider,
     SaleDocument,
+    TaxRate,
     TrackingCategory,
 )
 from memberhub.kit.money import minor_unit_digits
@@ -230,6 +231,19 @@ class Xero(Provider):
                 or bool(row.get("EnablePaymentsToAccount")),
             )
             for row in body.get("Accounts") or []
+            if isinstance(row, Mapping)
+        ]
+
+    async def tax_rates(self, connection: Connection) -> list[TaxRate]:
+        body = await self._get(connection, "/TaxRates")
+        return [
+            TaxRate(
+                tax_type=str(row.get("TaxType") or ""),
+                name=str(row.get("Name") or ""),
+                status=str(row.get("Status") or "ACTIVE"),
+                revenue=bool(row.get("CanApplyToRevenue", True)),
+            )
+            for row in body.get("TaxRates") or []
             if isinstance(row, Mapping)
         ]
 
