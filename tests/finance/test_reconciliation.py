@@ -287,3 +287,41 @@ async def test_a_discounted_payment_is_invoiced_at_the_plan_price_and_reported(
     assert mismatch["kind"] == "amount_or_currency_differs"
     assert (mismatch["stripe_amount"], mismatch["xero_amount"]) == (2000, 2500)
     assert mismatch["member_id"] == member["id"]
+
+
+async def test_an_invoice_voided_in_xero_is_made_again_by_its_fix(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    hub: IntegrationHub,
+    xero: FakeXero,
+    stripe_api: FakeStripe,
+) -> None:
+    plan = await api.create_plan(price_amount=2500, currency="GBP")
+    stripe = await create_stripe_integration(api, base_url=stripe_api.url)
+    integration = await connected_xero(api, http, xero, plan)
+    member = await api.create_member()
+    await pay(api, http, stripe, stripe_api, member, plan)
+    await work(db, hub)
+    [invoice] = xero.invoices
+    xero.tenant.invoices[invoice["InvoiceID"]]["Status"] = "VOIDED"  # a bookkeeper voided it
+
+    report = await reconcile(api, db, hub, integration["id"])
+    [mismatch] = report["mismatches"]
+    assert (mismatch["kind"], mismatch["fix"]) == (
+        "paid_in_stripe_no_invoice",
+        "create_missing_invoice",
+    )
+    fix = f"/api/v1/reconciliations/{report['id']}/mismatches/{mismatch['id']}/fix"
+    fixed = await api.post(fix)
+    assert fixed.status_code == 200, fixed.text
+    await work(db, hub)
+    # A new invoice (not Xero's answer to the first one's key again), paid; then all agrees.
+    made = [i for i in xero.invoices if i["InvoiceID"] != invoice["InvoiceID"]]
+    assert [(i["Reference"], i["Status"]) for i in made] == [(invoice["Reference"], "PAID")]
+    assert (await reconcile(api, db, hub, integration["id"]))["mismatches"] == []
+    # The fix applied, applying it again books nothing more.
+    again = await api.post(fix)
+    assert again.status_code == 409, again.text
+    await work(db, hub)
+    assert len(xero.invoices) == 2

@@ -89,6 +89,7 @@ class _Work:
     # Payments booked for the entry before (a reconciliation's fix may pay its invoice
     # again after a bookkeeper removed the payment): each has a key of its own.
     payments_made: int = 0
+    invoices_made: int = 0
     # The same for a credit note refunded again (its refund removed in Xero), and for a
     # payout transferred again (its transfer removed in Xero).
     refunds_made: int = 0
@@ -196,6 +197,7 @@ async def _claim(db: Database, entry_id: int, now: datetime) -> _Work | None:
             revenue=_revenue_for(mapping, plan),
             invoice_amount=_invoice_amount(entry, plan),
             payments_made=sum(1 for step in entry.log if step.get("step") == "payment"),
+            invoices_made=sum(1 for step in entry.log if step.get("step") == "invoice"),
             refunds_made=sum(1 for step in entry.log if step.get("step") == "refund"),
             transfers_made=sum(1 for step in entry.log if step.get("step") == "transfer"),
         )
@@ -270,7 +272,10 @@ async def _run_steps(
                 currency=work.currency,
                 issued_on=work.occurred_at.date(),
                 lines=(_line(work, work.plan_name, work.invoice_amount),),
-                idempotency_key=f"memberhub-invoice-{work.public_id}",
+                # Made again (a fix, after the first was voided in Xero): a new key, or
+                # Xero would answer with the first again.
+                idempotency_key=f"memberhub-invoice-{work.public_id}"
+                + (f"-{work.invoices_made + 1}" if work.invoices_made else ""),
             ),
         )
         await _record(db, work.entry_id, "invoice", invoice_id=work.invoice_id)

@@ -168,7 +168,11 @@ async def _sale(
         entry.contact_id = entry.contact_id or plan.get("contact_id")
         entry.payment_id = None
     elif entry.kind == EntryKind.SALE:
-        _not_twice(entry, "payment")
+        # Booked before the report, yet the report found no invoice for it (voided or
+        # deleted in Xero since): made again, invoice and payment.
+        _booked_before(found, entry, "payment")
+        entry.invoice_id = None
+        entry.payment_id = None
     entry.kind = EntryKind.SALE
     return entry
 
