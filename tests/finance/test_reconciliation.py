@@ -19,6 +19,7 @@ from tests.fakes.stripe import FakeStripe
 from tests.fakes.xero import FakeXero
 from tests.finance.conftest import checkout_event, connected_xero, put, reconcile, this_month, work
 from tests.integrations.conftest import create_stripe_integration, send, stripe_id
+from tests.integrations.test_stripe_inbound import invoice_event
 from tests.support import ApiClient
 
 
@@ -325,3 +326,45 @@ async def test_an_invoice_voided_in_xero_is_made_again_by_its_fix(
     assert again.status_code == 409, again.text
     await work(db, hub)
     assert len(xero.invoices) == 2
+
+
+async def test_a_retry_paid_this_month_finds_the_invoice_its_failure_made_last_month(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    hub: IntegrationHub,
+    xero: FakeXero,
+    stripe_api: FakeStripe,
+) -> None:
+    plan = await api.create_plan(price_amount=3000, currency="GBP", term_months=1)
+    stripe = await create_stripe_integration(api, base_url=stripe_api.url)
+    integration = await connected_xero(api, http, xero, plan)
+    member = await api.create_member()
+    await pay(api, http, stripe, stripe_api, member, plan)
+    await work(db, hub)
+    invoice_id = stripe_id("in")
+    metadata = {"member_id": member["id"], "plan_id": plan["id"]}
+    # The renewal's first attempt failed an hour before this month began (its Xero
+    # invoice, unpaid, dated then)...
+    failed = invoice_event("invoice.payment_failed", id=invoice_id, metadata=metadata)
+    failed["data"]["object"].update(amount_due=3000, currency="gbp")
+    failed["created"] = int(datetime.fromisoformat(this_month()[0]).timestamp()) - 3600
+    assert (await send(http, stripe["id"], failed)).status_code == 200
+    await work(db, hub)
+    # ...and Stripe's retry paid it this month: that invoice is paid.
+    intent = stripe_id("pi")
+    charge = stripe_api.add_charge(
+        3000, "gbp", payment_intent=intent, invoice=invoice_id, metadata=metadata
+    )
+    paid = invoice_event("invoice.paid", id=invoice_id, metadata=metadata, payment_intent=intent)
+    paid["data"]["object"].update(amount_paid=3000, amount_due=3000, currency="gbp")
+    assert (await send(http, stripe["id"], paid)).status_code == 200
+    await work(db, hub)
+    [renewal] = [i for i in xero.invoices if i["Reference"] == invoice_id]
+    assert renewal["Status"] == "PAID"
+
+    report = await reconcile(api, db, hub, integration["id"])
+    # The charge has its invoice, though issued last month (which this month's documents
+    # do not count).
+    assert [m["kind"] for m in report["mismatches"] if m["stripe_id"] == charge["id"]] == []
+    assert report["summary"]["xero_invoices"] == 1

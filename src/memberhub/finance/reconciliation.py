@@ -24,7 +24,7 @@ Each mismatch carries a suggested fix, applied through the API where one can be
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -199,6 +199,21 @@ async def _compare(
             since=start.date(),
             until=(end + PAYOUT_ARRIVAL_SLACK).date(),
         )
+    # An invoice issued before the period for one of its charges: a renewal whose payment
+    # failed last month (its invoice made then, unpaid) and Stripe's retry paid this month.
+    # Looked up by reference, whenever issued, for the charges the period's lack.
+    issued = {d.reference for d in documents if d.kind == "invoice" and d.status != "VOIDED"}
+    missing = [
+        ref
+        for charge in charges
+        if not issued & (refs := _references(charge, records))
+        for ref in sorted(refs)
+    ]
+    earlier_invoices = (
+        await accounting.invoices_referencing(hub.connection(integration), missing)
+        if missing
+        else []
+    )
     paid_before: dict[int, list[datetime]] = defaultdict(list)
     for charge in earlier:
         record = next((records[i] for i in (charge.id, *charge.references) if i in records), None)
@@ -206,8 +221,26 @@ async def _compare(
         if member_row is not None:
             paid_before[member_row].append(charge.created_at)
     return _match(
-        charges, movements, documents, books, records, terms, members, start, end, paid_before
+        charges,
+        movements,
+        documents,
+        books,
+        records,
+        terms,
+        members,
+        start,
+        end,
+        paid_before,
+        earlier_invoices,
     )
+
+
+def _references(charge: MoneyRecord, records: dict[str, tuple[str, int]]) -> set[str]:
+    """What an invoice for `charge` has as its reference: the payment's key, or one of the
+    charge's ids."""
+    ids = (charge.id, *charge.references)
+    record = next((records[i] for i in ids if i in records), None)
+    return {record[0] if record else charge.id, *ids}
 
 
 @dataclass
@@ -282,9 +315,12 @@ def _match(
     start: datetime,
     end: datetime,
     paid_before: Mapping[int, list[datetime]],
+    earlier_invoices: Sequence[LedgerDocument] = (),
 ) -> dict[str, Any]:
     invoices_by_ref: dict[str, LedgerDocument] = {}
-    for document in documents:
+    # The period's invoices first; then those issued before it for its charges (matched
+    # to them, not counted among the period's documents).
+    for document in (*documents, *earlier_invoices):
         if document.kind == "invoice" and document.reference and document.status != "VOIDED":
             invoices_by_ref.setdefault(document.reference, document)
     public_of = {row_id: public for public, row_id in members.items()}

@@ -742,6 +742,11 @@ class Accounting(Protocol):
     ) -> list[LedgerDocument]:
         """Invoices and credit notes issued from `since` up to, not including, `until`."""
 
+    async def invoices_referencing(
+        self, connection: Connection, references: Sequence[str]
+    ) -> list[LedgerDocument]:
+        """The invoices whose reference is one of `references`, whenever issued."""
+
     async def transfers(
         self, connection: Connection, *, since: date, until: date
     ) -> list[LedgerTransfer]:

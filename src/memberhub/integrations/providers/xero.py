@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar
@@ -54,6 +54,8 @@ SIGNATURE = signatures.HmacScheme(header="x-xero-signature", encoding="base64")
 # Xero's where-clause strings are double-quoted; these never appear in our ids or emails.
 _UNQUOTABLE = frozenset('"\\')
 MAX_EVENT_ID_CHARS = 255
+# References one `where` asks for (its length stays well within what a URL may hold).
+REFERENCES_PER_CALL = 25
 # How a member id, the ContactNumber of a member's contact, begins.
 MEMBER_ID_PREFIX = "mem_"
 
@@ -416,6 +418,25 @@ class Xero(Provider):
                 body = await self._get(connection, path, {"where": where, "page": str(page)})
                 rows = [row for row in body.get(key) or [] if isinstance(row, Mapping)]
                 found.extend(_ledger_document(row, kind) for row in rows)
+                if len(rows) < 100:
+                    break
+                page += 1
+        return found
+
+    async def invoices_referencing(
+        self, connection: Connection, references: Sequence[str]
+    ) -> list[LedgerDocument]:
+        found: list[LedgerDocument] = []
+        wanted = [r for r in dict.fromkeys(references) if not _UNQUOTABLE & set(r)]
+        for start in range(0, len(wanted), REFERENCES_PER_CALL):
+            where = " OR ".join(
+                f"Reference=={_quoted(r)}" for r in wanted[start : start + REFERENCES_PER_CALL]
+            )
+            page = 1
+            while True:
+                body = await self._get(connection, "/Invoices", {"where": where, "page": str(page)})
+                rows = [row for row in body.get("Invoices") or [] if isinstance(row, Mapping)]
+                found.extend(_ledger_document(row, "invoice") for row in rows)
                 if len(rows) < 100:
                     break
                 page += 1
