@@ -230,3 +230,21 @@ async def test_a_leads_audit_entries_are_sealed_and_erased_with_the_member_it_be
     await run_passes(db)
     async with db.transaction(read_only=True) as session:
         assert (await verify_chain(session)).intact
+
+
+async def test_the_lead_email_filter_finds_a_lead_by_the_address_it_was_created_with(
+    api: ApiClient,
+) -> None:
+    created = await api.post("/api/v1/leads", {"email": "kim@xn--bcher-kva.de"})
+    assert created.status_code == 201, created.text
+    found = await api.get("/api/v1/leads", params={"email": "kim@xn--bcher-kva.de"})
+    assert [lead["id"] for lead in found.json()["data"]] == [created.json()["id"]]
+
+
+async def test_a_null_custom_field_on_a_new_lead_made_over_the_api_sets_nothing(
+    api: ApiClient,
+) -> None:
+    body = {"email": "n@example.com", "custom_fields": {"gone": None, "kept": 1}}
+    response = await api.post("/api/v1/leads", body)
+    assert response.status_code == 201, response.text
+    assert response.json()["custom_fields"] == {"kept": 1}

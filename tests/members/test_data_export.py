@@ -17,6 +17,7 @@ from tests.activities.conftest import activity_body, record
 from tests.bulk.conftest import csv_body
 from tests.bulk.conftest import run_worker as run_bulk
 from tests.bulk.conftest import upload as bulk_upload
+from tests.bulk.test_member_import import finished, post_import
 from tests.conftest import issue_key
 from tests.support import ApiClient
 
@@ -257,3 +258,37 @@ async def test_erasure_takes_the_members_values_out_of_what_crm_syncs_kept(
     kept = conflicts[other["id"]]
     assert (kept.status, kept.values["crm"]) == ("open", f"crm-phone-of-{other['id']}")
     assert records[other["id"]].changes == {"last_name": f"crm-name-of-{other['id']}"}
+
+
+async def test_the_export_holds_nothing_of_another_organisations_member_of_the_same_email(
+    api: ApiClient, db: Database
+) -> None:
+    ours_org = await api.create_organisation()
+    their_org = await api.create_organisation()
+    ours = await api.create_member(email="kim@example.com", organisation_id=ours_org["id"])
+    theirs = await api.create_member(email="kim@example.com", organisation_id=their_org["id"])
+    # The other organisation dry-runs an import that updates its own Kim.
+    their_key = api.with_key(await issue_key(db, Role.ADMIN, organisation=their_org["id"]))
+    dry = await post_import(
+        their_key, "email,first_name\nkim@example.com,Kimberly\n", dry_run="true"
+    )
+    await finished(their_key, db, dry["id"])
+
+    response = await api.get(f"/api/v1/members/{ours['id']}/export")
+    assert response.status_code == 200, response.text
+    assert response.json()["records"].get("bulk_job_rows", []) == []
+    assert theirs["id"] not in response.text
+
+
+async def test_the_export_holds_no_data_key_of_the_lead_the_member_came_from(
+    api: ApiClient,
+) -> None:
+    lead = await api.post("/api/v1/leads", {"email": "lee@example.com", "first_name": "Lee"})
+    assert lead.status_code == 201, lead.text
+    enrolled = await api.post(f"/api/v1/leads/{lead.json()['id']}/enroll", {})
+    assert enrolled.status_code == 201, enrolled.text
+
+    response = await api.get(f"/api/v1/members/{enrolled.json()['member_id']}/export")
+    assert response.status_code == 200, response.text
+    [row] = response.json()["records"]["leads"]
+    assert "data_key" not in row

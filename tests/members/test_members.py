@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,8 @@ from tests.support import ApiClient, unique
 from tests.support_server import running_server
 
 MEMBERS = "/api/v1/members"
+# A to Z as full-width letters (U+FF21…), which an address may be typed in.
+FULL_WIDTH = {code: code + 0xFEE0 for code in range(ord("A"), ord("Z") + 1)}
 
 
 def ids(response_json: dict[str, Any]) -> list[str]:
@@ -783,3 +786,31 @@ async def test_concurrent_creates_of_one_email_make_one_member(
     assert len(await list_ids(api, email="ana@example.com")) == 1
     created = (await api.get("/api/v1/events", params={"type": "member.created"})).json()
     assert len(created["data"]) == 1
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        "kim@xn--bcher-kva.de",  # an IDN domain in its ASCII form
+        "ana@" + "EXAMPLE".translate(FULL_WIDTH) + ".com",  # full-width letters
+        unicodedata.normalize("NFD", "josé@example.com"),  # accents as macOS writes them
+    ],
+)
+async def test_the_email_filter_finds_a_member_by_the_address_it_was_created_with(
+    api: ApiClient, email: str
+) -> None:
+    created = await api.post(MEMBERS, {"email": email})
+    assert created.status_code == 201, created.text
+    # The same address again is a duplicate: the two are one address.
+    assert (await api.post(MEMBERS, {"email": email})).status_code == 409
+    found = await api.get(MEMBERS, params={"email": email})
+    assert found.status_code == 200, found.text
+    assert [m["id"] for m in found.json()["data"]] == [created.json()["id"]]
+
+
+async def test_a_null_custom_field_on_a_new_member_sets_nothing(api: ApiClient) -> None:
+    response = await api.post(
+        MEMBERS, {"email": "n@example.com", "custom_fields": {"gone": None, "kept": 1}}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["custom_fields"] == {"kept": 1}

@@ -329,3 +329,18 @@ def test_every_column_keeping_an_organisation_id_without_a_key_is_known() -> Non
         and not any(fk.column.table.name == "organisations" for fk in column.foreign_keys)
     }
     assert copies == set(ID_COPIES)
+
+
+async def test_an_erased_member_enrolled_from_a_lead_does_not_keep_its_organisation_alive(
+    api: ApiClient,
+) -> None:
+    org = await api.create_organisation()
+    lead = await api.post("/api/v1/leads", {"email": "l@example.com", "organisation_id": org["id"]})
+    assert lead.status_code == 201, lead.text
+    enrolled = await api.post(f"/api/v1/leads/{lead.json()['id']}/enroll", {})
+    assert enrolled.status_code == 201, enrolled.text
+    member_id = enrolled.json()["member_id"]
+    assert (await api.delete(f"/api/v1/members/{member_id}")).status_code == 204
+
+    response = await api.delete(f"/api/v1/organisations/{org['id']}")
+    assert response.status_code == 204, response.text

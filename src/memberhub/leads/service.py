@@ -26,7 +26,7 @@ from memberhub.leads.models import TRANSITIONS, Lead, LeadStatus
 from memberhub.leads.schemas import EnrollmentOut, LeadCreate, LeadEnroll, LeadOut, LeadPatch
 from memberhub.members import service as members
 from memberhub.members.personal import new_data_key, seal_personal
-from memberhub.members.repository import normalize_email
+from memberhub.members.repository import normalize_email, searched_email
 from memberhub.members.schemas import MemberCreate
 from memberhub.memberships import service as memberships
 from memberhub.organisations.models import Organisation
@@ -116,7 +116,7 @@ async def list_leads(
     if filters.status is not None:
         query = query.where(Lead.status == filters.status)
     if filters.email is not None:
-        query = query.where(Lead.email_normalized == normalize_email(filters.email))
+        query = query.where(Lead.email_normalized == searched_email(filters.email))
     if filters.source is not None:
         query = query.where(Lead.source == filters.source)
     if filters.agent_id is not None:
@@ -189,7 +189,7 @@ async def create_lead(session: AsyncSession, principal: Principal, payload: Lead
         source=payload.source,
         agent_id=payload.agent_id,
         status=LeadStatus.NEW,
-        custom_fields=dict(payload.custom_fields),
+        custom_fields=members.merge_mapping({}, payload.custom_fields, "custom_fields", "lead"),
         external_ids=dict(payload.external_ids),
     )
     await session.flush()

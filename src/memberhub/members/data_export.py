@@ -19,26 +19,28 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Column, Table, func, or_, select
+from sqlalchemy import Column, Table, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import memberhub.models  # noqa: F401 - every table in the metadata, for the foreign-key walk
 from memberhub.audit.models import AuditEntry
 from memberhub.audit.service import record_write
 from memberhub.auth.principal import Principal
-from memberhub.bulk.models import BulkJobRow
+from memberhub.bulk.models import BulkJob, BulkJobRow
 from memberhub.crm.models import CrmConflict, CrmLink, SyncRunRecord
 from memberhub.events.models import Event
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Base
 from memberhub.members.consent import current_consent
-from memberhub.members.models import Member
+from memberhub.members.models import MEMBER_ID_PREFIX, Member
 from memberhub.members.personal import open_personal
 from memberhub.members.service import get_member, to_out
 from memberhub.notifications.models import Suppression
 from memberhub.notifications.schemas import normalise_address
 
 FORMAT_VERSION = 1
+# Columns never exported: keys (a lead's `data_key` opens its sealed audit entries).
+KEYS = frozenset({"data_key"})
 _MEMBERS = "members"
 
 
@@ -85,7 +87,7 @@ class MemberDataRepository:
         query = select(table).where(condition)
         if "id" in table.c:
             query = query.order_by(table.c.id)
-        skip = frozenset(column.name for column in columns)
+        skip = frozenset(column.name for column in columns) | KEYS
         return [_row(row, skip) for row in await self.session.execute(query)]
 
     async def events(self, member_public_id: str) -> list[dict[str, Any]]:
@@ -147,10 +149,29 @@ class MemberDataRepository:
         rows = BulkJobRow.__table__
         named = [rows.c.member_id == member.public_id]
         if member.email_normalized:
-            named += [
-                func.lower(rows.c.member_id) == member.email_normalized,
-                func.lower(rows.c.match_email) == member.email_normalized,
-            ]
+            # By the email a row gave: only in the jobs of the member's organisation and the
+            # installation-wide ones (an email is unique only within an organisation), and
+            # never a row another member's id names.
+            email = member.email_normalized
+            jobs = select(BulkJob.id).where(
+                or_(
+                    BulkJob.organisation_id.is_(None),
+                    BulkJob.organisation_id == member.organisation_id,
+                )
+            )
+            named.append(
+                and_(
+                    rows.c.job_id.in_(jobs),
+                    or_(
+                        func.lower(rows.c.member_id) == email,
+                        func.lower(rows.c.match_email) == email,
+                    ),
+                    or_(
+                        rows.c.member_id.is_(None),
+                        ~rows.c.member_id.startswith(MEMBER_ID_PREFIX),
+                    ),
+                )
+            )
         query = select(rows).where(or_(*named)).order_by(rows.c.id)
         found["bulk_job_rows"] = [
             _row(row, frozenset()) for row in await self.session.execute(query)

@@ -25,6 +25,10 @@ class MemberStatus:
     ALL = (PENDING, ACTIVE, GRACE, LAPSED, SUSPENDED, CANCELLED)
 
 
+# How a member's public id begins (`new_public_id("mem")`): a value naming a member.
+MEMBER_ID_PREFIX = "mem_"
+
+
 class Member(IdMixin, Base):
     __tablename__ = "members"
     __table_args__ = (

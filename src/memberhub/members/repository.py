@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import Select, bindparam, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -31,6 +33,15 @@ def _escape_like(value: str) -> str:
 
 def normalize_email(email: str) -> str:
     return email.strip().lower()
+
+
+def searched_email(value: str) -> str:
+    """An address a filter gives, in the form a member or lead created with it is stored:
+    as the API's email fields normalise it (a punycode domain shown in Unicode, full-width
+    letters plain, accents composed), lowercased; one that does not parse, lowercased."""
+    with contextlib.suppress(EmailNotValidError, ValueError):
+        value = validate_email(value, check_deliverability=False).normalized
+    return normalize_email(value)
 
 
 class MemberRepository:
@@ -74,7 +85,7 @@ class MemberRepository:
         if filters.tier is not None:
             query = query.where(Member.tier == filters.tier)
         if filters.email is not None:
-            query = query.where(Member.email_normalized == normalize_email(filters.email))
+            query = query.where(Member.email_normalized == searched_email(filters.email))
         if filters.external_id is not None:
             system, value = filters.external_id
             query = query.where(Member.external_ids[system].as_string() == value)

@@ -202,7 +202,8 @@ async def create_member(
             "consent_profiling": payload.consent.profiling,
             "consent_crm": payload.consent.crm,
             "consent_marketing_email": payload.consent.marketing_email,
-            "custom_fields": dict(payload.custom_fields),
+            # As a patch of nothing: a null value sets nothing.
+            "custom_fields": merge_mapping({}, payload.custom_fields, "custom_fields", "member"),
             "external_ids": dict(payload.external_ids),
             "data_key": new_data_key(),
             "created_at": now,

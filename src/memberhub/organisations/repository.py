@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.auth.models import ApiKey
@@ -90,12 +90,17 @@ class OrganisationRepository:
         members = select(func.count(Member.id)).where(
             Member.organisation_id == org_id, Member.deleted_at.is_(None)
         )
-        counted = {"members": members}
+        # A lead enrolled as a member since erased was erased with it: it counts no more
+        # than the member does.
+        leads = select(func.count(Lead.id)).where(
+            Lead.organisation_id == org_id,
+            or_(Lead.member_id.is_(None), Lead.member_id.not_in(_erased_members())),
+        )
+        counted = {"members": members, "leads": leads}
         for kind, model in (
             ("plans", MembershipPlan),
             ("api_keys", ApiKey),
             ("staff", StaffUser),
-            ("leads", Lead),
             ("integrations", Integration),
             ("webhook_endpoints", WebhookEndpoint),
             ("bulk_jobs", BulkJob),
@@ -104,8 +109,21 @@ class OrganisationRepository:
         return {kind: await self.session.scalar(query) or 0 for kind, query in counted.items()}
 
     async def detach_erased_members(self, org_id: int) -> None:
+        """Erased members, and the leads they were enrolled from (erased with them), no
+        longer belong to the organisation."""
+        from memberhub.leads.models import Lead
+
+        await self.session.execute(
+            update(Lead)
+            .where(Lead.organisation_id == org_id, Lead.member_id.in_(_erased_members()))
+            .values(organisation_id=None)
+        )
         await self.session.execute(
             update(Member)
             .where(Member.organisation_id == org_id, Member.deleted_at.is_not(None))
             .values(organisation_id=None)
         )
+
+
+def _erased_members() -> Select[int]:
+    return select(Member.id).where(Member.deleted_at.is_not(None))

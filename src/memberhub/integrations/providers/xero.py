@@ -46,6 +46,7 @@ from memberhub.integrations.providers.base import (
     TrackingCategory,
 )
 from memberhub.kit.money import minor_unit_digits
+from memberhub.members.models import MEMBER_ID_PREFIX
 
 API = "/api.xro/2.0"
 Secret = Annotated[str, StringConstraints(strip_whitespace=True, min_length=8, max_length=500)]
@@ -56,8 +57,6 @@ _UNQUOTABLE = frozenset('"\\')
 MAX_EVENT_ID_CHARS = 255
 # References one `where` asks for (its length stays well within what a URL may hold).
 REFERENCES_PER_CALL = 25
-# How a member id, the ContactNumber of a member's contact, begins.
-MEMBER_ID_PREFIX = "mem_"
 
 
 class XeroConfig(BaseConfig):
