@@ -4,6 +4,7 @@ DuckDB reads it back."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,21 @@ def test_a_members_data_key_is_never_exported() -> None:
     exported = [column.name for column in columns(TABLES["members"])]
     assert "data_key" not in exported
     assert {"id", "public_id", "email", "custom_fields", "deleted_at"} <= set(exported)
+
+
+def test_the_readme_lists_every_exported_column() -> None:
+    """README, Table schemas: each table's key and columns, as the manifests carry them."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Table schemas", 1)[1].split("### ", 1)[0]
+    documented = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            names = {cells[1].strip("`"), *re.findall(r"`([a-z_]+)`", cells[3])}
+            documented[cells[0].strip("`")] = names
+    undocumented = {
+        name: sorted({c.name for c in columns(spec)} - documented[name])
+        for name, spec in TABLES.items()
+        if {c.name for c in columns(spec)} - documented[name]
+    }
+    assert undocumented == {}

@@ -3,6 +3,7 @@ nothing."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,12 @@ import pytest
 
 from memberhub.auth.roles import Role
 from memberhub.exports import schedule
+from memberhub.exports.jobs import process_exports
+from memberhub.integrations.hub import IntegrationHub
+from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from tests.conftest import issue_key
-from tests.exports.conftest import create_local_integration
+from tests.exports.conftest import SMALL, create_local_integration
 from tests.support import ApiClient
 
 BERLIN = "Europe/Berlin"
@@ -164,3 +168,50 @@ async def test_organisation_keys_may_not_export(
 
     assert (await scoped.get("/api/v1/exports")).status_code in (403, 404)
     assert (await api.get("/api/v1/exports/exp_unknown")).status_code == 404
+
+
+async def test_an_organisations_storage_target_is_not_an_export_target(
+    api: ApiClient, db: Database, hub: IntegrationHub, tmp_path: Path
+) -> None:
+    """Exports carry every organisation's rows (README): a target an organisation's key
+    administers would hand them all to that organisation."""
+    ours, theirs = await api.create_organisation(), await api.create_organisation()
+    stranger = await api.create_member(organisation_id=theirs["id"], first_name="Secret")
+    scoped = api.with_key(await issue_key(db, Role.ADMIN, organisation=ours["id"]))
+    target = await scoped.post(
+        "/api/v1/integrations",
+        {
+            "provider": "local_storage",
+            "name": "Ours",
+            "config": {"directory": str(tmp_path / "ours")},
+        },
+    )
+    assert target.status_code == 201, target.text
+    assert target.json()["organisation_id"] == ours["id"]
+
+    created = await api.post(
+        "/api/v1/exports",
+        {
+            "name": "Members",
+            "table": "members",
+            "format": "jsonl",
+            "storage_integration_id": target.json()["id"],
+        },
+    )
+    if created.status_code == 201:
+        # The organisation's key re-points its target wherever it likes, and gets them all.
+        moved = await scoped.patch(
+            f"/api/v1/integrations/{target.json()['id']}",
+            {"config": {"directory": str(tmp_path / "elsewhere")}},
+        )
+        assert moved.status_code == 200, moved.text
+        await api.post(f"/api/v1/exports/{created.json()['id']}/runs")
+        await process_exports(db, hub, utcnow(), SMALL)
+        lines = [
+            json.loads(line)
+            for path in (tmp_path / "elsewhere").glob("members/dt=*/*.jsonl")
+            for line in path.read_text().splitlines()
+        ]
+        leaked = [row["public_id"] for row in lines if row["public_id"] == stranger["id"]]
+        assert not leaked, f"another organisation's member reached {ours['id']}'s target"
+    assert created.status_code == 422, created.text

@@ -191,6 +191,11 @@ async def _context(db: Database, hub: IntegrationHub, run_id: int) -> _Context:
         raise RuntimeError(f"{integration.provider} is not a storage provider")
     if not integration.enabled:
         raise RuntimeError(f"the storage integration {integration.public_id} is disabled")
+    if integration.organisation_id is not None:
+        raise RuntimeError(
+            f"the storage integration {integration.public_id} is an organisation's: every "
+            "organisation's rows go only to an installation-wide target"
+        )
     return _Context(
         run=run,
         export=export,

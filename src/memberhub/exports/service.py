@@ -63,6 +63,15 @@ async def storage_integration(
             details={"field": "storage_integration_id"},
             code="NOT_A_STORAGE_INTEGRATION",
         )
+    if integration.organisation_id is not None:
+        # An export carries every organisation's rows; the organisation's own keys may
+        # change where its integration writes.
+        raise ValidationFailed(
+            f"Integration {public_id} is an organisation's: an export (every organisation's "
+            "rows) goes only to an installation-wide storage target.",
+            details={"field": "storage_integration_id"},
+            code="STORAGE_INTEGRATION_OF_AN_ORGANISATION",
+        )
     return integration
 
 
