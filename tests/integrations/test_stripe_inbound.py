@@ -855,3 +855,44 @@ async def test_a_chapters_payments_join_only_plans_its_keys_see(
     joined = await member_of(api, member["id"])
     assert joined["status"] == "active"
     assert joined["membership"]["plan_id"] == our_plan["id"]
+
+
+async def test_a_stale_partial_refund_arriving_after_the_full_one_does_not_undo_it(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan(price_amount=20000)
+    member = await api.create_member()
+    payment_intent, charge_id = stripe_id("pi"), stripe_id("ch")
+    await send(
+        http,
+        stripe_integration["id"],
+        checkout_completed(member, plan, payment_intent=payment_intent, invoice=None),
+    )
+    await run_worker(db)
+
+    def refund(amount_refunded: int, created: int) -> dict[str, Any]:
+        event = stripe_event(
+            "charge.refunded",
+            {
+                "id": charge_id,
+                "object": "charge",
+                "amount": 20000,
+                "amount_refunded": amount_refunded,
+                "refunded": amount_refunded == 20000,
+                "currency": "myr",
+                "payment_intent": payment_intent,
+            },
+        )
+        event["created"] = created
+        return event
+
+    now = int(time.time())
+    # Stripe sent the partial refund first, the full one a minute later; they arrive swapped.
+    await send(http, stripe_integration["id"], refund(20000, now))
+    await run_worker(db)
+    assert (await member_of(api, member["id"]))["membership"]["payment_status"] == "refunded"
+    await send(http, stripe_integration["id"], refund(10000, now - 60))
+    await run_worker(db)
+    assert await balance_of(api, member["id"]) == 0
+    after = await member_of(api, member["id"])
+    assert after["membership"]["payment_status"] == "refunded"

@@ -157,6 +157,9 @@ class PaymentRecord(IdMixin, Base):
     )
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
+    # The most the provider has said was refunded of the payment (its refund events carry
+    # a running total): a lower total arriving later is an older event.
+    refunded_amount: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     earn_transaction_id: Mapped[int | None] = mapped_column(
         BigIntId, ForeignKey("point_transactions.id", ondelete="SET NULL")
     )

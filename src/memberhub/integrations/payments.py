@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import DataError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -485,6 +485,23 @@ async def _refunded(
             )
         return {"action": "ignored", "reason": "no payment on record with these ids"}
     record = records[0]
+    # The refunded total only grows: one no higher than a total already applied is an older
+    # event (or this one again), and changes neither the status nor the points.
+    raised = await session.execute(
+        update(PaymentRecord)
+        .where(
+            PaymentRecord.integration_id == integration.id,
+            PaymentRecord.payment_key == record.payment_key,
+            PaymentRecord.refunded_amount < notice.amount_refunded,
+        )
+        .values(refunded_amount=notice.amount_refunded)
+        .execution_options(synchronize_session=False)
+    )
+    if not raised.rowcount:  # type: ignore[attr-defined]
+        return {
+            "action": "ignored",
+            "reason": "a refund total no higher than one already applied (an older event)",
+        }
     member = await _member_by_id(session, record.member_id)
     full = notice.amount_refunded >= record.amount or notice.amount_refunded >= notice.amount
     result: dict[str, Any] = {"member_id": member.public_id, "action": "refund", "points": 0}
