@@ -896,3 +896,47 @@ async def test_a_stale_partial_refund_arriving_after_the_full_one_does_not_undo_
     assert await balance_of(api, member["id"]) == 0
     after = await member_of(api, member["id"])
     assert after["membership"]["payment_status"] == "refunded"
+
+
+async def test_a_late_invoice_paid_before_the_subscription_ended_keeps_the_cancellation(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan()
+    member = await api.create_member()
+    customer = stripe_id("cus")
+    await send(http, stripe_integration["id"], checkout_completed(member, plan, customer=customer))
+    await run_worker(db)
+    now = int(time.time())
+    deleted = stripe_event(
+        "customer.subscription.deleted",
+        {
+            "id": stripe_id("sub"),
+            "object": "subscription",
+            "customer": customer,
+            "status": "canceled",
+            "metadata": {"member_id": member["id"]},
+        },
+    )
+    deleted["created"] = now
+    await send(http, stripe_integration["id"], deleted)
+    await run_worker(db)
+    cancelled = (await member_of(api, member["id"]))["membership"]
+    assert cancelled["cancel_at_period_end"] is True
+
+    # An invoice paid ten minutes before the subscription was deleted, delivered late: the
+    # term it paid for is added, the cancellation at its end stays.
+    late = invoice_event("invoice.paid", customer=customer, metadata={"member_id": member["id"]})
+    late["created"] = now - 600
+    await send(http, stripe_integration["id"], late)
+    await run_worker(db)
+    after = (await member_of(api, member["id"]))["membership"]
+    assert after["cancel_at_period_end"] is True
+    assert after["payment_status"] == "cancelled"
+    assert after["term_ends_at"] > cancelled["term_ends_at"]
+    # A payment made after the deletion (the member subscribed again) lifts it.
+    again = invoice_event("invoice.paid", customer=customer, metadata={"member_id": member["id"]})
+    again["created"] = int(time.time()) + 1
+    await send(http, stripe_integration["id"], again)
+    await run_worker(db)
+    resumed = (await member_of(api, member["id"]))["membership"]
+    assert (resumed["cancel_at_period_end"], resumed["payment_status"]) == (False, "paid")

@@ -261,6 +261,15 @@ async def _paid(
     member = await _find_member(session, integration, notice)
     plan = await _plan_for(session, integration, settings, notice, member)
     result: dict[str, Any] = {"member_id": member.public_id, "plan_id": plan.public_id}
+    # Paid before the subscription was deleted, delivered after the deletion was applied:
+    # the term paid for is added, but the cancellation at its end, and the status, stay.
+    paid_before_cancelling = bool(
+        member.cancel_at_period_end
+        and member.payment_status == "cancelled"
+        and member.payment_updated_at is not None
+        and notice.occurred_at is not None
+        and notice.occurred_at < member.payment_updated_at
+    )
     if member.status in (S.PENDING, S.LAPSED, S.CANCELLED):
         await memberships.join(session, principal, member.public_id, plan.public_id, _note(notice))
         result["action"] = "join"
@@ -275,6 +284,15 @@ async def _paid(
             enforce_window=False,
         )
         result["action"] = "renew"
+        if paid_before_cancelling:
+            await memberships.cancel(
+                session,
+                principal,
+                member.public_id,
+                at_period_end=True,
+                note="The subscription was deleted after this payment.",
+            )
+            result["cancellation"] = "kept"
     else:
         # Suspended: the payment is recorded, the suspension stays for staff to lift.
         result["action"] = "recorded"
@@ -303,7 +321,8 @@ async def _paid(
         currency=currency,
         earn_id=earn_id,
     )
-    _set_payment_status(session, integration, member, "paid", notice, now)
+    if not (paid_before_cancelling and result["action"] == "renew"):
+        _set_payment_status(session, integration, member, "paid", notice, now)
     return result
 
 
