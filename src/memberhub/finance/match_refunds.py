@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from memberhub.finance.report import MismatchList, issued_in, money
+from memberhub.finance.report import MismatchList, issued_in, money, record_of
 from memberhub.integrations.providers.base import LedgerDocument, MoneyRecord
 
 REFUNDED_REFERENCE = re.compile(r"^(?P<payment>.+):refunded:\d+$")
@@ -120,7 +120,7 @@ def match_refunds(
 
     matched = 0
     for refund in ordered:
-        record = next((records[i] for i in (refund.id, *refund.references) if i in records), None)
+        record = record_of(refund, records)
         member_public = public_of.get(record[1]) if record else refund.member_id
         fields = {
             "member_id": member_public,

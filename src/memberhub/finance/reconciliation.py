@@ -37,7 +37,7 @@ from memberhub.finance.match_payouts import match_payouts
 from memberhub.finance.match_refunds import match_refunds
 from memberhub.finance.models import AccountingMapping, Reconciliation, ReconciliationStatus
 from memberhub.finance.queue import money_scopes
-from memberhub.finance.report import MismatchList, money
+from memberhub.finance.report import MismatchList, money, record_of
 from memberhub.integrations.gateway import CircuitOpen, GatewayError
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.models import Integration, PaymentRecord
@@ -216,7 +216,7 @@ async def _compare(
     )
     paid_before: dict[int, list[datetime]] = defaultdict(list)
     for charge in earlier:
-        record = next((records[i] for i in (charge.id, *charge.references) if i in records), None)
+        record = record_of(charge, records)
         member_row = record[1] if record else members.get(charge.member_id or "")
         if member_row is not None:
             paid_before[member_row].append(charge.created_at)
@@ -238,9 +238,8 @@ async def _compare(
 def _references(charge: MoneyRecord, records: dict[str, tuple[str, int]]) -> set[str]:
     """What an invoice for `charge` has as its reference: the payment's key, or one of the
     charge's ids."""
-    ids = (charge.id, *charge.references)
-    record = next((records[i] for i in ids if i in records), None)
-    return {record[0] if record else charge.id, *ids}
+    record = record_of(charge, records)
+    return {record[0] if record else charge.id, charge.id, *charge.references}
 
 
 @dataclass
@@ -335,7 +334,7 @@ def _match(
 
     for charge in sorted(charges, key=lambda c: (c.created_at, c.id)):
         ids = (charge.id, *charge.references)
-        record = next((records[i] for i in ids if i in records), None)
+        record = record_of(charge, records)
         payment_key = record[0] if record else charge.id
         member_row: int | None = record[1] if record else members.get(charge.member_id or "")
         if member_row is not None:

@@ -4,8 +4,11 @@ apply, and `_fix`, what applying it needs (kept in the report, never shown)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from typing import Any
+
+from memberhub.integrations.providers.base import MoneyRecord
 
 
 class MismatchList:
@@ -35,3 +38,11 @@ def issued_in(day: date, start: datetime, end: datetime) -> bool:
     """Whether a document dated `day` (a date) falls in [start, end)."""
     last_day = (end - timedelta(microseconds=1)).date()
     return start.date() <= day <= last_day
+
+
+def record_of(
+    movement: MoneyRecord, records: Mapping[str, tuple[str, int]]
+) -> tuple[str, int] | None:
+    """(payment key, member row id) of the payment a Stripe movement is about, found by any
+    of its ids; None for a payment memberhub never applied."""
+    return next((records[i] for i in (movement.id, *movement.references) if i in records), None)

@@ -26,7 +26,7 @@ import memberhub.models  # noqa: F401 - every table in the metadata, for the for
 from memberhub.audit.models import AuditEntry
 from memberhub.audit.service import record_write
 from memberhub.auth.principal import Principal
-from memberhub.bulk.models import BulkJob, BulkJobRow
+from memberhub.bulk.models import BulkJobRow
 from memberhub.crm.models import CrmConflict, CrmLink, SyncRunRecord
 from memberhub.events.models import Event
 from memberhub.kit.clock import utcnow
@@ -34,7 +34,7 @@ from memberhub.kit.db import Base
 from memberhub.members.consent import current_consent
 from memberhub.members.models import MEMBER_ID_PREFIX, Member
 from memberhub.members.personal import open_personal
-from memberhub.members.service import get_member, to_out
+from memberhub.members.service import get_member, jobs_naming_by_email, to_out
 from memberhub.notifications.models import Suppression
 from memberhub.notifications.schemas import normalise_address
 
@@ -153,15 +153,9 @@ class MemberDataRepository:
             # installation-wide ones (an email is unique only within an organisation), and
             # never a row another member's id names.
             email = member.email_normalized
-            jobs = select(BulkJob.id).where(
-                or_(
-                    BulkJob.organisation_id.is_(None),
-                    BulkJob.organisation_id == member.organisation_id,
-                )
-            )
             named.append(
                 and_(
-                    rows.c.job_id.in_(jobs),
+                    rows.c.job_id.in_(jobs_naming_by_email(member)),
                     or_(
                         func.lower(rows.c.member_id) == email,
                         func.lower(rows.c.match_email) == email,

@@ -534,18 +534,26 @@ async def _erase_activity_keys(session: AsyncSession, member: Member) -> None:
                 event.data = {**event.data, "activity": erased}
 
 
+def jobs_naming_by_email(member: Member) -> Select[int]:
+    """The bulk jobs whose rows may name `member` by its email: its organisation's and the
+    installation-wide ones (an email is unique only within an organisation: another one's
+    jobs are of its members)."""
+    from memberhub.bulk.models import BulkJob
+
+    return select(BulkJob.id).where(
+        or_(BulkJob.organisation_id.is_(None), BulkJob.organisation_id == member.organisation_id)
+    )
+
+
 async def _erase_bulk_rows(session: AsyncSession, member: Member, email: str | None) -> None:
     """The report rows of bulk awards and member imports name a row's member by the email
     it gave where it had no member id (a failed row), and a dry run keeps its match key:
-    erased from the jobs of the member's organisation and the installation-wide ones (an
-    email is unique only within an organisation: another one's jobs are of its members)."""
-    from memberhub.bulk.models import BulkJob, BulkJobRow
+    erased from the jobs that may name the member by email (`jobs_naming_by_email`)."""
+    from memberhub.bulk.models import BulkJobRow
 
     if not email:
         return
-    jobs = select(BulkJob.id).where(
-        or_(BulkJob.organisation_id.is_(None), BulkJob.organisation_id == member.organisation_id)
-    )
+    jobs = jobs_naming_by_email(member)
     await session.execute(
         update(BulkJobRow)
         .where(BulkJobRow.job_id.in_(jobs), func.lower(BulkJobRow.member_id) == email)

@@ -361,12 +361,18 @@ def choose_template(
 
 
 async def preview_template(
-    session: AsyncSession, principal: Principal, template: TemplateOut, payload: PreviewIn
+    session: AsyncSession,
+    principal: Principal,
+    template: TemplateOut,
+    payload: PreviewIn,
+    member: Member | None = None,
 ) -> PreviewOut:
+    """Render `template` for `payload.member_id` (`member`, when the caller has looked it up
+    already) or the sample data."""
     message = _message_type(template.message_type)
     settings = await get_settings(session)
     program = await program_service.get_program(session)
-    member = None
+    shown = None
     zone = ZoneInfo(program.timezone)
     if payload.member_id is not None:
         if message.audience != "member":
@@ -375,8 +381,8 @@ async def preview_template(
                 details={"field": "member_id"},
                 code="NOT_A_MEMBER_MESSAGE",
             )
-        chosen = await get_member(session, principal, payload.member_id)
-        member = member_context(chosen)
+        chosen = member or await get_member(session, principal, payload.member_id)
+        shown = member_context(chosen)
         preference = await session.get(NotificationPreference, chosen.id)
         if preference is not None and preference.timezone:
             zone = ZoneInfo(preference.timezone)
@@ -388,7 +394,7 @@ async def preview_template(
         settings=settings,
         currency=program.currency,
         event=event,
-        member=member,
+        member=shown,
     )
     try:
         rendered = templates.render(
@@ -415,9 +421,10 @@ async def preview(
     does; else the default locale, else the built-in one)."""
     message = _message_type(payload.message_type)
     locale = payload.locale
+    member = None
     if locale is None and payload.member_id is not None and message.audience == "member":
-        # The member is looked up as the preview will (a member the key cannot see is a
-        # 404 before anything of it shows).
+        # The member is looked up once, for the preview too (a member the key cannot see
+        # is a 404 before anything of it shows).
         member = await get_member(session, principal, payload.member_id)
         preference = await session.get(NotificationPreference, member.id)
         locale = preference.locale if preference is not None else None
@@ -465,5 +472,9 @@ async def preview(
                 details={"template_id": template.id},
             )
     return await preview_template(
-        session, principal, template, PreviewIn(member_id=payload.member_id, event=payload.event)
+        session,
+        principal,
+        template,
+        PreviewIn(member_id=payload.member_id, event=payload.event),
+        member,
     )

@@ -412,14 +412,8 @@ class Xero(Provider):
             ("/Invoices", "Invoices", "invoice"),
             ("/CreditNotes", "CreditNotes", "credit_note"),
         ):
-            page = 1
-            while True:
-                body = await self._get(connection, path, {"where": where, "page": str(page)})
-                rows = [row for row in body.get(key) or [] if isinstance(row, Mapping)]
-                found.extend(_ledger_document(row, kind) for row in rows)
-                if len(rows) < 100:
-                    break
-                page += 1
+            rows = await self._every_page(connection, path, key, where)
+            found.extend(_ledger_document(row, kind) for row in rows)
         return found
 
     async def invoices_referencing(
@@ -431,15 +425,23 @@ class Xero(Provider):
             where = " OR ".join(
                 f"Reference=={_quoted(r)}" for r in wanted[start : start + REFERENCES_PER_CALL]
             )
-            page = 1
-            while True:
-                body = await self._get(connection, "/Invoices", {"where": where, "page": str(page)})
-                rows = [row for row in body.get("Invoices") or [] if isinstance(row, Mapping)]
-                found.extend(_ledger_document(row, "invoice") for row in rows)
-                if len(rows) < 100:
-                    break
-                page += 1
+            rows = await self._every_page(connection, "/Invoices", "Invoices", where)
+            found.extend(_ledger_document(row, "invoice") for row in rows)
         return found
+
+    async def _every_page(
+        self, connection: Connection, path: str, key: str, where: str
+    ) -> list[Mapping[str, Any]]:
+        """The rows of `path` that `where` keeps, page after page (Xero's pages hold 100)."""
+        found: list[Mapping[str, Any]] = []
+        page = 1
+        while True:
+            body = await self._get(connection, path, {"where": where, "page": str(page)})
+            rows = [row for row in body.get(key) or [] if isinstance(row, Mapping)]
+            found.extend(rows)
+            if len(rows) < 100:
+                return found
+            page += 1
 
     async def transfers(
         self, connection: Connection, *, since: date, until: date
