@@ -20,7 +20,7 @@ from memberhub.kit.cache import STAMP_FILE, ProcessCache
 from memberhub.kit.db import DATABASE_GONE, Database
 from memberhub.kit.errors import MemberhubError
 from memberhub.kit.migrate import SchemaState, current, head, schema_state, shipped, upgrade
-from memberhub.kit.startup import long_lived
+from memberhub.kit.startup import collect_less, long_lived
 from memberhub.ops.tracking import configure_error_tracking
 from memberhub.settings import Environment, SecretKeyMissing, Settings
 
@@ -72,6 +72,7 @@ def main() -> None:
     """The `memberhub` command. What goes wrong outside the program (a database it cannot
     reach or that has no schema, a setting it refuses, a port taken) is reported in one
     line, not as a traceback."""
+    collect_less()
     try:
         app()
     except Exception as exc:
