@@ -301,6 +301,53 @@ async def test_a_reward_limited_to_a_tier_being_deleted_never_outlives_it(
         assert (await api.get("/api/v1/rewards")).json()["data"] == []
 
 
+@pytest.mark.parametrize("how", ["earned", "assigned"])
+async def test_a_member_moved_into_a_tier_being_deleted_never_holds_a_tier_that_is_gone(
+    api: ApiClient, db: Database, is_postgres: bool, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The member reaches the tier (an award past its threshold, or a manual assignment)
+    between the deletion's check that nobody holds it and its delete: either the deletion
+    waits and then refuses, or it went first and the member stays out of the tier."""
+    if not is_postgres:
+        pytest.skip("SQLite runs one writer at a time: nothing comes between")
+    tier = await create_tier(api, code="GOLD", threshold=100)
+    member = await api.create_member()
+    checked = TierRepository.is_held
+    moving: list[asyncio.Task[httpx.Response]] = []
+
+    async def move_meanwhile(self: TierRepository, code: str) -> bool:
+        held = await checked(self, code)
+        if how == "earned":
+            body = {"member_id": member["id"], "points": 150, "reason": "Test"}
+            moving.append(asyncio.create_task(api.post("/api/v1/points/award", body)))
+        else:
+            body = {"member_id": member["id"], "tier_code": "GOLD", "reason": "Goodwill"}
+            moving.append(asyncio.create_task(api.post(f"{TIERS}/assign", body)))
+        while not moving[0].done():
+            if await _someone_waits(db):
+                break
+        return held
+
+    monkeypatch.setattr(TierRepository, "is_held", move_meanwhile)
+    deleted = await api.delete(f"{TIERS}/{tier['id']}")
+    moved = await moving[0]
+    monkeypatch.undo()
+    now_in = (await api.get(f"/api/v1/members/{member['id']}")).json()["tier"]
+    tiers = {t["code"] for t in (await api.get(TIERS)).json()["data"]}
+    assert now_in is None or now_in in tiers, (deleted.status_code, moved.text)
+    if deleted.status_code == 204:
+        assert now_in is None
+        if how == "assigned":
+            assert moved.status_code == 404, moved.text
+            assert moved.json()["error"]["code"] == "TIER_NOT_FOUND"
+        else:
+            assert moved.status_code == 201, moved.text
+    else:
+        assert deleted.status_code == 409, deleted.text
+        assert moved.status_code in (200, 201), moved.text
+        assert now_in == "GOLD"
+
+
 async def _someone_waits(db: Database) -> bool:
     async with db.transaction(read_only=True) as session:
         return bool(await session.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))

@@ -46,8 +46,21 @@ class TierRepository:
             query = query.with_for_update().execution_options(populate_existing=True)
         return await self.session.scalar(query)
 
-    async def get_by_code(self, code: str) -> Tier | None:
-        return await self.session.scalar(select(Tier).where(Tier.code == code))
+    async def get_by_code(self, code: str, *, hold: bool = False) -> Tier | None:
+        """The tier; with `hold`, kept from deletion until this transaction ends (see
+        `hold`)."""
+        query = select(Tier).where(Tier.code == code)
+        if hold:
+            query = query.with_for_update(read=True, key_share=True)
+        return await self.session.scalar(query)
+
+    async def hold(self, code: str) -> bool:
+        """Whether the tier still exists, kept so until this transaction ends: a deletion
+        (which locks the tier, then checks nobody holds it) waits for it and then sees the
+        member in the tier, or went first and is seen here as the tier being gone (FOR KEY
+        SHARE; SQLite's single writer needs no lock)."""
+        query = select(Tier.id).where(Tier.code == code).with_for_update(read=True, key_share=True)
+        return await self.session.scalar(query) is not None
 
     async def rank_taken(self, rank: int, *, exclude_id: int | None = None) -> bool:
         query = select(Tier.id).where(Tier.rank == rank)

@@ -224,6 +224,8 @@ async def change_tier(
     code = tier.code if tier is not None else None
     if previous == code:
         return False
+    if code is not None and not await TierRepository(session).hold(code):
+        return False  # deleted since the ladder was read: the member stays where they are
     account.tier_code = code
     account.updated_at = now
     version = await TierRepository(session).set_member_tier(member.id, code, now)
@@ -497,7 +499,7 @@ async def assign_tier(
     now = now or utcnow()
     tier = None
     if payload.tier_code is not None:
-        tier = await TierRepository(session).get_by_code(payload.tier_code)
+        tier = await TierRepository(session).get_by_code(payload.tier_code, hold=True)
         if tier is None:
             raise NotFound(
                 f"Tier '{payload.tier_code}' does not exist.",
