@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import select, update
@@ -54,6 +55,28 @@ def test_month_ends_are_the_last_microsecond_of_each_month_then_now() -> None:
     assert month_ends(now, 1) == [now]
 
 
+def test_month_ends_follow_the_programs_time_zone_through_daylight_saving() -> None:
+    # 2026-04-01 01:30 in Kuala Lumpur is still March 31 in UTC: April is the month so far.
+    now = datetime(2026, 3, 31, 17, 30, tzinfo=UTC)
+    assert month_ends(now, 2, ZoneInfo("Asia/Kuala_Lumpur")) == [
+        datetime(2026, 3, 31, 15, 59, 59, 999_999, tzinfo=UTC),
+        now,
+    ]
+    # London: March ends in winter time (UTC+0), April in summer time (UTC+1).
+    now = datetime(2026, 5, 10, tzinfo=UTC)
+    assert month_ends(now, 3, ZoneInfo("Europe/London")) == [
+        datetime(2026, 3, 31, 22, 59, 59, 999_999, tzinfo=UTC),
+        datetime(2026, 4, 30, 22, 59, 59, 999_999, tzinfo=UTC),
+        now,
+    ]
+    # Where midnight comes before UTC's: New York's January ends at 05:00 UTC on Feb 1.
+    now = datetime(2026, 2, 1, 3, 0, tzinfo=UTC)  # still January there
+    assert month_ends(now, 2, ZoneInfo("America/New_York")) == [
+        datetime(2026, 1, 1, 4, 59, 59, 999_999, tzinfo=UTC),
+        now,
+    ]
+
+
 async def test_each_point_is_the_kpis_at_its_month_end(
     api: ApiClient, history: dict[str, Any]
 ) -> None:
@@ -75,6 +98,19 @@ async def test_each_point_is_the_kpis_at_its_month_end(
     assert points[-1]["points_liability"] == now["points_liability"]
     assert points[-1]["points_liability"]["total"] == 1900
     assert points[-1]["active_points_users"] == now["active_points_users"] == 2
+
+
+async def test_the_months_are_the_programs_time_zone(api: ApiClient) -> None:
+    changed = await api.patch("/api/v1/program", {"timezone": "America/New_York"})
+    assert changed.status_code == 200, changed.text
+    points = (await api.get(SERIES, {"months": 3})).json()["points"]
+    zone = ZoneInfo("America/New_York")
+    for point in points[:-1]:
+        as_of = datetime.fromisoformat(point["as_of"])
+        # The last microsecond before a local midnight that starts a month.
+        following = (as_of + timedelta(microseconds=1)).astimezone(zone)
+        assert (following.day, following.hour, following.minute) == (1, 0, 0), point["as_of"]
+        assert as_of.astimezone(UTC).hour in (3, 4)  # EDT or EST, never UTC's midnight
 
 
 async def test_twelve_months_by_default(api: ApiClient, history: dict[str, Any]) -> None:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from fractions import Fraction
+from zoneinfo import ZoneInfo
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -157,15 +158,21 @@ async def kpis(
     )
 
 
-def month_ends(now: datetime, months: int) -> list[datetime]:
+def month_ends(now: datetime, months: int, zone: tzinfo = UTC) -> list[datetime]:
     """The last moments of the `months - 1` whole months before `now`'s month, oldest first,
-    then `now` itself (the month so far)."""
-    start_of_month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    then `now` itself (the month so far); months as `zone` counts them (a month ends at its
+    last local midnight's eve, whatever daylight saving does), answered in UTC."""
+    start_of_month = now.astimezone(zone).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     ends = []
     for _ in range(months - 1):
-        ends.append(start_of_month - timedelta(microseconds=1))
+        ends.append(start_of_month.astimezone(UTC) - timedelta(microseconds=1))
         start_of_month = (start_of_month - timedelta(days=1)).replace(day=1)
     return [*reversed(ends), now]
+
+
+async def program_zone(session: AsyncSession) -> ZoneInfo:
+    """The program's time zone, in which months are counted."""
+    return ZoneInfo((await program_service.get_program(session)).timezone)
 
 
 async def kpis_series(
@@ -176,11 +183,13 @@ async def kpis_series(
     now: datetime,
     earliest: datetime,
 ) -> list[Kpis]:
-    """The KPIs at the end of each of the last `months` months (see `month_ends`; the last
-    one is now, read as `kpis` reads it without `as_of`), leaving out moments before
-    `earliest`. Each point is exactly what `kpis` answers for that moment; the liabilities
-    at every month end and 30 days before each are read from the log in one statement."""
-    ends = [end for end in month_ends(now, months) if end >= earliest]
+    """The KPIs at the end of each of the last `months` months of the program's time zone
+    (see `month_ends`; the last one is now, read as `kpis` reads it without `as_of`),
+    leaving out moments before `earliest`. Each point is exactly what `kpis` answers for
+    that moment; the liabilities at every month end and 30 days before each are read from
+    the log in one statement."""
+    zone = await program_zone(session)
+    ends = [end for end in month_ends(now, months, zone) if end >= earliest]
     moments = [end for end in ends if end != now] + [end - RATES_WINDOW for end in ends]
     known = await AnalyticsRepository(session).liability_at_many(moments, organisation_ids)
     return [

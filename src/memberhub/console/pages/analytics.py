@@ -5,6 +5,7 @@ service calls with the same scope and organisation visibility."""
 
 from __future__ import annotations
 
+from datetime import tzinfo
 from decimal import Decimal
 from typing import Annotated
 
@@ -31,8 +32,8 @@ def money(amount: int, currency: str) -> str:
     return f"{currency} {Decimal(amount).scaleb(-digits):,.{digits}f}"
 
 
-def _month_label(point: Kpis, last: bool) -> str:
-    return "Now" if last else point.as_of.strftime("%b %Y")
+def _month_label(point: Kpis, last: bool, zone: tzinfo) -> str:
+    return "Now" if last else point.as_of.astimezone(zone).strftime("%b %Y")
 
 
 @router.get("")
@@ -54,7 +55,8 @@ async def dashboard(
     )
     # The series ends with the KPIs now: what `GET /api/v1/analytics/kpis` answers.
     current = series[-1]
-    labels = [_month_label(p, i == len(series) - 1) for i, p in enumerate(series)]
+    zone = await service.program_zone(session)
+    labels = [_month_label(p, i == len(series) - 1, zone) for i, p in enumerate(series)]
     liability_chart = line_chart(
         chart_id="liability-chart",
         title="Points liability at each month end",
