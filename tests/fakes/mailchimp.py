@@ -212,6 +212,11 @@ class FakeMailchimp:
         with self._lock:
             self._failures.extend(status for _ in range(n))
 
+    def up(self) -> None:
+        """Forget the failures still programmed: the next requests are served."""
+        with self._lock:
+            self._failures.clear()
+
     # ------------------------------------------------------------------ state
 
     @property

@@ -11,12 +11,14 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
+from memberhub.events.models import Event
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.kit.ids import new_public_id
 from memberhub.marketing.models import MarketingContact
 from memberhub.members.models import Member
+from memberhub.ops.retention import purge_expired_history
 from memberhub.points.models import PointAccount
 from tests.fakes.mailchimp import FakeMailchimp
 from tests.marketing.conftest import create_mailchimp, status, tick
@@ -253,6 +255,48 @@ async def test_a_vendor_outage_is_retried_and_loses_no_member(
     assert failed["last_error"]
     assert mailchimp.member(list_id, member["email"]) is not None
     assert (await status(api, integration["id"]))["failures"] == 0
+
+
+async def test_an_outage_longer_than_the_retention_period_keeps_the_events_not_yet_synced(
+    api: ApiClient, db: Database, hub: IntegrationHub, mailchimp: FakeMailchimp
+) -> None:
+    list_id = mailchimp.add_list()
+    member = await api.create_member(consent={"marketing_email": True})
+    integration = await create_mailchimp(api, mailchimp, list_id)
+    await tick(db, hub)
+    mailchimp.fail_next(1000)
+    for _ in range(3):
+        award = await api.post(
+            "/api/v1/points/award", {"member_id": member["id"], "points": 10, "reason": "t"}
+        )
+        assert award.status_code == 201, award.text
+    later = utcnow() + timedelta(minutes=15)
+    await tick(db, hub, now=later)
+    position = (await status(api, integration["id"]))["position"]
+
+    async def positions() -> list[int]:
+        async with db.transaction(read_only=True) as session:
+            return list(await session.scalars(select(Event.position).order_by(Event.position)))
+
+    async with db.transaction() as session:
+        await session.execute(
+            update(Event).values(occurred_at=utcnow() - timedelta(days=91), dispatched_at=utcnow())
+        )
+    feed = await positions()
+    unsent = [p for p in feed if p > position]
+    assert len(unsent) >= 3
+
+    await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
+    assert await positions() == unsent
+
+    mailchimp.up()
+    await tick(db, hub, now=later + timedelta(minutes=15))
+    synced = mailchimp.member(list_id, member["email"])
+    assert synced is not None
+    assert synced["merge_fields"]["POINTS"] == 30
+    assert (await status(api, integration["id"]))["pending_events"] == 0
+    await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
+    assert await positions() == unsent[-1:]
 
 
 async def test_settings_are_validated(api: ApiClient, mailchimp: FakeMailchimp) -> None:

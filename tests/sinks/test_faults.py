@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select, update
 
+from memberhub.events.models import Event
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.ops.retention import purge_expired_history
 from memberhub.settings import Settings
 from memberhub.sinks import forwarding
 from memberhub.sinks.forwarding import MAX_BACKOFF_SECONDS, run_event_sinks
@@ -80,6 +84,110 @@ async def test_a_vendor_down_for_an_hour_loses_nothing_and_the_sink_catches_up_i
     assert after["events_sent"] == 15
     status = (await api.get("/api/v1/sync/status")).json()
     assert status["event_sinks"][0]["healthy"] is True
+
+
+async def _age_feed(db: Database, days: int) -> list[int]:
+    """Every event now occurred `days` ago and was dispatched; the positions kept."""
+    async with db.transaction() as session:
+        await session.execute(
+            update(Event).values(
+                occurred_at=utcnow() - timedelta(days=days), dispatched_at=utcnow()
+            )
+        )
+        return list(await session.scalars(select(Event.position).order_by(Event.position)))
+
+
+async def _positions(db: Database) -> list[int]:
+    async with db.transaction(read_only=True) as session:
+        return list(await session.scalars(select(Event.position).order_by(Event.position)))
+
+
+async def test_a_vendor_down_for_longer_than_the_retention_period_loses_nothing(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment, clock: Clock
+) -> None:
+    integration = await segment_integration(api, segment)
+    sink = await create_sink(api, integration["id"], ["points.earned"])
+    member = await api.create_member(consent=ANALYTICS)
+    await award(api, member["id"], 10)
+    await forward(db, hub, clock.now)
+    segment.down(503)
+    for _ in range(3):
+        await award(api, member["id"], 10)
+    await forward(db, hub, clock.now)
+    position = (await api.get(f"/api/v1/event-sinks/{sink['id']}")).json()["event_position"]
+    feed = await _age_feed(db, 91)
+    unsent = [p for p in feed if p > position]
+    assert len(unsent) >= 3
+
+    # The vendor has been down for longer than RETENTION_DAYS: what the sink passed goes,
+    # what it has still to send stays.
+    await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
+    assert await _positions(db) == unsent
+
+    segment.up()
+    clock.advance(MAX_BACKOFF_SECONDS + 1)
+    assert await forward(db, hub, clock.now) == 3
+    assert balances(segment, member["id"]) == [10, 20, 30, 40]
+    await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
+    assert await _positions(db) == unsent[-1:]  # the newest is always kept
+
+
+async def test_a_disabled_or_deleted_sink_holds_no_history(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment, clock: Clock
+) -> None:
+    integration = await segment_integration(api, segment)
+    paused = await create_sink(api, integration["id"], ["points.earned"], name="Paused")
+    deleted = await create_sink(api, integration["id"], ["points.earned"], name="Deleted")
+    member = await api.create_member(consent=ANALYTICS)
+    for _ in range(3):
+        await award(api, member["id"], 10)
+    off = await api.patch(f"/api/v1/event-sinks/{paused['id']}", {"enabled": False})
+    assert off.status_code == 200, off.text
+    assert (await api.delete(f"/api/v1/event-sinks/{deleted['id']}")).status_code == 204
+    await forward(db, hub, clock.now)
+    feed = await _age_feed(db, 91)
+
+    await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
+    assert await _positions(db) == feed[-1:]
+
+    # Enabled again, the sink goes on from the oldest event still kept: the newest.
+    on = await api.patch(f"/api/v1/event-sinks/{paused['id']}", {"enabled": True})
+    assert on.status_code == 200, on.text
+    await award(api, member["id"], 10)
+    assert await forward(db, hub, clock.now) == 2
+    assert balances(segment, member["id"]) == [30, 40]
+
+
+async def test_a_requested_replay_holds_the_events_it_has_still_to_send(
+    api: ApiClient, db: Database, hub: IntegrationHub, segment: FakeSegment, clock: Clock
+) -> None:
+    integration = await segment_integration(api, segment)
+    sink = await create_sink(api, integration["id"], ["points.earned"])
+    member = await api.create_member(consent=ANALYTICS)
+    for _ in range(3):
+        await award(api, member["id"], 10)
+    await forward(db, hub, clock.now)
+    async with db.transaction(read_only=True) as session:
+        first = await session.scalar(select(func.min(Event.occurred_at)))
+    assert first is not None
+    replay = await api.post(
+        f"/api/v1/event-sinks/{sink['id']}/replay",
+        {
+            "since": (first - timedelta(seconds=1)).isoformat(),
+            "until": (utcnow() + timedelta(seconds=1)).isoformat(),
+        },
+    )
+    assert replay.status_code == 202, replay.text
+    start = replay.json()["replay"]["from_position"]
+    feed = await _age_feed(db, 91)
+
+    await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
+    assert await _positions(db) == [p for p in feed if p >= start]
+
+    assert await forward(db, hub, clock.now) == 3
+    assert segment.duplicates == 4  # the three tracks again, and the identify before them
+    await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
+    assert await _positions(db) == feed[-1:]
 
 
 async def test_a_failing_sink_waits_out_its_backoff_before_trying_again(

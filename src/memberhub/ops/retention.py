@@ -3,6 +3,16 @@ they are older than `RETENTION_DAYS` (90 by default). The audit log is never pur
 nothing still in flight is (pending deliveries, unsequenced or undispatched events, inbound
 events waiting to be processed, sync runs not finished).
 
+Events are also kept while a reader that follows the feed by position and sends it to a
+vendor has still to send them, however long the vendor has been down: an enabled event
+sink (from its position, or from the start of a replay it was asked for) and an enabled
+marketing-list sync. Only what its worker forwards holds the feed: a sink or an integration
+that is disabled, or deleted, holds nothing, so one switched off and forgotten cannot keep
+history forever; enabled again after more than `RETENTION_DAYS`, it resumes at the oldest
+event still kept. Readers that need no vendor to move on (the CRM's change marking, the
+notification planner) keep up by themselves, and the search sync rebuilds its index when
+it finds events behind its position purged.
+
 Notifications have a retention of their own (`NOTIFICATION_RETENTION_DAYS`, 180 by
 default): once sent, delivered, bounced, failed or suppressed, a notification and its
 rendered subject and body (personal data) go when older than that; queued ones stay until
@@ -19,13 +29,26 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, and_, delete, exists, func, select
+from sqlalchemy import (
+    ColumnElement,
+    ScalarSelect,
+    Table,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    select,
+    union_all,
+)
 
 from memberhub.crm.models import RunStatus, SyncRun, SyncRunRecord
 from memberhub.events.models import Event
-from memberhub.integrations.models import InboundEvent, InboundStatus
+from memberhub.integrations.models import InboundEvent, InboundStatus, Integration
 from memberhub.kit.db import Database
+from memberhub.marketing.models import MarketingSyncState
 from memberhub.notifications.models import Notification, NotificationStatus
+from memberhub.sinks.models import EventSink
 from memberhub.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery
 
 BATCH_ROWS = 500
@@ -38,6 +61,35 @@ _INBOUND = cast(Table, InboundEvent.__table__)
 _RUNS = cast(Table, SyncRun.__table__)
 _RUN_RECORDS = cast(Table, SyncRunRecord.__table__)
 _NOTIFICATIONS = cast(Table, Notification.__table__)
+_INTEGRATIONS = cast(Table, Integration.__table__)
+_SINKS = cast(Table, EventSink.__table__)
+_MARKETING = cast(Table, MarketingSyncState.__table__)
+
+
+def _lowest_unsent_position() -> ScalarSelect[Any]:
+    """The lowest position a vendor-bound reader of the feed has passed (NULL when there
+    is none): the events after it are still to be sent."""
+    sinks = (
+        select(
+            case(
+                (
+                    _SINKS.c.replay_from.is_not(None)
+                    & (_SINKS.c.replay_from <= _SINKS.c.event_position),
+                    _SINKS.c.replay_from - 1,
+                ),
+                else_=_SINKS.c.event_position,
+            ).label("position")
+        )
+        .join(_INTEGRATIONS, _INTEGRATIONS.c.id == _SINKS.c.integration_id)
+        .where(_SINKS.c.enabled.is_(True), _INTEGRATIONS.c.enabled.is_(True))
+    )
+    marketing = (
+        select(_MARKETING.c.event_position.label("position"))
+        .join(_INTEGRATIONS, _INTEGRATIONS.c.id == _MARKETING.c.integration_id)
+        .where(_INTEGRATIONS.c.enabled.is_(True))
+    )
+    readers = union_all(sinks, marketing).subquery("readers")
+    return select(func.min(readers.c.position)).scalar_subquery()
 
 
 @dataclass(frozen=True)
@@ -62,10 +114,13 @@ def _kinds() -> tuple[_Kind, ...]:
         # numbers new events from it, and without it positions would be handed out again
         # (a feed cursor, an endpoint or a sink past them would skip the new events).
         highest = select(func.max(_HIGHEST.c.position)).scalar_subquery()
+        # Computed once per batch, not per row; with no such reader it holds nothing.
+        sent = func.coalesce(_lowest_unsent_position(), highest)
         return and_(
             _EVENTS.c.occurred_at < cutoff,
             _EVENTS.c.position.is_not(None),
             _EVENTS.c.position < highest,
+            _EVENTS.c.position <= sent,
             _EVENTS.c.dispatched_at.is_not(None),
             ~exists().where(_DELIVERIES.c.event_id == _EVENTS.c.id),
         )
