@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from memberhub.events.models import Event
+from memberhub.events.sequencer import run_passes
 from memberhub.exports.jobs import process_exports
 from memberhub.exports.tables import TABLES, columns
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.ops.retention import purge_expired_history
 from tests.exports.conftest import (
     BUCKET,
     SMALL,
+    create_local_integration,
     create_s3_integration,
     database_rows,
     parquet_rows,
@@ -138,3 +142,52 @@ def test_the_readme_lists_every_exported_column() -> None:
         if {c.name for c in columns(spec)} - documented[name]
     }
     assert undocumented == {}
+
+
+async def _feed(db: Database) -> list[int]:
+    async with db.transaction(read_only=True) as session:
+        positions = select(Event.position).where(Event.position.is_not(None))
+        return list(await session.scalars(positions.order_by(Event.position)))
+
+
+async def test_a_scheduled_incremental_export_of_the_feed_loses_no_event_to_retention(
+    api: ApiClient, db: Database, hub: IntegrationHub, tmp_path: Path
+) -> None:
+    """The feed's events are purged after RETENTION_DAYS, but not before a scheduled
+    incremental export of them has taken them, however long since it last ran."""
+    storage = await create_local_integration(api, tmp_path / "warehouse")
+    body = {
+        "name": "Feed to the warehouse",
+        "table": "events",
+        "format": "jsonl",
+        "mode": "incremental",
+        "storage_integration_id": storage,
+        "schedule": "0 3 * * *",
+    }
+    created = await api.post("/api/v1/exports", body)
+    assert created.status_code == 201, created.text
+    export_id = created.json()["id"]
+    await api.create_member()
+    await run_passes(db, wait=False)
+    first = await _run(api, db, hub, export_id)
+    for _ in range(3):
+        await api.create_member()
+    await run_passes(db, wait=False)
+    feed = await _feed(db)
+    unexported = [p for p in feed if p > first["watermark_to"]]
+    assert len(unexported) >= 3
+
+    # 91 days without a run (the target down, say): nothing it has still to take goes.
+    async with db.transaction() as session:
+        await session.execute(
+            update(Event).values(occurred_at=utcnow() - timedelta(days=91), dispatched_at=utcnow())
+        )
+    await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
+    assert (await _feed(db))[-len(unexported) :] == unexported
+    assert first["watermark_to"] not in await _feed(db)  # what it took is purged
+
+    second = await _run(api, db, hub, export_id)
+    assert second["watermark_from"] == first["watermark_to"]
+    assert second["rows"] >= len(unexported)
+    await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
+    assert await _feed(db) == [feed[-1]]  # only the newest, which numbers what follows

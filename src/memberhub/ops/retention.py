@@ -5,10 +5,12 @@ events waiting to be processed, sync runs not finished).
 
 Events are also kept while a reader that follows the feed by position and sends it to a
 vendor has still to send them, however long the vendor has been down: an enabled event
-sink (from its position, or from the start of a replay it was asked for) and an enabled
-marketing-list sync. Only what its worker forwards holds the feed: a sink or an integration
-that is disabled, or deleted, holds nothing, so one switched off and forgotten cannot keep
-history forever; enabled again after more than `RETENTION_DAYS`, it resumes at the oldest
+sink (from its position, or from the start of a replay it was asked for), an enabled
+marketing-list sync, and a scheduled incremental export of the feed to an enabled storage
+target (from its watermark: a target down for months still gets every event). Only what
+runs by itself holds the feed: an incremental export run only on demand holds nothing
+(nobody may ever run it again), nor does a sink or an integration that is disabled, or
+deleted, so one switched off and forgotten cannot keep history forever; enabled again after more than `RETENTION_DAYS`, it resumes at the oldest
 event still kept. Readers that need no vendor to move on (the CRM's change marking, the
 notification planner) keep up by themselves, and the search sync rebuilds its index when
 it finds events behind its position purged.
@@ -44,6 +46,7 @@ from sqlalchemy import (
 
 from memberhub.crm.models import RunStatus, SyncRun, SyncRunRecord
 from memberhub.events.models import Event
+from memberhub.exports.models import Export, ExportMode
 from memberhub.integrations.models import InboundEvent, InboundStatus, Integration
 from memberhub.kit.db import Database
 from memberhub.marketing.models import MarketingSyncState
@@ -64,6 +67,7 @@ _NOTIFICATIONS = cast(Table, Notification.__table__)
 _INTEGRATIONS = cast(Table, Integration.__table__)
 _SINKS = cast(Table, EventSink.__table__)
 _MARKETING = cast(Table, MarketingSyncState.__table__)
+_EXPORTS = cast(Table, Export.__table__)
 
 
 def _lowest_unsent_position() -> ScalarSelect[Any]:
@@ -88,7 +92,18 @@ def _lowest_unsent_position() -> ScalarSelect[Any]:
         .join(_INTEGRATIONS, _INTEGRATIONS.c.id == _MARKETING.c.integration_id)
         .where(_INTEGRATIONS.c.enabled.is_(True))
     )
-    readers = union_all(sinks, marketing).subquery("readers")
+    exports = (
+        select(_EXPORTS.c.watermark.label("position"))
+        .join(_INTEGRATIONS, _INTEGRATIONS.c.id == _EXPORTS.c.storage_integration_id)
+        .where(
+            _EXPORTS.c.table_name == "events",
+            _EXPORTS.c.mode == ExportMode.INCREMENTAL,
+            _EXPORTS.c.schedule.is_not(None),
+            _EXPORTS.c.watermark.is_not(None),
+            _INTEGRATIONS.c.enabled.is_(True),
+        )
+    )
+    readers = union_all(sinks, marketing, exports).subquery("readers")
     return select(func.min(readers.c.position)).scalar_subquery()
 
 
