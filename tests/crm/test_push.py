@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
+from sqlalchemy import select, update
 
 from memberhub.crm import sync as crm_sync
+from memberhub.crm.models import SyncRun
+from memberhub.events.models import Event
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.ops.retention import purge_expired_history
 from tests.crm.conftest import (
     CRM_CONSENT,
     Crm,
@@ -69,6 +73,40 @@ async def test_many_pages_of_members_then_nothing_then_one_change(
     assert crm.writes() == writes + 1
     assert [r for r in crm.records().values() if r["first"] == "Renamed"]
     assert len(crm.records()) == members
+
+
+async def test_changes_whose_events_were_purged_while_disabled_are_pushed_all_the_same(
+    api: ApiClient, db: Database, hub: IntegrationHub, crm: Crm
+) -> None:
+    """The integration is off for longer than RETENTION_DAYS while members change: the
+    events that told of the changes are purged before it reads them. Enabled again, it
+    notices the gap in the feed and pushes everything (a full push), not only what the
+    events left say."""
+    await seed_members(db, 3, prefix="gap")
+    integration = await create_integration(api, crm.integration_body(pull=False))
+    first = await sync(api, db, hub, integration["id"], mode="push")
+    assert first["created"] == 3, first
+    path = f"/api/v1/integrations/{integration['id']}"
+    assert (await api.patch(path, {"enabled": False})).status_code == 200
+    members = (await api.get("/api/v1/members", {"limit": 3})).json()["data"]
+    for member, name in zip(members[:2], ("Early", "Late"), strict=True):
+        changed = await api.patch(f"/api/v1/members/{member['id']}", {"first_name": name})
+        assert changed.status_code == 200, changed.text
+    await tick(db, hub)  # sequences the feed; the integration is off
+    async with db.transaction() as session:
+        await session.execute(
+            update(Event).values(occurred_at=utcnow() - timedelta(days=91), dispatched_at=utcnow())
+        )
+    purged = await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
+    assert purged["events"] > 0  # the early rename's event among them; the newest is kept
+
+    assert (await api.patch(path, {"enabled": True})).status_code == 200
+    await tick(db, hub)
+    names = {r["first"] for r in crm.records().values()}
+    assert {"Early", "Late"} <= names, names
+    async with db.transaction(read_only=True) as session:
+        triggers = list(await session.scalars(select(SyncRun.trigger).order_by(SyncRun.id)))
+    assert "gap" in triggers, triggers
 
 
 async def test_a_dry_run_push_reports_and_writes_nothing(

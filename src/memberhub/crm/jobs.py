@@ -79,8 +79,9 @@ async def _tick_integration(
     entities = [entity for entity, _ in settings.objects()]
     async with db.transaction() as session:
         state = await sync.ensure_state(session, integration.id)
+        purged = False
         if settings.push:
-            await _mark_changes(session, integration, state, entities)
+            purged = await _mark_changes(session, integration, state, entities)
         else:
             state.event_position = await _latest_position(session)
         queued = set(
@@ -91,6 +92,15 @@ async def _tick_integration(
                 )
             )
         )
+        if purged and "push" not in queued:
+            # What the purged events changed is unknown: a full push compares everything.
+            log.warning("crm_feed_purged_behind_position", integration=integration.public_id)
+            session.add(
+                sync.new_run(
+                    integration, mode="push", trigger="gap", dry_run=False, requested_by="worker"
+                )
+            )
+            queued.add("push")
         if (
             settings.pull
             and "pull" not in queued
@@ -174,7 +184,10 @@ async def _latest_position(session: Any) -> int:
 
 async def _mark_changes(
     session: Any, integration: Integration, state: CrmSyncState, entities: Iterable[EntityType]
-) -> None:
+) -> bool:
+    """Mark what the events since the state's position changed; whether events after the
+    position were purged first (RETENTION_DAYS: the integration was disabled, or its worker
+    down, for longer), leaving changes nobody marked."""
     wanted = set(entities)
     rows = (
         await session.execute(
@@ -185,7 +198,9 @@ async def _mark_changes(
         )
     ).all()
     if not rows:
-        return
+        return False
+    # Positions run without a gap: a first one further on means the ones between are gone.
+    purged = rows[0].position != (state.event_position or 0) + 1
     state.event_position = rows[-1].position
     touched: set[tuple[EntityType, str]] = set()
     for row in rows:
@@ -203,7 +218,7 @@ async def _mark_changes(
         ):
             touched.add(("leads", row.data["lead_id"]))
     if not touched:
-        return
+        return purged
     now = utcnow()
     for entity in ("members", "leads"):
         public_ids = [pid for (kind, pid) in touched if kind == entity]
@@ -219,3 +234,4 @@ async def _mark_changes(
             link.pending_at = now
             if link.pending_since is None:
                 link.pending_since = now
+    return purged

@@ -19,7 +19,10 @@ class SyncRunOut(BaseModel):
     id: str
     integration_id: str
     mode: str
-    trigger: str = Field(description="manual, schedule, or changes (the push of recent edits).")
+    trigger: str = Field(
+        description="manual, schedule, changes (the push of recent edits), or gap (a full push"
+        " after events the sync had not read yet were purged)."
+    )
     dry_run: bool
     status: Literal["queued", "running", "completed", "failed"]
     created: int
