@@ -155,3 +155,38 @@ async def test_salesforces_request_limit_fails_a_batch_without_splitting_it(
         await api.get(f"/api/v1/sync-runs/{run['id']}/records", {"outcome": "failed", "limit": 1})
     ).json()["data"]
     assert "REQUEST_LIMIT_EXCEEDED" in records[0]["error"]
+
+
+async def test_a_member_whose_email_a_salesforce_contact_holds_is_linked_not_duplicated(
+    api: ApiClient, db: Database, hub: IntegrationHub, salesforce: FakeSalesforce
+) -> None:
+    """A Contact created in Salesforce, not by memberhub, has no memberhub id to upsert on:
+    the push finds it by email and links it rather than creating a second one."""
+    contact_id = salesforce.add_record(
+        "Contact", {"Email": "Ana.Lim@Example.com", "FirstName": "Ann", "LastName": "Lim"}
+    )
+    # Another Contact with the address, already another member's: not this member's.
+    taken = salesforce.add_record(
+        "Contact",
+        {"Email": "bo@example.com", "LastName": "Bo", "Memberhub_Id__c": "mem_someoneelse"},
+    )
+    ana = await api.create_member(
+        first_name="Ana", last_name="Lim", email="ana.lim@example.com", consent=CRM_CONSENT
+    )
+    bo = await api.create_member(
+        first_name="Bo", last_name="Tan", email="bo@example.com", consent=CRM_CONSENT
+    )
+    integration = await create_integration(
+        api, Crm("salesforce", salesforce).integration_body(pull=False)
+    )
+
+    run = await sync(api, db, hub, integration["id"], mode="push")
+
+    assert (run["created"], run["updated"], run["failed"]) == (1, 1, 0), run
+    records = salesforce.records("Contact")
+    assert len(records) == 3
+    assert records[contact_id]["FirstName"] == "Ana"
+    assert records[contact_id]["Memberhub_Id__c"] == ana["id"]
+    assert records[taken]["Memberhub_Id__c"] == "mem_someoneelse"
+    [created] = [r for r in records.values() if r.get("Memberhub_Id__c") == bo["id"]]
+    assert created["LastName"] == "Tan"

@@ -10,6 +10,7 @@ the query runs, so no page boundary can skip or repeat a record.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -164,13 +165,26 @@ class Salesforce(Provider):
         self, connection: Connection, object_name: str, records: Sequence[ContactRecord]
     ) -> list[WriteResult]:
         """Linked records are updated by their Id (a record that began in Salesforce has no
-        memberhub id yet: it gets one now); the others are upserted on memberhub's id."""
+        memberhub id yet: it gets one now); the others are upserted on memberhub's id.
+
+        An unlinked record whose email a record without a memberhub id already holds (one a
+        Salesforce user created) is linked to it, not created again: upserting on our id
+        alone would make a second Contact, as Salesforce does not key records by email."""
         config = connection.config
         assert isinstance(config, SalesforceConfig)
         key = config.external_id_field
         results: dict[str, WriteResult] = {}
-        linked = [r for r in records if r.external_id]
-        unlinked = [r for r in records if not r.external_id]
+        owners = await self._unclaimed_by_email(
+            connection, object_name, [r.email for r in records if not r.external_id and r.email]
+        )
+        records_to_write = [
+            dataclasses.replace(r, external_id=owners[r.email.lower()])
+            if not r.external_id and r.email and r.email.lower() in owners
+            else r
+            for r in records
+        ]
+        linked = [r for r in records_to_write if r.external_id]
+        unlinked = [r for r in records_to_write if not r.external_id]
         if linked:
             body = {
                 "allOrNone": False,
@@ -204,6 +218,32 @@ class Salesforce(Provider):
             )
             results.update(_results(unlinked, _answer(response)))
         return [results[r.key] for r in records]
+
+    async def _unclaimed_by_email(
+        self, connection: Connection, object_name: str, emails: Sequence[str]
+    ) -> dict[str, str]:
+        """The Id of the oldest record holding each email (lower-cased) that carries no
+        memberhub id; one query per few dozen emails (a GET's URL has a length limit)."""
+        config = connection.config
+        assert isinstance(config, SalesforceConfig)
+        wanted = sorted({email.lower() for email in emails})
+        found: dict[str, str] = {}
+        for chunk in _chunks_by_length(wanted, LOOKUP_QUERY_CHARS):
+            listed = ", ".join(_soql_string(email) for email in chunk)
+            soql = (
+                f"SELECT Id, Email FROM {object_name} WHERE Email IN ({listed}) "
+                f"AND {config.external_id_field} = null ORDER BY CreatedDate, Id"
+            )
+            response = await connection.gateway.request(
+                "GET", self._path(config, "/query"), params={"q": soql}
+            )
+            answer = _answer(response)
+            if not isinstance(answer, dict):
+                raise CrmError("Salesforce answered the lookup with an unexpected body")
+            for item in answer.get("records") or []:
+                if isinstance(item, dict) and item.get("Id") and item.get("Email"):
+                    found.setdefault(str(item["Email"]).lower(), str(item["Id"]))
+        return found
 
     async def changed_contacts(
         self,
@@ -249,6 +289,30 @@ class Salesforce(Provider):
         ]
         next_page = None if answer.get("done", True) else answer.get("nextRecordsUrl")
         return ChangesPage(records=records, next_page=next_page)
+
+
+# Characters of email addresses per lookup query, well under a GET URL's limit (16,384).
+LOOKUP_QUERY_CHARS = 8000
+
+
+def _soql_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def _chunks_by_length(values: Sequence[str], budget: int) -> list[list[str]]:
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for value in values:
+        if current and used + len(value) + 4 > budget:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(value)
+        used += len(value) + 4
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _results(records: Sequence[ContactRecord], answer: Any) -> dict[str, WriteResult]:
