@@ -236,3 +236,46 @@ async def test_a_pipedrive_person_holding_the_email_as_another_address_is_linked
 
     assert (run["created"], run["updated"], run["failed"]) == (0, 1, 0), run  # linked
     assert list(pipedrive.persons) == [person_id]  # the same person: no second one
+
+
+async def test_pushing_a_pipedrive_person_keeps_the_emails_added_in_pipedrive(
+    api: ApiClient, db: Database, hub: IntegrationHub, pipedrive: FakePipedrive
+) -> None:
+    """Pipedrive replaces a person's whole `emails` list on update: ours becomes primary,
+    and the addresses a Pipedrive user added stay, with their labels."""
+    person_id = pipedrive.add_person("Ana Lim", "ana.work@example.com")
+    pipedrive.update_person(
+        person_id,
+        {
+            "emails": [
+                {"value": "ana.work@example.com", "primary": True, "label": "work"},
+                {"value": "Ana@Example.com", "primary": False, "label": "home"},
+            ]
+        },
+    )
+    member = await api.create_member(first_name="Ana", email="ana@example.com", consent=CRM_CONSENT)
+    integration = await create_integration(
+        api, Crm("pipedrive", pipedrive).integration_body(pull=False)
+    )
+    run = await sync(api, db, hub, integration["id"], mode="push")
+    assert (run["created"], run["updated"], run["failed"]) == (0, 1, 0), run
+
+    def emails() -> list[tuple[str, bool]]:
+        entries = pipedrive.persons[person_id]["emails"]
+        return sorted((e["value"].lower(), bool(e["primary"])) for e in entries)
+
+    assert emails() == [("ana.work@example.com", False), ("ana@example.com", True)]
+
+    # A Pipedrive user adds one more; then the member's address changes here.
+    pipedrive.update_person(
+        person_id,
+        {"emails": [*pipedrive.persons[person_id]["emails"], {"value": "a.lim@example.org"}]},
+    )
+    response = await api.patch(f"/api/v1/members/{member['id']}", {"email": "ana.new@example.com"})
+    assert response.status_code == 200, response.text
+    await tick(db, hub)
+    primary = [e["value"] for e in pipedrive.persons[person_id]["emails"] if e["primary"]]
+    assert primary == ["ana.new@example.com"]
+    kept = {e["value"].lower() for e in pipedrive.persons[person_id]["emails"]}
+    assert {"ana.work@example.com", "a.lim@example.org"} <= kept
+    assert list(pipedrive.persons) == [person_id]

@@ -188,6 +188,8 @@ class _CrmIndex:
     """
 
     by_email: dict[str, str] = field(default_factory=dict)
+    # Each listed record's addresses, its primary first.
+    emails_of: dict[str, tuple[str, ...]] = field(default_factory=dict)
     next_page: str | None = None
     pages_read: int = 0
     budget: int = 0
@@ -218,9 +220,10 @@ async def _match_unlinked(
         counts.requests += 1
         index.pages_read += 1
         for remote in page.records:
-            for address in (remote.email, *remote.other_emails):
-                if address:
-                    index.by_email.setdefault(address.lower(), remote.external_id)
+            addresses = tuple(a for a in (remote.email, *remote.other_emails) if a)
+            index.emails_of[remote.external_id] = addresses
+            for address in addresses:
+                index.by_email.setdefault(address.lower(), remote.external_id)
         index.next_page = page.next_page
         index.complete = page.next_page is None
     matched = []
@@ -228,7 +231,9 @@ async def _match_unlinked(
         if record.external_id is None and record.email:
             found = index.by_email.get(record.email.lower())
             if found is not None:
-                record = dataclasses.replace(record, external_id=found)
+                record = dataclasses.replace(
+                    record, external_id=found, crm_emails=index.emails_of.get(found)
+                )
             elif index.complete:
                 record = dataclasses.replace(record, absent=True)
         matched.append(record)

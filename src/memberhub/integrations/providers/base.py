@@ -336,6 +336,9 @@ class ContactRecord:
     # Known not to be in the CRM (its complete listing has no such email): create it
     # without searching first.
     absent: bool = False
+    # The addresses the CRM's record holds, its primary first, when a listing just read
+    # them (a CRM keeping several per record needs them to change one without the others).
+    crm_emails: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

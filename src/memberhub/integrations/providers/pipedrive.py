@@ -153,6 +153,14 @@ class Pipedrive(Provider):
             if not record.absent:
                 person_id = await self._find(connection, record.email)
         if person_id is not None:
+            if "emails" in body:
+                emails = await self._emails_keeping_others(connection, record, person_id)
+                if isinstance(emails, WriteResult):
+                    return emails
+                if emails is None:
+                    del body["emails"]
+                else:
+                    body["emails"] = emails
             if not body:
                 return WriteResult(record.key, person_id)
             response = await connection.gateway.request(
@@ -172,6 +180,25 @@ class Pipedrive(Provider):
         if data.get("id") is None:
             return WriteResult(record.key, None, error="Pipedrive answered without a person id")
         return WriteResult(record.key, str(data["id"]), created=True)
+
+    async def _emails_keeping_others(
+        self, connection: Connection, record: ContactRecord, person_id: str
+    ) -> list[dict[str, Any]] | WriteResult | None:
+        """The person's emails with the record's as primary: Pipedrive replaces the whole
+        list on update, and the addresses its users added must stay. None when the primary
+        is ours already (nothing to send); a failed result when the person can't be read."""
+        email = record.properties.get("email")
+        if not email:
+            return []
+        if record.crm_emails and record.crm_emails[0].lower() == str(email).lower():
+            return None  # the listing just read them: no need to read the person again
+        response = await connection.gateway.request("GET", f"/api/v2/persons/{person_id}")
+        if response.status_code == 404:
+            return WriteResult(record.key, None, error="the person was deleted in Pipedrive")
+        if response.status_code >= 400:
+            return WriteResult(record.key, None, error=_error(response))
+        current = (response.json().get("data") or {}).get("emails") or []
+        return _with_primary(current, str(email))
 
     async def _find(self, connection: Connection, email: str) -> str | None:
         response = await connection.gateway.request(
@@ -232,6 +259,27 @@ def _person_body(properties: Mapping[str, Any]) -> dict[str, Any]:
     if custom:
         body["custom_fields"] = custom
     return body
+
+
+def _with_primary(entries: Any, email: str) -> list[dict[str, Any]] | None:
+    """`entries` (the person's emails) with `email` primary and every other address kept,
+    no longer primary; None when `email` is the primary already."""
+    kept: list[dict[str, Any]] = []
+    ours: dict[str, Any] | None = None
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or not entry.get("value"):
+            continue
+        if str(entry["value"]).lower() == email.lower():
+            if entry.get("primary") and str(entry["value"]) == email:
+                return None
+            ours = ours or entry
+            continue
+        label = entry.get("label")
+        kept.append(
+            {"value": entry["value"], "primary": False, **({"label": label} if label else {})}
+        )
+    label = (ours or {}).get("label") or "work"
+    return [{"value": email, "primary": True, "label": label}, *kept]
 
 
 def _primary(entries: Any) -> str | None:
