@@ -220,3 +220,35 @@ async def test_a_boolean_or_number_pulled_from_hubspot_keeps_its_type(
     assert (pulled["updated"], pulled["failed"]) == (1, 0), pulled
     custom = (await api.get(f"/api/v1/members/{member['id']}")).json()["custom_fields"]
     assert custom == {"vip": False, "seats": 5, "note": "12"}
+
+
+async def test_a_hubspot_contact_edited_during_a_pull_moves_no_other_past_a_page_boundary(
+    api: ApiClient, db: Database, hub: IntegrationHub, hubspot: FakeHubSpot, monkeypatch: Any
+) -> None:
+    """HubSpot's search pages by offset into a live result sorted by lastmodifieddate: a
+    contact of a page already read that is edited moves to the end, and every later one
+    moves up a place. Paging by offset would skip the one moved across the boundary."""
+    from memberhub.integrations.providers.hubspot import HubSpot
+
+    crm = Crm("hubspot", hubspot)
+    ids = [add_remote(crm, index, STAMP + timedelta(seconds=index)) for index in range(250)]
+    original = HubSpot.changed_contacts
+    pages = 0
+
+    async def edit_after_first_page(self: HubSpot, *args: Any, **kwargs: Any) -> Any:
+        nonlocal pages
+        answer = await original(self, *args, **kwargs)
+        pages += 1
+        if pages == 1:  # a HubSpot user edits a contact the pull has just read
+            edit_remote(crm, ids[0], "Edited", utcnow())
+        return answer
+
+    monkeypatch.setattr(HubSpot, "changed_contacts", edit_after_first_page)
+    integration = await create_integration(api, pull_only(crm))
+    run = await sync(api, db, hub, integration["id"], mode="pull")
+    assert run["failed"] == 0, run
+    assert pages > 1
+    leads = await all_leads(api)
+    assert sorted(lead["email"] for lead in leads) == sorted(
+        f"lead.{index}@example.com" for index in range(250)
+    )

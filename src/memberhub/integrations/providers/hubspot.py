@@ -4,8 +4,8 @@ Contacts are written with the batch endpoints (100 per request): records not yet
 `batch/upsert` with email as the id property, so a retry or a contact that already exists
 never makes a duplicate; linked ones by `batch/update` on their HubSpot id, so a changed
 email moves the contact rather than creating another. Changes are read with the search
-endpoint on `lastmodifieddate`, which caps one query at 10,000 results: a longer read starts
-a new query from the last change seen.
+endpoint on `lastmodifieddate`, a new query per page from the last change seen (its `after`
+is an offset into a live result, and one query stops at 10,000 results).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, StringConstraints, field_validator
@@ -244,11 +244,16 @@ class HubSpot(Provider):
         page: str | None,
         properties: Sequence[str],
     ) -> ChangesPage:
+        # Each page is a new query from the last change seen, skipping the records already
+        # read at that very time. Paging by `after` alone would go by offset into a live
+        # result: a contact read already and edited meanwhile moves to its end, the rest
+        # move up a place, and the one moved across the page boundary would never be read.
+        # A new query per page also never meets the search's cap of 10,000 results.
         token = json.loads(page) if page else {}
         start_ms = token.get("since")
         if start_ms is None and since is not None:
-            start_ms = int(since.timestamp() * 1000)
-        after = token.get("after")
+            start_ms = _epoch_ms(since)
+        skip = int(token.get("skip") or 0)
         body: dict[str, Any] = {
             "sorts": [{"propertyName": "lastmodifieddate", "direction": "ASCENDING"}],
             "properties": sorted({*properties, "email", "lastmodifieddate"}),
@@ -266,26 +271,24 @@ class HubSpot(Provider):
                     ]
                 }
             ]
-        if after is not None:
-            body["after"] = str(after)
+        if skip:
+            body["after"] = str(skip)
         response = await connection.gateway.request(
             "POST", f"/crm/v3/objects/{object_name}/search", json=body, retry_safe=True
         )
         answer = _json(response)
         records = [_remote(item, properties) for item in answer.get("results", [])]
-        next_after = ((answer.get("paging") or {}).get("next") or {}).get("after")
         next_page: str | None = None
-        if next_after is not None:
-            if int(next_after) + SEARCH_PAGE <= SEARCH_CAP:
-                next_page = json.dumps({"since": start_ms, "after": next_after})
-            else:
-                # The search stops at 10,000 results: go on from the last change seen (the
-                # records sharing its timestamp come again and change nothing).
-                last = max((r.modified_at for r in records if r.modified_at), default=None)
-                last_ms = int(last.timestamp() * 1000) if last is not None else None
-                if last_ms is None or last_ms == start_ms:
-                    raise CrmError("more than 10,000 HubSpot contacts share one modification time")
-                next_page = json.dumps({"since": last_ms, "after": None})
+        if ((answer.get("paging") or {}).get("next") or {}).get("after") is not None:
+            stamps = [_epoch_ms(r.modified_at) for r in records if r.modified_at is not None]
+            if not stamps:
+                raise CrmError("HubSpot answered contacts without lastmodifieddate")
+            last_ms = stamps[-1]
+            at_last = sum(1 for stamp in stamps if stamp == last_ms)
+            next_skip = skip + at_last if last_ms == start_ms else at_last
+            if next_skip + SEARCH_PAGE > SEARCH_CAP:
+                raise CrmError("more than 10,000 HubSpot contacts share one modification time")
+            next_page = json.dumps({"since": last_ms, "skip": next_skip})
         return ChangesPage(records=records, next_page=next_page)
 
     def webhook_changes(self, event_type: str, payload: Any) -> list[tuple[str, RemoteRecord]]:
@@ -327,6 +330,14 @@ class HubSpot(Provider):
 
 SEARCH_PAGE = 200
 SEARCH_CAP = 10_000
+
+
+def _epoch_ms(moment: datetime) -> int:
+    """Milliseconds since the epoch, exactly (a float timestamp can round 0.123 down)."""
+    return (moment - EPOCH) // timedelta(milliseconds=1)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _strings(record: ContactRecord) -> dict[str, str]:
