@@ -21,7 +21,7 @@ from tests.integrations.conftest import (
     stripe_id,
 )
 from tests.integrations.test_registry import dump
-from tests.integrations.test_stripe_inbound import invoice_event
+from tests.integrations.test_stripe_inbound import invoice_event, subscription_line
 from tests.support import ApiClient
 
 
@@ -213,6 +213,33 @@ async def test_a_failed_payment_leaves_the_invoice_unpaid_until_it_is_paid(
     assert len(xero.contacts) == 1
     kinds = sorted(e["kind"] for e in await entries(api, integration["id"]))
     assert kinds == ["sale", "sale"]
+
+
+async def test_a_late_failure_of_an_invoice_for_time_already_paid_for_books_nothing(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, hub: IntegrationHub, xero: FakeXero
+) -> None:
+    plan = await api.create_plan(price_amount=3000, currency="GBP", term_months=1)
+    stripe = await create_stripe_integration(api)
+    integration = await connected_xero(api, http, xero, plan)
+    member = await api.create_member()
+    await send(http, stripe["id"], checkout_event(member, plan))
+    await work(db, hub)
+    joined = await api.get(f"/api/v1/members/{member['id']}")
+    paid_until = datetime.fromisoformat(joined.json()["membership"]["term_ends_at"])
+
+    # Another subscription's invoice for a month the checkout paid, failing, delivered late.
+    subscription = stripe_id("sub")
+    late = invoice_event(
+        "invoice.payment_failed",
+        metadata={"member_id": member["id"], "plan_id": plan["id"]},
+        subscription=subscription,
+        lines=[subscription_line(subscription, paid_until - timedelta(days=30), paid_until)],
+    )
+    late["data"]["object"].update(amount_due=3000, currency="gbp")
+    assert (await send(http, stripe["id"], late)).status_code == 200
+    await work(db, hub)
+    assert len(xero.invoices) == 1  # the checkout's only
+    assert [e["kind"] for e in await entries(api, integration["id"])] == ["sale"]
 
 
 async def test_a_currency_the_organisation_cannot_take_is_reported_on_the_record(

@@ -4,7 +4,7 @@ endpoint, processed by the worker."""
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from memberhub.auth.roles import Role
 from memberhub.integrations.inbound import process_inbound
+from memberhub.integrations.providers.stripe import Stripe
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
@@ -940,3 +941,113 @@ async def test_a_late_invoice_paid_before_the_subscription_ended_keeps_the_cance
     await run_worker(db)
     resumed = (await member_of(api, member["id"]))["membership"]
     assert (resumed["cancel_at_period_end"], resumed["payment_status"]) == (False, "paid")
+
+
+def subscription_line(subscription: str, starts_at: datetime, ends_at: datetime) -> dict[str, Any]:
+    """An invoice's line for a subscription's service period, as Stripe writes it."""
+    return {
+        "id": stripe_id("il"),
+        "object": "line_item",
+        "type": "subscription",
+        "subscription": subscription,
+        "period": {"start": int(starts_at.timestamp()), "end": int(ends_at.timestamp())},
+        "proration": False,
+        "quantity": 1,
+    }
+
+
+@pytest.mark.parametrize("whose", ["a previous period", "another subscription"])
+async def test_a_late_failure_of_an_invoice_for_time_already_paid_for_changes_nothing(
+    api: ApiClient,
+    http: httpx.AsyncClient,
+    db: Database,
+    stripe_integration: dict[str, Any],
+    whose: str,
+) -> None:
+    plan = await api.create_plan(term_months=1, grace_days=10)
+    member = await api.create_member()
+    customer, subscription = stripe_id("cus"), stripe_id("sub")
+    await send(http, stripe_integration["id"], checkout_completed(member, plan, customer=customer))
+    await run_worker(db)
+    joined = datetime.fromisoformat(
+        (await member_of(api, member["id"]))["membership"]["term_ends_at"]
+    )
+    renewal = invoice_event(
+        "invoice.paid",
+        customer=customer,
+        subscription=subscription,
+        lines=[subscription_line(subscription, joined, joined + timedelta(days=30))],
+    )
+    await send(http, stripe_integration["id"], renewal)
+    await run_worker(db)
+    renewed = await member_of(api, member["id"])
+    assert renewed["membership"]["payment_status"] == "paid"
+    paid_until = datetime.fromisoformat(renewed["membership"]["term_ends_at"])
+
+    # An older invoice's failure, delivered after the newer one was paid: its period is
+    # already paid for, so the member is not past due, gets no grace and no alert.
+    older = stripe_id("sub") if whose == "another subscription" else subscription
+    late = invoice_event(
+        "invoice.payment_failed",
+        customer=customer,
+        subscription=older,
+        lines=[subscription_line(older, joined - timedelta(days=30), joined)],
+    )
+    late["created"] = int(time.time()) - 3600
+    await send(http, stripe_integration["id"], late)
+    await run_worker(db)
+    after_late = await member_of(api, member["id"])
+    assert after_late["membership"]["payment_status"] == "paid"
+    assert after_late == renewed
+    [event] = [e for e in await inbound_events(api, stripe_integration["id"])
+               if e["provider_event_id"] == late["id"]]  # fmt: skip
+    assert event["status"] == "ignored"
+    assert event["result"]["action"] == "ignored"
+    alerts = await api.get("/api/v1/alerts", params={"type": "PAYMENT_FAILED"})
+    assert alerts.json()["data"] == []
+    changed = await api.get("/api/v1/events", params={"type": "member.payment.changed"})
+    assert [e["data"]["payment_status"] for e in changed.json()["data"]] == ["paid", "paid"]
+
+    # The next period's invoice failing is a failure now.
+    failure = invoice_event(
+        "invoice.payment_failed",
+        customer=customer,
+        subscription=subscription,
+        lines=[subscription_line(subscription, paid_until, paid_until + timedelta(days=31))],
+    )
+    await send(http, stripe_integration["id"], failure)
+    await run_worker(db)
+    after = await member_of(api, member["id"])
+    assert (after["status"], after["membership"]["payment_status"]) == ("active", "past_due")
+    assert after["membership"]["term_ends_at"] == renewed["membership"]["term_ends_at"]
+    alerts = await api.get("/api/v1/alerts", params={"type": "PAYMENT_FAILED"})
+    assert len(alerts.json()["data"]) == 1
+
+
+def test_a_failed_invoice_is_for_its_subscription_lines_latest_period_in_either_api_version() -> (
+    None
+):
+    start, end = 1_800_000_000, 1_802_592_000
+    legacy = subscription_line(
+        "sub_a", datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)
+    )
+    basil = {
+        "object": "line_item",
+        "parent": {
+            "type": "subscription_item_details",
+            "subscription_item_details": {"subscription": "sub_a", "proration": False},
+        },
+        "period": {"start": start, "end": end + 86400},
+    }
+    one_off = {"object": "line_item", "type": "invoiceitem", "period": {"start": 1, "end": 1}}
+
+    def period_end(*lines: dict[str, Any]) -> datetime | None:
+        event = invoice_event("invoice.payment_failed", lines=list(lines))
+        notice = Stripe().interpret(event["type"], event)
+        assert notice is not None
+        return notice.period_end
+
+    assert period_end(legacy) == datetime.fromtimestamp(end, UTC)
+    assert period_end(legacy, basil) == datetime.fromtimestamp(end + 86400, UTC)
+    assert period_end(one_off) is None
+    assert period_end() is None

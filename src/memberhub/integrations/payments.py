@@ -55,6 +55,10 @@ class PaymentNotYetApplied(Exception):
 
 # How long a refund waits for its payment to be applied before it is ignored.
 REFUND_WAIT = timedelta(hours=1)
+# A provider's billing periods and a member's terms are counted apart (a term starts when
+# its payment was applied, and in the program's time zone): they may differ by hours, and
+# a period differs from the next by a month at least.
+PERIOD_TOLERANCE = timedelta(days=1)
 
 
 class PaymentSettings:
@@ -395,6 +399,14 @@ async def _failed(
     if await _records(session, integration, notice.references):
         # Stripe retried the invoice and it was paid; this older failure came late.
         return {"member_id": member.public_id, "action": "ignored", "reason": "already paid"}
+    if _paid_for(member, notice):
+        # An older invoice (a previous period's, another subscription's) failing, delivered
+        # after a later one was paid: the time it was for is paid, nothing is past due.
+        return {
+            "member_id": member.public_id,
+            "action": "ignored",
+            "reason": "an invoice for a period already paid for (an older event)",
+        }
     result: dict[str, Any] = {"member_id": member.public_id, "action": "recorded"}
     if member.status == S.ACTIVE:
         grace_days = member.plan.grace_days if member.plan and member.plan.grace_days else 0
@@ -580,6 +592,15 @@ async def _member_by_id(session: AsyncSession, member_id: int) -> Member:
     if member is None:
         raise PaymentUnmatched("The member the payment was applied to no longer exists.")
     return member
+
+
+def _paid_for(member: Member, notice: PaymentNotice) -> bool:
+    """Whether the member's paid term already covers the period the notice is for."""
+    return (
+        notice.period_end is not None
+        and member.term_ends_at is not None
+        and notice.period_end <= member.term_ends_at + PERIOD_TOLERANCE
+    )
 
 
 def _note(notice: PaymentNotice) -> str:

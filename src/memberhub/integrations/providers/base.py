@@ -246,6 +246,9 @@ class PaymentNotice:
     currency: str | None = None
     amount_refunded: int = 0
     occurred_at: datetime | None = None
+    # The end of the latest subscription period the payment is for (an invoice's lines),
+    # when the provider says: a failure of one for time already paid for is an older event.
+    period_end: datetime | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
 

@@ -228,6 +228,7 @@ class Stripe(Provider):
                 ),
                 currency=_text(obj.get("currency")),
                 occurred_at=occurred_at,
+                period_end=_subscription_period_end(_dig(obj, "lines", "data")),
                 details={"invoice": obj.get("id"), "billing_reason": obj.get("billing_reason")},
             )
         if event_type == "customer.subscription.deleted":
@@ -415,6 +416,27 @@ def _money_record(obj: Mapping[str, Any], kind: str) -> MoneyRecord:
         member_id=_text(metadata.get("member_id")),
         arrives_at=_when(obj.get("arrival_date")) if kind == "payout" else None,
     )
+
+
+def _subscription_period_end(lines: Any) -> datetime | None:
+    """The end of the latest subscription period an invoice's lines bill for. Not the
+    invoice's own `period_end`: on a subscription's invoice that looks back one period.
+    Lines of one-off items (a period of an instant) say nothing about a subscription."""
+    ends = []
+    for line in lines if isinstance(lines, list) else []:
+        if not isinstance(line, Mapping):
+            continue
+        of_subscription = (
+            _text(line.get("subscription")) is not None
+            or line.get("type") == "subscription"
+            # From API version 2025-03-31.basil a line names its subscription in `parent`.
+            or isinstance(_dig(line, "parent", "subscription_item_details"), Mapping)
+            or _text(_dig(line, "parent", "invoice_item_details", "subscription")) is not None
+        )
+        end = _when(_dig(line, "period", "end"))
+        if of_subscription and end is not None:
+            ends.append(end)
+    return max(ends, default=None)
 
 
 def _ids(*values: Any) -> tuple[str, ...]:
