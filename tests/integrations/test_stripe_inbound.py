@@ -1051,3 +1051,77 @@ def test_a_failed_invoice_is_for_its_subscription_lines_latest_period_in_either_
     assert period_end(legacy, basil) == datetime.fromtimestamp(end + 86400, UTC)
     assert period_end(one_off) is None
     assert period_end() is None
+
+
+async def test_the_end_of_a_subscription_whose_period_the_paid_term_outlasts_changes_nothing(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan(term_months=1)
+    member = await api.create_member()
+    customer, first, second = stripe_id("cus"), stripe_id("sub"), stripe_id("sub")
+    await send(
+        http,
+        stripe_integration["id"],
+        checkout_completed(member, plan, customer=customer, subscription=first),
+    )
+    await run_worker(db)
+    joined = datetime.fromisoformat(
+        (await member_of(api, member["id"]))["membership"]["term_ends_at"]
+    )
+    # The member moves to a new subscription, which pays for the month after the first's.
+    moved = invoice_event(
+        "invoice.paid",
+        customer=customer,
+        subscription=second,
+        billing_reason="subscription_create",
+        lines=[subscription_line(second, joined, joined + timedelta(days=31))],
+    )
+    await send(http, stripe_integration["id"], moved)
+    await run_worker(db)
+    renewed = await member_of(api, member["id"])
+    assert renewed["membership"]["payment_status"] == "paid"
+
+    # The first subscription's deletion, delivered after: it ends a period already behind
+    # the paid term, and the membership goes on with the second.
+    deleted = stripe_event(
+        "customer.subscription.deleted",
+        {
+            "id": first,
+            "object": "subscription",
+            "customer": customer,
+            "status": "canceled",
+            "current_period_start": int((joined - timedelta(days=30)).timestamp()),
+            "current_period_end": int(joined.timestamp()),
+            "metadata": {"member_id": member["id"]},
+        },
+    )
+    deleted["created"] = int(time.time()) - 600
+    await send(http, stripe_integration["id"], deleted)
+    await run_worker(db)
+    after = await member_of(api, member["id"])
+    assert (after["membership"]["cancel_at_period_end"], after["membership"]["payment_status"]) == (
+        False,
+        "paid",
+    )
+    assert after == renewed
+    [event] = [e for e in await inbound_events(api, stripe_integration["id"])
+               if e["provider_event_id"] == deleted["id"]]  # fmt: skip
+    assert (event["status"], event["result"]["action"]) == ("ignored", "ignored")
+
+    # The second subscription's deletion cancels at the end of the paid term.
+    ended = stripe_event(
+        "customer.subscription.deleted",
+        {
+            "id": second,
+            "object": "subscription",
+            "customer": customer,
+            "status": "canceled",
+            "current_period_start": int(joined.timestamp()),
+            "current_period_end": int((joined + timedelta(days=31)).timestamp()),
+            "metadata": {"member_id": member["id"]},
+        },
+    )
+    await send(http, stripe_integration["id"], ended)
+    await run_worker(db)
+    cancelled = (await member_of(api, member["id"]))["membership"]
+    assert (cancelled["cancel_at_period_end"], cancelled["payment_status"]) == (True, "cancelled")

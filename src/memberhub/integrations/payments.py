@@ -452,6 +452,14 @@ async def _subscription_ended(
     principal: Principal,
     now: datetime,
 ) -> dict[str, Any]:
+    if _outlasted_by_paid_term(member, notice):
+        # Another subscription (the member moved to a new one) has paid beyond this one's
+        # last period: its end, however late it is delivered, ends nothing.
+        return {
+            "member_id": member.public_id,
+            "action": "ignored",
+            "reason": "a subscription whose last period the paid term outlasts",
+        }
     result: dict[str, Any] = {"member_id": member.public_id, "action": "recorded"}
     if member.status == S.ACTIVE and not member.cancel_at_period_end:
         await memberships.cancel(
@@ -600,6 +608,16 @@ def _paid_for(member: Member, notice: PaymentNotice) -> bool:
         notice.period_end is not None
         and member.term_ends_at is not None
         and notice.period_end <= member.term_ends_at + PERIOD_TOLERANCE
+    )
+
+
+def _outlasted_by_paid_term(member: Member, notice: PaymentNotice) -> bool:
+    """Whether the member's paid term runs on past the period the notice's subscription
+    last had, by more than the two can differ by: paid for by something else."""
+    return (
+        notice.period_end is not None
+        and member.term_ends_at is not None
+        and notice.period_end + PERIOD_TOLERANCE < member.term_ends_at
     )
 
 

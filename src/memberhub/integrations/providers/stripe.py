@@ -239,6 +239,16 @@ class Stripe(Provider):
                 member_id=_text(metadata.get("member_id")),
                 customer_id=_text(obj.get("customer")),
                 occurred_at=occurred_at,
+                # From API version 2025-03-31.basil the period is its items'.
+                period_end=_when(obj.get("current_period_end"))
+                or max(
+                    (
+                        end
+                        for item in _dig(obj, "items", "data") or []
+                        if (end := _when(_dig(item, "current_period_end"))) is not None
+                    ),
+                    default=None,
+                ),
                 details={"subscription": obj.get("id")},
             )
         if event_type == "invoice_payment.paid":
