@@ -1125,3 +1125,71 @@ async def test_the_end_of_a_subscription_whose_period_the_paid_term_outlasts_cha
     await run_worker(db)
     cancelled = (await member_of(api, member["id"]))["membership"]
     assert (cancelled["cancel_at_period_end"], cancelled["payment_status"]) == (True, "cancelled")
+
+
+async def test_a_refund_of_an_older_payment_reverses_its_points_and_leaves_the_newer_status(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    plan = await api.create_plan(term_months=1, price_amount=12000)
+    member = await api.create_member()
+    customer, first_intent = stripe_id("cus"), stripe_id("pi")
+    await send(
+        http,
+        stripe_integration["id"],
+        checkout_completed(member, plan, customer=customer, payment_intent=first_intent),
+    )
+    await run_worker(db)
+    first_points = await balance_of(api, member["id"])
+    renewal = invoice_event(
+        "invoice.paid", customer=customer, payment_intent=stripe_id("pi"), charge=stripe_id("ch")
+    )
+    await send(http, stripe_integration["id"], renewal)
+    await run_worker(db)
+    renewed = await member_of(api, member["id"])
+    assert renewed["membership"]["payment_status"] == "paid"
+    both_points = await balance_of(api, member["id"])
+
+    # The first payment is refunded (or its refund is delivered) after the renewal was
+    # paid: its points go, the renewal still pays for the term, and says so.
+    refund = stripe_event(
+        "charge.refunded",
+        {
+            "id": stripe_id("ch"),
+            "object": "charge",
+            "amount": 12000,
+            "amount_refunded": 12000,
+            "refunded": True,
+            "currency": "myr",
+            "customer": customer,
+            "payment_intent": first_intent,
+        },
+    )
+    await send(http, stripe_integration["id"], refund)
+    await run_worker(db)
+    assert await balance_of(api, member["id"]) == both_points - first_points
+    after = await member_of(api, member["id"])
+    assert after["membership"]["payment_status"] == "paid"
+    [event] = [e for e in await inbound_events(api, stripe_integration["id"])
+               if e["provider_event_id"] == refund["id"]]  # fmt: skip
+    assert (event["status"], event["result"]["action"]) == ("processed", "refund")
+    changed = await api.get("/api/v1/events", params={"type": "member.payment.changed"})
+    assert [e["data"]["payment_status"] for e in changed.json()["data"]] == ["paid", "paid"]
+
+    # A refund of the newest payment is the member's payment status.
+    newest = stripe_event(
+        "charge.refunded",
+        {
+            "id": renewal["data"]["object"]["charge"],
+            "object": "charge",
+            "amount": 12000,
+            "amount_refunded": 6000,
+            "refunded": False,
+            "currency": "myr",
+            "customer": customer,
+            "payment_intent": renewal["data"]["object"]["payment_intent"],
+        },
+    )
+    await send(http, stripe_integration["id"], newest)
+    await run_worker(db)
+    refunded = await member_of(api, member["id"])
+    assert refunded["membership"]["payment_status"] == "partially_refunded"

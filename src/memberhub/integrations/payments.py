@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import func, select, update
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy import select, update
 from sqlalchemy.exc import DataError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -548,9 +548,36 @@ async def _refunded(
         result["points"] = await _reverse(
             session, integration, notice, record, member, principal, now, full=full
         )
+    if await _paid_again_since(session, record):
+        # The payment status is the member's latest payment's: the refund of an older one
+        # (a previous period's, refunded or delivered after a later one was paid) takes its
+        # points back and leaves the status of the payment that pays for the term.
+        result["payment_status"] = "kept: a later payment is on record"
+        return result
     status = "refunded" if full else "partially_refunded"
     _set_payment_status(session, integration, member, status, notice, now)
     return result
+
+
+async def _paid_again_since(session: AsyncSession, record: PaymentRecord) -> bool:
+    """Whether the member has a payment first recorded after `record`'s payment was (a
+    payment's later ids, linked afterwards, do not make it a later payment)."""
+    first_of_this = (
+        select(func.min(PaymentRecord.id))
+        .where(
+            PaymentRecord.integration_id == record.integration_id,
+            PaymentRecord.payment_key == record.payment_key,
+        )
+        .scalar_subquery()
+    )
+    later = await session.scalar(
+        select(PaymentRecord.payment_key)
+        .where(PaymentRecord.member_id == record.member_id)
+        .group_by(PaymentRecord.integration_id, PaymentRecord.payment_key)
+        .having(func.min(PaymentRecord.id) > first_of_this)
+        .limit(1)
+    )
+    return later is not None
 
 
 async def _reverse(
