@@ -4,6 +4,7 @@ webhooks through the inbound endpoint, the worker booking them in the Xero fake.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import httpx
 
@@ -69,6 +70,32 @@ async def test_a_paid_checkout_becomes_a_contact_an_invoice_and_a_payment(
             assert request.headers["xero-tenant-id"] == xero.tenant.tenant_id
         if request.method == "POST" and request.path.startswith("/api.xro/"):
             assert request.headers.get("idempotency-key")
+
+
+async def test_documents_are_dated_on_the_programs_calendar_not_utcs(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, hub: IntegrationHub, xero: FakeXero
+) -> None:
+    """A payment made when the program's day is not UTC's (early in a local day, still
+    yesterday in UTC, say) is invoiced and paid on the program's day."""
+    paid_at = utcnow()
+    # A zone whose date differs from UTC's at this moment, whatever the hour.
+    zone = "Etc/GMT+12" if paid_at.hour < 12 else "Etc/GMT-14"
+    assert (await api.patch("/api/v1/program", {"timezone": zone})).status_code == 200
+    local = paid_at.astimezone(ZoneInfo(zone)).date()
+    assert local != paid_at.date()
+    plan = await api.create_plan(price_amount=4500, currency="GBP")
+    stripe = await create_stripe_integration(api)
+    await connected_xero(api, http, xero, plan)
+    member = await api.create_member()
+    event = checkout_event(member, plan)
+    event["created"] = int(paid_at.timestamp())
+
+    assert (await send(http, stripe["id"], event)).status_code == 200
+    await work(db, hub)
+
+    [invoice] = xero.invoices
+    [payment] = xero.payments
+    assert invoice["Date"][:10] == payment["Date"][:10] == local.isoformat()
 
 
 async def test_a_checkout_paid_in_full_by_a_coupon_books_nothing(

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 
+from memberhub.finance.report import issued_in, local_day
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.db import Database
 from tests.fakes.stripe import FakeStripe
@@ -246,3 +249,16 @@ async def test_a_refunds_fix_waits_for_the_refunded_payment_to_be_booked(
     after = await reconcile(api, db, hub, integration["id"])
     assert after["mismatches"] == []
     assert (after["summary"]["matched"], after["summary"]["refunds_matched"]) == (1, 1)
+
+
+def test_a_credit_note_is_in_the_period_by_the_programs_calendar() -> None:
+    # The period is the program's December (UTC+14): from Nov 30 10:00 UTC to Dec 31 10:00.
+    zone = ZoneInfo("Etc/GMT-14")
+    start = datetime(2026, 11, 30, 10, tzinfo=UTC)
+    end = datetime(2026, 12, 31, 10, tzinfo=UTC)
+    assert issued_in(date(2026, 12, 1), start, end, zone)
+    assert issued_in(date(2026, 12, 31), start, end, zone)
+    # UTC's calendar would take Nov 30 in and leave Dec 31 out.
+    assert not issued_in(date(2026, 11, 30), start, end, zone)
+    assert not issued_in(date(2027, 1, 1), start, end, zone)
+    assert local_day(datetime(2026, 12, 31, 9, 59, tzinfo=UTC), zone) == date(2026, 12, 31)

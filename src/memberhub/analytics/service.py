@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from fractions import Fraction
-from zoneinfo import ZoneInfo
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -170,11 +169,6 @@ def month_ends(now: datetime, months: int, zone: tzinfo = UTC) -> list[datetime]
     return [*reversed(ends), now]
 
 
-async def program_zone(session: AsyncSession) -> ZoneInfo:
-    """The program's time zone, in which months are counted."""
-    return ZoneInfo((await program_service.get_program(session)).timezone)
-
-
 async def kpis_series(
     session: AsyncSession,
     organisation_ids: frozenset[int] | None,
@@ -188,7 +182,7 @@ async def kpis_series(
     leaving out moments before `earliest`. Each point is exactly what `kpis` answers for
     that moment; the liabilities at every month end and 30 days before each are read from
     the log in one statement."""
-    zone = await program_zone(session)
+    zone = await program_service.program_zone(session)
     ends = [end for end in month_ends(now, months, zone) if end >= earliest]
     moments = [end for end in ends if end != now] + [end - RATES_WINDOW for end in ends]
     known = await AnalyticsRepository(session).liability_at_many(moments, organisation_ids)

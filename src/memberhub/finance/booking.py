@@ -10,19 +10,24 @@ sent but not recorded (a crash in between, a lost answer) returns the object the
 send made: nothing is booked twice. A refusal resending cannot change (Xero's validation
 messages: an unknown account, a currency the organisation does not take) fails the entry
 with the vendor's words; any other failure is retried with backoff.
+
+Documents are dated on the program's calendar (its `timezone`): a payment made in the
+first hours of a local day, still the day before in UTC, is booked on the local day, in
+the accounting period the treasurer closes.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import structlog
 from sqlalchemy import select
 
 from memberhub.finance.models import AccountingMapping, EntryKind, EntryStatus, FinanceEntry
+from memberhub.finance.report import local_day
 from memberhub.integrations.gateway import CircuitOpen, GatewayError
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.models import Integration
@@ -42,6 +47,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
 from memberhub.memberships.models import MembershipPlan
+from memberhub.program.service import program_zone
 
 log = structlog.get_logger("memberhub.finance.booking")
 
@@ -69,6 +75,7 @@ class _Work:
     amount: int
     currency: str
     occurred_at: datetime
+    day: date  # occurred_at on the program's calendar: the documents' date
     contact_id: str | None
     invoice_id: str | None
     payment_id: str | None
@@ -180,6 +187,7 @@ async def _claim(db: Database, entry_id: int, now: datetime) -> _Work | None:
             amount=entry.amount,
             currency=entry.currency or (plan.currency if plan else ""),
             occurred_at=entry.occurred_at,
+            day=local_day(entry.occurred_at, await program_zone(session)),
             contact_id=entry.contact_id,
             invoice_id=entry.invoice_id,
             payment_id=entry.payment_id,
@@ -270,7 +278,7 @@ async def _run_steps(
                 reference=work.source_ref,
                 contact_id=work.contact_id,
                 currency=work.currency,
-                issued_on=work.occurred_at.date(),
+                issued_on=work.day,
                 lines=(_line(work, work.plan_name, work.invoice_amount),),
                 # Made again (a fix, after the first was voided in Xero): a new key, or
                 # Xero would answer with the first again.
@@ -287,7 +295,7 @@ async def _run_steps(
                 account_code=str(work.mapping["payments_account_code"]),
                 amount=work.amount,
                 currency=work.currency,
-                paid_on=work.occurred_at.date(),
+                paid_on=work.day,
                 reference=work.source_ref,
                 idempotency_key=f"memberhub-payment-{work.public_id}"
                 + (f"-{work.payments_made + 1}" if work.payments_made else ""),
@@ -321,7 +329,7 @@ async def _refund_steps(
                 reference=work.source_ref,
                 contact_id=work.sale_contact_id,
                 currency=work.currency,
-                issued_on=work.occurred_at.date(),
+                issued_on=work.day,
                 lines=(_line(work, f"Refund: {work.plan_name}", work.amount),),
                 idempotency_key=f"memberhub-credit-note-{work.public_id}",
             ),
@@ -342,7 +350,7 @@ async def _refund_steps(
                 account_code=str(work.mapping["payments_account_code"]),
                 amount=work.amount,
                 currency=work.currency,
-                paid_on=work.occurred_at.date(),
+                paid_on=work.day,
                 reference=work.source_ref,
                 idempotency_key=f"memberhub-refund-{work.public_id}"
                 + (f"-{work.refunds_made + 1}" if work.refunds_made else ""),
@@ -381,7 +389,7 @@ async def _fees_step(
             account_code=str(fees_account),
             amount=fees,
             currency=work.currency,
-            paid_on=work.occurred_at.date(),
+            paid_on=work.day,
             reference=work.source_ref,
             idempotency_key=f"memberhub-fees-{work.public_id}",
         ),
@@ -409,7 +417,7 @@ async def _payout_steps(
                 account_code=str(bank),
                 amount=work.amount,
                 currency=work.currency,
-                paid_on=work.occurred_at.date(),
+                paid_on=work.day,
                 reference=work.source_ref,
                 idempotency_key=f"memberhub-transfer-{work.public_id}"
                 + (f"-{work.transfers_made + 1}" if work.transfers_made else ""),

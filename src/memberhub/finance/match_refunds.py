@@ -19,7 +19,7 @@ claimed is `credit_note_without_refund`.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import datetime, tzinfo
 
 from memberhub.finance.report import MismatchList, issued_in, money, record_of
 from memberhub.integrations.providers.base import LedgerDocument, MoneyRecord
@@ -44,8 +44,10 @@ def match_refunds(
     mismatches: MismatchList,
     start: datetime,
     end: datetime,
+    zone: tzinfo,
 ) -> int:
-    """Add the refunds' mismatches; return how many refunds matched."""
+    """Add the refunds' mismatches; return how many refunds matched. Credit notes are
+    dated on the program's calendar (`zone`)."""
     notes = [d for d in documents if d.kind == "credit_note" and d.status not in DEAD_DOCUMENT]
     ordered = sorted(
         (r for r in refunds if r.status in LIVE_REFUND), key=lambda r: (r.created_at, r.id)
@@ -180,7 +182,7 @@ def match_refunds(
     for note in notes:
         if note.id in claimed or note.issued_on is None:
             continue
-        if not issued_in(note.issued_on, start, end):
+        if not issued_in(note.issued_on, start, end, zone):
             continue
         mismatches.add(
             "credit_note_without_refund",

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
 import structlog
@@ -37,7 +37,7 @@ from memberhub.finance.match_payouts import match_payouts
 from memberhub.finance.match_refunds import match_refunds
 from memberhub.finance.models import AccountingMapping, Reconciliation, ReconciliationStatus
 from memberhub.finance.queue import money_scopes
-from memberhub.finance.report import MismatchList, money, record_of
+from memberhub.finance.report import MismatchList, local_day, money, record_of
 from memberhub.integrations.gateway import CircuitOpen, GatewayError
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.integrations.models import Integration, PaymentRecord
@@ -53,6 +53,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.members.models import Member
 from memberhub.memberships.models import MembershipTerm
+from memberhub.program.service import program_zone
 
 log = structlog.get_logger("memberhub.finance.reconciliation")
 
@@ -163,10 +164,12 @@ async def _compare(
         hub.connection(source), since=start - TERM_SLACK, until=end
     )
     movements = [m for m in listed if m.created_at >= start]
+    async with db.transaction(read_only=True) as session:
+        zone = await program_zone(session)  # documents are dated on the program's calendar
     documents = await accounting.documents(
         hub.connection(integration),
-        since=start.date(),
-        until=(end + timedelta(days=1)).date(),
+        since=local_day(start, zone),
+        until=local_day(end, zone) + timedelta(days=1),
     )
     charges = [m for m in movements if m.kind == "charge" and m.status == "succeeded"]
     refunds = [m for m in movements if m.kind == "refund"]
@@ -196,8 +199,8 @@ async def _compare(
         # A payout arrives at the bank days after it is made.
         books.transfers = await accounting.transfers(
             hub.connection(integration),
-            since=start.date(),
-            until=(end + PAYOUT_ARRIVAL_SLACK).date(),
+            since=local_day(start, zone),
+            until=local_day(end + PAYOUT_ARRIVAL_SLACK, zone),
         )
     # An invoice issued before the period for one of its charges: a renewal whose payment
     # failed last month (its invoice made then, unpaid) and Stripe's retry paid this month.
@@ -230,6 +233,7 @@ async def _compare(
         members,
         start,
         end,
+        zone,
         paid_before,
         earlier_invoices,
     )
@@ -313,6 +317,7 @@ def _match(
     members: dict[str, int],
     start: datetime,
     end: datetime,
+    zone: tzinfo,
     paid_before: Mapping[int, list[datetime]],
     earlier_invoices: Sequence[LedgerDocument] = (),
 ) -> dict[str, Any]:
@@ -430,7 +435,7 @@ def _match(
         add(
             "membership_active_without_payment",
             f"Membership term {term} of {public} was joined or renewed "
-            f"{made.date().isoformat()} with no Stripe payment in the period.",
+            f"{local_day(made, zone).isoformat()} with no Stripe payment in the period.",
             None,
             "Take the payment (a checkout), or record why the membership is free.",
             member_id=public,
@@ -438,7 +443,7 @@ def _match(
         )
     refunds = [m for m in movements if m.kind == "refund"]
     payouts = [m for m in movements if m.kind == "payout"]
-    refunds_matched = match_refunds(refunds, documents, records, public_of, found, start, end)
+    refunds_matched = match_refunds(refunds, documents, records, public_of, found, start, end, zone)
     payouts_matched = match_payouts(payouts, books.nets, books.transfers, books.bank, found)
     summary = {
         "stripe_charges": len(charges),

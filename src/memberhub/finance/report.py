@@ -5,7 +5,7 @@ apply, and `_fix`, what applying it needs (kept in the report, never shown)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
 from typing import Any
 
 from memberhub.integrations.providers.base import MoneyRecord
@@ -34,10 +34,15 @@ def money(amount: int, currency: str) -> str:
     return f"{amount} {currency} (minor units)"
 
 
-def issued_in(day: date, start: datetime, end: datetime) -> bool:
-    """Whether a document dated `day` (a date) falls in [start, end)."""
-    last_day = (end - timedelta(microseconds=1)).date()
-    return start.date() <= day <= last_day
+def local_day(moment: datetime, zone: tzinfo) -> date:
+    """The date of `moment` on the calendar of `zone` (the program's): how documents in
+    the books are dated."""
+    return moment.astimezone(zone).date()
+
+
+def issued_in(day: date, start: datetime, end: datetime, zone: tzinfo) -> bool:
+    """Whether a document dated `day` (on the program's calendar) falls in [start, end)."""
+    return local_day(start, zone) <= day <= local_day(end - timedelta(microseconds=1), zone)
 
 
 def record_of(

@@ -81,6 +81,11 @@ async def get_program(session: AsyncSession) -> LoyaltyProgram:
     return program
 
 
+async def program_zone(session: AsyncSession) -> ZoneInfo:
+    """The program's time zone: its calendar counts months, days and schedules."""
+    return ZoneInfo((await get_program(session)).timezone)
+
+
 @event.listens_for(Session, "after_transaction_end")
 def _forget_program(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None or transaction.nested:

@@ -20,6 +20,7 @@ from memberhub.console.charts import ChartPoint, line_chart
 from memberhub.console.web import ConsoleDb, ConsoleRoute, SignedInStaff, render
 from memberhub.kit.clock import utcnow
 from memberhub.kit.money import minor_unit_digits
+from memberhub.program import service as program_service
 
 router = APIRouter(prefix="/console/analytics", route_class=ConsoleRoute, include_in_schema=False)
 DEFAULT_MONTHS = 12
@@ -55,7 +56,7 @@ async def dashboard(
     )
     # The series ends with the KPIs now: what `GET /api/v1/analytics/kpis` answers.
     current = series[-1]
-    zone = await service.program_zone(session)
+    zone = await program_service.program_zone(session)
     labels = [_month_label(p, i == len(series) - 1, zone) for i, p in enumerate(series)]
     liability_chart = line_chart(
         chart_id="liability-chart",
