@@ -943,6 +943,41 @@ async def test_a_late_invoice_paid_before_the_subscription_ended_keeps_the_cance
     assert (resumed["cancel_at_period_end"], resumed["payment_status"]) == (False, "paid")
 
 
+async def test_a_payment_made_after_a_deletion_applied_late_lifts_the_cancellation(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    """What came first is judged by when Stripe says each happened, not by when each was
+    applied: a deletion applied late (the worker behind, Stripe retrying) and a payment
+    made after it leave the member paid, with nothing scheduled."""
+    plan = await api.create_plan()
+    member = await api.create_member()
+    customer = stripe_id("cus")
+    await send(http, stripe_integration["id"], checkout_completed(member, plan, customer=customer))
+    await run_worker(db)
+    now = int(time.time())
+    deleted = stripe_event(
+        "customer.subscription.deleted",
+        {
+            "id": stripe_id("sub"),
+            "object": "subscription",
+            "customer": customer,
+            "status": "canceled",
+            "metadata": {"member_id": member["id"]},
+        },
+    )
+    deleted["created"] = now - 600  # deleted ten minutes ago, applied only now
+    await send(http, stripe_integration["id"], deleted)
+    await run_worker(db)
+    assert (await member_of(api, member["id"]))["membership"]["cancel_at_period_end"] is True
+
+    again = invoice_event("invoice.paid", customer=customer, metadata={"member_id": member["id"]})
+    again["created"] = now - 300  # subscribed again and paid, five minutes ago
+    await send(http, stripe_integration["id"], again)
+    await run_worker(db)
+    resumed = (await member_of(api, member["id"]))["membership"]
+    assert (resumed["cancel_at_period_end"], resumed["payment_status"]) == (False, "paid")
+
+
 def subscription_line(subscription: str, starts_at: datetime, ends_at: datetime) -> dict[str, Any]:
     """An invoice's line for a subscription's service period, as Stripe writes it."""
     return {

@@ -661,7 +661,9 @@ def _set_payment_status(
     now: datetime,
 ) -> None:
     member.payment_status = status
-    member.payment_updated_at = now
+    # When the processor says it happened, not when it was applied (a worker behind, a
+    # notice retried for hours): which of two payment events came first is judged by it.
+    member.payment_updated_at = notice.occurred_at or now
     if notice.customer_id and member.external_ids.get(integration.provider) != notice.customer_id:
         member.external_ids = {**member.external_ids, integration.provider: notice.customer_id}
     emit(
