@@ -1,17 +1,25 @@
-"""A member as the audience should hold them, and whether that differs from what was
+"""An address as the audience should hold it, and whether that differs from what was
 last written.
 
-Only members with email-marketing consent are subscribed. A member who is on the list
-and no longer has it (withdrawn, deleted, moved out of the integration's organisations)
-is written once more, as unsubscribed; a member who never had it is never written. An
-address the vendor cleaned (bounces, abuse reports) is never written again.
+Member emails are unique per organisation only, and the vendor keys its list members by
+address (Mailchimp: the MD5 of the lower-cased address), so members of different
+organisations may share one list member. Each address is therefore planned with every
+member sharing it, and has at most one owner: the member with the lowest id among those
+who have the address, are in the integration's scope and have email-marketing consent.
+Only the owner is written (so shared members never overwrite each other), segmented and
+sent journeys; when the owner withdraws, is deleted, leaves the scope or changes address,
+the next such member becomes the owner and is written.
+
+An address on the list that no member sharing it may be subscribed at any more is written
+once more, as unsubscribed; a member who never had consent is never written. An address
+the vendor cleaned (bounces, abuse reports) is never written again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, tzinfo
 from typing import Any
@@ -34,11 +42,17 @@ def has_marketing_consent(member: Member) -> bool:
 
 @dataclass(frozen=True)
 class Write:
-    """One member to write: what to send and the hash to keep once it is accepted."""
+    """One address to write: what to send and the hash to keep once it is accepted.
+
+    `member_id` is the owner subscribed at the address, or the first member the audience
+    held there when it is unsubscribed; `releases` are the other members whose contacts
+    were subscribed at it: let go once a new owner is written, unsubscribed with the
+    address otherwise."""
 
     member_id: int
     member: AudienceMember
     content_hash: str
+    releases: tuple[int, ...] = ()
 
 
 def merge_fields(
@@ -79,56 +93,96 @@ def content_hash(member: AudienceMember) -> str:
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def plan_writes(
+def address_of(member: Member) -> str | None:
+    """The address the member is written at: lower-cased, as Mailchimp's id of a list
+    member is the MD5 of the lower-cased address."""
+    return (member.email or "").strip().lower() or None
+
+
+@dataclass(frozen=True)
+class Sharer:
+    """A member planned with an address: one who has it now, or whose contact is (or was
+    cleaned) at it."""
+
+    member: Member
+    account: PointAccount | None
+    contact: MarketingContact | None
+    in_scope: bool
+
+    @property
+    def holds(self) -> str | None:
+        """The address the audience holds this member at (subscribed), if any."""
+        contact = self.contact
+        return contact.email if contact and contact.status == ContactStatus.SUBSCRIBED else None
+
+    def addresses(self) -> set[str]:
+        """Every address whose plan depends on this member."""
+        found = {address_of(self.member), self.holds}
+        if self.contact is not None and self.contact.status == ContactStatus.CLEANED:
+            found.add(self.contact.email)
+        return {a for a in found if a}
+
+    def wants(self, address: str) -> bool:
+        return (
+            self.in_scope
+            and address_of(self.member) == address
+            and has_marketing_consent(self.member)
+        )
+
+
+def plan_address(
     settings: MarketingSyncSettings,
-    member: Member,
-    account: PointAccount | None,
-    contact: MarketingContact | None,
+    address: str,
+    sharers: Sequence[Sharer],
     *,
-    in_scope: bool,
     zone: tzinfo = UTC,
 ) -> list[Write]:
-    """What to write for the member: nothing when the audience already holds it (or must
-    never hear of them); two writes when a subscribed member's address changed, the old
-    address unsubscribed before the new one is subscribed. A cleaned address (it bounced)
-    is never written again; a member who has another one now is written at it."""
-    email = (member.email or "").strip()
-    if (
-        contact is not None
-        and contact.status == ContactStatus.CLEANED
-        and contact.email == email.lower()
+    """What to write at one address, given every member sharing it (`Sharer.addresses`).
+
+    The address has one owner: of the members who have it, are in the integration's scope
+    and have consent, the one with the lowest id. Only the owner's content is written;
+    the others are never written at it. A contact still subscribed at the address for
+    anyone else (the owner before, who withdrew, was erased, left the scope or moved to
+    another address) is released once the owner's write is accepted. Without an owner,
+    the address is unsubscribed, once, if the audience holds it for anyone. An address
+    the vendor cleaned for any of them is never written again."""
+    if any(
+        s.contact is not None
+        and s.contact.status == ContactStatus.CLEANED
+        and s.contact.email == address
+        for s in sharers
     ):
         return []
-    wanted = in_scope and bool(email) and has_marketing_consent(member)
-    on_list = contact is not None and contact.status == ContactStatus.SUBSCRIBED
-    subscribed_at = contact.email if contact is not None and on_list else None
-    if not wanted:
-        if subscribed_at is None:
+    ordered = sorted(sharers, key=lambda s: s.member.id)
+    holders = [s.member.id for s in ordered if s.holds == address]
+    owner = next((s for s in ordered if s.wants(address)), None)
+    if owner is None:
+        if not holders:
             return []
-        # On the list and no longer wanted there: unsubscribed at the address written.
-        return [_unsubscribe(member, subscribed_at)]
+        return [_unsubscribe(ordered, holders, address)]
+    member = owner.member
     audience = AudienceMember(
         key=member.public_id,
-        email=email,
+        email=(member.email or "").strip(),
         status="subscribed",
-        merge_fields=merge_fields(settings, member, account, zone),
+        merge_fields=merge_fields(settings, member, owner.account, zone),
         tags=member_tags(settings, member),
     )
     digest = content_hash(audience)
-    if contact is not None and contact.content_hash == digest:
+    others = tuple(member_id for member_id in holders if member_id != member.id)
+    # Unchanged, and nobody else's content may be what the list holds (as two members
+    # written at one address before this rule may have left it).
+    if not others and owner.contact is not None and owner.contact.content_hash == digest:
         return []
-    writes = []
-    if subscribed_at is not None and subscribed_at != email.lower():
-        writes.append(_unsubscribe(member, subscribed_at))
-    writes.append(Write(member.id, audience, digest))
-    return writes
+    return [Write(member.id, audience, digest, releases=others)]
 
 
-def _unsubscribe(member: Member, email: str) -> Write:
+def _unsubscribe(sharers: Sequence[Sharer], holders: Sequence[int], address: str) -> Write:
+    first = next(s.member for s in sharers if s.member.id == holders[0])
     audience = AudienceMember(
-        key=member.public_id, email=email, status="unsubscribed", merge_fields={}, tags=()
+        key=first.public_id, email=address, status="unsubscribed", merge_fields={}, tags=()
     )
-    return Write(member.id, audience, content_hash(audience))
+    return Write(first.id, audience, content_hash(audience), releases=tuple(holders[1:]))
 
 
 def shown(member: AudienceMember) -> Mapping[str, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, delete, func, select
+from sqlalchemy import ColumnElement, Select, and_, delete, func, select, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.events.repository import EventRepository, FeedEvent
@@ -109,6 +109,21 @@ class MarketingRepository:
             )
         )
         return {contact.member_id: contact for contact in rows}
+
+    async def members_sharing(self, integration_id: int, addresses: Iterable[str]) -> set[int]:
+        """The members who have one of the (lower-cased) addresses, or whose contact with
+        the integration is at one of them."""
+        wanted = sorted(set(addresses))
+        if not wanted:
+            return set()
+        query = union(
+            select(Member.id).where(Member.email_normalized.in_(wanted)),
+            select(MarketingContact.member_id).where(
+                MarketingContact.integration_id == integration_id,
+                MarketingContact.email.in_(wanted),
+            ),
+        )
+        return {int(member_id) for member_id in await self.session.scalars(query)}
 
     async def contacts_by_email(self, integration_id: int, email: str) -> list[MarketingContact]:
         return list(

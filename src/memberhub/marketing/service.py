@@ -103,8 +103,9 @@ async def dry_run(repo: MarketingRepository, target: Target, *, full: bool) -> M
     writes = []
     if full:
         after_id = 0
+        planned: set[str] = set()
         while ids := await repo.member_ids(after_id=after_id, limit=MEMBER_CHUNK):
-            writes.extend(await plan_members(repo, target, ids))
+            writes.extend(await plan_members(repo, target, ids, planned))
             after_id = ids[-1]
     else:
         state = await repo.state(target.integration.id)

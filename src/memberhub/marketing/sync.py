@@ -45,9 +45,9 @@ from memberhub.integrations.providers.base import (
 )
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
-from memberhub.marketing.audience import Write, plan_writes
+from memberhub.marketing.audience import Sharer, Write, plan_address
 from memberhub.marketing.journeys import fire_journeys, queue_firings
-from memberhub.marketing.models import MarketingContact, MarketingSyncState
+from memberhub.marketing.models import ContactStatus, MarketingContact, MarketingSyncState
 from memberhub.marketing.repository import MarketingRepository
 from memberhub.marketing.segments import sync_segments
 from memberhub.marketing.settings import MarketingSyncSettings
@@ -252,26 +252,55 @@ async def _record_failure(
 
 
 async def plan_members(
-    repo: MarketingRepository, target: Target, member_ids: Sequence[int]
+    repo: MarketingRepository,
+    target: Target,
+    member_ids: Sequence[int],
+    planned: set[str] | None = None,
 ) -> list[Write]:
-    """The writes the members need, in id order."""
+    """The writes the members' addresses need: each address they have, or are held at,
+    planned once with every member sharing it (`audience.plan_address`); unsubscribes
+    first, then in the owners' id order.
+
+    `planned` carries, from one call to the next of a full comparison, the addresses
+    planned already with members outside the call's ids, so none is planned twice."""
+    integration_id = target.integration.id
     scope = await repo.scope(target.integration.organisation_id)
-    rows = await repo.members_with_accounts(member_ids)
-    contacts = await repo.contacts(target.integration.id, [m.id for m, _ in rows])
     zone = ZoneInfo((await get_program(repo.session)).timezone)
-    writes = []
-    for member, account in rows:
-        in_scope = scope is None or member.organisation_id in scope
-        writes.extend(
-            plan_writes(
-                target.settings,
+    chunk = set(member_ids)
+    sharers: dict[int, Sharer] = {}
+    asked: set[int] = set()
+    wanted = set(member_ids)
+    # Closed under sharing: a member pulled in for one address may be held at another,
+    # which is then planned too (an owner who moved leaves the old address to plan).
+    while missing := wanted - asked:
+        asked |= missing
+        rows = await repo.members_with_accounts(sorted(missing))
+        contacts = await repo.contacts(integration_id, [m.id for m, _ in rows])
+        addresses: set[str] = set()
+        for member, account in rows:
+            sharer = Sharer(
                 member,
                 account,
                 contacts.get(member.id),
-                in_scope=in_scope,
-                zone=zone,
+                in_scope=scope is None or member.organisation_id in scope,
             )
-        )
+            sharers[member.id] = sharer
+            addresses |= sharer.addresses()
+        wanted |= await repo.members_sharing(integration_id, addresses)
+    groups: dict[str, list[Sharer]] = {}
+    for sharer in sharers.values():
+        for address in sharer.addresses():
+            groups.setdefault(address, []).append(sharer)
+    planned = set() if planned is None else planned
+    writes: list[Write] = []
+    for address, group in groups.items():
+        if address in planned:
+            continue
+        if any(s.member.id not in chunk for s in group):
+            planned.add(address)
+        writes.extend(plan_address(target.settings, address, group, zone=zone))
+    # An owner's old address is unsubscribed before the new one is subscribed.
+    writes.sort(key=lambda w: (w.member.status != "unsubscribed", w.member_id))
     return writes
 
 
@@ -280,13 +309,14 @@ async def _full_comparison(
 ) -> None:
     size = max(1, target.audience.batch_size)
     waiting: list[Write] = []
+    planned: set[str] = set()
     after_id = 0
     while True:
         async with db.transaction(read_only=True) as session:
             repo = MarketingRepository(session)
             ids = await repo.member_ids(after_id=after_id, limit=MEMBER_CHUNK)
             if ids:
-                waiting.extend(await plan_members(repo, target, ids))
+                waiting.extend(await plan_members(repo, target, ids, planned))
         if not ids:
             break
         after_id = ids[-1]
@@ -365,12 +395,20 @@ async def _keep(
     accepted: Sequence[tuple[Write, WriteResult]],
     tally: Tally,
 ) -> None:
+    """Record what the vendor accepted. A subscribe makes its member the one the audience
+    holds at the address; an unsubscribe marks every contact still at the address; the
+    contacts a new owner released are dropped last, unless a write here moved them to
+    another address."""
     if not accepted:
         return
     now = utcnow()
     async with db.transaction() as session:
         repo = MarketingRepository(session)
-        contacts = await repo.contacts(integration_id, [w.member_id for w, _ in accepted])
+        touched = {w.member_id for w, _ in accepted} | {
+            member_id for w, _ in accepted for member_id in w.releases
+        }
+        contacts = await repo.contacts(integration_id, sorted(touched))
+        released: list[tuple[int, str]] = []
         for write, result in accepted:
             contact = contacts.get(write.member_id)
             if result.error is not None:
@@ -381,12 +419,32 @@ async def _keep(
                     contact.last_error = result.error[:500]
                 continue
             tally.written += 1
+            address = write.member.email.lower()
+            if write.member.status == ContactStatus.UNSUBSCRIBED:
+                for member_id in (write.member_id, *write.releases):
+                    held = contacts.get(member_id)
+                    # Written at another address meanwhile: that one is what it holds.
+                    if held is not None and held.email == address:
+                        held.status = ContactStatus.UNSUBSCRIBED
+                        held.content_hash = write.content_hash
+                        held.last_error = None
+                        held.synced_at = now
+                continue
             if contact is None:
                 contact = MarketingContact(integration_id=integration_id, member_id=write.member_id)
                 session.add(contact)
                 contacts[write.member_id] = contact
-            contact.email = write.member.email.lower()
+            contact.email = address
             contact.status = write.member.status
             contact.content_hash = write.content_hash
             contact.last_error = None
             contact.synced_at = now
+            released.extend((member_id, address) for member_id in write.releases)
+        for member_id, address in released:
+            held = contacts.get(member_id)
+            if (
+                held is not None
+                and held.email == address
+                and held.status == ContactStatus.SUBSCRIBED
+            ):
+                await session.delete(held)

@@ -4,7 +4,9 @@ in the inbound event's transaction).
 An unsubscribe or a cleaned address withdraws the member's email-marketing consent, with
 the integration as the source of the change, and marks the contact so the sync never
 writes it again: an unsubscribed contact is resubscribed only if the member gives consent
-again in memberhub; a cleaned one never. A profile update carries the names back.
+again in memberhub; a cleaned one never. Both apply to every member sharing the address
+(in the integration's scope): the reader of that mailbox said no. A profile update carries
+the names back to the member the list member is (the address's owner) only.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ async def apply_audience_changes(
         if not members:
             unknown.append(change.email)
             continue
+        if change.kind == "profile" and len(members) > 1:
+            # The list member's names are its owner's, not those of others sharing it.
+            members = await _owners(session, integration.id, change.email, members)
         for member in members:
             if change.kind in ("unsubscribed", "cleaned"):
                 if await withdraw_marketing_consent(session, integration, member):
@@ -104,6 +109,27 @@ async def _members(session: AsyncSession, email: str, scope: frozenset[int] | No
     if scope is not None:
         query = query.where(Member.organisation_id.in_(scope))
     return list(await session.scalars(query.order_by(Member.id)))
+
+
+async def _owners(
+    session: AsyncSession, integration_id: int, email: str, sharing: Sequence[Member]
+) -> list[Member]:
+    """Of the members sharing `email`, the one the list member is: the one the audience
+    holds there (the address's owner, see `marketing/audience.py`); when it holds none of
+    them, the only one, if only one has the address."""
+    holders = set(
+        await session.scalars(
+            select(MarketingContact.member_id).where(
+                MarketingContact.integration_id == integration_id,
+                MarketingContact.member_id.in_([m.id for m in sharing]),
+                MarketingContact.email == email.strip().lower(),
+                MarketingContact.status == ContactStatus.SUBSCRIBED,
+            )
+        )
+    )
+    if not holders:
+        return list(sharing) if len(sharing) == 1 else []
+    return [m for m in sharing if m.id in holders]
 
 
 async def _mark_contact(
