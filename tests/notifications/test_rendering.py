@@ -13,6 +13,7 @@ import pytest
 
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
+from memberhub.notifications.templates import MAX_RENDER_STEPS, render
 from memberhub.points.jobs import notify_expiring_points
 from memberhub.settings import Settings
 from tests.fakes.smtp_server import SmtpServer
@@ -213,3 +214,85 @@ async def test_a_template_failing_on_one_members_data_fails_only_their_notificat
     (failed,) = await notifications(api, member_id=short["id"])
     assert (failed["status"], failed["reason"]) == ("failed", "render_failed")
     assert "line 1" in failed["error"]
+
+
+# Work, not size: each prints nothing and builds nothing large, but would run for hours.
+_ENDLESS = [
+    "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}ok",
+    "{% set s = 'a' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}ok",
+    "{% for a in range(100000) %}{% for b in range(100000) if false %}{% endfor %}{% endfor %}",
+    "{% for a in range(100000) %}{% set x = range(100000) | sum %}{% endfor %}ok",
+    "{% set xs = range(10000) | list %}"
+    "{% for a in range(100000) %}{% for b in range(100) %}{% if -1 in xs %}{% endif %}"
+    "{% endfor %}{% endfor %}ok",
+    "{% set xs = range(10000) | list %}"
+    "{% for a in range(100000) %}{% set n = range(100000) | select('in', xs) | list %}"
+    "{% endfor %}ok",
+    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}ok",
+    "{% set n = lipsum(10 ** 7) %}ok",
+]
+
+
+@pytest.mark.parametrize("body", _ENDLESS)
+async def test_a_template_doing_endless_work_is_refused_when_saved(
+    app: Any, admin_key: str, api: ApiClient, body: str
+) -> None:
+    response = await _save_seeing_errors(app, admin_key, body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_TEMPLATE"
+    assert "too much work" in error["details"]["reason"], error
+    assert (await api.get(TEMPLATES, {"include_defaults": "false"})).json() == []
+
+
+async def test_a_template_doing_endless_work_is_refused_in_a_preview(api: ApiClient) -> None:
+    preview = await api.post(
+        f"{TEMPLATES}/preview",
+        {
+            "message_type": "member_welcome",
+            "channel": "email",
+            "subject": "Hi",
+            "body": "Hello\n" + _ENDLESS[0],
+        },
+    )
+    assert preview.status_code == 422, preview.text
+    details = preview.json()["error"]["details"]
+    assert (details["part"], details["line"]) == ("body", 2), details
+    assert f"more than {MAX_RENDER_STEPS} steps" in details["reason"], details
+
+
+async def test_a_template_endless_on_one_members_data_fails_only_their_notification(
+    api: ApiClient, db: Database, app: Any, settings: Settings, smtp: SmtpServer, mail: Any
+) -> None:
+    # No loop for the sample member (Alex, four letters) when saved; for a longer name,
+    # 10**15 passes through empty loops: a worker's CPU for weeks, were they not counted.
+    welcome = {
+        "message_type": "member_welcome",
+        "channel": "email",
+        "locale": "en",
+        "subject": "Welcome",
+        "body": "Hi {{ member.first_name }}"
+        "{% for a in range(member.first_name | length > 4 and 100000 or 0) %}"
+        "{% for b in range(100000) %}{% for c in range(100000) %}{% endfor %}{% endfor %}"
+        "{% endfor %}",
+    }
+    assert (await api.post(TEMPLATES, welcome)).status_code == 201
+    long_name = await consenting_member(api, first_name="Johanna")
+    other = await consenting_member(api, first_name="Al")
+    await deliver(db, app, settings)
+    assert [message.recipients for message in smtp.received()] == [[other["email"]]]
+    (failed,) = await notifications(api, member_id=long_name["id"])
+    assert (failed["status"], failed["reason"]) == ("failed", "render_failed")
+    assert "too much work" in failed["error"], failed
+
+
+def test_a_template_within_the_work_budget_renders_as_written() -> None:
+    rendered = render(
+        subject=None,
+        body="{% macro row(n) %}{{ n }};{% endmacro %}"
+        "{% for a in range(100) %}{% for b in range(100) if b == a %}{{ row(b) }}{% endfor %}"
+        "{% endfor %}",
+        format="text",
+        context={},
+    )
+    assert rendered.text == "".join(f"{n};" for n in range(100))

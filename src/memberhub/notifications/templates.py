@@ -11,6 +11,17 @@ What a template may build is bounded (`_Sandbox`): a value past the rendered lim
 refused as it is made (a string or list repeated or joined, a power, a width, a
 replacement), not after the memory is spent, and any other error a template meets (a
 filter given what it cannot take) is the template's, reported with its line.
+
+What a template may do is bounded too, not only what it builds: a render has a budget of
+MAX_RENDER_STEPS steps, counted by the sandbox itself as the template runs (no thread or
+signal stops it from outside). Every pass through a block (the template, a loop's body,
+a branch, a macro) costs the block's size in nodes, every item a loop draws costs one, and
+every call, filter, test, operator, slice or `in` costs one plus the length of the
+strings and collections it is given or makes (their work is done in C, but grows with
+them), and a macro call 25 more. Nested loops that print nothing (`range(100000)` within
+`range(100000)`) or a macro calling itself twice run out of steps within a fraction of a
+second, and are refused like any other error: at save or preview time, and, should one
+get past, by failing that member's notification alone.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
@@ -27,16 +38,61 @@ from types import TracebackType
 from typing import Any
 
 from jinja2 import Environment, StrictUndefined, TemplateError, TemplateSyntaxError, nodes
-from jinja2.compiler import CodeGenerator, Frame
+from jinja2.compiler import CodeGenerator, Frame, operators
 from jinja2.nodes import EvalContext
-from jinja2.runtime import Context
+from jinja2.runtime import Context, Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.utils import generate_lorem_ipsum
 
 MAX_RENDERED_CHARS = 200_000
 MAX_EXPONENT = 1_000
+MAX_RENDER_STEPS = 500_000
+# A macro call is some twenty times the work of a filter call in Jinja's runtime.
+_MACRO_CALL_STEPS = 25
 
 # The recipient's time zone while a template renders: the `date` filter shows times in it.
 _zone: ContextVar[tzinfo] = ContextVar("template_zone", default=UTC)
+
+
+class _Steps:
+    """The steps one render has taken (see the module docstring)."""
+
+    __slots__ = ("taken",)
+
+    def __init__(self) -> None:
+        self.taken = 0
+
+
+class TooMuchWork(SecurityError):
+    """A render that took more than MAX_RENDER_STEPS steps."""
+
+
+# The steps of the render under way, set by `render` (the only way a template is run).
+_steps: ContextVar[_Steps] = ContextVar("template_steps")
+
+
+def _charge(steps: int) -> None:
+    counter = _steps.get()
+    counter.taken += steps
+    if counter.taken > MAX_RENDER_STEPS:
+        raise TooMuchWork(f"more than {MAX_RENDER_STEPS} steps")
+
+
+def _length(value: Any) -> int:
+    """How much C-level work `value` stands for: the length of a string or collection."""
+    if isinstance(value, str | bytes | list | tuple | dict | set | frozenset | range):
+        return len(value)
+    return 0
+
+
+def _charge_for(*values: Any) -> None:
+    _charge(1 + sum(_length(value) for value in values))
+
+
+def _charged(made: Any) -> Any:
+    """What a call or an operator made, charged its length (making it took as long)."""
+    _charge(_length(made))
+    return made
 
 
 def _date(value: Any, format: str | None = None) -> str:
@@ -153,7 +209,32 @@ def _check_growth(name: str, target: Any, args: tuple[Any, ...], kwargs: Mapping
 
 
 class _Generator(CodeGenerator):
-    """Jinja's code generator, but `a ~ b` joins through the environment (bounded)."""
+    """Jinja's code generator, but `a ~ b` joins through the environment (bounded), and
+    the compiled template charges its steps (see the module docstring): each block as it
+    is entered, each item a loop draws, each comparison its right-hand operand's length."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loop_iterables: set[int] = set()
+
+    def blockvisit(self, nodes_: Any, frame: Frame) -> None:
+        body = list(nodes_)
+        size = sum(1 for node in body for _ in node.find_all(nodes.Node)) + len(body)
+        self.writeline(f"environment.charge({max(size, 1)})")
+        super().blockvisit(body, frame)
+
+    def visit_For(self, node: nodes.For, frame: Frame) -> None:
+        # Jinja allows no node types of our own: the iterable is marked instead.
+        self._loop_iterables.add(id(node.iter))
+        super().visit_For(node, frame)
+
+    def visit(self, node: nodes.Node, *args: Any, **kwargs: Any) -> Any:
+        if id(node) not in self._loop_iterables:
+            return super().visit(node, *args, **kwargs)
+        self.write("environment.counted(")
+        super().visit(node, *args, **kwargs)
+        self.write(")")
+        return None
 
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         if frame.eval_ctx.volatile:
@@ -168,6 +249,13 @@ class _Generator(CodeGenerator):
             self.write(", ")
         self.write("))")
 
+    def visit_Operand(self, node: nodes.Operand, frame: Frame) -> None:
+        # `x in items`, `items == others`, `a < b`: as much work as the right-hand
+        # operand is long (a comparison stops at the shorter side).
+        self.write(f" {operators[node.op]} environment.charged(")
+        self.visit(node.expr, frame)
+        self.write(")")
+
 
 class _Sandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox, in which nothing a template builds grows past
@@ -176,13 +264,34 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     `~` makes, and every value output, is measured."""
 
     code_generator_class = _Generator
-    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    # Every operator, so that each is charged its steps (a set difference is a loop too).
+    intercepted_binops = frozenset({"*", "**", "+", "%", "-", "/", "//"})
 
     def __init__(self, **options: Any) -> None:
         super().__init__(finalize=_bounded, **options)
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+        self.tests = {name: _charged_test(test) for name, test in self.tests.items()}
+        self.globals["lipsum"] = _bounded_lipsum
+
+    # What the compiled template calls to count its steps (see _Generator).
+    def charge(self, steps: int) -> None:
+        _charge(steps)
+
+    def charged(self, value: Any) -> Any:
+        _charge_for(value)
+        return value
+
+    def counted(self, iterable: Any) -> Iterator[Any]:
+        for item in iterable:
+            _charge(1)
+            yield item
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _charge(1 + (_length(obj) if isinstance(argument, slice) else 0))
+        return super().getitem(obj, argument)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _charge_for(left, right)
         numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in (left, right))
         if operator == "**":
             if isinstance(right, int) and abs(right) > MAX_EXPONENT and left not in (0, 1, -1):
@@ -204,14 +313,17 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 raise _too_long()
         elif operator == "%" and isinstance(left, str):
             _check_format(left, right)
-        return _bounded(super().call_binop(context, operator, left, right))
+        return _charged(_bounded(super().call_binop(context, operator, left, right)))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         target = getattr(__obj, "__self__", None)
         name = getattr(__obj, "__name__", "")
         if isinstance(target, str | list | tuple):
             _check_growth(name, target, args, kwargs)
-        return _bounded(super().call(__context, __obj, *args, **kwargs))
+        _charge_for(target, *args, *kwargs.values())
+        if isinstance(__obj, Macro):
+            _charge(_MACRO_CALL_STEPS)
+        return _charged(_bounded(super().call(__context, __obj, *args, **kwargs)))
 
     def wrap_str_format(self, value: Any) -> Any:
         wrapped = super().wrap_str_format(value)
@@ -221,13 +333,15 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
         def checked(*args: Any, **kwargs: Any) -> str:
             _check_format(text, args or kwargs)
-            return str(_bounded(wrapped(*args, **kwargs)))
+            _charge_for(text, *args, *kwargs.values())
+            return str(_charged(_bounded(wrapped(*args, **kwargs))))
 
         return checked
 
     def bounded_join(self, join: Any, parts: tuple[Any, ...]) -> Any:
         if sum(_size(part) for part in parts) > MAX_RENDERED_CHARS:
             raise _too_long()
+        _charge_for(*parts)
         return join(parts)
 
 
@@ -242,9 +356,27 @@ def _bounded_filter(name: str, filter_: Any) -> Any:
         values = [a for a in args if not isinstance(a, Context | Environment | EvalContext)]
         if values:
             _check_growth(name, values[0], tuple(values[1:]), kwargs)
-        return _bounded(filter_(*args, **kwargs))
+        _charge_for(*values, *kwargs.values())
+        return _charged(_bounded(filter_(*args, **kwargs)))
 
     return bounded
+
+
+def _charged_test(test: Any) -> Any:
+    """`test`, charged its steps (`x is in items` is as long as the items)."""
+
+    @functools.wraps(test)
+    def charged(*args: Any, **kwargs: Any) -> Any:
+        _charge_for(*args, *kwargs.values())
+        return test(*args, **kwargs)
+
+    return charged
+
+
+def _bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:
+    """Jinja's `lipsum`, charged a step per word it may write before it writes them."""
+    _charge(1 + n * max)
+    return generate_lorem_ipsum(n=n, html=html, min=min, max=max)
 
 
 def _environment(*, autoescape: bool) -> ImmutableSandboxedEnvironment:
@@ -287,11 +419,13 @@ def render(
 ) -> Rendered:
     """Render a template's parts, times shown in `zone` (the recipient's); TemplateInvalid
     says which part failed, where and why."""
-    token = _zone.set(zone)
+    zone_token = _zone.set(zone)
+    steps_token = _steps.set(_Steps())
     try:
         return _render_parts(subject=subject, body=body, format=format, context=context)
     finally:
-        _zone.reset(token)
+        _steps.reset(steps_token)
+        _zone.reset(zone_token)
 
 
 def _render_parts(
@@ -327,6 +461,10 @@ def _render(
                     part, None, f"renders more than {MAX_RENDERED_CHARS} characters"
                 )
             chunks.append(chunk)
+    except TemplateInvalid:
+        raise
+    except TooMuchWork as exc:
+        raise TemplateInvalid(part, _template_line(), f"does too much work: {exc}") from None
     except SecurityError as exc:
         raise TemplateInvalid(part, _template_line(), f"not allowed: {exc}") from None
     except TemplateError as exc:
