@@ -499,3 +499,15 @@ async def test_matching_by_external_id_sees_only_the_keys_organisations(
     assert (job["changed_rows"], job["failed_rows"]) == (1, 0), report
     assert report[0]["member_id"] == mine["id"]
     assert (await api.get(f"/api/v1/members/{mine['id']}")).json()["first_name"] == "Ana"
+
+
+async def test_a_formula_behind_leading_spaces_is_text_in_the_csv_report(
+    api: ApiClient, db: Database
+) -> None:
+    body = 'email,first_name\n"  =HYPERLINK(""http://x"")",Eve\n'
+    job = await finished(api, db, (await post_import(api, body))["id"])
+    assert job["failed_rows"] == 1
+    response = await api.get(f"{IMPORTS}/{job['id']}/rows.csv")
+    assert response.status_code == 200, response.text
+    (header, row) = list(csv.reader(io.StringIO(response.text)))
+    assert row[header.index("member_id")] == '\'  =HYPERLINK("http://x")'

@@ -77,3 +77,26 @@ async def test_the_csv_report_can_hold_only_one_outcome(api: ApiClient, db: Data
     assert response.status_code == 200, response.text
     lines = list(csv.reader(io.StringIO(response.text)))
     assert [line[0] for line in lines[1:]] == ["2", "4"]
+
+
+async def test_a_formula_behind_leading_spaces_is_text_in_the_csv_report(
+    api: ApiClient, db: Database
+) -> None:
+    # A spreadsheet trims the spaces, then runs what follows as a formula.
+    job = await upload(
+        api,
+        csv_body(
+            "member_id,points,reference_id",
+            '"  =HYPERLINK(""http://x"")",10,"  @SUM(1)"',
+            '"\t-1+1",10,r-2',
+        ),
+        reason="Report test",
+    )
+    await run_worker(db)
+    response = await api.get(f"{BULK}/{job['id']}/rows.csv")
+    assert response.status_code == 200, response.text
+    lines = list(csv.reader(io.StringIO(response.text)))
+    assert [(line[2], line[4]) for line in lines[1:]] == [
+        ('\'  =HYPERLINK("http://x")', "'  @SUM(1)"),
+        ("'\t-1+1", "r-2"),
+    ]

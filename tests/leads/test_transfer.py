@@ -303,3 +303,19 @@ async def test_forty_thousand_leads_export_as_csv_in_bounded_memory(db: Database
     assert sent > 6_000_000
     # Holding every lead (as rows, objects or text) would need several times what was sent.
     assert grown < sent, f"the process grew by {grown} bytes to send {sent}"
+
+
+async def test_an_export_writes_every_text_a_spreadsheet_would_run_as_text(
+    api: ApiClient,
+) -> None:
+    # Lead text is stripped when stored, so a formula behind spaces arrives without them.
+    formulas = {"first_name": "  +1+1", "last_name": '=HYPERLINK("http://x")', "phone": "-123"}
+    imported = await api.post(IMPORT, {"source": "salesforce", "leads": [record(1, **formulas)]})
+    assert imported.json()["results"][0]["outcome"] == "created", imported.text
+    exported = await api.get(EXPORT, params={"format": "csv"})
+    (row,) = csv.DictReader(io.StringIO(exported.text))
+    assert (row["first_name"], row["last_name"], row["phone"]) == (
+        "'+1+1",
+        '\'=HYPERLINK("http://x")',
+        "'-123",
+    ), row

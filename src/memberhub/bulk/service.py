@@ -55,6 +55,7 @@ from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.kit.errors import MemberhubError, NotFound, ValidationFailed
 from memberhub.kit.ids import new_public_id
+from memberhub.kit.spreadsheet import csv_cell
 from memberhub.members.models import Member
 from memberhub.members.repository import normalize_email
 from memberhub.members.service import resolve_organisation
@@ -667,13 +668,6 @@ REPORT_COLUMNS = (
     "error",
 )
 REPORT_PAGE = 1000
-
-
-def csv_cell(value: str | None) -> str:
-    """Text as a spreadsheet shows it, never as a formula to run."""
-    if value is None:
-        return ""
-    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
 def _award_report_row(row: BulkJobRow) -> tuple[Any, ...]:

@@ -23,6 +23,7 @@ from memberhub.integrations.routes import OutboundRoute
 from memberhub.kit.clock import utcnow
 from memberhub.kit.http import ERROR_RESPONSES, DbSession, UnitOfWorkRoute
 from memberhub.kit.pagination import Page, PageParams, build_page, page_params
+from memberhub.kit.spreadsheet import csv_cell
 from memberhub.kit.types import IdPath
 
 router = APIRouter(
@@ -179,10 +180,11 @@ async def reconciliation_csv(
     )
 
 
-def _cell(value: object) -> str:
-    text = "" if value is None else str(value)
-    # A spreadsheet would run a cell starting with these as a formula.
-    return f"'{text}" if text[:1] in ("=", "+", "-", "@") else text
+def _cell(value: object) -> object:
+    # Text never runs as a formula; a number (a negative balance) stays a number.
+    if value is None or isinstance(value, str):
+        return csv_cell(value)
+    return value
 
 
 @router.post("/reconciliations/{reconciliation_id}/mismatches/{mismatch_id}/fix")

@@ -16,10 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memberhub.audit.service import diff
 from memberhub.auth.principal import Principal
-from memberhub.bulk.service import csv_cell
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
 from memberhub.kit.errors import MemberhubError
+from memberhub.kit.spreadsheet import csv_cell
 from memberhub.leads import service
 from memberhub.leads.models import Lead, LeadStatus
 from memberhub.leads.schemas import ImportResult, LeadImport, LeadImportOut, LeadImportRecord
