@@ -511,3 +511,15 @@ async def test_a_formula_behind_leading_spaces_is_text_in_the_csv_report(
     assert response.status_code == 200, response.text
     (header, row) = list(csv.reader(io.StringIO(response.text)))
     assert row[header.index("member_id")] == '\'  =HYPERLINK("http://x")'
+
+
+async def test_a_row_with_a_phone_of_punctuation_alone_fails_and_the_others_import(
+    api: ApiClient, db: Database
+) -> None:
+    body = "email,phone\na@example.org,--- ()\nb@example.org,+60 12-345 6789\n"
+    job = await finished(api, db, (await post_import(api, body))["id"])
+    assert (job["changed_rows"], job["failed_rows"]) == (1, 1)
+    (failed,) = await rows(api, job["id"], failed="true")
+    assert failed["row_number"] == 1
+    assert "phone" in failed["error"], failed
+    assert "at least 3 digits" in failed["error"], failed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from memberhub.audit.models import AuditEntry
@@ -248,3 +249,28 @@ async def test_a_null_custom_field_on_a_new_lead_made_over_the_api_sets_nothing(
     response = await api.post("/api/v1/leads", body)
     assert response.status_code == 201, response.text
     assert response.json()["custom_fields"] == {"kept": 1}
+
+
+def _phone_refused(response: Any) -> None:
+    assert response.status_code == 422, response.text
+    (field,) = response.json()["error"]["details"]["fields"]
+    assert field["loc"] == ["body", "phone"], field
+    assert field["message"] == "A phone number needs at least 3 digits.", field
+
+
+@pytest.mark.parametrize("phone", ["--- ()", "+ ( ) / .", "1-2"])
+async def test_a_phone_of_punctuation_alone_is_refused_on_create_update_and_import(
+    api: ApiClient, phone: str
+) -> None:
+    _phone_refused(await api.post(LEADS, {"email": "x@example.com", "phone": phone}))
+    lead = await create_lead(api, phone="210-555-0123")
+    _phone_refused(await api.patch(f"{LEADS}/{lead['id']}", {"phone": phone}))
+    assert (await api.get(f"{LEADS}/{lead['id']}")).json()["phone"] == "210-555-0123"
+    record = {"external_id": "SF-1", "email": "y@example.com", "phone": phone}
+    imported = await api.post(
+        "/api/v1/external/leads/import", {"source": "salesforce", "leads": [record]}
+    )
+    (result,) = imported.json()["results"]
+    assert result["outcome"] == "failed", result
+    assert [error["field"] for error in result["errors"]] == ["phone"], result
+    assert "at least 3 digits" in result["errors"][0]["message"], result

@@ -814,3 +814,29 @@ async def test_a_null_custom_field_on_a_new_member_sets_nothing(api: ApiClient) 
     )
     assert response.status_code == 201, response.text
     assert response.json()["custom_fields"] == {"kept": 1}
+
+
+_PHONES_WITHOUT_A_NUMBER = ["--- ()", "+ ( ) / .", "1-2", "(1) - -"]
+
+
+def _phone_refused(response: Any) -> None:
+    assert response.status_code == 422, response.text
+    (field,) = response.json()["error"]["details"]["fields"]
+    assert field["loc"] == ["body", "phone"], field
+    assert field["message"] == "A phone number needs at least 3 digits.", field
+
+
+@pytest.mark.parametrize("phone", _PHONES_WITHOUT_A_NUMBER)
+async def test_a_phone_of_punctuation_alone_is_refused_on_create_and_update(
+    api: ApiClient, phone: str
+) -> None:
+    _phone_refused(await api.post(MEMBERS, {"email": "a@example.com", "phone": phone}))
+    member = await api.create_member(phone="+60 12-345 6789")
+    _phone_refused(await api.patch(f"{MEMBERS}/{member['id']}", {"phone": phone}))
+    fetched = (await api.get(f"{MEMBERS}/{member['id']}")).json()
+    assert fetched["phone"] == "+60 12-345 6789"
+
+
+async def test_a_short_number_is_a_phone(api: ApiClient) -> None:
+    member = await api.create_member(phone="112")
+    assert member["phone"] == "112"

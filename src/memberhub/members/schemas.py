@@ -12,6 +12,7 @@ from pydantic import (
     StringConstraints,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from memberhub.kit.types import Input, ISODate, LongText, Name, PatchInput
 
@@ -32,7 +33,27 @@ def _born(value: date) -> date:
 
 BirthDate = Annotated[ISODate, AfterValidator(_born)]
 CustomValue = LongText | bool | int | None
-Phone = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^\+?[0-9 ()./-]{3,39}$")]
+MIN_PHONE_DIGITS = 3
+
+
+def _has_digits(value: str) -> str:
+    """A phone number is its digits; the spaces and punctuation only group them, so
+    "--- ()" is no number at all. Three is the shortest that is dialled (112)."""
+    if sum(character.isdigit() for character in value) < MIN_PHONE_DIGITS:
+        raise PydanticCustomError(
+            "phone_digits",
+            "A phone number needs at least {digits} digits.",
+            {"digits": MIN_PHONE_DIGITS},
+        )
+    return value
+
+
+# Digits, grouped as people write them (spaces, ( ) . / -), an optional leading +.
+Phone = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, pattern=r"^\+?[0-9 ()./-]{3,39}$"),
+    AfterValidator(_has_digits),
+]
 
 OrganisationRef = Annotated[str, StringConstraints(min_length=1, max_length=45)]
 
