@@ -11,9 +11,10 @@ target (from its watermark: a target down for months still gets every event). On
 runs by itself holds the feed: an incremental export run only on demand holds nothing
 (nobody may ever run it again), nor does a sink or an integration that is disabled, or
 deleted, so one switched off and forgotten cannot keep history forever; enabled again
-after more than `RETENTION_DAYS`, it resumes at the oldest event still kept. Readers that need no vendor to move on (the CRM's change marking, the
-notification planner) keep up by themselves, and the search sync rebuilds its index when
-it finds events behind its position purged.
+after more than `RETENTION_DAYS`, it resumes at the oldest event still kept. Readers
+that need no vendor to move on (the CRM's change marking, the notification planner) keep
+up by themselves, and the search sync rebuilds its index when it finds events behind its
+position purged.
 
 Notifications have a retention of their own (`NOTIFICATION_RETENTION_DAYS`, 180 by
 default): once sent, delivered, bounced, failed or suppressed, a notification and its
