@@ -7,7 +7,7 @@ for a full comparison, which writes the owner and drops the other contacts.
 
 Revision ID: 0034
 Revises: 0033
-Create Date: 2026-12-09 10:00:00
+Create Date: 2026-12-08 01:20:00
 """
 
 from __future__ import annotations
