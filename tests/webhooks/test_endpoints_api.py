@@ -1043,7 +1043,11 @@ async def test_a_410_disables_the_endpoint_fails_its_queue_and_raises_an_alert(
         assert delivery["last_error"].startswith("The endpoint was disabled")
     [event] = await events_of_type(api, "webhook.endpoint.disabled")
     assert event["data"]["endpoint_id"] == endpoint["id"]
-    assert event["data"]["url"] == receiver.url("gone")
+    # The event reaches every endpoint subscribed to it: the URL's path (a token, often)
+    # is not in it.
+    assert receiver.url("gone").startswith(event["data"]["url"].removesuffix("…"))
+    assert event["data"]["url"].endswith("/…")
+    assert "/gone" not in str(event)
     assert "410" in event["data"]["reason"]
     [alert] = await alerts_of_type(api, "WEBHOOK_ENDPOINT_DISABLED")
     assert alert["data"]["endpoint_id"] == endpoint["id"]

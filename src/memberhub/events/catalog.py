@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from memberhub.activities.schemas import ActivityOut
 from memberhub.leads.schemas import LeadOut
@@ -336,7 +336,10 @@ class WebhookEndpointDisabled(EventData):
     "single success for longer than the configured period."
 
     endpoint_id: str
-    url: str
+    url: str = Field(
+        description="The endpoint's URL without its path and query (shown as `/…`): they "
+        "often carry a token, and the event goes to every endpoint subscribed to it."
+    )
     reason: str
     disabled_at: datetime
 

@@ -264,7 +264,12 @@ async def disable_endpoint(
     emit(
         session,
         WebhookEndpointDisabled(
-            endpoint_id=endpoint.public_id, url=endpoint.url, reason=reason, disabled_at=now
+            endpoint_id=endpoint.public_id,
+            # Sent to every endpoint subscribed to it, often another party's: the URL
+            # without its path and query, which often carry a token.
+            url=_shown(endpoint.url),
+            reason=reason,
+            disabled_at=now,
         ),
         organisation_id=endpoint.organisation_id,
         occurred_at=now,
@@ -285,6 +290,13 @@ async def disable_endpoint(
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def _shown(url: str) -> str:
+    """The URL as others may see it: its origin, then `/…` where a path or query was."""
+    parts = urlsplit(url)
+    hidden = parts.path not in ("", "/") or parts.query
+    return _origin(url) + ("/…" if hidden else "/")
 
 
 async def list_endpoints(
