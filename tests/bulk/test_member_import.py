@@ -211,8 +211,20 @@ def _outcomes(report: list[dict[str, Any]]) -> dict[int, tuple[str | None, str |
             "crm:1,a2@example.org,Ann\n",  # row 1's member, its email changed
             ["created", "created", None, "created", "created", "updated"],
         ),
+        (
+            "email",
+            "email,first_name,opening_points\n"
+            "Alice Example <alice@example.com>,Alice,10\n"
+            "b@example.org,Bob,\n"
+            "alice@example.com,Alice,10\n"  # row 1's member, its address written plainly
+            + unicodedata.normalize("NFD", "josé@example.com")
+            + ",José,\n"
+            "c@example.org,Cy,\n"
+            "josé@example.com,José,\n",  # row 4's member, its accent composed
+            ["created", "created", "unchanged", "created", "created", "unchanged"],
+        ),
     ],
-    ids=["email", "external_id"],
+    ids=["email", "external_id", "email_written_another_way"],
 )
 async def test_a_dry_run_reports_members_met_in_several_chunks_as_the_import_treats_them(
     api: ApiClient,

@@ -554,9 +554,11 @@ def _record(
 
 
 def _match_keys(raw: dict[str, Any]) -> tuple[str | None, str | None]:
-    """The member a row names: its normalised email and its `SYSTEM:ID`, where given."""
+    """The member a row names: its email as members are found by it (see `_email_key`) and
+    its `SYSTEM:ID`, where given."""
     email, external = raw.get("email"), raw.get("external_id")
-    email_key = normalize_email(email)[:320] if isinstance(email, str) and email.strip() else None
+    email_key = _email_key(email) if email is not None else None
+    email_key = email_key[:320] if email_key else None
     match = _EXTERNAL_ID.fullmatch(str(external).strip()) if external is not None else None
     return email_key, (f"{match.group(1)}:{match.group(2)}"[:300] if match else None)
 
