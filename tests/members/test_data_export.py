@@ -292,3 +292,34 @@ async def test_the_export_holds_no_data_key_of_the_lead_the_member_came_from(
     assert response.status_code == 200, response.text
     [row] = response.json()["records"]["leads"]
     assert "data_key" not in row
+
+
+async def test_the_export_holds_the_history_of_the_lead_the_member_came_from(
+    api: ApiClient,
+) -> None:
+    """What was recorded of the person as a lead (its audit entries, sealed with the lead's
+    key) is held about the member it became."""
+    lead = await api.post(
+        "/api/v1/leads", {"email": "lee@example.com", "first_name": "Lee", "phone": "+60123456789"}
+    )
+    assert lead.status_code == 201, lead.text
+    renamed = await api.patch(f"/api/v1/leads/{lead.json()['id']}", {"last_name": "Tan"})
+    assert renamed.status_code == 200, renamed.text
+    other = await api.post("/api/v1/leads", {"email": "other@example.com", "first_name": "O"})
+    assert other.status_code == 201, other.text
+    enrolled = await api.post(f"/api/v1/leads/{lead.json()['id']}/enroll", {})
+    assert enrolled.status_code == 201, enrolled.text
+
+    document = await _export(api, enrolled.json()["member_id"])
+    entries = document["audit_log"]
+    lead_entries = [entry for entry in entries if entry["object_id"] == lead.json()["id"]]
+    assert [entry["action"] for entry in lead_entries] == [
+        "lead.create",
+        "lead.update",
+        "lead.update",
+    ]
+    assert lead_entries[0]["changes"]["email"]["after"] == "lee@example.com"
+    assert lead_entries[1]["changes"]["last_name"]["after"] == "Tan"
+    assert "member.create" in [entry["action"] for entry in entries]
+    assert other.json()["id"] not in str(document)
+    assert "other@example.com" not in str(document)

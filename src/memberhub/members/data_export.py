@@ -5,10 +5,10 @@ about one member, as one JSON document.
 foreign key to `members` contributes the member's rows, so a table added later is in the
 export without anyone remembering to add it. Besides those, the records that name the
 member by public id rather than by key: the events about the member, the audit entries of
-changes to the member, the member's links to CRM records, the CRM conflicts and sync
-records about it, the rows of bulk reports that named it (by id or email), and the
-suppressions of its addresses (`NAMED_TABLES`; a test holds every column that can name a
-member to that list).
+changes to the member and to the leads it was enrolled from, the member's links to CRM
+records, the CRM conflicts and sync records about it, the rows of bulk reports that named
+it (by id or email), and the suppressions of its addresses (`NAMED_TABLES`; a test holds
+every column that can name a member to that list).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from memberhub.crm.models import CrmConflict, CrmLink, SyncRunRecord
 from memberhub.events.models import Event
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Base
+from memberhub.leads.models import Lead
 from memberhub.members.consent import current_consent
 from memberhub.members.models import MEMBER_ID_PREFIX, Member
 from memberhub.members.personal import open_personal
@@ -104,20 +105,36 @@ class MemberDataRepository:
             for event in events
         ]
 
-    async def audit_entries(
-        self, member_public_id: str, data_key: str | None
-    ) -> list[dict[str, Any]]:
+    async def audit_entries(self, member: Member) -> list[dict[str, Any]]:
+        """The audit entries of changes to the member and to the leads it was enrolled
+        from (what was recorded of the person before), each opened with its object's key."""
+        keys = {("member", member.public_id): member.data_key}
+        leads = await self.session.execute(
+            select(Lead.public_id, Lead.data_key).where(Lead.member_id == member.id)
+        )
+        keys |= {("lead", public_id): data_key for public_id, data_key in leads}
         entries = await self.session.scalars(
             select(AuditEntry)
-            .where(AuditEntry.object_type == "member", AuditEntry.object_id == member_public_id)
+            .where(
+                or_(
+                    *(
+                        and_(AuditEntry.object_type == kind, AuditEntry.object_id == public_id)
+                        for kind, public_id in keys
+                    )
+                )
+            )
             .order_by(AuditEntry.id)
         )
         return [
             {
+                "object_type": entry.object_type,
+                "object_id": entry.object_id,
                 "occurred_at": _plain(entry.occurred_at),
                 "actor": entry.actor,
                 "action": entry.action,
-                "changes": open_personal(entry.changes, data_key, member_public_id),
+                "changes": open_personal(
+                    entry.changes, keys[(entry.object_type, entry.object_id)], entry.object_id
+                ),
                 "client_ip": entry.client_ip,
             }
             for entry in entries
@@ -235,7 +252,7 @@ async def export_member_data(
         "consent": current_consent(member),
         "records": held,
         "events": await repository.events(member.public_id),
-        "audit_log": await repository.audit_entries(member.public_id, member.data_key),
+        "audit_log": await repository.audit_entries(member),
     }
     return document
 
