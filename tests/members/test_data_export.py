@@ -321,5 +321,12 @@ async def test_the_export_holds_the_history_of_the_lead_the_member_came_from(
     assert lead_entries[0]["changes"]["email"]["after"] == "lee@example.com"
     assert lead_entries[1]["changes"]["last_name"]["after"] == "Tan"
     assert "member.create" in [entry["action"] for entry in entries]
+    # ...and its events, which carried the same.
+    lead_events = [
+        e["type"]
+        for e in document["events"]
+        if e["data"].get("lead", {}).get("id") == lead.json()["id"]
+    ]
+    assert lead_events == ["lead.created", "lead.updated", "lead.updated"]  # made, renamed, joined
     assert other.json()["id"] not in str(document)
     assert "other@example.com" not in str(document)

@@ -28,6 +28,7 @@ from memberhub.audit.service import record_write
 from memberhub.auth.principal import Principal
 from memberhub.bulk.models import BulkJobRow
 from memberhub.crm.models import CrmConflict, CrmLink, SyncRunRecord
+from memberhub.events.catalog import LeadCreated, LeadUpdated
 from memberhub.events.models import Event
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Base
@@ -91,10 +92,22 @@ class MemberDataRepository:
         skip = frozenset(column.name for column in columns) | KEYS
         return [_row(row, skip) for row in await self.session.execute(query)]
 
-    async def events(self, member_public_id: str) -> list[dict[str, Any]]:
-        events = await self.session.scalars(
-            select(Event).where(Event.member_public_id == member_public_id).order_by(Event.id)
+    async def events(self, member: Member) -> list[dict[str, Any]]:
+        """The events about the member, and those of the leads it was enrolled from (a
+        lead's events carry what was recorded of the person before: name, email, phone)."""
+        leads = list(
+            await self.session.scalars(select(Lead.public_id).where(Lead.member_id == member.id))
         )
+        about = Event.member_public_id == member.public_id
+        if leads:
+            about = or_(
+                about,
+                and_(
+                    Event.type.in_((LeadCreated.event_type, LeadUpdated.event_type)),
+                    Event.data["lead"]["id"].as_string().in_(leads),
+                ),
+            )
+        events = await self.session.scalars(select(Event).where(about).order_by(Event.id))
         return [
             {
                 "id": event.public_id,
@@ -251,7 +264,7 @@ async def export_member_data(
         "member": to_out(member).model_dump(mode="json"),
         "consent": current_consent(member),
         "records": held,
-        "events": await repository.events(member.public_id),
+        "events": await repository.events(member),
         "audit_log": await repository.audit_entries(member),
     }
     return document
