@@ -342,6 +342,14 @@ async def test_a_json_line_naming_a_key_twice_is_refused_with_its_line(
         ("email\n", {}, 422, "NO_ROWS"),
         ("email\na@example.org\n", {"mapping": "{not json"}, 422, "VALIDATION_ERROR"),
         ("email\na@example.org\n", {"mapping": '{"x": "points"}'}, 422, "VALIDATION_ERROR"),
+        # A mapping naming a column the header lacks (misspelt): its field would stay empty.
+        ("email\na@example.org\n", {"mapping": '{"Mail": "email"}'}, 422, "MALFORMED_UPLOAD"),
+        (
+            "email\na@example.org\n",
+            {"mapping": '{"Mail": "email", "MAIL ": "first_name"}'},
+            422,
+            "VALIDATION_ERROR",
+        ),
         ("email\na@example.org\n", {"match_by": "name"}, 422, "VALIDATION_ERROR"),
         ("email\na@example.org\n", {"plan_id": "pln_missing"}, 404, None),
         ("email\na@example.org\n", {"organisation_id": "org_missing"}, 404, None),
@@ -360,6 +368,15 @@ async def test_a_bad_upload_or_option_is_refused_and_stores_nothing(
     if code is not None:
         assert response.json()["error"]["code"] == code
     assert (await api.get(IMPORTS)).json()["data"] == []
+
+
+async def test_the_mapping_matches_columns_case_aside(api: ApiClient, db: Database) -> None:
+    body = "E-MAIL ADDRESS,Given Name\nann@example.org,Ann\n"
+    mapping = {"e-mail address": "email", "given name": "first_name"}
+    job = await finished(api, db, (await post_import(api, body, mapping=mapping))["id"])
+    assert job["status"] == "completed", job
+    [member] = (await api.get("/api/v1/members", {"email": "ann@example.org"})).json()["data"]
+    assert member["first_name"] == "Ann"
 
 
 async def test_imports_are_for_admins_and_apart_from_bulk_awards(

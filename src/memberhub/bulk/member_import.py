@@ -117,16 +117,20 @@ class ImportOptions(Input):
         default_factory=dict,
         max_length=100,
         description="The file's column (or JSON key) for each field it fills, as "
-        '{"E-mail address": "email", "Given name": "first_name"}; unmapped columns keep '
-        "their own names.",
+        '{"E-mail address": "email", "Given name": "first_name"}, case aside; unmapped '
+        "columns keep their own names. A CSV file must have every column mapped.",
     )
 
     @field_validator("mapping")
     @classmethod
     def _targets_are_fields(cls, mapping: dict[str, str]) -> dict[str, str]:
+        folded: set[str] = set()
         for source, target in mapping.items():
             if not source.strip() or len(source) > 200:
                 raise ValueError("a mapped column name must be 1 to 200 characters")
+            if _folded(source) in folded:
+                raise ValueError(f"the column {source.strip()!r} is mapped twice (case aside)")
+            folded.add(_folded(source))
             if not _is_field(target):
                 raise ValueError(
                     f"{target!r} is not a field; the fields are {', '.join(sorted(FIELDS))} "
@@ -154,12 +158,17 @@ def _check_fields(names: list[str], line: int, *, header: bool) -> None:
         )
 
 
+def _folded(column: str) -> str:
+    """A column's name as the mapping matches it: spaces around and case aside."""
+    return column.strip().casefold()
+
+
 def _mapped(name: str, mapping: dict[str, str]) -> str:
-    """The field a column fills: by the mapping, else its own name, case aside (a custom
-    field's key keeps its case: `custom.FavColour` fills the key `FavColour`, as the API
-    would)."""
+    """The field a column fills: by the mapping (`mapping` keyed by `_folded` names), else
+    its own name, case aside (a custom field's key keeps its case: `custom.FavColour` fills
+    the key `FavColour`, as the API would)."""
     stripped = name.strip()
-    found = mapping.get(stripped) or mapping.get(stripped.lower())
+    found = mapping.get(_folded(stripped))
     if found:
         return found
     if stripped.lower().startswith(CUSTOM_PREFIX):
@@ -170,12 +179,25 @@ def _mapped(name: str, mapping: dict[str, str]) -> str:
 class MemberCsvUpload(CsvUpload):
     def __init__(self, file: IO[bytes], mapping: dict[str, str]) -> None:
         super().__init__(file)
-        self.mapping = mapping
+        self.sources = mapping
+        self.mapping = {_folded(source): target for source, target in mapping.items()}
+        self.header: list[str] = []
 
     def _name_columns(self, header: list[str]) -> list[str]:
+        self.header = header
         return [_mapped(name, self.mapping) for name in header]
 
     def _check_header(self, columns: list[str], line: int) -> None:
+        present = {_folded(name) for name in self.header}
+        absent = sorted(source for source in self.sources if _folded(source) not in present)
+        if absent:
+            # A misspelt mapping would otherwise leave its field empty in every row.
+            raise _malformed(
+                "the mapping names columns the header does not have.",
+                line,
+                missing_columns=absent[:20],
+                columns=self.header[:20],
+            )
         _check_fields(columns, line, header=True)
         duplicated = sorted({name for name in columns if columns.count(name) > 1})
         if duplicated:
@@ -190,7 +212,7 @@ class MemberJsonLinesUpload(Upload):
     def __init__(self, file: IO[bytes], mapping: dict[str, str]) -> None:
         super().__init__()
         self.file = file
-        self.mapping = mapping
+        self.mapping = {_folded(source): target for source, target in mapping.items()}
 
     def _parse(self) -> Iterator[dict[str, Any]]:
         self.file.seek(0)
