@@ -1108,6 +1108,39 @@ async def test_an_endpoint_failing_longer_than_the_limit_is_disabled(
     assert alert["data"]["endpoint_id"] == endpoint["id"]
 
 
+@pytest.mark.parametrize(("last_failed_days_ago", "disabled"), [(7, False), (0.001, True)])
+async def test_failing_for_the_limit_means_attempts_failing_all_that_time(
+    api: ApiClient,
+    db: Database,
+    settings: Settings,
+    receiver: WebhookReceiver,
+    last_failed_days_ago: float,
+    disabled: bool,
+) -> None:
+    """An endpoint that failed once eight days ago, then had nothing to receive for a week,
+    is not disabled by its next failure; one that kept failing all along is."""
+    endpoint = await create_endpoint(api, receiver.url("flaky"), ["member.created"])
+    receiver.set_handler("flaky", always(Reply(status=500, body="down")))
+    async with db.transaction() as session:
+        await session.execute(
+            update(WebhookEndpoint)
+            .where(WebhookEndpoint.public_id == endpoint["id"])
+            .values(
+                failing_since=utcnow() - timedelta(days=8),
+                last_failure_at=utcnow() - timedelta(days=last_failed_days_ago),
+            )
+        )
+    await api.create_member()
+    # The retries (10 ms apart) and the five days of the default limit.
+    await settle(db, settings, webhook_retry_schedule="0.01s")
+
+    after = await get_json(api, f"{ENDPOINTS}/{endpoint['id']}")
+    assert after["enabled"] is (not disabled), after
+    if not disabled:
+        # Failing again, from this failure on.
+        assert datetime.fromisoformat(after["failing_since"]) > utcnow() - timedelta(minutes=5)
+
+
 @pytest.mark.parametrize("status", [302, 307])
 async def test_a_redirect_is_a_failure_and_is_not_followed(
     api: ApiClient, db: Database, settings: Settings, receiver: WebhookReceiver, status: int

@@ -178,6 +178,12 @@ class DeliveryConfig:
     poll: float
     policy: UrlPolicy
 
+    @property
+    def longest_quiet(self) -> float:
+        """The longest an endpoint that keeps failing goes without an attempt: the longest
+        retry delay with its jitter, or the longest Retry-After honoured."""
+        return max(max(self.schedule, default=0.0) * (1 + JITTER), self.max_retry_after)
+
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliveryConfig:
         return cls(
@@ -1725,9 +1731,16 @@ async def _update_health(
                 endpoint.last_success_at = finished
                 endpoint.failing_since = None
             else:
-                endpoint.last_failure_at = finished
-                if endpoint.failing_since is None:
+                # Failing for days means attempts failing all that while: after a spell
+                # with none (no event to send), the clock starts again at this failure.
+                quiet = (
+                    endpoint.last_failure_at is not None
+                    and (result.started_at - endpoint.last_failure_at).total_seconds()
+                    > config.longest_quiet
+                )
+                if endpoint.failing_since is None or quiet:
                     endpoint.failing_since = result.started_at
+                endpoint.last_failure_at = finished
                 if result.gone:
                     gone = result
         if endpoint.columns() != before:
