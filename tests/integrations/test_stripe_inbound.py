@@ -978,6 +978,45 @@ async def test_a_payment_made_after_a_deletion_applied_late_lifts_the_cancellati
     assert (resumed["cancel_at_period_end"], resumed["payment_status"]) == (False, "paid")
 
 
+async def test_a_late_payment_older_than_a_failure_adds_its_term_and_leaves_past_due(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
+) -> None:
+    """An invoice paid twenty minutes ago, delivered after a later invoice's failure (ten
+    minutes ago) was applied: the term it paid for is added, but the member's payments are
+    where the later event left them, past due."""
+    plan = await api.create_plan()
+    member = await api.create_member()
+    customer = stripe_id("cus")
+    await send(http, stripe_integration["id"], checkout_completed(member, plan, customer=customer))
+    await run_worker(db)
+    now = int(time.time())
+    failed = invoice_event(
+        "invoice.payment_failed", customer=customer, metadata={"member_id": member["id"]}
+    )
+    failed["created"] = now - 600
+    await send(http, stripe_integration["id"], failed)
+    await run_worker(db)
+    before = (await member_of(api, member["id"]))["membership"]
+    assert before["payment_status"] == "past_due"
+
+    late = invoice_event("invoice.paid", customer=customer, metadata={"member_id": member["id"]})
+    late["created"] = now - 1200
+    await send(http, stripe_integration["id"], late)
+    await run_worker(db)
+    after = (await member_of(api, member["id"]))["membership"]
+    assert after["term_ends_at"] > before["term_ends_at"]
+    assert after["payment_status"] == "past_due"
+
+    # The failed invoice paid at last (Stripe's retry, now): paid.
+    retried = invoice_event(
+        "invoice.paid", id=failed["data"]["object"]["id"], customer=customer,
+        metadata={"member_id": member["id"]},
+    )  # fmt: skip
+    await send(http, stripe_integration["id"], retried)
+    await run_worker(db)
+    assert (await member_of(api, member["id"]))["membership"]["payment_status"] == "paid"
+
+
 def subscription_line(subscription: str, starts_at: datetime, ends_at: datetime) -> dict[str, Any]:
     """An invoice's line for a subscription's service period, as Stripe writes it."""
     return {

@@ -325,8 +325,18 @@ async def _paid(
         currency=currency,
         earn_id=earn_id,
     )
-    if not (paid_before_cancelling and result["action"] == "renew"):
+    # A payment older than the member's last payment event (delivered late, after a later
+    # invoice failed, say): its term is added above, but the payments stay where the later
+    # event left them.
+    older = (
+        member.payment_updated_at is not None
+        and notice.occurred_at is not None
+        and notice.occurred_at < member.payment_updated_at
+    )
+    if not (older and result["action"] in ("renew", "recorded")):
         _set_payment_status(session, integration, member, "paid", notice, now)
+    elif not paid_before_cancelling:
+        result["payment_status"] = "kept"
     return result
 
 
