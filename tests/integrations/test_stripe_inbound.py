@@ -81,6 +81,39 @@ def invoice_event(
     )
 
 
+def subscription_deleted(
+    member: dict[str, Any], customer: str, *, created: int | None = None, **fields: Any
+) -> dict[str, Any]:
+    """A customer.subscription.deleted event for the member's subscription (a new id
+    unless `id` is given), created now unless `created` says when."""
+    event = stripe_event(
+        "customer.subscription.deleted",
+        {
+            "id": fields.pop("id", stripe_id("sub")),
+            "object": "subscription",
+            "customer": customer,
+            "status": "canceled",
+            **fields,
+            "metadata": {"member_id": member["id"]},
+        },
+    )
+    if created is not None:
+        event["created"] = created
+    return event
+
+
+async def paying_member(
+    api: ApiClient, http: httpx.AsyncClient, db: Database, integration: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """A member who joined through a Stripe checkout, and their Stripe customer id."""
+    plan = await api.create_plan()
+    member = await api.create_member()
+    customer = stripe_id("cus")
+    await send(http, integration["id"], checkout_completed(member, plan, customer=customer))
+    await run_worker(db)
+    return member, customer
+
+
 async def member_of(api: ApiClient, member_id: str) -> dict[str, Any]:
     response = await api.get(f"/api/v1/members/{member_id}")
     assert response.status_code == 200
@@ -354,16 +387,7 @@ async def test_subscription_deleted_cancels_at_the_period_end(
     member = await api.create_member()
     await send(http, stripe_integration["id"], checkout_completed(member, plan))
     await run_worker(db)
-    deleted = stripe_event(
-        "customer.subscription.deleted",
-        {
-            "id": stripe_id("sub"),
-            "object": "subscription",
-            "customer": stripe_id("cus"),
-            "status": "canceled",
-            "metadata": {"member_id": member["id"]},
-        },
-    )
+    deleted = subscription_deleted(member, stripe_id("cus"))
     await send(http, stripe_integration["id"], deleted)
     await run_worker(db)
     cancelled = await member_of(api, member["id"])
@@ -902,24 +926,9 @@ async def test_a_stale_partial_refund_arriving_after_the_full_one_does_not_undo_
 async def test_a_late_invoice_paid_before_the_subscription_ended_keeps_the_cancellation(
     api: ApiClient, http: httpx.AsyncClient, db: Database, stripe_integration: dict[str, Any]
 ) -> None:
-    plan = await api.create_plan()
-    member = await api.create_member()
-    customer = stripe_id("cus")
-    await send(http, stripe_integration["id"], checkout_completed(member, plan, customer=customer))
-    await run_worker(db)
+    member, customer = await paying_member(api, http, db, stripe_integration)
     now = int(time.time())
-    deleted = stripe_event(
-        "customer.subscription.deleted",
-        {
-            "id": stripe_id("sub"),
-            "object": "subscription",
-            "customer": customer,
-            "status": "canceled",
-            "metadata": {"member_id": member["id"]},
-        },
-    )
-    deleted["created"] = now
-    await send(http, stripe_integration["id"], deleted)
+    await send(http, stripe_integration["id"], subscription_deleted(member, customer, created=now))
     await run_worker(db)
     cancelled = (await member_of(api, member["id"]))["membership"]
     assert cancelled["cancel_at_period_end"] is True
@@ -949,23 +958,10 @@ async def test_a_payment_made_after_a_deletion_applied_late_lifts_the_cancellati
     """What came first is judged by when Stripe says each happened, not by when each was
     applied: a deletion applied late (the worker behind, Stripe retrying) and a payment
     made after it leave the member paid, with nothing scheduled."""
-    plan = await api.create_plan()
-    member = await api.create_member()
-    customer = stripe_id("cus")
-    await send(http, stripe_integration["id"], checkout_completed(member, plan, customer=customer))
-    await run_worker(db)
+    member, customer = await paying_member(api, http, db, stripe_integration)
     now = int(time.time())
-    deleted = stripe_event(
-        "customer.subscription.deleted",
-        {
-            "id": stripe_id("sub"),
-            "object": "subscription",
-            "customer": customer,
-            "status": "canceled",
-            "metadata": {"member_id": member["id"]},
-        },
-    )
-    deleted["created"] = now - 600  # deleted ten minutes ago, applied only now
+    # Deleted ten minutes ago, applied only now.
+    deleted = subscription_deleted(member, customer, created=now - 600)
     await send(http, stripe_integration["id"], deleted)
     await run_worker(db)
     assert (await member_of(api, member["id"]))["membership"]["cancel_at_period_end"] is True
@@ -984,11 +980,7 @@ async def test_a_late_payment_older_than_a_failure_adds_its_term_and_leaves_past
     """An invoice paid twenty minutes ago, delivered after a later invoice's failure (ten
     minutes ago) was applied: the term it paid for is added, but the member's payments are
     where the later event left them, past due."""
-    plan = await api.create_plan()
-    member = await api.create_member()
-    customer = stripe_id("cus")
-    await send(http, stripe_integration["id"], checkout_completed(member, plan, customer=customer))
-    await run_worker(db)
+    member, customer = await paying_member(api, http, db, stripe_integration)
     now = int(time.time())
     failed = invoice_event(
         "invoice.payment_failed", customer=customer, metadata={"member_id": member["id"]}
@@ -1157,19 +1149,14 @@ async def test_the_end_of_a_subscription_whose_period_the_paid_term_outlasts_cha
 
     # The first subscription's deletion, delivered after: it ends a period already behind
     # the paid term, and the membership goes on with the second.
-    deleted = stripe_event(
-        "customer.subscription.deleted",
-        {
-            "id": first,
-            "object": "subscription",
-            "customer": customer,
-            "status": "canceled",
-            "current_period_start": int((joined - timedelta(days=30)).timestamp()),
-            "current_period_end": int(joined.timestamp()),
-            "metadata": {"member_id": member["id"]},
-        },
+    deleted = subscription_deleted(
+        member,
+        customer,
+        created=int(time.time()) - 600,
+        id=first,
+        current_period_start=int((joined - timedelta(days=30)).timestamp()),
+        current_period_end=int(joined.timestamp()),
     )
-    deleted["created"] = int(time.time()) - 600
     await send(http, stripe_integration["id"], deleted)
     await run_worker(db)
     after = await member_of(api, member["id"])
@@ -1183,17 +1170,12 @@ async def test_the_end_of_a_subscription_whose_period_the_paid_term_outlasts_cha
     assert (event["status"], event["result"]["action"]) == ("ignored", "ignored")
 
     # The second subscription's deletion cancels at the end of the paid term.
-    ended = stripe_event(
-        "customer.subscription.deleted",
-        {
-            "id": second,
-            "object": "subscription",
-            "customer": customer,
-            "status": "canceled",
-            "current_period_start": int(joined.timestamp()),
-            "current_period_end": int((joined + timedelta(days=31)).timestamp()),
-            "metadata": {"member_id": member["id"]},
-        },
+    ended = subscription_deleted(
+        member,
+        customer,
+        id=second,
+        current_period_start=int(joined.timestamp()),
+        current_period_end=int((joined + timedelta(days=31)).timestamp()),
     )
     await send(http, stripe_integration["id"], ended)
     await run_worker(db)
