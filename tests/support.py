@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from memberhub.kit.db import Database
 
 _counter = itertools.count(1)
 
@@ -20,6 +23,24 @@ async def shortened_sleep(seconds: float) -> None:
 
 def unique(prefix: str = "x") -> str:
     return f"{prefix}{next(_counter)}"
+
+
+async def age_the_feed(db: Database, days: int = 91) -> None:
+    """Every event now occurred `days` ago and was dispatched: by default just past the
+    default retention (90 days), so that a purge keeps only what something still holds."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from memberhub.events.models import Event
+    from memberhub.kit.clock import utcnow
+
+    async with db.transaction() as session:
+        await session.execute(
+            update(Event).values(
+                occurred_at=utcnow() - timedelta(days=days), dispatched_at=utcnow()
+            )
+        )
 
 
 class ApiClient:

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, insert, select
 
 from memberhub.audit.models import AuditEntry
 from memberhub.crm.models import SyncRun, SyncRunRecord
@@ -23,7 +23,7 @@ from memberhub.ops.retention import purge_expired_history
 from memberhub.settings import Settings
 from memberhub.webhooks.delivery import fan_out
 from memberhub.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
-from tests.support import ApiClient
+from tests.support import ApiClient, age_the_feed
 
 EVENTS = cast(Table, Event.__table__)
 DELIVERIES = cast(Table, WebhookDelivery.__table__)
@@ -170,10 +170,7 @@ async def test_a_feed_cursor_and_an_endpoint_get_new_events_after_all_history_wa
     )
     assert endpoint.status_code == 201, endpoint.text
     # A quiet installation: 91 days on, the purge finds the whole feed finished and old.
-    async with db.transaction() as session:
-        await session.execute(
-            update(Event).values(occurred_at=utcnow() - timedelta(days=91), dispatched_at=utcnow())
-        )
+    await age_the_feed(db)
     deleted = await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
     # All but the newest: the sequencer numbers new events after it.
     assert deleted["events"] == 2

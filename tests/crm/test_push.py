@@ -6,11 +6,10 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from memberhub.crm import sync as crm_sync
 from memberhub.crm.models import SyncRun
-from memberhub.events.models import Event
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
@@ -25,7 +24,7 @@ from tests.crm.conftest import (
     tick,
 )
 from tests.fakes.pipedrive import FakePipedrive
-from tests.support import ApiClient
+from tests.support import ApiClient, age_the_feed
 
 # Our members are read 1,000 a page; the test reads them 200 a page, so that a few hundred
 # members make several pages of ours and many of every vendor's batches (100 or 200) and
@@ -93,10 +92,7 @@ async def test_changes_whose_events_were_purged_while_disabled_are_pushed_all_th
         changed = await api.patch(f"/api/v1/members/{member['id']}", {"first_name": name})
         assert changed.status_code == 200, changed.text
     await tick(db, hub)  # sequences the feed; the integration is off
-    async with db.transaction() as session:
-        await session.execute(
-            update(Event).values(occurred_at=utcnow() - timedelta(days=91), dispatched_at=utcnow())
-        )
+    await age_the_feed(db)
     purged = await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
     assert purged["events"] > 0  # the early rename's event among them; the newest is kept
 

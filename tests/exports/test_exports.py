@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from memberhub.events.models import Event
 from memberhub.events.sequencer import run_passes
@@ -28,7 +28,7 @@ from tests.exports.conftest import (
     parquet_rows,
     seed_transactions,
 )
-from tests.support import ApiClient
+from tests.support import ApiClient, age_the_feed
 
 
 async def _run(api: ApiClient, db: Database, hub: IntegrationHub, export_id: str) -> dict[str, Any]:
@@ -178,10 +178,7 @@ async def test_a_scheduled_incremental_export_of_the_feed_loses_no_event_to_rete
     assert len(unexported) >= 3
 
     # 91 days without a run (the target down, say): nothing it has still to take goes.
-    async with db.transaction() as session:
-        await session.execute(
-            update(Event).values(occurred_at=utcnow() - timedelta(days=91), dispatched_at=utcnow())
-        )
+    await age_the_feed(db)
     await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
     assert (await _feed(db))[-len(unexported) :] == unexported
     assert first["watermark_to"] not in await _feed(db)  # what it took is purged

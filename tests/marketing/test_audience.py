@@ -22,7 +22,7 @@ from memberhub.ops.retention import purge_expired_history
 from memberhub.points.models import PointAccount
 from tests.fakes.mailchimp import FakeMailchimp
 from tests.marketing.conftest import create_mailchimp, status, tick
-from tests.support import ApiClient
+from tests.support import ApiClient, age_the_feed
 
 # 10,000 in the acceptance run; the default keeps the suite quick on SQLite.
 BULK_MEMBERS = int(os.environ.get("MEMBERHUB_TEST_MAILCHIMP_MEMBERS", "1200"))
@@ -278,10 +278,7 @@ async def test_an_outage_longer_than_the_retention_period_keeps_the_events_not_y
         async with db.transaction(read_only=True) as session:
             return list(await session.scalars(select(Event.position).order_by(Event.position)))
 
-    async with db.transaction() as session:
-        await session.execute(
-            update(Event).values(occurred_at=utcnow() - timedelta(days=91), dispatched_at=utcnow())
-        )
+    await age_the_feed(db)
     feed = await positions()
     unsent = [p for p in feed if p > position]
     assert len(unsent) >= 3

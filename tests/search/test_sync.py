@@ -6,9 +6,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import update
-
-from memberhub.events.models import Event
 from memberhub.integrations.hub import IntegrationHub
 from memberhub.kit.clock import utcnow
 from memberhub.kit.db import Database
@@ -22,7 +19,7 @@ from tests.search.conftest import (
     status,
     tick,
 )
-from tests.support import ApiClient
+from tests.support import ApiClient, age_the_feed
 
 
 async def create_reward(api: ApiClient, **fields: Any) -> dict[str, Any]:
@@ -281,10 +278,7 @@ async def test_an_index_behind_events_the_retention_purged_is_rebuilt(
     later = await api.create_member(first_name="Lia", consent={"profiling": True})
     await tick(db, hub)
     assert (await status(api, integration["id"]))["failures"] == 1
-    async with db.transaction() as session:
-        await session.execute(
-            update(Event).values(occurred_at=utcnow() - timedelta(days=91), dispatched_at=utcnow())
-        )
+    await age_the_feed(db)
     purged = await purge_expired_history(db, older_than=utcnow() - timedelta(days=90))
     assert purged["events"] >= 3
 

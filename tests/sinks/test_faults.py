@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from memberhub.events.models import Event
 from memberhub.integrations.hub import IntegrationHub
@@ -32,7 +32,7 @@ from tests.sinks.conftest import (
     forward,
     segment_integration,
 )
-from tests.support import ApiClient
+from tests.support import ApiClient, age_the_feed
 from tests.webhooks.conftest import create_endpoint, running_loop
 
 
@@ -88,13 +88,8 @@ async def test_a_vendor_down_for_an_hour_loses_nothing_and_the_sink_catches_up_i
 
 async def _age_feed(db: Database, days: int) -> list[int]:
     """Every event now occurred `days` ago and was dispatched; the positions kept."""
-    async with db.transaction() as session:
-        await session.execute(
-            update(Event).values(
-                occurred_at=utcnow() - timedelta(days=days), dispatched_at=utcnow()
-            )
-        )
-        return list(await session.scalars(select(Event.position).order_by(Event.position)))
+    await age_the_feed(db, days)
+    return await _positions(db)
 
 
 async def _positions(db: Database) -> list[int]:
