@@ -447,10 +447,10 @@ async def _quiet_until(
     start, end = settings.quiet_hours.window()
     if start == end:
         return {}
-    program_zone = ZoneInfo((await program_service.get_program(session)).timezone)
+    default_zone = await program_service.program_zone(session)
     deferred = {}
     for row in rows:
-        zone = program_zone
+        zone = default_zone
         preference = preferences.get(row.member_id) if row.member_id is not None else None
         if preference is not None and preference.timezone:
             zone = ZoneInfo(preference.timezone)
